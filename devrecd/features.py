@@ -1,0 +1,281 @@
+"""The paper's 73-dim "timing tandem" frontend: ONE implementation for training and serving.
+
+Per frame, in this order (``../shared/design/paper-model.md``, Algorithm 1 of the paper)::
+
+    [ 0:12]  MFCC c1..c12        DCT-II (orthonormal) of the log mel energies, c0 dropped
+    [12:13]  logE                log of the windowed, pre-emphasised frame's energy
+    [13:26]  delta               of the 13 above (HTK regression, +-DELTA_WIDTH frames)
+    [26:39]  delta-delta         delta of the delta
+    [39:73]  pre-Fbank           the 34 mel filterbank energies BEFORE the log
+
+A clip of ``clip_seconds`` is cut into exactly ``n_frames`` frames: frame hop is
+``clip_samples // n_frames`` and each frame is ``frame_length`` samples long (default two hops,
+so frames overlap by half and every sample is seen twice). The clip is pre-emphasised, then
+reflect-padded by ``(frame_length - hop) / 2`` on each side so that frame ``i`` is centred on
+sample ``(i + 0.5) * hop``. All of this lives in :class:`FrontendConfig`, which is written into
+every checkpoint and model contract so that serving can never drift from training.
+
+The module is plain torch: the same code runs on the CPU and, moved with ``.to("cuda")``, on a
+GPU. Features are float32 throughout; the pre-Fbank energies span many decades and overflow fp16,
+so normalisation (stored with the model) happens in fp32 before any half-precision layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from devrecd.errors import ConfigError
+
+N_FRAMES = 128  # frames per clip (the network's time axis)
+N_MFCC = 12  # c1..c12
+N_MELS = 34  # pre-Fbank bands
+N_BASE = N_MFCC + 1  # MFCC + logE = 13
+FEATURE_DIM = N_MFCC + 1 + N_BASE + N_BASE + N_MELS  # 12 + 1 + 13 + 13 + 34 = 73
+
+# Named slices of the feature axis, for readers and tests.
+SLICE_MFCC = slice(0, N_MFCC)
+SLICE_LOGE = slice(N_MFCC, N_BASE)
+SLICE_DELTA = slice(N_BASE, 2 * N_BASE)
+SLICE_DELTA2 = slice(2 * N_BASE, 3 * N_BASE)
+SLICE_FBANK = slice(3 * N_BASE, FEATURE_DIM)
+
+
+@dataclass(frozen=True)
+class FrontendConfig:
+    """Every parameter of the frontend. Serialised with models; compared before serving."""
+
+    sample_rate: int = 32000  # Hz; the model's rate (CCNU_Mobile is 32 kHz)
+    clip_seconds: float = 2.0  # one network input covers this much audio
+    n_frames: int = N_FRAMES
+    frame_length: int = 0  # samples per frame; 0 = 2 x hop
+    n_fft: int = 0  # FFT size; 0 = next power of two >= frame_length
+    window: str = "hamming"  # symmetric Hamming (the paper's choice)
+    preemphasis: float = 0.97
+    n_mels: int = N_MELS
+    n_mfcc: int = N_MFCC
+    fmin: float = 0.0
+    fmax: float = 0.0  # 0 = Nyquist
+    delta_width: int = 2  # HTK regression half-width N
+    log_floor: float = 1e-12  # energies are clamped here before log (input scaled to [-1, 1])
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.sample_rate <= 0:
+            problems.append("sample_rate must be > 0")
+        if self.clip_seconds <= 0:
+            problems.append("clip_seconds must be > 0")
+        if self.n_frames != N_FRAMES:
+            problems.append(f"n_frames must be {N_FRAMES} (the network's time axis)")
+        if self.n_mels != N_MELS or self.n_mfcc != N_MFCC:
+            problems.append(f"n_mels/n_mfcc must be {N_MELS}/{N_MFCC} (73-dim features)")
+        if self.window not in ("hamming", "hann"):
+            problems.append(f"window must be 'hamming' or 'hann', not {self.window!r}")
+        if not 0.0 <= self.preemphasis < 1.0:
+            problems.append("preemphasis must be in [0, 1)")
+        if self.delta_width < 1:
+            problems.append("delta_width must be >= 1")
+        if not problems:
+            hop = self.hop_length
+            if hop < 16:
+                problems.append(f"clip too short for {self.n_frames} frames (hop {hop} samples)")
+            if self.frame_length and self.frame_length < hop:
+                problems.append("frame_length must be >= the frame hop (or 0 for automatic)")
+            if self.n_fft and self.n_fft < self.win_length:
+                problems.append("n_fft must be >= frame_length (or 0 for automatic)")
+            top = self.fmax or self.sample_rate / 2
+            if not 0 <= self.fmin < top <= self.sample_rate / 2:
+                problems.append("need 0 <= fmin < fmax <= sample_rate / 2")
+        if problems:
+            raise ConfigError("frontend: " + "; ".join(problems))
+
+    # --- derived sizes -------------------------------------------------------------------
+    @property
+    def clip_samples(self) -> int:
+        """Samples in one clip (network input)."""
+        return int(round(self.clip_seconds * self.sample_rate))
+
+    @property
+    def hop_length(self) -> int:
+        """Samples between consecutive frames."""
+        return self.clip_samples // self.n_frames
+
+    @property
+    def win_length(self) -> int:
+        """Samples per frame."""
+        return self.frame_length or 2 * self.hop_length
+
+    @property
+    def fft_size(self) -> int:
+        return self.n_fft or 1 << (self.win_length - 1).bit_length()
+
+    @property
+    def top_frequency(self) -> float:
+        return self.fmax or self.sample_rate / 2
+
+    # --- serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FrontendConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"frontend: unknown parameter(s) {', '.join(unknown)}")
+        return cls(**data)
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical JSON of every parameter: equal iff the features are equal."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def describe_mismatch(self, other: FrontendConfig) -> str:
+        """Human list of the parameters that differ (empty when equal)."""
+        a, b = self.to_dict(), other.to_dict()
+        return ", ".join(f"{k}: {a[k]!r} != {b[k]!r}" for k in a if a[k] != b[k])
+
+
+def hz_to_mel(f: np.ndarray | float) -> np.ndarray:
+    """HTK mel scale."""
+    return 2595.0 * np.log10(1.0 + np.asarray(f, dtype=np.float64) / 700.0)
+
+
+def mel_to_hz(m: np.ndarray | float) -> np.ndarray:
+    return 700.0 * (10.0 ** (np.asarray(m, dtype=np.float64) / 2595.0) - 1.0)
+
+
+def mel_filterbank(cfg: FrontendConfig) -> np.ndarray:
+    """(n_mels, n_fft//2+1) triangles with unit peaks on the HTK mel scale (no area norm)."""
+    n_bins = cfg.fft_size // 2 + 1
+    bin_hz = np.arange(n_bins) * cfg.sample_rate / cfg.fft_size
+    edges = mel_to_hz(np.linspace(hz_to_mel(cfg.fmin), hz_to_mel(cfg.top_frequency), cfg.n_mels + 2))
+    lower, centre, upper = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    rising = (bin_hz[None, :] - lower) / (centre - lower)
+    falling = (upper - bin_hz[None, :]) / (upper - centre)
+    return np.maximum(0.0, np.minimum(rising, falling))
+
+
+def dct_matrix(n_in: int) -> np.ndarray:
+    """Orthonormal DCT-II as a matrix (rows = coefficients), equal to scipy's norm='ortho'."""
+    n = np.arange(n_in)
+    k = n[:, None]
+    mat = np.cos(math.pi * k * (2 * n[None, :] + 1) / (2 * n_in)) * math.sqrt(2.0 / n_in)
+    mat[0] /= math.sqrt(2.0)
+    return mat
+
+
+def frame_window(cfg: FrontendConfig) -> np.ndarray:
+    """Symmetric analysis window of ``win_length`` samples."""
+    n = cfg.win_length
+    return np.hamming(n) if cfg.window == "hamming" else np.hanning(n)
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+class Frontend:
+    """Waveform clips -> (B, 128, 73) float32 features, on whatever device the clips are on.
+
+    ``Frontend(cfg)(waves)`` takes a float tensor (B, clip_samples) in [-1, 1] (a numpy array is
+    accepted too) and returns a tensor on the same device. Constant tables are cached per device.
+    """
+
+    def __init__(self, cfg: FrontendConfig | None = None) -> None:
+        self.cfg = cfg or FrontendConfig()
+        self._window = frame_window(self.cfg).astype(np.float32)
+        self._mel = mel_filterbank(self.cfg).T.astype(np.float32)  # (bins, mels)
+        self._dct = dct_matrix(self.cfg.n_mels)[1 : self.cfg.n_mfcc + 1].T.astype(np.float32)
+        self._tables: dict[str, tuple[Any, Any, Any]] = {}
+
+    def _tables_on(self, device) -> tuple[Any, Any, Any]:
+        key = str(device)
+        if key not in self._tables:
+            torch = _torch()
+            self._tables[key] = tuple(
+                torch.from_numpy(t).to(device) for t in (self._window, self._mel, self._dct)
+            )
+        return self._tables[key]
+
+    def __call__(self, waves):
+        torch = _torch()
+        if isinstance(waves, np.ndarray):
+            waves = torch.from_numpy(np.ascontiguousarray(waves, dtype=np.float32))
+        if waves.dim() == 1:
+            waves = waves[None]
+        cfg = self.cfg
+        if waves.shape[-1] != cfg.clip_samples:
+            raise ValueError(f"clips must have {cfg.clip_samples} samples, got {waves.shape[-1]}")
+        with torch.no_grad():
+            return self._features(waves.to(torch.float32))
+
+    def _features(self, x):
+        torch = _torch()
+        cfg = self.cfg
+        window, mel, dct = self._tables_on(x.device)
+        hop, win = cfg.hop_length, cfg.win_length
+
+        # Pre-emphasis y[n] = x[n] - a x[n-1] over the whole clip (y[0] = x[0]).
+        y = torch.cat([x[:, :1], x[:, 1:] - cfg.preemphasis * x[:, :-1]], dim=1)
+        # Centre frame i on sample (i + 0.5) * hop; pad the end so there are always n_frames.
+        left = (win - hop) // 2
+        right = max(0, (cfg.n_frames - 1) * hop + win - cfg.clip_samples - left)
+        if left or right:
+            y = torch.nn.functional.pad(y[:, None], (left, right), mode="reflect")[:, 0]
+        frames = y.unfold(1, win, hop)[:, : cfg.n_frames] * window  # (B, T, win)
+
+        energy = frames.pow(2).sum(-1)  # (B, T)
+        spec = torch.fft.rfft(frames, n=cfg.fft_size)
+        power = spec.real.square() + spec.imag.square()  # |FFT|^2
+        fbank = power @ mel  # (B, T, 34): pre-Fbank, before the log
+        mfcc = torch.log(fbank.clamp_min(cfg.log_floor)) @ dct  # (B, T, 12): c1..c12
+        log_e = torch.log(energy.clamp_min(cfg.log_floor))[..., None]
+        base = torch.cat([mfcc, log_e], dim=-1)  # (B, T, 13)
+        d1 = delta(base, cfg.delta_width)
+        d2 = delta(d1, cfg.delta_width)
+        return torch.cat([base, d1, d2, fbank], dim=-1)
+
+
+def delta(feat, width: int = 2):
+    """HTK regression deltas along axis -2 (time), edges replicated.
+
+    d_t = sum_{n=1..N} n (c_{t+n} - c_{t-n}) / (2 sum_{n=1..N} n^2)
+    """
+    torch = _torch()
+    t = feat.shape[-2]
+    padded = torch.cat(
+        [feat[..., :1, :].expand(*feat.shape[:-2], width, feat.shape[-1]), feat,
+         feat[..., -1:, :].expand(*feat.shape[:-2], width, feat.shape[-1])],
+        dim=-2,
+    )
+    out = torch.zeros_like(feat)
+    for n in range(1, width + 1):
+        out = out + n * (padded[..., width + n : width + n + t, :] - padded[..., width - n : width - n + t, :])
+    return out / (2 * sum(n * n for n in range(1, width + 1)))
+
+
+def extract(clips: np.ndarray, frontend: Frontend, *, device: str = "cpu", chunk: int | None = None) -> np.ndarray:
+    """Features for an (n, clip_samples) array of clips, as a float32 numpy array (n, 128, 73).
+
+    On the CPU clips go through in small chunks (one clip's spectra stay in cache, which is
+    faster than one big batch); on a GPU they go through in large batches.
+    """
+    torch = _torch()
+    clips = np.asarray(clips, dtype=np.float32)
+    if clips.ndim == 1:
+        clips = clips[None]
+    if chunk is None:
+        chunk = 1 if device == "cpu" else 256
+    out = np.empty((len(clips), frontend.cfg.n_frames, FEATURE_DIM), dtype=np.float32)
+    for start in range(0, len(clips), chunk):
+        batch = torch.from_numpy(clips[start : start + chunk]).to(device)
+        out[start : start + chunk] = frontend(batch).cpu().numpy()
+    return out

@@ -1,0 +1,50 @@
+"""Structured logging: one line per event, ``key=value`` text or JSON lines."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+_RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+class _Formatter(logging.Formatter):
+    def __init__(self, fmt: str) -> None:
+        super().__init__()
+        self.json = fmt == "json"
+
+    def format(self, record: logging.LogRecord) -> str:
+        extra = {k: v for k, v in vars(record).items() if k not in _RESERVED}
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        if self.json:
+            doc = {"ts": ts, "level": record.levelname.lower(), "logger": record.name, "event": record.getMessage(), **extra}
+            if record.exc_info:
+                doc["exc"] = self.formatException(record.exc_info)
+            return json.dumps(doc, default=str)
+        parts = [ts, record.levelname.lower(), record.name, record.getMessage()]
+        parts += [f"{k}={_quote(v)}" for k, v in extra.items()]
+        line = " ".join(parts)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def _quote(v: object) -> str:
+    s = str(v)
+    return json.dumps(s) if (" " in s or "=" in s or not s) else s
+
+
+def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
+    """Configure the ``devrecd`` logger (stderr). Safe to call again to change level/format."""
+    logger = logging.getLogger("devrecd")
+    for h in list(logger.handlers):
+        if getattr(h, "_devrecd", False):
+            logger.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler._devrecd = True  # type: ignore[attr-defined]
+    handler.setFormatter(_Formatter(fmt))
+    logger.addHandler(handler)
+    logger.setLevel(level.upper())
+    logger.propagate = False
