@@ -1,0 +1,147 @@
+"""The frontend against an independent implementation (librosa filterbank, scipy DCT, numpy FFT,
+python_speech_features deltas) on real speech and real phone recordings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.fft
+import soundfile as sf
+import torch
+
+from devrecd.audio import cut_windows, read_evidence
+from devrecd.config import ConfigError
+from devrecd.features import (
+    FEATURE_DIM,
+    SLICE_DELTA,
+    SLICE_DELTA2,
+    SLICE_FBANK,
+    SLICE_LOGE,
+    SLICE_MFCC,
+    Frontend,
+    FrontendConfig,
+    extract,
+)
+
+
+def reference_features(clip: np.ndarray, cfg: FrontendConfig) -> np.ndarray:
+    """The 73 dims computed with numpy/scipy/librosa/python_speech_features, float64."""
+    import librosa
+    from python_speech_features import delta as psf_delta
+
+    x = clip.astype(np.float64)
+    y = np.append(x[0], x[1:] - cfg.preemphasis * x[:-1])
+    hop, win = cfg.hop_length, cfg.win_length
+    left = (win - hop) // 2
+    right = (cfg.n_frames - 1) * hop + win - len(y) - left
+    y = np.pad(y, (left, max(0, right)), mode="reflect")
+    frames = np.stack([y[i * hop : i * hop + win] for i in range(cfg.n_frames)])
+    frames = frames * np.hamming(win)
+    energy = (frames**2).sum(axis=1)
+    power = np.abs(np.fft.rfft(frames, n=cfg.fft_size)) ** 2
+    mel = librosa.filters.mel(sr=cfg.sample_rate, n_fft=cfg.fft_size, n_mels=34, fmin=0.0,
+                              fmax=cfg.sample_rate / 2, htk=True, norm=None, dtype=np.float64)
+    fbank = power @ mel.T
+    mfcc = scipy.fft.dct(np.log(np.maximum(fbank, cfg.log_floor)), type=2, norm="ortho", axis=1)[:, 1:13]
+    base = np.concatenate([mfcc, np.log(np.maximum(energy, cfg.log_floor))[:, None]], axis=1)
+    d1 = psf_delta(base, cfg.delta_width)
+    d2 = psf_delta(d1, cfg.delta_width)
+    return np.concatenate([base, d1, d2, fbank], axis=1)
+
+
+def _assert_close(ours: np.ndarray, ref: np.ndarray) -> None:
+    assert ours.shape == ref.shape == (128, FEATURE_DIM)
+    # log-domain dims: absolute tolerance; pre-Fbank spans decades: relative tolerance
+    for sl, name in ((SLICE_MFCC, "mfcc"), (SLICE_LOGE, "logE"), (SLICE_DELTA, "delta"), (SLICE_DELTA2, "delta2")):
+        np.testing.assert_allclose(ours[:, sl], ref[:, sl], atol=2e-3, rtol=1e-4, err_msg=name)
+    np.testing.assert_allclose(ours[:, SLICE_FBANK], ref[:, SLICE_FBANK], rtol=2e-4,
+                               atol=1e-6 * ref[:, SLICE_FBANK].max(), err_msg="pre-Fbank")
+
+
+@pytest.mark.parametrize("clip_seconds", [2.0, 10.0])
+def test_matches_reference_on_real_speech(librispeech_dir, clip_seconds):
+    cfg = FrontendConfig(clip_seconds=clip_seconds)
+    path = max(sorted(librispeech_dir.glob("*/*/*.flac"))[:40], key=lambda p: p.stat().st_size)
+    rec = read_evidence(path, cfg.sample_rate)  # 16 kHz FLAC -> 32 kHz
+    clip = rec.samples[: cfg.clip_samples]
+    ours = extract(clip[None], Frontend(cfg))[0]
+    _assert_close(ours, reference_features(clip, cfg))
+
+
+def test_matches_reference_on_real_phone_recordings(ccnu_dir):
+    cfg = FrontendConfig()
+    frontend = Frontend(cfg)
+    files = sorted(ccnu_dir.glob("*.wav"))[::7]  # a spread of devices
+    assert len(files) >= 10
+    for path in files:
+        rec = read_evidence(path, cfg.sample_rate)
+        clips = cut_windows(rec.samples, cfg.clip_samples, cfg.clip_samples)
+        ours = extract(clips, frontend)
+        assert np.isfinite(ours).all()
+        for k in (0, len(clips) - 1):
+            _assert_close(ours[k], reference_features(clips[k], cfg))
+
+
+def test_layout_and_meaning_of_dims(ccnu_dir):
+    """logE tracks loudness; pre-Fbank is linear in power; deltas of a constant signal vanish."""
+    cfg = FrontendConfig()
+    frontend = Frontend(cfg)
+    rec = read_evidence(next(ccnu_dir.glob("*_1.wav")), cfg.sample_rate)
+    clip = rec.samples[: cfg.clip_samples]
+    a, b = extract(np.stack([clip, 0.5 * clip]), frontend)
+    np.testing.assert_allclose(a[:, SLICE_LOGE] - b[:, SLICE_LOGE], np.log(4.0), atol=1e-3)
+    np.testing.assert_allclose(a[:, SLICE_FBANK] / b[:, SLICE_FBANK], 4.0, rtol=1e-3)
+    np.testing.assert_allclose(a[:, SLICE_MFCC], b[:, SLICE_MFCC], atol=1e-3)  # gain-invariant (c0 dropped)
+    rng = np.random.default_rng(0)
+    tone = np.sin(2 * np.pi * 1000 * np.arange(cfg.clip_samples) / cfg.sample_rate) + 1e-4 * rng.standard_normal(cfg.clip_samples)
+    f = extract(tone.astype(np.float32)[None], frontend)[0]
+    assert np.abs(f[4:-4, SLICE_DELTA][:, -1]).max() < 0.01  # delta-logE of a stationary tone
+    assert np.abs(f[4:-4, SLICE_DELTA2][:, -1]).max() < 0.01
+    band = int(np.argmax(f[64, SLICE_FBANK]))
+    lo, hi = frontend._mel[:, band].nonzero()[0][[0, -1]] * cfg.sample_rate / cfg.fft_size
+    assert lo <= 1000 <= hi  # the 1 kHz tone lands in the band that covers 1 kHz
+
+
+def test_batched_equals_one_by_one_and_numpy_equals_torch(ccnu_dir):
+    cfg = FrontendConfig()
+    frontend = Frontend(cfg)
+    rec = read_evidence(sorted(ccnu_dir.glob("*.wav"))[0], cfg.sample_rate)
+    clips = cut_windows(rec.samples, cfg.clip_samples, cfg.clip_samples // 2)
+    batched = frontend(torch.from_numpy(np.ascontiguousarray(clips))).numpy()
+    single = extract(clips, frontend, chunk=1)
+    np.testing.assert_allclose(batched, single, rtol=1e-5, atol=1e-4)
+
+
+def test_rejects_wrong_clip_length():
+    frontend = Frontend(FrontendConfig())
+    with pytest.raises(ValueError, match="64000 samples"):
+        frontend(np.zeros((1, 1000), dtype=np.float32))
+
+
+def test_config_validation_and_fingerprint():
+    cfg = FrontendConfig()
+    assert (cfg.clip_samples, cfg.hop_length, cfg.win_length, cfg.fft_size) == (64000, 500, 1000, 1024)
+    long = FrontendConfig(clip_seconds=10.0)
+    assert (long.hop_length, long.win_length, long.fft_size) == (2500, 5000, 8192)
+    assert FrontendConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.fingerprint() == FrontendConfig().fingerprint() != long.fingerprint()
+    assert "clip_seconds: 2.0 != 10.0" in cfg.describe_mismatch(long)
+    for bad in ({"n_frames": 64}, {"preemphasis": 1.5}, {"window": "kaiser"}, {"fmax": 40000.0},
+                {"clip_seconds": 0.01}, {"n_fft": 512}):
+        with pytest.raises(ConfigError):
+            FrontendConfig(**bad)
+    with pytest.raises(ConfigError, match="unknown parameter"):
+        FrontendConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(ccnu_dir):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    cfg = FrontendConfig()
+    frontend = Frontend(cfg)
+    rec = read_evidence(sorted(ccnu_dir.glob("*.wav"))[0], cfg.sample_rate)
+    clips = cut_windows(rec.samples, cfg.clip_samples, cfg.clip_samples)
+    cpu = extract(clips, frontend, device="cpu")
+    gpu = extract(clips, frontend, device="cuda")
+    np.testing.assert_allclose(gpu, cpu, rtol=1e-3, atol=1e-3)
