@@ -73,6 +73,7 @@ class WatchConfig:
     queue_size: int = 64  # bounded queues between stages (backpressure)
     rejudge_duplicates: bool = False  # judge identical content again under a new name
     shutdown_timeout: float = 30.0  # SIGTERM: seconds to drain in-flight work
+    stall_seconds: float = 120.0  # no progress this long with files in flight: /healthz fails, no WATCHDOG ping
     top_k: int = 5
 
 
@@ -126,6 +127,32 @@ class RegistryConfig:
 
 
 @dataclass(frozen=True)
+class SynthConfig:
+    """The device simulator (``devrecd synth``)."""
+
+    sample_rate: int = 32000  # corpus rate (CCNU_Mobile's)
+    clip_seconds: float = 10.0  # length of each simulated recording
+    split: tuple[float, float, float] = (0.64, 0.16, 0.20)  # train / val / test recordings per device
+    same_model_fraction: float = 0.3  # share of devices that are a second unit of another device's model
+    speakers_per_clip: int = 3  # speaker turns per recording (speakers never cross splits)
+    parallel: bool = True  # one playback session: clip k of every device is the same speech (as in CCNU)
+    spread: float = 2.5  # scale of model-to-model differences; 2.5 makes 15 devices about as hard as CCNU
+    jobs: int = 1  # worker processes
+
+    def __post_init__(self) -> None:
+        problems = [msg for bad, msg in (
+            (self.sample_rate < 8000, "sample_rate must be >= 8000"),
+            (self.clip_seconds <= 0, "clip_seconds must be > 0"),
+            (not 0.0 <= self.same_model_fraction <= 1.0, "same_model_fraction must be in [0, 1]"),
+            (self.speakers_per_clip < 1, "speakers_per_clip must be >= 1"),
+            (self.spread <= 0, "spread must be > 0"),
+            (self.jobs < 1, "jobs must be >= 1"),
+        ) if bad]
+        if problems:
+            raise ConfigError("synth: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "INFO"
     format: str = "text"  # text | json
@@ -142,6 +169,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     live: LiveConfig = field(default_factory=LiveConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> Config:

@@ -1,0 +1,172 @@
+"""Backlog: N recordings of 10 s dropped into a watched folder at once, vs the naive loop.
+
+The daemon (``devrecd watch`` as a subprocess, CPU backend) judges the backlog; measured: files/s,
+audio-seconds per second, p50/p99 latency from the drop to the verdict, the daemon's peak RSS.
+Baseline, measured in the same run on the same files: the naive loop (decode, features and infer
+one file at a time, one thread, the same model through the same backend).
+
+Evidence is real phone audio: the CCNU_Mobile sample concatenated and cut into 10 s recordings at
+distinct offsets (distinct content, so no file is a duplicate of another).
+
+    python benchmarks/backlog.py --model export/NAME.onnx [--files 1000] [--naive-files 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+REPO = Path(__file__).resolve().parents[1]
+SR = 32000
+
+
+def make_evidence(out: Path, n: int, seconds: float, shared: Path) -> list[Path]:
+    """n real recordings of ``seconds`` each, cut from the CCNU sample at distinct offsets."""
+    ccnu = shared / "data" / "ccnu_mobile_sample"
+    with open(ccnu / "manifest.csv", newline="") as fh:
+        paths = [ccnu / r["path"] for r in csv.DictReader(fh)]
+    audio = np.concatenate([sf.read(p, dtype="int16")[0] for p in paths])
+    length = int(seconds * SR)
+    step = max(1, (len(audio) - length) // max(1, n))
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i in range(n):
+        start = (i * step) % (len(audio) - length)
+        p = out / f"rec {i:05d}.wav"
+        sf.write(p, audio[start:start + length], SR, subtype="PCM_16")
+        files.append(p)
+    return files
+
+
+def naive_loop(files: list[Path], model: str, repeats: int = 2) -> float:
+    """Seconds to judge ``files`` one at a time: decode, features, infer, aggregate (best of
+    ``repeats`` passes: the machine is shared, and the best pass is the fairest baseline)."""
+    from devrecd.config import load_config
+    from devrecd.daemon.service import load_serving_backend
+    from devrecd.daemon.verdict import aggregate
+    from devrecd.pipeline import features_for_file
+
+    # One ONNX Runtime thread, as the daemon run below: with 2, ORT's spinning workers take the
+    # core torch needs for the features (measured: ~5x slower naive loop on 2 cores).
+    cfg = load_config(None, overrides={"backend.model": model, "backend.threads": 1})
+    backend = load_serving_backend(cfg)
+    try:
+        _, feats = features_for_file(files[0], cfg)  # warm-up (first torch call), as the daemon's
+        backend.infer(feats)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for p in files:
+                _, feats = features_for_file(p, cfg)
+                aggregate(backend.infer(feats), backend.labels)
+            best = min(best, time.perf_counter() - t0)
+        return best
+    finally:
+        backend.close()
+
+
+def _judged_at(rec: dict) -> float:
+    return datetime.fromisoformat(rec["judged_at"].replace("Z", "+00:00")).timestamp()
+
+
+def start_daemon(work: Path, evidence: Path, model: str, extra: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> tuple[subprocess.Popen, Path]:
+    state = work / "state"
+    proc = subprocess.Popen([sys.executable, "-c", "from devrecd.cli import main; main()", "watch", str(evidence),
+                             "--model", model, "--state-dir", str(state), "--port", "0", *(extra or [])],
+                            env={**os.environ, **(env or {})}, stderr=open(work / "daemon.log", "wb"))
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            sys.exit("daemon exited:\n" + (work / "daemon.log").read_text()[-3000:])
+        if (state / "daemon.json").is_file():
+            return proc, state
+        time.sleep(0.1)
+    sys.exit("daemon did not get ready")
+
+
+def read_records(state: Path) -> list[dict]:
+    p = state / "verdicts.jsonl"
+    return [json.loads(x) for x in p.read_text().splitlines()] if p.is_file() else []
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="export/NAME.onnx")
+    ap.add_argument("--files", type=int, default=1000)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--naive-files", type=int, default=200, help="files timed for the naive loop (rate extrapolates)")
+    ap.add_argument("--shared", type=Path, default=REPO.parent / "shared")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--max-batch", type=int, default=32)
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="devrecd-backlog-") as tmp:
+        work = Path(tmp)
+        staging, evidence = work / "staging", work / "evidence"
+        evidence.mkdir()
+        files = make_evidence(staging, args.files, args.seconds, args.shared)
+        audio_s = args.files * args.seconds
+
+        naive_n = min(args.naive_files, len(files))
+        naive_s = naive_loop(files[:naive_n], args.model)
+        naive_rate = naive_n / naive_s
+
+        proc, state = start_daemon(work, evidence, args.model, env={
+            "DEVRECD_WATCH__WORKERS": str(args.workers), "DEVRECD_BATCHER__MAX_BATCH": str(args.max_batch),
+            "DEVRECD_WATCH__STABLE_SECONDS": "1.0", "DEVRECD_BACKEND__THREADS": "1"})
+        try:
+            dropped = time.time()
+            for p in files:  # a rename is atomic: the whole backlog appears at once
+                os.rename(p, evidence / p.name)
+            while len(recs := read_records(state)) < len(files):
+                if proc.poll() is not None:
+                    sys.exit("daemon died:\n" + (work / "daemon.log").read_text()[-3000:])
+                time.sleep(0.2)
+            rss = peak_rss_mib(proc.pid)
+        finally:
+            stop(proc)
+        done = max(_judged_at(r) for r in recs)
+        wall = done - dropped
+        latency = [_judged_at(r) - dropped for r in recs]
+        outcomes = {o: sum(r["outcome"] == o for r in recs) for o in ("judged", "duplicate", "failed")}
+        rate = len(files) / wall
+        print(f"backlog: {len(files)} x {args.seconds:.0f} s real phone recordings dropped at once; CPU; "
+              f"workers={args.workers} max_batch={args.max_batch}; outcomes {outcomes}")
+        print(f"  daemon      : {rate:7.2f} files/s  {audio_s / wall:8.1f} audio-s/s  wall {wall:6.1f} s  "
+              f"drop->verdict p50 {pct(latency, 50):6.1f} s  p99 {pct(latency, 99):6.1f} s  peak RSS {rss:.0f} MiB")
+        print(f"  naive loop  : {naive_rate:7.2f} files/s  {naive_rate * args.seconds:8.1f} audio-s/s  "
+              f"({naive_n} files in {naive_s:.1f} s, one at a time, same model and backend)")
+        print(f"  speed-up    : {rate / naive_rate:.2f}x (target >= 4x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Dynamic batching across files: flush at ``max_batch`` clips or when the oldest has waited ``max_wait``.
+
+Any source (files, a live input) puts :class:`Unit` s of feature windows; one inference thread
+calls :meth:`Batcher.run`. A unit bigger than a batch is split across batches; its probabilities
+are gathered back and delivered once, in window order, when the last of its windows is inferred.
+The input queue is bounded, so producers block when inference falls behind (backpressure).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+
+@dataclass
+class Unit:
+    """One producer's windows (e.g. one file's features) waiting for inference."""
+
+    key: Any
+    features: np.ndarray  # (n, 128, 73) float32
+    enqueued: float = field(default_factory=time.monotonic)
+    started: float | None = None  # monotonic time its first window entered a batch
+    probs: np.ndarray | None = None
+    done: int = 0
+    infer_seconds: float = 0.0  # share of batch inference time attributed to this unit
+    # Another source sharing the batcher (e.g. live input) routes its own results with these;
+    # when unset, the loop's ``deliver`` / ``on_error`` are used.
+    on_done: Callable[[Unit], None] | None = None
+    on_error: Callable[[Unit, Exception], None] | None = None
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+
+Infer = Callable[[np.ndarray], np.ndarray]
+Deliver = Callable[[Unit], None]
+
+
+class Batcher:
+    """Bounded queue of units plus the batching loop of the inference thread."""
+
+    def __init__(self, infer: Infer, *, max_batch: int, max_wait_s: float, queue_size: int = 64,
+                 on_batch: Callable[[int, float], None] | None = None,
+                 on_progress: Callable[[bool], None] | None = None) -> None:
+        self.infer = infer
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.on_batch = on_batch  # (clips, seconds) after each batch, for metrics
+        self.on_progress = on_progress  # liveness: called with idle=True while waiting, False after a batch
+        self._q: queue.Queue[Unit] = queue.Queue(maxsize=max(1, queue_size))
+        self._carry: tuple[Unit, int] | None = None
+
+    def configure(self, *, max_batch: int, max_wait_s: float) -> None:
+        """Change the flush rule (SIGHUP); takes effect with the next batch."""
+        self.max_batch, self.max_wait_s = max(1, max_batch), max(0.0, max_wait_s)
+
+    def put(self, unit: Unit, stop: threading.Event | None = None) -> bool:
+        """Queue a unit, blocking while the queue is full; False if ``stop`` was set meanwhile."""
+        if len(unit) == 0:
+            raise ValueError("a unit needs at least one window")
+        while True:
+            try:
+                self._q.put(unit, timeout=0.2)
+                return True
+            except queue.Full:
+                if stop is not None and stop.is_set():
+                    return False
+
+    def pending(self) -> int:
+        """Units queued or partly inferred."""
+        return self._q.qsize() + (1 if self._carry else 0)
+
+    def next_batch(self, stop: threading.Event, poll: float = 0.2) -> list[tuple[Unit, int, int]]:
+        """Slices ``(unit, lo, hi)`` of the next batch; empty when ``stop`` is set and nothing waits."""
+        parts: list[tuple[Unit, int, int]] = []
+        n, deadline = 0, None
+        max_batch = self.max_batch
+        while n < max_batch:
+            if self._carry is not None:
+                unit, off = self._carry
+                self._carry = None
+            else:
+                if deadline is None:
+                    timeout = poll
+                else:
+                    timeout = deadline - time.monotonic()
+                    if timeout <= 0:
+                        break
+                try:
+                    unit = self._q.get(timeout=min(timeout, poll))
+                except queue.Empty:
+                    if not parts:
+                        if stop.is_set():
+                            return parts
+                        if self.on_progress is not None and self._q.empty():
+                            self.on_progress(True)
+                    elif stop.is_set():
+                        break  # draining: no point waiting for more
+                    continue
+                off = 0
+            if deadline is None:
+                # The wait counts from when the oldest clip arrived, so a unit that queued behind a
+                # busy backend goes out at once.
+                deadline = unit.enqueued + self.max_wait_s
+            take = min(len(unit) - off, max_batch - n)
+            parts.append((unit, off, off + take))
+            n += take
+            if off + take < len(unit):
+                self._carry = (unit, off + take)
+        return parts
+
+    def run_batch(self, parts: list[tuple[Unit, int, int]], deliver: Deliver) -> None:
+        """Infer one batch and deliver every unit it completes."""
+        now = time.monotonic()
+        for unit, _, _ in parts:
+            if unit.started is None:
+                unit.started = now
+        x = parts[0][0].features[parts[0][1]:parts[0][2]] if len(parts) == 1 else np.concatenate(
+            [u.features[lo:hi] for u, lo, hi in parts])
+        t0 = time.perf_counter()
+        probs = np.asarray(self.infer(np.ascontiguousarray(x, dtype=np.float32)))
+        dt = time.perf_counter() - t0
+        if probs.shape[0] != len(x):
+            raise RuntimeError(f"backend returned {probs.shape[0]} rows for a batch of {len(x)}")
+        if self.on_batch is not None:
+            self.on_batch(len(x), dt)
+        row = 0
+        for unit, lo, hi in parts:
+            if unit.probs is None:
+                unit.probs = np.empty((len(unit), probs.shape[1]), dtype=np.float32)
+            unit.probs[lo:hi] = probs[row:row + hi - lo]
+            row += hi - lo
+            unit.done += hi - lo
+            unit.infer_seconds += dt * (hi - lo) / len(x)
+            if unit.done == len(unit):
+                (unit.on_done or deliver)(unit)
+        if self.on_progress is not None:
+            self.on_progress(False)
+
+    def run(self, stop: threading.Event, deliver: Deliver, on_error: Callable[[Unit, Exception], None]) -> None:
+        """The inference loop: until ``stop`` is set and the queue is drained.
+
+        A batch that fails fails each of its units (``on_error``), not the loop.
+        """
+        while True:
+            parts = self.next_batch(stop)
+            if not parts:
+                return
+            try:
+                self.run_batch(parts, deliver)
+            except Exception as exc:  # noqa: BLE001 - a backend error must not kill the daemon
+                for unit in {id(u): u for u, _, _ in parts}.values():
+                    if self._carry is not None and self._carry[0] is unit:
+                        self._carry = None
+                    (unit.on_error or on_error)(unit, exc)

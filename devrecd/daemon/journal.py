@@ -1,0 +1,286 @@
+"""Durable per-file job state (SQLite, WAL) and the append-only verdict log (JSONL).
+
+States: ``seen`` -> ``hashed`` -> one terminal state: ``judged``, ``failed`` (with a reason) or
+``duplicate`` (same content as an earlier judged file). A row is keyed by the file's path and, once
+read, its content sha256; size and mtime tell a file that changed at the same path from one seen before.
+
+Exactly once, across kill -9: the terminal state and the full record are committed to the journal
+FIRST (``logged = 0``), then the record is appended to the verdict log as one ``write`` + ``fsync``,
+then the row is marked ``logged = 1``. A crash before the commit leaves the row non-terminal (it is
+judged again on restart, nothing was written); a crash after it leaves ``logged = 0``, and
+:meth:`Recorder.repair` appends the line on restart unless the log already holds it (a crash between
+the append and the mark). A torn last line (power loss mid-write) is cut off before appending.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from devrecd.errors import DevrecdError
+
+TERMINAL = ("judged", "failed", "duplicate")
+ACTIVE = ("seen", "hashed")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    sha256 TEXT,
+    state TEXT NOT NULL,
+    reason TEXT,
+    duplicate_of INTEGER,
+    record TEXT,
+    logged INTEGER NOT NULL DEFAULT 0,
+    seen_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS files_path ON files(path);
+CREATE INDEX IF NOT EXISTS files_sha ON files(sha256, state);
+CREATE INDEX IF NOT EXISTS files_state ON files(state);
+CREATE INDEX IF NOT EXISTS files_unlogged ON files(logged) WHERE logged = 0;
+"""
+
+
+class JournalError(DevrecdError):
+    """The journal or verdict log cannot be opened or written."""
+
+    reason = "journal"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One journal row."""
+
+    id: int
+    path: str
+    size: int
+    mtime_ns: int
+    sha256: str | None
+    state: str
+    reason: str | None
+    duplicate_of: int | None
+    record: dict | None
+    logged: bool
+    seen_at: float
+    updated_at: float
+
+
+def _entry(row: sqlite3.Row | None) -> Entry | None:
+    if row is None:
+        return None
+    d = dict(row)
+    d["record"] = json.loads(d["record"]) if d["record"] else None
+    d["logged"] = bool(d["logged"])
+    return Entry(**d)
+
+
+class Journal:
+    """The SQLite journal. Thread-safe: one connection behind a lock (writes are tiny and rare)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = str(path)
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30.0)
+            self._db.row_factory = sqlite3.Row
+            if self.path != ":memory:":
+                self._db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL survives kill -9 (the WAL is in the OS); only the terminal commit must also
+            # survive a power loss before its verdict line does, so finish() syncs (see _FULL).
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise JournalError(f"cannot open the journal {self.path}: {exc}") from None
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _one(self, sql: str, args: tuple = ()) -> Entry | None:
+        with self._lock:
+            return _entry(self._db.execute(sql, args).fetchone())
+
+    def _many(self, sql: str, args: tuple = ()) -> list[Entry]:
+        with self._lock:
+            return [_entry(r) for r in self._db.execute(sql, args).fetchall()]  # type: ignore[misc]
+
+    def _write(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
+        with self._lock:
+            try:
+                return self._db.execute(sql, args)
+            except sqlite3.Error as exc:
+                raise JournalError(f"journal write failed: {exc}") from None
+
+    # --- queries -------------------------------------------------------------------------------
+
+    def get(self, entry_id: int) -> Entry | None:
+        return self._one("SELECT * FROM files WHERE id = ?", (entry_id,))
+
+    def latest(self, path: str) -> Entry | None:
+        """The newest row for ``path`` (any state)."""
+        return self._one("SELECT * FROM files WHERE path = ? ORDER BY id DESC LIMIT 1", (path,))
+
+    def judged_with(self, sha256: str, *, exclude: int | None = None) -> Entry | None:
+        """The first judged row with this content, if any."""
+        return self._one("SELECT * FROM files WHERE sha256 = ? AND state = 'judged' AND id != ? ORDER BY id LIMIT 1",
+                         (sha256, -1 if exclude is None else exclude))
+
+    def active(self) -> list[Entry]:
+        """Rows not yet in a terminal state (to resume after a restart)."""
+        return self._many("SELECT * FROM files WHERE state IN ('seen', 'hashed') ORDER BY id")
+
+    def unlogged(self) -> list[Entry]:
+        return self._many("SELECT * FROM files WHERE logged = 0 AND state IN ('judged', 'failed', 'duplicate') ORDER BY id")
+
+    def finished(self, since: float = 0.0) -> Iterator[Entry]:
+        """Terminal rows updated at or after ``since`` (unix time), oldest first."""
+        yield from self._many("SELECT * FROM files WHERE state IN ('judged', 'failed', 'duplicate') AND updated_at >= ? "
+                              "ORDER BY updated_at, id", (since,))
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return {r[0]: r[1] for r in self._db.execute("SELECT state, COUNT(*) FROM files GROUP BY state")}
+
+    # --- transitions ---------------------------------------------------------------------------
+
+    def see(self, path: str, size: int, mtime_ns: int) -> tuple[Entry, bool]:
+        """Record that ``path`` (with this size and mtime) is to be judged.
+
+        Returns ``(entry, new)``; ``new`` is False when the same version of the file already has a
+        row (terminal: nothing to do; active: resume it).
+        """
+        with self._lock:
+            row = _entry(self._db.execute("SELECT * FROM files WHERE path = ? ORDER BY id DESC LIMIT 1",
+                                          (path,)).fetchone())
+            if row is not None and (row.state in ACTIVE or (row.size, row.mtime_ns) == (size, mtime_ns)):
+                return row, False
+            now = time.time()
+            try:
+                cur = self._db.execute(
+                    "INSERT INTO files (path, size, mtime_ns, state, seen_at, updated_at) VALUES (?, ?, ?, 'seen', ?, ?)",
+                    (path, size, mtime_ns, now, now))
+            except sqlite3.Error as exc:
+                raise JournalError(f"journal write failed: {exc}") from None
+            return _entry(self._db.execute("SELECT * FROM files WHERE id = ?", (cur.lastrowid,)).fetchone()), True  # type: ignore[return-value]
+
+    def mark_hashed(self, entry_id: int, sha256: str, size: int) -> None:
+        self._write("UPDATE files SET sha256 = ?, size = ?, state = 'hashed', updated_at = ? WHERE id = ? AND state IN ('seen', 'hashed')",
+                    (sha256, size, time.time(), entry_id))
+
+    def finish(self, entry_id: int, state: str, record: dict, *, reason: str | None = None,
+               duplicate_of: int | None = None, sha256: str | None = None) -> bool:
+        """Commit a terminal state with its record (``logged = 0``). False if already terminal."""
+        if state not in TERMINAL:
+            raise ValueError(f"not a terminal state: {state}")
+        args = (state, reason, duplicate_of, json.dumps(record, ensure_ascii=False, separators=(",", ":")), sha256,
+                time.time(), entry_id)
+        with self._lock:
+            try:
+                self._db.execute("PRAGMA synchronous=FULL")  # on disk before the verdict line is appended
+                try:
+                    cur = self._db.execute(
+                        "UPDATE files SET state = ?, reason = ?, duplicate_of = ?, record = ?, "
+                        "sha256 = COALESCE(?, sha256), logged = 0, updated_at = ? "
+                        "WHERE id = ? AND state IN ('seen', 'hashed')", args)
+                finally:
+                    self._db.execute("PRAGMA synchronous=NORMAL")
+            except sqlite3.Error as exc:
+                raise JournalError(f"journal write failed: {exc}") from None
+        return cur.rowcount == 1
+
+    def mark_logged(self, entry_id: int) -> None:
+        self._write("UPDATE files SET logged = 1 WHERE id = ?", (entry_id,))
+
+
+class VerdictLog:
+    """Append-only JSON-lines file; each record is one ``write`` of one line, then ``fsync``."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o640)
+        except OSError as exc:
+            raise JournalError(f"cannot open the verdict log {self.path}: {exc.strerror or exc}") from None
+        self._lock = threading.Lock()
+        self._cut_torn_tail()
+
+    def _cut_torn_tail(self) -> None:
+        """Drop a last line without its newline (a write cut short by a power loss)."""
+        size = os.fstat(self._fd).st_size
+        if size == 0:
+            return
+        with open(self.path, "rb") as fh:
+            fh.seek(max(0, size - 1))
+            if fh.read(1) == b"\n":
+                return
+            fh.seek(0)
+            data = fh.read()
+        os.truncate(self.path, data.rfind(b"\n") + 1)
+
+    def append(self, record: dict) -> None:
+        line = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+        with self._lock:
+            try:
+                written = os.write(self._fd, line)
+                if written != len(line):
+                    raise OSError(f"short write ({written} of {len(line)} bytes)")
+                os.fsync(self._fd)
+            except OSError as exc:
+                raise JournalError(f"cannot append to the verdict log {self.path}: {exc}") from None
+
+    def ids(self) -> set[int]:
+        """Journal ids of the records already in the log."""
+        out: set[int] = set()
+        with open(self.path, "rb") as fh:
+            for line in fh:
+                try:
+                    out.add(int(json.loads(line)["id"]))
+                except (ValueError, KeyError, TypeError):
+                    continue  # not one of ours; the log is for humans too
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            os.close(self._fd)
+
+
+class Recorder:
+    """Commits terminal states in the crash-safe order: journal, then log, then the logged mark."""
+
+    def __init__(self, journal: Journal, log: VerdictLog | None) -> None:
+        self.journal = journal
+        self.log = log
+
+    def commit(self, entry_id: int, state: str, record: dict[str, Any], **kw: Any) -> dict[str, Any] | None:
+        """Record a terminal state; returns the record as written (with its ``id``), or None (and
+        nothing written) if the entry was already terminal."""
+        record = {"id": entry_id, **record}
+        if not self.journal.finish(entry_id, state, record, **kw):
+            return None
+        if self.log is not None:
+            self.log.append(record)
+        self.journal.mark_logged(entry_id)
+        return record
+
+    def repair(self) -> int:
+        """After a crash: append the records committed to the journal but missing from the log."""
+        pending = self.journal.unlogged()
+        if not pending:
+            return 0
+        present = self.log.ids() if self.log is not None else set()
+        appended = 0
+        for e in pending:
+            if self.log is not None and e.id not in present and e.record is not None:
+                self.log.append(e.record)
+                appended += 1
+            self.journal.mark_logged(e.id)
+        return appended

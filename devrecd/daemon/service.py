@@ -1,0 +1,542 @@
+"""The pipeline: bounded queues, decode + feature workers, one inference thread, one verdict writer.
+
+::
+
+    submit(path) -> jobs (bounded) -> workers: read_evidence, hash, dedupe, clips, features
+                 -> Batcher (bounded) -> inference thread: backend.infer on batches across files
+                 -> results -> writer thread: aggregate, journal + verdict log (Recorder), metrics
+
+Every terminal state is written by the one writer thread, so duplicate detection and the
+journal/log ordering need no further locking. A bad file becomes a ``failed`` record with its
+reason and never stops the other files.
+
+:class:`Daemon` wraps the pipeline with the watcher, the HTTP endpoints, systemd notifications and
+signals (SIGTERM drains, SIGHUP reloads).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+
+from devrecd.audio import AudioError, read_evidence, window_starts
+from devrecd.config import Config, load_config
+from devrecd.daemon.batcher import Batcher, Unit
+from devrecd.daemon.journal import Journal, JournalError, Recorder, VerdictLog
+from devrecd.daemon.notify import Liveness, WatchdogPinger, notify, watchdog_interval
+from devrecd.daemon.verdict import duplicate_record, failed_record, judged_record
+from devrecd.errors import ArtifactError, ConfigError, DevrecdError
+from devrecd.features import FrontendConfig, extract
+from devrecd.metrics import Metrics
+from devrecd.pipeline import clips_for, frontend_for, resolve_device
+
+log = logging.getLogger("devrecd.daemon")
+
+JOURNAL_NAME = "journal.sqlite"
+VERDICT_LOG_NAME = "verdicts.jsonl"
+STATUS_NAME = "daemon.json"  # pid and endpoint URL of the running daemon (for operators and tests)
+
+
+class BackendLike(Protocol):
+    """What the pipeline needs of a :mod:`devrecd.backends` backend."""
+
+    name: str
+    labels: tuple[str, ...]
+    frontend: FrontendConfig
+
+    def infer(self, features: Any) -> np.ndarray: ...
+    def describe(self) -> dict: ...
+
+
+@dataclass
+class Job:
+    """One file on its way through the pipeline."""
+
+    entry_id: int
+    path: str
+    taken: float = field(default_factory=time.monotonic)
+    timings: dict[str, float] = field(default_factory=dict)
+    recording: dict | None = None
+    starts: np.ndarray | None = None  # window start times (s)
+
+
+def check_frontend(backend: BackendLike, cfg: FrontendConfig) -> None:
+    """Refuse a model trained with other features than the configured frontend."""
+    if backend.frontend != cfg:
+        raise ArtifactError(
+            f"the model's frontend differs from the configured [frontend] ({cfg.describe_mismatch(backend.frontend)}); "
+            "serve it with the frontend it was trained with, or re-export the model", reason="frontend_mismatch")
+
+
+class Pipeline:
+    """Judges submitted files once each; see the module docstring."""
+
+    def __init__(self, cfg: Config, backend: BackendLike, *, journal: Journal, verdict_log: VerdictLog | None,
+                 metrics: Metrics, device: str = "cpu", rejudge_duplicates: bool | None = None,
+                 on_record: Callable[[dict], None] | None = None, liveness: Liveness | None = None) -> None:
+        self.cfg = cfg
+        self.backend = backend
+        self.labels = tuple(backend.labels)
+        self.backend_info = backend.describe()
+        self.journal = journal
+        self.recorder = Recorder(journal, verdict_log)
+        self.metrics = metrics
+        self.device = device
+        self.rejudge = cfg.watch.rejudge_duplicates if rejudge_duplicates is None else rejudge_duplicates
+        self.on_record = on_record
+        self.liveness = liveness or Liveness()
+        self._jobs: queue.Queue[Job] = queue.Queue(maxsize=max(1, cfg.watch.queue_size))
+        self._results: queue.Queue[tuple] = queue.Queue()  # bounded in effect: fed only by bounded stages
+        self._inflight: dict[int, float] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()  # workers/inference: no new work
+        self._threads: list[threading.Thread] = []
+        self.batcher = Batcher(backend.infer, max_batch=cfg.batcher.max_batch, max_wait_s=cfg.batcher.max_wait_ms / 1000,
+                               queue_size=cfg.watch.queue_size, on_batch=self._on_batch, on_progress=self._tick)
+        self.extra_pending: Callable[[], int] = lambda: 0  # files sources hold that are not yet admitted
+        metrics.queue_depth.set_function(lambda: self.in_flight() + self.extra_pending())
+        metrics.oldest_pending_age.set_function(self._oldest_age)
+
+    # --- public --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the worker, inference and writer threads."""
+        for i in range(max(1, self.cfg.watch.workers)):
+            self._threads.append(threading.Thread(target=self._worker, name=f"devrecd-decode-{i}", daemon=True))
+        self._threads.append(threading.Thread(target=self._infer_loop, name="devrecd-infer", daemon=True))
+        self._writer = threading.Thread(target=self._writer_loop, name="devrecd-writer", daemon=True)
+        for t in self._threads:
+            t.start()
+        self._writer.start()
+
+    def submit(self, path: str, size: int | None = None, mtime_ns: int | None = None) -> int | None:
+        """Admit a file (blocking while the pipeline is full). Returns its journal id, or None if it
+        needs nothing (this version was finished before, or it is already in flight)."""
+        if size is None or mtime_ns is None:
+            try:
+                st = os.stat(path)
+                size, mtime_ns = st.st_size, st.st_mtime_ns
+            except OSError:
+                size, mtime_ns = -1, 0  # judged as missing/unreadable by the worker, with the reason
+        entry, _ = self.journal.see(path, size, mtime_ns)
+        if entry.state not in ("seen", "hashed"):
+            return None
+        return entry.id if self._enqueue(Job(entry.id, path)) else None
+
+    def resume(self) -> int:
+        """Re-admit every file the journal has as unfinished (after a crash or a drain timeout)."""
+        n = 0
+        for entry in self.journal.active():
+            n += bool(self._enqueue(Job(entry.id, entry.path)))
+        return n
+
+    def vanished(self, path: str, size: int, mtime_ns: int) -> None:
+        """A file disappeared before it was stable: recorded as failed (missing), like any bad file."""
+        entry, _ = self.journal.see(path, size, mtime_ns)
+        if entry.state in ("seen", "hashed") and self._track(entry.id):
+            self._results.put(("failed", Job(entry.id, path), "missing", "the file disappeared before it was complete",
+                               None, None))
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._inflight)
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until nothing is in flight; True when drained within ``timeout`` seconds."""
+        end = time.monotonic() + timeout
+        while self.in_flight():
+            if time.monotonic() >= end:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def stop(self) -> None:
+        """Stop every thread; unfinished files stay unfinished in the journal (resumed next start)."""
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=10)
+        self._results.put(("stop",))
+        self._writer.join(timeout=10)
+
+    def reconfigure(self, cfg: Config) -> None:
+        """Apply reloadable settings (SIGHUP): batcher flush rule, top-k, duplicate policy, watch filters."""
+        self.cfg = replace(self.cfg, batcher=cfg.batcher, watch=replace(
+            cfg.watch, workers=self.cfg.watch.workers, queue_size=self.cfg.watch.queue_size, state_dir=self.cfg.watch.state_dir))
+        self.rejudge = cfg.watch.rejudge_duplicates
+        self.batcher.configure(max_batch=cfg.batcher.max_batch, max_wait_s=cfg.batcher.max_wait_ms / 1000)
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _track(self, entry_id: int) -> bool:
+        with self._lock:
+            if entry_id in self._inflight:
+                return False
+            self._inflight[entry_id] = time.monotonic()
+            return True
+
+    def _enqueue(self, job: Job) -> bool:
+        if not self._track(job.entry_id):
+            return False
+        while True:
+            try:
+                self._jobs.put(job, timeout=0.2)
+                return True
+            except queue.Full:
+                if self._stop.is_set():
+                    with self._lock:
+                        self._inflight.pop(job.entry_id, None)
+                    return False
+
+    def _oldest_age(self) -> float:
+        with self._lock:
+            return time.monotonic() - min(self._inflight.values()) if self._inflight else 0.0
+
+    def _tick(self, idle: bool) -> None:
+        # Idle counts as alive only when nothing is in flight: a stuck worker must stop the pings.
+        if not idle or not self.in_flight():
+            self.liveness.stamp()
+
+    def _on_batch(self, clips: int, seconds: float) -> None:
+        self.metrics.batch_size.observe(clips)
+        self.metrics.clips.inc(clips)
+
+    def _worker(self) -> None:
+        frontend = frontend_for(self.cfg.frontend)
+        while not self._stop.is_set():
+            try:
+                job = self._jobs.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                self._prepare(job, frontend)
+            except _Stopped:
+                with self._lock:  # not finished: stays unfinished in the journal, resumed at the next start
+                    self._inflight.pop(job.entry_id, None)
+            except AudioError as exc:
+                self._results.put(("failed", job, exc.reason, exc.detail, None, None))
+            except DevrecdError as exc:
+                self._results.put(("failed", job, exc.reason, str(exc), None, None))
+            except Exception as exc:  # noqa: BLE001 - one file's surprise must not stop the daemon
+                log.exception("internal error on a file", extra={"path": job.path})
+                self._results.put(("failed", job, "internal", f"{type(exc).__name__}: {exc}", None, None))
+            self.liveness.stamp()
+
+    def _prepare(self, job: Job, frontend) -> None:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        rec = read_evidence(job.path, cfg.frontend.sample_rate, cfg.audio)
+        t1 = time.perf_counter()
+        job.timings["decode"] = t1 - t0
+        job.recording = rec.describe()
+        self.journal.mark_hashed(job.entry_id, rec.sha256, rec.size)
+        if not self.rejudge:
+            original = self.journal.judged_with(rec.sha256, exclude=job.entry_id)
+            if original is not None:  # judged before under another name: no need to compute anything
+                self._results.put(("duplicate", job, original))
+                return
+        hop = max(1, int(round(cfg.audio.hop_seconds * cfg.frontend.sample_rate)))
+        clips = clips_for(rec, cfg.frontend, cfg.audio.hop_seconds)
+        job.starts = window_starts(len(rec.samples), cfg.frontend.clip_samples, hop) / cfg.frontend.sample_rate
+        feats = extract(clips, frontend, device=self.device)
+        job.timings["features"] = time.perf_counter() - t1
+        del rec, clips  # the samples are not needed any more; keep memory bounded by the queues
+        if not self.batcher.put(Unit(key=job, features=feats), self._stop):
+            raise _Stopped()
+
+    def _infer_loop(self) -> None:
+        def deliver(unit: Unit) -> None:
+            self._results.put(("judged", unit))
+
+        def failed(unit: Unit, exc: Exception) -> None:
+            log.error("inference failed", extra={"path": unit.key.path, "error": str(exc)})
+            self._results.put(("failed", unit.key, "inference", f"{type(exc).__name__}: {exc}", None, None))
+
+        self.batcher.run(self._stop, deliver, failed)
+
+    def _writer_loop(self) -> None:
+        while True:
+            msg = self._results.get()
+            if msg[0] == "stop":
+                return
+            job: Job = msg[1].key if msg[0] == "judged" else msg[1]
+            try:
+                self._write(msg)
+            except JournalError as exc:
+                # The row stays unfinished and is judged again after a restart; keep serving the rest.
+                log.error("cannot record a verdict", extra={"path": job.path, "error": str(exc)})
+                self.metrics.errors.labels(reason="journal").inc()
+            except Exception:  # noqa: BLE001
+                log.exception("internal error while recording a verdict", extra={"path": job.path})
+                self.metrics.errors.labels(reason="internal").inc()
+            finally:
+                with self._lock:
+                    self._inflight.pop(job.entry_id, None)
+                self.liveness.stamp()
+
+    def _write(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "judged":
+            unit: Unit = msg[1]
+            job = unit.key
+            assert unit.probs is not None and job.recording is not None and job.starts is not None
+            original = None if self.rejudge else self.journal.judged_with(job.recording["sha256"], exclude=job.entry_id)
+            if original is not None:  # an identical file finished first while this one was in flight
+                self._write(("duplicate", job, original))
+                return
+            job.timings["queue"] = (unit.started or unit.enqueued) - unit.enqueued
+            job.timings["inference"] = unit.infer_seconds
+            job.timings["end_to_end"] = time.monotonic() - job.taken
+            record = judged_record(job.recording, unit.probs, self.labels, job.starts, k=self.cfg.watch.top_k,
+                                   backend=self.backend_info, timings=job.timings)
+            record = self.recorder.commit(job.entry_id, "judged", record, sha256=job.recording["sha256"])
+            if record is not None:
+                self._count("judged", job, record)
+                self.metrics.verdicts.labels(device=record["device"]).inc()
+                self.metrics.audio_seconds.inc(job.recording["duration"])
+                log.debug("judged", extra={"path": job.path, "device": record["device"], "score": record["score"]})
+        elif kind == "duplicate":
+            job, original = msg[1], msg[2]
+            job.timings["end_to_end"] = time.monotonic() - job.taken
+            record = duplicate_record(job.recording or {"path": job.path}, original.record or {"id": original.id},
+                                      timings=job.timings)
+            record = self.recorder.commit(job.entry_id, "duplicate", record, duplicate_of=original.id,
+                                          sha256=(job.recording or {}).get("sha256"))
+            if record is not None:
+                self._count("duplicate", job, record)
+                log.info("duplicate", extra={"path": job.path, "of": original.path})
+        elif kind == "failed":
+            _, job, reason, detail, sha, size = msg
+            job.timings["end_to_end"] = time.monotonic() - job.taken
+            rec = job.recording or {}
+            record = failed_record(job.path, reason, detail, timings=job.timings,
+                                   sha256=sha or rec.get("sha256"), size=size or rec.get("size"))
+            record = self.recorder.commit(job.entry_id, "failed", record, reason=reason, sha256=record["sha256"])
+            if record is not None:
+                self._count("failed", job, record)
+                self.metrics.errors.labels(reason=reason).inc()
+                log.warning("cannot judge file", extra={"path": job.path, "reason": reason, "detail": detail})
+
+    def _count(self, outcome: str, job: Job, record: dict) -> None:
+        self.metrics.files.labels(outcome=outcome).inc()
+        for stage, seconds in job.timings.items():
+            self.metrics.stage_seconds.labels(stage=stage).observe(seconds)
+        if self.on_record is not None:
+            self.on_record(record)
+
+
+class _Stopped(DevrecdError):
+    """Shutting down while a file waited for the batcher; it stays unfinished in the journal."""
+
+    reason = "stopped"
+
+
+def load_serving_backend(cfg: Config, metrics: Metrics | None = None) -> BackendLike:
+    """Load the configured backend, refuse a frontend mismatch, warm it up, record its identity."""
+    if not cfg.backend.model and not cfg.backend.engine:
+        raise ConfigError("no model given: pass --model export/NAME.onnx (or set backend.model)")
+    from devrecd.backends import load_backend
+
+    backend = load_backend(cfg.backend, cfg.frontend)
+    try:
+        check_frontend(backend, cfg.frontend)
+        backend.warmup()
+    except BaseException:
+        backend.close()
+        raise
+    if metrics is not None:
+        metrics.set_backend(backend.describe())
+    return backend
+
+
+class Daemon:
+    """``devrecd watch``: the pipeline fed by folder watchers, with endpoints, notify and signals."""
+
+    def __init__(self, cfg: Config, dirs: Sequence[str], *, config_path: str | None = None,
+                 overrides: dict[str, Any] | None = None) -> None:
+        if not dirs:
+            raise ConfigError("nothing to watch: give folders on the command line or in watch.dirs")
+        self.cfg = cfg
+        self.dirs = [os.path.realpath(d) for d in dirs]
+        self.config_path = config_path
+        self.overrides = overrides or {}
+        self.state_dir = Path(os.path.expanduser(cfg.watch.state_dir)).resolve()
+        for d in self.dirs:
+            if self.state_dir == Path(d) or Path(d) in self.state_dir.parents:
+                raise ConfigError(f"watch.state_dir {self.state_dir} is inside the evidence folder {d}; "
+                                  "the daemon never writes into evidence")
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT (or :meth:`request_stop`); returns the exit code."""
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            lock_fd = os.open(self.state_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        except OSError as exc:
+            raise ConfigError(f"cannot use watch.state_dir {self.state_dir}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(lock_fd)
+            raise ConfigError(f"another devrecd daemon is using {self.state_dir}") from None
+        try:
+            return self._serve()
+        finally:
+            os.close(lock_fd)
+
+    def _serve(self) -> int:
+        from devrecd.daemon.http import StatusServer
+        from devrecd.daemon.watcher import Watcher
+
+        cfg = self.cfg
+        journal = Journal(self.state_dir / JOURNAL_NAME)
+        verdict_log = VerdictLog(self.state_dir / VERDICT_LOG_NAME)
+        repaired = Recorder(journal, verdict_log).repair()
+        if repaired:
+            log.warning("appended verdicts a crash kept out of the verdict log", extra={"count": repaired})
+        from prometheus_client import disable_created_metrics
+
+        disable_created_metrics()  # *_created series only add noise to every counter and histogram
+        metrics = Metrics()
+        liveness = Liveness()
+        stall = cfg.watch.stall_seconds
+        state: dict[str, Any] = {"ready": False, "pipeline": None}
+
+        def healthy() -> tuple[bool, str]:
+            p = state["pipeline"]
+            if p is not None and p.in_flight() and liveness.age() > stall:
+                return False, f"stalled: no progress for {liveness.age():.0f} s with {p.in_flight()} files in flight"
+            return True, "ok"
+
+        def ready() -> tuple[bool, str]:
+            return (True, "ready") if state["ready"] else (False, "starting: model loading or sources not running")
+
+        server = None
+        if cfg.metrics.enabled:
+            server = StatusServer(metrics.registry, cfg.metrics.address, cfg.metrics.port, healthy=healthy, ready=ready)
+            server.start()
+        backend = pipeline = watcher = pinger = None
+        try:
+            backend = load_serving_backend(cfg, metrics)
+            device = resolve_device(cfg.backend.device)
+            pipeline = Pipeline(cfg, backend, journal=journal, verdict_log=verdict_log, metrics=metrics,
+                                device=device, liveness=liveness)
+            state["pipeline"] = pipeline
+            pipeline.start()
+            resumed = pipeline.resume()
+            watcher = Watcher(self.dirs, cfg.watch, pipeline.submit, pipeline.vanished, exclude=[self.state_dir])
+            pipeline.extra_pending = watcher.pending
+            watcher.start()
+            self._install_signals()
+            state["ready"] = True
+            metrics.ready.set(1)
+            interval = watchdog_interval()
+            if interval:
+                pinger = WatchdogPinger(liveness, interval, max_age=stall)
+                pinger.start()
+            status = {"pid": os.getpid(), "url": server.url if server else None, "dirs": self.dirs,
+                      "backend": backend.describe(), "started": time.time()}
+            (self.state_dir / (STATUS_NAME + ".tmp")).write_text(json.dumps(status, default=str))
+            os.replace(self.state_dir / (STATUS_NAME + ".tmp"), self.state_dir / STATUS_NAME)
+            notify("READY=1\nSTATUS=watching " + ", ".join(self.dirs))
+            log.info("ready", extra={"dirs": ",".join(self.dirs), "url": status["url"], "backend": backend.name,
+                                     "device": device, "resumed": resumed, "polling": ",".join(watcher._polled) or "none"})
+            while not self._stop.wait(0.2):
+                if self._reload.is_set():
+                    self._reload.clear()
+                    self._do_reload(pipeline, watcher)
+            notify("STOPPING=1")
+            state["ready"] = False
+            metrics.ready.set(0)
+            log.info("stopping: draining in-flight files", extra={"in_flight": pipeline.in_flight(),
+                                                                  "timeout_s": cfg.watch.shutdown_timeout})
+            watcher.stop()
+            drained = pipeline.drain(cfg.watch.shutdown_timeout)
+            if not drained:
+                log.warning("shutdown timeout: unfinished files resume at the next start",
+                            extra={"in_flight": pipeline.in_flight()})
+            log.info("stopped", extra={"drained": drained, **journal.counts()})
+            return 0
+        finally:
+            for part in (pinger, watcher, pipeline):
+                if part is not None:
+                    part.stop()
+            if backend is not None:
+                backend.close()
+            if server is not None:
+                server.stop()
+            verdict_log.close()
+            journal.close()
+            (self.state_dir / STATUS_NAME).unlink(missing_ok=True)
+
+    def _install_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # embedded (tests, another host program): the caller stops us with request_stop()
+        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+        signal.signal(signal.SIGINT, lambda *_: self._stop.set())
+        signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
+
+    def _do_reload(self, pipeline: Pipeline, watcher) -> None:
+        from devrecd.logs import setup_logging
+
+        try:
+            new = load_config(self.config_path, overrides=self.overrides)
+        except ConfigError as exc:
+            log.error("config reload failed, keeping the running configuration", extra={"error": str(exc)})
+            return
+        notify("RELOADING=1")
+        setup_logging(new.log.level, new.log.format)
+        pipeline.reconfigure(new)
+        watcher.reconfigure(pipeline.cfg.watch)
+        fixed = [s for s in ("frontend", "audio", "backend", "metrics") if getattr(new, s) != getattr(self.cfg, s)]
+        fixed += [f"watch.{k}" for k in ("state_dir", "workers", "queue_size")
+                  if getattr(new.watch, k) != getattr(self.cfg.watch, k)]
+        self.cfg = replace(new, frontend=self.cfg.frontend, audio=self.cfg.audio, backend=self.cfg.backend,
+                           metrics=self.cfg.metrics, watch=pipeline.cfg.watch)
+        notify("READY=1")
+        log.info("configuration reloaded", extra={"log_level": new.log.level, "max_batch": new.batcher.max_batch,
+                                                  "max_wait_ms": new.batcher.max_wait_ms,
+                                                  "needs_restart": ",".join(fixed) or "none"})
+
+
+def identify_files(cfg: Config, paths: Sequence[str | os.PathLike], *, backend: BackendLike | None = None,
+                   metrics: Metrics | None = None) -> list[dict]:
+    """Judge files once through the same pipeline (no state kept); one record per file, in order."""
+    metrics = metrics or Metrics()
+    own = backend is None
+    backend = backend or load_serving_backend(cfg, metrics)
+    journal = Journal(":memory:")
+    records: dict[int, dict] = {}
+    pipeline = Pipeline(cfg, backend, journal=journal, verdict_log=None, metrics=metrics,
+                        device=resolve_device(cfg.backend.device), rejudge_duplicates=True,
+                        on_record=lambda r: records.__setitem__(r["id"], r))
+    pipeline.start()
+    try:
+        ids = [pipeline.submit(os.path.abspath(p)) for p in paths]
+        pipeline.drain(float("inf"))
+    finally:
+        pipeline.stop()
+        journal.close()
+        if own:
+            backend.close()  # type: ignore[union-attr]
+    out = []
+    for path, i in zip(paths, ids):
+        if i is None:
+            continue  # the same file named twice: one verdict
+        out.append(records.get(i) or failed_record(str(path), "internal", "no verdict was recorded (see the log)",
+                                                    timings={}))
+    return out

@@ -1,0 +1,107 @@
+"""Window scores -> one file verdict, and the verdict record written to the journal and the log.
+
+Aggregation: the file's score for each device is the mean over windows of the log-probability
+(the log of the geometric mean of the window probabilities), which treats the windows as
+independent evidence and lets a few confident windows not drown out the rest the way a max would.
+The file-level probabilities are those means renormalised with a softmax.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from devrecd import __version__
+
+_EPS = 1e-12  # probabilities are clamped before the log (a backend may return exact zeros)
+
+
+@dataclass(frozen=True)
+class FileScore:
+    """Aggregated scores of one recording."""
+
+    label: str
+    score: float  # file-level probability of ``label`` (renormalised geometric mean)
+    mean_log_prob: np.ndarray  # (N,) mean over windows of log p
+    probs: np.ndarray  # (N,) renormalised file-level probabilities
+    window_labels: np.ndarray  # (n,) argmax per window
+    window_scores: np.ndarray  # (n,) max probability per window
+
+
+def aggregate(window_probs: np.ndarray, labels: Sequence[str]) -> FileScore:
+    """Aggregate (n_windows, N) probabilities into one :class:`FileScore`."""
+    p = np.asarray(window_probs, dtype=np.float64)
+    if p.ndim != 2 or p.shape[0] == 0 or p.shape[1] != len(labels):
+        raise ValueError(f"expected (n>0, {len(labels)}) window probabilities, got {p.shape}")
+    mean_log = np.log(np.clip(p, _EPS, 1.0)).mean(axis=0)
+    probs = np.exp(mean_log - mean_log.max())
+    probs /= probs.sum()
+    best = int(np.argmax(mean_log))
+    return FileScore(label=labels[best], score=float(probs[best]), mean_log_prob=mean_log, probs=probs,
+                     window_labels=p.argmax(axis=1), window_scores=p.max(axis=1))
+
+
+def top_k(score: FileScore, labels: Sequence[str], k: int) -> list[dict[str, Any]]:
+    """The k best devices, best first."""
+    order = np.argsort(-score.mean_log_prob, kind="stable")[: max(1, k)]
+    return [{"device": labels[i], "score": round(float(score.probs[i]), 6),
+             "mean_log_prob": round(float(score.mean_log_prob[i]), 6)} for i in order]
+
+
+def windows_detail(score: FileScore, labels: Sequence[str], starts_s: Sequence[float]) -> list[dict[str, Any]]:
+    """Per-window detail: start time, best device and its probability."""
+    return [{"start": round(float(t), 3), "device": labels[int(j)], "score": round(float(s), 6)}
+            for t, j, s in zip(starts_s, score.window_labels, score.window_scores)]
+
+
+def judged_record(recording: dict, window_probs: np.ndarray, labels: Sequence[str], starts_s: Sequence[float], *,
+                  k: int, backend: dict, timings: dict[str, float]) -> dict[str, Any]:
+    """The verdict of a judged file: who made it, how sure, and everything needed to check it."""
+    score = aggregate(window_probs, labels)
+    return {
+        "outcome": "judged",
+        **recording,
+        "device": score.label,
+        "score": round(score.score, 6),
+        "top_k": top_k(score, labels, k),
+        "windows": windows_detail(score, labels, starts_s),
+        **_provenance(backend, timings),
+    }
+
+
+def failed_record(path: str, reason: str, detail: str, *, timings: dict[str, float],
+                  sha256: str | None = None, size: int | None = None) -> dict[str, Any]:
+    """The record of a file that could not be judged, with the reason."""
+    return {"outcome": "failed", "path": path, "sha256": sha256, "size": size, "reason": reason, "detail": detail,
+            "software_version": __version__, "timings": _round(timings), "judged_at": _now()}
+
+
+def duplicate_record(recording: dict, original: dict, *, timings: dict[str, float]) -> dict[str, Any]:
+    """The record of a file whose content was judged before under another name: the earlier verdict."""
+    return {"outcome": "duplicate", **recording, "duplicate_of": original.get("id"),
+            "duplicate_of_path": original.get("path"), "device": original.get("device"),
+            "score": original.get("score"), "top_k": original.get("top_k"),
+            "software_version": __version__, "timings": _round(timings), "judged_at": _now()}
+
+
+def _provenance(backend: dict, timings: dict[str, float]) -> dict[str, Any]:
+    return {
+        "backend": backend.get("name"),
+        "model_sha256": backend.get("model_sha256"),
+        "contract_sha256": backend.get("contract_sha256"),
+        "software_version": __version__,
+        "timings": _round(timings),
+        "judged_at": _now(),
+    }
+
+
+def _round(timings: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 6) for k, v in timings.items()}
+
+
+def _now() -> str:
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"

@@ -1,0 +1,117 @@
+"""Feature cache: features computed once per (file content, frontend, windowing) and reused.
+
+Key = sha256 of the file's bytes + the frontend fingerprint + the window hop + the audio settings
+that change the decoded samples (channel mix, resampler quality). Entries live at
+``<root>/<key16>/<sha256[:2]>/<sha256>.npy``. Every write goes to a temporary file in the same
+folder and is renamed into place (``os.replace`` is atomic on POSIX), so a concurrent reader sees
+a complete entry or none. The cache holds nothing that cannot be recomputed: delete it any time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from devrecd.audio import read_evidence, sha256_file
+from devrecd.config import AudioConfig
+from devrecd.features import FEATURE_DIM, FrontendConfig, extract
+
+log = logging.getLogger("devrecd.data.cache")
+
+
+class FeatureCache:
+    """Disk cache of (n_windows, 128, 73) float32 features of whole recordings."""
+
+    def __init__(self, root: Path, frontend: FrontendConfig, audio: AudioConfig, *, device: str = "cpu") -> None:
+        self.root = Path(root).expanduser()
+        self.frontend = frontend
+        self.audio = audio
+        self.device = device
+        self.hits = 0
+        self.misses = 0
+        # path -> (size, mtime_ns, sha256): hashing is skipped for files that have not changed.
+        self._hashes: dict[str, tuple[int, int, str]] = {}
+
+    def key(self, hop_seconds: float) -> str:
+        """Hex digest naming every setting that changes the features (not the file)."""
+        parts = {
+            "frontend": self.frontend.fingerprint(),
+            "hop_seconds": round(float(hop_seconds), 9),
+            "mix": self.audio.mix,
+            "resample_quality": self.audio.resample_quality,
+        }
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+    def entry(self, sha256: str, hop_seconds: float) -> Path:
+        """Where the features of content ``sha256`` live."""
+        return self.root / self.key(hop_seconds)[:16] / sha256[:2] / f"{sha256}.npy"
+
+    def file_sha256(self, path: Path) -> str:
+        """sha256 of a file's bytes, remembered while its size and mtime stay the same."""
+        st = os.stat(path)
+        known = self._hashes.get(str(path))
+        if known and known[:2] == (st.st_size, st.st_mtime_ns):
+            return known[2]
+        digest = sha256_file(path)
+        self._hashes[str(path)] = (st.st_size, st.st_mtime_ns, digest)
+        return digest
+
+    def features(self, path: Path, hop_seconds: float) -> tuple[np.ndarray, str]:
+        """(n_windows, 128, 73) float32 features of the recording at ``path`` and its sha256.
+
+        Raises the :class:`~devrecd.audio.AudioError` of a file that cannot be decoded.
+        """
+        from devrecd.pipeline import clips_for, frontend_for
+
+        path = Path(path)
+        try:
+            digest = self.file_sha256(path)
+        except OSError:
+            digest = ""  # read_evidence below raises the typed error for a missing/unreadable file
+        if digest:
+            cached = self._load(self.entry(digest, hop_seconds))
+            if cached is not None:
+                self.hits += 1
+                return cached, digest
+        rec = read_evidence(path, self.frontend.sample_rate, self.audio)
+        clips = clips_for(rec, self.frontend, hop_seconds)
+        feats = extract(clips, frontend_for(self.frontend), device=self.device)
+        self.misses += 1
+        # The hash of the bytes actually decoded names the entry (the file may have changed since).
+        self._store(self.entry(rec.sha256, hop_seconds), feats)
+        return feats, rec.sha256
+
+    def _load(self, entry: Path) -> np.ndarray | None:
+        try:
+            arr = np.load(entry, allow_pickle=False)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            # Not a partial write (writes are atomic) but e.g. disk damage: recompute and replace.
+            log.warning("feature cache entry unreadable; recomputing", extra={"entry": str(entry), "error": str(exc)})
+            return None
+        if arr.dtype != np.float32 or arr.ndim != 3 or arr.shape[1:] != (self.frontend.n_frames, FEATURE_DIM):
+            log.warning("feature cache entry has the wrong shape; recomputing", extra={"entry": str(entry)})
+            return None
+        return arr
+
+    def _store(self, entry: Path, feats: np.ndarray) -> None:
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{entry.stem[:8]}.", suffix=".tmp", dir=entry.parent)
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    np.save(fh, np.ascontiguousarray(feats, dtype=np.float32), allow_pickle=False)
+                os.replace(tmp, entry)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError as exc:
+            # A cache that cannot be written only costs time: the features are still returned.
+            log.warning("feature cache not writable", extra={"entry": str(entry), "error": str(exc)})

@@ -1,0 +1,628 @@
+"""Daemon parts on real files and threads: batcher, verdict aggregation, watcher, metrics, notify, HTTP.
+
+The end-to-end tests (the daemon as a subprocess with a real exported model) are further down.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from devrecd.config import WatchConfig
+from devrecd.errors import ConfigError
+from devrecd.daemon.batcher import Batcher, Unit
+from devrecd.daemon.http import StatusServer
+from devrecd.daemon.notify import Liveness, WatchdogPinger, notify, watchdog_interval
+from devrecd.daemon.verdict import aggregate, judged_record, top_k
+from devrecd.daemon.watcher import Watcher, fs_type, needs_polling, open_for_writing, wanted
+from devrecd.metrics import Metrics
+
+LABELS = ("a", "b", "c")
+
+
+def _softmax_of_means(x: np.ndarray) -> np.ndarray:
+    """A deterministic per-clip function (a stand-in network for batching tests only)."""
+    z = np.stack([x.mean(axis=(1, 2)), x.std(axis=(1, 2)), x[:, 0, 0]], axis=1)
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+# --- batcher ---------------------------------------------------------------------------------------
+
+def test_batcher_batches_across_files_and_gathers_in_order() -> None:
+    rng = np.random.default_rng(0)
+    sizes = [3, 50, 1, 8, 13]
+    units = [Unit(key=i, features=rng.standard_normal((n, 128, 73)).astype(np.float32)) for i, n in enumerate(sizes)]
+    batches: list[int] = []
+    b = Batcher(_softmax_of_means, max_batch=8, max_wait_s=0.01, queue_size=2,
+                on_batch=lambda n, dt: batches.append(n))
+    stop = threading.Event()
+    delivered: list[Unit] = []
+    t = threading.Thread(target=b.run, args=(stop, delivered.append, lambda u, e: pytest.fail(str(e))))
+    t.start()
+    for u in units:  # queue_size=2: put blocks while inference catches up (backpressure)
+        assert b.put(u, stop)
+    stop.set()
+    t.join(timeout=30)
+    assert not t.is_alive()
+    assert sorted(u.key for u in delivered) == list(range(len(sizes)))
+    for u in delivered:
+        np.testing.assert_allclose(u.probs, _softmax_of_means(u.features), rtol=1e-6)
+        assert u.done == len(u)
+    assert sum(batches) == sum(sizes) and max(batches) == 8
+    assert len(batches) < len(sizes) + sum(sizes) // 8, "small units must share batches"
+
+
+def test_batcher_routes_a_units_results_to_its_own_callback() -> None:
+    """A second source (live input) shares batches with files but gets its own results."""
+    b = Batcher(_softmax_of_means, max_batch=8, max_wait_s=0.0)
+    mine: list[Unit] = []
+    live = Unit(key="live-window", features=np.ones((1, 128, 73), np.float32), on_done=mine.append)
+    b.put(Unit(key="file", features=np.zeros((3, 128, 73), np.float32)))
+    b.put(live)
+    stop = threading.Event()
+    stop.set()
+    files: list[Unit] = []
+    b.run(stop, files.append, lambda u, e: pytest.fail(str(e)))
+    assert [u.key for u in files] == ["file"] and mine == [live]
+    np.testing.assert_allclose(live.probs, _softmax_of_means(live.features), rtol=1e-6)
+
+
+def test_batcher_flushes_a_full_batch_without_waiting_and_a_partial_one_after_max_wait() -> None:
+    stop = threading.Event()
+    b = Batcher(_softmax_of_means, max_batch=4, max_wait_s=3600.0)
+    b.put(Unit(key="full", features=np.zeros((4, 128, 73), np.float32)))
+    parts = b.next_batch(stop)  # max_wait is an hour: returning at all proves the size flush
+    assert [(u.key, lo, hi) for u, lo, hi in parts] == [("full", 0, 4)]
+    b.configure(max_batch=4, max_wait_s=0.02)
+    b.put(Unit(key="lone", features=np.zeros((1, 128, 73), np.float32)))
+    parts = b.next_batch(stop)
+    assert [(u.key, lo, hi) for u, lo, hi in parts] == [("lone", 0, 1)]
+    stop.set()
+    assert b.next_batch(stop) == []
+
+
+def test_batcher_backend_error_fails_the_units_not_the_loop() -> None:
+    calls = {"n": 0}
+
+    def flaky(x: np.ndarray) -> np.ndarray:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("device lost")
+        return _softmax_of_means(x)
+
+    b = Batcher(flaky, max_batch=2, max_wait_s=0.0)
+    stop = threading.Event()
+    ok, bad = [], []
+    b.put(Unit(key="first", features=np.zeros((2, 128, 73), np.float32)))
+    b.put(Unit(key="second", features=np.ones((2, 128, 73), np.float32)))
+    stop.set()
+    b.run(stop, ok.append, lambda u, e: bad.append((u.key, str(e))))
+    assert bad == [("first", "device lost")] and [u.key for u in ok] == ["second"]
+
+
+# --- verdicts --------------------------------------------------------------------------------------
+
+def test_aggregate_is_mean_log_prob() -> None:
+    p = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1]], np.float32)
+    s = aggregate(p, LABELS)
+    np.testing.assert_allclose(s.mean_log_prob, np.log(p).mean(axis=0), rtol=1e-6)
+    g = np.exp(np.log(p).mean(axis=0))
+    # Mean log-prob, not mean prob: the mean probability would pick "a" (0.47 vs 0.43), but the
+    # window that is sure it is not "a" (0.1) weighs more than two mild votes for it.
+    assert p.mean(axis=0).argmax() == 0
+    assert s.label == "b" and s.score == pytest.approx(g[1] / g.sum(), rel=1e-6)
+    assert s.probs.sum() == pytest.approx(1.0)
+    assert [c["device"] for c in top_k(s, LABELS, 2)] == ["b", "a"]
+    assert list(s.window_labels) == [0, 1, 0]
+    with pytest.raises(ValueError):
+        aggregate(np.zeros((0, 3)), LABELS)
+
+
+def test_judged_record_has_provenance_and_windows() -> None:
+    p = np.array([[0.7, 0.2, 0.1], [0.2, 0.7, 0.1]], np.float32)
+    rec = judged_record({"path": "/e/x.wav", "sha256": "f" * 64, "duration": 4.0}, p, LABELS, [0.0, 2.0], k=2,
+                        backend={"name": "onnxruntime", "model_sha256": "m", "contract_sha256": "c"},
+                        timings={"decode": 0.01})
+    assert rec["outcome"] == "judged" and rec["sha256"] == "f" * 64 and len(rec["top_k"]) == 2
+    assert [(w["start"], w["device"]) for w in rec["windows"]] == [(0.0, "a"), (2.0, "b")]
+    assert rec["model_sha256"] == "m" and rec["backend"] == "onnxruntime" and rec["software_version"]
+
+
+# --- watcher ---------------------------------------------------------------------------------------
+
+def test_wanted_filters_extensions_and_partial_names() -> None:
+    cfg = WatchConfig()
+    assert wanted("/e/call 1 – Ünïcode.WAV", cfg)
+    assert wanted("/e/x.m4a", cfg)
+    for name in ("x.txt", ".x.wav", "x.wav.part", "x.part", "~x.wav", "x.wav~", "x.tmp"):
+        assert not wanted(f"/e/{name}", cfg), name
+
+
+def test_fs_type_and_polling_decision(tmp_path: Path) -> None:
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"/dev/vda / ext4 rw 0 0\nserver:/x {tmp_path} nfs4 rw 0 0\n")
+    assert fs_type(tmp_path / "sub", mounts=str(mounts)) == "nfs4"
+    assert fs_type("/usr", mounts=str(mounts)) == "ext4"
+    assert needs_polling(tmp_path, "always") and not needs_polling(tmp_path, "never")
+    assert needs_polling(tmp_path / "sub", "auto", mounts=str(mounts)), "NFS is polled"
+    assert not needs_polling("/usr", "auto", mounts=str(mounts)), "a local ext4 is watched with inotify"
+    mounts.write_text(f"/dev/vda / ext4 rw 0 0\nsshfs#me@h: {tmp_path} fuse.sshfs rw 0 0\n")
+    assert needs_polling(tmp_path, "auto", mounts=str(mounts)), "FUSE is polled"
+    with pytest.raises(ConfigError):
+        needs_polling(tmp_path, "sometimes")
+
+
+def test_open_for_writing_sees_a_writer(tmp_path: Path) -> None:
+    p = tmp_path / "x.wav"
+    with open(p, "wb") as fh:
+        fh.write(b"x")
+        fh.flush()
+        assert open_for_writing(str(p)) is True
+    assert open_for_writing(str(p)) is False
+
+
+def _slow_copy(src: bytes, dst: Path, chunks: int = 8, pause: float = 0.15) -> None:
+    with open(dst, "wb") as fh:
+        step = -(-len(src) // chunks)
+        for i in range(0, len(src), step):
+            fh.write(src[i:i + step])
+            fh.flush()
+            time.sleep(pause)
+
+
+@pytest.mark.parametrize("polling", ["never", "always"])
+def test_watcher_takes_files_only_when_stable(tmp_path: Path, polling: str) -> None:
+    ev = tmp_path / "evidence"
+    (ev / "sub dir").mkdir(parents=True)
+    (ev / "already there.wav").write_bytes(b"a" * 1000)
+    got: list[tuple[str, int, float]] = []
+    cfg = WatchConfig(stable_seconds=0.3, polling=polling, poll_interval=0.1)
+    w = Watcher([ev], cfg, lambda p, s, m: got.append((p, s, time.time())))
+    w.start()
+    try:
+        assert w.wait_scanned(10)
+        payload = os.urandom(40_000)
+        target = ev / "sub dir" / "ñame – slow.wav"
+        _slow_copy(payload, target)  # written over ~1.2 s, longer than stable_seconds
+        closed_at = time.time()
+        (ev / "ignored.wav.part").write_bytes(b"x" * 10)
+        (ev / "notes.txt").write_bytes(b"x" * 10)
+        deadline = time.time() + 10
+        while len(got) < 2 and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        w.stop()
+    by_path = {os.path.basename(p): (s, t) for p, s, t in got}
+    assert set(by_path) == {"already there.wav", "ñame – slow.wav"}
+    size, taken = by_path["ñame – slow.wav"]
+    assert size == len(payload), "a file must not be taken while it is still being written"
+    assert taken >= closed_at
+    assert w.pending() == 0
+
+
+def test_watcher_reports_a_file_that_vanishes_before_it_is_stable(tmp_path: Path) -> None:
+    gone: list[str] = []
+    w = Watcher([tmp_path], WatchConfig(stable_seconds=5.0), lambda *a: pytest.fail("must not submit"),
+                lambda p, s, m: gone.append(p))
+    w.start()
+    try:
+        w.wait_scanned(10)
+        p = tmp_path / "brief.wav"
+        p.write_bytes(b"x" * 100)
+        deadline = time.time() + 5
+        while w.pending() == 0 and time.time() < deadline:
+            time.sleep(0.05)
+        p.unlink()
+        while not gone and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        w.stop()
+    assert gone == [str(p)]
+
+
+# --- metrics, notify, HTTP -------------------------------------------------------------------------
+
+def test_metrics_names_on_a_fresh_registry() -> None:
+    m = Metrics(CollectorRegistry())
+    m.files.labels(outcome="judged").inc()
+    m.errors.labels(reason="corrupt").inc(2)
+    m.stage_seconds.labels(stage="decode").observe(0.2)
+    m.set_backend({"name": "onnxruntime", "version": "1.2", "device": "cpu", "model_sha256": "m", "contract_sha256": "c"})
+    r = m.registry
+    assert r.get_sample_value("devrecd_files_total", {"outcome": "judged"}) == 1
+    assert r.get_sample_value("devrecd_files_total", {"outcome": "failed"}) == 0
+    assert r.get_sample_value("devrecd_errors_total", {"reason": "corrupt"}) == 2
+    assert r.get_sample_value("devrecd_stage_seconds_count", {"stage": "decode"}) == 1
+    assert r.get_sample_value("devrecd_backend_info", {"backend": "onnxruntime", "version": "1.2", "device": "cpu",
+                                                       "model_sha256": "m", "contract_sha256": "c"}) == 1
+    assert r.get_sample_value("devrecd_ready") == 0
+    assert r.get_sample_value("devrecd_live_overruns_total", {"kind": "ring_overflow"}) == 0
+    # Two daemons (or tests) in one process do not collide.
+    Metrics(CollectorRegistry())
+
+
+def test_sd_notify_datagrams(tmp_path: Path) -> None:
+    path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as srv:
+        srv.bind(path)
+        srv.settimeout(5)
+        assert notify("READY=1", {"NOTIFY_SOCKET": path})
+        assert srv.recv(100) == b"READY=1"
+        assert not notify("READY=1", {})
+        assert watchdog_interval({"WATCHDOG_USEC": "4000000"}) == 2.0
+        assert watchdog_interval({"WATCHDOG_USEC": "4000000", "WATCHDOG_PID": "1"}) is None
+        # Pings follow progress: a stale liveness withholds them.
+        live = Liveness()
+        sent: list[str] = []
+        pinger = WatchdogPinger(live, 0.05, max_age=0.3, send=sent.append)
+        pinger.start()
+        time.sleep(0.2)
+        assert "WATCHDOG=1" in sent
+        time.sleep(0.3)  # no stamp for longer than max_age
+        n = len(sent)
+        time.sleep(0.3)
+        assert len(sent) == n and pinger.missed > 0
+        live.stamp()
+        time.sleep(0.2)
+        pinger.stop()
+        assert len(sent) > n
+
+
+def test_status_server_serves_metrics_and_probes() -> None:
+    m = Metrics(CollectorRegistry())
+    ready = {"ok": False}
+    srv = StatusServer(m.registry, "127.0.0.1", 0, healthy=lambda: (True, "ok"),
+                       ready=lambda: (ready["ok"], "ready" if ready["ok"] else "starting"))
+    srv.start()
+    try:
+        body = urllib.request.urlopen(srv.url + "/metrics", timeout=5).read().decode()
+        names = {f.name for f in text_string_to_metric_families(body)}
+        assert {"devrecd_files", "devrecd_stage_seconds", "devrecd_queue_depth", "devrecd_build_info"} <= names
+        assert urllib.request.urlopen(srv.url + "/healthz", timeout=5).status == 200
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            urllib.request.urlopen(srv.url + "/readyz", timeout=5)
+        assert exc.value.code == 503
+        ready["ok"] = True
+        assert urllib.request.urlopen(srv.url + "/readyz", timeout=5).status == 200
+    finally:
+        srv.stop()
+
+
+# --- end to end: the daemon as a subprocess, real files, real model, real clients ----------------
+
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import soundfile as sf  # noqa: E402
+
+SR = 32000
+
+
+class DaemonProc:
+    """``devrecd watch`` in a subprocess, with its state folder and endpoint."""
+
+    def __init__(self, tmp: Path, evidence: Path, model: Path, **watch: object) -> None:
+        self.state = tmp / "state"
+        self.config = tmp / "daemon.toml"
+        settings = {"stable_seconds": 0.5, "poll_interval": 0.5, "workers": 2, "queue_size": 8, "shutdown_timeout": 20.0,
+                    **watch}
+        lines = ["[watch]"] + [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+        lines += ["[batcher]", "max_batch = 8", "max_wait_ms = 20.0", "[metrics]", "port = 0",
+                  "[backend]", f"model = {json.dumps(str(model))}", "threads = 1", "[log]", "format = \"json\""]
+        self.config.write_text("\n".join(lines) + "\n")
+        self.evidence = evidence
+        self.log_path = tmp / "daemon.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, env: dict[str, str] | None = None) -> DaemonProc:
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from devrecd.cli import main; main()", "watch", str(self.evidence), "--config", str(self.config),
+             "--state-dir", str(self.state)], stdout=self.log, stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})})
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            assert self.proc.poll() is None, f"daemon exited: {self.log_path.read_text()[-3000:]}"
+            status = self.state / "daemon.json"
+            if status.is_file():
+                doc = json.loads(status.read_text())
+                if doc["pid"] == self.proc.pid:
+                    self.url = doc["url"]
+                    return self
+            time.sleep(0.1)
+        raise AssertionError(f"daemon not ready: {self.log_path.read_text()[-3000:]}")
+
+    def records(self) -> list[dict]:
+        p = self.state / "verdicts.jsonl"
+        return [json.loads(x) for x in p.read_text().splitlines()] if p.is_file() else []
+
+    def wait_records(self, n: int, timeout: float = 120) -> list[dict]:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            recs = self.records()
+            if len(recs) >= n:
+                return recs
+            assert self.proc.poll() is None, f"daemon exited: {self.log_path.read_text()[-3000:]}"
+            time.sleep(0.1)
+        raise AssertionError(f"{len(self.records())} of {n} verdicts after {timeout} s: {self.log_path.read_text()[-3000:]}")
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=10) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            self.log.close()
+
+
+def _ccnu(ccnu_dir: Path, n: int) -> list[Path]:
+    """The first n test-segment recordings (segments 4-5), real phone audio."""
+    import csv
+
+    with open(ccnu_dir / "manifest.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if int(r["segment"]) >= 4]
+    return [ccnu_dir / r["path"] for r in rows[:n]]
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def served_model(exported_model) -> Path:
+    """The exported ONNX model of the session (from the export engineer's fixture)."""
+    return Path(exported_model)
+
+
+def test_daemon_judges_good_files_and_records_every_bad_one(tmp_path: Path, ccnu_dir: Path, served_model: Path) -> None:
+    ev = tmp_path / "evidence"
+    ev.mkdir()
+    src = _ccnu(ccnu_dir, 3)
+    shutil.copy(src[0], ev / "already here.wav")  # before start: the initial scan
+    d = DaemonProc(tmp_path, ev, served_model).start()
+    try:
+        status, body = d.get("/readyz")
+        assert status == 200, body
+        # Good files: a slow copy (partial writes over ~1.5 s), spaces + unicode, and a duplicate.
+        _slow_copy(src[1].read_bytes(), ev / "slow cöpy – 二.wav", chunks=10, pause=0.15)
+        (ev / "sub folder").mkdir()
+        shutil.copy(src[2], ev / "sub folder" / "with spaces.wav")
+        shutil.copy(src[0], ev / "копия.wav")  # same content as "already here.wav"
+        # Bad files.
+        data = src[1].read_bytes()
+        (ev / "truncated.wav").write_bytes(data[: len(data) // 3])
+        (ev / "not audio.mp3").write_bytes(os.urandom(20_000))
+        sf.write(ev / "silent.wav", np.zeros(4 * SR, np.int16), SR, subtype="PCM_16")
+        sf.write(ev / "short.wav", (0.1 * np.sin(np.arange(SR // 2) / 5)).astype(np.float32), SR, subtype="PCM_16")
+        with open(ev / "huge.wav", "wb") as fh:  # sparse: over the 2 GiB cap without using the disk
+            fh.write(data[:44])
+            fh.truncate(2 * 1024**3 + 1)
+        vanishing = ev / "vanishing.wav"
+        vanishing.write_bytes(data[:50_000])
+        time.sleep(0.25)
+        vanishing.unlink()
+        (ev / "notes.txt").write_text("not audio by name: ignored")
+        (ev / "copying.wav.part").write_bytes(data[:1000])  # a partial name: ignored
+        expected = {
+            "already here.wav": ("judged", None), "slow cöpy – 二.wav": ("judged", None),
+            "with spaces.wav": ("judged", None), "копия.wav": ("duplicate", None),
+            "truncated.wav": ("failed", "corrupt"), "not audio.mp3": ("failed", "unsupported"),
+            "silent.wav": ("failed", "silent"), "short.wav": ("failed", "too_short"),
+            "huge.wav": ("failed", "too_long"), "vanishing.wav": ("failed", "missing"),
+        }
+        recs = d.wait_records(len(expected))
+        time.sleep(1.0)  # nothing else may arrive (ignored names, no second verdicts)
+        recs = d.records()
+        got = {Path(r["path"]).name: (r["outcome"], r.get("reason")) for r in recs}
+        assert got == expected
+        assert len(recs) == len(expected), "exactly one record per file"
+        by = {Path(r["path"]).name: r for r in recs}
+        good = by["slow cöpy – 二.wav"]
+        assert good["sha256"] == _sha(src[1]) and good["size"] == len(data), "judged the complete copy"
+        assert good["device"] in {c["device"] for c in good["top_k"]} and 0 < good["score"] <= 1
+        assert len(good["windows"]) >= 4 and good["resampled"] is False
+        assert set(good["timings"]) == {"decode", "features", "queue", "inference", "end_to_end"}
+        assert by["копия.wav"]["duplicate_of"] == by["already here.wav"]["id"]
+        assert by["копия.wav"]["device"] == by["already here.wav"]["device"]
+        assert by["already here.wav"]["model_sha256"] == _sha(served_model)
+
+        status, text = d.get("/metrics")
+        assert status == 200
+        fams = {f.name: f for f in text_string_to_metric_families(text)}
+
+        def value(name: str, **labels: str) -> float:
+            return next(s.value for f in fams.values() for s in f.samples if s.name == name and s.labels == labels)
+
+        assert value("devrecd_files_total", outcome="judged") == 3
+        assert value("devrecd_files_total", outcome="duplicate") == 1
+        assert value("devrecd_files_total", outcome="failed") == 6
+        for reason in ("corrupt", "unsupported", "silent", "too_short", "too_long", "missing"):
+            assert value("devrecd_errors_total", reason=reason) == 1, reason
+        assert value("devrecd_stage_seconds_count", stage="inference") == 3
+        assert value("devrecd_ready") == 1 and value("devrecd_queue_depth") == 0
+        assert sum(s.value for s in fams["devrecd_verdicts"].samples if s.name == "devrecd_verdicts_total") == 3
+        assert value("devrecd_clips_total") == value("devrecd_batch_size_sum") >= 12
+        assert d.get("/healthz")[0] == 200
+
+        # promtool's linter accepts the exposition.
+        lint = subprocess.run(["promtool", "check", "metrics"], input=text.encode(), capture_output=True, timeout=60)
+        assert lint.returncode == 0, lint.stdout.decode() + lint.stderr.decode()
+
+        # The evidence was not touched: same bytes, nothing added.
+        assert _sha(ev / "already here.wav") == _sha(src[0])
+        assert {p.name for p in ev.rglob("*") if p.is_file()} == (set(expected) - {"vanishing.wav"}) | {
+            "notes.txt", "copying.wav.part"}
+    finally:
+        code = d.stop()
+    assert code == 0
+    log_lines = [json.loads(x) for x in d.log_path.read_text().splitlines() if x.startswith("{")]
+    events = [x["event"] for x in log_lines]
+    assert "ready" in events and "stopped" in events
+    assert not [x for x in log_lines if x["level"] == "info" and x["event"] == "judged"], "no INFO line per healthy file"
+    assert {x["reason"] for x in log_lines if x["event"] == "cannot judge file"} == {
+        "corrupt", "unsupported", "silent", "too_short", "too_long", "missing"}
+    # Restart: nothing is judged again.
+    d2 = DaemonProc(tmp_path, ev, served_model).start()
+    try:
+        time.sleep(1.5)
+        assert len(d2.records()) == len(expected)
+    finally:
+        assert d2.stop() == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_kill_9_mid_batch_then_restart_gives_exactly_one_verdict_per_file(
+        tmp_path: Path, ccnu_dir: Path, served_model: Path) -> None:
+    ev = tmp_path / "evidence"
+    ev.mkdir()
+    files = _ccnu(ccnu_dir, 30)
+    for i, src in enumerate(files):  # a backlog present at start
+        shutil.copy(src, ev / f"{i:02d} {src.name}")
+    d = DaemonProc(tmp_path, ev, served_model, workers=1, queue_size=2).start()
+    d.wait_records(1)
+    assert d.stop(signal.SIGKILL) == -signal.SIGKILL
+    first = d.records()
+    assert 1 <= len(first) < len(files), "the kill must land while the backlog is being judged"
+    d2 = DaemonProc(tmp_path, ev, served_model).start()
+    try:
+        recs = d2.wait_records(len(files))
+        time.sleep(1.0)
+        recs = d2.records()
+    finally:
+        assert d2.stop() == 0
+    paths = [r["path"] for r in recs]
+    assert len(paths) == len(set(paths)) == len(files), "exactly one verdict per file"
+    assert len({r["id"] for r in recs}) == len(recs)
+    assert recs[: len(first)] == first, "verdicts written before the kill stay as they were"
+    assert {r["outcome"] for r in recs} == {"judged"}
+    # The journal agrees with the log.
+    from devrecd.daemon.journal import Journal
+
+    j = Journal(tmp_path / "state" / "journal.sqlite")
+    try:
+        assert j.counts() == {"judged": len(files)} and j.unlogged() == []
+    finally:
+        j.close()
+
+
+def test_prometheus_scrapes_the_daemon(tmp_path: Path, ccnu_dir: Path, served_model: Path) -> None:
+    prometheus = shutil.which("prometheus")
+    if prometheus is None:
+        pytest.skip("the prometheus server is not installed (.ci/run installs it)")
+    ev = tmp_path / "evidence"
+    ev.mkdir()
+    shutil.copy(_ccnu(ccnu_dir, 1)[0], ev / "one.wav")
+    d = DaemonProc(tmp_path, ev, served_model).start()
+    port = _free_port()
+    target = d.url.split("//", 1)[1]
+    (tmp_path / "prometheus.yml").write_text(
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: devrecd\n"
+        f"    static_configs:\n      - targets: ['{target}']\n")
+    prom = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "wb"))
+    try:
+        d.wait_records(1)
+        query = "http://127.0.0.1:%d/api/v1/query?query=%s" % (port, urllib.request.quote('devrecd_files_total{outcome="judged"}'))
+        result, deadline = [], time.time() + 60
+        while time.time() < deadline:
+            try:
+                doc = json.loads(urllib.request.urlopen(query, timeout=5).read())
+                result = doc["data"]["result"]
+                if result and float(result[0]["value"][1]) == 1.0:
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                pass  # Prometheus still starting
+            time.sleep(0.5)
+        assert result and float(result[0]["value"][1]) == 1.0, (tmp_path / "prometheus.log").read_text()[-2000:]
+        assert result[0]["metric"]["job"] == "devrecd"
+        up = json.loads(urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/api/v1/query?query=devrecd_ready", timeout=5).read())["data"]["result"]
+        assert up and up[0]["value"][1] == "1"
+        series = json.loads(urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/api/v1/label/__name__/values", timeout=5).read())["data"]
+        assert {"devrecd_stage_seconds_bucket", "devrecd_backend_info", "devrecd_queue_depth"} <= set(series)
+    finally:
+        prom.terminate()
+        prom.wait(timeout=30)
+        assert d.stop() == 0
+
+
+def test_systemd_notify_watchdog_reload_and_drain(tmp_path: Path, ccnu_dir: Path, served_model: Path) -> None:
+    """READY once warm, WATCHDOG pings while the pipeline lives, SIGHUP reloads, SIGTERM drains + STOPPING."""
+    ev = tmp_path / "evidence"
+    ev.mkdir()
+    sock_path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as srv:
+        srv.bind(sock_path)
+        srv.settimeout(0.2)
+        d = DaemonProc(tmp_path, ev, served_model).start(env={"NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "600000"})
+        messages: list[str] = []
+
+        def collect(seconds: float) -> None:
+            end = time.time() + seconds
+            while time.time() < end:
+                try:
+                    messages.extend(srv.recv(4096).decode().splitlines())
+                except socket.timeout:
+                    pass
+
+        try:
+            collect(1.5)
+            assert "READY=1" in messages and messages.count("WATCHDOG=1") >= 2
+            # SIGHUP: a new batcher setting and log level are applied without a restart.
+            d.config.write_text(d.config.read_text().replace("max_batch = 8", "max_batch = 4")
+                                .replace('format = "json"', 'format = "json"\nlevel = "DEBUG"'))
+            d.proc.send_signal(signal.SIGHUP)
+            collect(1.0)
+            assert "RELOADING=1" in messages
+            # Work in flight when SIGTERM arrives is finished before the exit.
+            for i, src in enumerate(_ccnu(ccnu_dir, 12)):
+                shutil.copy(src, ev / f"{i}.wav")
+            deadline = time.time() + 30
+            while time.time() < deadline and "devrecd_oldest_pending_age_seconds 0.0" in d.get("/metrics")[1]:
+                time.sleep(0.02)  # until files are admitted (stable) and in flight
+            d.proc.send_signal(signal.SIGTERM)
+            collect(0.5)
+            assert d.proc.wait(timeout=60) == 0
+            collect(0.3)
+        finally:
+            d.stop()
+    assert "STOPPING=1" in messages
+    log_lines = [json.loads(x) for x in d.log_path.read_text().splitlines() if x.startswith("{")]
+    reload = [x for x in log_lines if x["event"] == "configuration reloaded"]
+    assert reload and reload[0]["max_batch"] == 4 and reload[0]["log_level"] == "DEBUG"
+    assert any(x["event"] == "judged" and x["level"] == "debug" for x in log_lines), "DEBUG took effect"
+    stopping = [x for x in log_lines if x["event"].startswith("stopping")][-1]
+    stopped = [x for x in log_lines if x["event"] == "stopped"][-1]
+    assert stopping["in_flight"] >= 1, "SIGTERM must have found work in flight"
+    assert stopped["drained"] is True and "seen" not in stopped and "hashed" not in stopped, stopped
+    assert len(d.records()) == stopped["judged"] >= stopping["in_flight"]
