@@ -48,6 +48,7 @@ class BackendConfig:
     engine_dir: str = "engine"
     threads: int = 2  # ONNX Runtime intra-op threads (CPU)
     device: str = "auto"  # torch device for the frontend / torch backend: auto | cpu | cuda[:N]
+    labels: tuple[str, ...] = ()  # expected model labels (in order); empty = accept the model's own
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,9 @@ class LiveConfig:
     ring_seconds: float = 30.0
     record_dir: str = ""  # empty = do not keep captured audio
     missing_after: float = 10.0  # readyz false after this long without input
+    channels: int = 1  # capture channels; more than one are mixed to mono as audio.mix says
+    record_segment_seconds: float = 300.0  # length of each recorded WAV segment
+    reopen_max_seconds: float = 30.0  # cap of the exponential backoff between reopen attempts
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,8 @@ class RegistryConfig:
 
     path: str = ""  # empty = closed-set labels of the model
     threshold: float = 0.5  # cosine score below which the verdict is "unknown device"
+    use_calibration: bool = True  # use the threshold `devrecd calibrate` stored in the registry, when it has one
+    target_far: float = 0.01  # `devrecd calibrate`: false-acceptance rate the threshold is chosen for
 
 
 @dataclass(frozen=True)

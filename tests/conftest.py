@@ -51,3 +51,88 @@ def _no_leaked_threads():
         t.join(timeout=5)
     leaked = [t for t in leaked if t.is_alive()]
     assert not leaked, f"test leaked threads: {leaked}"
+
+
+# ---- export + backends (issue 5): ONE real checkpoint and ONE export per session, shared -------------
+# Exporting the unrolled ConvLSTM takes seconds to a minute, so every test file that needs a served
+# model (export, backends, daemon, identify) reuses these. The checkpoint is written by the model
+# package's own save_checkpoint after one real training step on CCNU features.
+
+class ExportedModel(os.PathLike):
+    """The session's export. Path-like (the ONNX file, for ``Path(x)``/``str(x)``) and unpackable as
+    ``onnx, contract, checkpoint = exported_model``."""
+
+    def __init__(self, onnx: Path, contract: Path, checkpoint: Path) -> None:
+        self.onnx, self.contract, self.checkpoint = onnx, contract, checkpoint
+
+    def __fspath__(self) -> str:
+        return str(self.onnx)
+
+    def __str__(self) -> str:
+        return str(self.onnx)
+
+    def __iter__(self):
+        return iter((self.onnx, self.contract, self.checkpoint))
+
+
+def _ccnu_rows(ccnu_dir: Path, segments: set[int]) -> list[dict]:
+    import csv
+
+    with open(ccnu_dir / "manifest.csv", newline="") as fh:
+        return [r for r in csv.DictReader(fh) if int(r["segment"]) in segments]
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(ccnu_dir: Path, tmp_path_factory) -> Path:
+    """RUN_DIR/best.pt: the paper network after one Adam step on CCNU segment-1 features (15 devices)."""
+    import numpy as np
+    import torch
+
+    from devrecd.config import load_config
+    from devrecd.model import build_model
+    from devrecd.model.checkpoint import Checkpoint, save_checkpoint
+    from devrecd.pipeline import features_for_file
+
+    cfg = load_config(None, env={})
+    rows = _ccnu_rows(ccnu_dir, {1})
+    labels = sorted({r["device"] for r in rows})
+    feats, ys = [], []
+    for r in rows:
+        _, f = features_for_file(ccnu_dir / r["path"], cfg, hop_seconds=4.0)
+        feats.append(f)
+        ys += [labels.index(r["device"])] * len(f)
+    x = np.concatenate(feats)
+    mean = x.reshape(-1, x.shape[-1]).mean(0).astype(np.float32)
+    std = (x.reshape(-1, x.shape[-1]).std(0) + 1e-6).astype(np.float32)
+    torch.manual_seed(0)
+    net = build_model("paper", len(labels))
+    net.train()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    loss = torch.nn.functional.cross_entropy(net(torch.from_numpy((x - mean) / std)), torch.tensor(ys))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    net.eval()
+    run = tmp_path_factory.mktemp("run")
+    ckpt = Checkpoint(arch="paper", hparams={}, labels=labels, frontend=cfg.frontend, norm_mean=mean, norm_std=std,
+                      state_dict=net.state_dict(), dataset_sha256="0" * 64, split={"train": [r["path"] for r in rows]},
+                      meta={"epoch": 1, "loss": loss.item(), "note": "one step, for tests"})
+    save_checkpoint(run / "best.pt", ckpt)
+    return run
+
+
+@pytest.fixture(scope="session")
+def exported_model(trained_checkpoint: Path, ccnu_dir: Path, tmp_path_factory) -> ExportedModel:
+    """``devrecd export`` (the real CLI) of the session checkpoint, parity-checked on CCNU segment-4 audio."""
+    from typer.testing import CliRunner
+
+    from devrecd.cli import app
+
+    out = tmp_path_factory.mktemp("export") / "paper.onnx"
+    audio = [str(ccnu_dir / r["path"]) for r in _ccnu_rows(ccnu_dir, {4})]
+    args = ["export", str(trained_checkpoint), "--out", str(out)]
+    for a in audio:
+        args += ["--parity-audio", a]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, f"devrecd export failed: {result.output}"
+    return ExportedModel(out, out.with_suffix(".json"), trained_checkpoint / "best.pt")

@@ -576,6 +576,10 @@ def test_prometheus_scrapes_the_daemon(tmp_path: Path, ccnu_dir: Path, served_mo
         assert d.stop() == 0
 
 
+def _sample(text: str, name: str) -> float:
+    return next(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+
+
 def test_systemd_notify_watchdog_reload_and_drain(tmp_path: Path, ccnu_dir: Path, served_model: Path) -> None:
     """READY once warm, WATCHDOG pings while the pipeline lives, SIGHUP reloads, SIGTERM drains + STOPPING."""
     ev = tmp_path / "evidence"
@@ -584,7 +588,7 @@ def test_systemd_notify_watchdog_reload_and_drain(tmp_path: Path, ccnu_dir: Path
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as srv:
         srv.bind(sock_path)
         srv.settimeout(0.2)
-        d = DaemonProc(tmp_path, ev, served_model).start(env={"NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "600000"})
+        d = DaemonProc(tmp_path, ev, served_model, workers=1).start(env={"NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "600000"})
         messages: list[str] = []
 
         def collect(seconds: float) -> None:
@@ -605,10 +609,13 @@ def test_systemd_notify_watchdog_reload_and_drain(tmp_path: Path, ccnu_dir: Path
             collect(1.0)
             assert "RELOADING=1" in messages
             # Work in flight when SIGTERM arrives is finished before the exit.
-            for i, src in enumerate(_ccnu(ccnu_dir, 12)):
-                shutil.copy(src, ev / f"{i}.wav")
+            # 30 distinct recordings (3 offsets of 10 phones): enough that some are still in flight.
+            for i, src in enumerate(_ccnu(ccnu_dir, 10)):
+                audio, rate = sf.read(src, dtype="int16")
+                for k in range(3):
+                    sf.write(ev / f"{i}-{k}.wav", audio[k * rate // 2:], rate, subtype="PCM_16")
             deadline = time.time() + 30
-            while time.time() < deadline and "devrecd_oldest_pending_age_seconds 0.0" in d.get("/metrics")[1]:
+            while time.time() < deadline and _sample(d.get("/metrics")[1], "devrecd_oldest_pending_age_seconds") == 0:
                 time.sleep(0.02)  # until files are admitted (stable) and in flight
             d.proc.send_signal(signal.SIGTERM)
             collect(0.5)

@@ -36,7 +36,8 @@ from devrecd.daemon.batcher import Batcher, Unit
 from devrecd.daemon.journal import Journal, JournalError, Recorder, VerdictLog
 from devrecd.daemon.notify import Liveness, WatchdogPinger, notify, watchdog_interval
 from devrecd.daemon.verdict import duplicate_record, failed_record, judged_record
-from devrecd.errors import ArtifactError, ConfigError, DevrecdError
+from devrecd.contract import check_frontend
+from devrecd.errors import ConfigError, DevrecdError
 from devrecd.features import FrontendConfig, extract
 from devrecd.metrics import Metrics
 from devrecd.pipeline import clips_for, frontend_for, resolve_device
@@ -69,14 +70,6 @@ class Job:
     timings: dict[str, float] = field(default_factory=dict)
     recording: dict | None = None
     starts: np.ndarray | None = None  # window start times (s)
-
-
-def check_frontend(backend: BackendLike, cfg: FrontendConfig) -> None:
-    """Refuse a model trained with other features than the configured frontend."""
-    if backend.frontend != cfg:
-        raise ArtifactError(
-            f"the model's frontend differs from the configured [frontend] ({cfg.describe_mismatch(backend.frontend)}); "
-            "serve it with the frontend it was trained with, or re-export the model", reason="frontend_mismatch")
 
 
 class Pipeline:
@@ -347,9 +340,8 @@ def load_serving_backend(cfg: Config, metrics: Metrics | None = None) -> Backend
         raise ConfigError("no model given: pass --model export/NAME.onnx (or set backend.model)")
     from devrecd.backends import load_backend
 
-    backend = load_backend(cfg.backend, cfg.frontend)
+    backend = load_backend(cfg.backend, cfg.frontend)  # refuses a model trained with another frontend
     try:
-        check_frontend(backend, cfg.frontend)
         backend.warmup()
     except BaseException:
         backend.close()
@@ -518,7 +510,10 @@ def identify_files(cfg: Config, paths: Sequence[str | os.PathLike], *, backend: 
     """Judge files once through the same pipeline (no state kept); one record per file, in order."""
     metrics = metrics or Metrics()
     own = backend is None
-    backend = backend or load_serving_backend(cfg, metrics)
+    if backend is None:
+        backend = load_serving_backend(cfg, metrics)
+    else:
+        check_frontend(backend.frontend, cfg.frontend, model=backend.describe().get("model", backend.name))
     journal = Journal(":memory:")
     records: dict[int, dict] = {}
     pipeline = Pipeline(cfg, backend, journal=journal, verdict_log=None, metrics=metrics,

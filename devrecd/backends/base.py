@@ -1,0 +1,66 @@
+"""The one small interface every inference backend implements, and the helpers they share."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Protocol, runtime_checkable
+
+import numpy as np
+
+from devrecd.errors import DevrecdError
+from devrecd.features import FEATURE_DIM, N_FRAMES, FrontendConfig
+
+INSTALL_GPU_HINT = "pip install 'devrecd[gpu]' (TensorRT + pycuda; needs an NVIDIA GPU and driver)"
+
+
+class InferenceError(DevrecdError):
+    """A batch could not be run (bad shape, runtime failure)."""
+
+    reason = "inference"
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Load an artifact, warm up, infer a batch of features, say what it is."""
+
+    name: str  # "onnxruntime" | "tensorrt" | "torch"
+    labels: tuple[str, ...]
+    frontend: FrontendConfig  # what the model was trained with
+    max_batch: int | None  # largest batch the artifact takes at once; bigger batches are split
+
+    def warmup(self) -> None: ...
+    def infer(self, features: Any) -> np.ndarray: ...
+    def describe(self) -> dict: ...
+    def close(self) -> None: ...
+
+
+def batch_slices(n: int, max_batch: int | None) -> Iterator[slice]:
+    """Consecutive slices of at most ``max_batch`` rows covering ``range(n)`` (one slice if unbounded).
+
+    Sizes are balanced (100 at max 64 -> 50 + 50, not 64 + 36) so that no tiny tail batch runs
+    at a shape the engine was not tuned for.
+    """
+    if n <= 0:
+        return
+    if not max_batch or n <= max_batch:
+        yield slice(0, n)
+        return
+    parts = -(-n // max_batch)
+    bounds = np.linspace(0, n, parts + 1).round().astype(int)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        yield slice(int(lo), int(hi))
+
+
+def check_features_shape(shape: tuple[int, ...]) -> None:
+    """Refuse anything but (B, 128, 73) with B >= 1."""
+    if len(shape) != 3 or tuple(shape[1:]) != (N_FRAMES, FEATURE_DIM) or shape[0] < 1:
+        raise InferenceError(f"features must be (batch, {N_FRAMES}, {FEATURE_DIM}), got {tuple(shape)}",
+                             reason="bad_input")
+
+
+def as_numpy_features(features: Any) -> np.ndarray:
+    """(B, 128, 73) float32 C-contiguous numpy from numpy or a torch tensor (any device)."""
+    if hasattr(features, "detach"):  # a torch tensor: copy to host once
+        features = features.detach().to("cpu").numpy()
+    arr = np.ascontiguousarray(features, dtype=np.float32)
+    check_features_shape(arr.shape)
+    return arr

@@ -1,0 +1,66 @@
+"""ONNX Runtime on the CPU: the default backend. Serves ``export/NAME.onnx`` under its contract."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from devrecd.backends.base import InferenceError, as_numpy_features
+from devrecd.contract import INPUT_NAME, OUTPUT_NAME, Contract, contract_path_for, load_for_onnx
+from devrecd.errors import ArtifactError
+
+
+class OnnxRuntimeBackend:
+    """An explicit-options ORT session (threads from ``backend.threads``) over a contract-checked model."""
+
+    name = "onnxruntime"
+
+    def __init__(self, onnx_path: str | os.PathLike, *, threads: int = 2) -> None:
+        from devrecd.audio import sha256_file
+        from devrecd.export import ort_session
+
+        self.onnx_path = Path(onnx_path)
+        if self.onnx_path.suffix != ".onnx":
+            raise ArtifactError(f"the onnxruntime backend serves an exported NAME.onnx, not {self.onnx_path.name!r} "
+                                "(export a checkpoint with `devrecd export`, or use backend.kind = \"torch\")",
+                                reason="not_onnx")
+        self.contract: Contract = load_for_onnx(self.onnx_path)  # sha256 + size checked
+        self.contract_sha256 = sha256_file(contract_path_for(self.onnx_path))
+        self.threads = threads
+        self.session: Any = ort_session(self.onnx_path, threads=threads, precision=self.contract.precision)
+        inputs = [(i.name, i.type) for i in self.session.get_inputs()]
+        outputs = [o.name for o in self.session.get_outputs()]
+        if inputs != [(INPUT_NAME, "tensor(float)")] or outputs != [OUTPUT_NAME]:
+            raise ArtifactError(f"{self.onnx_path}: graph I/O {inputs} -> {outputs} is not the contract's "
+                                f"{INPUT_NAME} (float) -> {OUTPUT_NAME}", reason="contract_mismatch")
+        self.labels = self.contract.labels
+        self.frontend = self.contract.frontend
+        self.max_batch: int | None = None  # any batch size in one run
+
+    def warmup(self) -> None:
+        """One run at a typical batch so that the first real request is not the slow one."""
+        self.infer(np.zeros((8, *self.contract.input.shape[1:]), np.float32))
+
+    def infer(self, features: Any) -> np.ndarray:
+        """(B, 128, 73) raw features (numpy or torch) -> (B, N) float32 probabilities."""
+        if self.session is None:
+            raise InferenceError("backend is closed", reason="closed")
+        x = as_numpy_features(features)
+        try:
+            return self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+        except Exception as exc:  # onnxruntime's own exception types
+            raise InferenceError(f"ONNX Runtime failed on a batch of {len(x)}: {exc}") from None
+
+    def describe(self) -> dict:
+        import onnxruntime
+
+        return {"name": self.name, "version": onnxruntime.__version__, "device": f"cpu ({self.threads} threads)",
+                "model": str(self.onnx_path), "model_sha256": self.contract.onnx_sha256,
+                "contract_sha256": self.contract_sha256, "precision": self.contract.precision, "engine": "",
+                "labels": len(self.labels)}
+
+    def close(self) -> None:
+        self.session = None

@@ -1,0 +1,111 @@
+"""``devrecd listen``: judge a sound card's input window by window."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import threading
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from devrecd.cli.app import ConfigOption, command, load_cli_config
+
+
+@command()
+def listen(
+    device: Optional[str] = typer.Option(None, "--device", "-d", help="Input device name (or part of it) or index (live.device)."),
+    list_devices: bool = typer.Option(False, "--list-devices", help="List the input devices PortAudio sees and exit."),
+    config: Optional[Path] = ConfigOption,
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="export/NAME.onnx or a checkpoint (backend.model)."),
+    engine: Optional[str] = typer.Option(None, "--engine", help="TensorRT engine/X.plan (backend.engine)."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="auto | onnxruntime | tensorrt | torch (backend.kind)."),
+    window: Optional[float] = typer.Option(None, "--window", help="Window length in seconds; 0 = the model's clip (live.window_seconds)."),
+    hop: Optional[float] = typer.Option(None, "--hop", help="Seconds between windows (live.hop_seconds)."),
+    smoothing: Optional[int] = typer.Option(None, "--smoothing", help="Running verdict over the last N windows (live.smoothing)."),
+    record_dir: Optional[str] = typer.Option(None, "--record-dir", help="Keep the captured audio as WAV segments here (live.record_dir)."),
+    port: Optional[int] = typer.Option(None, "--port", help="Serve /metrics, /healthz, /readyz on metrics.address:PORT (0 = any free port)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON record per window instead of a line of text."),
+    max_windows: int = typer.Option(0, "--max-windows", help="Stop after this many windows (0 = until Ctrl-C / SIGTERM)."),
+) -> None:
+    """Listen to a sound-card input and print a verdict per window plus a running verdict."""
+    from devrecd.logs import setup_logging
+
+    cfg = load_cli_config(config, {"live.device": device, "backend.model": model, "backend.engine": engine,
+                                   "backend.kind": backend, "live.window_seconds": window, "live.hop_seconds": hop,
+                                   "live.smoothing": smoothing, "live.record_dir": record_dir})
+    verbose = logging.getLogger("devrecd").level == logging.DEBUG
+    setup_logging("DEBUG" if verbose else cfg.log.level, cfg.log.format)
+    if list_devices:
+        from devrecd.live import list_input_devices
+
+        for d in list_input_devices():
+            mark = "*" if d["default"] else " "
+            typer.echo(f"{mark} {d['index']:>3}  {d['name']}  ({d['hostapi']}, {d['channels']} ch, "
+                       f"{d['default_samplerate']:.0f} Hz)")
+        return
+
+    from devrecd.daemon.service import load_serving_backend
+    from devrecd.live import Listener, window_sizes
+    from devrecd.live.capture import sounddevice
+    from devrecd.metrics import Metrics
+    from devrecd.pipeline import resolve_device
+
+    window_sizes(cfg)  # refuse a bad window/hop before loading anything
+    sounddevice()  # the install hint now, not after the model has loaded
+    metrics = Metrics()
+    be = load_serving_backend(cfg, metrics)
+    listener = Listener(cfg, be, metrics, device=resolve_device(cfg.backend.device))
+    done = threading.Event()
+    seen = [0]
+    lock = threading.Lock()
+
+    def show(record: dict) -> None:
+        with lock:
+            if done.is_set():
+                return
+            typer.echo(json.dumps(record, ensure_ascii=False) if as_json else format_window(record))
+            seen[0] += 1
+            if max_windows and seen[0] >= max_windows:
+                done.set()
+
+    server = None
+    if port is not None:
+        from devrecd.daemon.http import StatusServer
+
+        server = StatusServer(metrics.registry, cfg.metrics.address, port, healthy=lambda: (True, "ok"),
+                              ready=listener.source.ready)
+        server.start()
+        typer.echo(f"metrics: {server.url}/metrics", err=True)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    try:
+        listener.start(show)
+        metrics.ready.set(1)
+        while not done.wait(0.2):
+            pass
+    finally:
+        listener.stop()
+        be.close()
+        if server is not None:
+            server.stop()
+        stats = listener.source.stats()
+        typer.echo(f"listened: {stats['windows']} windows, {stats['judged']} judged, {stats['skipped']} silent/clipped, "
+                   f"{stats['input_overflows']} input overflows, {stats['ring_overflows']} ring overflows, "
+                   f"{stats['reopens']} reopens", err=True)
+
+
+def format_window(r: dict) -> str:
+    """One line per window: time, level, verdict (or why none), running verdict."""
+    level = "  -inf" if r.get("level_dbfs") is None else f"{r['level_dbfs']:6.1f}"
+    head = f"{r['start']:9.2f}s {level} dBFS"
+    if r["outcome"] != "judged":
+        return f"{head}  ({r['outcome']}: not judged)"
+    run = r["running"]
+    rate = f"  [{r['capture_rate']} Hz resampled]" if r["resampled"] else ""
+    lat = "" if r.get("latency") is None or math.isnan(r["latency"]) else f"  {r['latency'] * 1000:.0f} ms"
+    return (f"{head}  {r['device']} {r['score']:.3f}  | running {run['device']} {run['confidence']:.3f} "
+            f"({run['agreement'] * run['windows']:.0f}/{run['windows']}){lat}{rate}")

@@ -1,0 +1,235 @@
+"""The model contract: what an exported network expects and promises, written beside ``NAME.onnx``.
+
+``devrecd export`` writes ``export/NAME.json`` next to ``export/NAME.onnx``. Every consumer (the ONNX
+Runtime and TensorRT backends, ``devrecd build-engine``, the daemon) loads the contract first and
+refuses an artifact that does not match it: a different ONNX file (sha256), a truncated one (size), a
+frontend or label list other than the configuration's. The contract is plain JSON so that an
+examiner can read what a verdict's model was without running anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from devrecd.errors import ArtifactError, ConfigError
+from devrecd.features import FEATURE_DIM, N_FRAMES, FrontendConfig
+
+SCHEMA = "devrecd.contract/1"  # bump when a field changes meaning
+INPUT_NAME = "features"  # (batch, 128, 73) float32, NOT normalised: normalisation is in the graph
+OUTPUT_NAME = "probs"  # (batch, n_labels) float32 softmax probabilities
+BATCH_AXIS = "batch"  # the one dynamic axis
+PRECISIONS = ("fp32", "fp16")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, shape (``"batch"`` marks the dynamic axis) and dtype of one graph input or output."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TensorSpec:
+        return cls(name=str(data["name"]), shape=tuple(data["shape"]), dtype=str(data["dtype"]))
+
+
+def input_spec() -> TensorSpec:
+    """The fixed input of every devrecd model: raw (un-normalised) features."""
+    return TensorSpec(INPUT_NAME, (BATCH_AXIS, N_FRAMES, FEATURE_DIM), "float32")
+
+
+def output_spec(n_labels: int) -> TensorSpec:
+    """The fixed output: softmax probabilities over the labels (float32 even in an FP16 graph)."""
+    return TensorSpec(OUTPUT_NAME, (BATCH_AXIS, n_labels), "float32")
+
+
+@dataclass(frozen=True)
+class Contract:
+    """Everything a backend must agree with before it serves a model (see module docstring)."""
+
+    name: str
+    onnx_file: str  # file name of the ONNX model, relative to the contract's folder
+    onnx_sha256: str
+    onnx_bytes: int  # size, so that a truncated copy is named as such before hashing
+    input: TensorSpec
+    output: TensorSpec
+    labels: tuple[str, ...]
+    frontend: FrontendConfig
+    frontend_fingerprint: str
+    precision: str  # "fp32" | "fp16" (the network's arithmetic; input and normalisation stay fp32)
+    opset: int
+    arch: str
+    checkpoint_sha256: str
+    dataset_sha256: str = ""
+    parity: dict = field(default_factory=dict)  # torch vs ONNX Runtime on real features
+    versions: dict = field(default_factory=dict)  # software that made the export
+    created: str = ""
+    schema: str = SCHEMA
+
+    # --- (de)serialisation ---------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["input"]["shape"] = list(self.input.shape)
+        doc["output"]["shape"] = list(self.output.shape)
+        doc["labels"] = list(self.labels)
+        doc["frontend"] = self.frontend.to_dict()
+        return doc
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the contract atomically (a reader never sees half a file)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(self.to_dict(), fh, indent=2, sort_keys=False)
+                fh.write("\n")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "contract") -> Contract:
+        """Validate and build; every problem is an :class:`ArtifactError` naming the field."""
+        if not isinstance(data, Mapping):
+            raise ArtifactError(f"{source}: not a JSON object", reason="contract_invalid")
+        if data.get("schema") != SCHEMA:
+            raise ArtifactError(f"{source}: schema {data.get('schema')!r} is not {SCHEMA!r} "
+                                "(not a devrecd contract, or from another devrecd version: re-export)",
+                                reason="contract_invalid")
+        missing = [f.name for f in fields(cls) if f.name not in data and _required(f)]
+        if missing:
+            raise ArtifactError(f"{source}: missing field(s) {', '.join(missing)}", reason="contract_invalid")
+        try:
+            frontend = FrontendConfig.from_dict(dict(data["frontend"]))
+        except (ConfigError, TypeError) as exc:
+            raise ArtifactError(f"{source}: bad frontend: {exc}", reason="contract_invalid") from None
+        try:
+            contract = cls(
+                name=str(data["name"]), onnx_file=str(data["onnx_file"]), onnx_sha256=str(data["onnx_sha256"]),
+                onnx_bytes=int(data["onnx_bytes"]), input=TensorSpec.from_dict(data["input"]),
+                output=TensorSpec.from_dict(data["output"]), labels=tuple(str(x) for x in data["labels"]),
+                frontend=frontend, frontend_fingerprint=str(data["frontend_fingerprint"]),
+                precision=str(data["precision"]), opset=int(data["opset"]), arch=str(data["arch"]),
+                checkpoint_sha256=str(data["checkpoint_sha256"]),
+                dataset_sha256=str(data.get("dataset_sha256", "")), parity=dict(data.get("parity", {})),
+                versions=dict(data.get("versions", {})), created=str(data.get("created", "")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"{source}: malformed field: {exc}", reason="contract_invalid") from None
+        contract.validate(source=source)
+        return contract
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Contract:
+        """Read and validate ``NAME.json`` (raises :class:`ArtifactError` with a specific reason)."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ArtifactError(f"model contract not found: {path} (export the model with `devrecd export`, "
+                                "which writes NAME.json beside NAME.onnx)", reason="contract_missing") from None
+        except OSError as exc:
+            raise ArtifactError(f"cannot read model contract {path}: {exc}", reason="contract_missing") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ArtifactError(f"model contract {path} is not valid JSON: {exc}", reason="contract_invalid") from None
+        return cls.from_dict(data, source=str(path))
+
+    # --- checks --------------------------------------------------------------------------
+    def validate(self, *, source: str = "contract") -> None:
+        """Internal consistency: fixed I/O names and shapes, label count, frontend fingerprint."""
+        problems = []
+        if self.input != input_spec():
+            problems.append(f"input is {self.input}, expected {input_spec()}")
+        if self.output != output_spec(len(self.labels)):
+            problems.append(f"output is {self.output}, expected {output_spec(len(self.labels))} "
+                            f"for {len(self.labels)} labels")
+        if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
+            problems.append("labels must be at least two distinct names")
+        if self.frontend.fingerprint() != self.frontend_fingerprint:
+            problems.append("frontend_fingerprint does not match the frontend parameters (edited by hand?)")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if len(self.onnx_sha256) != 64 or self.onnx_bytes <= 0:
+            problems.append("onnx_sha256/onnx_bytes missing")
+        if Path(self.onnx_file).name != self.onnx_file:
+            problems.append(f"onnx_file {self.onnx_file!r} must be a bare file name")
+        if problems:
+            raise ArtifactError(f"{source}: " + "; ".join(problems), reason="contract_invalid")
+
+    def verify_onnx(self, onnx_path: str | os.PathLike) -> None:
+        """Refuse an ONNX file that is not the one this contract describes (missing, truncated, other)."""
+        from devrecd.audio import sha256_file
+
+        onnx_path = Path(onnx_path)
+        try:
+            size = onnx_path.stat().st_size
+        except FileNotFoundError:
+            raise ArtifactError(f"ONNX model not found: {onnx_path}", reason="onnx_missing") from None
+        if size < self.onnx_bytes:
+            raise ArtifactError(f"ONNX model {onnx_path} is truncated: {size} bytes, the contract says "
+                                f"{self.onnx_bytes} (copy it again)", reason="onnx_truncated")
+        digest = sha256_file(onnx_path)
+        if size != self.onnx_bytes or digest != self.onnx_sha256:
+            raise ArtifactError(f"ONNX model {onnx_path} is not the one its contract describes (sha256 "
+                                f"{digest[:12]}, contract {self.onnx_sha256[:12]}): re-export, or use the "
+                                "matching NAME.json", reason="onnx_mismatch")
+
+    def check_frontend(self, frontend: FrontendConfig) -> None:
+        """Refuse a model trained with other features than ``frontend`` (naming the parameters)."""
+        check_frontend(self.frontend, frontend, model=self.name)
+
+    def check_labels(self, labels: Sequence[str], *, what: str = "configured") -> None:
+        """Refuse a model whose label list (order included) differs from ``labels``."""
+        check_labels(self.labels, labels, model=self.name, what=what)
+
+
+def check_frontend(model_frontend: FrontendConfig, configured: FrontendConfig, *, model: str) -> None:
+    """Refuse serving a model with other features than it was trained with, naming what differs."""
+    if configured != model_frontend:
+        raise ArtifactError(
+            f"model {model!r} was trained with another frontend than the configured [frontend] "
+            f"({configured.describe_mismatch(model_frontend)}); set [frontend] to the model's parameters "
+            "or serve a model trained with these", reason="frontend_mismatch")
+
+
+def check_labels(model_labels: Sequence[str], expected: Sequence[str], *, model: str, what: str = "configured") -> None:
+    """Refuse a model whose label list (order included: outputs are positional) differs from ``expected``."""
+    if tuple(expected) != tuple(model_labels):
+        only_model = sorted(set(model_labels) - set(expected))
+        only_other = sorted(set(expected) - set(model_labels))
+        detail = (f"only in the model: {only_model}; only {what}: {only_other}"
+                  if only_model or only_other else "same names in a different order")
+        raise ArtifactError(f"model {model!r} labels differ from the {what} labels ({detail})",
+                            reason="labels_mismatch")
+
+
+def _required(f: Any) -> bool:
+    return f.default is MISSING and f.default_factory is MISSING
+
+
+def contract_path_for(onnx_path: str | os.PathLike) -> Path:
+    """``export/NAME.onnx`` -> ``export/NAME.json``."""
+    return Path(onnx_path).with_suffix(".json")
+
+
+def load_for_onnx(onnx_path: str | os.PathLike, *, verify: bool = True) -> Contract:
+    """The contract beside an ONNX file, checked against that file (sha256 and size)."""
+    onnx_path = Path(onnx_path)
+    contract = Contract.load(contract_path_for(onnx_path))
+    if contract.onnx_file != onnx_path.name:
+        raise ArtifactError(f"contract {contract_path_for(onnx_path)} describes {contract.onnx_file!r}, "
+                            f"not {onnx_path.name!r}", reason="contract_mismatch")
+    if verify:
+        contract.verify_onnx(onnx_path)
+    return contract

@@ -1,0 +1,43 @@
+"""The running verdict: the last N judged windows aggregated exactly as a file's windows are."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from devrecd.daemon.verdict import aggregate
+
+
+@dataclass(frozen=True)
+class Running:
+    """The smoothed verdict after a window."""
+
+    device: str
+    confidence: float  # renormalised geometric-mean probability of ``device`` over the windows
+    agreement: float  # share of those windows whose own best device is ``device``
+    windows: int  # how many windows it covers (< N during the first N windows)
+
+
+class RunningVerdict:
+    """Keeps the probabilities of the last ``n`` judged windows (silent/clipped ones never enter)."""
+
+    def __init__(self, labels: Sequence[str], n: int) -> None:
+        if n < 1:
+            raise ValueError("live.smoothing must be >= 1")
+        self.labels = tuple(labels)
+        self._last: deque[np.ndarray] = deque(maxlen=n)
+
+    def add(self, probs: np.ndarray) -> Running:
+        """Add one window's (N,) probabilities and return the running verdict."""
+        self._last.append(np.asarray(probs, dtype=np.float64).reshape(-1))
+        score = aggregate(np.stack(self._last), self.labels)  # the file verdict's rule, on N windows
+        best = self.labels.index(score.label)
+        return Running(device=score.label, confidence=score.score,
+                       agreement=float(np.mean(score.window_labels == best)), windows=len(self._last))
+
+    def reset(self) -> None:
+        """Forget the history (a different input was opened)."""
+        self._last.clear()

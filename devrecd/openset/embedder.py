@@ -1,0 +1,114 @@
+"""Device embeddings from a trained checkpoint: features (the one frontend) -> normalise -> ``model.embed``.
+
+Any architecture whose module has ``embed(x) -> (B, D)`` is an embedder, selected by the
+checkpoint's ``arch``:
+
+* ``paper``: the paper's network; the embedding is its penultimate Dense(128) output, trained with
+  the closed-set softmax on many devices.
+* ``asp``: our BiLSTM + attentive statistics pooling + cosine head (:mod:`devrecd.openset.arch`).
+
+Features come from :func:`devrecd.pipeline.features_for_file` with the CHECKPOINT's frontend, and
+are normalised with the checkpoint's statistics exactly as in training, so there is no second
+feature path. The embedder's :attr:`Embedder.fingerprint` (weights, normalisation, frontend, arch)
+is stored in every registry so that embeddings of different models are never compared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from devrecd.audio import Recording
+from devrecd.config import Config
+from devrecd.errors import ArtifactError
+from devrecd.features import FEATURE_DIM, FrontendConfig
+
+EMBED_BATCH = 64  # windows per forward pass (bounded memory on long recordings)
+
+
+class Embedder:
+    """A trained network used as an embedding extractor (eval mode, no gradients)."""
+
+    def __init__(self, model: Any, *, arch: str, hparams: dict[str, Any], frontend: FrontendConfig,
+                 norm_mean: np.ndarray, norm_std: np.ndarray, labels: Sequence[str] = (), device: str = "cpu",
+                 source: str = "") -> None:
+        import torch
+
+        if not callable(getattr(model, "embed", None)):
+            raise ArtifactError(f"architecture {arch!r} has no embed(); it cannot be used for enrolment",
+                                reason="no_embedding")
+        self.model = model.to(device).eval()
+        self.arch, self.hparams, self.frontend, self.labels = arch, dict(hparams), frontend, tuple(labels)
+        self.norm_mean = np.asarray(norm_mean, dtype=np.float32)
+        self.norm_std = np.asarray(norm_std, dtype=np.float32)
+        self.device = device
+        self.source = source
+        self._mean = torch.as_tensor(self.norm_mean, device=device)
+        self._std = torch.as_tensor(self.norm_std, device=device)
+        self.fingerprint = fingerprint(arch, self.hparams, frontend, self.norm_mean, self.norm_std,
+                                       self.model.state_dict())
+        with torch.no_grad():
+            probe = torch.zeros(2, frontend.n_frames, FEATURE_DIM, device=device)
+            self.dim = int(self.model.embed(probe).shape[1])
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Any, *, device: str = "cpu", source: str = "") -> Embedder:
+        """From a loaded :class:`devrecd.model.checkpoint.Checkpoint`."""
+        return cls(ckpt.build(), arch=ckpt.arch, hparams=ckpt.hparams, frontend=ckpt.frontend,
+                   norm_mean=ckpt.norm_mean, norm_std=ckpt.norm_std, labels=ckpt.labels, device=device, source=source)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: str = "cpu") -> Embedder:
+        """Load from a run directory or a ``.pt`` checkpoint (``devrecd.model.checkpoint.load_checkpoint``)."""
+        try:
+            from devrecd.model.checkpoint import load_checkpoint
+        except ImportError as exc:  # the model package is part of devrecd; this is a broken install
+            raise ArtifactError(f"cannot load checkpoints: {exc}", reason="no_model_package") from None
+        return cls.from_checkpoint(load_checkpoint(path), device=device, source=str(Path(path).resolve()))
+
+    def describe(self) -> dict[str, Any]:
+        """What a registry records about the model its embeddings come from."""
+        return {"fingerprint": self.fingerprint, "arch": self.arch, "dim": self.dim,
+                "frontend_sha256": self.frontend.fingerprint(), "source": self.source,
+                "training_labels": len(self.labels)}
+
+    def embed_features(self, feats: np.ndarray) -> np.ndarray:
+        """(n, 128, 73) raw features -> (n, D) float32 window embeddings (not yet unit length)."""
+        import torch
+
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(feats), EMBED_BATCH):
+                x = torch.as_tensor(np.ascontiguousarray(feats[i:i + EMBED_BATCH], dtype=np.float32), device=self.device)
+                out.append(self.model.embed((x - self._mean) / self._std).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+    def embed_file(self, path: str | os.PathLike, cfg: Config, *, hop_seconds: float | None = None
+                   ) -> tuple[Recording, np.ndarray]:
+        """Decode a recording and return it with its (windows, D) window embeddings."""
+        from devrecd.pipeline import features_for_file
+
+        # The model's frontend, not the config's: the model defines what its input means.
+        rec, feats = features_for_file(path, replace(cfg, frontend=self.frontend), device=self.device,
+                                       hop_seconds=hop_seconds)
+        return rec, self.embed_features(feats)
+
+
+def fingerprint(arch: str, hparams: dict[str, Any], frontend: FrontendConfig, norm_mean: np.ndarray,
+                norm_std: np.ndarray, state_dict: dict[str, Any]) -> str:
+    """sha256 over everything that shapes an embedding: arch, hparams, frontend, normalisation, weights."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"arch": arch, "hparams": hparams, "frontend": frontend.fingerprint()},
+                        sort_keys=True, default=str).encode())
+    h.update(np.asarray(norm_mean, dtype=np.float32).tobytes())
+    h.update(np.asarray(norm_std, dtype=np.float32).tobytes())
+    for key in sorted(state_dict):
+        h.update(key.encode())
+        h.update(state_dict[key].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

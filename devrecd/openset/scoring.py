@@ -1,0 +1,72 @@
+"""Open-set identification: a questioned recording's embedding against every enrolled device.
+
+Score = cosine similarity between the recording's embedding (unit-length mean of its unit-length
+window embeddings, :func:`~devrecd.openset.registry.recording_embedding`) and each profile's mean
+embedding. The verdict is the best-scoring device when its score reaches the open-set threshold,
+else :data:`UNKNOWN`, always with the ranked scores (and calibrated LLRs when the registry has a
+calibration) so that an examiner sees how close the alternatives were.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from devrecd.config import RegistryConfig
+from devrecd.openset.registry import Registry, recording_embedding
+
+UNKNOWN = "unknown device"
+
+
+def cosine_scores(query: np.ndarray, profiles: np.ndarray) -> np.ndarray:
+    """Cosine similarity of unit-length ``query`` rows (q, D) or (D,) with unit-length ``profiles`` (P, D)."""
+    return np.asarray(query, dtype=np.float64) @ np.asarray(profiles, dtype=np.float64).T
+
+
+def score_matrix(recording_embeddings: np.ndarray, registry: Registry) -> tuple[list[str], np.ndarray]:
+    """(n_recordings, n_profiles) cosine scores of unit-length recording embeddings, with profile names."""
+    names, means = registry.matrix()
+    return names, cosine_scores(recording_embeddings, means)
+
+
+def resolve_threshold(registry: Registry, cfg: RegistryConfig) -> tuple[float, str]:
+    """The open-set threshold and where it came from: the registry's calibration or the config."""
+    if cfg.use_calibration and registry.calibration is not None:
+        return registry.calibration.threshold, f"calibrated (FAR {registry.calibration.target_far:g})"
+    return cfg.threshold, "config registry.threshold"
+
+
+def identify_with_registry(window_embeddings: np.ndarray, registry: Registry, *, threshold: float,
+                           k: int = 5, threshold_source: str = "") -> dict[str, Any]:
+    """Verdict fields for one recording from its (n_windows, D) window embeddings.
+
+    Returns ``device`` (a profile name or ``"unknown device"``), ``score`` (best cosine),
+    ``llr`` (calibrated natural-log LR of the best device, or None), ``candidate`` (best profile
+    even when rejected), ``open_set`` (threshold, its source, registry path and size), ``top_k``
+    (ranked profiles with score and llr) and ``windows_best`` (best profile per window), ready to
+    merge into a verdict record.
+    """
+    names, means = registry.matrix()
+    query = recording_embedding(window_embeddings)
+    scores = cosine_scores(query, means)
+    order = np.argsort(-scores, kind="stable")
+    cal = registry.calibration
+    llrs = cal.llr(scores) if cal is not None else None
+    best = int(order[0])
+    accepted = bool(scores[best] >= threshold)
+    per_window = cosine_scores(np.asarray(window_embeddings, dtype=np.float64) /
+                               np.maximum(np.linalg.norm(window_embeddings, axis=1, keepdims=True), 1e-12), means)
+    return {
+        "device": names[best] if accepted else UNKNOWN,
+        "score": round(float(scores[best]), 6),
+        "llr": None if llrs is None else round(float(llrs[best]), 4),
+        "candidate": names[best],
+        "open_set": {"threshold": round(float(threshold), 6), "threshold_source": threshold_source,
+                     "accepted": accepted, "registry": str(registry.path), "profiles": len(names),
+                     "embedder": registry.embedder.get("fingerprint")},
+        "top_k": [{"device": names[i], "score": round(float(scores[i]), 6),
+                   **({"llr": round(float(llrs[i]), 4)} if llrs is not None else {})}
+                  for i in order[: max(1, k)]],
+        "windows_best": [names[int(j)] for j in per_window.argmax(axis=1)],
+    }

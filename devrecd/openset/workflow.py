@@ -1,0 +1,146 @@
+"""The examiner's operations on files: enrol references, build calibration trials, calibrate.
+
+Thin glue between the embedder (files -> embeddings), the registry and the calibration maths; the
+CLI and the benchmark call these, the daemon only needs :func:`~devrecd.openset.scoring.identify_with_registry`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from devrecd.config import Config
+from devrecd.openset.calibration import Calibration, CalibrationError, calibrate
+from devrecd.openset.embedder import Embedder
+from devrecd.openset.registry import Reference, Registry, RegistryError, _now, recording_embedding
+from devrecd.openset.scoring import score_matrix
+
+log = logging.getLogger("devrecd.openset")
+
+
+def enrol_files(registry: Registry, embedder: Embedder, name: str, paths: Sequence[str | os.PathLike],
+                cfg: Config, *, hop_seconds: float | None = None,
+                on_file: Callable[[str, int], None] | None = None) -> tuple[int, int]:
+    """Embed reference recordings and add them to device ``name``; returns (added, skipped duplicates).
+
+    Every file is decoded before the registry changes, so a bad reference leaves it untouched
+    (the AudioError of the first bad file is raised).
+    """
+    registry.check_embedder(embedder.describe())  # fail before any decoding
+    refs = []
+    for path in paths:
+        rec, windows = embedder.embed_file(path, cfg, hop_seconds=hop_seconds)
+        refs.append((Reference(sha256=rec.sha256, path=str(path), windows=int(windows.shape[0]),
+                               seconds=float(rec.duration), enrolled_at=_now()), windows))
+        if on_file is not None:
+            on_file(str(path), int(windows.shape[0]))
+    return registry.enroll(name, embedder.describe(), refs)
+
+
+@dataclass(frozen=True)
+class Trials:
+    """Scores of held-out recordings against every profile, and which pairs are targets."""
+
+    profiles: list[str]
+    recordings: list[str]  # paths
+    devices: list[str]  # true device of each recording (may be one the registry does not know)
+    scores: np.ndarray  # (n_recordings, n_profiles) cosine scores
+
+    @property
+    def is_target(self) -> np.ndarray:
+        return np.array([[d == p for p in self.profiles] for d in self.devices], dtype=bool)
+
+    @property
+    def target_scores(self) -> np.ndarray:
+        return self.scores[self.is_target]
+
+    @property
+    def nontarget_scores(self) -> np.ndarray:
+        return self.scores[~self.is_target]
+
+    @property
+    def open_set_scores(self) -> np.ndarray:
+        """Per recording, its best score over the OTHER devices: what it would score were its own
+        device not enrolled (profiles are independent, so leaving one out changes no other score)."""
+        masked = np.where(self.is_target, -np.inf, self.scores)
+        best = masked.max(axis=1)
+        return best[np.isfinite(best)]
+
+
+def score_recordings(registry: Registry, embedder: Embedder, items: Sequence[tuple[str, str]], cfg: Config, *,
+                     hop_seconds: float | None = None) -> Trials:
+    """Score ``(path, true device)`` recordings against every profile of the registry.
+
+    Recordings that are references of the registry are left out: a reference scored against its
+    own profile would make the calibration look better than it is.
+    """
+    registry.check_embedder(embedder.describe())
+    enrolled = {r.sha256 for p in registry.profiles.values() for r in p.references}
+    paths, devices, embs = [], [], []
+    for path, device in items:
+        rec, windows = embedder.embed_file(path, cfg, hop_seconds=hop_seconds)
+        if rec.sha256 in enrolled:
+            log.warning("left out of the trials: it is an enrolled reference", extra={"path": str(path)})
+            continue
+        paths.append(str(path))
+        devices.append(device)
+        embs.append(recording_embedding(windows))
+    if not embs:
+        raise CalibrationError("no trial recordings left (all were references, or none were given)")
+    names, scores = score_matrix(np.stack(embs), registry)
+    return Trials(profiles=names, recordings=paths, devices=devices, scores=scores)
+
+
+def calibrate_registry(registry: Registry, trials: Trials, *, target_far: float,
+                       source: dict[str, Any] | None = None) -> Calibration:
+    """Fit the calibration on the trials, store it in the registry (caller saves) and return it."""
+    if trials.profiles != registry.names:
+        raise RegistryError("the trials were scored against another set of profiles; score them again")
+    cal = calibrate(trials.target_scores, trials.nontarget_scores, open_set_nontarget=trials.open_set_scores,
+                    target_far=target_far)
+    # Open-set view: a recording of a device that is not enrolled is falsely accepted when its
+    # BEST score passes the threshold (reported, not used for the fit).
+    unknown = [i for i, d in enumerate(trials.devices) if d not in trials.profiles]
+    info: dict[str, Any] = {"calibrated_at": _now(), "recordings": len(trials.recordings),
+                            "unenrolled_recordings": len(unknown), **(source or {})}
+    if unknown:
+        best = trials.scores[unknown].max(axis=1)
+        info["unknown_rejected"] = float(np.mean(best < cal.threshold))
+    registry.set_calibration(cal, info)
+    return cal
+
+
+class RegistryJudge:
+    """Open-set verdicts for the daemon and ``identify`` when ``registry.path`` is configured.
+
+    Holds the registry, the embedder it was enrolled with (``model``, else the checkpoint the
+    registry names) and the threshold (:func:`~devrecd.openset.scoring.resolve_threshold`).
+    ``judge(features)`` takes a recording's (n_windows, 128, 73) raw features, the same array the
+    closed-set backend gets, and returns verdict fields to merge into the record.
+    """
+
+    def __init__(self, cfg: Config, *, model: str | os.PathLike | None = None, device: str = "cpu") -> None:
+        from devrecd.openset.registry import open_registry
+        from devrecd.openset.scoring import resolve_threshold
+
+        if not cfg.registry.path:
+            raise RegistryError("registry.path is not set", reason="no_registry")
+        self.registry = open_registry(cfg.registry.path)
+        source = model or self.registry.embedder.get("source")
+        if not source:
+            raise RegistryError(f"registry {cfg.registry.path} does not name its model; pass one", reason="no_model")
+        self.embedder = Embedder.load(source, device=device)
+        self.registry.check_embedder(self.embedder.describe())
+        self.threshold, self.threshold_source = resolve_threshold(self.registry, cfg.registry)
+        self.top_k = cfg.watch.top_k
+
+    def judge(self, features: np.ndarray) -> dict[str, Any]:
+        """Verdict fields (device, score, llr, candidate, open_set, top_k, windows_best) of one recording."""
+        from devrecd.openset.scoring import identify_with_registry
+
+        return identify_with_registry(self.embedder.embed_features(features), self.registry, threshold=self.threshold,
+                                      k=self.top_k, threshold_source=self.threshold_source)

@@ -1,0 +1,348 @@
+"""Open set: calibration maths, the registry on disk, scoring, and enrol/identify on real phones."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from devrecd.config import RegistryConfig
+from devrecd.openset.calibration import (
+    Calibration,
+    CalibrationError,
+    calibrate,
+    cllr,
+    cllr_min,
+    eer,
+    error_rates,
+    fit_llr,
+    min_dcf,
+    threshold_for_far,
+)
+from devrecd.openset.registry import Reference, RegistryError, open_registry, recording_embedding
+from devrecd.openset.scoring import UNKNOWN, identify_with_registry, resolve_threshold
+from devrecd.errors import ArtifactError
+
+# --- calibration maths -----------------------------------------------------------------------
+
+# tar/non hand case: accepting >= 0.7 gives FAR = FRR = 1/3; >= 0.8 gives FRR 1/3, FAR 0.
+TAR = np.array([0.9, 0.8, 0.3])
+NON = np.array([0.7, 0.4, 0.1])
+
+
+def test_eer_hand_computed_cases() -> None:
+    assert eer(TAR, NON) == pytest.approx(1 / 3)
+    assert eer([2.0, 3.0], [0.0, 1.0]) == 0.0  # separable
+    assert eer([0.0, 1.0], [2.0, 3.0]) == 1.0  # exactly inverted
+    # Interleaved: accepting >= 2 or >= 3 both give FAR = FRR = 1/2.
+    assert eer([1.0, 3.0], [2.0, 4.0]) == pytest.approx(0.5)
+
+
+def test_eer_matches_sklearn_roc() -> None:
+    from sklearn.metrics import roc_curve
+
+    rng = np.random.default_rng(0)
+    tar, non = rng.normal(1.5, 1.0, 400), rng.normal(0.0, 1.0, 3000)
+    fpr, tpr, _ = roc_curve(np.r_[np.ones(tar.size), np.zeros(non.size)], np.r_[tar, non], drop_intermediate=False)
+    fnr = 1 - tpr
+    i = int(np.argmax(fnr <= fpr))  # sklearn's curve runs from strict to lenient thresholds
+    # Interpolate the crossing on the segment between the two points around it.
+    d0, d1 = fpr[i - 1] - fnr[i - 1], fpr[i] - fnr[i]
+    w = d0 / (d0 - d1)
+    ref = fpr[i - 1] + w * (fpr[i] - fpr[i - 1])
+    assert eer(tar, non) == pytest.approx(ref, abs=1e-3)
+    # Gaussian theory: EER = Phi(-d'/2) with d' = 1.5 -> 0.2266.
+    assert eer(tar, non) == pytest.approx(0.2266, abs=0.03)
+
+
+def test_error_rates_are_monotone_and_span_0_1() -> None:
+    thr, frr, far = error_rates(TAR, NON)
+    assert np.all(np.diff(thr) > 0) and np.all(np.diff(frr) >= 0) and np.all(np.diff(far) <= 0)
+    assert (frr[0], far[0], frr[-1], far[-1]) == (0.0, 1.0, 1.0, 0.0)
+
+
+def test_min_dcf_hand_computed() -> None:
+    # With P_target 0.5 and unit costs the normalised DCF is FRR + FAR: best 1/3 (threshold 0.8).
+    assert min_dcf(TAR, NON, p_target=0.5) == pytest.approx(1 / 3)
+    # At the NIST prior 0.01 missing is cheap: normalised cost = min(frr + 99 far, ...) / 1 -> 1/3 at >= 0.8.
+    assert min_dcf(TAR, NON) == pytest.approx(1 / 3)
+    assert min_dcf([2.0, 3.0], [0.0, 1.0]) == 0.0
+    assert min_dcf([0.0, 1.0], [2.0, 3.0]) == pytest.approx(1.0)  # no better than always rejecting
+
+
+def test_cllr_hand_computed() -> None:
+    assert cllr([0.0, 0.0], [0.0]) == pytest.approx(1.0)  # LR = 1 always: 1 bit
+    assert cllr([np.log(3)], [-np.log(3)]) == pytest.approx(np.log2(4 / 3))
+    assert cllr([50.0], [-50.0]) < 1e-20
+    assert cllr([-np.log(3)], [np.log(3)]) == pytest.approx(2.0)  # confidently wrong: log2(4)
+
+
+def test_cllr_min_is_zero_when_separable_and_bounds_actual_cllr() -> None:
+    assert cllr_min([2.0, 3.0], [0.0, 1.0]) == 0.0
+    rng = np.random.default_rng(1)
+    tar, non = rng.normal(2, 1, 500), rng.normal(0, 1, 500)
+    cal = calibrate(tar, non, target_far=0.05)
+    assert 0 < cal.cllr_min <= cal.cllr < 1.0
+    assert cllr(5 * tar, 5 * non) > cal.cllr  # miscalibrated (overconfident) LLRs cost more
+
+
+def test_logistic_calibration_recovers_the_true_llr() -> None:
+    rng = np.random.default_rng(2)
+    # Equal-variance Gaussians N(+1, 1) vs N(-1, 1): the true LLR is exactly 2 * score.
+    tar, non = rng.normal(1, 1, 20000), rng.normal(-1, 1, 20000)
+    slope, offset = fit_llr(tar, non)
+    assert slope == pytest.approx(2.0, abs=0.1)
+    assert offset == pytest.approx(0.0, abs=0.05)
+    # Unbalanced trials: the equal class weighting keeps the LLR free of the trial proportions.
+    slope2, offset2 = fit_llr(tar[:2000], non)
+    assert slope2 == pytest.approx(2.0, abs=0.2) and offset2 == pytest.approx(0.0, abs=0.15)
+
+
+def test_threshold_for_far() -> None:
+    non = np.linspace(0.1, 1.0, 10)
+    t = threshold_for_far(non, 0.2)
+    assert np.sum(non >= t) == 2 and 0.8 < t <= 0.9  # accepts 0.9 and 1.0 only
+    t0 = threshold_for_far(non, 0.0)
+    assert np.sum(non >= t0) == 0 and t0 == pytest.approx(1.0)
+    with pytest.raises(CalibrationError):
+        threshold_for_far(non, 1.0)
+    with pytest.raises(CalibrationError):
+        calibrate([], non)
+
+
+def test_calibration_round_trips_and_reports_its_operating_point() -> None:
+    rng = np.random.default_rng(3)
+    tar, non = rng.normal(0.8, 0.1, 300), rng.normal(0.3, 0.15, 3000)
+    cal = calibrate(tar, non, target_far=0.01)
+    assert cal.far <= 0.01 and cal.n_target == 300 and cal.n_nontarget == 3000
+    assert cal.frr == pytest.approx(np.mean(tar < cal.threshold))
+    assert cal.llr(cal.threshold) > cal.llr(0.3)  # monotone map
+    assert Calibration.from_dict(json.loads(json.dumps(cal.to_dict()))) == cal
+
+
+# --- registry ---------------------------------------------------------------------------------
+
+EMB = {"fingerprint": "a" * 64, "arch": "paper", "dim": 4, "source": "test"}
+
+
+def _ref(sha: str) -> Reference:
+    return Reference(sha256=sha * 64, path=f"/refs/{sha}.wav", windows=3, seconds=8.0, enrolled_at="t")
+
+
+def _windows(direction: list[float], rng: np.random.Generator, noise: float = 0.05) -> np.ndarray:
+    return np.asarray(direction, dtype=np.float64) + rng.normal(0, noise, (3, 4))
+
+
+def test_recording_embedding_is_unit_mean_of_unit_windows() -> None:
+    w = np.array([[3.0, 0, 0, 0], [0, 0.5, 0, 0]])
+    e = recording_embedding(w)
+    assert np.allclose(e, [np.sqrt(0.5), np.sqrt(0.5), 0, 0])  # window scale does not weigh in
+    with pytest.raises(RegistryError):
+        recording_embedding(np.zeros((0, 4)))
+
+
+def test_registry_enrol_save_load_remove(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    path = tmp_path / "reg" / "registry.json"
+    reg = open_registry(path, create=True)
+    assert reg.enroll("phone A", EMB, [(_ref("1"), _windows([1, 0, 0, 0], rng)), (_ref("2"), _windows([1, 0, 0, 0], rng))]) == (2, 0)
+    assert reg.enroll("phone B", EMB, [(_ref("3"), _windows([0, 1, 0, 0], rng))]) == (1, 0)
+    # The same file again is not weighed twice.
+    assert reg.enroll("phone A", EMB, [(_ref("1"), _windows([1, 0, 0, 0], rng))]) == (0, 1)
+    reg.save()
+    arrays = list(path.parent.glob("registry.*.npz"))
+    assert len(arrays) == 1
+
+    back = open_registry(path)
+    assert back.names == ["phone A", "phone B"]
+    assert back.profiles["phone A"].counts == {"n_references": 2, "windows": 6, "seconds": 16.0}
+    assert np.allclose(back.profiles["phone A"].embeddings, reg.profiles["phone A"].embeddings)
+    assert np.allclose(np.linalg.norm(back.profiles["phone A"].mean), 1.0)
+    assert back.embedder["fingerprint"] == EMB["fingerprint"]
+
+    back.remove("phone B")
+    back.save()
+    assert open_registry(path).names == ["phone A"]
+    assert list(path.parent.glob("registry.*.npz")) != arrays  # new arrays file, old one deleted
+    assert len(list(path.parent.glob("registry.*.npz"))) == 1
+    with pytest.raises(RegistryError, match="no device 'phone B'"):
+        back.get("phone B")
+
+
+def test_registry_refuses_another_model_and_detects_damage(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    path = tmp_path / "registry.json"
+    reg = open_registry(path, create=True)
+    reg.enroll("A", EMB, [(_ref("1"), _windows([1, 0, 0, 0], rng))])
+    reg.save()
+    with pytest.raises(RegistryError, match="cannot be compared") as err:
+        reg.enroll("B", {**EMB, "fingerprint": "b" * 64}, [(_ref("2"), _windows([0, 1, 0, 0], rng))])
+    assert err.value.reason == "model_mismatch"
+    npz = next(tmp_path.glob("registry.*.npz"))
+    npz.write_bytes(npz.read_bytes()[:-10])
+    with pytest.raises(ArtifactError, match="does not match its recorded sha256"):
+        open_registry(path)
+    with pytest.raises(RegistryError, match="no registry"):
+        open_registry(tmp_path / "missing.json")
+    (tmp_path / "junk.json").write_text("{}")
+    with pytest.raises(ArtifactError, match="not a devrecd registry"):
+        open_registry(tmp_path / "junk.json")
+
+
+def test_enrolment_invalidates_calibration_and_calibration_persists(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    reg = open_registry(tmp_path / "registry.json", create=True)
+    reg.enroll("A", EMB, [(_ref("1"), _windows([1, 0, 0, 0], rng))])
+    cal = calibrate(rng.normal(0.9, 0.05, 50), rng.normal(0.2, 0.1, 200), target_far=0.05)
+    reg.set_calibration(cal, {"dataset": "x"})
+    reg.save()
+    back = open_registry(reg.path)
+    assert back.calibration == cal and back.calibration_info == {"dataset": "x"}
+    thr, source = resolve_threshold(back, RegistryConfig(threshold=0.123))
+    assert thr == cal.threshold and source.startswith("calibrated")
+    assert resolve_threshold(back, RegistryConfig(threshold=0.123, use_calibration=False))[0] == 0.123
+    back.enroll("B", EMB, [(_ref("2"), _windows([0, 1, 0, 0], rng))])
+    assert back.calibration is None  # the threshold described the old set of profiles
+
+
+# --- scoring ----------------------------------------------------------------------------------
+
+def test_identify_with_registry_known_unknown_and_ranking(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    reg = open_registry(tmp_path / "registry.json", create=True)
+    for name, d in (("A", [1, 0, 0, 0]), ("B", [0, 1, 0, 0]), ("C", [0, 0, 1, 0])):
+        reg.enroll(name, EMB, [(_ref(name), _windows(d, rng))])
+    v = identify_with_registry(_windows([0.9, 0.3, 0, 0], rng), reg, threshold=0.8, k=2)
+    assert v["device"] == "A" and v["open_set"]["accepted"] and v["llr"] is None
+    assert [t["device"] for t in v["top_k"]] == ["A", "B"]
+    assert v["top_k"][0]["score"] >= v["top_k"][1]["score"]
+    assert v["windows_best"] == ["A", "A", "A"]
+    # A device nobody enrolled (the fourth axis) is "unknown device", with its ranked candidates.
+    u = identify_with_registry(_windows([0, 0, 0, 1], rng), reg, threshold=0.8)
+    assert u["device"] == UNKNOWN and u["candidate"] in {"A", "B", "C"} and len(u["top_k"]) == 3
+    assert u["score"] < 0.8 and not u["open_set"]["accepted"]
+    # With a calibration, every candidate carries an LLR, the best one the largest.
+    reg.set_calibration(calibrate(rng.normal(0.9, 0.05, 50), rng.normal(0.1, 0.2, 200)), {})
+    c = identify_with_registry(_windows([0, 1, 0, 0], rng), reg, threshold=0.8)
+    assert c["device"] == "B" and c["llr"] == c["top_k"][0]["llr"] > c["top_k"][1]["llr"]
+    with pytest.raises(RegistryError, match="no enrolled devices"):
+        identify_with_registry(_windows([1, 0, 0, 0], rng), open_registry(tmp_path / "e.json", create=True), threshold=0.5)
+
+
+# --- real phones: train a small embedder, enrol, identify, calibrate, CLI ---------------------
+
+HELD_OUT = 2  # phones the embedder never sees (the last two of the first six, by name)
+
+
+@pytest.fixture(scope="module")
+def real_setup(ccnu_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A tiny ``asp`` embedder trained on 4 real phones (segments 1-3); 2 more phones held out of training."""
+    import torch
+
+    from devrecd.config import load_config
+    from devrecd.data import CCNU_SPLIT, load_dataset
+    from devrecd.openset.training import train_embedder
+    from devrecd.pipeline import features_for_file
+
+    torch.set_num_threads(2)
+    cfg = load_config(overrides={"audio.hop_seconds": 1.0})
+    ds = load_dataset(ccnu_dir, split_by_group=CCNU_SPLIT, split_file=tmp_path_factory.mktemp("split") / "s.json")
+    phones = list(ds.labels[:6])
+    seen, unseen = phones[:-HELD_OUT], phones[-HELD_OUT:]
+    train = [it for it in ds.subset("train") if it.device in seen]
+    feats = [features_for_file(it.path, cfg)[1] for it in train]
+    embedder = train_embedder(feats, [it.device for it in train], frontend=cfg.frontend, epochs=8, seed=0,
+                              hparams={"hidden": 32, "attention": 16, "emb_dim": 32})
+    return cfg, ds, phones, seen, unseen, embedder
+
+
+def test_training_is_deterministic_and_embeddings_have_the_declared_shape(real_setup) -> None:
+    cfg, ds, phones, seen, unseen, embedder = real_setup
+    from devrecd.openset.training import train_embedder
+
+    feats = np.random.default_rng(0).normal(size=(6, 128, 73)).astype(np.float32)
+    a = train_embedder([feats[:3], feats[3:]], ["x", "y"], frontend=cfg.frontend, epochs=2, seed=1,
+                       hparams={"hidden": 8, "attention": 4, "emb_dim": 8})
+    b = train_embedder([feats[:3], feats[3:]], ["x", "y"], frontend=cfg.frontend, epochs=2, seed=1,
+                       hparams={"hidden": 8, "attention": 4, "emb_dim": 8})
+    assert a.fingerprint == b.fingerprint  # same seed, same weights (CPU)
+    assert a.embed_features(feats).shape == (6, 8) and a.describe()["dim"] == 8
+    assert embedder.fingerprint != a.fingerprint
+
+
+def test_enrol_unseen_phones_identify_and_reject_unenrolled(real_setup, tmp_path: Path) -> None:
+    """Phones never seen in training are enrolled and recognised; a phone not enrolled is 'unknown'."""
+    from devrecd.openset.registry import open_registry
+    from devrecd.openset.workflow import calibrate_registry, enrol_files, score_recordings
+
+    cfg, ds, phones, seen, unseen, embedder = real_setup
+    left_out = unseen[-1]  # never seen in training AND not enrolled
+    reg = open_registry(tmp_path / "registry.json", create=True)
+    for phone in phones[:-1]:
+        refs = [it.path for it in ds.subset("train") if it.device == phone]
+        assert enrol_files(reg, embedder, phone, refs, cfg) == (3, 0)
+    assert enrol_files(reg, embedder, phones[0], [ds.subset("train")[0].path], cfg) == (0, 1)  # same file again
+    reg.save()
+    reg = open_registry(reg.path)
+    assert reg.names == sorted(phones[:-1]) and reg.embedder["fingerprint"] == embedder.fingerprint
+
+    test = [(str(it.path), it.device) for it in ds.subset("test") if it.device in phones]
+    trials = score_recordings(reg, embedder, test, cfg)
+    # Rank-1 identification of the enrolled phones, including one the embedder never saw.
+    best = [trials.profiles[int(i)] for i in trials.scores.argmax(axis=1)]
+    known = [(b, d) for b, d in zip(best, trials.devices) if d != left_out]
+    assert np.mean([b == d for b, d in known]) >= 0.8
+    assert any(d == unseen[0] and b == d for b, d in known)
+    # Target trials score higher than non-target ones on real recordings.
+    assert trials.target_scores.mean() > trials.nontarget_scores.mean() + 0.2
+
+    cal = calibrate_registry(reg, trials, target_far=0.2)
+    assert cal.threshold_basis == "open-set" and cal.n_target == len(known)
+    assert reg.calibration_info["unenrolled_recordings"] == 2
+    assert 0.0 <= cal.eer < 0.5 and cal.cllr_min <= cal.cllr
+    # The verdict uses the calibrated threshold; the registry round-trips it.
+    reg.save()
+    from devrecd.openset.scoring import identify_with_registry
+
+    back = open_registry(reg.path)
+    path = next(p for p, d in test if d == unseen[0])
+    _, windows = embedder.embed_file(path, cfg)
+    v = identify_with_registry(windows, back, threshold=back.calibration.threshold)
+    assert v["candidate"] == unseen[0] and v["llr"] is not None and len(v["windows_best"]) == len(windows)
+
+
+def test_embedder_refuses_a_network_without_embed(real_setup) -> None:
+    import torch
+
+    cfg = real_setup[0]
+    from devrecd.openset.embedder import Embedder
+
+    with pytest.raises(ArtifactError, match="no embed"):
+        Embedder(torch.nn.Linear(73, 2), arch="linear", hparams={}, frontend=cfg.frontend,
+                 norm_mean=np.zeros(73), norm_std=np.ones(73))
+
+
+def test_devices_cli_list_show_remove(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from devrecd.cli import app
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "registry.json"
+    reg = open_registry(path, create=True)
+    reg.enroll("phone A", EMB, [(_ref("1"), _windows([1, 0, 0, 0], rng))])
+    reg.enroll("phone B", EMB, [(_ref("2"), _windows([0, 1, 0, 0], rng)), (_ref("3"), _windows([0, 1, 0, 0], rng))])
+    reg.save()
+    run = CliRunner().invoke
+    out = run(app, ["devices", "--registry", str(path)])
+    assert out.exit_code == 0 and "2 device(s)" in out.output and "phone B" in out.output
+    out = run(app, ["devices", "show", "phone B", "--registry", str(path), "--json"])
+    assert out.exit_code == 0 and json.loads(out.output)["n_references"] == 2
+    out = run(app, ["devices", "remove", "phone A", "--registry", str(path)])
+    assert out.exit_code == 0 and open_registry(path).names == ["phone B"]
+    out = run(app, ["devices", "show", "phone A", "--registry", str(path)])
+    assert out.exit_code == 1 and "no device 'phone A'" in out.output
+    out = run(app, ["devices", "list"], env={"DEVRECD_REGISTRY__PATH": ""})
+    assert out.exit_code == 1 and "no registry" in out.output
