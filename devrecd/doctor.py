@@ -79,6 +79,7 @@ def run_checks() -> list[Check]:
         checks.append(Check("decoder:pyav", not missing, detail + (f"; missing {', '.join(missing)}" if missing else "")))
     else:
         checks.append(Check("decoder:pyav", False, err, "pip install av (m4a/AAC, AMR, 3gp)"))
-    ff = shutil.which("ffmpeg")
-    checks.append(Check("ffmpeg", bool(ff), ff or "not on PATH", "" if ff else "apt install ffmpeg (used by `devrecd synth` encoders)"))
+    es = shutil.which("espeak-ng")
+    checks.append(Check("espeak-ng", bool(es), es or "not on PATH",
+                        "" if es else "apt install espeak-ng (speech for `devrecd demo` when no LibriSpeech is at hand)"))
     return checks

@@ -218,7 +218,9 @@ class Capture:
         if stream is None:
             return
         try:
-            stream.abort(ignore_errors=True)
+            # stop(), not abort(): PortAudio's ALSA abort cancels the callback thread (pthread_cancel),
+            # which can kill the process if it lands while the callback runs Python code.
+            stream.stop(ignore_errors=True)
             stream.close(ignore_errors=True)
         except Exception as exc:  # noqa: BLE001 - a vanished device may fail to close; it is gone either way
             log.debug("closing the input stream failed", extra={"error": str(exc)})

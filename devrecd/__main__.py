@@ -1,0 +1,5 @@
+"""``python -m devrecd`` = the ``devrecd`` command."""
+
+from devrecd.cli import main
+
+main()

@@ -1,0 +1,30 @@
+"""``devrecd demo``: synth -> train -> export -> watch, on an embedded default."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from devrecd.cli.app import command
+
+
+@command()
+def demo(
+    workdir: Path = typer.Option(Path("demo"), "--workdir", help="Folder for the demo's corpus, model, evidence and state (replaced)."),
+    devices: int = typer.Option(6, "--devices", min=2, help="Simulated phones."),
+    recordings: int = typer.Option(24, "--recordings", min=5, help="Recordings per phone."),
+    epochs: int = typer.Option(12, "--epochs", min=1, help="Training epochs."),
+    seed: int = typer.Option(1, "--seed", help="Seed of the simulated devices and of training."),
+    shared: Optional[Path] = typer.Option(None, "--shared", help="Where ../shared is (LibriSpeech speech); espeak-ng otherwise."),
+    summary: Optional[Path] = typer.Option(None, "--summary", help="Also write the summary as JSON here."),
+) -> None:
+    """Run the whole product on simulated phones: synth, train, export, the daemon, verdicts, metrics."""
+    from devrecd.demo import DemoSettings, run_demo
+
+    result = run_demo(DemoSettings(workdir=workdir, devices=devices, recordings=recordings, epochs=epochs,
+                                   seed=seed, shared=shared), say=typer.echo)
+    if summary:
+        summary.write_text(json.dumps(result, indent=2))
