@@ -50,7 +50,7 @@ def make_evidence(out: Path, n: int, seconds: float, shared: Path) -> list[Path]
     return files
 
 
-def naive_loop(files: list[Path], model: str, repeats: int = 2) -> float:
+def naive_loop(files: list[Path], model: str, repeats: int = 2, threads: int = 1) -> float:
     """Seconds to judge ``files`` one at a time: decode, features, infer, aggregate (best of
     ``repeats`` passes: the machine is shared, and the best pass is the fairest baseline)."""
     from devrecd.config import load_config
@@ -58,9 +58,9 @@ def naive_loop(files: list[Path], model: str, repeats: int = 2) -> float:
     from devrecd.daemon.verdict import aggregate
     from devrecd.pipeline import features_for_file
 
-    # One ONNX Runtime thread, as the daemon run below: with 2, ORT's spinning workers take the
-    # core torch needs for the features (measured: ~5x slower naive loop on 2 cores).
-    cfg = load_config(None, overrides={"backend.model": model, "backend.threads": 1})
+    # The same ONNX Runtime thread count as the daemon run. Note: with 2 threads ORT's spinning
+    # workers compete with torch for the cores (measured ~5x slower features with a tiny model).
+    cfg = load_config(None, overrides={"backend.model": model, "backend.threads": threads})
     backend = load_serving_backend(cfg)
     try:
         _, feats = features_for_file(files[0], cfg)  # warm-up (first torch call), as the daemon's
@@ -127,6 +127,7 @@ def main() -> None:
     ap.add_argument("--shared", type=Path, default=REPO.parent / "shared")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads (daemon and naive loop alike)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="devrecd-backlog-") as tmp:
@@ -137,12 +138,12 @@ def main() -> None:
         audio_s = args.files * args.seconds
 
         naive_n = min(args.naive_files, len(files))
-        naive_s = naive_loop(files[:naive_n], args.model)
+        naive_s = naive_loop(files[:naive_n], args.model, threads=args.threads)
         naive_rate = naive_n / naive_s
 
         proc, state = start_daemon(work, evidence, args.model, env={
             "DEVRECD_WATCH__WORKERS": str(args.workers), "DEVRECD_BATCHER__MAX_BATCH": str(args.max_batch),
-            "DEVRECD_WATCH__STABLE_SECONDS": "1.0", "DEVRECD_BACKEND__THREADS": "1"})
+            "DEVRECD_WATCH__STABLE_SECONDS": "1.0", "DEVRECD_BACKEND__THREADS": str(args.threads)})
         try:
             dropped = time.time()
             for p in files:  # a rename is atomic: the whole backlog appears at once
@@ -160,7 +161,7 @@ def main() -> None:
         outcomes = {o: sum(r["outcome"] == o for r in recs) for o in ("judged", "duplicate", "failed")}
         rate = len(files) / wall
         print(f"backlog: {len(files)} x {args.seconds:.0f} s real phone recordings dropped at once; CPU; "
-              f"workers={args.workers} max_batch={args.max_batch}; outcomes {outcomes}")
+              f"workers={args.workers} max_batch={args.max_batch} ort_threads={args.threads}; outcomes {outcomes}")
         print(f"  daemon      : {rate:7.2f} files/s  {audio_s / wall:8.1f} audio-s/s  wall {wall:6.1f} s  "
               f"drop->verdict p50 {pct(latency, 50):6.1f} s  p99 {pct(latency, 99):6.1f} s  peak RSS {rss:.0f} MiB")
         print(f"  naive loop  : {naive_rate:7.2f} files/s  {naive_rate * args.seconds:8.1f} audio-s/s  "

@@ -9,7 +9,7 @@ the block holding the window's last sample (``devrecd_live_latency_seconds``).
 Baseline in the same run: the one-shot floor for one window, i.e. features of one clip plus one
 batch-of-1 inference, called directly with nothing else running.
 
-    python benchmarks/live_latency.py --model export/NAME.onnx [--seconds 60] [--block 1024] [--threads 1]
+    python benchmarks/live_latency.py --model export/NAME.onnx [--seconds 60] [--block 1024] [--threads 1] [--max-wait-ms 5]
 """
 
 from __future__ import annotations
@@ -59,12 +59,14 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60.0, help="seconds of audio streamed (real time)")
     ap.add_argument("--block", type=int, default=1024, help="frames per callback")
     ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads (backend.threads)")
+    ap.add_argument("--max-wait-ms", type=float, default=None,
+                    help="batcher.max_wait_ms (default: the config's, 50); a live window every hop has little to batch with")
     ap.add_argument("--shared", type=Path, default=REPO.parent / "shared")
     args = ap.parse_args()
 
     cfg = load_config(None, env={}, overrides={"backend.model": args.model, "backend.kind": "onnxruntime",
                                                "backend.threads": args.threads, "live.hop_seconds": 1.0,
-                                               "live.window_seconds": 0.0})
+                                               "live.window_seconds": 0.0, "batcher.max_wait_ms": args.max_wait_ms})
     rate = cfg.frontend.sample_rate
     audio = stream_audio(args.shared, args.seconds, rate).reshape(-1, 1)
     metrics = Metrics()
@@ -74,6 +76,8 @@ def main() -> None:
     frontend = frontend_for(cfg.frontend)
     clip = cfg.frontend.clip_samples
     floor = []
+    for i in range(3):  # warm-up: the first calls build tables and thread pools
+        backend.infer(extract(audio[:clip, 0][None], frontend))
     for i in range(30):
         t0 = time.perf_counter()
         backend.infer(extract(audio[i * rate: i * rate + clip, 0][None], frontend))
@@ -96,7 +100,8 @@ def main() -> None:
     lat = [r["latency"] for r in records if r["outcome"] == "judged" and r["latency"] is not None]
     stats = listener.source.stats()
     print(f"live latency, hop 1 s, window {clip / rate:.1f} s, block {args.block} frames "
-          f"({args.block / rate * 1000:.0f} ms), ONNX Runtime {args.threads} thread(s), {args.seconds:.0f} s streamed")
+          f"({args.block / rate * 1000:.0f} ms), ONNX Runtime {args.threads} thread(s), "
+          f"batcher.max_wait_ms {cfg.batcher.max_wait_ms:g}, {args.seconds:.0f} s streamed")
     print(f"  windows judged       {len(lat)} (skipped {stats['skipped']}, ring overflows {stats['ring_overflows']})")
     print(f"  live end->verdict    p50 {pct(lat, 50) * 1000:7.1f} ms   p99 {pct(lat, 99) * 1000:7.1f} ms   "
           f"max {max(lat) * 1000 if lat else float('nan'):7.1f} ms")

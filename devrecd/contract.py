@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from devrecd.errors import ArtifactError, ConfigError
 from devrecd.features import FEATURE_DIM, N_FRAMES, FrontendConfig
+from devrecd.fsutil import atomic_write
 
 SCHEMA = "devrecd.contract/1"  # bump when a field changes meaning
 INPUT_NAME = "features"  # (batch, 128, 73) float32, NOT normalised: normalisation is in the graph
@@ -83,18 +83,7 @@ class Contract:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the contract atomically (a reader never sees half a file)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(self.to_dict(), fh, indent=2, sort_keys=False)
-                fh.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write(path, json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "contract") -> Contract:

@@ -32,6 +32,7 @@ from devrecd.backends.tensorrt import (EngineMeta, GpuTarget, Profile, TensorRTB
 from devrecd.contract import INPUT_NAME, Contract, contract_path_for, load_for_onnx
 from devrecd.errors import ArtifactError
 from devrecd.export import TOLERANCE, fp16_path_for, load_parity_features, ort_session
+from devrecd.fsutil import atomic_write
 
 log = logging.getLogger("devrecd.engine")
 
@@ -186,7 +187,4 @@ def verify_engine(engine_path: Path, onnx_path: Path, contract: Contract, contra
 
 
 def _write_atomic(path: Path, data: memoryview) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
+    atomic_write(path, bytes(data))

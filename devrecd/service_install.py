@@ -21,6 +21,7 @@ from typing import Any, Iterable, Sequence
 
 from devrecd.config import load_config
 from devrecd.errors import DevrecdError
+from devrecd.fsutil import atomic_write
 
 REPO = Path(__file__).resolve().parents[1]
 UNIT_NAME = "devrecd.service"
@@ -261,11 +262,7 @@ def apply_plan(plan: Plan, *, force: bool = False) -> list[Path]:
         if step.keep_existing and target.exists() and not force:
             continue
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.devrecd-tmp")
-            tmp.write_bytes(step.content)
-            os.chmod(tmp, step.mode)
-            os.replace(tmp, target)
+            atomic_write(target, step.content, mode=step.mode)
         except OSError as exc:
             raise InstallError(f"cannot write {target}: {exc.strerror or exc} (run as root, or use --prefix DIR)",
                                reason="install_write") from None

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,6 +31,7 @@ import numpy as np
 from devrecd.backends.base import INSTALL_GPU_HINT, InferenceError, batch_slices, check_features_shape
 from devrecd.contract import INPUT_NAME, OUTPUT_NAME, Contract
 from devrecd.errors import ArtifactError, MissingDependency
+from devrecd.fsutil import atomic_write
 
 log = logging.getLogger("devrecd.backends.tensorrt")
 
@@ -156,16 +156,7 @@ class EngineMeta:
         return Profile(int(self.profile["min"]), int(self.profile["opt"]), int(self.profile["max"]))
 
     def save(self, path: Path) -> Path:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(asdict(self), fh, indent=2)
-                fh.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write(path, json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> EngineMeta:

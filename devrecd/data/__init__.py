@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -40,6 +39,7 @@ import numpy as np
 from devrecd.config import WatchConfig
 from devrecd.data.cache import FeatureCache  # re-exported: devrecd.data is the package's front door
 from devrecd.errors import DatasetError
+from devrecd.fsutil import atomic_write
 
 SPLITS = ("train", "val", "test")
 AUDIO_EXTENSIONS = frozenset(WatchConfig().extensions)
@@ -341,11 +341,7 @@ def _read_split_file(file: Path) -> dict:
 
 def _write_json_atomic(file: Path, data: dict) -> None:
     try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".tmp", dir=file.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1, sort_keys=True)
-        os.replace(tmp, file)  # readers see the old file or the new one, never half of one
+        atomic_write(file, json.dumps(data, indent=1, sort_keys=True))
     except OSError as exc:
         raise DatasetError(f"cannot write the split file {file}: {exc.strerror or exc}", reason="dataset_split") from None
 

@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ import numpy as np
 from devrecd.audio import read_evidence, sha256_file
 from devrecd.config import AudioConfig
 from devrecd.features import FEATURE_DIM, FrontendConfig, extract
+from devrecd.fsutil import atomic_write
 
 log = logging.getLogger("devrecd.data.cache")
 
@@ -103,15 +103,9 @@ class FeatureCache:
 
     def _store(self, entry: Path, feats: np.ndarray) -> None:
         try:
-            entry.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{entry.stem[:8]}.", suffix=".tmp", dir=entry.parent)
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    np.save(fh, np.ascontiguousarray(feats, dtype=np.float32), allow_pickle=False)
-                os.replace(tmp, entry)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            # no fsync: a cache entry lost in a crash is only recomputed
+            atomic_write(entry, lambda fh: np.save(fh, np.ascontiguousarray(feats, dtype=np.float32), allow_pickle=False),
+                         fsync=False)
         except OSError as exc:
             # A cache that cannot be written only costs time: the features are still returned.
             log.warning("feature cache not writable", extra={"entry": str(entry), "error": str(exc)})

@@ -21,7 +21,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 
 from devrecd.errors import ArtifactError, DevrecdError
 from devrecd.openset.calibration import Calibration
+from devrecd.fsutil import atomic_write
 
 FORMAT = "devrecd-registry/1"
 
@@ -261,16 +261,7 @@ def _arrays_file(json_path: Path) -> Path | None:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, data)
 
 
 def _now() -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from devrecd.config import AudioConfig, SynthConfig
 from devrecd.data import AUDIO_EXTENSIONS, SPLITS, ratio_split
 from devrecd.errors import DatasetError
 from devrecd.synth.chain import DeviceChain, Variation, render, sample_model, sample_unit
+from devrecd.fsutil import atomic_write
 
 _LIBRISPEECH_NAME = re.compile(r"^(\d+)-\d+-\d+$")  # <speaker>-<chapter>-<utterance>
 # Speech may be shorter than a model clip; it only has to be long enough to be speech.
@@ -220,11 +220,7 @@ def _render_job(job: _Job) -> tuple[int, str, str]:
     buf = io.BytesIO()
     sf.write(buf, y, job.rate, subtype="PCM_16", format="WAV")
     data = buf.getvalue()
-    path = Path(job.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write(job.out, data, fsync=False)
     return job.index, job.out, hashlib.sha256(data).hexdigest()
 
 
@@ -288,6 +284,4 @@ def _csv(rows: list[tuple[str, str, str, str]]) -> bytes:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)  # a manifest appears only when the corpus is complete
+    atomic_write(path, data)  # a manifest appears only when the corpus is complete

@@ -1,0 +1,165 @@
+"""``devrecd train``, ``evaluate``, ``finetune`` and ``baseline``: the model's life cycle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from devrecd.cli.app import ConfigOption, command, load_cli_config
+
+SplitGroupsOption = typer.Option(
+    None, "--split-groups",
+    help="Split by recording group instead of the train.split ratios: 'ccnu' (segments 1-3 train, 4-5 test) "
+         "or e.g. 'train=1,2 val=3 test=4,5'.")
+DeviceOption = typer.Option("auto", "--device", help="torch device for features and network: auto | cpu | cuda[:N].")
+
+
+def _progress(desc: str):
+    """tqdm callbacks for the trainer: a bar per epoch with loss, accuracy and clips/s."""
+    from tqdm import tqdm
+
+    state: dict[str, Any] = {"bar": None, "epoch": 0}
+
+    def on_step(done: int, total: int, loss: float, acc: float, rate: float) -> None:
+        if state["bar"] is None:
+            state["epoch"] += 1
+            state["bar"] = tqdm(total=total, unit="clip", desc=f"{desc} epoch {state['epoch']}",
+                                dynamic_ncols=True, leave=False)
+        bar = state["bar"]
+        bar.update(done - bar.n)
+        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", clips_s=f"{rate:.1f}")
+
+    def on_epoch(rec: dict[str, Any]) -> None:
+        if state["bar"] is not None:
+            state["bar"].close()
+            state["bar"] = None
+        state["epoch"] = rec["epoch"]
+        val = (f" val_loss {rec['val_loss']:.4f} val_acc {rec['val_acc']:.3f} val_rec_acc {rec['val_rec_acc']:.3f}"
+               if "val_loss" in rec else "")
+        typer.echo(f"epoch {rec['epoch']}: loss {rec['train_loss']:.4f} acc {rec['train_acc']:.3f}{val} "
+                   f"lr {rec['lr']:.2e} {rec['clips_per_s']:.1f} clips/s {rec['seconds']:.0f} s (best {rec['best_epoch']})")
+
+    def close() -> None:
+        if state["bar"] is not None:
+            state["bar"].close()
+
+    return on_step, on_epoch, close
+
+
+def _run(ds_path: Path, out: Path, cfg: Any, opts: Any, split_groups: Optional[str], device: str,
+         init: Optional[Path] = None) -> None:
+    from devrecd.pipeline import resolve_device
+    from devrecd.train import open_dataset, train
+
+    ds = open_dataset(ds_path, cfg, split_groups)
+    on_step, on_epoch, close = _progress("finetune" if init else "train")
+    try:
+        result = train(ds, out, cfg, opts, init=init, device=resolve_device(device), on_step=on_step, on_epoch=on_epoch)
+    finally:
+        close()
+    how = "stopped early" if result.stopped_early else "done"
+    typer.echo(f"{how} after {result.epochs_run} epochs; best epoch {result.best_epoch} -> {out / 'best.pt'}")
+
+
+@command()
+def train(
+    dataset: Path = typer.Argument(..., exists=True, help="Dataset: device folders, manifest CSV, or CCNU-style folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run directory (best.pt, last.pt, metrics.jsonl, learning_curve.png). "
+                             "Run the same command again to resume."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Architecture: paper, group1..group7, asp (train.arch)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="train.epochs"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=2, help="train.batch_size"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="train.lr (divided by 1/lr_gamma every lr_step_epochs)."),
+    hop_seconds: Optional[float] = typer.Option(None, "--hop-seconds", help="Window hop over training recordings (train.hop_seconds)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="train.seed"),
+    patience: Optional[int] = typer.Option(None, "--patience", min=0, help="Early stopping after N epochs without improvement; 0 = off."),
+    augment: bool = typer.Option(False, "--augment", help="Random crop offset, gain (+-6 dB) and light noise each epoch."),
+    split_groups: Optional[str] = SplitGroupsOption,
+    device: str = DeviceOption,
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Train a device classifier on DATASET (defaults: the paper's recipe, config section train)."""
+    from devrecd.train import TrainOptions
+
+    cfg = load_cli_config(config)
+    opts = TrainOptions.from_config(cfg.train, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,
+                                    hop_seconds=hop_seconds, seed=seed, patience=patience, augment=augment or None)
+    _run(dataset, out, cfg, opts, split_groups, device)
+
+
+@command()
+def finetune(
+    checkpoint: Path = typer.Argument(..., exists=True, help="Pre-trained run directory or .pt file."),
+    dataset: Path = typer.Argument(..., exists=True, help="Dataset of the new devices."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run directory of the fine-tuned model (resumable)."),
+    trainable: str = typer.Option("softmax", "--trainable", help="softmax (new head only) | mlp (Dense(128)+head) | all."),
+    epochs: int = typer.Option(300, "--epochs", min=1, help="The paper's Table IX uses 300."),
+    batch_size: int = typer.Option(32, "--batch-size", min=2),
+    lr: float = typer.Option(1e-5, "--lr"),
+    hop_seconds: Optional[float] = typer.Option(None, "--hop-seconds", help="train.hop_seconds"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="train.seed"),
+    patience: Optional[int] = typer.Option(None, "--patience", min=0, help="train.patience; 0 = off."),
+    augment: bool = typer.Option(False, "--augment", help="As for train."),
+    split_groups: Optional[str] = SplitGroupsOption,
+    device: str = DeviceOption,
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Transfer a trained network to new devices: a new classifier head for DATASET's labels (Table IX)."""
+    from devrecd.train import TrainOptions
+
+    cfg = load_cli_config(config)
+    opts = TrainOptions.from_config(cfg.train, epochs=epochs, batch_size=batch_size, lr=lr, trainable=trainable,
+                                    hop_seconds=hop_seconds, seed=seed, patience=patience, augment=augment or None,
+                                    lr_step_epochs=max(epochs, 1))  # constant lr, as Table IX
+    _run(dataset, out, cfg, opts, split_groups, device, init=checkpoint)
+
+
+@command()
+def evaluate(
+    checkpoint: Path = typer.Argument(..., exists=True, help="Run directory (its best.pt) or a .pt checkpoint."),
+    dataset: Path = typer.Argument(..., exists=True),
+    report: Path = typer.Option(..., "--report", help="Folder for report.json, per_device.csv, confusion matrices."),
+    split: str = typer.Option("test", "--split", help="train | val | test"),
+    hop_seconds: Optional[float] = typer.Option(None, "--hop-seconds", help="Window hop (default audio.hop_seconds, as served)."),
+    split_groups: Optional[str] = SplitGroupsOption,
+    device: str = DeviceOption,
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Accuracy and macro precision/recall/F1 per window and per recording, confusion matrices."""
+    from devrecd.evaluation import evaluate_checkpoint, summary_line, write_report
+    from devrecd.pipeline import resolve_device
+    from devrecd.train import open_dataset
+
+    cfg = load_cli_config(config)
+    ds = open_dataset(dataset, cfg, split_groups)
+    rep, recs = evaluate_checkpoint(checkpoint, ds, cfg, split=split, hop_seconds=hop_seconds,
+                                    device=resolve_device(device))
+    path = write_report(rep, report, recs)
+    typer.echo(summary_line(rep))
+    typer.echo(f"report -> {path}")
+
+
+@command()
+def baseline(
+    name: str = typer.Argument(..., help="mfcc-svm | gsv-svm"),
+    dataset: Path = typer.Argument(..., exists=True),
+    report: Path = typer.Option(..., "--report", help="Report folder (same format as evaluate)."),
+    split: str = typer.Option("test", "--split", help="Split to score (fitted on train)."),
+    hop_seconds: Optional[float] = typer.Option(None, "--hop-seconds", help="Window hop (default audio.hop_seconds)."),
+    split_groups: Optional[str] = SplitGroupsOption,
+    seed: Optional[int] = typer.Option(None, "--seed", help="train.seed"),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Fit a classical baseline (Table V) on the train split and report it like evaluate."""
+    from devrecd.evaluation import evaluate_baseline, summary_line, write_report
+    from devrecd.train import open_dataset
+
+    cfg = load_cli_config(config)
+    ds = open_dataset(dataset, cfg, split_groups)
+    rep, recs = evaluate_baseline(name, ds, cfg, split=split, hop_seconds=hop_seconds,
+                                  seed=cfg.train.seed if seed is None else seed)
+    path = write_report(rep, report, recs)
+    typer.echo(summary_line(rep))
+    typer.echo(f"report -> {path}")
