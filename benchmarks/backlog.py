@@ -138,8 +138,9 @@ def main() -> None:
         audio_s = args.files * args.seconds
 
         naive_n = min(args.naive_files, len(files))
-        naive_s = naive_loop(files[:naive_n], args.model, threads=args.threads)
-        naive_rate = naive_n / naive_s
+        # The naive loop runs before AND after the daemon (the best pass counts): the machine is
+        # shared, and a load spike during one pass must not flatter the daemon.
+        naive_before = naive_loop(files[:naive_n], args.model, threads=args.threads)
 
         proc, state = start_daemon(work, evidence, args.model, env={
             "DEVRECD_WATCH__WORKERS": str(args.workers), "DEVRECD_BATCHER__MAX_BATCH": str(args.max_batch),
@@ -155,6 +156,9 @@ def main() -> None:
             rss = peak_rss_mib(proc.pid)
         finally:
             stop(proc)
+        naive_after = naive_loop([evidence / p.name for p in files[:naive_n]], args.model, threads=args.threads)
+        naive_s = min(naive_before, naive_after)
+        naive_rate = naive_n / naive_s
         done = max(_judged_at(r) for r in recs)
         wall = done - dropped
         latency = [_judged_at(r) - dropped for r in recs]
@@ -165,7 +169,8 @@ def main() -> None:
         print(f"  daemon      : {rate:7.2f} files/s  {audio_s / wall:8.1f} audio-s/s  wall {wall:6.1f} s  "
               f"drop->verdict p50 {pct(latency, 50):6.1f} s  p99 {pct(latency, 99):6.1f} s  peak RSS {rss:.0f} MiB")
         print(f"  naive loop  : {naive_rate:7.2f} files/s  {naive_rate * args.seconds:8.1f} audio-s/s  "
-              f"({naive_n} files in {naive_s:.1f} s, one at a time, same model and backend)")
+              f"({naive_n} files in {naive_s:.1f} s, best of passes before/after the daemon: "
+              f"{naive_before:.1f} s / {naive_after:.1f} s; one file at a time, same model and backend)")
         print(f"  speed-up    : {rate / naive_rate:.2f}x (target >= 4x)")
 
 

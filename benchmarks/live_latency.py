@@ -64,9 +64,11 @@ def main() -> None:
     ap.add_argument("--shared", type=Path, default=REPO.parent / "shared")
     args = ap.parse_args()
 
-    cfg = load_config(None, env={}, overrides={"backend.model": args.model, "backend.kind": "onnxruntime",
-                                               "backend.threads": args.threads, "live.hop_seconds": 1.0,
-                                               "live.window_seconds": 0.0, "batcher.max_wait_ms": args.max_wait_ms})
+    over = {"backend.model": args.model, "backend.kind": "onnxruntime", "backend.threads": args.threads,
+            "live.hop_seconds": 1.0, "live.window_seconds": 0.0}
+    if args.max_wait_ms is not None:
+        over["batcher.max_wait_ms"] = args.max_wait_ms
+    cfg = load_config(None, env={}, overrides=over)
     rate = cfg.frontend.sample_rate
     audio = stream_audio(args.shared, args.seconds, rate).reshape(-1, 1)
     metrics = Metrics()

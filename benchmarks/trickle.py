@@ -36,7 +36,8 @@ def main() -> None:
         staging, evidence = work / "staging", work / "evidence"
         evidence.mkdir()
         files = make_evidence(staging, args.files, 10.0, args.shared)
-        naive_s = naive_loop(files[: min(50, len(files))], args.model) / min(50, len(files))
+        n_naive = min(50, len(files))
+        naive_before = naive_loop(files[:n_naive], args.model) / n_naive
         proc, state = start_daemon(work, evidence, args.model, env={
             "DEVRECD_WATCH__STABLE_SECONDS": str(args.stable), "DEVRECD_BACKEND__THREADS": "1"})
         complete: dict[str, float] = {}
@@ -53,6 +54,8 @@ def main() -> None:
                 time.sleep(0.1)
         finally:
             stop(proc)
+        # Best of a pass before and after the daemon: the machine is shared (see backlog.py).
+        naive_s = min(naive_before, naive_loop([evidence / p.name for p in files[:n_naive]], args.model) / n_naive)
         e2e = [r["timings"]["end_to_end"] for r in recs]
         total = [_judged_at(r) - complete[r["path"]] for r in recs]
         print(f"trickle: {len(files)} x 10 s real recordings, one every {args.interval * 1000:.0f} ms; CPU; "

@@ -101,12 +101,6 @@ class TrainConfig:
     split: tuple[float, float, float] = (0.64, 0.16, 0.20)  # train / val / test
     cache_dir: str = "~/.cache/devrecd/features"
     threads: int = 0  # torch intra-op threads (0 = torch's default)
-    device: str = "auto"  # torch device for features and training: auto | cpu | cuda[:N]
-    gain_db: float = 0.0  # augmentation: random gain in [-gain_db, +gain_db] dB per training window (0 = off)
-    windows_per_recording: int = 0  # per epoch, this many random windows of each recording (0 = all)
-    finetune_lr: float = 1e-5  # `devrecd finetune` (the paper's Table IX)
-    finetune_batch_size: int = 32
-    finetune_epochs: int = 300
 
 
 @dataclass(frozen=True)

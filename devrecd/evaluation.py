@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -27,6 +25,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from devrecd.errors import DatasetError
+from devrecd.fsutil import atomic_write
 
 EPS = 1e-12  # probabilities -> log without -inf (SVM probabilities can be exactly 0)
 
@@ -140,12 +139,7 @@ def write_report(report: dict[str, Any], out_dir: str | Path, recordings: Sequen
                 truth = labels.index(r.device)
                 w.writerow([r.path, r.device, labels[int(mean.argmax())], f"{mean.max():.4f}", len(r.log_probs),
                             f"{np.mean(r.log_probs.argmax(axis=1) == truth):.4f}"])
-    path = out / "report.json"
-    fd, tmp = tempfile.mkstemp(prefix=".report.", dir=out)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(report, fh, indent=1)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(out / "report.json", json.dumps(report, indent=1), fsync=False)
 
 
 def plot_confusion(conf: np.ndarray, labels: Sequence[str], path: Path, title: str) -> None:
@@ -184,10 +178,10 @@ def evaluate_checkpoint(checkpoint: str | Path, ds: Any, cfg: Any, *, split: str
     """Score a checkpoint (run directory or .pt) on one split of ``ds``; returns (report, recordings)."""
     from devrecd.data import FeatureCache
     from devrecd.model.checkpoint import load_checkpoint
-    from devrecd.train import split_features
+    from devrecd.train import check_frontend, split_features
 
     ckpt = load_checkpoint(checkpoint)
-    ckpt.check_compatible(frontend=cfg.frontend)  # features must be the ones it was trained on
+    check_frontend(ckpt, cfg.frontend, checkpoint)
     hop = cfg.audio.hop_seconds if hop_seconds is None else hop_seconds
     cache = FeatureCache(Path(cfg.train.cache_dir), ckpt.frontend, cfg.audio, device=device)
     feats, items = split_features(ds, split, cache, hop, ckpt.labels)  # every file checked before scoring

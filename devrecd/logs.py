@@ -19,7 +19,8 @@ class _Formatter(logging.Formatter):
         extra = {k: v for k, v in vars(record).items() if k not in _RESERVED}
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
         if self.json:
-            doc = {"ts": ts, "level": record.levelname.lower(), "logger": record.name, "event": record.getMessage(), **extra}
+            # the core fields win over any ``extra`` key of the same name
+            doc = {**extra, "ts": ts, "level": record.levelname.lower(), "logger": record.name, "event": record.getMessage()}
             if record.exc_info:
                 doc["exc"] = self.formatException(record.exc_info)
             return json.dumps(doc, default=str)

@@ -46,6 +46,7 @@ log = logging.getLogger("devrecd.daemon")
 
 JOURNAL_NAME = "journal.sqlite"
 VERDICT_LOG_NAME = "verdicts.jsonl"
+LIVE_LOG_NAME = "live.jsonl"  # per-window verdicts of the live input (live.enabled)
 STATUS_NAME = "daemon.json"  # pid and endpoint URL of the running daemon (for operators and tests)
 
 
@@ -77,8 +78,10 @@ class Pipeline:
 
     def __init__(self, cfg: Config, backend: BackendLike, *, journal: Journal, verdict_log: VerdictLog | None,
                  metrics: Metrics, device: str = "cpu", rejudge_duplicates: bool | None = None,
-                 on_record: Callable[[dict], None] | None = None, liveness: Liveness | None = None) -> None:
+                 on_record: Callable[[dict], None] | None = None, liveness: Liveness | None = None,
+                 judge: Callable[[np.ndarray], dict] | None = None) -> None:
         self.cfg = cfg
+        self.judge = judge  # open-set verdict against the device registry (registry.path), if configured
         self.backend = backend
         self.labels = tuple(backend.labels)
         self.backend_info = backend.describe()
@@ -292,6 +295,10 @@ class Pipeline:
             job.timings["end_to_end"] = time.monotonic() - job.taken
             record = judged_record(job.recording, unit.probs, self.labels, job.starts, k=self.cfg.watch.top_k,
                                    backend=self.backend_info, timings=job.timings)
+            if self.judge is not None:  # open set: the registry's verdict, the closed-set one kept beside it
+                closed = {k: record[k] for k in ("device", "score", "top_k")}
+                record.update(self.judge(unit.features))
+                record["closed_set"] = closed
             record = self.recorder.commit(job.entry_id, "judged", record, sha256=job.recording["sha256"])
             if record is not None:
                 self._count("judged", job, record)
@@ -349,6 +356,18 @@ def load_serving_backend(cfg: Config, metrics: Metrics | None = None) -> Backend
     if metrics is not None:
         metrics.set_backend(backend.describe())
     return backend
+
+
+def registry_judge(cfg: Config, device: str) -> Callable[[np.ndarray], dict] | None:
+    """The open-set judge when ``registry.path`` is configured (closed-set labels otherwise)."""
+    if not cfg.registry.path:
+        return None
+    from devrecd.openset.workflow import RegistryJudge
+
+    judge = RegistryJudge(cfg, device=device)
+    log.info("open-set verdicts from the device registry",
+             extra={"registry": cfg.registry.path, "threshold": judge.threshold, "threshold_source": judge.threshold_source})
+    return judge.judge
 
 
 class Daemon:
@@ -415,7 +434,13 @@ class Daemon:
             return True, "ok"
 
         def ready() -> tuple[bool, str]:
-            return (True, "ready") if state["ready"] else (False, "starting: model loading or sources not running")
+            if not state["ready"]:
+                return False, "starting: model loading or sources not running"
+            if state.get("live") is not None:
+                live_ok, why = state["live"].ready()
+                if not live_ok:
+                    return False, f"live input: {why}"
+            return True, "ready"
 
         server = None
         if cfg.metrics.enabled:
@@ -426,9 +451,17 @@ class Daemon:
             backend = load_serving_backend(cfg, metrics)
             device = resolve_device(cfg.backend.device)
             pipeline = Pipeline(cfg, backend, journal=journal, verdict_log=verdict_log, metrics=metrics,
-                                device=device, liveness=liveness)
+                                device=device, liveness=liveness, judge=registry_judge(cfg, device))
             state["pipeline"] = pipeline
             pipeline.start()
+            if cfg.live.enabled:  # a sound-card input judged through the same batcher and backend
+                from devrecd.live.source import LiveSource
+
+                live = LiveSource(cfg, pipeline.batcher, labels=backend.labels, backend_info=backend.describe(),
+                                  metrics=metrics, device=device)
+                state["live_log"] = VerdictLog(self.state_dir / LIVE_LOG_NAME)
+                live.start(state["live_log"].append)
+                state["live"] = live
             resumed = pipeline.resume()
             watcher = Watcher(self.dirs, cfg.watch, pipeline.submit, pipeline.vanished, exclude=[self.state_dir])
             pipeline.extra_pending = watcher.pending
@@ -464,7 +497,7 @@ class Daemon:
             log.info("stopped", extra={"drained": drained, **journal.counts()})
             return 0
         finally:
-            for part in (pinger, watcher, pipeline):
+            for part in (pinger, state.get("live"), watcher, pipeline):
                 if part is not None:
                     part.stop()
             if backend is not None:
@@ -472,6 +505,8 @@ class Daemon:
             if server is not None:
                 server.stop()
             verdict_log.close()
+            if state.get("live_log") is not None:
+                state["live_log"].close()
             journal.close()
             (self.state_dir / STATUS_NAME).unlink(missing_ok=True)
 
@@ -518,7 +553,8 @@ def identify_files(cfg: Config, paths: Sequence[str | os.PathLike], *, backend: 
     records: dict[int, dict] = {}
     pipeline = Pipeline(cfg, backend, journal=journal, verdict_log=None, metrics=metrics,
                         device=resolve_device(cfg.backend.device), rejudge_duplicates=True,
-                        on_record=lambda r: records.__setitem__(r["id"], r))
+                        on_record=lambda r: records.__setitem__(r["id"], r),
+                        judge=registry_judge(cfg, resolve_device(cfg.backend.device)))
     pipeline.start()
     try:
         ids = [pipeline.submit(os.path.abspath(p)) for p in paths]
