@@ -182,6 +182,10 @@ def evaluate_checkpoint(checkpoint: str | Path, ds: Any, cfg: Any, *, split: str
 
     ckpt = load_checkpoint(checkpoint)
     check_frontend(ckpt, cfg.frontend, checkpoint)
+    if cfg.train.threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.train.threads)
     hop = cfg.audio.hop_seconds if hop_seconds is None else hop_seconds
     cache = FeatureCache(Path(cfg.train.cache_dir), ckpt.frontend, cfg.audio, device=device)
     feats, items = split_features(ds, split, cache, hop, ckpt.labels)  # every file checked before scoring

@@ -50,7 +50,7 @@ def env(ccnu_dir, tmp_path_factory):
     """A config whose feature cache is private to this module, and two 3-phone datasets."""
     tmp = tmp_path_factory.mktemp("train")
     config = tmp / "config.toml"
-    config.write_text(f'[train]\ncache_dir = "{tmp / "cache"}"\nthreads = 2\n')
+    config.write_text(f'[train]\ncache_dir = "{tmp / "cache"}"\nthreads = 1\n')
     return {"tmp": tmp, "config": config, "cfg": load_config(config, env={}),
             "ds": _manifest(ccnu_dir, tmp / "a" / "manifest.csv", first=0),
             "other": _manifest(ccnu_dir, tmp / "b" / "manifest.csv", first=3)}
