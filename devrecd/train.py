@@ -26,7 +26,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -65,9 +65,8 @@ class TrainOptions:
     @classmethod
     def from_config(cls, cfg: TrainConfig, **overrides: Any) -> TrainOptions:
         """Defaults from ``[train]``, then the given (non-None) overrides."""
-        base = cls(arch=cfg.arch, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                   lr_step_epochs=cfg.lr_step_epochs, lr_gamma=cfg.lr_gamma, patience=cfg.patience,
-                   seed=cfg.seed, hop_seconds=cfg.hop_seconds)
+        mine = {f.name for f in fields(cls)}
+        base = cls(**{f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name in mine})
         opts = replace(base, **{k: v for k, v in overrides.items() if v is not None})
         opts.validate()
         return opts
