@@ -416,13 +416,11 @@ def test_listen_lists_the_alsa_device(alsa_evidence) -> None:
     assert ("0", "evidence", "ALSA", "128") in rows, out.stdout
 
 
-def test_listen_through_portaudio_agrees_with_identify(alsa_evidence, request) -> None:
+def test_listen_through_portaudio_agrees_with_identify(alsa_evidence, exported_model) -> None:
     """``devrecd listen`` on the ALSA device vs ``identify`` on the same recording, exported model."""
-    try:
-        model = request.getfixturevalue("exported_model")
-    except pytest.FixtureLookupError:
-        pytest.skip("no exported_model fixture in this checkout")
     from devrecd.daemon.service import identify_files
+
+    model = exported_model
 
     env, infile, wav = alsa_evidence
     _read(wav).tofile(infile)
