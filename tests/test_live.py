@@ -29,7 +29,6 @@ from devrecd.config import load_config
 from devrecd.daemon.batcher import Batcher
 from devrecd.daemon.verdict import aggregate
 from devrecd.live import LiveSource, RunningVerdict, SampleRing, measure
-from devrecd.live.source import Listener
 from devrecd.metrics import Metrics
 from devrecd.pipeline import features_for_file
 
