@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -176,6 +177,9 @@ def frame_window(cfg: FrontendConfig) -> np.ndarray:
     return np.hamming(n) if cfg.window == "hamming" else np.hanning(n)
 
 
+_WORKSPACE_CAP = 64 << 20  # bytes of CPU workspace a thread keeps between calls (a 10 s clip: 12 MB)
+
+
 def _torch():
     import torch
 
@@ -187,14 +191,25 @@ class Frontend:
 
     ``Frontend(cfg)(waves)`` takes a float tensor (B, clip_samples) in [-1, 1] (a numpy array is
     accepted too) and returns a tensor on the same device. Constant tables are cached per device.
+
+    On the CPU the large intermediates (padded signal, zero-padded frames, spectrum, power) live in
+    a per-thread workspace that is reused from call to call: allocating them afresh costs more
+    than the arithmetic (each is several MB, so every call would page-fault new memory in from
+    the kernel; measured 5.7 ms vs 2.4 ms per 10 s clip). Results never alias the workspace.
     """
 
     def __init__(self, cfg: FrontendConfig | None = None) -> None:
         self.cfg = cfg or FrontendConfig()
         self._window = frame_window(self.cfg).astype(np.float32)
-        self._mel = mel_filterbank(self.cfg).T.astype(np.float32)  # (bins, mels)
+        # Mel matrix (bins, mels) with one extra column of Parseval weights, so the same matmul
+        # also yields each frame's energy: sum_n w[n]^2 y[n]^2 = (P_0 + 2 sum_k P_k + P_N/2) / N.
+        mel = mel_filterbank(self.cfg).T
+        parseval = np.full((mel.shape[0], 1), 2.0 / self.cfg.fft_size)
+        parseval[0] = parseval[-1] = 1.0 / self.cfg.fft_size
+        self._mel = np.hstack([mel, parseval]).astype(np.float32)
         self._dct = dct_matrix(self.cfg.n_mels)[1 : self.cfg.n_mfcc + 1].T.astype(np.float32)
         self._tables: dict[str, tuple[Any, Any, Any]] = {}
+        self._workspaces = threading.local()
 
     def _tables_on(self, device) -> tuple[Any, Any, Any]:
         key = str(device)
@@ -204,6 +219,24 @@ class Frontend:
                 torch.from_numpy(t).to(device) for t in (self._window, self._mel, self._dct)
             )
         return self._tables[key]
+
+    def _workspace(self, batch: int, device) -> tuple[Any, Any, Any, Any]:
+        """(padded signal, zero-padded frames, spectrum, power) buffers for ``batch`` clips."""
+        torch = _torch()
+        cfg = self.cfg
+        cached = getattr(self._workspaces, "buffers", None) if device.type == "cpu" else None
+        if cached is None or cached[0].shape[0] < batch:
+            padded = cfg.clip_samples + cfg.win_length  # generous: covers both reflect pads
+            bins = cfg.fft_size // 2 + 1
+            cached = (
+                torch.empty(batch, padded, device=device),
+                torch.zeros(batch, cfg.n_frames, cfg.fft_size, device=device),  # tail stays zero
+                torch.empty(batch, cfg.n_frames, bins, dtype=torch.complex64, device=device),
+                torch.empty(batch, cfg.n_frames, bins, device=device),
+            )
+            if device.type == "cpu" and sum(t.nbytes for t in cached) <= _WORKSPACE_CAP:
+                self._workspaces.buffers = cached  # kept for this thread's next call
+        return tuple(t[:batch] for t in cached)
 
     def __call__(self, waves):
         torch = _torch()
@@ -221,23 +254,30 @@ class Frontend:
         torch = _torch()
         cfg = self.cfg
         window, mel, dct = self._tables_on(x.device)
-        hop, win = cfg.hop_length, cfg.win_length
+        hop, win, n = cfg.hop_length, cfg.win_length, cfg.clip_samples
+        padded, frames, spec, power = self._workspace(x.shape[0], x.device)
 
-        # Pre-emphasis y[n] = x[n] - a x[n-1] over the whole clip (y[0] = x[0]).
-        y = torch.cat([x[:, :1], x[:, 1:] - cfg.preemphasis * x[:, :-1]], dim=1)
-        # Centre frame i on sample (i + 0.5) * hop; pad the end so there are always n_frames.
+        # Centre frame i on sample (i + 0.5) * hop: reflect-pad the pre-emphasised clip by
+        # ``left`` at the start and enough at the end that there are always n_frames frames.
         left = (win - hop) // 2
-        right = max(0, (cfg.n_frames - 1) * hop + win - cfg.clip_samples - left)
-        if left or right:
-            y = torch.nn.functional.pad(y[:, None], (left, right), mode="reflect")[:, 0]
-        frames = y.unfold(1, win, hop)[:, : cfg.n_frames] * window  # (B, T, win)
+        right = max(0, (cfg.n_frames - 1) * hop + win - n - left)
+        y = padded[:, : left + n + right]
+        mid = y[:, left : left + n]
+        # Pre-emphasis y[n] = x[n] - a x[n-1] over the whole clip (y[0] = x[0]).
+        mid[:, 0] = x[:, 0]
+        torch.sub(x[:, 1:], x[:, :-1], alpha=cfg.preemphasis, out=mid[:, 1:])
+        y[:, :left] = mid[:, 1 : left + 1].flip(1)
+        y[:, left + n :] = mid[:, n - right - 1 : n - 1].flip(1)
+        # Windowed frames, written into the first ``win`` columns of the zero-padded FFT input.
+        torch.mul(y.unfold(1, win, hop)[:, : cfg.n_frames], window, out=frames[..., :win])
+        torch.fft.rfft(frames, out=spec)
+        torch.mul(spec.real, spec.real, out=power)
+        power.addcmul_(spec.imag, spec.imag)  # |FFT|^2
 
-        energy = frames.pow(2).sum(-1)  # (B, T)
-        spec = torch.fft.rfft(frames, n=cfg.fft_size)
-        power = spec.real.square() + spec.imag.square()  # |FFT|^2
-        fbank = power @ mel  # (B, T, 34): pre-Fbank, before the log
+        fbank_energy = power @ mel  # (B, T, 34 + 1): pre-Fbank (before the log) and frame energy
+        fbank = fbank_energy[..., :-1]
         mfcc = torch.log(fbank.clamp_min(cfg.log_floor)) @ dct  # (B, T, 12): c1..c12
-        log_e = torch.log(energy.clamp_min(cfg.log_floor))[..., None]
+        log_e = torch.log(fbank_energy[..., -1:].clamp_min(cfg.log_floor))
         base = torch.cat([mfcc, log_e], dim=-1)  # (B, T, 13)
         d1 = delta(base, cfg.delta_width)
         d2 = delta(d1, cfg.delta_width)
@@ -265,15 +305,17 @@ def delta(feat, width: int = 2):
 def extract(clips: np.ndarray, frontend: Frontend, *, device: str = "cpu", chunk: int | None = None) -> np.ndarray:
     """Features for an (n, clip_samples) array of clips, as a float32 numpy array (n, 128, 73).
 
-    On the CPU clips go through in small chunks (one clip's spectra stay in cache, which is
-    faster than one big batch); on a GPU they go through in large batches.
+    On the CPU clips go through in small chunks (about 1 MB of FFT input: one 10 s clip, four 2 s
+    clips; their spectra stay in cache, measured faster than one big batch or one clip at a time
+    for short clips); on a GPU they go through in large batches.
     """
     torch = _torch()
     clips = np.asarray(clips, dtype=np.float32)
     if clips.ndim == 1:
         clips = clips[None]
     if chunk is None:
-        chunk = 1 if device == "cpu" else 256
+        cfg = frontend.cfg
+        chunk = max(1, (1 << 18) // (cfg.n_frames * cfg.fft_size)) if str(device) == "cpu" else 256
     out = np.empty((len(clips), frontend.cfg.n_frames, FEATURE_DIM), dtype=np.float32)
     for start in range(0, len(clips), chunk):
         batch = torch.from_numpy(clips[start : start + chunk]).to(device)

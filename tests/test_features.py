@@ -112,6 +112,28 @@ def test_batched_equals_one_by_one_and_numpy_equals_torch(ccnu_dir):
     np.testing.assert_allclose(batched, single, rtol=1e-5, atol=1e-4)
 
 
+def test_reused_workspace_neither_aliases_results_nor_mixes_threads(ccnu_dir):
+    """The CPU workspace is reused between calls and kept per thread: a result must not change
+    when the frontend runs again, and threads running at once must get their own answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg = FrontendConfig()
+    frontend = Frontend(cfg)
+    paths = sorted(ccnu_dir.glob("*.wav"))[:4]
+    clips = [cut_windows(read_evidence(p, cfg.sample_rate).samples, cfg.clip_samples, cfg.clip_samples)[:6]
+             for p in paths]
+    expected = [Frontend(cfg)(c).numpy().copy() for c in clips]  # fresh frontends: no shared workspace
+    first = frontend(clips[0])
+    kept = first.numpy().copy()
+    frontend(clips[1])  # reuses the workspace
+    np.testing.assert_array_equal(first.numpy(), kept)
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            got = list(pool.map(lambda c: frontend(c).numpy(), clips))
+            for a, b in zip(got, expected):
+                np.testing.assert_array_equal(a, b)
+
+
 def test_rejects_wrong_clip_length():
     frontend = Frontend(FrontendConfig())
     with pytest.raises(ValueError, match="64000 samples"):
