@@ -46,7 +46,7 @@ class BackendConfig:
     model: str = ""  # export/NAME.onnx (its contract JSON beside it), or a checkpoint for kind=torch
     engine: str = ""  # engine/X.plan; empty = look in engine_dir for one matching this GPU
     engine_dir: str = "engine"
-    threads: int = 2  # ONNX Runtime intra-op threads (CPU)
+    threads: int = 1  # ONNX Runtime intra-op threads per inference stream (CPU)
     device: str = "auto"  # torch device for the frontend / torch backend: auto | cpu | cuda[:N]
     labels: tuple[str, ...] = ()  # expected model labels (in order); empty = accept the model's own
 
@@ -55,6 +55,16 @@ class BackendConfig:
 class BatcherConfig:
     max_batch: int = 32  # flush a batch at this many clips
     max_wait_ms: float = 50.0  # or when the oldest clip has waited this long
+    streams: int = 0  # batches inferred at once; 0 = auto (CPU: cores // backend.threads; GPU: 1)
+
+    def __post_init__(self) -> None:
+        problems = [msg for bad, msg in (
+            (self.max_batch < 1, "max_batch must be >= 1"),
+            (self.max_wait_ms < 0, "max_wait_ms must be >= 0"),
+            (self.streams < 0, "streams must be >= 0 (0 = auto)"),
+        ) if bad]
+        if problems:
+            raise ConfigError("batcher: " + "; ".join(problems))
 
 
 @dataclass(frozen=True)

@@ -111,6 +111,64 @@ def test_batcher_backend_error_fails_the_units_not_the_loop() -> None:
     assert bad == [("first", "device lost")] and [u.key for u in ok] == ["second"]
 
 
+def test_batcher_with_parallel_inference_threads_delivers_every_unit_once_in_order() -> None:
+    """Several inference threads share one batcher (one ORT session per core): units split across
+    batches that finish in any order are gathered back exactly, and each is delivered once."""
+    rng = np.random.default_rng(1)
+    sizes = [5, 17, 1, 9, 30, 2, 11, 4]
+    units = [Unit(key=i, features=rng.standard_normal((n, 128, 73)).astype(np.float32)) for i, n in enumerate(sizes)]
+    in_flight, overlap = [0], [0]
+    guard = threading.Lock()
+
+    def slow(x: np.ndarray) -> np.ndarray:
+        with guard:
+            in_flight[0] += 1
+            overlap[0] = max(overlap[0], in_flight[0])
+        time.sleep(0.02 * rng.random())  # batches finish out of order
+        with guard:
+            in_flight[0] -= 1
+        return _softmax_of_means(x)
+
+    b = Batcher(slow, max_batch=4, max_wait_s=0.005, queue_size=3)
+    stop = threading.Event()
+    delivered: list[Unit] = []
+    threads = [threading.Thread(target=b.run, args=(stop, delivered.append, lambda u, e: pytest.fail(str(e))))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for u in units:
+        assert b.put(u, stop)
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads)
+    assert sorted(u.key for u in delivered) == list(range(len(sizes)))  # each exactly once
+    for u in delivered:
+        np.testing.assert_allclose(u.probs, _softmax_of_means(u.features), rtol=1e-6)
+    assert overlap[0] >= 2, "batches never ran at the same time"
+
+
+def test_batcher_parallel_failure_fails_a_split_unit_once() -> None:
+    """A unit split over batches inferred by different threads, all of which fail: one error."""
+    def broken(x: np.ndarray) -> np.ndarray:
+        time.sleep(0.05)  # long enough for the other thread to take the unit's next batch
+        raise RuntimeError("device lost")
+
+    b = Batcher(broken, max_batch=2, max_wait_s=0.0)
+    stop = threading.Event()
+    b.put(Unit(key="big", features=np.zeros((8, 128, 73), np.float32)))
+    errors: list[str] = []
+    threads = [threading.Thread(target=b.run, args=(stop, lambda u: pytest.fail("delivered"),
+                                                    lambda u, e: errors.append(u.key))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    stop.set()
+    for t in threads:
+        t.join(timeout=10)
+    assert errors == ["big"]
+
+
 # --- verdicts --------------------------------------------------------------------------------------
 
 def test_aggregate_is_mean_log_prob() -> None:

@@ -26,6 +26,7 @@ class Backend(Protocol):
     labels: tuple[str, ...]
     frontend: FrontendConfig  # what the model was trained with
     max_batch: int | None  # largest batch the artifact takes at once; bigger batches are split
+    concurrency: int | None  # infer() calls that may run at once from different threads (None: any)
 
     def warmup(self) -> None: ...
     def infer(self, features: Any) -> np.ndarray: ...

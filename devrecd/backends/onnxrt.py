@@ -18,7 +18,7 @@ class OnnxRuntimeBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, onnx_path: str | os.PathLike, *, threads: int = 2) -> None:
+    def __init__(self, onnx_path: str | os.PathLike, *, threads: int = 1) -> None:
         from devrecd.audio import sha256_file
         from devrecd.export import ort_session
 
@@ -39,6 +39,8 @@ class OnnxRuntimeBackend:
         self.labels = self.contract.labels
         self.frontend = self.contract.frontend
         self.max_batch: int | None = None  # any batch size in one run
+        self.concurrency: int | None = None  # InferenceSession.run is thread-safe; each run uses its caller's
+        # thread plus threads-1 pool threads, so N concurrent runs of 1 thread use N cores
 
     def warmup(self) -> None:
         """One run at a typical batch so that the first real request is not the slow one."""

@@ -33,6 +33,7 @@ class TorchBackend:
         self.labels = tuple(ckpt.labels)
         self.frontend = ckpt.frontend
         self.max_batch: int | None = None
+        self.concurrency: int | None = 1  # torch already spreads one batch over every core (or the GPU)
 
     def warmup(self) -> None:
         self.infer(np.zeros((8, 128, 73), np.float32))

@@ -1,8 +1,11 @@
 """Dynamic batching across files: flush at ``max_batch`` clips or when the oldest has waited ``max_wait``.
 
-Any source (files, a live input) puts :class:`Unit` s of feature windows; one inference thread
-calls :meth:`Batcher.run`. A unit bigger than a batch is split across batches; its probabilities
-are gathered back and delivered once, in window order, when the last of its windows is inferred.
+Any source (files, a live input) puts :class:`Unit` s of feature windows; one or more inference
+threads call :meth:`Batcher.run` (several where the backend can run batches at once, e.g. one ONNX
+Runtime session per CPU core: batching barely helps this network on a CPU, parallel batches do).
+Batches are formed one at a time under a lock and inferred in parallel. A unit bigger than a batch
+is split across batches; its probabilities are gathered back and delivered once, in window order,
+when the last of its windows is inferred; a unit any of whose batches fails is failed once.
 The input queue is bounded, so producers block when inference falls behind (backpressure).
 """
 
@@ -28,6 +31,7 @@ class Unit:
     probs: np.ndarray | None = None
     done: int = 0
     infer_seconds: float = 0.0  # share of batch inference time attributed to this unit
+    failed: bool = False  # one of its batches failed: it is reported once and never delivered
     # Another source sharing the batcher (e.g. live input) routes its own results with these;
     # when unset, the loop's ``deliver`` / ``on_error`` are used.
     on_done: Callable[[Unit], None] | None = None
@@ -53,7 +57,9 @@ class Batcher:
         self.on_batch = on_batch  # (clips, seconds) after each batch, for metrics
         self.on_progress = on_progress  # liveness: called with idle=True while waiting, False after a batch
         self._q: queue.Queue[Unit] = queue.Queue(maxsize=max(1, queue_size))
-        self._carry: tuple[Unit, int] | None = None
+        self._carry: tuple[Unit, int] | None = None  # the rest of a unit split at a batch boundary
+        self._forming = threading.Lock()  # one inference thread forms a batch at a time (_carry)
+        self._gathering = threading.Lock()  # per-unit results from batches finishing in parallel
 
     def configure(self, *, max_batch: int, max_wait_s: float) -> None:
         """Change the flush rule (SIGHUP); takes effect with the next batch."""
@@ -77,6 +83,10 @@ class Batcher:
 
     def next_batch(self, stop: threading.Event, poll: float = 0.2) -> list[tuple[Unit, int, int]]:
         """Slices ``(unit, lo, hi)`` of the next batch; empty when ``stop`` is set and nothing waits."""
+        with self._forming:
+            return self._form_batch(stop, poll)
+
+    def _form_batch(self, stop: threading.Event, poll: float) -> list[tuple[Unit, int, int]]:
         parts: list[tuple[Unit, int, int]] = []
         n, deadline = 0, None
         max_batch = self.max_batch
@@ -131,13 +141,15 @@ class Batcher:
             self.on_batch(len(x), dt)
         row = 0
         for unit, lo, hi in parts:
-            if unit.probs is None:
-                unit.probs = np.empty((len(unit), probs.shape[1]), dtype=np.float32)
-            unit.probs[lo:hi] = probs[row:row + hi - lo]
+            with self._gathering:
+                if unit.probs is None:
+                    unit.probs = np.empty((len(unit), probs.shape[1]), dtype=np.float32)
+                unit.probs[lo:hi] = probs[row:row + hi - lo]
+                unit.done += hi - lo
+                unit.infer_seconds += dt * (hi - lo) / len(x)
+                complete = unit.done == len(unit) and not unit.failed
             row += hi - lo
-            unit.done += hi - lo
-            unit.infer_seconds += dt * (hi - lo) / len(x)
-            if unit.done == len(unit):
+            if complete:
                 (unit.on_done or deliver)(unit)
         if self.on_progress is not None:
             self.on_progress(False)
@@ -155,6 +167,11 @@ class Batcher:
                 self.run_batch(parts, deliver)
             except Exception as exc:  # noqa: BLE001 - a backend error must not kill the daemon
                 for unit in {id(u): u for u, _, _ in parts}.values():
-                    if self._carry is not None and self._carry[0] is unit:
-                        self._carry = None
-                    (unit.on_error or on_error)(unit, exc)
+                    with self._forming:  # the unit's remaining windows are not worth inferring
+                        if self._carry is not None and self._carry[0] is unit:
+                            self._carry = None
+                    with self._gathering:
+                        first = not unit.failed
+                        unit.failed = True
+                    if first:
+                        (unit.on_error or on_error)(unit, exc)

@@ -110,7 +110,9 @@ class Pipeline:
         """Start the worker, inference and writer threads."""
         for i in range(max(1, self.cfg.watch.workers)):
             self._threads.append(threading.Thread(target=self._worker, name=f"devrecd-decode-{i}", daemon=True))
-        self._threads.append(threading.Thread(target=self._infer_loop, name="devrecd-infer", daemon=True))
+        self.streams = inference_streams(self.cfg, self.backend)
+        for i in range(self.streams):
+            self._threads.append(threading.Thread(target=self._infer_loop, name=f"devrecd-infer-{i}", daemon=True))
         self._writer = threading.Thread(target=self._writer_loop, name="devrecd-writer", daemon=True)
         for t in self._threads:
             t.start()
@@ -167,7 +169,7 @@ class Pipeline:
 
     def reconfigure(self, cfg: Config) -> None:
         """Apply reloadable settings (SIGHUP): batcher flush rule, top-k, duplicate policy, watch filters."""
-        self.cfg = replace(self.cfg, batcher=cfg.batcher, watch=replace(
+        self.cfg = replace(self.cfg, batcher=replace(cfg.batcher, streams=self.cfg.batcher.streams), watch=replace(
             cfg.watch, workers=self.cfg.watch.workers, queue_size=self.cfg.watch.queue_size, state_dir=self.cfg.watch.state_dir))
         self.rejudge = cfg.watch.rejudge_duplicates
         self.batcher.configure(max_batch=cfg.batcher.max_batch, max_wait_s=cfg.batcher.max_wait_ms / 1000)
@@ -341,6 +343,14 @@ class _Stopped(DevrecdError):
     reason = "stopped"
 
 
+def inference_streams(cfg: Config, backend: BackendLike) -> int:
+    """How many inference threads run batches at once: ``batcher.streams``, or when 0 (auto) one
+    per available core / ``backend.threads``; never more than the backend allows at once."""
+    want = cfg.batcher.streams or max(1, len(os.sched_getaffinity(0)) // max(1, cfg.backend.threads))
+    limit = getattr(backend, "concurrency", 1)
+    return max(1, want if limit is None else min(want, limit))
+
+
 def load_serving_backend(cfg: Config, metrics: Metrics | None = None) -> BackendLike:
     """Load the configured backend, refuse a frontend mismatch, warm it up, record its identity."""
     if not cfg.backend.model and not cfg.backend.engine:
@@ -479,7 +489,7 @@ class Daemon:
             os.replace(self.state_dir / (STATUS_NAME + ".tmp"), self.state_dir / STATUS_NAME)
             notify("READY=1\nSTATUS=watching " + ", ".join(self.dirs))
             log.info("ready", extra={"dirs": ",".join(self.dirs), "url": status["url"], "backend": backend.name,
-                                     "device": device, "resumed": resumed, "polling": ",".join(watcher._polled) or "none"})
+                                     "device": device, "inference_streams": pipeline.streams, "resumed": resumed, "polling": ",".join(watcher._polled) or "none"})
             while not self._stop.wait(0.2):
                 if self._reload.is_set():
                     self._reload.clear()
