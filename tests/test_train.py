@@ -206,3 +206,36 @@ def test_recording_verdict_is_the_mean_window_log_probability():
     report = score_report([RecordingScores("x.wav", "b", lp)], ["a", "b"])
     assert report["recording"]["accuracy"] == 1.0
     assert report["window"]["accuracy"] == pytest.approx(1 / 3)
+
+
+def test_batchnorm_statistics_are_those_of_the_trained_weights(run, env):
+    """After each epoch BatchNorm's running statistics are recomputed on the training windows, so
+    eval mode normalises with the statistics of the weights it is used with (Keras' momentum 0.99
+    alone still remembers the random initial weights after a short run on a small corpus)."""
+    from devrecd.data import FeatureCache
+    from devrecd.train import recalibrate_batchnorm, split_features, to_split_data
+
+    ckpt = load_checkpoint(run)
+    model = ckpt.build()
+    model.load_state_dict(ckpt.state_dict)
+    model.train()
+    x = torch.randn(12, 128, 73)
+    seen: list[torch.Tensor] = []
+    hook = model.frame.bn1.register_forward_hook(lambda m, inp, out: seen.append(inp[0].detach()))
+    recalibrate_batchnorm(model, x, batch_size=len(x), device="cpu")  # one batch: exact statistics
+    hook.remove()
+    assert len(seen) == 1 and model.training and model.frame.bn1.momentum == 0.01  # mode and momentum restored
+    pre = seen[0].transpose(0, 1).reshape(seen[0].shape[1], -1)  # (channels, values)
+    torch.testing.assert_close(model.frame.bn1.running_mean, pre.mean(1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.frame.bn1.running_var, pre.var(1, unbiased=True), rtol=1e-3, atol=1e-5)
+
+    # The saved run: its statistics are exactly those recomputed from its weights on its training windows.
+    ds = load_dataset(env["ds"])
+    cfg = env["cfg"]
+    feats, items = split_features(ds, "train", FeatureCache(Path(cfg.train.cache_dir), ckpt.frontend, cfg.audio),
+                                  TINY["hop_seconds"], ckpt.labels)
+    data = to_split_data(feats, items, ckpt.labels, ckpt.norm_mean, ckpt.norm_std)
+    model.load_state_dict(ckpt.state_dict)
+    recalibrate_batchnorm(model, data.x, TINY["batch_size"], "cpu")
+    for name in ("frame.bn1.running_mean", "frame.bn1.running_var", "frame.bn2.running_var"):
+        torch.testing.assert_close(model.state_dict()[name], ckpt.state_dict[name])
