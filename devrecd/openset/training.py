@@ -87,5 +87,8 @@ def train_embedder(feats: Sequence[np.ndarray], labels: Sequence[str], *, fronte
         sched.step()
         if on_epoch is not None:
             on_epoch(epoch + 1, total / max(n, 1), correct / max(n, 1))
+    from devrecd.train import recalibrate_batchnorm
+
+    recalibrate_batchnorm(model, x_all, batch_size, "cpu")  # eval-mode statistics of the final weights
     return Embedder(model.eval(), arch=arch, hparams=hp, frontend=frontend, norm_mean=mean, norm_std=std,
                     labels=classes, source=f"in-memory {arch} ({len(classes)} devices, {epochs} epochs, seed {seed})")
