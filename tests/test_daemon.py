@@ -169,6 +169,24 @@ def test_batcher_parallel_failure_fails_a_split_unit_once() -> None:
     assert errors == ["big"]
 
 
+def test_inference_streams_auto_explicit_and_capped_by_the_backend() -> None:
+    from types import SimpleNamespace
+
+    from devrecd.config import load_config
+    from devrecd.daemon.service import inference_streams
+
+    cores = len(os.sched_getaffinity(0))
+    any_, one = SimpleNamespace(concurrency=None), SimpleNamespace(concurrency=1)
+    auto = load_config(None, env={})
+    assert inference_streams(auto, any_) == max(1, cores // auto.backend.threads)  # one per core per ORT thread
+    assert inference_streams(load_config(None, env={}, overrides={"backend.threads": cores}), any_) == 1
+    three = load_config(None, env={}, overrides={"batcher.streams": 3})
+    assert inference_streams(three, any_) == 3
+    assert inference_streams(three, one) == 1  # TensorRT / torch: one execution at a time
+    with pytest.raises(ConfigError, match="batcher: streams must be >= 0"):
+        load_config(None, env={}, overrides={"batcher.streams": -1})
+
+
 # --- verdicts --------------------------------------------------------------------------------------
 
 def test_aggregate_is_mean_log_prob() -> None:

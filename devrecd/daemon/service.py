@@ -346,7 +346,8 @@ class _Stopped(DevrecdError):
 def inference_streams(cfg: Config, backend: BackendLike) -> int:
     """How many inference threads run batches at once: ``batcher.streams``, or when 0 (auto) one
     per available core / ``backend.threads``; never more than the backend allows at once."""
-    want = cfg.batcher.streams or max(1, len(os.sched_getaffinity(0)) // max(1, cfg.backend.threads))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    want = cfg.batcher.streams or max(1, cores // max(1, cfg.backend.threads))
     limit = getattr(backend, "concurrency", 1)
     return max(1, want if limit is None else min(want, limit))
 
