@@ -170,8 +170,8 @@ def main() -> None:
         latency = [_judged_at(r) - dropped for r in recs]
         outcomes = {o: sum(r["outcome"] == o for r in recs) for o in ("judged", "duplicate", "failed")}
         rate = len(files) / wall
-        ready = next((json.loads(x) for x in (work / "daemon.log").read_text().splitlines()
-                      if x.startswith("{") and json.loads(x).get("event") == "ready"), {})
+        logged = [json.loads(x) for x in (work / "daemon.log").read_text().splitlines() if x.startswith("{")]
+        ready = next((r for r in logged if r.get("event") == "ready"), {})
         print(f"backlog: {len(files)} x {args.seconds:.0f} s real phone recordings dropped at once; CPU; "
               f"workers={args.workers} max_batch={args.max_batch} ort_threads={args.threads} "
               f"inference_streams={ready.get('inference_streams', '?')}; outcomes {outcomes}")

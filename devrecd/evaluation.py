@@ -178,14 +178,11 @@ def evaluate_checkpoint(checkpoint: str | Path, ds: Any, cfg: Any, *, split: str
     """Score a checkpoint (run directory or .pt) on one split of ``ds``; returns (report, recordings)."""
     from devrecd.data import FeatureCache
     from devrecd.model.checkpoint import load_checkpoint
-    from devrecd.train import check_frontend, split_features
+    from devrecd.train import check_frontend, split_features, use_train_threads
 
     ckpt = load_checkpoint(checkpoint)
     check_frontend(ckpt, cfg.frontend, checkpoint)
-    if cfg.train.threads > 0:
-        import torch
-
-        torch.set_num_threads(cfg.train.threads)
+    use_train_threads(cfg)
     hop = cfg.audio.hop_seconds if hop_seconds is None else hop_seconds
     cache = FeatureCache(Path(cfg.train.cache_dir), ckpt.frontend, cfg.audio, device=device)
     feats, items = split_features(ds, split, cache, hop, ckpt.labels)  # every file checked before scoring

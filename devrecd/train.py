@@ -247,6 +247,14 @@ def _train_mode(model: Any, trainable: str) -> None:
             model.mlp.train()
 
 
+def use_train_threads(cfg: Config) -> None:
+    """torch intra-op threads from ``train.threads`` (0 = leave torch's default)."""
+    if cfg.train.threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.train.threads)
+
+
 def recalibrate_batchnorm(model: Any, x: Any, batch_size: int, device: str, max_windows: int = 2048) -> None:
     """Set every BatchNorm's running statistics to those of the current weights on training windows.
 
@@ -342,8 +350,7 @@ def train(ds: Dataset, out: str | Path, cfg: Config, opts: TrainOptions, *, init
         raise DatasetError(f"{ds.root}: only {len(train_data)} training window(s)", reason="dataset_too_small")
     augmenter = Augmenter(train_items, cfg, opts.hop_seconds, device=device) if opts.augment else None
 
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
+    use_train_threads(cfg)
     torch.manual_seed(opts.seed)
     model = build_model(opts.arch, len(labels), **opts.hparams)
     if base is not None:
