@@ -36,6 +36,20 @@ class AudioConfig:
     silence_dbfs: float = -70.0  # a recording whose RMS level is below this is "silent"
     mix: str = "mean"  # how channels become mono: "mean" (average) or "first"
     resample_quality: str = "VHQ"  # soxr quality when the rate differs from the model's
+    max_decoded_samples: int = 4 * 3600 * 48000 * 2  # frames x channels; larger is refused before decoding
+    clip_fraction: float = 0.01  # verdict flag "clipping": this share of samples at full scale
+    dc_offset: float = 0.1  # verdict flag "dc_offset": |mean sample| at or above this
+    loud_dbfs: float = -6.0  # verdict flag "loud": RMS level above this (e.g. full-scale noise)
+
+    def __post_init__(self) -> None:
+        problems = [msg for bad, msg in (
+            (self.mix not in ("mean", "first"), "mix must be 'mean' or 'first'"),
+            (self.max_decoded_samples < 1, "max_decoded_samples must be >= 1"),
+            (not 0.0 <= self.clip_fraction <= 1.0, "clip_fraction must be in [0, 1]"),
+            (self.dc_offset < 0, "dc_offset must be >= 0"),
+        ) if bad]
+        if problems:
+            raise ConfigError("audio: " + "; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -86,6 +100,7 @@ class WatchConfig:
     shutdown_timeout: float = 30.0  # SIGTERM: seconds to drain in-flight work
     stall_seconds: float = 120.0  # no progress this long with files in flight: /healthz fails, no WATCHDOG ping
     top_k: int = 5
+    follow_external_links: bool = False  # judge files that symbolic links outside the watched folders lead to
 
 
 @dataclass(frozen=True)
@@ -111,6 +126,11 @@ class TrainConfig:
     split: tuple[float, float, float] = (0.64, 0.16, 0.20)  # train / val / test
     cache_dir: str = "~/.cache/devrecd/features"
     threads: int = 0  # torch intra-op threads (0 = torch's default)
+    on_unusable: str = "skip"  # a recording that cannot be used: "skip" it (listed in the run) or "fail" the run
+
+    def __post_init__(self) -> None:
+        if self.on_unusable not in ("skip", "fail"):
+            raise ConfigError(f"train.on_unusable must be 'skip' or 'fail', not {self.on_unusable!r}")
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,9 @@ import os
 
 import numpy as np
 
-from devrecd.audio import Recording, cut_windows, read_evidence
+from devrecd.audio import EvidenceStream, Recording, StreamWindower, cut_windows, read_evidence, window_starts
 from devrecd.config import Config
-from devrecd.features import Frontend, FrontendConfig, extract
+from devrecd.features import FEATURE_DIM, Frontend, FrontendConfig, extract
 
 _FRONTENDS: dict[str, Frontend] = {}
 
@@ -46,3 +46,49 @@ def features_for_file(path: str | os.PathLike, cfg: Config, *, device: str = "cp
     rec = read_evidence(path, cfg.frontend.sample_rate, cfg.audio)
     clips = clips_for(rec, cfg.frontend, cfg.audio.hop_seconds if hop_seconds is None else hop_seconds)
     return rec, extract(clips, frontend_for(cfg.frontend), device=device)
+
+
+def stream_features(stream: EvidenceStream, cfg: Config, *, device: str = "cpu",
+                    hop_seconds: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Decode an opened :class:`~devrecd.audio.EvidenceStream` block by block into its (windows, 128, 73)
+    features and the window start times (s), without holding the recording's samples.
+
+    The features are those of :func:`features_for_file` (the same clips through the same frontend).
+    Raises the stream's :class:`~devrecd.audio.AudioError` (a silent or too short file fails after
+    its last block).
+    """
+    fe = cfg.frontend
+    hop = max(1, int(round((cfg.audio.hop_seconds if hop_seconds is None else hop_seconds) * fe.sample_rate)))
+    windower = StreamWindower(fe.clip_samples, hop)
+    frontend = frontend_for(fe)
+    expected = len(window_starts(max(1, stream.expected_frames), fe.clip_samples, hop)) if stream.expected_frames else 8
+    out = np.empty((expected, fe.n_frames, FEATURE_DIM), dtype=np.float32)
+    n = 0
+
+    def add(clips: np.ndarray) -> None:
+        nonlocal out, n
+        if not len(clips):
+            return
+        feats = extract(clips, frontend, device=device)
+        if n + len(feats) > len(out):
+            grown = np.empty((max(2 * len(out), n + len(feats)),) + out.shape[1:], dtype=np.float32)
+            grown[:n] = out[:n]
+            out = grown
+        out[n : n + len(feats)] = feats
+        n += len(feats)
+
+    pending: list[np.ndarray] = []
+    for block in stream.blocks():
+        clips = windower.feed(block)
+        if len(clips):
+            pending.append(clips)
+        if sum(map(len, pending)) >= _CLIPS_PER_EXTRACT:
+            add(np.concatenate(pending))
+            pending = []
+    pending.append(windower.finish())
+    add(np.concatenate(pending))
+    feats = out[:n] if n == len(out) else out[:n].copy()
+    return feats, np.asarray(windower.starts, dtype=np.float64) / fe.sample_rate
+
+
+_CLIPS_PER_EXTRACT = 16  # clips gathered before one frontend call (bounded memory, few small calls)

@@ -6,21 +6,31 @@ import hashlib
 import os
 import shutil
 import stat
+import struct
+import threading
 
 import numpy as np
 import pytest
 import soundfile as sf
 
 from devrecd.audio import (
+    ChangedAudio,
     CorruptAudio,
     EmptyAudio,
+    ExternalLink,
+    ImplausibleRate,
+    LinkLoop,
     MissingAudio,
+    NonFiniteAudio,
+    NotAFile,
+    StreamWindower,
     SilentAudio,
     TooLongAudio,
     TooShortAudio,
     UnreadableAudio,
     UnsupportedAudio,
     cut_windows,
+    open_stream,
     read_evidence,
     window_starts,
 )
@@ -109,22 +119,87 @@ def test_missing(tmp_path):
     assert e.value.reason == "missing"
 
 
-def test_unreadable_directory(tmp_path):
+def test_directory_is_not_a_file(tmp_path):
     (tmp_path / "d.wav").mkdir()
-    with pytest.raises(UnreadableAudio, match="directory") as e:
+    with pytest.raises(NotAFile, match="directory") as e:
         read_evidence(tmp_path / "d.wav", SR)
-    assert e.value.reason == "unreadable"
+    assert e.value.reason == "not_a_file"
 
 
-def test_unreadable_fifo(tmp_path):
+def _in_thread_with_timeout(fn, timeout=10.0):
+    """Run ``fn`` in a thread; fail (instead of hanging the suite) if it blocks."""
+    box = {}
+
+    def run():
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            box["exc"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), "blocked: a FIFO/device must never be opened in a way that waits"
+    return box.get("exc")
+
+
+def test_fifo_without_a_writer_is_refused_without_blocking(tmp_path):
     fifo = tmp_path / "pipe.wav"
-    os.mkfifo(fifo)
-    fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # keep a writer so opening does not block
+    os.mkfifo(fifo)  # no writer: a blocking open() would wait forever
+    exc = _in_thread_with_timeout(lambda: read_evidence(fifo, SR))
+    assert isinstance(exc, NotAFile) and "FIFO" in exc.detail
+
+
+def test_socket_device_and_links_to_them_are_refused(tmp_path):
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "s.wav"))
     try:
-        with pytest.raises(UnreadableAudio, match="not a regular file"):
-            read_evidence(fifo, SR)
+        os.symlink("/dev/zero", tmp_path / "zero.wav")
+        os.mkfifo(tmp_path / "p")
+        os.symlink(tmp_path / "p", tmp_path / "to-fifo.wav")
+        for name, kind in (("s.wav", "socket"), ("zero.wav", "character device"), ("to-fifo.wav", "FIFO")):
+            exc = _in_thread_with_timeout(lambda: read_evidence(tmp_path / name, SR))
+            assert isinstance(exc, NotAFile) and kind in exc.detail, (name, exc)
     finally:
-        os.close(fd)
+        sock.close()
+
+
+def test_file_swapped_for_a_fifo_after_the_check_is_refused_by_fstat(tmp_path, monkeypatch, tone):
+    """The race of a file replaced after it was looked at: fstat on the open descriptor decides."""
+    import devrecd.audio.decode as decode
+
+    path = _wav(tmp_path / "v.wav", tone)
+    real_stat = os.stat
+    swapped = {}
+
+    def stat_then_swap(p, *a, **kw):
+        st = real_stat(p, *a, **kw)
+        if str(p) == str(path) and not swapped:
+            swapped["done"] = True
+            os.unlink(path)
+            os.mkfifo(path)
+        return st
+
+    monkeypatch.setattr(decode.os, "stat", stat_then_swap)
+    exc = _in_thread_with_timeout(lambda: read_evidence(path, SR))
+    assert swapped and isinstance(exc, NotAFile) and "FIFO" in exc.detail
+
+
+def test_symlink_loop_and_external_link(tmp_path, tone):
+    os.symlink(tmp_path / "b.wav", tmp_path / "a.wav")
+    os.symlink(tmp_path / "a.wav", tmp_path / "b.wav")
+    with pytest.raises(LinkLoop):
+        read_evidence(tmp_path / "a.wav", SR)
+    inside, outside = tmp_path / "in", tmp_path / "out"
+    inside.mkdir(), outside.mkdir()
+    target = _wav(outside / "t.wav", tone)
+    os.symlink(target, inside / "link.wav")
+    with pytest.raises(ExternalLink, match="outside the watched folders"):
+        read_evidence(inside / "link.wav", SR, confine=[str(inside)])
+    rec = read_evidence(inside / "link.wav", SR)  # unconfined (a file named on the command line): followed
+    assert rec.resolved_path == str(target) and rec.describe()["resolved_path"] == str(target)
 
 
 def test_empty_file(tmp_path):
@@ -234,3 +309,114 @@ def test_windows_cover_the_recording():
     assert w.shape == (3, 4) and w[-1].tolist() == [6, 7, 8, 9]
     short = cut_windows(np.arange(3, dtype=np.float32), 5, 5)
     assert short.tolist() == [[0, 1, 2, 0, 1]]  # wrap-padded
+
+
+def test_stream_windower_cuts_exactly_the_clips_of_cut_windows():
+    rng = np.random.default_rng(0)
+    for n in (1, 100, 1023, 1024, 1025, 1500, 5000, 12345):
+        for clip, hop in ((1024, 512), (1024, 1024), (1000, 300), (500, 700)):
+            x = rng.standard_normal(n).astype(np.float32)
+            w = StreamWindower(clip, hop)
+            got = np.concatenate([w.feed(x[i : i + 333]) for i in range(0, n, 333)] + [w.finish()])
+            np.testing.assert_array_equal(got, cut_windows(x, clip, hop), err_msg=f"{n} {clip} {hop}")
+            assert w.starts == window_starts(n, clip, hop).tolist()
+
+
+def test_streamed_features_equal_the_in_memory_path(tmp_path):
+    """The daemon's block-wise path (never holding the samples) gives the features of features_for_file."""
+    from devrecd.config import load_config
+    from devrecd.pipeline import features_for_file, stream_features
+
+    cfg = load_config(None, env={})
+    rate = 44100  # resampled on the way, in blocks
+    t = np.arange(int(7.3 * rate)) / rate
+    x = (0.3 * np.sin(2 * np.pi * 440 * t) + 0.01 * np.random.default_rng(1).standard_normal(len(t))).astype(np.float32)
+    path = _wav(tmp_path / "st.wav", np.stack([x, 0.5 * x], 1), rate=rate)
+    rec, ref = features_for_file(path, cfg)
+    with open_stream(path, cfg.frontend.sample_rate, cfg.audio) as s:
+        feats, starts = stream_features(s, cfg)
+        assert s.describe() == rec.describe()
+    np.testing.assert_array_equal(feats, ref)
+    hop = int(cfg.audio.hop_seconds * SR)
+    np.testing.assert_allclose(starts, window_starts(len(rec.samples), cfg.frontend.clip_samples, hop) / SR)
+
+
+# --- hostile headers and samples -------------------------------------------------------------
+
+def test_nan_and_inf_samples_are_nonfinite_not_silent_or_judged(tmp_path, tone):
+    for bad in (np.nan, np.inf, -np.inf):
+        x = tone.copy()
+        x[SR : SR + 10] = bad
+        path = _wav(tmp_path / f"nf{bad}.wav", x, subtype="FLOAT")
+        with pytest.raises(NonFiniteAudio, match="NaN or infinite") as e:
+            read_evidence(path, SR)
+        assert e.value.reason == "nonfinite"
+        assert e.value.sha256 == hashlib.sha256(path.read_bytes()).hexdigest(), "bytes were read: hash recorded"
+    all_nan = _wav(tmp_path / "allnan.wav", np.full(3 * SR, np.nan, np.float32), subtype="FLOAT")
+    with pytest.raises(NonFiniteAudio):
+        read_evidence(all_nan, SR)
+
+
+def _set_wav_rate(path, rate):
+    data = bytearray(path.read_bytes())
+    assert data[12:16] == b"fmt "
+    channels, bits = struct.unpack("<H", data[22:24])[0], struct.unpack("<H", data[34:36])[0]
+    data[24:28] = struct.pack("<I", rate)
+    data[28:32] = struct.pack("<I", rate * channels * bits // 8)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_implausible_sample_rates_are_refused_before_decoding(tmp_path, tone):
+    for rate in (1, 3999, 384_001, 2_000_000_000):
+        path = _set_wav_rate(_wav(tmp_path / f"r{rate}.wav", tone[:2000]), rate)
+        with pytest.raises(ImplausibleRate, match=f"{rate} Hz") as e:
+            read_evidence(path, SR)
+        assert e.value.reason == "implausible_rate" and e.value.size == path.stat().st_size
+    ok = _set_wav_rate(_wav(tmp_path / "r8k.wav", tone), 8000)  # a real phone rate: resampled, judged
+    assert read_evidence(ok, SR).native_rate == 8000
+
+
+def test_decoded_samples_are_capped_from_the_header_before_allocating(tmp_path):
+    """A small FLAC of many channels (a decompression bomb) is refused by frames x channels, not bytes."""
+    path = tmp_path / "bomb.flac"
+    sf.write(path, np.zeros((48000 * 20, 8), np.int16), 48000, format="FLAC")
+    assert path.stat().st_size < 200_000
+    with pytest.raises(TooLongAudio, match="audio.max_decoded_samples"):
+        read_evidence(path, SR, AudioConfig(max_decoded_samples=48000 * 20 * 8 - 1))
+
+
+def test_levels_and_flags_are_reported_on_abnormal_input(tmp_path, tone):
+    rec = read_evidence(_wav(tmp_path / "ok.wav", tone), SR)
+    assert rec.levels["flags"] == [] and rec.describe()["levels"]["rms_dbfs"] == pytest.approx(-13.5, abs=0.1)
+    dc = read_evidence(_wav(tmp_path / "dc.wav", tone * 0.3 + 0.5, subtype="FLOAT"), SR)
+    assert "dc_offset" in dc.levels["flags"] and dc.levels["dc_offset"] == pytest.approx(0.5, abs=1e-3)
+    noise = np.random.default_rng(0).uniform(-1, 1, 3 * SR).astype(np.float32)
+    assert "loud" in read_evidence(_wav(tmp_path / "noise.wav", noise), SR).levels["flags"]
+    square = np.sign(tone).astype(np.float32)
+    assert "clipping" in read_evidence(_wav(tmp_path / "clip.wav", square), SR).levels["flags"]
+    huge = read_evidence(_wav(tmp_path / "huge.wav", tone * 1e30, subtype="FLOAT"), SR)
+    assert "over_full_scale" in huge.levels["flags"] and "loud" in huge.levels["flags"]
+
+
+def test_failed_reads_carry_the_hash_of_the_bytes_read(tmp_path, tone):
+    path = _wav(tmp_path / "short.wav", tone[: SR // 2])
+    with pytest.raises(TooShortAudio, match="audio.min_seconds") as e:
+        read_evidence(path, SR)
+    assert (e.value.sha256, e.value.size) == (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_size)
+    silent = _wav(tmp_path / "s.wav", np.zeros(3 * SR, np.float32))
+    with pytest.raises(SilentAudio, match="audio.silence_dbfs"):
+        read_evidence(silent, SR)
+
+
+def test_a_file_that_changes_while_read_is_refused(tmp_path, tone):
+    path = _wav(tmp_path / "grow.wav", tone)
+    s = open_stream(path, SR)
+    try:
+        with open(path, "ab") as fh:  # appended after hashing, before decoding
+            fh.write(b"\0" * 100)
+        with pytest.raises(ChangedAudio):
+            for _ in s.blocks():
+                pass
+    finally:
+        s.close()

@@ -1,6 +1,8 @@
 """Bad-input errors of audio intake, one type per reason.
 
 ``reason`` is the short label used in metrics (``devrecd_errors_total{reason}``) and the journal.
+``sha256`` and ``size`` are set when the file's bytes were read before the error was found, so the
+failed record still names exactly what was looked at (chain of custody).
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ class AudioError(DevrecdError):
         super().__init__(f"{path}: {detail}")
         self.path = str(path)
         self.detail = detail
+        self.sha256: str | None = None  # of the bytes read, when they were read
+        self.size: int | None = None
+        self.resolved_path: str | None = None  # where a followed symbolic link led
 
 
 class MissingAudio(AudioError):
@@ -24,9 +29,33 @@ class MissingAudio(AudioError):
 
 
 class UnreadableAudio(AudioError):
-    """Exists but cannot be opened for reading (permissions, a directory, an I/O error)."""
+    """Exists but cannot be opened for reading (permissions, an I/O error)."""
 
     reason = "unreadable"
+
+
+class NotAFile(AudioError):
+    """A FIFO, socket, device, directory or a link to one: never opened in a way that can block."""
+
+    reason = "not_a_file"
+
+
+class LinkLoop(AudioError):
+    """A symbolic link that leads back to itself (or through too many links)."""
+
+    reason = "link_loop"
+
+
+class ExternalLink(AudioError):
+    """A symbolic link that leaves the watched folders (``watch.follow_external_links = false``)."""
+
+    reason = "external_link"
+
+
+class ChangedAudio(AudioError):
+    """The file changed while it was being read; what was hashed may not be what was decoded."""
+
+    reason = "changed"
 
 
 class EmptyAudio(AudioError):
@@ -45,6 +74,18 @@ class UnsupportedAudio(AudioError):
     """Not a format or codec any installed decoder reads."""
 
     reason = "unsupported"
+
+
+class ImplausibleRate(AudioError):
+    """A sample rate no recording device writes (a damaged or hostile header)."""
+
+    reason = "implausible_rate"
+
+
+class NonFiniteAudio(AudioError):
+    """Floating-point samples that are NaN or infinite: no level or feature of them means anything."""
+
+    reason = "nonfinite"
 
 
 class SilentAudio(AudioError):

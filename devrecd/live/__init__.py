@@ -6,7 +6,7 @@ sounddevice is imported only when a stream is opened.
 """
 
 from devrecd.live.capture import Capture, InputInfo, InputUnavailable, list_input_devices, resolve_input
-from devrecd.live.levels import Level, measure
+from devrecd.audio.levels import Level, measure
 from devrecd.live.recorder import SegmentRecorder
 from devrecd.live.ring import SampleRing
 from devrecd.live.smoothing import Running, RunningVerdict

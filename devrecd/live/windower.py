@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from devrecd.audio.decode import _to_mono  # the file path's channel mixing (audio.mix), not a second copy
-from devrecd.live.levels import Level, measure
+from devrecd.audio.levels import Level, measure
 from devrecd.live.recorder import SegmentRecorder
 from devrecd.live.ring import SampleRing
 
