@@ -70,12 +70,14 @@ class BatcherConfig:
     max_batch: int = 32  # flush a batch at this many clips
     max_wait_ms: float = 50.0  # or when the oldest clip has waited this long
     streams: int = 0  # batches inferred at once; 0 = auto (CPU: cores // backend.threads; GPU: 1)
+    max_queued_clips: int = 4096  # clips waiting for inference at most (~37 KB each): bounds the daemon's memory
 
     def __post_init__(self) -> None:
         problems = [msg for bad, msg in (
             (self.max_batch < 1, "max_batch must be >= 1"),
             (self.max_wait_ms < 0, "max_wait_ms must be >= 0"),
             (self.streams < 0, "streams must be >= 0 (0 = auto)"),
+            (self.max_queued_clips < 1, "max_queued_clips must be >= 1"),
         ) if bad]
         if problems:
             raise ConfigError("batcher: " + "; ".join(problems))

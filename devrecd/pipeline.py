@@ -7,10 +7,11 @@ Ray Data) can call them.
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 
-from devrecd.audio import EvidenceStream, Recording, StreamWindower, cut_windows, read_evidence, window_starts
+from devrecd.audio import EvidenceStream, NonFiniteAudio, Recording, StreamWindower, cut_windows, read_evidence, window_starts
 from devrecd.config import Config
 from devrecd.features import FEATURE_DIM, Frontend, FrontendConfig, extract
 
@@ -45,17 +46,26 @@ def features_for_file(path: str | os.PathLike, cfg: Config, *, device: str = "cp
     """Decode one file and return it with its (windows, 128, 73) features."""
     rec = read_evidence(path, cfg.frontend.sample_rate, cfg.audio)
     clips = clips_for(rec, cfg.frontend, cfg.audio.hop_seconds if hop_seconds is None else hop_seconds)
-    return rec, extract(clips, frontend_for(cfg.frontend), device=device)
+    return rec, finite_features(extract(clips, frontend_for(cfg.frontend), device=device), path)
 
 
-def stream_features(stream: EvidenceStream, cfg: Config, *, device: str = "cpu",
-                    hop_seconds: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+def finite_features(feats: np.ndarray, path: str | os.PathLike) -> np.ndarray:
+    """Refuse features with a NaN or infinity: no backend may ever score them (finite samples can
+    still overflow the frontend, e.g. samples of 1e30 squared in float32)."""
+    if not np.isfinite(feats).all():
+        bad = int(np.count_nonzero(~np.isfinite(feats).all(axis=(1, 2))))
+        raise NonFiniteAudio(path, f"{bad} window(s) give non-finite features (samples far beyond full scale?)")
+    return feats
+
+
+def stream_features(stream: EvidenceStream, cfg: Config, *, device: str = "cpu", hop_seconds: float | None = None,
+                    timings: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Decode an opened :class:`~devrecd.audio.EvidenceStream` block by block into its (windows, 128, 73)
     features and the window start times (s), without holding the recording's samples.
 
     The features are those of :func:`features_for_file` (the same clips through the same frontend).
     Raises the stream's :class:`~devrecd.audio.AudioError` (a silent or too short file fails after
-    its last block).
+    its last block). ``timings["features"]`` receives the seconds spent in the frontend.
     """
     fe = cfg.frontend
     hop = max(1, int(round((cfg.audio.hop_seconds if hop_seconds is None else hop_seconds) * fe.sample_rate)))
@@ -69,7 +79,10 @@ def stream_features(stream: EvidenceStream, cfg: Config, *, device: str = "cpu",
         nonlocal out, n
         if not len(clips):
             return
-        feats = extract(clips, frontend, device=device)
+        t0 = time.perf_counter()
+        feats = finite_features(extract(clips, frontend, device=device), stream.path)
+        if timings is not None:
+            timings["features"] = timings.get("features", 0.0) + time.perf_counter() - t0
         if n + len(feats) > len(out):
             grown = np.empty((max(2 * len(out), n + len(feats)),) + out.shape[1:], dtype=np.float32)
             grown[:n] = out[:n]

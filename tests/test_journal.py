@@ -125,3 +125,118 @@ def test_commit_survives_kill_9(tmp_path: Path) -> None:
 
     with sqlite3.connect(tmp_path / "j.sqlite") as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_failure_of_a_file_that_then_grows_is_superseded_by_the_later_verdict(journal: Journal, tmp_path: Path) -> None:
+    """A share copy paused longer than watch.stable_seconds: partial versions fail, the complete one is judged;
+    one current record per path, the failures kept as history."""
+    rec = Recorder(journal, VerdictLog(tmp_path / "v.jsonl"))
+    partial = []
+    for size in (100, 200, 300):
+        e, new = journal.see("/ev/copy.wav", size, size)
+        assert new
+        rec.commit(e.id, "failed", {"path": "/ev/copy.wav", "reason": "corrupt"}, reason="corrupt")
+        partial.append(e.id)
+    other, _ = journal.see("/ev/other.wav", 5, 5)
+    rec.commit(other.id, "failed", {"path": "/ev/other.wav", "reason": "unsupported"}, reason="unsupported")
+    final, _ = journal.see("/ev/copy.wav", 400, 400)
+    out = rec.commit(final.id, "judged", {"path": "/ev/copy.wav", "device": "p1"})
+    assert out["supersedes"] == partial
+    current = list(journal.finished())
+    assert [(r.path, r.state) for r in current] == [("/ev/other.wav", "failed"), ("/ev/copy.wav", "judged")]
+    history = list(journal.finished(history=True))
+    assert len(history) == 5 and {r.superseded_by for r in history if r.id in partial} == {final.id}
+    # A later *judged* version does not hide an earlier judged one: that was different evidence.
+    again, _ = journal.see("/ev/copy.wav", 500, 500)
+    rec.commit(again.id, "judged", {"path": "/ev/copy.wav", "device": "p2"})
+    assert [r.state for r in journal.finished() if r.path == "/ev/copy.wav"] == ["judged", "judged"]
+
+
+def test_state_files_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    old = os.umask(0o000)
+    try:
+        j = Journal(tmp_path / "journal.sqlite")
+        e, _ = j.see("/ev/a.wav", 1, 1)  # creates the WAL and shm files
+        log = VerdictLog(tmp_path / "verdicts.jsonl")
+        Recorder(j, log).commit(e.id, "judged", {"device": "p"})
+        from devrecd.fsutil import atomic_write
+
+        atomic_write(tmp_path / "daemon.json", "{}", mode=0o640)
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+        j.close()
+        log.close()
+    finally:
+        os.umask(old)
+    assert modes["journal.sqlite"] == 0o600 and modes["journal.sqlite-wal"] == 0o600, modes
+    assert modes["verdicts.jsonl"] == 0o640 and modes["daemon.json"] == 0o640, modes
+    assert not [n for n, m in modes.items() if m & 0o007], f"world-accessible state: {modes}"
+
+
+def test_export_opens_the_journal_read_only_and_writes_nothing(tmp_path: Path) -> None:
+    import os
+
+    j = Journal(tmp_path / "journal.sqlite")
+    e, _ = j.see("/ev/a.wav", 1, 1)
+    Recorder(j, None).commit(e.id, "judged", {"device": "p"})
+    j.close()
+    before = {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in tmp_path.iterdir()}
+    ro = Journal.open_readonly(tmp_path / "journal.sqlite")
+    try:
+        assert [r.state for r in ro.finished()] == ["judged"] and ro.schema_version == 1
+        with pytest.raises(JournalError):
+            ro.see("/ev/b.wav", 1, 1)  # mode=ro: sqlite refuses any write
+    finally:
+        ro.close()
+    after = {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in tmp_path.iterdir()}
+    assert after == before, "a read-only export must not create or touch any file"
+    os.chmod(tmp_path / "journal.sqlite", 0o400)
+
+
+def test_a_version_0_journal_is_read_as_is_and_migrated_when_opened_for_writing(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "journal.sqlite"
+    with sqlite3.connect(path) as db:  # the schema before versioning (no superseded_by, user_version 0)
+        db.execute("CREATE TABLE files (id INTEGER PRIMARY KEY AUTOINCREMENT, path TEXT NOT NULL, size INTEGER NOT NULL, "
+                   "mtime_ns INTEGER NOT NULL, sha256 TEXT, state TEXT NOT NULL, reason TEXT, duplicate_of INTEGER, "
+                   "record TEXT, logged INTEGER NOT NULL DEFAULT 0, seen_at REAL NOT NULL, updated_at REAL NOT NULL)")
+        db.execute("INSERT INTO files (path, size, mtime_ns, state, record, logged, seen_at, updated_at) "
+                   "VALUES ('/ev/old.wav', 1, 1, 'judged', '{\"id\": 1}', 1, 1.0, 1.0)")
+    ro = Journal.open_readonly(path)
+    assert ro.schema_version == 0 and [r.path for r in ro.finished()] == ["/ev/old.wav"]
+    ro.close()
+    rw = Journal(path)
+    assert rw.schema_version == 1 and [r.superseded_by for r in rw.finished()] == [None]
+    rw.close()
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA user_version = 99")
+    with pytest.raises(JournalError, match="schema version 99"):
+        Journal.open_readonly(path)
+
+
+def test_kill_between_journal_commit_and_log_append_is_repaired(tmp_path: Path) -> None:
+    """The injected kill point (DEVRECD_TEST_KILL_AT): the real Recorder.commit dies after the journal
+    commit and before the append; the restart's repair appends the missing line exactly once."""
+    import os
+
+    script = textwrap.dedent(f"""
+        from devrecd.daemon.journal import Journal, Recorder, VerdictLog
+        j = Journal({str(tmp_path / 'j.sqlite')!r}); rec = Recorder(j, VerdictLog({str(tmp_path / 'v.jsonl')!r}))
+        e, _ = j.see("/ev/a.wav", 1, 1)
+        rec.commit(e.id, "judged", {{"device": "p"}})
+    """)
+    env = {**os.environ, "DEVRECD_TEST_KILL_AT": "after_journal_commit"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60, env=env)
+    assert proc.returncode == -9, proc.stderr.decode()
+    assert (tmp_path / "v.jsonl").read_text() == ""
+    j = Journal(tmp_path / "j.sqlite")
+    log = VerdictLog(tmp_path / "v.jsonl")
+    assert [e.id for e in j.unlogged()] == [1]
+    assert Recorder(j, log).repair() == 1
+    assert [json.loads(x) for x in (tmp_path / "v.jsonl").read_text().splitlines()] == [{"id": 1, "device": "p"}]
+    assert j.unlogged() == [] and Recorder(j, log).repair() == 0
+    j.close()
+    log.close()

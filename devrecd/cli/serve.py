@@ -117,7 +117,8 @@ def parse_since(text: str, now: float | None = None) -> float:
 
 CSV_FIELDS = ("id", "outcome", "judged_at", "path", "sha256", "size", "duration", "sample_rate", "native_rate",
               "resampled", "device", "score", "top_k", "reason", "detail", "duplicate_of_path", "backend",
-              "model_sha256", "contract_sha256", "software_version")
+              "model_sha256", "contract_sha256", "software_version", "resolved_path", "level_flags", "supersedes",
+              "superseded_by")
 
 
 @command()
@@ -126,8 +127,9 @@ def verdicts(
     state_dir: Optional[str] = typer.Option(None, "--state-dir", help="The daemon's state folder (watch.state_dir)."),
     since: Optional[str] = typer.Option(None, "--since", help="Only verdicts from this time: 30m, 12h, 7d or an ISO date."),
     fmt: str = typer.Option("json", "--format", help="json (one record per line) or csv."),
+    history: bool = typer.Option(False, "--history", help="Also the failures a later version of the same file superseded."),
 ) -> None:
-    """Export the verdicts recorded in the daemon's journal."""
+    """Export the verdicts recorded in the daemon's journal (opened read-only)."""
     import os
 
     from devrecd.daemon.journal import Journal
@@ -139,9 +141,9 @@ def verdicts(
     path = Path(os.path.expanduser(cfg.watch.state_dir)) / JOURNAL_NAME
     if not path.is_file():
         raise ConfigError(f"no journal at {path} (is watch.state_dir / --state-dir right?)")
-    journal = Journal(path)
+    journal = Journal.open_readonly(path)
     try:
-        entries = list(journal.finished(parse_since(since) if since else 0.0))
+        entries = list(journal.finished(parse_since(since) if since else 0.0, history=history))
     finally:
         journal.close()
     if fmt == "json":
@@ -154,4 +156,7 @@ def verdicts(
         row = dict(e.record or {})
         if row.get("top_k"):
             row["top_k"] = ";".join(f"{c['device']}:{c['score']}" for c in row["top_k"])
+        row["level_flags"] = ";".join((row.get("levels") or {}).get("flags") or [])
+        row["supersedes"] = ";".join(map(str, row.get("supersedes") or []))
+        row["superseded_by"] = e.superseded_by
         writer.writerow(row)

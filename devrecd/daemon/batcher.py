@@ -6,7 +6,8 @@ Runtime session per CPU core: batching barely helps this network on a CPU, paral
 Batches are formed one at a time under a lock and inferred in parallel. A unit bigger than a batch
 is split across batches; its probabilities are gathered back and delivered once, in window order,
 when the last of its windows is inferred; a unit any of whose batches fails is failed once.
-The input queue is bounded, so producers block when inference falls behind (backpressure).
+The input queue is bounded in units and in clips (``max_clips``), so producers block when inference
+falls behind (backpressure) and the memory it holds is bounded by clips waiting, not by files.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class Batcher:
     """Bounded queue of units plus the batching loop of the inference thread."""
 
     def __init__(self, infer: Infer, *, max_batch: int, max_wait_s: float, queue_size: int = 64,
-                 on_batch: Callable[[int, float], None] | None = None,
+                 max_clips: int = 0, on_batch: Callable[[int, float], None] | None = None,
                  on_progress: Callable[[bool], None] | None = None) -> None:
         self.infer = infer
         self.max_batch = max_batch
@@ -57,6 +58,9 @@ class Batcher:
         self.on_batch = on_batch  # (clips, seconds) after each batch, for metrics
         self.on_progress = on_progress  # liveness: called with idle=True while waiting, False after a batch
         self._q: queue.Queue[Unit] = queue.Queue(maxsize=max(1, queue_size))
+        self.max_clips = max_clips  # clips queued at most (0 = no limit); one bigger unit may always enter
+        self._queued_clips = 0
+        self._room = threading.Condition()
         self._carry: tuple[Unit, int] | None = None  # the rest of a unit split at a batch boundary
         self._forming = threading.Lock()  # one inference thread forms a batch at a time (_carry)
         self._gathering = threading.Lock()  # per-unit results from batches finishing in parallel
@@ -69,6 +73,13 @@ class Batcher:
         """Queue a unit, blocking while the queue is full; False if ``stop`` was set meanwhile."""
         if len(unit) == 0:
             raise ValueError("a unit needs at least one window")
+        if self.max_clips:
+            with self._room:
+                while self._queued_clips and self._queued_clips + len(unit) > self.max_clips:
+                    if stop is not None and stop.is_set():
+                        return False
+                    self._room.wait(0.2)
+                self._queued_clips += len(unit)
         while True:
             try:
                 self._q.put(unit, timeout=0.2)
@@ -120,6 +131,10 @@ class Batcher:
             take = min(len(unit) - off, max_batch - n)
             parts.append((unit, off, off + take))
             n += take
+            if self.max_clips:
+                with self._room:
+                    self._queued_clips -= take
+                    self._room.notify_all()
             if off + take < len(unit):
                 self._carry = (unit, off + take)
         return parts
@@ -132,6 +147,8 @@ class Batcher:
                 unit.started = now
         x = parts[0][0].features[parts[0][1]:parts[0][2]] if len(parts) == 1 else np.concatenate(
             [u.features[lo:hi] for u, lo, hi in parts])
+        if not np.isfinite(x).all():  # the stages refuse such input; this is the last line of defence
+            raise ValueError("non-finite features reached the batcher")
         t0 = time.perf_counter()
         probs = np.asarray(self.infer(np.ascontiguousarray(x, dtype=np.float32)))
         dt = time.perf_counter() - t0

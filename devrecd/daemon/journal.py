@@ -10,12 +10,27 @@ then the row is marked ``logged = 1``. A crash before the commit leaves the row 
 judged again on restart, nothing was written); a crash after it leaves ``logged = 0``, and
 :meth:`Recorder.repair` appends the line on restart unless the log already holds it (a crash between
 the append and the mark). A torn last line (power loss mid-write) is cut off before appending.
+
+One current record per path: when a file failed as ``corrupt``/``too_short``/... (typically a copy
+still in progress) and a later version of it arrives, the earlier failures are marked
+``superseded_by`` the new row; they stay in the journal as history (``devrecd verdicts --history``)
+and the new record lists them under ``supersedes``.
+
+The schema carries a version (``PRAGMA user_version``); opening an older journal read-write migrates
+it, opening it read-only (:meth:`Journal.open_readonly`, for export from a read-only mount) never writes.
+
+State files are created 0600 (journal) / 0640 (verdict log) whatever the umask.
+
+Test-only fault injection: with ``DEVRECD_TEST_KILL_AT=after_journal_commit`` in the environment the
+process SIGKILLs itself between the journal commit and the verdict-log append, so that tests can show
+the repair on restart. Nothing else reads that variable.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 import threading
 import time
@@ -24,9 +39,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from devrecd.errors import DevrecdError
+from devrecd.fsutil import private_file
 
 TERMINAL = ("judged", "failed", "duplicate")
 ACTIVE = ("seen", "hashed")
+SCHEMA_VERSION = 1
+# Failures that a later, complete version of the same file replaces (a copy still in progress).
+SUPERSEDABLE = ("corrupt", "too_short", "empty", "missing", "changed", "too_long")
+KILL_ENV = "DEVRECD_TEST_KILL_AT"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -41,7 +61,8 @@ CREATE TABLE IF NOT EXISTS files (
     record TEXT,
     logged INTEGER NOT NULL DEFAULT 0,
     seen_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    superseded_by INTEGER
 );
 CREATE INDEX IF NOT EXISTS files_path ON files(path);
 CREATE INDEX IF NOT EXISTS files_sha ON files(sha256, state);
@@ -72,6 +93,7 @@ class Entry:
     logged: bool
     seen_at: float
     updated_at: float
+    superseded_by: int | None = None
 
 
 def _entry(row: sqlite3.Row | None) -> Entry | None:
@@ -80,26 +102,60 @@ def _entry(row: sqlite3.Row | None) -> Entry | None:
     d = dict(row)
     d["record"] = json.loads(d["record"]) if d["record"] else None
     d["logged"] = bool(d["logged"])
+    d.setdefault("superseded_by", None)  # a version-0 journal read without migration
     return Entry(**d)
 
 
 class Journal:
     """The SQLite journal. Thread-safe: one connection behind a lock (writes are tiny and rare)."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, readonly: bool = False) -> None:
         self.path = str(path)
+        self.readonly = readonly
+        self._lock = threading.Lock()
         try:
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30.0)
+            if readonly:
+                self._db = _connect_readonly(self.path)
+            else:
+                if self.path != ":memory:":
+                    try:
+                        os.close(private_file(self.path, 0o600))  # sqlite gives the WAL and shm files this mode
+                    except OSError as exc:
+                        raise JournalError(f"cannot open the journal {self.path}: {exc.strerror or exc}") from None
+                self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30.0)
             self._db.row_factory = sqlite3.Row
-            if self.path != ":memory:":
-                self._db.execute("PRAGMA journal_mode=WAL")
-            # NORMAL survives kill -9 (the WAL is in the OS); only the terminal commit must also
-            # survive a power loss before its verdict line does, so finish() syncs (see _FULL).
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise JournalError(f"the journal {self.path} has schema version {version}; this devrecd reads up "
+                                   f"to {SCHEMA_VERSION} (upgrade devrecd)")
+            if not readonly:
+                if self.path != ":memory:":
+                    self._db.execute("PRAGMA journal_mode=WAL")
+                # NORMAL survives kill -9 (the WAL is in the OS); only the terminal commit must also
+                # survive a power loss before its verdict line does, so finish() syncs.
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._migrate(version)
         except sqlite3.Error as exc:
             raise JournalError(f"cannot open the journal {self.path}: {exc}") from None
-        self._lock = threading.Lock()
+
+    @classmethod
+    def open_readonly(cls, path: str | os.PathLike) -> Journal:
+        """Open for reading only (``mode=ro``): works on a read-only mount and never writes."""
+        return cls(path, readonly=True)
+
+    def _migrate(self, version: int) -> None:
+        """Bring the schema to :data:`SCHEMA_VERSION` (a fresh journal is created at it)."""
+        cols = {r[1] for r in self._db.execute("PRAGMA table_info(files)")}
+        if cols and "superseded_by" not in cols:  # version 0: no history of superseded failures
+            self._db.execute("ALTER TABLE files ADD COLUMN superseded_by INTEGER")
+        self._db.executescript(_SCHEMA)
+        if version != SCHEMA_VERSION:
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @property
+    def schema_version(self) -> int:
+        with self._lock:
+            return int(self._db.execute("PRAGMA user_version").fetchone()[0])
 
     def close(self) -> None:
         with self._lock:
@@ -141,10 +197,23 @@ class Journal:
     def unlogged(self) -> list[Entry]:
         return self._many("SELECT * FROM files WHERE logged = 0 AND state IN ('judged', 'failed', 'duplicate') ORDER BY id")
 
-    def finished(self, since: float = 0.0) -> Iterator[Entry]:
-        """Terminal rows updated at or after ``since`` (unix time), oldest first."""
-        yield from self._many("SELECT * FROM files WHERE state IN ('judged', 'failed', 'duplicate') AND updated_at >= ? "
-                              "ORDER BY updated_at, id", (since,))
+    def finished(self, since: float = 0.0, *, history: bool = False) -> Iterator[Entry]:
+        """Terminal rows updated at or after ``since`` (unix time), oldest first: the current record
+        of each file version, and with ``history`` also the failures a later version superseded."""
+        current = "" if history or not self._has_superseded() else " AND superseded_by IS NULL"
+        yield from self._many("SELECT * FROM files WHERE state IN ('judged', 'failed', 'duplicate') AND updated_at >= ?"
+                              + current + " ORDER BY updated_at, id", (since,))
+
+    def superseded(self, entry_id: int) -> list[int]:
+        """Ids of the earlier failures that row ``entry_id`` superseded."""
+        if not self._has_superseded():
+            return []
+        with self._lock:
+            return [r[0] for r in self._db.execute("SELECT id FROM files WHERE superseded_by = ? ORDER BY id", (entry_id,))]
+
+    def _has_superseded(self) -> bool:
+        with self._lock:
+            return any(r[1] == "superseded_by" for r in self._db.execute("PRAGMA table_info(files)"))
 
     def counts(self) -> dict[str, int]:
         with self._lock:
@@ -165,9 +234,23 @@ class Journal:
                 return row, False
             now = time.time()
             try:
-                cur = self._db.execute(
-                    "INSERT INTO files (path, size, mtime_ns, state, seen_at, updated_at) VALUES (?, ?, ?, 'seen', ?, ?)",
-                    (path, size, mtime_ns, now, now))
+                self._db.execute("BEGIN IMMEDIATE")  # the new row and the marks on the old ones: one commit
+                try:
+                    cur = self._db.execute(
+                        "INSERT INTO files (path, size, mtime_ns, state, seen_at, updated_at) VALUES (?, ?, ?, 'seen', ?, ?)",
+                        (path, size, mtime_ns, now, now))
+                    marks = ",".join("?" * len(SUPERSEDABLE))
+                    # Also re-point rows that an earlier partial version had superseded: the newest
+                    # version lists every failure it replaces.
+                    self._db.execute(
+                        f"UPDATE files SET superseded_by = ? WHERE path = ? AND id < ? AND state = 'failed' "
+                        f"AND reason IN ({marks}) AND (superseded_by IS NULL OR superseded_by IN ("
+                        f"SELECT id FROM files WHERE path = ? AND state = 'failed' AND reason IN ({marks})))",
+                        (cur.lastrowid, path, cur.lastrowid, *SUPERSEDABLE, path, *SUPERSEDABLE))
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
             except sqlite3.Error as exc:
                 raise JournalError(f"journal write failed: {exc}") from None
             return _entry(self._db.execute("SELECT * FROM files WHERE id = ?", (cur.lastrowid,)).fetchone()), True  # type: ignore[return-value]
@@ -201,13 +284,27 @@ class Journal:
         self._write("UPDATE files SET logged = 1 WHERE id = ?", (entry_id,))
 
 
+def _connect_readonly(path: str) -> sqlite3.Connection:
+    """``mode=ro``. Without a WAL file (no daemon running, every commit checkpointed) the database
+    is opened ``immutable=1`` as well, which creates no WAL index: nothing is written, so this
+    works on a read-only mount too."""
+    from urllib.parse import quote
+
+    if not os.path.isfile(path):
+        raise sqlite3.OperationalError(f"no such file: {path}")
+    uri = "file:" + quote(os.path.abspath(path)) + "?mode=ro"
+    if not os.path.exists(path + "-wal"):
+        uri += "&immutable=1"
+    return sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
+
+
 class VerdictLog:
     """Append-only JSON-lines file; each record is one ``write`` of one line, then ``fsync``."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         try:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o640)
+            self._fd = private_file(self.path, 0o640, os.O_WRONLY | os.O_APPEND)
         except OSError as exc:
             raise JournalError(f"cannot open the verdict log {self.path}: {exc.strerror or exc}") from None
         self._lock = threading.Lock()
@@ -264,8 +361,13 @@ class Recorder:
         """Record a terminal state; returns the record as written (with its ``id``), or None (and
         nothing written) if the entry was already terminal."""
         record = {"id": entry_id, **record}
+        earlier = self.journal.superseded(entry_id)
+        if earlier:
+            record["supersedes"] = earlier
         if not self.journal.finish(entry_id, state, record, **kw):
             return None
+        if os.environ.get(KILL_ENV) == "after_journal_commit":  # test-only fault injection (module docstring)
+            os.kill(os.getpid(), signal.SIGKILL)
         if self.log is not None:
             self.log.append(record)
         self.journal.mark_logged(entry_id)

@@ -30,7 +30,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from devrecd.audio import AudioError, read_evidence, window_starts
+from devrecd.audio import AudioError, open_stream
 from devrecd.config import Config, load_config
 from devrecd.daemon.batcher import Batcher, Unit
 from devrecd.daemon.journal import Journal, JournalError, Recorder, VerdictLog
@@ -38,9 +38,10 @@ from devrecd.daemon.notify import Liveness, WatchdogPinger, notify, watchdog_int
 from devrecd.daemon.verdict import duplicate_record, failed_record, judged_record
 from devrecd.contract import check_frontend
 from devrecd.errors import ConfigError, DevrecdError
-from devrecd.features import FrontendConfig, extract
+from devrecd.features import FrontendConfig
 from devrecd.metrics import Metrics
-from devrecd.pipeline import clips_for, frontend_for, resolve_device
+from devrecd.fsutil import atomic_write, private_file
+from devrecd.pipeline import frontend_for, resolve_device, stream_features
 
 log = logging.getLogger("devrecd.daemon")
 
@@ -71,6 +72,7 @@ class Job:
     timings: dict[str, float] = field(default_factory=dict)
     recording: dict | None = None
     starts: np.ndarray | None = None  # window start times (s)
+    resolved_path: str | None = None  # where a followed symbolic link led (also for failures)
 
 
 class Pipeline:
@@ -79,8 +81,11 @@ class Pipeline:
     def __init__(self, cfg: Config, backend: BackendLike, *, journal: Journal, verdict_log: VerdictLog | None,
                  metrics: Metrics, device: str = "cpu", rejudge_duplicates: bool | None = None,
                  on_record: Callable[[dict], None] | None = None, liveness: Liveness | None = None,
-                 judge: Callable[[np.ndarray], dict] | None = None) -> None:
+                 judge: Callable[[np.ndarray], dict] | None = None, roots: Sequence[str] | None = None) -> None:
         self.cfg = cfg
+        # Watched folders: symbolic links leading out of them are refused unless
+        # watch.follow_external_links (None: files named by the user, followed anywhere).
+        self.roots = list(roots) if roots is not None else None
         self.judge = judge  # open-set verdict against the device registry (registry.path), if configured
         self.backend = backend
         self.labels = tuple(backend.labels)
@@ -99,7 +104,8 @@ class Pipeline:
         self._stop = threading.Event()  # workers/inference: no new work
         self._threads: list[threading.Thread] = []
         self.batcher = Batcher(backend.infer, max_batch=cfg.batcher.max_batch, max_wait_s=cfg.batcher.max_wait_ms / 1000,
-                               queue_size=cfg.watch.queue_size, on_batch=self._on_batch, on_progress=self._tick)
+                               queue_size=cfg.watch.queue_size, max_clips=cfg.batcher.max_queued_clips,
+                               on_batch=self._on_batch, on_progress=self._tick)
         self.extra_pending: Callable[[], int] = lambda: 0  # files sources hold that are not yet admitted
         metrics.queue_depth.set_function(lambda: self.in_flight() + self.extra_pending())
         metrics.oldest_pending_age.set_function(self._oldest_age)
@@ -222,7 +228,8 @@ class Pipeline:
                 with self._lock:  # not finished: stays unfinished in the journal, resumed at the next start
                     self._inflight.pop(job.entry_id, None)
             except AudioError as exc:
-                self._results.put(("failed", job, exc.reason, exc.detail, None, None))
+                job.resolved_path = job.resolved_path or exc.resolved_path
+                self._results.put(("failed", job, exc.reason, exc.detail, exc.sha256, exc.size))
             except DevrecdError as exc:
                 self._results.put(("failed", job, exc.reason, str(exc), None, None))
             except Exception as exc:  # noqa: BLE001 - one file's surprise must not stop the daemon
@@ -233,22 +240,22 @@ class Pipeline:
     def _prepare(self, job: Job, frontend) -> None:
         cfg = self.cfg
         t0 = time.perf_counter()
-        rec = read_evidence(job.path, cfg.frontend.sample_rate, cfg.audio)
-        t1 = time.perf_counter()
-        job.timings["decode"] = t1 - t0
-        job.recording = rec.describe()
-        self.journal.mark_hashed(job.entry_id, rec.sha256, rec.size)
+        confine = None if self.roots is None or cfg.watch.follow_external_links else self.roots
+        # Decoded block by block: the recording's samples are never held whole, only its features.
+        with open_stream(job.path, cfg.frontend.sample_rate, cfg.audio, confine=confine) as stream:
+            job.resolved_path = stream.resolved_path
+            self.journal.mark_hashed(job.entry_id, stream.sha256 or "", stream.size or 0)
+            spent: dict[str, float] = {}
+            feats, starts = stream_features(stream, cfg, device=self.device, timings=spent)
+            job.recording = stream.describe()
+        job.starts = starts
+        job.timings["features"] = spent.get("features", 0.0)
+        job.timings["decode"] = time.perf_counter() - t0 - job.timings["features"]
         if not self.rejudge:
-            original = self.journal.judged_with(rec.sha256, exclude=job.entry_id)
-            if original is not None:  # judged before under another name: no need to compute anything
+            original = self.journal.judged_with(job.recording["sha256"], exclude=job.entry_id)
+            if original is not None:  # judged before under another name: no inference needed
                 self._results.put(("duplicate", job, original))
                 return
-        hop = max(1, int(round(cfg.audio.hop_seconds * cfg.frontend.sample_rate)))
-        clips = clips_for(rec, cfg.frontend, cfg.audio.hop_seconds)
-        job.starts = window_starts(len(rec.samples), cfg.frontend.clip_samples, hop) / cfg.frontend.sample_rate
-        feats = extract(clips, frontend, device=self.device)
-        job.timings["features"] = time.perf_counter() - t1
-        del rec, clips  # the samples are not needed any more; keep memory bounded by the queues
         if not self.batcher.put(Unit(key=job, features=feats), self._stop):
             raise _Stopped()
 
@@ -322,12 +329,14 @@ class Pipeline:
             job.timings["end_to_end"] = time.monotonic() - job.taken
             rec = job.recording or {}
             record = failed_record(job.path, reason, detail, timings=job.timings,
-                                   sha256=sha or rec.get("sha256"), size=size or rec.get("size"))
+                                   sha256=sha or rec.get("sha256"), size=size or rec.get("size"),
+                                   resolved_path=job.resolved_path)
             record = self.recorder.commit(job.entry_id, "failed", record, reason=reason, sha256=record["sha256"])
             if record is not None:
                 self._count("failed", job, record)
                 self.metrics.errors.labels(reason=reason).inc()
-                log.warning("cannot judge file", extra={"path": job.path, "reason": reason, "detail": detail})
+                log.warning("cannot judge file", extra={"path": job.path, "reason": reason, "detail": detail,
+                                                        "sha256": record["sha256"]})
 
     def _count(self, outcome: str, job: Job, record: dict) -> None:
         self.metrics.files.labels(outcome=outcome).inc()
@@ -407,7 +416,7 @@ class Daemon:
         """Serve until SIGTERM/SIGINT (or :meth:`request_stop`); returns the exit code."""
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
-            lock_fd = os.open(self.state_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            lock_fd = private_file(self.state_dir / "lock", 0o640)
         except OSError as exc:
             raise ConfigError(f"cannot use watch.state_dir {self.state_dir}: {exc.strerror or exc}") from None
         try:
@@ -462,7 +471,7 @@ class Daemon:
             backend = load_serving_backend(cfg, metrics)
             device = resolve_device(cfg.backend.device)
             pipeline = Pipeline(cfg, backend, journal=journal, verdict_log=verdict_log, metrics=metrics,
-                                device=device, liveness=liveness, judge=registry_judge(cfg, device))
+                                device=device, liveness=liveness, judge=registry_judge(cfg, device), roots=self.dirs)
             state["pipeline"] = pipeline
             pipeline.start()
             if cfg.live.enabled:  # a sound-card input judged through the same batcher and backend
@@ -486,8 +495,7 @@ class Daemon:
                 pinger.start()
             status = {"pid": os.getpid(), "url": server.url if server else None, "dirs": self.dirs,
                       "backend": backend.describe(), "started": time.time()}
-            (self.state_dir / (STATUS_NAME + ".tmp")).write_text(json.dumps(status, default=str))
-            os.replace(self.state_dir / (STATUS_NAME + ".tmp"), self.state_dir / STATUS_NAME)
+            atomic_write(self.state_dir / STATUS_NAME, json.dumps(status, default=str), mode=0o640)
             notify("READY=1\nSTATUS=watching " + ", ".join(self.dirs))
             log.info("ready", extra={"dirs": ",".join(self.dirs), "url": status["url"], "backend": backend.name,
                                      "device": device, "inference_streams": pipeline.streams, "resumed": resumed, "polling": ",".join(watcher._polled) or "none"})
@@ -527,6 +535,9 @@ class Daemon:
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
         signal.signal(signal.SIGINT, lambda *_: self._stop.set())
         signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
+        # Lease breaks are signalled with SIGURG (see watcher.open_for_writing); SIGIO stays
+        # ignored as well, since its default action would end the daemon.
+        signal.signal(signal.SIGIO, signal.SIG_IGN)
 
     def _do_reload(self, pipeline: Pipeline, watcher) -> None:
         from devrecd.logs import setup_logging

@@ -73,10 +73,15 @@ def judged_record(recording: dict, window_probs: np.ndarray, labels: Sequence[st
 
 
 def failed_record(path: str, reason: str, detail: str, *, timings: dict[str, float],
-                  sha256: str | None = None, size: int | None = None) -> dict[str, Any]:
-    """The record of a file that could not be judged, with the reason."""
-    return {"outcome": "failed", "path": path, "sha256": sha256, "size": size, "reason": reason, "detail": detail,
-            "software_version": __version__, "timings": _round(timings), "judged_at": _now()}
+                  sha256: str | None = None, size: int | None = None,
+                  resolved_path: str | None = None) -> dict[str, Any]:
+    """The record of a file that could not be judged, with the reason; ``sha256`` and ``size`` of
+    the bytes read, whenever they were read (chain of custody)."""
+    out = {"outcome": "failed", "path": path, "sha256": sha256, "size": size, "reason": reason, "detail": detail,
+           "software_version": __version__, "timings": _round(timings), "judged_at": _now()}
+    if resolved_path:
+        out["resolved_path"] = resolved_path
+    return out
 
 
 def duplicate_record(recording: dict, original: dict, *, timings: dict[str, float]) -> dict[str, Any]:
