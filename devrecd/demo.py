@@ -59,6 +59,24 @@ class DemoSettings:
     seed: int = 1
     shared: Path | None = None
     keep: bool = False
+    force: bool = False  # replace a non-empty folder that is not a demo folder
+
+
+DEMO_MARKER = ".devrecd-demo"  # written into every demo folder: only such a folder is replaced unasked
+
+
+def prepare_workdir(work: Path, *, force: bool = False, keep: bool = False) -> None:
+    """Make ``work`` an empty demo folder. An existing folder is replaced only when it is empty, a
+    demo folder (it holds :data:`DEMO_MARKER`) or ``force`` is given: never a user's folder by mistake."""
+    if work.exists() and not work.is_dir():
+        raise DemoError(f"--workdir {work} exists and is not a folder")
+    if work.is_dir() and not keep:
+        if any(work.iterdir()) and not (work / DEMO_MARKER).is_file() and not force:
+            raise DemoError(f"--workdir {work} exists, is not empty and is not a demo folder; "
+                            "choose a new folder, or pass --force to replace it")
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / DEMO_MARKER).write_text("made by devrecd demo; the next demo run may replace this folder\n")
 
 
 def find_speech(settings: DemoSettings, say: Callable[[str], None]) -> Path:
@@ -103,9 +121,7 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = print) -> dict
     """Run every step; returns a summary (accuracy, counts, metrics URL, timings)."""
     t0 = time.monotonic()
     work = settings.workdir.resolve()
-    if work.exists() and not settings.keep:
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
+    prepare_workdir(work, force=settings.force, keep=settings.keep)
     timings: dict[str, float] = {}
 
     def step(name: str, fn: Callable[[], object]) -> object:

@@ -24,7 +24,8 @@ class _Formatter(logging.Formatter):
             if record.exc_info:
                 doc["exc"] = self.formatException(record.exc_info)
             return json.dumps(doc, default=str)
-        parts = [ts, record.levelname.lower(), record.name, record.getMessage()]
+        msg = record.getMessage()
+        parts = [ts, record.levelname.lower(), record.name, msg if msg.isprintable() else json.dumps(msg, ensure_ascii=False)]
         parts += [f"{k}={_quote(v)}" for k, v in extra.items()]
         line = " ".join(parts)
         if record.exc_info:
@@ -33,8 +34,13 @@ class _Formatter(logging.Formatter):
 
 
 def _quote(v: object) -> str:
+    """A value as one token: quoted and escaped (JSON string rules) when it holds a space, ``=``,
+    a quote, a backslash or any non-printable character, so that a file name with a newline
+    cannot start a forged log line."""
     s = str(v)
-    return json.dumps(s) if (" " in s or "=" in s or not s) else s
+    if not s or any(c in s for c in ' ="\\') or not s.isprintable():
+        return json.dumps(s, ensure_ascii=False)
+    return s
 
 
 def setup_logging(level: str = "INFO", fmt: str = "text") -> None:

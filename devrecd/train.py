@@ -145,10 +145,16 @@ def check_training_data(ds: Dataset) -> None:
                            "(add recordings or change the split)", reason="dataset_split")
 
 
+UNUSABLE_FILE = "unusable.json"
+
+
 def split_features(ds: Dataset, split: str, cache: FeatureCache, hop_seconds: float,
-                   labels: Sequence[str]) -> tuple[list[np.ndarray], list[Item]]:
+                   labels: Sequence[str], *, on_unusable: str = "fail",
+                   unusable: list[dict[str, str]] | None = None) -> tuple[list[np.ndarray], list[Item]]:
     """Raw (unnormalised) window features of every recording of ``split``. Every file is read before
-    any training starts; the files that cannot be used are named in ONE DatasetError."""
+    any training starts. With ``on_unusable="fail"`` the files that cannot be used are named in ONE
+    DatasetError; with ``"skip"`` they are left out and appended to ``unusable`` (path, device,
+    split, reason, detail)."""
     from devrecd.audio import AudioError
 
     items = ds.subset(split)
@@ -156,17 +162,32 @@ def split_features(ds: Dataset, split: str, cache: FeatureCache, hop_seconds: fl
     if unknown:
         raise DatasetError(f"device(s) {', '.join(unknown[:5])} of the {split} split are not among the model's "
                            f"{len(labels)} labels", reason="dataset_labels")
-    feats, bad = [], []
+    feats, kept, bad = [], [], []
     for it in items:
         try:
             feats.append(cache.features(it.path, hop_seconds)[0])
+            kept.append(it)
         except AudioError as exc:
             bad.append(f"{it.path.name} ({exc.reason}: {exc.detail})")
-    if bad:
+            if unusable is not None:
+                unusable.append({"path": str(it.path), "device": it.device, "split": split, "reason": exc.reason,
+                                 "detail": exc.detail})
+    if bad and on_unusable != "skip":
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        raise DatasetError(f"{len(bad)} {split} recording(s) cannot be used: {'; '.join(bad[:3])}{more}",
-                           reason="dataset_unreadable")
-    return feats, items
+        raise DatasetError(f"{len(bad)} {split} recording(s) cannot be used: {'; '.join(bad[:3])}{more} "
+                           "(train.on_unusable = \"skip\" leaves them out)", reason="dataset_unreadable")
+    return feats, kept
+
+
+def check_usable(ds: Dataset, train_items: Sequence[Item], unusable: Sequence[dict[str, str]]) -> None:
+    """After unusable recordings were left out: every device must keep a training recording."""
+    left = {it.device for it in train_items}
+    empty = [d for d in ds.labels if d not in left]
+    if empty:
+        why = "; ".join(f"{Path(u['path']).name} ({u['reason']}: {u['detail']})" for u in unusable
+                        if u["device"] in empty and u["split"] == "train")
+        raise DatasetError(f"device(s) {', '.join(empty)} have no usable training recording left: {why}",
+                           reason="dataset_unusable")
 
 
 def to_split_data(feats: Sequence[np.ndarray], items: Sequence[Item], labels: Sequence[str],
@@ -338,8 +359,19 @@ def train(ds: Dataset, out: str | Path, cfg: Config, opts: TrainOptions, *, init
     build_model(opts.arch, len(labels), **opts.hparams)  # unknown arch / bad hyper-parameters fail now
 
     cache = FeatureCache(Path(cfg.train.cache_dir), cfg.frontend, cfg.audio, device=device)
-    train_feats, train_items = split_features(ds, "train", cache, opts.hop_seconds, labels)
-    val_feats, val_items = split_features(ds, "val", cache, opts.hop_seconds, labels)
+    unusable: list[dict[str, str]] = []
+    policy = cfg.train.on_unusable
+    train_feats, train_items = split_features(ds, "train", cache, opts.hop_seconds, labels, on_unusable=policy,
+                                              unusable=unusable)
+    val_feats, val_items = split_features(ds, "val", cache, opts.hop_seconds, labels, on_unusable=policy,
+                                          unusable=unusable)
+    check_usable(ds, train_items, unusable)
+    for u in unusable:
+        log.warning("recording left out of training", extra=u)
+    out.mkdir(parents=True, exist_ok=True)
+    from devrecd.fsutil import atomic_write
+
+    atomic_write(out / UNUSABLE_FILE, json.dumps(unusable, indent=1, ensure_ascii=False))  # part of the run's report
     if base is not None:
         mean, std = base.norm_mean, base.norm_std  # the frozen layers learned on these
     else:
@@ -385,7 +417,8 @@ def train(ds: Dataset, out: str | Path, cfg: Config, opts: TrainOptions, *, init
             norm_std=std, state_dict={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
             dataset_sha256=ds.manifest_sha256, split=split_info,
             meta={"epoch": epoch, "metrics": metrics, "selection": selection, "options": asdict(opts),
-                  "versions": _versions(), "init": str(init) if init else "", "init_sha256": init_sha})
+                  "versions": _versions(), "init": str(init) if init else "", "init_sha256": init_sha,
+                  "unusable": unusable})
 
     stopped_early = False
     epoch = start_epoch

@@ -36,3 +36,27 @@ def test_demo_speaks_its_own_speech_when_no_librispeech_is_at_hand(tmp_path: Pat
     assert len(voices) >= 6  # enough speakers to split disjointly into train/val/test
     rec = read_evidence(next(voices[0].glob("*.wav")), 16000)
     assert rec.duration > 1.5  # a spoken sentence, not silence (read_evidence rejects silence)
+
+
+def test_demo_never_replaces_a_users_folder_without_force(tmp_path: Path) -> None:
+    from devrecd.cli import app
+    from devrecd.demo import DEMO_MARKER, DemoError, prepare_workdir
+    from typer.testing import CliRunner
+
+    mine = tmp_path / "my case files"
+    mine.mkdir()
+    (mine / "statement.txt").write_text("irreplaceable")
+    with pytest.raises(DemoError, match="not a demo folder.*--force"):
+        prepare_workdir(mine)
+    result = CliRunner().invoke(app, ["demo", "--workdir", str(mine)])
+    assert result.exit_code != 0 and "--force" in result.output
+    assert (mine / "statement.txt").read_text() == "irreplaceable", "the folder must be left as it was"
+    # An empty folder, a previous demo folder, or --force: replaced.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    prepare_workdir(empty)
+    (empty / "corpus").mkdir()
+    prepare_workdir(empty)  # a demo folder now (marker): replaced without asking
+    assert (empty / DEMO_MARKER).is_file() and not (empty / "corpus").exists()
+    prepare_workdir(mine, force=True)
+    assert not (mine / "statement.txt").exists()

@@ -176,7 +176,7 @@ def test_bad_datasets_fail_before_training(ccnu_dir, env, tmp_path):
     with pytest.raises(DatasetError, match="no training recordings"):
         train(load_dataset(no_train), tmp_path / "r2", env["cfg"], TrainOptions(**TINY))
 
-    # an unreadable file is named, before any epoch
+    # train.on_unusable = "fail": an unreadable file is named, before any epoch
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "damaged.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
@@ -184,9 +184,44 @@ def test_bad_datasets_fail_before_training(ccnu_dir, env, tmp_path):
         w = csv.writer(fh)
         w.writerows(rows)
         w.writerow([str(broken / "damaged.wav"), dev, "9", "train"])
-    with pytest.raises(DatasetError, match="damaged.wav"):
-        train(load_dataset(broken / "manifest.csv"), tmp_path / "r3", env["cfg"], TrainOptions(**TINY))
+    strict = env["cfg"].with_overrides({"train.on_unusable": "fail"})
+    with pytest.raises(DatasetError, match="damaged.wav.*train.on_unusable"):
+        train(load_dataset(broken / "manifest.csv"), tmp_path / "r3", strict, TrainOptions(**TINY))
     assert not (tmp_path / "r3" / "last.pt").exists()
+
+
+def test_unusable_recordings_are_left_out_and_listed_unless_a_device_is_left_with_none(ccnu_dir, env, tmp_path):
+    """The default train.on_unusable = "skip": a near-silent reference recording (as real corpora have)
+    and a damaged one are excluded and listed with their reasons; a device with none left fails the run."""
+    import soundfile as sf
+
+    rows = list(csv.reader(open(env["ds"])))
+    devs = sorted({r[1] for r in rows[1:]})
+    quiet = tmp_path / "quiet.wav"
+    sf.write(quiet, (10 ** (-80 / 20) * np.random.default_rng(0).standard_normal(4 * 32000)).astype(np.float32),
+             32000, subtype="FLOAT")  # -80 dBFS: below audio.silence_dbfs
+    (tmp_path / "damaged.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
+    manifest = tmp_path / "m.csv"
+    with open(manifest, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerows(rows)
+        w.writerow([str(quiet), devs[0], "9", "train"])
+        w.writerow([str(tmp_path / "damaged.wav"), devs[1], "9", "val"])
+    out = tmp_path / "run"
+    train(load_dataset(manifest), out, env["cfg"], TrainOptions(**{**TINY, "epochs": 1}))
+    listed = json.loads((out / "unusable.json").read_text())
+    assert {(Path(u["path"]).name, u["reason"]) for u in listed} == {("quiet.wav", "silent"), ("damaged.wav", "corrupt")}
+    assert "audio.silence_dbfs" in next(u["detail"] for u in listed if u["reason"] == "silent")
+    ckpt = load_checkpoint(out / "best.pt")
+    assert ckpt.meta["unusable"] == listed and str(quiet) not in json.dumps(ckpt.split)
+    # Every training recording of one device unusable: refused, naming the device and the threshold's key.
+    only_quiet = tmp_path / "q.csv"
+    with open(only_quiet, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerows([rows[0]] + [r for r in rows[1:] if not (r[1] == devs[0] and r[3] == "train")])
+        w.writerow([str(quiet), devs[0], "9", "train"])
+    with pytest.raises(DatasetError, match=f"{devs[0]}.*no usable training recording.*audio.silence_dbfs"):
+        train(load_dataset(only_quiet), tmp_path / "r4", env["cfg"], TrainOptions(**TINY))
 
 
 def test_metrics_are_the_papers_macro_averages():

@@ -4,6 +4,11 @@ A file is handed over only when it is *stable*: size and mtime unchanged for ``s
 (a file whose mtime is already that old counts at once, since every write moves the mtime) and,
 where the kernel can tell, no process holds it open for writing (a read lease is refused then).
 
+Every entry with an audio name is handed over, not only regular files: a FIFO, socket, device, a
+folder named ``x.wav``, a symbolic link loop or a link out of the watched folders is handed over at
+once (it has no content to wait for) and the pipeline records it as failed with its reason; it is
+never opened in a way that could block.
+
 Polling is used where inotify cannot see changes: ``polling = "auto"`` polls folders on network and
 FUSE file systems (NFS, SMB/CIFS, sshfs... changes made by another client raise no inotify event),
 ``always``/``never`` force it. If inotify cannot be set up (e.g. out of watches) the folder is polled
@@ -17,6 +22,8 @@ import fcntl
 import fnmatch
 import logging
 import os
+import signal
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -80,6 +87,10 @@ def open_for_writing(path: str) -> bool | None:
     """True if some process has ``path`` open for writing, False if not, None if the kernel won't say.
 
     Uses a read lease (Linux ``F_SETLEASE``), which the kernel refuses while a writer holds the file.
+    A writer that opens the file while the lease is held makes the kernel signal the lease holder;
+    that signal is SIGIO by default, whose default action would END THE DAEMON. ``F_SETSIG`` makes
+    it SIGURG instead, which is ignored by default and needs no handler (threads cannot install
+    one); the lease is released at once anyway, so the writer waits microseconds.
     """
     setlease = getattr(fcntl, "F_SETLEASE", None)
     if setlease is None:
@@ -89,6 +100,12 @@ def open_for_writing(path: str) -> bool | None:
     except OSError:
         return None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None  # no lease on a FIFO or device; the pipeline refuses those
+        setsig = getattr(fcntl, "F_SETSIG", None)
+        if setsig is None:
+            return None  # a lease break would raise SIGIO; better no answer than a dead daemon
+        fcntl.fcntl(fd, setsig, signal.SIGURG)
         fcntl.fcntl(fd, setlease, fcntl.F_RDLCK)
         fcntl.fcntl(fd, setlease, fcntl.F_UNLCK)
         return False
@@ -104,6 +121,7 @@ class _Candidate:
     size: int
     mtime_ns: int
     since: float  # wall time its (size, mtime) was first seen unchanged
+    immediate: bool = False  # not a regular file (or a link that is not followed): nothing to wait for
 
 
 class Watcher:
@@ -156,8 +174,10 @@ class Watcher:
                 if event.is_directory:
                     if event.event_type in ("created", "moved"):
                         # A folder moved in (or created with files already in it) brings files
-                        # inotify never reported.
-                        watcher._scan_tree(os.fsdecode(getattr(event, "dest_path", "") or event.src_path))
+                        # inotify never reported; a folder with an audio name is itself recorded.
+                        folder = os.fsdecode(getattr(event, "dest_path", "") or event.src_path)
+                        watcher.note(folder)
+                        watcher._scan_tree(folder)
                     return
                 if event.event_type == "moved":
                     watcher._forget(os.fsdecode(event.src_path))
@@ -198,22 +218,34 @@ class Watcher:
     def _excluded(self, path: str) -> bool:
         return any(path == e or path.startswith(e + os.sep) for e in self.exclude)
 
+    def _external(self, path: str) -> bool:
+        real = os.path.realpath(path)
+        return not any(real == d or real.startswith(d + os.sep) for d in self.dirs)
+
     def note(self, path: str) -> None:
-        """A file appeared or changed: track it until it is stable."""
+        """An entry appeared or changed: track a regular file until it is stable; anything else
+        (FIFO, socket, device, folder, link loop, dangling or external link) is handed over at once."""
         if not wanted(path, self.cfg) or self._excluded(path):
             return
         try:
-            st = os.stat(path)
+            lst = os.lstat(path)
         except OSError:
             return  # gone already; a later event or scan will tell
-        if not _regular(st.st_mode):
-            return
+        immediate = False
+        try:
+            st = os.stat(path)
+        except OSError:
+            st, immediate = lst, True  # a link loop or a dangling link: recorded with its reason
+        if not immediate:
+            immediate = not _regular(st.st_mode) or (
+                stat.S_ISLNK(lst.st_mode) and not self.cfg.follow_external_links and self._external(path))
+        key = (lst.st_size, lst.st_mtime_ns) if immediate else (st.st_size, st.st_mtime_ns)
         with self._lock:
-            if self._handed.get(path) == (st.st_size, st.st_mtime_ns):
+            if self._handed.get(path) == key:
                 return
             c = self._candidates.get(path)
-            if c is None or (c.size, c.mtime_ns) != (st.st_size, st.st_mtime_ns):
-                self._candidates[path] = _Candidate(st.st_size, st.st_mtime_ns, time.time())
+            if c is None or (c.size, c.mtime_ns) != key or c.immediate != immediate:
+                self._candidates[path] = _Candidate(key[0], key[1], time.time(), immediate)
 
     def _forget(self, path: str) -> None:
         with self._lock:
@@ -228,7 +260,7 @@ class Watcher:
             if self._stop.is_set():
                 return
             dirnames[:] = [d for d in dirnames if not self._excluded(os.path.join(dirpath, d))]
-            for name in filenames:
+            for name in filenames + dirnames:  # a folder (or link to one) named x.wav is recorded too
                 self.note(os.path.join(dirpath, name))
 
     def _loop(self) -> None:
@@ -253,6 +285,14 @@ class Watcher:
         for path, c in items:
             if self._stop.is_set():
                 return
+            if c.immediate:
+                with self._lock:
+                    if self._candidates.get(path) is not c:
+                        continue
+                    del self._candidates[path]
+                    self._handed[path] = (c.size, c.mtime_ns)
+                self.submit(path, c.size, c.mtime_ns)
+                continue
             try:
                 st = os.stat(path)
             except FileNotFoundError:
