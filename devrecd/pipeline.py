@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from devrecd.audio import EvidenceStream, NonFiniteAudio, Recording, StreamWindower, cut_windows, read_evidence, window_starts
+from devrecd.audio import AudioError, EvidenceStream, NonFiniteAudio, Recording, StreamWindower, cut_windows, read_evidence, window_starts
 from devrecd.config import Config
 from devrecd.features import FEATURE_DIM, Frontend, FrontendConfig, extract
 
@@ -91,15 +91,18 @@ def stream_features(stream: EvidenceStream, cfg: Config, *, device: str = "cpu",
         n += len(feats)
 
     pending: list[np.ndarray] = []
-    for block in stream.blocks():
-        clips = windower.feed(block)
-        if len(clips):
-            pending.append(clips)
-        if sum(map(len, pending)) >= _CLIPS_PER_EXTRACT:
-            add(np.concatenate(pending))
-            pending = []
-    pending.append(windower.finish())
-    add(np.concatenate(pending))
+    try:
+        for block in stream.blocks():
+            clips = windower.feed(block)
+            if len(clips):
+                pending.append(clips)
+            if sum(map(len, pending)) >= _CLIPS_PER_EXTRACT:
+                add(np.concatenate(pending))
+                pending = []
+        pending.append(windower.finish())
+        add(np.concatenate(pending))
+    except AudioError as exc:
+        raise stream.tag(exc) from None
     feats = out[:n] if n == len(out) else out[:n].copy()
     return feats, np.asarray(windower.starts, dtype=np.float64) / fe.sample_rate
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -246,6 +248,140 @@ def test_open_for_writing_sees_a_writer(tmp_path: Path) -> None:
         fh.flush()
         assert open_for_writing(str(p)) is True
     assert open_for_writing(str(p)) is False
+
+
+def test_writers_opening_files_under_the_lease_check_never_kill_the_process(tmp_path: Path) -> None:
+    """A read lease makes the kernel signal its holder when a writer opens the file (SIGIO by default,
+    which terminates Python). A child checks files in a tight loop while this process opens them for
+    writing thousands of times; the child must survive and finish normally."""
+    import textwrap
+
+    files = [tmp_path / f"{i}.wav" for i in range(4)]
+    for f in files:
+        f.write_bytes(b"x" * 1000)
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from devrecd.daemon.watcher import open_for_writing
+        files = {[str(f) for f in files]!r}
+        end, n = time.time() + 4.0, 0
+        while time.time() < end:
+            for f in files:
+                open_for_writing(f)
+                n += 1
+        print(n)
+    """)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    opened = 0
+    while child.poll() is None:
+        for f in files:
+            fd = os.open(f, os.O_WRONLY)  # what rsync or a copy tool does
+            os.close(fd)
+            opened += 1
+    out, err = child.communicate(timeout=30)
+    assert child.returncode == 0, f"killed by signal {-child.returncode}: {err.decode()[-500:]}"
+    assert int(out) > 1000 and opened > 1000
+
+
+def test_watcher_hands_over_every_audio_named_entry_that_is_not_a_plain_file(tmp_path: Path) -> None:
+    """FIFOs, sockets, folders named x.wav, link loops, dangling, device and external links are handed
+    over at once (the pipeline records each with its reason); a link out of the tree is never waited on."""
+    ev, outside = tmp_path / "evidence", tmp_path / "outside"
+    ev.mkdir(), outside.mkdir()
+    os.mkfifo(ev / "pipe.wav")
+    (ev / "folder.wav").mkdir()
+    os.symlink(ev / "loop2.wav", ev / "loop1.wav")
+    os.symlink(ev / "loop1.wav", ev / "loop2.wav")
+    os.symlink(ev / "nothing", ev / "dangling.wav")
+    os.symlink("/dev/zero", ev / "zero.wav")
+    (outside / "t.wav").write_bytes(b"x" * 100)
+    os.symlink(outside / "t.wav", ev / "external.wav")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(ev / "sock.wav"))
+    got: list[str] = []
+    w = Watcher([ev], WatchConfig(stable_seconds=30.0, polling="never"), lambda p, s, m: got.append(os.path.basename(p)))
+    w.start()
+    try:
+        w.wait_scanned(10)
+        deadline = time.time() + 10
+        while len(got) < 8 and time.time() < deadline:
+            time.sleep(0.05)
+        os.mkfifo(ev / "late.wav")  # appears while watching (inotify)
+        while len(got) < 9 and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        w.stop()
+        sock.close()
+    assert sorted(got) == sorted(["pipe.wav", "folder.wav", "loop1.wav", "loop2.wav", "dangling.wav", "zero.wav",
+                                  "external.wav", "sock.wav", "late.wav"])
+
+
+def test_status_server_answers_head_drops_idle_clients_and_caps_connections() -> None:
+    m = Metrics(CollectorRegistry())
+    srv = StatusServer(m.registry, "127.0.0.1", 0, healthy=lambda: (True, "ok"), ready=lambda: (True, "ready"),
+                       timeout=0.5, max_connections=4)
+    srv.start()
+    host, port = "127.0.0.1", srv.port
+    idle = []
+    try:
+        req = urllib.request.Request(srv.url + "/metrics", method="HEAD")
+        with urllib.request.urlopen(req, timeout=5) as r:
+            assert r.status == 200 and int(r.headers["Content-Length"]) > 0 and r.read() == b""
+        before = threading.active_count()
+        for _ in range(50):  # half-open requests: connected, never finish their headers
+            c = socket.create_connection((host, port), timeout=5)
+            c.sendall(b"GET /metrics HTTP/1.1\r\n")
+            idle.append(c)
+        time.sleep(0.2)
+        assert threading.active_count() - before <= 4, "at most max_connections threads"
+        time.sleep(1.0)  # past the socket timeout: the idle ones are dropped and the server serves again
+        assert urllib.request.urlopen(srv.url + "/healthz", timeout=5).status == 200
+        assert threading.active_count() - before <= 1
+    finally:
+        for c in idle:
+            c.close()
+        srv.stop()
+
+
+def test_text_log_values_are_escaped(capsys) -> None:
+    import logging
+
+    from devrecd.logs import setup_logging
+
+    setup_logging("INFO", "text")
+    logging.getLogger("devrecd.test").warning("cannot judge file", extra={
+        "path": "/ev/a.wav\n2026-01-01T00:00:00.000Z info devrecd.daemon judged device=forged", "reason": "corrupt"})
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert 'path="/ev/a.wav\\n2026' in err and " reason=corrupt" in err
+
+
+def test_batcher_bounds_the_clips_it_holds() -> None:
+    b = Batcher(_softmax_of_means, max_batch=4, max_wait_s=0.0, queue_size=100, max_clips=10)
+    stop = threading.Event()
+    assert b.put(Unit(key=0, features=np.zeros((6, 128, 73), np.float32)), stop)
+    t0 = time.monotonic()
+    stop_later = threading.Timer(0.5, stop.set)
+    stop_later.start()
+    assert not b.put(Unit(key=1, features=np.zeros((6, 128, 73), np.float32)), stop), "12 clips > 10: must wait"
+    assert time.monotonic() - t0 >= 0.4
+    stop_later.join()
+    # Inference frees room; a unit bigger than the cap still enters an empty queue.
+    done: list[Unit] = []
+    b.run(stop, done.append, lambda u, e: pytest.fail(str(e)))
+    assert [u.key for u in done] == [0]
+    assert b.put(Unit(key=2, features=np.zeros((25, 128, 73), np.float32)), threading.Event())
+
+
+def test_non_finite_features_never_reach_the_backend() -> None:
+    called = []
+    b = Batcher(lambda x: called.append(x) or _softmax_of_means(x), max_batch=8, max_wait_s=0.0)
+    bad = np.zeros((2, 128, 73), np.float32)
+    bad[1, 5, 5] = np.nan
+    b.put(Unit(key="bad", features=bad))
+    stop = threading.Event()
+    stop.set()
+    failed: list[str] = []
+    b.run(stop, lambda u: pytest.fail("delivered"), lambda u, e: failed.append(str(e)))
+    assert not called and failed and "non-finite" in failed[0]
 
 
 def _slow_copy(src: bytes, dst: Path, chunks: int = 8, pause: float = 0.15) -> None:

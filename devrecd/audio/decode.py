@@ -234,9 +234,10 @@ class EvidenceStream:
             self._open(confine)
         except AudioError as exc:
             self.close()
-            raise self._tag(exc) from None
+            raise self.tag(exc) from None
 
-    def _tag(self, exc: AudioError) -> AudioError:
+    def tag(self, exc: AudioError) -> AudioError:
+        """Attach what is known of the file (sha256, size, resolved path) to an error about it."""
         exc.sha256, exc.size, exc.resolved_path = self.sha256, self.size, self.resolved_path
         return exc
 
@@ -302,7 +303,7 @@ class EvidenceStream:
                     yield tail
             self._check_end(native)
         except AudioError as exc:
-            raise self._tag(exc) from None
+            raise self.tag(exc) from None
 
     def _check_end(self, native: int) -> None:
         cfg, path = self.cfg, self.path
@@ -549,7 +550,7 @@ class _PyAVSource(_Source):
                 raise UnsupportedAudio(path, f"the {self._c.format.name} container has no audio stream")
             self._stream = stream = streams[0]
             ctx = stream.codec_context
-            if ctx.name is None or not ctx.codec:
+            if ctx is None or ctx.name is None or not ctx.codec:
                 raise UnsupportedAudio(path, "no decoder for this audio codec")
             self.header_seconds = float(stream.duration * stream.time_base) if stream.duration else (
                 self._c.duration / 1e6 if self._c.duration else 0.0)
