@@ -118,6 +118,10 @@ def test_daemon_survives_the_hostile_corpus_and_records_every_entry_once(tmp_pat
             assert r["reason"] == e.reason, (name, r["reason"], r["detail"])
             assert r["detail"]
         kind, content, size = before[name][0], before[name][1], before[name][2]
+        if kind == "link" and e.outcome != "failed":  # followed inside the tree: the target's bytes, and its path
+            target = os.path.relpath(os.path.realpath(ev / name), os.path.realpath(ev))
+            assert r["resolved_path"] == os.path.realpath(ev / name), name
+            kind, content, size = before[target][0], before[target][1], before[target][2]
         if e.hashed:
             assert kind == "file" and r["sha256"] == content and r["size"] == size, name
         else:
@@ -193,3 +197,22 @@ def test_every_hostile_class_gets_its_reason_from_the_intake_alone(tmp_path: Pat
                 got[2] if got[0] == "judged" else ()):
             wrong.append((name, want, got))
     assert not wrong, wrong
+
+
+def test_identify_refuses_a_fifo_at_once_and_judges_the_file_beside_it(tmp_path: Path, ccnu_dir: Path,
+                                                                         exported_model) -> None:
+    """`devrecd identify p.wav` on a FIFO with no writer used to block forever in open()."""
+    from devrecd.config import load_config
+    from devrecd.daemon.service import identify_files
+
+    os.mkfifo(tmp_path / "p.wav")
+    good = _ccnu(ccnu_dir, 1)[0]
+    cfg = load_config(None, env={}).with_overrides({"backend.model": str(exported_model), "backend.device": "cpu"})
+    box: dict = {}
+    t = threading.Thread(target=lambda: box.update(out=identify_files(cfg, [tmp_path / "p.wav", good])), daemon=True)
+    t.start()
+    t.join(120)
+    assert not t.is_alive(), "identify blocked on a FIFO"
+    fifo, judged = box["out"]
+    assert (fifo["outcome"], fifo["reason"], fifo["sha256"]) == ("failed", "not_a_file", None)
+    assert "FIFO" in fifo["detail"] and judged["outcome"] == "judged"

@@ -323,15 +323,20 @@ class EvidenceStream:
         c = self.cfg
         return self.meter.summary(clip_fraction=c.clip_fraction, dc_offset=c.dc_offset, loud_dbfs=c.loud_dbfs)
 
+    def recording(self, samples: np.ndarray | None = None) -> Recording:
+        """The :class:`Recording` (after :meth:`blocks` is exhausted): with the decoded ``samples``, or
+        without them (a zero-strided stand-in of the right length, no memory) for its description.
+        The one place a Recording is built from a file."""
+        if samples is None:
+            samples = np.broadcast_to(np.zeros(1, np.float32), (self.n_samples,))
+        return Recording(path=str(self.path), sha256=self.sha256 or "", size=self.size or 0, samples=samples,
+                         sample_rate=self.sample_rate, native_rate=self.native_rate, channels=self.channels,
+                         codec=self.codec, container=self.container, decoder=self.decoder, resampled=self.resampled,
+                         levels=self.levels(), resolved_path=self.resolved_path)
+
     def describe(self) -> dict:
-        """The recording's description as in :meth:`Recording.describe` (after decoding)."""
-        out = {"path": str(self.path), "sha256": self.sha256, "size": self.size, "duration": round(self.duration, 6),
-               "sample_rate": self.sample_rate, "native_rate": self.native_rate, "channels": self.channels,
-               "codec": self.codec, "container": self.container, "decoder": self.decoder,
-               "resampled": self.resampled, "levels": self.levels()}
-        if self.resolved_path:
-            out["resolved_path"] = self.resolved_path
-        return out
+        """:meth:`Recording.describe` of this file (after :meth:`blocks` is exhausted)."""
+        return self.recording().describe()
 
     def close(self) -> None:
         src = getattr(self, "_source", None)
@@ -378,11 +383,7 @@ def read_evidence(path: str | os.PathLike, sample_rate: int, cfg: AudioConfig | 
                 buf = grown
             buf[n : n + len(block)] = block
             n += len(block)
-        samples = buf[:n] if n == len(buf) else buf[:n].copy()
-        return Recording(path=str(path), sha256=s.sha256 or "", size=s.size or 0, samples=samples,
-                         sample_rate=sample_rate, native_rate=s.native_rate, channels=s.channels, codec=s.codec,
-                         container=s.container, decoder=s.decoder, resampled=s.resampled, levels=s.levels(),
-                         resolved_path=s.resolved_path)
+        return s.recording(buf[:n] if n == len(buf) else buf[:n].copy())
 
 
 def _to_mono(samples: np.ndarray, mix: str, path: Path) -> np.ndarray:

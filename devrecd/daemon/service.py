@@ -329,7 +329,8 @@ class Pipeline:
             job.timings["end_to_end"] = time.monotonic() - job.taken
             rec = job.recording or {}
             record = failed_record(job.path, reason, detail, timings=job.timings,
-                                   sha256=sha or rec.get("sha256"), size=size or rec.get("size"),
+                                   sha256=sha if sha is not None else rec.get("sha256"),
+                                   size=size if size is not None else rec.get("size"),
                                    resolved_path=job.resolved_path)
             record = self.recorder.commit(job.entry_id, "failed", record, reason=reason, sha256=record["sha256"])
             if record is not None:
