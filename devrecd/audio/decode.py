@@ -235,6 +235,9 @@ class EvidenceStream:
         except AudioError as exc:
             self.close()
             raise self.tag(exc) from None
+        except BaseException:
+            self.close()  # whatever a decoder raised, the descriptor is not leaked
+            raise
 
     def tag(self, exc: AudioError) -> AudioError:
         """Attach what is known of the file (sha256, size, resolved path) to an error about it."""
@@ -363,6 +366,7 @@ def open_stream(path: str | os.PathLike, sample_rate: int, cfg: AudioConfig | No
 
 
 def sample_ratio(native: int, target: int) -> float:
+    """Samples at ``target`` rate per sample at ``native`` rate."""
     return target / native if native else 1.0
 
 
