@@ -27,7 +27,6 @@ from devrecd.audio import (
     SilentAudio,
     TooLongAudio,
     TooShortAudio,
-    UnreadableAudio,
     UnsupportedAudio,
     cut_windows,
     open_stream,
