@@ -55,7 +55,10 @@ def _speech_like(seconds: float, rate: int = SR, seed: int = 0, channels: int = 
 
 def _write_long(path: Path, seconds: float, rate: int = SR, channels: int = 1, subtype: str = "PCM_16",
                 fill=None) -> Path:
-    """A long file written in 60 s pieces (the benchmark itself stays small)."""
+    """A long file written in 60 s pieces (the benchmark itself stays small); kept when a previous
+    run (same ``--work``) wrote it already."""
+    if path.is_file() and sf.info(path).duration == seconds:
+        return path
     with sf.SoundFile(path, "w", rate, channels, subtype=subtype) as fh:
         done = 0.0
         while done < seconds:
@@ -168,6 +171,7 @@ def main() -> None:
     ap.add_argument("--code", type=Path, default=None, help="run the subprocesses with this checkout's devrecd")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--skip-daemon", action="store_true")
+    ap.add_argument("--skip-identify", action="store_true")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="devrecd-intake-"))
     model = str(Path(args.model).resolve())
@@ -176,7 +180,7 @@ def main() -> None:
     print(f"{'class':<16} {'input MB':>9} {'seconds':>8} {'peak RSS MB':>12} {'time s':>7}  outcome"
           f"{'':<14} | baseline (normal mono WAV, same duration): peak RSS MB, time s")
     results = {}
-    for name, (path, seconds) in inputs.items():
+    for name, (path, seconds) in ([] if args.skip_identify else inputs.items()):
         if name.startswith("normal_") and name != "normal_10s":
             continue
         r = measure_identify(path, model, args.code)
@@ -187,9 +191,10 @@ def main() -> None:
         size = path.stat().st_size / 1e6
         print(f"{name:<16} {size:9.2f} {seconds:8.0f} {r['peak_rss_mb']:12.0f} {r['seconds']:7.1f}  {r['outcome'][:20]:<20} "
               f"| {b['peak_rss_mb']:.0f}, {b['seconds']:.1f}", flush=True)
-    worst = max(r["peak_rss_mb"] for r in results.values())
-    print(f"identify: worst peak RSS {worst:.0f} MB over every input (target <= 600 MB); "
-          f"resident baseline (normal_10s) {results['normal_10s']['peak_rss_mb']:.0f} MB")
+    if results:
+        worst = max(r["peak_rss_mb"] for r in results.values())
+        print(f"identify: worst peak RSS {worst:.0f} MB over every input (target <= 600 MB); "
+              f"resident baseline (normal_10s) {results['normal_10s']['peak_rss_mb']:.0f} MB")
     if args.skip_daemon:
         return
     sys.path.insert(0, str(REPO))
@@ -201,9 +206,11 @@ def main() -> None:
     with open(ccnu / "manifest.csv", newline="") as fh:
         good = [ccnu / r["path"] for r in csv.DictReader(fh) if int(r["segment"]) >= 4][:3]
     hostile = work / "hostile"
+    shutil.rmtree(hostile, ignore_errors=True)
+    shutil.rmtree(work / "goods", ignore_errors=True)
     expect, _ = build(hostile / "evidence", good, hostile / "outside")
     for name in ("long_wav", "flac_bomb", "nan_float", "stereo_48k"):
-        os.link(inputs[name][0], hostile / "evidence" / inputs[name][0].name)
+        os.link(inputs[name][0], hostile / "evidence" / f"bench {name}{inputs[name][0].suffix}")
     n_hostile = len(expect) + 4
     goods = work / "goods"
     (goods / "evidence").mkdir(parents=True, exist_ok=True)
