@@ -584,8 +584,13 @@ def section_e2e(recs: list[dict], ckpt: Path, device: str, n_files: int, budget:
     deadline = budget.deadline(share)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     need = n_files * (FILE_SECONDS * SR * 2 + 100)
-    free = shutil.disk_usage(shm).free
     note = ""
+    if need > 0.8 * shutil.disk_usage(shm).free:  # a small /dev/shm: the page cache of a disk folder will do
+        other = Path(tempfile.gettempdir())
+        if need <= 0.8 * shutil.disk_usage(other).free:
+            note = f"{shm} too small ({shutil.disk_usage(shm).free / 2**30:.1f} GiB free): backlog in {other}"
+            shm = other
+    free = shutil.disk_usage(shm).free
     if need > 0.8 * free:
         fit = max(16, int(0.8 * free / (FILE_SECONDS * SR * 2 + 100)))
         note = f"backlog cut from {n_files} to {fit} files: {shm} has {free / 2**30:.1f} GiB free"

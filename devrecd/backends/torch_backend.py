@@ -126,7 +126,8 @@ class TorchBackend:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self._pool):
+            # thread_local: decode workers keep using the GPU on their own streams during a capture
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 static_out = self._eager(static_in)
         except Exception as exc:  # capture is refused for some kernels; say so rather than run eager
             raise InferenceError(f"CUDA graph capture failed at batch {bucket}: {type(exc).__name__}: {exc} "
