@@ -618,15 +618,23 @@ def section_e2e(recs: list[dict], ckpt: Path, device: str, n_files: int, budget:
             "backend.threads": 1, "watch.workers": cores, "log.level": "ERROR"})
         left = max(1.0, deadline - time.perf_counter())
         probe = files[: min(len(files), 8 if tiny else 64)]
-        first = run_identify(cpu_cfg, probe, "cpu")
-        subset = probe
-        if not tiny:  # as many files as the rest of this section's time allows (rate from the probe)
-            k = int(min(len(files), max(len(probe), first["files_per_s"] * left * 0.6)))
-            if k > len(probe):
-                subset = files[:k]
-                first = run_identify(cpu_cfg, subset, "cpu")
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the CPU daemon's parallelism is its workers: one torch thread each
+        try:
+            first = run_identify(cpu_cfg, probe, "cpu")
+            subset = probe
+            if not tiny:  # as many files as the rest of this section's time allows (rate from the probe)
+                k = int(min(len(files), max(len(probe), first["files_per_s"] * left * 0.6)))
+                if k > len(probe):
+                    subset = files[:k]
+                    first = run_identify(cpu_cfg, subset, "cpu")
+        finally:
+            torch.set_num_threads(threads)
         cpu = {**first, "extrapolated_wall_s_for_backlog": len(files) / first["files_per_s"],
-               "label": f"CPU daemon (CPU frontend + ONNX Runtime, {cores} workers, streams auto) on {len(subset)} "
+               "label": f"CPU daemon (CPU frontend with 1 torch thread per worker + ONNX Runtime 1 thread per stream, {cores} "
+                        f"workers, streams auto) on {len(subset)} "
                         f"of the {len(files)} files; wall time for the whole backlog EXTRAPOLATED from its rate"}
     finally:
         shutil.rmtree(work, ignore_errors=True)
