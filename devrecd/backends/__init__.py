@@ -113,6 +113,8 @@ def _torch(cfg: BackendConfig, model: Path, device: str | None = None) -> Backen
         raise ArtifactError(f"backend.kind = 'torch' runs a checkpoint (run folder or .pt), not {model.name}",
                             reason="not_checkpoint")
     device = device or resolve_device(cfg.device)
+    if cfg.cuda_graphs and not device.startswith("cuda"):  # device = "auto" on a machine without a GPU
+        log.warning("backend.cuda_graphs ignored: no CUDA GPU, torch runs on the CPU", extra={"device": device})
     return TorchBackend(model, device=device, autocast=cfg.autocast,
                         cuda_graphs=cfg.cuda_graphs and device.startswith("cuda"))
 
