@@ -40,7 +40,7 @@ from devrecd.contract import check_frontend
 from devrecd.errors import ConfigError, DevrecdError
 from devrecd.features import FrontendConfig, extract
 from devrecd.metrics import Metrics
-from devrecd.pipeline import clips_for, frontend_for, resolve_device
+from devrecd.pipeline import clips_for, features_on_device, frontend_for, resolve_device
 
 log = logging.getLogger("devrecd.daemon")
 
@@ -89,6 +89,9 @@ class Pipeline:
         self.recorder = Recorder(journal, verdict_log)
         self.metrics = metrics
         self.device = device
+        # A GPU backend takes CUDA tensors in place: the frontend's output then stays on the GPU.
+        self.keep_on_device = str(device).startswith("cuda") and str(getattr(backend, "input_device", "") or "") \
+            .startswith("cuda")
         self.rejudge = cfg.watch.rejudge_duplicates if rejudge_duplicates is None else rejudge_duplicates
         self.on_record = on_record
         self.liveness = liveness or Liveness()
@@ -210,6 +213,15 @@ class Pipeline:
         self.metrics.clips.inc(clips)
 
     def _worker(self) -> None:
+        if self.keep_on_device:  # each worker on its own CUDA stream: its waits are for its own work only
+            import torch
+
+            with torch.cuda.stream(torch.cuda.Stream(torch.device(self.device))):
+                self._work()
+        else:
+            self._work()
+
+    def _work(self) -> None:
         frontend = frontend_for(self.cfg.frontend)
         while not self._stop.is_set():
             try:
@@ -246,7 +258,11 @@ class Pipeline:
         hop = max(1, int(round(cfg.audio.hop_seconds * cfg.frontend.sample_rate)))
         clips = clips_for(rec, cfg.frontend, cfg.audio.hop_seconds)
         job.starts = window_starts(len(rec.samples), cfg.frontend.clip_samples, hop) / cfg.frontend.sample_rate
-        feats = extract(clips, frontend, device=self.device)
+        if self.keep_on_device:
+            feats, steps = features_on_device(clips, frontend, self.device)
+            job.timings.update(steps)
+        else:
+            feats = extract(clips, frontend, device=self.device)
         job.timings["features"] = time.perf_counter() - t1
         del rec, clips  # the samples are not needed any more; keep memory bounded by the queues
         if not self.batcher.put(Unit(key=job, features=feats), self._stop):
@@ -268,6 +284,7 @@ class Pipeline:
             if msg[0] == "stop":
                 return
             job: Job = msg[1].key if msg[0] == "judged" else msg[1]
+            t0 = time.perf_counter()
             try:
                 self._write(msg)
             except JournalError as exc:
@@ -278,6 +295,7 @@ class Pipeline:
                 log.exception("internal error while recording a verdict", extra={"path": job.path})
                 self.metrics.errors.labels(reason="internal").inc()
             finally:
+                self.metrics.stage_seconds.labels(stage="writer").observe(time.perf_counter() - t0)
                 with self._lock:
                     self._inflight.pop(job.entry_id, None)
                 self.liveness.stamp()
@@ -299,7 +317,8 @@ class Pipeline:
                                    backend=self.backend_info, timings=job.timings)
             if self.judge is not None:  # open set: the registry's verdict, the closed-set one kept beside it
                 closed = {k: record[k] for k in ("device", "score", "top_k")}
-                record.update(self.judge(unit.features))
+                feats = unit.features
+                record.update(self.judge(feats.cpu().numpy() if hasattr(feats, "cpu") else feats))
                 record["closed_set"] = closed
             record = self.recorder.commit(job.entry_id, "judged", record, sha256=job.recording["sha256"])
             if record is not None:
