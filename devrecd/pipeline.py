@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 import numpy as np
 
@@ -49,30 +50,62 @@ def features_for_file(path: str | os.PathLike, cfg: Config, *, device: str = "cp
     return rec, finite_features(extract(clips, frontend_for(cfg.frontend), device=device), path)
 
 
-def finite_features(feats: np.ndarray, path: str | os.PathLike) -> np.ndarray:
+def features_on_device(clips: np.ndarray, frontend: Frontend, device: str) -> tuple[Any, dict[str, float]]:
+    """(n, 128, 73) features as a torch tensor left on ``device`` (a GPU backend takes it in place: no
+    copy back to the host), and the seconds of the host-to-device copy and of the frontend.
+
+    The current CUDA stream is synchronised after each step, so the times are real GPU times; run
+    this on a worker's own stream so that the wait is for this work only, not for inference.
+    """
+    import torch
+
+    t0 = time.perf_counter()
+    x = torch.from_numpy(np.ascontiguousarray(clips, dtype=np.float32)).to(device)
+    cuda = x.device.type == "cuda"
+    if cuda:
+        torch.cuda.current_stream(x.device).synchronize()
+    t1 = time.perf_counter()
+    chunk = 256  # as extract() on a GPU: bounds the FFT workspace of a long recording
+    feats = frontend(x) if len(x) <= chunk else torch.cat([frontend(x[i:i + chunk]) for i in range(0, len(x), chunk)])
+    if cuda:
+        torch.cuda.current_stream(x.device).synchronize()
+    return feats, {"h2d": t1 - t0, "frontend": time.perf_counter() - t1}
+
+
+
+
+def finite_features(feats: Any, path: str | os.PathLike) -> Any:
     """Refuse features with a NaN or infinity: no backend may ever score them (finite samples can
-    still overflow the frontend, e.g. samples of 1e30 squared in float32)."""
-    if not np.isfinite(feats).all():
-        bad = int(np.count_nonzero(~np.isfinite(feats).all(axis=(1, 2))))
-        raise NonFiniteAudio(path, f"{bad} window(s) give non-finite features (samples far beyond full scale?)")
+    still overflow the frontend, e.g. samples of 1e30 squared in float32). Numpy, or a torch tensor
+    checked on its own device."""
+    if isinstance(feats, np.ndarray):
+        ok = np.isfinite(feats).all(axis=(1, 2))
+    else:
+        ok = feats.isfinite().all(dim=2).all(dim=1).cpu().numpy()
+    if not ok.all():
+        raise NonFiniteAudio(path, f"{int((~ok).sum())} window(s) give non-finite features (samples far beyond full scale?)")
     return feats
 
 
 def stream_features(stream: EvidenceStream, cfg: Config, *, device: str = "cpu", hop_seconds: float | None = None,
-                    timings: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    timings: dict[str, float] | None = None, on_device: bool = False) -> tuple[Any, np.ndarray]:
     """Decode an opened :class:`~devrecd.audio.EvidenceStream` block by block into its (windows, 128, 73)
     features and the window start times (s), without holding the recording's samples.
 
-    The features are those of :func:`features_for_file` (the same clips through the same frontend).
+    The features are those of :func:`features_for_file` (the same clips through the same frontend):
+    a numpy array, or with ``on_device`` a torch tensor left on ``device`` (:func:`features_on_device`).
     Raises the stream's :class:`~devrecd.audio.AudioError` (a silent or too short file fails after
-    its last block). ``timings["features"]`` receives the seconds spent in the frontend.
+    its last block; non-finite features fail at once). ``timings`` receives the seconds spent in the
+    frontend (``features``; on a device also ``h2d`` and ``frontend``).
     """
     fe = cfg.frontend
     hop = max(1, int(round((cfg.audio.hop_seconds if hop_seconds is None else hop_seconds) * fe.sample_rate)))
     windower = StreamWindower(fe.clip_samples, hop)
     frontend = frontend_for(fe)
     expected = len(window_starts(max(1, stream.expected_frames), fe.clip_samples, hop)) if stream.expected_frames else 8
-    out = np.empty((expected, fe.n_frames, FEATURE_DIM), dtype=np.float32)
+    out = np.empty((0 if on_device else expected, fe.n_frames, FEATURE_DIM), dtype=np.float32)
+    on_gpu: list[Any] = []
+    spent = timings if timings is not None else {}
     n = 0
 
     def add(clips: np.ndarray) -> None:
@@ -80,15 +113,20 @@ def stream_features(stream: EvidenceStream, cfg: Config, *, device: str = "cpu",
         if not len(clips):
             return
         t0 = time.perf_counter()
-        feats = finite_features(extract(clips, frontend, device=device), stream.path)
-        if timings is not None:
-            timings["features"] = timings.get("features", 0.0) + time.perf_counter() - t0
-        if n + len(feats) > len(out):
-            grown = np.empty((max(2 * len(out), n + len(feats)),) + out.shape[1:], dtype=np.float32)
-            grown[:n] = out[:n]
-            out = grown
-        out[n : n + len(feats)] = feats
+        if on_device:
+            feats, steps = features_on_device(clips, frontend, device)
+            for k, v in steps.items():
+                spent[k] = spent.get(k, 0.0) + v
+            on_gpu.append(finite_features(feats, stream.path))
+        else:
+            feats = finite_features(extract(clips, frontend, device=device), stream.path)
+            if n + len(feats) > len(out):
+                grown = np.empty((max(2 * len(out), n + len(feats)),) + out.shape[1:], dtype=np.float32)
+                grown[:n] = out[:n]
+                out = grown
+            out[n : n + len(feats)] = feats
         n += len(feats)
+        spent["features"] = spent.get("features", 0.0) + time.perf_counter() - t0
 
     pending: list[np.ndarray] = []
     try:
@@ -96,15 +134,20 @@ def stream_features(stream: EvidenceStream, cfg: Config, *, device: str = "cpu",
             clips = windower.feed(block)
             if len(clips):
                 pending.append(clips)
-            if sum(map(len, pending)) >= _CLIPS_PER_EXTRACT:
+            if sum(map(len, pending)) >= (_CLIPS_PER_DEVICE_CALL if on_device else _CLIPS_PER_EXTRACT):
                 add(np.concatenate(pending))
                 pending = []
         pending.append(windower.finish())
         add(np.concatenate(pending))
     except AudioError as exc:
         raise stream.tag(exc) from None
-    feats = out[:n] if n == len(out) else out[:n].copy()
-    return feats, np.asarray(windower.starts, dtype=np.float64) / fe.sample_rate
+    starts = np.asarray(windower.starts, dtype=np.float64) / fe.sample_rate
+    if on_device:
+        import torch
+
+        return (on_gpu[0] if len(on_gpu) == 1 else torch.cat(on_gpu)), starts
+    return (out[:n] if n == len(out) else out[:n].copy()), starts
 
 
+_CLIPS_PER_DEVICE_CALL = 256  # as extract() on a GPU: large batches, bounded FFT workspace
 _CLIPS_PER_EXTRACT = 16  # clips gathered before one frontend call (bounded memory, few small calls)

@@ -338,6 +338,13 @@ def test_streamed_features_equal_the_in_memory_path(tmp_path):
     np.testing.assert_array_equal(feats, ref)
     hop = int(cfg.audio.hop_seconds * SR)
     np.testing.assert_allclose(starts, window_starts(len(rec.samples), cfg.frontend.clip_samples, hop) / SR)
+    # The device path (features left as a torch tensor for a GPU backend) runs the same stages; on the CPU here.
+    spent: dict = {}
+    with open_stream(path, cfg.frontend.sample_rate, cfg.audio) as s:
+        on_dev, starts2 = stream_features(s, cfg, device="cpu", on_device=True, timings=spent)
+    np.testing.assert_allclose(on_dev.numpy(), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(starts2, starts)
+    assert {"h2d", "frontend", "features"} <= set(spent)
 
 
 # --- hostile headers and samples -------------------------------------------------------------

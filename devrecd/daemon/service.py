@@ -94,6 +94,9 @@ class Pipeline:
         self.recorder = Recorder(journal, verdict_log)
         self.metrics = metrics
         self.device = device
+        # A GPU backend takes CUDA tensors in place: the frontend's output then stays on the GPU.
+        self.keep_on_device = str(device).startswith("cuda") and str(getattr(backend, "input_device", "") or "") \
+            .startswith("cuda")
         self.rejudge = cfg.watch.rejudge_duplicates if rejudge_duplicates is None else rejudge_duplicates
         self.on_record = on_record
         self.liveness = liveness or Liveness()
@@ -216,6 +219,15 @@ class Pipeline:
         self.metrics.clips.inc(clips)
 
     def _worker(self) -> None:
+        if self.keep_on_device:  # each worker on its own CUDA stream: its waits are for its own work only
+            import torch
+
+            with torch.cuda.stream(torch.cuda.Stream(torch.device(self.device))):
+                self._work()
+        else:
+            self._work()
+
+    def _work(self) -> None:
         frontend = frontend_for(self.cfg.frontend)
         while not self._stop.is_set():
             try:
@@ -246,10 +258,11 @@ class Pipeline:
             job.resolved_path = stream.resolved_path
             self.journal.mark_hashed(job.entry_id, stream.sha256 or "", stream.size or 0)
             spent: dict[str, float] = {}
-            feats, starts = stream_features(stream, cfg, device=self.device, timings=spent)
+            feats, starts = stream_features(stream, cfg, device=self.device, timings=spent,
+                                            on_device=self.keep_on_device)
             job.recording = stream.describe()
         job.starts = starts
-        job.timings["features"] = spent.get("features", 0.0)
+        job.timings.update(spent)  # features (and on a GPU: h2d, frontend)
         job.timings["decode"] = time.perf_counter() - t0 - job.timings["features"]
         if not self.rejudge:
             original = self.journal.judged_with(job.recording["sha256"], exclude=job.entry_id)
@@ -275,6 +288,7 @@ class Pipeline:
             if msg[0] == "stop":
                 return
             job: Job = msg[1].key if msg[0] == "judged" else msg[1]
+            t0 = time.perf_counter()
             try:
                 self._write(msg)
             except JournalError as exc:
@@ -285,6 +299,7 @@ class Pipeline:
                 log.exception("internal error while recording a verdict", extra={"path": job.path})
                 self.metrics.errors.labels(reason="internal").inc()
             finally:
+                self.metrics.stage_seconds.labels(stage="writer").observe(time.perf_counter() - t0)
                 with self._lock:
                     self._inflight.pop(job.entry_id, None)
                 self.liveness.stamp()
@@ -306,7 +321,8 @@ class Pipeline:
                                    backend=self.backend_info, timings=job.timings)
             if self.judge is not None:  # open set: the registry's verdict, the closed-set one kept beside it
                 closed = {k: record[k] for k in ("device", "score", "top_k")}
-                record.update(self.judge(unit.features))
+                feats = unit.features
+                record.update(self.judge(feats.cpu().numpy() if hasattr(feats, "cpu") else feats))
                 record["closed_set"] = closed
             record = self.recorder.commit(job.entry_id, "judged", record, sha256=job.recording["sha256"])
             if record is not None:
