@@ -240,3 +240,29 @@ def test_kill_between_journal_commit_and_log_append_is_repaired(tmp_path: Path) 
     assert j.unlogged() == [] and Recorder(j, log).repair() == 0
     j.close()
     log.close()
+
+
+def test_verdicts_cli_exports_current_records_read_only_and_history_on_request(tmp_path: Path) -> None:
+    import os
+
+    from typer.testing import CliRunner
+
+    from devrecd.cli import app
+
+    j = Journal(tmp_path / "journal.sqlite")
+    rec = Recorder(j, None)
+    e1, _ = j.see("/ev/copy.wav", 100, 1)
+    rec.commit(e1.id, "failed", {"path": "/ev/copy.wav", "outcome": "failed", "reason": "too_short"}, reason="too_short")
+    e2, _ = j.see("/ev/copy.wav", 900, 2)
+    rec.commit(e2.id, "judged", {"path": "/ev/copy.wav", "outcome": "judged", "device": "p1"})
+    j.close()
+    before = sorted(os.listdir(tmp_path))
+    run = CliRunner().invoke(app, ["verdicts", "--state-dir", str(tmp_path)])
+    assert run.exit_code == 0, run.output
+    assert [json.loads(x)["outcome"] for x in run.output.splitlines()] == ["judged"]
+    assert json.loads(run.output)["supersedes"] == [e1.id]
+    run = CliRunner().invoke(app, ["verdicts", "--state-dir", str(tmp_path), "--history", "--format", "csv"])
+    assert run.exit_code == 0, run.output
+    rows = run.output.splitlines()
+    assert len(rows) == 3 and rows[1].startswith(f"{e1.id},failed") and rows[1].endswith(f",{e2.id}")
+    assert sorted(os.listdir(tmp_path)) == before, "the export created no file (no WAV, no shm)"
