@@ -7,11 +7,13 @@ Ray Data) can call them.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
-from devrecd.audio import Recording, cut_windows, read_evidence
+from devrecd.audio import AudioError, Recording, cut_windows, read_evidence, window_starts
 from devrecd.config import Config
+from devrecd.errors import DevrecdError
 from devrecd.features import Frontend, FrontendConfig, extract
 
 _FRONTENDS: dict[str, Frontend] = {}
@@ -46,3 +48,33 @@ def features_for_file(path: str | os.PathLike, cfg: Config, *, device: str = "cp
     rec = read_evidence(path, cfg.frontend.sample_rate, cfg.audio)
     clips = clips_for(rec, cfg.frontend, cfg.audio.hop_seconds if hop_seconds is None else hop_seconds)
     return rec, extract(clips, frontend_for(cfg.frontend), device=device)
+
+
+def serving_features(rec: Recording, cfg: Config, frontend: Frontend, *, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """The serving windows of a decoded recording (``audio.hop_seconds`` apart): their start times
+    in seconds and their (windows, 128, 73) features through the one frontend."""
+    hop = max(1, int(round(cfg.audio.hop_seconds * cfg.frontend.sample_rate)))
+    clips = clips_for(rec, cfg.frontend, cfg.audio.hop_seconds)
+    starts = window_starts(len(rec.samples), cfg.frontend.clip_samples, hop) / cfg.frontend.sample_rate
+    return starts, extract(clips, frontend, device=device)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a file could not be judged, as its verdict record states it."""
+
+    reason: str  # the label of devrecd_errors_total{reason} and of the journal
+    detail: str
+    sha256: str | None = None  # when the file was read before it failed
+    size: int | None = None
+
+
+def failure_of(exc: BaseException) -> Failure:
+    """The recorded failure for an exception raised while a file was read, decoded or featurised:
+    typed errors keep their reason; anything else is ``internal``."""
+    sha256, size = getattr(exc, "sha256", None), getattr(exc, "size", None)
+    if isinstance(exc, AudioError):
+        return Failure(exc.reason, exc.detail, sha256, size)
+    if isinstance(exc, DevrecdError):
+        return Failure(exc.reason, str(exc), sha256, size)
+    return Failure("internal", f"{type(exc).__name__}: {exc}", sha256, size)

@@ -30,17 +30,17 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from devrecd.audio import AudioError, read_evidence, window_starts
+from devrecd.audio import read_evidence
 from devrecd.config import Config, load_config
 from devrecd.daemon.batcher import Batcher, Unit
 from devrecd.daemon.journal import Journal, JournalError, Recorder, VerdictLog
 from devrecd.daemon.notify import Liveness, WatchdogPinger, notify, watchdog_interval
-from devrecd.daemon.verdict import duplicate_record, failed_record, judged_record
+from devrecd.daemon.verdict import duplicate_record, failed_record, judged_record, with_open_set
 from devrecd.contract import check_frontend
 from devrecd.errors import ConfigError, DevrecdError
-from devrecd.features import FrontendConfig, extract
+from devrecd.features import FrontendConfig
 from devrecd.metrics import Metrics
-from devrecd.pipeline import clips_for, frontend_for, resolve_device
+from devrecd.pipeline import failure_of, frontend_for, resolve_device, serving_features
 
 log = logging.getLogger("devrecd.daemon")
 
@@ -221,13 +221,11 @@ class Pipeline:
             except _Stopped:
                 with self._lock:  # not finished: stays unfinished in the journal, resumed at the next start
                     self._inflight.pop(job.entry_id, None)
-            except AudioError as exc:
-                self._results.put(("failed", job, exc.reason, exc.detail, None, None))
-            except DevrecdError as exc:
-                self._results.put(("failed", job, exc.reason, str(exc), None, None))
             except Exception as exc:  # noqa: BLE001 - one file's surprise must not stop the daemon
-                log.exception("internal error on a file", extra={"path": job.path})
-                self._results.put(("failed", job, "internal", f"{type(exc).__name__}: {exc}", None, None))
+                if not isinstance(exc, DevrecdError):
+                    log.exception("internal error on a file", extra={"path": job.path})
+                f = failure_of(exc)
+                self._results.put(("failed", job, f.reason, f.detail, f.sha256, f.size))
             self.liveness.stamp()
 
     def _prepare(self, job: Job, frontend) -> None:
@@ -243,12 +241,9 @@ class Pipeline:
             if original is not None:  # judged before under another name: no need to compute anything
                 self._results.put(("duplicate", job, original))
                 return
-        hop = max(1, int(round(cfg.audio.hop_seconds * cfg.frontend.sample_rate)))
-        clips = clips_for(rec, cfg.frontend, cfg.audio.hop_seconds)
-        job.starts = window_starts(len(rec.samples), cfg.frontend.clip_samples, hop) / cfg.frontend.sample_rate
-        feats = extract(clips, frontend, device=self.device)
+        job.starts, feats = serving_features(rec, cfg, frontend, device=self.device)
         job.timings["features"] = time.perf_counter() - t1
-        del rec, clips  # the samples are not needed any more; keep memory bounded by the queues
+        del rec  # the samples are not needed any more; keep memory bounded by the queues
         if not self.batcher.put(Unit(key=job, features=feats), self._stop):
             raise _Stopped()
 
@@ -298,9 +293,7 @@ class Pipeline:
             record = judged_record(job.recording, unit.probs, self.labels, job.starts, k=self.cfg.watch.top_k,
                                    backend=self.backend_info, timings=job.timings)
             if self.judge is not None:  # open set: the registry's verdict, the closed-set one kept beside it
-                closed = {k: record[k] for k in ("device", "score", "top_k")}
-                record.update(self.judge(unit.features))
-                record["closed_set"] = closed
+                record = with_open_set(record, self.judge(unit.features))
             record = self.recorder.commit(job.entry_id, "judged", record, sha256=job.recording["sha256"])
             if record is not None:
                 self._count("judged", job, record)

@@ -1,0 +1,220 @@
+"""What runs inside the Ray job: a decode task per block of files, and the inference actor.
+
+Both call the daemon's stages: :func:`devrecd.audio.read_evidence` (read-only, hashed, typed
+errors) and :func:`devrecd.pipeline.serving_features` (the one frontend) in the CPU task, with
+:func:`devrecd.pipeline.failure_of` naming why a file failed; :func:`load_serving_backend` (one
+ONNX Runtime session or TensorRT engine per actor), :func:`judged_record` / :func:`failed_record`
+and the registry's open-set judge in the actor. Features travel between them as float32 bytes
+(a fixed Arrow type, whatever the number of windows).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from devrecd.config import Config
+from devrecd.errors import DevrecdError
+from devrecd.features import FEATURE_DIM, N_FRAMES
+
+log = logging.getLogger("devrecd.cluster")
+
+# Outcomes of a file in the job; "unchanged" = touched since it was recorded, same content: not recorded again.
+UNCHANGED = "unchanged"
+
+
+class ClusterError(DevrecdError):
+    """The Ray job cannot start or failed (Ray missing, cluster unreachable, a worker error)."""
+
+    reason = "cluster"
+
+
+def _strings(values: Any) -> list[str]:
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+
+
+def _column(values: list) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+def prepare_block(batch: dict[str, np.ndarray], cfg: Config) -> dict[str, np.ndarray]:
+    """Read + hash + decode + features of a block of files (a Ray Data CPU task).
+
+    In: ``path``, ``file_size``, ``file_mtime_ns``, ``known`` (sha256s already recorded under the
+    path, comma-separated). Out: per file its status (``ok`` | ``failed`` | ``unchanged``), the
+    recording's description, window starts and features as bytes, or the failure, and timings.
+    """
+    from devrecd.audio import read_evidence
+    from devrecd.pipeline import failure_of, frontend_for, serving_features
+
+    frontend = frontend_for(cfg.frontend)
+    out: dict[str, list] = {k: [] for k in ("path", "file_size", "file_mtime_ns", "status", "recording", "reason",
+                                            "detail", "sha256", "size", "starts", "features", "timings")}
+    for path, size, mtime, known in zip(_strings(batch["path"]), batch["file_size"], batch["file_mtime_ns"],
+                                        _strings(batch["known"])):
+        timings: dict[str, float] = {}
+        row = {"status": "ok", "recording": "", "reason": "", "detail": "", "sha256": "", "size": -1,
+               "starts": b"", "features": b""}
+        t0 = time.perf_counter()
+        try:
+            rec = read_evidence(path, cfg.frontend.sample_rate, cfg.audio)
+            t1 = time.perf_counter()
+            timings["decode"] = t1 - t0
+            row.update(sha256=rec.sha256, size=rec.size)
+            if known and rec.sha256 in known.split(","):
+                row["status"] = UNCHANGED
+            else:
+                starts, feats = serving_features(rec, cfg, frontend, device="cpu")
+                timings["features"] = time.perf_counter() - t1
+                row.update(recording=json.dumps(rec.describe()), starts=np.asarray(starts, np.float64).tobytes(),
+                           features=np.ascontiguousarray(feats, np.float32).tobytes())
+        except Exception as exc:  # noqa: BLE001 - one bad file is a failed record, never a failed job
+            if not isinstance(exc, DevrecdError):
+                log.exception("internal error on a file", extra={"path": path})
+            f = failure_of(exc)
+            row.update(status="failed", reason=f.reason, detail=f.detail, sha256=f.sha256 or "",
+                       size=-1 if f.size is None else f.size)
+        row.update(path=path, file_size=int(size), file_mtime_ns=int(mtime), timings=json.dumps(timings))
+        for k, v in row.items():
+            out[k].append(v)
+    return {k: (np.asarray(v, dtype=np.int64) if k in ("file_size", "file_mtime_ns", "size") else _column(v))
+            for k, v in out.items()}
+
+
+def materialize_model(blobs: dict[str, tuple[str, bytes]]) -> dict[str, str]:
+    """Write a model sent through the object store into a private folder; its paths by role."""
+    folder = Path(tempfile.mkdtemp(prefix="devrecd-model-"))
+    paths = {}
+    for role, (name, data) in blobs.items():
+        (folder / name).write_bytes(data)
+        paths[role] = str(folder / name)
+    return paths
+
+
+class Judge:
+    """The inference actor: one backend (ONNX Runtime session / TensorRT engine) for its lifetime;
+    each call judges a block of prepared files, batching their windows ``batcher.max_batch`` at a time."""
+
+    def __init__(self, cfg: Config, version: str, model_ref: list | None = None) -> None:
+        from devrecd import __version__
+        from devrecd.daemon.service import load_serving_backend, registry_judge
+        from devrecd.pipeline import resolve_device
+
+        if version != __version__:
+            raise ClusterError(f"devrecd {__version__} on this node, {version} on the driver: install the same "
+                               "version on every node (verdicts name the software version)")
+        if model_ref:  # the model came through the object store
+            import ray
+
+            paths = materialize_model(ray.get(model_ref[0]))
+            cfg = replace(cfg, backend=replace(cfg.backend, model=paths.get("model", cfg.backend.model),
+                                               engine=paths.get("engine", cfg.backend.engine)))
+        self.cfg = cfg
+        self.backend = load_serving_backend(cfg)  # frontend checked against the contract, warmed up
+        self.labels = tuple(self.backend.labels)
+        self.info = self.backend.describe()
+        self.judge = registry_judge(cfg, resolve_device(cfg.backend.device))
+        self.metrics = _metrics()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from devrecd.daemon.verdict import failed_record, judged_record, with_open_set
+
+        n = len(batch["path"])
+        paths = _strings(batch["path"])
+        status = _strings(batch["status"])
+        timings = [json.loads(t) for t in _strings(batch["timings"])]
+        feats: dict[int, np.ndarray] = {}
+        for i in range(n):
+            if status[i] == "ok":
+                feats[i] = np.frombuffer(batch["features"][i], np.float32).reshape(-1, N_FRAMES, FEATURE_DIM)
+        probs: dict[int, np.ndarray] = {}
+        errors: dict[int, str] = {}
+        for group in _groups(feats, self.cfg.batcher.max_batch):
+            x = np.concatenate([feats[i] for i in group])
+            t0 = time.perf_counter()
+            try:
+                p = self.backend.infer(x)
+            except Exception as exc:  # noqa: BLE001 - as in the daemon: the batch's files fail, the job goes on
+                for i in group:
+                    errors[i] = f"{type(exc).__name__}: {exc}"
+                continue
+            dt = time.perf_counter() - t0
+            self.metrics["inference"].observe(dt)
+            self.metrics["clips"].inc(len(x))
+            lo = 0
+            for i in group:
+                k = len(feats[i])
+                probs[i] = p[lo:lo + k]
+                timings[i]["inference"] = dt * k / len(x)
+                lo += k
+        records, outcomes = [], []
+        for i in range(n):
+            sha = _strings(batch["sha256"][i:i + 1])[0] or None
+            size = int(batch["size"][i])
+            if status[i] == "ok" and i in probs:
+                starts = np.frombuffer(batch["starts"][i], np.float64)
+                record = judged_record(json.loads(_strings(batch["recording"][i:i + 1])[0]), probs[i], self.labels,
+                                       starts, k=self.cfg.watch.top_k, backend=self.info, timings=timings[i])
+                if self.judge is not None:
+                    record = with_open_set(record, self.judge(feats[i]))
+                outcome = "judged"
+                self.metrics["verdicts"].inc(tags={"device": str(record["device"])})
+            elif status[i] == UNCHANGED:
+                record, outcome = None, UNCHANGED
+            else:
+                reason, detail = ("inference", errors[i]) if i in errors else (
+                    _strings(batch["reason"][i:i + 1])[0], _strings(batch["detail"][i:i + 1])[0])
+                record = failed_record(paths[i], reason, detail, timings=timings[i], sha256=sha,
+                                       size=None if size < 0 else size)
+                outcome = "failed"
+                self.metrics["errors"].inc(tags={"reason": reason})
+            self.metrics["files"].inc(tags={"outcome": outcome})
+            for stage, seconds in timings[i].items():
+                self.metrics["stage"].observe(seconds, tags={"stage": stage})
+            records.append("" if record is None else json.dumps(record, ensure_ascii=False))
+            outcomes.append(outcome)
+        return {"path": _column(paths), "file_size": np.asarray(batch["file_size"], np.int64),
+                "file_mtime_ns": np.asarray(batch["file_mtime_ns"], np.int64), "outcome": _column(outcomes),
+                "record": _column(records)}
+
+
+def _groups(feats: dict[int, np.ndarray], max_batch: int) -> list[list[int]]:
+    """Files packed in order into groups of at most ``max_batch`` windows (a longer file alone:
+    backends split what they cannot take at once)."""
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    n = 0
+    for i, f in feats.items():
+        if cur and n + len(f) > max_batch:
+            groups.append(cur)
+            cur, n = [], 0
+        cur.append(i)
+        n += len(f)
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def _metrics() -> dict[str, Any]:
+    """devrecd's counters as Ray application metrics (exported by each node's metrics agent)."""
+    from ray.util.metrics import Counter, Histogram
+
+    seconds = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0]
+    return {
+        "files": Counter("devrecd_batch_files_total", "Files finished by the batch job, by outcome.", ("outcome",)),
+        "errors": Counter("devrecd_batch_errors_total", "Files that could not be judged, by reason.", ("reason",)),
+        "verdicts": Counter("devrecd_batch_verdicts_total", "Judged files by device verdict.", ("device",)),
+        "clips": Counter("devrecd_batch_clips_total", "Windows run through the network."),
+        "inference": Histogram("devrecd_batch_inference_seconds", "Seconds per inference batch.", seconds),
+        "stage": Histogram("devrecd_batch_stage_seconds", "Seconds per file and stage.", seconds, ("stage",)),
+    }
