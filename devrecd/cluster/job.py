@@ -29,6 +29,7 @@ from devrecd.errors import ConfigError, DevrecdError, MissingDependency
 log = logging.getLogger("devrecd.cluster")
 
 INSTALL_HINT = "pip install 'devrecd[cluster]' (Ray Data)"
+DECODE_CALLS = 256  # blocks a decode worker process handles before Ray replaces it
 
 
 @dataclass(frozen=True)
@@ -217,19 +218,16 @@ def _dataset(ray: Any, cfg: Config, todo: list[dict], p: Plan) -> Any:
     blocks = max(1, math.ceil(len(todo) / p.block_files))
     model_ref = [ray.put(model_blobs(cfg))] if cfg.cluster.ship_model else None
     ds = ray.data.from_items(todo, override_num_blocks=blocks)
-    # Decode tasks are spread over the nodes (storage bandwidth adds up). Given as a function, these
-    # arguments also keep Ray Data from fusing the decode tasks into the actors: decoding then scales
-    # with the cluster's CPUs and inference with the pool, and features reach the actors as blocks.
+    # Ray Data spreads tasks over the nodes by default (read bandwidth adds up). A decode worker process
+    # is recycled after DECODE_CALLS blocks (decoder libraries' memory stays bounded over a long
+    # archive); that differing argument also keeps Ray Data from fusing the decode tasks into the
+    # actors, so decoding scales with the cluster's CPUs and inference with the pool.
     ds = ds.map_batches(prepare_block, batch_size=p.block_files, batch_format="numpy", fn_kwargs={"cfg": cfg},
-                        num_cpus=p.decode_cpus, ray_remote_args_fn=_spread)
+                        num_cpus=p.decode_cpus, max_calls=DECODE_CALLS)
     return ds.map_batches(Judge, batch_size=p.block_files, batch_format="numpy",
                           compute=ray.data.ActorPoolStrategy(size=p.actors),
                           num_cpus=p.actor_cpus, num_gpus=p.actor_gpus or None,
                           fn_constructor_kwargs={"cfg": cfg, "version": __version__, "model_ref": model_ref})
-
-
-def _spread() -> dict:
-    return {"scheduling_strategy": "SPREAD"}
 
 
 def _loads(text: str) -> dict:
