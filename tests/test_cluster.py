@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -190,12 +191,25 @@ def test_batch_gives_identifys_verdicts_once(ray_address: str, cfg: Config, ccnu
     again = run_batch(cfg, [tmp_path / "evidence"], out)
     assert again["already_recorded"] == len(files) and again["submitted"] == 0 and again["ray"] is None
     assert (out / VERDICTS).read_bytes() == before
-    # A touched file (new mtime, same content) is read again but not recorded twice; a new one is judged.
+    # A touched file (new mtime, same content) is read again but not recorded twice; a new one is judged,
+    # this time by actors that got the model through the object store (same model and contract hashes).
     os.utime(files[2], ns=(time.time_ns(), time.time_ns()))
     shutil.copy(_ccnu(ccnu_dir, 7)[6], tmp_path / "evidence" / "new.wav")
-    third = run_batch(cfg, [tmp_path / "evidence"], out)
+    shipped = replace(cfg, cluster=replace(cfg.cluster, ship_model=True))
+    third = run_batch(shipped, [tmp_path / "evidence"], out)
     assert (third["submitted"], third["this_run"]["unchanged"], third["this_run"]["judged"]) == (2, 1, 1)
-    assert len(_lines(out)) == len(files) + 1
+    lines = _lines(out)
+    assert len(lines) == len(files) + 1 and lines[-1]["path"].endswith("new.wav")
+    provenance = {(r["model_sha256"], r["contract_sha256"]) for r in expected.values() if r["outcome"] == "judged"}
+    assert len(provenance) == 1 and (lines[-1]["model_sha256"], lines[-1]["contract_sha256"]) in provenance
+
+
+def test_serving_never_imports_ray() -> None:
+    code = ("import sys, devrecd.cli, devrecd.cluster.job, devrecd.daemon.service; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'pyarrow', 'torch'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.stdout.strip() == "[]"
 
 
 @pytest.mark.slow

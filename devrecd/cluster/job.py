@@ -16,7 +16,7 @@ import math
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -139,6 +139,7 @@ def run_batch(cfg: Config, sources: Sequence[str | os.PathLike], out: str | os.P
     for s in map(Path, sources):
         if s.is_dir() and (out_dir == s.resolve() or s.resolve() in out_dir.parents):
             raise ConfigError(f"--out {out_dir} is inside the evidence folder {s}; devrecd never writes into evidence")
+    ray = import_ray()  # also brings pyarrow, which the output folder needs
     backend_info = check_model(cfg)
     with BatchOutput(out_dir) as output:
         files = list_recordings(sources, cfg.watch, exclude=[out_dir])
@@ -158,7 +159,6 @@ def run_batch(cfg: Config, sources: Sequence[str | os.PathLike], out: str | os.P
                              "known": ",".join(sorted(output.recorded_hashes(path)))})
         this_run: Counter[str] = Counter()
         reasons: Counter[str] = Counter()
-        ray = import_ray()
         started = connect(ray, address, cfg) if todo else False  # nothing to do: no cluster needed
         t_job = time.time()
         p = ray_info = t_first = None
@@ -206,7 +206,7 @@ def run_batch(cfg: Config, sources: Sequence[str | os.PathLike], out: str | os.P
             "steady_files_per_second": (round((len(todo) - n_first) / (t_job + job_s - t_first), 3)
                                         if t_first and len(todo) > n_first and t_job + job_s > t_first else None),
             "wall_seconds": round(time.time() - started_at, 3), "recorded_this_run": done,
-            "plan": p.__dict__ if p else None, "ray": ray_info, "backend": backend_info, "software_version": __version__,
+            "plan": asdict(p) if p else None, "ray": ray_info, "backend": backend_info, "software_version": __version__,
         }
         output.write_summary(summary)
         return summary

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 import time
 from dataclasses import replace
@@ -92,12 +91,20 @@ def prepare_block(batch: dict[str, np.ndarray], cfg: Config) -> dict[str, np.nda
 
 
 def materialize_model(blobs: dict[str, tuple[str, bytes]]) -> dict[str, str]:
-    """Write a model sent through the object store into a private folder; its paths by role."""
-    folder = Path(tempfile.mkdtemp(prefix="devrecd-model-"))
+    """Write a model sent through the object store to this node's temp folder (one copy per content,
+    shared by the actors and runs on the node; written atomically); its paths by role."""
+    import hashlib
+
+    from devrecd.fsutil import atomic_write
+
+    digest = hashlib.sha256(b"".join(hashlib.sha256(data).digest() for _, data in sorted(blobs.values()))).hexdigest()
+    folder = Path(tempfile.gettempdir()) / "devrecd-models" / digest[:16]
     paths = {}
     for role, (name, data) in blobs.items():
-        (folder / name).write_bytes(data)
-        paths[role] = str(folder / name)
+        target = folder / name
+        if not (target.is_file() and target.stat().st_size == len(data)):
+            atomic_write(target, data)
+        paths[role] = str(target)
     return paths
 
 
@@ -130,8 +137,8 @@ class Judge:
         from devrecd.daemon.verdict import failed_record, judged_record, with_open_set
 
         n = len(batch["path"])
-        paths = _strings(batch["path"])
-        status = _strings(batch["status"])
+        paths, status, shas = _strings(batch["path"]), _strings(batch["status"]), _strings(batch["sha256"])
+        described, reasons, details = (_strings(batch[k]) for k in ("recording", "reason", "detail"))
         timings = [json.loads(t) for t in _strings(batch["timings"])]
         feats: dict[int, np.ndarray] = {}
         for i in range(n):
@@ -159,12 +166,11 @@ class Judge:
                 lo += k
         records, outcomes = [], []
         for i in range(n):
-            sha = _strings(batch["sha256"][i:i + 1])[0] or None
             size = int(batch["size"][i])
             if status[i] == "ok" and i in probs:
                 starts = np.frombuffer(batch["starts"][i], np.float64)
-                record = judged_record(json.loads(_strings(batch["recording"][i:i + 1])[0]), probs[i], self.labels,
-                                       starts, k=self.cfg.watch.top_k, backend=self.info, timings=timings[i])
+                record = judged_record(json.loads(described[i]), probs[i], self.labels, starts,
+                                       k=self.cfg.watch.top_k, backend=self.info, timings=timings[i])
                 if self.judge is not None:
                     record = with_open_set(record, self.judge(feats[i]))
                 outcome = "judged"
@@ -172,9 +178,8 @@ class Judge:
             elif status[i] == UNCHANGED:
                 record, outcome = None, UNCHANGED
             else:
-                reason, detail = ("inference", errors[i]) if i in errors else (
-                    _strings(batch["reason"][i:i + 1])[0], _strings(batch["detail"][i:i + 1])[0])
-                record = failed_record(paths[i], reason, detail, timings=timings[i], sha256=sha,
+                reason, detail = ("inference", errors[i]) if i in errors else (reasons[i], details[i])
+                record = failed_record(paths[i], reason, detail, timings=timings[i], sha256=shas[i] or None,
                                        size=None if size < 0 else size)
                 outcome = "failed"
                 self.metrics["errors"].inc(tags={"reason": reason})
