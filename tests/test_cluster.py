@@ -118,6 +118,51 @@ def test_sources_folders_manifests_and_lists(tmp_path: Path, ccnu_dir: Path) -> 
         list_recordings([tmp_path / "nope.wav"], cfg)
 
 
+class _Resources:
+    """What plan() asks of Ray: the cluster's resources (a GPU cluster cannot exist here)."""
+
+    def __init__(self, **res: float) -> None:
+        self.res = res
+
+    def cluster_resources(self) -> dict:
+        return self.res
+
+
+def test_plan_sizes_the_actor_pool() -> None:
+    from devrecd.cluster.job import plan
+
+    cfg = load_config(None, env={})
+    p = plan(_Resources(CPU=64.0, GPU=4.0), cfg)
+    assert (p.actors, p.actor_gpus, p.actor_cpus) == (4, 1.0, 1.0)  # one engine per GPU
+    ort = cfg.with_overrides({"backend.kind": "onnxruntime"})
+    assert (plan(_Resources(CPU=64.0, GPU=4.0), ort).actors, plan(_Resources(CPU=64.0, GPU=4.0), ort).actor_gpus) == (63, 0.0)
+    assert plan(_Resources(CPU=2.0), cfg).actors == 1
+    small = cfg.with_overrides({"cluster.actor_cpus": 0.75, "cluster.decode_cpus": 0.5})
+    assert plan(_Resources(CPU=2.0), small).actors == 2
+    assert plan(_Resources(CPU=2.0), cfg.with_overrides({"cluster.inference_actors": 3})).actors == 3
+    with pytest.raises(ConfigError, match="decode_cpus"):
+        plan(_Resources(CPU=2.0), cfg.with_overrides({"cluster.decode_cpus": 4.0}))
+    with pytest.raises(ConfigError, match="block_files must be >= 1"):
+        cfg.with_overrides({"cluster.block_files": 0})
+
+
+def test_batch_cli_refuses_bad_setups_in_one_line(tmp_path: Path, exported_model) -> None:
+    from typer.testing import CliRunner
+
+    from devrecd.cli import app
+
+    pytest.importorskip("ray")
+    ev = tmp_path / "ev"
+    ev.mkdir()
+    runner = CliRunner()
+    result = runner.invoke(app, ["batch", str(ev), "--out", str(tmp_path / "out")], env={"DEVRECD_BACKEND__MODEL": ""})
+    assert result.exit_code == 1 and "no model given" in result.output
+    result = runner.invoke(app, ["batch", str(ev), "--out", str(ev / "results"), "--model", str(exported_model)])
+    assert result.exit_code == 1 and "inside the evidence folder" in result.output
+    result = runner.invoke(app, ["batch", str(ev), "--out", str(tmp_path / "out"), "--model", str(exported_model)])
+    assert result.exit_code == 1 and "no recordings found" in result.output
+
+
 # --- on a real local Ray instance ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
