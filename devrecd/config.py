@@ -49,6 +49,20 @@ class BackendConfig:
     threads: int = 1  # ONNX Runtime intra-op threads per inference stream (CPU)
     device: str = "auto"  # torch device for the frontend / torch backend: auto | cpu | cuda[:N]
     labels: tuple[str, ...] = ()  # expected model labels (in order); empty = accept the model's own
+    checkpoint: str = ""  # the checkpoint `model` was exported from: `auto` serves it with torch on a CUDA GPU
+    autocast: str = "none"  # torch backend: none | fp16 | bf16 (network in half precision, normalisation FP32)
+    cuda_graphs: bool = False  # torch backend on CUDA: replay captured CUDA graphs (per power-of-two batch)
+
+    def __post_init__(self) -> None:
+        problems = [msg for bad, msg in (
+            (self.autocast not in ("none", "fp16", "bf16"), f"autocast must be none, fp16 or bf16, not {self.autocast!r}"),
+            (self.threads < 1, "threads must be >= 1"),
+            (self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"),
+             f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}"),
+            (self.cuda_graphs and self.device == "cpu", "cuda_graphs needs a CUDA device (device = auto or cuda)"),
+        ) if bad]
+        if problems:
+            raise ConfigError("backend: " + "; ".join(problems))
 
 
 @dataclass(frozen=True)

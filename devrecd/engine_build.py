@@ -83,8 +83,19 @@ def parser_errors(parser: Any) -> list[str]:
     return lines
 
 
+def trt_major(trt: Any) -> int:
+    """TensorRT's major version (10, 11, ...) from ``tensorrt.__version__``."""
+    try:
+        return int(str(trt.__version__).split(".", 1)[0])
+    except ValueError:
+        return 0
+
+
 def network_flags(trt: Any) -> tuple[int, bool]:
-    """Creation flags: STRONGLY_TYPED where the flag exists (TensorRT 10); 11 is strongly typed always."""
+    """Creation flags: STRONGLY_TYPED on TensorRT 10; none on 11+, which builds strongly typed networks
+    only and keeps the flag merely as a deprecated, ignored name (it may go in a later release)."""
+    if trt_major(trt) >= 11:
+        return 0, True
     flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
     if flag is None:
         return 0, True

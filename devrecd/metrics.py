@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from devrecd import __version__
 
-STAGES = ("decode", "features", "queue", "inference", "end_to_end")
+STAGES = ("decode", "features", "queue", "inference", "end_to_end", "writer")  # + "h2d", "frontend" on a GPU
 OUTCOMES = ("judged", "failed", "duplicate")
 OVERRUN_KINDS = ("input_overflow", "ring_overflow")
 

@@ -7,7 +7,9 @@ Ray Data) can call them.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -50,12 +52,17 @@ def features_for_file(path: str | os.PathLike, cfg: Config, *, device: str = "cp
     return rec, extract(clips, frontend_for(cfg.frontend), device=device)
 
 
-def serving_features(rec: Recording, cfg: Config, frontend: Frontend, *, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """The serving windows of a decoded recording (``audio.hop_seconds`` apart): their start times
-    in seconds and their (windows, 128, 73) features through the one frontend."""
+def serving_windows(rec: Recording, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
+    """The serving windows of a decoded recording (``audio.hop_seconds`` apart): the (n,
+    clip_samples) clips and their start times in seconds."""
     hop = max(1, int(round(cfg.audio.hop_seconds * cfg.frontend.sample_rate)))
     clips = clips_for(rec, cfg.frontend, cfg.audio.hop_seconds)
-    starts = window_starts(len(rec.samples), cfg.frontend.clip_samples, hop) / cfg.frontend.sample_rate
+    return clips, window_starts(len(rec.samples), cfg.frontend.clip_samples, hop) / cfg.frontend.sample_rate
+
+
+def serving_features(rec: Recording, cfg: Config, frontend: Frontend, *, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """The serving windows' start times (s) and their (n, 128, 73) features through the one frontend."""
+    clips, starts = serving_windows(rec, cfg)
     return starts, extract(clips, frontend, device=device)
 
 
@@ -78,3 +85,25 @@ def failure_of(exc: BaseException) -> Failure:
     if isinstance(exc, DevrecdError):
         return Failure(exc.reason, str(exc), sha256, size)
     return Failure("internal", f"{type(exc).__name__}: {exc}", sha256, size)
+
+
+def features_on_device(clips: np.ndarray, frontend: Frontend, device: str) -> tuple[Any, dict[str, float]]:
+    """(n, 128, 73) features as a torch tensor left on ``device`` (a GPU backend takes it in place: no
+    copy back to the host), and the seconds of the host-to-device copy and of the frontend.
+
+    The current CUDA stream is synchronised after each step, so the times are real GPU times; run
+    this on a worker's own stream so that the wait is for this work only, not for inference.
+    """
+    import torch
+
+    t0 = time.perf_counter()
+    x = torch.from_numpy(np.ascontiguousarray(clips, dtype=np.float32)).to(device)
+    cuda = x.device.type == "cuda"
+    if cuda:
+        torch.cuda.current_stream(x.device).synchronize()
+    t1 = time.perf_counter()
+    chunk = 256  # as extract() on a GPU: bounds the FFT workspace of a long recording
+    feats = frontend(x) if len(x) <= chunk else torch.cat([frontend(x[i:i + chunk]) for i in range(0, len(x), chunk)])
+    if cuda:
+        torch.cuda.current_stream(x.device).synchronize()
+    return feats, {"h2d": t1 - t0, "frontend": time.perf_counter() - t1}

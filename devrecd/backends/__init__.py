@@ -5,9 +5,12 @@
 - ``onnxruntime``: ``backend.model`` = ``export/NAME.onnx`` (contract beside it), on the CPU.
 - ``tensorrt``: ``backend.engine``, or the engine in ``backend.engine_dir`` built from that model
   for this GPU and TensorRT version.
-- ``torch``: ``backend.model`` = a checkpoint (run folder or ``.pt``), for development.
-- ``auto``: TensorRT when a matching engine exists here, else ONNX Runtime (a checkpoint: torch);
-  the choice and the reason are logged.
+- ``torch``: ``backend.model`` = a checkpoint (run folder or ``.pt``) on ``backend.device`` (the CPU
+  for development; a CUDA GPU for serving, with ``autocast`` and ``cuda_graphs``).
+- ``auto``: TensorRT when a matching engine exists here; else, with a CUDA GPU and
+  ``backend.checkpoint`` (the checkpoint the export came from, sha256 checked against the contract),
+  torch on the GPU; else ONNX Runtime on the CPU. A checkpoint as ``model`` is served by torch. The
+  choice and the reason are logged (``backend selected``) and exported as the backend metric.
 
 A backend named explicitly that cannot load is an error, never a silent fallback. Every backend is
 checked against the configured frontend (and ``backend.labels`` when set) before it is returned.
@@ -76,6 +79,14 @@ def _load(cfg: BackendConfig) -> Backend:
     if engine is not None:
         log.info("backend selected", extra={"backend": "tensorrt", "why": why})
         return _tensorrt(cfg, model, engine)
+    gpu = _cuda_device(cfg.device)
+    if gpu is not None and cfg.checkpoint:
+        checkpoint = _export_checkpoint(cfg, model)
+        log.info("backend selected", extra={"backend": "torch", "why": f"{why}; {gpu} present: torch serves "
+                                            f"{checkpoint.name} (the export's checkpoint) on the GPU"})
+        return _torch(cfg, checkpoint, device=gpu)
+    if gpu is not None:
+        why += f"; {gpu} present but backend.checkpoint is not set (torch could serve the model on the GPU)"
     log.info("backend selected", extra={"backend": "onnxruntime", "why": why})
     return _onnxruntime(cfg, model)
 
@@ -94,14 +105,43 @@ def _onnxruntime(cfg: BackendConfig, model: Path) -> Backend:
     return OnnxRuntimeBackend(model, threads=cfg.threads)
 
 
-def _torch(cfg: BackendConfig, model: Path) -> Backend:
+def _torch(cfg: BackendConfig, model: Path, device: str | None = None) -> Backend:
     from devrecd.backends.torch_backend import TorchBackend
     from devrecd.pipeline import resolve_device
 
     if not _is_checkpoint(model):
         raise ArtifactError(f"backend.kind = 'torch' runs a checkpoint (run folder or .pt), not {model.name}",
                             reason="not_checkpoint")
-    return TorchBackend(model, device=resolve_device(cfg.device))
+    device = device or resolve_device(cfg.device)
+    if cfg.cuda_graphs and not device.startswith("cuda"):  # device = "auto" on a machine without a GPU
+        log.warning("backend.cuda_graphs ignored: no CUDA GPU, torch runs on the CPU", extra={"device": device})
+    return TorchBackend(model, device=device, autocast=cfg.autocast,
+                        cuda_graphs=cfg.cuda_graphs and device.startswith("cuda"))
+
+
+def _cuda_device(device: str) -> str | None:
+    """The CUDA device ``backend.device`` names or implies when torch sees a GPU, else None."""
+    if device == "cpu":
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return "cuda" if device == "auto" else device
+
+
+def _export_checkpoint(cfg: BackendConfig, model: Path) -> Path:
+    """``backend.checkpoint``, refused unless it is the checkpoint the export ``model`` was made from."""
+    from devrecd.contract import load_for_onnx
+    from devrecd.model.checkpoint import file_sha256, resolve_checkpoint_path
+
+    checkpoint = _need_model(Path(cfg.checkpoint), "auto")
+    contract = load_for_onnx(model)
+    sha = file_sha256(resolve_checkpoint_path(checkpoint))
+    if sha != contract.checkpoint_sha256:
+        raise ArtifactError(f"backend.checkpoint {checkpoint} is not the checkpoint {model.name} was exported from "
+                            f"(sha256 {sha[:12]} != {contract.checkpoint_sha256[:12]})", reason="checkpoint_mismatch")
+    return checkpoint
 
 
 def _cuda_index(device: str) -> int:

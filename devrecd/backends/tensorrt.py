@@ -277,6 +277,7 @@ class TensorRTBackend:
         self.labels = self.contract.labels
         self.frontend = self.contract.frontend
         self.max_batch: int | None = self.profile.max
+        self.input_device: str | None = str(self.device)  # CUDA tensors here are bound by pointer, in place
         self.concurrency: int | None = 1  # one execution context on one stream
         self.last_gpu_seconds: list[float] = []  # per engine run of the last infer() (CUDA events)
 

@@ -20,6 +20,8 @@ from devrecd.errors import ConfigError
 ModelOption = typer.Option(None, "--model", "-m", help="export/NAME.onnx (contract JSON beside it) or a checkpoint (backend.model).")
 EngineOption = typer.Option(None, "--engine", help="TensorRT engine/X.plan (backend.engine).")
 BackendOption = typer.Option(None, "--backend", help="auto | onnxruntime | tensorrt | torch (backend.kind).")
+DeviceOption = typer.Option(None, "--device", help="torch device for the frontend and the torch backend: "
+                            "auto | cpu | cuda | cuda:N (backend.device).")
 
 
 @command()
@@ -29,6 +31,7 @@ def watch(
     model: Optional[str] = ModelOption,
     engine: Optional[str] = EngineOption,
     backend: Optional[str] = BackendOption,
+    device: Optional[str] = DeviceOption,
     state_dir: Optional[str] = typer.Option(None, "--state-dir", help="Journal and verdict log folder (watch.state_dir)."),
     port: Optional[int] = typer.Option(None, "--port", help="Metrics/health port; 0 = any free port (metrics.port)."),
 ) -> None:
@@ -36,7 +39,7 @@ def watch(
     from devrecd.daemon.service import Daemon
     from devrecd.logs import setup_logging
 
-    overrides = {"backend.model": model, "backend.engine": engine, "backend.kind": backend,
+    overrides = {"backend.model": model, "backend.engine": engine, "backend.kind": backend, "backend.device": device,
                  "watch.state_dir": state_dir, "metrics.port": port}
     cfg = load_cli_config(config, overrides)
     verbose = logging.getLogger("devrecd").level == logging.DEBUG  # --verbose given before the command
@@ -54,6 +57,7 @@ def identify(
     model: Optional[str] = ModelOption,
     engine: Optional[str] = EngineOption,
     backend: Optional[str] = BackendOption,
+    device: Optional[str] = DeviceOption,
     as_json: bool = typer.Option(False, "--json", help="One JSON verdict per line instead of a table."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Candidates kept per verdict (watch.top_k)."),
 ) -> None:
@@ -63,7 +67,7 @@ def identify(
     from devrecd.logs import setup_logging
 
     cfg = load_cli_config(config, {"backend.model": model, "backend.engine": engine, "backend.kind": backend,
-                                   "watch.top_k": top_k})
+                                   "backend.device": device, "watch.top_k": top_k})
     # Failures are printed as results below; only worse problems (and DEBUG when asked) go to the log.
     setup_logging("ERROR" if cfg.log.level.upper() in ("INFO", "WARNING") else cfg.log.level, cfg.log.format)
     files = scan_files(audio, cfg.watch)

@@ -7,6 +7,9 @@ Batches are formed one at a time under a lock and inferred in parallel. A unit b
 is split across batches; its probabilities are gathered back and delivered once, in window order,
 when the last of its windows is inferred; a unit any of whose batches fails is failed once.
 The input queue is bounded, so producers block when inference falls behind (backpressure).
+
+Features are numpy arrays, or torch tensors on the GPU when the frontend ran there and the backend
+takes them in place; a batch is gathered on the device of its first tensor (no host round trip).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ class Unit:
     """One producer's windows (e.g. one file's features) waiting for inference."""
 
     key: Any
-    features: np.ndarray  # (n, 128, 73) float32
+    features: Any  # (n, 128, 73) float32: numpy, or a torch tensor on the backend's GPU
     enqueued: float = field(default_factory=time.monotonic)
     started: float | None = None  # monotonic time its first window entered a batch
     probs: np.ndarray | None = None
@@ -41,7 +44,7 @@ class Unit:
         return len(self.features)
 
 
-Infer = Callable[[np.ndarray], np.ndarray]
+Infer = Callable[[Any], np.ndarray]
 Deliver = Callable[[Unit], None]
 
 
@@ -130,10 +133,9 @@ class Batcher:
         for unit, _, _ in parts:
             if unit.started is None:
                 unit.started = now
-        x = parts[0][0].features[parts[0][1]:parts[0][2]] if len(parts) == 1 else np.concatenate(
-            [u.features[lo:hi] for u, lo, hi in parts])
+        x = gather([u.features[lo:hi] for u, lo, hi in parts])
         t0 = time.perf_counter()
-        probs = np.asarray(self.infer(np.ascontiguousarray(x, dtype=np.float32)))
+        probs = np.asarray(self.infer(x))
         dt = time.perf_counter() - t0
         if probs.shape[0] != len(x):
             raise RuntimeError(f"backend returned {probs.shape[0]} rows for a batch of {len(x)}")
@@ -175,3 +177,17 @@ class Batcher:
                         unit.failed = True
                     if first:
                         (unit.on_error or on_error)(unit, exc)
+
+
+def gather(pieces: list[Any]) -> Any:
+    """One contiguous float32 batch from slices of units: numpy, or, when any slice is a torch tensor
+    (features left on the GPU), a tensor on that tensor's device (numpy slices, e.g. live input, copied there)."""
+    tensor = next((p for p in pieces if not isinstance(p, np.ndarray)), None)
+    if tensor is None:
+        x = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        return np.ascontiguousarray(x, dtype=np.float32)
+    import torch
+
+    parts = [p if isinstance(p, torch.Tensor) else torch.from_numpy(np.asarray(p, np.float32)) for p in pieces]
+    parts = [p.to(tensor.device, torch.float32) for p in parts]
+    return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts)

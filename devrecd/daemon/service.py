@@ -38,9 +38,9 @@ from devrecd.daemon.notify import Liveness, WatchdogPinger, notify, watchdog_int
 from devrecd.daemon.verdict import duplicate_record, failed_record, judged_record, with_open_set
 from devrecd.contract import check_frontend
 from devrecd.errors import ConfigError, DevrecdError
-from devrecd.features import FrontendConfig
+from devrecd.features import FrontendConfig, extract
 from devrecd.metrics import Metrics
-from devrecd.pipeline import failure_of, frontend_for, resolve_device, serving_features
+from devrecd.pipeline import failure_of, features_on_device, frontend_for, resolve_device, serving_windows
 
 log = logging.getLogger("devrecd.daemon")
 
@@ -89,6 +89,9 @@ class Pipeline:
         self.recorder = Recorder(journal, verdict_log)
         self.metrics = metrics
         self.device = device
+        # A GPU backend takes CUDA tensors in place: the frontend's output then stays on the GPU.
+        self.keep_on_device = str(device).startswith("cuda") and str(getattr(backend, "input_device", "") or "") \
+            .startswith("cuda")
         self.rejudge = cfg.watch.rejudge_duplicates if rejudge_duplicates is None else rejudge_duplicates
         self.on_record = on_record
         self.liveness = liveness or Liveness()
@@ -210,6 +213,15 @@ class Pipeline:
         self.metrics.clips.inc(clips)
 
     def _worker(self) -> None:
+        if self.keep_on_device:  # each worker on its own CUDA stream: its waits are for its own work only
+            import torch
+
+            with torch.cuda.stream(torch.cuda.Stream(torch.device(self.device))):
+                self._work()
+        else:
+            self._work()
+
+    def _work(self) -> None:
         frontend = frontend_for(self.cfg.frontend)
         while not self._stop.is_set():
             try:
@@ -241,9 +253,14 @@ class Pipeline:
             if original is not None:  # judged before under another name: no need to compute anything
                 self._results.put(("duplicate", job, original))
                 return
-        job.starts, feats = serving_features(rec, cfg, frontend, device=self.device)
+        clips, job.starts = serving_windows(rec, cfg)
+        if self.keep_on_device:
+            feats, steps = features_on_device(clips, frontend, self.device)
+            job.timings.update(steps)
+        else:
+            feats = extract(clips, frontend, device=self.device)
         job.timings["features"] = time.perf_counter() - t1
-        del rec  # the samples are not needed any more; keep memory bounded by the queues
+        del rec, clips  # the samples are not needed any more; keep memory bounded by the queues
         if not self.batcher.put(Unit(key=job, features=feats), self._stop):
             raise _Stopped()
 
@@ -263,6 +280,7 @@ class Pipeline:
             if msg[0] == "stop":
                 return
             job: Job = msg[1].key if msg[0] == "judged" else msg[1]
+            t0 = time.perf_counter()
             try:
                 self._write(msg)
             except JournalError as exc:
@@ -273,6 +291,7 @@ class Pipeline:
                 log.exception("internal error while recording a verdict", extra={"path": job.path})
                 self.metrics.errors.labels(reason="internal").inc()
             finally:
+                self.metrics.stage_seconds.labels(stage="writer").observe(time.perf_counter() - t0)
                 with self._lock:
                     self._inflight.pop(job.entry_id, None)
                 self.liveness.stamp()
@@ -293,7 +312,8 @@ class Pipeline:
             record = judged_record(job.recording, unit.probs, self.labels, job.starts, k=self.cfg.watch.top_k,
                                    backend=self.backend_info, timings=job.timings)
             if self.judge is not None:  # open set: the registry's verdict, the closed-set one kept beside it
-                record = with_open_set(record, self.judge(unit.features))
+                feats = unit.features
+                record = with_open_set(record, self.judge(feats.cpu().numpy() if hasattr(feats, "cpu") else feats))
             record = self.recorder.commit(job.entry_id, "judged", record, sha256=job.recording["sha256"])
             if record is not None:
                 self._count("judged", job, record)
