@@ -211,15 +211,16 @@ def _groups(feats: dict[int, np.ndarray], max_batch: int) -> list[list[int]]:
 
 
 def _metrics() -> dict[str, Any]:
-    """devrecd's counters as Ray application metrics (exported by each node's metrics agent)."""
+    """devrecd's counters as Ray application metrics, served by each node's metrics agent with Ray's
+    ``ray_`` prefix (and ``_total`` added to counters): ``ray_devrecd_batch_files_total{outcome}`` ..."""
     from ray.util.metrics import Counter, Histogram
 
     seconds = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0]
     return {
-        "files": Counter("devrecd_batch_files_total", "Files finished by the batch job, by outcome.", ("outcome",)),
-        "errors": Counter("devrecd_batch_errors_total", "Files that could not be judged, by reason.", ("reason",)),
-        "verdicts": Counter("devrecd_batch_verdicts_total", "Judged files by device verdict.", ("device",)),
-        "clips": Counter("devrecd_batch_clips_total", "Windows run through the network."),
+        "files": Counter("devrecd_batch_files", "Files finished by the batch job, by outcome.", ("outcome",)),
+        "errors": Counter("devrecd_batch_errors", "Files that could not be judged, by reason.", ("reason",)),
+        "verdicts": Counter("devrecd_batch_verdicts", "Judged files by device verdict.", ("device",)),
+        "clips": Counter("devrecd_batch_clips", "Windows run through the network."),
         "inference": Histogram("devrecd_batch_inference_seconds", "Seconds per inference batch.", seconds),
         "stage": Histogram("devrecd_batch_stage_seconds", "Seconds per file and stage.", seconds, ("stage",)),
     }
