@@ -166,17 +166,44 @@ def test_batch_cli_refuses_bad_setups_in_one_line(tmp_path: Path, exported_model
 # --- on a real local Ray instance ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def ray_address():
-    """A local Ray instance of 2 CPUs for this module (started once: it takes ~10 s on 2 cores)."""
+def ray_cluster() -> dict:
+    """A local Ray instance of 2 CPUs for this module (started once: it takes ~10 s on 2 cores), with
+    its Prometheus endpoint on a free port."""
+    import socket
+
     ray = pytest.importorskip("ray")
     pytest.importorskip("ray.data")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=port)
     try:
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        yield ray.get_runtime_context().gcs_address
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        yield {"address": ray.get_runtime_context().gcs_address,
+               "metrics": f"http://{ray.nodes()[0]['NodeManagerAddress']}:{port}/metrics"}
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_address(ray_cluster: dict) -> str:
+    return ray_cluster["address"]
+
+
+def _scrape(url: str, want: str, timeout: float = 60.0) -> list[str]:
+    """The endpoint's sample lines once one starts with ``want`` (Ray reports metrics every few seconds)."""
+    import urllib.request
+
+    end = time.time() + timeout
+    while True:
+        try:
+            lines = [x for x in urllib.request.urlopen(url, timeout=5).read().decode().splitlines()
+                     if not x.startswith("#")]
+        except OSError:
+            lines = []
+        if any(x.startswith(want) for x in lines) or time.time() > end:
+            return lines
+        time.sleep(1)
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +229,7 @@ def _evidence(folder: Path, ccnu_dir: Path) -> list[Path]:
 
 
 @pytest.mark.slow
-def test_batch_gives_identifys_verdicts_once(ray_address: str, cfg: Config, ccnu_dir: Path, tmp_path: Path) -> None:
+def test_batch_gives_identifys_verdicts_once(ray_cluster: dict, cfg: Config, ccnu_dir: Path, tmp_path: Path) -> None:
     from devrecd.cluster.job import run_batch
     from devrecd.daemon.service import identify_files
 
@@ -231,6 +258,11 @@ def test_batch_gives_identifys_verdicts_once(ray_address: str, cfg: Config, ccnu
             assert [(w["start"], w["device"]) for w in got["windows"]] == [(w["start"], w["device"]) for w in want["windows"]]
             assert set(got["timings"]) == {"decode", "features", "inference"}
     assert next(r for r in lines if r["path"].endswith(".m4a"))["resampled"] is True
+    # devrecd's counters, beside Ray's own metrics, on the node's Prometheus endpoint.
+    scraped = _scrape(ray_cluster["metrics"], "ray_devrecd_batch_files_total{")
+    assert any(x.startswith("ray_devrecd_batch_files_total{") and 'outcome="judged"' in x for x in scraped)
+    assert any(x.startswith("ray_devrecd_batch_errors_total{") and 'reason="too_short"' in x for x in scraped)
+    assert any(x.startswith("ray_") and "devrecd" not in x for x in scraped)
     # A rerun on the same folder finds everything recorded and judges nothing again.
     before = (out / VERDICTS).read_bytes()
     again = run_batch(cfg, [tmp_path / "evidence"], out)
