@@ -205,6 +205,30 @@ class SynthConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """``devrecd batch``: an archive judged by a Ray Data job (local instance or a cluster)."""
+
+    address: str = ""  # empty = start a local Ray instance; "auto" | "HOST:PORT" | "ray://HOST:PORT" = join a cluster
+    num_cpus: int = 0  # CPUs of the local instance; 0 = the cores this process may use
+    block_files: int = 64  # files per block: one decode task, one inference call, one Parquet part
+    inference_actors: int = 0  # 0 = auto: one per GPU, else as many as the CPUs left by one decode task allow
+    actor_cpus: float = 1.0  # logical CPUs each inference actor reserves
+    decode_cpus: float = 1.0  # logical CPUs each read + hash + decode + features task reserves
+    ship_model: bool = False  # send the model through the object store instead of reading its path on every node
+
+    def __post_init__(self) -> None:
+        problems = [msg for bad, msg in (
+            (self.num_cpus < 0, "num_cpus must be >= 0 (0 = all cores)"),
+            (self.block_files < 1, "block_files must be >= 1"),
+            (self.inference_actors < 0, "inference_actors must be >= 0 (0 = auto)"),
+            (self.actor_cpus <= 0, "actor_cpus must be > 0"),
+            (self.decode_cpus <= 0, "decode_cpus must be > 0"),
+        ) if bad]
+        if problems:
+            raise ConfigError("cluster: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "INFO"
     format: str = "text"  # text | json
@@ -222,6 +246,7 @@ class Config:
     live: LiveConfig = field(default_factory=LiveConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> Config:

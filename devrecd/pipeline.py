@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from devrecd.audio import AudioError, EvidenceStream, NonFiniteAudio, Recording, StreamWindower, cut_windows, read_evidence, window_starts
 from devrecd.config import Config
+from devrecd.errors import DevrecdError
 from devrecd.features import FEATURE_DIM, Frontend, FrontendConfig, extract
 
 _FRONTENDS: dict[str, Frontend] = {}
@@ -48,6 +50,27 @@ def features_for_file(path: str | os.PathLike, cfg: Config, *, device: str = "cp
     rec = read_evidence(path, cfg.frontend.sample_rate, cfg.audio)
     clips = clips_for(rec, cfg.frontend, cfg.audio.hop_seconds if hop_seconds is None else hop_seconds)
     return rec, finite_features(extract(clips, frontend_for(cfg.frontend), device=device), path)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a file could not be judged, as its verdict record states it."""
+
+    reason: str  # the label of devrecd_errors_total{reason} and of the journal
+    detail: str
+    sha256: str | None = None  # when the file was read before it failed
+    size: int | None = None
+
+
+def failure_of(exc: BaseException) -> Failure:
+    """The recorded failure for an exception raised while a file was read, decoded or featurised:
+    typed errors keep their reason; anything else is ``internal``."""
+    sha256, size = getattr(exc, "sha256", None), getattr(exc, "size", None)
+    if isinstance(exc, AudioError):
+        return Failure(exc.reason, exc.detail, sha256, size)
+    if isinstance(exc, DevrecdError):
+        return Failure(exc.reason, str(exc), sha256, size)
+    return Failure("internal", f"{type(exc).__name__}: {exc}", sha256, size)
 
 
 def features_on_device(clips: np.ndarray, frontend: Frontend, device: str) -> tuple[Any, dict[str, float]]:

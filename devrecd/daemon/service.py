@@ -30,18 +30,18 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from devrecd.audio import AudioError, open_stream
+from devrecd.audio import open_stream
 from devrecd.config import Config, load_config
 from devrecd.daemon.batcher import Batcher, Unit
 from devrecd.daemon.journal import Journal, JournalError, Recorder, VerdictLog
 from devrecd.daemon.notify import Liveness, WatchdogPinger, notify, watchdog_interval
-from devrecd.daemon.verdict import duplicate_record, failed_record, judged_record
+from devrecd.daemon.verdict import duplicate_record, failed_record, judged_record, with_open_set
 from devrecd.contract import check_frontend
 from devrecd.errors import ConfigError, DevrecdError
 from devrecd.features import FrontendConfig
 from devrecd.metrics import Metrics
 from devrecd.fsutil import atomic_write, private_file
-from devrecd.pipeline import frontend_for, resolve_device, stream_features
+from devrecd.pipeline import failure_of, frontend_for, resolve_device, stream_features
 
 log = logging.getLogger("devrecd.daemon")
 
@@ -239,14 +239,12 @@ class Pipeline:
             except _Stopped:
                 with self._lock:  # not finished: stays unfinished in the journal, resumed at the next start
                     self._inflight.pop(job.entry_id, None)
-            except AudioError as exc:
-                job.resolved_path = job.resolved_path or exc.resolved_path
-                self._results.put(("failed", job, exc.reason, exc.detail, exc.sha256, exc.size))
-            except DevrecdError as exc:
-                self._results.put(("failed", job, exc.reason, str(exc), None, None))
             except Exception as exc:  # noqa: BLE001 - one file's surprise must not stop the daemon
-                log.exception("internal error on a file", extra={"path": job.path})
-                self._results.put(("failed", job, "internal", f"{type(exc).__name__}: {exc}", None, None))
+                if not isinstance(exc, DevrecdError):
+                    log.exception("internal error on a file", extra={"path": job.path})
+                job.resolved_path = job.resolved_path or getattr(exc, "resolved_path", None)
+                f = failure_of(exc)
+                self._results.put(("failed", job, f.reason, f.detail, f.sha256, f.size))
             self.liveness.stamp()
 
     def _prepare(self, job: Job, frontend) -> None:
@@ -320,10 +318,8 @@ class Pipeline:
             record = judged_record(job.recording, unit.probs, self.labels, job.starts, k=self.cfg.watch.top_k,
                                    backend=self.backend_info, timings=job.timings)
             if self.judge is not None:  # open set: the registry's verdict, the closed-set one kept beside it
-                closed = {k: record[k] for k in ("device", "score", "top_k")}
                 feats = unit.features
-                record.update(self.judge(feats.cpu().numpy() if hasattr(feats, "cpu") else feats))
-                record["closed_set"] = closed
+                record = with_open_set(record, self.judge(feats.cpu().numpy() if hasattr(feats, "cpu") else feats))
             record = self.recorder.commit(job.entry_id, "judged", record, sha256=job.recording["sha256"])
             if record is not None:
                 self._count("judged", job, record)

@@ -72,6 +72,12 @@ def judged_record(recording: dict, window_probs: np.ndarray, labels: Sequence[st
     }
 
 
+def with_open_set(record: dict[str, Any], open_set: dict[str, Any]) -> dict[str, Any]:
+    """A judged record with the registry's open-set verdict in front and the closed-set one beside it."""
+    closed = {k: record[k] for k in ("device", "score", "top_k")}
+    return {**record, **open_set, "closed_set": closed}
+
+
 def failed_record(path: str, reason: str, detail: str, *, timings: dict[str, float],
                   sha256: str | None = None, size: int | None = None,
                   resolved_path: str | None = None) -> dict[str, Any]:
