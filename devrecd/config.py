@@ -169,6 +169,15 @@ class SynthConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    """The case header of ``devrecd report`` (flags override)."""
+
+    case_id: str = ""  # the laboratory's case reference
+    examiner: str = ""  # who is responsible for the examination
+    laboratory: str = ""  # organisation / unit
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "INFO"
     format: str = "text"  # text | json
@@ -186,6 +195,7 @@ class Config:
     live: LiveConfig = field(default_factory=LiveConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> Config:
