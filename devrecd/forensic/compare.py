@@ -85,6 +85,9 @@ class EmbeddingScorer:
     def __init__(self, embedder: Any, cfg: Config) -> None:
         self.embedder = embedder
         self.cfg = cfg
+        # One questioned recording is often compared with several devices: embed it once. Keyed by
+        # the file's identity and version, so a file that changes is embedded again.
+        self._cache: dict[tuple, tuple[dict[str, Any], np.ndarray, np.ndarray]] = {}
 
     @staticmethod
     def identity(embedder: Any) -> dict[str, Any]:
@@ -94,12 +97,23 @@ class EmbeddingScorer:
     def describe(self) -> dict[str, Any]:
         return self.identity(self.embedder)
 
-    def _embed(self, path: str | os.PathLike) -> tuple[Any, np.ndarray, np.ndarray]:
+    def _embed(self, path: str | os.PathLike) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+        """(recording description, window embeddings, window start times) of one file."""
+        try:
+            st = os.stat(path)
+            key: tuple | None = (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+        except OSError:
+            key = None  # read_evidence says why it cannot be read
+        if key is not None and key in self._cache:
+            return self._cache[key]
         rec, windows = self.embedder.embed_file(path, self.cfg)
         fe = self.embedder.frontend
         hop = max(1, int(round(self.cfg.audio.hop_seconds * fe.sample_rate)))
         starts = window_starts(len(rec.samples), fe.clip_samples, hop) / fe.sample_rate
-        return rec, windows, starts
+        out = (_recording_fields(rec), windows, starts)  # the description, not the audio
+        if key is not None:
+            self._cache[key] = out
+        return out
 
     def references(self, device: str, paths: Sequence[str | os.PathLike]) -> ReferenceSet:
         from devrecd.openset.registry import l2_normalise, recording_embedding
@@ -113,7 +127,7 @@ class EmbeddingScorer:
             except AudioError as exc:
                 raise ComparisonError(f"reference {p} cannot be used: {exc.reason}: {exc.detail}",
                                       reason=exc.reason) from None
-            files.append({**_recording_fields(rec), "windows": int(windows.shape[0])})
+            files.append({**rec, "windows": int(windows.shape[0])})
             embs.append(recording_embedding(windows))
         # The same model as a registry profile: unit-length mean of the references' embeddings.
         return ReferenceSet(device=device, files=files, model=l2_normalise(np.mean(embs, axis=0)))
@@ -130,7 +144,7 @@ class EmbeddingScorer:
         rec, windows, starts = self._embed(path)
         model = np.asarray(refs.model, dtype=np.float64)
         per_window = l2_normalise(windows) @ model
-        return Scored(recording=_recording_fields(rec), score=float(recording_embedding(windows) @ model),
+        return Scored(recording=rec, score=float(recording_embedding(windows) @ model),
                       window_starts=[round(float(t), 3) for t in starts],
                       window_scores=[round(float(v), 6) for v in per_window])
 
