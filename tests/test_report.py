@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from devrecd.cli import app
 from devrecd.config import load_config
 
+pytestmark = pytest.mark.slow  # one enrolment + calibration of 15 real phones shared by the module
 runner = CliRunner()
 HOP = {"DEVRECD_AUDIO__HOP_SECONDS": "1.0"}  # fewer windows per recording: fast on 2 cores
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -35,8 +36,8 @@ def _rows(ccnu_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def case(ccnu_dir: Path, trained_checkpoint: Path, exported_model, tmp_path_factory: pytest.TempPathFactory):
-    """15 real phones enrolled (segments 1-2) with the session checkpoint's embedding, calibrated by
+def case(ccnu_dir: Path, asp_embedder_checkpoint: Path, exported_model, tmp_path_factory: pytest.TempPathFactory):
+    """15 real phones enrolled (segments 1-2) with the session's open-set embedder, calibrated by
     ``devrecd calibrate`` on segments 3-4; segment 5 is the evidence a daemon judges."""
     import torch
 
@@ -54,16 +55,16 @@ def case(ccnu_dir: Path, trained_checkpoint: Path, exported_model, tmp_path_fact
             (data / p.name).symlink_to(p)
     rows = _rows(ccnu_dir)
     cfg = load_config(env={}, overrides={"audio.hop_seconds": 1.0})
-    embedder = Embedder.load(trained_checkpoint)
+    embedder = Embedder.load(asp_embedder_checkpoint)
     reg = open_registry(root / "registry.json", create=True)
     for device in sorted({r["device"] for r in rows}):
         refs = [ccnu_dir / r["path"] for r in rows if r["device"] == device and r["segment"] in ("1", "2")]
         enrol_files(reg, embedder, device, refs, cfg)
     reg.save()
-    result = runner.invoke(app, ["calibrate", str(data), "--model", str(trained_checkpoint), "--registry",
+    result = runner.invoke(app, ["calibrate", str(data), "--model", str(asp_embedder_checkpoint), "--registry",
                                  str(reg.path), "--groups", "3,4", "--far", "0.05", "--plots", str(root / "cal")], env=HOP)
     assert result.exit_code == 0, result.output
-    return {"root": root, "cfg": cfg, "rows": rows, "registry": reg.path, "checkpoint": trained_checkpoint,
+    return {"root": root, "cfg": cfg, "rows": rows, "registry": reg.path, "checkpoint": asp_embedder_checkpoint,
             "model": exported_model, "ccnu": ccnu_dir, "calibration_output": result.output}
 
 

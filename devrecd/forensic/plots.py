@@ -19,14 +19,13 @@ def _figure(width: float = 5.2, height: float = 3.4):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=DPI)
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig, fig.add_subplot(1, 1, 1)
 
 
 def _png(fig) -> bytes:
     buf = io.BytesIO()
-    fig.tight_layout()
     fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})  # no version stamp: reproducible bytes
     return buf.getvalue()
 
