@@ -111,3 +111,35 @@ def test_assess_withholds_the_lr_when_it_cannot_be_given(tmp_path) -> None:
     back = load_lr_calibration(tmp_path / "lr.json")
     assert back == cal and back.sha256 == cal.sha256
     assert LRCalibration.from_dict({**cal.to_dict(), "slope": cal.slope + 1}).sha256 != cal.sha256
+
+
+def test_report_of_plain_recordings_with_a_calibration(ccnu_dir, tmp_path) -> None:
+    """Recordings named without any verdict: inventory only, validation from the given calibration."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from devrecd.cli import app
+    from devrecd.report import SCHEMA_PATH
+
+    cal = fit_lr_calibration(*_trials(np.random.default_rng(4), 30, 10), scorer=SCORER,
+                             population={"description": "30 recordings of 10 devices", "trial_devices": ["a", "b"]},
+                             conditions=WAV)
+    cal.save(tmp_path / "lr.json")
+    wav = sorted(ccnu_dir.glob("*_5.wav"))[0]
+    result = CliRunner().invoke(app, ["report", str(wav), "--out", str(tmp_path / "rep"), "--calibration",
+                                      str(tmp_path / "lr.json"), "--case-id", "X-1"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "rep" / "report.json").read_text())
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(doc, json.loads(SCHEMA_PATH.read_text()))
+    (entry,) = doc["inventory"]
+    assert entry["outcome"] == "not judged" and entry["integrity"]["status"] == "verified"
+    assert entry["native_rate"] == 32000 and entry["levels"]["rms_dbfs"] < 0 and doc["recordings"] == []
+    assert doc["validation"]["metrics"]["n_target"] == 30 and doc["validation"]["calibration"]["sha256"] == cal.sha256
+    html = (tmp_path / "rep" / "report.html").read_text()
+    assert "X-1" in html and html.count("data:image/png;base64,") == 2 and "http" not in html.lower()
+    assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == [
+        "calibration-det.png", "calibration-tippett.png", "report.html", "report.json"]
+    bad = CliRunner().invoke(app, ["report", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r2")])
+    assert bad.exit_code == 1 and "no such file or folder" in bad.output
