@@ -80,6 +80,10 @@ def _integrity(status: str) -> str:
     return f'<span class="badge {cls}">{mark}{_e(status)}</span>'
 
 
+def _num(v: Any, digits: int) -> str:
+    return "" if v is None else f"{float(v):.{digits}f}"
+
+
 def _pct(v: Any) -> str:
     return "-" if v is None else f"{float(v):.2%}"
 
@@ -97,12 +101,12 @@ def _lr_block(lr: dict[str, Any] | None, hp_device: str | None) -> str:
 
 
 def _candidates(rows: list[dict[str, Any]]) -> str:
+    # Scores only: an unbounded per-candidate LLR is not a reportable LR (the bounded one is shown apart).
     if not rows:
         return ""
-    has_llr = any("llr" in r for r in rows)
-    head = "<tr><th>rank</th><th>device</th><th>score</th>" + ("<th>llr (ln, unbounded)</th>" if has_llr else "") + "</tr>"
-    body = "".join(f"<tr><td>{i + 1}</td><td>{_e(r.get('device'))}</td><td>{_e(r.get('score'))}</td>"
-                   + (f"<td>{_e(r.get('llr'))}</td>" if has_llr else "") + "</tr>" for i, r in enumerate(rows))
+    head = "<tr><th>rank</th><th>device</th><th>score</th></tr>"
+    body = "".join(f"<tr><td>{i + 1}</td><td>{_e(r.get('device'))}</td><td>{_e(r.get('score'))}</td></tr>"
+                   for i, r in enumerate(rows))
     return f"<table>{head}{body}</table>"
 
 
@@ -147,7 +151,7 @@ def render_html(doc: dict[str, Any], figures: Figures, json_sha256: str = "") ->
                                     + "".join(f' <span class="badge warn">{_e(f)}</span>' for f in lv["flags"]))
         rows.append(f"<tr><td>{e['n']}</td><td>{_e(e['path'])}</td><td>{_e(e.get('size'))}</td>"
                     f"<td>{_hash(e.get('sha256'))}{now}<br>{_integrity(integ['status'])}</td>"
-                    f"<td>{_e(e.get('duration'))}</td><td>{rate}</td><td>{cond}{'<br>' + extra if extra else ''}</td>"
+                    f"<td>{_num(e.get('duration'), 2)}</td><td>{rate}</td><td>{cond}{'<br>' + extra if extra else ''}</td>"
                     f"<td>{outcome}</td><td>{levels}</td></tr>")
     parts.append(f"<table>{head}{''.join(rows)}</table>")
 
