@@ -252,6 +252,14 @@ def test_compare_cli_with_files_and_registry_profile(case, tmp_path: Path) -> No
                                  "--registry", str(bare.path)], env=HOP)
     assert result.exit_code == 0, result.output
     assert "NO calibration" in result.stdout and "no LR" in result.stdout
+    # A questioned file that cannot be read is a failed record with its hash and reason, exit code 1.
+    damaged = tmp_path / "damaged.wav"
+    damaged.write_bytes((case["ccnu"] / q[0]["path"]).read_bytes()[:3000])
+    result = runner.invoke(app, ["compare", str(damaged), "--reference-device", device, "--registry",
+                                 str(case["registry"]), "--json"], env=HOP)
+    assert result.exit_code == 1
+    (failed,) = [json.loads(x) for x in result.stdout.splitlines()]
+    assert failed["outcome"] == "failed" and failed["reason"] == "corrupt" and re.fullmatch(r"[0-9a-f]{64}", failed["sha256"])
     # compare output feeds the report.
     (tmp_path / "cmp.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
     out = runner.invoke(app, ["report", str(tmp_path / "cmp.jsonl"), "--out", str(tmp_path / "rep"),
