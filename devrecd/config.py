@@ -229,6 +229,15 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    """The case header of ``devrecd report`` (flags override)."""
+
+    case_id: str = ""  # the laboratory's case reference
+    examiner: str = ""  # who is responsible for the examination
+    laboratory: str = ""  # organisation / unit
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "INFO"
     format: str = "text"  # text | json
@@ -247,6 +256,7 @@ class Config:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> Config:

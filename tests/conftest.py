@@ -136,3 +136,30 @@ def exported_model(trained_checkpoint: Path, ccnu_dir: Path, tmp_path_factory) -
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, f"devrecd export failed: {result.output}"
     return ExportedModel(out, out.with_suffix(".json"), trained_checkpoint / "best.pt")
+
+
+@pytest.fixture(scope="session")
+def asp_embedder_checkpoint(ccnu_dir: Path, tmp_path_factory) -> Path:
+    """RUN_DIR/best.pt: a small ``asp`` embedder (open set) trained 8 epochs on CCNU segments 1-2 of
+    8 of the 15 phones (hop 1 s), so segments 3-5 and 7 phones are never seen in training."""
+    import torch
+
+    from devrecd.config import load_config
+    from devrecd.model.checkpoint import Checkpoint, save_checkpoint
+    from devrecd.openset.training import train_embedder
+    from devrecd.pipeline import features_for_file
+
+    torch.set_num_threads(2)
+    cfg = load_config(None, env={}, overrides={"audio.hop_seconds": 1.0})
+    rows = _ccnu_rows(ccnu_dir, {1, 2})
+    phones = sorted({r["device"] for r in rows})[:8]
+    rows = [r for r in rows if r["device"] in phones]
+    feats = [features_for_file(ccnu_dir / r["path"], cfg)[1] for r in rows]
+    emb = train_embedder(feats, [r["device"] for r in rows], frontend=cfg.frontend, epochs=8, seed=0,
+                         hparams={"hidden": 32, "attention": 16, "emb_dim": 32})
+    run = tmp_path_factory.mktemp("asp")
+    save_checkpoint(run / "best.pt", Checkpoint(
+        arch="asp", hparams=emb.hparams, labels=list(emb.labels), frontend=cfg.frontend, norm_mean=emb.norm_mean,
+        norm_std=emb.norm_std, state_dict=emb.model.state_dict(), dataset_sha256="0" * 64,
+        split={"train": [r["path"] for r in rows]}, meta={"epochs": 8, "note": "small open-set embedder for tests"}))
+    return run

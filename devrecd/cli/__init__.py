@@ -15,5 +15,6 @@ from devrecd.cli import export  # noqa: F401,E402  export, build-engine
 from devrecd.cli import model  # noqa: F401,E402  train, evaluate, finetune, baseline
 from devrecd.cli import demo  # noqa: F401,E402  demo
 from devrecd.cli import batch  # noqa: F401,E402  batch (Ray)
+from devrecd.cli import forensic  # noqa: F401,E402  compare, report
 
 __all__ = ["app", "main"]

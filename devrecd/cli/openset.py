@@ -10,6 +10,7 @@ import typer
 
 from devrecd.cli.app import ConfigOption, command, load_cli_config
 from devrecd.errors import ConfigError
+from devrecd.fsutil import atomic_write
 
 RegistryOption = typer.Option(None, "--registry", "-r", help="Registry JSON file (registry.path).")
 ModelOption = typer.Option(..., "--model", "-m", exists=True, help="Checkpoint (.pt) or run directory of the embedder.")
@@ -103,6 +104,8 @@ def calibrate(
     groups: Optional[str] = typer.Option(None, help="Use these groups/segments instead of a split, e.g. '4,5'."),
     far: Optional[float] = typer.Option(None, "--far", help="Target false-acceptance rate (registry.target_far)."),
     as_json: bool = typer.Option(False, "--json", help="Print the calibration as JSON."),
+    plots: Optional[Path] = typer.Option(None, "--plots", help="Folder for tippett.png, det.png and lr-calibration.json "
+                                         "(default: REGISTRY-calibration/ beside the registry)."),
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Set the open-set threshold for a false-acceptance rate and fit score -> LLR calibration.
@@ -112,6 +115,7 @@ def calibrate(
     minDCF (P_target 0.01, C_miss = C_fa = 1) and Cllr of the calibration set.
     """
     from devrecd.data import load_dataset
+    from devrecd.forensic.compare import EmbeddingScorer
     from devrecd.openset.embedder import Embedder
     from devrecd.openset.registry import open_registry
     from devrecd.openset.workflow import calibrate_registry, score_recordings
@@ -132,9 +136,11 @@ def calibrate(
     cal = calibrate_registry(reg, trials, target_far=cfg.registry.target_far,
                              source={"dataset": str(dataset), "selection": groups or split,
                                      "dataset_sha256": ds.manifest_sha256})
+    lr_note, lr = _calibrate_lr(reg, trials, EmbeddingScorer.identity(embedder), plots)
     reg.save()
     if as_json:
-        typer.echo(json.dumps({**cal.to_dict(), **reg.calibration_info}, indent=2))
+        typer.echo(json.dumps({**cal.to_dict(), **{k: v for k, v in reg.calibration_info.items() if k != "lr"},
+                               "lr": lr.summary() if lr is not None else None}, indent=2))
         return
     typer.echo(f"{cal.n_target} target / {cal.n_nontarget} non-target trials from {len(trials.recordings)} recordings")
     typer.echo(f"EER {cal.eer:.2%}  minDCF {cal.min_dcf:.3f} (P_target {cal.p_target}, C_miss {cal.c_miss:g}, "
@@ -143,4 +149,29 @@ def calibrate(
                f"FRR {cal.frr:.2%}; llr = {cal.slope:.3f} * score + {cal.offset:.3f}")
     if "unknown_rejected" in reg.calibration_info:
         typer.echo(f"recordings of non-enrolled devices called unknown: {reg.calibration_info['unknown_rejected']:.0%}")
+    typer.echo(lr_note)
     typer.echo(f"saved to {reg.path}")
+
+
+def _calibrate_lr(reg, trials, scorer: dict, plots: Optional[Path]):
+    """Fit the score -> log10 LR calibration on the same trials, store it in the registry, write plots."""
+    from devrecd.errors import MissingDependency
+    from devrecd.forensic.lr import fit_from_trials
+    from devrecd.openset.calibration import CalibrationError
+
+    try:
+        lr = fit_from_trials(trials, scorer, source={k: reg.calibration_info.get(k) for k in
+                                                     ("dataset", "selection", "dataset_sha256")})
+    except (MissingDependency, CalibrationError) as exc:  # the threshold calibration stands on its own
+        return f"no LR calibration: {exc}", None
+    from devrecd.forensic.plots import calibration_plots
+
+    out = plots or reg.path.with_name(f"{reg.path.stem}-calibration")
+    lr.save(out / "lr-calibration.json")
+    for name, png in calibration_plots(lr).items():
+        atomic_write(out / name, png)
+    reg.calibration_info["lr"] = lr.to_dict()
+    m = lr.metrics
+    return (f"LR calibration (held-out, {m['folds']}-fold by recording): Cllr {m['cllr']:.3f} bits (min {m['cllr_min']:.3f}), "
+            f"misleading {m['misleading_hp']}/{m['n_target']} same-device, {m['misleading_hd']}/{m['n_nontarget']} "
+            f"different-device; log10 LR bounded to [{lr.lower:g}, {lr.upper:g}] (ELUB); plots in {out}"), lr

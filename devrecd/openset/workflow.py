@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -49,6 +49,7 @@ class Trials:
     recordings: list[str]  # paths
     devices: list[str]  # true device of each recording (may be one the registry does not know)
     scores: np.ndarray  # (n_recordings, n_profiles) cosine scores
+    conditions: list[dict[str, Any]] = field(default_factory=list)  # each recording's describe() (no samples)
 
     @property
     def is_target(self) -> np.ndarray:
@@ -80,7 +81,7 @@ def score_recordings(registry: Registry, embedder: Embedder, items: Sequence[tup
     """
     registry.check_embedder(embedder.describe())
     enrolled = {r.sha256 for p in registry.profiles.values() for r in p.references}
-    paths, devices, embs = [], [], []
+    paths, devices, embs, conditions = [], [], [], []
     for path, device in items:
         rec, windows = embedder.embed_file(path, cfg, hop_seconds=hop_seconds)
         if rec.sha256 in enrolled:
@@ -89,10 +90,11 @@ def score_recordings(registry: Registry, embedder: Embedder, items: Sequence[tup
         paths.append(str(path))
         devices.append(device)
         embs.append(recording_embedding(windows))
+        conditions.append(rec.describe())
     if not embs:
         raise CalibrationError("no trial recordings left (all were references, or none were given)")
     names, scores = score_matrix(np.stack(embs), registry)
-    return Trials(profiles=names, recordings=paths, devices=devices, scores=scores)
+    return Trials(profiles=names, recordings=paths, devices=devices, scores=scores, conditions=conditions)
 
 
 def calibrate_registry(registry: Registry, trials: Trials, *, target_far: float,

@@ -1,0 +1,447 @@
+"""Gather a case report: records from the daemon's state, run outputs or files; re-verify; measure.
+
+:func:`build_report` returns the report document (plain data, validated by ``schema.json``) and
+the PNG figures it refers to by file name. Every evidence file is hashed again at report time
+(read-only) and compared with the hash recorded at intake; a file that changed is marked and its
+verdict is said not to apply to the present content.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from devrecd import __version__
+from devrecd.config import Config
+from devrecd.errors import ConfigError, DevrecdError
+
+REPORT_FORMAT = "devrecd-report/1"
+JOURNAL_NAME = "journal.sqlite"  # the daemon's (devrecd.daemon.service.JOURNAL_NAME)
+VERDICT_LOG_NAME = "verdicts.jsonl"
+# Level flags of a recording (measured on the decoded samples at report time).
+LOW_LEVEL_DBFS = -45.0  # RMS below this: the device's trace is near the noise floor
+CLIP_FRACTION = 1e-3  # share of samples at full scale from which a recording counts as clipped
+DC_OFFSET = 0.01  # |mean| of the samples (full scale 1.0) from which a DC offset is flagged
+RECORD_OUTCOMES = ("judged", "failed", "duplicate", "compared")
+
+
+class ReportError(DevrecdError):
+    """A report source that cannot be read (no journal, not a run output, no such file)."""
+
+    reason = "report"
+
+
+@dataclass
+class Figures:
+    """PNG figures of a report, by file name."""
+
+    files: dict[str, bytes] = field(default_factory=dict)
+
+    def add(self, name: str, png: bytes) -> dict[str, str]:
+        import hashlib
+
+        self.files[name] = png
+        return {"file": name, "sha256": hashlib.sha256(png).hexdigest()}
+
+
+# --- sources ---------------------------------------------------------------------------------
+
+def read_state_dir(path: Path) -> list[dict[str, Any]]:
+    """Terminal records of a daemon state folder: the journal (opened read-only), else the verdict log."""
+    journal = path / JOURNAL_NAME
+    if journal.is_file():
+        try:
+            db = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
+            try:
+                rows = db.execute("SELECT record FROM files WHERE state IN ('judged', 'failed', 'duplicate') "
+                                  "AND record IS NOT NULL ORDER BY id").fetchall()
+            finally:
+                db.close()
+            return [json.loads(r[0]) for r in rows]
+        except sqlite3.Error as exc:
+            if not (path / VERDICT_LOG_NAME).is_file():
+                raise ReportError(f"cannot read the journal {journal}: {exc}") from None
+    if (path / VERDICT_LOG_NAME).is_file():
+        return read_jsonl(path / VERDICT_LOG_NAME)
+    raise ReportError(f"{path}: no {JOURNAL_NAME} or {VERDICT_LOG_NAME} (not a daemon state folder)")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Records of an ``identify --json`` / ``compare --json`` output or a verdict log."""
+    out = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ReportError(f"cannot read {path}: {exc}") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            raise ReportError(f"{path}:{n}: not a JSON line") from None
+        if not isinstance(rec, dict) or rec.get("outcome") not in RECORD_OUTCOMES:
+            raise ReportError(f"{path}:{n}: not a devrecd verdict or comparison record")
+        out.append(rec)
+    return out
+
+
+def gather(sources: Sequence[str | os.PathLike], cfg: Config) -> tuple[list[dict[str, Any]], list[str]]:
+    """Records from every source, plus audio files named without a record (inventory only)."""
+    from devrecd.daemon.watcher import scan_files
+
+    records, loose = [], []
+    for src in map(Path, sources):
+        if src.is_dir() and ((src / JOURNAL_NAME).is_file() or (src / VERDICT_LOG_NAME).is_file()):
+            records += read_state_dir(src)
+        elif src.is_file() and src.suffix in (".jsonl", ".json", ".ndjson"):
+            records += read_jsonl(src)
+        elif src.exists():
+            loose += [str(p) for p in scan_files([src], cfg.watch)]
+        else:
+            raise ReportError(f"{src}: no such file or folder")
+    seen = {os.path.abspath(r["path"]) for r in records if r.get("path")}
+    loose = [p for p in loose if os.path.abspath(p) not in seen]
+    return records, loose
+
+
+# --- evidence --------------------------------------------------------------------------------
+
+def verify(path: str, recorded: str | None) -> dict[str, Any]:
+    """Hash the file again (read-only) and compare with the hash recorded at intake."""
+    from devrecd.audio import sha256_file
+
+    try:
+        now = sha256_file(path)
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        return {"status": "missing", "sha256_now": None, "size_now": None}
+    except OSError as exc:
+        return {"status": "unreadable", "sha256_now": None, "size_now": None, "detail": exc.strerror or str(exc)}
+    if not recorded:
+        status = "no hash recorded"
+    else:
+        status = "verified" if now == recorded else "CHANGED since intake"
+    return {"status": status, "sha256_now": now, "size_now": size}
+
+
+def levels(path: str, cfg: Config) -> dict[str, Any] | None:
+    """RMS level, peak, clipped share and DC offset of the decoded recording, with flags."""
+    from devrecd.audio import AudioError, read_evidence, rms_dbfs
+
+    try:
+        rec = read_evidence(path, cfg.frontend.sample_rate, cfg.audio)
+    except AudioError:
+        return None
+    x = np.asarray(rec.samples, dtype=np.float64)
+    mag = np.abs(x)
+    clipped = float(np.mean(mag >= 32767.0 / 32768.0)) if x.size else 0.0
+    dc = float(x.mean()) if x.size else 0.0
+    dbfs = rms_dbfs(x.astype(np.float32))
+    flags = []
+    if dbfs < LOW_LEVEL_DBFS:
+        flags.append("low level")
+    if clipped >= CLIP_FRACTION:
+        flags.append("clipped")
+    if abs(dc) >= DC_OFFSET:
+        flags.append("DC offset")
+    return {"rms_dbfs": round(dbfs, 2) if np.isfinite(dbfs) else None, "peak": round(float(mag.max()) if x.size else 0.0, 4),
+            "clipped_fraction": round(clipped, 6), "dc_offset": round(dc, 5), "flags": flags}
+
+
+def inventory_entry(rec: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    """One evidence file: what was recorded at intake, re-verified now."""
+    path = str(rec.get("path") or "")
+    check = verify(path, rec.get("sha256")) if path else {"status": "missing", "sha256_now": None, "size_now": None}
+    entry = {
+        "path": path, "size": rec.get("size"), "sha256": rec.get("sha256"), "integrity": check,
+        "outcome": rec.get("outcome", "not judged"), "reason": rec.get("reason"), "detail": rec.get("detail"),
+    }
+    for key in ("duration", "sample_rate", "native_rate", "channels", "codec", "container", "decoder", "resampled",
+                "bitrate", "bandwidth", "condition", "judged_at", "compared_at", "duplicate_of_path"):
+        if rec.get(key) is not None:
+            entry[key] = rec[key]
+    if check["status"] in ("verified", "no hash recorded"):
+        lv = levels(path, cfg)
+        if lv is not None:
+            entry["levels"] = lv
+    return entry
+
+
+def describe_loose(path: str, cfg: Config) -> dict[str, Any]:
+    """A file named for the report without any verdict: decode it to describe it (not judged)."""
+    from devrecd.audio import AudioError, read_evidence, sha256_file
+
+    try:
+        rec = read_evidence(path, cfg.frontend.sample_rate, cfg.audio).describe()
+        return {**rec, "outcome": "not judged"}
+    except AudioError as exc:
+        try:
+            sha = sha256_file(path)
+        except OSError:
+            sha = None
+        return {"path": path, "sha256": sha, "outcome": "not judged", "reason": exc.reason, "detail": exc.detail}
+
+
+# --- the report ------------------------------------------------------------------------------
+
+def _registry_calibration(path: str | None):
+    """The LR calibration and identity of a registry (None when it has none or cannot be read)."""
+    if not path:
+        return None, None
+    from devrecd.forensic.lr import LRCalibration
+    from devrecd.openset.registry import open_registry
+
+    reg = open_registry(path)
+    info = {"path": str(reg.path), "sha256": _sha(reg.path), "embedder": reg.embedder, "devices": reg.names,
+            "calibrated_at": reg.calibration_info.get("calibrated_at")}
+    lr = reg.calibration_info.get("lr")
+    return (LRCalibration.from_dict(lr) if lr else None), info
+
+
+def _sha(path: str | os.PathLike) -> str | None:
+    from devrecd.audio import sha256_file
+
+    try:
+        return sha256_file(path)
+    except OSError:
+        return None
+
+
+def model_card(model: str | None, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The model's card from its contract (architecture, training data hash, frontend, hashes)."""
+    used = sorted({(r.get("backend"), r.get("model_sha256"), r.get("contract_sha256")) for r in records
+                   if r.get("outcome") in ("judged", "duplicate") and r.get("model_sha256")}, key=str)
+    card: dict[str, Any] = {"backends_used": [{"backend": b, "model_sha256": m, "contract_sha256": c} for b, m, c in used]}
+    if not model:
+        card["note"] = "no model contract given (--model): only the hashes recorded with the verdicts are shown"
+        return card
+    from devrecd.contract import contract_path_for, load_for_onnx
+
+    c = load_for_onnx(model, verify=False)
+    card.update({
+        "model": str(model), "name": c.name, "arch": c.arch, "precision": c.precision, "opset": c.opset,
+        "labels": list(c.labels), "onnx_sha256": c.onnx_sha256, "onnx_sha256_now": _sha(model),
+        "contract_sha256": _sha(contract_path_for(model)), "checkpoint_sha256": c.checkpoint_sha256,
+        "training_data_sha256": c.dataset_sha256, "frontend": c.frontend.to_dict(), "frontend_fingerprint": c.frontend_fingerprint, "parity": c.parity,
+        "versions": c.versions, "created": c.created,
+        "architecture": ("the paper's network: 73-dim MFCC/logE/deltas/pre-Fbank features -> ConvLSTM1D -> BiLSTM "
+                         "-> Transformer encoder -> softmax over the training devices") if c.arch == "paper" else c.arch,
+    })
+    card["matches_verdicts"] = all(u["model_sha256"] == c.onnx_sha256 for u in card["backends_used"])
+    return card
+
+
+def build_report(sources: Sequence[str | os.PathLike], cfg: Config, *, case: dict[str, str] | None = None,
+                 model: str | None = None, registry: str | None = None, calibration: str | None = None
+                 ) -> tuple[dict[str, Any], Figures]:
+    """The report document and its figures (see the module docstring)."""
+    from devrecd.forensic.lr import condition_mismatch, load_lr_calibration
+    from devrecd.forensic.plots import calibration_plots
+
+    if not sources:
+        raise ConfigError("nothing to report on: give a state folder, a run output (.jsonl) or recordings")
+    records, loose = gather(sources, cfg)
+    records += [describe_loose(p, cfg) for p in loose]
+    if not records:
+        raise ReportError("the sources hold no verdicts and no recordings")
+    figures = Figures()
+
+    # The registry (open-set verdicts name theirs) and the LR calibration that goes with it.
+    reg_path = registry or next((r["open_set"]["registry"] for r in records if isinstance(r.get("open_set"), dict)
+                                 and r["open_set"].get("registry")), None) or (cfg.registry.path or None)
+    lr_cal, reg_info = None, None
+    try:
+        lr_cal, reg_info = _registry_calibration(reg_path)
+    except DevrecdError as exc:
+        reg_info = {"path": reg_path, "error": str(exc)}
+    if calibration:
+        lr_cal = load_lr_calibration(calibration)
+    compared = [r for r in records if r.get("outcome") == "compared"]
+    if lr_cal is None and compared and compared[0].get("calibration"):
+        reg_info = reg_info or {}
+        reg_info["note"] = "the comparisons cite calibration " + compared[0]["calibration"]["sha256"][:12] + \
+                           "; give --calibration FILE to show its validation"
+
+    inventory, recordings = [], []
+    for i, rec in enumerate(records):
+        entry = inventory_entry(rec, cfg)
+        entry["n"] = i + 1
+        inventory.append(entry)
+        if rec.get("outcome") in ("judged", "duplicate", "compared"):
+            recordings.append(_recording_section(i + 1, rec, entry, lr_cal, figures))
+
+    validation = None
+    if lr_cal is not None:
+        plots = {name: figures.add(f"calibration-{name}", png) for name, png in calibration_plots(lr_cal).items()}
+        mismatches = []
+        for e in inventory:
+            if e["outcome"] in ("judged", "duplicate", "compared"):
+                block, warn = condition_mismatch(e, lr_cal.conditions)
+                if block or warn:
+                    mismatches.append({"n": e["n"], "path": e["path"], "problems": block + warn, "blocks_lr": bool(block)})
+        validation = {"calibration": lr_cal.summary(), "metrics": lr_cal.metrics, "tippett": plots["tippett.png"],
+                      "det": plots["det.png"], "condition_mismatches": mismatches}
+
+    case = case or {}
+    doc = {
+        "format": REPORT_FORMAT,
+        "case": {"case_id": case.get("case_id") or cfg.report.case_id, "examiner": case.get("examiner") or cfg.report.examiner,
+                 "laboratory": case.get("laboratory") or cfg.report.laboratory,
+                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                 "software_version": __version__, "host": socket.gethostname(),
+                 "platform": f"{platform.system()} {platform.release()} ({platform.machine()}), Python {platform.python_version()}",
+                 "sources": [str(Path(s).resolve()) for s in sources]},
+        "summary": _summary(inventory),
+        "inventory": inventory,
+        "recordings": recordings,
+        "method": {"model": model_card(model, records), "registry": reg_info,
+                   "scorers": _unique([r["scorer"] for r in compared if r.get("scorer")]),
+                   "propositions": {"hp": _hp(), "hd": _hd()}, "verbal_scale": _scale()},
+        "validation": validation,
+    }
+    doc["limitations"] = limitations(doc, lr_cal)
+    return doc, figures
+
+
+def _unique(items: list[dict]) -> list[dict]:
+    out: list[dict] = []
+    for it in items:
+        if it not in out:
+            out.append(it)
+    return out
+
+
+def _hp() -> str:
+    from devrecd.forensic.lr import HP
+
+    return HP
+
+
+def _hd() -> str:
+    from devrecd.forensic.lr import HD
+
+    return HD
+
+
+def _scale() -> list[dict[str, str]]:
+    from devrecd.forensic.verbal import scale_rows
+
+    return scale_rows()
+
+
+def _summary(inventory: list[dict]) -> dict[str, int]:
+    out = {"files": len(inventory), "judged": 0, "compared": 0, "duplicate": 0, "failed": 0, "not_judged": 0,
+           "changed": 0, "missing": 0}
+    for e in inventory:
+        out[e["outcome"].replace(" ", "_")] = out.get(e["outcome"].replace(" ", "_"), 0) + 1
+        if e["integrity"]["status"] == "CHANGED since intake":
+            out["changed"] += 1
+        elif e["integrity"]["status"] == "missing":
+            out["missing"] += 1
+    return out
+
+
+def _recording_section(n: int, rec: dict[str, Any], entry: dict[str, Any], lr_cal, figures: Figures) -> dict[str, Any]:
+    """Verdict, candidates, LR, timeline and flags of one judged or compared recording."""
+    from devrecd.forensic.lr import assess
+    from devrecd.forensic.plots import timeline_png
+
+    sec: dict[str, Any] = {"n": n, "path": entry["path"], "outcome": rec["outcome"], "sha256": rec.get("sha256"),
+                           "integrity": entry["integrity"]["status"], "flags": (entry.get("levels") or {}).get("flags", [])}
+    if rec["outcome"] == "compared":
+        sec["comparison"] = {k: rec.get(k) for k in ("reference_device", "reference_source", "score", "log10_lr",
+                                                     "log10_lr_unbounded", "lr", "bounded", "verbal", "lr_withheld",
+                                                     "condition_warnings")}
+        sec["comparison"]["references"] = [{"path": f.get("path"), "sha256": f.get("sha256")} for f in rec.get("references", [])]
+        sec["comparison"]["calibration_sha256"] = (rec.get("calibration") or {}).get("sha256")
+        if rec.get("window_scores"):
+            sec["timeline"] = figures.add(f"timeline-{n}.png", timeline_png(
+                rec["window_starts"], rec["window_scores"], ylabel="cosine to references",
+                title=f"#{n} per-window score against {rec.get('reference_device')}"))
+        return sec
+    closed = rec.get("closed_set") or {k: rec.get(k) for k in ("device", "score", "top_k")}
+    sec["closed_set"] = {"device": closed.get("device"), "score": closed.get("score"), "top_k": closed.get("top_k") or []}
+    if isinstance(rec.get("open_set"), dict):
+        sec["open_set"] = {"device": rec.get("device"), "candidate": rec.get("candidate"), "score": rec.get("score"),
+                           "accepted": rec["open_set"].get("accepted"), "threshold": rec["open_set"].get("threshold"),
+                           "threshold_source": rec["open_set"].get("threshold_source"), "top_k": rec.get("top_k") or []}
+        # The LR for the best candidate, from the calibration of the same scorer (never from a raw score).
+        ident = {"fingerprint": rec["open_set"].get("embedder")}
+        if rec["outcome"] == "judged" and entry["integrity"]["status"] in ("verified", "no hash recorded"):
+            sec["lr"] = {"reference_device": rec.get("candidate"),
+                         **assess(lr_cal, float(rec.get("score") or 0.0), entry, ident)}
+        elif entry["integrity"]["status"] not in ("verified", "no hash recorded"):
+            sec["lr"] = {"reference_device": rec.get("candidate"), "log10_lr": None, "lr": None, "verbal": None,
+                         "lr_withheld": f"evidence file {entry['integrity']['status']}"}
+    windows = rec.get("windows") or []
+    if windows:
+        label = closed.get("device")
+        sec["timeline"] = figures.add(f"timeline-{n}.png", timeline_png(
+            [w["start"] for w in windows], [w["score"] for w in windows], agree=[w["device"] == label for w in windows],
+            ylabel="window probability", title=f"#{n} per-window closed-set score (best device per window)"))
+        sec["windows_agreeing"] = f"{sum(w['device'] == label for w in windows)}/{len(windows)}"
+    return sec
+
+
+def limitations(doc: dict[str, Any], lr_cal) -> list[str]:
+    """Plain statements of what the measurements do and do not support."""
+    out = []
+    s = doc["summary"]
+    if s["changed"]:
+        out.append(f"{s['changed']} evidence file(s) changed after intake (SHA-256 differs): their verdicts describe the "
+                   "content as it was at intake, not the present file; no LR is given for them.")
+    if s["missing"]:
+        out.append(f"{s['missing']} evidence file(s) could not be found at report time; their hashes could not be re-verified.")
+    if s["failed"]:
+        out.append(f"{s['failed']} file(s) could not be analysed (reasons in the inventory); nothing is concluded about them.")
+    if lr_cal is None:
+        out.append("No likelihood-ratio calibration was available: scores are reported as scores, which are not "
+                   "likelihood ratios, and no LR or verbal equivalent is given.")
+    else:
+        m = lr_cal.metrics
+        pop = lr_cal.population
+        out.append(f"The likelihood ratios rest on {m['n_target']} same-device and {m['n_nontarget']} different-device "
+                   f"development trials ({pop.get('description', '')}). They are capped at log10 LR "
+                   f"{lr_cal.lower:g} to {lr_cal.upper:g} (ELUB): the data support no stronger statement in either direction.")
+        out.append(f"The relevant population is {len(pop.get('trial_devices', []))} devices "
+                   f"({', '.join(pop.get('trial_devices', [])[:8])}{', ...' if len(pop.get('trial_devices', [])) > 8 else ''}); "
+                   "devices of other makes, models or units were not part of it, and the LRs say nothing about how "
+                   "such devices would score.")
+        out.append(f"On held-out development trials, {m['misleading_hp_rate']:.1%} of same-device trials gave an LR below 1 "
+                   f"and {m['misleading_hd_rate']:.1%} of different-device trials an LR above 1 (misleading evidence); "
+                   f"EER {m['eer']:.1%}, Cllr {m['cllr']:.3f} bits (Cllr_min {m['cllr_min']:.3f}).")
+        c = lr_cal.conditions
+        out.append(f"The calibration recordings were {', '.join(c.get('codecs') or ['?'])} at "
+                   f"{', '.join(str(r) for r in c.get('native_rates') or ['?'])} Hz, "
+                   f"{c.get('duration_min')}-{c.get('duration_max')} s long; other conditions are not covered.")
+        mism = (doc.get("validation") or {}).get("condition_mismatches") or []
+        if mism:
+            blocked = sum(x["blocks_lr"] for x in mism)
+            out.append(f"{len(mism)} case recording(s) differ from the calibration conditions"
+                       + (f"; for {blocked} of them no LR is given" if blocked else "") + " (see Validation).")
+    resampled = sum(1 for e in doc["inventory"] if e.get("resampled"))
+    if resampled:
+        out.append(f"{resampled} recording(s) were resampled to the model's rate before analysis (high-quality soxr); "
+                   "resampling alters the channel the analysis relies on.")
+    flagged = [e for e in doc["inventory"] if (e.get("levels") or {}).get("flags")]
+    if flagged:
+        out.append(f"{len(flagged)} recording(s) carry level flags (low level, clipping or DC offset) that can mask "
+                   "or imitate device traces.")
+    if any("closed_set" in r and "open_set" not in r for r in doc["recordings"]):
+        labels = (doc["method"]["model"].get("labels") or [])
+        out.append("Closed-set verdicts name one of the model's training devices"
+                   + (f" ({len(labels)})" if labels else "")
+                   + ": they cannot say 'none of these'; a closed-set score is not a likelihood ratio.")
+    out.append("Verdicts are statements about the recording device given the recordings examined; they do not "
+               "establish who made a recording, when, or whether it was edited.")
+    return out

@@ -1,0 +1,145 @@
+"""Likelihood-ratio maths: the ENFSI scale, lir's calibrator, ELUB bounds, held-out validity, conditions."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from devrecd.forensic.lr import (
+    LRCalibration,
+    assess,
+    condition_mismatch,
+    fit_logistic,
+    fit_lr_calibration,
+    load_lr_calibration,
+)
+from devrecd.forensic.verbal import ENFSI_SCALE, scale_rows, verbal
+from devrecd.openset.calibration import CalibrationError
+
+pytest.importorskip("lir")
+
+SCORER = {"kind": "embedding-cosine", "fingerprint": "f" * 64}
+WAV = {"native_rates": [32000], "codecs": ["pcm_s16le"], "containers": ["wav"], "duration_min": 8.0,
+       "duration_max": 11.0, "recordings": 30}
+
+
+def test_verbal_scale_bands_both_propositions() -> None:
+    assert verbal(0.0) == verbal(0.2) == "no support for either proposition"  # LR 1 .. < 2
+    assert verbal(math.log10(2)) == "weak support for Hp"
+    assert verbal(0.999) == "weak support for Hp" and verbal(1.0) == "moderate support for Hp"
+    assert verbal(2.5) == "moderately strong support for Hp"
+    assert verbal(3.0) == "strong support for Hp" and verbal(4.0) == verbal(5.99) == "very strong support for Hp"
+    assert verbal(6.0) == verbal(12.0) == "extremely strong support for Hp"
+    assert verbal(-1.5) == "moderate support for Hd" and verbal(-0.1) == "no support for either proposition"
+    assert verbal(-3.0, hd="the defence proposition") == "strong support for the defence proposition"
+    with pytest.raises(ValueError):
+        verbal(float("inf"))
+    lows = [lo for lo, _ in ENFSI_SCALE]
+    assert lows == sorted(lows) and [r["lr"] for r in scale_rows()][-1] == "> 1,000,000"
+
+
+def _trials(rng: np.random.Generator, n_rec: int, n_dev: int, sep: float = 0.35):
+    """Cosine-like scores: each recording against every device, its own device scoring higher."""
+    dev = np.arange(n_rec) % n_dev
+    s = rng.normal(0.2, 0.1, (n_rec, n_dev))
+    target = dev[:, None] == np.arange(n_dev)[None, :]
+    s[target] = rng.normal(0.2 + sep, 0.1, n_rec)
+    return s.ravel(), target.ravel().astype(int), np.repeat(np.arange(n_rec), n_dev)
+
+
+def test_logistic_parameters_reproduce_lirs_own_transform() -> None:
+    from lir.algorithms.logistic_regression import LogitCalibrator
+
+    s, y, _ = _trials(np.random.default_rng(0), 40, 8)
+    slope, offset = fit_logistic(s, y)
+    lir_llr = LogitCalibrator(C=1e6, max_iter=1000).fit(s, y).transform(s)
+    assert np.allclose(slope * s + offset, lir_llr, atol=1e-6)
+    assert slope > 0
+
+
+def test_calibrated_lrs_on_held_out_trials() -> None:
+    """Fit on one set of recordings, test on others: LR > 1 for targets, < 1 for non-targets, mostly;
+    calibration lowers Cllr below that of the raw scores; the ELUB bound caps the LR."""
+    from devrecd.forensic.lr import cllr_bits
+
+    rng = np.random.default_rng(1)
+    cal = fit_lr_calibration(*_trials(rng, 60, 15), scorer=SCORER, population={"description": "test"}, conditions=WAV)
+    s, y, _ = _trials(rng, 45, 15)  # held out
+    llr = np.array([cal.log10_lr(v)[0] for v in s])
+    assert np.mean(llr[y == 1] > 0) > 0.85 and np.mean(llr[y == 0] < 0) > 0.9
+    assert cllr_bits(llr, y) < cllr_bits(s, y)
+    m = cal.metrics
+    assert m["cllr"] < m["cllr_raw_scores"] and 0 <= m["cllr_min"] <= m["cllr"] + 1e-9
+    assert (m["n_target"], m["n_nontarget"], m["folds"]) == (60, 60 * 14, 5)
+    # ELUB: never beyond what the counts support, and the cap applies.
+    assert -math.log10(61) <= cal.lower < 0 < cal.upper <= math.log10(60 * 14 + 1)
+    bounded, raw = cal.log10_lr(5.0)
+    assert raw > cal.upper and bounded == cal.upper
+    bounded, raw = cal.log10_lr(-5.0)
+    assert raw < cal.lower and bounded == cal.lower
+    assert max(cal.heldout_log10_lrs) <= cal.upper and min(cal.heldout_log10_lrs) >= cal.lower
+
+
+def test_few_trials_give_tight_bounds() -> None:
+    """With 8 recordings x 4 devices an LR of a million is not reportable, however separable the scores."""
+    s, y, g = _trials(np.random.default_rng(2), 8, 4, sep=3.0)
+    cal = fit_lr_calibration(s, y, g, scorer=SCORER, population={}, conditions=WAV)
+    assert cal.upper <= math.log10(24 + 1) and cal.lower >= -math.log10(8 + 1)
+    assert cal.log10_lr(10.0)[1] > 6 and cal.log10_lr(10.0)[0] == cal.upper
+    with pytest.raises(CalibrationError, match="at least 2 target"):
+        fit_lr_calibration([0.1, 0.2, 0.9], [0, 0, 1], [0, 1, 2], scorer=SCORER, population={}, conditions=WAV)
+
+
+def test_assess_withholds_the_lr_when_it_cannot_be_given(tmp_path) -> None:
+    cal = fit_lr_calibration(*_trials(np.random.default_rng(3), 30, 10), scorer=SCORER, population={}, conditions=WAV)
+    rec = {"native_rate": 32000, "codec": "pcm_s16le", "duration": 9.0}
+    ok = assess(cal, 0.7, rec, SCORER)
+    assert ok["lr_withheld"] is None and ok["log10_lr"] > 0 and ok["verbal"].endswith("for Hp")
+    assert ok["lr"] == pytest.approx(10 ** ok["log10_lr"], rel=1e-3)
+    assert assess(None, 0.7, rec, SCORER)["lr_withheld"].startswith("no calibration")
+    other = assess(cal, 0.7, rec, {**SCORER, "fingerprint": "0" * 64})
+    assert other["log10_lr"] is None and "another scorer" in other["lr_withheld"]
+    amr = assess(cal, 0.7, {**rec, "codec": "amr_nb", "native_rate": 8000}, SCORER)
+    assert amr["log10_lr"] is None and "amr_nb" in amr["lr_withheld"] and "8000" in amr["lr_withheld"]
+    short = assess(cal, 0.7, {**rec, "duration": 3.0}, SCORER)
+    assert short["log10_lr"] is not None and "duration 3.0 s" in short["condition_warnings"][0]
+    assert condition_mismatch(rec, WAV) == ([], [])
+    # Round trip through the file `devrecd calibrate` writes; the hash names the content.
+    cal.save(tmp_path / "lr.json")
+    back = load_lr_calibration(tmp_path / "lr.json")
+    assert back == cal and back.sha256 == cal.sha256
+    assert LRCalibration.from_dict({**cal.to_dict(), "slope": cal.slope + 1}).sha256 != cal.sha256
+
+
+def test_report_of_plain_recordings_with_a_calibration(ccnu_dir, tmp_path) -> None:
+    """Recordings named without any verdict: inventory only, validation from the given calibration."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from devrecd.cli import app
+    from devrecd.report import SCHEMA_PATH
+
+    cal = fit_lr_calibration(*_trials(np.random.default_rng(4), 30, 10), scorer=SCORER,
+                             population={"description": "30 recordings of 10 devices", "trial_devices": ["a", "b"]},
+                             conditions=WAV)
+    cal.save(tmp_path / "lr.json")
+    wav = sorted(ccnu_dir.glob("*_5.wav"))[0]
+    result = CliRunner().invoke(app, ["report", str(wav), "--out", str(tmp_path / "rep"), "--calibration",
+                                      str(tmp_path / "lr.json"), "--case-id", "X-1"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "rep" / "report.json").read_text())
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(doc, json.loads(SCHEMA_PATH.read_text()))
+    (entry,) = doc["inventory"]
+    assert entry["outcome"] == "not judged" and entry["integrity"]["status"] == "verified"
+    assert entry["native_rate"] == 32000 and entry["levels"]["rms_dbfs"] < 0 and doc["recordings"] == []
+    assert doc["validation"]["metrics"]["n_target"] == 30 and doc["validation"]["calibration"]["sha256"] == cal.sha256
+    html = (tmp_path / "rep" / "report.html").read_text()
+    assert "X-1" in html and html.count("data:image/png;base64,") == 2 and "http" not in html.lower()
+    assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == [
+        "calibration-det.png", "calibration-tippett.png", "report.html", "report.json"]
+    bad = CliRunner().invoke(app, ["report", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r2")])
+    assert bad.exit_code == 1 and "no such file or folder" in bad.output
