@@ -250,3 +250,97 @@ def _digest(meta: dict[str, Any], arrays: Sequence[np.ndarray]) -> str:
     for a in arrays:
         h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
     return h.hexdigest()
+
+
+# --- files and registries ---------------------------------------------------------------------
+
+GSV_FORMAT = "devrecd-gsv/1"
+DEFAULT_GSV = "gsv-ccnu15.npz"  # the shipped scorer, package data under devrecd/assets/
+
+
+def default_gsv_path() -> Any:
+    """The shipped GSV scorer (:file:`devrecd/assets/gsv-ccnu15.npz`, see docs/openset-model.md)."""
+    from importlib.resources import files
+
+    return files("devrecd.assets").joinpath(DEFAULT_GSV)
+
+
+def save_gsv(path: Any, scorer: GsvScorer, *, extra: dict[str, Any] | None = None) -> None:
+    """Write a GSV scorer file (npz: arrays + JSON description), atomically."""
+    import io
+
+    from devrecd.fsutil import atomic_write
+
+    meta = {"format": GSV_FORMAT, "scorer": scorer.describe(), **(extra or {})}
+    buf = io.BytesIO()
+    np.savez(buf, meta=np.frombuffer(json.dumps(meta, default=str).encode(), dtype=np.uint8), **scorer.arrays())
+    atomic_write(path, buf.getvalue())
+
+
+def load_gsv(path: Any) -> tuple[GsvScorer, dict[str, Any]]:
+    """Read :func:`save_gsv`'s file; returns the scorer and the file's metadata (e.g. its calibration)."""
+    import io
+
+    try:
+        blob = path.read_bytes() if hasattr(path, "read_bytes") else open(path, "rb").read()
+        with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
+            meta = json.loads(bytes(npz["meta"]).decode())
+            arrays = {k: np.asarray(npz[k]) for k in npz.files if k != "meta"}
+    except (OSError, ValueError, KeyError) as exc:
+        raise ArtifactError(f"{path}: not a readable GSV scorer file ({exc})", reason="scorer_format") from None
+    if not isinstance(meta, dict) or meta.get("format") != GSV_FORMAT:
+        raise ArtifactError(f"{path}: not a devrecd GSV scorer (format {GSV_FORMAT!r} expected)",
+                            reason="scorer_format")
+    info = dict(meta["scorer"])
+    info["source"] = str(path)
+    return GsvScorer.from_arrays(arrays, info), meta
+
+
+def scorer_arrays(scorer: Any) -> dict[str, np.ndarray]:
+    """The arrays a registry stores for ``scorer`` (none for a network: its checkpoint is named instead)."""
+    if isinstance(scorer, GsvScorer):
+        return scorer.arrays()
+    if isinstance(scorer, FusionScorer):
+        return {f"part{i}_{k}": v for i, p in enumerate(scorer.parts) for k, v in scorer_arrays(p).items()}
+    return {}
+
+
+def as_scorer(obj: Any) -> Any:
+    """A scorer as is; a network :class:`~devrecd.openset.embedder.Embedder` wrapped as one."""
+    return obj if callable(getattr(obj, "recording_vector", None)) else EmbedderScorer(obj)
+
+
+def _part_from(info: dict[str, Any], arrays: dict[str, np.ndarray], model: Any, device: str) -> Any:
+    kind = info.get("kind", "embedder")
+    if kind == "gsv":
+        return GsvScorer.from_arrays(arrays, info)
+    if kind == "embedder":
+        from devrecd.openset.embedder import Embedder
+
+        source = model or info.get("source")
+        if not source:
+            raise ArtifactError("the registry does not name its embedder's checkpoint; pass --model",
+                                reason="no_model")
+        return EmbedderScorer(Embedder.load(source, device=device))
+    raise ArtifactError(f"unknown scorer kind {kind!r} (known: {', '.join(KINDS)})", reason="scorer_format")
+
+
+def registry_scorer(registry: Any, *, model: Any = None, device: str = "cpu") -> Any:
+    """The scorer a registry's profiles were made with: rebuilt from the arrays the registry stores
+    (GSV), or the network checkpoint it names (``model`` overrides the path), or both (fusion).
+    The result's fingerprint is checked against the registry's."""
+    info = registry.embedder
+    if not info:
+        from devrecd.openset.registry import RegistryError
+
+        raise RegistryError(f"registry {registry.path} has no enrolled devices; run `devrecd enroll` first",
+                            reason="no_profiles")
+    if info.get("kind") == "fusion":
+        parts = [_part_from(p, {k.split("_", 1)[1]: v for k, v in registry.scorer_arrays.items()
+                                if k.startswith(f"part{i}_")}, model, device)
+                 for i, p in enumerate(info["parts"])]
+        scorer: Any = FusionScorer(parts, info.get("weights"), float(info.get("bias", 0.0)))
+    else:
+        scorer = _part_from(info, registry.scorer_arrays, model, device)
+    registry.check_embedder(scorer.describe())
+    return scorer
