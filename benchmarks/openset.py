@@ -121,12 +121,6 @@ def score_systems(train: Sequence[str], phones: Sequence[str], recs: list[Rec], 
     return out
 
 
-def inner_splits(dev: Sequence[str], n: int, seed: int) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
-    """Cross-fitting inside the development phones: (train, held-out) pairs, each phone held out once."""
-    order = [sorted(dev)[i] for i in np.random.default_rng([seed, 7]).permutation(len(dev))]
-    return [(tuple(p for p in dev if p not in order[k::n]), tuple(sorted(order[k::n]))) for k in range(n)]
-
-
 def pooled(trials: list[TrialMatrix]) -> TrialMatrix:
     """Several trial blocks as one set of (target, non-target, open-set) arrays: a block-diagonal
     matrix would be wrong (cross-block pairs are no trials), so the pooled object keeps lists."""
@@ -225,7 +219,8 @@ def main() -> int:
         test = score_systems(fold.dev, fold.test, recs, args, cfg.frontend, fold.seed, tick)
         if args.calibration == "crossfit":  # calibration trials on phones the scorers did not see
             blocks = [score_systems(tr, held, recs, args, cfg.frontend, fold.seed, tick)
-                      for tr, held in inner_splits(fold.dev, args.inner, fold.seed)]
+                      for tr, held in ((f.dev, f.test) for f in phone_folds(fold.dev, n_folds=args.inner,
+                                                                                   seeds=(fold.seed,)))]
         else:  # the development phones' own trials (the phones the scorers were trained on)
             blocks = [score_systems(fold.dev, fold.dev, recs, args, cfg.frontend, fold.seed, tick)]
         cal = {name: [b[name] for b in blocks] for name in test}

@@ -184,11 +184,10 @@ def to_split_data(feats: Sequence[np.ndarray], items: Sequence[Item], labels: Se
 
 
 def normalisation_stats(feats: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-dimension mean and std over every frame of every training window."""
-    # One implementation for the closed-set and the open-set trainers.
-    from devrecd.openset.training import normalisation_stats as stats
-
-    return stats(feats)
+    """Per-dimension mean and std over every frame of every training window (float64 sums: pre-Fbank
+    spans decades). One implementation for the closed-set and the open-set trainers."""
+    x = np.concatenate([np.asarray(f, dtype=np.float64).reshape(-1, f.shape[-1]) for f in feats])
+    return x.mean(axis=0).astype(np.float32), np.maximum(x.std(axis=0), 1e-8).astype(np.float32)
 
 
 class Augmenter:

@@ -111,6 +111,9 @@ class GsvScorer:
     def __init__(self, ubm: Ubm, frontend: FrontendConfig, *, relevance: float = RELEVANCE,
                  nap: np.ndarray | None = None, source: str = "") -> None:
         self.ubm, self.frontend, self.relevance, self.source = ubm, frontend, float(relevance), source
+        # The development calibration (Calibration.to_dict() + "basis") that travels with the scorer:
+        # used by registries without a calibration of their own (devrecd.openset.gsvtrain).
+        self.calibration: dict[str, Any] | None = None
         self.nap = None if nap is None or nap.size == 0 else np.asarray(nap, dtype=np.float64)
         if self.nap is not None and self.nap.shape[0] != ubm.dim:
             raise ArtifactError(f"NAP basis has {self.nap.shape[0]} rows, the UBM's supervectors {ubm.dim}",
@@ -154,7 +157,7 @@ class GsvScorer:
                 "mixtures": self.ubm.mixtures, "relevance": self.relevance,
                 "nap_dims": 0 if self.nap is None else int(self.nap.shape[1]),
                 "frontend_sha256": self.frontend.fingerprint(), "frontend": self.frontend.to_dict(),
-                "source": self.source}
+                "source": self.source, **({"dev_calibration": self.calibration} if self.calibration else {})}
 
     def arrays(self) -> dict[str, np.ndarray]:
         out = {f"ubm_{k}": v for k, v in self.ubm.to_arrays().items()}
@@ -175,6 +178,7 @@ class GsvScorer:
         if info.get("fingerprint") not in (None, scorer.fingerprint):
             raise ArtifactError("GSV scorer arrays do not match their recorded fingerprint (damaged or mixed up)",
                                 reason="scorer_format")
+        scorer.calibration = info.get("dev_calibration")
         return scorer
 
 
@@ -280,13 +284,14 @@ def save_gsv(path: Any, scorer: GsvScorer, *, extra: dict[str, Any] | None = Non
 def load_gsv(path: Any) -> tuple[GsvScorer, dict[str, Any]]:
     """Read :func:`save_gsv`'s file; returns the scorer and the file's metadata (e.g. its calibration)."""
     import io
+    import zipfile
 
     try:
         blob = path.read_bytes() if hasattr(path, "read_bytes") else open(path, "rb").read()
         with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
             meta = json.loads(bytes(npz["meta"]).decode())
             arrays = {k: np.asarray(npz[k]) for k in npz.files if k != "meta"}
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         raise ArtifactError(f"{path}: not a readable GSV scorer file ({exc})", reason="scorer_format") from None
     if not isinstance(meta, dict) or meta.get("format") != GSV_FORMAT:
         raise ArtifactError(f"{path}: not a devrecd GSV scorer (format {GSV_FORMAT!r} expected)",

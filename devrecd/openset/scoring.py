@@ -14,6 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from devrecd.config import RegistryConfig
+from devrecd.openset.calibration import Calibration
 from devrecd.openset.registry import Registry, recording_embedding
 
 UNKNOWN = "unknown device"
@@ -30,10 +31,29 @@ def score_matrix(recording_embeddings: np.ndarray, registry: Registry) -> tuple[
     return names, cosine_scores(recording_embeddings, means)
 
 
+def development_calibration(registry: Registry) -> Calibration | None:
+    """The calibration that travels with the registry's scorer (``devrecd train-gsv``), if any."""
+    cal = registry.embedder.get("dev_calibration") if registry.embedder else None
+    if not cal:
+        return None
+    return Calibration.from_dict({k: v for k, v in cal.items() if k in Calibration.__dataclass_fields__})
+
+
+def effective_calibration(registry: Registry, cfg: RegistryConfig | None = None) -> Calibration | None:
+    """The registry's own calibration, else its scorer's development calibration (when calibrations are used)."""
+    if cfg is not None and not cfg.use_calibration:
+        return None
+    return registry.calibration or development_calibration(registry)
+
+
 def resolve_threshold(registry: Registry, cfg: RegistryConfig) -> tuple[float, str]:
-    """The open-set threshold and where it came from: the registry's calibration or the config."""
+    """The open-set threshold and where it came from: the registry's calibration, its scorer's
+    development calibration, or the config."""
     if cfg.use_calibration and registry.calibration is not None:
         return registry.calibration.threshold, f"calibrated (FAR {registry.calibration.target_far:g})"
+    dev = development_calibration(registry) if cfg.use_calibration else None
+    if dev is not None:
+        return dev.threshold, f"scorer's development calibration (open-set FAR {dev.target_far:g})"
     return cfg.threshold, "config registry.threshold"
 
 
@@ -61,7 +81,7 @@ def identify_vectors(query: np.ndarray, window_vectors: np.ndarray | None, regis
     names, means = registry.matrix()
     scores = np.asarray(score(np.atleast_2d(query), means), dtype=np.float64)[0]
     order = np.argsort(-scores, kind="stable")
-    cal = registry.calibration
+    cal = effective_calibration(registry)
     llrs = cal.llr(scores) if cal is not None else None
     best = int(order[0])
     accepted = bool(scores[best] >= threshold)

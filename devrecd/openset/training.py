@@ -16,22 +16,13 @@ import numpy as np
 from devrecd.errors import DatasetError
 from devrecd.features import FrontendConfig
 from devrecd.openset.embedder import Embedder
+from devrecd.train import normalisation_stats, recalibrate_batchnorm
 
 log = logging.getLogger("devrecd.openset")
 
 
-def normalisation_stats(feats: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-dimension mean and std over every frame of every training window (float64 sums: pre-Fbank spans decades)."""
-    x = np.concatenate([np.asarray(f, dtype=np.float64).reshape(-1, f.shape[-1]) for f in feats])
-    return x.mean(axis=0).astype(np.float32), np.maximum(x.std(axis=0), 1e-8).astype(np.float32)
-
-
 def build_embedding_net(arch: str, num_classes: int, **hparams: Any) -> Any:
-    """``asp`` from this package; any other name from the model package's ``build_model``."""
-    if arch == "asp":
-        from devrecd.openset.arch import build_asp
-
-        return build_asp(num_classes, **hparams)
+    """Any architecture of the model package's ``build_model`` (``asp`` included)."""
     from devrecd.model import build_model
 
     return build_model(arch, num_classes, **hparams)
@@ -87,8 +78,6 @@ def train_embedder(feats: Sequence[np.ndarray], labels: Sequence[str], *, fronte
         sched.step()
         if on_epoch is not None:
             on_epoch(epoch + 1, total / max(n, 1), correct / max(n, 1))
-    from devrecd.train import recalibrate_batchnorm
-
     recalibrate_batchnorm(model, x_all, batch_size, "cpu")  # eval-mode statistics of the final weights
     return Embedder(model.eval(), arch=arch, hparams=hp, frontend=frontend, norm_mean=mean, norm_std=std,
                     labels=classes, source=f"in-memory {arch} ({len(classes)} devices, {epochs} epochs, seed {seed})")
