@@ -50,7 +50,6 @@ class Rec:
     device: str
     group: str
     feats: np.ndarray  # serving windows (--hop)
-    train_feats: np.ndarray | None  # network training windows (--train-hop)
 
 
 def trials_for(scorer: Any, vecs: dict[str, np.ndarray], recs: list[Rec], phones: Sequence[str]) -> TrialMatrix:
@@ -82,12 +81,13 @@ def normalised(scorer: Any, vecs: dict[str, np.ndarray], recs: list[Rec], train:
 
 
 def score_systems(train: Sequence[str], phones: Sequence[str], recs: list[Rec], args: argparse.Namespace,
-                  frontend: Any, seed: int, tick: Callable[[str, float], None]) -> dict[str, TrialMatrix]:
+                  cfg: Any, seed: int, tick: Callable[[str, float], None]) -> dict[str, TrialMatrix]:
     """Train every scorer on the ``train`` phones' recordings; trials of the ``phones`` (enrolled among themselves)."""
     train_recs = [r for r in recs if r.device in train]
     labels = [r.device for r in train_recs]
     used = [r for r in recs if r.device in train or r.device in phones]
     out: dict[str, TrialMatrix] = {}
+    frontend = cfg.frontend
     t0 = time.perf_counter()
     base = GsvScorer.train([r.feats for r in train_recs], labels, frontend, mixtures=args.mixtures,
                            relevance=args.relevance, seed=seed)
@@ -104,14 +104,18 @@ def score_systems(train: Sequence[str], phones: Sequence[str], recs: list[Rec], 
         if args.snorm:
             out[name + "+snorm"] = normalised(scorer, vecs, used, train, phones, out[name], args.asnorm_top)
     if args.epochs:
-        import torch
+        import tempfile
 
-        from devrecd.openset.training import train_embedder
+        from devrecd.openset.embedder import Embedder
+        from devrecd.train import TrainOptions, restrict_dataset, train as train_network
 
-        torch.set_num_threads(args.threads)
         t0 = time.perf_counter()
-        emb = train_embedder([r.train_feats for r in train_recs], labels, frontend=frontend, arch=args.arch,
-                             epochs=args.epochs, seed=seed)
+        opts = TrainOptions(arch=args.arch, loss="aam", epochs=args.epochs, batch_size=32, lr=1e-3,
+                            lr_step_epochs=max(1, 2 * args.epochs // 3), patience=0, seed=seed,
+                            hop_seconds=args.train_hop)
+        with tempfile.TemporaryDirectory() as run:  # the one training loop, as `devrecd train-embedder`
+            train_network(restrict_dataset(args.dataset, train, split="train"), run, cfg, opts)
+            emb = Embedder.load(run)
         tick("network_train", t0)
         net = EmbedderScorer(emb)
         vecs = {r.path: net.recording_vector(r.feats) for r in used}
@@ -146,9 +150,12 @@ def fused(part_cal: list[list[TrialMatrix]], part_test: list[TrialMatrix]) -> tu
 
 
 class Pool:
-    """Per-system figures pooled over folds."""
+    """Per-system figures pooled over folds; ``rule`` sets the open-set threshold from the calibration
+    trials' open-set impostor scores: ``empirical`` (their (1 - far) quantile, as ``devrecd calibrate``)
+    or ``gaussian`` (mean + z * std of those scores: less noisy with few impostor recordings)."""
 
-    def __init__(self) -> None:
+    def __init__(self, rule: str = "empirical") -> None:
+        self.rule = rule
         self.outcomes = Outcomes()
         self.tar: list[np.ndarray] = []
         self.non: list[np.ndarray] = []
@@ -157,26 +164,31 @@ class Pool:
     def add(self, fold: Fold, cal_blocks: list[TrialMatrix], test: TrialMatrix, far: float) -> None:
         dev = pooled(cal_blocks)
         cal = calibrate(dev.target, dev.nontarget, open_set_nontarget=dev.open_set, target_far=far)
-        o = open_set_outcomes(test, cal.threshold)
+        threshold = cal.threshold
+        if self.rule == "gaussian":
+            from scipy.stats import norm
+
+            imp = dev.open_set
+            threshold = float(imp.mean() + norm.ppf(1.0 - far) * imp.std(ddof=1))
+        o = open_set_outcomes(test, threshold)
         self.outcomes.add(o)
         llr = test.map(cal.llr)
         self.tar.append(llr.target)
         self.non.append(llr.nontarget)
         self.folds.append({"fold": fold.name, "test_phones": list(fold.test), **calibration_summary(cal),
+                           "threshold_used": round(threshold, 5),
                            **{k: v["rate"] for k, v in o.to_dict().items()},
                            "test_eer": trial_figures(llr.target, llr.nontarget)["eer"]})
 
     def report(self) -> dict[str, Any]:
-        return {**self.outcomes.to_dict(),
+        return {"threshold_rule": self.rule, **self.outcomes.to_dict(),
                 "test_trials": trial_figures(np.concatenate(self.tar), np.concatenate(self.non)),
                 "mean_fold_eer": round(float(np.mean([f["test_eer"] for f in self.folds])), 5),
                 "folds": self.folds}
 
 
-def load(path: Path, cache: FeatureCache, hop: float, train_hop: float | None) -> list[Rec]:
-    ds = load_dataset(path)
-    return [Rec(str(it.path), it.device, it.group, cache.features(it.path, hop)[0],
-                cache.features(it.path, train_hop)[0] if train_hop else None) for it in ds.items]
+def load(ds: Any, cache: FeatureCache, hop: float) -> list[Rec]:
+    return [Rec(str(it.path), it.device, it.group, cache.features(it.path, hop)[0]) for it in ds.items]
 
 
 def main() -> int:
@@ -194,6 +206,8 @@ def main() -> int:
     ap.add_argument("--calibration", choices=("crossfit", "dev"), default="crossfit",
                     help="calibration/fusion trials: cross-fitted inside the development phones (scored by "
                          "scorers trained without them), or the development phones' own trials")
+    ap.add_argument("--gaussian", action=argparse.BooleanOptionalAction, default=True,
+                    help="also report every system with the Gaussian open-set threshold rule")
     ap.add_argument("--inner", type=int, default=3, help="cross-fitting folds inside the development phones")
     ap.add_argument("--epochs", type=int, default=0, help="network embedder epochs (0 = no network)")
     ap.add_argument("--train-hop", type=float, default=0.5, help="window hop (s) of the network's training windows")
@@ -203,9 +217,10 @@ def main() -> int:
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     naps = [int(s) for s in args.nap.split(",") if s.strip()]
-    cfg = load_config()
+    cfg = load_config(overrides={"train.threads": args.threads})
     cache = FeatureCache(Path(cfg.train.cache_dir), cfg.frontend, cfg.audio)
-    recs = load(args.ccnu, cache, args.hop, args.train_hop if args.epochs else None)
+    args.dataset = load_dataset(args.ccnu)
+    recs = load(args.dataset, cache, args.hop)
     folds = phone_folds([r.device for r in recs], n_folds=args.folds, seeds=seeds)
     pools: dict[str, Pool] = {}
     timing: dict[str, float] = {}
@@ -216,13 +231,13 @@ def main() -> int:
 
     args.naps = naps
     for fold in folds:
-        test = score_systems(fold.dev, fold.test, recs, args, cfg.frontend, fold.seed, tick)
+        test = score_systems(fold.dev, fold.test, recs, args, cfg, fold.seed, tick)
         if args.calibration == "crossfit":  # calibration trials on phones the scorers did not see
-            blocks = [score_systems(tr, held, recs, args, cfg.frontend, fold.seed, tick)
+            blocks = [score_systems(tr, held, recs, args, cfg, fold.seed, tick)
                       for tr, held in ((f.dev, f.test) for f in phone_folds(fold.dev, n_folds=args.inner,
                                                                                    seeds=(fold.seed,)))]
         else:  # the development phones' own trials (the phones the scorers were trained on)
-            blocks = [score_systems(fold.dev, fold.dev, recs, args, cfg.frontend, fold.seed, tick)]
+            blocks = [score_systems(fold.dev, fold.dev, recs, args, cfg, fold.seed, tick)]
         cal = {name: [b[name] for b in blocks] for name in test}
         if "network" in test:
             for g in [n for n in list(test) if n.startswith("gsv")]:
@@ -230,6 +245,8 @@ def main() -> int:
                     [[b["network"], b[g]] for b in blocks], [test["network"], test[g]])
         for name in test:
             pools.setdefault(name, Pool()).add(fold, cal[name], test[name], args.far)
+            if args.gaussian:
+                pools.setdefault(name + " @gauss", Pool("gaussian")).add(fold, cal[name], test[name], args.far)
         log(f"{fold.name}: test {', '.join(fold.test)}; " + "; ".join(
             f"{n} {p.folds[-1]['named_accepted']}/{p.folds[-1]['unknown_rejected']}" for n, p in pools.items()))
 

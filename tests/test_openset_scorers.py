@@ -213,3 +213,35 @@ def test_shipped_gsv_enrols_calibrates_and_judges_unseen_phones(ccnu_dir: Path, 
     assert res.exit_code == 0, res.output
     assert "4 target / 8 non-target trials" in res.output
     assert RegistryJudge(cfg).threshold_source.startswith("calibrated")
+
+
+def test_train_embedder_cli_merges_datasets_and_resumes(ccnu_dir: Path, tmp_path: Path) -> None:
+    """The AAM trainer through the one training loop: two datasets merged, resumed to more epochs."""
+    from typer.testing import CliRunner
+
+    from devrecd.cli import app
+    from devrecd.model.checkpoint import load_checkpoint
+    from devrecd.openset.embedder import Embedder
+
+    rows = [r.split(",") for r in (ccnu_dir / "manifest.csv").read_text().splitlines()[1:]]
+    phones = sorted({d.strip('"') for _, d, _ in rows})[:4]
+    for name, pair in (("corpusA", phones[:2]), ("corpusB", phones[2:])):
+        (tmp_path / name).mkdir()
+        lines = ["path,device,segment"] + [f'"{ccnu_dir / p.strip(chr(34))}",{d},{s}' for p, d, s in rows
+                                           if d.strip('"') in pair and s in ("1", "2", "3")]
+        (tmp_path / name / "manifest.csv").write_text("\n".join(lines) + "\n")
+    run = tmp_path / "run"
+    env = {"DEVRECD_TRAIN__CACHE_DIR": str(tmp_path / "cache"), "DEVRECD_TRAIN__THREADS": "1"}
+    args = ["train-embedder", str(tmp_path / "corpusA"), str(tmp_path / "corpusB"), "--out", str(run),
+            "--hop-seconds", "2.0", "--split-groups", "train=1,2 val=3", "--batch-size", "8"]
+    res = CliRunner().invoke(app, [*args, "--epochs", "1"], env=env)
+    assert res.exit_code == 0, res.output
+    assert "12 recordings of 4 devices" in res.output
+    res = CliRunner().invoke(app, [*args, "--epochs", "2"], env=env)  # resumes from last.pt
+    assert res.exit_code == 0, res.output
+    assert "done after 2 epochs" in res.output
+    ckpt = load_checkpoint(run)
+    assert ckpt.arch == "asp" and ckpt.meta["options"]["loss"] == "aam"
+    assert sorted(ckpt.labels) == sorted(f"corpus{'A' if p in phones[:2] else 'B'}/{p}" for p in phones)
+    assert [json.loads(r)["epoch"] for r in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert Embedder.load(run).dim == 128

@@ -12,7 +12,7 @@ from devrecd.cli import ops  # noqa: F401,E402  install-service
 from devrecd.cli import openset  # noqa: F401,E402  enroll, devices, calibrate, train-gsv
 from devrecd.cli import live  # noqa: F401,E402  listen
 from devrecd.cli import export  # noqa: F401,E402  export, build-engine
-from devrecd.cli import model  # noqa: F401,E402  train, evaluate, finetune, baseline
+from devrecd.cli import model  # noqa: F401,E402  train, train-embedder, evaluate, finetune, baseline
 from devrecd.cli import demo  # noqa: F401,E402  demo
 
 __all__ = ["app", "main"]

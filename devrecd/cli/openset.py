@@ -207,7 +207,7 @@ def train_gsv(
             order.append((str(it.group), it.path.name))
     typer.echo(f"{len(feats)} recordings of {len(set(devices))} devices")
     scorer = train(feats, devices, order, cfg.frontend, mixtures=mixtures, nap_dims=nap, far=far, inner=inner,
-                   seed=seed, source=str(out), on_step=typer.echo)
+                   seed=seed, source=out.name, on_step=typer.echo)
     save_gsv(out, scorer, extra={"datasets": sources, "hop_seconds": cfg.audio.hop_seconds, "seed": seed})
     cal = scorer.calibration or {}
     typer.echo(f"development calibration ({cal.get('n_target')} target / {cal.get('n_nontarget')} non-target trials, "
