@@ -151,8 +151,9 @@ def fused(part_cal: list[list[TrialMatrix]], part_test: list[TrialMatrix]) -> tu
 
 class Pool:
     """Per-system figures pooled over folds; ``rule`` sets the open-set threshold from the calibration
-    trials' open-set impostor scores: ``empirical`` (their (1 - far) quantile, as ``devrecd calibrate``)
-    or ``gaussian`` (mean + z * std of those scores: less noisy with few impostor recordings)."""
+    trials: ``empirical`` (the (1 - far) quantile of the open-set impostor scores, as ``devrecd
+    calibrate``), ``gaussian`` (mean + z * std of those scores: less noisy with few impostor
+    recordings) or ``llr0`` (where the calibrated pairwise LLR is 0: uses every trial, targets too)."""
 
     def __init__(self, rule: str = "empirical") -> None:
         self.rule = rule
@@ -170,6 +171,8 @@ class Pool:
 
             imp = dev.open_set
             threshold = float(imp.mean() + norm.ppf(1.0 - far) * imp.std(ddof=1))
+        elif self.rule == "llr0":
+            threshold = -cal.offset / cal.slope
         o = open_set_outcomes(test, threshold)
         self.outcomes.add(o)
         llr = test.map(cal.llr)
@@ -207,7 +210,7 @@ def main() -> int:
                     help="calibration/fusion trials: cross-fitted inside the development phones (scored by "
                          "scorers trained without them), or the development phones' own trials")
     ap.add_argument("--gaussian", action=argparse.BooleanOptionalAction, default=True,
-                    help="also report every system with the Gaussian open-set threshold rule")
+                    help="also report every system with the Gaussian and the LLR = 0 threshold rules")
     ap.add_argument("--inner", type=int, default=3, help="cross-fitting folds inside the development phones")
     ap.add_argument("--epochs", type=int, default=0, help="network embedder epochs (0 = no network)")
     ap.add_argument("--train-hop", type=float, default=0.5, help="window hop (s) of the network's training windows")
@@ -247,6 +250,7 @@ def main() -> int:
             pools.setdefault(name, Pool()).add(fold, cal[name], test[name], args.far)
             if args.gaussian:
                 pools.setdefault(name + " @gauss", Pool("gaussian")).add(fold, cal[name], test[name], args.far)
+                pools.setdefault(name + " @llr0", Pool("llr0")).add(fold, cal[name], test[name], args.far)
         log(f"{fold.name}: test {', '.join(fold.test)}; " + "; ".join(
             f"{n} {p.folds[-1]['named_accepted']}/{p.folds[-1]['unknown_rejected']}" for n, p in pools.items()))
 
