@@ -125,6 +125,24 @@ def test_fusion_score_is_weighted_sum_of_part_cosines(ccnu, small_gsv) -> None:
     assert w[0] > 1.0 and abs(w[1]) < 0.3
 
 
+def test_train_gsv_cross_fits_its_calibration(ccnu) -> None:
+    from devrecd.openset.gsvtrain import train_gsv
+
+    items, cfg = ccnu
+    args = ([f for _, f in items], [it.device for it, _ in items], [it.group for it, _ in items], cfg.frontend)
+    far = train_gsv(*args, mixtures=8, nap_dims=2, inner=3)
+    cal = far.calibration
+    # 6 phones in 3 groups of 2: each phone's 3 questioned segments against the 2 profiles of its group.
+    assert (cal["n_target"], cal["n_nontarget"], cal["n_open_set"]) == (18, 18, 18)
+    assert cal["threshold_basis"] == "open-set" and cal["far"] <= 0.05 + 1e-9
+    llr0 = train_gsv(*args, mixtures=8, nap_dims=2, inner=3, threshold_rule="llr0").calibration
+    assert llr0["threshold_basis"] == "llr0"
+    assert llr0["threshold"] == pytest.approx(-llr0["offset"] / llr0["slope"])
+    assert far.fingerprint == GsvScorer.train(args[0], args[1], cfg.frontend, mixtures=8, nap_dims=2).fingerprint
+    with pytest.raises(DatasetError):
+        train_gsv(*args, mixtures=8, inner=4)  # 6 devices cannot make 4 groups of 2
+
+
 # --- protocol ---------------------------------------------------------------------------------
 
 def test_phone_folds_leave_every_phone_out_once_per_seed() -> None:

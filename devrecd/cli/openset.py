@@ -184,7 +184,9 @@ def train_gsv(
     out: Path = typer.Option(..., "--out", "-o", help="GSV scorer file to write (.npz)."),
     mixtures: int = typer.Option(64, help="UBM components."),
     nap: int = typer.Option(16, help="Within-device directions projected out (0 = none)."),
-    far: float = typer.Option(0.05, help="Open-set false-acceptance rate of the development threshold."),
+    far: float = typer.Option(0.05, help="Open-set false-acceptance rate of the development threshold (rule far)."),
+    threshold_rule: str = typer.Option("far", "--threshold-rule",
+                                       help="far: open-set FAR quantile of the impostors | llr0: calibrated LLR = 0."),
     inner: int = typer.Option(3, help="Cross-fitting groups of devices for the development calibration."),
     seed: int = typer.Option(0),
     hop_seconds: Optional[float] = typer.Option(None, help="Window hop in seconds (audio.hop_seconds)."),
@@ -207,10 +209,11 @@ def train_gsv(
             order.append((str(it.group), it.path.name))
     typer.echo(f"{len(feats)} recordings of {len(set(devices))} devices")
     scorer = train(feats, devices, order, cfg.frontend, mixtures=mixtures, nap_dims=nap, far=far, inner=inner,
-                   seed=seed, source=out.name, on_step=typer.echo)
+                   seed=seed, source=out.name, threshold_rule=threshold_rule, on_step=typer.echo)
     save_gsv(out, scorer, extra={"datasets": sources, "hop_seconds": cfg.audio.hop_seconds, "seed": seed})
     cal = scorer.calibration or {}
     typer.echo(f"development calibration ({cal.get('n_target')} target / {cal.get('n_nontarget')} non-target trials, "
                f"{cal.get('n_open_set')} open-set): EER {cal.get('eer', 0):.2%}, Cllr {cal.get('cllr', 0):.3f}, "
-               f"threshold {cal.get('threshold', 0):.4f} for open-set FAR {far:g}")
+               f"threshold {cal.get('threshold', 0):.4f} ({cal.get('threshold_basis')}; open-set FAR on the "
+               f"development impostors {cal.get('far', 0):.1%})")
     typer.echo(f"wrote {out}")

@@ -9,12 +9,17 @@ Recipe (``devrecd train-gsv``, and what ``benchmarks/openset.py`` measures):
    recordings, the rest questioned). The pooled trials are what an unseen phone looks like to a
    scorer; calibrating on the phones the UBM/NAP were trained on instead gives a threshold that
    accepts far too many unknown phones (measured: 42% vs 90-96% called unknown, docs/openset.md).
-3. The LLR map and the open-set threshold (for ``far``) from those trials travel with the scorer
-   and are used by registries that have no calibration of their own.
+3. The LLR map and the open-set threshold from those trials travel with the scorer and are used
+   by registries that have no calibration of their own. Threshold rules: ``far`` = the lowest
+   score whose open-set false-acceptance rate on the impostor recordings is at most ``far`` (as
+   ``devrecd calibrate``); ``llr0`` = the score whose calibrated LLR is 0 (accept when the
+   evidence favours "same device"), estimated from every trial rather than the few impostors'
+   tail.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -27,6 +32,7 @@ from devrecd.openset.scorers import GsvScorer
 from devrecd.supervector import RELEVANCE
 
 N_REFERENCES = 2  # recordings of a device enrolled in the calibration trials; the rest are questioned
+THRESHOLD_RULES = ("far", "llr0")
 
 
 def enrolment_split(devices: Sequence[str], order: Sequence[Any]) -> tuple[list[int], list[int]]:
@@ -47,9 +53,12 @@ def enrolment_split(devices: Sequence[str], order: Sequence[Any]) -> tuple[list[
 
 def train_gsv(feats: Sequence[np.ndarray], devices: Sequence[str], order: Sequence[Any], frontend: FrontendConfig,
               *, mixtures: int = 64, relevance: float = RELEVANCE, nap_dims: int = 16, far: float = 0.05,
-              inner: int = 3, seed: int = 0, source: str = "",
+              inner: int = 3, seed: int = 0, source: str = "", threshold_rule: str = "far",
               on_step: Callable[[str], None] | None = None) -> GsvScorer:
     """The recipe of the module docstring; ``feats[i]`` are recording i's raw windows."""
+    if threshold_rule not in THRESHOLD_RULES:
+        raise DatasetError(f"threshold rule must be one of {', '.join(THRESHOLD_RULES)}, not {threshold_rule!r}",
+                           reason="calibration_rule")
     step = on_step or (lambda _m: None)
     devices = list(devices)
     if len(set(devices)) < 2 * inner:
@@ -70,6 +79,10 @@ def train_gsv(feats: Sequence[np.ndarray], devices: Sequence[str], order: Sequen
         blocks.append(trial_matrix(scorer, ref_vecs, [(devices[held[i]], vec[i]) for i in questioned]))
     cat = lambda name: np.concatenate([getattr(b, name) for b in blocks])  # noqa: E731
     cal = calibrate(cat("target"), cat("nontarget"), open_set_nontarget=cat("open_set"), target_far=far)
+    if threshold_rule == "llr0":
+        thr = -cal.offset / cal.slope
+        cal = replace(cal, threshold=float(thr), threshold_basis="llr0",
+                      far=float(np.mean(cat("open_set") >= thr)), frr=float(np.mean(cat("target") < thr)))
     step(f"final UBM on all {len(set(devices))} devices")
     final = GsvScorer.train(feats, devices, frontend, mixtures=mixtures, relevance=relevance, nap_dims=nap_dims,
                             seed=seed, source=source)

@@ -53,7 +53,8 @@ def resolve_threshold(registry: Registry, cfg: RegistryConfig) -> tuple[float, s
         return registry.calibration.threshold, f"calibrated (FAR {registry.calibration.target_far:g})"
     dev = development_calibration(registry) if cfg.use_calibration else None
     if dev is not None:
-        return dev.threshold, f"scorer's development calibration (open-set FAR {dev.target_far:g})"
+        rule = "LLR 0" if dev.threshold_basis == "llr0" else f"open-set FAR {dev.target_far:g}"
+        return dev.threshold, f"scorer's development calibration ({rule})"
     return cfg.threshold, "config registry.threshold"
 
 
