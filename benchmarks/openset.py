@@ -1,21 +1,24 @@
-"""Open-set benchmark (issue 9): enrol devices the embedder never saw, and reject devices nobody enrolled.
+"""Open-set benchmark on phones no trained part has seen (leave-phones-out, :mod:`devrecd.openset.protocol`).
 
-Real phones (``../shared/data/ccnu_mobile_sample``, segments 1-3 = references, 4-5 = questioned):
+Real phones (``../shared/data/ccnu_mobile_sample``: 15 phones x 5 segments of different speech):
 
-1. Train the embedder on 10 of the 15 phones (segments 1-3 only); 5 phones are held out of training.
-2. Enrol ALL 15 phones from segments 1-3 (no retraining).
-3. Calibrate on the references only (leave one segment out: profiles from two segments, trials
-   from the third), so the questioned segments 4-5 never touch the threshold.
-4. Questioned segments 4-5: rank-1 accuracy against all 15 profiles (seen vs never-seen phones),
-   and, phone by phone, a registry WITHOUT that phone: is its recording called "unknown device"
-   at the calibrated threshold, and are the enrolled phones still identified and accepted?
-5. Baseline in the same run: closed-set classifiers retrained on the same references, same split
-   (the same network and loop trained on all 15 phones, and the MFCC-SVM / GSV-SVM baselines).
+* Folds: per seed, the 15 phones are shuffled into ``--folds`` test groups; each fold trains on
+  the other phones (development) and is measured on its test phones. Every phone is unseen in one
+  fold per seed.
+* Trained on the development phones only: the GMM-UBM (and NAP) of the supervector scorer, the
+  network embedder (``--epochs`` > 0: ``asp`` with the AAM-softmax), the S-norm cohort, the fusion
+  weights (logistic regression on development trials) and the calibration (LLR map + the open-set
+  threshold for ``--far``, chosen on the development phones' open-set impostor scores).
+* Test phones: enrolled from segments 1-2, questioned = segments 3-5 (different speech). Pairwise
+  trials (every questioned recording x every test profile) give EER / minDCF / Cllr / Cllr_min of
+  the calibrated LLRs (pooled over folds and seeds); the open-set verdicts leave each test phone
+  out of the registry in turn: its recordings must be called unknown, the others named and accepted.
+* Systems side by side, same folds, same run: ``gsv`` (the baseline: 64-mixture UBM, MAP means,
+  cosine), ``gsv+nap<k>`` (within-device directions of the development data projected out), each
+  with and without S-norm against the development recordings, the network, and the fusion of the
+  network with the best listed supervector system.
 
-With ``--synth DIR`` (a ``devrecd synth`` corpus) the same protocol runs on simulated devices: half
-of them join the embedder's training, the other half are never seen in training.
-
-Run:  nice python benchmarks/openset.py [--epochs 40] [--synth /tmp/sim]
+Run:  nice python benchmarks/openset.py [--epochs 10] [--seeds 0,1,2] [--json out.json]
 """
 
 from __future__ import annotations
@@ -23,21 +26,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from devrecd.baselines import make_baseline, recording_accuracy
 from devrecd.config import load_config
-from devrecd.data import CCNU_SPLIT, FeatureCache, load_dataset
-from devrecd.openset.calibration import calibrate, cllr, eer, min_dcf
-from devrecd.openset.registry import Reference, Registry, recording_embedding
-from devrecd.openset.scoring import UNKNOWN, identify_with_registry, score_matrix
-from devrecd.openset.training import train_embedder
-from devrecd.openset.workflow import Trials
+from devrecd.data import FeatureCache, load_dataset
+from devrecd.openset.calibration import calibrate
+from devrecd.openset.protocol import (QUESTIONED_GROUPS, REFERENCE_GROUPS, Fold, Outcomes, TrialMatrix,
+                                      calibration_summary, open_set_outcomes, phone_folds, profile_vectors,
+                                      s_norm, trial_figures, trial_matrix)
+from devrecd.openset.scorers import EmbedderScorer, GsvScorer, fit_fusion, fit_nap, unit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,172 +49,231 @@ class Rec:
     path: str
     device: str
     group: str
-    split: str
-    feats: np.ndarray  # (windows, 128, 73)
-    sha256: str
+    feats: np.ndarray  # serving windows (--hop)
 
 
-def load(path: Path, cache: FeatureCache, hop: float, split_by_group=None) -> list[Rec]:
-    ds = load_dataset(path, split_by_group=split_by_group)
-    out = []
-    for it in ds.items:
-        feats, sha = cache.features(it.path, hop)
-        out.append(Rec(str(it.path), it.device, it.group, it.split, feats, sha))
-    return out
+def trials_for(scorer: Any, vecs: dict[str, np.ndarray], recs: list[Rec], phones: Sequence[str]) -> TrialMatrix:
+    refs: dict[str, list[np.ndarray]] = {}
+    for r in recs:
+        if r.device in phones and r.group in REFERENCE_GROUPS:
+            refs.setdefault(r.device, []).append(vecs[r.path])
+    questioned = [(r.device, vecs[r.path]) for r in recs if r.device in phones and r.group in QUESTIONED_GROUPS]
+    return trial_matrix(scorer, refs, questioned)
 
 
-def build_registry(embedder, refs: list[Rec], emb_cache: dict[str, np.ndarray], where: Path) -> Registry:
-    reg = Registry(path=where / "registry.json")
-    by_device: dict[str, list[Rec]] = {}
-    for r in refs:
-        by_device.setdefault(r.device, []).append(r)
-    for dev, rs in sorted(by_device.items()):
-        reg.enroll(dev, embedder.describe(), [(Reference(r.sha256, r.path, len(r.feats), 0.0, ""), emb_cache[r.path])
-                                               for r in rs])
-    return reg
+def normalised(scorer: Any, vecs: dict[str, np.ndarray], recs: list[Rec], train: Sequence[str],
+               phones: Sequence[str], tm: TrialMatrix, top: int) -> TrialMatrix:
+    """S-norm (AS-norm with ``top``) of trials on ``phones`` against every recording of the ``train`` phones."""
+    cohort = [r for r in recs if r.device in train]
+    cvec = np.stack([vecs[r.path] for r in cohort])
+    cdev = np.array([r.device for r in cohort])
+    q = [r for r in recs if r.device in phones and r.group in QUESTIONED_GROUPS]
+    refs: dict[str, list[np.ndarray]] = {}
+    for r in recs:
+        if r.device in phones and r.group in REFERENCE_GROUPS:
+            refs.setdefault(r.device, []).append(vecs[r.path])
+    names, prof = profile_vectors(refs)
+    qc = scorer.score(np.stack([vecs[r.path] for r in q]), cvec)
+    pc = scorer.score(prof, cvec)
+    qx = np.array([r.device for r in q])[:, None] == cdev[None, :]
+    px = np.array(names)[:, None] == cdev[None, :]
+    return s_norm(tm, qc, pc, qx, px, top=top)
 
 
-def evaluate(name: str, seen_devices: set[str], train: list[Rec], test: list[Rec], embedder, far: float,
-             where: Path) -> dict:
-    """Steps 2-4 of the module docstring for one corpus."""
-    emb = {r.path: embedder.embed_features(r.feats) for r in train + test}
-    # 3. calibration on the references: leave one group out.
-    groups = sorted({r.group for r in train})
-    folds = []
-    for g in groups:
-        reg = build_registry(embedder, [r for r in train if r.group != g], emb, where)
-        held = [r for r in train if r.group == g and r.device in reg.profiles]
-        names, s = score_matrix(np.stack([recording_embedding(emb[r.path]) for r in held]), reg)
-        folds.append(Trials(names, [r.path for r in held], [r.device for r in held], s))
-    cal = calibrate(*(np.concatenate([getattr(f, a) for f in folds])
-                      for a in ("target_scores", "nontarget_scores")),
-                    open_set_nontarget=np.concatenate([f.open_set_scores for f in folds]), target_far=far)
-    # The same fit with the threshold chosen on single non-target trials (the naive basis), for comparison.
-    naive = calibrate(*(np.concatenate([getattr(f, a) for f in folds]) for a in ("target_scores", "nontarget_scores")),
-                      target_far=far)
-    full = build_registry(embedder, train, emb, where)
-    full.set_calibration(cal, {})
-    # 4a. every questioned recording against all enrolled devices.
-    verdicts = [(r, identify_with_registry(emb[r.path], full, threshold=cal.threshold)) for r in test]
-
-    def rate(pred, rows) -> float:
-        rows = list(rows)
-        return float(np.mean([pred(r, v) for r, v in rows])) if rows else float("nan")
-
-    rank1 = lambda r, v: v["candidate"] == r.device  # noqa: E731
-    accepted_right = lambda r, v: v["device"] == r.device  # noqa: E731
-    names, s = score_matrix(np.stack([recording_embedding(emb[r.path]) for r in test]), full)
-    is_t = np.array([[r.device == n for n in names] for r in test])
-    res = {
-        "corpus": name,
-        "devices_enrolled": len(full.names), "devices_seen_in_training": len(seen_devices),
-        "questioned_recordings": len(test),
-        "rank1_seen": rate(rank1, [(r, v) for r, v in verdicts if r.device in seen_devices]),
-        "rank1_unseen": rate(rank1, [(r, v) for r, v in verdicts if r.device not in seen_devices]),
-        "rank1_all": rate(rank1, verdicts),
-        "accepted_correct_all": rate(accepted_right, verdicts),
-        "calibration": {k: round(v, 4) if isinstance(v, float) else v for k, v in cal.to_dict().items()},
-        "test_trials": {"eer": eer(s[is_t], s[~is_t]), "min_dcf": min_dcf(s[is_t], s[~is_t]),
-                        "cllr": cllr(cal.llr(s[is_t]), cal.llr(s[~is_t])), "n_target": int(is_t.sum()),
-                        "n_nontarget": int((~is_t).sum())},
-    }
-    # 4b. open set: each never-seen device in turn is NOT enrolled.
-    for basis, thr in (("", cal.threshold), ("pairwise_threshold_", naive.threshold)):
-        unknown_ok, known_ok = [], []
-        for dev in sorted({r.device for r in test} - seen_devices):
-            reg = build_registry(embedder, [r for r in train if r.device != dev], emb, where)
-            for r in test:
-                v = identify_with_registry(emb[r.path], reg, threshold=thr)
-                (unknown_ok if r.device == dev else known_ok).append(
-                    v["device"] == UNKNOWN if r.device == dev else v["device"] == r.device)
-        res[basis + "threshold"] = thr
-        res[basis + "unenrolled_called_unknown"] = float(np.mean(unknown_ok)) if unknown_ok else float("nan")
-        res[basis + "enrolled_accepted_correct_when_one_left_out"] = float(np.mean(known_ok)) if known_ok else float("nan")
-    res["unenrolled_trials"] = len(unknown_ok)
-    return res
-
-
-def closed_set(train: list[Rec], test: list[Rec], args, frontend) -> dict:
-    """Baselines retrained on the same references: the same network closed-set on all devices, and SVMs."""
-    out = {}
+def score_systems(train: Sequence[str], phones: Sequence[str], recs: list[Rec], args: argparse.Namespace,
+                  cfg: Any, seed: int, tick: Callable[[str, float], None]) -> dict[str, TrialMatrix]:
+    """Train every scorer on the ``train`` phones' recordings; trials of the ``phones`` (enrolled among themselves)."""
+    train_recs = [r for r in recs if r.device in train]
+    labels = [r.device for r in train_recs]
+    used = [r for r in recs if r.device in train or r.device in phones]
+    out: dict[str, TrialMatrix] = {}
+    frontend = cfg.frontend
     t0 = time.perf_counter()
-    net = train_embedder([r.feats for r in train], [r.device for r in train], frontend=frontend, arch=args.arch,
-                         epochs=args.epochs, seed=args.seed)
-    import torch
-
-    with torch.no_grad():
-        probas = [torch.softmax(net.model(torch.as_tensor((r.feats - net.norm_mean) / net.norm_std)), dim=1).numpy()
-                  for r in test]
-    win, rec = recording_accuracy(probas, [r.device for r in test], net.labels)
-    out[f"{args.arch}-closed-set"] = {"window_accuracy": win, "recording_accuracy": rec,
-                                      "train_seconds": round(time.perf_counter() - t0, 1)}
-    for name in ("mfcc-svm", "gsv-svm"):
+    base = GsvScorer.train([r.feats for r in train_recs], labels, frontend, mixtures=args.mixtures,
+                           relevance=args.relevance, seed=seed)
+    tick("ubm_train", t0)
+    train_sv = np.stack([unit(base.ubm.supervector(r.feats, args.relevance)) for r in train_recs])
+    for k in args.naps:
         t0 = time.perf_counter()
-        model = make_baseline(name, seed=args.seed).fit([r.feats for r in train], [r.device for r in train])
-        win, rec = recording_accuracy([model.predict_proba(r.feats) for r in test], [r.device for r in test],
-                                      model.classes_)
-        out[name] = {"window_accuracy": win, "recording_accuracy": rec,
-                     "train_seconds": round(time.perf_counter() - t0, 1)}
+        scorer = base if not k else GsvScorer(base.ubm, frontend, relevance=args.relevance,
+                                              nap=fit_nap(train_sv, labels, k))
+        vecs = {r.path: scorer.recording_vector(r.feats) for r in used}
+        tick("gsv_vectors", t0)
+        name = "gsv" if not k else f"gsv+nap{k}"
+        out[name] = trials_for(scorer, vecs, used, phones)
+        if args.snorm:
+            out[name + "+snorm"] = normalised(scorer, vecs, used, train, phones, out[name], args.asnorm_top)
+    if args.epochs:
+        import tempfile
+
+        from devrecd.openset.embedder import Embedder
+        from devrecd.train import TrainOptions, restrict_dataset, train as train_network
+
+        t0 = time.perf_counter()
+        opts = TrainOptions(arch=args.arch, loss="aam", epochs=args.epochs, batch_size=32, lr=1e-3,
+                            lr_step_epochs=max(1, 2 * args.epochs // 3), patience=0, seed=seed,
+                            hop_seconds=args.train_hop)
+        with tempfile.TemporaryDirectory() as run:  # the one training loop, as `devrecd train-embedder`
+            train_network(restrict_dataset(args.dataset, train, split="train"), run, cfg, opts)
+            emb = Embedder.load(run)
+        tick("network_train", t0)
+        net = EmbedderScorer(emb)
+        vecs = {r.path: net.recording_vector(r.feats) for r in used}
+        out["network"] = trials_for(net, vecs, used, phones)
+        if args.snorm:
+            out["network+snorm"] = normalised(net, vecs, used, train, phones, out["network"], args.asnorm_top)
     return out
+
+
+def pooled(trials: list[TrialMatrix]) -> TrialMatrix:
+    """Several trial blocks as one set of (target, non-target, open-set) arrays: a block-diagonal
+    matrix would be wrong (cross-block pairs are no trials), so the pooled object keeps lists."""
+    return _Pooled(trials)  # type: ignore[return-value]
+
+
+class _Pooled:
+    def __init__(self, blocks: list[TrialMatrix]) -> None:
+        self.blocks = blocks
+
+    def __getattr__(self, name: str) -> np.ndarray:
+        return np.concatenate([getattr(b, name) for b in self.blocks])
+
+
+def fused(part_cal: list[list[TrialMatrix]], part_test: list[TrialMatrix]) -> tuple[list[TrialMatrix], TrialMatrix]:
+    """Logistic-regression fusion fitted on the calibration blocks' part scores, applied to both."""
+    stack = lambda parts: np.stack([p.scores for p in parts], axis=-1)  # noqa: E731
+    tar = np.concatenate([stack(block)[block[0].is_target] for block in part_cal])
+    non = np.concatenate([stack(block)[~block[0].is_target] for block in part_cal])
+    w, b = fit_fusion(tar, non)
+    make = lambda parts: TrialMatrix(parts[0].profiles, parts[0].devices, stack(parts) @ w + b)  # noqa: E731
+    return [make(block) for block in part_cal], make(part_test)
+
+
+class Pool:
+    """Per-system figures pooled over folds; ``rule`` sets the open-set threshold from the calibration
+    trials: ``empirical`` (the (1 - far) quantile of the open-set impostor scores, as ``devrecd
+    calibrate``), ``gaussian`` (mean + z * std of those scores: less noisy with few impostor
+    recordings) or ``llr0`` (where the calibrated pairwise LLR is 0: uses every trial, targets too)."""
+
+    def __init__(self, rule: str = "empirical") -> None:
+        self.rule = rule
+        self.outcomes = Outcomes()
+        self.tar: list[np.ndarray] = []
+        self.non: list[np.ndarray] = []
+        self.folds: list[dict[str, Any]] = []
+
+    def add(self, fold: Fold, cal_blocks: list[TrialMatrix], test: TrialMatrix, far: float) -> None:
+        dev = pooled(cal_blocks)
+        cal = calibrate(dev.target, dev.nontarget, open_set_nontarget=dev.open_set, target_far=far)
+        threshold = cal.threshold
+        if self.rule == "gaussian":
+            from scipy.stats import norm
+
+            imp = dev.open_set
+            threshold = float(imp.mean() + norm.ppf(1.0 - far) * imp.std(ddof=1))
+        elif self.rule == "llr0":
+            threshold = -cal.offset / cal.slope
+        o = open_set_outcomes(test, threshold)
+        self.outcomes.add(o)
+        llr = test.map(cal.llr)
+        self.tar.append(llr.target)
+        self.non.append(llr.nontarget)
+        self.folds.append({"fold": fold.name, "test_phones": list(fold.test), **calibration_summary(cal),
+                           "threshold_used": round(threshold, 5),
+                           **{k: v["rate"] for k, v in o.to_dict().items()},
+                           "test_eer": trial_figures(llr.target, llr.nontarget)["eer"]})
+
+    def report(self) -> dict[str, Any]:
+        return {"threshold_rule": self.rule, **self.outcomes.to_dict(),
+                "test_trials": trial_figures(np.concatenate(self.tar), np.concatenate(self.non)),
+                "mean_fold_eer": round(float(np.mean([f["test_eer"] for f in self.folds])), 5),
+                "folds": self.folds}
+
+
+def load(ds: Any, cache: FeatureCache, hop: float) -> list[Rec]:
+    return [Rec(str(it.path), it.device, it.group, cache.features(it.path, hop)[0]) for it in ds.items]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ccnu", type=Path, default=REPO.parent / "shared/data/ccnu_mobile_sample")
-    ap.add_argument("--synth", type=Path, default=None, help="a devrecd synth corpus for the simulated-device run")
+    ap.add_argument("--folds", type=int, default=3)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--hop", type=float, default=2.0, help="window hop (s) of enrolment and questioned recordings")
+    ap.add_argument("--far", type=float, default=0.05, help="open-set false-acceptance rate of the threshold")
+    ap.add_argument("--mixtures", type=int, default=64)
+    ap.add_argument("--relevance", type=float, default=16.0)
+    ap.add_argument("--nap", default="0,4,8", help="NAP dimensions of the supervector systems to compare")
+    ap.add_argument("--asnorm-top", type=int, default=0, help="AS-norm: top cohort scores (0 = plain S-norm)")
+    ap.add_argument("--snorm", action=argparse.BooleanOptionalAction, default=True, help="also S-normed systems")
+    ap.add_argument("--calibration", choices=("crossfit", "dev"), default="crossfit",
+                    help="calibration/fusion trials: cross-fitted inside the development phones (scored by "
+                         "scorers trained without them), or the development phones' own trials")
+    ap.add_argument("--gaussian", action=argparse.BooleanOptionalAction, default=True,
+                    help="also report every system with the Gaussian and the LLR = 0 threshold rules")
+    ap.add_argument("--inner", type=int, default=3, help="cross-fitting folds inside the development phones")
+    ap.add_argument("--epochs", type=int, default=0, help="network embedder epochs (0 = no network)")
+    ap.add_argument("--train-hop", type=float, default=0.5, help="window hop (s) of the network's training windows")
     ap.add_argument("--arch", default="asp")
-    ap.add_argument("--epochs", type=int, default=40)
-    ap.add_argument("--hop", type=float, default=0.5, help="window hop (s) for training, enrolment and test")
-    ap.add_argument("--far", type=float, default=0.05, help="target false-acceptance rate of the threshold")
-    ap.add_argument("--held-out", type=int, default=5)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    import torch
-
-    torch.set_num_threads(args.threads)
-    cfg = load_config()
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    naps = [int(s) for s in args.nap.split(",") if s.strip()]
+    cfg = load_config(overrides={"train.threads": args.threads})
     cache = FeatureCache(Path(cfg.train.cache_dir), cfg.frontend, cfg.audio)
-    report: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
+    args.dataset = load_dataset(args.ccnu)
+    recs = load(args.dataset, cache, args.hop)
+    folds = phone_folds([r.device for r in recs], n_folds=args.folds, seeds=seeds)
+    pools: dict[str, Pool] = {}
+    timing: dict[str, float] = {}
+    log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
 
-    recs = load(args.ccnu, cache, args.hop, split_by_group=CCNU_SPLIT)
-    train_all = [r for r in recs if r.split == "train"]
-    test_all = [r for r in recs if r.split == "test"]
-    phones = sorted({r.device for r in recs})
-    held = set(phones[:: max(1, len(phones) // args.held_out)][: args.held_out])
-    seen = set(phones) - held
-    print(f"real phones: {len(phones)}; held out of training: {sorted(held)}", flush=True)
+    def tick(name: str, t0: float) -> None:
+        timing[name] = round(timing.get(name, 0.0) + time.perf_counter() - t0, 1)
 
-    sim_train, sim_seen, sim_recs = [], set(), []
-    if args.synth:
-        sim_recs = load(args.synth, cache, args.hop)
-        sims = sorted({r.device for r in sim_recs})
-        sim_seen = set(sims[::2])  # half the simulated devices join training, half are never seen
-        sim_train = [r for r in sim_recs if r.device in sim_seen and r.split in ("train", "val")]
-        print(f"simulated devices: {len(sims)}; {len(sim_seen)} in training", flush=True)
+    args.naps = naps
+    for fold in folds:
+        test = score_systems(fold.dev, fold.test, recs, args, cfg, fold.seed, tick)
+        if args.calibration == "crossfit":  # calibration trials on phones the scorers did not see
+            blocks = [score_systems(tr, held, recs, args, cfg, fold.seed, tick)
+                      for tr, held in ((f.dev, f.test) for f in phone_folds(fold.dev, n_folds=args.inner,
+                                                                                   seeds=(fold.seed,)))]
+        else:  # the development phones' own trials (the phones the scorers were trained on)
+            blocks = [score_systems(fold.dev, fold.dev, recs, args, cfg, fold.seed, tick)]
+        cal = {name: [b[name] for b in blocks] for name in test}
+        if "network" in test:
+            for g in [n for n in list(test) if n.startswith("gsv")]:
+                cal[f"fusion(network,{g})"], test[f"fusion(network,{g})"] = fused(
+                    [[b["network"], b[g]] for b in blocks], [test["network"], test[g]])
+        for name in test:
+            pools.setdefault(name, Pool()).add(fold, cal[name], test[name], args.far)
+            if args.gaussian:
+                pools.setdefault(name + " @gauss", Pool("gaussian")).add(fold, cal[name], test[name], args.far)
+                pools.setdefault(name + " @llr0", Pool("llr0")).add(fold, cal[name], test[name], args.far)
+        log(f"{fold.name}: test {', '.join(fold.test)}; " + "; ".join(
+            f"{n} {p.folds[-1]['named_accepted']}/{p.folds[-1]['unknown_rejected']}" for n, p in pools.items()))
 
-    t0 = time.perf_counter()
-    train_set = [r for r in train_all if r.device in seen] + sim_train
-    embedder = train_embedder([r.feats for r in train_set], [r.device for r in train_set], frontend=cfg.frontend,
-                              arch=args.arch, epochs=args.epochs, seed=args.seed,
-                              on_epoch=lambda e, l, a: print(f"  epoch {e}: loss {l:.3f} acc {a:.3f}", flush=True)
-                              if e % 10 == 0 or e == 1 else None)
-    report["embedder"] = {"arch": args.arch, "train_windows": int(sum(len(r.feats) for r in train_set)),
-                          "train_seconds": round(time.perf_counter() - t0, 1), "devices": len(embedder.labels)}
-    with tempfile.TemporaryDirectory() as tmp:
-        report["real"] = evaluate("ccnu", seen, train_all, test_all, embedder, args.far, Path(tmp))
-        if args.synth:
-            # Simulated devices never seen in training: references = train split, questioned = test split.
-            unseen = [r for r in sim_recs if r.device not in sim_seen]
-            report["simulated_unseen"] = evaluate("synth", set(), [r for r in unseen if r.split == "train"],
-                                                  [r for r in unseen if r.split == "test"], embedder, args.far,
-                                                  Path(tmp))
-    report["closed_set_baselines_same_split"] = closed_set(train_all, test_all, args, cfg.frontend)
-    text = json.dumps(report, indent=2, default=float)
-    print(text)
+    report = {
+        "protocol": {"corpus": str(args.ccnu), "phones": len({r.device for r in recs}), "folds": args.folds,
+                     "seeds": seeds, "references": list(REFERENCE_GROUPS), "questioned": list(QUESTIONED_GROUPS),
+                     "hop_seconds": args.hop, "target_far_open_set": args.far, "mixtures": args.mixtures,
+                     "relevance": args.relevance, "epochs": args.epochs, "asnorm_top": args.asnorm_top,
+                     "calibration": args.calibration, "inner_folds": args.inner},
+        "seconds": timing,
+        "systems": {n: p.report() for n, p in pools.items()},
+    }
+    text = json.dumps(report, indent=1, default=float)
     if args.json:
         args.json.write_text(text)
+    print(f"{'system':<34} {'named+accepted':>15} {'rank-1':>11} {'unknown rej.':>13} {'EER':>7} "
+          f"{'minDCF':>7} {'Cllr':>6} {'Cllr_min':>8}  trials (tar/non)")
+    for n, r in report["systems"].items():
+        t = r["test_trials"]
+        frac = lambda d: f"{d['k']}/{d['n']} {d['rate']:.1%}"  # noqa: E731
+        print(f"{n:<34} {frac(r['named_accepted']):>15} {frac(r['rank1']):>11} {frac(r['unknown_rejected']):>13} "
+              f"{t['eer']:>7.2%} {t['min_dcf']:>7.3f} {t['cllr']:>6.3f} {t['cllr_min']:>8.3f}  "
+              f"{t['n_target']}/{t['n_nontarget']}")
     return 0
 
 

@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from devrecd.errors import DatasetError
-from devrecd.features import N_BASE, SLICE_DELTA, SLICE_LOGE, SLICE_MFCC
+from devrecd.features import SLICE_DELTA, SLICE_LOGE, SLICE_MFCC
 
 
 def _stack(train_feats: Sequence[np.ndarray], train_labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -76,10 +76,9 @@ class MfccSvm:
 
 
 class GsvSvm:
-    """64-mixture GMM-UBM, MAP-adapted mean supervectors, linear SVM."""
+    """64-mixture GMM-UBM, MAP-adapted mean supervectors (:mod:`devrecd.supervector`), linear SVM."""
 
     name = "gsv-svm"
-    DIMS = slice(0, 3 * N_BASE)  # MFCC c1..c12, logE, delta, delta-delta: the 39 classic dims
 
     # C = 100: the MAP offsets are small (alpha ~ 0.1 with 128 frames per window); C = 1 underfits
     # (86% of CCNU windows instead of 100%).
@@ -95,40 +94,18 @@ class GsvSvm:
     def classes_(self) -> np.ndarray:
         return self.svm.classes_
 
-    def _frames(self, feats: np.ndarray) -> np.ndarray:
-        return (np.asarray(feats, dtype=np.float64)[..., self.DIMS] - self.mean_) / self.scale_
-
     def fit(self, train_feats: Sequence[np.ndarray], train_labels: Sequence[str]) -> GsvSvm:
-        from sklearn.mixture import GaussianMixture
+        from devrecd.supervector import Ubm
 
         x, y = _stack(train_feats, train_labels)
-        frames = x[..., self.DIMS].reshape(-1, self.DIMS.stop).astype(np.float64)
-        self.mean_ = frames.mean(axis=0)
-        self.scale_ = frames.std(axis=0) + 1e-8
-        frames = (frames - self.mean_) / self.scale_
-        rng = np.random.default_rng(self.seed)
-        if len(frames) > self.max_ubm_frames:  # the UBM needs coverage, not every frame
-            frames = frames[rng.choice(len(frames), self.max_ubm_frames, replace=False)]
-        self.ubm = GaussianMixture(self.mixtures, covariance_type="diag", max_iter=100, reg_covar=1e-3,
-                                   random_state=self.seed).fit(frames)
+        self.ubm = Ubm.fit([x], mixtures=self.mixtures, seed=self.seed, max_frames=self.max_ubm_frames)
         self.svm = _calibrated_svc("linear", self.c, self.seed)
         self.svm.fit(self.supervectors(x), y)
         return self
 
     def supervectors(self, feats: np.ndarray) -> np.ndarray:
         """(n, mixtures * 39) normalised MAP-adapted mean supervectors, one per window."""
-        ubm = self.ubm
-        out = np.empty((len(feats), self.mixtures * self.DIMS.stop))
-        norm = np.sqrt(ubm.weights_)[:, None] / np.sqrt(ubm.covariances_)  # KL-kernel scaling
-        for i, window in enumerate(feats):
-            frames = self._frames(window)
-            post = ubm.predict_proba(frames)  # (frames, mixtures)
-            n_k = post.sum(axis=0)
-            f_k = post.T @ frames
-            alpha = (n_k / (n_k + self.relevance))[:, None]
-            means = alpha * (f_k / np.maximum(n_k, 1e-10)[:, None]) + (1.0 - alpha) * ubm.means_
-            out[i] = ((means - ubm.means_) * norm).ravel()
-        return out
+        return self.ubm.window_supervectors(np.asarray(feats), self.relevance)
 
     def predict_proba(self, feats: np.ndarray) -> np.ndarray:
         """(n_windows, n_classes) probabilities, columns in ``classes_`` (sorted label) order."""

@@ -40,6 +40,7 @@ from devrecd.model.checkpoint import Checkpoint, load_checkpoint, load_raw, reso
 log = logging.getLogger("devrecd.train")
 
 TRAINABLE = ("softmax", "mlp", "all")  # fine-tuning: which part of the network learns (Table IX)
+LOSSES = ("softmax", "aam")  # cross-entropy on model(x) | additive angular margin (model.margin_logits)
 BEST, LAST = "best.pt", "last.pt"
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "learning_curve.png"
@@ -60,6 +61,7 @@ class TrainOptions:
     hop_seconds: float = 1.0  # window hop over training recordings
     augment: bool = False  # random crop offset, gain and light noise on the waveform, each epoch
     trainable: str = "all"  # fine-tuning only: softmax | mlp | all
+    loss: str = "softmax"  # "aam": AAM-softmax through model.margin_logits(x, y) (embedders, e.g. arch asp)
     hparams: dict[str, Any] = field(default_factory=dict)  # architecture hyper-parameters
 
     @classmethod
@@ -82,6 +84,7 @@ class TrainOptions:
             (self.patience < 0, "patience must be >= 0"),
             (not self.hop_seconds > 0, "hop_seconds must be > 0"),
             (self.trainable not in TRAINABLE, f"trainable must be one of {', '.join(TRAINABLE)}"),
+            (self.loss not in LOSSES, f"loss must be one of {', '.join(LOSSES)}"),
         ) if bad]
         if problems:
             raise ConfigError("train: " + "; ".join(problems))
@@ -132,6 +135,43 @@ def open_dataset(path: str | Path, cfg: Config, split_groups: str | None = None)
     from devrecd.data import load_dataset
 
     return load_dataset(path, ratios=cfg.train.split, seed=cfg.train.seed, split_by_group=parse_split_groups(split_groups))
+
+
+def merge_datasets(datasets: Sequence[Dataset]) -> Dataset:
+    """Several datasets as one training set (e.g. real phones plus ``devrecd synth`` corpora).
+
+    Each keeps its own split; with more than one, device names are prefixed with the dataset's
+    folder name so that two corpora's ``phone1`` stay two devices.
+    """
+    import os
+
+    from devrecd.data import listing_sha256
+
+    if not datasets:
+        raise DatasetError("no dataset given", reason="dataset_missing")
+    if len(datasets) == 1:
+        return datasets[0]
+    names = [d.root.name for d in datasets]
+    if len(set(names)) != len(names):
+        raise DatasetError(f"datasets with the same folder name cannot be told apart: {', '.join(names)}",
+                           reason="dataset_names")
+    items = tuple(replace(it, device=f"{d.root.name}/{it.device}") for d in datasets for it in d.items)
+    root = Path(os.path.commonpath([str(d.root) for d in datasets]))
+    return Dataset(root=root, items=items, labels=tuple(sorted({it.device for it in items})),
+                   manifest_sha256=listing_sha256(items, root), layout="merged")
+
+
+def restrict_dataset(ds: Dataset, devices: Sequence[str], split: str | None = None,
+                     splits: Sequence[str] | None = None) -> Dataset:
+    """The recordings of ``devices`` only (of ``splits`` only, when given), all assigned to ``split``
+    when given: e.g. a protocol's development phones as one training set."""
+    from devrecd.data import listing_sha256
+
+    keep = set(devices)
+    items = tuple(replace(it, split=split or it.split) for it in ds.items
+                  if it.device in keep and (splits is None or it.split in splits))
+    return replace(ds, items=items, labels=tuple(sorted({it.device for it in items})),
+                   manifest_sha256=listing_sha256(items, ds.root))
 
 
 def check_training_data(ds: Dataset) -> None:
@@ -205,11 +245,10 @@ def to_split_data(feats: Sequence[np.ndarray], items: Sequence[Item], labels: Se
 
 
 def normalisation_stats(feats: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-dimension mean and std over every frame of every training window."""
-    # One implementation for the closed-set and the open-set trainers.
-    from devrecd.openset.training import normalisation_stats as stats
-
-    return stats(feats)
+    """Per-dimension mean and std over every frame of every training window (float64 sums: pre-Fbank
+    spans decades). One implementation for the closed-set and the open-set trainers."""
+    x = np.concatenate([np.asarray(f, dtype=np.float64).reshape(-1, f.shape[-1]) for f in feats])
+    return x.mean(axis=0).astype(np.float32), np.maximum(x.std(axis=0), 1e-8).astype(np.float32)
 
 
 class Augmenter:
@@ -356,7 +395,9 @@ def train(ds: Dataset, out: str | Path, cfg: Config, opts: TrainOptions, *, init
             raise ArtifactError(f"{out} holds a run with another architecture, dataset or options "
                                 f"(its last.pt: arch {resume.get('arch')!r}, {len(resume.get('labels', []))} labels); "
                                 "use a new --out directory", reason="run_mismatch")
-    build_model(opts.arch, len(labels), **opts.hparams)  # unknown arch / bad hyper-parameters fail now
+    probe = build_model(opts.arch, len(labels), **opts.hparams)  # unknown arch / bad hyper-parameters fail now
+    if opts.loss == "aam" and not callable(getattr(probe, "margin_logits", None)):
+        raise ConfigError(f"loss 'aam' needs an architecture with an angular-margin head (asp), not {opts.arch!r}")
 
     cache = FeatureCache(Path(cfg.train.cache_dir), cfg.frontend, cfg.audio, device=device)
     unusable: list[dict[str, str]] = []
@@ -442,7 +483,7 @@ def train(ds: Dataset, out: str | Path, cfg: Config, opts: TrainOptions, *, init
             if len(idx) < 2:
                 continue  # BatchNorm cannot train on one window
             x, y = xs[idx].to(device), ys[idx].to(device)
-            logits = model(x)
+            logits = model.margin_logits(x, y) if opts.loss == "aam" else model(x)
             loss = torch.nn.functional.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

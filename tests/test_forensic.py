@@ -20,7 +20,7 @@ from devrecd.openset.calibration import CalibrationError
 
 pytest.importorskip("lir")
 
-SCORER = {"kind": "embedding-cosine", "fingerprint": "f" * 64}
+SCORER = {"kind": "embedder", "fingerprint": "f" * 64}
 WAV = {"native_rates": [32000], "codecs": ["pcm_s16le"], "containers": ["wav"], "duration_min": 8.0,
        "duration_max": 11.0, "recordings": 30}
 

@@ -239,37 +239,45 @@ HELD_OUT = 2  # phones the embedder never sees (the last two of the first six, b
 @pytest.fixture(scope="module")
 def real_setup(ccnu_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """A tiny ``asp`` embedder trained on 4 real phones (segments 1-3); 2 more phones held out of training."""
-    import torch
-
     from devrecd.config import load_config
     from devrecd.data import CCNU_SPLIT, load_dataset
-    from devrecd.openset.training import train_embedder
-    from devrecd.pipeline import features_for_file
 
-    torch.set_num_threads(2)
-    cfg = load_config(overrides={"audio.hop_seconds": 1.0})
+    cfg = load_config(overrides={"audio.hop_seconds": 1.0, "train.threads": 2,
+                                 "train.cache_dir": str(tmp_path_factory.mktemp("cache"))})
     ds = load_dataset(ccnu_dir, split_by_group=CCNU_SPLIT, split_file=tmp_path_factory.mktemp("split") / "s.json")
     phones = list(ds.labels[:6])
     seen, unseen = phones[:-HELD_OUT], phones[-HELD_OUT:]
-    train = [it for it in ds.subset("train") if it.device in seen]
-    feats = [features_for_file(it.path, cfg)[1] for it in train]
-    embedder = train_embedder(feats, [it.device for it in train], frontend=cfg.frontend, epochs=8, seed=0,
-                              hparams={"hidden": 32, "attention": 16, "emb_dim": 32})
+    embedder = _train_asp(ds, seen, cfg, tmp_path_factory.mktemp("run"), epochs=8, seed=0,
+                          hparams={"hidden": 32, "attention": 16, "emb_dim": 32})
     return cfg, ds, phones, seen, unseen, embedder
 
 
-def test_training_is_deterministic_and_embeddings_have_the_declared_shape(real_setup) -> None:
-    cfg, ds, phones, seen, unseen, embedder = real_setup
-    from devrecd.openset.training import train_embedder
+def _train_asp(ds, devices, cfg, out: Path, *, epochs: int, seed: int, hparams: dict):
+    """An ``asp`` embedder with the AAM loss through the one training loop (segments 1-3 of ``devices``)."""
+    from devrecd.openset.embedder import Embedder
+    from devrecd.train import TrainOptions, restrict_dataset, train
 
-    feats = np.random.default_rng(0).normal(size=(6, 128, 73)).astype(np.float32)
-    a = train_embedder([feats[:3], feats[3:]], ["x", "y"], frontend=cfg.frontend, epochs=2, seed=1,
-                       hparams={"hidden": 8, "attention": 4, "emb_dim": 8})
-    b = train_embedder([feats[:3], feats[3:]], ["x", "y"], frontend=cfg.frontend, epochs=2, seed=1,
-                       hparams={"hidden": 8, "attention": 4, "emb_dim": 8})
+    opts = TrainOptions(arch="asp", loss="aam", epochs=epochs, batch_size=32, lr=1e-3, lr_step_epochs=epochs,
+                        patience=0, seed=seed, hop_seconds=1.0, hparams=hparams)
+    train(restrict_dataset(ds, devices, splits=("train",)), out, cfg, opts)
+    return Embedder.load(out)
+
+
+def test_training_is_deterministic_and_embeddings_have_the_declared_shape(real_setup, tmp_path: Path) -> None:
+    cfg, ds, phones, seen, unseen, embedder = real_setup
+    hp = {"hidden": 8, "attention": 4, "emb_dim": 8}
+    a = _train_asp(ds, seen[:2], cfg, tmp_path / "a", epochs=2, seed=1, hparams=hp)
+    b = _train_asp(ds, seen[:2], cfg, tmp_path / "b", epochs=2, seed=1, hparams=hp)
     assert a.fingerprint == b.fingerprint  # same seed, same weights (CPU)
+    feats = np.random.default_rng(0).normal(size=(6, 128, 73)).astype(np.float32)
     assert a.embed_features(feats).shape == (6, 8) and a.describe()["dim"] == 8
     assert embedder.fingerprint != a.fingerprint
+    from devrecd.errors import ConfigError
+    from devrecd.train import TrainOptions, restrict_dataset, train
+
+    with pytest.raises(ConfigError, match="angular-margin"):
+        train(restrict_dataset(ds, seen[:2], splits=("train",)), tmp_path / "c", cfg,
+              TrainOptions(arch="paper", loss="aam", epochs=1))
 
 
 def test_enrol_unseen_phones_identify_and_reject_unenrolled(real_setup, tmp_path: Path) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import typer
 
@@ -163,3 +163,37 @@ def baseline(
     path = write_report(rep, report, recs)
     typer.echo(summary_line(rep))
     typer.echo(f"report -> {path}")
+
+
+@command("train-embedder")
+def train_embedder(
+    datasets: List[Path] = typer.Argument(..., exists=True, help="Datasets of known devices (real folders, "
+                                                                 "`devrecd synth` corpora); several are merged."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run directory (resumable, like train)."),
+    epochs: int = typer.Option(30, "--epochs", min=1),
+    batch_size: int = typer.Option(32, "--batch-size", min=2),
+    lr: float = typer.Option(1e-3, "--lr", help="Divided by 10 every --lr-step-epochs."),
+    lr_step_epochs: int = typer.Option(20, "--lr-step-epochs", min=1),
+    hop_seconds: float = typer.Option(0.5, "--hop-seconds", help="Window hop over training recordings."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="train.seed"),
+    augment: bool = typer.Option(False, "--augment", help="As for train."),
+    split_groups: Optional[str] = SplitGroupsOption,
+    device: str = DeviceOption,
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Train an open-set embedder (arch asp, AAM-softmax) for `devrecd enroll --model RUN`."""
+    from devrecd.pipeline import resolve_device
+    from devrecd.train import TrainOptions, merge_datasets, open_dataset, train
+
+    cfg = load_cli_config(config)
+    opts = TrainOptions.from_config(cfg.train, arch="asp", loss="aam", epochs=epochs, batch_size=batch_size, lr=lr,
+                                    lr_step_epochs=lr_step_epochs, hop_seconds=hop_seconds, seed=seed,
+                                    patience=0, augment=augment or None)
+    ds = merge_datasets([open_dataset(p, cfg, split_groups) for p in datasets])
+    typer.echo(f"{len(ds.items)} recordings of {len(ds.labels)} devices")
+    on_step, on_epoch, close = _progress("train-embedder")
+    try:
+        result = train(ds, out, cfg, opts, device=resolve_device(device), on_step=on_step, on_epoch=on_epoch)
+    finally:
+        close()
+    typer.echo(f"done after {result.epochs_run} epochs; best epoch {result.best_epoch} -> {out / 'best.pt'}")

@@ -13,7 +13,32 @@ from devrecd.errors import ConfigError
 from devrecd.fsutil import atomic_write
 
 RegistryOption = typer.Option(None, "--registry", "-r", help="Registry JSON file (registry.path).")
-ModelOption = typer.Option(..., "--model", "-m", exists=True, help="Checkpoint (.pt) or run directory of the embedder.")
+ModelOption = typer.Option(None, "--model", "-m", exists=True,
+                           help="Checkpoint (.pt) or run directory of a network embedder (scorer 'embedder').")
+ScorerOption = typer.Option(None, "--scorer", help="embedder | gsv (default: the registry's scorer; for a new "
+                                                   "registry gsv, or embedder when --model is given).")
+GsvOption = typer.Option(None, "--gsv", exists=True, dir_okay=False,
+                         help="GSV scorer file from `devrecd train-gsv` (default: the shipped one).")
+
+
+def _scorer_for(reg, scorer: Optional[str], model: Optional[Path], gsv: Optional[Path], device: str):
+    """The scorer to enrol/score with: the registry's own when it has profiles, else a new one."""
+    from devrecd.openset.scorers import KINDS, EmbedderScorer, default_gsv_path, load_gsv, registry_scorer
+
+    if scorer is not None and scorer not in KINDS[:2]:
+        raise ConfigError(f"--scorer must be embedder or gsv, not {scorer!r}")
+    if reg.embedder:
+        if scorer is not None and scorer != reg.kind:
+            raise ConfigError(f"registry {reg.path} was enrolled with scorer {reg.kind!r}, not {scorer!r}")
+        return registry_scorer(reg, model=model, device=device)
+    kind = scorer or ("embedder" if model is not None else "gsv")
+    if kind == "embedder":
+        if model is None:
+            raise ConfigError("scorer 'embedder' needs --model (a checkpoint or run directory)")
+        from devrecd.openset.embedder import Embedder
+
+        return EmbedderScorer(Embedder.load(model, device=device))
+    return load_gsv(gsv if gsv is not None else default_gsv_path())[0]
 
 
 def _registry_path(cfg, given: Optional[Path]) -> Path:
@@ -27,28 +52,34 @@ def _registry_path(cfg, given: Optional[Path]) -> Path:
 def enroll(
     audio: List[Path] = typer.Argument(..., help="Reference recordings made by the device."),
     device: str = typer.Option(..., "--device", "-d", help="Name of the device profile to add to or create."),
-    model: Path = ModelOption,
+    model: Optional[Path] = ModelOption,
     registry: Optional[Path] = RegistryOption,
+    scorer: Optional[str] = ScorerOption,
+    gsv: Optional[Path] = GsvOption,
     hop_seconds: Optional[float] = typer.Option(None, help="Window hop in seconds (audio.hop_seconds)."),
     config: Optional[Path] = ConfigOption,
 ) -> None:
-    """Add reference recordings to a device profile (no retraining)."""
-    from devrecd.openset.embedder import Embedder
+    """Add reference recordings to a device profile (no retraining).
+
+    Without --model the shipped GSV scorer is used (or --gsv FILE); a registry keeps the scorer it
+    was created with."""
     from devrecd.openset.registry import open_registry
     from devrecd.openset.workflow import enrol_files
     from devrecd.pipeline import resolve_device
 
     cfg = load_cli_config(config, {"audio.hop_seconds": hop_seconds})
     reg = open_registry(_registry_path(cfg, registry), create=True)
-    embedder = Embedder.load(model, device=resolve_device(cfg.backend.device))
-    added, skipped = enrol_files(reg, embedder, device, audio, cfg,
+    chosen = _scorer_for(reg, scorer, model, gsv, resolve_device(cfg.backend.device))
+    added, skipped = enrol_files(reg, chosen, device, audio, cfg,
                                  on_file=lambda p, n: typer.echo(f"{p}: {n} window(s)"))
     reg.save()
     counts = reg.profiles[device].counts if device.strip() in reg.profiles else {"n_references": 0}
     note = f", {skipped} already enrolled" if skipped else ""
     typer.echo(f"{device}: +{added} reference(s){note}; {counts['n_references']} in total -> {reg.path}")
     if added and reg.calibration is None:
-        typer.echo("note: the registry changed; run `devrecd calibrate` again for a calibrated threshold")
+        fallback = " (until then the scorer's development calibration is used)" if reg.embedder.get(
+            "dev_calibration") else ""
+        typer.echo(f"note: the registry changed; run `devrecd calibrate` again for a calibrated threshold{fallback}")
 
 
 @command()
@@ -98,7 +129,7 @@ def devices(
 @command()
 def calibrate(
     dataset: Path = typer.Argument(..., exists=True, help="Held-out recordings with known devices (any dataset layout)."),
-    model: Path = ModelOption,
+    model: Optional[Path] = ModelOption,
     registry: Optional[Path] = RegistryOption,
     split: str = typer.Option("test", help="Which split of the dataset gives the trials."),
     groups: Optional[str] = typer.Option(None, help="Use these groups/segments instead of a split, e.g. '4,5'."),
@@ -115,9 +146,8 @@ def calibrate(
     minDCF (P_target 0.01, C_miss = C_fa = 1) and Cllr of the calibration set.
     """
     from devrecd.data import load_dataset
-    from devrecd.forensic.compare import EmbeddingScorer
-    from devrecd.openset.embedder import Embedder
     from devrecd.openset.registry import open_registry
+    from devrecd.openset.scorers import registry_scorer
     from devrecd.openset.workflow import calibrate_registry, score_recordings
     from devrecd.pipeline import resolve_device
 
@@ -131,12 +161,12 @@ def calibrate(
         items = ds.subset(split)
     if not items:
         raise ConfigError(f"{dataset}: no recordings in {'groups ' + groups if groups else 'split ' + split}")
-    embedder = Embedder.load(model, device=resolve_device(cfg.backend.device))
-    trials = score_recordings(reg, embedder, [(str(it.path), it.device) for it in items], cfg)
+    chosen = registry_scorer(reg, model=model, device=resolve_device(cfg.backend.device))
+    trials = score_recordings(reg, chosen, [(str(it.path), it.device) for it in items], cfg)
     cal = calibrate_registry(reg, trials, target_far=cfg.registry.target_far,
                              source={"dataset": str(dataset), "selection": groups or split,
                                      "dataset_sha256": ds.manifest_sha256})
-    lr_note, lr = _calibrate_lr(reg, trials, EmbeddingScorer.identity(embedder), plots)
+    lr_note, lr = _calibrate_lr(reg, trials, chosen.describe(), plots)
     reg.save()
     if as_json:
         typer.echo(json.dumps({**cal.to_dict(), **{k: v for k, v in reg.calibration_info.items() if k != "lr"},
@@ -175,3 +205,45 @@ def _calibrate_lr(reg, trials, scorer: dict, plots: Optional[Path]):
     return (f"LR calibration (held-out, {m['folds']}-fold by recording): Cllr {m['cllr']:.3f} bits (min {m['cllr_min']:.3f}), "
             f"misleading {m['misleading_hp']}/{m['n_target']} same-device, {m['misleading_hd']}/{m['n_nontarget']} "
             f"different-device; log10 LR bounded to [{lr.lower:g}, {lr.upper:g}] (ELUB); plots in {out}"), lr
+
+
+@command("train-gsv")
+def train_gsv(
+    datasets: List[Path] = typer.Argument(..., exists=True, help="Development recordings of known devices "
+                                                                 "(any dataset layout; several are merged)."),
+    out: Path = typer.Option(..., "--out", "-o", help="GSV scorer file to write (.npz)."),
+    mixtures: int = typer.Option(64, help="UBM components."),
+    nap: int = typer.Option(16, help="Within-device directions projected out (0 = none)."),
+    far: float = typer.Option(0.05, help="Open-set false-acceptance rate of the development threshold (rule far)."),
+    threshold_rule: str = typer.Option("far", "--threshold-rule",
+                                       help="far: open-set FAR quantile of the impostors | llr0: calibrated LLR = 0."),
+    inner: int = typer.Option(3, help="Cross-fitting groups of devices for the development calibration."),
+    seed: int = typer.Option(0),
+    hop_seconds: Optional[float] = typer.Option(None, help="Window hop in seconds (audio.hop_seconds)."),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Train the GMM-supervector scorer (UBM + NAP) and its cross-fitted development calibration."""
+    from devrecd.data import FeatureCache, load_dataset
+    from devrecd.openset.gsvtrain import train_gsv as train
+    from devrecd.openset.scorers import save_gsv
+
+    cfg = load_cli_config(config, {"audio.hop_seconds": hop_seconds})
+    cache = FeatureCache(Path(cfg.train.cache_dir), cfg.frontend, cfg.audio)
+    feats, devices, order, sources = [], [], [], []
+    for ds_path in datasets:
+        ds = load_dataset(ds_path)
+        sources.append({"dataset": str(ds_path), "sha256": ds.manifest_sha256, "recordings": len(ds.items)})
+        for it in ds.items:
+            feats.append(cache.features(it.path, cfg.audio.hop_seconds)[0])
+            devices.append(it.device if len(datasets) == 1 else f"{ds_path.name}/{it.device}")
+            order.append((str(it.group), it.path.name))
+    typer.echo(f"{len(feats)} recordings of {len(set(devices))} devices")
+    scorer = train(feats, devices, order, cfg.frontend, mixtures=mixtures, nap_dims=nap, far=far, inner=inner,
+                   seed=seed, source=out.name, threshold_rule=threshold_rule, on_step=typer.echo)
+    save_gsv(out, scorer, extra={"datasets": sources, "hop_seconds": cfg.audio.hop_seconds, "seed": seed})
+    cal = scorer.calibration or {}
+    typer.echo(f"development calibration ({cal.get('n_target')} target / {cal.get('n_nontarget')} non-target trials, "
+               f"{cal.get('n_open_set')} open-set): EER {cal.get('eer', 0):.2%}, Cllr {cal.get('cllr', 0):.3f}, "
+               f"threshold {cal.get('threshold', 0):.4f} ({cal.get('threshold_basis')}; open-set FAR on the "
+               f"development impostors {cal.get('far', 0):.1%})")
+    typer.echo(f"wrote {out}")

@@ -60,6 +60,8 @@ def identify(
     device: Optional[str] = DeviceOption,
     as_json: bool = typer.Option(False, "--json", help="One JSON verdict per line instead of a table."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Candidates kept per verdict (watch.top_k)."),
+    registry: Optional[Path] = typer.Option(None, "--registry", "-r",
+                                            help="Open-set verdicts against this device registry (registry.path)."),
 ) -> None:
     """Judge recordings once through the daemon's pipeline and print the verdicts."""
     from devrecd.daemon.service import identify_files
@@ -67,7 +69,8 @@ def identify(
     from devrecd.logs import setup_logging
 
     cfg = load_cli_config(config, {"backend.model": model, "backend.engine": engine, "backend.kind": backend,
-                                   "backend.device": device, "watch.top_k": top_k})
+                                   "backend.device": device, "watch.top_k": top_k,
+                                   "registry.path": str(registry) if registry else None})
     # Failures are printed as results below; only worse problems (and DEBUG when asked) go to the log.
     setup_logging("ERROR" if cfg.log.level.upper() in ("INFO", "WARNING") else cfg.log.level, cfg.log.format)
     files = scan_files(audio, cfg.watch)

@@ -80,7 +80,7 @@ def _recording_fields(rec: Any) -> dict[str, Any]:
 class EmbeddingScorer:
     """Cosine score of the open-set embedder (:class:`devrecd.openset.embedder.Embedder`)."""
 
-    kind = "embedding-cosine"
+    kind = "embedder"  # the same identity as devrecd.openset.scorers.EmbedderScorer
 
     def __init__(self, embedder: Any, cfg: Config) -> None:
         self.embedder = embedder

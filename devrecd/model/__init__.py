@@ -2,7 +2,7 @@
 
 ``build_model(arch, num_classes, **hparams)`` builds any architecture by name:
 ``paper`` (Table IV) and the ablation groups ``group1`` .. ``group7`` (Tables VII, VIII), plus
-architectures registered by other modules (e.g. ``asp`` from :mod:`devrecd.openset.arch`).
+architectures registered by other modules (e.g. ``asp``, :mod:`devrecd.model.asp`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _tuples(hparams: dict[str, Any]) -> dict[str, Any]:
 
 
 def _asp(num_classes: int, **hparams: Any):
-    from devrecd.openset.arch import build_asp
+    from devrecd.model.asp import build_asp
 
     return build_asp(num_classes, **hparams)
 

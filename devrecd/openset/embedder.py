@@ -5,7 +5,7 @@ checkpoint's ``arch``:
 
 * ``paper``: the paper's network; the embedding is its penultimate Dense(128) output, trained with
   the closed-set softmax on many devices.
-* ``asp``: our BiLSTM + attentive statistics pooling + cosine head (:mod:`devrecd.openset.arch`).
+* ``asp``: our BiLSTM + attentive statistics pooling + cosine head (:mod:`devrecd.model.asp`).
 
 Features come from :func:`devrecd.pipeline.features_for_file` with the CHECKPOINT's frontend, and
 are normalised with the checkpoint's statistics exactly as in training, so there is no second

@@ -33,6 +33,7 @@ from devrecd.openset.calibration import Calibration
 from devrecd.fsutil import atomic_write
 
 FORMAT = "devrecd-registry/1"
+SCORER_PREFIX = "scorer__"  # array-file keys of the scorer's parameters (profiles are p0, p1, ...)
 
 
 class RegistryError(DevrecdError):
@@ -106,6 +107,9 @@ class Registry:
     profiles: dict[str, DeviceProfile] = field(default_factory=dict)
     calibration: Calibration | None = None
     calibration_info: dict[str, Any] = field(default_factory=dict)  # what it was fitted on
+    # The scorer's own parameters (a GSV scorer's UBM and NAP basis: see devrecd.openset.scorers),
+    # stored in the array file with the profiles so that the registry carries what it was made with.
+    scorer_arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
     # --- queries ----------------------------------------------------------------------------
     @property
@@ -126,8 +130,13 @@ class Registry:
             known = ", ".join(self.names) or "none"
             raise RegistryError(f"no device {name!r} in {self.path} (enrolled: {known})", reason="unknown_profile") from None
 
+    @property
+    def kind(self) -> str:
+        """The scorer kind the profiles were made with (``embedder`` for registries that predate kinds)."""
+        return str(self.embedder.get("kind", "embedder")) if self.embedder else ""
+
     def check_embedder(self, embedder: dict[str, Any]) -> None:
-        """Refuse embeddings from another model than the one this registry was built with."""
+        """Refuse vectors from another scorer than the one this registry was built with."""
         if self.embedder and self.embedder.get("fingerprint") != embedder.get("fingerprint"):
             raise RegistryError(
                 f"registry {self.path} was enrolled with model {self.embedder.get('fingerprint', '?')[:12]} "
@@ -156,7 +165,8 @@ class Registry:
             if ref.sha256 in have:
                 skipped += 1
                 continue
-            emb = recording_embedding(window_emb)
+            # (windows, dim) window embeddings, or a scorer's (dim,) recording vector
+            emb = recording_embedding(window_emb) if np.ndim(window_emb) == 2 else l2_normalise(window_emb)
             if embedder.get("dim") not in (None, emb.shape[0]):
                 raise RegistryError(f"embedding has {emb.shape[0]} dims, the embedder says {embedder['dim']}")
             have.add(ref.sha256)
@@ -199,7 +209,8 @@ class Registry:
         """Write the registry crash-safely (see the module docstring)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
-        np.savez(buf, **{f"p{i}": self.profiles[n].embeddings.astype(np.float32) for i, n in enumerate(self.names)})
+        np.savez(buf, **{f"p{i}": self.profiles[n].embeddings.astype(np.float32) for i, n in enumerate(self.names)},
+                 **{f"{SCORER_PREFIX}{k}": v for k, v in self.scorer_arrays.items()})
         blob = buf.getvalue()
         digest = hashlib.sha256(blob).hexdigest()
         arrays = self.path.with_name(f"{self.path.stem}.{digest[:8]}.npz")
@@ -243,6 +254,8 @@ def open_registry(path: str | os.PathLike, *, create: bool = False) -> Registry:
                 reg.profiles[p["name"]] = DeviceProfile(name=p["name"], references=refs, embeddings=emb,
                                                         created_at=p.get("created_at", ""),
                                                         updated_at=p.get("updated_at", ""))
+            reg.scorer_arrays = {k[len(SCORER_PREFIX):]: np.asarray(npz[k]) for k in npz.files
+                                 if k.startswith(SCORER_PREFIX)}
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"registry {path} is malformed: {exc!r}") from None
     cal = meta.get("calibration")

@@ -15,30 +15,48 @@ import numpy as np
 
 from devrecd.config import Config
 from devrecd.openset.calibration import Calibration, CalibrationError, calibrate
-from devrecd.openset.embedder import Embedder
-from devrecd.openset.registry import Reference, Registry, RegistryError, _now, recording_embedding
-from devrecd.openset.scoring import score_matrix
+from devrecd.openset.registry import Reference, Registry, RegistryError, _now
+from devrecd.openset.scorers import as_scorer, registry_scorer, scorer_arrays
 
 log = logging.getLogger("devrecd.openset")
 
 
-def enrol_files(registry: Registry, embedder: Embedder, name: str, paths: Sequence[str | os.PathLike],
+def recording_features(scorer: Any, path: str | os.PathLike, cfg: Config, *,
+                       hop_seconds: float | None = None) -> tuple[Any, np.ndarray]:
+    """Decode a recording and compute its raw windows with the SCORER's frontend (it defines what
+    its input means), through the one feature path."""
+    from dataclasses import replace
+
+    from devrecd.pipeline import features_for_file
+
+    device = getattr(getattr(scorer, "embedder", None), "device", "cpu")
+    return features_for_file(path, replace(cfg, frontend=scorer.frontend), device=device, hop_seconds=hop_seconds)
+
+
+def enrol_files(registry: Registry, scorer: Any, name: str, paths: Sequence[str | os.PathLike],
                 cfg: Config, *, hop_seconds: float | None = None,
                 on_file: Callable[[str, int], None] | None = None) -> tuple[int, int]:
-    """Embed reference recordings and add them to device ``name``; returns (added, skipped duplicates).
+    """Add reference recordings to device ``name`` with ``scorer`` (a scorer of
+    :mod:`devrecd.openset.scorers`, or a network Embedder); returns (added, skipped duplicates).
 
     Every file is decoded before the registry changes, so a bad reference leaves it untouched
-    (the AudioError of the first bad file is raised).
+    (the AudioError of the first bad file is raised). A new registry stores the scorer's arrays.
     """
-    registry.check_embedder(embedder.describe())  # fail before any decoding
+    scorer = as_scorer(scorer)
+    desc = scorer.describe()
+    registry.check_embedder(desc)  # fail before any decoding
     refs = []
     for path in paths:
-        rec, windows = embedder.embed_file(path, cfg, hop_seconds=hop_seconds)
-        refs.append((Reference(sha256=rec.sha256, path=str(path), windows=int(windows.shape[0]),
-                               seconds=float(rec.duration), enrolled_at=_now()), windows))
+        rec, feats = recording_features(scorer, path, cfg, hop_seconds=hop_seconds)
+        refs.append((Reference(sha256=rec.sha256, path=str(path), windows=int(feats.shape[0]),
+                               seconds=float(rec.duration), enrolled_at=_now()), scorer.recording_vector(feats)))
         if on_file is not None:
-            on_file(str(path), int(windows.shape[0]))
-    return registry.enroll(name, embedder.describe(), refs)
+            on_file(str(path), int(feats.shape[0]))
+    fresh = not registry.profiles
+    added = registry.enroll(name, desc, refs)
+    if fresh and added[0]:
+        registry.scorer_arrays = scorer_arrays(scorer)
+    return added
 
 
 @dataclass(frozen=True)
@@ -72,28 +90,30 @@ class Trials:
         return best[np.isfinite(best)]
 
 
-def score_recordings(registry: Registry, embedder: Embedder, items: Sequence[tuple[str, str]], cfg: Config, *,
+def score_recordings(registry: Registry, scorer: Any, items: Sequence[tuple[str, str]], cfg: Config, *,
                      hop_seconds: float | None = None) -> Trials:
     """Score ``(path, true device)`` recordings against every profile of the registry.
 
     Recordings that are references of the registry are left out: a reference scored against its
     own profile would make the calibration look better than it is.
     """
-    registry.check_embedder(embedder.describe())
+    scorer = as_scorer(scorer)
+    registry.check_embedder(scorer.describe())
     enrolled = {r.sha256 for p in registry.profiles.values() for r in p.references}
     paths, devices, embs, conditions = [], [], [], []
     for path, device in items:
-        rec, windows = embedder.embed_file(path, cfg, hop_seconds=hop_seconds)
+        rec, feats = recording_features(scorer, path, cfg, hop_seconds=hop_seconds)
         if rec.sha256 in enrolled:
             log.warning("left out of the trials: it is an enrolled reference", extra={"path": str(path)})
             continue
         paths.append(str(path))
         devices.append(device)
-        embs.append(recording_embedding(windows))
+        embs.append(scorer.recording_vector(feats))
         conditions.append(rec.describe())
     if not embs:
         raise CalibrationError("no trial recordings left (all were references, or none were given)")
-    names, scores = score_matrix(np.stack(embs), registry)
+    names, means = registry.matrix()
+    scores = scorer.score(np.stack(embs), means)
     return Trials(profiles=names, recordings=paths, devices=devices, scores=scores, conditions=conditions)
 
 
@@ -119,10 +139,11 @@ def calibrate_registry(registry: Registry, trials: Trials, *, target_far: float,
 class RegistryJudge:
     """Open-set verdicts for the daemon and ``identify`` when ``registry.path`` is configured.
 
-    Holds the registry, the embedder it was enrolled with (``model``, else the checkpoint the
-    registry names) and the threshold (:func:`~devrecd.openset.scoring.resolve_threshold`).
-    ``judge(features)`` takes a recording's (n_windows, 128, 73) raw features, the same array the
-    closed-set backend gets, and returns verdict fields to merge into the record.
+    Holds the registry, the scorer its profiles were made with (:func:`registry_scorer`: the GSV
+    arrays the registry stores, the checkpoint it names or ``model``) and the threshold
+    (:func:`~devrecd.openset.scoring.resolve_threshold`). ``judge(features)`` takes a recording's
+    (n_windows, 128, 73) raw features, the same array the closed-set backend gets, and returns
+    verdict fields to merge into the record.
     """
 
     def __init__(self, cfg: Config, *, model: str | os.PathLike | None = None, device: str = "cpu") -> None:
@@ -132,17 +153,21 @@ class RegistryJudge:
         if not cfg.registry.path:
             raise RegistryError("registry.path is not set", reason="no_registry")
         self.registry = open_registry(cfg.registry.path)
-        source = model or self.registry.embedder.get("source")
-        if not source:
-            raise RegistryError(f"registry {cfg.registry.path} does not name its model; pass one", reason="no_model")
-        self.embedder = Embedder.load(source, device=device)
-        self.registry.check_embedder(self.embedder.describe())
+        self.scorer = registry_scorer(self.registry, model=model, device=device)
+        self.embedder = getattr(self.scorer, "embedder", None)
+        if self.registry.kind != "embedder" and self.scorer.frontend.fingerprint() != cfg.frontend.fingerprint():
+            # The pipeline hands over features of the configured frontend; a supervector of other
+            # features would be compared with profiles it does not match.
+            raise RegistryError(f"registry {cfg.registry.path} was enrolled with another frontend than the one "
+                                "configured (frontend.*); serve with the frontend it was made with",
+                                reason="frontend_mismatch")
         self.threshold, self.threshold_source = resolve_threshold(self.registry, cfg.registry)
         self.top_k = cfg.watch.top_k
 
     def judge(self, features: np.ndarray) -> dict[str, Any]:
         """Verdict fields (device, score, llr, candidate, open_set, top_k, windows_best) of one recording."""
-        from devrecd.openset.scoring import identify_with_registry
+        from devrecd.openset.scoring import identify_vectors
 
-        return identify_with_registry(self.embedder.embed_features(features), self.registry, threshold=self.threshold,
-                                      k=self.top_k, threshold_source=self.threshold_source)
+        return identify_vectors(self.scorer.recording_vector(features), self.scorer.window_vectors(features),
+                                self.registry, threshold=self.threshold, k=self.top_k,
+                                threshold_source=self.threshold_source, score=self.scorer.score)

@@ -1,0 +1,1 @@
+"""Package data: the shipped open-set scorer (see docs/openset-model.md)."""

@@ -1,0 +1,351 @@
+"""Open-set scorers: one interface for the network embedder, the GMM supervector and their fusion.
+
+A scorer turns a recording's (n_windows, 128, 73) raw features (the one frontend) into a vector,
+and scores questioned vectors against profile vectors. The registry stores one vector per
+reference; a profile is the unit-length mean of its references' vectors (:mod:`.registry`).
+
+* ``embedder`` (:class:`EmbedderScorer`): a trained network's window embeddings, each scaled to
+  unit length, averaged, scaled to unit length again. Score: cosine.
+* ``gsv`` (:class:`GsvScorer`): the MAP-adapted mean supervector of ALL the recording's frames
+  under a GMM-UBM trained on development recordings (:mod:`devrecd.supervector`), with the
+  development data's within-device variability projected out (nuisance attribute projection,
+  NAP: the directions in which recordings of ONE device differ, i.e. speech content and level),
+  unit length. Score: cosine.
+* ``fusion`` (:class:`FusionScorer`): the parts' unit vectors side by side; the score is
+  ``sum_i w_i * cosine_i + b``, weights by logistic regression on development trials
+  (:func:`fit_fusion`), so the fused score is a log-likelihood ratio on the development data.
+
+Every scorer's :meth:`describe` carries a ``fingerprint`` of everything that shapes its vectors
+(a registry is bound to ONE scorer) and its ``kind``. GSV and fusion scorers keep their arrays in
+:meth:`arrays` so that a registry can store them beside its profiles (see :mod:`.registry`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+from devrecd.errors import ArtifactError, DatasetError
+from devrecd.features import FrontendConfig
+from devrecd.supervector import RELEVANCE, Ubm
+
+KINDS = ("embedder", "gsv", "fusion")
+
+
+def unit(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero)."""
+    x = np.asarray(x, dtype=np.float64)
+    norm = np.linalg.norm(x, axis=axis, keepdims=True)
+    return x / np.where(norm > 0, norm, 1.0)
+
+
+class Scorer(Protocol):
+    """What the registry, calibration, identify and the benchmark need from a scorer."""
+
+    kind: str
+    frontend: FrontendConfig
+
+    def describe(self) -> dict[str, Any]:
+        """``kind``, ``fingerprint``, ``dim``, ``frontend_sha256``, ``source`` and kind-specific facts."""
+
+    def recording_vector(self, feats: np.ndarray) -> np.ndarray:
+        """(n_windows, 128, 73) raw features of one recording -> (dim,) unit vector."""
+
+    def window_vectors(self, feats: np.ndarray) -> np.ndarray:
+        """(n_windows, 128, 73) -> (n_windows, dim) unit vectors, one per window (the per-window view)."""
+
+    def score(self, queries: np.ndarray, profiles: np.ndarray) -> np.ndarray:
+        """(q, dim) query vectors x (P, dim) profile vectors -> (q, P) scores (higher = same device)."""
+
+
+class EmbedderScorer:
+    """A network embedder (:class:`devrecd.openset.embedder.Embedder`) as a scorer."""
+
+    kind = "embedder"
+
+    def __init__(self, embedder: Any) -> None:
+        self.embedder = embedder
+        self.frontend = embedder.frontend
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, **self.embedder.describe()}
+
+    def window_vectors(self, feats: np.ndarray) -> np.ndarray:
+        return unit(self.embedder.embed_features(feats))
+
+    def recording_vector(self, feats: np.ndarray) -> np.ndarray:
+        w = self.window_vectors(feats)
+        if w.shape[0] == 0:
+            raise DatasetError("a recording without windows has no embedding", reason="no_windows")
+        return unit(w.mean(axis=0))
+
+    def score(self, queries: np.ndarray, profiles: np.ndarray) -> np.ndarray:
+        return unit(np.atleast_2d(queries)) @ unit(np.atleast_2d(profiles)).T
+
+
+def fit_nap(vectors: np.ndarray, labels: Sequence[str], dims: int) -> np.ndarray:
+    """(D, dims) orthonormal basis of the largest within-device variability of ``vectors``.
+
+    Each device's vectors are centred on their device mean; the top right-singular vectors of what
+    is left are the directions in which one device's recordings differ (Campbell et al. 2006).
+    """
+    x = np.asarray(vectors, dtype=np.float64)
+    labels = np.asarray(labels)
+    centred = np.concatenate([x[labels == d] - x[labels == d].mean(axis=0) for d in np.unique(labels)])
+    rank = int(np.linalg.matrix_rank(centred)) if len(centred) else 0
+    if dims < 1 or rank < dims:
+        raise DatasetError(f"NAP needs {dims} within-device directions; the development data has {rank}",
+                           reason="nap_data")
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    return vt[:dims].T.copy()
+
+
+class GsvScorer:
+    """GMM supervector scorer (see the module docstring)."""
+
+    kind = "gsv"
+
+    def __init__(self, ubm: Ubm, frontend: FrontendConfig, *, relevance: float = RELEVANCE,
+                 nap: np.ndarray | None = None, source: str = "") -> None:
+        self.ubm, self.frontend, self.relevance, self.source = ubm, frontend, float(relevance), source
+        # The development calibration (Calibration.to_dict() + "basis") that travels with the scorer:
+        # used by registries without a calibration of their own (devrecd.openset.gsvtrain).
+        self.calibration: dict[str, Any] | None = None
+        self.nap = None if nap is None or nap.size == 0 else np.asarray(nap, dtype=np.float64)
+        if self.nap is not None and self.nap.shape[0] != ubm.dim:
+            raise ArtifactError(f"NAP basis has {self.nap.shape[0]} rows, the UBM's supervectors {ubm.dim}",
+                                reason="scorer_format")
+        self.fingerprint = _digest({"kind": self.kind, "ubm": ubm.fingerprint(), "relevance": self.relevance,
+                                    "frontend": frontend.fingerprint()},
+                                   [] if self.nap is None else [self.nap])
+
+    @classmethod
+    def train(cls, feats: Sequence[np.ndarray], labels: Sequence[str], frontend: FrontendConfig, *,
+              mixtures: int = 64, relevance: float = RELEVANCE, nap_dims: int = 0, seed: int = 0,
+              source: str = "") -> GsvScorer:
+        """UBM on every frame of ``feats`` (one (n, 128, 73) array per development recording) and,
+        with ``nap_dims``, the NAP basis from their supervectors and device ``labels``."""
+        ubm = Ubm.fit(feats, mixtures=mixtures, seed=seed)
+        nap = None
+        if nap_dims:
+            sv = np.stack([unit(ubm.supervector(f, relevance)) for f in feats])
+            nap = fit_nap(sv, labels, nap_dims)
+        return cls(ubm, frontend, relevance=relevance, nap=nap, source=source)
+
+    def _project(self, sv: np.ndarray) -> np.ndarray:
+        sv = unit(sv)
+        if self.nap is not None:
+            sv = sv - (sv @ self.nap) @ self.nap.T
+        return unit(sv)
+
+    def recording_vector(self, feats: np.ndarray) -> np.ndarray:
+        if len(feats) == 0:
+            raise DatasetError("a recording without windows has no supervector", reason="no_windows")
+        return self._project(self.ubm.supervector(feats, self.relevance))
+
+    def window_vectors(self, feats: np.ndarray) -> np.ndarray:
+        return self._project(self.ubm.window_supervectors(feats, self.relevance))
+
+    def score(self, queries: np.ndarray, profiles: np.ndarray) -> np.ndarray:
+        return unit(np.atleast_2d(queries)) @ unit(np.atleast_2d(profiles)).T
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "fingerprint": self.fingerprint, "dim": self.ubm.dim,
+                "mixtures": self.ubm.mixtures, "relevance": self.relevance,
+                "nap_dims": 0 if self.nap is None else int(self.nap.shape[1]),
+                "frontend_sha256": self.frontend.fingerprint(), "frontend": self.frontend.to_dict(),
+                "source": self.source, **({"dev_calibration": self.calibration} if self.calibration else {})}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {f"ubm_{k}": v for k, v in self.ubm.to_arrays().items()}
+        if self.nap is not None:
+            out["nap"] = self.nap
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], info: dict[str, Any]) -> GsvScorer:
+        """Rebuild from :meth:`arrays` and :meth:`describe` (the fingerprint must match)."""
+        ubm = Ubm.from_arrays({k[4:]: v for k, v in arrays.items() if k.startswith("ubm_")})
+        try:
+            frontend = FrontendConfig(**info["frontend"])
+            scorer = cls(ubm, frontend, relevance=float(info["relevance"]), nap=arrays.get("nap"),
+                         source=str(info.get("source", "")))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"GSV scorer description is malformed: {exc!r}", reason="scorer_format") from None
+        if info.get("fingerprint") not in (None, scorer.fingerprint):
+            raise ArtifactError("GSV scorer arrays do not match their recorded fingerprint (damaged or mixed up)",
+                                reason="scorer_format")
+        scorer.calibration = info.get("dev_calibration")
+        return scorer
+
+
+class FusionScorer:
+    """Linear fusion of several scorers' cosines: ``sum_i w_i * s_i + b`` (see :func:`fit_fusion`)."""
+
+    kind = "fusion"
+
+    def __init__(self, parts: Sequence[Any], weights: Sequence[float] | None = None, bias: float = 0.0) -> None:
+        if len(parts) < 2:
+            raise ArtifactError("a fusion needs at least two scorers", reason="scorer_format")
+        frontends = {p.frontend.fingerprint() for p in parts}
+        if len(frontends) != 1:
+            raise ArtifactError("fused scorers must share one frontend (their features are computed once)",
+                                reason="scorer_format")
+        self.parts = list(parts)
+        self.frontend = parts[0].frontend
+        self.weights = np.full(len(parts), 1.0 / len(parts)) if weights is None else np.asarray(weights, float)
+        if self.weights.shape != (len(parts),):
+            raise ArtifactError(f"{len(parts)} scorers but {self.weights.size} weights", reason="scorer_format")
+        self.bias = float(bias)
+        self.dims = [p.describe()["dim"] for p in parts]
+        # The vector space depends on the parts only; the weights are a back-end (they may be refitted).
+        self.fingerprint = _digest({"kind": self.kind, "parts": [p.describe()["fingerprint"] for p in parts]}, [])
+
+    def _split(self, x: np.ndarray) -> list[np.ndarray]:
+        x = np.atleast_2d(x)
+        return np.split(x, np.cumsum(self.dims)[:-1], axis=1)
+
+    def part_scores(self, queries: np.ndarray, profiles: np.ndarray) -> np.ndarray:
+        """(q, P, n_parts) each part's own score."""
+        return np.stack([p.score(q, r) for p, q, r in zip(self.parts, self._split(queries), self._split(profiles))],
+                        axis=-1)
+
+    def score(self, queries: np.ndarray, profiles: np.ndarray) -> np.ndarray:
+        return self.part_scores(queries, profiles) @ self.weights + self.bias
+
+    def recording_vector(self, feats: np.ndarray) -> np.ndarray:
+        # Each part unit length, scaled by 1/sqrt(n): the whole is unit length and a registry's
+        # unit-length mean of such vectors keeps every part's direction.
+        return np.concatenate([p.recording_vector(feats) for p in self.parts]) / np.sqrt(len(self.parts))
+
+    def window_vectors(self, feats: np.ndarray) -> np.ndarray:
+        return np.concatenate([p.window_vectors(feats) for p in self.parts], axis=1) / np.sqrt(len(self.parts))
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "fingerprint": self.fingerprint, "dim": int(sum(self.dims)),
+                "weights": [float(w) for w in self.weights], "bias": self.bias,
+                "parts": [p.describe() for p in self.parts], "frontend_sha256": self.frontend.fingerprint(),
+                "source": " + ".join(str(p.describe().get("source", "")) for p in self.parts)}
+
+
+def fit_fusion(part_target: np.ndarray, part_nontarget: np.ndarray) -> tuple[np.ndarray, float]:
+    """Logistic-regression fusion weights and bias on development trials.
+
+    ``part_target`` (n_t, n_parts) and ``part_nontarget`` (n_n, n_parts): each part's score of the
+    same trials. Classes weighted equally, so ``w . s + b`` is a log-likelihood ratio (natural log)
+    at prior 0.5 on these trials (Brummer's linear fusion).
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    tar, non = np.atleast_2d(part_target), np.atleast_2d(part_nontarget)
+    if len(tar) == 0 or len(non) == 0 or tar.shape[1] != non.shape[1]:
+        raise DatasetError("fusion needs target and non-target trials with the same parts", reason="fusion_data")
+    x = np.concatenate([tar, non])
+    y = np.concatenate([np.ones(len(tar)), np.zeros(len(non))])
+    model = LogisticRegression(C=1e6, class_weight="balanced", max_iter=1000).fit(x, y)
+    return model.coef_[0].astype(np.float64), float(model.intercept_[0])
+
+
+def _digest(meta: dict[str, Any], arrays: Sequence[np.ndarray]) -> str:
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode())
+    for a in arrays:
+        h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
+    return h.hexdigest()
+
+
+# --- files and registries ---------------------------------------------------------------------
+
+GSV_FORMAT = "devrecd-gsv/1"
+DEFAULT_GSV = "gsv-ccnu15.npz"  # the shipped scorer, package data under devrecd/assets/
+
+
+def default_gsv_path() -> Any:
+    """The shipped GSV scorer (:file:`devrecd/assets/gsv-ccnu15.npz`, see docs/openset-model.md)."""
+    from importlib.resources import files
+
+    return files("devrecd.assets").joinpath(DEFAULT_GSV)
+
+
+def save_gsv(path: Any, scorer: GsvScorer, *, extra: dict[str, Any] | None = None) -> None:
+    """Write a GSV scorer file (npz: arrays + JSON description), atomically."""
+    import io
+
+    from devrecd.fsutil import atomic_write
+
+    meta = {"format": GSV_FORMAT, "scorer": scorer.describe(), **(extra or {})}
+    buf = io.BytesIO()
+    np.savez(buf, meta=np.frombuffer(json.dumps(meta, default=str).encode(), dtype=np.uint8), **scorer.arrays())
+    atomic_write(path, buf.getvalue())
+
+
+def load_gsv(path: Any) -> tuple[GsvScorer, dict[str, Any]]:
+    """Read :func:`save_gsv`'s file; returns the scorer and the file's metadata (e.g. its calibration)."""
+    import io
+    import zipfile
+
+    try:
+        blob = path.read_bytes() if hasattr(path, "read_bytes") else open(path, "rb").read()
+        with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
+            meta = json.loads(bytes(npz["meta"]).decode())
+            arrays = {k: np.asarray(npz[k]) for k in npz.files if k != "meta"}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        raise ArtifactError(f"{path}: not a readable GSV scorer file ({exc})", reason="scorer_format") from None
+    if not isinstance(meta, dict) or meta.get("format") != GSV_FORMAT:
+        raise ArtifactError(f"{path}: not a devrecd GSV scorer (format {GSV_FORMAT!r} expected)",
+                            reason="scorer_format")
+    info = dict(meta["scorer"])
+    info["source"] = str(path)
+    return GsvScorer.from_arrays(arrays, info), meta
+
+
+def scorer_arrays(scorer: Any) -> dict[str, np.ndarray]:
+    """The arrays a registry stores for ``scorer`` (none for a network: its checkpoint is named instead)."""
+    if isinstance(scorer, GsvScorer):
+        return scorer.arrays()
+    if isinstance(scorer, FusionScorer):
+        return {f"part{i}_{k}": v for i, p in enumerate(scorer.parts) for k, v in scorer_arrays(p).items()}
+    return {}
+
+
+def as_scorer(obj: Any) -> Any:
+    """A scorer as is; a network :class:`~devrecd.openset.embedder.Embedder` wrapped as one."""
+    return obj if callable(getattr(obj, "recording_vector", None)) else EmbedderScorer(obj)
+
+
+def _part_from(info: dict[str, Any], arrays: dict[str, np.ndarray], model: Any, device: str) -> Any:
+    kind = info.get("kind", "embedder")
+    if kind == "gsv":
+        return GsvScorer.from_arrays(arrays, info)
+    if kind == "embedder":
+        from devrecd.openset.embedder import Embedder
+
+        source = model or info.get("source")
+        if not source:
+            raise ArtifactError("the registry does not name its embedder's checkpoint; pass --model",
+                                reason="no_model")
+        return EmbedderScorer(Embedder.load(source, device=device))
+    raise ArtifactError(f"unknown scorer kind {kind!r} (known: {', '.join(KINDS)})", reason="scorer_format")
+
+
+def registry_scorer(registry: Any, *, model: Any = None, device: str = "cpu") -> Any:
+    """The scorer a registry's profiles were made with: rebuilt from the arrays the registry stores
+    (GSV), or the network checkpoint it names (``model`` overrides the path), or both (fusion).
+    The result's fingerprint is checked against the registry's."""
+    info = registry.embedder
+    if not info:
+        from devrecd.openset.registry import RegistryError
+
+        raise RegistryError(f"registry {registry.path} has no enrolled devices; run `devrecd enroll` first",
+                            reason="no_profiles")
+    if info.get("kind") == "fusion":
+        parts = [_part_from(p, {k.split("_", 1)[1]: v for k, v in registry.scorer_arrays.items()
+                                if k.startswith(f"part{i}_")}, model, device)
+                 for i, p in enumerate(info["parts"])]
+        scorer: Any = FusionScorer(parts, info.get("weights"), float(info.get("bias", 0.0)))
+    else:
+        scorer = _part_from(info, registry.scorer_arrays, model, device)
+    registry.check_embedder(scorer.describe())
+    return scorer

@@ -1,0 +1,265 @@
+"""Open-set scorers (GSV, embedder, fusion), the leave-phones-out protocol, and the GSV scorer through the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from devrecd.config import Config
+from devrecd.errors import ArtifactError, DatasetError
+from devrecd.openset.protocol import (TrialMatrix, open_set_outcomes, phone_folds, profile_vectors, s_norm,
+                                      trial_figures)
+from devrecd.openset.scorers import FusionScorer, GsvScorer, fit_fusion, fit_nap, load_gsv, save_gsv, unit
+from devrecd.supervector import Ubm
+
+
+@pytest.fixture(scope="module")
+def ccnu(ccnu_dir, tmp_path_factory):
+    """Raw windows (hop 2 s) of segments of 6 real phones."""
+    from devrecd.data import FeatureCache, load_dataset
+
+    cfg = Config()
+    cache = FeatureCache(tmp_path_factory.mktemp("cache"), cfg.frontend, cfg.audio)
+    ds = load_dataset(ccnu_dir)
+    phones = sorted(ds.labels)[:6]
+    items = [it for it in ds.items if it.device in phones]
+    return [(it, cache.features(it.path, 2.0)[0]) for it in items], cfg
+
+
+@pytest.fixture(scope="module")
+def small_gsv(ccnu):
+    items, cfg = ccnu
+    return GsvScorer.train([f for _, f in items], [it.device for it, _ in items], cfg.frontend, mixtures=8,
+                           nap_dims=4)
+
+
+# --- supervectors -----------------------------------------------------------------------------
+
+def test_ubm_posteriors_match_sklearn_and_arrays_round_trip(ccnu) -> None:
+    from sklearn.mixture import GaussianMixture
+
+    items, _ = ccnu
+    feats = [f for _, f in items[:6]]
+    ubm = Ubm.fit(feats, mixtures=4, seed=1)
+    x = ubm.frames(feats[0])
+    gmm = GaussianMixture(4, covariance_type="diag")
+    gmm.weights_, gmm.means_, gmm.covariances_ = ubm.weights, ubm.means, ubm.variances
+    gmm.precisions_cholesky_ = 1.0 / np.sqrt(ubm.variances)
+    np.testing.assert_allclose(ubm.posteriors(x), gmm.predict_proba(x), atol=1e-8)
+    back = Ubm.from_arrays(ubm.to_arrays())
+    assert back.fingerprint() == ubm.fingerprint()
+    np.testing.assert_allclose(back.supervector(feats[1]), ubm.supervector(feats[1]))
+    bad = ubm.to_arrays()
+    bad["variances"] = bad["variances"][:, :5]
+    with pytest.raises(DatasetError):
+        Ubm.from_arrays(bad)
+    with pytest.raises(DatasetError):
+        Ubm.fit([feats[0][:1, :10]], mixtures=64)  # too few frames
+
+
+def test_supervector_is_zero_without_frames_evidence_and_grows_with_relevance(ccnu) -> None:
+    items, _ = ccnu
+    ubm = Ubm.fit([f for _, f in items[:6]], mixtures=4)
+    f = items[7][1]
+    small, large = ubm.supervector(f, relevance=1e6), ubm.supervector(f, relevance=1.0)
+    assert np.linalg.norm(small) < 0.01 * np.linalg.norm(large)  # MAP stays at the UBM with a huge prior
+
+
+# --- scorers ----------------------------------------------------------------------------------
+
+def test_nap_removes_within_device_directions(ccnu) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((30, 12))
+    labels = [str(i // 5) for i in range(30)]
+    basis = fit_nap(x, labels, 3)
+    np.testing.assert_allclose(basis.T @ basis, np.eye(3), atol=1e-10)
+    centred = np.concatenate([x[i:i + 5] - x[i:i + 5].mean(0) for i in range(0, 30, 5)])
+    before = np.linalg.norm(centred) ** 2
+    after = np.linalg.norm(centred - centred @ basis @ basis.T) ** 2
+    assert after < before * 0.8  # the top directions carry well over their share (3/12) of the variance
+    with pytest.raises(DatasetError):
+        fit_nap(x[:4], labels[:4], 3)  # one device, 3 centred rows: rank 3 -> not enough for 3 + more
+        fit_nap(x[:2], labels[:2], 3)
+
+
+def test_gsv_scorer_separates_real_phones_and_round_trips(ccnu, small_gsv, tmp_path: Path) -> None:
+    items, _ = ccnu
+    refs: dict[str, list[np.ndarray]] = {}
+    questioned = []
+    for it, f in items:
+        v = small_gsv.recording_vector(f)
+        assert v.shape == (small_gsv.ubm.dim,) and np.isclose(np.linalg.norm(v), 1.0)
+        (refs.setdefault(it.device, []).append(v) if it.group in ("1", "2") else questioned.append((it.device, v)))
+    names, prof = profile_vectors(refs)
+    s = small_gsv.score(np.stack([v for _, v in questioned]), prof)
+    right = [names[j] == d for j, (d, _) in zip(s.argmax(axis=1), questioned)]
+    assert np.mean(right) >= 0.9  # seen phones, 8 mixtures: nearly all named
+    path = tmp_path / "gsv.npz"
+    small_gsv.calibration = {"threshold": 0.3}
+    save_gsv(path, small_gsv, extra={"note": "test"})
+    back, meta = load_gsv(path)
+    assert back.fingerprint == small_gsv.fingerprint and meta["note"] == "test"
+    assert back.calibration == {"threshold": 0.3}
+    np.testing.assert_allclose(back.recording_vector(items[0][1]), small_gsv.recording_vector(items[0][1]))
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ArtifactError):
+        load_gsv(path)
+
+
+def test_fusion_score_is_weighted_sum_of_part_cosines(ccnu, small_gsv) -> None:
+    items, cfg = ccnu
+    other = GsvScorer(small_gsv.ubm, cfg.frontend, relevance=4.0)
+    fusion = FusionScorer([small_gsv, other], weights=[2.0, -1.0], bias=0.5)
+    q = np.stack([fusion.recording_vector(f) for _, f in items[:3]])
+    p = np.stack([fusion.recording_vector(f) for _, f in items[3:5]])
+    d = small_gsv.ubm.dim
+    expect = 2.0 * (unit(q[:, :d]) @ unit(p[:, :d]).T) - (unit(q[:, d:]) @ unit(p[:, d:]).T) + 0.5
+    np.testing.assert_allclose(fusion.score(q, p), expect)
+    rng = np.random.default_rng(0)
+    tar = np.c_[rng.normal(2, 1, 200), rng.normal(0, 1, 200)]  # only the first part informs
+    non = np.c_[rng.normal(0, 1, 800), rng.normal(0, 1, 800)]
+    w, _ = fit_fusion(tar, non)
+    assert w[0] > 1.0 and abs(w[1]) < 0.3
+
+
+def test_train_gsv_cross_fits_its_calibration(ccnu) -> None:
+    from devrecd.openset.gsvtrain import train_gsv
+
+    items, cfg = ccnu
+    args = ([f for _, f in items], [it.device for it, _ in items], [it.group for it, _ in items], cfg.frontend)
+    far = train_gsv(*args, mixtures=8, nap_dims=2, inner=3)
+    cal = far.calibration
+    # 6 phones in 3 groups of 2: each phone's 3 questioned segments against the 2 profiles of its group.
+    assert (cal["n_target"], cal["n_nontarget"], cal["n_open_set"]) == (18, 18, 18)
+    assert cal["threshold_basis"] == "open-set" and cal["far"] <= 0.05 + 1e-9
+    llr0 = train_gsv(*args, mixtures=8, nap_dims=2, inner=3, threshold_rule="llr0").calibration
+    assert llr0["threshold_basis"] == "llr0"
+    assert llr0["threshold"] == pytest.approx(-llr0["offset"] / llr0["slope"])
+    assert far.fingerprint == GsvScorer.train(args[0], args[1], cfg.frontend, mixtures=8, nap_dims=2).fingerprint
+    with pytest.raises(DatasetError):
+        train_gsv(*args, mixtures=8, inner=4)  # 6 devices cannot make 4 groups of 2
+
+
+# --- protocol ---------------------------------------------------------------------------------
+
+def test_phone_folds_leave_every_phone_out_once_per_seed() -> None:
+    phones = [f"p{i}" for i in range(15)]
+    folds = phone_folds(phones, n_folds=3, seeds=(0, 1))
+    assert len(folds) == 6
+    for seed in (0, 1):
+        tests = [p for f in folds if f.seed == seed for p in f.test]
+        assert sorted(tests) == sorted(phones)
+    for f in folds:
+        assert not set(f.dev) & set(f.test) and len(f.dev) + len(f.test) == 15
+    assert [f.test for f in folds if f.seed == 0] != [f.test for f in folds if f.seed == 1]
+    with pytest.raises(DatasetError):
+        phone_folds(phones[:5], n_folds=3)
+
+
+def test_open_set_outcomes_leave_each_profile_out() -> None:
+    # rows: a, a, b, c (c is never enrolled); columns: a, b.
+    tm = TrialMatrix(["a", "b"], ["a", "a", "b", "c"],
+                     np.array([[0.9, 0.2], [0.4, 0.5], [0.1, 0.8], [0.3, 0.7]]))
+    o = open_set_outcomes(tm, threshold=0.6).to_dict()
+    # b left out: the a-rows are named a? row0 yes (0.9 accepted), row1 yes (0.4 rejected);
+    # a left out: b-row named b (0.8 accepted). Unknown: a-rows vs {b}: 0.2 and 0.5 rejected;
+    # b-row vs {a}: 0.1 rejected.
+    assert o["rank1"] == {"k": 3, "n": 3, "rate": 1.0}
+    assert o["named_accepted"]["k"] == 2 and o["named_accepted"]["n"] == 3
+    assert o["unknown_rejected"] == {"k": 3, "n": 3, "rate": 1.0}
+    assert list(tm.open_set) == [0.2, 0.5, 0.1, 0.7]
+    fig = trial_figures(tm.target, tm.nontarget)
+    assert fig["n_target"] == 3 and fig["n_nontarget"] == 5
+
+
+def test_s_norm_formula_and_exclusions() -> None:
+    tm = TrialMatrix(["a"], ["a"], np.array([[1.0]]))
+    qc, pc = np.array([[0.0, 2.0, 100.0]]), np.array([[1.0, 3.0, 100.0]])
+    excl = np.array([[False, False, True]])
+    out = s_norm(tm, qc, pc, excl, excl).scores[0, 0]
+    assert out == pytest.approx(0.5 * ((1.0 - 1.0) / 1.0 + (1.0 - 2.0) / 1.0), rel=1e-6)
+
+
+# --- the shipped scorer through the registry and the CLI ---------------------------------------
+
+def test_shipped_gsv_enrols_calibrates_and_judges_unseen_phones(ccnu_dir: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from devrecd.cli import app
+    from devrecd.openset.scorers import default_gsv_path
+    from devrecd.openset.workflow import RegistryJudge
+    from devrecd.pipeline import features_for_file
+
+    shipped, meta = load_gsv(default_gsv_path())
+    assert shipped.calibration and shipped.calibration["threshold"] > 0
+    rows = [r.split(",") for r in (ccnu_dir / "manifest.csv").read_text().splitlines()[1:]]
+    by_phone: dict[str, dict[str, Path]] = {}
+    for path, device, seg in rows:
+        by_phone.setdefault(device.strip('"'), {})[seg] = ccnu_dir / path.strip('"')
+    phones = sorted(by_phone)[:3]
+    reg = tmp_path / "case" / "registry.json"
+    run = CliRunner().invoke
+    for p in phones[:2]:
+        res = run(app, ["enroll", "--registry", str(reg), "--device", p, str(by_phone[p]["1"]), str(by_phone[p]["2"])])
+        assert res.exit_code == 0, res.output
+    stored = json.loads(reg.read_text())
+    assert stored["embedder"]["kind"] == "gsv" and stored["embedder"]["dev_calibration"]
+    res = run(app, ["enroll", "--registry", str(reg), "--device", "x", "--scorer", "embedder", str(by_phone[p]["3"])])
+    assert res.exit_code == 1 and "scorer 'gsv'" in res.output
+    cfg = Config().with_overrides({"registry.path": str(reg)})
+    judge = RegistryJudge(cfg)
+    assert judge.threshold_source.startswith("scorer's development calibration")
+    verdicts = {}
+    for p in phones:
+        _, feats = features_for_file(by_phone[p]["4"], cfg)
+        verdicts[p] = judge.judge(feats)
+    assert verdicts[phones[0]]["candidate"] == phones[0] and verdicts[phones[1]]["candidate"] == phones[1]
+    assert verdicts[phones[0]]["open_set"]["scorer"] == "gsv" and verdicts[phones[0]]["llr"] is not None
+    assert len(verdicts[phones[0]]["windows_best"]) == len(features_for_file(by_phone[phones[0]]["4"], cfg)[1])
+    # calibrate on held-out segments of the enrolled phones and the never-enrolled one
+    held = tmp_path / "held"
+    held.mkdir()
+    lines = ["path,device,segment"]
+    for p in phones:
+        for seg in ("3", "4", "5"):
+            lines.append(f'"{by_phone[p][seg]}","{p}",{seg}')
+    (held / "manifest.csv").write_text("\n".join(lines) + "\n")
+    res = run(app, ["calibrate", str(held), "--registry", str(reg), "--groups", "3,5", "--far", "0.2"])
+    assert res.exit_code == 0, res.output
+    assert "4 target / 8 non-target trials" in res.output
+    assert RegistryJudge(cfg).threshold_source.startswith("calibrated")
+
+
+def test_train_embedder_cli_merges_datasets_and_resumes(ccnu_dir: Path, tmp_path: Path) -> None:
+    """The AAM trainer through the one training loop: two datasets merged, resumed to more epochs."""
+    from typer.testing import CliRunner
+
+    from devrecd.cli import app
+    from devrecd.model.checkpoint import load_checkpoint
+    from devrecd.openset.embedder import Embedder
+
+    rows = [r.split(",") for r in (ccnu_dir / "manifest.csv").read_text().splitlines()[1:]]
+    phones = sorted({d.strip('"') for _, d, _ in rows})[:4]
+    for name, pair in (("corpusA", phones[:2]), ("corpusB", phones[2:])):
+        (tmp_path / name).mkdir()
+        lines = ["path,device,segment"] + [f'"{ccnu_dir / p.strip(chr(34))}",{d},{s}' for p, d, s in rows
+                                           if d.strip('"') in pair and s in ("1", "2", "3")]
+        (tmp_path / name / "manifest.csv").write_text("\n".join(lines) + "\n")
+    run = tmp_path / "run"
+    env = {"DEVRECD_TRAIN__CACHE_DIR": str(tmp_path / "cache"), "DEVRECD_TRAIN__THREADS": "1"}
+    args = ["train-embedder", str(tmp_path / "corpusA"), str(tmp_path / "corpusB"), "--out", str(run),
+            "--hop-seconds", "2.0", "--split-groups", "train=1,2 val=3", "--batch-size", "8"]
+    res = CliRunner().invoke(app, [*args, "--epochs", "1"], env=env)
+    assert res.exit_code == 0, res.output
+    assert "12 recordings of 4 devices" in res.output
+    res = CliRunner().invoke(app, [*args, "--epochs", "2"], env=env)  # resumes from last.pt
+    assert res.exit_code == 0, res.output
+    assert "done after 2 epochs" in res.output
+    ckpt = load_checkpoint(run)
+    assert ckpt.arch == "asp" and ckpt.meta["options"]["loss"] == "aam"
+    assert sorted(ckpt.labels) == sorted(f"corpus{'A' if p in phones[:2] else 'B'}/{p}" for p in phones)
+    assert [json.loads(r)["epoch"] for r in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert Embedder.load(run).dim == 128
