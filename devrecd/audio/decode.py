@@ -547,7 +547,10 @@ class _PyAVSource(_Source):
         fh.seek(0)
         try:
             self._c = av.open(fh, mode="r")
-        except (av.error.FFmpegError, ValueError, OSError) as exc:
+        except av.error.FFmpegError as exc:
+            # FFmpeg's own words without the file-object name it appends (a descriptor number here)
+            raise _NotForThisDecoder(exc.strerror or type(exc).__name__) from None
+        except (ValueError, OSError) as exc:
             raise _NotForThisDecoder(str(exc)) from None
         try:
             streams = self._c.streams.audio

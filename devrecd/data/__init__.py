@@ -319,8 +319,12 @@ def _ratio_split_persisted(root: Path, rows: list[_Row], ratios: tuple[float, fl
 
 
 def default_split_file(root: Path) -> Path:
-    """``<root>/.devrecd-split.json`` when the folder is writable, else one under the user cache."""
-    if os.access(root, os.W_OK):
+    """``<root>/.devrecd-split.json`` when the folder is writable, else one under the user cache.
+
+    A folder without write bits counts as read-only even for root (who may write anyway): a shared,
+    read-only data set must not be changed by a run.
+    """
+    if os.access(root, os.W_OK) and os.stat(root).st_mode & 0o222:
         return root / SPLIT_FILE_NAME
     tag = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
     return Path("~/.cache/devrecd/splits").expanduser() / f"{root.name}-{tag}.json"
