@@ -24,6 +24,7 @@ import math
 import os
 import struct
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,13 @@ class Recording:
     decoder: str  # "soundfile" or "pyav"
     resampled: bool
 
+    @cached_property
+    def condition(self):
+        """The recording's condition (:class:`devrecd.audio.condition.Condition`), measured once."""
+        from devrecd.audio.condition import measure_condition
+
+        return measure_condition(self)
+
     @property
     def duration(self) -> float:
         """Seconds of audio."""
@@ -79,6 +87,7 @@ class Recording:
             "container": self.container,
             "decoder": self.decoder,
             "resampled": self.resampled,
+            "condition": self.condition.to_json(),
         }
 
 
