@@ -111,6 +111,20 @@ class TrainConfig:
     split: tuple[float, float, float] = (0.64, 0.16, 0.20)  # train / val / test
     cache_dir: str = "~/.cache/devrecd/features"
     threads: int = 0  # torch intra-op threads (0 = torch's default)
+    channel_augment: tuple[str, ...] = ()  # codec / band-limit channels to train through, e.g. ("aac64", "amrnb", "tel")
+    channel_augment_p: float = 0.5  # per recording and epoch: probability of passing through one of them
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0.0 <= self.channel_augment_p <= 1.0:
+            problems.append("channel_augment_p must be in [0, 1]")
+        if self.channel_augment:
+            from devrecd.audio.channel import CHANNELS  # lazily: the audio package imports this module
+
+            problems += [f"channel_augment: unknown channel {n!r} (known: {', '.join(CHANNELS)})"
+                         for n in self.channel_augment if n not in CHANNELS]
+        if problems:
+            raise ConfigError("train: " + "; ".join(problems))
 
 
 @dataclass(frozen=True)
