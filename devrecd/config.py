@@ -154,6 +154,8 @@ class RegistryConfig:
     threshold: float = 0.5  # cosine score below which the verdict is "unknown device"
     use_calibration: bool = True  # use the threshold `devrecd calibrate` stored in the registry, when it has one
     target_far: float = 0.01  # `devrecd calibrate`: false-acceptance rate the threshold is chosen for
+    keep_references: bool = True  # `devrecd enroll` keeps the references' audio (by sha256) next to the registry
+    match_conditions: bool = True  # bring references to a questioned recording's codec / band before scoring
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,9 @@ def calibrate(
     groups: Optional[str] = typer.Option(None, help="Use these groups/segments instead of a split, e.g. '4,5'."),
     far: Optional[float] = typer.Option(None, "--far", help="Target false-acceptance rate (registry.target_far)."),
     as_json: bool = typer.Option(False, "--json", help="Print the calibration as JSON."),
+    conditions: Optional[list[str]] = typer.Option(
+        None, "--condition", help="Calibrate under a channel (aac64, amrnb, tel, ...; repeatable): trials pass "
+        "through it and references are matched to it. Verdicts under other conditions get no LR."),
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Set the open-set threshold for a false-acceptance rate and fit score -> LLR calibration.
@@ -128,10 +131,16 @@ def calibrate(
     if not items:
         raise ConfigError(f"{dataset}: no recordings in {'groups ' + groups if groups else 'split ' + split}")
     embedder = Embedder.load(model, device=resolve_device(cfg.backend.device))
-    trials = score_recordings(reg, embedder, [(str(it.path), it.device) for it in items], cfg)
+    pairs = [(str(it.path), it.device) for it in items]
+    if conditions:
+        from devrecd.openset.matching import calibration_trials_under
+
+        trials = calibration_trials_under(reg, embedder, pairs, cfg, conditions)
+    else:
+        trials = score_recordings(reg, embedder, pairs, cfg)
     cal = calibrate_registry(reg, trials, target_far=cfg.registry.target_far,
                              source={"dataset": str(dataset), "selection": groups or split,
-                                     "dataset_sha256": ds.manifest_sha256})
+                                     "dataset_sha256": ds.manifest_sha256, "conditions": list(conditions or ["clean"])})
     reg.save()
     if as_json:
         typer.echo(json.dumps({**cal.to_dict(), **reg.calibration_info}, indent=2))

@@ -79,7 +79,7 @@ class Pipeline:
     def __init__(self, cfg: Config, backend: BackendLike, *, journal: Journal, verdict_log: VerdictLog | None,
                  metrics: Metrics, device: str = "cpu", rejudge_duplicates: bool | None = None,
                  on_record: Callable[[dict], None] | None = None, liveness: Liveness | None = None,
-                 judge: Callable[[np.ndarray], dict] | None = None) -> None:
+                 judge: Callable[[np.ndarray, dict], dict] | None = None) -> None:
         self.cfg = cfg
         self.judge = judge  # open-set verdict against the device registry (registry.path), if configured
         self.backend = backend
@@ -299,7 +299,7 @@ class Pipeline:
                                    backend=self.backend_info, timings=job.timings)
             if self.judge is not None:  # open set: the registry's verdict, the closed-set one kept beside it
                 closed = {k: record[k] for k in ("device", "score", "top_k")}
-                record.update(self.judge(unit.features))
+                record.update(self.judge(unit.features, job.recording))
                 record["closed_set"] = closed
             record = self.recorder.commit(job.entry_id, "judged", record, sha256=job.recording["sha256"])
             if record is not None:
@@ -369,7 +369,7 @@ def load_serving_backend(cfg: Config, metrics: Metrics | None = None) -> Backend
     return backend
 
 
-def registry_judge(cfg: Config, device: str) -> Callable[[np.ndarray], dict] | None:
+def registry_judge(cfg: Config, device: str) -> Callable[[np.ndarray, dict], dict] | None:
     """The open-set judge when ``registry.path`` is configured (closed-set labels otherwise)."""
     if not cfg.registry.path:
         return None
