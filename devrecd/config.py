@@ -49,6 +49,18 @@ class BackendConfig:
     threads: int = 1  # ONNX Runtime intra-op threads per inference stream (CPU)
     device: str = "auto"  # torch device for the frontend / torch backend: auto | cpu | cuda[:N]
     labels: tuple[str, ...] = ()  # expected model labels (in order); empty = accept the model's own
+    # Comparison conditions the served model was validated under ("clean" = broadband recordings as
+    # recorded; channel names of devrecd.audio.channel, e.g. "aac64"); other conditions are flagged.
+    validated_conditions: tuple[str, ...] = ("clean",)
+
+    def __post_init__(self) -> None:
+        if self.validated_conditions != ("clean",):
+            from devrecd.audio.channel import CHANNELS  # lazily: the audio package imports this module
+
+            bad = [c for c in self.validated_conditions if c != "clean" and c not in CHANNELS]
+            if bad:
+                raise ConfigError(f"backend.validated_conditions: unknown condition(s) {', '.join(map(repr, bad))} "
+                                  f"(known: clean, {', '.join(CHANNELS)})")
 
 
 @dataclass(frozen=True)

@@ -150,3 +150,16 @@ def test_registry_judge_matches_references_and_withholds_unvalidated_lrs(trained
     reg.save()
     v2 = RegistryJudge(cfg).judge(feats, read_evidence(amr, 32000).describe())
     assert v2["condition_status"] == "validated" and v2["llr"] is not None
+
+
+def test_closed_set_verdict_says_when_the_condition_is_outside_validation():
+    from devrecd.errors import ConfigError
+    from devrecd.openset.matching import closed_set_comparison
+
+    clean = closed_set_comparison({"channel": ""}, ["clean"])
+    assert clean["condition_status"] == "validated" and clean["comparison"]["compared_under"] == CLEAN
+    amr = closed_set_comparison({"channel": "amrnb"}, ["clean"])
+    assert amr["condition_status"] == "unvalidated" and "outside validation" in amr["comparison"]["statement"]
+    assert closed_set_comparison({"channel": "amrnb"}, ["clean", "amrnb"])["condition_status"] == "validated"
+    with pytest.raises(ConfigError, match="backend.validated_conditions: unknown condition"):
+        load_config(None).with_overrides({"backend.validated_conditions": ["gsm"]})

@@ -301,6 +301,10 @@ class Pipeline:
                 closed = {k: record[k] for k in ("device", "score", "top_k")}
                 record.update(self.judge(unit.features, job.recording))
                 record["closed_set"] = closed
+            else:  # closed set: the condition judged under, and whether the model was validated there
+                from devrecd.openset.matching import closed_set_comparison
+
+                record.update(closed_set_comparison(job.recording.get("condition"), self.cfg.backend.validated_conditions))
             record = self.recorder.commit(job.entry_id, "judged", record, sha256=job.recording["sha256"])
             if record is not None:
                 self._count("judged", job, record)

@@ -217,12 +217,26 @@ def condition_report(condition: dict[str, Any] | None, compared_under: str, refe
     }
     if not ok:
         out["statement"] = (
-            f"the comparison condition {compared_under!r} is not one the calibration was measured under "
-            f"({', '.join(sorted(set(validated))) or 'none'}); no likelihood ratio is reported"
-            + (f" ({note})" if note else ""))
+            f"the comparison condition {compared_under!r} is not one the model and calibration were validated "
+            f"under ({', '.join(sorted(set(validated))) or 'none'}): the verdict is outside validation and no "
+            "likelihood ratio is reported" + (f" ({note})" if note else ""))
     elif note:
         out["note"] = note
     return out
+
+
+def closed_set_comparison(condition: dict[str, Any] | None, validated: Sequence[str]) -> dict[str, Any]:
+    """Verdict fields for a closed-set verdict: the condition it was judged under, and whether the
+    model was validated under it (``backend.validated_conditions``). The training data is not at hand
+    when serving, so nothing is matched: a questioned codec outside validation is said to be so."""
+    try:
+        channel = questioned_channel(condition)
+        under = channel.name if channel is not None else CLEAN
+    except ValueError:
+        under = "unknown"
+    rep = condition_report(condition, under, "training data (not matched: not at hand when serving)", validated)
+    rep.pop("questioned")
+    return {"comparison": rep, "condition_status": rep["status"]}
 
 
 def validated_conditions(calibration_info: dict[str, Any] | None) -> list[str]:
@@ -316,7 +330,7 @@ def calibration_trials_under(registry: Any, embedder: Any, items: Sequence[tuple
 
 
 __all__ = [
-    "CLEAN", "ChannelError", "calibration_trials_under", "ConditionMatcher", "ReferenceStore", "Scorer", "condition_report",
+    "CLEAN", "ChannelError", "calibration_trials_under", "closed_set_comparison", "ConditionMatcher", "ReferenceStore", "Scorer", "condition_report",
     "embedding_scorer", "matched_profile_embeddings", "matched_scores", "questioned_channel",
     "resolve_comparison", "score_recordings_under", "validated_conditions",
 ]
