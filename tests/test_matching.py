@@ -109,6 +109,17 @@ def test_comparison_decisions_and_statements(tmp_path):
 
 @pytest.mark.slow
 def test_registry_judge_matches_references_and_withholds_unvalidated_lrs(trained_checkpoint, ccnu_dir, tmp_path):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a ConvLSTM on threads that wait for each other is many times slower on a busy CPU
+    try:
+        _judge_checks(trained_checkpoint, ccnu_dir, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _judge_checks(trained_checkpoint, ccnu_dir, tmp_path):
     from devrecd.audio import read_evidence
     from devrecd.openset.embedder import Embedder
     from devrecd.openset.matching import calibration_trials_under
