@@ -172,10 +172,25 @@ def closed_network(corpus: Corpus, conds: list[str], args, augment: tuple[str, .
 
 # --- open set ----------------------------------------------------------------------------------
 
+def per_array(fn):
+    """``fn`` memoised per input array (reference features are the matcher's cached arrays: each
+    reference is embedded once per scorer, not once per trial). The array is kept, so its id stays unique."""
+    memo: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def wrapped(x: np.ndarray) -> np.ndarray:
+        hit = memo.get(id(x))
+        if hit is None or hit[0] is not x:
+            hit = memo[id(x)] = (x, fn(x))
+        return hit[1]
+
+    return wrapped
+
+
 def gsv_scorer(model: GsvSvm):
     """Supervector scorer: cosine of a recording's mean window supervector with each profile's mean
     of reference recording supervectors."""
 
+    @per_array
     def rec_sv(f: np.ndarray) -> np.ndarray:
         v = model.supervectors(f).mean(axis=0)
         return v / max(np.linalg.norm(v), 1e-12)
@@ -206,7 +221,7 @@ def open_set(corpus: Corpus, conds: list[str], args, kind: str) -> dict[str, dic
 
             emb = train_embedder(feats, [d for _, d in seen], frontend=corpus.cfg.frontend, arch="asp",
                                  epochs=args.embedder_epochs, seed=args.seed)
-            scorer = embedding_scorer(emb.embed_features)
+            scorer = embedding_scorer(per_array(emb.embed_features))
         train_seconds += time.perf_counter() - t0
         log(f"open {kind} fold {k + 1}: trained on {len(set(d for _, d in seen))} phones "
             f"({time.perf_counter() - t0:.0f} s); held out {held}")
