@@ -26,6 +26,7 @@ import struct
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -41,6 +42,9 @@ from devrecd.audio.errors import (
     UnsupportedAudio,
 )
 from devrecd.config import AudioConfig
+
+if TYPE_CHECKING:
+    from devrecd.audio.condition import Condition
 
 _READ_CHUNK = 1 << 20
 
@@ -62,7 +66,7 @@ class Recording:
     resampled: bool
 
     @cached_property
-    def condition(self):
+    def condition(self) -> Condition:
         """The recording's condition (:class:`devrecd.audio.condition.Condition`), measured once."""
         from devrecd.audio.condition import measure_condition
 
