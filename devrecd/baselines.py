@@ -103,6 +103,16 @@ class GsvSvm:
         self.svm.fit(self.supervectors(x), y)
         return self
 
+    def refit_classifier(self, train_feats: Sequence[np.ndarray], train_labels: Sequence[str]) -> GsvSvm:
+        """A copy with this UBM and a new SVM fitted on other recordings (e.g. the same training
+        recordings through a codec: matched-condition training without learning the UBM again)."""
+        import copy
+
+        x, y = _stack(train_feats, train_labels)
+        other = copy.copy(self)
+        other.svm = _calibrated_svc("linear", self.c, self.seed).fit(self.supervectors(x), y)
+        return other
+
     def supervectors(self, feats: np.ndarray) -> np.ndarray:
         """(n, mixtures * 39) normalised MAP-adapted mean supervectors, one per window."""
         return self.ubm.window_supervectors(np.asarray(feats), self.relevance)

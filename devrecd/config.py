@@ -66,6 +66,9 @@ class BackendConfig:
     checkpoint: str = ""  # the checkpoint `model` was exported from: `auto` serves it with torch on a CUDA GPU
     autocast: str = "none"  # torch backend: none | fp16 | bf16 (network in half precision, normalisation FP32)
     cuda_graphs: bool = False  # torch backend on CUDA: replay captured CUDA graphs (per power-of-two batch)
+    # Comparison conditions the served model was validated under ("clean" = broadband recordings as
+    # recorded; channel names of devrecd.audio.channel, e.g. "aac64"); other conditions are flagged.
+    validated_conditions: tuple[str, ...] = ("clean",)
 
     def __post_init__(self) -> None:
         problems = [msg for bad, msg in (
@@ -75,6 +78,13 @@ class BackendConfig:
              f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}"),
             (self.cuda_graphs and self.device == "cpu", "cuda_graphs needs a CUDA device (device = auto or cuda)"),
         ) if bad]
+        if self.validated_conditions != ("clean",):
+            from devrecd.audio.channel import CHANNELS  # lazily: the audio package imports this module
+
+            bad = [c for c in self.validated_conditions if c != "clean" and c not in CHANNELS]
+            if bad:
+                problems.append(f"validated_conditions: unknown condition(s) {', '.join(map(repr, bad))} "
+                                f"(known: clean, {', '.join(CHANNELS)})")
         if problems:
             raise ConfigError("backend: " + "; ".join(problems))
 
@@ -143,10 +153,22 @@ class TrainConfig:
     cache_dir: str = "~/.cache/devrecd/features"
     threads: int = 0  # torch intra-op threads (0 = torch's default)
     on_unusable: str = "skip"  # a recording that cannot be used: "skip" it (listed in the run) or "fail" the run
+    channel_augment: tuple[str, ...] = ()  # codec / band-limit channels to train through, e.g. ("aac64", "amrnb", "tel")
+    channel_augment_p: float = 0.5  # per recording and epoch: probability of passing through one of them
 
     def __post_init__(self) -> None:
+        problems = []
         if self.on_unusable not in ("skip", "fail"):
-            raise ConfigError(f"train.on_unusable must be 'skip' or 'fail', not {self.on_unusable!r}")
+            problems.append(f"on_unusable must be 'skip' or 'fail', not {self.on_unusable!r}")
+        if not 0.0 <= self.channel_augment_p <= 1.0:
+            problems.append("channel_augment_p must be in [0, 1]")
+        if self.channel_augment:
+            from devrecd.audio.channel import CHANNELS  # lazily: the audio package imports this module
+
+            problems += [f"channel_augment: unknown channel {n!r} (known: {', '.join(CHANNELS)})"
+                         for n in self.channel_augment if n not in CHANNELS]
+        if problems:
+            raise ConfigError("train: " + "; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -176,6 +198,8 @@ class RegistryConfig:
     threshold: float = 0.5  # cosine score below which the verdict is "unknown device"
     use_calibration: bool = True  # use the threshold `devrecd calibrate` stored in the registry, when it has one
     target_far: float = 0.01  # `devrecd calibrate`: false-acceptance rate the threshold is chosen for
+    keep_references: bool = True  # `devrecd enroll` keeps the references' audio (by sha256) next to the registry
+    match_conditions: bool = True  # bring references to a questioned recording's codec / band before scoring
 
 
 @dataclass(frozen=True)

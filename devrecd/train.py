@@ -60,6 +60,8 @@ class TrainOptions:
     seed: int = 0
     hop_seconds: float = 1.0  # window hop over training recordings
     augment: bool = False  # random crop offset, gain and light noise on the waveform, each epoch
+    channel_augment: tuple[str, ...] = ()  # transmission channels (devrecd.audio.channel) drawn per recording and epoch
+    channel_augment_p: float = 0.5  # probability that a training recording goes through one of them in an epoch
     trainable: str = "all"  # fine-tuning only: softmax | mlp | all
     loss: str = "softmax"  # "aam": AAM-softmax through model.margin_logits(x, y) (embedders, e.g. arch asp)
     hparams: dict[str, Any] = field(default_factory=dict)  # architecture hyper-parameters
@@ -85,9 +87,26 @@ class TrainOptions:
             (not self.hop_seconds > 0, "hop_seconds must be > 0"),
             (self.trainable not in TRAINABLE, f"trainable must be one of {', '.join(TRAINABLE)}"),
             (self.loss not in LOSSES, f"loss must be one of {', '.join(LOSSES)}"),
+            (not 0.0 <= self.channel_augment_p <= 1.0, "channel_augment_p must be in [0, 1]"),
         ) if bad]
+        problems += _channel_problems(self.channel_augment)
         if problems:
             raise ConfigError("train: " + "; ".join(problems))
+
+
+def _channel_problems(names: Sequence[str]) -> list[str]:
+    """Unknown channels, and channels whose encoder this FFmpeg lacks, named before any training starts."""
+    from devrecd.audio.channel import CHANNELS, encoder_available
+
+    out = []
+    for name in names:
+        ch = CHANNELS.get(name)
+        if ch is None:
+            out.append(f"channel_augment: unknown channel {name!r} (known: {', '.join(CHANNELS)})")
+        elif ch.encoder and not encoder_available(ch.encoder):
+            out.append(f"channel_augment: {name!r} needs the {ch.encoder} encoder, which the FFmpeg bundled with "
+                       "PyAV does not have")
+    return out
 
 
 @dataclass
@@ -252,16 +271,34 @@ def normalisation_stats(feats: Sequence[np.ndarray]) -> tuple[np.ndarray, np.nda
 
 
 class Augmenter:
-    """Fresh training windows each epoch: a random crop offset, a random gain and light noise,
-    applied to the waveform and passed through the one frontend (so the features stay exact)."""
+    """Fresh training windows each epoch: a random crop offset, a random gain and light noise
+    (``waveform``), and/or a transmission channel (codec or band limit, ``channels``, each recording
+    with probability ``channel_p``), applied to the waveform and passed through the one frontend
+    (so the features stay exact)."""
 
     def __init__(self, items: Sequence[Item], cfg: Config, hop_seconds: float, *, gain_db: float = 6.0,
-                 noise_dbfs: tuple[float, float] = (-70.0, -50.0), device: str = "cpu") -> None:
+                 noise_dbfs: tuple[float, float] = (-70.0, -50.0), device: str = "cpu", waveform: bool = True,
+                 channels: Sequence[str] = (), channel_p: float = 0.5) -> None:
         from devrecd.audio import read_evidence
+        from devrecd.audio.channel import get_channel
 
         self.cfg, self.hop, self.device = cfg, hop_seconds, device
         self.gain_db, self.noise_dbfs = gain_db, noise_dbfs
+        self.waveform = waveform
+        self.channels = [get_channel(n) for n in channels]
+        self.channel_p = channel_p
         self.waves = [read_evidence(it.path, cfg.frontend.sample_rate, cfg.audio) for it in items]
+        self._through: dict[tuple[int, str], np.ndarray] = {}  # a codec round trip is deterministic: once each
+
+    def _channel_samples(self, i: int, rng: np.random.Generator) -> np.ndarray:
+        rec = self.waves[i]
+        if not self.channels or rng.random() >= self.channel_p:
+            return rec.samples
+        ch = self.channels[int(rng.integers(len(self.channels)))]
+        key = (i, ch.name)
+        if key not in self._through:
+            self._through[key] = ch.apply(rec.samples, rec.sample_rate)
+        return self._through[key]
 
     def epoch_features(self, seed: int, epoch: int) -> list[np.ndarray]:
         """Per-recording (n, 128, 73) raw features for ``epoch`` (same seed and epoch, same features)."""
@@ -271,10 +308,15 @@ class Augmenter:
         rng = np.random.default_rng([seed, epoch, 0xA06])
         hop = int(round(self.hop * self.cfg.frontend.sample_rate))
         out = []
-        for rec in self.waves:
-            room = len(rec.samples) - self.cfg.frontend.clip_samples + 1
+        for i, rec in enumerate(self.waves):
+            samples = self._channel_samples(i, rng)
+            if not self.waveform:
+                out.append(extract(np.array(clips_for(replace(rec, samples=samples), self.cfg.frontend, self.hop),
+                                            dtype=np.float32), frontend_for(self.cfg.frontend), device=self.device))
+                continue
+            room = len(samples) - self.cfg.frontend.clip_samples + 1
             offset = int(rng.integers(0, max(1, min(hop, room))))
-            clips = np.array(clips_for(replace(rec, samples=rec.samples[offset:]), self.cfg.frontend, self.hop),
+            clips = np.array(clips_for(replace(rec, samples=samples[offset:]), self.cfg.frontend, self.hop),
                              dtype=np.float32)
             gains = 10.0 ** (rng.uniform(-self.gain_db, self.gain_db, (len(clips), 1)) / 20.0)
             noise = 10.0 ** (rng.uniform(*self.noise_dbfs, (len(clips), 1)) / 20.0)
@@ -421,7 +463,9 @@ def train(ds: Dataset, out: str | Path, cfg: Config, opts: TrainOptions, *, init
     val_data = to_split_data(val_feats, val_items, labels, mean, std)
     if len(train_data) < 2:
         raise DatasetError(f"{ds.root}: only {len(train_data)} training window(s)", reason="dataset_too_small")
-    augmenter = Augmenter(train_items, cfg, opts.hop_seconds, device=device) if opts.augment else None
+    augmenter = (Augmenter(train_items, cfg, opts.hop_seconds, device=device, waveform=opts.augment,
+                           channels=opts.channel_augment, channel_p=opts.channel_augment_p)
+                 if opts.augment or opts.channel_augment else None)
 
     use_train_threads(cfg)
     torch.manual_seed(opts.seed)

@@ -656,6 +656,9 @@ def test_daemon_judges_good_files_and_records_every_bad_one(tmp_path: Path, ccnu
         assert good["sha256"] == _sha(src[1]) and good["size"] == len(data), "judged the complete copy"
         assert good["device"] in {c["device"] for c in good["top_k"]} and 0 < good["score"] <= 1
         assert len(good["windows"]) >= 4 and good["resampled"] is False
+        # The recording's condition is measured and the verdict says what it was judged under.
+        assert good["condition"]["codec"] == "PCM_16" and good["condition"]["channel"] == ""
+        assert good["condition_status"] == "validated" and good["comparison"]["compared_under"] == "clean"
         assert set(good["timings"]) == {"decode", "features", "queue", "inference", "end_to_end"}
         assert by["копия.wav"]["duplicate_of"] == by["already here.wav"]["id"]
         assert by["копия.wav"]["device"] == by["already here.wav"]["device"]

@@ -35,8 +35,9 @@ import os
 import stat
 import struct
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
@@ -59,6 +60,9 @@ from devrecd.audio.errors import (
 )
 from devrecd.audio.levels import LevelMeter, rms_dbfs
 from devrecd.config import AudioConfig
+
+if TYPE_CHECKING:
+    from devrecd.audio.condition import Condition
 
 _READ_CHUNK = 1 << 20
 BLOCK_FRAMES = 1 << 16  # frames decoded at a time (2 MB of float32 at 8 channels)
@@ -85,6 +89,16 @@ class Recording:
     resampled: bool
     levels: dict | None = None  # rms_dbfs, peak, dc_offset, clip_fraction, flags (see devrecd.audio.levels)
     resolved_path: str | None = None  # where a followed symbolic link led
+    # The samples the condition is measured on when ``samples`` is only a stand-in (a streamed file):
+    # the recording's first devrecd.audio.condition.ANALYSIS_SECONDS.
+    excerpt: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    @cached_property
+    def condition(self) -> Condition:
+        """The recording's condition (:class:`devrecd.audio.condition.Condition`), measured once."""
+        from devrecd.audio.condition import measure_condition
+
+        return measure_condition(self)
 
     @property
     def duration(self) -> float:
@@ -106,6 +120,7 @@ class Recording:
             "decoder": self.decoder,
             "resampled": self.resampled,
             "levels": self.levels,
+            "condition": self.condition.to_json(),
         }
         if self.resolved_path:
             out["resolved_path"] = self.resolved_path
@@ -229,6 +244,9 @@ class EvidenceStream:
         self.expected_frames = 0  # at the model rate, from the header (0: unknown)
         self.n_samples = 0  # mono samples at the model rate yielded so far
         self.meter = LevelMeter()
+        # The first ANALYSIS_SECONDS at the model rate, kept for the condition (bounded: 15 MB at 32 kHz).
+        self._excerpt = np.empty(0, np.float32)
+        self._excerpt_n = 0
         self._fd = -1
         try:
             self._open(confine)
@@ -295,6 +313,7 @@ class EvidenceStream:
                 self.meter.update(mono)
                 out = resampler.resample_chunk(mono, last=False) if resampler is not None else mono
                 if len(out):
+                    self._keep_excerpt(out)
                     self.n_samples += len(out)
                     yield out
             if native == 0:
@@ -302,11 +321,28 @@ class EvidenceStream:
             if resampler is not None:
                 tail = resampler.resample_chunk(np.zeros(0, np.float32), last=True)
                 if len(tail):
+                    self._keep_excerpt(tail)
                     self.n_samples += len(tail)
                     yield tail
             self._check_end(native)
         except AudioError as exc:
             raise self.tag(exc) from None
+
+    def _keep_excerpt(self, block: np.ndarray) -> None:
+        from devrecd.audio.condition import ANALYSIS_SECONDS
+
+        cap = int(ANALYSIS_SECONDS * self.sample_rate)
+        if self._excerpt_n >= cap:
+            return
+        if not len(self._excerpt):
+            self._excerpt = np.empty(min(cap, max(self.expected_frames + 64, len(block))), np.float32)
+        take = block[: cap - self._excerpt_n]
+        if self._excerpt_n + len(take) > len(self._excerpt):
+            grown = np.empty(min(cap, max(2 * len(self._excerpt), self._excerpt_n + len(take))), np.float32)
+            grown[: self._excerpt_n] = self._excerpt[: self._excerpt_n]
+            self._excerpt = grown
+        self._excerpt[self._excerpt_n : self._excerpt_n + len(take)] = take
+        self._excerpt_n += len(take)
 
     def _check_end(self, native: int) -> None:
         cfg, path = self.cfg, self.path
@@ -330,12 +366,14 @@ class EvidenceStream:
         """The :class:`Recording` (after :meth:`blocks` is exhausted): with the decoded ``samples``, or
         without them (a zero-strided stand-in of the right length, no memory) for its description.
         The one place a Recording is built from a file."""
+        excerpt = None
         if samples is None:
             samples = np.broadcast_to(np.zeros(1, np.float32), (self.n_samples,))
+            excerpt = self._excerpt[: self._excerpt_n]
         return Recording(path=str(self.path), sha256=self.sha256 or "", size=self.size or 0, samples=samples,
                          sample_rate=self.sample_rate, native_rate=self.native_rate, channels=self.channels,
                          codec=self.codec, container=self.container, decoder=self.decoder, resampled=self.resampled,
-                         levels=self.levels(), resolved_path=self.resolved_path)
+                         levels=self.levels(), resolved_path=self.resolved_path, excerpt=excerpt)
 
     def describe(self) -> dict:
         """:meth:`Recording.describe` of this file (after :meth:`blocks` is exhausted)."""

@@ -137,6 +137,9 @@ def calibrate(
     as_json: bool = typer.Option(False, "--json", help="Print the calibration as JSON."),
     plots: Optional[Path] = typer.Option(None, "--plots", help="Folder for tippett.png, det.png and lr-calibration.json "
                                          "(default: REGISTRY-calibration/ beside the registry)."),
+    conditions: Optional[list[str]] = typer.Option(
+        None, "--condition", help="Calibrate under a channel (aac64, amrnb, tel, ...; repeatable): trials pass "
+        "through it and references are matched to it. Verdicts under other conditions get no LR."),
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Set the open-set threshold for a false-acceptance rate and fit score -> LLR calibration.
@@ -162,10 +165,16 @@ def calibrate(
     if not items:
         raise ConfigError(f"{dataset}: no recordings in {'groups ' + groups if groups else 'split ' + split}")
     chosen = registry_scorer(reg, model=model, device=resolve_device(cfg.backend.device))
-    trials = score_recordings(reg, chosen, [(str(it.path), it.device) for it in items], cfg)
+    pairs = [(str(it.path), it.device) for it in items]
+    if conditions:
+        from devrecd.openset.matching import calibration_trials_under
+
+        trials = calibration_trials_under(reg, chosen, pairs, cfg, conditions)
+    else:
+        trials = score_recordings(reg, chosen, pairs, cfg)
     cal = calibrate_registry(reg, trials, target_far=cfg.registry.target_far,
                              source={"dataset": str(dataset), "selection": groups or split,
-                                     "dataset_sha256": ds.manifest_sha256})
+                                     "dataset_sha256": ds.manifest_sha256, "conditions": list(conditions or ["clean"])})
     lr_note, lr = _calibrate_lr(reg, trials, chosen.describe(), plots)
     reg.save()
     if as_json:

@@ -81,7 +81,7 @@ class Pipeline:
     def __init__(self, cfg: Config, backend: BackendLike, *, journal: Journal, verdict_log: VerdictLog | None,
                  metrics: Metrics, device: str = "cpu", rejudge_duplicates: bool | None = None,
                  on_record: Callable[[dict], None] | None = None, liveness: Liveness | None = None,
-                 judge: Callable[[np.ndarray], dict] | None = None, roots: Sequence[str] | None = None) -> None:
+                 judge: Callable[[np.ndarray, dict], dict] | None = None, roots: Sequence[str] | None = None) -> None:
         self.cfg = cfg
         # Watched folders: symbolic links leading out of them are refused unless
         # watch.follow_external_links (None: files named by the user, followed anywhere).
@@ -319,7 +319,12 @@ class Pipeline:
                                    backend=self.backend_info, timings=job.timings)
             if self.judge is not None:  # open set: the registry's verdict, the closed-set one kept beside it
                 feats = unit.features
-                record = with_open_set(record, self.judge(feats.cpu().numpy() if hasattr(feats, "cpu") else feats))
+                record = with_open_set(record, self.judge(feats.cpu().numpy() if hasattr(feats, "cpu") else feats,
+                                                          job.recording))
+            else:  # closed set: the condition judged under, and whether the model was validated there
+                from devrecd.openset.matching import closed_set_comparison
+
+                record.update(closed_set_comparison(job.recording.get("condition"), self.cfg.backend.validated_conditions))
             record = self.recorder.commit(job.entry_id, "judged", record, sha256=job.recording["sha256"])
             if record is not None:
                 self._count("judged", job, record)
@@ -391,7 +396,7 @@ def load_serving_backend(cfg: Config, metrics: Metrics | None = None) -> Backend
     return backend
 
 
-def registry_judge(cfg: Config, device: str) -> Callable[[np.ndarray], dict] | None:
+def registry_judge(cfg: Config, device: str) -> Callable[[np.ndarray, dict], dict] | None:
     """The open-set judge when ``registry.path`` is configured (closed-set labels otherwise)."""
     if not cfg.registry.path:
         return None

@@ -52,6 +52,12 @@ def enrol_files(registry: Registry, scorer: Any, name: str, paths: Sequence[str 
                                seconds=float(rec.duration), enrolled_at=_now()), scorer.recording_vector(feats)))
         if on_file is not None:
             on_file(str(path), int(feats.shape[0]))
+    if cfg.registry.keep_references:  # the audio itself, by hash: references can be brought to any condition later
+        from devrecd.openset.matching import ReferenceStore
+
+        store = ReferenceStore.for_registry(registry.path)
+        for path, (ref, _) in zip(paths, refs):
+            store.put(path, sha256=ref.sha256)
     fresh = not registry.profiles
     added = registry.enroll(name, desc, refs)
     if fresh and added[0]:
@@ -163,11 +169,37 @@ class RegistryJudge:
                                 reason="frontend_mismatch")
         self.threshold, self.threshold_source = resolve_threshold(self.registry, cfg.registry)
         self.top_k = cfg.watch.top_k
+        from devrecd.openset.matching import ConditionMatcher, ReferenceStore
 
-    def judge(self, features: np.ndarray) -> dict[str, Any]:
-        """Verdict fields (device, score, llr, candidate, open_set, top_k, windows_best) of one recording."""
+        self.match_conditions = cfg.registry.match_conditions
+        store = ReferenceStore.for_registry(self.registry.path)
+        self.store = store if store.root.is_dir() else None
+        self.matcher = ConditionMatcher(store, self.scorer.frontend, cfg.audio, device=device)
+        self._matched: dict[str, Registry] = {}  # channel name -> the registry with references under it
+
+    def judge(self, features: np.ndarray, recording: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Verdict fields (device, score, llr, candidate, open_set, top_k, windows_best, comparison,
+        condition_status) of one recording; ``recording`` (its ``describe()``) carries its condition."""
+        from devrecd.openset.matching import condition_report, matched_registry, resolve_comparison, validated_conditions
         from devrecd.openset.scoring import identify_vectors
 
-        return identify_vectors(self.scorer.recording_vector(features), self.scorer.window_vectors(features),
-                                self.registry, threshold=self.threshold, k=self.top_k,
-                                threshold_source=self.threshold_source, score=self.scorer.score)
+        reg = self.registry
+        condition = (recording or {}).get("condition")
+        profiles = [[r.sha256 for r in reg.profiles[n].references] for n in reg.names]
+        channel, under, refs, note = resolve_comparison(condition, self.store, profiles, self.match_conditions)
+        if channel is not None:
+            if channel.name not in self._matched:
+                self._matched[channel.name] = matched_registry(reg, self.matcher, channel, self.scorer.recording_vector)
+            reg = self._matched[channel.name]
+        fields = identify_vectors(self.scorer.recording_vector(features), self.scorer.window_vectors(features),
+                                  reg, threshold=self.threshold, k=self.top_k,
+                                  threshold_source=self.threshold_source, score=self.scorer.score)
+        report = condition_report(condition, under, refs, validated_conditions(self.registry.calibration_info), note)
+        report.pop("questioned")  # the record carries the recording's condition already
+        if report["status"] != "validated":  # outside what the calibration measured: no likelihood ratio
+            fields["llr"] = None
+            for row in fields["top_k"]:
+                row.pop("llr", None)
+        fields["comparison"] = report
+        fields["condition_status"] = report["status"]
+        return fields

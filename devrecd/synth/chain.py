@@ -19,10 +19,8 @@ variation drawn from the recording's own generator.
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -296,31 +294,13 @@ def encode_decode(x: np.ndarray, rate: int, codec: str, bitrate: int) -> tuple[n
     """Encode mono float samples with a phone codec in memory and decode them back: (samples, rate)."""
     if codec == "pcm":
         return x, rate
-    import av
-
-    from devrecd.audio.decode import _decode  # the project's one decoder, reused for the round trip
-    from devrecd.config import AudioConfig
+    from devrecd.audio.channel import ChannelError, codec_round_trip  # the one codec implementation
 
     encoder, fmt, _, _ = CODECS[codec]
-    pcm = (np.clip(x, -1.0, 1.0) * 32767.0).astype(np.int16)[None]
-    buf = io.BytesIO()
     try:
-        with av.open(buf, "w", format=fmt) as out:
-            stream = out.add_stream(encoder, rate=rate, layout="mono")
-            stream.bit_rate = bitrate
-            frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
-            frame.sample_rate = rate
-            for packet in stream.encode(frame):
-                out.mux(packet)
-            for packet in stream.encode(None):
-                out.mux(packet)
-    except (av.error.FFmpegError, ValueError) as exc:
-        raise SynthError(f"the {codec} encoder ({encoder}) failed: {exc}; FFmpeg in PyAV must provide it",
-                         reason="synth_encoder") from None
-    decoded, out_rate, *_ = _decode(Path(f"<{codec} round trip>"), buf.getvalue(), AudioConfig(min_seconds=0.0))
-    if decoded.ndim > 1:
-        decoded = decoded.mean(axis=1)
-    return decoded.astype(np.float64), out_rate
+        return codec_round_trip(x, rate, encoder, fmt, bitrate)
+    except ChannelError as exc:
+        raise SynthError(f"the {codec} encoder ({encoder}) failed: {exc}", reason="synth_encoder") from None
 
 
 def _resample(x: np.ndarray, rate_in: int, rate_out: int, quality: str) -> np.ndarray:

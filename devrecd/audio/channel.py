@@ -1,0 +1,220 @@
+"""Transmission channels: pass audio through a named condition (a codec at its bit rate and native
+rate, or a band limit) and back to the caller's rate.
+
+One implementation for everything that needs a channel: the device simulator's encoder stage
+(:func:`codec_round_trip`), codec/band-limit augmentation in training, condition matching of
+references before scoring (:mod:`devrecd.openset.matching`) and ``benchmarks/codecs.py``.
+
+    x at rate r -> soxr (VHQ) to the codec's native rate -> encode (FFmpeg via PyAV, in memory)
+      -> decode with the project's one decoder -> soxr back to r -> same length as x
+
+Codec delay (encoder priming, look-ahead) is removed by cross-correlation with the input, so a
+channel never shifts the audio in time. An encoder missing from the FFmpeg that PyAV bundles is a
+:class:`ChannelUnavailable` error naming it; nothing is substituted for it.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from devrecd.errors import DevrecdError
+
+RESAMPLE_QUALITY = "VHQ"  # soxr: the project's resampler everywhere audio changes rate
+
+
+class ChannelError(DevrecdError):
+    """A channel cannot be applied (unknown name, bad audio, the encoder failed)."""
+
+    reason = "channel"
+
+
+class ChannelUnavailable(ChannelError):
+    """The channel's encoder is not in the FFmpeg build that PyAV bundles."""
+
+    reason = "channel_unavailable"
+
+
+@dataclass(frozen=True)
+class Channel:
+    """A named transmission condition.
+
+    ``encoder`` empty = a pure band limit (``low_hz``..``high_hz`` at ``rate``, 16-bit); otherwise
+    the PyAV encoder, its container format, bit rate (bit/s) and native sample rate.
+    """
+
+    name: str
+    description: str
+    rate: int  # native rate of the channel (Hz)
+    encoder: str = ""
+    container: str = ""
+    bitrate: int = 0
+    codec: str = ""  # the decoder's codec name, as a decoded Recording reports it
+    low_hz: float = 0.0  # band-limit channels: pass band
+    high_hz: float = 0.0
+
+    def to_json(self) -> dict:
+        out = {"name": self.name, "description": self.description, "rate": self.rate}
+        if self.encoder:
+            out.update(codec=self.codec, encoder=self.encoder, bitrate=self.bitrate)
+        else:
+            out.update(low_hz=self.low_hz, high_hz=self.high_hz)
+        return out
+
+    def apply(self, x: np.ndarray, rate: int) -> np.ndarray:
+        """``x`` (mono float, at ``rate``) through this channel: float32 at ``rate``, same length."""
+        return apply_channel(self, x, rate)
+
+
+# The named conditions (bit rates and native rates as phones, messaging apps and call recorders use them).
+CHANNELS: dict[str, Channel] = {c.name: c for c in (
+    Channel("aac64", "AAC-LC 64 kbit/s, 48 kHz (voice memos, messaging apps, exports)", 48000,
+            "aac", "adts", 64000, "aac"),
+    Channel("opus32", "Opus 32 kbit/s, 48 kHz (voice messages)", 48000,
+            "libopus", "ogg", 32000, "opus"),
+    Channel("opus16", "Opus 16 kbit/s, 48 kHz (voice messages on a poor link)", 48000,
+            "libopus", "ogg", 16000, "opus"),
+    Channel("amrnb", "AMR-NB 12.2 kbit/s, 8 kHz (GSM/UMTS call recordings)", 8000,
+            "libopencore_amrnb", "amr", 12200, "amrnb"),
+    Channel("amrwb", "AMR-WB 23.85 kbit/s, 16 kHz (HD-voice call recordings)", 16000,
+            "libvo_amrwbenc", "amr", 23850, "amrwb"),
+    Channel("mp3_64", "MP3 64 kbit/s, 44.1 kHz (re-encoded exports)", 44100,
+            "libmp3lame", "mp3", 64000, "mp3"),
+    Channel("tel", "telephone band 300-3400 Hz, 8 kHz, 16-bit", 8000,
+            low_hz=300.0, high_hz=3400.0),
+)}
+
+
+def get_channel(name: str) -> Channel:
+    """A channel by name (``aac64``, ``opus32``, ``opus16``, ``amrnb``, ``amrwb``, ``mp3_64``, ``tel``)."""
+    try:
+        return CHANNELS[name]
+    except KeyError:
+        raise ChannelError(f"unknown channel {name!r} (known: {', '.join(CHANNELS)})", reason="unknown_channel") from None
+
+
+def band_limit(low_hz: float, high_hz: float, rate: int = 0) -> Channel:
+    """A pure band limit (a measured band of a recording whose codec is not known)."""
+    low_hz, high_hz = float(round(low_hz)), float(round(high_hz))  # whole Hz: the name says it exactly
+    if not 0.0 <= low_hz < high_hz:
+        raise ChannelError(f"a band limit needs 0 <= low < high, got {low_hz:g}-{high_hz:g} Hz")
+    rate = rate or max(8000, int(2 * round(high_hz * 1.1 / 1000.0) * 1000))
+    return Channel(f"band{int(low_hz)}-{int(high_hz)}",
+                   f"band limit {low_hz:.0f}-{high_hz:.0f} Hz (measured)", rate,
+                   low_hz=float(low_hz), high_hz=float(high_hz))
+
+
+@lru_cache(maxsize=None)
+def encoder_available(encoder: str) -> bool:
+    """Whether PyAV's FFmpeg has this audio encoder."""
+    import av
+
+    try:
+        av.codec.Codec(encoder, "w")
+    except Exception:  # av raises UnknownCodecError (a ValueError) or FFmpegError by version
+        return False
+    return True
+
+
+def available_channels() -> list[str]:
+    """Names of the channels this installation can apply."""
+    return [c.name for c in CHANNELS.values() if not c.encoder or encoder_available(c.encoder)]
+
+
+def resample(x: np.ndarray, rate_in: int, rate_out: int, quality: str = RESAMPLE_QUALITY) -> np.ndarray:
+    if rate_in == rate_out:
+        return np.asarray(x, dtype=np.float64)
+    import soxr
+
+    return soxr.resample(np.asarray(x, dtype=np.float64), rate_in, rate_out, quality=quality)
+
+
+def encode(x: np.ndarray, rate: int, encoder: str, container: str, bitrate: int) -> bytes:
+    """Encode mono float samples (at ``rate``, a rate the encoder takes) in memory: the file's bytes."""
+    import av
+
+    if not encoder_available(encoder):
+        raise ChannelUnavailable(
+            f"the FFmpeg bundled with PyAV {av.__version__} has no {encoder} encoder; this channel cannot be "
+            "applied here (install a PyAV built against an FFmpeg with it)")
+    pcm = (np.clip(x, -1.0, 1.0) * 32767.0).astype(np.int16)[None]
+    buf = io.BytesIO()
+    try:
+        with av.open(buf, "w", format=container) as out:
+            stream = out.add_stream(encoder, rate=rate, layout="mono")
+            stream.bit_rate = bitrate
+            frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
+            frame.sample_rate = rate
+            for packet in stream.encode(frame):
+                out.mux(packet)
+            for packet in stream.encode(None):
+                out.mux(packet)
+    except (av.error.FFmpegError, ValueError) as exc:
+        raise ChannelError(f"the {encoder} encoder failed at {rate} Hz, {bitrate} bit/s: {exc}") from None
+    return buf.getvalue()
+
+
+def codec_round_trip(x: np.ndarray, rate: int, encoder: str, container: str, bitrate: int) -> tuple[np.ndarray, int]:
+    """Encode mono float samples (at ``rate``) in memory and decode them back with the project's decoder.
+
+    Returns (float64 samples, decoded rate). The decoded audio is not delay-compensated.
+    """
+    from devrecd.audio.decode import _decode  # the project's one decoder, reused for the round trip
+    from devrecd.config import AudioConfig
+
+    data = encode(x, rate, encoder, container, bitrate)
+    decoded, out_rate, *_ = _decode(Path(f"<{encoder} round trip>"), data, AudioConfig(min_seconds=0.0))
+    if decoded.ndim > 1:
+        decoded = decoded.mean(axis=1)
+    return decoded.astype(np.float64), int(out_rate)
+
+
+def encode_file(x: np.ndarray, rate: int, channel: Channel) -> bytes:
+    """``x`` (mono, at ``rate``) resampled to the channel's rate and encoded: the bytes of a file in the
+    channel's container (a questioned recording as a messaging app or a call recorder would store it)."""
+    if not channel.encoder:
+        raise ChannelError(f"channel {channel.name!r} is a band limit, not a codec: it has no file format")
+    return encode(resample(x, rate, channel.rate), channel.rate, channel.encoder, channel.container, channel.bitrate)
+
+
+def _align(y: np.ndarray, ref: np.ndarray, max_lag: int) -> np.ndarray:
+    """``y`` shifted by the lag (0..max_lag samples late) that best matches ``ref``, trimmed/padded to len(ref)."""
+    n = len(ref)
+    if max_lag > 0 and n > 0:
+        from scipy.signal import correlate
+
+        seg = min(n, 1 << 16)
+        c = correlate(y[: seg + max_lag], ref[:seg], mode="valid", method="fft")
+        lag = int(np.argmax(c[: max_lag + 1])) if len(c) else 0
+        y = y[lag:]
+    return np.pad(y, (0, max(0, n - len(y))))[:n]
+
+
+def apply_channel(channel: Channel, x: np.ndarray, rate: int) -> np.ndarray:
+    """See :meth:`Channel.apply`."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 1 or x.size == 0:
+        raise ChannelError(f"a channel takes non-empty mono audio, got shape {x.shape}")
+    if rate <= 0:
+        raise ChannelError(f"sample rate must be > 0, got {rate}")
+    native = resample(x, rate, channel.rate)
+    if channel.encoder:
+        y, out_rate = codec_round_trip(native, channel.rate, channel.encoder, channel.container, channel.bitrate)
+        y = _align(y, native, max_lag=int(0.2 * out_rate))  # codec delays are well under 200 ms
+    else:
+        from scipy.signal import butter, sosfiltfilt
+
+        nyq = channel.rate / 2.0
+        hi = min(channel.high_hz, 0.98 * nyq)
+        sos = (butter(8, [channel.low_hz / nyq, hi / nyq], "bandpass", output="sos") if channel.low_hz > 0
+               else butter(8, hi / nyq, "lowpass", output="sos"))
+        y = sosfiltfilt(sos, native)  # zero phase: no delay to undo
+        y = np.round(np.clip(y, -1.0, 1.0) * 32767.0) / 32768.0  # 16-bit PCM, as a telephone exchange delivers
+        out_rate = channel.rate
+    back = resample(y, out_rate, rate)
+    back = np.pad(back, (0, max(0, len(x) - len(back))))[: len(x)]
+    return np.clip(back, -1.0, 1.0).astype(np.float32)

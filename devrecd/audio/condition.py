@@ -1,0 +1,216 @@
+"""The condition of a recording: what the file says (container, codec, bit rate, native rate,
+channels) and what the signal says (its effective audio band, measured from the long-term spectrum).
+
+The measured band is what survives re-packaging: an AMR-NB call recording converted to a 32 kHz
+WAV still has nothing above ~4 kHz, and a telephone-band recording nothing below ~300 Hz. A codec
+or a band limit leaves a *cliff* in the long-term average spectrum (tens of dB within a few hundred
+Hz, down to the resampler's or the quantiser's floor), where a microphone's own roll-off is gradual;
+the edge and the depth of that cliff are both reported.
+
+:func:`condition_channel` turns a condition into the channel (:mod:`devrecd.audio.channel`) that
+references must pass through to be compared like with like with this recording.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from devrecd.audio.channel import CHANNELS, Channel, band_limit
+
+if TYPE_CHECKING:
+    from devrecd.audio.decode import Recording
+
+ANALYSIS_SECONDS = 120.0  # at most this much audio (spread over the recording) enters the spectrum
+_BLOCK_SECONDS = 2.0
+REF_BAND = (200.0, 4000.0)  # the speech band the level reference is taken from
+EDGE_BELOW_REF_DB = 60.0  # without a cliff, the band ends where the spectrum is this far below the speech level
+# A codec or band limit: the spectrum falls CLIFF_DB within CLIFF_HZ and never comes back above
+# (band level - CLIFF_DB + BACK_DB) beyond the edge; a microphone's roll-off or a notch does neither.
+CLIFF_DB = 30.0
+CLIFF_HZ = 400.0
+BACK_DB = 10.0
+LOW_CLIFF_DB = 40.0  # the lower edge (a 300 Hz telephone high-pass) must be steeper than any phone's own high-pass
+LOW_CLIFF_HZ = 150.0
+LOSSLESS = {"PCM_16", "PCM_24", "PCM_32", "PCM_S8", "PCM_U8", "FLOAT", "DOUBLE", "FLAC", "ALAC", "pcm_s16le",
+            "pcm_s24le", "pcm_s32le", "pcm_f32le", "pcm_s16be", "flac", "alac"}
+# What the two decoders call a codec -> the channels' codec names.
+CODEC_ALIASES = {"OPUS": "opus", "libopus": "opus", "MPEG_LAYER_III": "mp3", "mp3float": "mp3",
+                 "amr_nb": "amrnb", "libopencore_amrnb": "amrnb", "amr_wb": "amrwb", "libopencore_amrwb": "amrwb",
+                 "aac_fixed": "aac", "libfdk_aac": "aac"}
+# Decoder codec name -> channels with that encoder (the bit rate picks one).
+_CODEC_CHANNELS: dict[str, list[Channel]] = {}
+for _c in CHANNELS.values():
+    if _c.codec:
+        _CODEC_CHANNELS.setdefault(_c.codec, []).append(_c)
+
+
+@dataclass(frozen=True)
+class Band:
+    """The effective audio band of a signal, from its long-term average spectrum."""
+
+    low_hz: float  # lowest frequency within the band (a high-pass edge: ~300 Hz for a telephone band)
+    high_hz: float  # highest frequency within the band (the codec's or the device's upper edge)
+    high_drop_db: float  # how far the spectrum falls within CLIFF_HZ above high_hz
+    low_drop_db: float  # how far it falls within CLIFF_HZ below low_hz
+    nyquist_hz: float
+
+    @property
+    def high_limited(self) -> bool:
+        """A sharp upper edge below the Nyquist frequency: a codec or a band limit, not a microphone."""
+        return self.high_drop_db >= CLIFF_DB and self.high_hz < 0.9 * self.nyquist_hz
+
+    @property
+    def low_limited(self) -> bool:
+        """A sharp lower edge (a telephone band's 300 Hz high-pass)."""
+        return self.low_drop_db >= LOW_CLIFF_DB and self.low_hz >= 150.0
+
+
+def measure_band(samples: np.ndarray, rate: int) -> Band:
+    """Measure the effective band of mono ``samples`` at ``rate`` (see the module docstring)."""
+    from scipy.signal import welch
+
+    x = _analysis_excerpt(np.asarray(samples, dtype=np.float64), rate)
+    nper = 1 << max(8, int(round(math.log2(rate / 16.0))))  # ~16 Hz bins: sharp enough for a cliff
+    nper = min(nper, 1 << int(math.log2(max(256, len(x)))))
+    f, p = welch(x, rate, nperseg=nper, noverlap=nper // 2, detrend="constant")
+    level = _median_smooth(10.0 * np.log10(p + 1e-30), 5)
+    nyq = rate / 2.0
+    df = float(f[1] - f[0])
+    band = (f >= REF_BAND[0]) & (f <= min(REF_BAND[1], 0.45 * rate))
+    ref = float(np.percentile(level[band], 90)) if band.any() else float(level.max())
+
+    hi_i, hi_drop = _upper_cliff(level, f, max(2, int(round(CLIFF_HZ / df))), nyq)
+    if hi_i is None:  # no cliff: where the spectrum has faded far below the speech level
+        above = np.flatnonzero(level > ref - EDGE_BELOW_REF_DB)
+        hi_i = int(above[-1]) if above.size else len(f) - 1
+        k = max(2, int(round(CLIFF_HZ / df)))
+        hi_drop = float(np.median(level[max(0, hi_i - k): hi_i + 1]) - np.median(level[hi_i + 1: hi_i + 1 + k])) \
+            if hi_i + 2 < len(level) else 0.0
+    lo_i, lo_drop = _lower_cliff(level, f, max(2, int(round(LOW_CLIFF_HZ / df))))
+    return Band(low_hz=round(float(f[lo_i]), 1), high_hz=round(float(f[hi_i]), 1),
+                high_drop_db=round(hi_drop, 1), low_drop_db=round(lo_drop, 1), nyquist_hz=nyq)
+
+
+def _upper_cliff(level: np.ndarray, f: np.ndarray, k: int, nyq: float) -> tuple[int | None, float]:
+    """The lowest upper band edge with a cliff below 0.9 x Nyquist: (bin of the edge, depth in dB)."""
+    n = len(level)
+    tail_max = np.maximum.accumulate(level[::-1])[::-1]  # max of level[i:]
+    for i in range(k, n - k):
+        if f[i] >= 0.9 * nyq:
+            break
+        inside = float(np.median(level[i - k: i]))
+        if inside - float(np.median(level[i: i + k])) < CLIFF_DB:
+            continue
+        if tail_max[min(n - 1, i + k)] > inside - CLIFF_DB + BACK_DB:
+            continue  # the spectrum comes back: a notch or a roll-off with a floor, not a band limit
+        # The edge: the last bin still within 10 dB of the band's level just inside it.
+        j = i - k + int(np.flatnonzero(level[i - k: i + k] >= inside - 10.0)[-1])
+        return j, inside - float(np.median(level[i: i + k]))
+    return None, 0.0
+
+
+def _lower_cliff(level: np.ndarray, f: np.ndarray, k: int) -> tuple[int, float]:
+    """A lower band edge with a cliff (>= 150 Hz): (bin, depth in dB); (0, 0.0) when there is none."""
+    lo0 = max(1, int(np.searchsorted(f, 50.0)))  # below 50 Hz: DC offset and its leakage, not the band
+    for i in range(len(level) - 3 * k):
+        if f[i] < 150.0:
+            continue
+        if f[i] > 1000.0:
+            break
+        inside = float(np.median(level[i: i + k]))
+        below = float(level[lo0:max(lo0 + 1, i - k // 2)].max())
+        if inside - below >= LOW_CLIFF_DB:
+            band = float(np.median(level[i: i + 3 * k]))  # the band's own level just above the edge
+            j = i + int(np.flatnonzero(level[i: i + 3 * k] >= band - 10.0)[0])
+            return j, band - below
+    return 0, 0.0
+
+
+def _analysis_excerpt(x: np.ndarray, rate: int) -> np.ndarray:
+    """At most ANALYSIS_SECONDS of ``x``, as blocks spread evenly over the whole recording."""
+    cap = int(ANALYSIS_SECONDS * rate)
+    if len(x) <= cap:
+        return x
+    block = int(_BLOCK_SECONDS * rate)
+    n = cap // block
+    starts = np.linspace(0, len(x) - block, n).astype(int)
+    return np.concatenate([x[s: s + block] for s in starts])
+
+
+def _median_smooth(v: np.ndarray, width: int) -> np.ndarray:
+    from scipy.ndimage import median_filter
+
+    return median_filter(v, size=width, mode="nearest")
+
+
+@dataclass(frozen=True)
+class Condition:
+    """The condition of one recording, recorded with every verdict."""
+
+    container: str
+    codec: str
+    decoder: str
+    bitrate: int  # average bit rate of the file: size * 8 / duration (bit/s), container overhead included
+    native_rate: int
+    channels: int
+    lossless: bool  # PCM / FLAC / ALAC: the file itself added no coding loss
+    band_low_hz: float
+    band_high_hz: float
+    band_high_drop_db: float
+    band_low_drop_db: float
+    band_limited: bool  # a sharp edge below the model rate's Nyquist (or a telephone high-pass)
+    channel: str  # the channel references must pass through to match this one ("" = none: broadband)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def measure_condition(rec: Recording) -> Condition:
+    """The condition of a decoded recording (header facts plus the band measured on its samples)."""
+    band = measure_band(rec.samples if rec.excerpt is None else rec.excerpt, rec.sample_rate)
+    native_seconds = len(rec.samples) / rec.sample_rate
+    bitrate = int(round(rec.size * 8 / native_seconds)) if native_seconds > 0 else 0
+    lossless = rec.codec in LOSSLESS or rec.codec.upper().startswith("PCM")
+    band_limited = band.high_limited or band.low_limited
+    channel = _channel_for(rec.codec, bitrate, lossless, band)
+    return Condition(container=rec.container, codec=rec.codec, decoder=rec.decoder, bitrate=bitrate,
+                     native_rate=rec.native_rate, channels=rec.channels, lossless=lossless,
+                     band_low_hz=band.low_hz, band_high_hz=band.high_hz, band_high_drop_db=band.high_drop_db,
+                     band_low_drop_db=band.low_drop_db, band_limited=band_limited, channel=channel.name if channel else "")
+
+
+def _channel_for(codec: str, bitrate: int, lossless: bool, band: Band) -> Channel | None:
+    """The named channel closest to this condition: the file's own codec at the nearest bit rate;
+    for a lossless file, the measured band limit; none for a broadband lossless recording."""
+    known = _CODEC_CHANNELS.get(CODEC_ALIASES.get(codec, codec))
+    if known:
+        return min(known, key=lambda c: abs(math.log(max(bitrate, 1) / c.bitrate)))
+    if lossless and (band.high_limited or band.low_limited):
+        low = band.low_hz if band.low_limited else 0.0
+        high = band.high_hz if band.high_limited else 0.95 * band.nyquist_hz
+        tel = CHANNELS["tel"]
+        if band.low_limited and abs(low - tel.low_hz) < 100 and abs(high - tel.high_hz) < 300:
+            return tel
+        return band_limit(low, high)
+    return None
+
+
+def condition_channel(cond: Condition | dict[str, Any]) -> Channel | None:
+    """The channel a recording of this condition was passed through (None: compare as is)."""
+    name = cond.channel if isinstance(cond, Condition) else str(cond.get("channel") or "")
+    if not name:
+        return None
+    if name in CHANNELS:
+        return CHANNELS[name]
+    if name.startswith("band"):
+        try:
+            low, high = (float(v) for v in name[4:].split("-"))
+        except ValueError:
+            pass
+        else:
+            return band_limit(low, high)
+    raise ValueError(f"unknown channel {name!r} in a recording's condition")

@@ -1,0 +1,53 @@
+"""Codec / band-limit augmentation of training recordings through the channel module."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from devrecd.audio.channel import encoder_available
+from devrecd.config import Config, load_config
+from devrecd.data import Item
+from devrecd.errors import ConfigError
+from devrecd.features import SLICE_FBANK
+from devrecd.train import Augmenter, TrainOptions
+
+
+def _items(ccnu_dir) -> list[Item]:
+    return [Item(path=ccnu_dir / f"{name}_1.wav", device=name, group="1", split="train")
+            for name in ("Apple_air1", "Honor9 STF-ALOO")]
+
+
+def test_amrnb_augmentation_band_limits_the_training_windows(ccnu_dir):
+    cfg = Config()
+    clean = Augmenter(_items(ccnu_dir), cfg, 2.0, waveform=False).epoch_features(0, 1)
+    amr = Augmenter(_items(ccnu_dir), cfg, 2.0, waveform=False, channels=("amrnb",), channel_p=1.0)
+    a1, a2 = amr.epoch_features(0, 1), amr.epoch_features(0, 1)
+    for c, a, b in zip(clean, a1, a2):
+        assert c.shape == a.shape
+        np.testing.assert_array_equal(a, b)  # same seed and epoch, same windows
+        # The top mel bands (above 4 kHz, linear energies) lose > 20 dB through AMR-NB; the low ones keep their level.
+        top = slice(SLICE_FBANK.stop - 10, SLICE_FBANK.stop)
+        assert c[..., top].mean() > 100 * a[..., top].mean()
+        low = slice(SLICE_FBANK.start + 2, SLICE_FBANK.start + 8)
+        assert 0.5 < c[..., low].mean() / a[..., low].mean() < 2.0
+
+
+def test_channel_probability_zero_is_clean(ccnu_dir):
+    cfg = Config()
+    clean = Augmenter(_items(ccnu_dir), cfg, 2.0, waveform=False).epoch_features(0, 1)
+    none = Augmenter(_items(ccnu_dir), cfg, 2.0, waveform=False, channels=("tel",), channel_p=0.0).epoch_features(0, 1)
+    for c, n in zip(clean, none):
+        np.testing.assert_array_equal(c, n)
+
+
+def test_channel_augment_config_is_checked():
+    with pytest.raises(ConfigError, match="unknown channel 'gsm'"):
+        load_config(None).with_overrides({"train.channel_augment": ["gsm"]})
+    with pytest.raises(ConfigError, match=r"channel_augment_p must be in \[0, 1\]"):
+        load_config(None).with_overrides({"train.channel_augment_p": 1.5})
+    opts = TrainOptions.from_config(load_config(None).with_overrides({"train.channel_augment": ["aac64", "tel"]}).train)
+    assert opts.channel_augment == ("aac64", "tel")
+    if not encoder_available("libvo_amrwbenc"):
+        with pytest.raises(ConfigError, match="libvo_amrwbenc"):
+            TrainOptions(channel_augment=("amrwb",)).validate()

@@ -1,0 +1,176 @@
+"""Condition matching on real CCNU phones: the reference store, matched scoring, and honest verdicts."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from devrecd.audio.channel import encode_file, get_channel
+from devrecd.config import Config, load_config
+from devrecd.errors import ArtifactError
+from devrecd.features import SLICE_FBANK
+from devrecd.openset.matching import (
+    CLEAN,
+    ConditionMatcher,
+    ReferenceStore,
+    condition_report,
+    matched_scores,
+    resolve_comparison,
+)
+
+PHONES = ["Apple_air1", "Honor9 STF-ALOO", "IPHONEX", "ZTE C880A", "huawei_nova"]
+
+
+def _write_amr(src: Path, dest: Path) -> Path:
+    import soundfile as sf
+
+    x, rate = sf.read(src, dtype="float32")
+    dest.write_bytes(encode_file(x, rate, get_channel("amrnb")))
+    return dest
+
+
+def ltas_scorer(questioned: np.ndarray, refs) -> np.ndarray:
+    """A scorer that needs no network: cosine of mean-removed log long-term mel spectra."""
+
+    def emb(f: np.ndarray) -> np.ndarray:
+        e = np.log(f[..., SLICE_FBANK].mean(axis=(0, 1)) + 1e-10)
+        e = e - e.mean()
+        return e / np.linalg.norm(e)
+
+    q = emb(questioned)
+    prof = [np.mean([emb(r) for r in rs], axis=0) for rs in refs]
+    return np.array([p @ q / np.linalg.norm(p) for p in prof])
+
+
+def test_reference_store_is_content_addressed_read_only_and_verified(ccnu_dir, tmp_path):
+    store = ReferenceStore.for_registry(tmp_path / "case" / "registry.json")
+    src = ccnu_dir / "IPHONEX_1.wav"
+    sha = store.put(src)
+    p = store.path(sha)
+    assert p.parent == tmp_path / "case" / "registry.refs" and p.name == sha
+    assert stat.S_IMODE(p.stat().st_mode) & 0o222 == 0  # nobody may write the copy
+    assert store.read(sha) == src.read_bytes() and store.put(src) == sha  # idempotent
+    with pytest.raises(ArtifactError, match="not the enrolled reference"):
+        store.put(src, sha256="0" * 64)
+    os.chmod(p, 0o644)
+    p.write_bytes(b"RIFF tampered")
+    with pytest.raises(ArtifactError, match="does not match its sha256"):
+        store.read(sha)
+    with pytest.raises(ArtifactError, match="not a sha256"):
+        store.path("../../etc/passwd")
+
+
+def test_matching_restores_identification_through_amr_nb(ccnu_dir, tmp_path):
+    """AMR-NB questioned recordings against clean references are mostly misjudged; matched, all right."""
+    from devrecd.audio import read_evidence
+    from devrecd.features import extract
+    from devrecd.pipeline import clips_for, frontend_for
+
+    cfg = load_config(overrides={"audio.hop_seconds": 2.0})
+    store = ReferenceStore(tmp_path / "refs")
+    profiles = [[store.put(ccnu_dir / f"{p}_{s}.wav") for s in (1, 2, 3)] for p in PHONES]
+    matcher = ConditionMatcher(store, cfg.frontend, cfg.audio)
+    right = {"matched": 0, "mismatched": 0}
+    for i, phone in enumerate(PHONES):
+        for seg in (4, 5):
+            rec = read_evidence(_write_amr(ccnu_dir / f"{phone}_{seg}.wav", tmp_path / f"q{i}{seg}.amr"), 32000)
+            channel, under, refs, _ = resolve_comparison(rec.describe()["condition"], store, profiles, True)
+            assert (channel.name, under, refs) == ("amrnb", "amrnb", "matched")
+            q = extract(clips_for(rec, cfg.frontend, 1.0), frontend_for(cfg.frontend))
+            right["matched"] += int(np.argmax(matched_scores(q, profiles, channel, matcher, ltas_scorer)) == i)
+            right["mismatched"] += int(np.argmax(matched_scores(q, profiles, None, matcher, ltas_scorer)) == i)
+    assert right["matched"] >= 9 and right["mismatched"] <= 6, right
+    # Features under each condition are cached on disk per (reference, channel, frontend).
+    assert len(list((store.root / "conditions" / "amrnb").glob("*.npy"))) == 3 * len(PHONES)
+    assert len(list((store.root / "conditions" / CLEAN).glob("*.npy"))) == 3 * len(PHONES)
+
+
+def test_comparison_decisions_and_statements(tmp_path):
+    store = ReferenceStore(tmp_path / "refs")
+    clean = {"channel": ""}
+    amr = {"channel": "amrnb"}
+    assert resolve_comparison(clean, store, [["a" * 64]], True)[1:3] == (CLEAN, "as_is")
+    # References whose audio was not kept cannot be matched: said so, never silently compared.
+    ch, under, refs, note = resolve_comparison(amr, store, [["a" * 64]], True)
+    assert ch is None and under == "mismatched:amrnb" and refs == "unmatched" and "enrol them again" in note
+    assert "match_conditions" in resolve_comparison(amr, store, [["a" * 64]], False)[3]
+    band = resolve_comparison({"channel": "band0-3800"}, store, [], True)
+    assert band[0].high_hz == 3800 and band[1] == "band0-3800"
+    ok = condition_report(amr, "amrnb", "matched", ["amrnb", CLEAN])
+    assert ok["status"] == "validated" and "statement" not in ok
+    bad = condition_report(amr, "mismatched:amrnb", "unmatched", [CLEAN])
+    assert bad["status"] == "unvalidated" and "no likelihood ratio" in bad["statement"]
+    assert "no calibration" in condition_report(clean, CLEAN, "as_is", [])["statement"]
+
+
+@pytest.mark.slow
+def test_registry_judge_matches_references_and_withholds_unvalidated_lrs(trained_checkpoint, ccnu_dir, tmp_path):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a ConvLSTM on threads that wait for each other is many times slower on a busy CPU
+    try:
+        _judge_checks(trained_checkpoint, ccnu_dir, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _judge_checks(trained_checkpoint, ccnu_dir, tmp_path):
+    from devrecd.audio import read_evidence
+    from devrecd.openset.embedder import Embedder
+    from devrecd.openset.matching import calibration_trials_under
+    from devrecd.openset.registry import open_registry
+    from devrecd.openset.workflow import RegistryJudge, calibrate_registry, enrol_files, score_recordings
+    from devrecd.pipeline import features_for_file
+
+    phones = PHONES[:2]
+    cfg = load_config(overrides={"audio.hop_seconds": 4.0, "registry.path": str(tmp_path / "registry.json")})
+    embedder = Embedder.load(trained_checkpoint)
+    reg = open_registry(cfg.registry.path, create=True)
+    for p in phones:
+        enrol_files(reg, embedder, p, [ccnu_dir / f"{p}_1.wav"], cfg)
+    store = ReferenceStore.for_registry(reg.path)
+    assert all(store.has(r.sha256) for prof in reg.profiles.values() for r in prof.references)
+    held = [(str(ccnu_dir / f"{p}_3.wav"), p) for p in phones]
+    calibrate_registry(reg, score_recordings(reg, embedder, held, cfg), target_far=0.5, source={"conditions": [CLEAN]})
+    reg.save()
+
+    amr = _write_amr(ccnu_dir / f"{phones[0]}_4.wav", tmp_path / "call.amr")
+    rec, feats = features_for_file(amr, cfg)
+    judge = RegistryJudge(cfg)
+    v = judge.judge(feats, rec.describe())
+    assert v["comparison"]["compared_under"] == "amrnb" and v["comparison"]["references"] == "matched"
+    assert v["condition_status"] == "unvalidated" and v["llr"] is None and all("llr" not in r for r in v["top_k"])
+    rec_w, feats_w = features_for_file(ccnu_dir / f"{phones[0]}_4.wav", cfg)
+    w = judge.judge(feats_w, rec_w.describe())
+    assert w["condition_status"] == "validated" and w["llr"] is not None
+    assert w["comparison"]["references"] == "as_is"
+    # Without matching the AMR recording is compared mismatched, and says so.
+    off = RegistryJudge(cfg.with_overrides({"registry.match_conditions": False})).judge(feats, rec.describe())
+    assert off["comparison"]["compared_under"] == "mismatched:amrnb" and off["llr"] is None
+
+    # Calibrated under AMR-NB as well: the matched AMR comparison is now within validation.
+    reg = open_registry(cfg.registry.path)
+    trials = calibration_trials_under(reg, embedder, held, cfg, [CLEAN, "amrnb"])
+    assert len(trials.recordings) == 2 * len(held)
+    calibrate_registry(reg, trials, target_far=0.5, source={"conditions": [CLEAN, "amrnb"]})
+    reg.save()
+    v2 = RegistryJudge(cfg).judge(feats, read_evidence(amr, 32000).describe())
+    assert v2["condition_status"] == "validated" and v2["llr"] is not None
+
+
+def test_closed_set_verdict_says_when_the_condition_is_outside_validation():
+    from devrecd.errors import ConfigError
+    from devrecd.openset.matching import closed_set_comparison
+
+    clean = closed_set_comparison({"channel": ""}, ["clean"])
+    assert clean["condition_status"] == "validated" and clean["comparison"]["compared_under"] == CLEAN
+    amr = closed_set_comparison({"channel": "amrnb"}, ["clean"])
+    assert amr["condition_status"] == "unvalidated" and "outside validation" in amr["comparison"]["statement"]
+    assert closed_set_comparison({"channel": "amrnb"}, ["clean", "amrnb"])["condition_status"] == "validated"
+    with pytest.raises(ConfigError, match="backend.validated_conditions: unknown condition"):
+        load_config(None).with_overrides({"backend.validated_conditions": ["gsm"]})
