@@ -16,7 +16,8 @@ Real phones (``../shared/data/ccnu_mobile_sample``: 15 phones x 5 segments of di
 * Systems side by side, same folds, same run: ``gsv`` (the baseline: 64-mixture UBM, MAP means,
   cosine), ``gsv+nap<k>`` (within-device directions of the development data projected out), each
   with and without S-norm against the development recordings, the network, and the fusion of the
-  network with the best listed supervector system.
+  network with each supervector system. Each with three open-set threshold rules (see ``Pool``);
+  the shipped scorer (``devrecd train-gsv --nap 16 --threshold-rule llr0``) is ``gsv+nap16 @llr0``.
 
 Run:  nice python benchmarks/openset.py [--epochs 10] [--seeds 0,1,2] [--json out.json]
 """
