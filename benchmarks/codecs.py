@@ -217,10 +217,17 @@ def open_set(corpus: Corpus, conds: list[str], args, kind: str) -> dict[str, dic
         if kind == "gsv":
             scorer = gsv_scorer(GsvSvm(seed=args.seed).fit(feats, [d for _, d in seen]))
         else:
-            from devrecd.openset.training import train_embedder
+            from devrecd.openset.embedder import Embedder
+            from devrecd.train import TrainOptions, open_dataset, restrict_dataset, train
 
-            emb = train_embedder(feats, [d for _, d in seen], frontend=corpus.cfg.frontend, arch="asp",
-                                 epochs=args.embedder_epochs, seed=args.seed)
+            cfg = corpus.cfg
+            run = args.out / f"asp-fold{k + 1}"
+            opts = TrainOptions.from_config(cfg.train, arch="asp", loss="aam", epochs=args.embedder_epochs,
+                                            batch_size=32, lr=1e-3, hop_seconds=cfg.audio.hop_seconds,
+                                            seed=args.seed, patience=0)
+            ds = open_dataset(corpus.root, cfg, "ccnu")  # segments 1-3 train: the references
+            train(restrict_dataset(ds, sorted({d for _, d in seen}), splits=("train",)), run, cfg, opts)
+            emb = Embedder.load(run)
             scorer = embedding_scorer(per_array(emb.embed_features))
         train_seconds += time.perf_counter() - t0
         log(f"open {kind} fold {k + 1}: trained on {len(set(d for _, d in seen))} phones "

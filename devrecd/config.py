@@ -72,21 +72,21 @@ class BackendConfig:
 
     def __post_init__(self) -> None:
         problems = [msg for bad, msg in (
-            (self.autocast not in ("none", "fp16", "bf16"), f"autocast must be none, fp16 or bf16, not {self.autocast!r}"),
-            (self.threads < 1, "threads must be >= 1"),
+            (self.autocast not in ("none", "fp16", "bf16"), f"backend.autocast must be none, fp16 or bf16, not {self.autocast!r}"),
+            (self.threads < 1, "backend.threads must be >= 1"),
             (self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"),
-             f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}"),
-            (self.cuda_graphs and self.device == "cpu", "cuda_graphs needs a CUDA device (device = auto or cuda)"),
+             f"backend.device must be auto, cpu, cuda or cuda:N, not {self.device!r}"),
+            (self.cuda_graphs and self.device == "cpu", "backend.cuda_graphs needs a CUDA device (device = auto or cuda)"),
         ) if bad]
         if self.validated_conditions != ("clean",):
             from devrecd.audio.channel import CHANNELS  # lazily: the audio package imports this module
 
             bad = [c for c in self.validated_conditions if c != "clean" and c not in CHANNELS]
             if bad:
-                problems.append(f"validated_conditions: unknown condition(s) {', '.join(map(repr, bad))} "
+                problems.append(f"backend.validated_conditions: unknown condition(s) {', '.join(map(repr, bad))} "
                                 f"(known: clean, {', '.join(CHANNELS)})")
         if problems:
-            raise ConfigError("backend: " + "; ".join(problems))
+            raise ConfigError("; ".join(problems))
 
 
 @dataclass(frozen=True)

@@ -140,26 +140,20 @@ def exported_model(trained_checkpoint: Path, ccnu_dir: Path, tmp_path_factory) -
 
 @pytest.fixture(scope="session")
 def asp_embedder_checkpoint(ccnu_dir: Path, tmp_path_factory) -> Path:
-    """RUN_DIR/best.pt: a small ``asp`` embedder (open set) trained 8 epochs on CCNU segments 1-2 of
-    8 of the 15 phones (hop 1 s), so segments 3-5 and 7 phones are never seen in training."""
-    import torch
-
+    """RUN_DIR (with best.pt): a small ``asp`` embedder (open set) trained 8 epochs with the AAM loss
+    through the one training loop on CCNU segments 1-2 of 8 of the 15 phones (hop 1 s), so segments
+    3-5 and 7 phones are never seen in training."""
     from devrecd.config import load_config
-    from devrecd.model.checkpoint import Checkpoint, save_checkpoint
-    from devrecd.openset.training import train_embedder
-    from devrecd.pipeline import features_for_file
+    from devrecd.data import load_dataset
+    from devrecd.train import TrainOptions, restrict_dataset, train
 
-    torch.set_num_threads(2)
-    cfg = load_config(None, env={}, overrides={"audio.hop_seconds": 1.0})
-    rows = _ccnu_rows(ccnu_dir, {1, 2})
-    phones = sorted({r["device"] for r in rows})[:8]
-    rows = [r for r in rows if r["device"] in phones]
-    feats = [features_for_file(ccnu_dir / r["path"], cfg)[1] for r in rows]
-    emb = train_embedder(feats, [r["device"] for r in rows], frontend=cfg.frontend, epochs=8, seed=0,
-                         hparams={"hidden": 32, "attention": 16, "emb_dim": 32})
+    cfg = load_config(None, env={}, overrides={"audio.hop_seconds": 1.0, "train.threads": 2,
+                                               "train.cache_dir": str(tmp_path_factory.mktemp("asp-cache"))})
+    ds = load_dataset(ccnu_dir, split_by_group={"train": ("1", "2"), "test": ("3", "4", "5")},
+                      split_file=tmp_path_factory.mktemp("asp-split") / "split.json")
+    phones = sorted(ds.labels)[:8]
+    opts = TrainOptions(arch="asp", loss="aam", epochs=8, batch_size=32, lr=1e-3, lr_step_epochs=8, patience=0,
+                        seed=0, hop_seconds=1.0, hparams={"hidden": 32, "attention": 16, "emb_dim": 32})
     run = tmp_path_factory.mktemp("asp")
-    save_checkpoint(run / "best.pt", Checkpoint(
-        arch="asp", hparams=emb.hparams, labels=list(emb.labels), frontend=cfg.frontend, norm_mean=emb.norm_mean,
-        norm_std=emb.norm_std, state_dict=emb.model.state_dict(), dataset_sha256="0" * 64,
-        split={"train": [r["path"] for r in rows]}, meta={"epochs": 8, "note": "small open-set embedder for tests"}))
+    train(restrict_dataset(ds, phones, splits=("train",)), run, cfg, opts)
     return run

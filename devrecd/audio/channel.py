@@ -18,7 +18,6 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 
@@ -163,11 +162,11 @@ def codec_round_trip(x: np.ndarray, rate: int, encoder: str, container: str, bit
 
     Returns (float64 samples, decoded rate). The decoded audio is not delay-compensated.
     """
-    from devrecd.audio.decode import _decode  # the project's one decoder, reused for the round trip
+    from devrecd.audio.decode import decode_bytes  # the project's one decoder, reused for the round trip
     from devrecd.config import AudioConfig
 
     data = encode(x, rate, encoder, container, bitrate)
-    decoded, out_rate, *_ = _decode(Path(f"<{encoder} round trip>"), data, AudioConfig(min_seconds=0.0))
+    decoded, out_rate = decode_bytes(data, AudioConfig(min_seconds=0.0), name=f"<{encoder} round trip>")
     if decoded.ndim > 1:
         decoded = decoded.mean(axis=1)
     return decoded.astype(np.float64), int(out_rate)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import math
 import os
 import stat
@@ -69,7 +70,7 @@ BLOCK_FRAMES = 1 << 16  # frames decoded at a time (2 MB of float32 at 8 channel
 MIN_RATE, MAX_RATE = 4_000, 384_000  # sample rates any recording device writes
 
 __all__ = ["Recording", "EvidenceStream", "open_evidence", "open_stream", "read_evidence", "rms_dbfs",
-           "sha256_file", "sniff_container", "MIN_RATE", "MAX_RATE"]
+           "sha256_file", "sniff_container", "read_file_bytes", "decode_bytes", "MIN_RATE", "MAX_RATE"]
 
 
 @dataclass(frozen=True)
@@ -401,6 +402,36 @@ def open_stream(path: str | os.PathLike, sample_rate: int, cfg: AudioConfig | No
                 confine: Sequence[str] | None = None) -> EvidenceStream:
     """Open and hash one recording for block-wise decoding (see :class:`EvidenceStream`)."""
     return EvidenceStream(path, sample_rate, cfg, confine=confine)
+
+
+def read_file_bytes(path: str | os.PathLike, max_bytes: float) -> bytes:
+    """The whole content of a file opened as evidence is (:func:`open_evidence`: read-only, never
+    blocking, regular files only); :class:`TooLongAudio` past ``max_bytes``."""
+    fd, _, _ = open_evidence(path)
+    try:
+        chunks, n = [], 0
+        while chunk := os.read(fd, _READ_CHUNK):
+            n += len(chunk)
+            if n > max_bytes:
+                raise TooLongAudio(Path(path), f"more than {max_bytes:.0f} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def decode_bytes(data: bytes, cfg: AudioConfig | None = None, *, name: str = "<memory>") -> tuple[np.ndarray, int]:
+    """Decode audio held in memory (e.g. a codec round trip) with the evidence decoders and their caps:
+    (frames, channels) float32 samples at the native rate, and that rate."""
+    cfg, path = cfg or AudioConfig(), Path(name)
+    src = _open_decoder(path, io.BytesIO(data), data[:64], cfg)
+    try:
+        blocks = [b for b in src.blocks() if len(b)]
+    finally:
+        src.close()
+    if not blocks:
+        raise EmptyAudio(path, "the file holds no audio samples")
+    return np.concatenate(blocks), src.rate
 
 
 def sample_ratio(native: int, target: int) -> float:

@@ -133,7 +133,7 @@ class Judge:
         self.metrics = _metrics()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from devrecd.daemon.verdict import failed_record, judged_record, with_open_set
+        from devrecd.daemon.verdict import failed_record, judged_record, with_comparison
 
         n = len(batch["path"])
         paths, status, shas = _strings(batch["path"]), _strings(batch["status"]), _strings(batch["sha256"])
@@ -168,10 +168,11 @@ class Judge:
             size = int(batch["size"][i])
             if status[i] == "ok" and i in probs:
                 starts = np.frombuffer(batch["starts"][i], np.float64)
-                record = judged_record(json.loads(described[i]), probs[i], self.labels, starts,
+                recording = json.loads(described[i])
+                record = judged_record(recording, probs[i], self.labels, starts,
                                        k=self.cfg.watch.top_k, backend=self.info, timings=timings[i])
-                if self.judge is not None:
-                    record = with_open_set(record, self.judge(feats[i]))
+                open_set = self.judge(feats[i], recording) if self.judge is not None else None
+                record = with_comparison(record, recording, open_set, self.cfg.backend.validated_conditions)
                 outcome = "judged"
                 self.metrics["verdicts"].inc(tags={"device": str(record["device"])})
             elif status[i] == UNCHANGED:

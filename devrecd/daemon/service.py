@@ -35,7 +35,7 @@ from devrecd.config import Config, load_config
 from devrecd.daemon.batcher import Batcher, Unit
 from devrecd.daemon.journal import Journal, JournalError, Recorder, VerdictLog
 from devrecd.daemon.notify import Liveness, WatchdogPinger, notify, watchdog_interval
-from devrecd.daemon.verdict import duplicate_record, failed_record, judged_record, with_open_set
+from devrecd.daemon.verdict import duplicate_record, failed_record, judged_record, with_comparison
 from devrecd.contract import check_frontend
 from devrecd.errors import ConfigError, DevrecdError
 from devrecd.features import FrontendConfig
@@ -317,14 +317,11 @@ class Pipeline:
             job.timings["end_to_end"] = time.monotonic() - job.taken
             record = judged_record(job.recording, unit.probs, self.labels, job.starts, k=self.cfg.watch.top_k,
                                    backend=self.backend_info, timings=job.timings)
+            open_set = None
             if self.judge is not None:  # open set: the registry's verdict, the closed-set one kept beside it
                 feats = unit.features
-                record = with_open_set(record, self.judge(feats.cpu().numpy() if hasattr(feats, "cpu") else feats,
-                                                          job.recording))
-            else:  # closed set: the condition judged under, and whether the model was validated there
-                from devrecd.openset.matching import closed_set_comparison
-
-                record.update(closed_set_comparison(job.recording.get("condition"), self.cfg.backend.validated_conditions))
+                open_set = self.judge(feats.cpu().numpy() if hasattr(feats, "cpu") else feats, job.recording)
+            record = with_comparison(record, job.recording, open_set, self.cfg.backend.validated_conditions)
             record = self.recorder.commit(job.entry_id, "judged", record, sha256=job.recording["sha256"])
             if record is not None:
                 self._count("judged", job, record)

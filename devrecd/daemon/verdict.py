@@ -78,6 +78,18 @@ def with_open_set(record: dict[str, Any], open_set: dict[str, Any]) -> dict[str,
     return {**record, **open_set, "closed_set": closed}
 
 
+def with_comparison(record: dict[str, Any], recording: dict[str, Any], open_set: dict[str, Any] | None,
+                    validated: Sequence[str]) -> dict[str, Any]:
+    """A judged record completed: the registry's open-set verdict (``open_set``, which says which
+    condition it compared under) in front, or, closed set, the condition the model judged under and
+    whether it was validated there (``backend.validated_conditions``)."""
+    if open_set is not None:
+        return with_open_set(record, open_set)
+    from devrecd.openset.matching import closed_set_comparison
+
+    return {**record, **closed_set_comparison(recording.get("condition"), validated)}
+
+
 def failed_record(path: str, reason: str, detail: str, *, timings: dict[str, float],
                   sha256: str | None = None, size: int | None = None,
                   resolved_path: str | None = None) -> dict[str, Any]:

@@ -70,9 +70,9 @@ class ReferenceStore:
         ``sha256``: the hash the caller recorded for the file; a file whose content no longer
         matches it is refused (it changed since it was judged or enrolled).
         """
-        from devrecd.audio.decode import read_bytes
+        from devrecd.audio.decode import read_file_bytes
 
-        data = read_bytes(Path(source), 1 << 40)
+        data = read_file_bytes(source, 1 << 40)
         digest = hashlib.sha256(data).hexdigest()
         if sha256 is not None and digest != sha256:
             raise ArtifactError(f"{source}: its content (sha256 {digest[:12]}) is not the enrolled reference "

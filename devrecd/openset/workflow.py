@@ -194,7 +194,9 @@ class RegistryJudge:
         fields = identify_vectors(self.scorer.recording_vector(features), self.scorer.window_vectors(features),
                                   reg, threshold=self.threshold, k=self.top_k,
                                   threshold_source=self.threshold_source, score=self.scorer.score)
-        report = condition_report(condition, under, refs, validated_conditions(self.registry.calibration_info), note)
+        # The conditions of the calibration in use: the registry's own, else its scorer's development one.
+        cal_info = self.registry.calibration_info or (self.registry.embedder or {}).get("dev_calibration")
+        report = condition_report(condition, under, refs, validated_conditions(cal_info), note)
         report.pop("questioned")  # the record carries the recording's condition already
         if report["status"] != "validated":  # outside what the calibration measured: no likelihood ratio
             fields["llr"] = None
