@@ -108,11 +108,12 @@ def _outcome(out: bytes, err: bytes) -> str:
         return (err.decode().strip().splitlines() or ["?"])[-1][:80]
 
 
-def _run_measured(args: list[str], env: dict[str, str]) -> tuple[int, float, float, bytes, bytes]:
-    """Run a process; -> (exit code, peak RSS MB from wait4's rusage, wall s, stdout, stderr)."""
+def _run_measured(args: list[str], env: dict[str, str], code: Path | None) -> tuple[int, float, float, bytes, bytes]:
+    """Run a process (in ``code``'s checkout: ``python -m`` puts the working folder first on the path);
+    -> (exit code, peak RSS MB from wait4's rusage, wall s, stdout, stderr)."""
     t0 = time.monotonic()
     with tempfile.TemporaryFile() as fo, tempfile.TemporaryFile() as fe:
-        proc = subprocess.Popen(args, stdout=fo, stderr=fe, env=env, cwd=str(REPO))
+        proc = subprocess.Popen(args, stdout=fo, stderr=fe, env=env, cwd=str(code or REPO))
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         fo.seek(0), fe.seek(0)
@@ -121,7 +122,7 @@ def _run_measured(args: list[str], env: dict[str, str]) -> tuple[int, float, flo
 
 def measure_identify(path: Path, model: str, code: Path | None) -> dict:
     code_, peak, wall, out, err = _run_measured(
-        [sys.executable, "-m", "devrecd", "identify", "--model", model, "--json", str(path)], _env(code))
+        [sys.executable, "-m", "devrecd", "identify", "--model", model, "--json", str(path)], _env(code), code)
     return {"peak_rss_mb": round(peak, 1), "seconds": round(wall, 1), "exit": code_, "outcome": _outcome(out, err)}
 
 
@@ -137,7 +138,7 @@ def measure_daemon(evidence: Path, model: str, code: Path | None, work: Path, n_
     log = open(work / "daemon.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "devrecd", "watch", str(evidence), "--config", str(cfg),
                              "--state-dir", str(state)], stdout=log, stderr=subprocess.STDOUT, env=_env(code),
-                            cwd=str(REPO))
+                            cwd=str(code or REPO))
     records, peak = 0, 0.0
     try:
         while time.monotonic() - t0 < timeout and proc.poll() is None:
