@@ -201,7 +201,7 @@ def main() -> int:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--hop", type=float, default=2.0, help="window hop (s) of enrolment and questioned recordings")
     ap.add_argument("--far", type=float, default=0.05, help="open-set false-acceptance rate of the threshold")
-    ap.add_argument("--mixtures", type=int, default=64)
+    ap.add_argument("--mixtures", type=int, default=16)
     ap.add_argument("--relevance", type=float, default=16.0)
     ap.add_argument("--nap", default="0,4,8", help="NAP dimensions of the supervector systems to compare")
     ap.add_argument("--asnorm-top", type=int, default=0, help="AS-norm: top cohort scores (0 = plain S-norm)")
