@@ -126,18 +126,17 @@ def score_systems(train: Sequence[str], phones: Sequence[str], recs: list[Rec], 
     return out
 
 
-def pooled(trials: list[TrialMatrix]) -> TrialMatrix:
-    """Several trial blocks as one set of (target, non-target, open-set) arrays: a block-diagonal
-    matrix would be wrong (cross-block pairs are no trials), so the pooled object keeps lists."""
-    return _Pooled(trials)  # type: ignore[return-value]
+@dataclass
+class Pooled:
+    """Several trial blocks' target, non-target and open-set scores (cross-block pairs are no trials)."""
+
+    target: np.ndarray
+    nontarget: np.ndarray
+    open_set: np.ndarray
 
 
-class _Pooled:
-    def __init__(self, blocks: list[TrialMatrix]) -> None:
-        self.blocks = blocks
-
-    def __getattr__(self, name: str) -> np.ndarray:
-        return np.concatenate([getattr(b, name) for b in self.blocks])
+def pooled(blocks: list[TrialMatrix]) -> Pooled:
+    return Pooled(*(np.concatenate([getattr(b, k) for b in blocks]) for k in ("target", "nontarget", "open_set")))
 
 
 def fused(part_cal: list[list[TrialMatrix]], part_test: list[TrialMatrix]) -> tuple[list[TrialMatrix], TrialMatrix]:
@@ -202,7 +201,7 @@ def main() -> int:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--hop", type=float, default=2.0, help="window hop (s) of enrolment and questioned recordings")
     ap.add_argument("--far", type=float, default=0.05, help="open-set false-acceptance rate of the threshold")
-    ap.add_argument("--mixtures", type=int, default=64)
+    ap.add_argument("--mixtures", type=int, default=16)
     ap.add_argument("--relevance", type=float, default=16.0)
     ap.add_argument("--nap", default="0,4,8", help="NAP dimensions of the supervector systems to compare")
     ap.add_argument("--asnorm-top", type=int, default=0, help="AS-norm: top cohort scores (0 = plain S-norm)")
