@@ -9,6 +9,7 @@ from typing import List, Optional
 import typer
 
 from devrecd.cli.app import ConfigOption, command, load_cli_config
+from devrecd.cli.openset import GsvOption, ModelOption, ScorerOption
 from devrecd.errors import ConfigError
 
 
@@ -20,8 +21,9 @@ def compare(
                                                    "named by --reference-device."),
     reference_device: Optional[str] = typer.Option(None, "--reference-device", "-d",
                                                    help="Name of the reference device (a registry profile when no --reference)."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", exists=True,
-                                         help="Embedder checkpoint or run directory (default: the registry's)."),
+    model: Optional[Path] = ModelOption,
+    scorer: Optional[str] = ScorerOption,
+    gsv: Optional[Path] = GsvOption,
     registry: Optional[Path] = typer.Option(None, "--registry", "-r", help="Registry JSON (registry.path): its "
                                             "calibration and profiles."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", exists=True, dir_okay=False,
@@ -35,27 +37,23 @@ def compare(
     the relevant population the calibration describes. Without a calibration of this scorer the
     score is reported and no LR is given.
     """
+    from devrecd.cli.openset import choose_scorer
     from devrecd.daemon.watcher import scan_files
-    from devrecd.forensic.compare import ComparisonError, EmbeddingScorer, compare as run_compare
+    from devrecd.forensic.compare import Comparer, ComparisonError, compare as run_compare
     from devrecd.forensic.lr import LRCalibration, load_lr_calibration
-    from devrecd.openset.embedder import Embedder
     from devrecd.openset.registry import open_registry
     from devrecd.pipeline import resolve_device
 
     cfg = load_cli_config(config, {"registry.path": str(registry) if registry else None})
     reg = open_registry(cfg.registry.path) if cfg.registry.path else None
-    source = model or (reg.embedder.get("source") if reg else None)
-    if not source:
-        raise ConfigError("no embedder: pass --model or a --registry that names its model")
-    embedder = Embedder.load(source, device=resolve_device(cfg.backend.device))
-    if reg is not None:
-        reg.check_embedder(embedder.describe())
-    scorer = EmbeddingScorer(embedder, cfg)
+    # The registry's own scorer when it has profiles (its calibration is of that scorer), else the
+    # one asked for: --model (network) or the GSV scorer (--gsv FILE, default the shipped one).
+    comparer = Comparer(choose_scorer(reg, scorer, model, gsv, resolve_device(cfg.backend.device)), cfg)
     if reference:
         ref_files = scan_files(reference, cfg.watch)
-        refs = scorer.references(reference_device or "reference device", ref_files)
+        refs = comparer.references(reference_device or "reference device", ref_files)
     elif reference_device and reg is not None:
-        refs = scorer.references_from_profile(reg.get(reference_device), str(reg.path))
+        refs = comparer.references_from_profile(reg.get(reference_device), str(reg.path))
     else:
         raise ConfigError("give --reference FILE... or --reference-device NAME of a registry profile")
     cal = None
@@ -66,14 +64,16 @@ def compare(
     files = scan_files(questioned, cfg.watch)
     if not files:
         raise ComparisonError("no questioned recordings found in the given paths")
-    records = run_compare(scorer, files, refs, cal)
+    records = run_compare(comparer, files, refs, cal)
     if as_json:
         for r in records:
             typer.echo(json.dumps(r, ensure_ascii=False))
     else:
         typer.echo(f"reference device: {refs.device} ({len(refs.files)} recording(s), {refs.source}); "
                    + (f"calibration {cal.sha256[:12]}: {cal.population.get('description')}" if cal else
-                      "NO calibration: scores only, no likelihood ratio"))
+                      "NO LR calibration of this scorer (run `devrecd calibrate`): scores only, no likelihood ratio"
+                      + ("; its development calibration sets an open-set threshold, it gives no bounded LR"
+                         if comparer.describe().get("dev_calibration") else "")))
         for r in records:
             if r["outcome"] == "failed":
                 typer.echo(f"{r['path']}: failed ({r['reason']}: {r['detail']})")

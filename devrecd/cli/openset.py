@@ -21,13 +21,14 @@ GsvOption = typer.Option(None, "--gsv", exists=True, dir_okay=False,
                          help="GSV scorer file from `devrecd train-gsv` (default: the shipped one).")
 
 
-def _scorer_for(reg, scorer: Optional[str], model: Optional[Path], gsv: Optional[Path], device: str):
-    """The scorer to enrol/score with: the registry's own when it has profiles, else a new one."""
+def choose_scorer(reg, scorer: Optional[str], model: Optional[Path], gsv: Optional[Path], device: str):
+    """The scorer to enrol/score with: the registry's own when it has profiles (``reg`` may be None),
+    else a new one of the kind asked for (gsv without --model: the shipped one, or --gsv FILE)."""
     from devrecd.openset.scorers import KINDS, EmbedderScorer, default_gsv_path, load_gsv, registry_scorer
 
     if scorer is not None and scorer not in KINDS[:2]:
         raise ConfigError(f"--scorer must be embedder or gsv, not {scorer!r}")
-    if reg.embedder:
+    if reg is not None and reg.embedder:
         if scorer is not None and scorer != reg.kind:
             raise ConfigError(f"registry {reg.path} was enrolled with scorer {reg.kind!r}, not {scorer!r}")
         return registry_scorer(reg, model=model, device=device)
@@ -69,7 +70,7 @@ def enroll(
 
     cfg = load_cli_config(config, {"audio.hop_seconds": hop_seconds})
     reg = open_registry(_registry_path(cfg, registry), create=True)
-    chosen = _scorer_for(reg, scorer, model, gsv, resolve_device(cfg.backend.device))
+    chosen = choose_scorer(reg, scorer, model, gsv, resolve_device(cfg.backend.device))
     added, skipped = enrol_files(reg, chosen, device, audio, cfg,
                                  on_file=lambda p, n: typer.echo(f"{p}: {n} window(s)"))
     reg.save()

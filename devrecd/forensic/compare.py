@@ -1,14 +1,14 @@
 """Source comparison: was each questioned recording made with the reference device?
 
-A comparison needs a *scorer* (:class:`SourceScorer`: any object that turns reference recordings
-into a reference model and scores a questioned recording against it; higher = more alike) and,
-for a likelihood ratio, an :class:`~devrecd.forensic.lr.LRCalibration` fitted on that same
-scorer's scores of development trials. Without one the score is reported and no LR is given.
-
-:class:`EmbeddingScorer` is the open-set embedder's cosine scorer, the same score ``devrecd
-calibrate`` computes for its trials (recording embedding against the unit-length mean of the
-references' embeddings). Other scorers (a GMM supervector, a fusion) plug in by implementing
-:class:`SourceScorer`; their calibration must then come from their own scores.
+A comparison uses one open-set scorer (:mod:`devrecd.openset.scorers`: the network embedder, the
+GMM supervector or their fusion) exactly as the registry does: a recording's vector is
+``scorer.recording_vector`` of its raw windows (:func:`~devrecd.openset.workflow.recording_features`,
+the scorer's own frontend), the reference model is the unit-length mean of the reference
+recordings' vectors (a registry profile), the score is ``scorer.score`` and the per-window
+timeline ``scorer.score`` of ``scorer.window_vectors``. So a comparison scores what
+``devrecd calibrate`` scored for its trials, and an :class:`~devrecd.forensic.lr.LRCalibration`
+fitted there applies (to that scorer only: its ``describe()`` fingerprint). Without one the score
+is reported and no LR is given.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -27,7 +27,7 @@ from devrecd.errors import DevrecdError
 from devrecd.forensic.lr import LRCalibration, assess
 
 RECORDING_FIELDS = ("path", "sha256", "size", "duration", "sample_rate", "native_rate", "channels", "codec",
-                    "container", "decoder", "resampled", "bitrate", "bandwidth")
+                    "container", "decoder", "resampled", "condition")
 
 
 class ComparisonError(DevrecdError):
@@ -38,67 +38,54 @@ class ComparisonError(DevrecdError):
 
 @dataclass
 class ReferenceSet:
-    """The reference recordings of one device and the scorer's model of them."""
+    """The reference recordings of one device and their profile vector (the registry's rule)."""
 
     device: str
     files: list[dict[str, Any]]  # path, sha256, duration, ... of every reference
-    model: Any  # scorer-specific (e.g. a unit-length mean embedding)
+    profile: np.ndarray  # (dim,) unit-length mean of the references' recording vectors
     source: str = "files"  # "files" or "registry <path>"
+
+
+@dataclass(frozen=True)
+class Vectors:
+    """What a comparison needs of one recording under one scorer (not its audio)."""
+
+    recording: dict[str, Any]  # Recording.describe() fields of RECORDING_FIELDS
+    vector: np.ndarray  # (dim,) scorer.recording_vector
+    windows: np.ndarray  # (n_windows, dim) scorer.window_vectors
+    starts: np.ndarray  # (n_windows,) window start times in seconds
 
 
 @dataclass
 class Scored:
     """One questioned recording scored against a reference set."""
 
-    recording: dict[str, Any]  # Recording.describe() fields
+    recording: dict[str, Any]
     score: float
     window_starts: list[float] = field(default_factory=list)
     window_scores: list[float] = field(default_factory=list)
 
 
-class SourceScorer(Protocol):
-    """What a comparison needs of a scorer."""
+class Comparer:
+    """An open-set scorer applied to files: recording vectors (cached per run), reference sets, scores."""
 
-    def describe(self) -> dict[str, Any]:
-        """Identity: ``kind``, ``fingerprint`` (what a calibration is bound to), anything else worth citing."""
-        ...
+    def __init__(self, scorer: Any, cfg: Config) -> None:
+        from devrecd.openset.scorers import as_scorer
 
-    def references(self, device: str, paths: Sequence[str | os.PathLike]) -> ReferenceSet:
-        """Read and model reference recordings (raises on a reference that cannot be read)."""
-        ...
-
-    def score(self, path: str | os.PathLike, refs: ReferenceSet) -> Scored:
-        """Score a questioned recording (raises AudioError when it cannot be read)."""
-        ...
-
-
-def _recording_fields(rec: Any) -> dict[str, Any]:
-    d = rec.describe()
-    return {k: d[k] for k in RECORDING_FIELDS if k in d}
-
-
-class EmbeddingScorer:
-    """Cosine score of the open-set embedder (:class:`devrecd.openset.embedder.Embedder`)."""
-
-    kind = "embedder"  # the same identity as devrecd.openset.scorers.EmbedderScorer
-
-    def __init__(self, embedder: Any, cfg: Config) -> None:
-        self.embedder = embedder
+        self.scorer = as_scorer(scorer)
         self.cfg = cfg
-        # One questioned recording is often compared with several devices: embed it once. Keyed by
-        # the file's identity and version, so a file that changes is embedded again.
-        self._cache: dict[tuple, tuple[dict[str, Any], np.ndarray, np.ndarray]] = {}
-
-    @staticmethod
-    def identity(embedder: Any) -> dict[str, Any]:
-        """The scorer identity of an embedder (also what ``devrecd calibrate`` records)."""
-        return {"kind": EmbeddingScorer.kind, **embedder.describe()}
+        # One questioned recording is often compared with several devices: featurise it once. Keyed
+        # by the file's identity and version, so a file that changes is read again.
+        self._cache: dict[tuple, Vectors] = {}
 
     def describe(self) -> dict[str, Any]:
-        return self.identity(self.embedder)
+        """The scorer's identity (what a calibration is bound to)."""
+        return self.scorer.describe()
 
-    def _embed(self, path: str | os.PathLike) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-        """(recording description, window embeddings, window start times) of one file."""
+    def vectors(self, path: str | os.PathLike) -> Vectors:
+        """Decode one file and compute its vectors (raises AudioError when it cannot be read)."""
+        from devrecd.openset.workflow import recording_features
+
         try:
             st = os.stat(path)
             key: tuple | None = (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino)
@@ -106,55 +93,61 @@ class EmbeddingScorer:
             key = None  # read_evidence says why it cannot be read
         if key is not None and key in self._cache:
             return self._cache[key]
-        rec, windows = self.embedder.embed_file(path, self.cfg)
-        fe = self.embedder.frontend
+        rec, feats = recording_features(self.scorer, path, self.cfg)
+        fe = self.scorer.frontend
         hop = max(1, int(round(self.cfg.audio.hop_seconds * fe.sample_rate)))
-        starts = window_starts(len(rec.samples), fe.clip_samples, hop) / fe.sample_rate
-        out = (_recording_fields(rec), windows, starts)  # the description, not the audio
+        desc = rec.describe()
+        out = Vectors(recording={k: desc[k] for k in RECORDING_FIELDS if k in desc},
+                      vector=self.scorer.recording_vector(feats), windows=self.scorer.window_vectors(feats),
+                      starts=window_starts(len(rec.samples), fe.clip_samples, hop) / fe.sample_rate)
         if key is not None:
             self._cache[key] = out
         return out
 
     def references(self, device: str, paths: Sequence[str | os.PathLike]) -> ReferenceSet:
-        from devrecd.openset.registry import l2_normalise, recording_embedding
+        """Read reference recordings and model them as a registry profile would."""
+        from devrecd.openset.registry import DeviceProfile
 
         if not paths:
             raise ComparisonError(f"no reference recordings for {device!r}")
-        files, embs = [], []
+        files, vecs = [], []
         for p in paths:
             try:
-                rec, windows, _ = self._embed(p)
+                v = self.vectors(p)
             except AudioError as exc:
                 raise ComparisonError(f"reference {p} cannot be used: {exc.reason}: {exc.detail}",
                                       reason=exc.reason) from None
-            files.append({**rec, "windows": int(windows.shape[0])})
-            embs.append(recording_embedding(windows))
-        # The same model as a registry profile: unit-length mean of the references' embeddings.
-        return ReferenceSet(device=device, files=files, model=l2_normalise(np.mean(embs, axis=0)))
+            files.append({**v.recording, "windows": int(v.windows.shape[0])})
+            vecs.append(v.vector)
+        profile = DeviceProfile(name=device, embeddings=np.stack(vecs)).mean  # the registry's rule
+        return ReferenceSet(device=device, files=files, profile=profile)
 
-    def references_from_profile(self, profile: Any, registry_path: str) -> ReferenceSet:
-        """A reference set from an enrolled registry profile (its stored embeddings, no decoding)."""
+    @staticmethod
+    def references_from_profile(profile: Any, registry_path: str) -> ReferenceSet:
+        """A reference set from an enrolled registry profile (its stored vectors, no decoding)."""
         files = [{"path": r.path, "sha256": r.sha256, "duration": r.seconds, "windows": r.windows}
                  for r in profile.references]
-        return ReferenceSet(device=profile.name, files=files, model=profile.mean, source=f"registry {registry_path}")
+        return ReferenceSet(device=profile.name, files=files, profile=profile.mean, source=f"registry {registry_path}")
 
     def score(self, path: str | os.PathLike, refs: ReferenceSet) -> Scored:
-        from devrecd.openset.registry import l2_normalise, recording_embedding
+        """Score a questioned recording against a reference set (raises AudioError when it cannot be read)."""
+        v = self.vectors(path)
+        profile = np.atleast_2d(refs.profile)
+        if profile.shape[1] != v.vector.shape[0]:
+            raise ComparisonError(f"the reference profile of {refs.device!r} has {profile.shape[1]} dimensions, "
+                                  f"this scorer's vectors {v.vector.shape[0]}: it was made with another scorer")
+        per_window = self.scorer.score(v.windows, profile)[:, 0] if len(v.windows) else np.zeros(0)
+        return Scored(recording=v.recording, score=float(self.scorer.score(v.vector, profile)[0, 0]),
+                      window_starts=[round(float(t), 3) for t in v.starts],
+                      window_scores=[round(float(s), 6) for s in per_window])
 
-        rec, windows, starts = self._embed(path)
-        model = np.asarray(refs.model, dtype=np.float64)
-        per_window = l2_normalise(windows) @ model
-        return Scored(recording=rec, score=float(recording_embedding(windows) @ model),
-                      window_starts=[round(float(t), 3) for t in starts],
-                      window_scores=[round(float(v), 6) for v in per_window])
 
-
-def compare(scorer: SourceScorer, questioned: Sequence[str | os.PathLike], refs: ReferenceSet,
+def compare(comparer: Comparer, questioned: Sequence[str | os.PathLike], refs: ReferenceSet,
             calibration: LRCalibration | None) -> list[dict[str, Any]]:
     """One comparison record per questioned recording (a failed one says why, with its hash)."""
     from devrecd.forensic.lr import HD, HP
 
-    ident = scorer.describe()
+    ident = comparer.describe()
     cal_summary = None
     if calibration is not None:
         cal_summary = {"sha256": calibration.sha256, "method": calibration.method,
@@ -167,14 +160,21 @@ def compare(scorer: SourceScorer, questioned: Sequence[str | os.PathLike], refs:
     for q in questioned:
         t0 = time.perf_counter()
         try:
-            s = scorer.score(q, refs)
-        except AudioError as exc:
-            try:
-                sha = sha256_file(q)
-            except OSError:
-                sha = None
-            out.append({"outcome": "failed", "path": str(q), "sha256": sha, "reason": exc.reason,
-                        "detail": exc.detail, **common, "compared_at": _now()})
+            s = comparer.score(q, refs)
+        except ComparisonError:
+            raise
+        except (AudioError, DevrecdError) as exc:  # this file cannot be compared (unreadable, no windows)
+            from devrecd.pipeline import failure_of
+
+            failure = failure_of(exc)
+            sha = failure.sha256
+            if sha is None:
+                try:
+                    sha = sha256_file(q)
+                except OSError:
+                    sha = None
+            out.append({"outcome": "failed", "path": str(q), "sha256": sha, "reason": failure.reason,
+                        "detail": failure.detail, **common, "compared_at": _now()})
             continue
         record = {"outcome": "compared", **s.recording, "score": round(s.score, 6),
                   **assess(calibration, s.score, s.recording, ident),
