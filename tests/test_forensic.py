@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -143,3 +144,49 @@ def test_report_of_plain_recordings_with_a_calibration(ccnu_dir, tmp_path) -> No
         "calibration-det.png", "calibration-tippett.png", "report.html", "report.json"]
     bad = CliRunner().invoke(app, ["report", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r2")])
     assert bad.exit_code == 1 and "no such file or folder" in bad.output
+
+
+def test_compare_with_the_shipped_gsv_scorer_on_real_phones(ccnu_dir, tmp_path) -> None:
+    """The shipped GSV scorer through the one scorer interface: references = segments 1-2 of one
+    phone; its own segment 5 scores above segment 5 of every other phone. No LR calibration of this
+    scorer: scores only, and an LR calibration of another scorer is not applied."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from devrecd.cli import app
+    from devrecd.config import load_config
+    from devrecd.forensic.compare import Comparer, compare
+    from devrecd.openset.scorers import default_gsv_path, load_gsv
+
+    cfg = load_config(env={}, overrides={"audio.hop_seconds": 1.0})
+    scorer = load_gsv(default_gsv_path())[0]
+    comparer = Comparer(scorer, cfg)
+    device = "Apple_air1"
+    refs = comparer.references(device, [ccnu_dir / f"{device}_1.wav", ccnu_dir / f"{device}_2.wav"])
+    assert refs.profile.shape == (scorer.ubm.dim,) and np.isclose(np.linalg.norm(refs.profile), 1.0)
+    questioned = [ccnu_dir / f"{device}_5.wav"] + [p for p in sorted(ccnu_dir.glob("*_5.wav"))
+                                                   if not p.name.startswith(device)][:5]
+    other_cal = fit_lr_calibration(*_trials(np.random.default_rng(5), 30, 10), scorer=SCORER, population={},
+                                   conditions=WAV)
+    recs = compare(comparer, questioned, refs, other_cal)
+    assert [r["outcome"] for r in recs] == ["compared"] * len(questioned)
+    same, others = recs[0]["score"], [r["score"] for r in recs[1:]]
+    assert same > max(others), (same, others)
+    for r in recs:
+        assert r["scorer"]["kind"] == "gsv" and r["scorer"]["fingerprint"] == scorer.fingerprint
+        assert r["log10_lr"] is None and "another scorer" in r["lr_withheld"]
+        assert len(r["window_scores"]) == len(r["window_starts"]) > 0 and r["condition"]["native_rate"] == 32000
+        assert re.fullmatch(r"[0-9a-f]{64}", r["sha256"])
+    # Each questioned recording was featurised once for the whole run.
+    assert len(comparer._cache) == 2 + len(questioned)
+    # The CLI without --model or --registry uses the shipped GSV scorer; no LR calibration, no LR.
+    result = CliRunner().invoke(app, ["compare", str(questioned[0]), str(questioned[1]), "--reference",
+                                      str(ccnu_dir / f"{device}_1.wav"), "--reference", str(ccnu_dir / f"{device}_2.wav"),
+                                      "--reference-device", device, "--json"], env={"DEVRECD_AUDIO__HOP_SECONDS": "1.0"})
+    assert result.exit_code == 0, result.output
+    cli = [json.loads(x) for x in result.stdout.splitlines()]
+    assert [r["score"] for r in cli] == pytest.approx([same, others[0]], abs=1e-6)
+    assert all(r["log10_lr"] is None and r["lr_withheld"].startswith("no calibration") for r in cli)
+    bad = CliRunner().invoke(app, ["compare", str(questioned[0]), "--reference", str(questioned[1]), "--scorer", "fusion"])
+    assert bad.exit_code != 0 and "--scorer must be embedder or gsv" in bad.output

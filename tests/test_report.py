@@ -89,14 +89,14 @@ def test_calibrate_stores_a_bounded_lr_calibration_and_writes_plots(case) -> Non
 
 def test_held_out_lrs_on_real_phones(case) -> None:
     """Segment 5 was in neither the enrolment nor the calibration: compare it with every phone."""
-    from devrecd.forensic.compare import EmbeddingScorer, compare
+    from devrecd.forensic.compare import Comparer, compare
     from devrecd.forensic.lr import LRCalibration
     from devrecd.openset.embedder import Embedder
     from devrecd.openset.registry import open_registry
 
     reg = open_registry(case["registry"])
     cal = LRCalibration.from_dict(reg.calibration_info["lr"])
-    scorer = EmbeddingScorer(Embedder.load(case["checkpoint"]), case["cfg"])
+    scorer = Comparer(Embedder.load(case["checkpoint"]), case["cfg"])
     questioned = [case["ccnu"] / r["path"] for r in case["rows"] if r["segment"] == "5"]
     truth = [r["device"] for r in case["rows"] if r["segment"] == "5"]
     tar, non = [], []
@@ -251,7 +251,7 @@ def test_compare_cli_with_files_and_registry_profile(case, tmp_path: Path) -> No
     result = runner.invoke(app, ["compare", str(case["ccnu"] / q[0]["path"]), "--reference-device", device,
                                  "--registry", str(bare.path)], env=HOP)
     assert result.exit_code == 0, result.output
-    assert "NO calibration" in result.stdout and "no LR" in result.stdout
+    assert "NO LR calibration" in result.stdout and "no LR" in result.stdout
     # A questioned file that cannot be read is a failed record with its hash and reason, exit code 1.
     damaged = tmp_path / "damaged.wav"
     damaged.write_bytes((case["ccnu"] / q[0]["path"]).read_bytes()[:3000])
@@ -267,3 +267,52 @@ def test_compare_cli_with_files_and_registry_profile(case, tmp_path: Path) -> No
     assert out.exit_code == 0, out.output
     doc = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert doc["summary"]["compared"] == 2 and doc["recordings"][0]["comparison"]["verbal"]
+
+
+def test_compare_on_a_gsv_registry_before_and_after_calibrate(ccnu_dir: Path, tmp_path: Path) -> None:
+    """A registry of the shipped GSV scorer (15 real phones, segments 1-2): its development
+    calibration sets a threshold and gives no LR; after ``devrecd calibrate`` (segments 3-4) a
+    comparison of segment 5 with a profile has a bounded LR from that calibration."""
+    from devrecd.forensic.lr import LRCalibration
+    from devrecd.openset.registry import open_registry
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for p in ccnu_dir.iterdir():
+        if p.suffix in (".wav", ".csv"):
+            (data / p.name).symlink_to(p)
+    rows = _rows(ccnu_dir)
+    reg_path = tmp_path / "gsv.json"
+    for device in sorted({r["device"] for r in rows}):
+        refs = [str(ccnu_dir / r["path"]) for r in rows if r["device"] == device and r["segment"] in ("1", "2")]
+        result = runner.invoke(app, ["enroll", *refs, "--device", device, "--registry", str(reg_path)], env=HOP)
+        assert result.exit_code == 0, result.output
+    reg = open_registry(reg_path)
+    assert reg.kind == "gsv" and reg.embedder.get("dev_calibration") and not reg.calibration_info.get("lr")
+    device = "Apple_air1"
+    q = [str(ccnu_dir / r["path"]) for r in rows if r["segment"] == "5"]
+    own = q.index(str(ccnu_dir / f"{device}_5.wav"))
+    args = ["compare", *q, "--reference-device", device, "--registry", str(reg_path), "--json"]
+    before = runner.invoke(app, args, env=HOP)
+    assert before.exit_code == 0, before.output
+    recs = [json.loads(x) for x in before.stdout.splitlines()]
+    assert all(r["log10_lr"] is None and r["calibration"] is None for r in recs)  # a threshold is not an LR
+    scores = [r["score"] for r in recs]
+    assert scores[own] == max(scores), scores
+    # --scorer naming another kind than the registry's is refused.
+    wrong = runner.invoke(app, [*args[:2], "--reference-device", device, "--registry", str(reg_path), "--scorer", "embedder"])
+    assert wrong.exit_code != 0 and "enrolled with scorer 'gsv'" in wrong.output
+
+    result = runner.invoke(app, ["calibrate", str(data), "--registry", str(reg_path), "--groups", "3,4",
+                                 "--plots", str(tmp_path / "cal")], env=HOP)
+    assert result.exit_code == 0, result.output
+    cal = LRCalibration.from_dict(open_registry(reg_path).calibration_info["lr"])
+    assert cal.scorer["kind"] == "gsv" and cal.scorer["fingerprint"] == reg.embedder["fingerprint"]
+    after = runner.invoke(app, args, env=HOP)
+    assert after.exit_code == 0, after.output
+    recs = [json.loads(x) for x in after.stdout.splitlines()]
+    assert [r["score"] for r in recs] == pytest.approx(scores, abs=1e-6)
+    for r in recs:
+        assert r["calibration"]["sha256"] == cal.sha256 and r["lr_withheld"] is None
+        assert cal.lower <= r["log10_lr"] <= cal.upper and r["verbal"]
+    assert recs[own]["log10_lr"] > 0 and np.mean([r["log10_lr"] < 0 for i, r in enumerate(recs) if i != own]) >= 0.8
