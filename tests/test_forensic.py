@@ -190,3 +190,23 @@ def test_compare_with_the_shipped_gsv_scorer_on_real_phones(ccnu_dir, tmp_path) 
     assert all(r["log10_lr"] is None and r["lr_withheld"].startswith("no calibration") for r in cli)
     bad = CliRunner().invoke(app, ["compare", str(questioned[0]), "--reference", str(questioned[1]), "--scorer", "fusion"])
     assert bad.exit_code != 0 and "--scorer must be embedder or gsv" in bad.output
+
+
+def test_a_measured_band_limit_outside_the_calibration_withholds_the_lr() -> None:
+    """A telephone-band recording re-packaged as a 32 kHz WAV passes the header checks; its measured
+    condition does not match a calibration of broadband recordings."""
+    from devrecd.forensic.lr import describe_conditions
+
+    broadband = {"native_rate": 32000, "codec": "pcm_s16le", "duration": 9.0, "condition": {"channel": ""}}
+    tel = {**broadband, "condition": {"channel": "tel"}}
+    conditions = describe_conditions([broadband] * 3)
+    assert conditions["channels"] == ["clean"] and conditions["native_rates"] == [32000]
+    cal = fit_lr_calibration(*_trials(np.random.default_rng(6), 30, 10), scorer=SCORER, population={},
+                             conditions=conditions)
+    assert assess(cal, 0.7, broadband, SCORER)["log10_lr"] is not None
+    out = assess(cal, 0.7, tel, SCORER)
+    assert out["log10_lr"] is None and "measured condition tel" in out["lr_withheld"]
+    assert "unknown" in assess(cal, 0.7, {**broadband, "condition": {"channel": "nonsense"}}, SCORER)["lr_withheld"]
+    # Calibrations that did not record channels keep working on header facts alone.
+    assert assess(fit_lr_calibration(*_trials(np.random.default_rng(6), 30, 10), scorer=SCORER, population={},
+                                     conditions=WAV), 0.7, tel, SCORER)["log10_lr"] is not None

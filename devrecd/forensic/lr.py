@@ -129,14 +129,29 @@ def describe_conditions(recordings: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "duration_min": round(min(durations), 3) if durations else None,
         "duration_max": round(max(durations), 3) if durations else None,
         "recordings": len(recordings),
+        # The comparison condition measured on each recording (codec, band: devrecd.audio.condition).
+        "channels": sorted({comparison_channel(r["condition"]) for r in recordings if r.get("condition")}),
     }
+
+
+def comparison_channel(condition: dict[str, Any]) -> str:
+    """The comparison condition of a recording's measured condition: ``clean`` (broadband, compared
+    as it is), the channel it went through (``amrnb``, ``tel``, ``band300-3400``...), or ``unknown``."""
+    from devrecd.openset.matching import CLEAN, questioned_channel
+
+    try:
+        channel = questioned_channel(condition)
+    except ValueError:
+        return "unknown"
+    return CLEAN if channel is None else channel.name
 
 
 def condition_mismatch(recording: dict[str, Any], conditions: dict[str, Any]) -> tuple[list[str], list[str]]:
     """How a recording differs from the calibration conditions: ``(blocking, warnings)``.
 
-    A native rate or codec the calibration never saw blocks the LR (device traces do not survive a
-    change of channel: the calibration says nothing about it); a duration outside the calibrated
+    A native rate, codec or measured comparison condition (band limit, lossy channel) the
+    calibration never saw blocks the LR (device traces do not survive a change of channel: the
+    calibration says nothing about it); a duration outside the calibrated
     range is a warning (the score is still of the same kind, its spread is not).
     """
     blocking, warnings = [], []
@@ -145,6 +160,12 @@ def condition_mismatch(recording: dict[str, Any], conditions: dict[str, Any]) ->
         blocking.append(f"native rate {rate} Hz not in the calibration's {conditions['native_rates']}")
     if codec and conditions.get("codecs") and codec not in conditions["codecs"]:
         blocking.append(f"codec {codec} not in the calibration's {conditions['codecs']}")
+    if recording.get("condition") and conditions.get("channels"):
+        # A band limit survives re-packaging (an AMR call saved as a 32 kHz WAV): the measured
+        # condition, not the header, says whether the calibration covers the recording.
+        channel = comparison_channel(recording["condition"])
+        if channel not in conditions["channels"]:
+            blocking.append(f"measured condition {channel} not in the calibration's {conditions['channels']}")
     lo, hi = conditions.get("duration_min"), conditions.get("duration_max")
     if dur is not None and lo is not None and hi is not None and not lo <= float(dur) <= hi:
         warnings.append(f"duration {float(dur):.1f} s outside the calibration's {lo:.1f}-{hi:.1f} s")
