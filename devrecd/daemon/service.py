@@ -462,7 +462,8 @@ def load_served(cfg: Config, metrics: Metrics | None = None, *, device: str = "c
     why = f"no backend.model or backend.engine: open-set verdicts from registry {cfg.registry.path} only"
     if served.frontend.fingerprint() != cfg.frontend.fingerprint():
         why += "; frontend.* replaced by the frontend the registry's scorer was made with"
-    log.info("backend selected", extra={"backend": "none", "closed_set_model": "none", "why": why,
+    # Under the backends' logger, beside the line each closed-set backend choice writes.
+    logging.getLogger("devrecd.backends").info("backend selected", extra={"backend": "none", "closed_set_model": "none", "why": why,
                                         "scorer": served.scorer["kind"], "scorer_fingerprint": served.scorer["fingerprint"]})
     j = served.registry_judge
     log.info("open-set verdicts from the device registry",
