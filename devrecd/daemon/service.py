@@ -84,6 +84,14 @@ class OpenSetOnly:
         desc = self.registry_judge.scorer.describe()
         self.scorer = {"kind": desc.get("kind"), "fingerprint": desc.get("fingerprint"), "source": desc.get("source"),
                        "frontend_sha256": desc.get("frontend_sha256"), "registry": str(self.registry_judge.registry.path)}
+        # One recording at a time: the judge caches condition-matched registries as it meets new
+        # conditions; scoring is milliseconds beside decoding, which the workers still do in parallel.
+        self._lock = threading.Lock()
+
+    def judge(self, features: np.ndarray, recording: dict | None = None) -> dict:
+        """The registry's verdict fields for one recording's raw features."""
+        with self._lock:
+            return self.registry_judge.judge(features, recording)
 
     def describe(self) -> dict:
         return {"name": self.name, "closed_set_model": None, "device": self.device,
@@ -119,9 +127,8 @@ class Pipeline:
         # watch.follow_external_links (None: files named by the user, followed anywhere).
         self.roots = list(roots) if roots is not None else None
         self.judge = judge  # open-set verdict against the device registry (registry.path), if configured
-        self.open_set_only = isinstance(backend, OpenSetOnly)
         if isinstance(backend, OpenSetOnly):  # the registry's verdict alone, on the scorer's own frontend
-            self.judge = backend.registry_judge.judge
+            self.judge = backend.judge
             self.cfg = cfg = replace(cfg, frontend=backend.frontend)
         self.backend = backend
         self.labels = tuple(backend.labels)
@@ -142,9 +149,11 @@ class Pipeline:
         self._lock = threading.Lock()
         self._stop = threading.Event()  # workers/inference: no new work
         self._threads: list[threading.Thread] = []
-        self.batcher = None if isinstance(backend, OpenSetOnly) else Batcher(backend.infer, max_batch=cfg.batcher.max_batch, max_wait_s=cfg.batcher.max_wait_ms / 1000,
-                               queue_size=cfg.watch.queue_size, max_clips=cfg.batcher.max_queued_clips,
-                               on_batch=self._on_batch, on_progress=self._tick)
+        self.batcher: Batcher | None = None  # open set only: nothing runs on batches
+        if not isinstance(backend, OpenSetOnly):
+            self.batcher = Batcher(backend.infer, max_batch=cfg.batcher.max_batch, max_wait_s=cfg.batcher.max_wait_ms / 1000,
+                                   queue_size=cfg.watch.queue_size, max_clips=cfg.batcher.max_queued_clips,
+                                   on_batch=self._on_batch, on_progress=self._tick)
         self.extra_pending: Callable[[], int] = lambda: 0  # files sources hold that are not yet admitted
         metrics.queue_depth.set_function(lambda: self.in_flight() + self.extra_pending())
         metrics.oldest_pending_age.set_function(self._oldest_age)
