@@ -215,7 +215,8 @@ def _open_set(corpus: Path, rows: list[dict], registry: Path, references: int, s
             f"{llr:>8}{'' if ok else '  <- wrong'}")
     say(f"* never enrolled. Enrolled phones named right: {counts['named_right']} of {counts['enrolled']}; "
         f"recordings of phones never enrolled called unknown: {counts['called_unknown']} of {counts['not_enrolled']}"
-        " (simulated phones, not real ones: these figures say nothing about real casework)")
+        " (mNN_uK = unit K of simulated model NN, units of one model are the hardest to tell apart; simulated "
+        "phones, not real ones: these figures say nothing about real casework)")
     return {"enrolled_devices": enrolled, "held_out_devices": held_out, **counts}
 
 
