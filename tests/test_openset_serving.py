@@ -123,3 +123,14 @@ def test_watch_without_a_model_serves_open_set_verdicts(registry, ccnu_dir, tmp_
     assert all(r["backend"] == "open-set-only" and r["closed_set"] is None for r in recs.values())
     log = d.log_path.read_text()
     assert '"backend selected"' in log and '"closed_set_model": "none"' in log
+
+
+def test_watch_refuses_a_live_input_without_a_model(registry, tmp_path) -> None:
+    from devrecd.daemon.service import Daemon
+
+    (tmp_path / "evidence").mkdir()
+    cfg = load_config(None, env={}, overrides={"registry.path": str(registry), "live.enabled": True,
+                                               "metrics.enabled": False, "watch.state_dir": str(tmp_path / "state")})
+    with pytest.raises(ConfigError, match="live.enabled needs a closed-set model"):
+        Daemon(cfg, [str(tmp_path / "evidence")]).run()
+    assert not (tmp_path / "state" / "daemon.json").exists()
