@@ -18,13 +18,19 @@ def test_demo_runs_every_step_and_judges_the_dropped_evidence(tmp_path: Path, sh
                        say=lines.append)
     # the corpus's test split (speakers never heard in training) plus one damaged file
     assert summary["judged"] >= 3 and summary["failed"] == 1
-    assert set(summary["timings"]) == {"speech", "synth", "train", "export", "daemon_ready", "drop", "judge"}
+    assert set(summary["timings"]) == {"speech", "synth", "train", "export", "daemon_ready", "drop", "judge", "open_set"}
     text = "\n".join(lines)
     for command in ("$ devrecd synth", "$ devrecd train", "$ devrecd export", "$ devrecd watch"):
         assert command in text
     assert "failed: corrupt" in text and "daemon stopped (exit code 0)" in text
     assert 'devrecd_files_total{outcome="judged"} = ' + str(summary["judged"]) in text
     assert (tmp_path / "demo" / "state" / "verdicts.jsonl").is_file()
+    # open set with the shipped scorer and no model: every test recording judged, enrolled or not
+    op = summary["open_set"]
+    assert len(op["enrolled_devices"]) == 2 and len(op["held_out_devices"]) == 1 and op["not_judged"] == 0
+    assert op["enrolled"] >= 2 and op["not_enrolled"] >= 1
+    assert "$ devrecd enroll --registry" in text and "$ devrecd identify --registry" in text
+    assert f"Enrolled phones named right: {op['named_right']} of {op['enrolled']}" in text
 
 
 def test_demo_speaks_its_own_speech_when_no_librispeech_is_at_hand(tmp_path: Path, monkeypatch) -> None:

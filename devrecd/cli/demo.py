@@ -1,4 +1,4 @@
-"""``devrecd demo``: synth -> train -> export -> watch, on an embedded default."""
+"""``devrecd demo``: synth -> train -> export -> watch, then open set with no model, on an embedded default."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def demo(
     summary: Optional[Path] = typer.Option(None, "--summary", help="Also write the summary as JSON here."),
     force: bool = typer.Option(False, "--force", help="Replace --workdir even if it is a non-empty folder that is not a demo folder."),
 ) -> None:
-    """Run the whole product on simulated phones: synth, train, export, the daemon, verdicts, metrics."""
+    """Run the whole product on simulated phones: synth, train, export, the daemon, verdicts, metrics, then open-set enrolment and "unknown device" with the shipped scorer."""
     from devrecd.demo import DemoSettings, run_demo
 
     result = run_demo(DemoSettings(workdir=workdir, devices=devices, recordings=recordings, epochs=epochs,

@@ -12,6 +12,10 @@ reason and never stops the other files.
 
 :class:`Daemon` wraps the pipeline with the watcher, the HTTP endpoints, systemd notifications and
 signals (SIGTERM drains, SIGHUP reloads).
+
+Open set only (``registry.path`` set, no ``backend.model``/``backend.engine``): no network is
+loaded and no batcher runs; each worker hands its features to the registry's scorer
+(:class:`OpenSetOnly`) and the writer records the registry's verdict, through the same journal.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from devrecd.config import Config, load_config
 from devrecd.daemon.batcher import Batcher, Unit
 from devrecd.daemon.journal import Journal, JournalError, Recorder, VerdictLog
 from devrecd.daemon.notify import Liveness, WatchdogPinger, notify, watchdog_interval
-from devrecd.daemon.verdict import duplicate_record, failed_record, judged_record, with_comparison
+from devrecd.daemon.verdict import duplicate_record, failed_record, judged_record, open_set_record, with_comparison
 from devrecd.contract import check_frontend
 from devrecd.errors import ConfigError, DevrecdError
 from devrecd.features import FrontendConfig
@@ -62,6 +66,42 @@ class BackendLike(Protocol):
     def describe(self) -> dict: ...
 
 
+class OpenSetOnly:
+    """What serves when there is a device registry and no closed-set model: the registry's scorer
+    (:class:`~devrecd.openset.workflow.RegistryJudge`) judges each recording's features directly.
+    Not a backend: nothing runs on batches, so the pipeline skips the batcher; the frontend is the
+    scorer's own (the one its profiles were made with)."""
+
+    name = "open-set-only"
+    labels: tuple[str, ...] = ()
+
+    def __init__(self, cfg: Config, *, device: str = "cpu") -> None:
+        from devrecd.openset.workflow import RegistryJudge
+
+        self.registry_judge = RegistryJudge(cfg, device=device, adopt_frontend=True)
+        self.frontend: FrontendConfig = self.registry_judge.frontend
+        self.device = device
+        desc = self.registry_judge.scorer.describe()
+        self.scorer = {"kind": desc.get("kind"), "fingerprint": desc.get("fingerprint"), "source": desc.get("source"),
+                       "frontend_sha256": desc.get("frontend_sha256"), "registry": str(self.registry_judge.registry.path)}
+        # One recording at a time: the judge caches condition-matched registries as it meets new
+        # conditions; scoring is milliseconds beside decoding, which the workers still do in parallel.
+        self._lock = threading.Lock()
+
+    def judge(self, features: np.ndarray, recording: dict | None = None) -> dict:
+        """The registry's verdict fields for one recording's raw features."""
+        with self._lock:
+            return self.registry_judge.judge(features, recording)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "closed_set_model": None, "device": self.device,
+                "version": f"{self.scorer['kind']} scorer {str(self.scorer['fingerprint'] or '')[:16]}",
+                "model_sha256": None, "contract_sha256": None, "scorer": dict(self.scorer)}
+
+    def close(self) -> None:
+        """Nothing to release (the registry is read once)."""
+
+
 @dataclass
 class Job:
     """One file on its way through the pipeline."""
@@ -78,7 +118,7 @@ class Job:
 class Pipeline:
     """Judges submitted files once each; see the module docstring."""
 
-    def __init__(self, cfg: Config, backend: BackendLike, *, journal: Journal, verdict_log: VerdictLog | None,
+    def __init__(self, cfg: Config, backend: BackendLike | OpenSetOnly, *, journal: Journal, verdict_log: VerdictLog | None,
                  metrics: Metrics, device: str = "cpu", rejudge_duplicates: bool | None = None,
                  on_record: Callable[[dict], None] | None = None, liveness: Liveness | None = None,
                  judge: Callable[[np.ndarray, dict], dict] | None = None, roots: Sequence[str] | None = None) -> None:
@@ -87,6 +127,9 @@ class Pipeline:
         # watch.follow_external_links (None: files named by the user, followed anywhere).
         self.roots = list(roots) if roots is not None else None
         self.judge = judge  # open-set verdict against the device registry (registry.path), if configured
+        if isinstance(backend, OpenSetOnly):  # the registry's verdict alone, on the scorer's own frontend
+            self.judge = backend.judge
+            self.cfg = cfg = replace(cfg, frontend=backend.frontend)
         self.backend = backend
         self.labels = tuple(backend.labels)
         self.backend_info = backend.describe()
@@ -106,9 +149,11 @@ class Pipeline:
         self._lock = threading.Lock()
         self._stop = threading.Event()  # workers/inference: no new work
         self._threads: list[threading.Thread] = []
-        self.batcher = Batcher(backend.infer, max_batch=cfg.batcher.max_batch, max_wait_s=cfg.batcher.max_wait_ms / 1000,
-                               queue_size=cfg.watch.queue_size, max_clips=cfg.batcher.max_queued_clips,
-                               on_batch=self._on_batch, on_progress=self._tick)
+        self.batcher: Batcher | None = None  # open set only: nothing runs on batches
+        if not isinstance(backend, OpenSetOnly):
+            self.batcher = Batcher(backend.infer, max_batch=cfg.batcher.max_batch, max_wait_s=cfg.batcher.max_wait_ms / 1000,
+                                   queue_size=cfg.watch.queue_size, max_clips=cfg.batcher.max_queued_clips,
+                                   on_batch=self._on_batch, on_progress=self._tick)
         self.extra_pending: Callable[[], int] = lambda: 0  # files sources hold that are not yet admitted
         metrics.queue_depth.set_function(lambda: self.in_flight() + self.extra_pending())
         metrics.oldest_pending_age.set_function(self._oldest_age)
@@ -119,7 +164,7 @@ class Pipeline:
         """Start the worker, inference and writer threads."""
         for i in range(max(1, self.cfg.watch.workers)):
             self._threads.append(threading.Thread(target=self._worker, name=f"devrecd-decode-{i}", daemon=True))
-        self.streams = inference_streams(self.cfg, self.backend)
+        self.streams = 0 if self.batcher is None else inference_streams(self.cfg, self.backend)
         for i in range(self.streams):
             self._threads.append(threading.Thread(target=self._infer_loop, name=f"devrecd-infer-{i}", daemon=True))
         self._writer = threading.Thread(target=self._writer_loop, name="devrecd-writer", daemon=True)
@@ -181,7 +226,8 @@ class Pipeline:
         self.cfg = replace(self.cfg, batcher=replace(cfg.batcher, streams=self.cfg.batcher.streams), watch=replace(
             cfg.watch, workers=self.cfg.watch.workers, queue_size=self.cfg.watch.queue_size, state_dir=self.cfg.watch.state_dir))
         self.rejudge = cfg.watch.rejudge_duplicates
-        self.batcher.configure(max_batch=cfg.batcher.max_batch, max_wait_s=cfg.batcher.max_wait_ms / 1000)
+        if self.batcher is not None:
+            self.batcher.configure(max_batch=cfg.batcher.max_batch, max_wait_s=cfg.batcher.max_wait_ms / 1000)
 
     # --- internals -----------------------------------------------------------------------------
 
@@ -267,6 +313,12 @@ class Pipeline:
             if original is not None:  # judged before under another name: no inference needed
                 self._results.put(("duplicate", job, original))
                 return
+        if self.batcher is None:  # open set only: the scorer judges here, in the parallel workers
+            t1 = time.perf_counter()
+            fields = self.judge(feats.cpu().numpy() if hasattr(feats, "cpu") else feats, job.recording)
+            job.timings["scoring"] = time.perf_counter() - t1
+            self._results.put(("scored", job, fields))
+            return
         if not self.batcher.put(Unit(key=job, features=feats), self._stop):
             raise _Stopped()
 
@@ -322,12 +374,17 @@ class Pipeline:
                 feats = unit.features
                 open_set = self.judge(feats.cpu().numpy() if hasattr(feats, "cpu") else feats, job.recording)
             record = with_comparison(record, job.recording, open_set, self.cfg.backend.validated_conditions)
-            record = self.recorder.commit(job.entry_id, "judged", record, sha256=job.recording["sha256"])
-            if record is not None:
-                self._count("judged", job, record)
-                self.metrics.verdicts.labels(device=record["device"]).inc()
-                self.metrics.audio_seconds.inc(job.recording["duration"])
-                log.debug("judged", extra={"path": job.path, "device": record["device"], "score": record["score"]})
+            self._commit_judged(job, record)
+        elif kind == "scored":  # open set only: the registry's verdict is the verdict
+            job, fields = msg[1], msg[2]
+            assert job.recording is not None
+            original = None if self.rejudge else self.journal.judged_with(job.recording["sha256"], exclude=job.entry_id)
+            if original is not None:
+                self._write(("duplicate", job, original))
+                return
+            job.timings["end_to_end"] = time.monotonic() - job.taken
+            self._commit_judged(job, open_set_record(job.recording, fields, serving=self.backend_info,
+                                                     timings=job.timings))
         elif kind == "duplicate":
             job, original = msg[1], msg[2]
             job.timings["end_to_end"] = time.monotonic() - job.taken
@@ -352,6 +409,15 @@ class Pipeline:
                 self.metrics.errors.labels(reason=reason).inc()
                 log.warning("cannot judge file", extra={"path": job.path, "reason": reason, "detail": detail,
                                                         "sha256": record["sha256"]})
+
+    def _commit_judged(self, job: Job, record: dict) -> None:
+        assert job.recording is not None
+        record = self.recorder.commit(job.entry_id, "judged", record, sha256=job.recording["sha256"])
+        if record is not None:
+            self._count("judged", job, record)
+            self.metrics.verdicts.labels(device=record["device"]).inc()
+            self.metrics.audio_seconds.inc(job.recording["duration"])
+            log.debug("judged", extra={"path": job.path, "device": record["device"], "score": record["score"]})
 
     def _count(self, outcome: str, job: Job, record: dict) -> None:
         self.metrics.files.labels(outcome=outcome).inc()
@@ -391,6 +457,29 @@ def load_serving_backend(cfg: Config, metrics: Metrics | None = None) -> Backend
     if metrics is not None:
         metrics.set_backend(backend.describe())
     return backend
+
+
+def load_served(cfg: Config, metrics: Metrics | None = None, *, device: str = "cpu") -> BackendLike | OpenSetOnly:
+    """What the daemon and ``identify`` serve: the configured closed-set backend
+    (:func:`load_serving_backend`), or, with a device registry and no model, :class:`OpenSetOnly`."""
+    if not cfg.backend.model and not cfg.backend.engine and not cfg.registry.path:
+        raise ConfigError("no model given: pass --model export/NAME.onnx (or set backend.model), "
+                          "or --registry R (registry.path) for open-set verdicts only")
+    if cfg.backend.model or cfg.backend.engine:
+        return load_serving_backend(cfg, metrics)
+    served = OpenSetOnly(cfg, device=device)
+    why = f"no backend.model or backend.engine: open-set verdicts from registry {cfg.registry.path} only"
+    if served.frontend.fingerprint() != cfg.frontend.fingerprint():
+        why += "; frontend.* replaced by the frontend the registry's scorer was made with"
+    # Under the backends' logger, beside the line each closed-set backend choice writes.
+    logging.getLogger("devrecd.backends").info("backend selected", extra={"backend": "none", "closed_set_model": "none", "why": why,
+                                        "scorer": served.scorer["kind"], "scorer_fingerprint": served.scorer["fingerprint"]})
+    j = served.registry_judge
+    log.info("open-set verdicts from the device registry",
+             extra={"registry": cfg.registry.path, "threshold": j.threshold, "threshold_source": j.threshold_source})
+    if metrics is not None:
+        metrics.set_backend(served.describe())
+    return served
 
 
 def registry_judge(cfg: Config, device: str) -> Callable[[np.ndarray, dict], dict] | None:
@@ -483,10 +572,14 @@ class Daemon:
             server.start()
         backend = pipeline = watcher = pinger = None
         try:
-            backend = load_serving_backend(cfg, metrics)
             device = resolve_device(cfg.backend.device)
+            backend = load_served(cfg, metrics, device=device)
+            if cfg.live.enabled and isinstance(backend, OpenSetOnly):
+                raise ConfigError("live.enabled needs a closed-set model (backend.model): the live input is "
+                                  "judged window by window through the batcher")
+            judge = None if isinstance(backend, OpenSetOnly) else registry_judge(cfg, device)
             pipeline = Pipeline(cfg, backend, journal=journal, verdict_log=verdict_log, metrics=metrics,
-                                device=device, liveness=liveness, judge=registry_judge(cfg, device), roots=self.dirs)
+                                device=device, liveness=liveness, judge=judge, roots=self.dirs)
             state["pipeline"] = pipeline
             pipeline.start()
             if cfg.live.enabled:  # a sound-card input judged through the same batcher and backend
@@ -579,19 +672,23 @@ class Daemon:
 
 def identify_files(cfg: Config, paths: Sequence[str | os.PathLike], *, backend: BackendLike | None = None,
                    metrics: Metrics | None = None) -> list[dict]:
-    """Judge files once through the same pipeline (no state kept); one record per file, in order."""
+    """Judge files once through the same pipeline (no state kept); one record per file, in order.
+    With ``registry.path`` and no model, open set only (:func:`load_served`)."""
     metrics = metrics or Metrics()
+    device = resolve_device(cfg.backend.device)
     own = backend is None
+    served: BackendLike | OpenSetOnly
     if backend is None:
-        backend = load_serving_backend(cfg, metrics)
+        served = load_served(cfg, metrics, device=device)
     else:
         check_frontend(backend.frontend, cfg.frontend, model=backend.describe().get("model", backend.name))
+        served = backend
     journal = Journal(":memory:")
     records: dict[int, dict] = {}
-    pipeline = Pipeline(cfg, backend, journal=journal, verdict_log=None, metrics=metrics,
-                        device=resolve_device(cfg.backend.device), rejudge_duplicates=True,
+    pipeline = Pipeline(cfg, served, journal=journal, verdict_log=None, metrics=metrics,
+                        device=device, rejudge_duplicates=True,
                         on_record=lambda r: records.__setitem__(r["id"], r),
-                        judge=registry_judge(cfg, resolve_device(cfg.backend.device)))
+                        judge=None if isinstance(served, OpenSetOnly) else registry_judge(cfg, device))
     pipeline.start()
     try:
         ids = [pipeline.submit(os.path.abspath(p)) for p in paths]
@@ -600,7 +697,7 @@ def identify_files(cfg: Config, paths: Sequence[str | os.PathLike], *, backend: 
         pipeline.stop()
         journal.close()
         if own:
-            backend.close()  # type: ignore[union-attr]
+            served.close()  # type: ignore[union-attr]
     out = []
     for path, i in zip(paths, ids):
         if i is None:

@@ -72,6 +72,24 @@ def judged_record(recording: dict, window_probs: np.ndarray, labels: Sequence[st
     }
 
 
+def open_set_record(recording: dict, open_set: dict[str, Any], *, serving: dict,
+                    timings: dict[str, float]) -> dict[str, Any]:
+    """The verdict of a file judged by the device registry alone (no closed-set model served):
+    the registry's fields (which carry the comparison's condition status), and in place of the
+    model and contract hashes the scorer that made the registry's profiles (``serving["scorer"]``)."""
+    return {
+        "outcome": "judged",
+        **recording,
+        **open_set,
+        "closed_set": None,
+        "backend": serving.get("name"),
+        "scorer": serving.get("scorer"),
+        "software_version": __version__,
+        "timings": _round(timings),
+        "judged_at": _now(),
+    }
+
+
 def with_open_set(record: dict[str, Any], open_set: dict[str, Any]) -> dict[str, Any]:
     """A judged record with the registry's open-set verdict in front and the closed-set one beside it."""
     closed = {k: record[k] for k in ("device", "score", "top_k")}

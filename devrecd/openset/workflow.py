@@ -150,9 +150,13 @@ class RegistryJudge:
     (:func:`~devrecd.openset.scoring.resolve_threshold`). ``judge(features)`` takes a recording's
     (n_windows, 128, 73) raw features, the same array the closed-set backend gets, and returns
     verdict fields to merge into the record.
+
+    ``adopt_frontend``: serving open set only (no closed-set model fixes the frontend), the
+    pipeline computes the scorer's own frontend (:attr:`frontend`) instead of refusing a configured one.
     """
 
-    def __init__(self, cfg: Config, *, model: str | os.PathLike | None = None, device: str = "cpu") -> None:
+    def __init__(self, cfg: Config, *, model: str | os.PathLike | None = None, device: str = "cpu",
+                 adopt_frontend: bool = False) -> None:
         from devrecd.openset.registry import open_registry
         from devrecd.openset.scoring import resolve_threshold
 
@@ -161,7 +165,8 @@ class RegistryJudge:
         self.registry = open_registry(cfg.registry.path)
         self.scorer = registry_scorer(self.registry, model=model, device=device)
         self.embedder = getattr(self.scorer, "embedder", None)
-        if self.registry.kind != "embedder" and self.scorer.frontend.fingerprint() != cfg.frontend.fingerprint():
+        self.frontend = self.scorer.frontend if adopt_frontend else cfg.frontend  # what the pipeline must compute
+        if self.registry.kind != "embedder" and self.scorer.frontend.fingerprint() != self.frontend.fingerprint():
             # The pipeline hands over features of the configured frontend; a supervector of other
             # features would be compared with profiles it does not match.
             raise RegistryError(f"registry {cfg.registry.path} was enrolled with another frontend than the one "

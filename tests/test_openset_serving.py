@@ -1,0 +1,136 @@
+"""``identify`` and ``watch`` with a device registry and no closed-set model: open-set verdicts only,
+from the shipped GSV scorer, on real CCNU phones (enrolled from segments 1-2, questioned with segment 4)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from devrecd.cli import app
+from devrecd.config import load_config
+from devrecd.daemon.service import identify_files
+from devrecd.errors import ConfigError
+from devrecd.metrics import Metrics
+from tests.test_daemon import DaemonProc
+
+runner = CliRunner()
+ENROLLED = ["Apple_air1", "IPHONEX", "xiaomi8se"]
+NOT_ENROLLED = "huawei_p20"
+
+
+def _segment(ccnu_dir: Path, device: str, segment: int) -> Path:
+    with open(ccnu_dir / "manifest.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["device"] == device and int(r["segment"]) == segment]
+    assert rows, (device, segment)
+    return ccnu_dir / rows[0]["path"]
+
+
+@pytest.fixture(scope="module")
+def registry(ccnu_dir: Path, tmp_path_factory) -> Path:
+    """Three phones enrolled with `devrecd enroll` and no model (the shipped GSV scorer)."""
+    path = tmp_path_factory.mktemp("gsvserve") / "registry"
+    for device in ENROLLED:
+        refs = [str(_segment(ccnu_dir, device, s)) for s in (1, 2)]
+        result = runner.invoke(app, ["enroll", "--registry", str(path), "--device", device, *refs])
+        assert result.exit_code == 0, result.output
+    return path
+
+
+@pytest.fixture
+def no_backend(monkeypatch):
+    """Fails the test if any closed-set backend is loaded."""
+    def refuse(*_a, **_k):
+        raise AssertionError("a closed-set backend was loaded")
+
+    monkeypatch.setattr("devrecd.backends.load_backend", refuse)
+
+
+def _cfg(registry: Path, **overrides):
+    return load_config(None, env={}, overrides={"registry.path": str(registry), **overrides})
+
+
+def test_identify_without_a_model_gives_the_registrys_verdicts(registry, ccnu_dir, no_backend, caplog) -> None:
+    known, other = _segment(ccnu_dir, "IPHONEX", 4), _segment(ccnu_dir, NOT_ENROLLED, 4)
+    metrics = Metrics()
+    with caplog.at_level(logging.INFO, logger="devrecd.backends"):
+        records = identify_files(_cfg(registry), [known, other], metrics=metrics)
+    selected = [r for r in caplog.records if r.getMessage() == "backend selected"]
+    assert selected and selected[-1].backend == "none" and "open-set verdicts" in selected[-1].why
+    info = metrics.backend_info.collect()[0].samples[0].labels
+    assert info["backend"] == "open-set-only" and info["model_sha256"] == ""
+
+    by_path = {r["path"]: r for r in records}
+    hit, miss = by_path[str(known)], by_path[str(other)]
+    for r, path in ((hit, known), (miss, other)):
+        assert r["outcome"] == "judged"
+        assert r["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert r["condition"]["codec"] == "PCM_16" and "rms_dbfs" in r["levels"] and r["software_version"]
+        assert r["backend"] == "open-set-only" and r["closed_set"] is None and "model_sha256" not in r
+        assert r["scorer"]["kind"] == "gsv" and r["scorer"]["fingerprint"] == r["open_set"]["embedder"]
+        assert r["open_set"]["registry"] == str(registry) and r["open_set"]["profiles"] == len(ENROLLED)
+        assert {c["device"] for c in r["top_k"]} == set(ENROLLED)
+        assert r["condition_status"] == "validated" and r["comparison"]["status"] == "validated"
+        assert {"decode", "features", "scoring", "end_to_end"} <= set(r["timings"])
+    assert hit["device"] == "IPHONEX" and hit["open_set"]["accepted"] and hit["llr"] > 0
+    assert miss["device"] == "unknown device" and not miss["open_set"]["accepted"]
+    assert miss["score"] < miss["open_set"]["threshold"] <= hit["score"]
+
+
+def test_the_served_frontend_is_the_scorers_without_a_model(registry, ccnu_dir, no_backend, caplog) -> None:
+    path = _segment(ccnu_dir, "xiaomi8se", 4)
+    plain = identify_files(_cfg(registry), [path])[0]
+    with caplog.at_level(logging.INFO, logger="devrecd.backends"):
+        other = identify_files(_cfg(registry, **{"frontend.preemphasis": 0.5}), [path])[0]
+    assert "frontend.* replaced" in [r for r in caplog.records if r.getMessage() == "backend selected"][-1].why
+    assert other["device"] == plain["device"] == "xiaomi8se" and other["score"] == plain["score"]
+
+
+def test_without_a_registry_or_a_model_the_error_names_both(ccnu_dir) -> None:
+    with pytest.raises(ConfigError, match="no model given.*--registry"):
+        identify_files(load_config(None, env={}), [_segment(ccnu_dir, "IPHONEX", 4)])
+
+
+def test_identify_cli_without_a_model(registry, ccnu_dir) -> None:
+    result = runner.invoke(app, ["identify", "--registry", str(registry), "--json",
+                                 str(_segment(ccnu_dir, "Apple_air1", 4)), str(_segment(ccnu_dir, NOT_ENROLLED, 4))])
+    assert result.exit_code == 0, result.output
+    devices = [json.loads(x)["device"] for x in result.output.splitlines() if x.startswith("{")]
+    assert devices == ["Apple_air1", "unknown device"]
+
+
+def test_watch_without_a_model_serves_open_set_verdicts(registry, ccnu_dir, tmp_path) -> None:
+    ev = tmp_path / "evidence"
+    ev.mkdir()
+    no_model = ""  # backend.model empty in the daemon's config
+    d = DaemonProc(tmp_path, ev, no_model, workers=1)  # type: ignore[arg-type]
+    d.start(env={"DEVRECD_REGISTRY__PATH": str(registry)})
+    try:
+        shutil.copy(_segment(ccnu_dir, "xiaomi8se", 4), ev / "a.wav")
+        shutil.copy(_segment(ccnu_dir, NOT_ENROLLED, 4), ev / "b.wav")
+        recs = {Path(r["path"]).name: r for r in d.wait_records(2)}
+        status, body = d.get("/metrics")
+        assert status == 200 and 'backend="open-set-only"' in body
+    finally:
+        assert d.stop() == 0
+    assert recs["a.wav"]["device"] == "xiaomi8se" and recs["b.wav"]["device"] == "unknown device"
+    assert all(r["backend"] == "open-set-only" and r["closed_set"] is None for r in recs.values())
+    log = d.log_path.read_text()
+    assert '"backend selected"' in log and '"closed_set_model": "none"' in log
+
+
+def test_watch_refuses_a_live_input_without_a_model(registry, tmp_path) -> None:
+    from devrecd.daemon.service import Daemon
+
+    (tmp_path / "evidence").mkdir()
+    cfg = load_config(None, env={}, overrides={"registry.path": str(registry), "live.enabled": True,
+                                               "metrics.enabled": False, "watch.state_dir": str(tmp_path / "state")})
+    with pytest.raises(ConfigError, match="live.enabled needs a closed-set model"):
+        Daemon(cfg, [str(tmp_path / "evidence")]).run()
+    assert not (tmp_path / "state" / "daemon.json").exists()
