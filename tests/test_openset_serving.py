@@ -97,12 +97,19 @@ def test_without_a_registry_or_a_model_the_error_names_both(ccnu_dir) -> None:
         identify_files(load_config(None, env={}), [_segment(ccnu_dir, "IPHONEX", 4)])
 
 
-def test_identify_cli_without_a_model(registry, ccnu_dir) -> None:
+def test_identify_cli_without_a_model(registry, ccnu_dir, tmp_path) -> None:
     result = runner.invoke(app, ["identify", "--registry", str(registry), "--json",
                                  str(_segment(ccnu_dir, "Apple_air1", 4)), str(_segment(ccnu_dir, NOT_ENROLLED, 4))])
     assert result.exit_code == 0, result.output
-    devices = [json.loads(x)["device"] for x in result.output.splitlines() if x.startswith("{")]
-    assert devices == ["Apple_air1", "unknown device"]
+    lines = [x for x in result.output.splitlines() if x.startswith("{")]
+    assert [json.loads(x)["device"] for x in lines] == ["Apple_air1", "unknown device"]
+    # The case report of these verdicts shows the registry's verdict and no closed-set section.
+    (tmp_path / "identify.jsonl").write_text("\n".join(lines) + "\n")
+    result = runner.invoke(app, ["report", str(tmp_path / "identify.jsonl"), "--out", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    recordings = json.loads((tmp_path / "report" / "report.json").read_text())["recordings"]
+    assert len(recordings) == 2 and all("closed_set" not in r and "open_set" in r for r in recordings)
+    assert [r["open_set"]["device"] for r in recordings] == ["Apple_air1", "unknown device"]
 
 
 def test_watch_without_a_model_serves_open_set_verdicts(registry, ccnu_dir, tmp_path) -> None:

@@ -369,8 +369,9 @@ def _recording_section(n: int, rec: dict[str, Any], entry: dict[str, Any], lr_ca
                 rec["window_starts"], rec["window_scores"], ylabel="cosine to references",
                 title=f"#{n} per-window score against {rec.get('reference_device')}"))
         return sec
-    closed = rec.get("closed_set") or {k: rec.get(k) for k in ("device", "score", "top_k")}
-    sec["closed_set"] = {"device": closed.get("device"), "score": closed.get("score"), "top_k": closed.get("top_k") or []}
+    if not ("closed_set" in rec and rec["closed_set"] is None):  # None: served open set only, no closed-set model
+        closed = rec.get("closed_set") or {k: rec.get(k) for k in ("device", "score", "top_k")}
+        sec["closed_set"] = {"device": closed.get("device"), "score": closed.get("score"), "top_k": closed.get("top_k") or []}
     if isinstance(rec.get("open_set"), dict):
         sec["open_set"] = {"device": rec.get("device"), "candidate": rec.get("candidate"), "score": rec.get("score"),
                            "accepted": rec["open_set"].get("accepted"), "threshold": rec["open_set"].get("threshold"),
