@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Callable
 
 import numpy as np
 
@@ -44,10 +44,14 @@ def clips_for(rec: Recording, frontend: FrontendConfig, hop_seconds: float) -> n
     return cut_windows(rec.samples, frontend.clip_samples, hop)
 
 
-def features_for_file(path: str | os.PathLike, cfg: Config, *, device: str = "cpu",
-                      hop_seconds: float | None = None) -> tuple[Recording, np.ndarray]:
-    """Decode one file and return it with its (windows, 128, 73) features."""
+def features_for_file(path: str | os.PathLike, cfg: Config, *, device: str = "cpu", hop_seconds: float | None = None,
+                      transform: Callable[[np.ndarray, int], np.ndarray] | None = None) -> tuple[Recording, np.ndarray]:
+    """Decode one file and return it with its (windows, 128, 73) features; ``transform(samples, rate)``,
+    when given, replaces the decoded samples first (e.g. a transmission channel) and the returned
+    recording carries them."""
     rec = read_evidence(path, cfg.frontend.sample_rate, cfg.audio)
+    if transform is not None:
+        rec = replace(rec, samples=np.ascontiguousarray(transform(rec.samples, rec.sample_rate), dtype=np.float32))
     clips = clips_for(rec, cfg.frontend, cfg.audio.hop_seconds if hop_seconds is None else hop_seconds)
     return rec, finite_features(extract(clips, frontend_for(cfg.frontend), device=device), path)
 

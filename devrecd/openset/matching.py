@@ -279,49 +279,11 @@ def resolve_comparison(condition: dict[str, Any] | None, store: ReferenceStore |
     return channel, channel.name, "matched", ""
 
 
-def score_recordings_under(registry: Any, scorer: Any, items: Sequence[tuple[str, str]], cfg: Any,
-                           channel: Channel | None, matcher: ConditionMatcher, *, hop_seconds: float | None = None) -> Any:
-    """Calibration trials under a condition: ``(path, device)`` recordings passed through ``channel``
-    and scored against the registry's references brought to the same channel (``None``: as they are).
-    Enrolled references are left out of the trials."""
-    from dataclasses import replace
-
-    from devrecd.audio.decode import read_evidence
-    from devrecd.features import extract
-    from devrecd.openset.calibration import CalibrationError
-    from devrecd.openset.scorers import as_scorer
-    from devrecd.openset.workflow import Trials
-    from devrecd.pipeline import clips_for, frontend_for
-
-    scorer = as_scorer(scorer)
-    registry.check_embedder(scorer.describe())
-    reg = registry if channel is None else matched_registry(registry, matcher, channel, scorer.recording_vector)
-    enrolled = {r.sha256 for p in registry.profiles.values() for r in p.references}
-    hop = cfg.audio.hop_seconds if hop_seconds is None else hop_seconds
-    paths, devices, vectors, conditions = [], [], [], []
-    for path, device in items:
-        rec = read_evidence(path, scorer.frontend.sample_rate, cfg.audio)
-        if rec.sha256 in enrolled:
-            continue
-        if channel is not None:
-            rec = replace(rec, samples=channel.apply(rec.samples, rec.sample_rate))
-        feats = extract(clips_for(rec, scorer.frontend, hop), frontend_for(scorer.frontend), device=matcher.device)
-        paths.append(str(path))
-        devices.append(device)
-        vectors.append(scorer.recording_vector(feats))
-        conditions.append(rec.describe())
-    if not vectors:
-        raise CalibrationError("no trial recordings left (all were references, or none were given)")
-    names, means = reg.matrix()
-    return Trials(profiles=names, recordings=paths, devices=devices, scores=scorer.score(np.stack(vectors), means),
-                  conditions=conditions)
-
-
 def calibration_trials_under(registry: Any, scorer: Any, items: Sequence[tuple[str, str]], cfg: Any,
                              conditions: Sequence[str]) -> Any:
     """Trials under each named condition (``clean`` = as they are), pooled into one set."""
     from devrecd.audio.channel import get_channel
-    from devrecd.openset.workflow import Trials
+    from devrecd.openset.workflow import Trials, score_recordings
 
     store = ReferenceStore.for_registry(registry.path)
     missing = [r.sha256 for p in registry.profiles.values() for r in p.references if not store.has(r.sha256)]
@@ -333,7 +295,7 @@ def calibration_trials_under(registry: Any, scorer: Any, items: Sequence[tuple[s
     scorer = as_scorer(scorer)
     device = getattr(getattr(scorer, "embedder", None), "device", "cpu")
     matcher = ConditionMatcher(store, scorer.frontend, cfg.audio, device=device)
-    parts = [score_recordings_under(registry, scorer, items, cfg, None if c == CLEAN else get_channel(c), matcher)
+    parts = [score_recordings(registry, scorer, items, cfg, channel=None if c == CLEAN else get_channel(c), matcher=matcher)
              for c in conditions]
     return Trials(profiles=parts[0].profiles, recordings=[r for t in parts for r in t.recordings],
                   devices=[d for t in parts for d in t.devices], scores=np.concatenate([t.scores for t in parts]),
@@ -343,5 +305,5 @@ def calibration_trials_under(registry: Any, scorer: Any, items: Sequence[tuple[s
 __all__ = [
     "CLEAN", "ChannelError", "calibration_trials_under", "closed_set_comparison", "ConditionMatcher", "ReferenceStore", "Scorer", "condition_report",
     "embedding_scorer", "matched_profile_embeddings", "matched_registry", "matched_scores", "questioned_channel",
-    "resolve_comparison", "score_recordings_under", "validated_conditions",
+    "resolve_comparison", "validated_conditions",
 ]

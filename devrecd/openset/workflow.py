@@ -21,16 +21,18 @@ from devrecd.openset.scorers import as_scorer, registry_scorer, scorer_arrays
 log = logging.getLogger("devrecd.openset")
 
 
-def recording_features(scorer: Any, path: str | os.PathLike, cfg: Config, *,
-                       hop_seconds: float | None = None) -> tuple[Any, np.ndarray]:
+def recording_features(scorer: Any, path: str | os.PathLike, cfg: Config, *, hop_seconds: float | None = None,
+                       channel: Any = None) -> tuple[Any, np.ndarray]:
     """Decode a recording and compute its raw windows with the SCORER's frontend (it defines what
-    its input means), through the one feature path."""
+    its input means), through the one feature path; passed through ``channel`` first when given
+    (a :class:`devrecd.audio.channel.Channel`)."""
     from dataclasses import replace
 
     from devrecd.pipeline import features_for_file
 
     device = getattr(getattr(scorer, "embedder", None), "device", "cpu")
-    return features_for_file(path, replace(cfg, frontend=scorer.frontend), device=device, hop_seconds=hop_seconds)
+    return features_for_file(path, replace(cfg, frontend=scorer.frontend), device=device, hop_seconds=hop_seconds,
+                             transform=None if channel is None else channel.apply)
 
 
 def enrol_files(registry: Registry, scorer: Any, name: str, paths: Sequence[str | os.PathLike],
@@ -97,18 +99,25 @@ class Trials:
 
 
 def score_recordings(registry: Registry, scorer: Any, items: Sequence[tuple[str, str]], cfg: Config, *,
-                     hop_seconds: float | None = None) -> Trials:
+                     hop_seconds: float | None = None, channel: Any = None, matcher: Any = None) -> Trials:
     """Score ``(path, true device)`` recordings against every profile of the registry.
 
     Recordings that are references of the registry are left out: a reference scored against its
-    own profile would make the calibration look better than it is.
+    own profile would make the calibration look better than it is. With a ``channel`` (and the
+    :class:`~devrecd.openset.matching.ConditionMatcher` that holds the references' audio), both the
+    recordings and the profiles' references are passed through it: trials under that condition.
     """
     scorer = as_scorer(scorer)
     registry.check_embedder(scorer.describe())
+    profiles = registry
+    if channel is not None:
+        from devrecd.openset.matching import matched_registry
+
+        profiles = matched_registry(registry, matcher, channel, scorer.recording_vector)
     enrolled = {r.sha256 for p in registry.profiles.values() for r in p.references}
     paths, devices, embs, conditions = [], [], [], []
     for path, device in items:
-        rec, feats = recording_features(scorer, path, cfg, hop_seconds=hop_seconds)
+        rec, feats = recording_features(scorer, path, cfg, hop_seconds=hop_seconds, channel=channel)
         if rec.sha256 in enrolled:
             log.warning("left out of the trials: it is an enrolled reference", extra={"path": str(path)})
             continue
@@ -118,7 +127,7 @@ def score_recordings(registry: Registry, scorer: Any, items: Sequence[tuple[str,
         conditions.append(rec.describe())
     if not embs:
         raise CalibrationError("no trial recordings left (all were references, or none were given)")
-    names, means = registry.matrix()
+    names, means = profiles.matrix()
     scores = scorer.score(np.stack(embs), means)
     return Trials(profiles=names, recordings=paths, devices=devices, scores=scores, conditions=conditions)
 
