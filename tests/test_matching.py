@@ -122,7 +122,7 @@ def test_registry_judge_matches_references_and_withholds_unvalidated_lrs(trained
 def _judge_checks(trained_checkpoint, ccnu_dir, tmp_path):
     from devrecd.audio import read_evidence
     from devrecd.openset.embedder import Embedder
-    from devrecd.openset.matching import calibration_trials_under
+    from devrecd.openset.workflow import calibration_trials_under
     from devrecd.openset.registry import open_registry
     from devrecd.openset.workflow import RegistryJudge, calibrate_registry, enrol_files, score_recordings
     from devrecd.pipeline import features_for_file

@@ -168,7 +168,7 @@ def calibrate(
     chosen = registry_scorer(reg, model=model, device=resolve_device(cfg.backend.device))
     pairs = [(str(it.path), it.device) for it in items]
     if conditions:
-        from devrecd.openset.matching import calibration_trials_under
+        from devrecd.openset.workflow import calibration_trials_under
 
         trials = calibration_trials_under(reg, chosen, pairs, cfg, conditions)
     else:

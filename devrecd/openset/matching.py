@@ -279,31 +279,8 @@ def resolve_comparison(condition: dict[str, Any] | None, store: ReferenceStore |
     return channel, channel.name, "matched", ""
 
 
-def calibration_trials_under(registry: Any, scorer: Any, items: Sequence[tuple[str, str]], cfg: Any,
-                             conditions: Sequence[str]) -> Any:
-    """Trials under each named condition (``clean`` = as they are), pooled into one set."""
-    from devrecd.audio.channel import get_channel
-    from devrecd.openset.workflow import Trials, score_recordings
-
-    store = ReferenceStore.for_registry(registry.path)
-    missing = [r.sha256 for p in registry.profiles.values() for r in p.references if not store.has(r.sha256)]
-    if missing and any(c != CLEAN for c in conditions):
-        raise ArtifactError(f"{len(missing)} reference(s) of {registry.path} are not in {store.root}: enrol them "
-                            "again (registry.keep_references) to calibrate under a condition", reason="reference_missing")
-    from devrecd.openset.scorers import as_scorer
-
-    scorer = as_scorer(scorer)
-    device = getattr(getattr(scorer, "embedder", None), "device", "cpu")
-    matcher = ConditionMatcher(store, scorer.frontend, cfg.audio, device=device)
-    parts = [score_recordings(registry, scorer, items, cfg, channel=None if c == CLEAN else get_channel(c), matcher=matcher)
-             for c in conditions]
-    return Trials(profiles=parts[0].profiles, recordings=[r for t in parts for r in t.recordings],
-                  devices=[d for t in parts for d in t.devices], scores=np.concatenate([t.scores for t in parts]),
-                  conditions=[c for t in parts for c in t.conditions])
-
-
 __all__ = [
-    "CLEAN", "ChannelError", "calibration_trials_under", "closed_set_comparison", "ConditionMatcher", "ReferenceStore", "Scorer", "condition_report",
+    "CLEAN", "ChannelError", "closed_set_comparison", "ConditionMatcher", "ReferenceStore", "Scorer", "condition_report",
     "embedding_scorer", "matched_profile_embeddings", "matched_registry", "matched_scores", "questioned_channel",
     "resolve_comparison", "validated_conditions",
 ]

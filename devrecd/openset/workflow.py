@@ -132,6 +132,28 @@ def score_recordings(registry: Registry, scorer: Any, items: Sequence[tuple[str,
     return Trials(profiles=names, recordings=paths, devices=devices, scores=scores, conditions=conditions)
 
 
+def calibration_trials_under(registry: Registry, scorer: Any, items: Sequence[tuple[str, str]], cfg: Config,
+                             conditions: Sequence[str]) -> Trials:
+    """Trials under each named condition (``clean`` = as they are), pooled into one set."""
+    from devrecd.audio.channel import get_channel
+    from devrecd.errors import ArtifactError
+    from devrecd.openset.matching import CLEAN, ConditionMatcher, ReferenceStore
+
+    store = ReferenceStore.for_registry(registry.path)
+    missing = [r.sha256 for p in registry.profiles.values() for r in p.references if not store.has(r.sha256)]
+    if missing and any(c != CLEAN for c in conditions):
+        raise ArtifactError(f"{len(missing)} reference(s) of {registry.path} are not in {store.root}: enrol them "
+                            "again (registry.keep_references) to calibrate under a condition", reason="reference_missing")
+    scorer = as_scorer(scorer)
+    device = getattr(getattr(scorer, "embedder", None), "device", "cpu")
+    matcher = ConditionMatcher(store, scorer.frontend, cfg.audio, device=device)
+    parts = [score_recordings(registry, scorer, items, cfg, channel=None if c == CLEAN else get_channel(c), matcher=matcher)
+             for c in conditions]
+    return Trials(profiles=parts[0].profiles, recordings=[r for t in parts for r in t.recordings],
+                  devices=[d for t in parts for d in t.devices], scores=np.concatenate([t.scores for t in parts]),
+                  conditions=[c for t in parts for c in t.conditions])
+
+
 def calibrate_registry(registry: Registry, trials: Trials, *, target_far: float,
                        source: dict[str, Any] | None = None) -> Calibration:
     """Fit the calibration on the trials, store it in the registry (caller saves) and return it."""
