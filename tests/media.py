@@ -8,21 +8,18 @@ import numpy as np
 import soundfile as sf
 
 
-def encode(samples: np.ndarray, rate: int, path: Path, *, codec: str, fmt: str, out_rate: int) -> Path:
-    """Encode mono float samples to ``path`` with an FFmpeg encoder (e.g. aac/ipod, libopencore_amrnb/amr)."""
-    import av
-    import soxr
+# Bit rates of the test media: FFmpeg's defaults for these encoders.
+_BITRATES = {"aac": 128_000, "libopencore_amrnb": 12_200}
 
-    y = soxr.resample(samples, rate, out_rate) if out_rate != rate else samples
-    pcm = (np.clip(y, -1, 1) * 32767).astype(np.int16)[None]
-    with av.open(str(path), "w", format=fmt) as out:
-        stream = out.add_stream(codec, rate=out_rate, layout="mono")
-        frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
-        frame.sample_rate = out_rate
-        for packet in stream.encode(frame):
-            out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
+
+def encode(samples: np.ndarray, rate: int, path: Path, *, codec: str, fmt: str, out_rate: int) -> Path:
+    """Encode mono float samples to ``path`` with an FFmpeg encoder (e.g. aac/ipod, libopencore_amrnb/amr),
+    through the product's own encoder (:func:`devrecd.audio.channel.encode`)."""
+    from devrecd.audio.channel import encode as encode_bytes
+    from devrecd.audio.channel import resample
+
+    y = resample(samples, rate, out_rate) if out_rate != rate else samples
+    path.write_bytes(encode_bytes(np.asarray(y), out_rate, codec, fmt, _BITRATES.get(codec, 64_000)))
     return path
 
 
