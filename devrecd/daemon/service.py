@@ -671,9 +671,10 @@ class Daemon:
 
 
 def identify_files(cfg: Config, paths: Sequence[str | os.PathLike], *, backend: BackendLike | None = None,
-                   metrics: Metrics | None = None) -> list[dict]:
+                   metrics: Metrics | None = None, on_record: Callable[[dict], None] | None = None) -> list[dict]:
     """Judge files once through the same pipeline (no state kept); one record per file, in order.
-    With ``registry.path`` and no model, open set only (:func:`load_served`)."""
+    With ``registry.path`` and no model, open set only (:func:`load_served`). ``on_record(record)`` is
+    called (from the writer thread) as each verdict is made, in the order they finish."""
     metrics = metrics or Metrics()
     device = resolve_device(cfg.backend.device)
     own = backend is None
@@ -687,7 +688,7 @@ def identify_files(cfg: Config, paths: Sequence[str | os.PathLike], *, backend: 
     records: dict[int, dict] = {}
     pipeline = Pipeline(cfg, served, journal=journal, verdict_log=None, metrics=metrics,
                         device=device, rejudge_duplicates=True,
-                        on_record=lambda r: records.__setitem__(r["id"], r),
+                        on_record=lambda r: (records.__setitem__(r["id"], r), on_record and on_record(r)),
                         judge=None if isinstance(served, OpenSetOnly) else registry_judge(cfg, device))
     pipeline.start()
     try:
