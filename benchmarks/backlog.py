@@ -56,8 +56,8 @@ def naive_loop(files: list[Path], model: str, repeats: int = 2, threads: int = 1
     ``repeats`` passes: the machine is shared, and the best pass is the fairest baseline)."""
     from devrecd.config import load_config
     from devrecd.daemon.service import load_serving_backend
-    from devrecd.daemon.verdict import aggregate
-    from devrecd.pipeline import features_for_file
+    from devrecd.pipeline.verdict import aggregate
+    from devrecd.pipeline.stages import features_for_file
 
     # The same ONNX Runtime thread count as the daemon run. Note: with 2 threads ORT's spinning
     # workers compete with torch for the cores (measured ~5x slower features with a tiny model).

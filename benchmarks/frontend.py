@@ -34,7 +34,7 @@ def _ours(clips: np.ndarray) -> int:
     import torch
 
     from devrecd.features import extract
-    from devrecd.pipeline import frontend_for
+    from devrecd.pipeline.stages import frontend_for
 
     torch.set_num_threads(1)
     extract(clips, frontend_for(CFG))  # the process's cached frontend, as the daemon uses it

@@ -199,7 +199,7 @@ def fit_model(recs: list[dict], device: str, steps: int, out: Path) -> tuple[Pat
     from devrecd.features import FrontendConfig, extract
     from devrecd.model import build_model
     from devrecd.model.checkpoint import Checkpoint, save_checkpoint
-    from devrecd.pipeline import clips_for, frontend_for
+    from devrecd.pipeline.stages import clips_for, frontend_for
 
     frontend = FrontendConfig()
     labels = sorted({r["device"] for r in recs})

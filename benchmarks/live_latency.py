@@ -28,7 +28,7 @@ from devrecd.daemon.service import load_serving_backend
 from devrecd.features import extract
 from devrecd.live import Listener
 from devrecd.metrics import Metrics
-from devrecd.pipeline import frontend_for
+from devrecd.pipeline.stages import frontend_for
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -201,7 +201,7 @@ def audio_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
 def parity_features(files: Sequence[Path], frontend: FrontendConfig, cfg: Config, *,
                     max_clips: int = PARITY_CLIPS) -> np.ndarray:
     """Up to ``max_clips`` real feature windows, spread evenly over ``files`` (model's frontend)."""
-    from devrecd.pipeline import features_for_file
+    from devrecd.pipeline.stages import features_for_file
 
     if not files:
         raise ArtifactError("the parity check needs real recordings: pass --parity-audio FILE_OR_DIR",

@@ -91,7 +91,7 @@ def trained_checkpoint(ccnu_dir: Path, tmp_path_factory) -> Path:
     from devrecd.config import load_config
     from devrecd.model import build_model
     from devrecd.model.checkpoint import Checkpoint, save_checkpoint
-    from devrecd.pipeline import features_for_file
+    from devrecd.pipeline.stages import features_for_file
 
     cfg = load_config(None, env={})
     rows = _ccnu_rows(ccnu_dir, {1})

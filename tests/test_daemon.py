@@ -22,10 +22,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from devrecd.config import WatchConfig
 from devrecd.errors import ConfigError
-from devrecd.daemon.batcher import Batcher, Unit
+from devrecd.pipeline.batcher import Batcher, Unit
 from devrecd.daemon.http import StatusServer
 from devrecd.daemon.notify import Liveness, WatchdogPinger, notify, watchdog_interval
-from devrecd.daemon.verdict import aggregate, judged_record, top_k
+from devrecd.pipeline.verdict import aggregate, judged_record, top_k
 from devrecd.daemon.watcher import Watcher, fs_type, needs_polling, open_for_writing, wanted
 from devrecd.metrics import Metrics
 
@@ -739,7 +739,7 @@ def test_kill_9_mid_batch_then_restart_gives_exactly_one_verdict_per_file(
     assert recs[: len(first)] == first, "verdicts written before the kill stay as they were"
     assert {r["outcome"] for r in recs} == {"judged"}
     # The journal agrees with the log.
-    from devrecd.daemon.journal import Journal
+    from devrecd.pipeline.journal import Journal
 
     j = Journal(tmp_path / "state" / "journal.sqlite")
     try:

@@ -18,7 +18,7 @@ import pytest
 from devrecd.backends import load_backend
 from devrecd.backends.torch_backend import GRAPH_MAX_BATCH, TorchBackend, bucket_for, graph_buckets
 from devrecd.config import load_config
-from devrecd.daemon.batcher import gather
+from devrecd.pipeline.batcher import gather
 from devrecd.errors import ArtifactError, ConfigError
 from devrecd.export import parity_features_path
 
@@ -156,7 +156,7 @@ def test_features_on_device_equal_the_hosts(ccnu_dir: Path) -> None:
 
     from devrecd.audio import read_evidence
     from devrecd.features import FrontendConfig, extract
-    from devrecd.pipeline import clips_for, features_on_device, frontend_for
+    from devrecd.pipeline.stages import clips_for, features_on_device, frontend_for
 
     cfg = FrontendConfig()
     rec = read_evidence(ccnu_dir / "Apple_air1_1.wav", cfg.sample_rate)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from devrecd.config import AudioConfig
-from devrecd.daemon.journal import Journal
+from devrecd.pipeline.journal import Journal
 from tests.hostile import Expect, build
 from tests.test_daemon import DaemonProc, _ccnu
 
@@ -178,7 +178,7 @@ def test_every_hostile_class_gets_its_reason_from_the_intake_alone(tmp_path: Pat
     that regressed when the daemon test fails."""
     from devrecd.audio import AudioError, open_stream
     from devrecd.config import load_config
-    from devrecd.pipeline import stream_features
+    from devrecd.pipeline.stages import stream_features
 
     ev = tmp_path / "evidence"
     expect, _ = build(ev, _ccnu(ccnu_dir, 3), tmp_path / "outside")

@@ -19,9 +19,9 @@ from devrecd.cli import app
 from devrecd.cli.serve import parse_since
 from devrecd.config import Config, load_config
 from devrecd.daemon.service import Daemon, identify_files, load_serving_backend
-from devrecd.daemon.verdict import aggregate
+from devrecd.pipeline.verdict import aggregate
 from devrecd.errors import ArtifactError
-from devrecd.pipeline import features_for_file
+from devrecd.pipeline.stages import features_for_file
 
 runner = CliRunner()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from devrecd.daemon.journal import Journal, JournalError, Recorder, VerdictLog
+from devrecd.pipeline.journal import Journal, JournalError, Recorder, VerdictLog
 
 
 @pytest.fixture
@@ -101,7 +101,7 @@ def test_commit_survives_kill_9(tmp_path: Path) -> None:
     """A process that commits and is then SIGKILLed leaves a journal and log that agree after repair."""
     script = textwrap.dedent(f"""
         import os, signal
-        from devrecd.daemon.journal import Journal, Recorder, VerdictLog
+        from devrecd.pipeline.journal import Journal, Recorder, VerdictLog
         j = Journal({str(tmp_path / 'j.sqlite')!r}); log = VerdictLog({str(tmp_path / 'v.jsonl')!r})
         rec = Recorder(j, log)
         for i in range(20):
@@ -223,7 +223,7 @@ def test_kill_between_journal_commit_and_log_append_is_repaired(tmp_path: Path) 
     import os
 
     script = textwrap.dedent(f"""
-        from devrecd.daemon.journal import Journal, Recorder, VerdictLog
+        from devrecd.pipeline.journal import Journal, Recorder, VerdictLog
         j = Journal({str(tmp_path / 'j.sqlite')!r}); rec = Recorder(j, VerdictLog({str(tmp_path / 'v.jsonl')!r}))
         e, _ = j.see("/ev/a.wav", 1, 1)
         rec.commit(e.id, "judged", {{"device": "p"}})

@@ -26,11 +26,11 @@ import soundfile as sf
 
 from devrecd.baselines import MfccSvm
 from devrecd.config import load_config
-from devrecd.daemon.batcher import Batcher
-from devrecd.daemon.verdict import aggregate
+from devrecd.pipeline.batcher import Batcher
+from devrecd.pipeline.verdict import aggregate
 from devrecd.live import LiveSource, RunningVerdict, SampleRing, measure
 from devrecd.metrics import Metrics
-from devrecd.pipeline import features_for_file
+from devrecd.pipeline.stages import features_for_file
 
 REPO = Path(__file__).resolve().parents[1]
 SR = 32000

@@ -191,7 +191,7 @@ def test_shipped_gsv_enrols_calibrates_and_judges_unseen_phones(ccnu_dir: Path, 
     from devrecd.cli import app
     from devrecd.openset.scorers import default_gsv_path
     from devrecd.openset.workflow import RegistryJudge
-    from devrecd.pipeline import features_for_file
+    from devrecd.pipeline.stages import features_for_file
 
     shipped, meta = load_gsv(default_gsv_path())
     assert shipped.calibration and shipped.calibration["threshold"] > 0

@@ -107,7 +107,7 @@ def _onnxruntime(cfg: BackendConfig, model: Path) -> Backend:
 
 def _torch(cfg: BackendConfig, model: Path, device: str | None = None) -> Backend:
     from devrecd.backends.torch_backend import TorchBackend
-    from devrecd.pipeline import resolve_device
+    from devrecd.pipeline.stages import resolve_device
 
     if not _is_checkpoint(model):
         raise ArtifactError(f"backend.kind = 'torch' runs a checkpoint (run folder or .pt), not {model.name}",

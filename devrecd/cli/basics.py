@@ -45,7 +45,7 @@ def features(
     device: Optional[str] = typer.Option(None, help="torch device for the frontend: auto, cpu, cuda (backend.device)."),
 ) -> None:
     """Compute the 73-dim features of each recording: one .npy per input, plus a JSON sidecar."""
-    from devrecd.pipeline import features_for_file, resolve_device
+    from devrecd.pipeline.stages import features_for_file, resolve_device
 
     cfg = load_cli_config(config, {"audio.hop_seconds": hop_seconds, "backend.device": device})
     dev = resolve_device(cfg.backend.device)

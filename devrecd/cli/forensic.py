@@ -42,7 +42,7 @@ def compare(
     from devrecd.forensic.compare import Comparer, ComparisonError, compare as run_compare
     from devrecd.forensic.lr import LRCalibration, load_lr_calibration
     from devrecd.openset.registry import open_registry
-    from devrecd.pipeline import resolve_device
+    from devrecd.pipeline.stages import resolve_device
 
     cfg = load_cli_config(config, {"registry.path": str(registry) if registry else None})
     reg = open_registry(cfg.registry.path) if cfg.registry.path else None

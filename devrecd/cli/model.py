@@ -50,7 +50,7 @@ def _progress(desc: str):
 
 def _run(ds_path: Path, out: Path, cfg: Any, opts: Any, split_groups: Optional[str], device: str,
          init: Optional[Path] = None) -> None:
-    from devrecd.pipeline import resolve_device
+    from devrecd.pipeline.stages import resolve_device
     from devrecd.train import open_dataset, train
 
     ds = open_dataset(ds_path, cfg, split_groups)
@@ -129,7 +129,7 @@ def evaluate(
 ) -> None:
     """Accuracy and macro precision/recall/F1 per window and per recording, confusion matrices."""
     from devrecd.evaluation import evaluate_checkpoint, summary_line, write_report
-    from devrecd.pipeline import resolve_device
+    from devrecd.pipeline.stages import resolve_device
     from devrecd.train import open_dataset
 
     cfg = load_cli_config(config)
@@ -182,7 +182,7 @@ def train_embedder(
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Train an open-set embedder (arch asp, AAM-softmax) for `devrecd enroll --model RUN`."""
-    from devrecd.pipeline import resolve_device
+    from devrecd.pipeline.stages import resolve_device
     from devrecd.train import TrainOptions, merge_datasets, open_dataset, train
 
     cfg = load_cli_config(config)

@@ -66,7 +66,7 @@ def enroll(
     was created with."""
     from devrecd.openset.registry import open_registry
     from devrecd.openset.workflow import enrol_files
-    from devrecd.pipeline import resolve_device
+    from devrecd.pipeline.stages import resolve_device
 
     cfg = load_cli_config(config, {"audio.hop_seconds": hop_seconds})
     reg = open_registry(_registry_path(cfg, registry), create=True)
@@ -153,7 +153,7 @@ def calibrate(
     from devrecd.openset.registry import open_registry
     from devrecd.openset.scorers import registry_scorer
     from devrecd.openset.workflow import calibrate_registry, score_recordings
-    from devrecd.pipeline import resolve_device
+    from devrecd.pipeline.stages import resolve_device
 
     cfg = load_cli_config(config, {"registry.target_far": far})
     reg = open_registry(_registry_path(cfg, registry))

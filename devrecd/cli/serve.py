@@ -139,7 +139,7 @@ def verdicts(
     """Export the verdicts recorded in the daemon's journal (opened read-only)."""
     import os
 
-    from devrecd.daemon.journal import Journal
+    from devrecd.pipeline.journal import Journal
     from devrecd.daemon.service import JOURNAL_NAME
 
     if fmt not in ("json", "csv"):

@@ -1,9 +1,9 @@
 """What runs inside the Ray job: a decode task per block of files, and the inference actor.
 
 Both call the daemon's stages: :func:`devrecd.audio.open_stream` (read-only, hashed, bounded
-block-wise decode, typed errors) and :func:`devrecd.pipeline.stream_features` (the one frontend) in
+block-wise decode, typed errors) and :func:`devrecd.pipeline.stages.stream_features` (the one frontend) in
 the CPU task, with
-:func:`devrecd.pipeline.failure_of` naming why a file failed; :func:`load_serving_backend` (one
+:func:`devrecd.pipeline.stages.failure_of` naming why a file failed; :func:`load_serving_backend` (one
 ONNX Runtime session or TensorRT engine per actor), :func:`judged_record` / :func:`failed_record`
 and the registry's open-set judge in the actor. Features travel between them as float32 bytes
 (a fixed Arrow type, whatever the number of windows).
@@ -55,7 +55,7 @@ def prepare_block(batch: dict[str, np.ndarray], cfg: Config) -> dict[str, np.nda
     recording's description, window starts and features as bytes, or the failure, and timings.
     """
     from devrecd.audio import open_stream
-    from devrecd.pipeline import failure_of, stream_features
+    from devrecd.pipeline.stages import failure_of, stream_features
 
     out: dict[str, list] = {k: [] for k in ("path", "file_size", "file_mtime_ns", "status", "recording", "reason",
                                             "detail", "sha256", "size", "starts", "features", "timings")}
@@ -114,7 +114,7 @@ class Judge:
     def __init__(self, cfg: Config, version: str, model_ref: list | None = None) -> None:
         from devrecd import __version__
         from devrecd.daemon.service import load_serving_backend, registry_judge
-        from devrecd.pipeline import resolve_device
+        from devrecd.pipeline.stages import resolve_device
 
         if version != __version__:
             raise ClusterError(f"devrecd {__version__} on this node, {version} on the driver: install the same "
@@ -133,7 +133,7 @@ class Judge:
         self.metrics = _metrics()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from devrecd.daemon.verdict import failed_record, judged_record, with_comparison
+        from devrecd.pipeline.verdict import failed_record, judged_record, with_comparison
 
         n = len(batch["path"])
         paths, status, shas = _strings(batch["path"]), _strings(batch["status"]), _strings(batch["sha256"])

@@ -36,16 +36,16 @@ import numpy as np
 
 from devrecd.audio import open_stream
 from devrecd.config import Config, load_config
-from devrecd.daemon.batcher import Batcher, Unit
-from devrecd.daemon.journal import Journal, JournalError, Recorder, VerdictLog
+from devrecd.pipeline.batcher import Batcher, Unit
+from devrecd.pipeline.journal import Journal, JournalError, Recorder, VerdictLog
 from devrecd.daemon.notify import Liveness, WatchdogPinger, notify, watchdog_interval
-from devrecd.daemon.verdict import duplicate_record, failed_record, judged_record, open_set_record, with_comparison
+from devrecd.pipeline.verdict import duplicate_record, failed_record, judged_record, open_set_record, with_comparison
 from devrecd.contract import check_frontend
 from devrecd.errors import ConfigError, DevrecdError
 from devrecd.features import FrontendConfig
 from devrecd.metrics import Metrics
 from devrecd.fsutil import atomic_write, private_file
-from devrecd.pipeline import failure_of, frontend_for, resolve_device, stream_features
+from devrecd.pipeline.stages import failure_of, frontend_for, resolve_device, stream_features
 
 log = logging.getLogger("devrecd.daemon")
 

@@ -67,7 +67,7 @@ class FeatureCache:
 
         Raises the :class:`~devrecd.audio.AudioError` of a file that cannot be decoded.
         """
-        from devrecd.pipeline import clips_for, frontend_for
+        from devrecd.pipeline.stages import clips_for, frontend_for
 
         path = Path(path)
         try:

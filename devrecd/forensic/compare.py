@@ -164,7 +164,7 @@ def compare(comparer: Comparer, questioned: Sequence[str | os.PathLike], refs: R
         except ComparisonError:
             raise
         except (AudioError, DevrecdError) as exc:  # this file cannot be compared (unreadable, no windows)
-            from devrecd.pipeline import failure_of
+            from devrecd.pipeline.stages import failure_of
 
             failure = failure_of(exc)
             sha = failure.sha256

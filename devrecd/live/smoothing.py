@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from devrecd.daemon.verdict import aggregate
+from devrecd.pipeline.verdict import aggregate
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The live source: capture -> windows -> the same frontend and batcher as files -> window verdicts.
 
-:class:`LiveSource` plugs into any :class:`~devrecd.daemon.batcher.Batcher` (the daemon's own, so
+:class:`LiveSource` plugs into any :class:`~devrecd.pipeline.batcher.Batcher` (the daemon's own, so
 one service can watch folders and a line input at once, or the one :class:`Listener` runs for
 ``devrecd listen``). Each judged window yields a record with its own verdict and the running verdict
 over the last ``live.smoothing`` windows; silent and clipped windows yield a record saying so and
@@ -20,8 +20,8 @@ import numpy as np
 from devrecd import __version__
 from devrecd.audio import cut_windows
 from devrecd.config import Config
-from devrecd.daemon.batcher import Batcher, Unit
-from devrecd.daemon.verdict import aggregate, top_k
+from devrecd.pipeline.batcher import Batcher, Unit
+from devrecd.pipeline.verdict import aggregate, top_k
 from devrecd.errors import ConfigError
 from devrecd.features import extract
 from devrecd.live.capture import Capture
@@ -30,7 +30,7 @@ from devrecd.live.ring import SampleRing
 from devrecd.live.smoothing import RunningVerdict
 from devrecd.live.windower import LiveWindow, Windower
 from devrecd.metrics import Metrics
-from devrecd.pipeline import frontend_for
+from devrecd.pipeline.stages import frontend_for
 
 log = logging.getLogger("devrecd.live")
 

@@ -139,7 +139,7 @@ class ConditionMatcher:
 
         from devrecd.audio.decode import read_evidence
         from devrecd.features import extract
-        from devrecd.pipeline import clips_for, frontend_for
+        from devrecd.pipeline.stages import clips_for, frontend_for
 
         path = self.store.path(sha256)
         self.store.read(sha256)  # verify before use

@@ -28,7 +28,7 @@ def recording_features(scorer: Any, path: str | os.PathLike, cfg: Config, *, hop
     (a :class:`devrecd.audio.channel.Channel`)."""
     from dataclasses import replace
 
-    from devrecd.pipeline import features_for_file
+    from devrecd.pipeline.stages import features_for_file
 
     device = getattr(getattr(scorer, "embedder", None), "device", "cpu")
     return features_for_file(path, replace(cfg, frontend=scorer.frontend), device=device, hop_seconds=hop_seconds,
