@@ -55,7 +55,7 @@ def naive_loop(files: list[Path], model: str, repeats: int = 2, threads: int = 1
     """Seconds to judge ``files`` one at a time: decode, features, infer, aggregate (best of
     ``repeats`` passes: the machine is shared, and the best pass is the fairest baseline)."""
     from devrecd.config import load_config
-    from devrecd.daemon.service import load_serving_backend
+    from devrecd.pipeline.serving import load_serving_backend
     from devrecd.pipeline.verdict import aggregate
     from devrecd.pipeline.stages import features_for_file
 

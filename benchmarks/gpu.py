@@ -537,7 +537,9 @@ def make_backlog(recs: list[dict], n: int, root: Path) -> list[Path]:
 
 def run_identify(cfg: Any, files: list[Path], device: str) -> dict:
     """The daemon's pipeline over ``files``; files/s and seconds per stage from its own metrics."""
-    from devrecd.daemon.service import identify_files, inference_streams, load_serving_backend
+    from devrecd.pipeline.identify import identify_files
+    from devrecd.pipeline.runner import inference_streams
+    from devrecd.pipeline.serving import load_serving_backend
     from devrecd.metrics import Metrics
 
     metrics = Metrics()

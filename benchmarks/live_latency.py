@@ -24,7 +24,7 @@ import numpy as np
 import soundfile as sf
 
 from devrecd.config import load_config
-from devrecd.daemon.service import load_serving_backend
+from devrecd.pipeline.serving import load_serving_backend
 from devrecd.features import extract
 from devrecd.live import Listener
 from devrecd.metrics import Metrics

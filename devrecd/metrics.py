@@ -40,7 +40,7 @@ class Metrics:
         self.backend_info = Info("devrecd_backend", "The inference backend and model in use.", registry=r)
         self.ready = Gauge("devrecd_ready", "1 when the model is loaded, warm and the sources are running.", registry=r)
         self.build_info = Info("devrecd_build", "devrecd software version.", registry=r)
-        # Live input (issue 7) records into these.
+        # The live input (devrecd.live) records into these.
         self.live_windows = Counter("devrecd_live_windows", "Live-input windows judged.", registry=r)
         self.live_overruns = Counter("devrecd_live_overruns", "Live-input overruns, by kind.", ["kind"], registry=r)
         self.live_level_dbfs = Gauge("devrecd_live_level_dbfs", "Live-input RMS level of the last window (dBFS).",

@@ -303,10 +303,10 @@ class Augmenter:
     def epoch_features(self, seed: int, epoch: int) -> list[np.ndarray]:
         """Per-recording (n, 128, 73) raw features for ``epoch`` (same seed and epoch, same features)."""
         from devrecd.features import extract
-        from devrecd.pipeline.stages import clips_for, frontend_for
+        from devrecd.pipeline.stages import clips_for, frontend_for, hop_samples
 
         rng = np.random.default_rng([seed, epoch, 0xA06])
-        hop = int(round(self.hop * self.cfg.frontend.sample_rate))
+        hop = hop_samples(self.hop, self.cfg.frontend.sample_rate)
         out = []
         for i, rec in enumerate(self.waves):
             samples = self._channel_samples(i, rng)

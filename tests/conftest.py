@@ -53,7 +53,7 @@ def _no_leaked_threads():
     assert not leaked, f"test leaked threads: {leaked}"
 
 
-# ---- export + backends (issue 5): ONE real checkpoint and ONE export per session, shared -------------
+# ---- export + backends: ONE real checkpoint and ONE export per session, shared -------------
 # Exporting the unrolled ConvLSTM takes seconds to a minute, so every test file that needs a served
 # model (export, backends, daemon, identify) reuses these. The checkpoint is written by the model
 # package's own save_checkpoint after one real training step on CCNU features.

@@ -231,7 +231,7 @@ def _evidence(folder: Path, ccnu_dir: Path) -> list[Path]:
 @pytest.mark.slow
 def test_batch_gives_identifys_verdicts_once(ray_cluster: dict, cfg: Config, ccnu_dir: Path, tmp_path: Path) -> None:
     from devrecd.cluster.job import run_batch
-    from devrecd.daemon.service import identify_files
+    from devrecd.pipeline.identify import identify_files
 
     files = _evidence(tmp_path / "evidence", ccnu_dir)
     out = tmp_path / "out"
@@ -282,7 +282,7 @@ def test_batch_gives_identifys_verdicts_once(ray_cluster: dict, cfg: Config, ccn
 
 
 def test_serving_never_imports_ray() -> None:
-    code = ("import sys, devrecd.cli, devrecd.cluster.job, devrecd.daemon.service; "
+    code = ("import sys, devrecd.cli, devrecd.cluster.job, devrecd.daemon.service, devrecd.pipeline.identify; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'pyarrow', 'torch'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True,
                          env={**os.environ, "PYTHONPATH": str(REPO)})

@@ -24,7 +24,8 @@ from devrecd.config import WatchConfig
 from devrecd.errors import ConfigError
 from devrecd.pipeline.batcher import Batcher, Unit
 from devrecd.daemon.http import StatusServer
-from devrecd.daemon.notify import Liveness, WatchdogPinger, notify, watchdog_interval
+from devrecd.daemon.notify import WatchdogPinger, notify, watchdog_interval
+from devrecd.pipeline.runner import Liveness
 from devrecd.pipeline.verdict import aggregate, judged_record, top_k
 from devrecd.daemon.watcher import Watcher, fs_type, needs_polling, open_for_writing, wanted
 from devrecd.metrics import Metrics
@@ -175,7 +176,7 @@ def test_inference_streams_auto_explicit_and_capped_by_the_backend() -> None:
     from types import SimpleNamespace
 
     from devrecd.config import load_config
-    from devrecd.daemon.service import inference_streams
+    from devrecd.pipeline.runner import inference_streams
 
     cores = len(os.sched_getaffinity(0))
     any_, one = SimpleNamespace(concurrency=None), SimpleNamespace(concurrency=1)
@@ -605,7 +606,7 @@ def _sha(p: Path) -> str:
 
 @pytest.fixture
 def served_model(exported_model) -> Path:
-    """The exported ONNX model of the session (from the export engineer's fixture)."""
+    """The exported ONNX model of the session (the ``exported_model`` fixture)."""
     return Path(exported_model)
 
 

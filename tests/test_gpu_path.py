@@ -213,7 +213,7 @@ def test_cuda_graphs_and_autocast_agree_with_eager_fp32(cuda, exported_model, fe
 
 @pytest.mark.gpu
 def test_identify_on_the_gpu_keeps_features_on_the_device(cuda, exported_model, ccnu_dir: Path) -> None:
-    from devrecd.daemon.service import identify_files
+    from devrecd.pipeline.identify import identify_files
     from devrecd.metrics import Metrics
 
     cfg = load_config(None, env={}, overrides={"backend.kind": "torch", "backend.model": str(exported_model.checkpoint),

@@ -203,7 +203,7 @@ def test_identify_refuses_a_fifo_at_once_and_judges_the_file_beside_it(tmp_path:
                                                                          exported_model) -> None:
     """`devrecd identify p.wav` on a FIFO with no writer used to block forever in open()."""
     from devrecd.config import load_config
-    from devrecd.daemon.service import identify_files
+    from devrecd.pipeline.identify import identify_files
 
     os.mkfifo(tmp_path / "p.wav")
     good = _ccnu(ccnu_dir, 1)[0]

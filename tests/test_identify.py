@@ -18,7 +18,9 @@ from typer.testing import CliRunner
 from devrecd.cli import app
 from devrecd.cli.serve import parse_since
 from devrecd.config import Config, load_config
-from devrecd.daemon.service import Daemon, identify_files, load_serving_backend
+from devrecd.daemon.service import Daemon
+from devrecd.pipeline.identify import identify_files
+from devrecd.pipeline.serving import load_serving_backend
 from devrecd.pipeline.verdict import aggregate
 from devrecd.errors import ArtifactError
 from devrecd.pipeline.stages import features_for_file

@@ -1,10 +1,10 @@
-"""Live input (issue 7): ring, windows, levels, smoothing, recording, reopen, and the real PortAudio stack.
+"""Live input: ring, windows, levels, smoothing, recording, reopen, and the real PortAudio stack.
 
 Real recordings from the CCNU_Mobile sample go either through PortAudio (an ALSA ``file`` PCM defined
 in a test ALSA configuration, in a subprocess so that PortAudio initialises with it), or, for the
 pieces after the callback, through :meth:`Capture.callback` itself with sounddevice's signature.
 Inference uses a real classifier trained here on the sample (the MFCC-statistics SVM baseline on the
-one frontend's features) until the exported model fixture is available, and then the exported model.
+one frontend's features); the PortAudio end-to-end test serves the session's exported model.
 """
 
 from __future__ import annotations
@@ -417,7 +417,7 @@ def test_listen_lists_the_alsa_device(alsa_evidence) -> None:
 
 def test_listen_through_portaudio_agrees_with_identify(alsa_evidence, exported_model) -> None:
     """``devrecd listen`` on the ALSA device vs ``identify`` on the same recording, exported model."""
-    from devrecd.daemon.service import identify_files
+    from devrecd.pipeline.identify import identify_files
 
     model = exported_model
 

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from devrecd.cli import app
 from devrecd.config import load_config
-from devrecd.daemon.service import identify_files
+from devrecd.pipeline.identify import identify_files
 from devrecd.errors import ConfigError
 from devrecd.metrics import Metrics
 from tests.test_daemon import DaemonProc

@@ -133,11 +133,12 @@ def _cuda_device(device: str) -> str | None:
 def _export_checkpoint(cfg: BackendConfig, model: Path) -> Path:
     """``backend.checkpoint``, refused unless it is the checkpoint the export ``model`` was made from."""
     from devrecd.contract import load_for_onnx
-    from devrecd.model.checkpoint import file_sha256, resolve_checkpoint_path
+    from devrecd.audio import sha256_file
+    from devrecd.model.checkpoint import resolve_checkpoint_path
 
     checkpoint = _need_model(Path(cfg.checkpoint), "auto")
     contract = load_for_onnx(model)
-    sha = file_sha256(resolve_checkpoint_path(checkpoint))
+    sha = sha256_file(resolve_checkpoint_path(checkpoint))
     if sha != contract.checkpoint_sha256:
         raise ArtifactError(f"backend.checkpoint {checkpoint} is not the checkpoint {model.name} was exported from "
                             f"(sha256 {sha[:12]} != {contract.checkpoint_sha256[:12]})", reason="checkpoint_mismatch")

@@ -48,7 +48,7 @@ def listen(
                        f"{d['default_samplerate']:.0f} Hz)")
         return
 
-    from devrecd.daemon.service import load_serving_backend
+    from devrecd.pipeline.serving import load_serving_backend
     from devrecd.live import Listener, window_sizes
     from devrecd.live.capture import sounddevice
     from devrecd.metrics import Metrics

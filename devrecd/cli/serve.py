@@ -64,7 +64,7 @@ def identify(
                                             help="Open-set verdicts against this device registry (registry.path)."),
 ) -> None:
     """Judge recordings once through the daemon's pipeline and print the verdicts."""
-    from devrecd.daemon.service import identify_files
+    from devrecd.pipeline.identify import identify_files
     from devrecd.daemon.watcher import scan_files
     from devrecd.logs import setup_logging
 

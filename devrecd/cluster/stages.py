@@ -113,7 +113,7 @@ class Judge:
 
     def __init__(self, cfg: Config, version: str, model_ref: list | None = None) -> None:
         from devrecd import __version__
-        from devrecd.daemon.service import load_serving_backend, registry_judge
+        from devrecd.pipeline.serving import load_serving_backend, registry_judge
         from devrecd.pipeline.stages import resolve_device
 
         if version != __version__:

@@ -1,5 +1,6 @@
-"""The daemon: durable journal, directory watcher, dynamic batcher, pipeline service, verdicts.
+"""The daemon: the host of :mod:`devrecd.pipeline` (``devrecd watch``).
 
-Data flow: sources -> journal -> decode + features (worker threads) -> batcher -> backend
-(one inference thread) -> verdict writer (journal + JSONL log + metrics).
+``service`` (Daemon: state-folder lock, sources, HTTP, notify, signals, reload), ``watcher``
+(folders: inotify with a polling fallback, file stability), ``http`` (metrics, health, readiness),
+``notify`` (systemd READY/WATCHDOG).
 """

@@ -1,6 +1,6 @@
 """systemd ``Type=notify`` support, written by hand (one datagram on ``$NOTIFY_SOCKET``).
 
-WATCHDOG pings come from the pipeline's own progress: every stage stamps :class:`Liveness` when it
+WATCHDOG pings come from the pipeline's own progress: every stage stamps :class:`~devrecd.pipeline.runner.Liveness` when it
 finishes a step, and the idle inference loop stamps it while nothing is in flight. The pinger sends
 ``WATCHDOG=1`` only while that stamp is recent, so a stuck pipeline stops the pings and systemd
 restarts the service (a timer that pinged regardless would hide the hang).
@@ -12,8 +12,9 @@ import logging
 import os
 import socket
 import threading
-import time
 from typing import Callable
+
+from devrecd.pipeline.runner import Liveness
 
 log = logging.getLogger("devrecd.notify")
 
@@ -43,19 +44,6 @@ def watchdog_interval(env: dict[str, str] | None = None) -> float | None:
     if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
         return None
     return int(usec) / 1e6 / 2
-
-
-class Liveness:
-    """When the pipeline last made progress (or was idle with nothing to do)."""
-
-    def __init__(self) -> None:
-        self._last = time.monotonic()
-
-    def stamp(self) -> None:
-        self._last = time.monotonic()
-
-    def age(self) -> float:
-        return time.monotonic() - self._last
 
 
 class WatchdogPinger:

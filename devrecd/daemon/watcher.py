@@ -196,6 +196,11 @@ class Watcher:
         observer.start()
         self._observer = observer
 
+    @property
+    def polled(self) -> tuple[str, ...]:
+        """The folders polled instead of watched through inotify (network file systems, fallback)."""
+        return tuple(self._polled)
+
     def stop(self) -> None:
         """Stop watching (files already handed over are not affected)."""
         self._stop.set()

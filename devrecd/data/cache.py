@@ -52,8 +52,8 @@ class FeatureCache:
         """Where the features of content ``sha256`` live."""
         return self.root / self.key(hop_seconds)[:16] / sha256[:2] / f"{sha256}.npy"
 
-    def file_sha256(self, path: Path) -> str:
-        """sha256 of a file's bytes, remembered while its size and mtime stay the same."""
+    def _sha256(self, path: Path) -> str:
+        """:func:`~devrecd.audio.sha256_file`, remembered while the file's size and mtime stay the same."""
         st = os.stat(path)
         known = self._hashes.get(str(path))
         if known and known[:2] == (st.st_size, st.st_mtime_ns):
@@ -71,7 +71,7 @@ class FeatureCache:
 
         path = Path(path)
         try:
-            digest = self.file_sha256(path)
+            digest = self._sha256(path)
         except OSError:
             digest = ""  # read_evidence below raises the typed error for a missing/unreadable file
         if digest:

@@ -25,6 +25,8 @@ from devrecd.audio import AudioError, sha256_file, window_starts
 from devrecd.config import Config
 from devrecd.errors import DevrecdError
 from devrecd.forensic.lr import LRCalibration, assess
+from devrecd.pipeline.stages import hop_samples
+from devrecd.pipeline.verdict import utc_timestamp
 
 RECORDING_FIELDS = ("path", "sha256", "size", "duration", "sample_rate", "native_rate", "channels", "codec",
                     "container", "decoder", "resampled", "condition")
@@ -95,7 +97,7 @@ class Comparer:
             return self._cache[key]
         rec, feats = recording_features(self.scorer, path, self.cfg)
         fe = self.scorer.frontend
-        hop = max(1, int(round(self.cfg.audio.hop_seconds * fe.sample_rate)))
+        hop = hop_samples(self.cfg.audio.hop_seconds, fe.sample_rate)
         desc = rec.describe()
         out = Vectors(recording={k: desc[k] for k in RECORDING_FIELDS if k in desc},
                       vector=self.scorer.recording_vector(feats), windows=self.scorer.window_vectors(feats),
@@ -174,15 +176,11 @@ def compare(comparer: Comparer, questioned: Sequence[str | os.PathLike], refs: R
                 except OSError:
                     sha = None
             out.append({"outcome": "failed", "path": str(q), "sha256": sha, "reason": failure.reason,
-                        "detail": failure.detail, **common, "compared_at": _now()})
+                        "detail": failure.detail, **common, "compared_at": utc_timestamp()})
             continue
         record = {"outcome": "compared", **s.recording, "score": round(s.score, 6),
                   **assess(calibration, s.score, s.recording, ident),
                   "window_starts": s.window_starts, "window_scores": s.window_scores, **common,
-                  "seconds": round(time.perf_counter() - t0, 3), "compared_at": _now()}
+                  "seconds": round(time.perf_counter() - t0, 3), "compared_at": utc_timestamp()}
         out.append(record)
     return out
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

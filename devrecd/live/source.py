@@ -15,13 +15,12 @@ import threading
 import time
 from typing import Any, Callable, Sequence
 
-import numpy as np
 
 from devrecd import __version__
 from devrecd.audio import cut_windows
 from devrecd.config import Config
 from devrecd.pipeline.batcher import Batcher, Unit
-from devrecd.pipeline.verdict import aggregate, top_k
+from devrecd.pipeline.verdict import aggregate, top_k, utc_timestamp
 from devrecd.errors import ConfigError
 from devrecd.features import extract
 from devrecd.live.capture import Capture
@@ -30,7 +29,7 @@ from devrecd.live.ring import SampleRing
 from devrecd.live.smoothing import RunningVerdict
 from devrecd.live.windower import LiveWindow, Windower
 from devrecd.metrics import Metrics
-from devrecd.pipeline.stages import frontend_for
+from devrecd.pipeline.stages import frontend_for, hop_samples
 
 log = logging.getLogger("devrecd.live")
 
@@ -41,13 +40,12 @@ def window_sizes(cfg: Config) -> tuple[int, int]:
     """(window, hop) in model-rate samples from ``[live]``; a window is at least one clip."""
     rate, clip = cfg.frontend.sample_rate, cfg.frontend.clip_samples
     window = clip if cfg.live.window_seconds == 0 else int(round(cfg.live.window_seconds * rate))
-    hop = int(round(cfg.live.hop_seconds * rate))
     if window < clip:
         raise ConfigError(f"live.window_seconds {cfg.live.window_seconds} is shorter than the model's clip "
                           f"({cfg.frontend.clip_seconds} s); use 0 for one clip")
-    if hop < 1:
+    if cfg.live.hop_seconds <= 0:
         raise ConfigError("live.hop_seconds must be > 0")
-    return window, hop
+    return window, hop_samples(cfg.live.hop_seconds, rate)
 
 
 class LiveSource:
@@ -182,7 +180,7 @@ class LiveSource:
             return
         clip, rate = self.cfg.frontend.clip_samples, self.cfg.frontend.sample_rate
         clips = w.samples[None] if self.window == clip else cut_windows(
-            w.samples, clip, max(1, int(round(self.cfg.audio.hop_seconds * rate))))
+            w.samples, clip, hop_samples(self.cfg.audio.hop_seconds, rate))
         feats = extract(clips, frontend, device=self.device)
         with self._lock:
             self._in_flight += 1
@@ -194,7 +192,7 @@ class LiveSource:
             self._emit(self._record(w, None, outcome="failed", reason="stopped"))
 
     def _judged(self, unit: Unit) -> None:
-        # Runs on the inference thread, in window order.
+        # Runs on an inference thread (one of several where batches run in parallel); _emit restores window order.
         w: LiveWindow = unit.key
         try:
             assert unit.probs is not None
@@ -221,7 +219,7 @@ class LiveSource:
                 self._in_flight -= 1
 
     def _emit(self, record: dict) -> None:
-        """Hand records to the sink in window order (called from the worker and the inference thread)."""
+        """Hand records to the sink in window order (called from the worker and the inference threads)."""
         with self._out_lock:
             self._held[record["window"]] = record
             ready = []
@@ -229,7 +227,7 @@ class LiveSource:
                 ready.append(self._held.pop(self._next_out))
                 self._next_out += 1
             # One sink call at a time, in order: the lock is held while it runs (sinks are quick: a print).
-            # It is not the in-flight lock, so the inference thread never waits on a sink for that.
+            # It is not the in-flight lock, so an inference thread never waits on a sink for that.
             for r in ready:
                 try:
                     self._on_verdict(r)
@@ -267,7 +265,7 @@ class LiveSource:
             })
         rec["latency"] = None if w.ended is None else round(time.monotonic() - w.ended, 6)
         rec["software_version"] = __version__
-        rec["judged_at"] = _now()
+        rec["judged_at"] = utc_timestamp()
         return rec
 
     def _sync_metrics(self) -> None:
@@ -306,8 +304,3 @@ class Listener:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
-
-
-def _now() -> str:
-    t = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"

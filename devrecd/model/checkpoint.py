@@ -6,7 +6,6 @@ and dicts, so ``torch.load(weights_only=True)`` can read it). It is written atom
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -92,7 +91,9 @@ def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint, extra: dict[str, 
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return file_sha256(path)
+    from devrecd.audio import sha256_file
+
+    return sha256_file(path)
 
 
 def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
@@ -135,11 +136,3 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         state_dict=blob["state_dict"], dataset_sha256=blob.get("dataset_sha256", ""),
         split=blob.get("split", {}), meta=blob.get("meta", {}),
     )
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -21,7 +21,6 @@ import hashlib
 import io
 import json
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -31,6 +30,7 @@ import numpy as np
 from devrecd.errors import ArtifactError, DevrecdError
 from devrecd.openset.calibration import Calibration
 from devrecd.fsutil import atomic_write
+from devrecd.pipeline.verdict import utc_timestamp
 
 FORMAT = "devrecd-registry/1"
 SCORER_PREFIX = "scorer__"  # array-file keys of the scorer's parameters (profiles are p0, p1, ...)
@@ -156,7 +156,7 @@ class Registry:
         if not name:
             raise RegistryError("a device name must not be empty")
         self.check_embedder(embedder)
-        now = _now()
+        now = utc_timestamp()
         profile = self.profiles.get(name) or DeviceProfile(name=name, created_at=now)
         have = {r.sha256 for r in profile.references}
         rows = [profile.embeddings] if profile.references else []
@@ -275,7 +275,3 @@ def _arrays_file(json_path: Path) -> Path | None:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     atomic_write(path, data)
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -15,7 +15,8 @@ import numpy as np
 
 from devrecd.config import Config
 from devrecd.openset.calibration import Calibration, CalibrationError, calibrate
-from devrecd.openset.registry import Reference, Registry, RegistryError, _now
+from devrecd.openset.registry import Reference, Registry, RegistryError
+from devrecd.pipeline.verdict import utc_timestamp
 from devrecd.openset.scorers import as_scorer, registry_scorer, scorer_arrays
 
 log = logging.getLogger("devrecd.openset")
@@ -51,7 +52,7 @@ def enrol_files(registry: Registry, scorer: Any, name: str, paths: Sequence[str 
     for path in paths:
         rec, feats = recording_features(scorer, path, cfg, hop_seconds=hop_seconds)
         refs.append((Reference(sha256=rec.sha256, path=str(path), windows=int(feats.shape[0]),
-                               seconds=float(rec.duration), enrolled_at=_now()), scorer.recording_vector(feats)))
+                               seconds=float(rec.duration), enrolled_at=utc_timestamp()), scorer.recording_vector(feats)))
         if on_file is not None:
             on_file(str(path), int(feats.shape[0]))
     if cfg.registry.keep_references:  # the audio itself, by hash: references can be brought to any condition later
@@ -164,7 +165,7 @@ def calibrate_registry(registry: Registry, trials: Trials, *, target_far: float,
     # Open-set view: a recording of a device that is not enrolled is falsely accepted when its
     # BEST score passes the threshold (reported, not used for the fit).
     unknown = [i for i, d in enumerate(trials.devices) if d not in trials.profiles]
-    info: dict[str, Any] = {"calibrated_at": _now(), "recordings": len(trials.recordings),
+    info: dict[str, Any] = {"calibrated_at": utc_timestamp(), "recordings": len(trials.recordings),
                             "unenrolled_recordings": len(unknown), **(source or {})}
     if unknown:
         best = trials.scores[unknown].max(axis=1)

@@ -50,7 +50,7 @@ Deliver = Callable[[Unit], None]
 
 
 class Batcher:
-    """Bounded queue of units plus the batching loop of the inference thread."""
+    """Bounded queue of units plus the batching loop that each inference thread runs."""
 
     def __init__(self, infer: Infer, *, max_batch: int, max_wait_s: float, queue_size: int = 64,
                  max_clips: int = 0, on_batch: Callable[[int, float], None] | None = None,

@@ -1,4 +1,4 @@
-"""Pure pipeline stages shared by the CLI, training and the daemon: file -> recording -> clips -> features.
+"""Pure stages shared by the CLI, training, the runner and the cluster job: file -> recording -> clips -> features.
 
 Kept free of I/O policy (no queues, no journal) so that any executor (a thread pool, the daemon,
 Ray Data) can call them.
@@ -38,10 +38,14 @@ def frontend_for(cfg: FrontendConfig) -> Frontend:
     return _FRONTENDS[key]
 
 
+def hop_samples(hop_seconds: float, sample_rate: int) -> int:
+    """The hop between clips in whole samples at ``sample_rate`` (at least one)."""
+    return max(1, int(round(hop_seconds * sample_rate)))
+
+
 def clips_for(rec: Recording, frontend: FrontendConfig, hop_seconds: float) -> np.ndarray:
     """The recording cut into (n, clip_samples) clips."""
-    hop = max(1, int(round(hop_seconds * frontend.sample_rate)))
-    return cut_windows(rec.samples, frontend.clip_samples, hop)
+    return cut_windows(rec.samples, frontend.clip_samples, hop_samples(hop_seconds, frontend.sample_rate))
 
 
 def features_for_file(path: str | os.PathLike, cfg: Config, *, device: str = "cpu", hop_seconds: float | None = None,
@@ -126,7 +130,7 @@ def stream_features(stream: EvidenceStream, cfg: Config, *, device: str = "cpu",
     frontend (``features``; on a device also ``h2d`` and ``frontend``).
     """
     fe = cfg.frontend
-    hop = max(1, int(round((cfg.audio.hop_seconds if hop_seconds is None else hop_seconds) * fe.sample_rate)))
+    hop = hop_samples(cfg.audio.hop_seconds if hop_seconds is None else hop_seconds, fe.sample_rate)
     windower = StreamWindower(fe.clip_samples, hop)
     frontend = frontend_for(fe)
     expected = len(window_starts(max(1, stream.expected_frames), fe.clip_samples, hop)) if stream.expected_frames else 8

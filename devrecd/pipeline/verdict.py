@@ -86,7 +86,7 @@ def open_set_record(recording: dict, open_set: dict[str, Any], *, serving: dict,
         "scorer": serving.get("scorer"),
         "software_version": __version__,
         "timings": _round(timings),
-        "judged_at": _now(),
+        "judged_at": utc_timestamp(),
     }
 
 
@@ -114,7 +114,7 @@ def failed_record(path: str, reason: str, detail: str, *, timings: dict[str, flo
     """The record of a file that could not be judged, with the reason; ``sha256`` and ``size`` of
     the bytes read, whenever they were read (chain of custody)."""
     out = {"outcome": "failed", "path": path, "sha256": sha256, "size": size, "reason": reason, "detail": detail,
-           "software_version": __version__, "timings": _round(timings), "judged_at": _now()}
+           "software_version": __version__, "timings": _round(timings), "judged_at": utc_timestamp()}
     if resolved_path:
         out["resolved_path"] = resolved_path
     return out
@@ -125,7 +125,7 @@ def duplicate_record(recording: dict, original: dict, *, timings: dict[str, floa
     return {"outcome": "duplicate", **recording, "duplicate_of": original.get("id"),
             "duplicate_of_path": original.get("path"), "device": original.get("device"),
             "score": original.get("score"), "top_k": original.get("top_k"),
-            "software_version": __version__, "timings": _round(timings), "judged_at": _now()}
+            "software_version": __version__, "timings": _round(timings), "judged_at": utc_timestamp()}
 
 
 def _provenance(backend: dict, timings: dict[str, float]) -> dict[str, Any]:
@@ -135,7 +135,7 @@ def _provenance(backend: dict, timings: dict[str, float]) -> dict[str, Any]:
         "contract_sha256": backend.get("contract_sha256"),
         "software_version": __version__,
         "timings": _round(timings),
-        "judged_at": _now(),
+        "judged_at": utc_timestamp(),
     }
 
 
@@ -143,6 +143,7 @@ def _round(timings: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 6) for k, v in timings.items()}
 
 
-def _now() -> str:
+def utc_timestamp() -> str:
+    """Now as an ISO 8601 UTC time stamp with milliseconds (``judged_at``, ``enrolled_at``, ...)."""
     t = time.time()
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"

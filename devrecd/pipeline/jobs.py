@@ -1,0 +1,68 @@
+"""What travels through the runner: a file's :class:`Job`, and the typed messages the stages hand
+the writer thread (:class:`Judged`, :class:`Scored`, :class:`Duplicate`, :class:`Failed`, :class:`Stop`)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Union
+
+import numpy as np
+
+from devrecd.pipeline.journal import Entry
+from devrecd.pipeline.stages import Failure
+
+
+@dataclass
+class Job:
+    """One file on its way through the pipeline."""
+
+    entry_id: int
+    path: str
+    taken: float = field(default_factory=time.monotonic)
+    timings: dict[str, float] = field(default_factory=dict)
+    recording: dict | None = None
+    starts: np.ndarray | None = None  # window start times (s)
+    resolved_path: str | None = None  # where a followed symbolic link led (also for failures)
+    content: str | None = None  # sha256 while the runner counts it among the contents in flight
+    open_set: dict | None = None  # the registry's verdict fields, beside the closed-set one
+
+
+@dataclass(frozen=True)
+class Judged:
+    """Closed-set window probabilities of a file (and its open-set fields on the job)."""
+
+    job: Job
+    probs: np.ndarray
+
+
+@dataclass(frozen=True)
+class Scored:
+    """Open set only: the registry's verdict fields are the verdict."""
+
+    job: Job
+    fields: dict
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    """The same content was judged before as ``original``."""
+
+    job: Job
+    original: Entry
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The file cannot be judged."""
+
+    job: Job
+    failure: Failure
+
+
+@dataclass(frozen=True)
+class Stop:
+    """The writer's last message."""
+
+
+Message = Union[Judged, Scored, Duplicate, Failed, Stop]

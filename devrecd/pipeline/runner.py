@@ -1,0 +1,415 @@
+"""The runner: bounded queues, decode + feature workers, inference threads, one verdict writer.
+
+::
+
+    submit(path) -> jobs (bounded)
+      -> workers (watch.workers): open read-only, hash, decode block by block, features (stages),
+                                  dedupe against the journal, open-set verdict (registry.path)
+      -> Batcher (bounded) -> inference threads (batcher.streams): backend.infer on batches across files
+      -> messages -> writer thread: verdict record, journal + verdict log (Recorder), metrics
+
+The stages hand the writer typed messages (:class:`Judged`, :class:`Scored`, :class:`Duplicate`,
+:class:`Failed`, :class:`Stop`). Every terminal state is written by the one writer thread, so the
+journal and verdict-log ordering needs no further locking; the writer only writes: scoring, open set
+included, runs in the parallel stages, and a file's features are released once they are inferred.
+A bad file becomes a ``failed`` record with its reason and never stops the other files.
+
+Duplicates: a worker asks the journal once per file whether the same content was judged before.
+Two files of the same content in flight at once are both inferred; the writer then asks the journal
+again for the second to finish, and only for such contents.
+
+Open set only (:class:`~devrecd.pipeline.serving.OpenSetOnly`): no network is loaded and no batcher
+runs; each worker hands its features to the registry's scorer and the writer records its verdict.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import replace
+from typing import Callable, Sequence
+
+
+from devrecd.audio import open_stream
+from devrecd.config import Config
+from devrecd.errors import DevrecdError
+from devrecd.metrics import Metrics
+from devrecd.pipeline.batcher import Batcher, Unit
+from devrecd.pipeline.jobs import Duplicate, Failed, Job, Judged, Message, Scored, Stop
+from devrecd.pipeline.journal import Entry, Journal, JournalError, Recorder, VerdictLog
+from devrecd.pipeline.serving import BackendLike, Judge, OpenSetOnly
+from devrecd.pipeline.stages import Failure, failure_of, stream_features
+from devrecd.pipeline.verdict import duplicate_record, failed_record, judged_record, open_set_record, with_comparison
+
+log = logging.getLogger("devrecd.pipeline")
+
+
+class Liveness:
+    """When the pipeline last made progress (or was idle with nothing to do)."""
+
+    def __init__(self) -> None:
+        self._t = time.monotonic()
+
+    def stamp(self) -> None:
+        self._t = time.monotonic()
+
+    def age(self) -> float:
+        return time.monotonic() - self._t
+
+
+class Pipeline:
+    """Judges submitted files once each; see the module docstring."""
+
+    def __init__(self, cfg: Config, backend: BackendLike | OpenSetOnly, *, journal: Journal, verdict_log: VerdictLog | None,
+                 metrics: Metrics, device: str = "cpu", rejudge_duplicates: bool | None = None,
+                 on_record: Callable[[dict], None] | None = None, liveness: Liveness | None = None,
+                 judge: Judge | None = None, roots: Sequence[str] | None = None) -> None:
+        self.cfg = cfg
+        # Watched folders: symbolic links leading out of them are refused unless
+        # watch.follow_external_links (None: files named by the user, followed anywhere).
+        self.roots = list(roots) if roots is not None else None
+        self.judge = judge  # open-set verdict against the device registry (registry.path), if configured
+        if isinstance(backend, OpenSetOnly):  # the registry's verdict alone, on the scorer's own frontend
+            self.judge = backend.judge
+            self.cfg = cfg = replace(cfg, frontend=backend.frontend)
+        self.backend = backend
+        self.labels = tuple(backend.labels)
+        self.backend_info = backend.describe()
+        self.journal = journal
+        self.recorder = Recorder(journal, verdict_log)
+        self.metrics = metrics
+        self.device = device
+        # A GPU backend takes CUDA tensors in place: the frontend's output then stays on the GPU.
+        self.keep_on_device = str(device).startswith("cuda") and str(getattr(backend, "input_device", "") or "") \
+            .startswith("cuda")
+        self.rejudge = cfg.watch.rejudge_duplicates if rejudge_duplicates is None else rejudge_duplicates
+        self.on_record = on_record
+        self.liveness = liveness or Liveness()
+        self._jobs: queue.Queue[Job] = queue.Queue(maxsize=max(1, cfg.watch.queue_size))
+        self._results: queue.Queue[Message] = queue.Queue()  # bounded in effect: fed only by bounded stages
+        self._inflight: dict[int, float] = {}
+        self._contents: dict[str, int] = {}  # sha256 -> files of that content in flight
+        self._shared: set[str] = set()  # contents two files in flight had at once
+        self._lock = threading.Lock()
+        self._stop = threading.Event()  # workers/inference: no new work
+        self._threads: list[threading.Thread] = []
+        self._writer: threading.Thread | None = None
+        self.streams = 0
+        self.batcher: Batcher | None = None  # open set only: nothing runs on batches
+        if not isinstance(backend, OpenSetOnly):
+            self.batcher = Batcher(backend.infer, max_batch=cfg.batcher.max_batch, max_wait_s=cfg.batcher.max_wait_ms / 1000,
+                                   queue_size=cfg.watch.queue_size, max_clips=cfg.batcher.max_queued_clips,
+                                   on_batch=self._on_batch, on_progress=self._tick)
+        self.extra_pending: Callable[[], int] = lambda: 0  # files sources hold that are not yet admitted
+        metrics.queue_depth.set_function(lambda: self.in_flight() + self.extra_pending())
+        metrics.oldest_pending_age.set_function(self._oldest_age)
+
+    # --- public --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the worker, inference and writer threads."""
+        for i in range(max(1, self.cfg.watch.workers)):
+            self._threads.append(threading.Thread(target=self._worker, name=f"devrecd-decode-{i}", daemon=True))
+        self.streams = 0 if self.batcher is None else inference_streams(self.cfg, self.backend)
+        for i in range(self.streams):
+            self._threads.append(threading.Thread(target=self._infer_loop, name=f"devrecd-infer-{i}", daemon=True))
+        self._writer = threading.Thread(target=self._writer_loop, name="devrecd-writer", daemon=True)
+        for t in self._threads:
+            t.start()
+        self._writer.start()
+
+    def submit(self, path: str, size: int | None = None, mtime_ns: int | None = None) -> int | None:
+        """Admit a file (blocking while the pipeline is full). Returns its journal id, or None if it
+        needs nothing (this version was finished before, or it is already in flight)."""
+        if size is None or mtime_ns is None:
+            try:
+                st = os.stat(path)
+                size, mtime_ns = st.st_size, st.st_mtime_ns
+            except OSError:
+                size, mtime_ns = -1, 0  # judged as missing/unreadable by the worker, with the reason
+        entry, _ = self.journal.see(path, size, mtime_ns)
+        if entry.state not in ("seen", "hashed"):
+            return None
+        return entry.id if self._enqueue(Job(entry.id, path)) else None
+
+    def resume(self) -> int:
+        """Re-admit every file the journal has as unfinished (after a crash or a drain timeout)."""
+        n = 0
+        for entry in self.journal.active():
+            n += bool(self._enqueue(Job(entry.id, entry.path)))
+        return n
+
+    def vanished(self, path: str, size: int, mtime_ns: int) -> None:
+        """A file disappeared before it was stable: recorded as failed (missing), like any bad file."""
+        entry, _ = self.journal.see(path, size, mtime_ns)
+        if entry.state in ("seen", "hashed") and self._track(entry.id):
+            self._results.put(Failed(Job(entry.id, path), Failure("missing", "the file disappeared before it was complete")))
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._inflight)
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until nothing is in flight; True when drained within ``timeout`` seconds."""
+        end = time.monotonic() + timeout
+        while self.in_flight():
+            if time.monotonic() >= end:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def stop(self) -> None:
+        """Stop every thread; unfinished files stay unfinished in the journal (resumed next start)."""
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=10)
+        self._results.put(Stop())
+        if self._writer is not None:
+            self._writer.join(timeout=10)
+
+    def reconfigure(self, cfg: Config) -> None:
+        """Apply reloadable settings (SIGHUP): batcher flush rule, top-k, duplicate policy, watch filters."""
+        self.cfg = replace(self.cfg, batcher=replace(cfg.batcher, streams=self.cfg.batcher.streams), watch=replace(
+            cfg.watch, workers=self.cfg.watch.workers, queue_size=self.cfg.watch.queue_size, state_dir=self.cfg.watch.state_dir))
+        self.rejudge = cfg.watch.rejudge_duplicates
+        if self.batcher is not None:
+            self.batcher.configure(max_batch=cfg.batcher.max_batch, max_wait_s=cfg.batcher.max_wait_ms / 1000)
+
+    # --- bookkeeping ---------------------------------------------------------------------------
+
+    def _track(self, entry_id: int) -> bool:
+        with self._lock:
+            if entry_id in self._inflight:
+                return False
+            self._inflight[entry_id] = time.monotonic()
+            return True
+
+    def _hold_content(self, job: Job, sha256: str) -> None:
+        """Count ``job`` among the files of content ``sha256`` in flight (before the journal is asked)."""
+        with self._lock:
+            n = self._contents.get(sha256, 0)
+            if n:
+                self._shared.add(sha256)
+            self._contents[sha256] = n + 1
+            job.content = sha256
+
+    def _release(self, job: Job) -> None:
+        """``job`` is finished (or left unfinished for the next start): no longer in flight."""
+        with self._lock:
+            self._inflight.pop(job.entry_id, None)
+            sha, job.content = job.content, None
+            if sha is not None:
+                n = self._contents.pop(sha) - 1
+                if n:
+                    self._contents[sha] = n
+                else:
+                    self._shared.discard(sha)
+
+    def _enqueue(self, job: Job) -> bool:
+        if not self._track(job.entry_id):
+            return False
+        while True:
+            try:
+                self._jobs.put(job, timeout=0.2)
+                return True
+            except queue.Full:
+                if self._stop.is_set():
+                    self._release(job)
+                    return False
+
+    def _oldest_age(self) -> float:
+        with self._lock:
+            return time.monotonic() - min(self._inflight.values()) if self._inflight else 0.0
+
+    def _tick(self, idle: bool) -> None:
+        # Idle counts as alive only when nothing is in flight: a stuck worker must stop the pings.
+        if not idle or not self.in_flight():
+            self.liveness.stamp()
+
+    def _on_batch(self, clips: int, seconds: float) -> None:
+        self.metrics.batch_size.observe(clips)
+        self.metrics.clips.inc(clips)
+
+    # --- workers -------------------------------------------------------------------------------
+
+    def _worker(self) -> None:
+        if self.keep_on_device:  # each worker on its own CUDA stream: its waits are for its own work only
+            import torch
+
+            with torch.cuda.stream(torch.cuda.Stream(torch.device(self.device))):
+                self._work()
+        else:
+            self._work()
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job = self._jobs.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                self._prepare(job)
+            except _Stopped:  # not finished: stays unfinished in the journal, resumed at the next start
+                self._release(job)
+            except Exception as exc:  # noqa: BLE001 - one file's surprise must not stop the daemon
+                if not isinstance(exc, DevrecdError):
+                    log.exception("internal error on a file", extra={"path": job.path})
+                job.resolved_path = job.resolved_path or getattr(exc, "resolved_path", None)
+                self._results.put(Failed(job, failure_of(exc)))
+            self.liveness.stamp()
+
+    def _prepare(self, job: Job) -> None:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        confine = None if self.roots is None or cfg.watch.follow_external_links else self.roots
+        # Decoded block by block: the recording's samples are never held whole, only its features.
+        with open_stream(job.path, cfg.frontend.sample_rate, cfg.audio, confine=confine) as stream:
+            job.resolved_path = stream.resolved_path
+            self.journal.mark_hashed(job.entry_id, stream.sha256 or "", stream.size or 0)
+            if stream.sha256:
+                self._hold_content(job, stream.sha256)
+            spent: dict[str, float] = {}
+            feats, starts = stream_features(stream, cfg, device=self.device, timings=spent,
+                                            on_device=self.keep_on_device)
+            job.recording = stream.describe()
+        job.starts = starts
+        job.timings.update(spent)  # features (and on a GPU: h2d, frontend)
+        job.timings["decode"] = time.perf_counter() - t0 - job.timings["features"]
+        if not self.rejudge:
+            original = self.journal.judged_with(job.recording["sha256"], exclude=job.entry_id)
+            if original is not None:  # judged before under another name: no inference needed
+                self._results.put(Duplicate(job, original))
+                return
+        if self.judge is not None:  # the registry's verdict, here in the parallel workers
+            t1 = time.perf_counter()
+            fields = self.judge(feats.cpu().numpy() if hasattr(feats, "cpu") else feats, job.recording)
+            job.timings["scoring"] = time.perf_counter() - t1
+            if self.batcher is None:  # open set only: that is the verdict
+                self._results.put(Scored(job, fields))
+                return
+            job.open_set = fields
+        assert self.batcher is not None
+        if not self.batcher.put(Unit(key=job, features=feats), self._stop):
+            raise _Stopped()
+
+    def _infer_loop(self) -> None:
+        def deliver(unit: Unit) -> None:
+            # The unit (and with it the file's features) is dropped once this batch is done.
+            job: Job = unit.key
+            assert unit.probs is not None
+            job.timings["queue"] = (unit.started or unit.enqueued) - unit.enqueued
+            job.timings["inference"] = unit.infer_seconds
+            self._results.put(Judged(job, unit.probs))
+
+        def failed(unit: Unit, exc: Exception) -> None:
+            log.error("inference failed", extra={"path": unit.key.path, "error": str(exc)})
+            self._results.put(Failed(unit.key, Failure("inference", f"{type(exc).__name__}: {exc}")))
+
+        assert self.batcher is not None
+        self.batcher.run(self._stop, deliver, failed)
+
+    # --- the writer ----------------------------------------------------------------------------
+
+    def _writer_loop(self) -> None:
+        while True:
+            msg = self._results.get()
+            if isinstance(msg, Stop):
+                return
+            t0 = time.perf_counter()
+            try:
+                self._write(msg)
+            except JournalError as exc:
+                # The row stays unfinished and is judged again after a restart; keep serving the rest.
+                log.error("cannot record a verdict", extra={"path": msg.job.path, "error": str(exc)})
+                self.metrics.errors.labels(reason="journal").inc()
+            except Exception:  # noqa: BLE001
+                log.exception("internal error while recording a verdict", extra={"path": msg.job.path})
+                self.metrics.errors.labels(reason="internal").inc()
+            finally:
+                self.metrics.stage_seconds.labels(stage="writer").observe(time.perf_counter() - t0)
+                self._release(msg.job)
+                self.liveness.stamp()
+
+    def _judged_first(self, job: Job) -> Entry | None:
+        """The file judged first with ``job``'s content while both were in flight, if any."""
+        if self.rejudge or job.content is None:
+            return None
+        with self._lock:
+            shared = job.content in self._shared
+        return self.journal.judged_with(job.content, exclude=job.entry_id) if shared else None
+
+    def _write(self, msg: Judged | Scored | Duplicate | Failed) -> None:
+        job = msg.job
+        if isinstance(msg, (Judged, Scored)):
+            assert job.recording is not None
+            original = self._judged_first(job)
+            if original is not None:  # an identical file finished first while this one was in flight
+                self._write(Duplicate(job, original))
+                return
+            job.timings["end_to_end"] = time.monotonic() - job.taken
+            if isinstance(msg, Judged):
+                assert job.starts is not None
+                record = judged_record(job.recording, msg.probs, self.labels, job.starts, k=self.cfg.watch.top_k,
+                                       backend=self.backend_info, timings=job.timings)
+                # open set: the registry's verdict, the closed-set one kept beside it
+                record = with_comparison(record, job.recording, job.open_set, self.cfg.backend.validated_conditions)
+            else:
+                record = open_set_record(job.recording, msg.fields, serving=self.backend_info, timings=job.timings)
+            self._commit_judged(job, record)
+        elif isinstance(msg, Duplicate):
+            job.timings["end_to_end"] = time.monotonic() - job.taken
+            record = duplicate_record(job.recording or {"path": job.path}, msg.original.record or {"id": msg.original.id},
+                                      timings=job.timings)
+            committed = self.recorder.commit(job.entry_id, "duplicate", record, duplicate_of=msg.original.id,
+                                             sha256=(job.recording or {}).get("sha256"))
+            if committed is not None:
+                self._count("duplicate", job, committed)
+                log.info("duplicate", extra={"path": job.path, "of": msg.original.path})
+        else:
+            f = msg.failure
+            job.timings["end_to_end"] = time.monotonic() - job.taken
+            rec = job.recording or {}
+            record = failed_record(job.path, f.reason, f.detail, timings=job.timings,
+                                   sha256=f.sha256 if f.sha256 is not None else rec.get("sha256"),
+                                   size=f.size if f.size is not None else rec.get("size"),
+                                   resolved_path=job.resolved_path)
+            committed = self.recorder.commit(job.entry_id, "failed", record, reason=f.reason, sha256=record["sha256"])
+            if committed is not None:
+                self._count("failed", job, committed)
+                self.metrics.errors.labels(reason=f.reason).inc()
+                log.warning("cannot judge file", extra={"path": job.path, "reason": f.reason, "detail": f.detail,
+                                                        "sha256": committed["sha256"]})
+
+    def _commit_judged(self, job: Job, record: dict) -> None:
+        assert job.recording is not None
+        committed = self.recorder.commit(job.entry_id, "judged", record, sha256=job.recording["sha256"])
+        if committed is not None:
+            self._count("judged", job, committed)
+            self.metrics.verdicts.labels(device=committed["device"]).inc()
+            self.metrics.audio_seconds.inc(job.recording["duration"])
+            log.debug("judged", extra={"path": job.path, "device": committed["device"], "score": committed["score"]})
+
+    def _count(self, outcome: str, job: Job, record: dict) -> None:
+        self.metrics.files.labels(outcome=outcome).inc()
+        for stage, seconds in job.timings.items():
+            self.metrics.stage_seconds.labels(stage=stage).observe(seconds)
+        if self.on_record is not None:
+            self.on_record(record)
+
+
+class _Stopped(DevrecdError):
+    """Shutting down while a file waited for the batcher; it stays unfinished in the journal."""
+
+    reason = "stopped"
+
+
+def inference_streams(cfg: Config, backend: BackendLike) -> int:
+    """How many inference threads run batches at once: ``batcher.streams``, or when 0 (auto) one
+    per available core / ``backend.threads``; never more than the backend allows at once."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    want = cfg.batcher.streams or max(1, cores // max(1, cfg.backend.threads))
+    limit = getattr(backend, "concurrency", 1)
+    return max(1, want if limit is None else min(want, limit))
