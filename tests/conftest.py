@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -43,14 +44,38 @@ def librispeech_dir(shared_dir: Path) -> Path:
 
 @pytest.fixture(autouse=True)
 def _no_leaked_threads():
-    """Fail a test that leaves a non-daemon thread running (as watchdog's own suite does)."""
+    """Fail a test that leaves a thread running (as watchdog's own suite does). Daemon threads count
+    too: every pipeline, watcher and live thread is one, and a daemon thread left running is a leak
+    all the same (it only stops being one at interpreter exit). Threads get 5 s to finish."""
     before = set(threading.enumerate())
     yield
-    leaked = [t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon]
+    leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+    deadline = time.monotonic() + 5
     for t in leaked:
-        t.join(timeout=5)
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
     leaked = [t for t in leaked if t.is_alive()]
     assert not leaked, f"test leaked threads: {leaked}"
+
+
+@pytest.fixture(scope="session")
+def feature_cache_dir(tmp_path_factory) -> Path:
+    """The session's one feature cache folder. :class:`devrecd.data.FeatureCache` entries are keyed by
+    frontend, audio settings and hop, so every fixture that needs features of the CCNU sample (and
+    every training run a fixture makes, as its ``train.cache_dir``) shares it: each recording's
+    features are computed once per setting."""
+    return tmp_path_factory.mktemp("features")
+
+
+@pytest.fixture(scope="session")
+def feature_cache(feature_cache_dir: Path):
+    """``feature_cache(cfg)``: the :class:`devrecd.data.FeatureCache` of ``cfg``'s frontend and audio
+    settings over the session's one cache folder."""
+    from devrecd.data import FeatureCache
+
+    def cache(cfg) -> FeatureCache:
+        return FeatureCache(feature_cache_dir, cfg.frontend, cfg.audio)
+
+    return cache
 
 
 # ---- export + backends: ONE real checkpoint and ONE export per session, shared -------------
@@ -83,7 +108,7 @@ def _ccnu_rows(ccnu_dir: Path, segments: set[int]) -> list[dict]:
 
 
 @pytest.fixture(scope="session")
-def trained_checkpoint(ccnu_dir: Path, tmp_path_factory) -> Path:
+def trained_checkpoint(ccnu_dir: Path, feature_cache, tmp_path_factory) -> Path:
     """RUN_DIR/best.pt: the paper network after one Adam step on CCNU segment-1 features (15 devices)."""
     import numpy as np
     import torch
@@ -91,19 +116,19 @@ def trained_checkpoint(ccnu_dir: Path, tmp_path_factory) -> Path:
     from devrecd.config import load_config
     from devrecd.model import build_model
     from devrecd.model.checkpoint import Checkpoint, save_checkpoint
-    from devrecd.pipeline.stages import features_for_file
+    from devrecd.train import normalisation_stats
 
     cfg = load_config(None, env={})
+    cache = feature_cache(cfg)
     rows = _ccnu_rows(ccnu_dir, {1})
     labels = sorted({r["device"] for r in rows})
     feats, ys = [], []
     for r in rows:
-        _, f = features_for_file(ccnu_dir / r["path"], cfg, hop_seconds=4.0)
+        f, _ = cache.features(ccnu_dir / r["path"], 4.0)
         feats.append(f)
         ys += [labels.index(r["device"])] * len(f)
     x = np.concatenate(feats)
-    mean = x.reshape(-1, x.shape[-1]).mean(0).astype(np.float32)
-    std = (x.reshape(-1, x.shape[-1]).std(0) + 1e-6).astype(np.float32)
+    mean, std = normalisation_stats(feats)  # as training computes them
     torch.manual_seed(0)
     net = build_model("paper", len(labels))
     net.train()
@@ -139,7 +164,7 @@ def exported_model(trained_checkpoint: Path, ccnu_dir: Path, tmp_path_factory) -
 
 
 @pytest.fixture(scope="session")
-def asp_embedder_checkpoint(ccnu_dir: Path, tmp_path_factory) -> Path:
+def asp_embedder_checkpoint(ccnu_dir: Path, feature_cache_dir: Path, tmp_path_factory) -> Path:
     """RUN_DIR (with best.pt): a small ``asp`` embedder (open set) trained 8 epochs with the AAM loss
     through the one training loop on CCNU segments 1-2 of 8 of the 15 phones (hop 1 s), so segments
     3-5 and 7 phones are never seen in training."""
@@ -148,7 +173,7 @@ def asp_embedder_checkpoint(ccnu_dir: Path, tmp_path_factory) -> Path:
     from devrecd.train import TrainOptions, restrict_dataset, train
 
     cfg = load_config(None, env={}, overrides={"audio.hop_seconds": 1.0, "train.threads": 2,
-                                               "train.cache_dir": str(tmp_path_factory.mktemp("asp-cache"))})
+                                               "train.cache_dir": str(feature_cache_dir)})
     ds = load_dataset(ccnu_dir, split_by_group={"train": ("1", "2"), "test": ("3", "4", "5")},
                       split_file=tmp_path_factory.mktemp("asp-split") / "split.json")
     phones = sorted(ds.labels)[:8]

@@ -7,14 +7,14 @@ import pytest
 
 from devrecd.baselines import GsvSvm, MfccSvm, make_baseline, mfcc_statistics, recording_accuracy
 from devrecd.config import Config
-from devrecd.data import CCNU_SPLIT, FeatureCache, load_dataset
+from devrecd.data import CCNU_SPLIT, load_dataset
 from devrecd.errors import DatasetError
 
 
 @pytest.fixture(scope="module")
-def ccnu_features(ccnu_dir, tmp_path_factory):
+def ccnu_features(ccnu_dir, feature_cache):
     cfg = Config()
-    cache = FeatureCache(tmp_path_factory.mktemp("cache"), cfg.frontend, cfg.audio)
+    cache = feature_cache(cfg)
     ds = load_dataset(ccnu_dir, split_by_group=CCNU_SPLIT)
 
     def feats(split):

@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from devrecd.config import WatchConfig
 from devrecd.errors import ConfigError
 from devrecd.pipeline.batcher import Batcher, Unit
+from devrecd.pipeline.journal import Journal
 from devrecd.daemon.http import StatusServer
 from devrecd.daemon.notify import WatchdogPinger, notify, watchdog_interval
 from devrecd.pipeline.runner import Liveness
@@ -165,7 +166,9 @@ def test_batcher_parallel_failure_fails_a_split_unit_once() -> None:
                                                     lambda u, e: errors.append(u.key))) for _ in range(2)]
     for t in threads:
         t.start()
-    time.sleep(0.2)
+    deadline = time.time() + 10
+    while not errors and time.time() < deadline:
+        time.sleep(0.01)
     stop.set()
     for t in threads:
         t.join(timeout=10)
@@ -333,9 +336,12 @@ def test_status_server_answers_head_drops_idle_clients_and_caps_connections() ->
             idle.append(c)
         time.sleep(0.2)
         assert threading.active_count() - before <= 4, "at most max_connections threads"
-        time.sleep(1.0)  # past the socket timeout: the idle ones are dropped and the server serves again
-        assert urllib.request.urlopen(srv.url + "/healthz", timeout=5).status == 200
+        # Past the socket timeout (0.5 s) the idle ones are dropped and the server serves again.
+        deadline = time.time() + 10
+        while threading.active_count() - before > 1 and time.time() < deadline:
+            time.sleep(0.05)
         assert threading.active_count() - before <= 1
+        assert urllib.request.urlopen(srv.url + "/healthz", timeout=5).status == 200
     finally:
         for c in idle:
             c.close()
@@ -574,6 +580,21 @@ class DaemonProc:
             time.sleep(0.1)
         raise AssertionError(f"{len(self.records())} of {n} verdicts after {timeout} s: {self.log_path.read_text()[-3000:]}")
 
+    def wait_drained(self, timeout: float = 120) -> dict[str, float]:
+        """Wait until nothing is waiting or in flight (devrecd_queue_depth counts the watcher's
+        candidates and the pipeline's files); -> the daemon's file and error counters then."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            status, text = self.get("/metrics")
+            assert status == 200, text
+            if _sample(text, "devrecd_queue_depth") == 0:
+                return {f"{s.name}{{{','.join(f'{k}={v}' for k, v in sorted(s.labels.items()))}}}": s.value
+                        for f in text_string_to_metric_families(text) for s in f.samples
+                        if s.name in ("devrecd_files_total", "devrecd_errors_total")}
+            assert self.proc is not None and self.proc.poll() is None, f"daemon exited: {self.log_path.read_text()[-3000:]}"
+            time.sleep(0.1)
+        raise AssertionError(f"queue not drained after {timeout} s: {self.log_path.read_text()[-3000:]}")
+
     def get(self, path: str) -> tuple[int, str]:
         try:
             with urllib.request.urlopen(self.url + path, timeout=10) as r:
@@ -646,8 +667,8 @@ def test_daemon_judges_good_files_and_records_every_bad_one(tmp_path: Path, ccnu
             "silent.wav": ("failed", "silent"), "short.wav": ("failed", "too_short"),
             "huge.wav": ("failed", "too_long"), "vanishing.wav": ("failed", "missing"),
         }
-        recs = d.wait_records(len(expected))
-        time.sleep(1.0)  # nothing else may arrive (ignored names, no second verdicts)
+        d.wait_records(len(expected))
+        d.wait_drained()  # nothing else is waiting: ignored names were never taken, no second verdicts
         recs = d.records()
         got = {Path(r["path"]).name: (r["outcome"], r.get("reason")) for r in recs}
         assert got == expected
@@ -700,13 +721,23 @@ def test_daemon_judges_good_files_and_records_every_bad_one(tmp_path: Path, ccnu
     assert not [x for x in log_lines if x["level"] == "info" and x["event"] == "judged"], "no INFO line per healthy file"
     assert {x["reason"] for x in log_lines if x["event"] == "cannot judge file"} == {
         "corrupt", "unsupported", "silent", "too_short", "too_long", "missing"}
-    # Restart: nothing is judged again.
+    # Restart: nothing is judged again. A new file judged after the restart shows that the initial
+    # scan ran and its files were taken; once the queue drains, that file is the only verdict added.
     d2 = DaemonProc(tmp_path, ev, served_model).start()
     try:
-        time.sleep(1.5)
-        assert len(d2.records()) == len(expected)
+        shutil.copy(_ccnu(ccnu_dir, 4)[3], ev / "after restart.wav")
+        recs = d2.wait_records(len(expected) + 1)
+        counts = d2.wait_drained()
+        recs = d2.records()
+        assert [Path(r["path"]).name for r in recs[len(expected):]] == ["after restart.wav"]
+        assert counts == {"devrecd_files_total{outcome=judged}": 1.0}
     finally:
         assert d2.stop() == 0
+    j = Journal(tmp_path / "state" / "journal.sqlite")
+    try:
+        assert j.counts() == {"judged": 4, "duplicate": 1, "failed": 6} and j.unlogged() == []
+    finally:
+        j.close()
 
 
 def _free_port() -> int:
@@ -729,8 +760,8 @@ def test_kill_9_mid_batch_then_restart_gives_exactly_one_verdict_per_file(
     assert 1 <= len(first) < len(files), "the kill must land while the backlog is being judged"
     d2 = DaemonProc(tmp_path, ev, served_model).start()
     try:
-        recs = d2.wait_records(len(files))
-        time.sleep(1.0)
+        d2.wait_records(len(files))
+        d2.wait_drained()
         recs = d2.records()
     finally:
         assert d2.stop() == 0
@@ -740,8 +771,6 @@ def test_kill_9_mid_batch_then_restart_gives_exactly_one_verdict_per_file(
     assert recs[: len(first)] == first, "verdicts written before the kill stay as they were"
     assert {r["outcome"] for r in recs} == {"judged"}
     # The journal agrees with the log.
-    from devrecd.pipeline.journal import Journal
-
     j = Journal(tmp_path / "state" / "journal.sqlite")
     try:
         assert j.counts() == {"judged": len(files)} and j.unlogged() == []

@@ -48,13 +48,14 @@ def _cfg(**live):
 
 
 @pytest.fixture(scope="module")
-def classifier(ccnu_dir: Path):
+def classifier(ccnu_dir: Path, feature_cache):
     """A real device classifier on the sample's training segments (1-3): (infer, labels)."""
     cfg = _cfg()
+    cache = feature_cache(cfg)
     feats, labels = [], []
     for r in _rows(ccnu_dir):
         if int(r["segment"]) <= 3:
-            feats.append(features_for_file(ccnu_dir / r["path"], cfg)[1])
+            feats.append(cache.features(ccnu_dir / r["path"], cfg.audio.hop_seconds)[0])
             labels.append(r["device"])
     svm = MfccSvm(seed=0).fit(feats, labels)
     return (lambda x: svm.predict_proba(x).astype(np.float32)), tuple(svm.classes_)

@@ -237,13 +237,13 @@ HELD_OUT = 2  # phones the embedder never sees (the last two of the first six, b
 
 
 @pytest.fixture(scope="module")
-def real_setup(ccnu_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+def real_setup(ccnu_dir: Path, feature_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """A tiny ``asp`` embedder trained on 4 real phones (segments 1-3); 2 more phones held out of training."""
     from devrecd.config import load_config
     from devrecd.data import CCNU_SPLIT, load_dataset
 
     cfg = load_config(overrides={"audio.hop_seconds": 1.0, "train.threads": 2,
-                                 "train.cache_dir": str(tmp_path_factory.mktemp("cache"))})
+                                 "train.cache_dir": str(feature_cache_dir)})
     ds = load_dataset(ccnu_dir, split_by_group=CCNU_SPLIT, split_file=tmp_path_factory.mktemp("split") / "s.json")
     phones = list(ds.labels[:6])
     seen, unseen = phones[:-HELD_OUT], phones[-HELD_OUT:]

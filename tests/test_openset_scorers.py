@@ -17,12 +17,12 @@ from devrecd.supervector import Ubm
 
 
 @pytest.fixture(scope="module")
-def ccnu(ccnu_dir, tmp_path_factory):
+def ccnu(ccnu_dir, feature_cache):
     """Raw windows (hop 2 s) of segments of 6 real phones."""
-    from devrecd.data import FeatureCache, load_dataset
+    from devrecd.data import load_dataset
 
     cfg = Config()
-    cache = FeatureCache(tmp_path_factory.mktemp("cache"), cfg.frontend, cfg.audio)
+    cache = feature_cache(cfg)
     ds = load_dataset(ccnu_dir)
     phones = sorted(ds.labels)[:6]
     items = [it for it in ds.items if it.device in phones]
