@@ -26,7 +26,7 @@ from devrecd.config import Config
 from devrecd.errors import DevrecdError
 from devrecd.forensic.lr import LRCalibration, assess
 from devrecd.pipeline.stages import hop_samples
-from devrecd.pipeline.verdict import utc_timestamp
+from devrecd.provenance import utc_timestamp
 
 RECORDING_FIELDS = ("path", "sha256", "size", "duration", "sample_rate", "native_rate", "channels", "codec",
                     "container", "decoder", "resampled", "condition")

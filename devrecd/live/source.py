@@ -20,7 +20,8 @@ from devrecd import __version__
 from devrecd.audio import cut_windows
 from devrecd.config import Config
 from devrecd.pipeline.batcher import Batcher, Unit
-from devrecd.pipeline.verdict import aggregate, top_k, utc_timestamp
+from devrecd.pipeline.verdict import aggregate, top_k
+from devrecd.provenance import utc_timestamp
 from devrecd.errors import ConfigError
 from devrecd.features import extract
 from devrecd.live.capture import Capture

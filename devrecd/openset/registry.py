@@ -30,7 +30,7 @@ import numpy as np
 from devrecd.errors import ArtifactError, DevrecdError
 from devrecd.openset.calibration import Calibration
 from devrecd.fsutil import atomic_write
-from devrecd.pipeline.verdict import utc_timestamp
+from devrecd.provenance import utc_timestamp
 
 FORMAT = "devrecd-registry/1"
 SCORER_PREFIX = "scorer__"  # array-file keys of the scorer's parameters (profiles are p0, p1, ...)

@@ -16,7 +16,7 @@ import numpy as np
 from devrecd.config import Config
 from devrecd.openset.calibration import Calibration, CalibrationError, calibrate
 from devrecd.openset.registry import Reference, Registry, RegistryError
-from devrecd.pipeline.verdict import utc_timestamp
+from devrecd.provenance import utc_timestamp
 from devrecd.openset.scorers import as_scorer, registry_scorer, scorer_arrays
 
 log = logging.getLogger("devrecd.openset")

@@ -24,6 +24,9 @@ State files are created 0600 (journal) / 0640 (verdict log) whatever the umask.
 Test-only fault injection: with ``DEVRECD_TEST_KILL_AT=after_journal_commit`` in the environment the
 process SIGKILLs itself between the journal commit and the verdict-log append, so that tests can show
 the repair on restart. Nothing else reads that variable.
+
+The journal, the verdict log and the :class:`Recorder` that commits to both stay in one module: the
+exactly-once order above is only checkable when read together.
 """
 
 from __future__ import annotations

@@ -20,6 +20,9 @@ again for the second to finish, and only for such contents.
 
 Open set only (:class:`~devrecd.pipeline.serving.OpenSetOnly`): no network is loaded and no batcher
 runs; each worker hands its features to the registry's scorer and the writer records its verdict.
+
+Longer than most modules on purpose: the three kinds of thread share the in-flight bookkeeping
+(files and contents in flight, under one lock), which is clearest read in one place.
 """
 
 from __future__ import annotations

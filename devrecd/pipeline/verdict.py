@@ -8,13 +8,13 @@ The file-level probabilities are those means renormalised with a softmax.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
 from devrecd import __version__
+from devrecd.provenance import utc_timestamp
 
 _EPS = 1e-12  # probabilities are clamped before the log (a backend may return exact zeros)
 
@@ -141,9 +141,3 @@ def _provenance(backend: dict, timings: dict[str, float]) -> dict[str, Any]:
 
 def _round(timings: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 6) for k, v in timings.items()}
-
-
-def utc_timestamp() -> str:
-    """Now as an ISO 8601 UTC time stamp with milliseconds (``judged_at``, ``enrolled_at``, ...)."""
-    t = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
