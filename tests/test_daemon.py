@@ -582,7 +582,7 @@ class DaemonProc:
 
     def wait_drained(self, timeout: float = 120) -> dict[str, float]:
         """Wait until nothing is waiting or in flight (devrecd_queue_depth counts the watcher's
-        candidates and the pipeline's files); -> the daemon's file and error counters then."""
+        candidates and the pipeline's files); -> the daemon's non-zero file and error counters then."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             status, text = self.get("/metrics")
@@ -590,7 +590,7 @@ class DaemonProc:
             if _sample(text, "devrecd_queue_depth") == 0:
                 return {f"{s.name}{{{','.join(f'{k}={v}' for k, v in sorted(s.labels.items()))}}}": s.value
                         for f in text_string_to_metric_families(text) for s in f.samples
-                        if s.name in ("devrecd_files_total", "devrecd_errors_total")}
+                        if s.name in ("devrecd_files_total", "devrecd_errors_total") and s.value}
             assert self.proc is not None and self.proc.poll() is None, f"daemon exited: {self.log_path.read_text()[-3000:]}"
             time.sleep(0.1)
         raise AssertionError(f"queue not drained after {timeout} s: {self.log_path.read_text()[-3000:]}")

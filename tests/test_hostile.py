@@ -92,7 +92,7 @@ def test_daemon_survives_the_hostile_corpus_and_records_every_entry_once(tmp_pat
         d.wait_records(len(expect), timeout=300)
         stop_writer.set()
         t.join(5)
-        time.sleep(1.5)  # nothing more may arrive
+        d.wait_drained()  # nothing more is waiting or in flight: nothing more may arrive
         recs = d.records()
         assert d.proc.poll() is None, "the daemon must stay up"
         peak = _peak_rss_mb(d.proc.pid)
@@ -156,8 +156,8 @@ def test_kill_between_journal_commit_and_log_append_is_repaired_on_restart(tmp_p
         j.close()
     d2 = DaemonProc(tmp_path, ev, Path(exported_model)).start()
     try:
-        recs = d2.wait_records(1)
-        time.sleep(1.5)
+        d2.wait_records(1)
+        d2.wait_drained()
         recs = d2.records()
     finally:
         assert d2.stop() == 0

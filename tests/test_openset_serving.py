@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,36 @@ def test_identify_without_a_model_gives_the_registrys_verdicts(registry, ccnu_di
     assert hit["device"] == "IPHONEX" and hit["open_set"]["accepted"] and hit["llr"] > 0
     assert miss["device"] == "unknown device" and not miss["open_set"]["accepted"]
     assert miss["score"] < miss["open_set"]["threshold"] <= hit["score"]
+
+
+def test_with_a_model_the_registry_scores_in_the_workers_not_the_writer(registry, ccnu_dir, exported_model,
+                                                                         monkeypatch) -> None:
+    """A closed-set model and a registry together: the registry's verdict in front, the model's
+    beside it; the registry scores in the parallel decode workers, so the writer thread only writes."""
+    from devrecd.openset.workflow import RegistryJudge
+
+    scored_on: list[str] = []
+    real_judge = RegistryJudge.judge
+
+    def spy(self, features, recording=None):
+        scored_on.append(threading.current_thread().name)
+        return real_judge(self, features, recording)
+
+    monkeypatch.setattr(RegistryJudge, "judge", spy)
+    known, other = _segment(ccnu_dir, "IPHONEX", 4), _segment(ccnu_dir, NOT_ENROLLED, 4)
+    written_on: list[str] = []
+    cfg = _cfg(registry, **{"backend.model": str(exported_model), "backend.threads": 1})
+    records = identify_files(cfg, [known, other], on_record=lambda r: written_on.append(threading.current_thread().name))
+    assert len(scored_on) == 2 and all(name.startswith("devrecd-decode-") for name in scored_on), scored_on
+    assert written_on == ["devrecd-writer"] * 2
+    hit, miss = records
+    for r in records:
+        assert r["outcome"] == "judged" and r["model_sha256"] == hashlib.sha256(Path(exported_model).read_bytes()).hexdigest()
+        assert r["closed_set"]["device"] in {c["device"] for c in r["closed_set"]["top_k"]}
+        assert {"decode", "features", "scoring", "queue", "inference", "end_to_end"} <= set(r["timings"])
+        assert {c["device"] for c in r["top_k"]} == set(ENROLLED)
+    assert hit["device"] == "IPHONEX" and hit["open_set"]["accepted"]
+    assert miss["device"] == "unknown device" and not miss["open_set"]["accepted"]
 
 
 def test_the_served_frontend_is_the_scorers_without_a_model(registry, ccnu_dir, no_backend, caplog) -> None:
