@@ -139,8 +139,7 @@ def verdicts(
     """Export the verdicts recorded in the daemon's journal (opened read-only)."""
     import os
 
-    from devrecd.pipeline.journal import Journal
-    from devrecd.daemon.service import JOURNAL_NAME
+    from devrecd.pipeline.journal import JOURNAL_NAME, Journal
 
     if fmt not in ("json", "csv"):
         raise ConfigError(f"--format must be json or csv, not {fmt!r}")

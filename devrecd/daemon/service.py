@@ -23,15 +23,13 @@ from devrecd.daemon.notify import WatchdogPinger, notify, watchdog_interval
 from devrecd.errors import ConfigError
 from devrecd.fsutil import atomic_write, private_file
 from devrecd.metrics import Metrics
-from devrecd.pipeline.journal import Journal, Recorder, VerdictLog
+from devrecd.pipeline.journal import JOURNAL_NAME, VERDICT_LOG_NAME, Journal, Recorder, VerdictLog
 from devrecd.pipeline.runner import Liveness, Pipeline
 from devrecd.pipeline.serving import OpenSetOnly, load_served, registry_judge
 from devrecd.pipeline.stages import resolve_device
 
 log = logging.getLogger("devrecd.daemon")
 
-JOURNAL_NAME = "journal.sqlite"
-VERDICT_LOG_NAME = "verdicts.jsonl"
 LIVE_LOG_NAME = "live.jsonl"  # per-window verdicts of the live input (live.enabled)
 STATUS_NAME = "daemon.json"  # pid and endpoint URL of the running daemon (for operators and tests)
 

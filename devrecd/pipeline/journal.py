@@ -73,6 +73,9 @@ CREATE INDEX IF NOT EXISTS files_state ON files(state);
 CREATE INDEX IF NOT EXISTS files_unlogged ON files(logged) WHERE logged = 0;
 """
 
+JOURNAL_NAME = "journal.sqlite"  # the journal's file in a daemon's state folder
+VERDICT_LOG_NAME = "verdicts.jsonl"  # the verdict log's
+
 
 class JournalError(DevrecdError):
     """The journal or verdict log cannot be opened or written."""

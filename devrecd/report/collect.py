@@ -23,10 +23,9 @@ import numpy as np
 from devrecd import __version__
 from devrecd.config import Config
 from devrecd.errors import ConfigError, DevrecdError
+from devrecd.pipeline.journal import JOURNAL_NAME, VERDICT_LOG_NAME
 
 REPORT_FORMAT = "devrecd-report/1"
-JOURNAL_NAME = "journal.sqlite"  # the daemon's (devrecd.daemon.service.JOURNAL_NAME)
-VERDICT_LOG_NAME = "verdicts.jsonl"
 # Level flags of a recording (measured on the decoded samples at report time).
 LOW_LEVEL_DBFS = -45.0  # RMS below this: the device's trace is near the noise floor
 CLIP_FRACTION = 1e-3  # share of samples at full scale from which a recording counts as clipped
