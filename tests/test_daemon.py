@@ -631,6 +631,7 @@ def served_model(exported_model) -> Path:
     return Path(exported_model)
 
 
+@pytest.mark.slow
 def test_daemon_judges_good_files_and_records_every_bad_one(tmp_path: Path, ccnu_dir: Path, served_model: Path) -> None:
     ev = tmp_path / "evidence"
     ev.mkdir()
@@ -746,6 +747,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_kill_9_mid_batch_then_restart_gives_exactly_one_verdict_per_file(
         tmp_path: Path, ccnu_dir: Path, served_model: Path) -> None:
     ev = tmp_path / "evidence"

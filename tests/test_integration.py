@@ -26,6 +26,7 @@ def _by_segment(ccnu_dir: Path, devices: list[str], segments: set[int]) -> dict[
     return {d: [ccnu_dir / r["path"] for r in rows if r["device"] == d and int(r["segment"]) in segments] for d in devices}
 
 
+@pytest.mark.slow
 def test_enroll_then_identify_gives_open_set_verdicts(tmp_path: Path, ccnu_dir: Path, exported_model) -> None:
     devices = ["Apple_air1", "huawei_p20"]
     registry = tmp_path / "registry.json"
@@ -57,6 +58,7 @@ def test_enroll_then_identify_gives_open_set_verdicts(tmp_path: Path, ccnu_dir: 
     assert rec["device"] == "unknown device" and rec["candidate"] in devices  # nothing passes a threshold above 1
 
 
+@pytest.mark.slow
 def test_watch_judges_a_live_input_beside_its_folders(tmp_path: Path, ccnu_dir: Path, exported_model) -> None:
     pytest.importorskip("sounddevice", reason="sounddevice not installed (pip install 'devrecd[live]')")
     if not Path("/usr/share/alsa/alsa.conf").is_file():

@@ -416,6 +416,7 @@ def test_listen_lists_the_alsa_device(alsa_evidence) -> None:
     assert ("0", "evidence", "ALSA", "128") in rows, out.stdout
 
 
+@pytest.mark.slow
 def test_listen_through_portaudio_agrees_with_identify(alsa_evidence, exported_model) -> None:
     """``devrecd listen`` on the ALSA device vs ``identify`` on the same recording, exported model."""
     from devrecd.pipeline.identify import identify_files
