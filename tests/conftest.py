@@ -42,6 +42,18 @@ def librispeech_dir(shared_dir: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_tqdm_monitor():
+    """tqdm's monitor is one thread for the whole process, started by the first progress bar and
+    never stopped (it only tunes bar refresh): off in tests, so that the leak check below sees
+    only threads that the code under test owns."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    tqdm.monitor_interval = 0
+
+
 @pytest.fixture(autouse=True)
 def _no_leaked_threads():
     """Fail a test that leaves a thread running (as watchdog's own suite does). Daemon threads count
