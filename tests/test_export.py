@@ -14,8 +14,9 @@ from devrecd.cli import app
 from devrecd.config import load_config
 from devrecd.contract import INPUT_NAME, OUTPUT_NAME, Contract, load_for_onnx
 from devrecd.errors import ArtifactError
-from devrecd.export import (export_checkpoint, export_graph, fp16_path_for, inference_graph, onnx_ops,
-                            ort_session, parity_features_path)
+from devrecd.backends.onnxrt import ort_session
+from devrecd.export import export_checkpoint, export_graph, fp16_path_for, onnx_ops, parity_features_path
+from devrecd.model.serving import inference_graph
 from devrecd.features import FEATURE_DIM, FrontendConfig
 
 # ---------------------------------------------------------------------------------------------------

@@ -13,6 +13,33 @@ from devrecd.contract import INPUT_NAME, OUTPUT_NAME, Contract, contract_path_fo
 from devrecd.errors import ArtifactError
 
 
+def ort_session(onnx_path: str | os.PathLike, *, threads: int = 1, precision: str = "fp32") -> Any:
+    """An ONNX Runtime CPU session with explicit options: the one place sessions are made (serving,
+    the export's parity check, build-engine's reference)."""
+    from devrecd.errors import MissingDependency
+
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise MissingDependency(f"onnxruntime is not installed ({exc}): pip install onnxruntime") from None
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = max(1, threads)
+    opts.inter_op_num_threads = 1  # one graph, run sequentially: no parallel branches to exploit
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # No busy-waiting between ops: spinning intra-op threads steal the cores that the frontend
+    # and decoding threads of the daemon need (measured: 5x slower end to end with spinning).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # ORT 1.32 crashes (SIGSEGV) while applying its layout optimisations (ORT_ENABLE_ALL) to the FP16
+    # graph; the extended level is safe and FP16 is only a CPU fallback (it is meant for TensorRT).
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED if precision == "fp16"
+                                     else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    opts.log_severity_level = 3  # errors only: ORT's warnings go to stderr, bypassing our logging
+    try:
+        return ort.InferenceSession(str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types (InvalidProtobuf, Fail, ...)
+        raise ArtifactError(f"ONNX Runtime cannot load {onnx_path}: {exc}", reason="onnx_invalid") from None
+
+
 class OnnxRuntimeBackend:
     """An explicit-options ORT session (threads from ``backend.threads``) over a contract-checked model."""
 
@@ -20,7 +47,6 @@ class OnnxRuntimeBackend:
 
     def __init__(self, onnx_path: str | os.PathLike, *, threads: int = 1) -> None:
         from devrecd.audio import sha256_file
-        from devrecd.export import ort_session
 
         self.onnx_path = Path(onnx_path)
         if self.onnx_path.suffix != ".onnx":
