@@ -133,3 +133,20 @@ def test_wheel_ships_the_service_files_and_installs_the_service(tmp_path) -> Non
     assert (root / "etc/sysusers.d/devrecd.conf").read_bytes() == shipped["devrecd.sysusers"].read_bytes()
     assert '"/srv/cases"' in (root / "etc/devrecd/config.toml").read_text()
     assert (root / "usr/share/doc/devrecd/operations.md").read_bytes() == shipped["operations.md"].read_bytes()
+
+
+def test_calibration_fit_is_sklearns_logistic_regression() -> None:
+    """``calibrate``'s two-parameter fit (numpy, so the base install can calibrate a registry) gives
+    sklearn's balanced, nearly unregularised logistic regression, separable trials included."""
+    LogisticRegression = pytest.importorskip("sklearn.linear_model").LogisticRegression
+    from devrecd.openset.calibration import fit_llr
+
+    rng = np.random.default_rng(0)
+    for n_tar, n_non, separation in ((50, 2000, 1.0), (300, 300, 3.0), (20, 5000, 0.3), (10, 10, 50.0)):
+        tar, non = rng.normal(separation, 1.0, n_tar), rng.normal(0.0, 1.0, n_non)
+        slope, offset = fit_llr(tar, non)
+        x = np.concatenate([tar, non])[:, None]
+        y = np.concatenate([np.ones(n_tar), np.zeros(n_non)])
+        ref = LogisticRegression(C=1e6, class_weight="balanced", max_iter=1000, tol=1e-10).fit(x, y)
+        assert slope == pytest.approx(ref.coef_[0, 0], rel=1e-4)
+        assert offset == pytest.approx(ref.intercept_[0], rel=1e-4, abs=1e-6)

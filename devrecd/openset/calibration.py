@@ -165,14 +165,54 @@ def fit_llr(target: np.ndarray, nontarget: np.ndarray) -> tuple[float, float]:
     effective prior of 0.5 (no prior offset to remove). Nearly unregularised: the two parameters
     are well determined by any realistic number of trials.
     """
-    from sklearn.linear_model import LogisticRegression
-
     tar, non = _trials(target, nontarget)
     x = np.concatenate([tar, non])[:, None]
     y = np.concatenate([np.ones(tar.size), np.zeros(non.size)])
-    model = LogisticRegression(C=1e6, class_weight="balanced", max_iter=1000)
-    model.fit(x, y)
-    return float(model.coef_[0, 0]), float(model.intercept_[0])
+    weight = np.concatenate([np.full(tar.size, 0.5 / tar.size), np.full(non.size, 0.5 / non.size)])
+    coef, intercept = fit_logistic(x, y, weight, l2=1e-6 / len(x))  # sklearn's C=1e6 on len(x) trials
+    return float(coef[0]), intercept
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, weight: np.ndarray, *, l2: float = 1e-6,
+                 max_iter: int = 100) -> tuple[np.ndarray, float]:
+    """Weighted logistic regression by Newton's method: ``(coef, intercept)`` minimising
+    ``sum_i weight_i * logloss_i + l2 / 2 * |coef|^2`` (intercept not penalised).
+
+    The few parameters of a calibration are fitted here in numpy, so that ``devrecd calibrate``
+    needs neither scikit-learn nor lir (which pulls scikit-learn, scipy, pandas and matplotlib).
+    With weights summing to 1 and ``l2 = 1 / (C n)`` it is sklearn's ``LogisticRegression(C,
+    class_weight="balanced")`` on n trials (tests compare the two); the tiny penalty keeps separable
+    trials finite.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    design = np.hstack([x, np.ones((len(x), 1))])
+    penalty = np.full(design.shape[1], l2)
+    penalty[-1] = 0.0
+    w = weight / weight.sum()
+
+    def objective(beta: np.ndarray) -> float:
+        z = design @ beta
+        return float(w @ (np.logaddexp(0.0, z) - y * z) + 0.5 * (penalty * beta) @ beta)
+
+    beta = np.zeros(design.shape[1])
+    value = objective(beta)
+    for _ in range(max_iter):
+        p = 0.5 * (1.0 + np.tanh(0.5 * (design @ beta)))  # the logistic function, without overflow
+        grad = design.T @ (w * (p - y)) + penalty * beta
+        hess = (design * (w * p * (1.0 - p))[:, None]).T @ design + np.diag(penalty) + 1e-12 * np.eye(len(beta))
+        step = np.linalg.solve(hess, grad)
+        t = 1.0
+        while t > 1e-8:  # halve the Newton step until the objective does not rise
+            trial = objective(beta - t * step)
+            if trial <= value:
+                break
+            t *= 0.5
+        beta, previous, value = beta - t * step, value, trial
+        if previous - value <= 1e-15 * max(1.0, abs(value)) and np.abs(grad).max() < 1e-10:
+            break
+    if not np.all(np.isfinite(beta)):
+        raise CalibrationError("the logistic calibration did not converge (non-finite parameters)")
+    return beta[:-1], float(beta[-1])
 
 
 def calibrate(target: np.ndarray, nontarget: np.ndarray, *, open_set_nontarget: np.ndarray | None = None,
