@@ -12,7 +12,7 @@ numpy frontend's parity with the torch frontend, each beside a baseline measured
 2. Start + answer. `devrecd identify FILE --model M.onnx` as a whole process, RUNS times each,
    interleaved: A = the serving venv (no torch installed); B = the baseline, the code of
    --baseline-rev (default: main) in this environment (torch, scipy, ... installed, as today).
-   Wall seconds (median, min, max) and peak RSS (the process's own maximum resident set, from wait4).
+   Wall seconds, CPU seconds (user + system) and peak RSS (the largest resident set), median/min/max.
 3. Parity: the same ONNX model on features from the frontend run on numpy (serving) and on torch
    tensors (training, GPU): max abs difference of probabilities over every window of one recording of
    each of the 15 CCNU phones (segment 4), and recording verdicts that agree.
@@ -88,7 +88,10 @@ def build_venv(venv: Path, work: Path) -> float:
     (wheel,) = wheels.glob("devrecd-*.whl")
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     t0 = time.perf_counter()
-    subprocess.run([str(venv / "bin/python"), "-m", "pip", "install", "-q", str(wheel)], check=True)
+    subprocess.run([str(venv / "bin/python"), "-m", "pip", "install", "-q", str(wheel)], check=True,
+                   stderr=subprocess.DEVNULL)  # (pip warns about every missing mirror folder)
+    if not (venv / "bin/devrecd").is_file():
+        raise SystemExit(f"pip install {wheel.name} left no {venv}/bin/devrecd")
     return time.perf_counter() - t0
 
 
@@ -130,20 +133,24 @@ save_checkpoint(run / "best.pt", Checkpoint(arch="paper", hparams={{}}, labels=l
     return out
 
 
-def peak_rss_run(cmd: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float, str]:
-    """One run in a fresh helper process, so that RUSAGE_CHILDREN is this command's alone."""
+def peak_rss_run(cmd: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float, float, str]:
+    """(wall s, CPU s (user + system), peak RSS MB, stdout) of one run of ``cmd``, in a fresh helper
+    process so that RUSAGE_CHILDREN is this command's alone."""
     code = ("import os, resource, subprocess, sys, time, json\n"
             "t = time.perf_counter(); p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
             "w = time.perf_counter() - t\n"
-            "print(json.dumps([w, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, p.returncode,"
+            "u = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+            "print(json.dumps([w, u.ru_utime + u.ru_stime, u.ru_maxrss / 1024, p.returncode,"
             " p.stdout, p.stderr[-2000:]]))\n")
     import json
 
     done = subprocess.run([sys.executable, "-c", code, *cmd], env=env, cwd=cwd, capture_output=True, text=True)
-    wall, peak, rc, out, err = json.loads(done.stdout)
+    if done.returncode != 0:
+        raise SystemExit(f"timing helper failed: {done.stderr.strip()[-2000:]}")
+    wall, cpu, peak, rc, out, err = json.loads(done.stdout)
     if rc != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({rc}): {err}")
-    return wall, peak, out
+    return wall, cpu, peak, out
 
 
 def parity() -> tuple[float, int, int, int]:
@@ -181,7 +188,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="export/NAME.onnx (default: make one, ~1 min)")
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--venv", type=Path, help="the serving venv (default: a fresh one, built now)")
+    ap.add_argument("--venv", type=Path, help="the serving venv: built there when it does not exist, then kept "
+                    "(default: a fresh one in a temporary folder)")
     ap.add_argument("--baseline-rev", default="main", help="git revision whose code is the start-time baseline")
     ap.add_argument("--audio", type=Path, default=CCNU / "xiaomi8se_5.wav")
     ARGS = ap.parse_args()
@@ -190,10 +198,9 @@ def main() -> None:
         work = Path(tmp)
         model = ARGS.model or make_model(work)
         ARGS.model = model
-        venv = ARGS.venv
+        venv = ARGS.venv or work / "venv"
         print("== serving venv: the base install only")
-        if venv is None:
-            venv = work / "venv"
+        if not venv.exists():
             seconds = build_venv(venv, work)
             print(f"   built {venv} with pip install devrecd-*.whl in {seconds:.0f} s")
         size = du(venv)
@@ -226,21 +233,21 @@ def main() -> None:
             f"baseline: {ARGS.baseline_rev} ({sha}) in the full environment": (
                 [sys.executable, "-m", "devrecd", *args], env | {"PYTHONPATH": str(rev)}),
         }
-        results: dict[str, tuple[list[float], list[float], str]] = {k: ([], [], "") for k in commands}
+        results: dict[str, list[tuple[float, float, float, str]]] = {k: [] for k in commands}
         for name, (cmd, e) in commands.items():  # warm-up: page cache, .pyc files
             peak_rss_run(cmd, e, work)
         for _ in range(ARGS.runs):
             for name, (cmd, e) in commands.items():
-                wall, peak, out = peak_rss_run(cmd, e, work)
-                results[name][0].append(wall)
-                results[name][1].append(peak)
-                results[name] = (results[name][0], results[name][1], out)
-        for name, (walls, peaks, out) in results.items():
-            verdict = next((l for l in out.splitlines() if l.startswith(str(ARGS.audio))), "?")
-            print(f"   {name}:\n      wall s {summary(walls)}   peak RSS MB {summary(peaks)}")
+                results[name].append(peak_rss_run(cmd, e, work))
+        for name, runs in results.items():
+            verdict = next((l for l in runs[-1][3].splitlines() if l.startswith(str(ARGS.audio))), "?")
+            print(f"   {name}:\n      wall s  {summary([r[0] for r in runs])}\n      CPU s   {summary([r[1] for r in runs])}"
+                  f"\n      peak RSS MB {summary([r[2] for r in runs])}")
             print(f"      verdict: {' '.join(verdict[len(str(ARGS.audio)):].split()[:2])}")
-        a, b = (statistics.median(v[0]) for v in results.values())
-        print(f"   serving / baseline wall: {a / b:.2f} (target: serving <= 1.5 s)")
+        a, b = (statistics.median(r[0] for r in v) for v in results.values())
+        ca, cb = (statistics.median(r[1] for r in v) for v in results.values())
+        print(f"   serving / baseline: wall {a / b:.2f}, CPU {ca / cb:.2f} (target: serving wall <= 1.5 s; on a busy "
+              "machine CPU seconds are the steadier figure)")
 
         print("== parity: numpy frontend vs torch frontend, same ONNX model, CCNU segment 4 (15 phones)")
         worst, windows, recordings, agree = parity()

@@ -188,7 +188,7 @@ def parity_features(files: Sequence[Path], frontend: FrontendConfig, cfg: Config
 
 
 def check_parity(reference: Any, onnx_path: Path, features: np.ndarray, *, tolerance: float, source: str,
-                 threads: int = 1, precision: str = "fp32") -> Parity:
+                 threads: int = 1) -> Parity:
     """Run ``features`` through the torch ``reference`` graph and the ONNX file; compare probabilities.
 
     For an FP16 export the reference is the FP32 graph: what matters is the error against the model.
@@ -196,7 +196,7 @@ def check_parity(reference: Any, onnx_path: Path, features: np.ndarray, *, toler
     torch = _torch()
     with torch.no_grad():
         expected = reference(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))).numpy()
-    session = ort_session(onnx_path, threads=threads, precision=precision)
+    session = ort_session(onnx_path, threads=threads)
     got = session.run([OUTPUT_NAME], {INPUT_NAME: features.astype(np.float32)})[0]
     if got.shape != expected.shape:
         raise ArtifactError(f"parity: ONNX output shape {got.shape} != torch {expected.shape}", reason="parity")
@@ -264,7 +264,7 @@ def export_graph(graph: Any, out: str | os.PathLike, *, labels: Sequence[str], f
         write_onnx(graph, tmp, opset=opset, exporter=exporter)
         seconds = time.perf_counter() - t0
         parity = check_parity(graph if reference is None else reference, tmp, features, tolerance=tolerance,
-                              source=feature_source, threads=threads, precision=precision)
+                              source=feature_source, threads=threads)
         log.info("parity", extra=parity.to_dict() | {"precision": precision})
         if not parity.passed:
             raise ArtifactError(

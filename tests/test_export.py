@@ -180,7 +180,7 @@ def test_fp16_variant_keeps_input_and_normalisation_fp32(trained_checkpoint: Pat
     # FP16 vs the FP32 export on the same real features: close, same decisions where not a near tie.
     feats = np.load(parity_features_path(out))
     p32 = ort_session(out).run(None, {INPUT_NAME: feats})[0]
-    p16 = ort_session(fp16_path_for(out), precision="fp16").run(None, {INPUT_NAME: feats})[0]
+    p16 = ort_session(fp16_path_for(out)).run(None, {INPUT_NAME: feats})[0]
     assert np.max(np.abs(p16 - p32)) < 2e-2
 
 

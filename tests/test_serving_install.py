@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -100,9 +101,14 @@ def test_identify_serves_without_the_training_stack(exported_model, ccnu_dir, tm
 def test_wheel_ships_the_service_files_and_installs_the_service(tmp_path) -> None:
     """A built wheel holds the systemd files, config.toml and the operations guide (the checkout's
     bytes), and ``install-service`` run from that wheel (not the checkout) installs them."""
+    src = tmp_path / "src"  # a copy of what the build reads: the build writes build/ and *.egg-info into it
+    for part in ("devrecd", "systemd", "docs"):
+        shutil.copytree(REPO / part, src / part, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    for part in ("pyproject.toml", "README.md", "config.toml"):
+        shutil.copy2(REPO / part, src / part)
     wheels = tmp_path / "wheels"
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                            "-w", str(wheels), str(REPO)], capture_output=True, text=True, timeout=300)
+                            "-w", str(wheels), str(src)], capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr
     (wheel,) = wheels.glob("devrecd-*.whl")
     shipped = {"devrecd.service": REPO / "systemd/devrecd.service", "devrecd.sysusers": REPO / "systemd/devrecd.sysusers",
@@ -150,3 +156,18 @@ def test_calibration_fit_is_sklearns_logistic_regression() -> None:
         ref = LogisticRegression(C=1e6, class_weight="balanced", max_iter=1000, tol=1e-10).fit(x, y)
         assert slope == pytest.approx(ref.coef_[0, 0], rel=1e-4)
         assert offset == pytest.approx(ref.intercept_[0], rel=1e-4, abs=1e-6)
+
+
+def test_pav_is_sklearns_isotonic_regression() -> None:
+    """``cllr_min``'s pool-adjacent-violators fit (numpy) equals sklearn's IsotonicRegression,
+    tied scores and unequal class weights included."""
+    IsotonicRegression = pytest.importorskip("sklearn.isotonic").IsotonicRegression
+    from devrecd.openset.calibration import isotonic_fit
+
+    rng = np.random.default_rng(3)
+    for n_tar, n_non in ((40, 900), (500, 500), (3, 7)):
+        x = np.round(np.concatenate([rng.normal(1.5, 1.0, n_tar), rng.normal(0.0, 1.0, n_non)]), 1)  # ties
+        y = np.concatenate([np.ones(n_tar), np.zeros(n_non)])
+        w = np.concatenate([np.full(n_tar, 0.5 / n_tar), np.full(n_non, 0.5 / n_non)])
+        want = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(x, y, sample_weight=w).predict(x)
+        np.testing.assert_allclose(isotonic_fit(x, y, w), want, rtol=1e-10, atol=1e-12)

@@ -96,14 +96,12 @@ def _cllr_unchecked(tar: np.ndarray, non: np.ndarray) -> float:
 def cllr_min(target: np.ndarray, nontarget: np.ndarray) -> float:
     """Cllr after the optimal monotone calibration (pool-adjacent-violators), i.e. the part of
     Cllr due to discrimination alone; ``cllr - cllr_min`` is the calibration loss."""
-    from sklearn.isotonic import IsotonicRegression
-
     tar, non = _trials(target, nontarget)
     x = np.concatenate([tar, non])
     y = np.concatenate([np.ones(tar.size), np.zeros(non.size)])
     # Equal total weight per class: the fitted posteriors are then at prior 0.5, so logit = LLR.
     w = np.concatenate([np.full(tar.size, 0.5 / tar.size), np.full(non.size, 0.5 / non.size)])
-    p = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(x, y, sample_weight=w).predict(x)
+    p = isotonic_fit(x, y, w)
     with np.errstate(divide="ignore"):
         llr = np.log(p) - np.log1p(-p)  # +-inf where PAV is certain; cllr() handles those exactly
     return _cllr_unchecked(llr[: tar.size], llr[tar.size:])
@@ -156,6 +154,27 @@ class Calibration:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Calibration:
         return cls(**data)
+
+
+def isotonic_fit(x: np.ndarray, y: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """The weighted least-squares non-decreasing fit of ``y`` on ``x`` (pool-adjacent-violators),
+    evaluated at every ``x``; equal ``x`` share one value (their weighted mean is pooled first).
+    What sklearn's ``IsotonicRegression().fit(x, y, weight).predict(x)`` gives, in numpy, so that
+    ``calibrate`` needs no scikit-learn (tests compare the two)."""
+    ux, inverse = np.unique(np.asarray(x, dtype=np.float64), return_inverse=True)
+    wsum = np.bincount(inverse, weights=weight, minlength=len(ux))
+    ymean = np.bincount(inverse, weights=weight * y, minlength=len(ux)) / wsum
+    # Blocks on a stack: (weighted mean, weight, count); merge while the last two violate the order.
+    means, weights, counts = [], [], []
+    for m, wt in zip(ymean.tolist(), wsum.tolist()):
+        means.append(m), weights.append(wt), counts.append(1)
+        while len(means) > 1 and means[-2] > means[-1]:
+            m2, w2, c2 = means.pop(), weights.pop(), counts.pop()
+            total = weights[-1] + w2
+            means[-1] = (means[-1] * weights[-1] + m2 * w2) / total
+            weights[-1], counts[-1] = total, counts[-1] + c2
+    fitted = np.repeat(np.asarray(means), counts)
+    return fitted[inverse]
 
 
 def fit_llr(target: np.ndarray, nontarget: np.ndarray) -> tuple[float, float]:
