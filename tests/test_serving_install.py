@@ -26,7 +26,7 @@ class Block:
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in BLOCKED:
             print("BLOCKED IMPORT", name, file=sys.stderr)
-            raise ImportError(name + " is blocked: the serving path must not import it")
+            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked)", name=name)
 sys.meta_path.insert(0, Block())
 from devrecd.cli import main
 sys.argv = ["devrecd", *sys.argv[1:]]
@@ -96,6 +96,18 @@ def test_identify_serves_without_the_training_stack(exported_model, ccnu_dir, tm
     device, score = _table_verdict(done.stdout, path)
     want_device, want_score = _table_verdict(in_process.output, path)
     assert device == want_device and score == pytest.approx(want_score, abs=1e-3)
+
+
+def test_a_command_that_needs_an_extra_says_which(trained_checkpoint, ccnu_dir, tmp_path) -> None:
+    """Without the training stack, ``devrecd export`` ends with one line naming the extra to install."""
+    args = ["export", str(trained_checkpoint), "--out", str(tmp_path / "m.onnx"), "--parity-audio",
+            str(_segment(ccnu_dir, "4")[0])]
+    done = subprocess.run([sys.executable, "-c", BLOCKED_CLI, *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp_path, timeout=300)
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if not line.startswith("BLOCKED IMPORT")]
+    assert len(errors) == 1 and "pip install 'devrecd[train]'" in errors[0], done.stderr
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_wheel_ships_the_service_files_and_installs_the_service(tmp_path) -> None:
