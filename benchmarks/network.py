@@ -42,12 +42,14 @@ def main() -> int:
 
     import torch
 
-    from devrecd.export import inference_graph, ort_session, write_onnx
+    from devrecd.backends.onnxrt import ort_session
+    from devrecd.export import write_onnx
+    from devrecd.model.serving import inference_graph
 
     torch.set_num_threads(args.threads)
     if args.checkpoint:
-        from devrecd.export import graph_for_checkpoint
         from devrecd.model.checkpoint import load_checkpoint
+        from devrecd.model.serving import graph_for_checkpoint
 
         ckpt = load_checkpoint(args.checkpoint)
         make = lambda precision="fp32": graph_for_checkpoint(ckpt, precision=precision)  # noqa: E731

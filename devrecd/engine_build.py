@@ -31,7 +31,8 @@ from devrecd.backends.tensorrt import (EngineMeta, GpuTarget, Profile, TensorRTB
                                        import_tensorrt, meta_path_for, require_cuda)
 from devrecd.contract import INPUT_NAME, Contract, contract_path_for, load_for_onnx
 from devrecd.errors import ArtifactError
-from devrecd.export import TOLERANCE, fp16_path_for, load_parity_features, ort_session
+from devrecd.backends.onnxrt import ort_session
+from devrecd.export import TOLERANCE, fp16_path_for, load_parity_features
 from devrecd.fsutil import atomic_write
 
 log = logging.getLogger("devrecd.engine")

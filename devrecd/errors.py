@@ -40,3 +40,22 @@ class DatasetError(DevrecdError):
     """A dataset cannot be loaded or split as asked."""
 
     reason = "dataset"
+
+
+# Top-level modules of optional dependencies -> the extra that installs them.
+EXTRA_FOR_MODULE = {"torch": "train", "sklearn": "train", "scipy": "train", "tqdm": "train", "matplotlib": "report",
+                    "lir": "report", "onnx": "export", "onnxscript": "export", "tensorrt": "gpu", "pycuda": "gpu",
+                    "sounddevice": "live", "ray": "cluster"}
+
+
+def missing_extra(exc: ModuleNotFoundError) -> MissingDependency | None:
+    """The one-line error for an optional dependency that is not installed (the base install serves
+    only), naming the extra to install; None for any other missing module (a real bug)."""
+    top = (exc.name or "").split(".")[0]
+    extra = EXTRA_FOR_MODULE.get(top)
+    if extra is None:
+        return None
+    hint = ("pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu, then " if top == "torch"
+            else "")
+    return MissingDependency(f"this needs {top}, which the serving install leaves out: {hint}"
+                             f"pip install 'devrecd[{extra}]'")

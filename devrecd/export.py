@@ -1,6 +1,6 @@
 """``devrecd export``: a checkpoint -> ``export/NAME.onnx`` + its contract ``export/NAME.json``.
 
-The exported graph is the whole serving network::
+The exported graph is the whole serving network (:mod:`devrecd.model.serving`)::
 
     features (B, 128, 73) float32, raw   --(x - mean) / std in FP32-->  network  --softmax (FP32)-->  probs (B, N)
 
@@ -33,6 +33,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from devrecd import __version__
+from devrecd.backends.onnxrt import ort_session
 from devrecd.config import Config
 from devrecd.contract import (BATCH_AXIS, INPUT_NAME, OUTPUT_NAME, Contract, contract_path_for, input_spec,
                               output_spec)
@@ -55,43 +56,6 @@ def _torch():
     import torch
 
     return torch
-
-
-def inference_graph(network: Any, norm_mean: np.ndarray, norm_std: np.ndarray, *, precision: str = "fp32") -> Any:
-    """The serving graph: raw features -> FP32 normalisation -> network (fp32|fp16) -> FP32 softmax.
-
-    ``network`` maps NORMALISED (B, 128, 73) features to logits (the model interface). Used by the
-    export and by the torch backend, so that both run exactly the same computation.
-    """
-    torch = _torch()
-
-    class InferenceGraph(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            mean = np.asarray(norm_mean, dtype=np.float32).reshape(FEATURE_DIM)
-            std = np.asarray(norm_std, dtype=np.float32).reshape(FEATURE_DIM)
-            if not np.all(np.isfinite(mean)) or not np.all(np.isfinite(std)) or np.any(std <= 0):
-                raise ArtifactError("normalisation statistics must be finite with std > 0", reason="checkpoint_invalid")
-            self.register_buffer("mean", torch.from_numpy(mean.copy()))
-            self.register_buffer("inv_std", torch.from_numpy((1.0 / std).astype(np.float32)))
-            self.half_precision = precision == "fp16"
-            self.network = network.half() if self.half_precision else network.float()
-
-        def forward(self, features):
-            x = (features - self.mean) * self.inv_std  # FP32: raw pre-Fbank energies overflow FP16
-            if self.half_precision:
-                x = x.half()
-            logits = self.network(x)
-            return torch.softmax(logits.float(), dim=-1)
-
-    if precision not in TOLERANCE:
-        raise ArtifactError(f"precision must be one of {', '.join(TOLERANCE)}, not {precision!r}", reason="export")
-    return InferenceGraph().eval()
-
-
-def graph_for_checkpoint(ckpt: Any, *, precision: str = "fp32") -> Any:
-    """:func:`inference_graph` of a loaded :class:`~devrecd.model.checkpoint.Checkpoint`."""
-    return inference_graph(ckpt.build(), ckpt.norm_mean, ckpt.norm_std, precision=precision)
 
 
 def fp16_path_for(onnx_path: str | os.PathLike) -> Path:
@@ -223,34 +187,8 @@ def parity_features(files: Sequence[Path], frontend: FrontendConfig, cfg: Config
     return np.concatenate(chunks)[:max_clips]
 
 
-def ort_session(onnx_path: str | os.PathLike, *, threads: int = 1, precision: str = "fp32") -> Any:
-    """An ONNX Runtime CPU session with explicit options (the one place sessions are made)."""
-    from devrecd.errors import MissingDependency
-
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:
-        raise MissingDependency(f"onnxruntime is not installed ({exc}): pip install onnxruntime") from None
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = max(1, threads)
-    opts.inter_op_num_threads = 1  # one graph, run sequentially: no parallel branches to exploit
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    # No busy-waiting between ops: spinning intra-op threads steal the cores that the frontend
-    # and decoding threads of the daemon need (measured: 5x slower end to end with spinning).
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    # ORT 1.32 crashes (SIGSEGV) while applying its layout optimisations (ORT_ENABLE_ALL) to the FP16
-    # graph; the extended level is safe and FP16 is only a CPU fallback (it is meant for TensorRT).
-    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED if precision == "fp16"
-                                     else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
-    opts.log_severity_level = 3  # errors only: ORT's warnings go to stderr, bypassing our logging
-    try:
-        return ort.InferenceSession(str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT raises its own exception types (InvalidProtobuf, Fail, ...)
-        raise ArtifactError(f"ONNX Runtime cannot load {onnx_path}: {exc}", reason="onnx_invalid") from None
-
-
 def check_parity(reference: Any, onnx_path: Path, features: np.ndarray, *, tolerance: float, source: str,
-                 threads: int = 1, precision: str = "fp32") -> Parity:
+                 threads: int = 1) -> Parity:
     """Run ``features`` through the torch ``reference`` graph and the ONNX file; compare probabilities.
 
     For an FP16 export the reference is the FP32 graph: what matters is the error against the model.
@@ -258,7 +196,7 @@ def check_parity(reference: Any, onnx_path: Path, features: np.ndarray, *, toler
     torch = _torch()
     with torch.no_grad():
         expected = reference(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))).numpy()
-    session = ort_session(onnx_path, threads=threads, precision=precision)
+    session = ort_session(onnx_path, threads=threads)
     got = session.run([OUTPUT_NAME], {INPUT_NAME: features.astype(np.float32)})[0]
     if got.shape != expected.shape:
         raise ArtifactError(f"parity: ONNX output shape {got.shape} != torch {expected.shape}", reason="parity")
@@ -326,7 +264,7 @@ def export_graph(graph: Any, out: str | os.PathLike, *, labels: Sequence[str], f
         write_onnx(graph, tmp, opset=opset, exporter=exporter)
         seconds = time.perf_counter() - t0
         parity = check_parity(graph if reference is None else reference, tmp, features, tolerance=tolerance,
-                              source=feature_source, threads=threads, precision=precision)
+                              source=feature_source, threads=threads)
         log.info("parity", extra=parity.to_dict() | {"precision": precision})
         if not parity.passed:
             raise ArtifactError(
@@ -363,6 +301,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
     """
     from devrecd.audio import sha256_file
     from devrecd.model.checkpoint import load_checkpoint
+    from devrecd.model.serving import graph_for_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     ckpt_file = Path(checkpoint)

@@ -15,8 +15,8 @@ reflect-padded by ``(frame_length - hop) / 2`` on each side so that frame ``i`` 
 sample ``(i + 0.5) * hop``. All of this lives in :class:`FrontendConfig`, which is written into
 every checkpoint and model contract so that serving can never drift from training.
 
-The module is plain torch: the same code runs on the CPU and, moved with ``.to("cuda")``, on a
-GPU. Features are float32 throughout; the pre-Fbank energies span many decades and overflow fp16,
+The module is written once against the array API standard: the same code runs on numpy
+(serving, and training on the CPU: no torch needed) and on torch tensors (a CUDA GPU). Features are float32 throughout; the pre-Fbank energies span many decades and overflow fp16,
 so normalisation (stored with the model) happens in fp32 before any half-precision layer.
 """
 
@@ -177,25 +177,23 @@ def frame_window(cfg: FrontendConfig) -> np.ndarray:
     return np.hamming(n) if cfg.window == "hamming" else np.hanning(n)
 
 
-_WORKSPACE_CAP = 64 << 20  # bytes of CPU workspace a thread keeps between calls (a 10 s clip: 12 MB)
+def array_namespace(x: Any) -> Any:
+    """The array-API namespace of ``x`` (numpy for numpy arrays; torch's, on any device, for tensors)."""
+    if isinstance(x, np.ndarray):
+        return np  # numpy >= 2.1 implements the standard itself (array_api_compat.numpy imports 0.3 s more)
+    from array_api_compat import array_namespace as namespace
 
-
-def _torch():
-    import torch
-
-    return torch
+    return namespace(x)
 
 
 class Frontend:
-    """Waveform clips -> (B, 128, 73) float32 features, on whatever device the clips are on.
+    """Waveform clips -> (B, 128, 73) float32 features, in the array library and on the device of the clips.
 
-    ``Frontend(cfg)(waves)`` takes a float tensor (B, clip_samples) in [-1, 1] (a numpy array is
-    accepted too) and returns a tensor on the same device. Constant tables are cached per device.
-
-    On the CPU the large intermediates (padded signal, zero-padded frames, spectrum, power) live in
-    a per-thread workspace that is reused from call to call: allocating them afresh costs more
-    than the arithmetic (each is several MB, so every call would page-fault new memory in from
-    the kernel; measured 5.7 ms vs 2.4 ms per 10 s clip). Results never alias the workspace.
+    ``Frontend(cfg)(waves)`` takes (B, clip_samples) or (clip_samples,) float clips in [-1, 1]: a numpy
+    array gives a numpy array (serving: no torch needed), a torch tensor gives a tensor on the same
+    device (training, and the CUDA frontend of GPU serving). Both run the one implementation below,
+    written against the array API standard (``array-api-compat`` gives numpy and torch one
+    namespace), so the two cannot drift apart. Constant tables are cached per library and device.
     """
 
     def __init__(self, cfg: FrontendConfig | None = None) -> None:
@@ -208,95 +206,89 @@ class Frontend:
         parseval[0] = parseval[-1] = 1.0 / self.cfg.fft_size
         self._mel = np.hstack([mel, parseval]).astype(np.float32)
         self._dct = dct_matrix(self.cfg.n_mels)[1 : self.cfg.n_mfcc + 1].T.astype(np.float32)
-        self._tables: dict[str, tuple[Any, Any, Any]] = {}
-        self._workspaces = threading.local()
-
-    def _tables_on(self, device) -> tuple[Any, Any, Any]:
-        key = str(device)
-        if key not in self._tables:
-            torch = _torch()
-            self._tables[key] = tuple(
-                torch.from_numpy(t).to(device) for t in (self._window, self._mel, self._dct)
-            )
-        return self._tables[key]
-
-    def _workspace(self, batch: int, device) -> tuple[Any, Any, Any, Any]:
-        """(padded signal, zero-padded frames, spectrum, power) buffers for ``batch`` clips."""
-        torch = _torch()
+        # Sample index of every frame's every sample in the padded clip, flattened: framing as one gather.
         cfg = self.cfg
-        cached = getattr(self._workspaces, "buffers", None) if device.type == "cpu" else None
-        if cached is None or cached[0].shape[0] < batch:
-            padded = cfg.clip_samples + cfg.win_length  # generous: covers both reflect pads
-            bins = cfg.fft_size // 2 + 1
-            cached = (
-                torch.empty(batch, padded, device=device),
-                torch.zeros(batch, cfg.n_frames, cfg.fft_size, device=device),  # tail stays zero
-                torch.empty(batch, cfg.n_frames, bins, dtype=torch.complex64, device=device),
-                torch.empty(batch, cfg.n_frames, bins, device=device),
-            )
-            if device.type == "cpu" and sum(t.nbytes for t in cached) <= _WORKSPACE_CAP:
-                self._workspaces.buffers = cached  # kept for this thread's next call
-        return tuple(t[:batch] for t in cached)
+        starts = np.arange(cfg.n_frames)[:, None] * cfg.hop_length
+        self._frame_index = (starts + np.arange(cfg.win_length)[None, :]).reshape(-1)
+        self._tables: dict[tuple[str, str], tuple[Any, Any, Any, Any]] = {}
+        self._lock = threading.Lock()
 
-    def __call__(self, waves):
-        torch = _torch()
+    def _tables_on(self, xp: Any, device: Any) -> tuple[Any, Any, Any, Any]:
+        key = (xp.__name__, str(device))
+        tables = self._tables.get(key)
+        if tables is None:
+            tables = tuple(xp.asarray(t, device=device)
+                           for t in (self._window, self._mel, self._dct, self._frame_index))
+            with self._lock:
+                self._tables[key] = tables
+        return tables
+
+    def __call__(self, waves: Any) -> Any:
+        if not hasattr(waves, "__array_namespace__") and not hasattr(waves, "detach"):
+            waves = np.asarray(waves)
         if isinstance(waves, np.ndarray):
-            waves = torch.from_numpy(np.ascontiguousarray(waves, dtype=np.float32))
-        if waves.dim() == 1:
+            waves = np.ascontiguousarray(waves, dtype=np.float32)
+        xp = array_namespace(waves)
+        if waves.ndim == 1:
             waves = waves[None]
         cfg = self.cfg
         if waves.shape[-1] != cfg.clip_samples:
             raise ValueError(f"clips must have {cfg.clip_samples} samples, got {waves.shape[-1]}")
-        with torch.no_grad():
-            return self._features(waves.to(torch.float32))
+        if waves.dtype != xp.float32:
+            waves = xp.astype(waves, xp.float32)
+        if hasattr(waves, "detach"):  # torch: no autograd graph for features
+            import torch
 
-    def _features(self, x):
-        torch = _torch()
+            with torch.no_grad():
+                return self._features(xp, waves)
+        return self._features(xp, waves)
+
+    def _features(self, xp: Any, x: Any) -> Any:
+        """The 73 dims of float32 clips ``x`` (B, clip_samples), with the array library ``xp``."""
+        from array_api_compat import device as device_of
+        from array_api_compat import is_numpy_namespace
+
         cfg = self.cfg
-        window, mel, dct = self._tables_on(x.device)
-        hop, win, n = cfg.hop_length, cfg.win_length, cfg.clip_samples
-        padded, frames, spec, power = self._workspace(x.shape[0], x.device)
+        window, mel, dct, frame_index = self._tables_on(xp, device_of(x))
+        hop, win, n, batch = cfg.hop_length, cfg.win_length, cfg.clip_samples, x.shape[0]
 
+        # Pre-emphasis y[n] = x[n] - a x[n-1] over the whole clip (y[0] = x[0]).
+        mid = xp.concat([x[:, :1], x[:, 1:] - cfg.preemphasis * x[:, :-1]], axis=1)
         # Centre frame i on sample (i + 0.5) * hop: reflect-pad the pre-emphasised clip by
         # ``left`` at the start and enough at the end that there are always n_frames frames.
         left = (win - hop) // 2
         right = max(0, (cfg.n_frames - 1) * hop + win - n - left)
-        y = padded[:, : left + n + right]
-        mid = y[:, left : left + n]
-        # Pre-emphasis y[n] = x[n] - a x[n-1] over the whole clip (y[0] = x[0]).
-        mid[:, 0] = x[:, 0]
-        torch.sub(x[:, 1:], x[:, :-1], alpha=cfg.preemphasis, out=mid[:, 1:])
-        y[:, :left] = mid[:, 1 : left + 1].flip(1)
-        y[:, left + n :] = mid[:, n - right - 1 : n - 1].flip(1)
-        # Windowed frames, written into the first ``win`` columns of the zero-padded FFT input.
-        torch.mul(y.unfold(1, win, hop)[:, : cfg.n_frames], window, out=frames[..., :win])
-        torch.fft.rfft(frames, out=spec)
-        torch.mul(spec.real, spec.real, out=power)
-        power.addcmul_(spec.imag, spec.imag)  # |FFT|^2
+        y = xp.concat([xp.flip(mid[:, 1 : left + 1], axis=1), mid, xp.flip(mid[:, n - right - 1 : n - 1], axis=1)],
+                      axis=1)
+        frames = xp.reshape(xp.take(y, frame_index, axis=1), (batch, cfg.n_frames, win)) * window
+        if is_numpy_namespace(xp):
+            # numpy's pocketfft has no vectorised float32 kernels: its float64 FFT is 2-4x faster
+            # (benchmarks/frontend.py), and more exact; the power goes back to float32 at once.
+            frames = xp.astype(frames, xp.float64)
+        spec = xp.fft.rfft(frames, n=cfg.fft_size, axis=-1)
+        power = xp.astype(xp.real(spec) ** 2 + xp.imag(spec) ** 2, xp.float32)  # |FFT|^2
 
-        fbank_energy = power @ mel  # (B, T, 34 + 1): pre-Fbank (before the log) and frame energy
+        fbank_energy = xp.matmul(power, mel)  # (B, T, 34 + 1): pre-Fbank (before the log) and frame energy
         fbank = fbank_energy[..., :-1]
-        mfcc = torch.log(fbank.clamp_min(cfg.log_floor)) @ dct  # (B, T, 12): c1..c12
-        log_e = torch.log(fbank_energy[..., -1:].clamp_min(cfg.log_floor))
-        base = torch.cat([mfcc, log_e], dim=-1)  # (B, T, 13)
+        mfcc = xp.matmul(xp.log(xp.clip(fbank, cfg.log_floor, None)), dct)  # (B, T, 12): c1..c12
+        log_e = xp.log(xp.clip(fbank_energy[..., -1:], cfg.log_floor, None))
+        base = xp.concat([mfcc, log_e], axis=-1)  # (B, T, 13)
         d1 = delta(base, cfg.delta_width)
         d2 = delta(d1, cfg.delta_width)
-        return torch.cat([base, d1, d2, fbank], dim=-1)
+        return xp.concat([base, d1, d2, fbank], axis=-1)
 
 
-def delta(feat, width: int = 2):
-    """HTK regression deltas along axis -2 (time), edges replicated.
+def delta(feat: Any, width: int = 2) -> Any:
+    """HTK regression deltas along axis -2 (time), edges replicated (numpy or torch, as given).
 
     d_t = sum_{n=1..N} n (c_{t+n} - c_{t-n}) / (2 sum_{n=1..N} n^2)
     """
-    torch = _torch()
+    xp = array_namespace(feat)
     t = feat.shape[-2]
-    padded = torch.cat(
-        [feat[..., :1, :].expand(*feat.shape[:-2], width, feat.shape[-1]), feat,
-         feat[..., -1:, :].expand(*feat.shape[:-2], width, feat.shape[-1])],
-        dim=-2,
-    )
-    out = torch.zeros_like(feat)
+    edge = (*feat.shape[:-2], width, feat.shape[-1])
+    padded = xp.concat([xp.broadcast_to(feat[..., :1, :], edge), feat, xp.broadcast_to(feat[..., -1:, :], edge)],
+                       axis=-2)
+    out = xp.zeros_like(feat)
     for n in range(1, width + 1):
         out = out + n * (padded[..., width + n : width + n + t, :] - padded[..., width - n : width - n + t, :])
     return out / (2 * sum(n * n for n in range(1, width + 1)))
@@ -305,19 +297,24 @@ def delta(feat, width: int = 2):
 def extract(clips: np.ndarray, frontend: Frontend, *, device: str = "cpu", chunk: int | None = None) -> np.ndarray:
     """Features for an (n, clip_samples) array of clips, as a float32 numpy array (n, 128, 73).
 
-    On the CPU clips go through in small chunks (about 1 MB of FFT input: one 10 s clip, four 2 s
-    clips; their spectra stay in cache, measured faster than one big batch or one clip at a time
-    for short clips); on a GPU they go through in large batches.
+    On the CPU this is numpy (no torch needed), in small chunks (about 1 MB of FFT input: one 10 s
+    clip, four 2 s clips; their spectra stay in cache); on a GPU the same code runs on torch tensors
+    in large batches.
     """
-    torch = _torch()
     clips = np.asarray(clips, dtype=np.float32)
     if clips.ndim == 1:
         clips = clips[None]
+    on_cpu = str(device) == "cpu"
     if chunk is None:
         cfg = frontend.cfg
-        chunk = max(1, (1 << 18) // (cfg.n_frames * cfg.fft_size)) if str(device) == "cpu" else 256
+        chunk = max(1, (1 << 18) // (cfg.n_frames * cfg.fft_size)) if on_cpu else 256
     out = np.empty((len(clips), frontend.cfg.n_frames, FEATURE_DIM), dtype=np.float32)
     for start in range(0, len(clips), chunk):
-        batch = torch.from_numpy(clips[start : start + chunk]).to(device)
-        out[start : start + chunk] = frontend(batch).cpu().numpy()
+        batch = clips[start : start + chunk]
+        if on_cpu:
+            out[start : start + chunk] = frontend(batch)
+        else:
+            import torch
+
+            out[start : start + chunk] = frontend(torch.from_numpy(batch).to(device)).cpu().numpy()
     return out

@@ -1,8 +1,9 @@
 """``devrecd install-service``: put the systemd unit, its sysusers/tmpfiles snippets and a default
 ``/etc/devrecd/config.toml`` in place, under ``/`` or a staging root (packaging, tests).
 
-The files come from the source checkout (``systemd/``, ``config.toml``): the installer only adapts
-them to this machine (where the ``devrecd`` executable lives, which folders are evidence) and never
+The files are package data (:mod:`devrecd.service_files`: the checkout's ``systemd/*``,
+``config.toml`` and ``docs/operations.md``, inside every wheel), or with ``--source`` a source
+checkout's own; the installer only adapts them to this machine (where the ``devrecd`` executable lives, which folders are evidence) and never
 overwrites what an operator already edited (the config and env file) unless asked.
 """
 
@@ -16,6 +17,8 @@ import subprocess
 import sys
 import tomllib
 from dataclasses import dataclass, field
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -23,7 +26,6 @@ from devrecd.config import load_config
 from devrecd.errors import DevrecdError
 from devrecd.fsutil import atomic_write
 
-REPO = Path(__file__).resolve().parents[1]
 UNIT_NAME = "devrecd.service"
 CONFIG_PATH = Path("/etc/devrecd/config.toml")
 ENV_PATH = Path("/etc/devrecd/devrecd.env")
@@ -199,13 +201,7 @@ def plan_install(root: str | os.PathLike = "/", *, evidence: Iterable[str] = DEF
                  devrecd_bin: str | os.PathLike | None = None, source: str | os.PathLike | None = None,
                  allow_home: bool = False) -> Plan:
     """Compute every file ``install-service`` writes; nothing on disk changes."""
-    src = Path(source) if source else REPO
-    files = {name: src / "systemd" / name for name in (UNIT_NAME, "devrecd.sysusers", "devrecd.tmpfiles", "devrecd.env")}
-    files["config.toml"] = src / "config.toml"
-    absent = [str(p) for p in files.values() if not p.is_file()]
-    if absent:
-        raise InstallError(f"service files not found ({', '.join(absent)}): run install-service from a devrecd "
-                           "source checkout (pip install -e .) or pass --source CHECKOUT", reason="install_sources")
+    files, doc = _service_files(source)
     evidence = [os.path.abspath(e) for e in evidence]
     if not evidence:
         raise InstallError("give at least one evidence folder (--evidence DIR)", reason="install_evidence")
@@ -236,10 +232,29 @@ def plan_install(root: str | os.PathLike = "/", *, evidence: Iterable[str] = DEF
         Step(CONFIG_PATH, config_text.encode(), 0o644, keep_existing=True),
         Step(ENV_PATH, files["devrecd.env"].read_bytes(), 0o640, keep_existing=True),
     ]
-    doc = src / "docs" / "operations.md"
     if doc.is_file():
         steps.append(Step(DOC_DEST, doc.read_bytes(), 0o644))
     return Plan(Path(root).absolute(), steps, exec_start, notes)
+
+
+def _service_files(source: str | os.PathLike | None) -> tuple[dict[str, Traversable], Traversable]:
+    """The files to install (unit, sysusers, tmpfiles, env, config.toml) and the operations guide:
+    from the installed package, or from the source checkout ``source`` (its systemd/, config.toml, docs/)."""
+    names = (UNIT_NAME, "devrecd.sysusers", "devrecd.tmpfiles", "devrecd.env")
+    files: dict[str, Traversable]
+    if source:
+        src = Path(source)
+        files = {name: src / "systemd" / name for name in names} | {"config.toml": src / "config.toml"}
+        doc: Traversable = src / "docs" / "operations.md"
+    else:
+        shipped = resources.files("devrecd.service_files")
+        files = {name: shipped / name for name in (*names, "config.toml")}
+        doc = shipped / "operations.md"
+    absent = [str(p) for p in files.values() if not p.is_file()]
+    if absent:
+        where = f"the source checkout {source} (systemd/, config.toml)" if source else "the installed devrecd package"
+        raise InstallError(f"service files not found in {where}: {', '.join(absent)}", reason="install_sources")
+    return files, doc
 
 
 def _check_config(text: str) -> None:

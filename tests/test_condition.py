@@ -97,3 +97,53 @@ def test_channel_errors(speech):
         apply_channel(get_channel("tel"), np.zeros((10, 2)), RATE)
     with pytest.raises(ChannelError, match="band limit"):
         encode_file(speech, RATE, get_channel("tel"))
+
+
+# --- the numpy signal processing of the serving path, against scipy (the training extra has it) ---
+
+def test_welch_and_median_smooth_equal_scipy(speech):
+    """The condition's long-term spectrum and its smoothing are scipy's welch and median_filter,
+    in numpy: equal to 1e-12 relative on real speech, short and odd-length input included."""
+    scipy_signal = pytest.importorskip("scipy.signal")
+    from scipy.ndimage import median_filter
+
+    from devrecd.audio.condition import _median_smooth, welch_psd
+
+    x = speech.astype(np.float64)
+    for n, nper in ((len(x), 2048), (3001, 2048), (700, 256)):
+        nper = min(nper, n)
+        f, p = welch_psd(x[:n], RATE, nper)
+        f_ref, p_ref = scipy_signal.welch(x[:n], RATE, nperseg=nper, noverlap=nper // 2, detrend="constant")
+        np.testing.assert_array_equal(f, f_ref)
+        np.testing.assert_allclose(p, p_ref, rtol=1e-12, atol=0)
+        level = 10 * np.log10(p + 1e-30)
+        np.testing.assert_array_equal(_median_smooth(level, 5), median_filter(level, size=5, mode="nearest"))
+
+
+def test_band_limit_equals_butterworth_filtfilt(speech):
+    """Band-limit channels filter as scipy's butter(8) + sosfiltfilt did: equal away from the
+    ends (1e-6 of full scale, well below the 16-bit step the channel then rounds to), within 1e-3 of
+    full scale in the first and last 50 ms (the two pad the edges differently)."""
+    scipy_signal = pytest.importorskip("scipy.signal")
+    from devrecd.audio.channel import butterworth_zero_phase, resample
+
+    x = resample(speech.astype(np.float64), RATE, 8000)
+    nyq = 4000.0
+    for low, high in ((300.0, 3400.0), (0.0, 3000.0), (150.0, 0.98 * nyq)):
+        sos = (scipy_signal.butter(8, [low / nyq, high / nyq], "bandpass", output="sos") if low
+               else scipy_signal.butter(8, high / nyq, "lowpass", output="sos"))
+        want = scipy_signal.sosfiltfilt(sos, x)
+        got = butterworth_zero_phase(x, 8000, low, high)
+        assert got.shape == want.shape
+        assert np.abs(got - want)[400:-400].max() < 1e-6
+        assert np.abs(got - want).max() < 1e-3
+
+
+def test_codec_delay_alignment_finds_the_lag():
+    from devrecd.audio.channel import _align
+
+    rng = np.random.default_rng(1)
+    ref = rng.standard_normal(20000)
+    for lag in (0, 7, 333, 1600):
+        late = np.concatenate([0.1 * rng.standard_normal(lag), ref + 0.01 * rng.standard_normal(len(ref))])
+        np.testing.assert_array_equal(_align(late, ref, max_lag=1600), late[lag: lag + len(ref)])

@@ -14,8 +14,9 @@ from devrecd.cli import app
 from devrecd.config import load_config
 from devrecd.contract import INPUT_NAME, OUTPUT_NAME, Contract, load_for_onnx
 from devrecd.errors import ArtifactError
-from devrecd.export import (export_checkpoint, export_graph, fp16_path_for, inference_graph, onnx_ops,
-                            ort_session, parity_features_path)
+from devrecd.backends.onnxrt import ort_session
+from devrecd.export import export_checkpoint, export_graph, fp16_path_for, onnx_ops, parity_features_path
+from devrecd.model.serving import inference_graph
 from devrecd.features import FEATURE_DIM, FrontendConfig
 
 # ---------------------------------------------------------------------------------------------------
@@ -179,7 +180,7 @@ def test_fp16_variant_keeps_input_and_normalisation_fp32(trained_checkpoint: Pat
     # FP16 vs the FP32 export on the same real features: close, same decisions where not a near tie.
     feats = np.load(parity_features_path(out))
     p32 = ort_session(out).run(None, {INPUT_NAME: feats})[0]
-    p16 = ort_session(fp16_path_for(out), precision="fp16").run(None, {INPUT_NAME: feats})[0]
+    p16 = ort_session(fp16_path_for(out)).run(None, {INPUT_NAME: feats})[0]
     assert np.max(np.abs(p16 - p32)) < 2e-2
 
 

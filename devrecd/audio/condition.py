@@ -71,12 +71,10 @@ class Band:
 
 def measure_band(samples: np.ndarray, rate: int) -> Band:
     """Measure the effective band of mono ``samples`` at ``rate`` (see the module docstring)."""
-    from scipy.signal import welch
-
     x = _analysis_excerpt(np.asarray(samples, dtype=np.float64), rate)
     nper = 1 << max(8, int(round(math.log2(rate / 16.0))))  # ~16 Hz bins: sharp enough for a cliff
-    nper = min(nper, 1 << int(math.log2(max(256, len(x)))))
-    f, p = welch(x, rate, nperseg=nper, noverlap=nper // 2, detrend="constant")
+    nper = min(nper, 1 << int(math.log2(max(256, len(x)))), len(x))
+    f, p = welch_psd(x, rate, nper)
     level = _median_smooth(10.0 * np.log10(p + 1e-30), 5)
     nyq = rate / 2.0
     df = float(f[1] - f[0])
@@ -141,10 +139,33 @@ def _analysis_excerpt(x: np.ndarray, rate: int) -> np.ndarray:
     return np.concatenate([x[s: s + block] for s in starts])
 
 
-def _median_smooth(v: np.ndarray, width: int) -> np.ndarray:
-    from scipy.ndimage import median_filter
+def welch_psd(x: np.ndarray, rate: int, nper: int) -> tuple[np.ndarray, np.ndarray]:
+    """Welch's one-sided power spectral density (V^2/Hz) of ``x``: periodic Hann windows of ``nper``
+    samples, half overlapping, each segment's mean removed, periodograms averaged (what
+    ``scipy.signal.welch(x, rate, nperseg=nper, noverlap=nper // 2)`` computes; tests compare the two).
+    Segments are taken in groups so that a long excerpt never needs all of them in memory at once."""
+    if nper < 2 or len(x) < nper:
+        raise ValueError(f"need at least nper >= 2 samples for a spectrum, got nper={nper}, {len(x)} samples")
+    step = nper - nper // 2
+    window = 0.5 - 0.5 * np.cos(2.0 * math.pi * np.arange(nper) / nper)  # periodic Hann
+    starts = np.arange(0, len(x) - nper + 1, step)
+    segments = np.lib.stride_tricks.sliding_window_view(x, nper)[::step]
+    total = np.zeros(nper // 2 + 1)
+    for lo in range(0, len(starts), 256):
+        seg = segments[lo : lo + 256]
+        seg = (seg - seg.mean(axis=1, keepdims=True)) * window
+        spec = np.fft.rfft(seg, axis=1)
+        total += (spec.real**2 + spec.imag**2).sum(axis=0)
+    psd = total / (len(starts) * rate * float(np.sum(window**2)))
+    psd[1 : (None if nper % 2 else -1)] *= 2.0  # one-sided: every bin but DC (and Nyquist) counts twice
+    return np.fft.rfftfreq(nper, 1.0 / rate), psd
 
-    return median_filter(v, size=width, mode="nearest")
+
+def _median_smooth(v: np.ndarray, width: int) -> np.ndarray:
+    """Running median of ``width`` (odd) bins, edges repeated (scipy.ndimage's mode 'nearest')."""
+    half = width // 2
+    padded = np.pad(v, half, mode="edge")
+    return np.median(np.lib.stride_tricks.sliding_window_view(padded, width), axis=1)
 
 
 @dataclass(frozen=True)

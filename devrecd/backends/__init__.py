@@ -121,13 +121,14 @@ def _torch(cfg: BackendConfig, model: Path, device: str | None = None) -> Backen
 
 def _cuda_device(device: str) -> str | None:
     """The CUDA device ``backend.device`` names or implies when torch sees a GPU, else None."""
-    if device == "cpu":
+    from devrecd.pipeline import resolve_device
+
+    device = resolve_device(device)  # 'auto' without a GPU driver is 'cpu' without importing torch
+    if not device.startswith("cuda"):
         return None
     import torch
 
-    if not torch.cuda.is_available():
-        return None
-    return "cuda" if device == "auto" else device
+    return device if torch.cuda.is_available() else None
 
 
 def _export_checkpoint(cfg: BackendConfig, model: Path) -> Path:

@@ -13,6 +13,34 @@ from devrecd.contract import INPUT_NAME, OUTPUT_NAME, Contract, contract_path_fo
 from devrecd.errors import ArtifactError
 
 
+def ort_session(onnx_path: str | os.PathLike, *, threads: int = 1) -> Any:
+    """An ONNX Runtime CPU session with explicit options: the one place sessions are made (serving,
+    the export's parity check, build-engine's reference)."""
+    from devrecd.errors import MissingDependency
+
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise MissingDependency(f"onnxruntime is not installed ({exc}): pip install onnxruntime") from None
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = max(1, threads)
+    opts.inter_op_num_threads = 1  # one graph, run sequentially: no parallel branches to exploit
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # No busy-waiting between ops: spinning intra-op threads steal the cores that the frontend
+    # and decoding threads of the daemon need (measured: 5x slower end to end with spinning).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Basic optimisations (constant folding, redundant nodes) only: on the exported network (~9000
+    # nodes: 128 unrolled ConvLSTM steps) the extended and layout levels cost 0.3-0.5 s more CPU at
+    # every session start and ran batches of 48 no faster (benchmarks/serving.py's machine; same
+    # outputs). ORT 1.32 also crashes (SIGSEGV) applying the layout level to the FP16 graph.
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.log_severity_level = 3  # errors only: ORT's warnings go to stderr, bypassing our logging
+    try:
+        return ort.InferenceSession(str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types (InvalidProtobuf, Fail, ...)
+        raise ArtifactError(f"ONNX Runtime cannot load {onnx_path}: {exc}", reason="onnx_invalid") from None
+
+
 class OnnxRuntimeBackend:
     """An explicit-options ORT session (threads from ``backend.threads``) over a contract-checked model."""
 
@@ -20,7 +48,6 @@ class OnnxRuntimeBackend:
 
     def __init__(self, onnx_path: str | os.PathLike, *, threads: int = 1) -> None:
         from devrecd.audio import sha256_file
-        from devrecd.export import ort_session
 
         self.onnx_path = Path(onnx_path)
         if self.onnx_path.suffix != ".onnx":
@@ -30,7 +57,7 @@ class OnnxRuntimeBackend:
         self.contract: Contract = load_for_onnx(self.onnx_path)  # sha256 + size checked
         self.contract_sha256 = sha256_file(contract_path_for(self.onnx_path))
         self.threads = threads
-        self.session: Any = ort_session(self.onnx_path, threads=threads, precision=self.contract.precision)
+        self.session: Any = ort_session(self.onnx_path, threads=threads)
         inputs = [(i.name, i.type) for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
         if inputs != [(INPUT_NAME, "tensor(float)")] or outputs != [OUTPUT_NAME]:

@@ -11,7 +11,7 @@ there (``[backend]`` ``autocast`` and ``cuda_graphs``):
   batches the GPU waits on kernel launches, not arithmetic. Each batch size is padded up to a
   power-of-two bucket whose graph is captured once (on first use) and then replayed with one launch.
 
-Both run the same :func:`devrecd.export.inference_graph` as the export. The bucketing is plain
+Both run the same serving graph (:mod:`devrecd.model.serving`) as the export. The bucketing is plain
 Python (:func:`graph_buckets`, :func:`bucket_for`) and is tested without a GPU.
 """
 
@@ -59,7 +59,7 @@ class TorchBackend:
         import torch
 
         from devrecd.audio import sha256_file
-        from devrecd.export import graph_for_checkpoint
+        from devrecd.model.serving import graph_for_checkpoint
         from devrecd.model.checkpoint import load_checkpoint
 
         if autocast not in AUTOCAST:

@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 import typer
 
 from devrecd import __version__
-from devrecd.errors import DevrecdError
+from devrecd.errors import DevrecdError, missing_extra
 
 app = typer.Typer(
     name="devrecd",
@@ -53,6 +53,11 @@ def command(*args: Any, **kwargs: Any) -> Callable:
                 return fn(*a, **kw)
             except DevrecdError as exc:
                 typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+                raise typer.Exit(code=1) from None
+            except ModuleNotFoundError as exc:  # an extra that is not installed: say which
+                if (missing := missing_extra(exc)) is None:
+                    raise
+                typer.secho(f"error: {missing}", fg=typer.colors.RED, err=True)
                 raise typer.Exit(code=1) from None
 
         return app.command(*args, **kwargs)(wrapper)

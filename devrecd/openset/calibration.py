@@ -96,14 +96,12 @@ def _cllr_unchecked(tar: np.ndarray, non: np.ndarray) -> float:
 def cllr_min(target: np.ndarray, nontarget: np.ndarray) -> float:
     """Cllr after the optimal monotone calibration (pool-adjacent-violators), i.e. the part of
     Cllr due to discrimination alone; ``cllr - cllr_min`` is the calibration loss."""
-    from sklearn.isotonic import IsotonicRegression
-
     tar, non = _trials(target, nontarget)
     x = np.concatenate([tar, non])
     y = np.concatenate([np.ones(tar.size), np.zeros(non.size)])
     # Equal total weight per class: the fitted posteriors are then at prior 0.5, so logit = LLR.
     w = np.concatenate([np.full(tar.size, 0.5 / tar.size), np.full(non.size, 0.5 / non.size)])
-    p = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(x, y, sample_weight=w).predict(x)
+    p = isotonic_fit(x, y, w)
     with np.errstate(divide="ignore"):
         llr = np.log(p) - np.log1p(-p)  # +-inf where PAV is certain; cllr() handles those exactly
     return _cllr_unchecked(llr[: tar.size], llr[tar.size:])
@@ -158,6 +156,27 @@ class Calibration:
         return cls(**data)
 
 
+def isotonic_fit(x: np.ndarray, y: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """The weighted least-squares non-decreasing fit of ``y`` on ``x`` (pool-adjacent-violators),
+    evaluated at every ``x``; equal ``x`` share one value (their weighted mean is pooled first).
+    What sklearn's ``IsotonicRegression().fit(x, y, weight).predict(x)`` gives, in numpy, so that
+    ``calibrate`` needs no scikit-learn (tests compare the two)."""
+    ux, inverse = np.unique(np.asarray(x, dtype=np.float64), return_inverse=True)
+    wsum = np.bincount(inverse, weights=weight, minlength=len(ux))
+    ymean = np.bincount(inverse, weights=weight * y, minlength=len(ux)) / wsum
+    # Blocks on a stack: (weighted mean, weight, count); merge while the last two violate the order.
+    means, weights, counts = [], [], []
+    for m, wt in zip(ymean.tolist(), wsum.tolist()):
+        means.append(m), weights.append(wt), counts.append(1)
+        while len(means) > 1 and means[-2] > means[-1]:
+            m2, w2, c2 = means.pop(), weights.pop(), counts.pop()
+            total = weights[-1] + w2
+            means[-1] = (means[-1] * weights[-1] + m2 * w2) / total
+            weights[-1], counts[-1] = total, counts[-1] + c2
+    fitted = np.repeat(np.asarray(means), counts)
+    return fitted[inverse]
+
+
 def fit_llr(target: np.ndarray, nontarget: np.ndarray) -> tuple[float, float]:
     """Logistic-regression calibration (Brummer's linear recipe): ``llr = a * score + b``.
 
@@ -165,14 +184,54 @@ def fit_llr(target: np.ndarray, nontarget: np.ndarray) -> tuple[float, float]:
     effective prior of 0.5 (no prior offset to remove). Nearly unregularised: the two parameters
     are well determined by any realistic number of trials.
     """
-    from sklearn.linear_model import LogisticRegression
-
     tar, non = _trials(target, nontarget)
     x = np.concatenate([tar, non])[:, None]
     y = np.concatenate([np.ones(tar.size), np.zeros(non.size)])
-    model = LogisticRegression(C=1e6, class_weight="balanced", max_iter=1000)
-    model.fit(x, y)
-    return float(model.coef_[0, 0]), float(model.intercept_[0])
+    weight = np.concatenate([np.full(tar.size, 0.5 / tar.size), np.full(non.size, 0.5 / non.size)])
+    coef, intercept = fit_logistic(x, y, weight, l2=1e-6 / len(x))  # sklearn's C=1e6 on len(x) trials
+    return float(coef[0]), intercept
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, weight: np.ndarray, *, l2: float = 1e-6,
+                 max_iter: int = 100) -> tuple[np.ndarray, float]:
+    """Weighted logistic regression by Newton's method: ``(coef, intercept)`` minimising
+    ``sum_i weight_i * logloss_i + l2 / 2 * |coef|^2`` (intercept not penalised).
+
+    The few parameters of a calibration are fitted here in numpy, so that ``devrecd calibrate``
+    needs neither scikit-learn nor lir (which pulls scikit-learn, scipy, pandas and matplotlib).
+    With weights summing to 1 and ``l2 = 1 / (C n)`` it is sklearn's ``LogisticRegression(C,
+    class_weight="balanced")`` on n trials (tests compare the two); the tiny penalty keeps separable
+    trials finite.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    design = np.hstack([x, np.ones((len(x), 1))])
+    penalty = np.full(design.shape[1], l2)
+    penalty[-1] = 0.0
+    w = weight / weight.sum()
+
+    def objective(beta: np.ndarray) -> float:
+        z = design @ beta
+        return float(w @ (np.logaddexp(0.0, z) - y * z) + 0.5 * (penalty * beta) @ beta)
+
+    beta = np.zeros(design.shape[1])
+    value = objective(beta)
+    for _ in range(max_iter):
+        p = 0.5 * (1.0 + np.tanh(0.5 * (design @ beta)))  # the logistic function, without overflow
+        grad = design.T @ (w * (p - y)) + penalty * beta
+        hess = (design * (w * p * (1.0 - p))[:, None]).T @ design + np.diag(penalty) + 1e-12 * np.eye(len(beta))
+        step = np.linalg.solve(hess, grad)
+        t = 1.0
+        while t > 1e-8:  # halve the Newton step until the objective does not rise
+            trial = objective(beta - t * step)
+            if trial <= value:
+                break
+            t *= 0.5
+        beta, previous, value = beta - t * step, value, trial
+        if previous - value <= 1e-15 * max(1.0, abs(value)) and np.abs(grad).max() < 1e-10:
+            break
+    if not np.all(np.isfinite(beta)):
+        raise CalibrationError("the logistic calibration did not converge (non-finite parameters)")
+    return beta[:-1], float(beta[-1])
 
 
 def calibrate(target: np.ndarray, nontarget: np.ndarray, *, open_set_nontarget: np.ndarray | None = None,

@@ -7,6 +7,7 @@ Ray Data) can call them.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable
@@ -19,13 +20,20 @@ from devrecd.errors import DevrecdError
 from devrecd.features import FEATURE_DIM, Frontend, FrontendConfig, extract
 
 _FRONTENDS: dict[str, Frontend] = {}
+_GPU_DRIVER_NODES = ("/dev/nvidiactl", "/dev/kfd")  # NVIDIA's driver; AMD's (ROCm builds of torch say "cuda" too)
 
 
 def resolve_device(name: str = "auto") -> str:
-    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'; anything else is returned as is."""
+    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu' (also without torch: the serving install
+    computes features with numpy on the CPU); anything else is returned as is."""
     if name != "auto":
         return name
-    import torch
+    if "torch" not in sys.modules and not any(os.path.exists(p) for p in _GPU_DRIVER_NODES):
+        return "cpu"  # no GPU driver: torch (2-3 s and 300 MB to import) could not see a GPU anyway
+    try:
+        import torch
+    except ImportError:
+        return "cpu"
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
