@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from devrecd.config import Config, TrainConfig
-from devrecd.data import Dataset, FeatureCache, Item
+from devrecd.data import Dataset, FeatureCache, Item, parse_split_groups
 from devrecd.errors import ArtifactError, ConfigError, DatasetError
 from devrecd.model.checkpoint import Checkpoint, load_checkpoint, load_raw, resolve_checkpoint_path, save_checkpoint
 
@@ -130,23 +130,6 @@ class TrainResult:
     epochs_run: int
     stopped_early: bool
     history: list[dict[str, Any]]
-
-
-def parse_split_groups(text: str | None) -> dict[str, tuple[str, ...]] | None:
-    """``"ccnu"`` or ``"train=1,2,3 test=4,5 [val=...]"`` -> a ``split_by_group`` mapping (None for none)."""
-    if not text:
-        return None
-    from devrecd.data import CCNU_SPLIT
-
-    if text.strip().lower() == "ccnu":
-        return dict(CCNU_SPLIT)
-    out: dict[str, tuple[str, ...]] = {}
-    for part in text.replace(";", " ").split():
-        name, sep, groups = part.partition("=")
-        if not sep or not groups:
-            raise ConfigError(f"--split-groups: {part!r} is not of the form split=g1,g2 (e.g. train=1,2,3 test=4,5)")
-        out[name.strip()] = tuple(g.strip() for g in groups.split(",") if g.strip())
-    return out
 
 
 def open_dataset(path: str | Path, cfg: Config, split_groups: str | None = None) -> Dataset:
