@@ -62,7 +62,7 @@ def test_identify_cli_json_table_and_failures(cfg: Config, ccnu_dir: Path, tmp_p
     bad = tmp_path / "broken recording.wav"
     bad.write_bytes(good[0].read_bytes()[:3000])
     model = cfg.backend.model
-    result = runner.invoke(app, ["identify", str(good[0]), str(bad), str(good[1]), "--model", model, "--json"])
+    result = runner.invoke(app, ["identify", str(good[0]), str(bad), str(good[1]), "--model", model, "--format", "json"])
     assert result.exit_code == 1, result.output
     lines = [json.loads(x) for x in result.stdout.splitlines()]
     assert [(Path(r["path"]).name, r["outcome"]) for r in lines] == [

@@ -10,7 +10,8 @@ Grammar (one name, one meaning):
 - ``--split train|val|test`` and ``--split-groups SPEC``: which recordings of a dataset are used.
 - Choices are enums: a bad value is a usage error (exit 2), as is a bad configuration value.
 
-Exit codes: 0 ok, 1 a file or artifact failed, 2 usage or configuration error, 130 interrupted.
+Exit codes: 0 ok, 1 a file, artifact or step failed, 2 usage error or invalid configuration
+(a value refused when the configuration is loaded), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 import typer
 
 from devrecd import __version__
-from devrecd.errors import ConfigError, DevrecdError
+from devrecd.errors import ConfigError, DevrecdError, UsageError
 
 if TYPE_CHECKING:
     from devrecd.config import Config
@@ -127,7 +128,7 @@ def cli_logging(cfg: Config, *, quiet: bool = False) -> None:
 
 def command(*args: Any, **kwargs: Any) -> Callable:
     """``@app.command`` that turns a DevrecdError into one line on stderr and an exit code
-    (configuration and usage errors 2, anything else 1) and Ctrl-C into exit code 130."""
+    (UsageError 2, anything else 1) and Ctrl-C into exit code 130."""
 
     def register(fn: Callable) -> Callable:
         @functools.wraps(fn)
@@ -136,7 +137,7 @@ def command(*args: Any, **kwargs: Any) -> Callable:
                 return fn(*a, **kw)
             except DevrecdError as exc:
                 typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-                raise typer.Exit(code=EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_FAILED) from None
+                raise typer.Exit(code=EXIT_USAGE if isinstance(exc, UsageError) else EXIT_FAILED) from None
             except KeyboardInterrupt:
                 typer.secho("interrupted", fg=typer.colors.YELLOW, err=True)
                 raise typer.Exit(code=EXIT_INTERRUPTED) from None
@@ -147,11 +148,17 @@ def command(*args: Any, **kwargs: Any) -> Callable:
 
 
 def load_cli_config(config: Optional[Path], overrides: dict[str, Any] | None = None) -> Config:
-    """The configuration for a command: file (if any) + environment + flags that were given."""
+    """The configuration for a command: file (if any) + environment + flags that were given.
+    A value the configuration refuses is a usage error (exit 2)."""
     from devrecd.config import load_config
 
     given = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in (overrides or {}).items() if v is not None}
-    return load_config(config, overrides=given)
+    try:
+        return load_config(config, overrides=given)
+    except UsageError:
+        raise
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def audio_paths(paths: Iterable[Path], cfg: Config, *, what: str = "audio") -> list[Path]:
@@ -162,7 +169,7 @@ def audio_paths(paths: Iterable[Path], cfg: Config, *, what: str = "audio") -> l
     given = list(paths)
     files = scan_files(given, cfg.watch)
     if not files:
-        raise ConfigError(f"no {what} files found in {', '.join(map(str, given))} "
+        raise UsageError(f"no {what} files found in {', '.join(map(str, given))} "
                           f"(extensions: {' '.join(cfg.watch.extensions)})")
     return files
 

@@ -32,7 +32,7 @@ def doctor(
     checks = run_checks()
     try:
         cfg = load_cli_config(config, {"backend.model": model, "registry.path": str(registry) if registry else None})
-    except ConfigError as exc:  # reported like every other check; the exit code still says "configuration"
+    except ConfigError as exc:  # reported like every other check; the exit code says "configuration"
         checks.append(Check("config", False, str(exc), required=True))
         code = EXIT_USAGE
     else:

@@ -11,7 +11,7 @@ import typer
 
 from devrecd.cli.app import (ConfigOption, Split, SplitGroupsOption, TextFormat, audio_paths, choice, command,
                              load_cli_config)
-from devrecd.errors import ConfigError
+from devrecd.errors import ConfigError, UsageError
 from devrecd.fsutil import atomic_write
 
 RegistryOption = typer.Option(None, "--registry", "-r", help="Registry JSON file (registry.path).")
@@ -35,7 +35,7 @@ GsvOption = typer.Option(None, "--gsv", exists=True, dir_okay=False,
 def check_checkpoint_option(model: Optional[Path]) -> None:
     """``--model`` of the open-set commands is a checkpoint: say so when it is an ONNX export."""
     if model is not None and model.is_file() and model.suffix.lower() == ".onnx":
-        raise ConfigError(f"--model {model}: an ONNX export cannot embed recordings; the embedder is loaded from its "
+        raise UsageError(f"--model {model}: an ONNX export cannot embed recordings; the embedder is loaded from its "
                           f"checkpoint: pass the .pt (or run directory) written by `devrecd train-embedder` or "
                           f"`devrecd train` that {model.name} was exported from")
 
