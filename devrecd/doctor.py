@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import importlib
-import os
 import shutil
 import socket
 import tempfile

@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from devrecd.cli.app import (BackendKind, BackendOption, ConfigOption, EngineOption, ModelOption, TextFormat,
-                             TorchDeviceOption,                             cli_logging, command, load_cli_config)
+                             TorchDeviceOption, cli_logging, command, load_cli_config)
 
 
 @command()

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from devrecd.cli.app import (ConfigOption, Split, SplitGroupsOption, TextFormat, audio_paths, choice, command,
+from devrecd.cli.app import (ConfigOption, Split, TextFormat, audio_paths, choice, command,
                              load_cli_config)
 from devrecd.errors import ConfigError, UsageError
 from devrecd.fsutil import atomic_write
