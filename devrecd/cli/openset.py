@@ -9,8 +9,8 @@ from typing import List, Optional
 
 import typer
 
-from devrecd.cli.app import (ConfigOption, Split, TextFormat, audio_paths, choice, command,
-                             load_cli_config)
+from devrecd.cli.app import (ConfigOption, Split, TextFormat, audio_paths, choice, command, load_cli_config,
+                             progress)
 from devrecd.errors import ConfigError, UsageError
 from devrecd.fsutil import atomic_write
 
@@ -278,13 +278,15 @@ def train_gsv(
     cfg = load_cli_config(config, {"audio.hop_seconds": hop_seconds})
     cache = FeatureCache(Path(cfg.train.cache_dir), cfg.frontend, cfg.audio)
     feats, devices, order, sources = [], [], [], []
-    for ds_path in datasets:
-        ds = load_dataset(ds_path)
-        sources.append({"dataset": str(ds_path), "sha256": ds.manifest_sha256, "recordings": len(ds.items)})
-        for it in ds.items:
-            feats.append(cache.features(it.path, cfg.audio.hop_seconds)[0])
-            devices.append(it.device if len(datasets) == 1 else f"{ds_path.name}/{it.device}")
-            order.append((str(it.group), it.path.name))
+    loaded = [(ds_path, load_dataset(ds_path)) for ds_path in datasets]
+    with progress(sum(len(ds.items) for _, ds in loaded), "features", unit="recording") as bar:
+        for ds_path, ds in loaded:
+            sources.append({"dataset": str(ds_path), "sha256": ds.manifest_sha256, "recordings": len(ds.items)})
+            for it in ds.items:
+                feats.append(cache.features(it.path, cfg.audio.hop_seconds)[0])
+                devices.append(it.device if len(datasets) == 1 else f"{ds_path.name}/{it.device}")
+                order.append((str(it.group), it.path.name))
+                bar.update(1)
     typer.echo(f"{len(feats)} recordings of {len(set(devices))} devices")
     scorer = train(feats, devices, order, cfg.frontend, mixtures=mixtures, nap_dims=nap, far=far, inner=inner,
                    seed=seed, source=out.name, threshold_rule=threshold_rule.value, on_step=typer.echo)
