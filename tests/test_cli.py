@@ -304,3 +304,19 @@ def test_identify_table_and_csv_stream_through_one_printer(tmp_path):
     printer.add(judged)
     row = list(csv.DictReader(io.StringIO(out.getvalue())))[0]
     assert row["device"] == "phone A" and row["top_k"] == "phone A:0.91;phone B:0.05"
+
+
+def test_progress_bar_only_when_stderr_is_a_terminal(monkeypatch):
+    import io
+
+    from devrecd.cli.app import progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for stream, drawn in ((Terminal(), True), (io.StringIO(), False)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        with progress(3, "calibrate", unit="recording") as bar:
+            bar.update(3)
+        assert ("calibrate" in stream.getvalue() and "3/3" in stream.getvalue()) is drawn

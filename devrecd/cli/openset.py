@@ -205,12 +205,13 @@ def calibrate(
         raise ConfigError(f"{dataset}: no recordings in {selection}")
     chosen = registry_scorer(reg, model=model, device=resolve_device(cfg.backend.device))
     pairs = [(str(it.path), it.device) for it in items]
-    if conditions:
-        from devrecd.openset.workflow import calibration_trials_under
+    with progress(len(pairs) * max(1, len(conditions or ())), "calibrate", unit="recording") as bar:
+        if conditions:
+            from devrecd.openset.workflow import calibration_trials_under
 
-        trials = calibration_trials_under(reg, chosen, pairs, cfg, conditions)
-    else:
-        trials = score_recordings(reg, chosen, pairs, cfg)
+            trials = calibration_trials_under(reg, chosen, pairs, cfg, conditions, on_recording=lambda _: bar.update(1))
+        else:
+            trials = score_recordings(reg, chosen, pairs, cfg, on_recording=lambda _: bar.update(1))
     cal = calibrate_registry(reg, trials, target_far=cfg.registry.target_far,
                              source={"dataset": str(dataset), "selection": selection,
                                      "dataset_sha256": ds.manifest_sha256, "conditions": list(conditions or ["clean"])})
