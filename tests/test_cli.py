@@ -319,4 +319,4 @@ def test_progress_bar_only_when_stderr_is_a_terminal(monkeypatch):
         monkeypatch.setattr(sys, "stderr", stream)
         with progress(3, "calibrate", unit="recording") as bar:
             bar.update(3)
-        assert ("calibrate" in stream.getvalue() and "3/3" in stream.getvalue()) is drawn
+        assert ("calibrate:" in stream.getvalue() and "/3 " in stream.getvalue()) is drawn
