@@ -208,11 +208,19 @@ def test_verbose_before_the_command_reaches_logging(tmp_path):
 def test_shell_completion_is_available():
     result = runner.invoke(app, ["--help"])
     assert "--install-completion" in result.output and "--show-completion" in result.output
-    proc = subprocess.run([sys.executable, "-m", "devrecd", "--show-completion", "bash"], capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert "_DEVRECD_COMPLETE" in proc.stdout and "complete" in proc.stdout
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    def complete(words: str) -> list[str]:
+        """What bash completion offers for the last word (the protocol the installed script speaks)."""
+        proc = subprocess.run([sys.executable, "-m", "devrecd"], capture_output=True, text=True, timeout=120,
+                              env={**env, "_DEVRECD_COMPLETE": "complete_bash", "COMP_WORDS": words,
+                                   "COMP_CWORD": str(len(words.split(" ")) - 1)})
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.split()
+
+    assert complete("devrecd identi") == ["identify"]
+    assert complete("devrecd identify --format ") == ["table", "json", "csv"]
+    assert complete("devrecd train . --arch group") == [f"group{i}" for i in range(1, 8)]
 
 
 def test_a_folder_is_expanded_to_its_audio_files(ccnu_dir, tmp_path):
