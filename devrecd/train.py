@@ -192,9 +192,10 @@ UNUSABLE_FILE = "unusable.json"
 
 def split_features(ds: Dataset, split: str, cache: FeatureCache, hop_seconds: float,
                    labels: Sequence[str], *, on_unusable: str = "fail",
-                   unusable: list[dict[str, str]] | None = None) -> tuple[list[np.ndarray], list[Item]]:
-    """Raw (unnormalised) window features of every recording of ``split``. Every file is read before
-    any training starts. With ``on_unusable="fail"`` the files that cannot be used are named in ONE
+                   unusable: list[dict[str, str]] | None = None,
+                   on_recording: Callable[[str], None] | None = None) -> tuple[list[np.ndarray], list[Item]]:
+    """Raw (unnormalised) window features of every recording of ``split`` (``on_recording(path)``
+    after each: progress). Every file is read before any training starts. With ``on_unusable="fail"`` the files that cannot be used are named in ONE
     DatasetError; with ``"skip"`` they are left out and appended to ``unusable`` (path, device,
     split, reason, detail)."""
     from devrecd.audio import AudioError
@@ -214,6 +215,8 @@ def split_features(ds: Dataset, split: str, cache: FeatureCache, hop_seconds: fl
             if unusable is not None:
                 unusable.append({"path": str(it.path), "device": it.device, "split": split, "reason": exc.reason,
                                  "detail": exc.detail})
+        if on_recording is not None:
+            on_recording(str(it.path))
     if bad and on_unusable != "skip":
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         raise DatasetError(f"{len(bad)} {split} recording(s) cannot be used: {'; '.join(bad[:3])}{more} "

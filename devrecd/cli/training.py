@@ -9,7 +9,7 @@ from typing import Any, List, Optional
 import typer
 
 from devrecd.cli.app import (ConfigOption, Split, SplitGroupsOption, TorchDeviceOption, choice, command,
-                             load_cli_config)
+                             load_cli_config, progress)
 
 
 class Arch(str, enum.Enum):
@@ -157,8 +157,9 @@ def evaluate(
 
     cfg = load_cli_config(config, {"backend.device": torch_device})
     ds = open_dataset(dataset, cfg, split_groups)
-    rep, recs = evaluate_checkpoint(checkpoint, ds, cfg, split=split.value, hop_seconds=hop_seconds,
-                                    device=resolve_device(cfg.backend.device))
+    with progress(len(ds.subset(split.value)), "evaluate", unit="recording") as bar:
+        rep, recs = evaluate_checkpoint(checkpoint, ds, cfg, split=split.value, hop_seconds=hop_seconds,
+                                        device=resolve_device(cfg.backend.device), on_recording=lambda _: bar.update(1))
     path = write_report(rep, out, recs)
     typer.echo(summary_line(rep))
     typer.echo(f"report -> {path}")
