@@ -14,6 +14,7 @@ step with the dataclasses below.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -431,6 +432,7 @@ def _apply(cfg: Config, data: Mapping[str, Any], source: Callable[[str, str], st
     return replace(cfg, **updates) if updates else cfg
 
 
+@functools.cache  # evaluating the string annotations is the costly part of making a section
 def _hints(cls: type) -> dict[str, Any]:
     """Field name -> annotation with its ``Annotated`` constraints (for every dataclass field)."""
     hints = typing.get_type_hints(cls, include_extras=True)
