@@ -174,12 +174,32 @@ def audio_paths(paths: Iterable[Path], cfg: Config, *, what: str = "audio") -> l
     return files
 
 
-def progress(total: int, desc: str, unit: str = "file"):
-    """A progress bar on stderr when stderr is a terminal; otherwise one that draws nothing."""
-    from tqdm import tqdm
+class _NoBar:
+    """What :func:`progress` returns when nothing is to be drawn."""
 
-    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False, file=sys.stderr,
-                disable=not sys.stderr.isatty())
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def progress(total: int, desc: str, unit: str = "file"):
+    """A progress bar (tqdm) on stderr when stderr is a terminal; otherwise one that draws nothing
+    (and a serving install without tqdm needs none)."""
+    if not sys.stderr.isatty():
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False, file=sys.stderr)
 
 
 def main() -> None:
