@@ -53,7 +53,7 @@ def _ours_numpy(clips: np.ndarray) -> int:
 def _ours_torch(clips: np.ndarray) -> int:
     import torch
 
-    from devrecd.pipeline import frontend_for
+    from devrecd.pipeline.stages import frontend_for
 
     torch.set_num_threads(1)
     frontend = frontend_for(CFG)

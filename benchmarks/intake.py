@@ -122,7 +122,7 @@ def _run_measured(args: list[str], env: dict[str, str], code: Path | None) -> tu
 
 def measure_identify(path: Path, model: str, code: Path | None) -> dict:
     code_, peak, wall, out, err = _run_measured(
-        [sys.executable, "-m", "devrecd", "identify", "--model", model, "--json", str(path)], _env(code), code)
+        [sys.executable, "-m", "devrecd", "identify", "--model", model, "--format", "json", str(path)], _env(code), code)
     return {"peak_rss_mb": round(peak, 1), "seconds": round(wall, 1), "exit": code_, "outcome": _outcome(out, err)}
 
 

@@ -2,8 +2,11 @@
 
 Precedence (lowest to highest): built-in defaults, the TOML file, environment variables
 ``DEVRECD_<SECTION>__<KEY>`` (values parsed as TOML literals, else taken as strings), then
-explicit overrides passed by the CLI. An unknown section or key, or a value of the wrong type,
-is a :class:`~devrecd.errors.ConfigError` naming ``section.key``.
+explicit overrides passed by the CLI. Every field declares what it accepts in its annotation:
+its type, ``Literal[...]`` for a set of values, ``Annotated[T, Range(...)]`` / ``Pattern(...)``
+for bounds. A value outside that is a :class:`~devrecd.errors.ConfigError` naming
+``section.key`` and where the value came from (file, environment variable, command line),
+raised when the configuration is loaded, never later.
 
 The repository's ``config.toml`` documents every key with its default; a test keeps the two in
 step with the dataclasses below.
@@ -11,13 +14,16 @@ step with the dataclasses below.
 
 from __future__ import annotations
 
+import functools
+import math
 import os
+import re
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Annotated, Any, Callable, ClassVar, Literal, Mapping
 
 from devrecd.errors import ConfigError
 from devrecd.features import FrontendConfig
@@ -25,246 +31,298 @@ from devrecd.features import FrontendConfig
 ENV_PREFIX = "DEVRECD_"
 
 
-@dataclass(frozen=True)
-class AudioConfig:
-    """Decoding and windowing of recordings (serving and training)."""
+# --- what a field accepts --------------------------------------------------------------------
 
-    hop_seconds: float = 2.0  # window hop when cutting recordings into clips (serving)
-    min_seconds: float = 2.0  # shorter recordings are rejected (between this and one clip: wrap-padded)
-    max_seconds: float = 4 * 3600.0  # longer recordings are rejected before decoding
-    max_bytes: int = 2 * 1024**3  # larger files are rejected before reading
-    silence_dbfs: float = -70.0  # a recording whose RMS level is below this is "silent"
-    mix: str = "mean"  # how channels become mono: "mean" (average) or "first"
-    resample_quality: str = "VHQ"  # soxr quality when the rate differs from the model's
-    max_decoded_samples: int = 4 * 3600 * 48000 * 2  # frames x channels; larger is refused before decoding
-    clip_fraction: float = 0.01  # verdict flag "clipping": this share of samples at full scale
-    dc_offset: float = 0.1  # verdict flag "dc_offset": |mean sample| at or above this
-    loud_dbfs: float = -6.0  # verdict flag "loud": RMS level above this (e.g. full-scale noise)
+@dataclass(frozen=True)
+class Range:
+    """Bounds of a number (or of every number in a tuple): ``ge``/``gt`` below, ``le``/``lt`` above."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def problem(self, value: float) -> str:
+        ok = ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+              and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt)
+              and not (isinstance(value, float) and math.isnan(value)))
+        if ok:
+            return ""
+        low, high = (self.ge, "[") if self.ge is not None else (self.gt, "("), (self.le, "]") if self.le is not None else (self.lt, ")")
+        if low[0] is not None and high[0] is not None:
+            return f"must be in {low[1]}{_num(low[0])}, {_num(high[0])}{high[1]}, got {value!r}"
+        bound = f"{'>=' if low[1] == '[' else '>'} {_num(low[0])}" if low[0] is not None else \
+            f"{'<=' if high[1] == ']' else '<'} {_num(high[0])}"
+        return f"must be {bound}, got {value!r}"
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A string that matches ``regex`` in full; ``text`` says what that means to a reader."""
+
+    regex: str
+    text: str
+
+    def problem(self, value: str) -> str:
+        return "" if re.fullmatch(self.regex, value) else f"must be {self.text}, got {value!r}"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+POSITIVE = Range(gt=0)
+NON_NEGATIVE = Range(ge=0)
+AT_LEAST_1 = Range(ge=1)
+FRACTION = Range(ge=0, le=1)
+DBFS = Range(le=0)
+NOT_EMPTY = Pattern(r"(?s)\s*\S.*", "a non-empty string")
+
+PositiveFloat = Annotated[float, POSITIVE]
+NonNegFloat = Annotated[float, NON_NEGATIVE]
+NonNegInt = Annotated[int, NON_NEGATIVE]
+Count = Annotated[int, AT_LEAST_1]
+Fraction = Annotated[float, FRACTION]
+Dbfs = Annotated[float, DBFS]
+Split = Annotated[tuple[float, float, float], FRACTION]
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _check_split(section: str, split: tuple[float, ...]) -> list[str]:
+    return [] if abs(sum(split) - 1.0) < 1e-6 else [f"{section}.split: the three fractions must add up to 1, got {sum(split):g}"]
+
+
+def _check_channels(name: str, values: tuple[str, ...], what: str, also: tuple[str, ...] = ()) -> list[str]:
+    from devrecd.audio.channel import CHANNELS  # lazily: the audio package imports this module
+
+    bad = [c for c in values if c not in also and c not in CHANNELS]
+    return [f"{name}: unknown {what} {', '.join(map(repr, bad))} (known: {', '.join((*also, *CHANNELS))})"] if bad else []
+
+
+@dataclass(frozen=True)
+class _Section:
+    """A section checks every field against its annotation when made (so ``replace`` re-checks),
+    then the relations between fields (:meth:`relations`)."""
+
+    section: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
-        problems = [msg for bad, msg in (
-            (self.mix not in ("mean", "first"), "mix must be 'mean' or 'first'"),
-            (self.max_decoded_samples < 1, "max_decoded_samples must be >= 1"),
-            (not 0.0 <= self.clip_fraction <= 1.0, "clip_fraction must be in [0, 1]"),
-            (self.dc_offset < 0, "dc_offset must be >= 0"),
-        ) if bad]
+        hints = _hints(type(self))
+        problems = [p for f in fields(self) if (p := _constraint_problem(f"{self.section}.{f.name}",
+                                                                         getattr(self, f.name), hints[f.name]))]
+        if not problems:
+            problems = self.relations()
         if problems:
-            raise ConfigError("audio: " + "; ".join(problems))
+            raise ConfigError("; ".join(problems))
+
+    def relations(self) -> list[str]:
+        """Problems that involve more than one field (each names its keys)."""
+        return []
 
 
 @dataclass(frozen=True)
-class BackendConfig:
+class AudioConfig(_Section):
+    """Decoding and windowing of recordings (serving and training)."""
+
+    section: ClassVar[str] = "audio"
+    hop_seconds: PositiveFloat = 2.0  # window hop when cutting recordings into clips (serving)
+    min_seconds: NonNegFloat = 2.0  # shorter recordings are rejected (between this and one clip: wrap-padded)
+    max_seconds: PositiveFloat = 4 * 3600.0  # longer recordings are rejected before decoding
+    max_bytes: Count = 2 * 1024**3  # larger files are rejected before reading
+    silence_dbfs: Dbfs = -70.0  # a recording whose RMS level is below this is "silent"
+    mix: Literal["mean", "first"] = "mean"  # how channels become mono: average, or the first channel
+    resample_quality: Literal["QQ", "LQ", "MQ", "HQ", "VHQ"] = "VHQ"  # soxr quality when the rate differs
+    max_decoded_samples: Count = 4 * 3600 * 48000 * 2  # frames x channels; larger is refused before decoding
+    clip_fraction: Fraction = 0.01  # verdict flag "clipping": this share of samples at full scale
+    dc_offset: Annotated[float, Range(ge=0, le=1)] = 0.1  # verdict flag "dc_offset": |mean sample| at or above this
+    loud_dbfs: Dbfs = -6.0  # verdict flag "loud": RMS level above this (e.g. full-scale noise)
+
+    def relations(self) -> list[str]:
+        return ["audio.min_seconds must be <= audio.max_seconds"] if self.min_seconds > self.max_seconds else []
+
+
+@dataclass(frozen=True)
+class BackendConfig(_Section):
     """Which inference backend runs the network, and with what artifact."""
 
-    kind: str = "auto"  # auto | onnxruntime | tensorrt | torch
+    section: ClassVar[str] = "backend"
+    kind: Literal["auto", "onnxruntime", "tensorrt", "torch"] = "auto"
     model: str = ""  # export/NAME.onnx (its contract JSON beside it), or a checkpoint for kind=torch
     engine: str = ""  # engine/X.plan; empty = look in engine_dir for one matching this GPU
-    engine_dir: str = "engine"
-    threads: int = 1  # ONNX Runtime intra-op threads per inference stream (CPU)
-    device: str = "auto"  # torch device for the frontend / torch backend: auto | cpu | cuda[:N]
+    engine_dir: Annotated[str, NOT_EMPTY] = "engine"
+    threads: Count = 1  # ONNX Runtime intra-op threads per inference stream (CPU)
+    # torch device for the frontend / torch backend
+    device: Annotated[str, Pattern(r"auto|cpu|cuda(:\d+)?", "auto, cpu, cuda or cuda:N")] = "auto"
     labels: tuple[str, ...] = ()  # expected model labels (in order); empty = accept the model's own
     checkpoint: str = ""  # the checkpoint `model` was exported from: `auto` serves it with torch on a CUDA GPU
-    autocast: str = "none"  # torch backend: none | fp16 | bf16 (network in half precision, normalisation FP32)
+    autocast: Literal["none", "fp16", "bf16"] = "none"  # torch backend: network in half precision, normalisation FP32
     cuda_graphs: bool = False  # torch backend on CUDA: replay captured CUDA graphs (per power-of-two batch)
     # Comparison conditions the served model was validated under ("clean" = broadband recordings as
     # recorded; channel names of devrecd.audio.channel, e.g. "aac64"); other conditions are flagged.
     validated_conditions: tuple[str, ...] = ("clean",)
 
-    def __post_init__(self) -> None:
-        problems = [msg for bad, msg in (
-            (self.autocast not in ("none", "fp16", "bf16"), f"backend.autocast must be none, fp16 or bf16, not {self.autocast!r}"),
-            (self.threads < 1, "backend.threads must be >= 1"),
-            (self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"),
-             f"backend.device must be auto, cpu, cuda or cuda:N, not {self.device!r}"),
-            (self.cuda_graphs and self.device == "cpu", "backend.cuda_graphs needs a CUDA device (device = auto or cuda)"),
-        ) if bad]
+    def relations(self) -> list[str]:
+        problems = []
+        if self.cuda_graphs and self.device == "cpu":
+            problems.append("backend.cuda_graphs needs a CUDA device (backend.device = auto or cuda)")
         if self.validated_conditions != ("clean",):
-            from devrecd.audio.channel import CHANNELS  # lazily: the audio package imports this module
-
-            bad = [c for c in self.validated_conditions if c != "clean" and c not in CHANNELS]
-            if bad:
-                problems.append(f"backend.validated_conditions: unknown condition(s) {', '.join(map(repr, bad))} "
-                                f"(known: clean, {', '.join(CHANNELS)})")
-        if problems:
-            raise ConfigError("; ".join(problems))
+            problems += _check_channels("backend.validated_conditions", self.validated_conditions, "condition(s)",
+                                       also=("clean",))
+        return problems
 
 
 @dataclass(frozen=True)
-class BatcherConfig:
-    max_batch: int = 32  # flush a batch at this many clips
-    max_wait_ms: float = 50.0  # or when the oldest clip has waited this long
-    streams: int = 0  # batches inferred at once; 0 = auto (CPU: cores // backend.threads; GPU: 1)
-    max_queued_clips: int = 4096  # clips waiting for inference at most (~37 KB each): bounds the daemon's memory
-
-    def __post_init__(self) -> None:
-        problems = [msg for bad, msg in (
-            (self.max_batch < 1, "max_batch must be >= 1"),
-            (self.max_wait_ms < 0, "max_wait_ms must be >= 0"),
-            (self.streams < 0, "streams must be >= 0 (0 = auto)"),
-            (self.max_queued_clips < 1, "max_queued_clips must be >= 1"),
-        ) if bad]
-        if problems:
-            raise ConfigError("batcher: " + "; ".join(problems))
+class BatcherConfig(_Section):
+    section: ClassVar[str] = "batcher"
+    max_batch: Count = 32  # flush a batch at this many clips
+    max_wait_ms: NonNegFloat = 50.0  # or when the oldest clip has waited this long
+    streams: NonNegInt = 0  # batches inferred at once; 0 = auto (CPU: cores // backend.threads; GPU: 1)
+    max_queued_clips: Count = 4096  # clips waiting for inference at most (~37 KB each): bounds the daemon's memory
 
 
 @dataclass(frozen=True)
-class WatchConfig:
+class WatchConfig(_Section):
     """Directory watching and the daemon's own state."""
 
+    section: ClassVar[str] = "watch"
     dirs: tuple[str, ...] = ()
-    state_dir: str = "state"  # journal, verdict log; never inside an evidence folder
-    extensions: tuple[str, ...] = (
+    state_dir: Annotated[str, NOT_EMPTY] = "state"  # journal, verdict log; never inside an evidence folder
+    extensions: tuple[Annotated[str, Pattern(r"\.[^./\\]+", "an extension starting with '.', e.g. '.wav'")], ...] = (
         ".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aac", ".amr", ".3gp", ".3ga", ".mp4",
     )
     ignore_patterns: tuple[str, ...] = (".*", "*.part", "*.partial", "*.tmp", "*.crdownload", "~*", "*~")
-    stable_seconds: float = 2.0  # size and mtime unchanged this long before a file is taken
-    polling: str = "auto"  # auto (poll on network file systems) | always | never
-    poll_interval: float = 5.0
-    workers: int = 2  # decode + feature threads
-    queue_size: int = 64  # bounded queues between stages (backpressure)
+    stable_seconds: NonNegFloat = 2.0  # size and mtime unchanged this long before a file is taken
+    polling: Literal["auto", "always", "never"] = "auto"  # auto = poll on network file systems
+    poll_interval: PositiveFloat = 5.0
+    workers: Count = 2  # decode + feature threads
+    queue_size: Count = 64  # bounded queues between stages (backpressure)
     rejudge_duplicates: bool = False  # judge identical content again under a new name
-    shutdown_timeout: float = 30.0  # SIGTERM: seconds to drain in-flight work
-    stall_seconds: float = 120.0  # no progress this long with files in flight: /healthz fails, no WATCHDOG ping
-    top_k: int = 5
+    shutdown_timeout: NonNegFloat = 30.0  # SIGTERM: seconds to drain in-flight work
+    stall_seconds: PositiveFloat = 120.0  # no progress this long with files in flight: /healthz fails, no WATCHDOG ping
+    top_k: Count = 5
     follow_external_links: bool = False  # judge files that symbolic links outside the watched folders lead to
 
 
 @dataclass(frozen=True)
-class MetricsConfig:
+class MetricsConfig(_Section):
+    section: ClassVar[str] = "metrics"
     enabled: bool = True
-    address: str = "127.0.0.1"
-    port: int = 9464
+    address: Annotated[str, NOT_EMPTY] = "127.0.0.1"
+    port: Annotated[int, Range(ge=0, le=65535)] = 9464  # 0 = any free port
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Section):
     """The paper's recipe (section V-E) as defaults."""
 
-    arch: str = "paper"
-    epochs: int = 100
-    batch_size: int = 64
-    lr: float = 1e-4
-    lr_step_epochs: int = 30
-    lr_gamma: float = 0.1
-    patience: int = 20  # early stopping: epochs without validation improvement (0 = off)
-    seed: int = 0
-    hop_seconds: float = 1.0  # window hop when cutting training recordings
-    split: tuple[float, float, float] = (0.64, 0.16, 0.20)  # train / val / test
-    cache_dir: str = "~/.cache/devrecd/features"
-    threads: int = 0  # torch intra-op threads (0 = torch's default)
-    on_unusable: str = "skip"  # a recording that cannot be used: "skip" it (listed in the run) or "fail" the run
+    section: ClassVar[str] = "train"
+    arch: Annotated[str, NOT_EMPTY] = "paper"  # checked against the architectures when the network is built
+    epochs: Count = 100
+    batch_size: Annotated[int, Range(ge=2)] = 64  # batch normalisation needs two clips
+    lr: PositiveFloat = 1e-4
+    lr_step_epochs: Count = 30
+    lr_gamma: Annotated[float, Range(gt=0, le=1)] = 0.1
+    patience: NonNegInt = 20  # early stopping: epochs without validation improvement (0 = off)
+    seed: NonNegInt = 0
+    hop_seconds: PositiveFloat = 1.0  # window hop when cutting training recordings
+    split: Split = (0.64, 0.16, 0.20)  # train / val / test
+    cache_dir: Annotated[str, NOT_EMPTY] = "~/.cache/devrecd/features"
+    threads: NonNegInt = 0  # torch intra-op threads (0 = torch's default)
+    on_unusable: Literal["skip", "fail"] = "skip"  # a recording that cannot be used: skip it (listed in the run) or fail
     channel_augment: tuple[str, ...] = ()  # codec / band-limit channels to train through, e.g. ("aac64", "amrnb", "tel")
-    channel_augment_p: float = 0.5  # per recording and epoch: probability of passing through one of them
+    channel_augment_p: Fraction = 0.5  # per recording and epoch: probability of passing through one of them
 
-    def __post_init__(self) -> None:
-        problems = []
-        if self.on_unusable not in ("skip", "fail"):
-            problems.append(f"on_unusable must be 'skip' or 'fail', not {self.on_unusable!r}")
-        if not 0.0 <= self.channel_augment_p <= 1.0:
-            problems.append("channel_augment_p must be in [0, 1]")
+    def relations(self) -> list[str]:
+        problems = _check_split("train", self.split)
         if self.channel_augment:
-            from devrecd.audio.channel import CHANNELS  # lazily: the audio package imports this module
-
-            problems += [f"channel_augment: unknown channel {n!r} (known: {', '.join(CHANNELS)})"
-                         for n in self.channel_augment if n not in CHANNELS]
-        if problems:
-            raise ConfigError("train: " + "; ".join(problems))
+            problems += _check_channels("train.channel_augment", self.channel_augment, "channel")
+        return problems
 
 
 @dataclass(frozen=True)
-class LiveConfig:
+class LiveConfig(_Section):
     """Live capture through sounddevice (PortAudio)."""
 
+    section: ClassVar[str] = "live"
     enabled: bool = False
     device: str = ""  # name or index; empty = system default input
-    window_seconds: float = 0.0  # 0 = the model's clip length
-    hop_seconds: float = 1.0
-    smoothing: int = 5  # running verdict over the last N windows
-    silence_dbfs: float = -60.0
-    clip_fraction: float = 0.01  # fraction of samples at full scale that counts as clipping
-    ring_seconds: float = 30.0
+    window_seconds: NonNegFloat = 0.0  # 0 = the model's clip length
+    hop_seconds: PositiveFloat = 1.0
+    smoothing: Count = 5  # running verdict over the last N windows
+    silence_dbfs: Dbfs = -60.0
+    clip_fraction: Fraction = 0.01  # fraction of samples at full scale that counts as clipping
+    ring_seconds: PositiveFloat = 30.0
     record_dir: str = ""  # empty = do not keep captured audio
-    missing_after: float = 10.0  # readyz false after this long without input
-    channels: int = 1  # capture channels; more than one are mixed to mono as audio.mix says
-    record_segment_seconds: float = 300.0  # length of each recorded WAV segment
-    reopen_max_seconds: float = 30.0  # cap of the exponential backoff between reopen attempts
+    missing_after: PositiveFloat = 10.0  # readyz false after this long without input
+    channels: Count = 1  # capture channels; more than one are mixed to mono as audio.mix says
+    record_segment_seconds: PositiveFloat = 300.0  # length of each recorded WAV segment
+    reopen_max_seconds: PositiveFloat = 30.0  # cap of the exponential backoff between reopen attempts
 
 
 @dataclass(frozen=True)
-class RegistryConfig:
+class RegistryConfig(_Section):
     """Open-set identification against enrolled device profiles."""
 
+    section: ClassVar[str] = "registry"
     path: str = ""  # empty = closed-set labels of the model
-    threshold: float = 0.5  # cosine score below which the verdict is "unknown device"
+    threshold: float = 0.5  # score below which the verdict is "unknown device" (the scorer's scale)
     use_calibration: bool = True  # use the threshold `devrecd calibrate` stored in the registry, when it has one
-    target_far: float = 0.01  # `devrecd calibrate`: false-acceptance rate the threshold is chosen for
+    target_far: Annotated[float, Range(gt=0, lt=1)] = 0.01  # `devrecd calibrate`: false-acceptance rate the threshold is chosen for
     keep_references: bool = True  # `devrecd enroll` keeps the references' audio (by sha256) next to the registry
     match_conditions: bool = True  # bring references to a questioned recording's codec / band before scoring
 
+    def relations(self) -> list[str]:
+        return [] if math.isfinite(self.threshold) else [f"registry.threshold must be a finite number, got {self.threshold!r}"]
+
 
 @dataclass(frozen=True)
-class SynthConfig:
+class SynthConfig(_Section):
     """The device simulator (``devrecd synth``)."""
 
-    sample_rate: int = 32000  # corpus rate (CCNU_Mobile's)
-    clip_seconds: float = 10.0  # length of each simulated recording
-    split: tuple[float, float, float] = (0.64, 0.16, 0.20)  # train / val / test recordings per device
-    same_model_fraction: float = 0.3  # share of devices that are a second unit of another device's model
-    speakers_per_clip: int = 3  # speaker turns per recording (speakers never cross splits)
+    section: ClassVar[str] = "synth"
+    sample_rate: Annotated[int, Range(ge=8000)] = 32000  # corpus rate (CCNU_Mobile's)
+    clip_seconds: PositiveFloat = 10.0  # length of each simulated recording
+    split: Split = (0.64, 0.16, 0.20)  # train / val / test recordings per device
+    same_model_fraction: Fraction = 0.3  # share of devices that are a second unit of another device's model
+    speakers_per_clip: Count = 3  # speaker turns per recording (speakers never cross splits)
     parallel: bool = True  # one playback session: clip k of every device is the same speech (as in CCNU)
-    spread: float = 2.5  # scale of model-to-model differences; 2.5 makes 15 devices about as hard as CCNU
-    jobs: int = 1  # worker processes
+    spread: PositiveFloat = 2.5  # scale of model-to-model differences; 2.5 makes 15 devices about as hard as CCNU
+    jobs: Count = 1  # worker processes
 
-    def __post_init__(self) -> None:
-        problems = [msg for bad, msg in (
-            (self.sample_rate < 8000, "sample_rate must be >= 8000"),
-            (self.clip_seconds <= 0, "clip_seconds must be > 0"),
-            (not 0.0 <= self.same_model_fraction <= 1.0, "same_model_fraction must be in [0, 1]"),
-            (self.speakers_per_clip < 1, "speakers_per_clip must be >= 1"),
-            (self.spread <= 0, "spread must be > 0"),
-            (self.jobs < 1, "jobs must be >= 1"),
-        ) if bad]
-        if problems:
-            raise ConfigError("synth: " + "; ".join(problems))
+    def relations(self) -> list[str]:
+        return _check_split("synth", self.split)
 
 
 @dataclass(frozen=True)
-class ClusterConfig:
+class ClusterConfig(_Section):
     """``devrecd batch``: an archive judged by a Ray Data job (local instance or a cluster)."""
 
+    section: ClassVar[str] = "cluster"
     address: str = ""  # empty = start a local Ray instance; "auto" | "HOST:PORT" | "ray://HOST:PORT" = join a cluster
-    num_cpus: int = 0  # CPUs of the local instance; 0 = the cores this process may use
-    block_files: int = 64  # files per block: one decode task, one inference call, one Parquet part
-    inference_actors: int = 0  # 0 = auto: one per GPU, else as many as the CPUs left by one decode task allow
-    actor_cpus: float = 1.0  # logical CPUs each inference actor reserves
-    decode_cpus: float = 1.0  # logical CPUs each read + hash + decode + features task reserves
+    num_cpus: NonNegInt = 0  # CPUs of the local instance; 0 = the cores this process may use
+    block_files: Count = 64  # files per block: one decode task, one inference call, one Parquet part
+    inference_actors: NonNegInt = 0  # 0 = auto: one per GPU, else as many as the CPUs left by one decode task allow
+    actor_cpus: PositiveFloat = 1.0  # logical CPUs each inference actor reserves
+    decode_cpus: PositiveFloat = 1.0  # logical CPUs each read + hash + decode + features task reserves
     ship_model: bool = False  # send the model through the object store instead of reading its path on every node
-
-    def __post_init__(self) -> None:
-        problems = [msg for bad, msg in (
-            (self.num_cpus < 0, "num_cpus must be >= 0 (0 = all cores)"),
-            (self.block_files < 1, "block_files must be >= 1"),
-            (self.inference_actors < 0, "inference_actors must be >= 0 (0 = auto)"),
-            (self.actor_cpus <= 0, "actor_cpus must be > 0"),
-            (self.decode_cpus <= 0, "decode_cpus must be > 0"),
-        ) if bad]
-        if problems:
-            raise ConfigError("cluster: " + "; ".join(problems))
 
 
 @dataclass(frozen=True)
-class ReportConfig:
+class ReportConfig(_Section):
     """The case header of ``devrecd report`` (flags override)."""
 
+    section: ClassVar[str] = "report"
     case_id: str = ""  # the laboratory's case reference
     examiner: str = ""  # who is responsible for the examination
     laboratory: str = ""  # organisation / unit
 
 
 @dataclass(frozen=True)
-class LogConfig:
-    level: str = "INFO"
-    format: str = "text"  # text | json
+class LogConfig(_Section):
+    section: ClassVar[str] = "log"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    format: Literal["text", "json"] = "text"
 
 
 @dataclass(frozen=True)
@@ -283,9 +341,9 @@ class Config:
     report: ReportConfig = field(default_factory=ReportConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
-    def with_overrides(self, overrides: Mapping[str, Any]) -> Config:
-        """Return a copy with ``{"section.key": value}`` applied (values type-checked)."""
-        return _apply(self, _nest(overrides, source="override"))
+    def with_overrides(self, overrides: Mapping[str, Any], *, source: str = "command line") -> Config:
+        """Return a copy with ``{"section.key": value}`` applied (values checked like the file's)."""
+        return _apply(self, _nest(overrides, source=source), lambda section, key: source)
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -296,7 +354,7 @@ def load_config(
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> Config:
-    """Load the configuration: defaults < file < environment < overrides."""
+    """Load the configuration: defaults < file < environment < overrides, each value checked as it is applied."""
     cfg = Config()
     if path is not None:
         p = Path(path)
@@ -304,13 +362,20 @@ def load_config(
             data = tomllib.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {p}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {p} cannot be read: {exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
-        cfg = _apply(cfg, data)
-    cfg = _apply(cfg, _nest(_env_values(os.environ if env is None else env), source="environment"))
+        cfg = _apply(cfg, data, lambda section, key: f"file {p}")
+    env_values = _env_values(os.environ if env is None else env)
+    cfg = _apply(cfg, _nest(env_values, source="environment"), lambda section, key: f"environment {_env_name(section, key or '*')}")
     if overrides:
         cfg = cfg.with_overrides(overrides)
     return cfg
+
+
+def _env_name(section: str, key: str) -> str:
+    return f"{ENV_PREFIX}{section.upper()}__{key.upper()}"
 
 
 def _env_values(env: Mapping[str, str]) -> dict[str, Any]:
@@ -337,29 +402,48 @@ def _nest(flat: Mapping[str, Any], *, source: str) -> dict[str, dict[str, Any]]:
     return nested
 
 
-def _apply(cfg: Config, data: Mapping[str, Any]) -> Config:
+def _apply(cfg: Config, data: Mapping[str, Any], source: Callable[[str, str], str]) -> Config:
+    """``cfg`` with ``{section: {key: value}}`` applied; ``source(section, key)`` says where a value came from."""
     sections = {f.name: f for f in fields(cfg)}
     updates: dict[str, Any] = {}
     for section, values in data.items():
         if section not in sections:
-            raise ConfigError(f"unknown config section [{section}] (known: {', '.join(sections)})")
+            raise ConfigError(f"unknown config section [{section}] (known: {', '.join(sections)}) "
+                              f"(from {source(section, '')})")
         if not isinstance(values, Mapping):
-            raise ConfigError(f"[{section}] must be a table of keys")
+            raise ConfigError(f"[{section}] must be a table of keys (from {source(section, '')})")
         current = getattr(cfg, section)
-        hints = typing.get_type_hints(type(current))
-        known = {f.name for f in fields(current)}
+        hints = _hints(type(current))
         changes = {}
         for key, value in values.items():
-            if key not in known:
-                raise ConfigError(f"unknown config key {section}.{key} (known: {', '.join(sorted(known))})")
-            changes[key] = _coerce(f"{section}.{key}", value, hints[key])
-        updates[section] = replace(current, **changes)  # section validation raises ConfigError
+            if key not in hints:
+                raise ConfigError(f"unknown config key {section}.{key} (known: {', '.join(sorted(hints))}) "
+                                  f"(from {source(section, key)})")
+            name = f"{section}.{key}"
+            changed = _coerce(name, value, hints[key], source(section, key))
+            if problem := _constraint_problem(name, changed, hints[key]):
+                raise ConfigError(f"{problem} (from {source(section, key)})")
+            changes[key] = changed
+        try:
+            updates[section] = replace(current, **changes)  # relations between keys
+        except ConfigError as exc:
+            where = sorted({source(section, k) for k in changes})
+            raise ConfigError(f"{exc} (from {', '.join(where)})") from None
     return replace(cfg, **updates) if updates else cfg
 
 
-def _coerce(name: str, value: Any, hint: Any) -> Any:
+@functools.cache  # evaluating the string annotations is the costly part of making a section
+def _hints(cls: type) -> dict[str, Any]:
+    """Field name -> annotation with its ``Annotated`` constraints (for every dataclass field)."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def _coerce(name: str, value: Any, hint: Any, source: str = "") -> Any:
     """Check ``value`` against a field's type, converting only where lossless (int -> float)."""
     origin = typing.get_origin(hint)
+    if origin is Annotated:
+        return _coerce(name, value, typing.get_args(hint)[0], source)
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -372,26 +456,56 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     elif hint is str:
         if isinstance(value, str):
             return value
+    elif origin is Literal:  # the type here; which values are allowed is _constraint_problem's
+        if isinstance(value, str):
+            return value
     elif origin is tuple:
         args = typing.get_args(hint)
         if isinstance(value, (list, tuple)):
             if len(args) == 2 and args[1] is Ellipsis:
-                return tuple(_coerce(f"{name}[{i}]", v, args[0]) for i, v in enumerate(value))
+                return tuple(_coerce(f"{name}[{i}]", v, args[0], source) for i, v in enumerate(value))
             if len(value) == len(args):
-                return tuple(_coerce(f"{name}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+                return tuple(_coerce(f"{name}[{i}]", v, a, source) for i, (v, a) in enumerate(zip(value, args)))
     elif origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(hint):
             try:
-                return _coerce(name, value, arg)
+                return _coerce(name, value, arg, source)
             except ConfigError:
                 continue
     elif is_dataclass(hint):
         pass
-    raise ConfigError(f"{name}: expected {_type_name(hint)}, got {type(value).__name__} {value!r}")
+    where = f" (from {source})" if source else ""
+    raise ConfigError(f"{name}: expected {_type_name(hint)}, got {type(value).__name__} {value!r}{where}")
+
+
+def _constraint_problem(name: str, value: Any, hint: Any) -> str:
+    """What is wrong with a value of the right type (set of values, bounds, pattern); "" if nothing."""
+    base, marks = hint, ()
+    if typing.get_origin(hint) is Annotated:
+        base, *rest = typing.get_args(hint)
+        marks = tuple(rest)
+    if typing.get_origin(base) is Literal and value not in typing.get_args(base):
+        return f"{name} must be one of {', '.join(map(str, typing.get_args(base)))}, got {value!r}"
+    if typing.get_origin(base) is tuple and isinstance(value, tuple):
+        args = typing.get_args(base)
+        item_hints = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        for i, (v, h) in enumerate(zip(value, item_hints)):
+            if problem := _constraint_problem(f"{name}[{i}]", v, typing.Annotated[(h, *marks)] if marks else h):
+                return problem
+        return ""
+    for mark in marks:
+        if problem := mark.problem(value):
+            return f"{name} {problem}"
+    return ""
 
 
 def _type_name(hint: Any) -> str:
-    if typing.get_origin(hint) is tuple:
+    origin = typing.get_origin(hint)
+    if origin is Annotated:
+        return _type_name(typing.get_args(hint)[0])
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(hint)))
+    if origin is tuple:
         args = typing.get_args(hint)
         if len(args) == 2 and args[1] is Ellipsis:
             return f"a list of {_type_name(args[0])}"

@@ -192,9 +192,9 @@ def _open_set(corpus: Path, rows: list[dict], registry: Path, references: int, s
         f"never enrolled: {', '.join(held_out)}")
     for device in enrolled:
         refs = [str(corpus / r["path"]) for r in rows if r["device"] == device and r["split"] == "train"][:references]
-        _run(["enroll", "--registry", str(registry), "--device", device, *refs], say, stdout=subprocess.DEVNULL)
+        _run(["enroll", "--registry", str(registry), "--profile", device, *refs], say, stdout=subprocess.DEVNULL)
     test = [r for r in rows if r["split"] == "test"]
-    proc = _run(["identify", "--registry", str(registry), "--json", *(str(corpus / r["path"]) for r in test)], say,
+    proc = _run(["identify", "--registry", str(registry), "--format", "json", *(str(corpus / r["path"]) for r in test)], say,
                 stdout=subprocess.PIPE, text=True)
     records = {r["path"]: r for r in map(json.loads, proc.stdout.splitlines()) if r.get("outcome") == "judged"}
     say(f"{'test recording':<28} {'true device':<16} {'verdict':<16} {'score':>6} {'llr':>8}")

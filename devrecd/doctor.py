@@ -1,10 +1,28 @@
-"""What this machine can run: each capability checked for real, with an install hint when missing."""
+"""What this machine can run, and whether the configuration it was given can serve.
+
+:func:`run_checks` checks the installed capabilities (GPU, TensorRT, ONNX Runtime, PortAudio,
+decoders); :func:`configured_checks` loads what the configuration names (model and its contract,
+engine, registry) and checks the state folder and the metrics port, for real. A capability that is
+missing is information; a configured thing that does not work is a failure (``Check.required``).
+"""
 
 from __future__ import annotations
 
+import errno
 import importlib
 import shutil
-from dataclasses import dataclass
+import socket
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from devrecd.errors import DevrecdError
+
+if TYPE_CHECKING:
+    from devrecd.config import Config
+
+MIN_FREE_BYTES = 1024**3  # the journal and verdict log grow with every file; less than this is a warning
 
 
 @dataclass(frozen=True)
@@ -13,6 +31,14 @@ class Check:
     ok: bool
     detail: str
     hint: str = ""
+    required: bool = False  # failing it means the configured service cannot run
+
+    @property
+    def failed(self) -> bool:
+        return self.required and not self.ok
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "failed": self.failed}
 
 
 def _try_import(module: str):
@@ -83,3 +109,102 @@ def run_checks() -> list[Check]:
     checks.append(Check("espeak-ng", bool(es), es or "not on PATH",
                         "" if es else "apt install espeak-ng (speech for `devrecd demo` when no LibriSpeech is at hand)"))
     return checks
+
+
+def configured_checks(cfg: Config, *, source: str = "defaults") -> list[Check]:
+    """What the configuration names, checked for real: the model (loaded, its contract and frontend
+    against the configuration's), the engine, the registry, the state folder and the metrics port."""
+    checks = [Check("config", True, f"loaded ({source})")]
+    checks += _model_checks(cfg)
+    checks.append(_registry_check(cfg))
+    checks.append(_state_dir_check(cfg))
+    checks.append(_port_check(cfg))
+    return checks
+
+
+def _model_checks(cfg: Config) -> list[Check]:
+    b = cfg.backend
+    if not b.model and not b.engine:
+        if cfg.registry.path:
+            return [Check("model", True, "none configured: open-set verdicts from the registry only")]
+        return [Check("model", False, "none configured (backend.model): watch and identify need one",
+                      "set backend.model = export/NAME.onnx or pass --model")]
+    for key, value in (("backend.model", b.model), ("backend.engine", b.engine), ("backend.checkpoint", b.checkpoint)):
+        if value and not Path(value).expanduser().exists():
+            return [Check("model", False, f"{key} = {value!r} does not exist", required=True)]
+    from devrecd.backends import load_backend
+
+    # Any exception is the finding here (a runtime's own error for a corrupt file included).
+    try:
+        backend = load_backend(b, cfg.frontend)  # contract, hashes, frontend vs this configuration
+    except Exception as exc:
+        return [Check("model", False, f"{b.model or b.engine}: {_message(exc)}", required=True)]
+    try:
+        backend.warmup()
+        d = backend.describe()
+    except Exception as exc:
+        return [Check("model", False, f"{b.model or b.engine} loads but does not run: {_message(exc)}", required=True)]
+    finally:
+        backend.close()
+    labels = len(getattr(backend, "labels", ()) or ())
+    detail = f"{b.model or b.engine}: {labels} labels, frontend matches; backend {d.get('name', backend.name)}"
+    engine = d.get("engine") or b.engine
+    return [Check("model", True, detail),
+            Check("engine", True, str(engine) if engine else f"none (backend.kind = {b.kind}: {backend.name} serves)")]
+
+
+def _message(exc: Exception) -> str:
+    return str(exc) if isinstance(exc, DevrecdError) else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def _registry_check(cfg: Config) -> Check:
+    if not cfg.registry.path:
+        return Check("registry", True, "none configured (closed-set verdicts)")
+    from devrecd.openset.registry import open_registry
+
+    try:
+        reg = open_registry(cfg.registry.path)
+    except Exception as exc:
+        return Check("registry", False, _message(exc), required=True)
+    calibrated = "calibrated" if reg.calibration is not None else "not calibrated"
+    return Check("registry", True, f"{reg.path}: {len(reg.profiles)} profile(s), {calibrated}")
+
+
+def _state_dir_check(cfg: Config) -> Check:
+    path = Path(cfg.watch.state_dir).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        return Check("state_dir", False, f"{existing} is not a folder (watch.state_dir)", required=True)
+    try:  # really write: permissions, read-only mounts and ACLs all show here
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".devrecd-doctor-"):
+            pass
+    except OSError as exc:
+        return Check("state_dir", False, f"{existing} is not writable: {exc.strerror}", required=True)
+    free = shutil.disk_usage(existing).free
+    where = str(path) if existing == path else f"{path} (will be created in {existing})"
+    detail = f"{where}: writable, {free / 1024**3:.1f} GiB free"
+    if free < MIN_FREE_BYTES:
+        return Check("state_dir", False, detail, "free space: the journal and verdict log grow with every file",
+                     required=True)
+    return Check("state_dir", True, detail)
+
+
+def _port_check(cfg: Config) -> Check:
+    m = cfg.metrics
+    if not m.enabled:
+        return Check("metrics_port", True, "metrics disabled (metrics.enabled = false)")
+    if m.port == 0:
+        return Check("metrics_port", True, f"{m.address}: any free port (metrics.port = 0)")
+    try:
+        infos = socket.getaddrinfo(m.address, m.port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        return Check("metrics_port", False, f"metrics.address {m.address!r}: {exc}", required=True)
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(addr)
+        except OSError as exc:
+            why = "in use (a running daemon?)" if exc.errno == errno.EADDRINUSE else exc.strerror
+            return Check("metrics_port", False, f"{m.address}:{m.port} {why}", "choose another metrics.port",
+                         required=True)
+    return Check("metrics_port", True, f"{m.address}:{m.port} free")

@@ -24,6 +24,12 @@ class ConfigError(DevrecdError):
     reason = "config"
 
 
+class UsageError(ConfigError):
+    """A command was given something it cannot use (the wrong kind of file for an option, say)."""
+
+    reason = "usage"
+
+
 class MissingDependency(DevrecdError):
     """An optional dependency (TensorRT, pycuda, sounddevice, ...) is not installed."""
 

@@ -174,8 +174,10 @@ def summary_line(report: dict[str, Any]) -> str:
 
 
 def evaluate_checkpoint(checkpoint: str | Path, ds: Any, cfg: Any, *, split: str = "test",
-                        hop_seconds: float | None = None, device: str = "cpu") -> tuple[dict[str, Any], list[RecordingScores]]:
-    """Score a checkpoint (run directory or .pt) on one split of ``ds``; returns (report, recordings)."""
+                        hop_seconds: float | None = None, device: str = "cpu",
+                        on_recording: Callable[[str], None] | None = None) -> tuple[dict[str, Any], list[RecordingScores]]:
+    """Score a checkpoint (run directory or .pt) on one split of ``ds``; returns (report, recordings).
+    ``on_recording(path)`` is called as each recording's features are ready (progress)."""
     from devrecd.data import FeatureCache
     from devrecd.model.checkpoint import load_checkpoint
     from devrecd.train import check_frontend, split_features, use_train_threads
@@ -185,7 +187,8 @@ def evaluate_checkpoint(checkpoint: str | Path, ds: Any, cfg: Any, *, split: str
     use_train_threads(cfg)
     hop = cfg.audio.hop_seconds if hop_seconds is None else hop_seconds
     cache = FeatureCache(Path(cfg.train.cache_dir), ckpt.frontend, cfg.audio, device=device)
-    feats, items = split_features(ds, split, cache, hop, ckpt.labels)  # every file checked before scoring
+    # every file checked before scoring
+    feats, items = split_features(ds, split, cache, hop, ckpt.labels, on_recording=on_recording)
     if not items:
         raise DatasetError(f"{ds.root}: the {split} split has no recordings", reason="dataset_empty_split")
     by_path = {str(it.path): f for it, f in zip(items, feats)}

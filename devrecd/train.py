@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from devrecd.config import Config, TrainConfig
-from devrecd.data import Dataset, FeatureCache, Item
+from devrecd.data import Dataset, FeatureCache, Item, parse_split_groups
 from devrecd.errors import ArtifactError, ConfigError, DatasetError
 from devrecd.model.checkpoint import Checkpoint, load_checkpoint, load_raw, resolve_checkpoint_path, save_checkpoint
 
@@ -132,23 +132,6 @@ class TrainResult:
     history: list[dict[str, Any]]
 
 
-def parse_split_groups(text: str | None) -> dict[str, tuple[str, ...]] | None:
-    """``"ccnu"`` or ``"train=1,2,3 test=4,5 [val=...]"`` -> a ``split_by_group`` mapping (None for none)."""
-    if not text:
-        return None
-    from devrecd.data import CCNU_SPLIT
-
-    if text.strip().lower() == "ccnu":
-        return dict(CCNU_SPLIT)
-    out: dict[str, tuple[str, ...]] = {}
-    for part in text.replace(";", " ").split():
-        name, sep, groups = part.partition("=")
-        if not sep or not groups:
-            raise ConfigError(f"--split-groups: {part!r} is not of the form split=g1,g2 (e.g. train=1,2,3 test=4,5)")
-        out[name.strip()] = tuple(g.strip() for g in groups.split(",") if g.strip())
-    return out
-
-
 def open_dataset(path: str | Path, cfg: Config, split_groups: str | None = None) -> Dataset:
     """Load ``path`` with the ``[train]`` split ratios and seed, or the given group split."""
     from devrecd.data import load_dataset
@@ -209,9 +192,10 @@ UNUSABLE_FILE = "unusable.json"
 
 def split_features(ds: Dataset, split: str, cache: FeatureCache, hop_seconds: float,
                    labels: Sequence[str], *, on_unusable: str = "fail",
-                   unusable: list[dict[str, str]] | None = None) -> tuple[list[np.ndarray], list[Item]]:
-    """Raw (unnormalised) window features of every recording of ``split``. Every file is read before
-    any training starts. With ``on_unusable="fail"`` the files that cannot be used are named in ONE
+                   unusable: list[dict[str, str]] | None = None,
+                   on_recording: Callable[[str], None] | None = None) -> tuple[list[np.ndarray], list[Item]]:
+    """Raw (unnormalised) window features of every recording of ``split`` (``on_recording(path)``
+    after each: progress). Every file is read before any training starts. With ``on_unusable="fail"`` the files that cannot be used are named in ONE
     DatasetError; with ``"skip"`` they are left out and appended to ``unusable`` (path, device,
     split, reason, detail)."""
     from devrecd.audio import AudioError
@@ -231,6 +215,8 @@ def split_features(ds: Dataset, split: str, cache: FeatureCache, hop_seconds: fl
             if unusable is not None:
                 unusable.append({"path": str(it.path), "device": it.device, "split": split, "reason": exc.reason,
                                  "detail": exc.detail})
+        if on_recording is not None:
+            on_recording(str(it.path))
     if bad and on_unusable != "skip":
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         raise DatasetError(f"{len(bad)} {split} recording(s) cannot be used: {'; '.join(bad[:3])}{more} "

@@ -1,8 +1,15 @@
-"""The CLI through typer's CliRunner: help, version, doctor, features on real recordings."""
+"""The CLI through typer's CliRunner: help, version, doctor, features on real recordings, the shared
+option grammar (enums, exit codes, -v, completion, folders), identify streaming, the .onnx enroll error."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,6 +36,7 @@ def test_doctor_is_truthful_about_this_machine():
     result = runner.invoke(app, ["doctor"])
     assert result.exit_code == 0, result.output
     lines = {line.split()[1]: line for line in result.output.splitlines() if line.strip()}
+    assert lines["config"].startswith("ok") and lines["state_dir"].startswith("ok")
     assert lines["torch"].startswith("ok")
     assert lines["onnxruntime"].startswith("ok") and "CPUExecutionProvider" in lines["onnxruntime"]
     assert lines["cuda"].startswith("ok" if torch.cuda.is_available() else "no")
@@ -79,5 +87,244 @@ def test_config_errors_are_one_line(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text("[batcher]\nmax_batch = 'x'\n")
     result = runner.invoke(app, ["config", "--config", str(path)])
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: batcher.max_batch: expected int, got str 'x' (from file {path})"
+    result = runner.invoke(app, ["config"], env={"DEVRECD_LOG__LEVEL": "LOUD"})
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert "log.level must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got 'LOUD' (from environment DEVRECD_LOG__LEVEL)" in result.output
+    # a flag is checked like the file: the CLI's own override of metrics.port
+    result = runner.invoke(app, ["watch", "--port", "99999"])
+    assert result.exit_code == 2 and "metrics.port must be in [0, 65535], got 99999 (from command line)" in result.output
+
+
+# --- doctor: the configured model, registry, state dir and port ---------------------------------
+
+def test_doctor_checks_a_good_configuration_and_names_what_is_broken(exported_model, tmp_path):
+    import socket
+
+    good = tmp_path / "good.toml"
+    good.write_text(f'[backend]\nmodel = "{exported_model}"\n[watch]\nstate_dir = "{tmp_path / "state"}"\n'
+                    f'[metrics]\nport = 0\n')
+    result = runner.invoke(app, ["doctor", "--config", str(good), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
+    assert checks["model"]["ok"] and "15 labels, frontend matches; backend onnxruntime" in checks["model"]["detail"]
+    assert checks["state_dir"]["ok"] and "GiB free" in checks["state_dir"]["detail"]
+    assert checks["config"]["ok"] and str(good) in checks["config"]["detail"]
+    assert not (tmp_path / "state").exists()  # doctor creates nothing
+
+    # A model whose contract says another frontend, a registry that is not one, a port in use, a
+    # state dir that is a file: each one is a failed check naming the thing, exit code 1.
+    occupied = socket.socket()
+    occupied.bind(("127.0.0.1", 0))
+    occupied.listen()
+    (tmp_path / "not-a-registry.json").write_text("{nope")
+    (tmp_path / "statefile").write_text("")
+    bad = tmp_path / "bad.toml"
+    bad.write_text(f'[frontend]\npreemphasis = 0.5\n[backend]\nmodel = "{exported_model}"\n'
+                   f'[registry]\npath = "{tmp_path / "not-a-registry.json"}"\n'
+                   f'[watch]\nstate_dir = "{tmp_path / "statefile" / "state"}"\n'
+                   f'[metrics]\nport = {occupied.getsockname()[1]}\n')
+    try:
+        result = runner.invoke(app, ["doctor", "--config", str(bad)])
+    finally:
+        occupied.close()
+    assert result.exit_code == 1, result.output
+    lines = {line.split()[1]: line for line in result.output.splitlines() if line.strip()}
+    assert lines["model"].startswith("FAIL") and "preemphasis" in lines["model"]
+    assert lines["registry"].startswith("FAIL") and "not-a-registry.json" in lines["registry"]
+    assert lines["state_dir"].startswith("FAIL") and "is not a folder" in lines["state_dir"]
+    assert lines["metrics_port"].startswith("FAIL") and "in use" in lines["metrics_port"]
+    assert lines["torch"].startswith("ok")  # capabilities are still reported
+
+    # An invalid configuration: reported as the config check, exit code 2.
+    result = runner.invoke(app, ["doctor", "--format", "json"], env={"DEVRECD_WATCH__WORKERS": "-3"})
+    assert result.exit_code == 2
+    report = json.loads(result.stdout)
+    assert report["ok"] is False
+    assert [c["detail"] for c in report["checks"] if c["name"] == "config"] == [
+        "watch.workers must be >= 1, got -3 (from environment DEVRECD_WATCH__WORKERS)"]
+
+
+# --- one grammar -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args", [
+    ["identify", "x.wav", "--format", "xml"],
+    ["identify", "x.wav", "--backend", "cuda"],
+    ["verdicts", "--format", "yaml"],
+    ["doctor", "--format", "csv"],
+    ["train", ".", "--out", "r", "--arch", "resnet"],
+    ["evaluate", ".", ".", "--out", "r", "--split", "dev"],
+    ["baseline", "svm", ".", "--out", "r"],
+    ["finetune", ".", ".", "--out", "r", "--trainable", "head"],
+    ["export", ".", "--out", "x.onnx", "--parity-audio", ".", "--exporter", "jit"],
+    ["enroll", "x.wav", "--profile", "p", "--scorer", "cosine"],
+    ["compare", "x.wav", "--scorer", "cosine"],
+    ["calibrate", ".", "--split", "dev"],
+    ["devices", "rename"],
+    ["train-gsv", ".", "--out", "g.npz", "--threshold-rule", "eer"],
+    ["listen", "--format", "csv"],
+])
+def test_a_bad_choice_is_a_usage_error(args):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "Invalid value" in result.output
+
+
+def test_renamed_options_are_gone():
+    for args in (["identify", "x.wav", "--json"], ["identify", "x.wav", "--device", "cpu"],
+                 ["enroll", "x.wav", "--device", "p"], ["evaluate", ".", ".", "--report", "r"],
+                 ["listen", "--hop", "1"], ["calibrate", ".", "--groups", "4,5"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and "No such option" in result.output, (args, result.output)
+
+
+def test_scorer_choices_are_the_scorers_the_library_has():
+    from devrecd.cli.openset import Scorer
+    from devrecd.openset.scorers import KINDS
+
+    assert {s.value for s in Scorer} <= set(KINDS)
+
+
+def test_arch_choices_are_the_architectures_the_model_has():
+    from devrecd.cli.training import Arch
+    from devrecd.model import ARCHITECTURES
+
+    assert [a.value for a in Arch] == list(ARCHITECTURES)
+
+
+def test_verbose_before_the_command_reaches_logging(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    logger = logging.getLogger("devrecd")
+    result = runner.invoke(app, ["identify", str(empty)])
+    assert result.exit_code == 2 and "no audio files found" in result.output
+    assert logger.level == logging.ERROR  # identify's results are its output: only errors are logged
+    result = runner.invoke(app, ["-v", "identify", str(empty)])
+    assert result.exit_code == 2
+    assert logger.level == logging.DEBUG
+
+
+def test_shell_completion_is_available():
+    result = runner.invoke(app, ["--help"])
+    assert "--install-completion" in result.output and "--show-completion" in result.output
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    def complete(words: str) -> list[str]:
+        """What bash completion offers for the last word (the protocol the installed script speaks)."""
+        proc = subprocess.run([sys.executable, "-m", "devrecd"], capture_output=True, text=True, timeout=120,
+                              env={**env, "_DEVRECD_COMPLETE": "complete_bash", "COMP_WORDS": words,
+                                   "COMP_CWORD": str(len(words.split(" ")) - 1)})
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.split()
+
+    assert complete("devrecd identi") == ["identify"]
+    assert complete("devrecd identify --format ") == ["table", "json", "csv"]
+    assert complete("devrecd train . --arch group") == [f"group{i}" for i in range(1, 8)]
+
+
+def test_a_folder_is_expanded_to_its_audio_files(ccnu_dir, tmp_path):
+    src = sorted(ccnu_dir.glob("*.wav"))[:2]
+    folder = tmp_path / "case"
+    (folder / "sub").mkdir(parents=True)
+    (folder / src[0].name).symlink_to(src[0])
+    (folder / "sub" / src[1].name).symlink_to(src[1])
+    (folder / "notes.txt").write_text("not audio")
+    (folder / ".hidden.wav").write_text("ignored by watch.ignore_patterns")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["features", str(folder), "--out", str(out), "--hop-seconds", "4"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.glob("*.npy")) == sorted(f"{p.name}.npy" for p in src)
+    result = runner.invoke(app, ["features", str(folder / "sub" / "nothing-here"), "--out", str(out)])
     assert result.exit_code == 1
-    assert result.output.strip() == "error: batcher.max_batch: expected int, got str 'x'"
+    (folder / "empty").mkdir()
+    result = runner.invoke(app, ["enroll", str(folder / "empty"), "--profile", "p", "--registry", str(tmp_path / "r.json")])
+    assert result.exit_code == 2 and "no reference files found" in result.output
+
+
+def test_enroll_with_an_onnx_model_says_what_is_expected(tmp_path, exported_model):
+    registry = tmp_path / "reg.json"
+    result = runner.invoke(app, ["enroll", str(tmp_path), "--profile", "p", "--registry", str(registry),
+                                 "-m", str(exported_model)])
+    assert result.exit_code == 2
+    assert result.output.count("\n") == 1
+    assert "an ONNX export cannot embed recordings" in result.output and "train-embedder" in result.output
+    assert "weights_only" not in result.output
+    assert not registry.exists()
+    # Not a checkpoint at all: one line naming the file, no torch advice.
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint" * 10)
+    wav = tmp_path / "ref.wav"
+    wav.write_bytes(b"")
+    result = runner.invoke(app, ["enroll", str(wav), "--profile", "p", "--registry", str(registry), "-m", str(junk)])
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert "junk.pt: not a readable checkpoint" in result.output and "weights_only" not in result.output
+
+
+# --- identify streams its verdicts -----------------------------------------------------------
+
+def test_identify_prints_each_verdict_as_it_is_made_and_ctrl_c_keeps_them(exported_model, ccnu_dir):
+    """Read the first verdict while the rest are still being judged, then Ctrl-C: what was printed
+    stays, every line is a whole record, and the exit code says "interrupted". If identify printed
+    only at the end, the first line would arrive after the last verdict and the exit code would be 0."""
+    files = sorted(ccnu_dir.glob("*.wav"))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "DEVRECD_WATCH__WORKERS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "devrecd", "identify", "--model", str(exported_model),
+                             "--format", "json", *map(str, files)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        first = json.loads(proc.stdout.readline())
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert first["outcome"] == "judged" and Path(first["path"]).name in {f.name for f in files}
+    records = [first, *map(json.loads, rest.splitlines())]
+    assert proc.returncode == 130, err
+    assert 1 <= len(records) < len(files)
+    assert f"interrupted: {len(records)} of {len(files)} verdict(s) printed" in err
+    assert "Traceback" not in err
+    assert "\r" not in err  # no progress bar when stderr is not a terminal
+
+
+def test_identify_table_and_csv_stream_through_one_printer(tmp_path):
+    from devrecd.cli.app import Format
+    from devrecd.cli.serve import CSV_FIELDS, VerdictPrinter
+    import csv
+    import io
+
+    judged = {"outcome": "judged", "path": "/e/a.wav", "device": "phone A", "score": 0.91, "duration": 12.0,
+              "top_k": [{"device": "phone A", "score": 0.91}, {"device": "phone B", "score": 0.05}], "sha256": "ab"}
+    failed = {"outcome": "failed", "path": "/e/b.wav", "reason": "corrupt", "detail": "x", "sha256": "cd"}
+    out = io.StringIO()
+    printer = VerdictPrinter(Format.table, out, path_width=8)
+    assert out.getvalue() == ""  # nothing before the first verdict (a model that fails to load prints no header)
+    printer.add(judged)
+    assert out.getvalue().splitlines() == ["FILE      DEVICE                    SCORE  RUNNER-UP                       SECONDS",
+                                           "/e/a.wav  phone A                   0.910  phone B 0.050                   12.0"]
+    printer.add(failed)
+    assert out.getvalue().splitlines()[-1] == "/e/b.wav  (failed: corrupt)"
+    out = io.StringIO()
+    printer = VerdictPrinter(Format.csv, out)
+    printer.close()
+    assert out.getvalue().strip() == ",".join(CSV_FIELDS)  # an empty export still names its columns
+    printer.add(judged)
+    row = list(csv.DictReader(io.StringIO(out.getvalue())))[0]
+    assert row["device"] == "phone A" and row["top_k"] == "phone A:0.91;phone B:0.05"
+
+
+def test_progress_bar_only_when_stderr_is_a_terminal(monkeypatch):
+    import io
+
+    from devrecd.cli.app import progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for stream, drawn in ((Terminal(), True), (io.StringIO(), False)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        with progress(3, "calibrate", unit="recording") as bar:
+            bar.update(3)
+        assert ("calibrate:" in stream.getvalue() and "/3 " in stream.getvalue()) is drawn

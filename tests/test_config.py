@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,63 @@ def test_configs_are_frozen():
     cfg = Config()
     with pytest.raises(AttributeError):
         cfg.batcher.max_batch = 3  # type: ignore[misc]
+
+
+# Values that used to load and then crashed later or were silently ignored.
+BAD_VALUES = {
+    "log.level": ("LOUD", r"log\.level must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got 'LOUD'"),
+    "log.format": ("xml", r"log\.format must be one of text, json, got 'xml'"),
+    "watch.polling": ("sometimes", r"watch\.polling must be one of auto, always, never"),
+    "audio.mix": ("foo", r"audio\.mix must be one of mean, first"),
+    "metrics.port": (99999, r"metrics\.port must be in \[0, 65535\], got 99999"),
+    "watch.workers": (-3, r"watch\.workers must be >= 1, got -3"),
+    "watch.top_k": (0, r"watch\.top_k must be >= 1, got 0"),
+    "audio.resample_quality": ("best", r"audio\.resample_quality must be one of QQ, LQ, MQ, HQ, VHQ"),
+    "backend.kind": ("cuda", r"backend\.kind must be one of auto, onnxruntime, tensorrt, torch"),
+    "backend.device": ("gpu", r"backend\.device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    "train.split": ([0.5, 0.5, 0.5], r"train\.split: the three fractions must add up to 1"),
+    "watch.extensions": ([".wav", "mp3"], r"watch\.extensions\[1\] must be an extension starting with '\.'"),
+    "registry.target_far": (0.0, r"registry\.target_far must be in \(0, 1\)"),
+    "watch.state_dir": ("  ", r"watch\.state_dir must be a non-empty string"),
+}
+
+
+@pytest.mark.parametrize("key", sorted(BAD_VALUES))
+def test_bad_values_are_refused_at_load_naming_key_and_source(tmp_path, key):
+    value, message = BAD_VALUES[key]
+    section, name = key.split(".")
+    literal = repr(value).replace("'", '"')
+    path = tmp_path / "c.toml"
+    path.write_text(f"[{section}]\n{name} = {literal}\n")
+    with pytest.raises(ConfigError, match=message + r".*\(from file .*c\.toml\)"):
+        load_config(path, env={})
+    env_name = f"DEVRECD_{section.upper()}__{name.upper()}"
+    with pytest.raises(ConfigError, match=message + rf".*\(from environment {env_name}\)"):
+        load_config(None, env={env_name: literal})
+    with pytest.raises(ConfigError, match=message + r".*\(from command line\)"):
+        load_config(None, env={}, overrides={key: value})
+
+
+def test_a_section_made_in_code_is_checked_too():
+    from devrecd.config import MetricsConfig, WatchConfig
+
+    with pytest.raises(ConfigError, match=r"metrics\.port must be in \[0, 65535\]"):
+        MetricsConfig(port=70000)
+    watch = WatchConfig()
+    with pytest.raises(ConfigError, match=r"watch\.queue_size must be >= 1"):
+        replace(watch, queue_size=0)
+    assert replace(watch, queue_size=1).queue_size == 1
+
+
+def test_each_layer_wins_over_the_one_below_for_the_same_key(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[watch]\ntop_k = 2\n")
+    env = {"DEVRECD_WATCH__TOP_K": "3"}
+    assert load_config(None, env={}).watch.top_k == 5
+    assert load_config(path, env={}).watch.top_k == 2
+    assert load_config(path, env=env).watch.top_k == 3
+    assert load_config(path, env=env, overrides={"watch.top_k": 4}).watch.top_k == 4
+    # a bad value in a lower layer is refused even when a higher layer would replace it
+    path.write_text("[watch]\ntop_k = 0\n")
+    with pytest.raises(ConfigError, match=r"watch\.top_k.*from file"):
+        load_config(path, env=env, overrides={"watch.top_k": 4})

@@ -189,7 +189,7 @@ def test_inference_streams_auto_explicit_and_capped_by_the_backend() -> None:
     three = load_config(None, env={}, overrides={"batcher.streams": 3})
     assert inference_streams(three, any_) == 3
     assert inference_streams(three, one) == 1  # TensorRT / torch: one execution at a time
-    with pytest.raises(ConfigError, match="batcher: streams must be >= 0"):
+    with pytest.raises(ConfigError, match="batcher.streams must be >= 0"):
         load_config(None, env={}, overrides={"batcher.streams": -1})
 
 

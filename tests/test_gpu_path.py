@@ -175,7 +175,7 @@ def test_identify_takes_device_and_backend_on_the_command_line(exported_model, c
     from devrecd.cli import app
 
     result = CliRunner().invoke(app, ["identify", str(ccnu_dir / "Apple_air1_1.wav"), "--backend", "torch",
-                                      "--model", str(exported_model.checkpoint), "--device", "cpu", "--json"])
+                                      "--model", str(exported_model.checkpoint), "--torch-device", "cpu", "--format", "json"])
     assert result.exit_code == 0, result.output
     record = json.loads(result.output.splitlines()[-1])
     assert record["outcome"] == "judged" and record["backend"] == "torch"

@@ -64,12 +64,14 @@ def test_identify_cli_json_table_and_failures(cfg: Config, ccnu_dir: Path, tmp_p
     bad = tmp_path / "broken recording.wav"
     bad.write_bytes(good[0].read_bytes()[:3000])
     model = cfg.backend.model
-    result = runner.invoke(app, ["identify", str(good[0]), str(bad), str(good[1]), "--model", model, "--json"])
+    result = runner.invoke(app, ["identify", str(good[0]), str(bad), str(good[1]), "--model", model, "--format", "json"])
     assert result.exit_code == 1, result.output
-    lines = [json.loads(x) for x in result.stdout.splitlines()]
-    assert [(Path(r["path"]).name, r["outcome"]) for r in lines] == [
-        (good[0].name, "judged"), (bad.name, "failed"), (good[1].name, "judged")]
-    assert lines[1]["reason"] == "corrupt"
+    # One verdict per file, printed as each is made (in the order they finish).
+    by_name = {Path(r["path"]).name: r for r in map(json.loads, result.stdout.splitlines())}
+    assert {n: r["outcome"] for n, r in by_name.items()} == {
+        good[0].name: "judged", bad.name: "failed", good[1].name: "judged"}
+    assert by_name[bad.name]["reason"] == "corrupt"
+    lines = [by_name[good[0].name]]
     assert "broken recording.wav: corrupt" in result.stderr
     # A folder expands to its audio files; the table has one row per file.
     shutil.copy(good[0], tmp_path / "copy.wav")

@@ -31,14 +31,14 @@ def test_enroll_then_identify_gives_open_set_verdicts(tmp_path: Path, ccnu_dir: 
     devices = ["Apple_air1", "huawei_p20"]
     registry = tmp_path / "registry.json"
     for name, refs in _by_segment(ccnu_dir, devices, {1, 2, 3}).items():
-        result = runner.invoke(app, ["enroll", "--model", str(exported_model.checkpoint), "--device", name,
+        result = runner.invoke(app, ["enroll", "--model", str(exported_model.checkpoint), "--profile", name,
                                      "--registry", str(registry), *map(str, refs)])
         assert result.exit_code == 0, result.output
-    listed = runner.invoke(app, ["devices", "list", "--registry", str(registry), "--json"])
+    listed = runner.invoke(app, ["devices", "list", "--registry", str(registry), "--format", "json"])
     assert listed.exit_code == 0 and {d["name"] for d in json.loads(listed.output)["devices"]} == set(devices)
 
     questioned = [p for refs in _by_segment(ccnu_dir, devices, {4}).values() for p in refs]
-    result = runner.invoke(app, ["identify", "--model", str(exported_model), "--json", *map(str, questioned)],
+    result = runner.invoke(app, ["identify", "--model", str(exported_model), "--format", "json", *map(str, questioned)],
                            env={"DEVRECD_REGISTRY__PATH": str(registry), "DEVRECD_REGISTRY__THRESHOLD": "0.0"})
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
@@ -50,7 +50,7 @@ def test_enroll_then_identify_gives_open_set_verdicts(tmp_path: Path, ccnu_dir: 
         assert set(r["closed_set"]) == {"device", "score", "top_k"}  # the model's own verdict kept beside it
         assert -1.0 <= r["score"] <= 1.0  # a cosine score, not a probability
 
-    strict = runner.invoke(app, ["identify", "--model", str(exported_model), "--json", str(questioned[0])],
+    strict = runner.invoke(app, ["identify", "--model", str(exported_model), "--format", "json", str(questioned[0])],
                            env={"DEVRECD_REGISTRY__PATH": str(registry), "DEVRECD_REGISTRY__THRESHOLD": "1.01",
                                 "DEVRECD_REGISTRY__USE_CALIBRATION": "false"})
     assert strict.exit_code == 0, strict.output

@@ -428,8 +428,8 @@ def test_listen_through_portaudio_agrees_with_identify(alsa_evidence, exported_m
     cfg = load_config(None, env={}, overrides={"backend.model": str(model), "backend.threads": 1,
                                                "audio.hop_seconds": 1.0})
     n = int((sf.info(wav).frames - cfg.frontend.clip_samples) // SR) + 1
-    out = subprocess.run([sys.executable, "-c", "from devrecd.cli import main; main()", "listen", "--device", "evidence",
-                          "--model", str(model), "--hop", "1", "--smoothing", str(n), "--json", "--max-windows", str(n)],
+    out = subprocess.run([sys.executable, "-c", "from devrecd.cli import main; main()", "listen", "--input-device", "evidence",
+                          "--model", str(model), "--hop-seconds", "1", "--smoothing", str(n), "--format", "json", "--max-windows", str(n)],
                          env={**env, "DEVRECD_BACKEND__THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     live = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]

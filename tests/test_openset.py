@@ -346,7 +346,7 @@ def test_devices_cli_list_show_remove(tmp_path: Path) -> None:
     run = CliRunner().invoke
     out = run(app, ["devices", "--registry", str(path)])
     assert out.exit_code == 0 and "2 device(s)" in out.output and "phone B" in out.output
-    out = run(app, ["devices", "show", "phone B", "--registry", str(path), "--json"])
+    out = run(app, ["devices", "show", "phone B", "--registry", str(path), "--format", "json"])
     assert out.exit_code == 0 and json.loads(out.output)["n_references"] == 2
     out = run(app, ["devices", "remove", "phone A", "--registry", str(path)])
     assert out.exit_code == 0 and open_registry(path).names == ["phone B"]

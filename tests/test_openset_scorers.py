@@ -203,11 +203,11 @@ def test_shipped_gsv_enrols_calibrates_and_judges_unseen_phones(ccnu_dir: Path, 
     reg = tmp_path / "case" / "registry.json"
     run = CliRunner().invoke
     for p in phones[:2]:
-        res = run(app, ["enroll", "--registry", str(reg), "--device", p, str(by_phone[p]["1"]), str(by_phone[p]["2"])])
+        res = run(app, ["enroll", "--registry", str(reg), "--profile", p, str(by_phone[p]["1"]), str(by_phone[p]["2"])])
         assert res.exit_code == 0, res.output
     stored = json.loads(reg.read_text())
     assert stored["embedder"]["kind"] == "gsv" and stored["embedder"]["dev_calibration"]
-    res = run(app, ["enroll", "--registry", str(reg), "--device", "x", "--scorer", "embedder", str(by_phone[p]["3"])])
+    res = run(app, ["enroll", "--registry", str(reg), "--profile", "x", "--scorer", "embedder", str(by_phone[p]["3"])])
     assert res.exit_code == 1 and "scorer 'gsv'" in res.output
     cfg = Config().with_overrides({"registry.path": str(reg)})
     judge = RegistryJudge(cfg)
@@ -227,7 +227,7 @@ def test_shipped_gsv_enrols_calibrates_and_judges_unseen_phones(ccnu_dir: Path, 
         for seg in ("3", "4", "5"):
             lines.append(f'"{by_phone[p][seg]}","{p}",{seg}')
     (held / "manifest.csv").write_text("\n".join(lines) + "\n")
-    res = run(app, ["calibrate", str(held), "--registry", str(reg), "--groups", "3,5", "--far", "0.2"])
+    res = run(app, ["calibrate", str(held), "--registry", str(reg), "--split-groups", "test=3,5", "--far", "0.2"])
     assert res.exit_code == 0, res.output
     assert "4 target / 8 non-target trials" in res.output
     assert RegistryJudge(cfg).threshold_source.startswith("calibrated")

@@ -39,7 +39,7 @@ def registry(ccnu_dir: Path, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("gsvserve") / "registry"
     for device in ENROLLED:
         refs = [str(_segment(ccnu_dir, device, s)) for s in (1, 2)]
-        result = runner.invoke(app, ["enroll", "--registry", str(path), "--device", device, *refs])
+        result = runner.invoke(app, ["enroll", "--registry", str(path), "--profile", device, *refs])
         assert result.exit_code == 0, result.output
     return path
 
@@ -129,7 +129,7 @@ def test_without_a_registry_or_a_model_the_error_names_both(ccnu_dir) -> None:
 
 
 def test_identify_cli_without_a_model(registry, ccnu_dir, tmp_path) -> None:
-    result = runner.invoke(app, ["identify", "--registry", str(registry), "--json",
+    result = runner.invoke(app, ["identify", "--registry", str(registry), "--format", "json",
                                  str(_segment(ccnu_dir, "Apple_air1", 4)), str(_segment(ccnu_dir, NOT_ENROLLED, 4))])
     assert result.exit_code == 0, result.output
     lines = [x for x in result.output.splitlines() if x.startswith("{")]

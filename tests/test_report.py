@@ -62,7 +62,7 @@ def case(ccnu_dir: Path, asp_embedder_checkpoint: Path, exported_model, tmp_path
         enrol_files(reg, embedder, device, refs, cfg)
     reg.save()
     result = runner.invoke(app, ["calibrate", str(data), "--model", str(asp_embedder_checkpoint), "--registry",
-                                 str(reg.path), "--groups", "3,4", "--far", "0.05", "--plots", str(root / "cal")], env=HOP)
+                                 str(reg.path), "--split-groups", "test=3,4", "--far", "0.05", "--plots", str(root / "cal")], env=HOP)
     assert result.exit_code == 0, result.output
     return {"root": root, "cfg": cfg, "rows": rows, "registry": reg.path, "checkpoint": asp_embedder_checkpoint,
             "model": exported_model, "ccnu": ccnu_dir, "calibration_output": result.output}
@@ -230,7 +230,7 @@ def test_compare_cli_with_files_and_registry_profile(case, tmp_path: Path) -> No
         if r["device"] == device and r["segment"] in ("1", "2"):
             (refs_dir / r["path"]).symlink_to(case["ccnu"] / r["path"])
     args = ["compare", *(str(case["ccnu"] / r["path"]) for r in q), "--reference", str(refs_dir),
-            "--reference-device", device, "--registry", str(case["registry"]), "--json"]
+            "--reference-device", device, "--registry", str(case["registry"]), "--format", "json"]
     result = runner.invoke(app, args, env=HOP)
     assert result.exit_code == 0, result.output
     recs = [json.loads(x) for x in result.stdout.splitlines()]
@@ -256,7 +256,7 @@ def test_compare_cli_with_files_and_registry_profile(case, tmp_path: Path) -> No
     damaged = tmp_path / "damaged.wav"
     damaged.write_bytes((case["ccnu"] / q[0]["path"]).read_bytes()[:3000])
     result = runner.invoke(app, ["compare", str(damaged), "--reference-device", device, "--registry",
-                                 str(case["registry"]), "--json"], env=HOP)
+                                 str(case["registry"]), "--format", "json"], env=HOP)
     assert result.exit_code == 1
     (failed,) = [json.loads(x) for x in result.stdout.splitlines()]
     assert failed["outcome"] == "failed" and failed["reason"] == "corrupt" and re.fullmatch(r"[0-9a-f]{64}", failed["sha256"])
@@ -285,14 +285,14 @@ def test_compare_on_a_gsv_registry_before_and_after_calibrate(ccnu_dir: Path, tm
     reg_path = tmp_path / "gsv.json"
     for device in sorted({r["device"] for r in rows}):
         refs = [str(ccnu_dir / r["path"]) for r in rows if r["device"] == device and r["segment"] in ("1", "2")]
-        result = runner.invoke(app, ["enroll", *refs, "--device", device, "--registry", str(reg_path)], env=HOP)
+        result = runner.invoke(app, ["enroll", *refs, "--profile", device, "--registry", str(reg_path)], env=HOP)
         assert result.exit_code == 0, result.output
     reg = open_registry(reg_path)
     assert reg.kind == "gsv" and reg.embedder.get("dev_calibration") and not reg.calibration_info.get("lr")
     device = "Apple_air1"
     q = [str(ccnu_dir / r["path"]) for r in rows if r["segment"] == "5"]
     own = q.index(str(ccnu_dir / f"{device}_5.wav"))
-    args = ["compare", *q, "--reference-device", device, "--registry", str(reg_path), "--json"]
+    args = ["compare", *q, "--reference-device", device, "--registry", str(reg_path), "--format", "json"]
     before = runner.invoke(app, args, env=HOP)
     assert before.exit_code == 0, before.output
     recs = [json.loads(x) for x in before.stdout.splitlines()]
@@ -303,7 +303,7 @@ def test_compare_on_a_gsv_registry_before_and_after_calibrate(ccnu_dir: Path, tm
     wrong = runner.invoke(app, [*args[:2], "--reference-device", device, "--registry", str(reg_path), "--scorer", "embedder"])
     assert wrong.exit_code != 0 and "enrolled with scorer 'gsv'" in wrong.output
 
-    result = runner.invoke(app, ["calibrate", str(data), "--registry", str(reg_path), "--groups", "3,4",
+    result = runner.invoke(app, ["calibrate", str(data), "--registry", str(reg_path), "--split-groups", "test=3,4",
                                  "--plots", str(tmp_path / "cal")], env=HOP)
     assert result.exit_code == 0, result.output
     cal = LRCalibration.from_dict(open_registry(reg_path).calibration_info["lr"])

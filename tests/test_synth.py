@@ -211,5 +211,5 @@ def test_synth_config_section_is_checked():
     cfg = load_config(env={}, overrides={"synth.spread": 1.0, "synth.parallel": False}).synth
     settings = SynthSettings.from_config(cfg, devices=4, clips_per_device=3, seed=9)
     assert (settings.spread, settings.parallel, settings.devices, settings.seed) == (1.0, False, 4, 9)
-    with pytest.raises(ConfigError, match="synth: speakers_per_clip must be >= 1"):
+    with pytest.raises(ConfigError, match="synth.speakers_per_clip must be >= 1"):
         load_config(env={}, overrides={"synth.speakers_per_clip": 0})

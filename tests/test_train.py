@@ -108,7 +108,7 @@ def test_resuming_into_a_run_of_another_architecture_is_refused(run, env, tmp_pa
 
 
 def test_evaluate_writes_the_report(run, env, tmp_path):
-    result = CliRunner().invoke(app, ["evaluate", str(run), str(env["ds"]), "--report", str(tmp_path / "r"),
+    result = CliRunner().invoke(app, ["evaluate", str(run), str(env["ds"]), "--out", str(tmp_path / "r"),
                                       "--config", str(env["config"])])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r" / "report.json").read_text())
@@ -125,7 +125,7 @@ def test_evaluate_writes_the_report(run, env, tmp_path):
 
 
 def test_baseline_uses_the_same_report(env, tmp_path):
-    result = CliRunner().invoke(app, ["baseline", "mfcc-svm", str(env["ds"]), "--report", str(tmp_path / "r"),
+    result = CliRunner().invoke(app, ["baseline", "mfcc-svm", str(env["ds"]), "--out", str(tmp_path / "r"),
                                       "--config", str(env["config"])])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r" / "report.json").read_text())
@@ -153,7 +153,7 @@ def test_finetune_cli_refuses_a_checkpoint_of_another_frontend(run, env, tmp_pat
     config = tmp_path / "c.toml"
     config.write_text(env["config"].read_text() + "\n[frontend]\nclip_seconds = 1.0\n")
     for args in (["finetune", str(run), str(env["other"]), "--out", str(tmp_path / "ft")],
-                 ["evaluate", str(run), str(env["ds"]), "--report", str(tmp_path / "r")]):
+                 ["evaluate", str(run), str(env["ds"]), "--out", str(tmp_path / "r")]):
         result = CliRunner().invoke(app, [*args, "--config", str(config)])
         assert result.exit_code == 1
         assert "another frontend" in result.output and "clip_seconds" in result.output

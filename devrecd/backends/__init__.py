@@ -121,7 +121,7 @@ def _torch(cfg: BackendConfig, model: Path, device: str | None = None) -> Backen
 
 def _cuda_device(device: str) -> str | None:
     """The CUDA device ``backend.device`` names or implies when torch sees a GPU, else None."""
-    from devrecd.pipeline import resolve_device
+    from devrecd.pipeline.stages import resolve_device
 
     device = resolve_device(device)  # 'auto' without a GPU driver is 'cpu' without importing torch
     if not device.startswith("cuda"):

@@ -9,23 +9,49 @@ from typing import List, Optional
 
 import typer
 
-from devrecd.cli.app import ConfigOption, command, load_cli_config
-from devrecd.errors import DevrecdError
+from devrecd.cli.app import (EXIT_FAILED, EXIT_USAGE, ConfigOption, ModelOption, TextFormat, TorchDeviceOption,
+                             audio_paths, command, load_cli_config)
+from devrecd.errors import ConfigError, DevrecdError
 
 log = logging.getLogger("devrecd.cli")
 
 
 @command()
-def doctor() -> None:
-    """Report what this machine can run (GPU, TensorRT, ONNX Runtime, PortAudio, decoders)."""
-    from devrecd.doctor import run_checks
+def doctor(
+    config: Optional[Path] = ConfigOption,
+    model: Optional[str] = ModelOption,
+    registry: Optional[Path] = typer.Option(None, "--registry", "-r", help="Device registry to check (registry.path)."),
+    fmt: TextFormat = typer.Option(TextFormat.table, "--format", case_sensitive=False, help="table or json."),
+) -> None:
+    """Check what this machine can run (GPU, TensorRT, ONNX Runtime, PortAudio, decoders) and that
+    the configuration can serve: model and contract, engine, registry, state folder, metrics port.
 
-    for check in run_checks():
-        mark = typer.style("ok  ", fg=typer.colors.GREEN) if check.ok else typer.style("no  ", fg=typer.colors.YELLOW)
-        line = f"{mark}{check.name:<18} {check.detail}"
-        if not check.ok and check.hint:
-            line += f"  -> {check.hint}"
-        typer.echo(line)
+    Exit code 1 when something the configuration names does not work, 2 when the configuration is invalid."""
+    from devrecd.doctor import Check, configured_checks, run_checks
+
+    checks = run_checks()
+    try:
+        cfg = load_cli_config(config, {"backend.model": model, "registry.path": str(registry) if registry else None})
+    except ConfigError as exc:  # reported like every other check; the exit code says "configuration"
+        checks.append(Check("config", False, str(exc), required=True))
+        code = EXIT_USAGE
+    else:
+        checks += configured_checks(cfg, source=f"file {config}" if config else "defaults and environment")
+        code = EXIT_FAILED if any(c.failed for c in checks) else 0
+    if fmt is TextFormat.json:
+        typer.echo(json.dumps({"ok": code == 0, "checks": [c.to_dict() for c in checks]}, indent=2))
+    else:
+        for check in checks:
+            if check.ok:
+                mark = typer.style("ok   ", fg=typer.colors.GREEN)
+            else:
+                mark = typer.style("FAIL " if check.failed else "no   ", fg=typer.colors.RED if check.failed else typer.colors.YELLOW)
+            line = f"{mark}{check.name:<18} {check.detail}"
+            if not check.ok and check.hint:
+                line += f"  -> {check.hint}"
+            typer.echo(line)
+    if code:
+        raise typer.Exit(code)
 
 
 @command("config")
@@ -38,16 +64,17 @@ def show_config(config: Optional[Path] = ConfigOption) -> None:
 
 @command()
 def features(
-    audio: List[Path] = typer.Argument(..., help="Recordings to process."),
+    audio: List[Path] = typer.Argument(..., help="Recordings (or folders of recordings) to process."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for <name>.npy (windows, 128, 73) and <name>.json."),
     config: Optional[Path] = ConfigOption,
-    hop_seconds: Optional[float] = typer.Option(None, help="Window hop in seconds (audio.hop_seconds)."),
-    device: Optional[str] = typer.Option(None, help="torch device for the frontend: auto, cpu, cuda (backend.device)."),
+    hop_seconds: Optional[float] = typer.Option(None, "--hop-seconds", help="Window hop in seconds (audio.hop_seconds)."),
+    torch_device: Optional[str] = TorchDeviceOption,
 ) -> None:
-    """Compute the 73-dim features of each recording: one .npy per input, plus a JSON sidecar."""
+    """Compute the 73-dim features of each recording (folders: their audio files): one .npy per input, plus a JSON sidecar."""
     from devrecd.pipeline.stages import features_for_file, resolve_device
 
-    cfg = load_cli_config(config, {"audio.hop_seconds": hop_seconds, "backend.device": device})
+    cfg = load_cli_config(config, {"audio.hop_seconds": hop_seconds, "backend.device": torch_device})
+    audio = audio_paths(audio, cfg)
     dev = resolve_device(cfg.backend.device)
     out.mkdir(parents=True, exist_ok=True)
     failed = 0

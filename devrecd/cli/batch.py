@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from devrecd.cli.app import ConfigOption, command, load_cli_config
-from devrecd.cli.serve import BackendOption, EngineOption, ModelOption
+from devrecd.cli.app import (BackendKind, BackendOption, ConfigOption, EngineOption, ModelOption, cli_logging, command,
+                             load_cli_config)
 
 
 @command()
@@ -23,17 +22,15 @@ def batch(
     config: Optional[Path] = ConfigOption,
     model: Optional[str] = ModelOption,
     engine: Optional[str] = EngineOption,
-    backend: Optional[str] = BackendOption,
+    backend: Optional[BackendKind] = BackendOption,
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Candidates kept per verdict (watch.top_k)."),
 ) -> None:
     """Judge a finite archive on Ray (same verdicts as the daemon, each file exactly once per --out)."""
     from devrecd.cluster.job import run_batch
-    from devrecd.logs import setup_logging
 
     cfg = load_cli_config(config, {"backend.model": model, "backend.engine": engine, "backend.kind": backend,
                                    "watch.top_k": top_k, "cluster.address": address})
-    verbose = logging.getLogger("devrecd").level == logging.DEBUG
-    setup_logging("DEBUG" if verbose else cfg.log.level, cfg.log.format)
+    cli_logging(cfg)
     s = run_batch(cfg, [str(p) for p in sources], out)
     run, total = s["this_run"], s["in_folder"]
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(run["failed_by_reason"].items()))

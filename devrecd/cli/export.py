@@ -5,9 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
+import enum
+
 import typer
 
-from devrecd.cli.app import ConfigOption, command, load_cli_config
+from devrecd.cli.app import ConfigOption, audio_paths, command, load_cli_config
+
+
+class Exporter(str, enum.Enum):
+    torchscript = "torchscript"
+    dynamo = "dynamo"
+
 
 
 @command()
@@ -17,17 +25,19 @@ def export(
     parity_audio: List[Path] = typer.Option(..., "--parity-audio", "-a", exists=True,
                                             help="Real recordings (files or folders) for the torch vs ONNX Runtime check."),
     fp16: bool = typer.Option(False, "--fp16", help="Also write NAME-fp16.onnx (FP32 input + normalisation, FP16 network) for TensorRT."),
-    opset: int = typer.Option(18, help="ONNX opset (TensorRT 10 parses 9-20)."),
-    exporter: str = typer.Option("torchscript", help="torchscript (seconds) or dynamo (torch.export, ~20x slower here)."),
-    tolerance: Optional[float] = typer.Option(None, help="Max abs probability difference allowed (default 1e-4)."),
+    opset: int = typer.Option(18, "--opset", min=9, help="ONNX opset (TensorRT 10 parses 9-20)."),
+    exporter: Exporter = typer.Option(Exporter.torchscript, "--exporter", case_sensitive=False,
+                                      help="torchscript (seconds) or dynamo (torch.export, ~20x slower here)."),
+    tolerance: Optional[float] = typer.Option(None, "--tolerance", min=0.0, help="Max abs probability difference allowed (default 1e-4)."),
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Export a checkpoint to ONNX with normalisation + softmax folded in; parity-checked on real audio."""
     from devrecd.export import export_checkpoint
 
     cfg = load_cli_config(config)
-    for result in export_checkpoint(checkpoint, out, cfg=cfg, parity_audio=parity_audio, fp16=fp16, opset=opset,
-                                    exporter=exporter, tolerance=tolerance):
+    parity = audio_paths(parity_audio, cfg, what="parity audio")
+    for result in export_checkpoint(checkpoint, out, cfg=cfg, parity_audio=parity, fp16=fp16, opset=opset,
+                                    exporter=exporter.value, tolerance=tolerance):
         p = result.contract.parity
         typer.echo(f"{result.onnx_path}  ({result.contract.precision}, {len(result.contract.labels)} labels, "
                    f"sha256 {result.contract.onnx_sha256[:12]}, exported in {result.seconds:.1f} s)")

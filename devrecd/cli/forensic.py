@@ -8,8 +8,8 @@ from typing import List, Optional
 
 import typer
 
-from devrecd.cli.app import ConfigOption, command, load_cli_config
-from devrecd.cli.openset import GsvOption, ModelOption, ScorerOption
+from devrecd.cli.app import ConfigOption, TextFormat, audio_paths, command, load_cli_config
+from devrecd.cli.openset import GsvOption, ModelOption, Scorer, ScorerOption
 from devrecd.errors import ConfigError
 
 
@@ -22,13 +22,15 @@ def compare(
     reference_device: Optional[str] = typer.Option(None, "--reference-device", "-d",
                                                    help="Name of the reference device (a registry profile when no --reference)."),
     model: Optional[Path] = ModelOption,
-    scorer: Optional[str] = ScorerOption,
+    scorer: Optional[Scorer] = ScorerOption,
     gsv: Optional[Path] = GsvOption,
     registry: Optional[Path] = typer.Option(None, "--registry", "-r", help="Registry JSON (registry.path): its "
                                             "calibration and profiles."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", exists=True, dir_okay=False,
                                                help="lr-calibration.json written by `devrecd calibrate` (default: the registry's)."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON record per questioned recording (input for `devrecd report`)."),
+    fmt: TextFormat = typer.Option(TextFormat.table, "--format", case_sensitive=False,
+                                   help="table (a line per recording) or json (one JSON record per questioned "
+                                        "recording: input for `devrecd report`)."),
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Same source or different source: score, calibrated and bounded likelihood ratio, verbal equivalent.
@@ -38,8 +40,7 @@ def compare(
     score is reported and no LR is given.
     """
     from devrecd.cli.openset import choose_scorer
-    from devrecd.daemon.watcher import scan_files
-    from devrecd.forensic.compare import Comparer, ComparisonError, compare as run_compare
+    from devrecd.forensic.compare import Comparer, compare as run_compare
     from devrecd.forensic.lr import LRCalibration, load_lr_calibration
     from devrecd.openset.registry import open_registry
     from devrecd.pipeline.stages import resolve_device
@@ -50,7 +51,7 @@ def compare(
     # one asked for: --model (network) or the GSV scorer (--gsv FILE, default the shipped one).
     comparer = Comparer(choose_scorer(reg, scorer, model, gsv, resolve_device(cfg.backend.device)), cfg)
     if reference:
-        ref_files = scan_files(reference, cfg.watch)
+        ref_files = audio_paths(reference, cfg, what="reference")
         refs = comparer.references(reference_device or "reference device", ref_files)
     elif reference_device and reg is not None:
         refs = comparer.references_from_profile(reg.get(reference_device), str(reg.path))
@@ -61,11 +62,9 @@ def compare(
         cal = load_lr_calibration(calibration)
     elif reg is not None and reg.calibration_info.get("lr"):
         cal = LRCalibration.from_dict(reg.calibration_info["lr"])
-    files = scan_files(questioned, cfg.watch)
-    if not files:
-        raise ComparisonError("no questioned recordings found in the given paths")
+    files = audio_paths(questioned, cfg, what="questioned")
     records = run_compare(comparer, files, refs, cal)
-    if as_json:
+    if fmt is TextFormat.json:
         for r in records:
             typer.echo(json.dumps(r, ensure_ascii=False))
     else:
@@ -89,7 +88,7 @@ def compare(
 
 @command()
 def report(
-    sources: List[Path] = typer.Argument(..., help="Daemon state folder(s), identify/compare --json outputs (.jsonl), "
+    sources: List[Path] = typer.Argument(..., help="Daemon state folder(s), identify/compare --format json outputs (.jsonl), "
                                          "or recordings/folders (inventory only)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for report.html, report.json and the PNG figures."),
     case_id: Optional[str] = typer.Option(None, "--case-id", help="Case reference (report.case_id)."),

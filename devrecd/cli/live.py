@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 import signal
 import threading
@@ -12,33 +11,35 @@ from typing import Optional
 
 import typer
 
-from devrecd.cli.app import ConfigOption, command, load_cli_config
+from devrecd.cli.app import (BackendKind, BackendOption, ConfigOption, EngineOption, ModelOption, TextFormat,
+                             TorchDeviceOption, cli_logging, command, load_cli_config)
 
 
 @command()
 def listen(
-    device: Optional[str] = typer.Option(None, "--device", "-d", help="Input device name (or part of it) or index (live.device)."),
-    list_devices: bool = typer.Option(False, "--list-devices", help="List the input devices PortAudio sees and exit."),
+    input_device: Optional[str] = typer.Option(None, "--input-device", "-i",
+                                               help="Sound card: input device name (or part of it) or index (live.device)."),
+    list_devices: bool = typer.Option(False, "--list-input-devices", help="List the input devices PortAudio sees and exit."),
     config: Optional[Path] = ConfigOption,
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="export/NAME.onnx or a checkpoint (backend.model)."),
-    engine: Optional[str] = typer.Option(None, "--engine", help="TensorRT engine/X.plan (backend.engine)."),
-    backend: Optional[str] = typer.Option(None, "--backend", help="auto | onnxruntime | tensorrt | torch (backend.kind)."),
-    window: Optional[float] = typer.Option(None, "--window", help="Window length in seconds; 0 = the model's clip (live.window_seconds)."),
-    hop: Optional[float] = typer.Option(None, "--hop", help="Seconds between windows (live.hop_seconds)."),
+    model: Optional[str] = ModelOption,
+    engine: Optional[str] = EngineOption,
+    backend: Optional[BackendKind] = BackendOption,
+    torch_device: Optional[str] = TorchDeviceOption,
+    window_seconds: Optional[float] = typer.Option(None, "--window-seconds", help="Window length in seconds; 0 = the model's clip (live.window_seconds)."),
+    hop_seconds: Optional[float] = typer.Option(None, "--hop-seconds", help="Seconds between windows (live.hop_seconds)."),
     smoothing: Optional[int] = typer.Option(None, "--smoothing", help="Running verdict over the last N windows (live.smoothing)."),
     record_dir: Optional[str] = typer.Option(None, "--record-dir", help="Keep the captured audio as WAV segments here (live.record_dir)."),
     port: Optional[int] = typer.Option(None, "--port", help="Serve /metrics, /healthz, /readyz on metrics.address:PORT (0 = any free port)."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON record per window instead of a line of text."),
+    fmt: TextFormat = typer.Option(TextFormat.table, "--format", case_sensitive=False,
+                                   help="table (a line of text per window) or json (one JSON record per window)."),
     max_windows: int = typer.Option(0, "--max-windows", help="Stop after this many windows (0 = until Ctrl-C / SIGTERM)."),
 ) -> None:
     """Listen to a sound-card input and print a verdict per window plus a running verdict."""
-    from devrecd.logs import setup_logging
-
-    cfg = load_cli_config(config, {"live.device": device, "backend.model": model, "backend.engine": engine,
-                                   "backend.kind": backend, "live.window_seconds": window, "live.hop_seconds": hop,
-                                   "live.smoothing": smoothing, "live.record_dir": record_dir})
-    verbose = logging.getLogger("devrecd").level == logging.DEBUG
-    setup_logging("DEBUG" if verbose else cfg.log.level, cfg.log.format)
+    cfg = load_cli_config(config, {"live.device": input_device, "backend.model": model, "backend.engine": engine,
+                                   "backend.kind": backend, "backend.device": torch_device, "live.window_seconds": window_seconds,
+                                   "live.hop_seconds": hop_seconds, "live.smoothing": smoothing,
+                                   "live.record_dir": record_dir})
+    cli_logging(cfg)
     if list_devices:
         from devrecd.live import list_input_devices
 
@@ -67,7 +68,7 @@ def listen(
         with lock:
             if done.is_set():
                 return
-            typer.echo(json.dumps(record, ensure_ascii=False) if as_json else format_window(record))
+            typer.echo(json.dumps(record, ensure_ascii=False) if fmt is TextFormat.json else format_window(record))
             seen[0] += 1
             if max_windows and seen[0] >= max_windows:
                 done.set()

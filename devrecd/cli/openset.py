@@ -2,32 +2,51 @@
 
 from __future__ import annotations
 
+import enum
 import json
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from devrecd.cli.app import ConfigOption, command, load_cli_config
-from devrecd.errors import ConfigError
+from devrecd.cli.app import (ConfigOption, Split, TextFormat, audio_paths, choice, command, load_cli_config,
+                             progress)
+from devrecd.errors import ConfigError, UsageError
 from devrecd.fsutil import atomic_write
 
 RegistryOption = typer.Option(None, "--registry", "-r", help="Registry JSON file (registry.path).")
 ModelOption = typer.Option(None, "--model", "-m", exists=True,
                            help="Checkpoint (.pt) or run directory of a network embedder (scorer 'embedder').")
-ScorerOption = typer.Option(None, "--scorer", help="embedder | gsv (default: the registry's scorer; for a new "
-                                                   "registry gsv, or embedder when --model is given).")
+
+
+class Scorer(str, enum.Enum):
+    """How recordings are compared with device profiles (devrecd.openset.scorers.KINDS)."""
+
+    embedder = "embedder"
+    gsv = "gsv"
+
+
+ScorerOption = typer.Option(None, "--scorer", case_sensitive=False,
+                            help="Default: the registry's scorer; for a new registry gsv, or embedder when --model is given.")
 GsvOption = typer.Option(None, "--gsv", exists=True, dir_okay=False,
                          help="GSV scorer file from `devrecd train-gsv` (default: the shipped one).")
 
 
-def choose_scorer(reg, scorer: Optional[str], model: Optional[Path], gsv: Optional[Path], device: str):
+def check_checkpoint_option(model: Optional[Path]) -> None:
+    """``--model`` of the open-set commands is a checkpoint: say so when it is an ONNX export."""
+    if model is not None and model.is_file() and model.suffix.lower() == ".onnx":
+        raise UsageError(f"--model {model}: an ONNX export cannot embed recordings; the embedder is loaded from its "
+                          f"checkpoint: pass the .pt (or run directory) written by `devrecd train-embedder` or "
+                          f"`devrecd train` that {model.name} was exported from")
+
+
+def choose_scorer(reg, scorer: Optional[Scorer | str], model: Optional[Path], gsv: Optional[Path], device: str):
     """The scorer to enrol/score with: the registry's own when it has profiles (``reg`` may be None),
     else a new one of the kind asked for (gsv without --model: the shipped one, or --gsv FILE)."""
-    from devrecd.openset.scorers import KINDS, EmbedderScorer, default_gsv_path, load_gsv, registry_scorer
+    from devrecd.openset.scorers import EmbedderScorer, default_gsv_path, load_gsv, registry_scorer
 
-    if scorer is not None and scorer not in KINDS[:2]:
-        raise ConfigError(f"--scorer must be embedder or gsv, not {scorer!r}")
+    check_checkpoint_option(model)
+    scorer = choice(scorer) if isinstance(scorer, enum.Enum) else scorer
     if reg is not None and reg.embedder:
         if scorer is not None and scorer != reg.kind:
             raise ConfigError(f"registry {reg.path} was enrolled with scorer {reg.kind!r}, not {scorer!r}")
@@ -42,6 +61,17 @@ def choose_scorer(reg, scorer: Optional[str], model: Optional[Path], gsv: Option
     return load_gsv(gsv if gsv is not None else default_gsv_path())[0]
 
 
+class DevicesAction(str, enum.Enum):
+    list = "list"
+    show = "show"
+    remove = "remove"
+
+
+class ThresholdRule(str, enum.Enum):
+    far = "far"
+    llr0 = "llr0"
+
+
 def _registry_path(cfg, given: Optional[Path]) -> Path:
     path = given or (Path(cfg.registry.path) if cfg.registry.path else None)
     if path is None:
@@ -51,13 +81,13 @@ def _registry_path(cfg, given: Optional[Path]) -> Path:
 
 @command()
 def enroll(
-    audio: List[Path] = typer.Argument(..., help="Reference recordings made by the device."),
-    device: str = typer.Option(..., "--device", "-d", help="Name of the device profile to add to or create."),
+    audio: List[Path] = typer.Argument(..., help="Reference recordings made by the device (or folders of them)."),
+    profile: str = typer.Option(..., "--profile", "-p", help="Name of the device profile to add to or create."),
     model: Optional[Path] = ModelOption,
     registry: Optional[Path] = RegistryOption,
-    scorer: Optional[str] = ScorerOption,
+    scorer: Optional[Scorer] = ScorerOption,
     gsv: Optional[Path] = GsvOption,
-    hop_seconds: Optional[float] = typer.Option(None, help="Window hop in seconds (audio.hop_seconds)."),
+    hop_seconds: Optional[float] = typer.Option(None, "--hop-seconds", help="Window hop in seconds (audio.hop_seconds)."),
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Add reference recordings to a device profile (no retraining).
@@ -69,9 +99,12 @@ def enroll(
     from devrecd.pipeline.stages import resolve_device
 
     cfg = load_cli_config(config, {"audio.hop_seconds": hop_seconds})
+    check_checkpoint_option(model)
+    files = audio_paths(audio, cfg, what="reference")
     reg = open_registry(_registry_path(cfg, registry), create=True)
     chosen = choose_scorer(reg, scorer, model, gsv, resolve_device(cfg.backend.device))
-    added, skipped = enrol_files(reg, chosen, device, audio, cfg,
+    device = profile
+    added, skipped = enrol_files(reg, chosen, device, files, cfg,
                                  on_file=lambda p, n: typer.echo(f"{p}: {n} window(s)"))
     reg.save()
     counts = reg.profiles[device].counts if device.strip() in reg.profiles else {"n_references": 0}
@@ -85,10 +118,10 @@ def enroll(
 
 @command()
 def devices(
-    action: str = typer.Argument("list", help="list | show NAME | remove NAME"),
-    name: Optional[str] = typer.Argument(None, help="Device name (show, remove)."),
+    action: DevicesAction = typer.Argument(DevicesAction.list, case_sensitive=False, help="list | show NAME | remove NAME"),
+    name: Optional[str] = typer.Argument(None, help="Device profile name (show, remove)."),
     registry: Optional[Path] = RegistryOption,
-    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    fmt: TextFormat = typer.Option(TextFormat.table, "--format", case_sensitive=False, help="table or json."),
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """List, show or remove enrolled device profiles."""
@@ -96,7 +129,8 @@ def devices(
 
     cfg = load_cli_config(config)
     reg = open_registry(_registry_path(cfg, registry))
-    if action == "list":
+    as_json = fmt is TextFormat.json
+    if action is DevicesAction.list:
         rows = [reg.profiles[n].summary() for n in reg.names]
         if as_json:
             typer.echo(json.dumps({"registry": str(reg.path), "embedder": reg.embedder, "devices": rows,
@@ -106,10 +140,10 @@ def devices(
                    f"{'calibrated' if reg.calibration else 'not calibrated'})")
         for r in rows:
             typer.echo(f"  {r['name']:<28} {r['n_references']:>3} ref(s) {r['windows']:>5} windows {r['seconds']:>9.1f} s")
-    elif action in ("show", "remove"):
+    else:
         if not name:
-            raise ConfigError(f"`devrecd devices {action}` needs a device NAME")
-        if action == "show":
+            raise ConfigError(f"`devrecd devices {action.value}` needs a device NAME")
+        if action is DevicesAction.show:
             profile = reg.get(name)
             info = profile.summary()
             if as_json:
@@ -123,8 +157,6 @@ def devices(
             profile = reg.remove(name)
             reg.save()
             typer.echo(f"removed {profile.name} ({len(profile.references)} reference(s)) from {reg.path}")
-    else:
-        raise ConfigError(f"unknown action {action!r} (expected list, show NAME or remove NAME)")
 
 
 @command()
@@ -132,10 +164,12 @@ def calibrate(
     dataset: Path = typer.Argument(..., exists=True, help="Held-out recordings with known devices (any dataset layout)."),
     model: Optional[Path] = ModelOption,
     registry: Optional[Path] = RegistryOption,
-    split: str = typer.Option("test", help="Which split of the dataset gives the trials."),
-    groups: Optional[str] = typer.Option(None, help="Use these groups/segments instead of a split, e.g. '4,5'."),
+    split: Split = typer.Option(Split.test, "--split", case_sensitive=False, help="Which split of the dataset gives the trials."),
+    split_groups: Optional[str] = typer.Option(
+        None, "--split-groups", help="Which recording groups make up the splits, as for train: 'ccnu' or e.g. "
+        "'test=4,5' (then --split test uses groups 4 and 5; groups not listed are not used)."),
     far: Optional[float] = typer.Option(None, "--far", help="Target false-acceptance rate (registry.target_far)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the calibration as JSON."),
+    fmt: TextFormat = typer.Option(TextFormat.table, "--format", case_sensitive=False, help="table or json (the calibration)."),
     plots: Optional[Path] = typer.Option(None, "--plots", help="Folder for tippett.png, det.png and lr-calibration.json "
                                          "(default: REGISTRY-calibration/ beside the registry)."),
     conditions: Optional[list[str]] = typer.Option(
@@ -149,36 +183,41 @@ def calibrate(
     otherwise non-target (devices that are not enrolled give only non-targets). Reports EER,
     minDCF (P_target 0.01, C_miss = C_fa = 1) and Cllr of the calibration set.
     """
-    from devrecd.data import load_dataset
+    from devrecd.data import load_dataset, parse_split_groups
     from devrecd.openset.registry import open_registry
     from devrecd.openset.scorers import registry_scorer
     from devrecd.openset.workflow import calibrate_registry, score_recordings
     from devrecd.pipeline.stages import resolve_device
 
+    check_checkpoint_option(model)
     cfg = load_cli_config(config, {"registry.target_far": far})
     reg = open_registry(_registry_path(cfg, registry))
     ds = load_dataset(dataset)
-    if groups:
-        wanted = {g.strip() for g in groups.split(",") if g.strip()}
-        items = [it for it in ds.items if it.group in wanted]
+    by_group = parse_split_groups(split_groups)
+    if by_group is not None:  # a selection by group: works whatever split the dataset's manifest gives
+        wanted = set(by_group.get(split.value, ()))
+        items = [it for it in ds.items if str(it.group) in wanted]
+        selection = f"split {split.value} = groups {','.join(sorted(wanted)) or '(none)'}"
     else:
-        items = ds.subset(split)
+        items = ds.subset(split.value)
+        selection = f"split {split.value}"
     if not items:
-        raise ConfigError(f"{dataset}: no recordings in {'groups ' + groups if groups else 'split ' + split}")
+        raise ConfigError(f"{dataset}: no recordings in {selection}")
     chosen = registry_scorer(reg, model=model, device=resolve_device(cfg.backend.device))
     pairs = [(str(it.path), it.device) for it in items]
-    if conditions:
-        from devrecd.openset.workflow import calibration_trials_under
+    with progress(len(pairs) * max(1, len(conditions or ())), "calibrate", unit="recording") as bar:
+        if conditions:
+            from devrecd.openset.workflow import calibration_trials_under
 
-        trials = calibration_trials_under(reg, chosen, pairs, cfg, conditions)
-    else:
-        trials = score_recordings(reg, chosen, pairs, cfg)
+            trials = calibration_trials_under(reg, chosen, pairs, cfg, conditions, on_recording=lambda _: bar.update(1))
+        else:
+            trials = score_recordings(reg, chosen, pairs, cfg, on_recording=lambda _: bar.update(1))
     cal = calibrate_registry(reg, trials, target_far=cfg.registry.target_far,
-                             source={"dataset": str(dataset), "selection": groups or split,
+                             source={"dataset": str(dataset), "selection": selection,
                                      "dataset_sha256": ds.manifest_sha256, "conditions": list(conditions or ["clean"])})
     lr_note, lr = _calibrate_lr(reg, trials, chosen.describe(), plots)
     reg.save()
-    if as_json:
+    if fmt is TextFormat.json:
         typer.echo(json.dumps({**cal.to_dict(), **{k: v for k, v in reg.calibration_info.items() if k != "lr"},
                                "lr": lr.summary() if lr is not None else None}, indent=2))
         return
@@ -225,11 +264,11 @@ def train_gsv(
     mixtures: int = typer.Option(16, help="UBM components (16: best on the leave-phones-out protocol)."),
     nap: int = typer.Option(16, help="Within-device directions projected out (0 = none)."),
     far: float = typer.Option(0.05, help="Open-set false-acceptance rate of the development threshold (rule far)."),
-    threshold_rule: str = typer.Option("far", "--threshold-rule",
-                                       help="far: open-set FAR quantile of the impostors | llr0: calibrated LLR = 0."),
+    threshold_rule: ThresholdRule = typer.Option(ThresholdRule.far, "--threshold-rule", case_sensitive=False,
+                                                 help="far: open-set FAR quantile of the impostors | llr0: calibrated LLR = 0."),
     inner: int = typer.Option(3, help="Cross-fitting groups of devices for the development calibration."),
     seed: int = typer.Option(0),
-    hop_seconds: Optional[float] = typer.Option(None, help="Window hop in seconds (audio.hop_seconds)."),
+    hop_seconds: Optional[float] = typer.Option(None, "--hop-seconds", help="Window hop in seconds (audio.hop_seconds)."),
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Train the GMM-supervector scorer (UBM + NAP) and its cross-fitted development calibration."""
@@ -240,16 +279,18 @@ def train_gsv(
     cfg = load_cli_config(config, {"audio.hop_seconds": hop_seconds})
     cache = FeatureCache(Path(cfg.train.cache_dir), cfg.frontend, cfg.audio)
     feats, devices, order, sources = [], [], [], []
-    for ds_path in datasets:
-        ds = load_dataset(ds_path)
-        sources.append({"dataset": str(ds_path), "sha256": ds.manifest_sha256, "recordings": len(ds.items)})
-        for it in ds.items:
-            feats.append(cache.features(it.path, cfg.audio.hop_seconds)[0])
-            devices.append(it.device if len(datasets) == 1 else f"{ds_path.name}/{it.device}")
-            order.append((str(it.group), it.path.name))
+    loaded = [(ds_path, load_dataset(ds_path)) for ds_path in datasets]
+    with progress(sum(len(ds.items) for _, ds in loaded), "features", unit="recording") as bar:
+        for ds_path, ds in loaded:
+            sources.append({"dataset": str(ds_path), "sha256": ds.manifest_sha256, "recordings": len(ds.items)})
+            for it in ds.items:
+                feats.append(cache.features(it.path, cfg.audio.hop_seconds)[0])
+                devices.append(it.device if len(datasets) == 1 else f"{ds_path.name}/{it.device}")
+                order.append((str(it.group), it.path.name))
+                bar.update(1)
     typer.echo(f"{len(feats)} recordings of {len(set(devices))} devices")
     scorer = train(feats, devices, order, cfg.frontend, mixtures=mixtures, nap_dims=nap, far=far, inner=inner,
-                   seed=seed, source=out.name, threshold_rule=threshold_rule, on_step=typer.echo)
+                   seed=seed, source=out.name, threshold_rule=threshold_rule.value, on_step=typer.echo)
     save_gsv(out, scorer, extra={"datasets": sources, "hop_seconds": cfg.audio.hop_seconds, "seed": seed})
     cal = scorer.calibration or {}
     typer.echo(f"development calibration ({cal.get('n_target')} target / {cal.get('n_nontarget')} non-target trials, "

@@ -4,24 +4,22 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import re
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import List, Optional
+from typing import IO, List, Optional
 
 import typer
 
-from devrecd.cli.app import ConfigOption, command, load_cli_config
+from devrecd.cli.app import (EXIT_FAILED, EXIT_INTERRUPTED, BackendKind, BackendOption, ConfigOption, EngineOption,
+                             Format, ModelOption, TorchDeviceOption, audio_paths, cli_logging, command,
+                             load_cli_config, progress)
 from devrecd.errors import ConfigError
 
-ModelOption = typer.Option(None, "--model", "-m", help="export/NAME.onnx (contract JSON beside it) or a checkpoint (backend.model).")
-EngineOption = typer.Option(None, "--engine", help="TensorRT engine/X.plan (backend.engine).")
-BackendOption = typer.Option(None, "--backend", help="auto | onnxruntime | tensorrt | torch (backend.kind).")
-DeviceOption = typer.Option(None, "--device", help="torch device for the frontend and the torch backend: "
-                            "auto | cpu | cuda | cuda:N (backend.device).")
+RegistryOption = typer.Option(None, "--registry", "-r", help="Open-set verdicts against this device registry (registry.path).")
 
 
 @command()
@@ -30,20 +28,20 @@ def watch(
     config: Optional[Path] = ConfigOption,
     model: Optional[str] = ModelOption,
     engine: Optional[str] = EngineOption,
-    backend: Optional[str] = BackendOption,
-    device: Optional[str] = DeviceOption,
+    backend: Optional[BackendKind] = BackendOption,
+    torch_device: Optional[str] = TorchDeviceOption,
+    registry: Optional[Path] = RegistryOption,
     state_dir: Optional[str] = typer.Option(None, "--state-dir", help="Journal and verdict log folder (watch.state_dir)."),
     port: Optional[int] = typer.Option(None, "--port", help="Metrics/health port; 0 = any free port (metrics.port)."),
 ) -> None:
     """Watch folders and judge every recording that appears there, exactly once (the daemon)."""
     from devrecd.daemon.service import Daemon
-    from devrecd.logs import setup_logging
 
-    overrides = {"backend.model": model, "backend.engine": engine, "backend.kind": backend, "backend.device": device,
+    overrides = {"backend.model": model, "backend.engine": engine, "backend.kind": backend and backend.value,
+                 "backend.device": torch_device, "registry.path": str(registry) if registry else None,
                  "watch.state_dir": state_dir, "metrics.port": port}
     cfg = load_cli_config(config, overrides)
-    verbose = logging.getLogger("devrecd").level == logging.DEBUG  # --verbose given before the command
-    setup_logging("DEBUG" if verbose else cfg.log.level, cfg.log.format)
+    cli_logging(cfg)
     folders = list(dict.fromkeys([*cfg.watch.dirs, *(str(d) for d in dirs or ())]))
     given = {k: v for k, v in overrides.items() if v is not None}
     code = Daemon(cfg, folders, config_path=str(config) if config else None, overrides=given).run()
@@ -56,51 +54,98 @@ def identify(
     config: Optional[Path] = ConfigOption,
     model: Optional[str] = ModelOption,
     engine: Optional[str] = EngineOption,
-    backend: Optional[str] = BackendOption,
-    device: Optional[str] = DeviceOption,
-    as_json: bool = typer.Option(False, "--json", help="One JSON verdict per line instead of a table."),
+    backend: Optional[BackendKind] = BackendOption,
+    torch_device: Optional[str] = TorchDeviceOption,
+    fmt: Format = typer.Option(Format.table, "--format", case_sensitive=False,
+                               help="table (one row per file), json (one verdict per line) or csv."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Candidates kept per verdict (watch.top_k)."),
-    registry: Optional[Path] = typer.Option(None, "--registry", "-r",
-                                            help="Open-set verdicts against this device registry (registry.path)."),
+    registry: Optional[Path] = RegistryOption,
 ) -> None:
-    """Judge recordings once through the daemon's pipeline and print the verdicts."""
-    from devrecd.pipeline.identify import identify_files
-    from devrecd.daemon.watcher import scan_files
-    from devrecd.logs import setup_logging
+    """Judge recordings once through the daemon's pipeline, printing each verdict as it is made.
 
-    cfg = load_cli_config(config, {"backend.model": model, "backend.engine": engine, "backend.kind": backend,
-                                   "backend.device": device, "watch.top_k": top_k,
-                                   "registry.path": str(registry) if registry else None})
-    # Failures are printed as results below; only worse problems (and DEBUG when asked) go to the log.
-    setup_logging("ERROR" if cfg.log.level.upper() in ("INFO", "WARNING") else cfg.log.level, cfg.log.format)
-    files = scan_files(audio, cfg.watch)
-    if not files:
-        raise ConfigError("no audio files found in the given paths")
-    records = identify_files(cfg, files)
-    if as_json:
-        for r in records:
-            typer.echo(json.dumps(r, ensure_ascii=False))
-    else:
-        typer.echo(format_table(records))
+    Verdicts come in the order they finish. Ctrl-C stops: what was printed stays, exit code 130."""
+    from devrecd.pipeline.identify import identify_files
+
+    cfg = load_cli_config(config, {"backend.model": model, "backend.engine": engine,
+                                   "backend.kind": backend and backend.value, "backend.device": torch_device,
+                                   "watch.top_k": top_k, "registry.path": str(registry) if registry else None})
+    cli_logging(cfg, quiet=True)  # failures are printed as results below
+    files = audio_paths(audio, cfg)
+    printer = VerdictPrinter(fmt, sys.stdout, path_width=max(len(str(p.absolute())) for p in files))
+    bar = progress(len(files), "identify")
+    try:
+        records = identify_files(cfg, files, on_record=lambda r: (printer.add(r), bar.update(1)))
+    except KeyboardInterrupt:
+        bar.close()
+        typer.secho(f"interrupted: {printer.count} of {len(files)} verdict(s) printed", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    bar.close()
     failed = [r for r in records if r["outcome"] == "failed"]
     for r in failed:
         typer.secho(f"error: {r['path']}: {r['reason']}: {r['detail']}", fg=typer.colors.RED, err=True)
     if failed:
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_FAILED)
+
+
+class VerdictPrinter:
+    """Prints verdict records one at a time as they arrive (from any thread): a table row, a JSON
+    line or a CSV row, after the header. Each record is written and flushed whole, under a lock."""
+
+    def __init__(self, fmt: Format, out: IO[str], *, path_width: int = 40) -> None:
+        self.fmt, self.out, self.count = fmt, out, 0
+        self._lock = threading.Lock()
+        self._widths = (max(path_width, 4), 24, 5, 30, 7)
+        self._csv = csv.DictWriter(out, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+        self._started = False
+
+    def _start(self) -> None:
+        if not self._started:
+            if self.fmt is Format.csv:
+                self._csv.writeheader()
+            elif self.fmt is Format.table:
+                self.out.write(_row(TABLE_HEADER, self._widths) + "\n")
+            self._started = True
+
+    def close(self) -> None:
+        """The header even when no record came (an empty CSV export still names its columns)."""
+        with self._lock:
+            self._start()
+            self.out.flush()
+
+    def add(self, record: dict, superseded_by: Optional[int] = None) -> None:
+        with self._lock:
+            self._start()
+            if self.fmt is Format.json:
+                self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            elif self.fmt is Format.csv:
+                self._csv.writerow(csv_row(record, superseded_by))
+            else:
+                self.out.write(_row(table_cells(record), self._widths) + "\n")
+            self.out.flush()
+            self.count += 1
+
+
+TABLE_HEADER = ("FILE", "DEVICE", "SCORE", "RUNNER-UP", "SECONDS")
+
+
+def table_cells(r: dict) -> tuple[str, ...]:
+    """One verdict as the cells of a table row: file, device, score, runner-up, duration."""
+    if r["outcome"] == "failed":
+        return (r["path"], f"(failed: {r['reason']})", "", "", "")
+    second = r["top_k"][1] if len(r.get("top_k") or []) > 1 else None
+    return (r["path"], str(r["device"]), f"{r['score']:.3f}",
+            f"{second['device']} {second['score']:.3f}" if second else "", f"{r.get('duration') or 0:.1f}")
+
+
+def _row(cells: tuple[str, ...], widths: tuple[int, ...]) -> str:
+    return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
 
 
 def format_table(records: list[dict]) -> str:
-    """A fixed-width table: file, device, score, runner-up, duration."""
-    rows = [("FILE", "DEVICE", "SCORE", "RUNNER-UP", "SECONDS")]
-    for r in records:
-        if r["outcome"] == "failed":
-            rows.append((r["path"], f"(failed: {r['reason']})", "", "", ""))
-            continue
-        second = r["top_k"][1] if len(r.get("top_k") or []) > 1 else None
-        rows.append((r["path"], r["device"], f"{r['score']:.3f}",
-                     f"{second['device']} {second['score']:.3f}" if second else "", f"{r.get('duration', 0):.1f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+    """A fixed-width table of finished verdicts, columns as wide as their widest cell."""
+    rows = [TABLE_HEADER, *(table_cells(r) for r in records)]
+    widths = tuple(max(len(row[i]) for row in rows) for i in range(len(TABLE_HEADER)))
+    return "\n".join(_row(row, widths) for row in rows)
 
 
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
@@ -128,12 +173,24 @@ CSV_FIELDS = ("id", "outcome", "judged_at", "path", "sha256", "size", "duration"
               "superseded_by")
 
 
+def csv_row(record: dict, superseded_by: Optional[int] = None) -> dict:
+    """A verdict record flattened for CSV_FIELDS (lists joined with ';')."""
+    row = dict(record or {})
+    if row.get("top_k"):
+        row["top_k"] = ";".join(f"{c['device']}:{c['score']}" for c in row["top_k"])
+    row["level_flags"] = ";".join((row.get("levels") or {}).get("flags") or [])
+    row["supersedes"] = ";".join(map(str, row.get("supersedes") or []))
+    row["superseded_by"] = superseded_by
+    return row
+
+
 @command()
 def verdicts(
     config: Optional[Path] = ConfigOption,
     state_dir: Optional[str] = typer.Option(None, "--state-dir", help="The daemon's state folder (watch.state_dir)."),
     since: Optional[str] = typer.Option(None, "--since", help="Only verdicts from this time: 30m, 12h, 7d or an ISO date."),
-    fmt: str = typer.Option("json", "--format", help="json (one record per line) or csv."),
+    fmt: Format = typer.Option(Format.json, "--format", case_sensitive=False,
+                               help="json (one record per line, the default: an export), csv or table."),
     history: bool = typer.Option(False, "--history", help="Also the failures a later version of the same file superseded."),
 ) -> None:
     """Export the verdicts recorded in the daemon's journal (opened read-only)."""
@@ -141,8 +198,6 @@ def verdicts(
 
     from devrecd.pipeline.journal import JOURNAL_NAME, Journal
 
-    if fmt not in ("json", "csv"):
-        raise ConfigError(f"--format must be json or csv, not {fmt!r}")
     cfg = load_cli_config(config, {"watch.state_dir": state_dir})
     path = Path(os.path.expanduser(cfg.watch.state_dir)) / JOURNAL_NAME
     if not path.is_file():
@@ -152,17 +207,10 @@ def verdicts(
         entries = list(journal.finished(parse_since(since) if since else 0.0, history=history))
     finally:
         journal.close()
-    if fmt == "json":
-        for e in entries:
-            typer.echo(json.dumps(e.record, ensure_ascii=False))
+    if fmt is Format.table:
+        typer.echo(format_table([e.record for e in entries]))
         return
-    writer = csv.DictWriter(sys.stdout, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
+    printer = VerdictPrinter(fmt, sys.stdout)
     for e in entries:
-        row = dict(e.record or {})
-        if row.get("top_k"):
-            row["top_k"] = ";".join(f"{c['device']}:{c['score']}" for c in row["top_k"])
-        row["level_flags"] = ";".join((row.get("levels") or {}).get("flags") or [])
-        row["supersedes"] = ";".join(map(str, row.get("supersedes") or []))
-        row["superseded_by"] = e.superseded_by
-        writer.writerow(row)
+        printer.add(e.record, e.superseded_by)
+    printer.close()

@@ -38,7 +38,7 @@ import numpy as np
 
 from devrecd.config import WatchConfig
 from devrecd.data.cache import FeatureCache  # re-exported: devrecd.data is the package's front door
-from devrecd.errors import DatasetError
+from devrecd.errors import ConfigError, DatasetError
 from devrecd.fsutil import atomic_write
 
 SPLITS = ("train", "val", "test")
@@ -94,6 +94,21 @@ class _Row:
     device: str
     group: str
     split: str | None
+
+
+def parse_split_groups(text: str | None) -> dict[str, tuple[str, ...]] | None:
+    """``"ccnu"`` or ``"train=1,2,3 test=4,5 [val=...]"`` -> a ``split_by_group`` mapping (None for none)."""
+    if not text:
+        return None
+    if text.strip().lower() == "ccnu":
+        return dict(CCNU_SPLIT)
+    out: dict[str, tuple[str, ...]] = {}
+    for part in text.replace(";", " ").split():
+        name, sep, groups = part.partition("=")
+        if not sep or not groups:
+            raise ConfigError(f"--split-groups: {part!r} is not of the form split=g1,g2 (e.g. train=1,2,3 test=4,5)")
+        out[name.strip()] = tuple(g.strip() for g in groups.split(",") if g.strip())
+    return out
 
 
 def load_dataset(
@@ -359,5 +374,6 @@ def _rel(path: Path, root: Path) -> str:
 
 __all__ = [
     "CCNU_SPLIT", "Dataset", "FeatureCache", "Item", "SPLITS", "default_split_file", "listing_sha256",
+    "parse_split_groups",
     "load_dataset", "ratio_split",
 ]

@@ -117,7 +117,13 @@ def load_raw(path: str | os.PathLike) -> dict[str, Any]:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file
-        raise ArtifactError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+        import pickle
+
+        # torch's message for a file that is not a checkpoint is advice about weights_only (not ours to give)
+        why = ("not a torch checkpoint" if isinstance(exc, pickle.UnpicklingError)
+               else f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}")
+        raise ArtifactError(f"{path}: not a readable checkpoint ({why}); expected a .pt written by "
+                            f"`devrecd train` / `devrecd train-embedder` or its run directory") from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise ArtifactError(f"{path}: not a devrecd checkpoint (format {blob.get('format') if isinstance(blob, dict) else '?'!r})")
     return blob

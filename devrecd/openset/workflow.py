@@ -100,8 +100,10 @@ class Trials:
 
 
 def score_recordings(registry: Registry, scorer: Any, items: Sequence[tuple[str, str]], cfg: Config, *,
-                     hop_seconds: float | None = None, channel: Any = None, matcher: Any = None) -> Trials:
-    """Score ``(path, true device)`` recordings against every profile of the registry.
+                     hop_seconds: float | None = None, channel: Any = None, matcher: Any = None,
+                     on_recording: Callable[[str], None] | None = None) -> Trials:
+    """Score ``(path, true device)`` recordings against every profile of the registry
+    (``on_recording(path)`` after each one: progress).
 
     Recordings that are references of the registry are left out: a reference scored against its
     own profile would make the calibration look better than it is. With a ``channel`` (and the
@@ -126,6 +128,8 @@ def score_recordings(registry: Registry, scorer: Any, items: Sequence[tuple[str,
         devices.append(device)
         embs.append(scorer.recording_vector(feats))
         conditions.append(rec.describe())
+        if on_recording is not None:
+            on_recording(str(path))
     if not embs:
         raise CalibrationError("no trial recordings left (all were references, or none were given)")
     names, means = profiles.matrix()
@@ -134,7 +138,7 @@ def score_recordings(registry: Registry, scorer: Any, items: Sequence[tuple[str,
 
 
 def calibration_trials_under(registry: Registry, scorer: Any, items: Sequence[tuple[str, str]], cfg: Config,
-                             conditions: Sequence[str]) -> Trials:
+                             conditions: Sequence[str], on_recording: Callable[[str], None] | None = None) -> Trials:
     """Trials under each named condition (``clean`` = as they are), pooled into one set."""
     from devrecd.audio.channel import get_channel
     from devrecd.errors import ArtifactError
@@ -148,8 +152,8 @@ def calibration_trials_under(registry: Registry, scorer: Any, items: Sequence[tu
     scorer = as_scorer(scorer)
     device = getattr(getattr(scorer, "embedder", None), "device", "cpu")
     matcher = ConditionMatcher(store, scorer.frontend, cfg.audio, device=device)
-    parts = [score_recordings(registry, scorer, items, cfg, channel=None if c == CLEAN else get_channel(c), matcher=matcher)
-             for c in conditions]
+    parts = [score_recordings(registry, scorer, items, cfg, channel=None if c == CLEAN else get_channel(c), matcher=matcher,
+                              on_recording=on_recording) for c in conditions]
     return Trials(profiles=parts[0].profiles, recordings=[r for t in parts for r in t.recordings],
                   devices=[d for t in parts for d in t.devices], scores=np.concatenate([t.scores for t in parts]),
                   conditions=[c for t in parts for c in t.conditions])

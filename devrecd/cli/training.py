@@ -2,18 +2,39 @@
 
 from __future__ import annotations
 
+import enum
 from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
 
-from devrecd.cli.app import ConfigOption, command, load_cli_config
+from devrecd.cli.app import (ConfigOption, Split, SplitGroupsOption, TorchDeviceOption, choice, command,
+                             load_cli_config, progress)
 
-SplitGroupsOption = typer.Option(
-    None, "--split-groups",
-    help="Split by recording group instead of the train.split ratios: 'ccnu' (segments 1-3 train, 4-5 test) "
-         "or e.g. 'train=1,2 val=3 test=4,5'.")
-DeviceOption = typer.Option("auto", "--device", help="torch device for features and network: auto | cpu | cuda[:N].")
+
+class Arch(str, enum.Enum):
+    """Network architectures (devrecd.model.ARCHITECTURES; listed here so that --help needs no torch)."""
+
+    paper = "paper"
+    group1 = "group1"
+    group2 = "group2"
+    group3 = "group3"
+    group4 = "group4"
+    group5 = "group5"
+    group6 = "group6"
+    group7 = "group7"
+    asp = "asp"
+
+
+class Trainable(str, enum.Enum):
+    softmax = "softmax"
+    mlp = "mlp"
+    all = "all"
+
+
+class Baseline(str, enum.Enum):
+    mfcc_svm = "mfcc-svm"
+    gsv_svm = "gsv-svm"
 
 
 def _progress(desc: str):
@@ -48,7 +69,7 @@ def _progress(desc: str):
     return on_step, on_epoch, close
 
 
-def _run(ds_path: Path, out: Path, cfg: Any, opts: Any, split_groups: Optional[str], device: str,
+def _run(ds_path: Path, out: Path, cfg: Any, opts: Any, split_groups: Optional[str],
          init: Optional[Path] = None) -> None:
     from devrecd.pipeline.stages import resolve_device
     from devrecd.train import open_dataset, train
@@ -56,7 +77,8 @@ def _run(ds_path: Path, out: Path, cfg: Any, opts: Any, split_groups: Optional[s
     ds = open_dataset(ds_path, cfg, split_groups)
     on_step, on_epoch, close = _progress("finetune" if init else "train")
     try:
-        result = train(ds, out, cfg, opts, init=init, device=resolve_device(device), on_step=on_step, on_epoch=on_epoch)
+        result = train(ds, out, cfg, opts, init=init, device=resolve_device(cfg.backend.device), on_step=on_step,
+                       on_epoch=on_epoch)
     finally:
         close()
     how = "stopped early" if result.stopped_early else "done"
@@ -68,7 +90,7 @@ def train(
     dataset: Path = typer.Argument(..., exists=True, help="Dataset: device folders, manifest CSV, or CCNU-style folder."),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory (best.pt, last.pt, metrics.jsonl, learning_curve.png). "
                              "Run the same command again to resume."),
-    arch: Optional[str] = typer.Option(None, "--arch", help="Architecture: paper, group1..group7, asp (train.arch)."),
+    arch: Optional[Arch] = typer.Option(None, "--arch", case_sensitive=False, help="Architecture (train.arch)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="train.epochs"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=2, help="train.batch_size"),
     lr: Optional[float] = typer.Option(None, "--lr", help="train.lr (divided by 1/lr_gamma every lr_step_epochs)."),
@@ -77,16 +99,16 @@ def train(
     patience: Optional[int] = typer.Option(None, "--patience", min=0, help="Early stopping after N epochs without improvement; 0 = off."),
     augment: bool = typer.Option(False, "--augment", help="Random crop offset, gain (+-6 dB) and light noise each epoch."),
     split_groups: Optional[str] = SplitGroupsOption,
-    device: str = DeviceOption,
+    torch_device: Optional[str] = TorchDeviceOption,
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Train a device classifier on DATASET (defaults: the paper's recipe, config section train)."""
     from devrecd.train import TrainOptions
 
-    cfg = load_cli_config(config)
-    opts = TrainOptions.from_config(cfg.train, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,
+    cfg = load_cli_config(config, {"backend.device": torch_device})
+    opts = TrainOptions.from_config(cfg.train, arch=choice(arch), epochs=epochs, batch_size=batch_size, lr=lr,
                                     hop_seconds=hop_seconds, seed=seed, patience=patience, augment=augment or None)
-    _run(dataset, out, cfg, opts, split_groups, device)
+    _run(dataset, out, cfg, opts, split_groups)
 
 
 @command()
@@ -94,7 +116,8 @@ def finetune(
     checkpoint: Path = typer.Argument(..., exists=True, help="Pre-trained run directory or .pt file."),
     dataset: Path = typer.Argument(..., exists=True, help="Dataset of the new devices."),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory of the fine-tuned model (resumable)."),
-    trainable: str = typer.Option("softmax", "--trainable", help="softmax (new head only) | mlp (Dense(128)+head) | all."),
+    trainable: Trainable = typer.Option(Trainable.softmax, "--trainable", case_sensitive=False,
+                                        help="softmax (new head only) | mlp (Dense(128)+head) | all."),
     epochs: int = typer.Option(300, "--epochs", min=1, help="The paper's Table IX uses 300."),
     batch_size: int = typer.Option(32, "--batch-size", min=2),
     lr: float = typer.Option(1e-5, "--lr"),
@@ -103,28 +126,28 @@ def finetune(
     patience: Optional[int] = typer.Option(None, "--patience", min=0, help="train.patience; 0 = off."),
     augment: bool = typer.Option(False, "--augment", help="As for train."),
     split_groups: Optional[str] = SplitGroupsOption,
-    device: str = DeviceOption,
+    torch_device: Optional[str] = TorchDeviceOption,
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Transfer a trained network to new devices: a new classifier head for DATASET's labels (Table IX)."""
     from devrecd.train import TrainOptions
 
-    cfg = load_cli_config(config)
-    opts = TrainOptions.from_config(cfg.train, epochs=epochs, batch_size=batch_size, lr=lr, trainable=trainable,
+    cfg = load_cli_config(config, {"backend.device": torch_device})
+    opts = TrainOptions.from_config(cfg.train, epochs=epochs, batch_size=batch_size, lr=lr, trainable=trainable.value,
                                     hop_seconds=hop_seconds, seed=seed, patience=patience, augment=augment or None,
                                     lr_step_epochs=max(epochs, 1))  # constant lr, as Table IX
-    _run(dataset, out, cfg, opts, split_groups, device, init=checkpoint)
+    _run(dataset, out, cfg, opts, split_groups, init=checkpoint)
 
 
 @command()
 def evaluate(
     checkpoint: Path = typer.Argument(..., exists=True, help="Run directory (its best.pt) or a .pt checkpoint."),
     dataset: Path = typer.Argument(..., exists=True),
-    report: Path = typer.Option(..., "--report", help="Folder for report.json, per_device.csv, confusion matrices."),
-    split: str = typer.Option("test", "--split", help="train | val | test"),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for report.json, per_device.csv, confusion matrices."),
+    split: Split = typer.Option(Split.test, "--split", case_sensitive=False, help="Split to score."),
     hop_seconds: Optional[float] = typer.Option(None, "--hop-seconds", help="Window hop (default audio.hop_seconds, as served)."),
     split_groups: Optional[str] = SplitGroupsOption,
-    device: str = DeviceOption,
+    torch_device: Optional[str] = TorchDeviceOption,
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Accuracy and macro precision/recall/F1 per window and per recording, confusion matrices."""
@@ -132,21 +155,22 @@ def evaluate(
     from devrecd.pipeline.stages import resolve_device
     from devrecd.train import open_dataset
 
-    cfg = load_cli_config(config)
+    cfg = load_cli_config(config, {"backend.device": torch_device})
     ds = open_dataset(dataset, cfg, split_groups)
-    rep, recs = evaluate_checkpoint(checkpoint, ds, cfg, split=split, hop_seconds=hop_seconds,
-                                    device=resolve_device(device))
-    path = write_report(rep, report, recs)
+    with progress(len(ds.subset(split.value)), "evaluate", unit="recording") as bar:
+        rep, recs = evaluate_checkpoint(checkpoint, ds, cfg, split=split.value, hop_seconds=hop_seconds,
+                                        device=resolve_device(cfg.backend.device), on_recording=lambda _: bar.update(1))
+    path = write_report(rep, out, recs)
     typer.echo(summary_line(rep))
     typer.echo(f"report -> {path}")
 
 
 @command()
 def baseline(
-    name: str = typer.Argument(..., help="mfcc-svm | gsv-svm"),
+    name: Baseline = typer.Argument(..., case_sensitive=False, help="Which baseline."),
     dataset: Path = typer.Argument(..., exists=True),
-    report: Path = typer.Option(..., "--report", help="Report folder (same format as evaluate)."),
-    split: str = typer.Option("test", "--split", help="Split to score (fitted on train)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Report folder (same format as evaluate)."),
+    split: Split = typer.Option(Split.test, "--split", case_sensitive=False, help="Split to score (fitted on train)."),
     hop_seconds: Optional[float] = typer.Option(None, "--hop-seconds", help="Window hop (default audio.hop_seconds)."),
     split_groups: Optional[str] = SplitGroupsOption,
     seed: Optional[int] = typer.Option(None, "--seed", help="train.seed"),
@@ -158,9 +182,9 @@ def baseline(
 
     cfg = load_cli_config(config)
     ds = open_dataset(dataset, cfg, split_groups)
-    rep, recs = evaluate_baseline(name, ds, cfg, split=split, hop_seconds=hop_seconds,
+    rep, recs = evaluate_baseline(name.value, ds, cfg, split=split.value, hop_seconds=hop_seconds,
                                   seed=cfg.train.seed if seed is None else seed)
-    path = write_report(rep, report, recs)
+    path = write_report(rep, out, recs)
     typer.echo(summary_line(rep))
     typer.echo(f"report -> {path}")
 
@@ -178,14 +202,14 @@ def train_embedder(
     seed: Optional[int] = typer.Option(None, "--seed", help="train.seed"),
     augment: bool = typer.Option(False, "--augment", help="As for train."),
     split_groups: Optional[str] = SplitGroupsOption,
-    device: str = DeviceOption,
+    torch_device: Optional[str] = TorchDeviceOption,
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Train an open-set embedder (arch asp, AAM-softmax) for `devrecd enroll --model RUN`."""
     from devrecd.pipeline.stages import resolve_device
     from devrecd.train import TrainOptions, merge_datasets, open_dataset, train
 
-    cfg = load_cli_config(config)
+    cfg = load_cli_config(config, {"backend.device": torch_device})
     opts = TrainOptions.from_config(cfg.train, arch="asp", loss="aam", epochs=epochs, batch_size=batch_size, lr=lr,
                                     lr_step_epochs=lr_step_epochs, hop_seconds=hop_seconds, seed=seed,
                                     patience=0, augment=augment or None)
@@ -193,7 +217,7 @@ def train_embedder(
     typer.echo(f"{len(ds.items)} recordings of {len(ds.labels)} devices")
     on_step, on_epoch, close = _progress("train-embedder")
     try:
-        result = train(ds, out, cfg, opts, device=resolve_device(device), on_step=on_step, on_epoch=on_epoch)
+        result = train(ds, out, cfg, opts, device=resolve_device(cfg.backend.device), on_step=on_step, on_epoch=on_epoch)
     finally:
         close()
     typer.echo(f"done after {result.epochs_run} epochs; best epoch {result.best_epoch} -> {out / 'best.pt'}")
