@@ -747,6 +747,44 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_the_same_content_in_flight_twice_is_judged_once(tmp_path: Path, ccnu_dir: Path, served_model: Path) -> None:
+    """Two names of one content in flight at once (one batch holds both, so neither was judged when
+    its worker asked the journal): one verdict, the other recorded as its duplicate."""
+    from devrecd.config import load_config
+    from devrecd.pipeline.runner import Pipeline
+    from devrecd.pipeline.serving import load_serving_backend
+    from devrecd.pipeline.stages import features_for_file
+
+    src = _ccnu(ccnu_dir, 1)[0]
+    copies = [tmp_path / "a.wav", tmp_path / "b.wav"]
+    for c in copies:
+        shutil.copy(src, c)
+    base = load_config(None, env={})
+    windows = len(features_for_file(src, base)[1])
+    # The batch goes only when it is full: when both files' windows are in it.
+    cfg = base.with_overrides({"backend.model": str(served_model), "backend.threads": 1, "watch.workers": 2,
+                               "batcher.max_batch": 2 * windows, "batcher.max_wait_ms": 60_000})
+    backend = load_serving_backend(cfg)
+    journal = Journal(":memory:")
+    records: list[dict] = []
+    p = Pipeline(cfg, backend, journal=journal, verdict_log=None, metrics=Metrics(CollectorRegistry()),
+                 rejudge_duplicates=False, on_record=records.append)
+    p.start()
+    try:
+        ids = [p.submit(str(c)) for c in copies]
+        assert p.drain(120)
+        counts = journal.counts()
+    finally:
+        p.stop()
+        backend.close()
+        journal.close()
+    assert counts == {"judged": 1, "duplicate": 1}
+    by = {r["outcome"]: r for r in records}
+    assert sorted(by) == ["duplicate", "judged"] and {by["judged"]["id"], by["duplicate"]["id"]} == set(ids)
+    assert by["duplicate"]["duplicate_of"] == by["judged"]["id"] and by["duplicate"]["device"] == by["judged"]["device"]
+    assert by["duplicate"]["sha256"] == by["judged"]["sha256"] == _sha(src)
+
+
 @pytest.mark.slow
 def test_kill_9_mid_batch_then_restart_gives_exactly_one_verdict_per_file(
         tmp_path: Path, ccnu_dir: Path, served_model: Path) -> None:

@@ -35,7 +35,6 @@ import time
 from dataclasses import replace
 from typing import Callable, Sequence
 
-
 from devrecd.audio import open_stream
 from devrecd.config import Config
 from devrecd.errors import DevrecdError
