@@ -88,6 +88,10 @@ def build_venv(venv: Path, work: Path) -> float:
     (wheel,) = wheels.glob("devrecd-*.whl")
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     t0 = time.perf_counter()
+    # As .ci/setup does: the venv's bundled pip first upgraded (pip 23.2 installed the dependencies
+    # of a local wheel and then not the wheel itself, exiting 0).
+    subprocess.run([str(venv / "bin/python"), "-m", "pip", "install", "-q", "--upgrade", "pip"], check=True,
+                   stderr=subprocess.DEVNULL)
     subprocess.run([str(venv / "bin/python"), "-m", "pip", "install", "-q", str(wheel)], check=True,
                    stderr=subprocess.DEVNULL)  # (pip warns about every missing mirror folder)
     if not (venv / "bin/devrecd").is_file():
