@@ -20,7 +20,6 @@ per 10 s m4a.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 import tempfile

@@ -215,8 +215,9 @@ def butterworth_zero_phase(x: np.ndarray, rate: int, low_hz: float, high_hz: flo
     Forward-backward filtering has the gain |H|^2 and no phase; for the bilinear-transform
     Butterworth (scipy's ``butter``) that is 1 / (1 + r^(2 order)) with, in prewarped frequency
     W = tan(pi f / rate), r = W / Wc (low pass) or (W^2 - Wl Wh) / (W (Wh - Wl)) (band pass). The
-    signal is extended by odd reflection at both ends (as ``sosfiltfilt`` pads) and zero-padded,
-    so the filter neither wraps around nor rings at the edges; tests compare it with sosfiltfilt.
+    signal is extended by 50 ms of odd reflection at both ends (as ``sosfiltfilt`` pads): the FFT's
+    circular wrap-around and the edge transients fall into the extensions, which are cut off again;
+    tests compare the result with sosfiltfilt.
     """
     n = len(x)
     pad = min(n - 1, max(64, int(0.05 * rate)))  # >> the filter's impulse response at these edges
