@@ -136,9 +136,14 @@ class MetricsConfig:
     port: int = 9464
 
 
+TRAIN_LOSSES = ("softmax", "aam")  # cross-entropy on model(x) | additive angular margin (model.margin_logits)
+FINETUNE_TRAINABLE = ("softmax", "mlp", "all")  # fine-tuning: which part of the network learns (Table IX)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """The paper's recipe (section V-E) as defaults."""
+    """The paper's recipe (section V-E) as defaults. The one definition of a training run's options:
+    ``devrecd train``/``finetune``/``train-embedder`` and the benchmarks override fields of this section."""
 
     arch: str = "paper"
     epochs: int = 100
@@ -153,15 +158,33 @@ class TrainConfig:
     cache_dir: str = "~/.cache/devrecd/features"
     threads: int = 0  # torch intra-op threads (0 = torch's default)
     on_unusable: str = "skip"  # a recording that cannot be used: "skip" it (listed in the run) or "fail" the run
+    augment: bool = False  # random crop offset, gain and light noise on the waveform, each epoch
     channel_augment: tuple[str, ...] = ()  # codec / band-limit channels to train through, e.g. ("aac64", "amrnb", "tel")
     channel_augment_p: float = 0.5  # per recording and epoch: probability of passing through one of them
+    loss: str = "softmax"  # "softmax": cross-entropy | "aam": additive angular margin (embedders such as asp)
+    finetune_epochs: int = 300  # `devrecd finetune`: the paper's Table IX
+    finetune_batch_size: int = 32
+    finetune_lr: float = 1e-5  # constant while fine-tuning (Table IX)
+    finetune_trainable: str = "softmax"  # what fine-tuning trains: softmax (new head) | mlp (Dense(128) + head) | all
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.on_unusable not in ("skip", "fail"):
-            problems.append(f"on_unusable must be 'skip' or 'fail', not {self.on_unusable!r}")
-        if not 0.0 <= self.channel_augment_p <= 1.0:
-            problems.append("channel_augment_p must be in [0, 1]")
+        problems = [msg for bad, msg in (
+            (self.epochs < 1, "epochs must be >= 1"),
+            (self.batch_size < 2, "batch_size must be >= 2 (BatchNorm)"),
+            (not self.lr > 0, "lr must be > 0"),
+            (self.lr_step_epochs < 1, "lr_step_epochs must be >= 1"),
+            (not 0 < self.lr_gamma <= 1, "lr_gamma must be in (0, 1]"),
+            (self.patience < 0, "patience must be >= 0"),
+            (not self.hop_seconds > 0, "hop_seconds must be > 0"),
+            (self.on_unusable not in ("skip", "fail"), f"on_unusable must be 'skip' or 'fail', not {self.on_unusable!r}"),
+            (not 0.0 <= self.channel_augment_p <= 1.0, "channel_augment_p must be in [0, 1]"),
+            (self.loss not in TRAIN_LOSSES, f"loss must be one of {', '.join(TRAIN_LOSSES)}, not {self.loss!r}"),
+            (self.finetune_epochs < 1, "finetune_epochs must be >= 1"),
+            (self.finetune_batch_size < 2, "finetune_batch_size must be >= 2 (BatchNorm)"),
+            (not self.finetune_lr > 0, "finetune_lr must be > 0"),
+            (self.finetune_trainable not in FINETUNE_TRAINABLE,
+             f"finetune_trainable must be one of {', '.join(FINETUNE_TRAINABLE)}, not {self.finetune_trainable!r}"),
+        ) if bad]
         if self.channel_augment:
             from devrecd.audio.channel import CHANNELS  # lazily: the audio package imports this module
 

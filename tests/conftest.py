@@ -92,6 +92,7 @@ def trained_checkpoint(ccnu_dir: Path, tmp_path_factory) -> Path:
     from devrecd.model import build_model
     from devrecd.model.checkpoint import Checkpoint, save_checkpoint
     from devrecd.pipeline import features_for_file
+    from devrecd.train import normalisation_stats
 
     cfg = load_config(None, env={})
     rows = _ccnu_rows(ccnu_dir, {1})
@@ -102,8 +103,7 @@ def trained_checkpoint(ccnu_dir: Path, tmp_path_factory) -> Path:
         feats.append(f)
         ys += [labels.index(r["device"])] * len(f)
     x = np.concatenate(feats)
-    mean = x.reshape(-1, x.shape[-1]).mean(0).astype(np.float32)
-    std = (x.reshape(-1, x.shape[-1]).std(0) + 1e-6).astype(np.float32)
+    mean, std = normalisation_stats(feats)  # as the training loop computes them
     torch.manual_seed(0)
     net = build_model("paper", len(labels))
     net.train()
@@ -143,17 +143,18 @@ def asp_embedder_checkpoint(ccnu_dir: Path, tmp_path_factory) -> Path:
     """RUN_DIR (with best.pt): a small ``asp`` embedder (open set) trained 8 epochs with the AAM loss
     through the one training loop on CCNU segments 1-2 of 8 of the 15 phones (hop 1 s), so segments
     3-5 and 7 phones are never seen in training."""
-    from devrecd.config import load_config
+    from devrecd.config import TrainConfig, load_config
     from devrecd.data import load_dataset
-    from devrecd.train import TrainOptions, restrict_dataset, train
+    from devrecd.train import restrict_dataset, train
 
     cfg = load_config(None, env={}, overrides={"audio.hop_seconds": 1.0, "train.threads": 2,
                                                "train.cache_dir": str(tmp_path_factory.mktemp("asp-cache"))})
     ds = load_dataset(ccnu_dir, split_by_group={"train": ("1", "2"), "test": ("3", "4", "5")},
                       split_file=tmp_path_factory.mktemp("asp-split") / "split.json")
     phones = sorted(ds.labels)[:8]
-    opts = TrainOptions(arch="asp", loss="aam", epochs=8, batch_size=32, lr=1e-3, lr_step_epochs=8, patience=0,
-                        seed=0, hop_seconds=1.0, hparams={"hidden": 32, "attention": 16, "emb_dim": 32})
+    opts = TrainConfig(arch="asp", loss="aam", epochs=8, batch_size=32, lr=1e-3, lr_step_epochs=8, patience=0,
+                       seed=0, hop_seconds=1.0)
     run = tmp_path_factory.mktemp("asp")
-    train(restrict_dataset(ds, phones, splits=("train",)), run, cfg, opts)
+    train(restrict_dataset(ds, phones, splits=("train",)), run, cfg, opts,
+          hparams={"hidden": 32, "attention": 16, "emb_dim": 32})
     return run
