@@ -254,8 +254,8 @@ def real_setup(ccnu_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 
 def _train_asp(ds, devices, cfg, out: Path, *, epochs: int, seed: int, hparams: dict):
     """An ``asp`` embedder with the AAM loss through the one training loop (segments 1-3 of ``devices``)."""
-    from devrecd.openset.embedder import Embedder
     from devrecd.config import TrainConfig
+    from devrecd.openset.embedder import Embedder
     from devrecd.train import restrict_dataset, train
 
     opts = TrainConfig(arch="asp", loss="aam", epochs=epochs, batch_size=32, lr=1e-3, lr_step_epochs=epochs,
