@@ -42,9 +42,9 @@ log = logging.getLogger("devrecd.train")
 BEST, LAST = "best.pt", "last.pt"
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "learning_curve.png"
-# [train] keys that do not change what a run learns: a run resumes across changes to them.
-NOT_IN_RUN_KEY = ("epochs", "patience", "split", "cache_dir", "threads", "on_unusable", "finetune_epochs",
-                  "finetune_batch_size", "finetune_lr")
+# [train] keys that do not change what a run learns: a run resumes across changes to them (and to
+# the finetune_* keys, which reach a run as its epochs, batch size, lr and trainable part).
+NOT_IN_RUN_KEY = ("epochs", "patience", "split", "cache_dir", "threads", "on_unusable")
 
 
 def train_options(cfg: TrainConfig, **overrides: Any) -> TrainConfig:
