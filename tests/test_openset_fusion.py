@@ -75,7 +75,6 @@ def test_train_fusion_writes_a_scorer_with_its_development_calibration(fusion, a
         load_fusion(out, model=other)
 
 
-@pytest.mark.slow
 def test_fusion_enrols_calibrates_compares_and_identifies(fusion) -> None:
     from devrecd.daemon.service import identify_files
 
