@@ -26,7 +26,7 @@ from pathlib import Path
 from devrecd.config import load_config
 from devrecd.evaluation import evaluate_baseline, evaluate_checkpoint, write_report
 from devrecd.model.network import GROUPS
-from devrecd.train import TrainOptions, open_dataset, train
+from devrecd.train import open_dataset, train, train_options
 
 # Tables VII and VIII of the paper (accuracy, precision, recall, F1 in %, CCNU_Mobile, 45 phones).
 PAPER = {
@@ -64,9 +64,9 @@ def main() -> int:
     rows: list[tuple[str, dict, float, str]] = []
     for arch in filter(None, args.archs.split(",")):
         run = args.out / arch
-        opts = TrainOptions.from_config(cfg.train, arch=arch, epochs=args.epochs, batch_size=args.batch_size,
-                                        lr=args.lr, hop_seconds=args.hop_seconds, seed=args.seed, patience=0,
-                                        augment=args.augment)
+        opts = train_options(cfg.train, arch=arch, epochs=args.epochs, batch_size=args.batch_size,
+                             lr=args.lr, hop_seconds=args.hop_seconds, seed=args.seed, patience=0,
+                             augment=args.augment)
         t0 = time.perf_counter()
         result = train(ds, run, cfg, opts, init=args.init)
         wall = time.perf_counter() - t0

@@ -148,14 +148,14 @@ def _closed_scores(classes, probas, truth) -> dict:
 def closed_network(corpus: Corpus, conds: list[str], args, augment: tuple[str, ...]) -> dict[str, dict]:
     from devrecd.evaluation import network_log_proba
     from devrecd.model.checkpoint import load_checkpoint
-    from devrecd.train import TrainOptions, open_dataset, train
+    from devrecd.train import open_dataset, train, train_options
 
     cfg = corpus.cfg
     ds = open_dataset(corpus.root, cfg, "ccnu")
     run = args.out / ("network-augmented" if augment else "network")
-    opts = TrainOptions.from_config(cfg.train, arch="paper", epochs=args.network_epochs, batch_size=32, lr=1e-3,
-                                    hop_seconds=cfg.audio.hop_seconds, seed=args.seed, patience=0,
-                                    channel_augment=augment, channel_augment_p=0.5)
+    opts = train_options(cfg.train, arch="paper", epochs=args.network_epochs, batch_size=32, lr=1e-3,
+                         hop_seconds=cfg.audio.hop_seconds, seed=args.seed, patience=0,
+                         channel_augment=augment, channel_augment_p=0.5)
     t0 = time.perf_counter()
     train(ds, run, cfg, opts)
     wall = time.perf_counter() - t0
@@ -218,13 +218,13 @@ def open_set(corpus: Corpus, conds: list[str], args, kind: str) -> dict[str, dic
             scorer = gsv_scorer(GsvSvm(seed=args.seed).fit(feats, [d for _, d in seen]))
         else:
             from devrecd.openset.embedder import Embedder
-            from devrecd.train import TrainOptions, open_dataset, restrict_dataset, train
+            from devrecd.train import open_dataset, restrict_dataset, train, train_options
 
             cfg = corpus.cfg
             run = args.out / f"asp-fold{k + 1}"
-            opts = TrainOptions.from_config(cfg.train, arch="asp", loss="aam", epochs=args.embedder_epochs,
-                                            batch_size=32, lr=1e-3, hop_seconds=cfg.audio.hop_seconds,
-                                            seed=args.seed, patience=0)
+            opts = train_options(cfg.train, arch="asp", loss="aam", epochs=args.embedder_epochs,
+                                 batch_size=32, lr=1e-3, hop_seconds=cfg.audio.hop_seconds,
+                                 seed=args.seed, patience=0)
             ds = open_dataset(corpus.root, cfg, "ccnu")  # segments 1-3 train: the references
             train(restrict_dataset(ds, sorted({d for _, d in seen}), splits=("train",)), run, cfg, opts)
             emb = Embedder.load(run)

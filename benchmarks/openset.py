@@ -108,12 +108,12 @@ def score_systems(train: Sequence[str], phones: Sequence[str], recs: list[Rec], 
         import tempfile
 
         from devrecd.openset.embedder import Embedder
-        from devrecd.train import TrainOptions, restrict_dataset, train as train_network
+        from devrecd.train import restrict_dataset, train as train_network, train_options
 
         t0 = time.perf_counter()
-        opts = TrainOptions(arch=args.arch, loss="aam", epochs=args.epochs, batch_size=32, lr=1e-3,
-                            lr_step_epochs=max(1, 2 * args.epochs // 3), patience=0, seed=seed,
-                            hop_seconds=args.train_hop)
+        opts = train_options(cfg.train, arch=args.arch, loss="aam", epochs=args.epochs, batch_size=32, lr=1e-3,
+                             lr_step_epochs=max(1, 2 * args.epochs // 3), patience=0, seed=seed,
+                             hop_seconds=args.train_hop)
         with tempfile.TemporaryDirectory() as run:  # the one training loop, as `devrecd train-embedder`
             train_network(restrict_dataset(args.dataset, train, split="train"), run, cfg, opts)
             emb = Embedder.load(run)
@@ -194,12 +194,40 @@ def load(ds: Any, cache: FeatureCache, hop: float) -> list[Rec]:
     return [Rec(str(it.path), it.device, it.group, cache.features(it.path, hop)[0]) for it in ds.items]
 
 
+def make_report(args: argparse.Namespace, seeds: Sequence[int], recs: list[Rec], timing: dict[str, float],
+                pools: dict[str, Pool]) -> dict[str, Any]:
+    """Protocol, timings and every system's figures pooled over the folds added to ``pools`` so far."""
+    return {
+        "protocol": {"corpus": str(args.ccnu), "phones": len({r.device for r in recs}), "folds": args.folds,
+                     "seeds": list(seeds), "folds_done": len(next(iter(pools.values())).folds) if pools else 0,
+                     "references": list(REFERENCE_GROUPS), "questioned": list(QUESTIONED_GROUPS),
+                     "hop_seconds": args.hop, "clip_seconds": args.clip_seconds, "target_far_open_set": args.far,
+                     "mixtures": args.mixtures, "relevance": args.relevance, "epochs": args.epochs,
+                     "asnorm_top": args.asnorm_top, "calibration": args.calibration, "inner_folds": args.inner},
+        "seconds": dict(timing),
+        "systems": {n: p.report() for n, p in pools.items()},
+    }
+
+
+def print_table(report: dict[str, Any]) -> None:
+    print(f"{'system':<34} {'named+accepted':>15} {'rank-1':>11} {'unknown rej.':>13} {'EER':>7} "
+          f"{'minDCF':>7} {'Cllr':>6} {'Cllr_min':>8}  trials (tar/non)")
+    for n, r in report["systems"].items():
+        t = r["test_trials"]
+        frac = lambda d: f"{d['k']}/{d['n']} {d['rate']:.1%}"  # noqa: E731
+        print(f"{n:<34} {frac(r['named_accepted']):>15} {frac(r['rank1']):>11} {frac(r['unknown_rejected']):>13} "
+              f"{t['eer']:>7.2%} {t['min_dcf']:>7.3f} {t['cllr']:>6.3f} {t['cllr_min']:>8.3f}  "
+              f"{t['n_target']}/{t['n_nontarget']}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ccnu", type=Path, default=REPO.parent / "shared/data/ccnu_mobile_sample")
     ap.add_argument("--folds", type=int, default=3)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--hop", type=float, default=2.0, help="window hop (s) of enrolment and questioned recordings")
+    ap.add_argument("--clip-seconds", type=float, default=None,
+                    help="frontend clip length (s; sets the frame hop); default: the config's frontend.clip_seconds")
     ap.add_argument("--far", type=float, default=0.05, help="open-set false-acceptance rate of the threshold")
     ap.add_argument("--mixtures", type=int, default=16)
     ap.add_argument("--relevance", type=float, default=16.0)
@@ -220,7 +248,11 @@ def main() -> int:
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     naps = [int(s) for s in args.nap.split(",") if s.strip()]
-    cfg = load_config(overrides={"train.threads": args.threads})
+    overrides: dict[str, Any] = {"train.threads": args.threads}
+    if args.clip_seconds is not None:
+        overrides["frontend.clip_seconds"] = args.clip_seconds
+    cfg = load_config(overrides=overrides)
+    args.clip_seconds = cfg.frontend.clip_seconds
     cache = FeatureCache(Path(cfg.train.cache_dir), cfg.frontend, cfg.audio)
     args.dataset = load_dataset(args.ccnu)
     recs = load(args.dataset, cache, args.hop)
@@ -253,27 +285,13 @@ def main() -> int:
                 pools.setdefault(name + " @llr0", Pool("llr0")).add(fold, cal[name], test[name], args.far)
         log(f"{fold.name}: test {', '.join(fold.test)}; " + "; ".join(
             f"{n} {p.folds[-1]['named_accepted']}/{p.folds[-1]['unknown_rejected']}" for n, p in pools.items()))
+        if args.json:  # the folds done so far, pooled: a long run that is stopped still leaves its figures
+            args.json.write_text(json.dumps(make_report(args, seeds, recs, timing, pools), indent=1, default=float))
 
-    report = {
-        "protocol": {"corpus": str(args.ccnu), "phones": len({r.device for r in recs}), "folds": args.folds,
-                     "seeds": seeds, "references": list(REFERENCE_GROUPS), "questioned": list(QUESTIONED_GROUPS),
-                     "hop_seconds": args.hop, "target_far_open_set": args.far, "mixtures": args.mixtures,
-                     "relevance": args.relevance, "epochs": args.epochs, "asnorm_top": args.asnorm_top,
-                     "calibration": args.calibration, "inner_folds": args.inner},
-        "seconds": timing,
-        "systems": {n: p.report() for n, p in pools.items()},
-    }
-    text = json.dumps(report, indent=1, default=float)
+    report = make_report(args, seeds, recs, timing, pools)
     if args.json:
-        args.json.write_text(text)
-    print(f"{'system':<34} {'named+accepted':>15} {'rank-1':>11} {'unknown rej.':>13} {'EER':>7} "
-          f"{'minDCF':>7} {'Cllr':>6} {'Cllr_min':>8}  trials (tar/non)")
-    for n, r in report["systems"].items():
-        t = r["test_trials"]
-        frac = lambda d: f"{d['k']}/{d['n']} {d['rate']:.1%}"  # noqa: E731
-        print(f"{n:<34} {frac(r['named_accepted']):>15} {frac(r['rank1']):>11} {frac(r['unknown_rejected']):>13} "
-              f"{t['eer']:>7.2%} {t['min_dcf']:>7.3f} {t['cllr']:>6.3f} {t['cllr_min']:>8.3f}  "
-              f"{t['n_target']}/{t['n_nontarget']}")
+        args.json.write_text(json.dumps(report, indent=1, default=float))
+    print_table(report)
     return 0
 
 

@@ -214,7 +214,8 @@ class MetricsConfig(_Section):
 
 @dataclass(frozen=True)
 class TrainConfig(_Section):
-    """The paper's recipe (section V-E) as defaults."""
+    """The paper's recipe (section V-E) as defaults. The one definition of a training run's options:
+    ``devrecd train``/``finetune``/``train-embedder`` and the benchmarks override fields of this section."""
 
     section: ClassVar[str] = "train"
     arch: Annotated[str, NOT_EMPTY] = "paper"  # checked against the architectures when the network is built
@@ -230,8 +231,16 @@ class TrainConfig(_Section):
     cache_dir: Annotated[str, NOT_EMPTY] = "~/.cache/devrecd/features"
     threads: NonNegInt = 0  # torch intra-op threads (0 = torch's default)
     on_unusable: Literal["skip", "fail"] = "skip"  # a recording that cannot be used: skip it (listed in the run) or fail
+    augment: bool = False  # random crop offset, gain and light noise on the waveform, each epoch
     channel_augment: tuple[str, ...] = ()  # codec / band-limit channels to train through, e.g. ("aac64", "amrnb", "tel")
     channel_augment_p: Fraction = 0.5  # per recording and epoch: probability of passing through one of them
+    # "softmax": cross-entropy on model(x) | "aam": additive angular margin (embedders such as asp)
+    loss: Literal["softmax", "aam"] = "softmax"
+    finetune_epochs: Count = 300  # `devrecd finetune`: the paper's Table IX
+    finetune_batch_size: Annotated[int, Range(ge=2)] = 32
+    finetune_lr: PositiveFloat = 1e-5  # constant while fine-tuning (Table IX)
+    # what fine-tuning trains: softmax (new head) | mlp (Dense(128) + head) | all
+    finetune_trainable: Literal["softmax", "mlp", "all"] = "softmax"
 
     def relations(self) -> list[str]:
         problems = _check_split("train", self.split)

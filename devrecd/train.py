@@ -26,7 +26,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -39,59 +39,34 @@ from devrecd.model.checkpoint import Checkpoint, load_checkpoint, load_raw, reso
 
 log = logging.getLogger("devrecd.train")
 
-TRAINABLE = ("softmax", "mlp", "all")  # fine-tuning: which part of the network learns (Table IX)
-LOSSES = ("softmax", "aam")  # cross-entropy on model(x) | additive angular margin (model.margin_logits)
 BEST, LAST = "best.pt", "last.pt"
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "learning_curve.png"
+# [train] keys that do not change what a run learns: a run resumes across changes to them (and to
+# the finetune_* keys, which reach a run as its epochs, batch size, lr and trainable part).
+NOT_IN_RUN_KEY = ("epochs", "patience", "split", "cache_dir", "threads", "on_unusable")
 
 
-@dataclass(frozen=True)
-class TrainOptions:
-    """Everything that shapes a training run (stored in the checkpoint's meta)."""
+def train_options(cfg: TrainConfig, **overrides: Any) -> TrainConfig:
+    """A run's options: the ``[train]`` section with the given (non-None) overrides, validated."""
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
-    arch: str = "paper"
-    epochs: int = 100
-    batch_size: int = 64
-    lr: float = 1e-4
-    lr_step_epochs: int = 30
-    lr_gamma: float = 0.1
-    patience: int = 20  # epochs without improvement before stopping (0 = never stop early)
-    seed: int = 0
-    hop_seconds: float = 1.0  # window hop over training recordings
-    augment: bool = False  # random crop offset, gain and light noise on the waveform, each epoch
-    channel_augment: tuple[str, ...] = ()  # transmission channels (devrecd.audio.channel) drawn per recording and epoch
-    channel_augment_p: float = 0.5  # probability that a training recording goes through one of them in an epoch
-    trainable: str = "all"  # fine-tuning only: softmax | mlp | all
-    loss: str = "softmax"  # "aam": AAM-softmax through model.margin_logits(x, y) (embedders, e.g. arch asp)
-    hparams: dict[str, Any] = field(default_factory=dict)  # architecture hyper-parameters
 
-    @classmethod
-    def from_config(cls, cfg: TrainConfig, **overrides: Any) -> TrainOptions:
-        """Defaults from ``[train]``, then the given (non-None) overrides."""
-        mine = {f.name for f in fields(cls)}
-        base = cls(**{f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name in mine})
-        opts = replace(base, **{k: v for k, v in overrides.items() if v is not None})
-        opts.validate()
-        return opts
+def finetune_options(cfg: TrainConfig, **overrides: Any) -> TrainConfig:
+    """Fine-tuning options: the ``finetune_*`` keys of ``[train]`` as epochs, batch size, constant lr
+    (Table IX), then the given (non-None) overrides."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    epochs = given.pop("epochs", cfg.finetune_epochs)
+    return train_options(cfg, **{"batch_size": cfg.finetune_batch_size, "lr": cfg.finetune_lr, **given,
+                                 "epochs": epochs, "lr_step_epochs": epochs})
 
-    def validate(self) -> None:
-        """Raise ConfigError naming every bad option."""
-        problems = [msg for bad, msg in (
-            (self.epochs < 1, "epochs must be >= 1"),
-            (self.batch_size < 2, "batch_size must be >= 2 (BatchNorm)"),
-            (not self.lr > 0, "lr must be > 0"),
-            (self.lr_step_epochs < 1, "lr_step_epochs must be >= 1"),
-            (not 0 < self.lr_gamma <= 1, "lr_gamma must be in (0, 1]"),
-            (self.patience < 0, "patience must be >= 0"),
-            (not self.hop_seconds > 0, "hop_seconds must be > 0"),
-            (self.trainable not in TRAINABLE, f"trainable must be one of {', '.join(TRAINABLE)}"),
-            (self.loss not in LOSSES, f"loss must be one of {', '.join(LOSSES)}"),
-            (not 0.0 <= self.channel_augment_p <= 1.0, "channel_augment_p must be in [0, 1]"),
-        ) if bad]
-        problems += _channel_problems(self.channel_augment)
-        if problems:
-            raise ConfigError("train: " + "; ".join(problems))
+
+def check_options(opts: TrainConfig) -> None:
+    """What the ``[train]`` section's own validation cannot know: that this FFmpeg has the encoders of
+    ``channel_augment`` (raises ConfigError naming each missing one, before any training starts)."""
+    problems = _channel_problems(opts.channel_augment)
+    if problems:
+        raise ConfigError("train: " + "; ".join(problems))
 
 
 def _channel_problems(names: Sequence[str]) -> list[str]:
@@ -377,30 +352,35 @@ def recalibrate_batchnorm(model: Any, x: Any, batch_size: int, device: str, max_
         model.train(was_training)
 
 
-def _run_key(opts: TrainOptions, ds: Dataset, labels: Sequence[str], init_sha: str) -> dict[str, Any]:
+def _run_key(opts: TrainConfig, hparams: dict[str, Any], trainable: str, ds: Dataset, labels: Sequence[str],
+             init_sha: str) -> dict[str, Any]:
     """What must be equal for last.pt to be resumed by this command (epochs and patience may change)."""
-    keep = asdict(opts)
-    keep.pop("patience")
-    keep.pop("epochs")
+    keep = {k: v for k, v in asdict(opts).items() if k not in NOT_IN_RUN_KEY and not k.startswith("finetune_")}
+    keep.update(hparams=hparams, trainable=trainable)
     key = {"options": keep, "dataset_sha256": ds.manifest_sha256, "labels": list(labels), "init": init_sha}
     return json.loads(json.dumps(key))  # plain lists and dicts, as they come back from last.pt
 
 
-def train(ds: Dataset, out: str | Path, cfg: Config, opts: TrainOptions, *, init: str | Path | None = None,
-          device: str = "cpu", on_step: Callable[[int, int, float, float, float], None] | None = None,
+def train(ds: Dataset, out: str | Path, cfg: Config, opts: TrainConfig, *, init: str | Path | None = None,
+          hparams: dict[str, Any] | None = None, device: str = "cpu",
+          on_step: Callable[[int, int, float, float, float], None] | None = None,
           on_epoch: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
     """Train (or, with ``init``, fine-tune) on ``ds`` into run directory ``out``; resumes from its last.pt.
 
     Fine-tuning keeps ``init``'s architecture, frontend and normalisation, replaces its classifier
-    with one for ``ds``'s labels and trains ``opts.trainable``. ``on_step(done, total, loss, acc,
-    clips_per_s)`` is called after each batch and ``on_epoch(record)`` after each epoch.
+    with one for ``ds``'s labels and trains ``opts.finetune_trainable`` (without ``init`` every layer
+    learns). ``hparams``: architecture hyper-parameters of a new network (default: the architecture's).
+    ``on_step(done, total, loss, acc, clips_per_s)`` is called after each batch and ``on_epoch(record)``
+    after each epoch.
     """
     import torch
 
     from devrecd.model import build_model
 
-    opts.validate()
+    check_options(opts)
     out = Path(out)
+    hparams = dict(hparams or {})
+    trainable = "all"
     check_training_data(ds)
     base: Checkpoint | None = None
     init_sha = ""
@@ -410,20 +390,20 @@ def train(ds: Dataset, out: str | Path, cfg: Config, opts: TrainOptions, *, init
         base = load_checkpoint(init)
         init_sha = sha256_file(resolve_checkpoint_path(init))
         check_frontend(base, cfg.frontend, init)  # fine-tune with the frontend it learned on
-        opts = replace(opts, arch=base.arch, hparams=dict(base.hparams))
+        opts, hparams, trainable = replace(opts, arch=base.arch), dict(base.hparams), opts.finetune_trainable
     labels = list(ds.labels)
 
     # A foreign last.pt is an error before any feature work.
     last_path = out / LAST
     resume: dict[str, Any] | None = None
-    key = _run_key(opts, ds, labels, init_sha)
+    key = _run_key(opts, hparams, trainable, ds, labels, init_sha)
     if last_path.exists():
         resume = load_raw(last_path)
         if resume.get("run_key") != key:
             raise ArtifactError(f"{out} holds a run with another architecture, dataset or options "
                                 f"(its last.pt: arch {resume.get('arch')!r}, {len(resume.get('labels', []))} labels); "
                                 "use a new --out directory", reason="run_mismatch")
-    probe = build_model(opts.arch, len(labels), **opts.hparams)  # unknown arch / bad hyper-parameters fail now
+    probe = build_model(opts.arch, len(labels), **hparams)  # unknown arch / bad hyper-parameters fail now
     if opts.loss == "aam" and not callable(getattr(probe, "margin_logits", None)):
         raise ConfigError(f"loss 'aam' needs an architecture with an angular-margin head (asp), not {opts.arch!r}")
 
@@ -455,13 +435,13 @@ def train(ds: Dataset, out: str | Path, cfg: Config, opts: TrainOptions, *, init
 
     use_train_threads(cfg)
     torch.manual_seed(opts.seed)
-    model = build_model(opts.arch, len(labels), **opts.hparams)
+    model = build_model(opts.arch, len(labels), **hparams)
     if base is not None:
         state = {k: v for k, v in base.state_dict.items() if not k.startswith("classifier.")}
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or any(not k.startswith("classifier.") for k in missing):
             raise ArtifactError(f"{init}: weights do not fit architecture {opts.arch!r}", reason="checkpoint_arch")
-    params = _set_trainable(model, opts.trainable)
+    params = _set_trainable(model, trainable)
     model.to(device)
     optimizer = torch.optim.Adam(params, lr=opts.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=opts.lr_step_epochs, gamma=opts.lr_gamma)
@@ -484,10 +464,11 @@ def train(ds: Dataset, out: str | Path, cfg: Config, opts: TrainOptions, *, init
 
     def checkpoint(epoch: int, metrics: dict[str, Any]) -> Checkpoint:
         return Checkpoint(
-            arch=opts.arch, hparams=dict(opts.hparams), labels=labels, frontend=cfg.frontend, norm_mean=mean,
+            arch=opts.arch, hparams=dict(hparams), labels=labels, frontend=cfg.frontend, norm_mean=mean,
             norm_std=std, state_dict={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
             dataset_sha256=ds.manifest_sha256, split=split_info,
-            meta={"epoch": epoch, "metrics": metrics, "selection": selection, "options": asdict(opts),
+            meta={"epoch": epoch, "metrics": metrics, "selection": selection,
+                  "options": {**asdict(opts), "trainable": trainable},
                   "versions": _versions(), "init": str(init) if init else "", "init_sha256": init_sha,
                   "unusable": unusable})
 
@@ -504,7 +485,7 @@ def train(ds: Dataset, out: str | Path, cfg: Config, opts: TrainOptions, *, init
             xs, ys = aug.x, aug.y
         else:
             xs, ys = train_data.x, train_data.y
-        _train_mode(model, opts.trainable)
+        _train_mode(model, trainable)
         order = torch.randperm(len(ys), generator=torch.Generator().manual_seed(opts.seed * 100_003 + epoch))
         total_loss, correct, seen = 0.0, 0, 0
         t_train = time.perf_counter()
@@ -524,7 +505,7 @@ def train(ds: Dataset, out: str | Path, cfg: Config, opts: TrainOptions, *, init
             if on_step is not None:
                 on_step(seen, len(order), total_loss / seen, correct / seen, seen / (time.perf_counter() - t_train))
         train_seconds = time.perf_counter() - t_train
-        if opts.trainable == "all":  # frozen layers keep the statistics they were trained with
+        if trainable == "all":  # frozen layers keep the statistics they were trained with
             recalibrate_batchnorm(model, train_data.x, opts.batch_size, device)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from devrecd.audio.channel import encoder_available
-from devrecd.config import Config, load_config
+from devrecd.config import Config, TrainConfig, load_config
 from devrecd.data import Item
 from devrecd.errors import ConfigError
 from devrecd.features import SLICE_FBANK
-from devrecd.train import Augmenter, TrainOptions
+from devrecd.train import Augmenter, check_options, train_options
 
 
 def _items(ccnu_dir) -> list[Item]:
@@ -46,8 +46,8 @@ def test_channel_augment_config_is_checked():
         load_config(None).with_overrides({"train.channel_augment": ["gsm"]})
     with pytest.raises(ConfigError, match=r"channel_augment_p must be in \[0, 1\]"):
         load_config(None).with_overrides({"train.channel_augment_p": 1.5})
-    opts = TrainOptions.from_config(load_config(None).with_overrides({"train.channel_augment": ["aac64", "tel"]}).train)
+    opts = train_options(load_config(None).with_overrides({"train.channel_augment": ["aac64", "tel"]}).train)
     assert opts.channel_augment == ("aac64", "tel")
     if not encoder_available("libvo_amrwbenc"):
         with pytest.raises(ConfigError, match="libvo_amrwbenc"):
-            TrainOptions(channel_augment=("amrwb",)).validate()
+            check_options(TrainConfig(channel_augment=("amrwb",)))

@@ -409,7 +409,7 @@ def test_portaudio_capture_is_bit_exact_counts_overflow_and_survives_device_loss
 def test_listen_lists_the_alsa_device(alsa_evidence) -> None:
     env, infile, wav = alsa_evidence
     _read(wav).tofile(infile)
-    out = subprocess.run([sys.executable, "-c", "from devrecd.cli import main; main()", "listen", "--list-devices"],
+    out = subprocess.run([sys.executable, "-c", "from devrecd.cli import main; main()", "listen", "--list-input-devices"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     rows = [m.groups() for m in re.finditer(r"^[* ]\s+(\d+)\s+(\S.*?)\s+\((\w+), (\d+) ch", out.stdout, re.M)]

@@ -238,7 +238,7 @@ def test_compare_cli_with_files_and_registry_profile(case, tmp_path: Path) -> No
     assert all(r["calibration"]["sha256"] and r["scorer"]["fingerprint"] and r["sha256"] for r in recs)
     # The same references taken from the registry profile give the same score.
     by_profile = runner.invoke(app, [*args[:2], "--reference-device", device, "--registry", str(case["registry"]),
-                                     "--json"], env=HOP)
+                                     "--format", "json"], env=HOP)
     assert by_profile.exit_code == 0, by_profile.output
     assert json.loads(by_profile.stdout.splitlines()[0])["score"] == pytest.approx(recs[0]["score"], abs=1e-5)
     # Without a calibration there is a score and no LR.

@@ -23,7 +23,8 @@ from devrecd.data import load_dataset
 from devrecd.errors import ArtifactError, DatasetError
 from devrecd.evaluation import RecordingScores, classification_metrics, score_report
 from devrecd.model.checkpoint import load_checkpoint, load_raw
-from devrecd.train import TrainOptions, train
+from devrecd.config import TrainConfig
+from devrecd.train import train
 
 SEGMENT_SPLIT = {1: "train", 2: "train", 3: "val", 4: "test", 5: "test"}
 TINY = dict(epochs=2, batch_size=8, lr=1e-3, hop_seconds=2.0, patience=0)
@@ -60,7 +61,7 @@ def env(ccnu_dir, tmp_path_factory):
 def run(env):
     """The reference run: 2 epochs, uninterrupted."""
     out = env["tmp"] / "run"
-    train(load_dataset(env["ds"]), out, env["cfg"], TrainOptions(**TINY))
+    train(load_dataset(env["ds"]), out, env["cfg"], TrainConfig(**TINY))
     return out
 
 
@@ -88,9 +89,9 @@ def test_interrupted_run_resumes_to_the_same_weights(run, env):
     """Seeded and deterministic on the CPU: 1 epoch, then the same command with 2 epochs == 2 epochs straight."""
     out = env["tmp"] / "resumed"
     ds = load_dataset(env["ds"])
-    first = train(ds, out, env["cfg"], TrainOptions(**{**TINY, "epochs": 1}))
+    first = train(ds, out, env["cfg"], TrainConfig(**{**TINY, "epochs": 1}))
     assert first.epochs_run == 1
-    second = train(ds, out, env["cfg"], TrainOptions(**TINY))
+    second = train(ds, out, env["cfg"], TrainConfig(**TINY))
     assert [r["epoch"] for r in second.history] == [1, 2]
     a, b = load_raw(run / "last.pt")["state_dict"], load_raw(out / "last.pt")["state_dict"]
     assert a.keys() == b.keys()
@@ -104,7 +105,7 @@ def test_resuming_into_a_run_of_another_architecture_is_refused(run, env, tmp_pa
     out = tmp_path / "run"
     shutil.copytree(run, out)
     with pytest.raises(ArtifactError, match="another architecture"):
-        train(load_dataset(env["ds"]), out, env["cfg"], TrainOptions(**{**TINY, "arch": "group2"}))
+        train(load_dataset(env["ds"]), out, env["cfg"], TrainConfig(**{**TINY, "arch": "group2"}))
 
 
 def test_evaluate_writes_the_report(run, env, tmp_path):
@@ -138,7 +139,7 @@ def test_finetune_softmax_trains_only_the_new_head(run, env):
     out = env["tmp"] / "ft"
     base = load_checkpoint(run)
     ds = load_dataset(env["other"])
-    train(ds, out, env["cfg"], TrainOptions(**{**TINY, "epochs": 1, "trainable": "softmax"}), init=run)
+    train(ds, out, env["cfg"], TrainConfig(**{**TINY, "epochs": 1, "finetune_trainable": "softmax"}), init=run)
     ft = load_checkpoint(out)
     assert ft.labels == list(ds.labels) and set(ft.labels).isdisjoint(base.labels)
     assert ft.state_dict["classifier.weight"].shape == (3, 128)
@@ -174,7 +175,7 @@ def test_bad_datasets_fail_before_training(ccnu_dir, env, tmp_path):
     with open(no_train, "w", newline="") as fh:
         csv.writer(fh).writerows([rows[0]] + [r[:3] + ["test" if r[1] == dev else r[3]] for r in rows[1:]])
     with pytest.raises(DatasetError, match="no training recordings"):
-        train(load_dataset(no_train), tmp_path / "r2", env["cfg"], TrainOptions(**TINY))
+        train(load_dataset(no_train), tmp_path / "r2", env["cfg"], TrainConfig(**TINY))
 
     # train.on_unusable = "fail": an unreadable file is named, before any epoch
     broken = tmp_path / "broken"
@@ -186,7 +187,7 @@ def test_bad_datasets_fail_before_training(ccnu_dir, env, tmp_path):
         w.writerow([str(broken / "damaged.wav"), dev, "9", "train"])
     strict = env["cfg"].with_overrides({"train.on_unusable": "fail"})
     with pytest.raises(DatasetError, match="damaged.wav.*train.on_unusable"):
-        train(load_dataset(broken / "manifest.csv"), tmp_path / "r3", strict, TrainOptions(**TINY))
+        train(load_dataset(broken / "manifest.csv"), tmp_path / "r3", strict, TrainConfig(**TINY))
     assert not (tmp_path / "r3" / "last.pt").exists()
 
 
@@ -208,7 +209,7 @@ def test_unusable_recordings_are_left_out_and_listed_unless_a_device_is_left_wit
         w.writerow([str(quiet), devs[0], "9", "train"])
         w.writerow([str(tmp_path / "damaged.wav"), devs[1], "9", "val"])
     out = tmp_path / "run"
-    train(load_dataset(manifest), out, env["cfg"], TrainOptions(**{**TINY, "epochs": 1}))
+    train(load_dataset(manifest), out, env["cfg"], TrainConfig(**{**TINY, "epochs": 1}))
     listed = json.loads((out / "unusable.json").read_text())
     assert {(Path(u["path"]).name, u["reason"]) for u in listed} == {("quiet.wav", "silent"), ("damaged.wav", "corrupt")}
     assert "audio.silence_dbfs" in next(u["detail"] for u in listed if u["reason"] == "silent")
@@ -221,7 +222,7 @@ def test_unusable_recordings_are_left_out_and_listed_unless_a_device_is_left_wit
         w.writerows([rows[0]] + [r for r in rows[1:] if not (r[1] == devs[0] and r[3] == "train")])
         w.writerow([str(quiet), devs[0], "9", "train"])
     with pytest.raises(DatasetError, match=f"{devs[0]}.*no usable training recording.*audio.silence_dbfs"):
-        train(load_dataset(only_quiet), tmp_path / "r4", env["cfg"], TrainOptions(**TINY))
+        train(load_dataset(only_quiet), tmp_path / "r4", env["cfg"], TrainConfig(**TINY))
 
 
 def test_metrics_are_the_papers_macro_averages():
@@ -274,3 +275,20 @@ def test_batchnorm_statistics_are_those_of_the_trained_weights(run, env):
     recalibrate_batchnorm(model, data.x, TINY["batch_size"], "cpu")
     for name in ("frame.bn1.running_mean", "frame.bn1.running_var", "frame.bn2.running_var"):
         torch.testing.assert_close(model.state_dict()[name], ckpt.state_dict[name])
+
+
+def test_finetune_defaults_come_from_the_train_section():
+    from devrecd.errors import ConfigError
+    from devrecd.train import finetune_options
+
+    opts = finetune_options(load_config(None, env={}).train)
+    assert (opts.epochs, opts.batch_size, opts.lr, opts.lr_step_epochs, opts.finetune_trainable) == \
+        (300, 32, 1e-5, 300, "softmax")  # the paper's Table IX, constant lr
+    cfg = load_config(None, env={}, overrides={"train.finetune_epochs": 7, "train.finetune_lr": 3e-4})
+    opts = finetune_options(cfg.train, batch_size=None, finetune_trainable="mlp")
+    assert (opts.epochs, opts.lr, opts.lr_step_epochs, opts.finetune_trainable) == (7, 3e-4, 7, "mlp")
+    assert finetune_options(cfg.train, epochs=4).lr_step_epochs == 4
+    with pytest.raises(ConfigError, match="finetune_trainable must be one of"):
+        load_config(None, env={}, overrides={"train.finetune_trainable": "head"})
+    with pytest.raises(ConfigError, match="loss must be one of"):
+        finetune_options(cfg.train, loss="triplet")

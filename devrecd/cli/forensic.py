@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 from devrecd.cli.app import ConfigOption, TextFormat, audio_paths, command, load_cli_config
-from devrecd.cli.openset import GsvOption, ModelOption, Scorer, ScorerOption
+from devrecd.cli.openset import FusionOption, GsvOption, ModelOption, Scorer, ScorerOption
 from devrecd.errors import ConfigError
 
 
@@ -24,6 +24,7 @@ def compare(
     model: Optional[Path] = ModelOption,
     scorer: Optional[Scorer] = ScorerOption,
     gsv: Optional[Path] = GsvOption,
+    fusion: Optional[Path] = FusionOption,
     registry: Optional[Path] = typer.Option(None, "--registry", "-r", help="Registry JSON (registry.path): its "
                                             "calibration and profiles."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", exists=True, dir_okay=False,
@@ -48,8 +49,8 @@ def compare(
     cfg = load_cli_config(config, {"registry.path": str(registry) if registry else None})
     reg = open_registry(cfg.registry.path) if cfg.registry.path else None
     # The registry's own scorer when it has profiles (its calibration is of that scorer), else the
-    # one asked for: --model (network) or the GSV scorer (--gsv FILE, default the shipped one).
-    comparer = Comparer(choose_scorer(reg, scorer, model, gsv, resolve_device(cfg.backend.device)), cfg)
+    # one asked for: --fusion FILE, --model (network) or the GSV scorer (--gsv FILE, default the shipped one).
+    comparer = Comparer(choose_scorer(reg, scorer, model, gsv, resolve_device(cfg.backend.device), fusion), cfg)
     if reference:
         ref_files = audio_paths(reference, cfg, what="reference")
         refs = comparer.references(reference_device or "reference device", ref_files)

@@ -1,4 +1,5 @@
-"""``devrecd enroll``, ``devrecd devices``, ``devrecd calibrate``: the open-set device registry."""
+"""``devrecd enroll``, ``devrecd devices``, ``devrecd calibrate``: the open-set device registry; ``train-gsv``
+and ``train-fusion``: its trained scorers."""
 
 from __future__ import annotations
 
@@ -24,12 +25,17 @@ class Scorer(str, enum.Enum):
 
     embedder = "embedder"
     gsv = "gsv"
+    fusion = "fusion"
 
 
 ScorerOption = typer.Option(None, "--scorer", case_sensitive=False,
-                            help="Default: the registry's scorer; for a new registry gsv, or embedder when --model is given.")
+                            help="Default: the registry's scorer; for a new registry fusion when --fusion is given, "
+                                 "embedder when --model is given, else gsv.")
 GsvOption = typer.Option(None, "--gsv", exists=True, dir_okay=False,
                          help="GSV scorer file from `devrecd train-gsv` (default: the shipped one).")
+FusionOption = typer.Option(None, "--fusion", exists=True, dir_okay=False,
+                            help="Fusion scorer file from `devrecd train-fusion` (scorer 'fusion'; its network is the "
+                                 "checkpoint it names, or --model).")
 
 
 def check_checkpoint_option(model: Optional[Path]) -> None:
@@ -40,10 +46,12 @@ def check_checkpoint_option(model: Optional[Path]) -> None:
                           f"`devrecd train` that {model.name} was exported from")
 
 
-def choose_scorer(reg, scorer: Optional[Scorer | str], model: Optional[Path], gsv: Optional[Path], device: str):
+def choose_scorer(reg, scorer: Optional[Scorer | str], model: Optional[Path], gsv: Optional[Path], device: str,
+                  fusion: Optional[Path] = None):
     """The scorer to enrol/score with: the registry's own when it has profiles (``reg`` may be None),
-    else a new one of the kind asked for (gsv without --model: the shipped one, or --gsv FILE)."""
-    from devrecd.openset.scorers import EmbedderScorer, default_gsv_path, load_gsv, registry_scorer
+    else a new one of the kind asked for (gsv without --model: the shipped one, or --gsv FILE;
+    fusion: the --fusion FILE)."""
+    from devrecd.openset.scorers import EmbedderScorer, default_gsv_path, load_fusion, load_gsv, registry_scorer
 
     check_checkpoint_option(model)
     scorer = choice(scorer) if isinstance(scorer, enum.Enum) else scorer
@@ -51,7 +59,13 @@ def choose_scorer(reg, scorer: Optional[Scorer | str], model: Optional[Path], gs
         if scorer is not None and scorer != reg.kind:
             raise ConfigError(f"registry {reg.path} was enrolled with scorer {reg.kind!r}, not {scorer!r}")
         return registry_scorer(reg, model=model, device=device)
-    kind = scorer or ("embedder" if model is not None else "gsv")
+    kind = scorer or ("fusion" if fusion is not None else "embedder" if model is not None else "gsv")
+    if kind == "fusion":
+        if fusion is None:
+            raise ConfigError("scorer 'fusion' needs --fusion FILE (from `devrecd train-fusion`)")
+        return load_fusion(fusion, model=model, device=device)[0]
+    if fusion is not None:
+        raise ConfigError(f"--fusion is a fusion scorer's file; it does not go with --scorer {kind}")
     if kind == "embedder":
         if model is None:
             raise ConfigError("scorer 'embedder' needs --model (a checkpoint or run directory)")
@@ -87,13 +101,14 @@ def enroll(
     registry: Optional[Path] = RegistryOption,
     scorer: Optional[Scorer] = ScorerOption,
     gsv: Optional[Path] = GsvOption,
+    fusion: Optional[Path] = FusionOption,
     hop_seconds: Optional[float] = typer.Option(None, "--hop-seconds", help="Window hop in seconds (audio.hop_seconds)."),
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Add reference recordings to a device profile (no retraining).
 
-    Without --model the shipped GSV scorer is used (or --gsv FILE); a registry keeps the scorer it
-    was created with."""
+    Without --model the shipped GSV scorer is used (or --gsv FILE, or --fusion FILE); a registry
+    keeps the scorer it was created with."""
     from devrecd.openset.registry import open_registry
     from devrecd.openset.workflow import enrol_files
     from devrecd.pipeline.stages import resolve_device
@@ -102,7 +117,7 @@ def enroll(
     check_checkpoint_option(model)
     files = audio_paths(audio, cfg, what="reference")
     reg = open_registry(_registry_path(cfg, registry), create=True)
-    chosen = choose_scorer(reg, scorer, model, gsv, resolve_device(cfg.backend.device))
+    chosen = choose_scorer(reg, scorer, model, gsv, resolve_device(cfg.backend.device), fusion)
     device = profile
     added, skipped = enrol_files(reg, chosen, device, files, cfg,
                                  on_file=lambda p, n: typer.echo(f"{p}: {n} window(s)"))
@@ -272,12 +287,25 @@ def train_gsv(
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Train the GMM-supervector scorer (UBM + NAP) and its cross-fitted development calibration."""
-    from devrecd.data import FeatureCache, load_dataset
     from devrecd.openset.gsvtrain import train_gsv as train
     from devrecd.openset.scorers import save_gsv
 
     cfg = load_cli_config(config, {"audio.hop_seconds": hop_seconds})
-    cache = FeatureCache(Path(cfg.train.cache_dir), cfg.frontend, cfg.audio)
+    feats, devices, order, sources = _development_features(datasets, cfg, cfg.frontend)
+    typer.echo(f"{len(feats)} recordings of {len(set(devices))} devices")
+    scorer = train(feats, devices, order, cfg.frontend, mixtures=mixtures, nap_dims=nap, far=far, inner=inner,
+                   seed=seed, source=out.name, threshold_rule=threshold_rule.value, on_step=typer.echo)
+    save_gsv(out, scorer, extra={"datasets": sources, "hop_seconds": cfg.audio.hop_seconds, "seed": seed})
+    typer.echo(_calibration_line(scorer.calibration or {}))
+    typer.echo(f"wrote {out}")
+
+
+def _development_features(datasets: List[Path], cfg, frontend) -> tuple[list, list[str], list, list[dict]]:
+    """Raw windows (``frontend``, ``audio.hop_seconds``) of every recording of ``datasets``, with device
+    names (prefixed by the dataset's folder when several are merged), sort keys and sources."""
+    from devrecd.data import FeatureCache, load_dataset
+
+    cache = FeatureCache(Path(cfg.train.cache_dir), frontend, cfg.audio)
     feats, devices, order, sources = [], [], [], []
     loaded = [(ds_path, load_dataset(ds_path)) for ds_path in datasets]
     with progress(sum(len(ds.items) for _, ds in loaded), "features", unit="recording") as bar:
@@ -288,13 +316,52 @@ def train_gsv(
                 devices.append(it.device if len(datasets) == 1 else f"{ds_path.name}/{it.device}")
                 order.append((str(it.group), it.path.name))
                 bar.update(1)
+    return feats, devices, order, sources
+
+
+def _calibration_line(cal: dict) -> str:
+    return (f"development calibration ({cal.get('n_target')} target / {cal.get('n_nontarget')} non-target trials, "
+            f"{cal.get('n_open_set')} open-set): EER {cal.get('eer', 0):.2%}, Cllr {cal.get('cllr', 0):.3f}, "
+            f"threshold {cal.get('threshold', 0):.4f} ({cal.get('threshold_basis')}; open-set FAR on the "
+            f"development impostors {cal.get('far', 0):.1%})")
+
+
+@command("train-fusion")
+def train_fusion(
+    datasets: List[Path] = typer.Argument(..., exists=True, help="Development recordings of known devices, ideally "
+                                                                 "devices the parts were not trained on (any "
+                                                                 "dataset layout; several are merged)."),
+    model: Path = typer.Option(..., "--model", "-m", exists=True,
+                               help="Network embedder: checkpoint (.pt) or run directory (`devrecd train-embedder`)."),
+    gsv: Optional[Path] = GsvOption,
+    out: Path = typer.Option(..., "--out", "-o", help="Fusion scorer file to write (.npz)."),
+    far: float = typer.Option(0.05, help="Open-set false-acceptance rate of the development threshold (rule far)."),
+    threshold_rule: ThresholdRule = typer.Option(ThresholdRule.llr0, "--threshold-rule", case_sensitive=False,
+                                                 help="llr0: fused LLR = 0 | far: open-set FAR quantile of the impostors."),
+    hop_seconds: Optional[float] = typer.Option(None, "--hop-seconds", help="Window hop in seconds (audio.hop_seconds)."),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Fuse a network embedder with a GSV scorer: logistic-regression weights and a development calibration."""
+    from devrecd.openset.embedder import Embedder
+    from devrecd.openset.fusion import train_fusion as train
+    from devrecd.openset.scorers import EmbedderScorer, FusionScorer, default_gsv_path, load_gsv, save_fusion
+    from devrecd.pipeline.stages import resolve_device
+
+    cfg = load_cli_config(config, {"audio.hop_seconds": hop_seconds})
+    net = EmbedderScorer(Embedder.load(model.resolve(), device=resolve_device(cfg.backend.device)))
+    supervector = load_gsv(gsv if gsv is not None else default_gsv_path())[0]
+    parts = [net, supervector]
+    frontend = FusionScorer(parts).frontend  # refuses parts of two frontends
+    feats, devices, order, sources = _development_features(datasets, cfg, frontend)
     typer.echo(f"{len(feats)} recordings of {len(set(devices))} devices")
-    scorer = train(feats, devices, order, cfg.frontend, mixtures=mixtures, nap_dims=nap, far=far, inner=inner,
-                   seed=seed, source=out.name, threshold_rule=threshold_rule.value, on_step=typer.echo)
-    save_gsv(out, scorer, extra={"datasets": sources, "hop_seconds": cfg.audio.hop_seconds, "seed": seed})
-    cal = scorer.calibration or {}
-    typer.echo(f"development calibration ({cal.get('n_target')} target / {cal.get('n_nontarget')} non-target trials, "
-               f"{cal.get('n_open_set')} open-set): EER {cal.get('eer', 0):.2%}, Cllr {cal.get('cllr', 0):.3f}, "
-               f"threshold {cal.get('threshold', 0):.4f} ({cal.get('threshold_basis')}; open-set FAR on the "
-               f"development impostors {cal.get('far', 0):.1%})")
+    seen = sorted(set(devices) & set(net.embedder.labels))
+    if seen:
+        typer.echo(f"note: {len(seen)} of these {len(set(devices))} devices trained the network; on them it looks "
+                   "better than on new phones, and the fusion learns to over-trust it")
+    scorer = train(parts, feats, devices, order, far=far, threshold_rule=threshold_rule.value)
+    save_fusion(out, scorer, extra={"datasets": sources, "hop_seconds": cfg.audio.hop_seconds,
+                                    "network_devices_seen": seen})
+    typer.echo("weights: " + ", ".join(f"{p.kind} {w:.3f}" for p, w in zip(scorer.parts, scorer.weights))
+               + f"; bias {scorer.bias:.3f}")
+    typer.echo(_calibration_line(scorer.calibration or {}))
     typer.echo(f"wrote {out}")

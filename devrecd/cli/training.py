@@ -103,11 +103,11 @@ def train(
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Train a device classifier on DATASET (defaults: the paper's recipe, config section train)."""
-    from devrecd.train import TrainOptions
+    from devrecd.train import train_options
 
     cfg = load_cli_config(config, {"backend.device": torch_device})
-    opts = TrainOptions.from_config(cfg.train, arch=choice(arch), epochs=epochs, batch_size=batch_size, lr=lr,
-                                    hop_seconds=hop_seconds, seed=seed, patience=patience, augment=augment or None)
+    opts = train_options(cfg.train, arch=choice(arch), epochs=epochs, batch_size=batch_size, lr=lr,
+                         hop_seconds=hop_seconds, seed=seed, patience=patience, augment=augment or None)
     _run(dataset, out, cfg, opts, split_groups)
 
 
@@ -116,11 +116,12 @@ def finetune(
     checkpoint: Path = typer.Argument(..., exists=True, help="Pre-trained run directory or .pt file."),
     dataset: Path = typer.Argument(..., exists=True, help="Dataset of the new devices."),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory of the fine-tuned model (resumable)."),
-    trainable: Trainable = typer.Option(Trainable.softmax, "--trainable", case_sensitive=False,
-                                        help="softmax (new head only) | mlp (Dense(128)+head) | all."),
-    epochs: int = typer.Option(300, "--epochs", min=1, help="The paper's Table IX uses 300."),
-    batch_size: int = typer.Option(32, "--batch-size", min=2),
-    lr: float = typer.Option(1e-5, "--lr"),
+    trainable: Optional[Trainable] = typer.Option(None, "--trainable", case_sensitive=False,
+                                                  help="softmax (new head only) | mlp (Dense(128)+head) | all "
+                                                       "(train.finetune_trainable)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="train.finetune_epochs (Table IX: 300)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=2, help="train.finetune_batch_size"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Constant learning rate (train.finetune_lr)."),
     hop_seconds: Optional[float] = typer.Option(None, "--hop-seconds", help="train.hop_seconds"),
     seed: Optional[int] = typer.Option(None, "--seed", help="train.seed"),
     patience: Optional[int] = typer.Option(None, "--patience", min=0, help="train.patience; 0 = off."),
@@ -130,12 +131,11 @@ def finetune(
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Transfer a trained network to new devices: a new classifier head for DATASET's labels (Table IX)."""
-    from devrecd.train import TrainOptions
+    from devrecd.train import finetune_options
 
     cfg = load_cli_config(config, {"backend.device": torch_device})
-    opts = TrainOptions.from_config(cfg.train, epochs=epochs, batch_size=batch_size, lr=lr, trainable=trainable.value,
-                                    hop_seconds=hop_seconds, seed=seed, patience=patience, augment=augment or None,
-                                    lr_step_epochs=max(epochs, 1))  # constant lr, as Table IX
+    opts = finetune_options(cfg.train, epochs=epochs, batch_size=batch_size, lr=lr, finetune_trainable=choice(trainable),
+                            hop_seconds=hop_seconds, seed=seed, patience=patience, augment=augment or None)
     _run(dataset, out, cfg, opts, split_groups, init=checkpoint)
 
 
@@ -207,12 +207,12 @@ def train_embedder(
 ) -> None:
     """Train an open-set embedder (arch asp, AAM-softmax) for `devrecd enroll --model RUN`."""
     from devrecd.pipeline.stages import resolve_device
-    from devrecd.train import TrainOptions, merge_datasets, open_dataset, train
+    from devrecd.train import merge_datasets, open_dataset, train, train_options
 
     cfg = load_cli_config(config, {"backend.device": torch_device})
-    opts = TrainOptions.from_config(cfg.train, arch="asp", loss="aam", epochs=epochs, batch_size=batch_size, lr=lr,
-                                    lr_step_epochs=lr_step_epochs, hop_seconds=hop_seconds, seed=seed,
-                                    patience=0, augment=augment or None)
+    opts = train_options(cfg.train, arch="asp", loss="aam", epochs=epochs, batch_size=batch_size, lr=lr,
+                         lr_step_epochs=lr_step_epochs, hop_seconds=hop_seconds, seed=seed,
+                         patience=0, augment=augment or None)
     ds = merge_datasets([open_dataset(p, cfg, split_groups) for p in datasets])
     typer.echo(f"{len(ds.items)} recordings of {len(ds.labels)} devices")
     on_step, on_epoch, close = _progress("train-embedder")

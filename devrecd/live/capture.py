@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from devrecd.errors import ConfigError, DevrecdError, MissingDependency
-from devrecd.live.ring import SampleRing
+from devrecd.live.ring import CaptureRates, SampleRing
 
 log = logging.getLogger("devrecd.live")
 
@@ -90,23 +90,23 @@ def resolve_input(spec: str) -> dict[str, Any]:
                            "give its index or full name")
 
 
-def choose_rate(device: int, model_rate: int, channels: int) -> tuple[int, bool]:
-    """(capture rate, resampled): the model's rate when the device takes it, else the device's default."""
+def choose_rate(device: int, model_rate: int, channels: int) -> int:
+    """The capture rate: the model's rate when the device takes it, else the device's default."""
     sd = sounddevice()
     try:
         sd.check_input_settings(device=device, samplerate=model_rate, channels=channels, dtype="float32")
-        return model_rate, False
+        return model_rate
     except sd.PortAudioError:
         rate = int(round(sd.query_devices(device)["default_samplerate"]))
     try:
         sd.check_input_settings(device=device, samplerate=rate, channels=channels, dtype="float32")
     except sd.PortAudioError as exc:
         raise InputUnavailable(f"input device {device} accepts neither {model_rate} Hz nor its default {rate} Hz: {exc}") from None
-    return rate, True
+    return rate
 
 
 @dataclass(frozen=True)
-class InputInfo:
+class InputInfo(CaptureRates):
     """What was opened, for the start-up log line and every verdict."""
 
     index: int
@@ -115,10 +115,6 @@ class InputInfo:
     capture_rate: int
     model_rate: int
     channels: int
-
-    @property
-    def resampled(self) -> bool:
-        return self.capture_rate != self.model_rate
 
 
 class Capture:
@@ -195,7 +191,7 @@ class Capture:
             sd._terminate()  # sounddevice's own re-initialisation pair; no other stream of ours is open
             sd._initialize()
         dev = resolve_input(self.device_spec)
-        rate, _ = choose_rate(dev["index"], self.model_rate, self.channels)
+        rate = choose_rate(dev["index"], self.model_rate, self.channels)
         try:
             stream = sd.InputStream(device=dev["index"], samplerate=rate, channels=self.channels, dtype="float32",
                                     blocksize=self.blocksize, callback=self.callback, finished_callback=self._finished)

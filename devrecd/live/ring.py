@@ -15,6 +15,18 @@ from __future__ import annotations
 import numpy as np
 
 
+class CaptureRates:
+    """The card's rate and the model's, for what capture reports (the opened input, each window):
+    ``resampled`` when they differ."""
+
+    capture_rate: int
+    model_rate: int
+
+    @property
+    def resampled(self) -> bool:
+        return self.capture_rate != self.model_rate
+
+
 class SampleRing:
     """Bounded ring of ``(capacity, channels)`` float32 frames, with gap and arrival-time logs."""
 

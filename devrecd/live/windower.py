@@ -17,11 +17,11 @@ import numpy as np
 from devrecd.audio.decode import _to_mono  # the file path's channel mixing (audio.mix), not a second copy
 from devrecd.audio.levels import Level, measure
 from devrecd.live.recorder import SegmentRecorder
-from devrecd.live.ring import SampleRing
+from devrecd.live.ring import CaptureRates, SampleRing
 
 
 @dataclass
-class LiveWindow:
+class LiveWindow(CaptureRates):
     """One window of live audio at the model's rate, with its level and timing."""
 
     index: int  # windows cut since start
@@ -31,10 +31,6 @@ class LiveWindow:
     ended: float | None  # monotonic time its last sample arrived from the card (None if unknown)
     capture_rate: int
     model_rate: int
-
-    @property
-    def resampled(self) -> bool:
-        return self.capture_rate != self.model_rate
 
 
 class Windower:

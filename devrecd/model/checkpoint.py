@@ -7,7 +7,6 @@ and dicts, so ``torch.load(weights_only=True)`` can read it). It is written atom
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import numpy as np
 
 from devrecd.errors import ArtifactError
 from devrecd.features import FEATURE_DIM, FrontendConfig
+from devrecd.fsutil import atomic_write
 
 FORMAT = "devrecd-checkpoint/1"
 
@@ -76,24 +76,12 @@ def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint, extra: dict[str, 
     (e.g. optimizer state for resuming) that loading ignores."""
     import torch
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     blob = ckpt.to_dict()
     if extra:
         blob.update(extra)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(blob, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     from devrecd.audio import sha256_file
 
-    return sha256_file(path)
+    return sha256_file(atomic_write(path, lambda fh: torch.save(blob, fh)))
 
 
 def resolve_checkpoint_path(path: str | os.PathLike) -> Path:

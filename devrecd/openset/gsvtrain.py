@@ -26,7 +26,7 @@ import numpy as np
 
 from devrecd.errors import DatasetError
 from devrecd.features import FrontendConfig
-from devrecd.openset.calibration import calibrate
+from devrecd.openset.calibration import Calibration, calibrate
 from devrecd.openset.protocol import TrialMatrix, phone_folds, trial_matrix
 from devrecd.openset.scorers import GsvScorer
 from devrecd.supervector import RELEVANCE
@@ -51,14 +51,31 @@ def enrolment_split(devices: Sequence[str], order: Sequence[Any]) -> tuple[list[
     return refs, questioned
 
 
+def check_threshold_rule(rule: str) -> None:
+    if rule not in THRESHOLD_RULES:
+        raise DatasetError(f"threshold rule must be one of {', '.join(THRESHOLD_RULES)}, not {rule!r}",
+                           reason="calibration_rule")
+
+
+def calibrate_trials(blocks: Sequence[TrialMatrix], *, far: float, threshold_rule: str) -> Calibration:
+    """The development calibration of pooled trial blocks: LLR map, and the open-set threshold by
+    ``threshold_rule`` (``far``: the open-set FAR quantile of the impostors; ``llr0``: LLR = 0)."""
+    check_threshold_rule(threshold_rule)
+    cat = lambda name: np.concatenate([getattr(b, name) for b in blocks])  # noqa: E731
+    cal = calibrate(cat("target"), cat("nontarget"), open_set_nontarget=cat("open_set"), target_far=far)
+    if threshold_rule == "llr0":
+        thr = -cal.offset / cal.slope
+        cal = replace(cal, threshold=float(thr), threshold_basis="llr0",
+                      far=float(np.mean(cat("open_set") >= thr)), frr=float(np.mean(cat("target") < thr)))
+    return cal
+
+
 def train_gsv(feats: Sequence[np.ndarray], devices: Sequence[str], order: Sequence[Any], frontend: FrontendConfig,
               *, mixtures: int = 16, relevance: float = RELEVANCE, nap_dims: int = 16, far: float = 0.05,
               inner: int = 3, seed: int = 0, source: str = "", threshold_rule: str = "far",
               on_step: Callable[[str], None] | None = None) -> GsvScorer:
     """The recipe of the module docstring; ``feats[i]`` are recording i's raw windows."""
-    if threshold_rule not in THRESHOLD_RULES:
-        raise DatasetError(f"threshold rule must be one of {', '.join(THRESHOLD_RULES)}, not {threshold_rule!r}",
-                           reason="calibration_rule")
+    check_threshold_rule(threshold_rule)
     step = on_step or (lambda _m: None)
     devices = list(devices)
     if len(set(devices)) < 2 * inner:
@@ -77,12 +94,7 @@ def train_gsv(feats: Sequence[np.ndarray], devices: Sequence[str], order: Sequen
         for i in refs:
             ref_vecs.setdefault(devices[held[i]], []).append(vec[i])
         blocks.append(trial_matrix(scorer, ref_vecs, [(devices[held[i]], vec[i]) for i in questioned]))
-    cat = lambda name: np.concatenate([getattr(b, name) for b in blocks])  # noqa: E731
-    cal = calibrate(cat("target"), cat("nontarget"), open_set_nontarget=cat("open_set"), target_far=far)
-    if threshold_rule == "llr0":
-        thr = -cal.offset / cal.slope
-        cal = replace(cal, threshold=float(thr), threshold_basis="llr0",
-                      far=float(np.mean(cat("open_set") >= thr)), frr=float(np.mean(cat("target") < thr)))
+    cal = calibrate_trials(blocks, far=far, threshold_rule=threshold_rule)
     step(f"final UBM on all {len(set(devices))} devices")
     final = GsvScorer.train(feats, devices, frontend, mixtures=mixtures, relevance=relevance, nap_dims=nap_dims,
                             seed=seed, source=source)

@@ -200,6 +200,8 @@ class FusionScorer:
         if self.weights.shape != (len(parts),):
             raise ArtifactError(f"{len(parts)} scorers but {self.weights.size} weights", reason="scorer_format")
         self.bias = float(bias)
+        # The development calibration of the fused score (devrecd.openset.fusion), as for GsvScorer.
+        self.calibration: dict[str, Any] | None = None
         self.dims = [p.describe()["dim"] for p in parts]
         # The vector space depends on the parts only; the weights are a back-end (they may be refitted).
         self.fingerprint = _digest({"kind": self.kind, "parts": [p.describe()["fingerprint"] for p in parts]}, [])
@@ -228,7 +230,9 @@ class FusionScorer:
         return {"kind": self.kind, "fingerprint": self.fingerprint, "dim": int(sum(self.dims)),
                 "weights": [float(w) for w in self.weights], "bias": self.bias,
                 "parts": [p.describe() for p in self.parts], "frontend_sha256": self.frontend.fingerprint(),
-                "source": " + ".join(str(p.describe().get("source", "")) for p in self.parts)}
+                "frontend": self.frontend.to_dict(),
+                "source": " + ".join(str(p.describe().get("source", "")) for p in self.parts),
+                **({"dev_calibration": self.calibration} if self.calibration else {})}
 
 
 def fit_fusion(part_target: np.ndarray, part_nontarget: np.ndarray) -> tuple[np.ndarray, float]:
@@ -259,6 +263,7 @@ def _digest(meta: dict[str, Any], arrays: Sequence[np.ndarray]) -> str:
 # --- files and registries ---------------------------------------------------------------------
 
 GSV_FORMAT = "devrecd-gsv/1"
+FUSION_FORMAT = "devrecd-fusion/1"
 DEFAULT_GSV = "gsv-ccnu15.npz"  # the shipped scorer, package data under devrecd/assets/
 
 
@@ -269,20 +274,20 @@ def default_gsv_path() -> Any:
     return files("devrecd.assets").joinpath(DEFAULT_GSV)
 
 
-def save_gsv(path: Any, scorer: GsvScorer, *, extra: dict[str, Any] | None = None) -> None:
-    """Write a GSV scorer file (npz: arrays + JSON description), atomically."""
+def _save_scorer_file(path: Any, fmt: str, scorer: Any, extra: dict[str, Any] | None) -> None:
+    """npz of the scorer's arrays + its JSON description under ``meta``, written atomically."""
     import io
 
     from devrecd.fsutil import atomic_write
 
-    meta = {"format": GSV_FORMAT, "scorer": scorer.describe(), **(extra or {})}
+    meta = {"format": fmt, "scorer": scorer.describe(), **(extra or {})}
     buf = io.BytesIO()
-    np.savez(buf, meta=np.frombuffer(json.dumps(meta, default=str).encode(), dtype=np.uint8), **scorer.arrays())
+    np.savez(buf, meta=np.frombuffer(json.dumps(meta, default=str).encode(), dtype=np.uint8), **scorer_arrays(scorer))
     atomic_write(path, buf.getvalue())
 
 
-def load_gsv(path: Any) -> tuple[GsvScorer, dict[str, Any]]:
-    """Read :func:`save_gsv`'s file; returns the scorer and the file's metadata (e.g. its calibration)."""
+def _load_scorer_file(path: Any, fmt: str, what: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(meta, arrays) of a :func:`_save_scorer_file` file of format ``fmt``; ArtifactError otherwise."""
     import io
     import zipfile
 
@@ -292,13 +297,43 @@ def load_gsv(path: Any) -> tuple[GsvScorer, dict[str, Any]]:
             meta = json.loads(bytes(npz["meta"]).decode())
             arrays = {k: np.asarray(npz[k]) for k in npz.files if k != "meta"}
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
-        raise ArtifactError(f"{path}: not a readable GSV scorer file ({exc})", reason="scorer_format") from None
-    if not isinstance(meta, dict) or meta.get("format") != GSV_FORMAT:
-        raise ArtifactError(f"{path}: not a devrecd GSV scorer (format {GSV_FORMAT!r} expected)",
+        raise ArtifactError(f"{path}: not a readable {what} file ({exc})", reason="scorer_format") from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt or not isinstance(meta.get("scorer"), dict):
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ArtifactError(f"{path}: not a devrecd {what} (format {fmt!r} expected, found {found!r})",
                             reason="scorer_format")
+    return meta, arrays
+
+
+def save_gsv(path: Any, scorer: GsvScorer, *, extra: dict[str, Any] | None = None) -> None:
+    """Write a GSV scorer file (npz: arrays + JSON description), atomically."""
+    _save_scorer_file(path, GSV_FORMAT, scorer, extra)
+
+
+def load_gsv(path: Any) -> tuple[GsvScorer, dict[str, Any]]:
+    """Read :func:`save_gsv`'s file; returns the scorer and the file's metadata (e.g. its calibration)."""
+    meta, arrays = _load_scorer_file(path, GSV_FORMAT, "GSV scorer")
     info = dict(meta["scorer"])
     info["source"] = str(path)
     return GsvScorer.from_arrays(arrays, info), meta
+
+
+def save_fusion(path: Any, scorer: FusionScorer, *, extra: dict[str, Any] | None = None) -> None:
+    """Write a fusion scorer file (``devrecd train-fusion``): the weights, the development calibration,
+    every part's description and the GSV part's arrays; a network part is named by its checkpoint
+    (path and fingerprint), so the file is used beside that checkpoint."""
+    _save_scorer_file(path, FUSION_FORMAT, scorer, extra)
+
+
+def load_fusion(path: Any, *, model: Any = None, device: str = "cpu") -> tuple[FusionScorer, dict[str, Any]]:
+    """Read :func:`save_fusion`'s file; the network part is loaded from the checkpoint it names (or
+    ``model``) and must be the one the fusion was trained with (same fingerprint)."""
+    meta, arrays = _load_scorer_file(path, FUSION_FORMAT, "fusion scorer")
+    scorer = fusion_from(meta["scorer"], arrays, model=model, device=device)
+    if scorer.fingerprint != meta["scorer"].get("fingerprint"):
+        raise ArtifactError(f"{path}: its parts are not the scorers it was trained with (the network checkpoint "
+                            "changed, or --model names another one)", reason="model_mismatch")
+    return scorer, meta
 
 
 def scorer_arrays(scorer: Any) -> dict[str, np.ndarray]:
@@ -330,6 +365,20 @@ def _part_from(info: dict[str, Any], arrays: dict[str, np.ndarray], model: Any, 
     raise ArtifactError(f"unknown scorer kind {kind!r} (known: {', '.join(KINDS)})", reason="scorer_format")
 
 
+def fusion_from(info: dict[str, Any], arrays: dict[str, np.ndarray], *, model: Any = None,
+                device: str = "cpu") -> FusionScorer:
+    """A :class:`FusionScorer` from its :meth:`~FusionScorer.describe` and :func:`scorer_arrays`
+    (a registry's or a fusion file's); ``model`` overrides the network part's checkpoint path."""
+    try:
+        parts = [_part_from(p, {k.split("_", 1)[1]: v for k, v in arrays.items() if k.startswith(f"part{i}_")},
+                            model, device) for i, p in enumerate(info["parts"])]
+        scorer = FusionScorer(parts, info.get("weights"), float(info.get("bias", 0.0)))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"fusion scorer description is malformed: {exc!r}", reason="scorer_format") from None
+    scorer.calibration = info.get("dev_calibration")
+    return scorer
+
+
 def registry_scorer(registry: Any, *, model: Any = None, device: str = "cpu") -> Any:
     """The scorer a registry's profiles were made with: rebuilt from the arrays the registry stores
     (GSV), or the network checkpoint it names (``model`` overrides the path), or both (fusion).
@@ -341,10 +390,7 @@ def registry_scorer(registry: Any, *, model: Any = None, device: str = "cpu") ->
         raise RegistryError(f"registry {registry.path} has no enrolled devices; run `devrecd enroll` first",
                             reason="no_profiles")
     if info.get("kind") == "fusion":
-        parts = [_part_from(p, {k.split("_", 1)[1]: v for k, v in registry.scorer_arrays.items()
-                                if k.startswith(f"part{i}_")}, model, device)
-                 for i, p in enumerate(info["parts"])]
-        scorer: Any = FusionScorer(parts, info.get("weights"), float(info.get("bias", 0.0)))
+        scorer: Any = fusion_from(info, registry.scorer_arrays, model=model, device=device)
     else:
         scorer = _part_from(info, registry.scorer_arrays, model, device)
     registry.check_embedder(scorer.describe())

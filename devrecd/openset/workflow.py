@@ -202,9 +202,9 @@ class RegistryJudge:
         self.scorer = registry_scorer(self.registry, model=model, device=device)
         self.embedder = getattr(self.scorer, "embedder", None)
         self.frontend = self.scorer.frontend if adopt_frontend else cfg.frontend  # what the pipeline must compute
-        if self.registry.kind != "embedder" and self.scorer.frontend.fingerprint() != self.frontend.fingerprint():
-            # The pipeline hands over features of the configured frontend; a supervector of other
-            # features would be compared with profiles it does not match.
+        if self.scorer.frontend.fingerprint() != self.frontend.fingerprint():
+            # The pipeline hands over features of the configured frontend; a vector (network or
+            # supervector) of other features would be compared with profiles it does not match.
             raise RegistryError(f"registry {cfg.registry.path} was enrolled with another frontend than the one "
                                 "configured (frontend.*); serve with the frontend it was made with",
                                 reason="frontend_mismatch")
