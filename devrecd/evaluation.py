@@ -180,10 +180,10 @@ def evaluate_checkpoint(checkpoint: str | Path, ds: Any, cfg: Any, *, split: str
     ``on_recording(path)`` is called as each recording's features are ready (progress)."""
     from devrecd.data import FeatureCache
     from devrecd.model.checkpoint import load_checkpoint
-    from devrecd.train import check_frontend, split_features, use_train_threads
+    from devrecd.train import split_features, use_train_threads
 
     ckpt = load_checkpoint(checkpoint)
-    check_frontend(ckpt, cfg.frontend, checkpoint)
+    ckpt.check_compatible(frontend=cfg.frontend)
     use_train_threads(cfg)
     hop = cfg.audio.hop_seconds if hop_seconds is None else hop_seconds
     cache = FeatureCache(Path(cfg.train.cache_dir), ckpt.frontend, cfg.audio, device=device)

@@ -389,7 +389,7 @@ def train(ds: Dataset, out: str | Path, cfg: Config, opts: TrainConfig, *, init:
 
         base = load_checkpoint(init)
         init_sha = sha256_file(resolve_checkpoint_path(init))
-        check_frontend(base, cfg.frontend, init)  # fine-tune with the frontend it learned on
+        base.check_compatible(frontend=cfg.frontend)  # fine-tune with the frontend it learned on
         opts, hparams, trainable = replace(opts, arch=base.arch), dict(base.hparams), opts.finetune_trainable
     labels = list(ds.labels)
 
@@ -537,14 +537,6 @@ def train(ds: Dataset, out: str | Path, cfg: Config, opts: TrainConfig, *, init:
     plot_learning_curve(history, out / CURVE_FILE)
     return TrainResult(out, best_epoch, best_score, epoch, stopped_early, history)
 
-
-def check_frontend(ckpt: Checkpoint, frontend: Any, where: Any) -> None:
-    """A checkpoint is only used with the frontend it was trained with (features would differ)."""
-    if ckpt.frontend != frontend:
-        theirs, ours = ckpt.frontend.to_dict(), frontend.to_dict()
-        diff = ", ".join(f"{k}={theirs[k]!r} (configured {ours.get(k)!r})" for k in theirs if theirs[k] != ours.get(k))
-        raise ArtifactError(f"{where}: the checkpoint was trained with another frontend: {diff}; "
-                            "use the config it was trained with", reason="checkpoint_frontend")
 
 
 def _validate(model: Any, data: SplitData, device: str, batch: int) -> dict[str, float]:

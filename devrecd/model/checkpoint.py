@@ -59,8 +59,9 @@ class Checkpoint:
         if arch is not None and arch != self.arch:
             raise ArtifactError(f"checkpoint is architecture {self.arch!r}, not {arch!r}", reason="checkpoint_arch")
         if frontend is not None and frontend != self.frontend:
-            raise ArtifactError("checkpoint was trained with another frontend: "
-                                + self.frontend.describe_mismatch(frontend), reason="checkpoint_frontend")
+            raise ArtifactError("checkpoint was trained with another frontend (trained != configured: "
+                                + self.frontend.describe_mismatch(frontend) + "); use the config it was trained with",
+                                reason="checkpoint_frontend")
 
     def to_dict(self) -> dict[str, Any]:
         return {
