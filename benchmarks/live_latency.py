@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import threading
 import time
 from pathlib import Path
 

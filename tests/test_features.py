@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.fft
-import soundfile as sf
 import torch
 
 from devrecd.audio import cut_windows, read_evidence

@@ -4,8 +4,6 @@ and a live input judged by ``devrecd watch`` alongside its folders. Real model, 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from devrecd.audio.channel import encode_file, get_channel
-from devrecd.config import Config, load_config
+from devrecd.config import load_config
 from devrecd.errors import ArtifactError
 from devrecd.features import SLICE_FBANK
 from devrecd.openset.matching import (

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from devrecd.backends.tensorrt import (EngineMeta, GpuTarget, Profile, check_eng
                                        meta_path_for, parse_engine_name, plan_runs, verify_plan)
 from devrecd.cli import app
 from devrecd.contract import Contract
-from devrecd.errors import ArtifactError, ConfigError, MissingDependency
+from devrecd.errors import ArtifactError, ConfigError
 
 H100 = GpuTarget("90", "10.8.0.43", "NVIDIA H100")
 A10 = GpuTarget("86", "10.8.0.43", "NVIDIA A10")

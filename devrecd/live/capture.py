@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from devrecd.errors import ConfigError, DevrecdError, MissingDependency
+from devrecd.errors import DevrecdError, MissingDependency
 from devrecd.live.ring import CaptureRates, SampleRing
 
 log = logging.getLogger("devrecd.live")
