@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-
 from devrecd import __version__
 from devrecd.config import Config
 from devrecd.errors import ConfigError, DevrecdError
@@ -28,8 +26,6 @@ from devrecd.pipeline.journal import JOURNAL_NAME, VERDICT_LOG_NAME
 REPORT_FORMAT = "devrecd-report/1"
 # Level flags of a recording (measured on the decoded samples at report time).
 LOW_LEVEL_DBFS = -45.0  # RMS below this: the device's trace is near the noise floor
-CLIP_FRACTION = 1e-3  # share of samples at full scale from which a recording counts as clipped
-DC_OFFSET = 0.01  # |mean| of the samples (full scale 1.0) from which a DC offset is flagged
 RECORD_OUTCOMES = ("judged", "failed", "duplicate", "compared")
 
 
@@ -133,28 +129,24 @@ def verify(path: str, recorded: str | None) -> dict[str, Any]:
     return {"status": status, "sha256_now": now, "size_now": size}
 
 
-def levels(path: str, cfg: Config) -> dict[str, Any] | None:
-    """RMS level, peak, clipped share and DC offset of the decoded recording, with flags."""
-    from devrecd.audio import AudioError, read_evidence, rms_dbfs
+def levels(rec: dict[str, Any], path: str, cfg: Config) -> dict[str, Any] | None:
+    """The recording's levels block as the one meter (:mod:`devrecd.audio.levels`) measured it at
+    intake (the verdict's ``levels``), or measured now for a recording without one; plus the report's
+    own ``low_level`` flag (the device's trace near the noise floor)."""
+    lv = rec.get("levels")
+    if lv is None:
+        from devrecd.audio import AudioError, read_evidence
 
-    try:
-        rec = read_evidence(path, cfg.frontend.sample_rate, cfg.audio)
-    except AudioError:
+        try:
+            lv = read_evidence(path, cfg.frontend.sample_rate, cfg.audio).levels
+        except AudioError:
+            return None
+    if lv is None:
         return None
-    x = np.asarray(rec.samples, dtype=np.float64)
-    mag = np.abs(x)
-    clipped = float(np.mean(mag >= 32767.0 / 32768.0)) if x.size else 0.0
-    dc = float(x.mean()) if x.size else 0.0
-    dbfs = rms_dbfs(x.astype(np.float32))
-    flags = []
-    if dbfs < LOW_LEVEL_DBFS:
-        flags.append("low level")
-    if clipped >= CLIP_FRACTION:
-        flags.append("clipped")
-    if abs(dc) >= DC_OFFSET:
-        flags.append("DC offset")
-    return {"rms_dbfs": round(dbfs, 2) if np.isfinite(dbfs) else None, "peak": round(float(mag.max()) if x.size else 0.0, 4),
-            "clipped_fraction": round(clipped, 6), "dc_offset": round(dc, 5), "flags": flags}
+    lv = dict(lv)
+    if lv.get("rms_dbfs") is not None and lv["rms_dbfs"] < LOW_LEVEL_DBFS:
+        lv["flags"] = [*lv.get("flags", []), "low_level"]
+    return lv
 
 
 def inventory_entry(rec: dict[str, Any], cfg: Config) -> dict[str, Any]:
@@ -170,7 +162,7 @@ def inventory_entry(rec: dict[str, Any], cfg: Config) -> dict[str, Any]:
         if rec.get(key) is not None:
             entry[key] = rec[key]
     if check["status"] in ("verified", "no hash recorded"):
-        lv = levels(path, cfg)
+        lv = levels(rec, path, cfg)
         if lv is not None:
             entry["levels"] = lv
     return entry
