@@ -49,7 +49,6 @@ TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
 EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_EXPORTER = "torchscript"  # measured faster and equally exact for this graph: docs/backends.md
 PARITY_CLIPS = 48  # real windows used by the parity check (spread over the given recordings)
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".aac", ".amr", ".3gp", ".opus")
 
 
 def _torch():
@@ -149,17 +148,14 @@ class Parity:
                 "tolerance": self.tolerance, "source": self.source, "passed": self.passed}
 
 
-def audio_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files given directly, plus the audio files found (sorted) under given folders."""
-    out: list[Path] = []
+def audio_files(paths: Iterable[str | os.PathLike], cfg: Config) -> list[Path]:
+    """Files given directly, plus the audio files found under given folders (:func:`devrecd.audio.files.scan_files`)."""
+    from devrecd.audio.files import scan_files
+
     for p in map(Path, paths):
-        if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in AUDIO_SUFFIXES)
-        elif p.is_file():
-            out.append(p)
-        else:
+        if not p.exists():
             raise ArtifactError(f"parity audio not found: {p}", reason="parity_audio")
-    return out
+    return scan_files(paths, cfg.watch)
 
 
 def parity_features(files: Sequence[Path], frontend: FrontendConfig, cfg: Config, *,
@@ -306,7 +302,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
     ckpt = load_checkpoint(checkpoint)
     ckpt_file = Path(checkpoint)
     ckpt_file = ckpt_file / "best.pt" if ckpt_file.is_dir() else ckpt_file
-    files = audio_files(parity_audio)
+    files = audio_files(parity_audio, cfg)
     feats = parity_features(files, ckpt.frontend, cfg, max_clips=max_parity_clips)
     source = f"{len(feats)} windows of {len(files)} recording(s) under {_common_root(files)}"
     common = dict(labels=list(ckpt.labels), frontend=ckpt.frontend, features=feats, feature_source=source,

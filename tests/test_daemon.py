@@ -28,7 +28,8 @@ from devrecd.daemon.http import StatusServer
 from devrecd.daemon.notify import WatchdogPinger, notify, watchdog_interval
 from devrecd.pipeline.runner import Liveness
 from devrecd.pipeline.verdict import aggregate, judged_record, top_k
-from devrecd.daemon.watcher import Watcher, fs_type, needs_polling, open_for_writing, wanted
+from devrecd.audio.files import wanted
+from devrecd.daemon.watcher import Watcher, fs_type, needs_polling, open_for_writing
 from devrecd.metrics import Metrics
 
 LABELS = ("a", "b", "c")

@@ -169,7 +169,7 @@ def load_cli_config(config: Optional[Path], overrides: dict[str, Any] | None = N
 def audio_paths(paths: Iterable[Path], cfg: Config, *, what: str = "audio") -> list[Path]:
     """The recordings a command was given: files as named, folders expanded (recursively) to the
     audio files watch.extensions / watch.ignore_patterns select, as the daemon would take them."""
-    from devrecd.daemon.watcher import scan_files
+    from devrecd.audio.files import scan_files
 
     given = list(paths)
     files = scan_files(given, cfg.watch)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import fnmatch
 import logging
 import os
 import signal
@@ -27,9 +26,9 @@ import stat
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterable
 
+from devrecd.audio.files import wanted
 from devrecd.config import WatchConfig
 from devrecd.errors import ConfigError
 
@@ -74,13 +73,6 @@ def needs_polling(path: str | os.PathLike, mode: str, mounts: str = "/proc/mount
     kind = fs_type(path, mounts)
     return kind in NETWORK_FS or kind.startswith("fuse")
 
-
-def wanted(path: str, cfg: WatchConfig) -> bool:
-    """An audio file by extension, and not a temporary/partial name."""
-    name = os.path.basename(path)
-    if any(fnmatch.fnmatchcase(name, pat) for pat in cfg.ignore_patterns):
-        return False
-    return name.lower().endswith(tuple(e.lower() for e in cfg.extensions))
 
 
 def open_for_writing(path: str) -> bool | None:
@@ -330,13 +322,3 @@ def _regular(mode: int) -> bool:
 
     return stat.S_ISREG(mode)
 
-
-def scan_files(paths: Iterable[str | os.PathLike], cfg: WatchConfig) -> list[Path]:
-    """Files named on a command line (folders expanded recursively to their audio files)."""
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out += sorted(Path(dp, n) for dp, _, ns in os.walk(p) for n in ns if wanted(os.path.join(dp, n), cfg))
-        else:
-            out.append(p)
-    return out

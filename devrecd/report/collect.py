@@ -92,7 +92,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def gather(sources: Sequence[str | os.PathLike], cfg: Config) -> tuple[list[dict[str, Any]], list[str]]:
     """Records from every source, plus audio files named without a record (inventory only)."""
-    from devrecd.daemon.watcher import scan_files
+    from devrecd.audio.files import scan_files
 
     records, loose = [], []
     for src in map(Path, sources):
