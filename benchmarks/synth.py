@@ -65,7 +65,7 @@ def realism(args) -> None:
             print(f"  {name:9s} windows {w:6.1%}  recordings {r:6.1%}")
         for seed in args.seeds:
             out = Path(tmp) / f"sim{seed}"
-            settings = SynthSettings(devices=15, clips_per_device=5, seed=seed, clip_seconds=args.clip_seconds,
+            settings = SynthSettings(devices=15, recordings_per_device=5, seed=seed, recording_seconds=args.recording_seconds,
                                      split=(0.6, 0.0, 0.4), spread=args.spread,
                                      same_model_fraction=args.same_model_fraction)
             t0 = time.perf_counter()
@@ -84,7 +84,7 @@ def realism(args) -> None:
 def speed(args) -> None:
     speech = Path(args.shared) / "data" / "librispeech"
     with tempfile.TemporaryDirectory() as tmp:
-        small = SynthSettings(devices=2, clips_per_device=args.clips, seed=0, clip_seconds=10.0)
+        small = SynthSettings(devices=2, recordings_per_device=args.clips, seed=0, recording_seconds=10.0)
         t0 = time.perf_counter()
         generate(speech, Path(tmp) / "one", small, jobs=1)
         t1 = time.perf_counter() - t0
@@ -113,7 +113,7 @@ def plot(args) -> None:
     from devrecd.synth import make_devices, render
 
     rate = 32000
-    devices = make_devices(SynthSettings(devices=args.devices, clips_per_device=1, seed=0))
+    devices = make_devices(SynthSettings(devices=args.devices, recordings_per_device=1, seed=0))
     fig, ax = plt.subplots(figsize=(12, 5.5))
     for dev in devices:
         curves = []
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared"))
     parser.add_argument("--spread", type=float, default=SynthSettings(1, 1).spread)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--clip-seconds", type=float, default=9.0, help="CCNU recordings are 8-11 s")
+    parser.add_argument("--recording-seconds", type=float, default=9.0, help="CCNU recordings are 8-11 s")
     parser.add_argument("--baselines", nargs="+", default=["mfcc-svm", "gsv-svm"])
     parser.add_argument("--devices", type=int, default=20)
     parser.add_argument("--same-model-fraction", type=float, default=0.0,

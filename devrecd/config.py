@@ -291,10 +291,10 @@ class SynthConfig(_Section):
 
     section: ClassVar[str] = "synth"
     sample_rate: Annotated[int, Range(ge=8000)] = 32000  # corpus rate (CCNU_Mobile's)
-    clip_seconds: PositiveFloat = 10.0  # length of each simulated recording
+    recording_seconds: PositiveFloat = 10.0  # length of each simulated recording
     split: Split = (0.64, 0.16, 0.20)  # train / val / test recordings per device
     same_model_fraction: Fraction = 0.3  # share of devices that are a second unit of another device's model
-    speakers_per_clip: Count = 3  # speaker turns per recording (speakers never cross splits)
+    speakers_per_recording: Count = 3  # speaker turns per recording (speakers never cross splits)
     parallel: bool = True  # one playback session: clip k of every device is the same speech (as in CCNU)
     spread: PositiveFloat = 2.5  # scale of model-to-model differences; 2.5 makes 15 devices about as hard as CCNU
     jobs: Count = 1  # worker processes

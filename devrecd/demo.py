@@ -58,7 +58,7 @@ class DemoSettings:
     devices: int = 6
     recordings: int = 24  # per device
     references: int = 4  # training recordings per enrolled phone in the open-set step
-    clip_seconds: float = 6.0
+    recording_seconds: float = 6.0
     epochs: int = 12
     seed: int = 1
     shared: Path | None = None
@@ -138,7 +138,7 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = print) -> dict
     speech = step("speech", lambda: find_speech(settings, say))
     corpus = work / "corpus"
     step("synth", lambda: _run(["synth", "--speech", str(speech), "--devices", str(settings.devices),
-                                "--clips-per-device", str(settings.recordings), "--clip-seconds", str(settings.clip_seconds),
+                                "--recordings-per-device", str(settings.recordings), "--recording-seconds", str(settings.recording_seconds),
                                 "--seed", str(settings.seed), "--jobs", "2", "--out", str(corpus)], say))
     run_dir = work / "run"
     # lr 1e-3 (the paper's 1e-4 needs its 100 epochs); hop = clip length keeps an epoch short.

@@ -101,7 +101,7 @@ def _digests(out: Path) -> dict[str, str]:
 
 
 def test_corpus_is_deterministic_loads_and_keeps_speakers_apart(speech_dir, tmp_path):
-    settings = SynthSettings(devices=3, clips_per_device=4, seed=5, clip_seconds=2.5, speakers_per_clip=2,
+    settings = SynthSettings(devices=3, recordings_per_device=4, seed=5, recording_seconds=2.5, speakers_per_recording=2,
                              same_model_fraction=0.5)
     generate(speech_dir, tmp_path / "a", settings, jobs=1)
     generate(speech_dir, tmp_path / "b", settings, jobs=2)  # processes: same bytes
@@ -131,15 +131,15 @@ def test_corpus_is_deterministic_loads_and_keeps_speakers_apart(speech_dir, tmp_
 
 
 def test_devices_are_reproducible_and_diverse():
-    devs = make_devices(SynthSettings(devices=20, clips_per_device=1, seed=1))
-    assert devs == make_devices(SynthSettings(devices=20, clips_per_device=1, seed=1))
+    devs = make_devices(SynthSettings(devices=20, recordings_per_device=1, seed=1))
+    assert devs == make_devices(SynthSettings(devices=20, recordings_per_device=1, seed=1))
     assert len({d.name for d in devs}) == 20
     assert sum(d.unit == 2 for d in devs) == 3  # 0.3 of 20 devices in same-model pairs
     assert len({d.codec for d in devs}) >= 3 and len({d.adc_rate for d in devs}) >= 2
 
 
 def test_bad_input_names_the_problem(speech_dir, tmp_path):
-    settings = SynthSettings(devices=2, clips_per_device=3, clip_seconds=2.0)
+    settings = SynthSettings(devices=2, recordings_per_device=3, recording_seconds=2.0)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DatasetError, match="holds no audio files"):
@@ -170,14 +170,14 @@ def test_cli_synth_writes_a_corpus_and_reports_bad_input(speech_dir, tmp_path):
 
     runner = CliRunner()
     out = tmp_path / "corpus"
-    res = runner.invoke(app, ["synth", "--speech", str(speech_dir), "--devices", "2", "--clips-per-device", "3",
-                              "--out", str(out), "--seed", "1", "--clip-seconds", "2"])
+    res = runner.invoke(app, ["synth", "--speech", str(speech_dir), "--devices", "2", "--recordings-per-device", "3",
+                              "--out", str(out), "--seed", "1", "--recording-seconds", "2"])
     assert res.exit_code == 0, res.output
     assert "2 devices x 3 recordings" in res.output
     assert len(load_dataset(out).items) == 6
     empty = tmp_path / "empty"
     empty.mkdir()
-    res = runner.invoke(app, ["synth", "--speech", str(empty), "--devices", "2", "--clips-per-device", "3",
+    res = runner.invoke(app, ["synth", "--speech", str(empty), "--devices", "2", "--recordings-per-device", "3",
                               "--out", str(tmp_path / "o")])
     assert res.exit_code == 1
     assert "error: speech folder" in res.output and "Traceback" not in res.output
@@ -187,7 +187,7 @@ def test_parallel_session_plays_the_same_speech_to_every_device(tmp_path):
     from devrecd.synth.corpus import group_of, plan
 
     speakers = {str(i): [tmp_path / f"{i}-1-0.flac"] for i in range(20)}
-    settings = SynthSettings(devices=4, clips_per_device=5, seed=2, speakers_per_clip=2)
+    settings = SynthSettings(devices=4, recordings_per_device=5, seed=2, speakers_per_recording=2)
     devices, jobs = plan(settings, speakers, tmp_path)
     by_clip: dict[int, set] = {}
     for job in jobs:
@@ -209,7 +209,7 @@ def test_synth_config_section_is_checked():
     from devrecd.errors import ConfigError
 
     cfg = load_config(env={}, overrides={"synth.spread": 1.0, "synth.parallel": False}).synth
-    settings = SynthSettings.from_config(cfg, devices=4, clips_per_device=3, seed=9)
+    settings = SynthSettings.from_config(cfg, devices=4, recordings_per_device=3, seed=9)
     assert (settings.spread, settings.parallel, settings.devices, settings.seed) == (1.0, False, 4, 9)
-    with pytest.raises(ConfigError, match="synth.speakers_per_clip must be >= 1"):
-        load_config(env={}, overrides={"synth.speakers_per_clip": 0})
+    with pytest.raises(ConfigError, match="synth.speakers_per_recording must be >= 1"):
+        load_config(env={}, overrides={"synth.speakers_per_recording": 0})

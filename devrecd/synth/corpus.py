@@ -44,23 +44,23 @@ class SynthSettings:
     """What to generate."""
 
     devices: int
-    clips_per_device: int
+    recordings_per_device: int
     seed: int = 0
     sample_rate: int = 32000
-    clip_seconds: float = 10.0
+    recording_seconds: float = 10.0
     split: tuple[float, float, float] = (0.64, 0.16, 0.20)
     same_model_fraction: float = 0.3  # share of devices that are a second unit of another device's model
-    speakers_per_clip: int = 3  # a recording strings together turns of this many speakers (of its split)
+    speakers_per_recording: int = 3  # a recording strings together turns of this many speakers (of its split)
     parallel: bool = True  # clip k of every device is the same speech (one playback session, as in CCNU_Mobile)
     spread: float = 2.5  # scale of model-to-model differences (see SynthConfig.spread)
     variation: Variation = field(default_factory=Variation)
 
     @classmethod
-    def from_config(cls, cfg: SynthConfig, *, devices: int, clips_per_device: int, seed: int = 0) -> SynthSettings:
+    def from_config(cls, cfg: SynthConfig, *, devices: int, recordings_per_device: int, seed: int = 0) -> SynthSettings:
         """Settings from the ``[synth]`` config section plus the per-run numbers."""
-        return cls(devices=devices, clips_per_device=clips_per_device, seed=seed, sample_rate=cfg.sample_rate,
-                   clip_seconds=cfg.clip_seconds, split=cfg.split, same_model_fraction=cfg.same_model_fraction,
-                   speakers_per_clip=cfg.speakers_per_clip, parallel=cfg.parallel, spread=cfg.spread)
+        return cls(devices=devices, recordings_per_device=recordings_per_device, seed=seed, sample_rate=cfg.sample_rate,
+                   recording_seconds=cfg.recording_seconds, split=cfg.split, same_model_fraction=cfg.same_model_fraction,
+                   speakers_per_recording=cfg.speakers_per_recording, parallel=cfg.parallel, spread=cfg.spread)
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class _Job:
     files: tuple[tuple[str, ...], ...]  # each speaker's utterances
     seed: int
     rate: int
-    clip_seconds: float
+    recording_seconds: float
     variation: Variation
     parallel: bool
     out: str
@@ -143,17 +143,17 @@ def make_devices(settings: SynthSettings) -> list[DeviceChain]:
 
 def plan(settings: SynthSettings, speakers: dict[str, list[Path]], out: Path) -> tuple[list[DeviceChain], list[_Job]]:
     """Every recording to render, with its device, split, speaker and seed."""
-    if settings.clips_per_device < 1:
+    if settings.recordings_per_device < 1:
         raise DatasetError("clips per device must be >= 1", reason="synth_settings")
     devices = make_devices(settings)
     pools = split_speakers(list(speakers), settings.split, settings.seed)
-    clip_ids = [f"{i:04d}" for i in range(settings.clips_per_device)]
+    clip_ids = [f"{i:04d}" for i in range(settings.recordings_per_device)]
     splits = ratio_split({d.name: clip_ids for d in devices}, settings.split, settings.seed)
     rng = np.random.default_rng([settings.seed, 3])
     cursor = {s: int(rng.integers(0, max(1, len(p)))) for s, p in pools.items()}
     def pick(split: str) -> tuple[str, ...]:
         pool, chosen = pools[split], []
-        for _ in range(min(settings.speakers_per_clip, len(pool))):
+        for _ in range(min(settings.speakers_per_recording, len(pool))):
             chosen.append(pool[cursor[split] % len(pool)])  # round-robin: many speakers per device
             cursor[split] += 1
         return tuple(chosen)
@@ -168,7 +168,7 @@ def plan(settings: SynthSettings, speakers: dict[str, list[Path]], out: Path) ->
             jobs.append(_Job(
                 index=len(jobs), device=dev, clip=c, split=split, speakers=chosen,
                 files=tuple(tuple(str(p) for p in speakers[spk]) for spk in chosen), seed=settings.seed,
-                rate=settings.sample_rate, clip_seconds=settings.clip_seconds, variation=settings.variation,
+                rate=settings.sample_rate, recording_seconds=settings.recording_seconds, variation=settings.variation,
                 parallel=settings.parallel, out=str(out / dev.name / f"{dev.name}_{cid}.wav"),
             ))
     return devices, jobs
@@ -182,8 +182,8 @@ def group_of(job: _Job) -> str:
 
 
 def _speech_for(job: _Job, rng: np.random.Generator) -> np.ndarray:
-    """``clip_seconds`` of speech: one equal turn per speaker, each from that speaker's utterances."""
-    need = int(round(job.clip_seconds * job.rate))
+    """``recording_seconds`` of speech: one equal turn per speaker, each from that speaker's utterances."""
+    need = int(round(job.recording_seconds * job.rate))
     bounds = np.linspace(0, need, len(job.speakers) + 1).astype(int)
     turns = [_turn(files, int(b - a), job.rate, rng) for files, a, b in zip(job.files, bounds[:-1], bounds[1:])]
     return np.concatenate(turns)
@@ -249,10 +249,10 @@ def generate(speech_dir: Path, out: Path, settings: SynthSettings, *, jobs: int 
         "generator": "devrecd synth",
         "seed": settings.seed,
         "sample_rate": settings.sample_rate,
-        "clip_seconds": settings.clip_seconds,
+        "recording_seconds": settings.recording_seconds,
         "split": list(settings.split),
         "same_model_fraction": settings.same_model_fraction,
-        "speakers_per_clip": settings.speakers_per_clip,
+        "speakers_per_recording": settings.speakers_per_recording,
         "parallel": settings.parallel,
         "spread": settings.spread,
         "variation": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.variation.__dict__.items()},
