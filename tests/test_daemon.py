@@ -379,6 +379,27 @@ def test_batcher_bounds_the_clips_it_holds() -> None:
     assert b.put(Unit(key=2, features=np.zeros((25, 128, 73), np.float32)), threading.Event())
 
 
+def test_a_failed_batch_frees_the_room_of_the_windows_it_drops() -> None:
+    """A unit larger than a batch fails on its first batch: its windows still queued are dropped, and
+    their room is given back (else the count stays high and a later big unit waits forever)."""
+    b = Batcher(lambda x: (_ for _ in ()).throw(RuntimeError("backend down")), max_batch=4, max_wait_s=0.0,
+                queue_size=100, max_clips=16)
+    assert b.put(Unit(key="big", features=np.zeros((12, 128, 73), np.float32)), threading.Event())
+    stop = threading.Event()
+    stop.set()
+    failed: list[str] = []
+    b.run(stop, lambda u: pytest.fail("delivered"), lambda u, e: failed.append(u.key))
+    assert failed == ["big"]
+    stop_later = threading.Timer(2.0, stop.set)
+    stop.clear()
+    stop_later.start()
+    try:  # 9 clips after a freed queue enter at once (with 8 clips leaked they would wait for `stop`)
+        assert b.put(Unit(key="next", features=np.zeros((9, 128, 73), np.float32)), stop)
+        assert not stop.is_set()
+    finally:
+        stop_later.cancel()
+
+
 def test_non_finite_features_never_reach_the_backend() -> None:
     called = []
     b = Batcher(lambda x: called.append(x) or _softmax_of_means(x), max_batch=8, max_wait_s=0.0)

@@ -188,7 +188,12 @@ class Batcher:
                 for unit in {id(u): u for u, _, _ in parts}.values():
                     with self._forming:  # the unit's remaining windows are not worth inferring
                         if self._carry is not None and self._carry[0] is unit:
+                            dropped = len(unit) - self._carry[1]
                             self._carry = None
+                            if self.max_clips:  # they leave the queue: their room is free again
+                                with self._room:
+                                    self._queued_clips -= dropped
+                                    self._room.notify_all()
                     with self._gathering:
                         first = not unit.failed
                         unit.failed = True
