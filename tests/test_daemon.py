@@ -908,7 +908,8 @@ def test_systemd_notify_watchdog_reload_and_drain(tmp_path: Path, ccnu_dir: Path
             collect(1.5)
             assert "READY=1" in messages and messages.count("WATCHDOG=1") >= 2
             # SIGHUP: a new batcher setting and log level are applied without a restart.
-            d.config.write_text(d.config.read_text().replace("max_batch = 8", "max_batch = 4")
+            # A queue bound cannot change under running threads: kept and named as needing a restart.
+            d.config.write_text(d.config.read_text().replace("max_batch = 8", "max_batch = 4\nmax_queued_clips = 777")
                                 .replace('format = "json"', 'format = "json"\nlevel = "DEBUG"'))
             d.proc.send_signal(signal.SIGHUP)
             collect(1.0)
@@ -932,6 +933,7 @@ def test_systemd_notify_watchdog_reload_and_drain(tmp_path: Path, ccnu_dir: Path
     log_lines = [json.loads(x) for x in d.log_path.read_text().splitlines() if x.startswith("{")]
     reload = [x for x in log_lines if x["event"] == "configuration reloaded"]
     assert reload and reload[0]["max_batch"] == 4 and reload[0]["log_level"] == "DEBUG"
+    assert reload[0]["needs_restart"] == "batcher.max_queued_clips", reload[0]
     assert any(x["event"] == "judged" and x["level"] == "debug" for x in log_lines), "DEBUG took effect"
     stopping = [x for x in log_lines if x["event"].startswith("stopping")][-1]
     stopped = [x for x in log_lines if x["event"] == "stopped"][-1]

@@ -23,7 +23,7 @@ def list_recordings(sources: Iterable[str | os.PathLike], cfg: WatchConfig, *,
     is a file list; anything else is a recording itself (judged even if it is not audio: it then
     fails with its reason). Folders under ``exclude`` (the job's own output) are never walked.
     """
-    from devrecd.daemon.watcher import scan_files
+    from devrecd.audio.files import scan_files
 
     skip = [os.path.realpath(p) for p in exclude]
     out: dict[str, None] = {}

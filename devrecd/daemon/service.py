@@ -199,11 +199,16 @@ class Daemon:
         setup_logging(new.log.level, new.log.format)
         pipeline.reconfigure(new)
         watcher.reconfigure(pipeline.cfg.watch)
-        fixed = [s for s in ("frontend", "audio", "backend", "metrics") if getattr(new, s) != getattr(self.cfg, s)]
+        # What a reload cannot change (loaded once, or sizes of running threads and queues): said, kept.
+        fixed = [s for s in ("frontend", "audio", "backend", "metrics", "registry", "live")
+                 if getattr(new, s) != getattr(self.cfg, s)]
         fixed += [f"watch.{k}" for k in ("state_dir", "workers", "queue_size")
                   if getattr(new.watch, k) != getattr(self.cfg.watch, k)]
+        fixed += [f"batcher.{k}" for k in ("streams", "max_queued_clips")
+                  if getattr(new.batcher, k) != getattr(self.cfg.batcher, k)]
         self.cfg = replace(new, frontend=self.cfg.frontend, audio=self.cfg.audio, backend=self.cfg.backend,
-                           metrics=self.cfg.metrics, watch=pipeline.cfg.watch)
+                           metrics=self.cfg.metrics, registry=self.cfg.registry, live=self.cfg.live,
+                           watch=pipeline.cfg.watch, batcher=pipeline.cfg.batcher)
         notify("READY=1")
         log.info("configuration reloaded", extra={"log_level": new.log.level, "max_batch": new.batcher.max_batch,
                                                   "max_wait_ms": new.batcher.max_wait_ms,

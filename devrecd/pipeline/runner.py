@@ -174,7 +174,8 @@ class Pipeline:
 
     def reconfigure(self, cfg: Config) -> None:
         """Apply reloadable settings (SIGHUP): batcher flush rule, top-k, duplicate policy, watch filters."""
-        self.cfg = replace(self.cfg, batcher=replace(cfg.batcher, streams=self.cfg.batcher.streams), watch=replace(
+        self.cfg = replace(self.cfg, batcher=replace(cfg.batcher, streams=self.cfg.batcher.streams,
+                                                     max_queued_clips=self.cfg.batcher.max_queued_clips), watch=replace(
             cfg.watch, workers=self.cfg.watch.workers, queue_size=self.cfg.watch.queue_size, state_dir=self.cfg.watch.state_dir))
         self.rejudge = cfg.watch.rejudge_duplicates
         if self.batcher is not None:

@@ -20,7 +20,8 @@ from devrecd.errors import DevrecdError
 from devrecd.features import FEATURE_DIM, Frontend, FrontendConfig, extract
 
 _FRONTENDS: dict[str, Frontend] = {}
-_GPU_DRIVER_NODES = ("/dev/nvidiactl", "/dev/kfd")  # NVIDIA's driver; AMD's (ROCm builds of torch say "cuda" too)
+# NVIDIA's driver; AMD's (ROCm builds of torch say "cuda" too); WSL2's GPU paravirtualisation (CUDA on WSL)
+_GPU_DRIVER_NODES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
 
 
 def resolve_device(name: str = "auto") -> str:
