@@ -383,6 +383,24 @@ def test_implausible_sample_rates_are_refused_before_decoding(tmp_path, tone):
     assert read_evidence(ok, SR).native_rate == 8000
 
 
+def test_a_rate_no_decoder_opens_is_reported_implausible_not_corrupt(tmp_path, tone):
+    """4 GHz does not fit the signed rate of either decoder: the header's own field names the reason."""
+    for rate in (4_000_000_000, 0xFFFFFFFF):
+        data = bytearray(_wav(tmp_path / "x.wav", tone[:2000]).read_bytes())
+        data[24:28] = struct.pack("<I", rate)  # the byte rate field is left as it was
+        path = tmp_path / f"r{rate}.wav"
+        path.write_bytes(bytes(data))
+        with pytest.raises(ImplausibleRate, match=f"says {rate} Hz") as e:
+            read_evidence(path, SR)
+        assert e.value.sha256 == hashlib.sha256(bytes(data)).hexdigest()
+    # with a plausible rate, the same kind of damage is still reported as corrupt
+    data = bytearray((tmp_path / "x.wav").read_bytes())
+    data[22:24] = struct.pack("<H", 0)  # no channels
+    (tmp_path / "ch0.wav").write_bytes(bytes(data))
+    with pytest.raises(CorruptAudio):
+        read_evidence(tmp_path / "ch0.wav", SR)
+
+
 def test_decoded_samples_are_capped_from_the_header_before_allocating(tmp_path):
     """A small FLAC of many channels (a decompression bomb) is refused by frames x channels, not bytes."""
     path = tmp_path / "bomb.flac"

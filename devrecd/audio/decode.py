@@ -534,8 +534,41 @@ def _open_decoder(path: Path, fh, head: bytes, cfg: AudioConfig) -> _Source:
     except _NotForThisDecoder as exc:
         known = sniff_container(head)
         if known:
+            # A header rate no decoder accepts (e.g. 4 GHz, past a signed 32-bit field) is reported
+            # as what it is, not as an undecodable file.
+            declared = _declared_rate(fh)
+            if declared and not MIN_RATE <= declared <= MAX_RATE:
+                raise ImplausibleRate(path, f"the {known} header says {declared} Hz; recordings are "
+                                            f"{MIN_RATE}-{MAX_RATE} Hz (no decoder opens it)") from None
             raise CorruptAudio(path, f"looks like {known} but cannot be decoded: {exc}") from None
         raise UnsupportedAudio(path, f"not a recognised audio format ({exc})") from None
+
+
+def _declared_rate(fh) -> int | None:
+    """The sample rate a WAV (RIFF/RF64 ``fmt `` chunk) or FLAC (STREAMINFO) header declares, read
+    from the raw bytes; None when there is no such header or it is cut short."""
+    fh.seek(0)
+    head = fh.read(12)
+    if head[:4] in (b"RIFF", b"RF64") and head[8:12] == b"WAVE":
+        pos, end = 12, fh.seek(0, os.SEEK_END)
+        for _ in range(64):  # a few chunks precede "fmt " in practice (ds64, JUNK, bext)
+            if pos + 8 > end:
+                return None
+            fh.seek(pos)
+            hdr = fh.read(8)
+            if len(hdr) < 8:
+                return None
+            cid, size = hdr[:4], struct.unpack("<I", hdr[4:])[0]
+            if cid == b"fmt ":
+                body = fh.read(8)  # format tag, channels, sample rate
+                return struct.unpack("<I", body[4:8])[0] if len(body) == 8 else None
+            pos += 8 + size + (size & 1)
+        return None
+    if head[:4] == b"fLaC":
+        fh.seek(8)  # magic, then the STREAMINFO block header; the rate is 20 bits at byte 10 of its body
+        body = fh.read(13)
+        return (body[10] << 12 | body[11] << 4 | body[12] >> 4) if len(body) == 13 else None
+    return None
 
 
 class _NotForThisDecoder(Exception):
