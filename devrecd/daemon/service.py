@@ -23,6 +23,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import math
 import os
 import queue
 import signal
@@ -113,6 +114,22 @@ class Job:
     recording: dict | None = None
     starts: np.ndarray | None = None  # window start times (s)
     resolved_path: str | None = None  # where a followed symbolic link led (also for failures)
+    # Judged by the closed-set model alone, a file goes to the batcher in chunks as its features are
+    # computed (its features are never held whole); the writer gathers the chunks' window
+    # probabilities here until all ``windows`` (known once the last chunk was computed) are in.
+    chunks: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (first window, probabilities)
+    windows_done: int = 0
+    windows: int | None = None
+    enqueued: float | None = None  # monotonic time its first chunk was queued
+    started: float | None = None  # ... and its first window entered a batch
+    infer_seconds: float = 0.0
+    blocked: float = 0.0  # seconds its worker waited for room in the batcher (not decoding)
+    closed: bool = False  # its record is written; results still arriving for it are dropped
+
+
+def _job_of(unit: Unit) -> Job:
+    """The job a batcher unit belongs to: a whole file's unit, or one chunk ``(job, first window)``."""
+    return unit.key[0] if isinstance(unit.key, tuple) else unit.key
 
 
 class Pipeline:
@@ -297,22 +314,33 @@ class Pipeline:
         cfg = self.cfg
         t0 = time.perf_counter()
         confine = None if self.roots is None or cfg.watch.follow_external_links else self.roots
-        # Decoded block by block: the recording's samples are never held whole, only its features.
+        # The closed-set model alone: features go to the batcher chunk by chunk as they are computed.
+        # The open-set scorer needs a recording's features whole (its recording vector).
+        chunked = self.batcher is not None and self.judge is None
+        # Decoded block by block: the recording's samples are never held whole.
         with open_stream(job.path, cfg.frontend.sample_rate, cfg.audio, confine=confine) as stream:
             job.resolved_path = stream.resolved_path
             self.journal.mark_hashed(job.entry_id, stream.sha256 or "", stream.size or 0)
+            original = None if self.rejudge else self.journal.judged_with(stream.sha256 or "", exclude=job.entry_id)
+            sink = None
+            if chunked:  # a duplicate's chunks are not inferred (it is still decoded: its record describes it)
+                sink = (lambda feats, first: None) if original is not None else (
+                    lambda feats, first: self._put_chunk(job, feats, first))
             spent: dict[str, float] = {}
             feats, starts = stream_features(stream, cfg, device=self.device, timings=spent,
-                                            on_device=self.keep_on_device)
+                                            on_device=self.keep_on_device, sink=sink)
             job.recording = stream.describe()
         job.starts = starts
         job.timings.update(spent)  # features (and on a GPU: h2d, frontend)
-        job.timings["decode"] = time.perf_counter() - t0 - job.timings["features"]
+        job.timings["decode"] = time.perf_counter() - t0 - job.timings["features"] - job.blocked
         if not self.rejudge:
-            original = self.journal.judged_with(job.recording["sha256"], exclude=job.entry_id)
+            original = original or self.journal.judged_with(job.recording["sha256"], exclude=job.entry_id)
             if original is not None:  # judged before under another name: no inference needed
                 self._results.put(("duplicate", job, original))
                 return
+        if chunked:
+            self._results.put(("features_done", job))
+            return
         if self.batcher is None:  # open set only: the scorer judges here, in the parallel workers
             t1 = time.perf_counter()
             fields = self.judge(feats.cpu().numpy() if hasattr(feats, "cpu") else feats, job.recording)
@@ -322,13 +350,25 @@ class Pipeline:
         if not self.batcher.put(Unit(key=job, features=feats), self._stop):
             raise _Stopped()
 
+    def _put_chunk(self, job: Job, feats: Any, first: int) -> None:
+        """Queue one chunk of a file's features for inference (blocking while the batcher is full)."""
+        assert self.batcher is not None
+        t0 = time.perf_counter()
+        if job.enqueued is None:
+            job.enqueued = time.monotonic()
+        ok = self.batcher.put(Unit(key=(job, first), features=feats), self._stop)
+        job.blocked += time.perf_counter() - t0
+        if not ok:
+            raise _Stopped()
+
     def _infer_loop(self) -> None:
         def deliver(unit: Unit) -> None:
             self._results.put(("judged", unit))
 
         def failed(unit: Unit, exc: Exception) -> None:
-            log.error("inference failed", extra={"path": unit.key.path, "error": str(exc)})
-            self._results.put(("failed", unit.key, "inference", f"{type(exc).__name__}: {exc}", None, None))
+            job = _job_of(unit)
+            log.error("inference failed", extra={"path": job.path, "error": str(exc)})
+            self._results.put(("failed", job, "inference", f"{type(exc).__name__}: {exc}", None, None))
 
         self.batcher.run(self._stop, deliver, failed)
 
@@ -337,10 +377,14 @@ class Pipeline:
             msg = self._results.get()
             if msg[0] == "stop":
                 return
-            job: Job = msg[1].key if msg[0] == "judged" else msg[1]
+            job: Job = _job_of(msg[1]) if msg[0] == "judged" else msg[1]
             t0 = time.perf_counter()
+            finished = True
             try:
-                self._write(msg)
+                if job.closed:  # a chunk (or a chunk's failure) of a file whose record is written
+                    finished = False
+                else:
+                    finished = self._write(msg)
             except JournalError as exc:
                 # The row stays unfinished and is judged again after a restart; keep serving the rest.
                 log.error("cannot record a verdict", extra={"path": job.path, "error": str(exc)})
@@ -350,31 +394,34 @@ class Pipeline:
                 self.metrics.errors.labels(reason="internal").inc()
             finally:
                 self.metrics.stage_seconds.labels(stage="writer").observe(time.perf_counter() - t0)
-                with self._lock:
-                    self._inflight.pop(job.entry_id, None)
+                if finished:
+                    job.closed = True
+                    with self._lock:
+                        self._inflight.pop(job.entry_id, None)
                 self.liveness.stamp()
 
-    def _write(self, msg: tuple) -> None:
+    def _write(self, msg: tuple) -> bool:
+        """Record one result; False while a chunked file still waits for more of its windows."""
         kind = msg[0]
-        if kind == "judged":
+        if kind == "judged" and isinstance(msg[1].key, tuple):  # one chunk of a file
             unit: Unit = msg[1]
-            job = unit.key
-            assert unit.probs is not None and job.recording is not None and job.starts is not None
-            original = None if self.rejudge else self.journal.judged_with(job.recording["sha256"], exclude=job.entry_id)
-            if original is not None:  # an identical file finished first while this one was in flight
-                self._write(("duplicate", job, original))
-                return
-            job.timings["queue"] = (unit.started or unit.enqueued) - unit.enqueued
-            job.timings["inference"] = unit.infer_seconds
-            job.timings["end_to_end"] = time.monotonic() - job.taken
-            record = judged_record(job.recording, unit.probs, self.labels, job.starts, k=self.cfg.watch.top_k,
-                                   backend=self.backend_info, timings=job.timings)
-            open_set = None
-            if self.judge is not None:  # open set: the registry's verdict, the closed-set one kept beside it
-                feats = unit.features
-                open_set = self.judge(feats.cpu().numpy() if hasattr(feats, "cpu") else feats, job.recording)
-            record = with_comparison(record, job.recording, open_set, self.cfg.backend.validated_conditions)
-            self._commit_judged(job, record)
+            job, first = unit.key
+            assert unit.probs is not None
+            job.chunks.append((first, unit.probs))
+            job.windows_done += len(unit)
+            job.infer_seconds += unit.infer_seconds
+            job.started = min(job.started or math.inf, unit.started or unit.enqueued)
+            return self._finish_chunked(job)
+        if kind == "features_done":  # the last chunk of a file was queued
+            job = msg[1]
+            assert job.starts is not None
+            job.windows = len(job.starts)
+            return self._finish_chunked(job)
+        if kind == "judged":
+            unit = msg[1]
+            assert unit.probs is not None
+            self._judged(unit.key, unit.probs, queue_s=(unit.started or unit.enqueued) - unit.enqueued,
+                         infer_s=unit.infer_seconds, features=unit.features)
         elif kind == "scored":  # open set only: the registry's verdict is the verdict
             job, fields = msg[1], msg[2]
             assert job.recording is not None
@@ -409,6 +456,37 @@ class Pipeline:
                 self.metrics.errors.labels(reason=reason).inc()
                 log.warning("cannot judge file", extra={"path": job.path, "reason": reason, "detail": detail,
                                                         "sha256": record["sha256"]})
+        return True
+
+    def _finish_chunked(self, job: Job) -> bool:
+        """Judge a chunked file once every window's probabilities are in."""
+        if job.windows is None or job.windows_done < job.windows:
+            return False
+        job.chunks.sort(key=lambda c: c[0])
+        probs = np.concatenate([p for _, p in job.chunks])
+        assert len(probs) == job.windows, (len(probs), job.windows)
+        enqueued = job.enqueued if job.enqueued is not None else time.monotonic()
+        self._judged(job, probs, queue_s=max(0.0, (job.started or enqueued) - enqueued), infer_s=job.infer_seconds)
+        return True
+
+    def _judged(self, job: Job, probs: np.ndarray, *, queue_s: float, infer_s: float, features: Any = None) -> None:
+        """The closed-set verdict of a file from its window probabilities (and, with a registry, the
+        open-set verdict from its ``features``)."""
+        assert job.recording is not None and job.starts is not None
+        original = None if self.rejudge else self.journal.judged_with(job.recording["sha256"], exclude=job.entry_id)
+        if original is not None:  # an identical file finished first while this one was in flight
+            self._write(("duplicate", job, original))
+            return
+        job.timings["queue"] = queue_s
+        job.timings["inference"] = infer_s
+        job.timings["end_to_end"] = time.monotonic() - job.taken
+        record = judged_record(job.recording, probs, self.labels, job.starts, k=self.cfg.watch.top_k,
+                               backend=self.backend_info, timings=job.timings)
+        open_set = None
+        if self.judge is not None:  # open set: the registry's verdict, the closed-set one kept beside it
+            open_set = self.judge(features.cpu().numpy() if hasattr(features, "cpu") else features, job.recording)
+        record = with_comparison(record, job.recording, open_set, self.cfg.backend.validated_conditions)
+        self._commit_judged(job, record)
 
     def _commit_judged(self, job: Job, record: dict) -> None:
         assert job.recording is not None
