@@ -423,6 +423,33 @@ def test_levels_and_flags_are_reported_on_abnormal_input(tmp_path, tone):
     assert "over_full_scale" in huge.levels["flags"] and "loud" in huge.levels["flags"]
 
 
+def test_levels_are_measured_per_channel_before_the_mix(tmp_path, tone):
+    """A clipped channel averaged with a clean one is not clipped in the mix; the verdict still says
+    so, with the worst channel's figures and which channel it is. The live meter is the same one."""
+    from devrecd.audio.levels import measure
+
+    clipped = np.sign(tone).astype(np.float32)  # full-scale square: every sample at full scale
+    quiet = (0.1 * tone).astype(np.float32)
+    stereo = np.stack([quiet, clipped], axis=1)
+    mix = stereo.mean(axis=1)
+    assert np.abs(mix).max() < 0.6, "the mix itself is nowhere near full scale"
+    rec = read_evidence(_wav(tmp_path / "one clipped.wav", stereo), SR)
+    lv = rec.levels
+    assert "clipping" in lv["flags"] and (lv["channel"], lv["channels"]) == (1, 2)
+    assert lv["clip_fraction"] > 0.99 and lv["peak"] == pytest.approx(1.0, abs=1e-4)
+    # a DC offset on the second channel only, the first one clean
+    dc = np.stack([quiet, quiet + 0.4], axis=1)
+    lv = read_evidence(_wav(tmp_path / "dc right.wav", dc, subtype="FLOAT"), SR).levels
+    assert lv["flags"] == ["dc_offset"] and lv["channel"] == 1 and lv["dc_offset"] == pytest.approx(0.4, abs=1e-3)
+    # mono: channel 0 of 1, figures as before
+    lv = read_evidence(_wav(tmp_path / "mono.wav", quiet), SR).levels
+    assert (lv["channel"], lv["channels"], lv["flags"]) == (0, 1, [])
+    # the live input's meter on a two-channel window: the clipped channel makes it "clipped"
+    assert measure(mix, silence_dbfs=-70, clip_fraction=0.01).status == "ok"
+    win = measure(stereo, silence_dbfs=-70, clip_fraction=0.01)
+    assert win.status == "clipped" and win.clip_fraction > 0.99
+
+
 def test_failed_reads_carry_the_hash_of_the_bytes_read(tmp_path, tone):
     path = _wav(tmp_path / "short.wav", tone[: SR // 2])
     with pytest.raises(TooShortAudio, match="audio.min_seconds") as e:

@@ -13,8 +13,9 @@ Rules (each one a decision a forensic examiner can read back from the verdict):
   verdict is the hash of what was judged.
 * Caps are checked before anything is allocated: bytes (``stat``), header duration, decoded samples
   (frames x channels, ``audio.max_decoded_samples``) and a plausible sample rate (4 kHz - 384 kHz).
-* Decoding is block-wise: each block is checked for non-finite samples, mixed to mono, metered
-  (:mod:`devrecd.audio.levels`) and resampled to the model rate before the next is read, so memory
+* Decoding is block-wise: each block is checked for non-finite samples, metered per channel
+  (:mod:`devrecd.audio.levels`: a clipped channel is flagged even when the mix is not), mixed to
+  mono and resampled to the model rate before the next is read, so memory
   is the mono model-rate result (or, streamed, nothing but a block), whatever the channel count.
 * WAV/FLAC/OGG/MP3 and friends are decoded by libsndfile (``soundfile``); everything else phones
   write (m4a/AAC, AMR-NB/WB, 3gp, Opus in MP4/WebM...) by FFmpeg through PyAV.
@@ -244,7 +245,8 @@ class EvidenceStream:
         self.codec = self.container = self.decoder = ""
         self.expected_frames = 0  # at the model rate, from the header (0: unknown)
         self.n_samples = 0  # mono samples at the model rate yielded so far
-        self.meter = LevelMeter()
+        self.meter = LevelMeter()  # per channel, before the mix: the levels and flags of the verdict
+        self.mix_meter = LevelMeter()  # the mono mix the model hears: the silence check
         # The first ANALYSIS_SECONDS at the model rate, kept for the condition (bounded: 15 MB at 32 kHz).
         self._excerpt = np.empty(0, np.float32)
         self._excerpt_n = 0
@@ -311,7 +313,8 @@ class EvidenceStream:
                 native += len(mono)
                 if native / self.native_rate > cfg.max_seconds:
                     raise TooLongAudio(path, f"more than {cfg.max_seconds:.0f} s of audio (audio.max_seconds)")
-                self.meter.update(mono)
+                self.meter.update(raw)
+                self.mix_meter.update(mono)
                 out = resampler.resample_chunk(mono, last=False) if resampler is not None else mono
                 if len(out):
                     self._keep_excerpt(out)
@@ -353,7 +356,7 @@ class EvidenceStream:
         duration = native / self.native_rate
         if duration < cfg.min_seconds:
             raise TooShortAudio(path, f"{duration:.2f} s of audio, the minimum is {cfg.min_seconds:.2f} s (audio.min_seconds)")
-        level = self.meter.dbfs
+        level = self.mix_meter.dbfs
         if level < cfg.silence_dbfs:
             what = "digital silence" if level == -math.inf else f"RMS level {level:.1f} dBFS"
             raise SilentAudio(path, f"{what}, below the silence threshold {cfg.silence_dbfs:.0f} dBFS (audio.silence_dbfs)")
