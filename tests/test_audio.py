@@ -450,6 +450,30 @@ def test_levels_are_measured_per_channel_before_the_mix(tmp_path, tone):
     assert win.status == "clipped" and win.clip_fraction > 0.99
 
 
+def test_live_windows_are_metered_per_captured_channel(tone):
+    """Two captured channels at 16 kHz (resampled to the model's 32 kHz), the second clipped from
+    4 s on: the windows over the clipped part are reported clipped though the mix never is."""
+    from devrecd.live import SampleRing, Windower
+
+    cap = 16000
+    t = np.arange(8 * cap) / cap
+    clean = (0.2 * np.sin(2 * np.pi * 300 * t)).astype(np.float32)
+    other = clean.copy()
+    other[4 * cap:] = np.sign(other[4 * cap:])  # full scale from 4 s
+    frames = np.stack([clean, other], axis=1)
+    ring = SampleRing(len(frames) + cap, channels=2)
+    ring.mark_gap(cap)
+    win = Windower(ring, model_rate=SR, window=SR, hop=SR, silence_dbfs=-60, clip_fraction=0.01)
+    windows = []
+    for i in range(0, len(frames), 1000):  # blocks as a sound card delivers them
+        ring.write(frames[i:i + 1000], now=float(i))
+        windows += win.pump()
+    assert len(windows) >= 6
+    assert np.abs(np.concatenate([w.samples for w in windows])).max() < 0.7, "the mix is never clipped"
+    status = {round(w.start): w.level.status for w in windows}
+    assert [status[k] for k in (0, 1, 2)] == ["ok"] * 3 and [status[k] for k in (5, 6)] == ["clipped"] * 2, status
+
+
 def test_failed_reads_carry_the_hash_of_the_bytes_read(tmp_path, tone):
     path = _wav(tmp_path / "short.wav", tone[: SR // 2])
     with pytest.raises(TooShortAudio, match="audio.min_seconds") as e:

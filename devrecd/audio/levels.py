@@ -158,13 +158,19 @@ class Level:
     status: str  # "ok" | "silent" | "clipped"
 
 
-def measure(x: np.ndarray, *, silence_dbfs: float, clip_fraction: float) -> Level:
-    """Level, peak and clipping of a window, and whether it is judged (status "ok"): (frames,) mono,
-    or (frames, channels) before the mix (then the worst channel's figures)."""
+def measure(x: np.ndarray, *, silence_dbfs: float, clip_fraction: float, mix: np.ndarray | None = None) -> Level:
+    """Level, peak and clipping of a window, and whether it is judged (status "ok").
+
+    ``x`` is (frames,) mono or (frames, channels) before the mix: peak and clipping are the worst
+    channel's. ``mix``, when given, is the mono window the model hears: its level decides silence
+    (as for files); otherwise the worst channel's does.
+    """
     meter = LevelMeter()
     meter.update(np.asarray(x, dtype=np.float32))
     worst = meter.worst_channel(clip_fraction=clip_fraction)
     dbfs, peak, _, clipped = meter._stats(worst) if meter.channels else (-math.inf, 0.0, 0.0, 0.0)
+    if mix is not None:
+        dbfs = rms_dbfs(np.asarray(mix, dtype=np.float32))
     if dbfs < silence_dbfs:
         status = "silent"
     elif "clipping" in meter.flags(clip_fraction=clip_fraction, dc_offset=0.0, loud_dbfs=math.inf):
