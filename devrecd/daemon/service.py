@@ -27,6 +27,7 @@ import math
 import os
 import queue
 import signal
+import stat
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -307,8 +308,29 @@ class Pipeline:
                     log.exception("internal error on a file", extra={"path": job.path})
                 job.resolved_path = job.resolved_path or getattr(exc, "resolved_path", None)
                 f = failure_of(exc)
+                if f.sha256 is None:
+                    self._found_instead(job)
                 self._results.put(("failed", job, f.reason, f.detail, f.sha256, f.size))
             self.liveness.stamp()
+
+    def _found_instead(self, job: Job) -> None:
+        """Nothing could be read, and what is at the path is not a regular file (a FIFO, socket or
+        link that replaced the queued file): the row takes that entry's version (``lstat``, as the
+        watcher keys such entries) before its failure is recorded, so the watcher seeing the same
+        entry does not make a second row and a second record for it."""
+        try:
+            if stat.S_ISREG(os.stat(job.path).st_mode):
+                return  # a regular file: the row's version is the watcher's, nothing to revise
+        except OSError:
+            pass  # a link loop or a dangling link: keyed by lstat too
+        try:
+            st = os.lstat(job.path)
+        except OSError:
+            return  # nothing there any more: nothing the watcher can see again
+        try:
+            self.journal.revise_version(job.entry_id, st.st_size, st.st_mtime_ns)
+        except JournalError as exc:  # at worst the entry gets a second record when it is seen again
+            log.warning("cannot revise a journal row", extra={"path": job.path, "error": str(exc)})
 
     def _prepare(self, job: Job, frontend) -> None:
         cfg = self.cfg
