@@ -97,3 +97,16 @@ def test_channel_errors(speech):
         apply_channel(get_channel("tel"), np.zeros((10, 2)), RATE)
     with pytest.raises(ChannelError, match="band limit"):
         encode_file(speech, RATE, get_channel("tel"))
+
+
+def test_band_spectrum_in_pieces_is_welchs_spectrum():
+    """The long-term spectrum is computed over pieces of whole segments (bounded memory); averaged
+    with their segment counts it is scipy's one-call Welch spectrum of the whole excerpt."""
+    from scipy.signal import welch
+
+    from devrecd.audio.condition import _WELCH_PIECE, _welch
+
+    x = np.random.default_rng(0).standard_normal(2048 * (3 * _WELCH_PIECE) + 777).astype(np.float32)
+    f, p = welch(x.astype(np.float64), 32000, nperseg=2048, noverlap=1024, detrend="constant")
+    f2, p2 = _welch(x, 32000, 2048)
+    assert np.array_equal(f, f2) and np.allclose(p2, p, rtol=1e-12, atol=0)
