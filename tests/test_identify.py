@@ -59,6 +59,33 @@ def test_identify_matches_the_naive_loop(cfg: Config, ccnu_dir: Path) -> None:
         backend.close()
 
 
+def test_a_long_file_inferred_chunk_by_chunk_gets_exactly_the_naive_verdict(cfg: Config, ccnu_dir: Path,
+                                                                            tmp_path: Path) -> None:
+    """A file's features go to the batcher in chunks as they are computed (never held whole); the
+    window probabilities gathered back from several chunks and batches give the naive loop's verdict."""
+    import soundfile as sf
+
+    from devrecd.pipeline.stages import _CLIPS_PER_EXTRACT
+
+    with open(ccnu_dir / "manifest.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["device"] == "Apple_air1"]
+    x = np.concatenate([sf.read(ccnu_dir / r["path"], dtype="float32")[0] for r in rows])
+    long = tmp_path / "five segments.wav"
+    sf.write(long, x, 32000, subtype="PCM_16")
+    dense = cfg.with_overrides({"audio.hop_seconds": 0.5})
+    [rec] = identify_files(dense, [long])
+    backend = load_serving_backend(dense)
+    try:
+        _, feats = features_for_file(long, dense)
+        expected = aggregate(backend.infer(feats), backend.labels)
+    finally:
+        backend.close()
+    assert len(feats) > 4 * _CLIPS_PER_EXTRACT, "the file must span several chunks"
+    assert rec["outcome"] == "judged" and len(rec["windows"]) == len(feats)
+    assert rec["device"] == expected.label and rec["score"] == pytest.approx(expected.score, abs=1e-5)
+    assert [w["device"] for w in rec["windows"]] == [backend.labels[i] for i in expected.window_labels]
+
+
 def test_identify_cli_json_table_and_failures(cfg: Config, ccnu_dir: Path, tmp_path: Path) -> None:
     good = _recordings(ccnu_dir, 2)
     bad = tmp_path / "broken recording.wav"
