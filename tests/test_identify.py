@@ -60,7 +60,7 @@ def test_identify_matches_the_naive_loop(cfg: Config, ccnu_dir: Path) -> None:
 
 
 def _five_segments(ccnu_dir: Path, tmp_path: Path) -> Path:
-    """One phone's five segments as one WAV (~2 min: many chunks of features)."""
+    """One phone's five segments as one WAV (~45 s: several chunks of features, many batches)."""
     import soundfile as sf
 
     with open(ccnu_dir / "manifest.csv", newline="") as fh:
