@@ -11,13 +11,17 @@ Input classes (all written fresh under a temporary folder):
 * ``nan_float``       10 min float WAV with NaN samples
 * ``stereo_48k``      10 min stereo 48 kHz float WAV (resampled and mixed block by block)
 
-Each is compared with ``normal_<duration>``: a mono 32 kHz WAV of the same duration. Targets: peak
+Each is compared with ``normal_<duration>``: a mono 32 kHz WAV of the same duration (``normal_600s``
+is the 10 min WAV, ``normal_7200s`` the 2 h one at the default ``--long-minutes``). Targets: peak
 RSS of identify on any single input <= 600 MB; daemon on the hostile corpus <= 1.5 GB.
 
     python benchmarks/intake.py --model export/NAME.onnx [--long-minutes 120] [--code DIR]
+                                [--baseline-code DIR] [--classes normal_10s,normal_600s,long_wav]
 
 ``--code DIR`` runs the subprocesses with DIR first on PYTHONPATH (e.g. an older checkout, to
-measure the same classes before a change).
+measure the same classes before a change). ``--baseline-code DIR`` measures every identify input a
+second time with DIR's code in the same run (interleaved, so that both see the same machine load)
+and prints it beside this code's figures: the named baseline of a change.
 """
 
 from __future__ import annotations
@@ -173,29 +177,45 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--skip-daemon", action="store_true")
     ap.add_argument("--skip-identify", action="store_true")
+    ap.add_argument("--baseline-code", type=Path, default=None,
+                    help="also measure every identify input with this checkout's devrecd (the baseline)")
+    ap.add_argument("--classes", default="", help="comma-separated identify classes to run (default: all)")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="devrecd-intake-"))
     model = str(Path(args.model).resolve())
     inputs = make_inputs(work / "inputs", args.long_minutes)
-    print(f"code: {args.code or REPO}; inputs in {work / 'inputs'}")
-    print(f"{'class':<16} {'input MB':>9} {'seconds':>8} {'peak RSS MB':>12} {'time s':>7}  outcome"
-          f"{'':<14} | baseline (normal mono WAV, same duration): peak RSS MB, time s")
-    results = {}
-    for name, (path, seconds) in ([] if args.skip_identify else inputs.items()):
-        if name.startswith("normal_") and name != "normal_10s":
-            continue
+    wanted = [c for c in args.classes.split(",") if c] or [n for n in inputs if not n.startswith("normal_") or n == "normal_10s"]
+    unknown = sorted(set(wanted) - set(inputs))
+    if unknown:
+        ap.error(f"unknown classes {unknown}; known: {sorted(inputs)}")
+    base_code = args.baseline_code.resolve() if args.baseline_code else None
+    print(f"code: {args.code or REPO}; baseline code: {base_code or 'none'}; inputs in {work / 'inputs'}")
+    print(f"{'class':<16} {'input MB':>9} {'seconds':>8} {'peak RSS MB':>12} {'time s':>7}  {'outcome':<20} "
+          f"| normal mono WAV, same duration: peak RSS MB, time s" + (" | baseline code, same input: peak RSS MB, time s, outcome"
+                                                                      if base_code else ""))
+    results: dict[str, dict] = {}
+    baseline: dict[str, dict] = {}
+    for name in ([] if args.skip_identify else wanted):
+        path, seconds = inputs[name]
         r = measure_identify(path, model, args.code)
         base_name = "normal_10s" if seconds == 10 else f"normal_{seconds:.0f}s"
         b = r if name == base_name else results.get(base_name) or measure_identify(inputs[base_name][0], model, args.code)
         results[base_name] = b
         results[name] = r
-        size = path.stat().st_size / 1e6
-        print(f"{name:<16} {size:9.2f} {seconds:8.0f} {r['peak_rss_mb']:12.0f} {r['seconds']:7.1f}  {r['outcome'][:20]:<20} "
-              f"| {b['peak_rss_mb']:.0f}, {b['seconds']:.1f}", flush=True)
+        line = (f"{name:<16} {path.stat().st_size / 1e6:9.2f} {seconds:8.0f} {r['peak_rss_mb']:12.0f} {r['seconds']:7.1f}  "
+                f"{r['outcome'][:20]:<20} | {b['peak_rss_mb']:.0f}, {b['seconds']:.1f}")
+        if base_code:
+            o = baseline[name] = measure_identify(path, model, base_code)
+            line += f" | {o['peak_rss_mb']:.0f}, {o['seconds']:.1f}, {o['outcome'][:20]}"
+        print(line, flush=True)
     if results:
-        worst = max(r["peak_rss_mb"] for r in results.values())
-        print(f"identify: worst peak RSS {worst:.0f} MB over every input (target <= 600 MB); "
-              f"resident baseline (normal_10s) {results['normal_10s']['peak_rss_mb']:.0f} MB")
+        worst = max(results.items(), key=lambda kv: kv[1]["peak_rss_mb"])
+        rest = results.get("normal_10s")
+        print(f"identify: worst peak RSS {worst[1]['peak_rss_mb']:.0f} MB ({worst[0]}) over {len(results)} inputs "
+              f"(target <= 600 MB)" + (f"; resident (normal_10s) {rest['peak_rss_mb']:.0f} MB" if rest else ""))
+    if baseline:
+        worst = max(baseline.items(), key=lambda kv: kv[1]["peak_rss_mb"])
+        print(f"baseline code: worst peak RSS {worst[1]['peak_rss_mb']:.0f} MB ({worst[0]}) over {len(baseline)} inputs")
     if args.skip_daemon:
         return
     sys.path.insert(0, str(REPO))

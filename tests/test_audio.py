@@ -383,6 +383,24 @@ def test_implausible_sample_rates_are_refused_before_decoding(tmp_path, tone):
     assert read_evidence(ok, SR).native_rate == 8000
 
 
+def test_a_rate_no_decoder_opens_is_reported_implausible_not_corrupt(tmp_path, tone):
+    """4 GHz does not fit the signed rate of either decoder: the header's own field names the reason."""
+    for rate in (4_000_000_000, 0xFFFFFFFF):
+        data = bytearray(_wav(tmp_path / "x.wav", tone[:2000]).read_bytes())
+        data[24:28] = struct.pack("<I", rate)  # the byte rate field is left as it was
+        path = tmp_path / f"r{rate}.wav"
+        path.write_bytes(bytes(data))
+        with pytest.raises(ImplausibleRate, match=f"says {rate} Hz") as e:
+            read_evidence(path, SR)
+        assert e.value.sha256 == hashlib.sha256(bytes(data)).hexdigest()
+    # with a plausible rate, the same kind of damage is still reported as corrupt
+    data = bytearray((tmp_path / "x.wav").read_bytes())
+    data[22:24] = struct.pack("<H", 0)  # no channels
+    (tmp_path / "ch0.wav").write_bytes(bytes(data))
+    with pytest.raises(CorruptAudio):
+        read_evidence(tmp_path / "ch0.wav", SR)
+
+
 def test_decoded_samples_are_capped_from_the_header_before_allocating(tmp_path):
     """A small FLAC of many channels (a decompression bomb) is refused by frames x channels, not bytes."""
     path = tmp_path / "bomb.flac"
@@ -403,6 +421,57 @@ def test_levels_and_flags_are_reported_on_abnormal_input(tmp_path, tone):
     assert "clipping" in read_evidence(_wav(tmp_path / "clip.wav", square), SR).levels["flags"]
     huge = read_evidence(_wav(tmp_path / "huge.wav", tone * 1e30, subtype="FLOAT"), SR)
     assert "over_full_scale" in huge.levels["flags"] and "loud" in huge.levels["flags"]
+
+
+def test_levels_are_measured_per_channel_before_the_mix(tmp_path, tone):
+    """A clipped channel averaged with a clean one is not clipped in the mix; the verdict still says
+    so, with the worst channel's figures and which channel it is. The live meter is the same one."""
+    from devrecd.audio.levels import measure
+
+    clipped = np.sign(tone).astype(np.float32)  # full-scale square: every sample at full scale
+    quiet = (0.1 * tone).astype(np.float32)
+    stereo = np.stack([quiet, clipped], axis=1)
+    mix = stereo.mean(axis=1)
+    assert np.abs(mix).max() < 0.6, "the mix itself is nowhere near full scale"
+    rec = read_evidence(_wav(tmp_path / "one clipped.wav", stereo), SR)
+    lv = rec.levels
+    assert "clipping" in lv["flags"] and (lv["channel"], lv["channels"]) == (1, 2)
+    assert lv["clip_fraction"] > 0.99 and lv["peak"] == pytest.approx(1.0, abs=1e-4)
+    # a DC offset on the second channel only, the first one clean
+    dc = np.stack([quiet, quiet + 0.4], axis=1)
+    lv = read_evidence(_wav(tmp_path / "dc right.wav", dc, subtype="FLOAT"), SR).levels
+    assert lv["flags"] == ["dc_offset"] and lv["channel"] == 1 and lv["dc_offset"] == pytest.approx(0.4, abs=1e-3)
+    # mono: channel 0 of 1, figures as before
+    lv = read_evidence(_wav(tmp_path / "mono.wav", quiet), SR).levels
+    assert (lv["channel"], lv["channels"], lv["flags"]) == (0, 1, [])
+    # the live input's meter on a two-channel window: the clipped channel makes it "clipped"
+    assert measure(mix, silence_dbfs=-70, clip_fraction=0.01).status == "ok"
+    win = measure(stereo, silence_dbfs=-70, clip_fraction=0.01)
+    assert win.status == "clipped" and win.clip_fraction > 0.99
+
+
+def test_live_windows_are_metered_per_captured_channel(tone):
+    """Two captured channels at 16 kHz (resampled to the model's 32 kHz), the second clipped from
+    4 s on: the windows over the clipped part are reported clipped though the mix never is."""
+    from devrecd.live import SampleRing, Windower
+
+    cap = 16000
+    t = np.arange(8 * cap) / cap
+    clean = (0.2 * np.sin(2 * np.pi * 300 * t)).astype(np.float32)
+    other = clean.copy()
+    other[4 * cap:] = np.sign(other[4 * cap:])  # full scale from 4 s
+    frames = np.stack([clean, other], axis=1)
+    ring = SampleRing(len(frames) + cap, channels=2)
+    ring.mark_gap(cap)
+    win = Windower(ring, model_rate=SR, window=SR, hop=SR, silence_dbfs=-60, clip_fraction=0.01)
+    windows = []
+    for i in range(0, len(frames), 1000):  # blocks as a sound card delivers them
+        ring.write(frames[i:i + 1000], now=float(i))
+        windows += win.pump()
+    assert len(windows) >= 6
+    assert np.abs(np.concatenate([w.samples for w in windows])).max() < 0.7, "the mix is never clipped"
+    status = {round(w.start): w.level.status for w in windows}
+    assert [status[k] for k in (0, 1, 2)] == ["ok"] * 3 and [status[k] for k in (5, 6)] == ["clipped"] * 2, status
 
 
 def test_failed_reads_carry_the_hash_of_the_bytes_read(tmp_path, tone):

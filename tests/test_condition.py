@@ -147,3 +147,16 @@ def test_codec_delay_alignment_finds_the_lag():
     for lag in (0, 7, 333, 1600):
         late = np.concatenate([0.1 * rng.standard_normal(lag), ref + 0.01 * rng.standard_normal(len(ref))])
         np.testing.assert_array_equal(_align(late, ref, max_lag=1600), late[lag: lag + len(ref)])
+
+
+def test_welch_psd_of_decoded_float32_in_many_groups_equals_scipy_float64():
+    """welch_psd takes the excerpt as decoded (float32) and casts group by group: over several
+    groups of segments it is scipy's one-call Welch spectrum of the float64 excerpt."""
+    scipy_signal = pytest.importorskip("scipy.signal")
+    from devrecd.audio.condition import welch_psd
+
+    x = np.random.default_rng(0).standard_normal(1024 * (3 * 256) + 777).astype(np.float32)
+    f, p = welch_psd(x, 32000, 2048)
+    f_ref, p_ref = scipy_signal.welch(x.astype(np.float64), 32000, nperseg=2048, noverlap=1024, detrend="constant")
+    np.testing.assert_array_equal(f, f_ref)
+    np.testing.assert_allclose(p, p_ref, rtol=1e-12, atol=0)

@@ -59,6 +59,76 @@ def test_identify_matches_the_naive_loop(cfg: Config, ccnu_dir: Path) -> None:
         backend.close()
 
 
+def _five_segments(ccnu_dir: Path, tmp_path: Path) -> Path:
+    """One phone's five segments as one WAV (~45 s: several chunks of features, many batches)."""
+    import soundfile as sf
+
+    with open(ccnu_dir / "manifest.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["device"] == "Apple_air1"]
+    x = np.concatenate([sf.read(ccnu_dir / r["path"], dtype="float32")[0] for r in rows])
+    long = tmp_path / "five segments.wav"
+    sf.write(long, x, 32000, subtype="PCM_16")
+    return long
+
+
+def test_a_long_file_inferred_chunk_by_chunk_gets_exactly_the_naive_verdict(cfg: Config, ccnu_dir: Path,
+                                                                            tmp_path: Path) -> None:
+    """A file's features go to the batcher in chunks as they are computed (never held whole); the
+    window probabilities gathered back from several chunks and batches give the naive loop's verdict."""
+    from devrecd.pipeline.stages import _CLIPS_PER_EXTRACT
+
+    long = _five_segments(ccnu_dir, tmp_path)
+    dense = cfg.with_overrides({"audio.hop_seconds": 0.5})
+    [rec] = identify_files(dense, [long])
+    backend = load_serving_backend(dense)
+    try:
+        _, feats = features_for_file(long, dense)
+        expected = aggregate(backend.infer(feats), backend.labels)
+    finally:
+        backend.close()
+    assert len(feats) > 4 * _CLIPS_PER_EXTRACT, "the file must span several chunks"
+    assert rec["outcome"] == "judged" and len(rec["windows"]) == len(feats)
+    assert rec["device"] == expected.label and rec["score"] == pytest.approx(expected.score, abs=1e-5)
+    assert [w["device"] for w in rec["windows"]] == [backend.labels[i] for i in expected.window_labels]
+
+
+def test_a_chunked_file_whose_batch_fails_gets_one_failed_record(cfg: Config, ccnu_dir: Path, tmp_path: Path) -> None:
+    """One batch of a file sent in chunks fails: the file is recorded once as failed (inference),
+    the chunks still in flight or still coming are dropped, and the runner drains."""
+    from devrecd.backends.base import InferenceError
+
+    class FailsOnThirdBatch:
+        def __init__(self, inner) -> None:
+            self.inner, self.name, self.labels, self.frontend = inner, inner.name, inner.labels, inner.frontend
+            self.concurrency, self.batches = 1, 0
+
+        def infer(self, x):
+            self.batches += 1
+            if self.batches == 3:
+                raise InferenceError("injected failure of the third batch")
+            return self.inner.infer(x)
+
+        def describe(self) -> dict:
+            return self.inner.describe()
+
+    long = _five_segments(ccnu_dir, tmp_path)
+    backend = load_serving_backend(cfg)
+    failing = FailsOnThirdBatch(backend)
+    seen: list[dict] = []
+    out: list[list[dict]] = []
+    try:
+        t = threading.Thread(target=lambda: out.append(identify_files(cfg, [long], backend=failing, on_record=seen.append)))
+        t.start()
+        t.join(300)
+        assert not t.is_alive(), "the runner did not drain after a chunk's batch failed"
+    finally:
+        backend.close()
+    [[rec]] = out
+    assert (rec["outcome"], rec["reason"]) == ("failed", "inference") and "third batch" in rec["detail"]
+    assert [r["id"] for r in seen] == [rec["id"]], "one record for the file"
+    assert failing.batches > 3, "the file spans batches after the failing one"
+
+
 def test_identify_cli_json_table_and_failures(cfg: Config, ccnu_dir: Path, tmp_path: Path) -> None:
     good = _recordings(ccnu_dir, 2)
     bad = tmp_path / "broken recording.wav"

@@ -71,7 +71,7 @@ class Band:
 
 def measure_band(samples: np.ndarray, rate: int) -> Band:
     """Measure the effective band of mono ``samples`` at ``rate`` (see the module docstring)."""
-    x = _analysis_excerpt(np.asarray(samples, dtype=np.float64), rate)
+    x = _analysis_excerpt(np.asarray(samples), rate)  # float64 group by group in welch_psd, not whole
     nper = 1 << max(8, int(round(math.log2(rate / 16.0))))  # ~16 Hz bins: sharp enough for a cliff
     nper = min(nper, 1 << int(math.log2(max(256, len(x)))), len(x))
     f, p = welch_psd(x, rate, nper)
@@ -152,7 +152,7 @@ def welch_psd(x: np.ndarray, rate: int, nper: int) -> tuple[np.ndarray, np.ndarr
     segments = np.lib.stride_tricks.sliding_window_view(x, nper)[::step]
     total = np.zeros(nper // 2 + 1)
     for lo in range(0, len(starts), 256):
-        seg = segments[lo : lo + 256]
+        seg = segments[lo : lo + 256].astype(np.float64)  # float64 per group: the excerpt stays as decoded
         seg = (seg - seg.mean(axis=1, keepdims=True)) * window
         spec = np.fft.rfft(seg, axis=1)
         total += (spec.real**2 + spec.imag**2).sum(axis=0)

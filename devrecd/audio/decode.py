@@ -13,8 +13,9 @@ Rules (each one a decision a forensic examiner can read back from the verdict):
   verdict is the hash of what was judged.
 * Caps are checked before anything is allocated: bytes (``stat``), header duration, decoded samples
   (frames x channels, ``audio.max_decoded_samples``) and a plausible sample rate (4 kHz - 384 kHz).
-* Decoding is block-wise: each block is checked for non-finite samples, mixed to mono, metered
-  (:mod:`devrecd.audio.levels`) and resampled to the model rate before the next is read, so memory
+* Decoding is block-wise: each block is checked for non-finite samples, metered per channel
+  (:mod:`devrecd.audio.levels`: a clipped channel is flagged even when the mix is not), mixed to
+  mono and resampled to the model rate before the next is read, so memory
   is the mono model-rate result (or, streamed, nothing but a block), whatever the channel count.
 * WAV/FLAC/OGG/MP3 and friends are decoded by libsndfile (``soundfile``); everything else phones
   write (m4a/AAC, AMR-NB/WB, 3gp, Opus in MP4/WebM...) by FFmpeg through PyAV.
@@ -244,7 +245,8 @@ class EvidenceStream:
         self.codec = self.container = self.decoder = ""
         self.expected_frames = 0  # at the model rate, from the header (0: unknown)
         self.n_samples = 0  # mono samples at the model rate yielded so far
-        self.meter = LevelMeter()
+        self.meter = LevelMeter()  # per channel, before the mix: the levels and flags of the verdict
+        self.mix_meter = LevelMeter()  # the mono mix the model hears: the silence check
         # The first ANALYSIS_SECONDS at the model rate, kept for the condition (bounded: 15 MB at 32 kHz).
         self._excerpt = np.empty(0, np.float32)
         self._excerpt_n = 0
@@ -311,7 +313,8 @@ class EvidenceStream:
                 native += len(mono)
                 if native / self.native_rate > cfg.max_seconds:
                     raise TooLongAudio(path, f"more than {cfg.max_seconds:.0f} s of audio (audio.max_seconds)")
-                self.meter.update(mono)
+                self.meter.update(raw)
+                self.mix_meter.update(mono)
                 out = resampler.resample_chunk(mono, last=False) if resampler is not None else mono
                 if len(out):
                     self._keep_excerpt(out)
@@ -353,7 +356,7 @@ class EvidenceStream:
         duration = native / self.native_rate
         if duration < cfg.min_seconds:
             raise TooShortAudio(path, f"{duration:.2f} s of audio, the minimum is {cfg.min_seconds:.2f} s (audio.min_seconds)")
-        level = self.meter.dbfs
+        level = self.mix_meter.dbfs
         if level < cfg.silence_dbfs:
             what = "digital silence" if level == -math.inf else f"RMS level {level:.1f} dBFS"
             raise SilentAudio(path, f"{what}, below the silence threshold {cfg.silence_dbfs:.0f} dBFS (audio.silence_dbfs)")
@@ -534,8 +537,41 @@ def _open_decoder(path: Path, fh, head: bytes, cfg: AudioConfig) -> _Source:
     except _NotForThisDecoder as exc:
         known = sniff_container(head)
         if known:
+            # A header rate no decoder accepts (e.g. 4 GHz, past a signed 32-bit field) is reported
+            # as what it is, not as an undecodable file.
+            declared = _declared_rate(fh)
+            if declared and not MIN_RATE <= declared <= MAX_RATE:
+                raise ImplausibleRate(path, f"the {known} header says {declared} Hz; recordings are "
+                                            f"{MIN_RATE}-{MAX_RATE} Hz (no decoder opens it)") from None
             raise CorruptAudio(path, f"looks like {known} but cannot be decoded: {exc}") from None
         raise UnsupportedAudio(path, f"not a recognised audio format ({exc})") from None
+
+
+def _declared_rate(fh) -> int | None:
+    """The sample rate a WAV (RIFF/RF64 ``fmt `` chunk) or FLAC (STREAMINFO) header declares, read
+    from the raw bytes; None when there is no such header or it is cut short."""
+    fh.seek(0)
+    head = fh.read(12)
+    if head[:4] in (b"RIFF", b"RF64") and head[8:12] == b"WAVE":
+        pos, end = 12, fh.seek(0, os.SEEK_END)
+        for _ in range(64):  # a few chunks precede "fmt " in practice (ds64, JUNK, bext)
+            if pos + 8 > end:
+                return None
+            fh.seek(pos)
+            hdr = fh.read(8)
+            if len(hdr) < 8:
+                return None
+            cid, size = hdr[:4], struct.unpack("<I", hdr[4:])[0]
+            if cid == b"fmt ":
+                body = fh.read(8)  # format tag, channels, sample rate
+                return struct.unpack("<I", body[4:8])[0] if len(body) == 8 else None
+            pos += 8 + size + (size & 1)
+        return None
+    if head[:4] == b"fLaC":
+        fh.seek(8)  # magic, then the STREAMINFO block header; the rate is 20 bits at byte 10 of its body
+        body = fh.read(13)
+        return (body[10] << 12 | body[11] << 4 | body[12] >> 4) if len(body) == 13 else None
+    return None
 
 
 class _NotForThisDecoder(Exception):

@@ -61,6 +61,11 @@ class Windower:
         self._buf = np.zeros(0, dtype=np.float32)
         self._buf_start = 0  # segment model-rate index of _buf[0]
         self._next = 0  # segment model-rate index of the next window's start
+        # The captured channels before the mix, at the capture rate, kept for as long as a window
+        # still needs them: levels are measured per channel (a clipped channel mixed with a clean
+        # one is not clipped in the mix), with the meter files use.
+        self._raw = np.zeros((0, 1), dtype=np.float32)
+        self._raw_start = 0  # segment capture-rate index of _raw[0]
 
     def pump(self) -> list[LiveWindow]:
         """Consume everything the ring holds now; return the windows it completes."""
@@ -107,6 +112,8 @@ class Windower:
         self._fed = 0
         self._buf = np.zeros(0, dtype=np.float32)
         self._buf_start = self._next = 0
+        self._raw = np.zeros((0, 1), dtype=np.float32)
+        self._raw_start = 0
         self._resampler = None
         if self.recorder is not None:
             self.recorder.cut()  # each segment file is contiguous audio
@@ -116,6 +123,11 @@ class Windower:
             raise RuntimeError("the ring holds audio before any stream was opened (no rate known)")
         if self.recorder is not None:
             self.recorder.write(frames, self.capture_rate)
+        if not len(self._raw):
+            self._raw_start = pos - self._seg_dev_start
+            self._raw = np.asarray(frames, dtype=np.float32).reshape(len(frames), -1)
+        else:
+            self._raw = np.concatenate([self._raw, np.asarray(frames, dtype=np.float32).reshape(len(frames), -1)])
         mono = _to_mono(frames, self.mix, "live input")
         if self.capture_rate != self.model_rate:
             if self._resampler is None:
@@ -131,10 +143,13 @@ class Windower:
             i = self._next - self._buf_start
             samples = self._buf[i:i + self.window].copy()
             end = self._next + self.window  # segment model-rate index just after the last sample
-            dev_end = self._seg_dev_start + math.ceil(end * self.capture_rate / self.model_rate)
+            seg_end = math.ceil(end * self.capture_rate / self.model_rate)
+            dev_end = self._seg_dev_start + seg_end
+            raw = self._raw[self._next * self.capture_rate // self.model_rate - self._raw_start : seg_end - self._raw_start]
             out.append(LiveWindow(
                 index=self._count, start=(self._seg_offset + self._next) / self.model_rate, samples=samples,
-                level=measure(samples, silence_dbfs=self.silence_dbfs, clip_fraction=self.clip_fraction),
+                level=measure(raw if len(raw) else samples, silence_dbfs=self.silence_dbfs,
+                              clip_fraction=self.clip_fraction, mix=samples),
                 ended=self.ring.arrival_time(dev_end), capture_rate=self.capture_rate, model_rate=self.model_rate))
             self._count += 1
             self._next += self.hop
@@ -142,4 +157,8 @@ class Windower:
         if drop > 0:  # keep only what a future window can still use
             self._buf = self._buf[drop:]
             self._buf_start += drop
+        drop = min(self._next * self.capture_rate // self.model_rate - self._raw_start, len(self._raw))
+        if drop > 0:
+            self._raw = self._raw[drop:]
+            self._raw_start += drop
         return out

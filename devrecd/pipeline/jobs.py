@@ -1,5 +1,6 @@
 """What travels through the runner: a file's :class:`Job`, and the typed messages the stages hand
-the writer thread (:class:`Judged`, :class:`Scored`, :class:`Duplicate`, :class:`Failed`, :class:`Stop`)."""
+the writer thread (:class:`Judged`, :class:`Chunk`, :class:`FeaturesDone`, :class:`Scored`, :class:`Duplicate`,
+:class:`Failed`, :class:`Stop`)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,17 @@ class Job:
     resolved_path: str | None = None  # where a followed symbolic link led (also for failures)
     content: str | None = None  # sha256 while the runner counts it among the contents in flight
     open_set: dict | None = None  # the registry's verdict fields, beside the closed-set one
+    # Judged by the closed-set model alone, a file goes to the batcher in chunks as its features are
+    # computed (its features are never held whole). The writer gathers the chunks' window
+    # probabilities here until all ``windows`` (known once the last chunk was computed) are in.
+    chunks: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (first window, probabilities)
+    windows_done: int = 0
+    windows: int | None = None
+    started: float | None = None  # monotonic time its first window entered a batch
+    infer_seconds: float = 0.0
+    enqueued: float | None = None  # (worker) monotonic time its first chunk was queued
+    blocked: float = 0.0  # (worker) seconds spent waiting for room in the batcher: not decoding
+    closed: bool = False  # (writer) its record is written: results still arriving for it are dropped
 
 
 @dataclass(frozen=True)
@@ -34,6 +46,25 @@ class Judged:
 
     job: Job
     probs: np.ndarray
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Closed-set window probabilities of one chunk of a file, from window ``first`` on."""
+
+    job: Job
+    first: int
+    probs: np.ndarray
+    started: float  # monotonic time its first window entered a batch
+    infer_seconds: float
+
+
+@dataclass(frozen=True)
+class FeaturesDone:
+    """The last chunk of a file was queued: it has ``windows`` windows in all."""
+
+    job: Job
+    windows: int
 
 
 @dataclass(frozen=True)
@@ -65,4 +96,4 @@ class Stop:
     """The writer's last message."""
 
 
-Message = Union[Judged, Scored, Duplicate, Failed, Stop]
+Message = Union[Judged, Chunk, FeaturesDone, Scored, Duplicate, Failed, Stop]

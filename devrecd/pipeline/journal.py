@@ -261,6 +261,12 @@ class Journal:
                 raise JournalError(f"journal write failed: {exc}") from None
             return _entry(self._db.execute("SELECT * FROM files WHERE id = ?", (cur.lastrowid,)).fetchone()), True  # type: ignore[return-value]
 
+    def revise_version(self, entry_id: int, size: int, mtime_ns: int) -> None:
+        """An unfinished row now describes what was found at its path when it was opened (e.g. a FIFO
+        that replaced the queued file), so that seeing that same entry again is not a new version."""
+        self._write("UPDATE files SET size = ?, mtime_ns = ?, updated_at = ? WHERE id = ? AND state IN ('seen', 'hashed')",
+                    (size, mtime_ns, time.time(), entry_id))
+
     def mark_hashed(self, entry_id: int, sha256: str, size: int) -> None:
         self._write("UPDATE files SET sha256 = ?, size = ?, state = 'hashed', updated_at = ? WHERE id = ? AND state IN ('seen', 'hashed')",
                     (sha256, size, time.time(), entry_id))

@@ -6,13 +6,20 @@
       -> workers (watch.workers): open read-only, hash, decode block by block, features (stages),
                                   dedupe against the journal, open-set verdict (registry.path)
       -> Batcher (bounded) -> inference threads (batcher.streams): backend.infer on batches across files
+                              (closed set alone: each file's features in chunks, as they are computed)
       -> messages -> writer thread: verdict record, journal + verdict log (Recorder), metrics
 
-The stages hand the writer typed messages (:class:`Judged`, :class:`Scored`, :class:`Duplicate`,
-:class:`Failed`, :class:`Stop`). Every terminal state is written by the one writer thread, so the
+The stages hand the writer typed messages (:class:`Judged`, :class:`Chunk`, :class:`FeaturesDone`,
+:class:`Scored`, :class:`Duplicate`, :class:`Failed`, :class:`Stop`). Every terminal state is written by the one writer thread, so the
 journal and verdict-log ordering needs no further locking; the writer only writes: scoring, open set
 included, runs in the parallel stages, and a file's features are released once they are inferred.
 A bad file becomes a ``failed`` record with its reason and never stops the other files.
+
+Chunks: judged by the closed-set model alone, a file's features go to the batcher chunk by chunk as
+the worker computes them, so no file's features are ever held whole; the writer gathers each chunk's
+window probabilities (:class:`Chunk`) and judges the file once the worker has said how many windows
+it has (:class:`FeaturesDone`) and all of them are in. With a registry the scorer needs a
+recording's features whole (its recording vector), so such a file goes to the batcher in one unit.
 
 Duplicates: a worker asks the journal once per file whether the same content was judged before.
 Two files of the same content in flight at once are both inferred; the writer then asks the journal
@@ -30,17 +37,20 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import stat
 import threading
 import time
 from dataclasses import replace
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
+
+import numpy as np
 
 from devrecd.audio import open_stream
 from devrecd.config import Config
 from devrecd.errors import DevrecdError
 from devrecd.metrics import Metrics
 from devrecd.pipeline.batcher import Batcher, Unit
-from devrecd.pipeline.jobs import Duplicate, Failed, Job, Judged, Message, Scored, Stop
+from devrecd.pipeline.jobs import Chunk, Duplicate, Failed, FeaturesDone, Job, Judged, Message, Scored, Stop
 from devrecd.pipeline.journal import Entry, Journal, JournalError, Recorder, VerdictLog
 from devrecd.pipeline.serving import BackendLike, Judge, OpenSetOnly
 from devrecd.pipeline.stages import Failure, failure_of, stream_features
@@ -261,31 +271,67 @@ class Pipeline:
                 if not isinstance(exc, DevrecdError):
                     log.exception("internal error on a file", extra={"path": job.path})
                 job.resolved_path = job.resolved_path or getattr(exc, "resolved_path", None)
-                self._results.put(Failed(job, failure_of(exc)))
+                f = failure_of(exc)
+                if f.sha256 is None:
+                    self._found_instead(job)
+                self._results.put(Failed(job, f))
             self.liveness.stamp()
+
+    def _found_instead(self, job: Job) -> None:
+        """Nothing could be read, and what is at the path is not a regular file (a FIFO, socket or
+        link that replaced the queued file): the row takes that entry's version (``lstat``, as the
+        watcher keys such entries) before its failure is recorded, so the watcher seeing the same
+        entry does not make a second row and a second record for it."""
+        try:
+            if stat.S_ISREG(os.stat(job.path).st_mode):
+                return  # a regular file: the row's version is the watcher's, nothing to revise
+        except OSError:
+            pass  # a link loop or a dangling link: keyed by lstat too
+        try:
+            st = os.lstat(job.path)
+        except OSError:
+            return  # nothing there any more: nothing the watcher can see again
+        try:
+            self.journal.revise_version(job.entry_id, st.st_size, st.st_mtime_ns)
+        except JournalError as exc:  # at worst the entry gets a second record when it is seen again
+            log.warning("cannot revise a journal row", extra={"path": job.path, "error": str(exc)})
 
     def _prepare(self, job: Job) -> None:
         cfg = self.cfg
         t0 = time.perf_counter()
         confine = None if self.roots is None or cfg.watch.follow_external_links else self.roots
-        # Decoded block by block: the recording's samples are never held whole, only its features.
+        # The closed-set model alone: features go to the batcher chunk by chunk as they are computed.
+        # The open-set scorer needs a recording's features whole (its recording vector).
+        chunked = self.batcher is not None and self.judge is None
+        original: Entry | None = None
+        # Decoded block by block: the recording's samples are never held whole.
         with open_stream(job.path, cfg.frontend.sample_rate, cfg.audio, confine=confine) as stream:
             job.resolved_path = stream.resolved_path
             self.journal.mark_hashed(job.entry_id, stream.sha256 or "", stream.size or 0)
             if stream.sha256:
                 self._hold_content(job, stream.sha256)
+            sink: Callable[[Any, int], None] | None = None
+            if chunked:
+                if not self.rejudge and stream.sha256:
+                    original = self.journal.judged_with(stream.sha256, exclude=job.entry_id)
+                # A duplicate's chunks are not inferred (it is still decoded: its record describes it).
+                sink = (lambda feats, first: None) if original is not None else (
+                    lambda feats, first: self._put_chunk(job, feats, first))
             spent: dict[str, float] = {}
             feats, starts = stream_features(stream, cfg, device=self.device, timings=spent,
-                                            on_device=self.keep_on_device)
+                                            on_device=self.keep_on_device, sink=sink)
             job.recording = stream.describe()
         job.starts = starts
         job.timings.update(spent)  # features (and on a GPU: h2d, frontend)
-        job.timings["decode"] = time.perf_counter() - t0 - job.timings["features"]
+        job.timings["decode"] = time.perf_counter() - t0 - job.timings["features"] - job.blocked
         if not self.rejudge:
-            original = self.journal.judged_with(job.recording["sha256"], exclude=job.entry_id)
+            original = original or self.journal.judged_with(job.recording["sha256"], exclude=job.entry_id)
             if original is not None:  # judged before under another name: no inference needed
                 self._results.put(Duplicate(job, original))
                 return
+        if chunked:  # every chunk is queued: the writer now knows how many windows to wait for
+            self._results.put(FeaturesDone(job, len(starts)))
+            return
         if self.judge is not None:  # the registry's verdict, here in the parallel workers
             t1 = time.perf_counter()
             fields = self.judge(feats.cpu().numpy() if hasattr(feats, "cpu") else feats, job.recording)
@@ -296,6 +342,24 @@ class Pipeline:
             job.open_set = fields
         assert self.batcher is not None
         if not self.batcher.put(Unit(key=job, features=feats), self._stop):
+            raise _Stopped()
+
+    def _put_chunk(self, job: Job, feats: Any, first: int) -> None:
+        """Queue one chunk of a file's features for inference (blocking while the batcher is full)."""
+        assert self.batcher is not None
+        if job.closed:  # its record is written (e.g. an earlier chunk's batch failed): nothing to infer
+            return
+        t0 = time.perf_counter()
+        if job.enqueued is None:
+            job.enqueued = time.monotonic()
+
+        def done(unit: Unit) -> None:  # in an inference thread: the writer gathers the chunks
+            assert unit.probs is not None
+            self._results.put(Chunk(job, first, unit.probs, unit.started or unit.enqueued, unit.infer_seconds))
+
+        ok = self.batcher.put(Unit(key=job, features=feats, on_done=done), self._stop)
+        job.blocked += time.perf_counter() - t0
+        if not ok:
             raise _Stopped()
 
     def _infer_loop(self) -> None:
@@ -321,9 +385,14 @@ class Pipeline:
             msg = self._results.get()
             if isinstance(msg, Stop):
                 return
+            job = msg.job
             t0 = time.perf_counter()
+            finished = True
             try:
-                self._write(msg)
+                if job.closed:  # a chunk (or a chunk's failure) of a file whose record is written
+                    finished = False
+                else:
+                    finished = self._write(msg)
             except JournalError as exc:
                 # The row stays unfinished and is judged again after a restart; keep serving the rest.
                 log.error("cannot record a verdict", extra={"path": msg.job.path, "error": str(exc)})
@@ -333,7 +402,9 @@ class Pipeline:
                 self.metrics.errors.labels(reason="internal").inc()
             finally:
                 self.metrics.stage_seconds.labels(stage="writer").observe(time.perf_counter() - t0)
-                self._release(msg.job)
+                if finished:
+                    job.closed = True
+                    self._release(job)
                 self.liveness.stamp()
 
     def _judged_first(self, job: Job) -> Entry | None:
@@ -344,14 +415,23 @@ class Pipeline:
             shared = job.content in self._shared
         return self.journal.judged_with(job.content, exclude=job.entry_id) if shared else None
 
-    def _write(self, msg: Judged | Scored | Duplicate | Failed) -> None:
+    def _write(self, msg: Judged | Chunk | FeaturesDone | Scored | Duplicate | Failed) -> bool:
+        """Record one result; False while a chunked file still waits for more of its windows."""
         job = msg.job
+        if isinstance(msg, Chunk):
+            job.chunks.append((msg.first, msg.probs))
+            job.windows_done += len(msg.probs)
+            job.infer_seconds += msg.infer_seconds
+            job.started = msg.started if job.started is None else min(job.started, msg.started)
+            return self._finish_chunked(job)
+        if isinstance(msg, FeaturesDone):
+            job.windows = msg.windows
+            return self._finish_chunked(job)
         if isinstance(msg, (Judged, Scored)):
             assert job.recording is not None
             original = self._judged_first(job)
             if original is not None:  # an identical file finished first while this one was in flight
-                self._write(Duplicate(job, original))
-                return
+                return self._write(Duplicate(job, original))
             job.timings["end_to_end"] = time.monotonic() - job.taken
             if isinstance(msg, Judged):
                 assert job.starts is not None
@@ -385,6 +465,21 @@ class Pipeline:
                 self.metrics.errors.labels(reason=f.reason).inc()
                 log.warning("cannot judge file", extra={"path": job.path, "reason": f.reason, "detail": f.detail,
                                                         "sha256": committed["sha256"]})
+        return True
+
+    def _finish_chunked(self, job: Job) -> bool:
+        """Judge a chunked file once every window's probabilities are in; False until then."""
+        if job.windows is None or job.windows_done < job.windows:
+            return False
+        job.chunks.sort(key=lambda c: c[0])
+        probs = np.concatenate([p for _, p in job.chunks])
+        job.chunks = []
+        if len(probs) != job.windows:
+            raise RuntimeError(f"gathered {len(probs)} window probabilities for {job.windows} windows")
+        enqueued = job.enqueued if job.enqueued is not None else time.monotonic()
+        job.timings["queue"] = max(0.0, (job.started or enqueued) - enqueued)
+        job.timings["inference"] = job.infer_seconds
+        return self._write(Judged(job, probs))
 
     def _commit_judged(self, job: Job, record: dict) -> None:
         assert job.recording is not None

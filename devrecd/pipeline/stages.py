@@ -128,7 +128,8 @@ def finite_features(feats: Any, path: str | os.PathLike) -> Any:
 
 
 def stream_features(stream: EvidenceStream, cfg: Config, *, device: str = "cpu", hop_seconds: float | None = None,
-                    timings: dict[str, float] | None = None, on_device: bool = False) -> tuple[Any, np.ndarray]:
+                    timings: dict[str, float] | None = None, on_device: bool = False,
+                    sink: Callable[[Any, int], None] | None = None) -> tuple[Any, np.ndarray]:
     """Decode an opened :class:`~devrecd.audio.EvidenceStream` block by block into its (windows, 128, 73)
     features and the window start times (s), without holding the recording's samples.
 
@@ -137,12 +138,19 @@ def stream_features(stream: EvidenceStream, cfg: Config, *, device: str = "cpu",
     Raises the stream's :class:`~devrecd.audio.AudioError` (a silent or too short file fails after
     its last block; non-finite features fail at once). ``timings`` receives the seconds spent in the
     frontend (``features``; on a device also ``h2d`` and ``frontend``).
+
+    With ``sink``, each chunk of features is handed to ``sink(features, first_window)`` as soon as it
+    is computed and not kept (the returned features are then None), so a file of any length holds
+    one chunk at a time (the sink may block: backpressure). Time spent inside the sink is not
+    counted as ``features``.
     """
     fe = cfg.frontend
     hop = hop_samples(cfg.audio.hop_seconds if hop_seconds is None else hop_seconds, fe.sample_rate)
     windower = StreamWindower(fe.clip_samples, hop)
     frontend = frontend_for(fe)
     expected = len(window_starts(max(1, stream.expected_frames), fe.clip_samples, hop)) if stream.expected_frames else 8
+    if sink is not None:
+        expected = 0
     out = np.empty((0 if on_device else expected, fe.n_frames, FEATURE_DIM), dtype=np.float32)
     on_gpu: list[Any] = []
     spent = timings if timings is not None else {}
@@ -157,16 +165,21 @@ def stream_features(stream: EvidenceStream, cfg: Config, *, device: str = "cpu",
             feats, steps = features_on_device(clips, frontend, device)
             for k, v in steps.items():
                 spent[k] = spent.get(k, 0.0) + v
-            on_gpu.append(finite_features(feats, stream.path))
+            feats = finite_features(feats, stream.path)
         else:
             feats = finite_features(extract(clips, frontend, device=device), stream.path)
+        spent["features"] = spent.get("features", 0.0) + time.perf_counter() - t0
+        if sink is not None:
+            sink(feats, n)
+        elif on_device:
+            on_gpu.append(feats)
+        else:
             if n + len(feats) > len(out):
                 grown = np.empty((max(2 * len(out), n + len(feats)),) + out.shape[1:], dtype=np.float32)
                 grown[:n] = out[:n]
                 out = grown
             out[n : n + len(feats)] = feats
         n += len(feats)
-        spent["features"] = spent.get("features", 0.0) + time.perf_counter() - t0
 
     pending: list[np.ndarray] = []
     try:
@@ -182,6 +195,8 @@ def stream_features(stream: EvidenceStream, cfg: Config, *, device: str = "cpu",
     except AudioError as exc:
         raise stream.tag(exc) from None
     starts = np.asarray(windower.starts, dtype=np.float64) / fe.sample_rate
+    if sink is not None:
+        return None, starts
     if on_device:
         import torch
 
