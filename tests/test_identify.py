@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import shutil
@@ -127,6 +128,19 @@ def test_a_chunked_file_whose_batch_fails_gets_one_failed_record(cfg: Config, cc
     assert (rec["outcome"], rec["reason"]) == ("failed", "inference") and "third batch" in rec["detail"]
     assert [r["id"] for r in seen] == [rec["id"]], "one record for the file"
     assert failing.batches > 3, "the file spans batches after the failing one"
+
+
+def test_a_failure_after_hashing_keeps_the_files_hash(cfg: Config, ccnu_dir: Path, monkeypatch) -> None:
+    """A surprise after the file was opened and hashed (here the frontend stage raising) is a failed
+    record that still carries the file's sha256 and size: the evidence was read."""
+    def broken(*_a, **_k):
+        raise RuntimeError("frontend exploded")
+
+    monkeypatch.setattr("devrecd.pipeline.runner.stream_features", broken)
+    [path] = _recordings(ccnu_dir, 1)
+    [rec] = identify_files(cfg, [path])
+    assert rec["outcome"] == "failed" and rec["reason"] == "internal" and "frontend exploded" in rec["detail"]
+    assert rec["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() and rec["size"] == path.stat().st_size
 
 
 def test_identify_cli_json_table_and_failures(cfg: Config, ccnu_dir: Path, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import json
 import logging
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,27 @@ def test_with_a_model_the_registry_scores_in_the_workers_not_the_writer(registry
         assert {c["device"] for c in r["top_k"]} == set(ENROLLED)
     assert hit["device"] == "IPHONEX" and hit["open_set"]["accepted"]
     assert miss["device"] == "unknown device" and not miss["open_set"]["accepted"]
+
+
+def test_an_idle_open_set_only_pipeline_stays_alive(registry, no_backend) -> None:
+    """Without a model there is no batcher to tick; idle workers with nothing in flight keep the
+    liveness clock (which feeds the systemd watchdog pings) fresh, so an idle daemon is not killed."""
+    from devrecd.pipeline.journal import Journal
+    from devrecd.pipeline.runner import Pipeline
+    from devrecd.pipeline.serving import OpenSetOnly, load_served
+
+    cfg = _cfg(registry)
+    served = load_served(cfg, Metrics())
+    assert isinstance(served, OpenSetOnly)
+    journal = Journal(":memory:")
+    pipeline = Pipeline(cfg, served, journal=journal, verdict_log=None, metrics=Metrics())
+    pipeline.start()
+    try:
+        time.sleep(1.5)  # idleness itself is what is tested: no event to wait for
+        assert pipeline.liveness.age() < 1.0
+    finally:
+        pipeline.stop()
+        journal.close()
 
 
 def test_the_served_frontend_is_the_scorers_without_a_model(registry, ccnu_dir, no_backend, caplog) -> None:

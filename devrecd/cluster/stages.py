@@ -80,8 +80,9 @@ def prepare_block(batch: dict[str, np.ndarray], cfg: Config) -> dict[str, np.nda
             if not isinstance(exc, DevrecdError):
                 log.exception("internal error on a file", extra={"path": path})
             f = failure_of(exc)
-            row.update(status="failed", reason=f.reason, detail=f.detail, sha256=f.sha256 or "",
-                       size=-1 if f.size is None else f.size)
+            row.update(status="failed", reason=f.reason, detail=f.detail)
+            if f.sha256 is not None:  # else keep what was hashed before the failure
+                row.update(sha256=f.sha256, size=-1 if f.size is None else f.size)
         row.update(path=path, file_size=int(size), file_mtime_ns=int(mtime), timings=json.dumps(timings))
         for k, v in row.items():
             out[k].append(v)

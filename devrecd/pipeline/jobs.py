@@ -26,6 +26,8 @@ class Job:
     starts: np.ndarray | None = None  # window start times (s)
     resolved_path: str | None = None  # where a followed symbolic link led (also for failures)
     content: str | None = None  # sha256 while the runner counts it among the contents in flight
+    sha256: str | None = None  # of the whole file, once it was opened and hashed (kept for a later failure)
+    size: int | None = None
     open_set: dict | None = None  # the registry's verdict fields, beside the closed-set one
     # Judged by the closed-set model alone, a file goes to the batcher in chunks as its features are
     # computed (its features are never held whole). The writer gathers the chunks' window

@@ -262,6 +262,7 @@ class Pipeline:
             try:
                 job = self._jobs.get(timeout=0.2)
             except queue.Empty:
+                self._tick(True)  # idle with nothing in flight is alive (the open-set-only path has no batcher ticks)
                 continue
             try:
                 self._prepare(job)
@@ -272,6 +273,8 @@ class Pipeline:
                     log.exception("internal error on a file", extra={"path": job.path})
                 job.resolved_path = job.resolved_path or getattr(exc, "resolved_path", None)
                 f = failure_of(exc)
+                if f.sha256 is None and job.sha256 is not None:  # failed after the file was hashed
+                    f = replace(f, sha256=job.sha256, size=job.size)
                 if f.sha256 is None:
                     self._found_instead(job)
                 self._results.put(Failed(job, f))
@@ -308,6 +311,7 @@ class Pipeline:
         with open_stream(job.path, cfg.frontend.sample_rate, cfg.audio, confine=confine) as stream:
             job.resolved_path = stream.resolved_path
             self.journal.mark_hashed(job.entry_id, stream.sha256 or "", stream.size or 0)
+            job.sha256, job.size = stream.sha256, stream.size
             if stream.sha256:
                 self._hold_content(job, stream.sha256)
             sink: Callable[[Any, int], None] | None = None
