@@ -271,7 +271,10 @@ def test_identify_prints_each_verdict_as_it_is_made_and_ctrl_c_keeps_them(export
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "DEVRECD_WATCH__WORKERS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "devrecd", "identify", "--model", str(exported_model),
                              "--format", "json", *map(str, files)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+                            text=True, env=env,
+                            # Ctrl-C as at a terminal even when the test runner itself ignores SIGINT (a
+                            # background job of a non-interactive shell), which a child would inherit.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         first = json.loads(proc.stdout.readline())
         proc.send_signal(signal.SIGINT)

@@ -188,7 +188,7 @@ def test_compare_with_the_shipped_gsv_scorer_on_real_phones(ccnu_dir, tmp_path) 
     cli = [json.loads(x) for x in result.stdout.splitlines()]
     assert [r["score"] for r in cli] == pytest.approx([same, others[0]], abs=1e-6)
     assert all(r["log10_lr"] is None and r["lr_withheld"].startswith("no calibration") for r in cli)
-    bad = CliRunner().invoke(app, ["compare", str(questioned[0]), "--reference", str(questioned[1]), "--scorer", "fusion"])
+    bad = CliRunner().invoke(app, ["compare", str(questioned[0]), "--reference", str(questioned[1]), "--scorer", "bogus"])
     assert bad.exit_code == 2 and "Invalid value for '--scorer'" in bad.output  # a choice: a usage error
 
 
