@@ -13,7 +13,9 @@ numpy frontend's parity with the torch frontend, each beside a baseline measured
    interleaved: A = the serving venv (no torch installed) serving the export's NAME.ort (ONNX
    Runtime's format of the optimised graph); A' = the same venv serving the .onnx (a copy of the
    export whose contract names no .ort, as exports before .ort files); B = the baseline, the code of
-   --baseline-rev (default: main) in this environment (torch, scipy, ... installed, as today).
+   --baseline-rev (default: main) in this environment (torch, scipy, ... installed, as today); with
+   --serving-baseline-rev REV also C = that revision's code in the serving venv (e.g. the commit before
+   .ort files and identify without warm-up: the start-time baseline of the serving install itself).
    Wall seconds, CPU seconds (user + system) and peak RSS (the largest resident set), median/min/max.
 3. Parity: the same ONNX model on features from the frontend run on numpy (serving) and on torch
    tensors (training, GPU): max abs difference of probabilities over every window of one recording of
@@ -186,6 +188,17 @@ def parity() -> tuple[float, int, int, int]:
     return worst, windows, len(files), agree
 
 
+def checkout(rev: str, dst: Path) -> tuple[Path, str]:
+    """The ``devrecd`` package of git revision ``rev`` extracted under ``dst``; (dst, short sha)."""
+    dst.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "devrecd"], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dst)], input=archive, check=True)
+    sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", rev], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    return dst, sha
+
+
 def onnx_only_copy(model: Path, dst: Path) -> Path:
     """A copy of the export (.onnx + contract) whose contract names no .ort: what exports made
     before .ort files look like, served from the .onnx."""
@@ -210,6 +223,7 @@ def main() -> None:
                     "(default: a fresh one in a temporary folder)")
     ap.add_argument("--baseline-rev", default="main", help="git revision whose code is the start-time baseline")
     ap.add_argument("--audio", type=Path, default=CCNU / "xiaomi8se_5.wav")
+    ap.add_argument("--serving-baseline-rev", help="git revision whose code is also run in the serving venv")
     ARGS = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="devrecd-serving-") as tmp:
@@ -237,13 +251,7 @@ def main() -> None:
               + ", ".join(f"{k} {v / 1e6:.0f}" for k, v in sorted(base.items(), key=lambda kv: -kv[1])[:5]))
 
         print(f"== devrecd identify {ARGS.audio.name} --model {model.name}: whole process, {ARGS.runs} runs each")
-        rev = work / "baseline"
-        rev.mkdir()
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", ARGS.baseline_rev, "devrecd"], check=True,
-                                 capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(rev)], input=archive, check=True)
-        sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", ARGS.baseline_rev], capture_output=True,
-                             text=True).stdout.strip()
+        rev, sha = checkout(ARGS.baseline_rev, work / "baseline")
         # Bytecode caches allowed, as in an installed package (the baseline's are written in its warm-up run).
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONDONTWRITEBYTECODE")} | {
             "OMP_NUM_THREADS": "1"}
@@ -258,6 +266,11 @@ def main() -> None:
             print(f"   ({model.with_suffix('.json').name} names no .ort: re-export the model to measure the .ort)")
         commands["serving venv (this code, no torch installed), serving NAME.onnx (contract without .ort)"] = (
             [str(venv / "bin/devrecd"), *args, "--model", str(onnx_only)], env)
+        if ARGS.serving_baseline_rev:
+            srev, ssha = checkout(ARGS.serving_baseline_rev, work / "serving-baseline")
+            commands[f"serving baseline: {ARGS.serving_baseline_rev} ({ssha}) in the serving venv, same model"] = (
+                [str(venv / "bin/python"), "-m", "devrecd", *args, "--model", str(onnx_only)],
+                env | {"PYTHONPATH": str(srev)})
         commands[f"baseline: {ARGS.baseline_rev} ({sha}) in the full environment"] = (
             [sys.executable, "-m", "devrecd", *args, "--model", str(model)], env | {"PYTHONPATH": str(rev)})
         results: dict[str, list[tuple[float, float, float, str]]] = {k: [] for k in commands}
@@ -274,7 +287,8 @@ def main() -> None:
         walls = [statistics.median(r[0] for r in v) for v in results.values()]
         cpus = [statistics.median(r[1] for r in v) for v in results.values()]
         for name, wall, cpu in zip(list(results)[:-1], walls, cpus):
-            print(f"   {name.split(', ')[-1]} / baseline: wall {wall / walls[-1]:.2f}, CPU {cpu / cpus[-1]:.2f}")
+            print(f"   {name.split(':')[0].split(', ')[-1]} / the full-environment baseline: wall {wall / walls[-1]:.2f}, "
+                  f"CPU {cpu / cpus[-1]:.2f}")
         print(f"   load average now {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores (target: serving wall <= 1.5 s; "
               "on a busy machine CPU seconds are the steadier figure)")
 

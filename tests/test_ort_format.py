@@ -28,6 +28,13 @@ def _copy_export(exported_model, dst: Path) -> Path:
     return dst / onnx_path.name
 
 
+@pytest.fixture(scope="module")
+def onnx_probs(exported_model) -> tuple[np.ndarray, np.ndarray]:
+    """(parity features, the .onnx's probabilities on them), computed once."""
+    feats = np.load(parity_features_path(exported_model.onnx))
+    return feats, ort_session(exported_model.onnx).run([OUTPUT_NAME], {INPUT_NAME: feats})[0]
+
+
 def _backend(onnx_path: Path):
     cfg = load_config(None, env={}, overrides={"backend.model": str(onnx_path), "backend.kind": "onnxruntime"})
     return load_backend(cfg.backend)
@@ -37,7 +44,7 @@ def _fallbacks(caplog) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.getMessage() == "serving the .onnx, not the .ort"]
 
 
-def test_export_writes_an_ort_that_the_contract_verifies_with_the_onnx_outputs(exported_model) -> None:
+def test_export_writes_an_ort_that_the_contract_verifies_with_the_onnx_outputs(exported_model, onnx_probs) -> None:
     import onnxruntime
 
     onnx_path = exported_model.onnx
@@ -48,8 +55,7 @@ def test_export_writes_an_ort_that_the_contract_verifies_with_the_onnx_outputs(e
     assert contract.ort["onnxruntime"] == onnxruntime.__version__ == contract.versions["onnxruntime"]
     contract.verify_ort(ort_path)
     assert ort_path.read_bytes()[4:8] == b"ORTM"  # the flatbuffer's file identifier: ORT format, not ONNX
-    feats = np.load(parity_features_path(onnx_path))
-    want = ort_session(onnx_path).run([OUTPUT_NAME], {INPUT_NAME: feats})[0]
+    feats, want = onnx_probs
     got = ort_session(ort_path).run([OUTPUT_NAME], {INPUT_NAME: feats})[0]
     assert np.abs(got - want).max() <= contract.parity["tolerance"]
     assert contract.ort["parity_max_abs_diff"] <= contract.parity["tolerance"]
@@ -74,11 +80,11 @@ def _flip_last_byte(path: Path) -> None:
     (lambda p: p.write_bytes(p.read_bytes()[:1000]), "ort_truncated"),
     (lambda p: p.unlink(), "ort_missing"),
 ])
-def test_a_damaged_ort_is_refused_and_the_onnx_served(exported_model, tmp_path: Path, caplog, damage,
+def test_a_damaged_ort_is_refused_and_the_onnx_served(exported_model, onnx_probs, tmp_path: Path, caplog, damage,
                                                        reason) -> None:
     onnx_path = _copy_export(exported_model, tmp_path)
     damage(ort_path_for(onnx_path))
-    feats = np.load(parity_features_path(onnx_path))
+    feats, want = onnx_probs
     with caplog.at_level(logging.INFO, logger="devrecd.backends"):
         backend = _backend(onnx_path)
     try:
@@ -86,7 +92,6 @@ def test_a_damaged_ort_is_refused_and_the_onnx_served(exported_model, tmp_path: 
         assert warning.levelno == logging.WARNING and warning.reason == reason and "paper.ort" in warning.why
         d = backend.describe()
         assert d["served_file"] == onnx_path.name and d["served_sha256"] == sha256_file(onnx_path)
-        want = ort_session(exported_model.onnx).run([OUTPUT_NAME], {INPUT_NAME: feats})[0]
         np.testing.assert_array_equal(backend.infer(feats), want)
     finally:
         backend.close()
