@@ -145,6 +145,7 @@ class Parity:
     top1_agreement: float  # fraction of clips with the same argmax
     tolerance: float
     source: str  # what the features came from
+    ort_max_abs_diff: float | None = None  # NAME.ort vs NAME.onnx, when the check wrote one (in the contract's "ort")
 
     @property
     def passed(self) -> bool:
@@ -194,21 +195,24 @@ def parity_features(files: Sequence[Path], frontend: FrontendConfig, cfg: Config
 
 
 def check_parity(reference: Any, onnx_path: Path, features: np.ndarray, *, tolerance: float, source: str,
-                 threads: int = 1) -> Parity:
+                 threads: int = 1, save_ort: Path | None = None) -> Parity:
     """Run ``features`` through the torch ``reference`` graph and the ONNX file; compare probabilities.
 
     For an FP16 export the reference is the FP32 graph: what matters is the error against the model.
+    With ``save_ort`` the same ONNX Runtime session also writes its optimised graph there in ORT
+    format, which is then checked to give the ONNX file's probabilities (:func:`check_ort`).
     """
     torch = _torch()
     with torch.no_grad():
         expected = reference(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))).numpy()
-    session = ort_session(onnx_path, threads=threads)
+    session = ort_session(onnx_path, threads=threads, save_ort=save_ort)
     got = session.run([OUTPUT_NAME], {INPUT_NAME: features.astype(np.float32)})[0]
     if got.shape != expected.shape:
         raise ArtifactError(f"parity: ONNX output shape {got.shape} != torch {expected.shape}", reason="parity")
     diff = float(np.max(np.abs(got.astype(np.float64) - expected)))
     agree = float(np.mean(got.argmax(-1) == expected.argmax(-1)))
-    return Parity(len(features), diff, agree, tolerance, source)
+    ort_diff = None if save_ort is None else check_ort(save_ort, features, got, tolerance=tolerance, threads=threads)
+    return Parity(len(features), diff, agree, tolerance, source, ort_diff)
 
 
 def ort_path_for(onnx_path: str | os.PathLike) -> Path:
@@ -216,19 +220,17 @@ def ort_path_for(onnx_path: str | os.PathLike) -> Path:
     return Path(onnx_path).with_suffix(".ort")
 
 
-def write_ort(onnx_path: Path, ort_path: Path, features: np.ndarray, *, tolerance: float,
+def check_ort(ort_path: Path, features: np.ndarray, onnx_probs: np.ndarray, *, tolerance: float,
               threads: int = 1) -> float:
-    """Save ONNX Runtime's optimised graph of ``onnx_path`` as ``ort_path`` (ORT format) and check
-    that it gives the ``.onnx``'s probabilities on ``features``; returns the max abs difference."""
-    x = np.ascontiguousarray(features, dtype=np.float32)
-    want = ort_session(onnx_path, threads=threads, save_ort=ort_path).run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+    """The max abs difference between ``ort_path``'s probabilities on ``features`` and the ONNX
+    file's (``onnx_probs``); an :class:`ArtifactError` above ``tolerance``."""
     if not ort_path.is_file():
         raise ArtifactError(f"ONNX Runtime wrote no {ort_path.name}", reason="export")
-    got = ort_session(ort_path, threads=threads).run([OUTPUT_NAME], {INPUT_NAME: x})[0]
-    diff = float(np.max(np.abs(got.astype(np.float64) - want))) if got.shape == want.shape else float("inf")
+    got = ort_session(ort_path, threads=threads).run([OUTPUT_NAME], {INPUT_NAME: features.astype(np.float32)})[0]
+    diff = float(np.max(np.abs(got.astype(np.float64) - onnx_probs))) if got.shape == onnx_probs.shape else float("inf")
     if not diff <= tolerance:
         raise ArtifactError(f"{ort_path.name} does not give the .onnx's probabilities: max abs difference "
-                            f"{diff:.3g} > tolerance {tolerance:g} on {len(x)} clips", reason="parity")
+                            f"{diff:.3g} > tolerance {tolerance:g} on {len(features)} clips", reason="parity")
     return diff
 
 
@@ -292,14 +294,13 @@ def export_graph(graph: Any, out: str | os.PathLike, *, labels: Sequence[str], f
         write_onnx(graph, tmp, opset=opset, exporter=exporter)
         seconds = time.perf_counter() - t0
         parity = check_parity(graph if reference is None else reference, tmp, features, tolerance=tolerance,
-                              source=feature_source, threads=threads)
+                              source=feature_source, threads=threads, save_ort=ort_tmp)
         log.info("parity", extra=parity.to_dict() | {"precision": precision})
         if not parity.passed:
             raise ArtifactError(
                 f"parity check failed for {out.name}: torch vs ONNX Runtime max abs difference "
                 f"{parity.max_abs_diff:.3g} > tolerance {tolerance:g} on {parity.n_clips} clips "
                 f"(top-1 agreement {parity.top1_agreement:.1%}); the ONNX file was not written", reason="parity")
-        ort_diff = write_ort(tmp, ort_tmp, features, tolerance=tolerance, threads=threads)
         os.replace(tmp, out)
         os.replace(ort_tmp, ort_out)
     finally:
@@ -318,7 +319,8 @@ def export_graph(graph: Any, out: str | os.PathLike, *, labels: Sequence[str], f
                                    "features_file": feats_path.name, "features_sha256": sha256_file(feats_path)},
         versions=versions,
         ort={"file": ort_out.name, "sha256": sha256_file(ort_out), "bytes": ort_out.stat().st_size,
-             "onnxruntime": versions["onnxruntime"], "optimization": "basic", "parity_max_abs_diff": ort_diff},
+             "onnxruntime": versions["onnxruntime"], "optimization": "basic",
+             "parity_max_abs_diff": parity.ort_max_abs_diff},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     contract_path = contract.save(contract_path_for(out))
