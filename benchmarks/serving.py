@@ -10,8 +10,12 @@ numpy frontend's parity with the torch frontend, each beside a baseline measured
    environment (that install cannot be repeated here without the network: pip resolves "torch" to
    a CUDA build), plus the same venv overhead.
 2. Start + answer. `devrecd identify FILE --model M.onnx` as a whole process, RUNS times each,
-   interleaved: A = the serving venv (no torch installed); B = the baseline, the code of
-   --baseline-rev (default: main) in this environment (torch, scipy, ... installed, as today).
+   interleaved: A = the serving venv (no torch installed) serving the export's NAME.ort (ONNX
+   Runtime's format of the optimised graph); A' = the same venv serving the .onnx (a copy of the
+   export whose contract names no .ort, as exports before .ort files); B = the baseline, the code of
+   --baseline-rev (default: main) in this environment (torch, scipy, ... installed, as today); with
+   --serving-baseline-rev REV also C = that revision's code in the serving venv (e.g. the commit before
+   .ort files and identify without warm-up: the start-time baseline of the serving install itself).
    Wall seconds, CPU seconds (user + system) and peak RSS (the largest resident set), median/min/max.
 3. Parity: the same ONNX model on features from the frontend run on numpy (serving) and on torch
    tensors (training, GPU): max abs difference of probabilities over every window of one recording of
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.metadata as md
+import json
 import os
 import re
 import statistics
@@ -148,8 +153,6 @@ def peak_rss_run(cmd: list[str], env: dict[str, str], cwd: Path) -> tuple[float,
             "u = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
             "print(json.dumps([w, u.ru_utime + u.ru_stime, u.ru_maxrss / 1024, p.returncode,"
             " p.stdout, p.stderr[-2000:]]))\n")
-    import json
-
     done = subprocess.run([sys.executable, "-c", code, *cmd], env=env, cwd=cwd, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"timing helper failed: {done.stderr.strip()[-2000:]}")
@@ -185,6 +188,28 @@ def parity() -> tuple[float, int, int, int]:
     return worst, windows, len(files), agree
 
 
+def checkout(rev: str, dst: Path) -> tuple[Path, str]:
+    """The ``devrecd`` package of git revision ``rev`` extracted under ``dst``; (dst, short sha)."""
+    dst.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "devrecd"], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dst)], input=archive, check=True)
+    sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", rev], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    return dst, sha
+
+
+def onnx_only_copy(model: Path, dst: Path) -> Path:
+    """A copy of the export (.onnx + contract) whose contract names no .ort: what exports made
+    before .ort files look like, served from the .onnx."""
+    dst.mkdir(parents=True, exist_ok=True)
+    doc = json.loads(model.with_suffix(".json").read_text())
+    doc.pop("ort", None)
+    (dst / model.with_suffix(".json").name).write_text(json.dumps(doc, indent=2))
+    (dst / model.name).write_bytes(model.read_bytes())
+    return dst / model.name
+
+
 def summary(values: list[float]) -> str:
     return f"median {statistics.median(values):6.2f}  (min {min(values):.2f}, max {max(values):.2f})"
 
@@ -198,6 +223,7 @@ def main() -> None:
                     "(default: a fresh one in a temporary folder)")
     ap.add_argument("--baseline-rev", default="main", help="git revision whose code is the start-time baseline")
     ap.add_argument("--audio", type=Path, default=CCNU / "xiaomi8se_5.wav")
+    ap.add_argument("--serving-baseline-rev", help="git revision whose code is also run in the serving venv")
     ARGS = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="devrecd-serving-") as tmp:
@@ -225,20 +251,28 @@ def main() -> None:
               + ", ".join(f"{k} {v / 1e6:.0f}" for k, v in sorted(base.items(), key=lambda kv: -kv[1])[:5]))
 
         print(f"== devrecd identify {ARGS.audio.name} --model {model.name}: whole process, {ARGS.runs} runs each")
-        rev = work / "baseline"
-        rev.mkdir()
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", ARGS.baseline_rev, "devrecd"], check=True,
-                                 capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(rev)], input=archive, check=True)
-        sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", ARGS.baseline_rev], capture_output=True,
-                             text=True).stdout.strip()
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
-        args = ["identify", str(ARGS.audio), "--model", str(model)]
-        commands = {
-            "serving venv (this code, no torch installed)": ([str(venv / "bin/devrecd"), *args], env),
-            f"baseline: {ARGS.baseline_rev} ({sha}) in the full environment": (
-                [sys.executable, "-m", "devrecd", *args], env | {"PYTHONPATH": str(rev)}),
-        }
+        rev, sha = checkout(ARGS.baseline_rev, work / "baseline")
+        # Bytecode caches allowed, as in an installed package (the baseline's are written in its warm-up run).
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONDONTWRITEBYTECODE")} | {
+            "OMP_NUM_THREADS": "1"}
+        args = ["identify", str(ARGS.audio)]
+        has_ort = bool(json.loads(model.with_suffix(".json").read_text()).get("ort"))
+        onnx_only = onnx_only_copy(model, work / "onnx-only")
+        commands = {}
+        if has_ort:
+            commands["serving venv (this code, no torch installed), serving NAME.ort"] = (
+                [str(venv / "bin/devrecd"), *args, "--model", str(model)], env)
+        else:
+            print(f"   ({model.with_suffix('.json').name} names no .ort: re-export the model to measure the .ort)")
+        commands["serving venv (this code, no torch installed), serving NAME.onnx (contract without .ort)"] = (
+            [str(venv / "bin/devrecd"), *args, "--model", str(onnx_only)], env)
+        if ARGS.serving_baseline_rev:
+            srev, ssha = checkout(ARGS.serving_baseline_rev, work / "serving-baseline")
+            commands[f"serving baseline: {ARGS.serving_baseline_rev} ({ssha}) in the serving venv, same model"] = (
+                [str(venv / "bin/python"), "-m", "devrecd", *args, "--model", str(onnx_only)],
+                env | {"PYTHONPATH": str(srev)})
+        commands[f"baseline: {ARGS.baseline_rev} ({sha}) in the full environment"] = (
+            [sys.executable, "-m", "devrecd", *args, "--model", str(model)], env | {"PYTHONPATH": str(rev)})
         results: dict[str, list[tuple[float, float, float, str]]] = {k: [] for k in commands}
         for name, (cmd, e) in commands.items():  # warm-up: page cache, .pyc files
             peak_rss_run(cmd, e, work)
@@ -250,10 +284,13 @@ def main() -> None:
             print(f"   {name}:\n      wall s  {summary([r[0] for r in runs])}\n      CPU s   {summary([r[1] for r in runs])}"
                   f"\n      peak RSS MB {summary([r[2] for r in runs])}")
             print(f"      verdict: {' '.join(verdict[len(str(ARGS.audio)):].split()[:2])}")
-        a, b = (statistics.median(r[0] for r in v) for v in results.values())
-        ca, cb = (statistics.median(r[1] for r in v) for v in results.values())
-        print(f"   serving / baseline: wall {a / b:.2f}, CPU {ca / cb:.2f} (target: serving wall <= 1.5 s; on a busy "
-              "machine CPU seconds are the steadier figure)")
+        walls = [statistics.median(r[0] for r in v) for v in results.values()]
+        cpus = [statistics.median(r[1] for r in v) for v in results.values()]
+        for name, wall, cpu in zip(list(results)[:-1], walls, cpus):
+            print(f"   {name.split(':')[0].split(', ')[-1]} / the full-environment baseline: wall {wall / walls[-1]:.2f}, "
+                  f"CPU {cpu / cpus[-1]:.2f}")
+        print(f"   load average now {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores (target: serving wall <= 1.5 s; "
+              "on a busy machine CPU seconds are the steadier figure)")
 
         print("== parity: numpy frontend vs torch frontend, same ONNX model, CCNU segment 4 (15 phones)")
         worst, windows, recordings, agree = parity()

@@ -3,7 +3,10 @@
 ``devrecd export`` writes ``export/NAME.json`` next to ``export/NAME.onnx``. Every consumer (the ONNX
 Runtime and TensorRT backends, ``devrecd build-engine``, the daemon) loads the contract first and
 refuses an artifact that does not match it: a different ONNX file (sha256), a truncated one (size), a
-frontend or label list other than the configuration's. The contract is plain JSON so that an
+frontend or label list other than the configuration's. ``ort`` (optional: exports before it have
+none) names ``NAME.ort``, ONNX Runtime's own format of the optimised graph, which starts faster; it is
+held to the same rules (size, sha256) and records the onnxruntime version that wrote it and its parity
+with the ``.onnx``. The contract is plain JSON so that an
 examiner can read what a verdict's model was without running anything.
 """
 
@@ -69,6 +72,8 @@ class Contract:
     dataset_sha256: str = ""
     parity: dict = field(default_factory=dict)  # torch vs ONNX Runtime on real features
     versions: dict = field(default_factory=dict)  # software that made the export
+    # NAME.ort: {"file", "sha256", "bytes", "onnxruntime", "optimization", "parity_max_abs_diff"}; {} = none
+    ort: dict = field(default_factory=dict)
     created: str = ""
     schema: str = SCHEMA
 
@@ -110,7 +115,8 @@ class Contract:
                 precision=str(data["precision"]), opset=int(data["opset"]), arch=str(data["arch"]),
                 checkpoint_sha256=str(data["checkpoint_sha256"]),
                 dataset_sha256=str(data.get("dataset_sha256", "")), parity=dict(data.get("parity", {})),
-                versions=dict(data.get("versions", {})), created=str(data.get("created", "")),
+                versions=dict(data.get("versions", {})), ort=dict(data.get("ort") or {}),
+                created=str(data.get("created", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"{source}: malformed field: {exc}", reason="contract_invalid") from None
@@ -153,26 +159,29 @@ class Contract:
             problems.append("onnx_sha256/onnx_bytes missing")
         if Path(self.onnx_file).name != self.onnx_file:
             problems.append(f"onnx_file {self.onnx_file!r} must be a bare file name")
+        if self.ort:
+            name, sha, size = self.ort.get("file"), self.ort.get("sha256"), self.ort.get("bytes")
+            if not isinstance(name, str) or not name.endswith(".ort") or Path(name).name != name:
+                problems.append(f"ort.file {name!r} must be a bare NAME.ort file name")
+            if not isinstance(sha, str) or len(sha) != 64 or not isinstance(size, int) or size <= 0:
+                problems.append("ort.sha256/ort.bytes missing")
         if problems:
             raise ArtifactError(f"{source}: " + "; ".join(problems), reason="contract_invalid")
 
     def verify_onnx(self, onnx_path: str | os.PathLike) -> None:
         """Refuse an ONNX file that is not the one this contract describes (missing, truncated, other)."""
-        from devrecd.audio import sha256_file
+        _verify_file(Path(onnx_path), self.onnx_bytes, self.onnx_sha256, what="ONNX model", reason="onnx")
 
-        onnx_path = Path(onnx_path)
-        try:
-            size = onnx_path.stat().st_size
-        except FileNotFoundError:
-            raise ArtifactError(f"ONNX model not found: {onnx_path}", reason="onnx_missing") from None
-        if size < self.onnx_bytes:
-            raise ArtifactError(f"ONNX model {onnx_path} is truncated: {size} bytes, the contract says "
-                                f"{self.onnx_bytes} (copy it again)", reason="onnx_truncated")
-        digest = sha256_file(onnx_path)
-        if size != self.onnx_bytes or digest != self.onnx_sha256:
-            raise ArtifactError(f"ONNX model {onnx_path} is not the one its contract describes (sha256 "
-                                f"{digest[:12]}, contract {self.onnx_sha256[:12]}): re-export, or use the "
-                                "matching NAME.json", reason="onnx_mismatch")
+    def ort_file(self) -> str:
+        """The ``NAME.ort`` file name this contract names, or "" (exported before .ort files)."""
+        return str(self.ort.get("file", "")) if self.ort else ""
+
+    def verify_ort(self, ort_path: str | os.PathLike) -> None:
+        """Refuse an ORT-format file that is not the one this contract describes (missing, truncated, other)."""
+        if not self.ort:
+            raise ArtifactError(f"contract of {self.name!r} names no .ort file", reason="ort_missing")
+        _verify_file(Path(ort_path), int(self.ort["bytes"]), str(self.ort["sha256"]), what="ORT-format model",
+                     reason="ort")
 
     def check_frontend(self, frontend: FrontendConfig) -> None:
         """Refuse a model trained with other features than ``frontend`` (naming the parameters)."""
@@ -201,6 +210,24 @@ def check_labels(model_labels: Sequence[str], expected: Sequence[str], *, model:
                   if only_model or only_other else "same names in a different order")
         raise ArtifactError(f"model {model!r} labels differ from the {what} labels ({detail})",
                             reason="labels_mismatch")
+
+
+def _verify_file(path: Path, size_want: int, sha_want: str, *, what: str, reason: str) -> None:
+    """``path`` exists with the contract's size and sha256; reasons ``{reason}_missing|_truncated|_mismatch``."""
+    from devrecd.audio import sha256_file
+
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ArtifactError(f"{what} not found: {path}", reason=f"{reason}_missing") from None
+    if size < size_want:
+        raise ArtifactError(f"{what} {path} is truncated: {size} bytes, the contract says "
+                            f"{size_want} (copy it again)", reason=f"{reason}_truncated")
+    digest = sha256_file(path)
+    if size != size_want or digest != sha_want:
+        raise ArtifactError(f"{what} {path} is not the one its contract describes (sha256 "
+                            f"{digest[:12]}, contract {sha_want[:12]}): re-export, or use the "
+                            "matching NAME.json", reason=f"{reason}_mismatch")
 
 
 def _required(f: Any) -> bool:

@@ -15,13 +15,13 @@ from devrecd.backends import Backend, InferenceError, batch_slices, load_backend
 from devrecd.config import load_config
 from devrecd.contract import Contract, load_for_onnx
 from devrecd.errors import ArtifactError, ConfigError, MissingDependency
-from devrecd.export import parity_features_path
+from devrecd.export import ort_path_for, parity_features_path
 
 
 def _copy_export(exported_model, dst: Path) -> Path:
-    """A private copy of the session export (ONNX + contract + parity features) to damage."""
+    """A private copy of the session export (ONNX + ORT + contract + parity features) to damage."""
     onnx_path = exported_model.onnx
-    for src in (onnx_path, onnx_path.with_suffix(".json"), parity_features_path(onnx_path)):
+    for src in (onnx_path, ort_path_for(onnx_path), onnx_path.with_suffix(".json"), parity_features_path(onnx_path)):
         shutil.copy(src, dst / src.name)
     return dst / onnx_path.name
 

@@ -149,9 +149,11 @@ def test_export_fails_on_parity_and_leaves_no_file(tmp_path: Path) -> None:
         export_graph(graph, out, reference=other, **common)
     assert err.value.reason == "parity" and "max abs difference" in str(err.value)
     assert list(tmp_path.iterdir()) == []
-    # ... while the same graph against itself passes and writes both files
+    # ... while the same graph against itself passes and writes the files
     result = export_graph(graph, out, **common)
     assert result.contract.parity["passed"] and out.is_file() and out.with_suffix(".json").is_file()
+    assert result.contract.ort_file() == "x.ort" and (tmp_path / "x.ort").is_file()
+    assert not [p.name for p in tmp_path.iterdir() if "partial" in p.name]
 
 
 def test_fp16_variant_keeps_input_and_normalisation_fp32(trained_checkpoint: Path, ccnu_dir: Path,

@@ -1,7 +1,14 @@
-"""ONNX Runtime on the CPU: the default backend. Serves ``export/NAME.onnx`` under its contract."""
+"""ONNX Runtime on the CPU: the default backend. Serves ``export/NAME.onnx`` under its contract.
+
+When the contract names ``NAME.ort`` (ONNX Runtime's own format of the already optimised graph,
+written by ``devrecd export``), that file is served instead: its session starts ~3x faster. It is
+served only if its size and sha256 are the contract's and the running onnxruntime loads it;
+otherwise the ``.onnx`` is served and the log says why (one warning).
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -12,10 +19,13 @@ from devrecd.backends.base import InferenceError, as_numpy_features, batch_slice
 from devrecd.contract import INPUT_NAME, OUTPUT_NAME, Contract, contract_path_for, load_for_onnx
 from devrecd.errors import ArtifactError
 
+log = logging.getLogger("devrecd.backends")
 
-def ort_session(onnx_path: str | os.PathLike, *, threads: int = 1) -> Any:
+
+def ort_session(onnx_path: str | os.PathLike, *, threads: int = 1, save_ort: str | os.PathLike | None = None) -> Any:
     """An ONNX Runtime CPU session with explicit options: the one place sessions are made (serving,
-    the export's parity check, build-engine's reference)."""
+    the export's parity check, build-engine's reference). A path ending in ``.ort`` is read as ORT
+    format; ``save_ort`` writes the session's optimised graph there in ORT format."""
     from devrecd.errors import MissingDependency
 
     try:
@@ -41,6 +51,11 @@ def ort_session(onnx_path: str | os.PathLike, *, threads: int = 1) -> Any:
     # batch 4, no measurable change in time per window). The arena itself is kept: disabling it
     # did not lower the peak and made runs slower.
     opts.enable_mem_pattern = False
+    if Path(onnx_path).suffix == ".ort":
+        opts.add_session_config_entry("session.load_model_format", "ORT")
+    if save_ort is not None:
+        opts.optimized_model_filepath = str(save_ort)
+        opts.add_session_config_entry("session.save_model_format", "ORT")
     try:
         return ort.InferenceSession(str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types (InvalidProtobuf, Fail, ...)
@@ -69,7 +84,23 @@ class OnnxRuntimeBackend:
         self.contract: Contract = load_for_onnx(self.onnx_path)  # sha256 + size checked
         self.contract_sha256 = sha256_file(contract_path_for(self.onnx_path))
         self.threads = threads
-        self.session: Any = ort_session(self.onnx_path, threads=threads)
+        self.session: Any = None
+        self.served_path, self.served_sha256 = self.onnx_path, self.contract.onnx_sha256
+        ort_file = self.contract.ort_file()
+        if ort_file:
+            ort_path = self.onnx_path.with_name(ort_file)
+            try:
+                self.contract.verify_ort(ort_path)
+                self.session = ort_session(ort_path, threads=threads)
+                self.served_path, self.served_sha256 = ort_path, self.contract.ort["sha256"]
+            except ArtifactError as exc:
+                log.warning("serving the .onnx, not the .ort", extra={"model": str(self.onnx_path),
+                            "ort": str(ort_path), "reason": exc.reason, "why": str(exc)})
+        else:
+            log.info("serving the .onnx", extra={"model": str(self.onnx_path),
+                     "why": "the contract names no .ort (exported before devrecd wrote one): re-export to start faster"})
+        if self.session is None:
+            self.session = ort_session(self.onnx_path, threads=threads)
         inputs = [(i.name, i.type) for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
         if inputs != [(INPUT_NAME, "tensor(float)")] or outputs != [OUTPUT_NAME]:
@@ -102,6 +133,7 @@ class OnnxRuntimeBackend:
         return {"name": self.name, "version": onnxruntime.__version__, "device": f"cpu ({self.threads} threads)",
                 "model": str(self.onnx_path), "model_sha256": self.contract.onnx_sha256,
                 "contract_sha256": self.contract_sha256, "precision": self.contract.precision, "engine": "",
+                "served_file": self.served_path.name, "served_sha256": self.served_sha256,
                 "labels": len(self.labels)}
 
     def close(self) -> None:

@@ -25,7 +25,7 @@ def identify_files(cfg: Config, paths: Sequence[str | os.PathLike], *, backend: 
     own = backend is None
     served: BackendLike | OpenSetOnly
     if backend is None:
-        served = load_served(cfg, metrics, device=device)
+        served = load_served(cfg, metrics, device=device, warmup=False)  # one shot: a warm-up run is pure cost
     else:
         check_frontend(backend.frontend, cfg.frontend, model=backend.describe().get("model", backend.name))
         served = backend

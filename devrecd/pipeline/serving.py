@@ -63,15 +63,19 @@ class OpenSetOnly:
         """Nothing to release (the registry is read once)."""
 
 
-def load_serving_backend(cfg: Config, metrics: Metrics | None = None) -> BackendLike:
-    """Load the configured backend, refuse a frontend mismatch, warm it up, record its identity."""
+def load_serving_backend(cfg: Config, metrics: Metrics | None = None, *, warmup: bool = True) -> BackendLike:
+    """Load the configured backend, refuse a frontend mismatch, warm it up, record its identity.
+
+    ``warmup=False`` (one-shot ``identify``): the warm-up run only moves the first batch's one-time
+    costs earlier, which a process that runs one batch and exits pays either way."""
     if not cfg.backend.model and not cfg.backend.engine:
         raise ConfigError("no model given: pass --model export/NAME.onnx (or set backend.model)")
     from devrecd.backends import load_backend
 
     backend = load_backend(cfg.backend, cfg.frontend)  # refuses a model trained with another frontend
     try:
-        backend.warmup()
+        if warmup:
+            backend.warmup()
     except BaseException:
         backend.close()
         raise
@@ -80,14 +84,16 @@ def load_serving_backend(cfg: Config, metrics: Metrics | None = None) -> Backend
     return backend
 
 
-def load_served(cfg: Config, metrics: Metrics | None = None, *, device: str = "cpu") -> BackendLike | OpenSetOnly:
+def load_served(cfg: Config, metrics: Metrics | None = None, *, device: str = "cpu",
+                warmup: bool = True) -> BackendLike | OpenSetOnly:
     """What the daemon and ``identify`` serve: the configured closed-set backend
-    (:func:`load_serving_backend`), or, with a device registry and no model, :class:`OpenSetOnly`."""
+    (:func:`load_serving_backend`, warmed up unless ``warmup=False``), or, with a device registry and
+    no model, :class:`OpenSetOnly`."""
     if not cfg.backend.model and not cfg.backend.engine and not cfg.registry.path:
         raise ConfigError("no model given: pass --model export/NAME.onnx (or set backend.model), "
                           "or --registry R (registry.path) for open-set verdicts only")
     if cfg.backend.model or cfg.backend.engine:
-        return load_serving_backend(cfg, metrics)
+        return load_serving_backend(cfg, metrics, warmup=warmup)
     served = OpenSetOnly(cfg, device=device)
     why = f"no backend.model or backend.engine: open-set verdicts from registry {cfg.registry.path} only"
     if served.frontend.fingerprint() != cfg.frontend.fingerprint():
