@@ -263,3 +263,27 @@ def test_train_embedder_cli_merges_datasets_and_resumes(ccnu_dir: Path, tmp_path
     assert sorted(ckpt.labels) == sorted(f"corpus{'A' if p in phones[:2] else 'B'}/{p}" for p in phones)
     assert [json.loads(r)["epoch"] for r in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert Embedder.load(run).dim == 128
+
+
+def test_a_scorer_file_other_than_the_registrys_is_a_usage_error(ccnu_dir: Path, small_gsv, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from devrecd.cli import app
+    from devrecd.openset.scorers import default_gsv_path
+
+    other = tmp_path / "other-gsv.npz"
+    save_gsv(other, small_gsv)
+    shipped = tmp_path / "shipped-copy.npz"
+    shipped.write_bytes(default_gsv_path().read_bytes())
+    a, b = sorted(ccnu_dir.rglob("*.wav"))[:2]
+    reg = tmp_path / "registry.json"
+    run = CliRunner().invoke
+    res = run(app, ["enroll", "--registry", str(reg), "--profile", "p1", str(a)])
+    assert res.exit_code == 0, res.output
+    for cmd in (["enroll", "--registry", str(reg), "--profile", "p1", str(b)],
+                ["compare", str(b), "--registry", str(reg), "--reference-device", "p1"]):
+        res = run(app, [*cmd, "--gsv", str(other)])
+        assert res.exit_code == 2, res.output
+        assert f"registry {reg} was made with 'gsv' scorer" in res.output and "--gsv" in res.output
+        res = run(app, [*cmd, "--gsv", str(shipped)])  # the very scorer the registry was made with
+        assert res.exit_code == 0, res.output

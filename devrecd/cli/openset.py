@@ -48,16 +48,28 @@ def check_checkpoint_option(model: Optional[Path]) -> None:
 
 def choose_scorer(reg, scorer: Optional[Scorer | str], model: Optional[Path], gsv: Optional[Path], device: str,
                   fusion: Optional[Path] = None):
-    """The scorer to enrol/score with: the registry's own when it has profiles (``reg`` may be None),
-    else a new one of the kind asked for (gsv without --model: the shipped one, or --gsv FILE;
-    fusion: the --fusion FILE)."""
-    from devrecd.openset.scorers import EmbedderScorer, default_gsv_path, load_fusion, load_gsv, registry_scorer
+    """The scorer to enrol/score with: the registry's own when it has profiles (``reg`` may be None;
+    a --gsv/--fusion FILE must then be that same scorer), else a new one of the kind asked for
+    (gsv without --model: the shipped one, or --gsv FILE; fusion: the --fusion FILE)."""
+    from devrecd.openset.scorers import (EmbedderScorer, default_gsv_path, load_fusion, load_gsv, registry_scorer,
+                                         scorer_file_description)
 
     check_checkpoint_option(model)
     scorer = choice(scorer) if isinstance(scorer, enum.Enum) else scorer
     if reg is not None and reg.embedder:
         if scorer is not None and scorer != reg.kind:
             raise ConfigError(f"registry {reg.path} was enrolled with scorer {reg.kind!r}, not {scorer!r}")
+        for flag, path in (("--gsv", gsv), ("--fusion", fusion)):
+            if path is None:
+                continue
+            given = scorer_file_description(path, fusion=flag == "--fusion")
+            made = reg.embedder
+            if given.get("kind") != reg.kind or given.get("fingerprint") != made.get("fingerprint"):
+                raise UsageError(
+                    f"{flag} {path} is {given.get('kind')!r} scorer {str(given.get('fingerprint'))[:12]}, but registry "
+                    f"{reg.path} was made with {reg.kind!r} scorer {str(made.get('fingerprint'))[:12]} "
+                    f"({made.get('source', '?')}); its profiles can only be used with that scorer: drop {flag} "
+                    f"or use another registry")
         return registry_scorer(reg, model=model, device=device)
     kind = scorer or ("fusion" if fusion is not None else "embedder" if model is not None else "gsv")
     if kind == "fusion":

@@ -305,6 +305,13 @@ def _load_scorer_file(path: Any, fmt: str, what: str) -> tuple[dict[str, Any], d
     return meta, arrays
 
 
+def scorer_file_description(path: Any, *, fusion: bool = False) -> dict[str, Any]:
+    """The :meth:`describe` stored in a GSV (or, with ``fusion``, a fusion) scorer file, loading nothing
+    it names (e.g. to compare the file with a registry's scorer)."""
+    fmt, what = (FUSION_FORMAT, "fusion scorer") if fusion else (GSV_FORMAT, "GSV scorer")
+    return dict(_load_scorer_file(path, fmt, what)[0]["scorer"])
+
+
 def save_gsv(path: Any, scorer: GsvScorer, *, extra: dict[str, Any] | None = None) -> None:
     """Write a GSV scorer file (npz: arrays + JSON description), atomically."""
     _save_scorer_file(path, GSV_FORMAT, scorer, extra)
