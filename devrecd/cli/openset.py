@@ -288,12 +288,14 @@ def train_gsv(
     datasets: List[Path] = typer.Argument(..., exists=True, help="Development recordings of known devices "
                                                                  "(any dataset layout; several are merged)."),
     out: Path = typer.Option(..., "--out", "-o", help="GSV scorer file to write (.npz)."),
-    mixtures: int = typer.Option(16, help="UBM components (16: best on the leave-phones-out protocol)."),
-    nap: int = typer.Option(16, help="Within-device directions projected out (0 = none)."),
-    far: float = typer.Option(0.05, help="Open-set false-acceptance rate of the development threshold (rule far)."),
+    mixtures: int = typer.Option(16, min=1, help="UBM components (16: best on the leave-phones-out protocol)."),
+    nap: int = typer.Option(16, min=0, help="Within-device directions projected out (0 = none)."),
+    far: float = typer.Option(0.05, min=0.0, max=1.0,
+                              help="Open-set false-acceptance rate of the development threshold (rule far)."),
     threshold_rule: ThresholdRule = typer.Option(ThresholdRule.far, "--threshold-rule", case_sensitive=False,
                                                  help="far: open-set FAR quantile of the impostors | llr0: calibrated LLR = 0."),
-    inner: int = typer.Option(3, help="Cross-fitting groups of devices for the development calibration."),
+    inner: int = typer.Option(3, min=2, help="Cross-fitting groups of devices for the development calibration "
+                                             "(each held out in turn; needs 2 devices per group)."),
     seed: int = typer.Option(0),
     hop_seconds: Optional[float] = typer.Option(None, "--hop-seconds", help="Window hop in seconds (audio.hop_seconds)."),
     config: Optional[Path] = ConfigOption,
@@ -347,7 +349,8 @@ def train_fusion(
                                help="Network embedder: checkpoint (.pt) or run directory (`devrecd train-embedder`)."),
     gsv: Optional[Path] = GsvOption,
     out: Path = typer.Option(..., "--out", "-o", help="Fusion scorer file to write (.npz)."),
-    far: float = typer.Option(0.05, help="Open-set false-acceptance rate of the development threshold (rule far)."),
+    far: float = typer.Option(0.05, min=0.0, max=1.0,
+                              help="Open-set false-acceptance rate of the development threshold (rule far)."),
     threshold_rule: ThresholdRule = typer.Option(ThresholdRule.llr0, "--threshold-rule", case_sensitive=False,
                                                  help="llr0: fused LLR = 0 | far: open-set FAR quantile of the impostors."),
     hop_seconds: Optional[float] = typer.Option(None, "--hop-seconds", help="Window hop in seconds (audio.hop_seconds)."),
@@ -359,6 +362,7 @@ def train_fusion(
     from devrecd.openset.scorers import EmbedderScorer, FusionScorer, default_gsv_path, load_gsv, save_fusion
     from devrecd.pipeline.stages import resolve_device
 
+    check_checkpoint_option(model)
     cfg = load_cli_config(config, {"audio.hop_seconds": hop_seconds})
     net = EmbedderScorer(Embedder.load(model.resolve(), device=resolve_device(cfg.backend.device)))
     supervector = load_gsv(gsv if gsv is not None else default_gsv_path())[0]

@@ -9,7 +9,7 @@ from typing import Any, List, Optional
 import typer
 
 from devrecd.cli.app import (ConfigOption, Split, SplitGroupsOption, TorchDeviceOption, choice, command,
-                             load_cli_config, progress)
+                             load_cli_config, option_values, progress)
 
 
 class Arch(str, enum.Enum):
@@ -106,8 +106,9 @@ def train(
     from devrecd.train import train_options
 
     cfg = load_cli_config(config, {"backend.device": torch_device})
-    opts = train_options(cfg.train, arch=choice(arch), epochs=epochs, batch_size=batch_size, lr=lr,
-                         hop_seconds=hop_seconds, seed=seed, patience=patience, augment=augment or None)
+    with option_values():
+        opts = train_options(cfg.train, arch=choice(arch), epochs=epochs, batch_size=batch_size, lr=lr,
+                             hop_seconds=hop_seconds, seed=seed, patience=patience, augment=augment or None)
     _run(dataset, out, cfg, opts, split_groups)
 
 
@@ -134,8 +135,10 @@ def finetune(
     from devrecd.train import finetune_options
 
     cfg = load_cli_config(config, {"backend.device": torch_device})
-    opts = finetune_options(cfg.train, epochs=epochs, batch_size=batch_size, lr=lr, finetune_trainable=choice(trainable),
-                            hop_seconds=hop_seconds, seed=seed, patience=patience, augment=augment or None)
+    with option_values():
+        opts = finetune_options(cfg.train, epochs=epochs, batch_size=batch_size, lr=lr,
+                                finetune_trainable=choice(trainable), hop_seconds=hop_seconds, seed=seed,
+                                patience=patience, augment=augment or None)
     _run(dataset, out, cfg, opts, split_groups, init=checkpoint)
 
 
