@@ -218,7 +218,8 @@ class MetricsConfig(_Section):
 @dataclass(frozen=True)
 class TrainConfig(_Section):
     """The paper's recipe (section V-E) as defaults. The one definition of a training run's options:
-    ``devrecd train``/``finetune``/``train-embedder`` and the benchmarks override fields of this section."""
+    ``devrecd train``/``finetune``/``train-embedder`` and the benchmarks override fields of this section
+    (``finetune``/``train-embedder`` start from its ``finetune_*``/``embedder_*`` keys)."""
 
     section: ClassVar[str] = "train"
     arch: Annotated[str, NOT_EMPTY] = "paper"  # checked against the architectures when the network is built
@@ -244,6 +245,12 @@ class TrainConfig(_Section):
     finetune_lr: PositiveFloat = 1e-5  # constant while fine-tuning (Table IX)
     # what fine-tuning trains: softmax (new head) | mlp (Dense(128) + head) | all
     finetune_trainable: Literal["softmax", "mlp", "all"] = "softmax"
+    # `devrecd train-embedder` (arch asp, AAM-softmax, no early stopping): the recipe of docs/openset.md
+    embedder_epochs: Count = 30
+    embedder_batch_size: Annotated[int, Range(ge=2)] = 32
+    embedder_lr: PositiveFloat = 1e-3  # multiplied by lr_gamma every embedder_lr_step_epochs
+    embedder_lr_step_epochs: Count = 20
+    embedder_hop_seconds: PositiveFloat = 0.5  # window hop when cutting the embedder's training recordings
 
     def relations(self) -> list[str]:
         problems = _check_split("train", self.split)

@@ -43,7 +43,7 @@ BEST, LAST = "best.pt", "last.pt"
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "learning_curve.png"
 # [train] keys that do not change what a run learns: a run resumes across changes to them (and to
-# the finetune_* keys, which reach a run as its epochs, batch size, lr and trainable part).
+# the finetune_* and embedder_* keys, which reach a run as its epochs, batch size, lr, ...).
 NOT_IN_RUN_KEY = ("epochs", "patience", "split", "cache_dir", "threads", "on_unusable")
 
 
@@ -59,6 +59,17 @@ def finetune_options(cfg: TrainConfig, **overrides: Any) -> TrainConfig:
     epochs = given.pop("epochs", cfg.finetune_epochs)
     return train_options(cfg, **{"batch_size": cfg.finetune_batch_size, "lr": cfg.finetune_lr, **given,
                                  "epochs": epochs, "lr_step_epochs": epochs})
+
+
+def embedder_options(cfg: TrainConfig, **overrides: Any) -> TrainConfig:
+    """Options of an open-set embedder (``devrecd train-embedder``): arch asp with AAM-softmax, no early
+    stopping, the ``embedder_*`` keys of ``[train]`` as epochs, batch size, lr, lr step and window hop,
+    then the given (non-None) overrides."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return train_options(cfg, **{"arch": "asp", "loss": "aam", "patience": 0, "epochs": cfg.embedder_epochs,
+                                 "batch_size": cfg.embedder_batch_size, "lr": cfg.embedder_lr,
+                                 "lr_step_epochs": cfg.embedder_lr_step_epochs,
+                                 "hop_seconds": cfg.embedder_hop_seconds, **given})
 
 
 def check_options(opts: TrainConfig) -> None:
@@ -355,7 +366,8 @@ def recalibrate_batchnorm(model: Any, x: Any, batch_size: int, device: str, max_
 def _run_key(opts: TrainConfig, hparams: dict[str, Any], trainable: str, ds: Dataset, labels: Sequence[str],
              init_sha: str) -> dict[str, Any]:
     """What must be equal for last.pt to be resumed by this command (epochs and patience may change)."""
-    keep = {k: v for k, v in asdict(opts).items() if k not in NOT_IN_RUN_KEY and not k.startswith("finetune_")}
+    keep = {k: v for k, v in asdict(opts).items()
+            if k not in NOT_IN_RUN_KEY and not k.startswith(("finetune_", "embedder_"))}
     keep.update(hparams=hparams, trainable=trainable)
     key = {"options": keep, "dataset_sha256": ds.manifest_sha256, "labels": list(labels), "init": init_sha}
     return json.loads(json.dumps(key))  # plain lists and dicts, as they come back from last.pt
