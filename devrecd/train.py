@@ -56,9 +56,10 @@ def finetune_options(cfg: TrainConfig, **overrides: Any) -> TrainConfig:
     """Fine-tuning options: the ``finetune_*`` keys of ``[train]`` as epochs, batch size, constant lr
     (Table IX), then the given (non-None) overrides."""
     given = {k: v for k, v in overrides.items() if v is not None}
-    epochs = given.pop("epochs", cfg.finetune_epochs)
-    return train_options(cfg, **{"batch_size": cfg.finetune_batch_size, "lr": cfg.finetune_lr, **given,
-                                 "epochs": epochs, "lr_step_epochs": epochs})
+    # A constant rate is lr_gamma 1, not a step as long as the run: the step would tie the run key to
+    # --epochs (a fine-tune could not be resumed to more epochs) and, once reached, lower the rate.
+    return train_options(cfg, **{"epochs": cfg.finetune_epochs, "batch_size": cfg.finetune_batch_size,
+                                 "lr": cfg.finetune_lr, "lr_gamma": 1.0, **given})
 
 
 def embedder_options(cfg: TrainConfig, **overrides: Any) -> TrainConfig:
@@ -368,6 +369,8 @@ def _run_key(opts: TrainConfig, hparams: dict[str, Any], trainable: str, ds: Dat
     """What must be equal for last.pt to be resumed by this command (epochs and patience may change)."""
     keep = {k: v for k, v in asdict(opts).items()
             if k not in NOT_IN_RUN_KEY and not k.startswith(("finetune_", "embedder_"))}
+    if opts.lr_gamma == 1.0:
+        keep.pop("lr_step_epochs")  # a constant rate has no steps
     keep.update(hparams=hparams, trainable=trainable)
     key = {"options": keep, "dataset_sha256": ds.manifest_sha256, "labels": list(labels), "init": init_sha}
     return json.loads(json.dumps(key))  # plain lists and dicts, as they come back from last.pt

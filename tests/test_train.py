@@ -282,12 +282,12 @@ def test_finetune_defaults_come_from_the_train_section():
     from devrecd.train import finetune_options
 
     opts = finetune_options(load_config(None, env={}).train)
-    assert (opts.epochs, opts.batch_size, opts.lr, opts.lr_step_epochs, opts.finetune_trainable) == \
-        (300, 32, 1e-5, 300, "softmax")  # the paper's Table IX, constant lr
+    assert (opts.epochs, opts.batch_size, opts.lr, opts.lr_gamma, opts.finetune_trainable) == \
+        (300, 32, 1e-5, 1.0, "softmax")  # the paper's Table IX, constant lr
     cfg = load_config(None, env={}, overrides={"train.finetune_epochs": 7, "train.finetune_lr": 3e-4})
     opts = finetune_options(cfg.train, batch_size=None, finetune_trainable="mlp")
-    assert (opts.epochs, opts.lr, opts.lr_step_epochs, opts.finetune_trainable) == (7, 3e-4, 7, "mlp")
-    assert finetune_options(cfg.train, epochs=4).lr_step_epochs == 4
+    assert (opts.epochs, opts.lr, opts.lr_gamma, opts.finetune_trainable) == (7, 3e-4, 1.0, "mlp")
+    assert finetune_options(cfg.train, epochs=4).epochs == 4
     with pytest.raises(ConfigError, match="finetune_trainable must be one of"):
         load_config(None, env={}, overrides={"train.finetune_trainable": "head"})
     with pytest.raises(ConfigError, match="loss must be one of"):
@@ -325,3 +325,16 @@ def test_train_embedder_cli_takes_unset_options_from_the_config(env, tmp_path, m
     assert (opts.epochs, opts.batch_size, opts.lr, opts.lr_gamma, opts.hop_seconds) == (3, 16, 5e-4, 0.5, 0.5)
     result = CliRunner().invoke(app, ["train-embedder", "--help"])
     assert "divided by 10" not in result.output and "lr_gamma" in result.output
+
+
+def test_a_finetune_resumes_to_more_epochs_at_its_constant_rate(run, env, tmp_path):
+    from devrecd.train import finetune_options
+
+    out = tmp_path / "ft"
+    ds = load_dataset(env["other"])
+    tiny = {k: v for k, v in TINY.items() if k != "epochs"}
+    first = train(ds, out, env["cfg"], finetune_options(env["cfg"].train, epochs=1, **tiny), init=run)
+    assert first.epochs_run == 1
+    second = train(ds, out, env["cfg"], finetune_options(env["cfg"].train, epochs=2, **tiny), init=run)
+    assert [r["epoch"] for r in second.history] == [1, 2]
+    assert [r["lr"] for r in second.history] == [TINY["lr"], TINY["lr"]]
