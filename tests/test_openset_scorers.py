@@ -121,8 +121,11 @@ def test_fusion_score_is_weighted_sum_of_part_cosines(ccnu, small_gsv) -> None:
     rng = np.random.default_rng(0)
     tar = np.c_[rng.normal(2, 1, 200), rng.normal(0, 1, 200)]  # only the first part informs
     non = np.c_[rng.normal(0, 1, 800), rng.normal(0, 1, 800)]
-    w, _ = fit_fusion(tar, non)
+    w, b = fit_fusion(tar, non)
     assert w[0] > 1.0 and abs(w[1]) < 0.3
+    # sklearn's LogisticRegression(C=1e6, class_weight="balanced") on these trials, to its tolerance
+    np.testing.assert_allclose(w, [2.1533, -0.0632], atol=5e-4)
+    assert b == pytest.approx(-2.1333, abs=5e-4)
 
 
 def test_train_gsv_cross_fits_its_calibration(ccnu) -> None:

@@ -30,6 +30,7 @@ import numpy as np
 
 from devrecd.errors import ArtifactError, DatasetError
 from devrecd.features import FrontendConfig
+from devrecd.openset.calibration import fit_logistic
 from devrecd.supervector import RELEVANCE, Ubm
 
 KINDS = ("embedder", "gsv", "fusion")
@@ -240,17 +241,17 @@ def fit_fusion(part_target: np.ndarray, part_nontarget: np.ndarray) -> tuple[np.
 
     ``part_target`` (n_t, n_parts) and ``part_nontarget`` (n_n, n_parts): each part's score of the
     same trials. Classes weighted equally, so ``w . s + b`` is a log-likelihood ratio (natural log)
-    at prior 0.5 on these trials (Brummer's linear fusion).
+    at prior 0.5 on these trials (Brummer's linear fusion). Nearly unregularised, as the score
+    calibration (:func:`~.calibration.fit_llr`), by the same fit.
     """
-    from sklearn.linear_model import LogisticRegression
-
     tar, non = np.atleast_2d(part_target), np.atleast_2d(part_nontarget)
     if len(tar) == 0 or len(non) == 0 or tar.shape[1] != non.shape[1]:
         raise DatasetError("fusion needs target and non-target trials with the same parts", reason="fusion_data")
     x = np.concatenate([tar, non])
     y = np.concatenate([np.ones(len(tar)), np.zeros(len(non))])
-    model = LogisticRegression(C=1e6, class_weight="balanced", max_iter=1000).fit(x, y)
-    return model.coef_[0].astype(np.float64), float(model.intercept_[0])
+    weight = np.concatenate([np.full(len(tar), 0.5 / len(tar)), np.full(len(non), 0.5 / len(non))])
+    coef, intercept = fit_logistic(x, y, weight, l2=1e-6 / len(x))  # sklearn's C=1e6 on len(x) trials
+    return coef.astype(np.float64), intercept
 
 
 def _digest(meta: dict[str, Any], arrays: Sequence[np.ndarray]) -> str:
