@@ -220,12 +220,14 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, weight: np.ndarray, *, l2: float 
         grad = design.T @ (w * (p - y)) + penalty * beta
         hess = (design * (w * p * (1.0 - p))[:, None]).T @ design + np.diag(penalty) + 1e-12 * np.eye(len(beta))
         step = np.linalg.solve(hess, grad)
-        t = 1.0
-        while t > 1e-8:  # halve the Newton step until the objective does not rise
-            trial = objective(beta - t * step)
-            if trial <= value:
-                break
+        t, trial = 1.0, objective(beta - step)
+        while not trial <= value:  # halve the Newton step until the objective does not rise (nan rises)
             t *= 0.5
+            if t < 1e-8:
+                break
+            trial = objective(beta - t * step)
+        if not trial <= value:
+            break  # no step along this direction lowers it: keep the point (optimal to the arithmetic's precision)
         beta, previous, value = beta - t * step, value, trial
         if previous - value <= 1e-15 * max(1.0, abs(value)) and np.abs(grad).max() < 1e-10:
             break
