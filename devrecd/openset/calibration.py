@@ -185,11 +185,17 @@ def fit_llr(target: np.ndarray, nontarget: np.ndarray) -> tuple[float, float]:
     are well determined by any realistic number of trials.
     """
     tar, non = _trials(target, nontarget)
-    x = np.concatenate([tar, non])[:, None]
-    y = np.concatenate([np.ones(tar.size), np.zeros(non.size)])
-    weight = np.concatenate([np.full(tar.size, 0.5 / tar.size), np.full(non.size, 0.5 / non.size)])
-    coef, intercept = fit_logistic(x, y, weight, l2=1e-6 / len(x))  # sklearn's C=1e6 on len(x) trials
+    coef, intercept = fit_balanced(tar[:, None], non[:, None])
     return float(coef[0]), intercept
+
+
+def fit_balanced(target: np.ndarray, nontarget: np.ndarray) -> tuple[np.ndarray, float]:
+    """:func:`fit_logistic` of target (label 1) against non-target (label 0) rows, classes weighted
+    equally and nearly unregularised (sklearn's ``LogisticRegression(C=1e6, class_weight="balanced")``)."""
+    x = np.concatenate([target, nontarget])
+    y = np.concatenate([np.ones(len(target)), np.zeros(len(nontarget))])
+    weight = np.concatenate([np.full(len(target), 0.5 / len(target)), np.full(len(nontarget), 0.5 / len(nontarget))])
+    return fit_logistic(x, y, weight, l2=1e-6 / len(x))  # sklearn's C=1e6 on len(x) trials
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, weight: np.ndarray, *, l2: float = 1e-6,

@@ -30,7 +30,7 @@ import numpy as np
 
 from devrecd.errors import ArtifactError, DatasetError
 from devrecd.features import FrontendConfig
-from devrecd.openset.calibration import fit_logistic
+from devrecd.openset.calibration import fit_balanced
 from devrecd.supervector import RELEVANCE, Ubm
 
 KINDS = ("embedder", "gsv", "fusion")
@@ -242,16 +242,13 @@ def fit_fusion(part_target: np.ndarray, part_nontarget: np.ndarray) -> tuple[np.
     ``part_target`` (n_t, n_parts) and ``part_nontarget`` (n_n, n_parts): each part's score of the
     same trials. Classes weighted equally, so ``w . s + b`` is a log-likelihood ratio (natural log)
     at prior 0.5 on these trials (Brummer's linear fusion). Nearly unregularised, as the score
-    calibration (:func:`~.calibration.fit_llr`), by the same fit.
+    calibration (:func:`~.calibration.fit_llr`), by the same fit (:func:`~.calibration.fit_balanced`).
     """
     tar, non = np.atleast_2d(part_target), np.atleast_2d(part_nontarget)
     if len(tar) == 0 or len(non) == 0 or tar.shape[1] != non.shape[1]:
         raise DatasetError("fusion needs target and non-target trials with the same parts", reason="fusion_data")
-    x = np.concatenate([tar, non])
-    y = np.concatenate([np.ones(len(tar)), np.zeros(len(non))])
-    weight = np.concatenate([np.full(len(tar), 0.5 / len(tar)), np.full(len(non), 0.5 / len(non))])
-    coef, intercept = fit_logistic(x, y, weight, l2=1e-6 / len(x))  # sklearn's C=1e6 on len(x) trials
-    return coef.astype(np.float64), intercept
+    coef, intercept = fit_balanced(np.asarray(tar, np.float64), np.asarray(non, np.float64))
+    return coef, intercept
 
 
 def _digest(meta: dict[str, Any], arrays: Sequence[np.ndarray]) -> str:
