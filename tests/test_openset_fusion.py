@@ -76,7 +76,7 @@ def test_train_fusion_writes_a_scorer_with_its_development_calibration(fusion, a
 
 
 def test_fusion_enrols_calibrates_compares_and_identifies(fusion) -> None:
-    from devrecd.daemon.service import identify_files
+    from devrecd.pipeline.identify import identify_files
 
     out, phones, held, tmp, _ = fusion
     reg = tmp / "case" / "registry.json"
@@ -132,7 +132,7 @@ def test_scorer_fusion_needs_its_file(tmp_path: Path, ccnu_dir: Path) -> None:
 def test_every_command_serves_with_the_scorers_frontend(ccnu_dir: Path, tmp_path: Path) -> None:
     """A scorer made with 4 s clips, used under a config that says 2 s: enrol, calibrate, compare and
     identify all compute 4 s features (the scorer's), never the configured ones."""
-    from devrecd.daemon.service import identify_files
+    from devrecd.pipeline.identify import identify_files
     from devrecd.data import FeatureCache
     from devrecd.openset.registry import open_registry
     from devrecd.openset.workflow import score_recordings
