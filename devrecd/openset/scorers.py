@@ -247,8 +247,7 @@ def fit_fusion(part_target: np.ndarray, part_nontarget: np.ndarray) -> tuple[np.
     tar, non = np.atleast_2d(part_target), np.atleast_2d(part_nontarget)
     if len(tar) == 0 or len(non) == 0 or tar.shape[1] != non.shape[1]:
         raise DatasetError("fusion needs target and non-target trials with the same parts", reason="fusion_data")
-    coef, intercept = fit_balanced(np.asarray(tar, np.float64), np.asarray(non, np.float64))
-    return coef, intercept
+    return fit_balanced(np.asarray(tar, np.float64), np.asarray(non, np.float64))
 
 
 def _digest(meta: dict[str, Any], arrays: Sequence[np.ndarray]) -> str:
