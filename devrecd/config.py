@@ -1,7 +1,8 @@
 """Configuration: ``config.toml`` -> frozen dataclasses, one per section.
 
 Precedence (lowest to highest): built-in defaults, the TOML file, environment variables
-``DEVRECD_<SECTION>__<KEY>`` (values parsed as TOML literals, else taken as strings), then
+``DEVRECD_<SECTION>__<KEY>`` (values parsed as TOML literals, else taken as strings; a string
+field takes the value as written unless it is a quoted TOML string), then
 explicit overrides passed by the CLI. Every field declares what it accepts in its annotation:
 its type, ``Literal[...]`` for a set of values, ``Annotated[T, Range(...)]`` / ``Pattern(...)``
 for bounds. A value outside that is a :class:`~devrecd.errors.ConfigError` naming
@@ -43,9 +44,11 @@ class Range:
     lt: float | None = None
 
     def problem(self, value: float) -> str:
+        # inf and nan pass no bound a reader means (a hop of inf seconds fails every file later)
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"must be a finite number, got {value!r}"
         ok = ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
-              and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt)
-              and not (isinstance(value, float) and math.isnan(value)))
+              and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
         if ok:
             return ""
         low, high = (self.ge, "[") if self.ge is not None else (self.gt, "("), (self.le, "]") if self.le is not None else (self.lt, ")")
@@ -215,7 +218,8 @@ class MetricsConfig(_Section):
 @dataclass(frozen=True)
 class TrainConfig(_Section):
     """The paper's recipe (section V-E) as defaults. The one definition of a training run's options:
-    ``devrecd train``/``finetune``/``train-embedder`` and the benchmarks override fields of this section."""
+    ``devrecd train``/``finetune``/``train-embedder`` and the benchmarks override fields of this section
+    (``finetune``/``train-embedder`` start from its ``finetune_*``/``embedder_*`` keys)."""
 
     section: ClassVar[str] = "train"
     arch: Annotated[str, NOT_EMPTY] = "paper"  # checked against the architectures when the network is built
@@ -241,6 +245,12 @@ class TrainConfig(_Section):
     finetune_lr: PositiveFloat = 1e-5  # constant while fine-tuning (Table IX)
     # what fine-tuning trains: softmax (new head) | mlp (Dense(128) + head) | all
     finetune_trainable: Literal["softmax", "mlp", "all"] = "softmax"
+    # `devrecd train-embedder` (arch asp, AAM-softmax, no early stopping): the recipe of docs/openset.md
+    embedder_epochs: Count = 30
+    embedder_batch_size: Annotated[int, Range(ge=2)] = 32
+    embedder_lr: PositiveFloat = 1e-3  # multiplied by lr_gamma every embedder_lr_step_epochs
+    embedder_lr_step_epochs: Count = 20
+    embedder_hop_seconds: PositiveFloat = 0.5  # window hop when cutting the embedder's training recordings
 
     def relations(self) -> list[str]:
         problems = _check_split("train", self.split)
@@ -397,8 +407,21 @@ def _env_values(env: Mapping[str, str]) -> dict[str, Any]:
             value = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
             value = raw  # a bare string
+        if not isinstance(value, str) and _is_str_field(section, key):
+            value = raw  # DEVRECD_LIVE__DEVICE=1 names device "1", not the integer 1
         out[f"{section}.{key}"] = value
     return out
+
+
+def _is_str_field(section: str, key: str) -> bool:
+    """Whether ``section.key`` is a plain string field (unknown keys are refused later, by :func:`_apply`)."""
+    section_type = _hints(Config).get(section)
+    if section_type is None:
+        return False
+    hint = _hints(section_type).get(key)
+    if typing.get_origin(hint) is Annotated:
+        hint = typing.get_args(hint)[0]
+    return hint is str
 
 
 def _nest(flat: Mapping[str, Any], *, source: str) -> dict[str, dict[str, Any]]:

@@ -69,8 +69,11 @@ class FrontendConfig:
         problems = []
         if self.sample_rate <= 0:
             problems.append("sample_rate must be > 0")
-        if self.clip_seconds <= 0:
-            problems.append("clip_seconds must be > 0")
+        if not (math.isfinite(self.clip_seconds) and self.clip_seconds > 0):
+            problems.append(f"clip_seconds must be a finite number > 0, got {self.clip_seconds!r}")
+        if not (math.isfinite(self.log_floor) and self.log_floor > 0):
+            # log(0) is -inf: every clip would then fail as non-finite features
+            problems.append(f"log_floor must be a finite number > 0, got {self.log_floor!r}")
         if self.n_frames != N_FRAMES:
             problems.append(f"n_frames must be {N_FRAMES} (the network's time axis)")
         if self.n_mels != N_MELS or self.n_mfcc != N_MFCC:
@@ -89,6 +92,9 @@ class FrontendConfig:
                 problems.append("frame_length must be >= the frame hop (or 0 for automatic)")
             if self.n_fft and self.n_fft < self.win_length:
                 problems.append("n_fft must be >= frame_length (or 0 for automatic)")
+            if self.n_fft % 2:
+                # the Parseval weights count the last rfft bin once, as the Nyquist bin of an even size
+                problems.append(f"n_fft must be even (or 0 for automatic), got {self.n_fft}")
             top = self.fmax or self.sample_rate / 2
             if not 0 <= self.fmin < top <= self.sample_rate / 2:
                 problems.append("need 0 <= fmin < fmax <= sample_rate / 2")

@@ -43,7 +43,7 @@ BEST, LAST = "best.pt", "last.pt"
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "learning_curve.png"
 # [train] keys that do not change what a run learns: a run resumes across changes to them (and to
-# the finetune_* keys, which reach a run as its epochs, batch size, lr and trainable part).
+# the finetune_* and embedder_* keys, which reach a run as its epochs, batch size, lr, ...).
 NOT_IN_RUN_KEY = ("epochs", "patience", "split", "cache_dir", "threads", "on_unusable")
 
 
@@ -56,9 +56,21 @@ def finetune_options(cfg: TrainConfig, **overrides: Any) -> TrainConfig:
     """Fine-tuning options: the ``finetune_*`` keys of ``[train]`` as epochs, batch size, constant lr
     (Table IX), then the given (non-None) overrides."""
     given = {k: v for k, v in overrides.items() if v is not None}
-    epochs = given.pop("epochs", cfg.finetune_epochs)
-    return train_options(cfg, **{"batch_size": cfg.finetune_batch_size, "lr": cfg.finetune_lr, **given,
-                                 "epochs": epochs, "lr_step_epochs": epochs})
+    # A constant rate is lr_gamma 1, not a step as long as the run: the step would tie the run key to
+    # --epochs (a fine-tune could not be resumed to more epochs) and, once reached, lower the rate.
+    return train_options(cfg, **{"epochs": cfg.finetune_epochs, "batch_size": cfg.finetune_batch_size,
+                                 "lr": cfg.finetune_lr, "lr_gamma": 1.0, **given})
+
+
+def embedder_options(cfg: TrainConfig, **overrides: Any) -> TrainConfig:
+    """Options of an open-set embedder (``devrecd train-embedder``): arch asp with AAM-softmax, no early
+    stopping, the ``embedder_*`` keys of ``[train]`` as epochs, batch size, lr, lr step and window hop,
+    then the given (non-None) overrides."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return train_options(cfg, **{"arch": "asp", "loss": "aam", "patience": 0, "epochs": cfg.embedder_epochs,
+                                 "batch_size": cfg.embedder_batch_size, "lr": cfg.embedder_lr,
+                                 "lr_step_epochs": cfg.embedder_lr_step_epochs,
+                                 "hop_seconds": cfg.embedder_hop_seconds, **given})
 
 
 def check_options(opts: TrainConfig) -> None:
@@ -355,7 +367,10 @@ def recalibrate_batchnorm(model: Any, x: Any, batch_size: int, device: str, max_
 def _run_key(opts: TrainConfig, hparams: dict[str, Any], trainable: str, ds: Dataset, labels: Sequence[str],
              init_sha: str) -> dict[str, Any]:
     """What must be equal for last.pt to be resumed by this command (epochs and patience may change)."""
-    keep = {k: v for k, v in asdict(opts).items() if k not in NOT_IN_RUN_KEY and not k.startswith("finetune_")}
+    keep = {k: v for k, v in asdict(opts).items()
+            if k not in NOT_IN_RUN_KEY and not k.startswith(("finetune_", "embedder_"))}
+    if opts.lr_gamma == 1.0:
+        keep.pop("lr_step_epochs")  # a constant rate has no steps
     keep.update(hparams=hparams, trainable=trainable)
     key = {"options": keep, "dataset_sha256": ds.manifest_sha256, "labels": list(labels), "init": init_sha}
     return json.loads(json.dumps(key))  # plain lists and dicts, as they come back from last.pt

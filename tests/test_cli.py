@@ -171,6 +171,35 @@ def test_a_bad_choice_is_a_usage_error(args):
     assert "Invalid value" in result.output
 
 
+@pytest.mark.parametrize("args, message", [
+    (["train", "{d}", "--out", "{d}/r", "--lr", "-1"], "train.lr must be > 0"),
+    (["train", "{d}", "--out", "{d}/r", "--hop-seconds", "0"], "train.hop_seconds must be > 0"),
+    (["finetune", "{d}", "{d}", "--out", "{d}/r", "--lr", "0"], "train.lr must be > 0"),
+    (["train", "{d}", "--out", "{d}/r", "--epochs", "0"], "Invalid value"),
+    (["train-gsv", "{d}", "--out", "{d}/g.npz", "--far", "1.5"], "Invalid value"),
+    (["train-gsv", "{d}", "--out", "{d}/g.npz", "--mixtures", "0"], "Invalid value"),
+    (["train-gsv", "{d}", "--out", "{d}/g.npz", "--nap", "-1"], "Invalid value"),
+    (["train-gsv", "{d}", "--out", "{d}/g.npz", "--inner", "1"], "Invalid value"),
+    (["train-fusion", "{d}", "--model", "{d}/model.onnx", "--out", "{d}/f.npz", "--far", "-0.1"], "Invalid value"),
+])
+def test_a_bad_option_value_is_a_usage_error_before_any_work(tmp_path, args, message):
+    (tmp_path / "model.onnx").write_bytes(b"onnx")
+    result = runner.invoke(app, [a.format(d=tmp_path) for a in args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_train_fusion_refuses_an_onnx_model_in_one_line(tmp_path):
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"onnx")
+    result = runner.invoke(app, ["train-fusion", str(tmp_path), "--model", str(onnx), "--out", str(tmp_path / "f.npz")])
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1
+    assert "an ONNX export cannot embed recordings" in result.output
+    assert not (tmp_path / "f.npz").exists()
+
+
 def test_renamed_options_are_gone():
     for args in (["identify", "x.wav", "--json"], ["identify", "x.wav", "--device", "cpu"],
                  ["enroll", "x.wav", "--device", "p"], ["evaluate", ".", ".", "--report", "r"],

@@ -95,6 +95,11 @@ BAD_VALUES = {
     "watch.extensions": ([".wav", "mp3"], r"watch\.extensions\[1\] must be an extension starting with '\.'"),
     "registry.target_far": (0.0, r"registry\.target_far must be in \(0, 1\)"),
     "watch.state_dir": ("  ", r"watch\.state_dir must be a non-empty string"),
+    "audio.hop_seconds": (float("inf"), r"audio\.hop_seconds must be a finite number, got inf"),
+    "live.hop_seconds": (float("nan"), r"live\.hop_seconds must be a finite number, got nan"),
+    "frontend.clip_seconds": (float("inf"), r"frontend: clip_seconds must be a finite number > 0, got inf"),
+    "frontend.log_floor": (0.0, r"frontend: log_floor must be a finite number > 0, got 0\.0"),
+    "frontend.n_fft": (2049, r"frontend: n_fft must be even"),
 }
 
 
@@ -137,3 +142,23 @@ def test_each_layer_wins_over_the_one_below_for_the_same_key(tmp_path):
     path.write_text("[watch]\ntop_k = 0\n")
     with pytest.raises(ConfigError, match=r"watch\.top_k.*from file"):
         load_config(path, env=env, overrides={"watch.top_k": 4})
+
+
+def test_non_finite_frontend_values_are_config_errors_naming_the_key():
+    for key in ("clip_seconds", "log_floor"):
+        for value in ("nan", "inf", "-inf"):
+            with pytest.raises(ConfigError, match=rf"frontend: {key} must be a finite number > 0"):
+                load_config(None, env={f"DEVRECD_FRONTEND__{key.upper()}": value})
+    assert load_config(None, env={"DEVRECD_FRONTEND__N_FFT": "2050"}).frontend.fft_size == 2050
+
+
+def test_environment_value_of_a_string_field_is_taken_as_written():
+    env = {"DEVRECD_LIVE__DEVICE": "1", "DEVRECD_REPORT__CASE_ID": "2024", "DEVRECD_REPORT__EXAMINER": '"A. Smith"',
+           "DEVRECD_WATCH__TOP_K": "3"}
+    cfg = load_config(None, env=env)
+    assert cfg.live.device == "1"
+    assert cfg.report.case_id == "2024"
+    assert cfg.report.examiner == "A. Smith"  # a TOML string literal still reads as its text
+    assert cfg.watch.top_k == 3  # other fields are still parsed as TOML
+    with pytest.raises(ConfigError, match=r"watch\.top_k: expected int"):
+        load_config(None, env={"DEVRECD_WATCH__TOP_K": "three"})

@@ -100,6 +100,28 @@ def test_logistic_calibration_recovers_the_true_llr() -> None:
     assert slope2 == pytest.approx(2.0, abs=0.2) and offset2 == pytest.approx(0.0, abs=0.15)
 
 
+def test_logistic_fit_never_takes_a_step_that_raises_the_objective(monkeypatch) -> None:
+    from devrecd.openset import calibration
+
+    rng = np.random.default_rng(3)
+    x = np.r_[rng.normal(1, 1, 50), rng.normal(-1, 1, 50)][:, None]
+    y = np.r_[np.ones(50), np.zeros(50)]
+    weight = np.full(100, 0.01)
+
+    def objective(coef: np.ndarray, intercept: float) -> float:
+        z = x @ coef + intercept
+        return float(weight @ (np.logaddexp(0.0, z) - y * z))
+
+    good = calibration.fit_logistic(x, y, weight)
+    assert objective(*good) < objective(np.zeros(1), 0.0)
+    # A solver that points uphill: every halving of the step still raises the objective, so the
+    # fit must stay where it started rather than take the last, smallest, uphill step.
+    solve = np.linalg.solve
+    monkeypatch.setattr(calibration.np.linalg, "solve", lambda a, b: -solve(a, b))
+    coef, intercept = calibration.fit_logistic(x, y, weight)
+    assert coef.tolist() == [0.0] and intercept == 0.0
+
+
 def test_threshold_for_far() -> None:
     non = np.linspace(0.1, 1.0, 10)
     t = threshold_for_far(non, 0.2)

@@ -121,8 +121,11 @@ def test_fusion_score_is_weighted_sum_of_part_cosines(ccnu, small_gsv) -> None:
     rng = np.random.default_rng(0)
     tar = np.c_[rng.normal(2, 1, 200), rng.normal(0, 1, 200)]  # only the first part informs
     non = np.c_[rng.normal(0, 1, 800), rng.normal(0, 1, 800)]
-    w, _ = fit_fusion(tar, non)
+    w, b = fit_fusion(tar, non)
     assert w[0] > 1.0 and abs(w[1]) < 0.3
+    # sklearn's LogisticRegression(C=1e6, class_weight="balanced") on these trials, to its tolerance
+    np.testing.assert_allclose(w, [2.1533, -0.0632], atol=5e-4)
+    assert b == pytest.approx(-2.1333, abs=5e-4)
 
 
 def test_train_gsv_cross_fits_its_calibration(ccnu) -> None:
@@ -263,3 +266,27 @@ def test_train_embedder_cli_merges_datasets_and_resumes(ccnu_dir: Path, tmp_path
     assert sorted(ckpt.labels) == sorted(f"corpus{'A' if p in phones[:2] else 'B'}/{p}" for p in phones)
     assert [json.loads(r)["epoch"] for r in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert Embedder.load(run).dim == 128
+
+
+def test_a_scorer_file_other_than_the_registrys_is_a_usage_error(ccnu_dir: Path, small_gsv, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from devrecd.cli import app
+    from devrecd.openset.scorers import default_gsv_path
+
+    other = tmp_path / "other-gsv.npz"
+    save_gsv(other, small_gsv)
+    shipped = tmp_path / "shipped-copy.npz"
+    shipped.write_bytes(default_gsv_path().read_bytes())
+    a, b = sorted(ccnu_dir.rglob("*.wav"))[:2]
+    reg = tmp_path / "registry.json"
+    run = CliRunner().invoke
+    res = run(app, ["enroll", "--registry", str(reg), "--profile", "p1", str(a)])
+    assert res.exit_code == 0, res.output
+    for cmd in (["enroll", "--registry", str(reg), "--profile", "p1", str(b)],
+                ["compare", str(b), "--registry", str(reg), "--reference-device", "p1"]):
+        res = run(app, [*cmd, "--gsv", str(other)])
+        assert res.exit_code == 2, res.output
+        assert f"registry {reg} was made with 'gsv' scorer" in res.output and "--gsv" in res.output
+        res = run(app, [*cmd, "--gsv", str(shipped)])  # the very scorer the registry was made with
+        assert res.exit_code == 0, res.output

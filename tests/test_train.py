@@ -282,13 +282,59 @@ def test_finetune_defaults_come_from_the_train_section():
     from devrecd.train import finetune_options
 
     opts = finetune_options(load_config(None, env={}).train)
-    assert (opts.epochs, opts.batch_size, opts.lr, opts.lr_step_epochs, opts.finetune_trainable) == \
-        (300, 32, 1e-5, 300, "softmax")  # the paper's Table IX, constant lr
+    assert (opts.epochs, opts.batch_size, opts.lr, opts.lr_gamma, opts.finetune_trainable) == \
+        (300, 32, 1e-5, 1.0, "softmax")  # the paper's Table IX, constant lr
     cfg = load_config(None, env={}, overrides={"train.finetune_epochs": 7, "train.finetune_lr": 3e-4})
     opts = finetune_options(cfg.train, batch_size=None, finetune_trainable="mlp")
-    assert (opts.epochs, opts.lr, opts.lr_step_epochs, opts.finetune_trainable) == (7, 3e-4, 7, "mlp")
-    assert finetune_options(cfg.train, epochs=4).lr_step_epochs == 4
+    assert (opts.epochs, opts.lr, opts.lr_gamma, opts.finetune_trainable) == (7, 3e-4, 1.0, "mlp")
+    assert finetune_options(cfg.train, epochs=4).epochs == 4
     with pytest.raises(ConfigError, match="finetune_trainable must be one of"):
         load_config(None, env={}, overrides={"train.finetune_trainable": "head"})
     with pytest.raises(ConfigError, match="loss must be one of"):
         finetune_options(cfg.train, loss="triplet")
+
+
+def test_embedder_defaults_come_from_the_train_section():
+    from devrecd.train import embedder_options
+
+    opts = embedder_options(load_config(None, env={}).train)
+    assert (opts.arch, opts.loss, opts.patience) == ("asp", "aam", 0)
+    assert (opts.epochs, opts.batch_size, opts.lr, opts.lr_step_epochs, opts.hop_seconds) == (30, 32, 1e-3, 20, 0.5)
+    cfg = load_config(None, env={}, overrides={"train.embedder_epochs": 7, "train.embedder_lr": 3e-4,
+                                               "train.embedder_hop_seconds": 1.0})
+    opts = embedder_options(cfg.train, batch_size=16, epochs=None)
+    assert (opts.epochs, opts.batch_size, opts.lr, opts.hop_seconds) == (7, 16, 3e-4, 1.0)
+
+
+def test_train_embedder_cli_takes_unset_options_from_the_config(env, tmp_path, monkeypatch):
+    import devrecd.train as train_module
+
+    seen = {}
+
+    def fake_train(ds, out, cfg, opts, **kw):  # the options are what this test is about, not the training
+        seen["opts"] = opts
+        return train_module.TrainResult(Path(out), 1, 0.0, 1, False, [])
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    config = tmp_path / "c.toml"
+    config.write_text(env["config"].read_text() + "embedder_epochs = 3\nembedder_lr = 5e-4\nlr_gamma = 0.5\n")
+    result = CliRunner().invoke(app, ["train-embedder", str(env["ds"]), "--out", str(tmp_path / "run"),
+                                      "--batch-size", "16", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    opts = seen["opts"]
+    assert (opts.epochs, opts.batch_size, opts.lr, opts.lr_gamma, opts.hop_seconds) == (3, 16, 5e-4, 0.5, 0.5)
+    result = CliRunner().invoke(app, ["train-embedder", "--help"])
+    assert "divided by 10" not in result.output and "lr_gamma" in result.output
+
+
+def test_a_finetune_resumes_to_more_epochs_at_its_constant_rate(run, env, tmp_path):
+    from devrecd.train import finetune_options
+
+    out = tmp_path / "ft"
+    ds = load_dataset(env["other"])
+    tiny = {k: v for k, v in TINY.items() if k != "epochs"}
+    first = train(ds, out, env["cfg"], finetune_options(env["cfg"].train, epochs=1, **tiny), init=run)
+    assert first.epochs_run == 1
+    second = train(ds, out, env["cfg"], finetune_options(env["cfg"].train, epochs=2, **tiny), init=run)
+    assert [r["epoch"] for r in second.history] == [1, 2]
+    assert [r["lr"] for r in second.history] == [TINY["lr"], TINY["lr"]]

@@ -16,12 +16,13 @@ Exit codes: 0 ok, 1 a file, artifact or step failed, 2 usage error or invalid co
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional
 
 import typer
 
@@ -158,8 +159,16 @@ def load_cli_config(config: Optional[Path], overrides: dict[str, Any] | None = N
     from devrecd.config import load_config
 
     given = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in (overrides or {}).items() if v is not None}
-    try:
+    with option_values():
         return load_config(config, overrides=given)
+
+
+@contextlib.contextmanager
+def option_values() -> Iterator[None]:
+    """Around code that applies a command's flags to the configuration (e.g. ``train_options``):
+    a value it refuses (ConfigError) is a usage error, exit 2."""
+    try:
+        yield
     except UsageError:
         raise
     except ConfigError as exc:

@@ -48,16 +48,28 @@ def check_checkpoint_option(model: Optional[Path]) -> None:
 
 def choose_scorer(reg, scorer: Optional[Scorer | str], model: Optional[Path], gsv: Optional[Path], device: str,
                   fusion: Optional[Path] = None):
-    """The scorer to enrol/score with: the registry's own when it has profiles (``reg`` may be None),
-    else a new one of the kind asked for (gsv without --model: the shipped one, or --gsv FILE;
-    fusion: the --fusion FILE)."""
-    from devrecd.openset.scorers import EmbedderScorer, default_gsv_path, load_fusion, load_gsv, registry_scorer
+    """The scorer to enrol/score with: the registry's own when it has profiles (``reg`` may be None;
+    a --gsv/--fusion FILE must then be that same scorer), else a new one of the kind asked for
+    (gsv without --model: the shipped one, or --gsv FILE; fusion: the --fusion FILE)."""
+    from devrecd.openset.scorers import (EmbedderScorer, default_gsv_path, load_fusion, load_gsv, registry_scorer,
+                                         scorer_file_description)
 
     check_checkpoint_option(model)
     scorer = choice(scorer) if isinstance(scorer, enum.Enum) else scorer
     if reg is not None and reg.embedder:
         if scorer is not None and scorer != reg.kind:
             raise ConfigError(f"registry {reg.path} was enrolled with scorer {reg.kind!r}, not {scorer!r}")
+        for flag, path in (("--gsv", gsv), ("--fusion", fusion)):
+            if path is None:
+                continue
+            given = scorer_file_description(path, fusion=flag == "--fusion")
+            made = reg.embedder
+            if given.get("kind") != reg.kind or given.get("fingerprint") != made.get("fingerprint"):
+                raise UsageError(
+                    f"{flag} {path} is {given.get('kind')!r} scorer {str(given.get('fingerprint'))[:12]}, but registry "
+                    f"{reg.path} was made with {reg.kind!r} scorer {str(made.get('fingerprint'))[:12]} "
+                    f"({made.get('source', '?')}); its profiles can only be used with that scorer: drop {flag} "
+                    f"or use another registry")
         return registry_scorer(reg, model=model, device=device)
     kind = scorer or ("fusion" if fusion is not None else "embedder" if model is not None else "gsv")
     if kind == "fusion":
@@ -276,12 +288,14 @@ def train_gsv(
     datasets: List[Path] = typer.Argument(..., exists=True, help="Development recordings of known devices "
                                                                  "(any dataset layout; several are merged)."),
     out: Path = typer.Option(..., "--out", "-o", help="GSV scorer file to write (.npz)."),
-    mixtures: int = typer.Option(16, help="UBM components (16: best on the leave-phones-out protocol)."),
-    nap: int = typer.Option(16, help="Within-device directions projected out (0 = none)."),
-    far: float = typer.Option(0.05, help="Open-set false-acceptance rate of the development threshold (rule far)."),
+    mixtures: int = typer.Option(16, min=1, help="UBM components (16: best on the leave-phones-out protocol)."),
+    nap: int = typer.Option(16, min=0, help="Within-device directions projected out (0 = none)."),
+    far: float = typer.Option(0.05, min=0.0, max=1.0,
+                              help="Open-set false-acceptance rate of the development threshold (rule far)."),
     threshold_rule: ThresholdRule = typer.Option(ThresholdRule.far, "--threshold-rule", case_sensitive=False,
                                                  help="far: open-set FAR quantile of the impostors | llr0: calibrated LLR = 0."),
-    inner: int = typer.Option(3, help="Cross-fitting groups of devices for the development calibration."),
+    inner: int = typer.Option(3, min=2, help="Cross-fitting groups of devices for the development calibration "
+                                             "(each held out in turn; needs 2 devices per group)."),
     seed: int = typer.Option(0),
     hop_seconds: Optional[float] = typer.Option(None, "--hop-seconds", help="Window hop in seconds (audio.hop_seconds)."),
     config: Optional[Path] = ConfigOption,
@@ -335,7 +349,8 @@ def train_fusion(
                                help="Network embedder: checkpoint (.pt) or run directory (`devrecd train-embedder`)."),
     gsv: Optional[Path] = GsvOption,
     out: Path = typer.Option(..., "--out", "-o", help="Fusion scorer file to write (.npz)."),
-    far: float = typer.Option(0.05, help="Open-set false-acceptance rate of the development threshold (rule far)."),
+    far: float = typer.Option(0.05, min=0.0, max=1.0,
+                              help="Open-set false-acceptance rate of the development threshold (rule far)."),
     threshold_rule: ThresholdRule = typer.Option(ThresholdRule.llr0, "--threshold-rule", case_sensitive=False,
                                                  help="llr0: fused LLR = 0 | far: open-set FAR quantile of the impostors."),
     hop_seconds: Optional[float] = typer.Option(None, "--hop-seconds", help="Window hop in seconds (audio.hop_seconds)."),
@@ -347,6 +362,7 @@ def train_fusion(
     from devrecd.openset.scorers import EmbedderScorer, FusionScorer, default_gsv_path, load_gsv, save_fusion
     from devrecd.pipeline.stages import resolve_device
 
+    check_checkpoint_option(model)
     cfg = load_cli_config(config, {"audio.hop_seconds": hop_seconds})
     net = EmbedderScorer(Embedder.load(model.resolve(), device=resolve_device(cfg.backend.device)))
     supervector = load_gsv(gsv if gsv is not None else default_gsv_path())[0]

@@ -9,7 +9,7 @@ from typing import Any, List, Optional
 import typer
 
 from devrecd.cli.app import (ConfigOption, Split, SplitGroupsOption, TorchDeviceOption, choice, command,
-                             load_cli_config, progress)
+                             load_cli_config, option_values, progress)
 
 
 class Arch(str, enum.Enum):
@@ -106,8 +106,9 @@ def train(
     from devrecd.train import train_options
 
     cfg = load_cli_config(config, {"backend.device": torch_device})
-    opts = train_options(cfg.train, arch=choice(arch), epochs=epochs, batch_size=batch_size, lr=lr,
-                         hop_seconds=hop_seconds, seed=seed, patience=patience, augment=augment or None)
+    with option_values():
+        opts = train_options(cfg.train, arch=choice(arch), epochs=epochs, batch_size=batch_size, lr=lr,
+                             hop_seconds=hop_seconds, seed=seed, patience=patience, augment=augment or None)
     _run(dataset, out, cfg, opts, split_groups)
 
 
@@ -134,8 +135,10 @@ def finetune(
     from devrecd.train import finetune_options
 
     cfg = load_cli_config(config, {"backend.device": torch_device})
-    opts = finetune_options(cfg.train, epochs=epochs, batch_size=batch_size, lr=lr, finetune_trainable=choice(trainable),
-                            hop_seconds=hop_seconds, seed=seed, patience=patience, augment=augment or None)
+    with option_values():
+        opts = finetune_options(cfg.train, epochs=epochs, batch_size=batch_size, lr=lr,
+                                finetune_trainable=choice(trainable), hop_seconds=hop_seconds, seed=seed,
+                                patience=patience, augment=augment or None)
     _run(dataset, out, cfg, opts, split_groups, init=checkpoint)
 
 
@@ -194,11 +197,13 @@ def train_embedder(
     datasets: List[Path] = typer.Argument(..., exists=True, help="Datasets of known devices (real folders, "
                                                                  "`devrecd synth` corpora); several are merged."),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory (resumable, like train)."),
-    epochs: int = typer.Option(30, "--epochs", min=1),
-    batch_size: int = typer.Option(32, "--batch-size", min=2),
-    lr: float = typer.Option(1e-3, "--lr", help="Divided by 10 every --lr-step-epochs."),
-    lr_step_epochs: int = typer.Option(20, "--lr-step-epochs", min=1),
-    hop_seconds: float = typer.Option(0.5, "--hop-seconds", help="Window hop over training recordings."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="train.embedder_epochs"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=2, help="train.embedder_batch_size"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="train.embedder_lr (multiplied by train.lr_gamma every "
+                                                          "--lr-step-epochs)."),
+    lr_step_epochs: Optional[int] = typer.Option(None, "--lr-step-epochs", min=1, help="train.embedder_lr_step_epochs"),
+    hop_seconds: Optional[float] = typer.Option(None, "--hop-seconds", help="Window hop over training recordings "
+                                                                            "(train.embedder_hop_seconds)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="train.seed"),
     augment: bool = typer.Option(False, "--augment", help="As for train."),
     split_groups: Optional[str] = SplitGroupsOption,
@@ -207,12 +212,12 @@ def train_embedder(
 ) -> None:
     """Train an open-set embedder (arch asp, AAM-softmax) for `devrecd enroll --model RUN`."""
     from devrecd.pipeline.stages import resolve_device
-    from devrecd.train import merge_datasets, open_dataset, train, train_options
+    from devrecd.train import embedder_options, merge_datasets, open_dataset, train
 
     cfg = load_cli_config(config, {"backend.device": torch_device})
-    opts = train_options(cfg.train, arch="asp", loss="aam", epochs=epochs, batch_size=batch_size, lr=lr,
-                         lr_step_epochs=lr_step_epochs, hop_seconds=hop_seconds, seed=seed,
-                         patience=0, augment=augment or None)
+    with option_values():
+        opts = embedder_options(cfg.train, epochs=epochs, batch_size=batch_size, lr=lr, lr_step_epochs=lr_step_epochs,
+                                hop_seconds=hop_seconds, seed=seed, augment=augment or None)
     ds = merge_datasets([open_dataset(p, cfg, split_groups) for p in datasets])
     typer.echo(f"{len(ds.items)} recordings of {len(ds.labels)} devices")
     on_step, on_epoch, close = _progress("train-embedder")

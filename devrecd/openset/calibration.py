@@ -185,11 +185,17 @@ def fit_llr(target: np.ndarray, nontarget: np.ndarray) -> tuple[float, float]:
     are well determined by any realistic number of trials.
     """
     tar, non = _trials(target, nontarget)
-    x = np.concatenate([tar, non])[:, None]
-    y = np.concatenate([np.ones(tar.size), np.zeros(non.size)])
-    weight = np.concatenate([np.full(tar.size, 0.5 / tar.size), np.full(non.size, 0.5 / non.size)])
-    coef, intercept = fit_logistic(x, y, weight, l2=1e-6 / len(x))  # sklearn's C=1e6 on len(x) trials
+    coef, intercept = fit_balanced(tar[:, None], non[:, None])
     return float(coef[0]), intercept
+
+
+def fit_balanced(target: np.ndarray, nontarget: np.ndarray) -> tuple[np.ndarray, float]:
+    """:func:`fit_logistic` of target (label 1) against non-target (label 0) rows, classes weighted
+    equally and nearly unregularised (sklearn's ``LogisticRegression(C=1e6, class_weight="balanced")``)."""
+    x = np.concatenate([target, nontarget])
+    y = np.concatenate([np.ones(len(target)), np.zeros(len(nontarget))])
+    weight = np.concatenate([np.full(len(target), 0.5 / len(target)), np.full(len(nontarget), 0.5 / len(nontarget))])
+    return fit_logistic(x, y, weight, l2=1e-6 / len(x))  # sklearn's C=1e6 on len(x) trials
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, weight: np.ndarray, *, l2: float = 1e-6,
@@ -220,12 +226,14 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, weight: np.ndarray, *, l2: float 
         grad = design.T @ (w * (p - y)) + penalty * beta
         hess = (design * (w * p * (1.0 - p))[:, None]).T @ design + np.diag(penalty) + 1e-12 * np.eye(len(beta))
         step = np.linalg.solve(hess, grad)
-        t = 1.0
-        while t > 1e-8:  # halve the Newton step until the objective does not rise
-            trial = objective(beta - t * step)
-            if trial <= value:
-                break
+        t, trial = 1.0, objective(beta - step)
+        while not trial <= value:  # halve the Newton step until the objective does not rise (nan rises)
             t *= 0.5
+            if t < 1e-8:
+                break
+            trial = objective(beta - t * step)
+        if not trial <= value:
+            break  # no step along this direction lowers it: keep the point (optimal to the arithmetic's precision)
         beta, previous, value = beta - t * step, value, trial
         if previous - value <= 1e-15 * max(1.0, abs(value)) and np.abs(grad).max() < 1e-10:
             break

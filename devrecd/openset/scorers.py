@@ -30,6 +30,7 @@ import numpy as np
 
 from devrecd.errors import ArtifactError, DatasetError
 from devrecd.features import FrontendConfig
+from devrecd.openset.calibration import fit_balanced
 from devrecd.supervector import RELEVANCE, Ubm
 
 KINDS = ("embedder", "gsv", "fusion")
@@ -240,17 +241,13 @@ def fit_fusion(part_target: np.ndarray, part_nontarget: np.ndarray) -> tuple[np.
 
     ``part_target`` (n_t, n_parts) and ``part_nontarget`` (n_n, n_parts): each part's score of the
     same trials. Classes weighted equally, so ``w . s + b`` is a log-likelihood ratio (natural log)
-    at prior 0.5 on these trials (Brummer's linear fusion).
+    at prior 0.5 on these trials (Brummer's linear fusion). Nearly unregularised, as the score
+    calibration (:func:`~.calibration.fit_llr`), by the same fit (:func:`~.calibration.fit_balanced`).
     """
-    from sklearn.linear_model import LogisticRegression
-
     tar, non = np.atleast_2d(part_target), np.atleast_2d(part_nontarget)
     if len(tar) == 0 or len(non) == 0 or tar.shape[1] != non.shape[1]:
         raise DatasetError("fusion needs target and non-target trials with the same parts", reason="fusion_data")
-    x = np.concatenate([tar, non])
-    y = np.concatenate([np.ones(len(tar)), np.zeros(len(non))])
-    model = LogisticRegression(C=1e6, class_weight="balanced", max_iter=1000).fit(x, y)
-    return model.coef_[0].astype(np.float64), float(model.intercept_[0])
+    return fit_balanced(np.asarray(tar, np.float64), np.asarray(non, np.float64))
 
 
 def _digest(meta: dict[str, Any], arrays: Sequence[np.ndarray]) -> str:
@@ -303,6 +300,13 @@ def _load_scorer_file(path: Any, fmt: str, what: str) -> tuple[dict[str, Any], d
         raise ArtifactError(f"{path}: not a devrecd {what} (format {fmt!r} expected, found {found!r})",
                             reason="scorer_format")
     return meta, arrays
+
+
+def scorer_file_description(path: Any, *, fusion: bool = False) -> dict[str, Any]:
+    """The :meth:`describe` stored in a GSV (or, with ``fusion``, a fusion) scorer file, loading nothing
+    it names (e.g. to compare the file with a registry's scorer)."""
+    fmt, what = (FUSION_FORMAT, "fusion scorer") if fusion else (GSV_FORMAT, "GSV scorer")
+    return dict(_load_scorer_file(path, fmt, what)[0]["scorer"])
 
 
 def save_gsv(path: Any, scorer: GsvScorer, *, extra: dict[str, Any] | None = None) -> None:
