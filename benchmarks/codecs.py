@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from devrecd.audio import read_evidence
-from devrecd.audio.channel import CHANNELS, apply_channel, encode_file, encoder_available
+from devrecd.audio.channel import CHANNELS
+from devrecd.audio.transmit import apply_channel, encode_file, encoder_available
 from devrecd.baselines import GsvSvm
 from devrecd.config import load_config
 from devrecd.features import extract

@@ -83,7 +83,8 @@ def check_options(opts: TrainConfig) -> None:
 
 def _channel_problems(names: Sequence[str]) -> list[str]:
     """Unknown channels, and channels whose encoder this FFmpeg lacks, named before any training starts."""
-    from devrecd.audio.channel import CHANNELS, encoder_available
+    from devrecd.audio.channel import CHANNELS
+    from devrecd.audio.transmit import encoder_available
 
     out = []
     for name in names:
@@ -270,7 +271,9 @@ class Augmenter:
         ch = self.channels[int(rng.integers(len(self.channels)))]
         key = (i, ch.name)
         if key not in self._through:
-            self._through[key] = ch.apply(rec.samples, rec.sample_rate)
+            from devrecd.audio.transmit import apply_channel
+
+            self._through[key] = apply_channel(ch, rec.samples, rec.sample_rate)
         return self._through[key]
 
     def epoch_features(self, seed: int, epoch: int) -> list[np.ndarray]:

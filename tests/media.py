@@ -14,9 +14,9 @@ _BITRATES = {"aac": 128_000, "libopencore_amrnb": 12_200}
 
 def encode(samples: np.ndarray, rate: int, path: Path, *, codec: str, fmt: str, out_rate: int) -> Path:
     """Encode mono float samples to ``path`` with an FFmpeg encoder (e.g. aac/ipod, libopencore_amrnb/amr),
-    through the product's own encoder (:func:`devrecd.audio.channel.encode`)."""
-    from devrecd.audio.channel import encode as encode_bytes
-    from devrecd.audio.channel import resample
+    through the product's own encoder (:func:`devrecd.audio.transmit.encode`)."""
+    from devrecd.audio.transmit import encode as encode_bytes
+    from devrecd.audio.transmit import resample
 
     y = resample(samples, rate, out_rate) if out_rate != rate else samples
     path.write_bytes(encode_bytes(np.asarray(y), out_rate, codec, fmt, _BITRATES.get(codec, 64_000)))

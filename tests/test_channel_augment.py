@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from devrecd.audio.channel import encoder_available
+from devrecd.audio.transmit import encoder_available
 from devrecd.config import Config, TrainConfig, load_config
 from devrecd.data import Item
 from devrecd.errors import ConfigError

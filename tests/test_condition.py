@@ -7,16 +7,8 @@ import pytest
 import soundfile as sf
 
 from devrecd.audio import read_evidence
-from devrecd.audio.channel import (
-    CHANNELS,
-    ChannelError,
-    ChannelUnavailable,
-    apply_channel,
-    available_channels,
-    encode_file,
-    encoder_available,
-    get_channel,
-)
+from devrecd.audio.channel import CHANNELS, ChannelError, ChannelUnavailable, get_channel
+from devrecd.audio.transmit import apply_channel, available_channels, encode_file, encoder_available
 from devrecd.audio.condition import condition_channel, measure_band
 
 RATE = 32000
@@ -125,7 +117,7 @@ def test_band_limit_equals_butterworth_filtfilt(speech):
     ends (1e-6 of full scale, well below the 16-bit step the channel then rounds to), within 1e-3 of
     full scale in the first and last 50 ms (the two pad the edges differently)."""
     scipy_signal = pytest.importorskip("scipy.signal")
-    from devrecd.audio.channel import butterworth_zero_phase, resample
+    from devrecd.audio.transmit import butterworth_zero_phase, resample
 
     x = resample(speech.astype(np.float64), RATE, 8000)
     nyq = 4000.0
@@ -140,7 +132,7 @@ def test_band_limit_equals_butterworth_filtfilt(speech):
 
 
 def test_codec_delay_alignment_finds_the_lag():
-    from devrecd.audio.channel import _align
+    from devrecd.audio.transmit import _align
 
     rng = np.random.default_rng(1)
     ref = rng.standard_normal(20000)

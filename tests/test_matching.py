@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from devrecd.audio.channel import encode_file, get_channel
+from devrecd.audio.channel import get_channel
+from devrecd.audio.transmit import encode_file
 from devrecd.config import load_config
 from devrecd.errors import ArtifactError
 from devrecd.features import SLICE_FBANK

@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from devrecd.audio.channel import CHANNELS, Channel, band_limit
-
-if TYPE_CHECKING:
-    from devrecd.audio.decode import Recording
 
 ANALYSIS_SECONDS = 120.0  # at most this much audio (spread over the recording) enters the spectrum
 _BLOCK_SECONDS = 2.0
@@ -190,7 +187,22 @@ class Condition:
         return asdict(self)
 
 
-def measure_condition(rec: Recording) -> Condition:
+class Decoded(Protocol):
+    """What the measurement reads of a decoded recording (a :class:`devrecd.audio.decode.Recording`;
+    named here by shape so that this module sits below the decoder that calls it)."""
+
+    samples: np.ndarray
+    excerpt: np.ndarray | None
+    sample_rate: int
+    native_rate: int
+    channels: int
+    size: int
+    codec: str
+    container: str
+    decoder: str
+
+
+def measure_condition(rec: Decoded) -> Condition:
     """The condition of a decoded recording (header facts plus the band measured on its samples)."""
     band = measure_band(rec.samples if rec.excerpt is None else rec.excerpt, rec.sample_rate)
     native_seconds = len(rec.samples) / rec.sample_rate

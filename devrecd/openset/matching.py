@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from devrecd.audio.channel import Channel, ChannelError
+from devrecd.audio.transmit import apply_channel
 from devrecd.audio.condition import condition_channel
 from devrecd.config import AudioConfig
 from devrecd.errors import ArtifactError
@@ -147,7 +148,7 @@ class ConditionMatcher:
         if rec.sha256 != sha256:
             raise ArtifactError(f"{path}: changed while being read", reason="reference_damaged")
         if channel is not None:
-            rec = replace(rec, samples=channel.apply(rec.samples, rec.sample_rate))
+            rec = replace(rec, samples=apply_channel(channel, rec.samples, rec.sample_rate))
         return extract(clips_for(rec, self.frontend, self.hop), frontend_for(self.frontend), device=self.device)
 
     def profile_references(self, profiles: Sequence[Sequence[str]], channel: Channel | None) -> list[list[np.ndarray]]:
@@ -271,7 +272,7 @@ def resolve_comparison(condition: dict[str, Any] | None, store: ReferenceStore |
     if missing:
         return (None, f"mismatched:{channel.name}", "unmatched",
                 f"{len(missing)} reference(s) not in {store.root}: enrol them again to keep their audio")
-    from devrecd.audio.channel import encoder_available
+    from devrecd.audio.transmit import encoder_available
 
     if channel.encoder and not encoder_available(channel.encoder):
         return (None, f"mismatched:{channel.name}", "unmatched",

@@ -294,7 +294,8 @@ def encode_decode(x: np.ndarray, rate: int, codec: str, bitrate: int) -> tuple[n
     """Encode mono float samples with a phone codec in memory and decode them back: (samples, rate)."""
     if codec == "pcm":
         return x, rate
-    from devrecd.audio.channel import ChannelError, codec_round_trip  # the one codec implementation
+    from devrecd.audio.channel import ChannelError
+    from devrecd.audio.transmit import codec_round_trip  # the one codec implementation
 
     encoder, fmt, _, _ = CODECS[codec]
     try:
