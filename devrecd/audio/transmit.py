@@ -156,7 +156,7 @@ def butterworth_zero_phase(x: np.ndarray, rate: int, low_hz: float, high_hz: flo
 
 
 def apply_channel(channel: Channel, x: np.ndarray, rate: int) -> np.ndarray:
-    """See :meth:`Channel.apply`."""
+    """``x`` (mono float, at ``rate``) through ``channel``: float32 at ``rate``, same length."""
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 1 or x.size == 0:
         raise ChannelError(f"a channel takes non-empty mono audio, got shape {x.shape}")

@@ -28,12 +28,14 @@ def recording_features(scorer: Any, path: str | os.PathLike, cfg: Config, *, hop
     its input means), through the one feature path; passed through ``channel`` first when given
     (a :class:`devrecd.audio.channel.Channel`)."""
     from dataclasses import replace
+    from functools import partial
 
+    from devrecd.audio.transmit import apply_channel
     from devrecd.pipeline.stages import features_for_file
 
     device = getattr(getattr(scorer, "embedder", None), "device", "cpu")
     return features_for_file(path, replace(cfg, frontend=scorer.frontend), device=device, hop_seconds=hop_seconds,
-                             transform=None if channel is None else channel.apply)
+                             transform=None if channel is None else partial(apply_channel, channel))
 
 
 def enrol_files(registry: Registry, scorer: Any, name: str, paths: Sequence[str | os.PathLike],
