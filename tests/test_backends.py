@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from devrecd.backends import Backend, InferenceError, batch_slices, load_backend
+from devrecd.backends.onnxrt import RUN_BATCH
 from devrecd.config import load_config
 from devrecd.contract import Contract, load_for_onnx
 from devrecd.errors import ArtifactError, ConfigError, MissingDependency
@@ -40,7 +41,8 @@ def test_auto_without_gpu_serves_onnxruntime_and_says_why(exported_model, feats,
     with caplog.at_level(logging.INFO, logger="devrecd.backends"):
         backend = load_backend(cfg.backend, load_config(None, env={}).frontend)
     try:
-        assert isinstance(backend, Backend) and backend.name == "onnxruntime" and backend.max_batch is None
+        # ORT takes any batch, run in slices of RUN_BATCH windows (its working memory grows per window of a run).
+        assert isinstance(backend, Backend) and backend.name == "onnxruntime" and backend.max_batch == RUN_BATCH
         why = [r for r in caplog.records if r.getMessage() == "backend selected"]
         assert why and why[0].backend == "onnxruntime" and ("TensorRT" in why[0].why or "engine" in why[0].why)
         backend.warmup()
