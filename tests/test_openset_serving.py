@@ -155,14 +155,17 @@ def test_identify_cli_without_a_model(registry, ccnu_dir, tmp_path) -> None:
                                  str(_segment(ccnu_dir, "Apple_air1", 4)), str(_segment(ccnu_dir, NOT_ENROLLED, 4))])
     assert result.exit_code == 0, result.output
     lines = [x for x in result.output.splitlines() if x.startswith("{")]
-    assert [json.loads(x)["device"] for x in lines] == ["Apple_air1", "unknown device"]
+    # Verdicts stream in the order they finish: matched by file.
+    by_file = {Path(json.loads(x)["path"]).name: json.loads(x)["device"] for x in lines}
+    assert by_file == {_segment(ccnu_dir, "Apple_air1", 4).name: "Apple_air1",
+                       _segment(ccnu_dir, NOT_ENROLLED, 4).name: "unknown device"}
     # The case report of these verdicts shows the registry's verdict and no closed-set section.
     (tmp_path / "identify.jsonl").write_text("\n".join(lines) + "\n")
     result = runner.invoke(app, ["report", str(tmp_path / "identify.jsonl"), "--out", str(tmp_path / "report")])
     assert result.exit_code == 0, result.output
     recordings = json.loads((tmp_path / "report" / "report.json").read_text())["recordings"]
     assert len(recordings) == 2 and all("closed_set" not in r and "open_set" in r for r in recordings)
-    assert [r["open_set"]["device"] for r in recordings] == ["Apple_air1", "unknown device"]
+    assert sorted(r["open_set"]["device"] for r in recordings) == ["Apple_air1", "unknown device"]
 
 
 def test_watch_without_a_model_serves_open_set_verdicts(registry, ccnu_dir, tmp_path) -> None:
