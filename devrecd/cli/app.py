@@ -158,7 +158,7 @@ def load_cli_config(config: Optional[Path], overrides: dict[str, Any] | None = N
     A value the configuration refuses is a usage error (exit 2)."""
     from devrecd.config import load_config
 
-    given = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in (overrides or {}).items() if v is not None}
+    given = {k: (choice(v) if isinstance(v, enum.Enum) else v) for k, v in (overrides or {}).items() if v is not None}
     with option_values():
         return load_config(config, overrides=given)
 

@@ -37,7 +37,7 @@ def watch(
     """Watch folders and judge every recording that appears there, exactly once (the daemon)."""
     from devrecd.daemon.service import Daemon
 
-    overrides = {"backend.model": model, "backend.engine": engine, "backend.kind": backend and backend.value,
+    overrides = {"backend.model": model, "backend.engine": engine, "backend.kind": backend,
                  "backend.device": torch_device, "registry.path": str(registry) if registry else None,
                  "watch.state_dir": state_dir, "metrics.port": port}
     cfg = load_cli_config(config, overrides)
@@ -67,7 +67,7 @@ def identify(
     from devrecd.pipeline.identify import identify_files
 
     cfg = load_cli_config(config, {"backend.model": model, "backend.engine": engine,
-                                   "backend.kind": backend and backend.value, "backend.device": torch_device,
+                                   "backend.kind": backend, "backend.device": torch_device,
                                    "watch.top_k": top_k, "registry.path": str(registry) if registry else None})
     cli_logging(cfg, quiet=True)  # failures are printed as results below
     files = audio_paths(audio, cfg)

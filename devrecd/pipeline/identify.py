@@ -31,9 +31,14 @@ def identify_files(cfg: Config, paths: Sequence[str | os.PathLike], *, backend: 
         served = backend
     journal = Journal(":memory:")
     records: dict[int, dict] = {}
+
+    def keep(record: dict) -> None:
+        records[record["id"]] = record
+        if on_record is not None:
+            on_record(record)
+
     pipeline = Pipeline(cfg, served, journal=journal, verdict_log=None, metrics=metrics,
-                        device=device, rejudge_duplicates=True,
-                        on_record=lambda r: (records.__setitem__(r["id"], r), on_record and on_record(r)),
+                        device=device, rejudge_duplicates=True, on_record=keep,
                         judge=None if isinstance(served, OpenSetOnly) else registry_judge(cfg, device))
     pipeline.start()
     try:
