@@ -269,7 +269,7 @@ def main() -> None:
         if ARGS.serving_baseline_rev:
             srev, ssha = checkout(ARGS.serving_baseline_rev, work / "serving-baseline")
             commands[f"serving baseline: {ARGS.serving_baseline_rev} ({ssha}) in the serving venv, same model"] = (
-                [str(venv / "bin/python"), "-m", "devrecd", *args, "--model", str(onnx_only)],
+                [str(venv / "bin/python"), "-m", "devrecd", *args, "--model", str(model)],  # code before .ort serves the .onnx
                 env | {"PYTHONPATH": str(srev)})
         commands[f"baseline: {ARGS.baseline_rev} ({sha}) in the full environment"] = (
             [sys.executable, "-m", "devrecd", *args, "--model", str(model)], env | {"PYTHONPATH": str(rev)})

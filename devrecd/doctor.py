@@ -149,8 +149,14 @@ def _model_checks(cfg: Config) -> list[Check]:
     labels = len(getattr(backend, "labels", ()) or ())
     detail = f"{b.model or b.engine}: {labels} labels, frontend matches; backend {d.get('name', backend.name)}"
     engine = d.get("engine") or b.engine
-    return [Check("model", True, detail),
-            Check("engine", True, str(engine) if engine else f"none (backend.kind = {b.kind}: {backend.name} serves)")]
+    checks = [Check("model", True, detail),
+              Check("engine", True, str(engine) if engine else f"none (backend.kind = {b.kind}: {backend.name} serves)")]
+    if d.get("name") == "onnxruntime":  # the ORT-format file beside the export, which starts ~3x faster
+        problem = getattr(backend, "ort_problem", "")
+        served = f"serving {d.get('served_file')}" + (f", not the .ort: {problem}" if problem else "")
+        checks.append(Check("ort", not problem, served,
+                            "re-export the model (devrecd export) to write a matching NAME.ort" if problem else ""))
+    return checks
 
 
 def _message(exc: Exception) -> str:

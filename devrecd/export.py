@@ -34,7 +34,7 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -166,8 +166,9 @@ def audio_files(paths: Iterable[str | os.PathLike], cfg: Config) -> list[Path]:
 
 
 def parity_features(files: Sequence[Path], frontend: FrontendConfig, cfg: Config, *,
-                    max_clips: int = PARITY_CLIPS) -> np.ndarray:
-    """Up to ``max_clips`` real feature windows, spread evenly over ``files`` (model's frontend)."""
+                    max_clips: int = PARITY_CLIPS, on_file: Callable[[Path], None] | None = None) -> np.ndarray:
+    """Up to ``max_clips`` real feature windows, spread evenly over ``files`` (model's frontend);
+    ``on_file(path)`` after each recording (read or skipped)."""
     from devrecd.pipeline.stages import features_for_file
 
     if not files:
@@ -183,6 +184,9 @@ def parity_features(files: Sequence[Path], frontend: FrontendConfig, cfg: Config
         except DevrecdError as exc:  # one bad reference file must not stop the export; it is named
             log.warning("parity audio skipped", extra={"path": str(path), "reason": exc.reason})
             continue
+        finally:
+            if on_file is not None:
+                on_file(path)
         idx = np.linspace(0, len(feats) - 1, num=min(per_file, len(feats))).round().astype(int)
         chunks.append(feats[np.unique(idx)])
     if not chunks:
@@ -326,11 +330,13 @@ def export_graph(graph: Any, out: str | os.PathLike, *, labels: Sequence[str], f
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, cfg: Config,
                       parity_audio: Sequence[str | os.PathLike], fp16: bool = False, opset: int = DEFAULT_OPSET,
                       exporter: str = DEFAULT_EXPORTER, tolerance: float | None = None,
-                      max_parity_clips: int = PARITY_CLIPS) -> list[ExportResult]:
+                      max_parity_clips: int = PARITY_CLIPS,
+                      on_progress: Callable[[int, int, str], None] | None = None) -> list[ExportResult]:
     """``devrecd export``: the FP32 model (and with ``fp16`` its FP16 variant), parity-checked.
 
     ``checkpoint`` is a run folder or a ``.pt`` file (:func:`~devrecd.model.checkpoint.load_checkpoint`).
     Parity features come from ``parity_audio`` (files or folders of real recordings).
+    ``on_progress(done, total, what)`` after each step: each parity recording, then each graph exported.
     """
     from devrecd.audio import sha256_file
     from devrecd.model.checkpoint import load_checkpoint
@@ -340,16 +346,28 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
     ckpt_file = Path(checkpoint)
     ckpt_file = ckpt_file / "best.pt" if ckpt_file.is_dir() else ckpt_file
     files = audio_files(parity_audio, cfg)
-    feats = parity_features(files, ckpt.frontend, cfg, max_clips=max_parity_clips)
+    outs = [Path(out)] + ([fp16_path_for(out)] if fp16 else [])
+    total, done = min(len(files), max_parity_clips) + len(outs), 0
+
+    def step(what: str) -> None:
+        nonlocal done
+        done += 1
+        if on_progress is not None:
+            on_progress(done, total, what)
+
+    feats = parity_features(files, ckpt.frontend, cfg, max_clips=max_parity_clips,
+                            on_file=lambda path: step(f"parity audio {path.name}"))
     source = f"{len(feats)} windows of {len(files)} recording(s) under {_common_root(files)}"
     common = dict(labels=list(ckpt.labels), frontend=ckpt.frontend, features=feats, feature_source=source,
                   arch=ckpt.arch, checkpoint_sha256=sha256_file(ckpt_file), dataset_sha256=ckpt.dataset_sha256,
                   opset=opset, exporter=exporter, threads=cfg.backend.threads)
     fp32_graph = graph_for_checkpoint(ckpt)
     results = [export_graph(fp32_graph, out, tolerance=tolerance, **common)]
+    step(f"exported {outs[0].name}")
     if fp16:
-        results.append(export_graph(graph_for_checkpoint(ckpt, precision="fp16"), fp16_path_for(out),
+        results.append(export_graph(graph_for_checkpoint(ckpt, precision="fp16"), outs[1],
                                     precision="fp16", tolerance=None, reference=fp32_graph, **common))
+        step(f"exported {outs[1].name}")
     return results
 
 

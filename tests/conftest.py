@@ -99,8 +99,9 @@ class ExportedModel(os.PathLike):
     """The session's export. Path-like (the ONNX file, for ``Path(x)``/``str(x)``) and unpackable as
     ``onnx, contract, checkpoint = exported_model``."""
 
-    def __init__(self, onnx: Path, contract: Path, checkpoint: Path) -> None:
+    def __init__(self, onnx: Path, contract: Path, checkpoint: Path, output: str = "") -> None:
         self.onnx, self.contract, self.checkpoint = onnx, contract, checkpoint
+        self.output = output  # what `devrecd export` printed
 
     def __fspath__(self) -> str:
         return str(self.onnx)
@@ -172,7 +173,7 @@ def exported_model(trained_checkpoint: Path, ccnu_dir: Path, tmp_path_factory) -
         args += ["--parity-audio", a]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, f"devrecd export failed: {result.output}"
-    return ExportedModel(out, out.with_suffix(".json"), trained_checkpoint / "best.pt")
+    return ExportedModel(out, out.with_suffix(".json"), trained_checkpoint / "best.pt", result.output)
 
 
 @pytest.fixture(scope="session")

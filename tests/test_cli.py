@@ -360,3 +360,43 @@ def test_progress_bar_only_when_stderr_is_a_terminal(monkeypatch):
         with progress(3, "calibrate", unit="recording") as bar:
             bar.update(3)
         assert ("calibrate:" in stream.getvalue() and "/3 " in stream.getvalue()) is drawn
+
+
+def _on_a_terminal(args: list[str], cwd: Path) -> str:
+    """Run ``devrecd ARGS`` with stdout and stderr on a pseudo-terminal 120 columns wide; what it drew."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # tqdm draws nothing at 0 columns
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "devrecd", *args], stdin=subprocess.DEVNULL, stdout=slave,
+                            stderr=slave, env=env, cwd=cwd)
+    os.close(slave)
+    out = bytearray()
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the terminal's other side is closed
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert proc.wait(timeout=300) == 0, out.decode(errors="replace")
+    return out.decode(errors="replace")
+
+
+def test_identify_and_export_draw_a_progress_bar_on_a_terminal(exported_model, trained_checkpoint, ccnu_dir, tmp_path):
+    """At a real terminal: identify's bar counts files, export's counts its steps (each parity
+    recording, each graph exported) and names the last one; the results are printed as ever."""
+    files = [ccnu_dir / "xiaomi8se_4.wav", ccnu_dir / "Apple_air1_4.wav"]
+    drawn = _on_a_terminal(["identify", "--model", str(exported_model), *map(str, files)], tmp_path)
+    assert "identify:   0%|" in drawn and "0/2 [" in drawn  # (later draws may fall within tqdm's 0.1 s)
+    assert sum(line.startswith(str(f)) for line in drawn.replace("\r", "\n").splitlines() for f in files) == 2
+    drawn = _on_a_terminal(["export", str(trained_checkpoint), "--out", str(tmp_path / "m.onnx"),
+                            *(a for f in files for a in ("--parity-audio", str(f)))], tmp_path)
+    assert "export: 100%" in drawn and "3/3" in drawn and "exported m.onnx" in drawn  # seconds after the 2nd
+    assert "served by onnxruntime: m.ort" in drawn and (tmp_path / "m.ort").is_file()

@@ -163,8 +163,13 @@ def test_fp16_variant_keeps_input_and_normalisation_fp32(trained_checkpoint: Pat
     cfg = load_config(None, env={})
     audio = sorted(ccnu_dir.glob("*_4.wav"))[:4]
     out = tmp_path / "paper.onnx"
-    results = export_checkpoint(trained_checkpoint, out, cfg=cfg, parity_audio=audio, fp16=True)
+    steps: list[tuple[int, int, str]] = []
+    results = export_checkpoint(trained_checkpoint, out, cfg=cfg, parity_audio=audio, fp16=True,
+                                on_progress=lambda *step: steps.append(step))
     assert [r.onnx_path for r in results] == [out, fp16_path_for(out)]
+    # Progress: one step per parity recording, then one per graph exported; the total known from the start.
+    assert steps == [(i + 1, 6, f"parity audio {p.name}") for i, p in enumerate(audio)] + [
+        (5, 6, "exported paper.onnx"), (6, 6, "exported paper-fp16.onnx")]
     c16 = Contract.load(fp16_path_for(out).with_suffix(".json"))
     assert c16.precision == "fp16" and c16.parity["passed"] and c16.parity["tolerance"] == 2e-2
     assert c16.input.dtype == "float32" and c16.output.dtype == "float32"
@@ -199,3 +204,15 @@ def test_contract_is_plain_json_an_examiner_can_read(exported_model) -> None:
     doc = json.loads(exported_model.contract.read_text())
     assert doc["schema"] == "devrecd.contract/1" and doc["onnx_file"] == "paper.onnx"
     assert doc["frontend"]["sample_rate"] == 32000 and len(doc["labels"]) == 15
+
+
+def test_cli_export_summary_names_the_file_onnxruntime_serves(exported_model) -> None:
+    """`devrecd export` says what it wrote: the .onnx, its parity, the .ort that the onnxruntime
+    backend serves (with its own check against the .onnx) and the contract."""
+    c = Contract.load(exported_model.contract)
+    lines = exported_model.output.splitlines()
+    assert lines[0].startswith(f"{exported_model.onnx}  (fp32, 15 labels, sha256 {c.onnx_sha256[:12]}")
+    assert lines[1].startswith("  parity vs torch: max abs diff")
+    assert lines[2] == (f"  served by onnxruntime: paper.ort (ORT format, sha256 {c.ort['sha256'][:12]}; "
+                        f"max abs diff vs the .onnx {c.ort['parity_max_abs_diff']:.2e})")
+    assert lines[3] == f"  contract: {exported_model.contract}"

@@ -163,3 +163,28 @@ def test_identify_skips_the_warm_up_that_the_daemon_keeps(exported_model, ccnu_d
     assert record["outcome"] == "judged" and record["device"] and calls == []
     load_serving_backend(cfg).close()  # what the daemon, listen and the cluster job load
     assert calls == [1]
+
+
+def test_doctor_says_whether_the_ort_is_served_and_why_not(exported_model, tmp_path: Path) -> None:
+    """A matching .ort: the ort check passes naming it; a damaged one: the check is a warning (the
+    service still runs on the .onnx) that names the reason and the fix."""
+    from typer.testing import CliRunner
+
+    from devrecd.cli import app
+
+    def ort_check(onnx_path: Path) -> dict:
+        cfg = tmp_path / f"{onnx_path.parent.name}.toml"
+        cfg.write_text(f'[backend]\nmodel = "{onnx_path}"\n[watch]\nstate_dir = "{tmp_path / "state"}"\n'
+                       '[metrics]\nport = 0\n')
+        result = CliRunner().invoke(app, ["doctor", "--config", str(cfg), "--format", "json"])
+        assert result.exit_code == 0, result.output  # a warning, not a failure
+        return {c["name"]: c for c in json.loads(result.stdout)["checks"]}["ort"]
+
+    good = ort_check(exported_model.onnx)
+    assert good["ok"] and good["detail"] == f"serving {ort_path_for(exported_model.onnx).name}" and not good["failed"]
+    (tmp_path / "damaged").mkdir()
+    onnx_path = _copy_export(exported_model, tmp_path / "damaged")
+    _flip_last_byte(ort_path_for(onnx_path))
+    bad = ort_check(onnx_path)
+    assert not bad["ok"] and not bad["failed"] and not bad["required"]
+    assert bad["detail"].startswith(f"serving {onnx_path.name}, not the .ort: ort_mismatch") and "re-export" in bad["hint"]

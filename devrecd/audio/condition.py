@@ -76,14 +76,14 @@ def measure_band(samples: np.ndarray, rate: int) -> Band:
     nyq = rate / 2.0
     df = float(f[1] - f[0])
     band = (f >= REF_BAND[0]) & (f <= min(REF_BAND[1], 0.45 * rate))
-    ref = float(np.percentile(level[band], 90)) if band.any() else float(level.max())
+    ref = float(_quantile(0.9, level[band])) if band.any() else float(level.max())
 
     hi_i, hi_drop = _upper_cliff(level, f, max(2, int(round(CLIFF_HZ / df))), nyq)
     if hi_i is None:  # no cliff: where the spectrum has faded far below the speech level
         above = np.flatnonzero(level > ref - EDGE_BELOW_REF_DB)
         hi_i = int(above[-1]) if above.size else len(f) - 1
         k = max(2, int(round(CLIFF_HZ / df)))
-        hi_drop = float(np.median(level[max(0, hi_i - k): hi_i + 1]) - np.median(level[hi_i + 1: hi_i + 1 + k])) \
+        hi_drop = float(_quantile(0.5, level[max(0, hi_i - k): hi_i + 1]) - _quantile(0.5, level[hi_i + 1: hi_i + 1 + k])) \
             if hi_i + 2 < len(level) else 0.0
     lo_i, lo_drop = _lower_cliff(level, f, max(2, int(round(LOW_CLIFF_HZ / df))))
     return Band(low_hz=round(float(f[lo_i]), 1), high_hz=round(float(f[hi_i]), 1),
@@ -97,14 +97,14 @@ def _upper_cliff(level: np.ndarray, f: np.ndarray, k: int, nyq: float) -> tuple[
     for i in range(k, n - k):
         if f[i] >= 0.9 * nyq:
             break
-        inside = float(np.median(level[i - k: i]))
-        if inside - float(np.median(level[i: i + k])) < CLIFF_DB:
+        inside = float(_quantile(0.5, level[i - k: i]))
+        if inside - float(_quantile(0.5, level[i: i + k])) < CLIFF_DB:
             continue
         if tail_max[min(n - 1, i + k)] > inside - CLIFF_DB + BACK_DB:
             continue  # the spectrum comes back: a notch or a roll-off with a floor, not a band limit
         # The edge: the last bin still within 10 dB of the band's level just inside it.
         j = i - k + int(np.flatnonzero(level[i - k: i + k] >= inside - 10.0)[-1])
-        return j, inside - float(np.median(level[i: i + k]))
+        return j, inside - float(_quantile(0.5, level[i: i + k]))
     return None, 0.0
 
 
@@ -116,10 +116,10 @@ def _lower_cliff(level: np.ndarray, f: np.ndarray, k: int) -> tuple[int, float]:
             continue
         if f[i] > 1000.0:
             break
-        inside = float(np.median(level[i: i + k]))
+        inside = float(_quantile(0.5, level[i: i + k]))
         below = float(level[lo0:max(lo0 + 1, i - k // 2)].max())
         if inside - below >= LOW_CLIFF_DB:
-            band = float(np.median(level[i: i + 3 * k]))  # the band's own level just above the edge
+            band = float(_quantile(0.5, level[i: i + 3 * k]))  # the band's own level just above the edge
             j = i + int(np.flatnonzero(level[i: i + 3 * k] >= band - 10.0)[0])
             return j, band - below
     return 0, 0.0
@@ -162,7 +162,22 @@ def _median_smooth(v: np.ndarray, width: int) -> np.ndarray:
     """Running median of ``width`` (odd) bins, edges repeated (scipy.ndimage's mode 'nearest')."""
     half = width // 2
     padded = np.pad(v, half, mode="edge")
-    return np.median(np.lib.stride_tricks.sliding_window_view(padded, width), axis=1)
+    return _quantile(0.5, np.lib.stride_tricks.sliding_window_view(padded, width), axis=1)
+
+
+def _quantile(q: float, v: np.ndarray, axis: int | None = None) -> Any:
+    """numpy's default ("linear") quantile ``q`` of ``v`` along ``axis`` (all of it when None).
+    Not ``np.median``/``np.percentile``: those import ``numpy.ma`` (~40 ms of a one-shot
+    ``identify``'s start) to check for masked arrays."""
+    s = np.sort(np.asarray(v, dtype=np.float64), axis=axis)
+    axis = -1 if axis is None else axis
+    n = s.shape[axis]
+    if n == 0:
+        raise ValueError("the quantile of no values")
+    pos = q * (n - 1)
+    lo = int(math.floor(pos))
+    a, b = np.take(s, lo, axis=axis), np.take(s, min(lo + 1, n - 1), axis=axis)
+    return a + (b - a) * (pos - lo)
 
 
 @dataclass(frozen=True)

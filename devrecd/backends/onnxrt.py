@@ -86,6 +86,8 @@ class OnnxRuntimeBackend:
         self.threads = threads
         self.session: Any = None
         self.served_path, self.served_sha256 = self.onnx_path, self.contract.onnx_sha256
+        # Why the .ort is not served ("" when it is): the log says it once, `devrecd doctor` on demand.
+        self.ort_problem = ""
         ort_file = self.contract.ort_file()
         if ort_file:
             ort_path = self.onnx_path.with_name(ort_file)
@@ -94,11 +96,13 @@ class OnnxRuntimeBackend:
                 self.session = ort_session(ort_path, threads=threads)
                 self.served_path, self.served_sha256 = ort_path, self.contract.ort["sha256"]
             except ArtifactError as exc:
+                self.ort_problem = f"{exc.reason}: {exc}"
                 log.warning("serving the .onnx, not the .ort", extra={"model": str(self.onnx_path),
                             "ort": str(ort_path), "reason": exc.reason, "why": str(exc)})
         else:
-            log.info("serving the .onnx", extra={"model": str(self.onnx_path),
-                     "why": "the contract names no .ort (exported before devrecd wrote one): re-export to start faster"})
+            self.ort_problem = ("the contract names no .ort (exported before devrecd wrote one): "
+                                "re-export to start faster")
+            log.info("serving the .onnx", extra={"model": str(self.onnx_path), "why": self.ort_problem})
         if self.session is None:
             self.session = ort_session(self.onnx_path, threads=threads)
         inputs = [(i.name, i.type) for i in self.session.get_inputs()]

@@ -194,6 +194,12 @@ class _NoBar:
     def update(self, n: int = 1) -> None:
         pass
 
+    def set_postfix_str(self, s: str = "") -> None:
+        pass
+
+    def external_write_mode(self, file: object = None) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
     def close(self) -> None:
         pass
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import enum
 
 import typer
 
-from devrecd.cli.app import ConfigOption, audio_paths, command, load_cli_config
+from devrecd.cli.app import ConfigOption, audio_paths, command, load_cli_config, progress
 
 
 class Exporter(str, enum.Enum):
@@ -36,13 +36,31 @@ def export(
 
     cfg = load_cli_config(config)
     parity = audio_paths(parity_audio, cfg, what="parity audio")
-    for result in export_checkpoint(checkpoint, out, cfg=cfg, parity_audio=parity, fp16=fp16, opset=opset,
-                                    exporter=exporter.value, tolerance=tolerance):
-        p = result.contract.parity
-        typer.echo(f"{result.onnx_path}  ({result.contract.precision}, {len(result.contract.labels)} labels, "
-                   f"sha256 {result.contract.onnx_sha256[:12]}, exported in {result.seconds:.1f} s)")
+    bar: Any = None
+
+    def step(done: int, total: int, what: str) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = progress(total, "export", unit="step")
+        bar.set_postfix_str(what)
+        bar.update(1)
+
+    try:
+        results = export_checkpoint(checkpoint, out, cfg=cfg, parity_audio=parity, fp16=fp16, opset=opset,
+                                    exporter=exporter.value, tolerance=tolerance, on_progress=step)
+    finally:
+        if bar is not None:
+            bar.close()
+    for result in results:
+        c = result.contract
+        p = c.parity
+        typer.echo(f"{result.onnx_path}  ({c.precision}, {len(c.labels)} labels, "
+                   f"sha256 {c.onnx_sha256[:12]}, exported in {result.seconds:.1f} s)")
         typer.echo(f"  parity vs torch: max abs diff {p['max_abs_diff']:.2e} <= {p['tolerance']:g}, "
                    f"top-1 agreement {p['top1_agreement']:.1%} on {p['n_clips']} real windows")
+        if c.ort:  # what the onnxruntime backend serves: the optimised graph in ORT format
+            typer.echo(f"  served by onnxruntime: {c.ort_file()} (ORT format, sha256 {c.ort['sha256'][:12]}; "
+                       f"max abs diff vs the .onnx {c.ort['parity_max_abs_diff']:.2e})")
         typer.echo(f"  contract: {result.contract_path}")
 
 

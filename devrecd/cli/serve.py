@@ -73,8 +73,14 @@ def identify(
     files = audio_paths(audio, cfg)
     printer = VerdictPrinter(fmt, sys.stdout, path_width=max(len(str(p.absolute())) for p in files))
     bar = progress(len(files), "identify")
+
+    def show(record: dict) -> None:  # in the writer thread, as each verdict is made
+        with bar.external_write_mode(file=sys.stdout):  # the bar leaves the line, and is redrawn below it
+            printer.add(record)
+        bar.update(1)
+
     try:
-        records = identify_files(cfg, files, on_record=lambda r: (printer.add(r), bar.update(1)))
+        records = identify_files(cfg, files, on_record=show)
     except KeyboardInterrupt:
         bar.close()
         typer.secho(f"interrupted: {printer.count} of {len(files)} verdict(s) printed", fg=typer.colors.YELLOW, err=True)

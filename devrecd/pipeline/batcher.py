@@ -60,7 +60,7 @@ class Batcher:
         self.max_wait_s = max_wait_s
         self.on_batch = on_batch  # (clips, seconds) after each batch, for metrics
         self.on_progress = on_progress  # liveness: called with idle=True while waiting, False after a batch
-        self._q: queue.Queue[Unit] = queue.Queue(maxsize=max(1, queue_size))
+        self._q: queue.Queue[Unit | None] = queue.Queue(maxsize=max(1, queue_size))  # None: a wake-up
         self.max_clips = max_clips  # clips queued at most (0 = no limit); one bigger unit may always enter
         self._queued_clips = 0
         self._room = threading.Condition()
@@ -91,9 +91,14 @@ class Batcher:
                 if stop is not None and stop.is_set():
                     return False
 
-    def pending(self) -> int:
-        """Units queued or partly inferred."""
-        return self._q.qsize() + (1 if self._carry else 0)
+    def wake(self, threads: int) -> None:
+        """Wake up to ``threads`` inference threads waiting on an empty queue (after the stop flag
+        is set), so that they return now rather than at their next poll."""
+        for _ in range(threads):
+            try:
+                self._q.put_nowait(None)
+            except queue.Full:
+                return  # a full queue: no thread is waiting on it
 
     def next_batch(self, stop: threading.Event, poll: float = 0.2) -> list[tuple[Unit, int, int]]:
         """Slices ``(unit, lo, hi)`` of the next batch; empty when ``stop`` is set and nothing waits."""
@@ -117,6 +122,8 @@ class Batcher:
                         break
                 try:
                     unit = self._q.get(timeout=min(timeout, poll))
+                    if unit is None:  # a wake-up: handled as a poll that found nothing
+                        raise queue.Empty
                 except queue.Empty:
                     if not parts:
                         if stop.is_set():

@@ -100,12 +100,14 @@ class Pipeline:
         self.rejudge = cfg.watch.rejudge_duplicates if rejudge_duplicates is None else rejudge_duplicates
         self.on_record = on_record
         self.liveness = liveness or Liveness()
-        self._jobs: queue.Queue[Job] = queue.Queue(maxsize=max(1, cfg.watch.queue_size))
+        # None in the job queue is a wake-up (stop), not a file.
+        self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max(1, cfg.watch.queue_size))
         self._results: queue.Queue[Message] = queue.Queue()  # bounded in effect: fed only by bounded stages
         self._inflight: dict[int, float] = {}
         self._contents: dict[str, int] = {}  # sha256 -> files of that content in flight
         self._shared: set[str] = set()  # contents two files in flight had at once
         self._lock = threading.Lock()
+        self._settled = threading.Condition(self._lock)  # notified when nothing is in flight any more
         self._stop = threading.Event()  # workers/inference: no new work
         self._threads: list[threading.Thread] = []
         self._writer: threading.Thread | None = None
@@ -166,16 +168,21 @@ class Pipeline:
 
     def drain(self, timeout: float) -> bool:
         """Wait until nothing is in flight; True when drained within ``timeout`` seconds."""
-        end = time.monotonic() + timeout
-        while self.in_flight():
-            if time.monotonic() >= end:
-                return False
-            time.sleep(0.05)
-        return True
+        with self._settled:
+            return self._settled.wait_for(lambda: not self._inflight,
+                                          None if timeout == float("inf") else max(0.0, timeout))
 
     def stop(self) -> None:
         """Stop every thread; unfinished files stay unfinished in the journal (resumed next start)."""
         self._stop.set()
+        # Wake the threads blocked on an empty queue now rather than at their next poll.
+        for _ in range(max(1, self.cfg.watch.workers)):
+            try:
+                self._jobs.put_nowait(None)
+            except queue.Full:
+                break  # a full queue: every worker is busy and sees the stop after its file
+        if self.batcher is not None:
+            self.batcher.wake(self.streams)
         for t in self._threads:
             t.join(timeout=10)
         self._results.put(Stop())
@@ -213,6 +220,8 @@ class Pipeline:
         """``job`` is finished (or left unfinished for the next start): no longer in flight."""
         with self._lock:
             self._inflight.pop(job.entry_id, None)
+            if not self._inflight:
+                self._settled.notify_all()
             sha, job.content = job.content, None
             if sha is not None:
                 n = self._contents.pop(sha) - 1
@@ -263,6 +272,8 @@ class Pipeline:
                 job = self._jobs.get(timeout=0.2)
             except queue.Empty:
                 self._tick(True)  # idle with nothing in flight is alive (the open-set-only path has no batcher ticks)
+                continue
+            if job is None:  # a wake-up: the loop looks at the stop flag
                 continue
             try:
                 self._prepare(job)
