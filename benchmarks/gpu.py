@@ -312,19 +312,20 @@ def section_frontend(clips10: np.ndarray, device: str, budget: Budget, share: fl
         xb_host = torch.from_numpy(np.ascontiguousarray(host[:b]))
         try:
             xb = xb_host.to(device)
-            on_dev = timed_calls(lambda: fe(xb), device, seconds=per_cell, min_calls=2 if not tiny else 1)
-            with_h2d = timed_calls(lambda: fe(xb_host.to(device)), device, seconds=per_cell,
+            # the tensors bound as defaults: the loop drops its own references after each batch
+            on_dev = timed_calls(lambda x=xb: fe(x), device, seconds=per_cell, min_calls=2 if not tiny else 1)
+            with_h2d = timed_calls(lambda x=xb_host: fe(x.to(device)), device, seconds=per_cell,
                                    min_calls=2 if not tiny else 1)
         except RuntimeError as exc:  # out of memory at the largest batches: recorded, not fatal
             rows.append({"batch": b, "skipped": f"{type(exc).__name__}: {str(exc)[:120]}"})
-            del xb_host
+            xb = xb_host = None  # freed before the cache is emptied
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
             continue
         r_dev, r_h2d = b / float(np.median(on_dev)), b / float(np.median(with_h2d))
         rows.append({"batch": b, "clips_per_s": r_dev, "clips_per_s_with_h2d": r_h2d,
                      "vs_cpu": r_dev / cpu_rate, "vs_cpu_with_h2d": r_h2d / cpu_rate, "calls": len(on_dev)})
-        del xb, xb_host
+        xb = xb_host = None
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     b256 = next((r for r in rows if r["batch"] == 256 and "vs_cpu" in r), None)

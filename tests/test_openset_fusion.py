@@ -126,7 +126,7 @@ def test_fusion_enrols_calibrates_compares_and_identifies(fusion) -> None:
 def test_scorer_fusion_needs_its_file(tmp_path: Path, ccnu_dir: Path) -> None:
     wav = next(iter(_by_phone(ccnu_dir).values()))[1]
     res = run(app, ["enroll", "--registry", str(tmp_path / "r.json"), "--profile", "a", "--scorer", "fusion", str(wav)])
-    assert res.exit_code != 0 and "--fusion" in res.output
+    assert res.exit_code == 2 and "scorer 'fusion' needs --fusion FILE" in res.output
 
 
 def test_every_command_serves_with_the_scorers_frontend(ccnu_dir: Path, tmp_path: Path) -> None:

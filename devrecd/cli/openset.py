@@ -58,7 +58,7 @@ def choose_scorer(reg, scorer: Optional[Scorer | str], model: Optional[Path], gs
     scorer = choice(scorer) if isinstance(scorer, enum.Enum) else scorer
     if reg is not None and reg.embedder:
         if scorer is not None and scorer != reg.kind:
-            raise ConfigError(f"registry {reg.path} was enrolled with scorer {reg.kind!r}, not {scorer!r}")
+            raise UsageError(f"registry {reg.path} was enrolled with scorer {reg.kind!r}, not {scorer!r}")
         for flag, path in (("--gsv", gsv), ("--fusion", fusion)):
             if path is None:
                 continue
@@ -74,13 +74,13 @@ def choose_scorer(reg, scorer: Optional[Scorer | str], model: Optional[Path], gs
     kind = scorer or ("fusion" if fusion is not None else "embedder" if model is not None else "gsv")
     if kind == "fusion":
         if fusion is None:
-            raise ConfigError("scorer 'fusion' needs --fusion FILE (from `devrecd train-fusion`)")
+            raise UsageError("scorer 'fusion' needs --fusion FILE (from `devrecd train-fusion`)")
         return load_fusion(fusion, model=model, device=device)[0]
     if fusion is not None:
-        raise ConfigError(f"--fusion is a fusion scorer's file; it does not go with --scorer {kind}")
+        raise UsageError(f"--fusion is a fusion scorer's file; it does not go with --scorer {kind}")
     if kind == "embedder":
         if model is None:
-            raise ConfigError("scorer 'embedder' needs --model (a checkpoint or run directory)")
+            raise UsageError("scorer 'embedder' needs --model (a checkpoint or run directory)")
         from devrecd.openset.embedder import Embedder
 
         return EmbedderScorer(Embedder.load(model, device=device))
@@ -101,7 +101,7 @@ class ThresholdRule(str, enum.Enum):
 def _registry_path(cfg, given: Optional[Path]) -> Path:
     path = given or (Path(cfg.registry.path) if cfg.registry.path else None)
     if path is None:
-        raise ConfigError("no registry: pass --registry FILE or set registry.path in the config")
+        raise UsageError("no registry: pass --registry FILE or set registry.path in the config")
     return path
 
 
@@ -169,7 +169,7 @@ def devices(
             typer.echo(f"  {r['name']:<28} {r['n_references']:>3} ref(s) {r['windows']:>5} windows {r['seconds']:>9.1f} s")
     else:
         if not name:
-            raise ConfigError(f"`devrecd devices {action.value}` needs a device NAME")
+            raise UsageError(f"`devrecd devices {action.value}` needs a device NAME")
         if action is DevicesAction.show:
             profile = reg.get(name)
             info = profile.summary()
