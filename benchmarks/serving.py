@@ -14,8 +14,8 @@ numpy frontend's parity with the torch frontend, each beside a baseline measured
    Runtime's format of the optimised graph); A' = the same venv serving the .onnx (a copy of the
    export whose contract names no .ort, as exports before .ort files); B = the baseline, the code of
    --baseline-rev (default: main) in this environment (torch, scipy, ... installed, as today); with
-   --serving-baseline-rev REV also C = that revision's code in the serving venv (e.g. the commit before
-   .ort files and identify without warm-up: the start-time baseline of the serving install itself).
+   --serving-baseline-rev REV also C = that revision's code in the serving venv on the same model (code
+   from before .ort files serves its .onnx): the start-time baseline of the serving install itself.
    Wall seconds, CPU seconds (user + system) and peak RSS (the largest resident set), median/min/max.
 3. Parity: the same ONNX model on features from the frontend run on numpy (serving) and on torch
    tensors (training, GPU): max abs difference of probabilities over every window of one recording of
