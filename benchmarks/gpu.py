@@ -310,6 +310,7 @@ def section_frontend(clips10: np.ndarray, device: str, budget: Budget, share: fl
             rows.append({"batch": b, "skipped": "time budget"})
             continue
         xb_host = torch.from_numpy(np.ascontiguousarray(host[:b]))
+        failed = None
         try:
             xb = xb_host.to(device)
             # the tensors bound as defaults: the loop drops its own references after each batch
@@ -317,8 +318,10 @@ def section_frontend(clips10: np.ndarray, device: str, budget: Budget, share: fl
             with_h2d = timed_calls(lambda x=xb_host: fe(x.to(device)), device, seconds=per_cell,
                                    min_calls=2 if not tiny else 1)
         except RuntimeError as exc:  # out of memory at the largest batches: recorded, not fatal
-            rows.append({"batch": b, "skipped": f"{type(exc).__name__}: {str(exc)[:120]}"})
-            xb = xb_host = None  # freed before the cache is emptied
+            failed = f"{type(exc).__name__}: {str(exc)[:120]}"
+        if failed is not None:  # out of the except block: its traceback no longer holds the tensors
+            rows.append({"batch": b, "skipped": failed})
+            xb = xb_host = None
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
             continue

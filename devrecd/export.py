@@ -183,10 +183,11 @@ def parity_features(files: Sequence[Path], frontend: FrontendConfig, cfg: Config
             _, feats = features_for_file(path, model_cfg)
         except DevrecdError as exc:  # one bad reference file must not stop the export; it is named
             log.warning("parity audio skipped", extra={"path": str(path), "reason": exc.reason})
+            feats = None
+        if on_file is not None:
+            on_file(path)
+        if feats is None:
             continue
-        finally:
-            if on_file is not None:
-                on_file(path)
         idx = np.linspace(0, len(feats) - 1, num=min(per_file, len(feats))).round().astype(int)
         chunks.append(feats[np.unique(idx)])
     if not chunks:

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -374,9 +375,14 @@ def _on_a_terminal(args: list[str], cwd: Path) -> str:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen([sys.executable, "-m", "devrecd", *args], stdin=subprocess.DEVNULL, stdout=slave,
                             stderr=slave, env=env, cwd=cwd)
+    import select
+
     os.close(slave)
     out = bytearray()
-    while True:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if not select.select([master], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            break  # nothing more within the time allowed: the wait below fails
         try:
             chunk = os.read(master, 4096)
         except OSError:  # EIO: the terminal's other side is closed
@@ -385,7 +391,11 @@ def _on_a_terminal(args: list[str], cwd: Path) -> str:
             break
         out += chunk
     os.close(master)
-    assert proc.wait(timeout=300) == 0, out.decode(errors="replace")
+    try:
+        assert proc.wait(timeout=max(1.0, deadline - time.monotonic())) == 0, out.decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     return out.decode(errors="replace")
 
 

@@ -90,7 +90,7 @@ def test_fusion_enrols_calibrates_compares_and_identifies(fusion) -> None:
     assert stored["kind"] == "fusion" and stored["weights"] == pytest.approx(list(scorer.weights))
     assert stored["dev_calibration"]["threshold"] == pytest.approx(scorer.calibration["threshold"])
     res = run(app, ["enroll", "--registry", str(reg), "--profile", "x", "--scorer", "gsv", str(phones[stranger][1])])
-    assert res.exit_code == 1 and "scorer 'fusion'" in res.output
+    assert res.exit_code == 2 and "was enrolled with scorer 'fusion', not 'gsv'" in res.output  # usage error
 
     cfg = load_config(None, env={}, overrides={"registry.path": str(reg)})
     records = {Path(r["path"]).name: r for r in identify_files(cfg, [phones[enrolled[0]][4], phones[stranger][4]])}

@@ -222,6 +222,22 @@ def progress(total: int, desc: str, unit: str = "file"):
     return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False, file=sys.stderr)
 
 
+@contextlib.contextmanager
+def logs_above_bars() -> Iterator[None]:
+    """While a progress bar may be drawn (stderr is a terminal), devrecd's log lines are written
+    above it (through tqdm) instead of onto the bar's line."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    try:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+    except ImportError:  # no tqdm: no bars either
+        yield
+        return
+    with logging_redirect_tqdm(loggers=[logging.getLogger("devrecd")]):
+        yield
+
+
 def main() -> None:
     """Console-script entry point."""
     from devrecd.logs import setup_logging

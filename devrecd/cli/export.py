@@ -9,7 +9,7 @@ import enum
 
 import typer
 
-from devrecd.cli.app import ConfigOption, audio_paths, command, load_cli_config, progress
+from devrecd.cli.app import ConfigOption, audio_paths, command, load_cli_config, logs_above_bars, progress
 
 
 class Exporter(str, enum.Enum):
@@ -46,8 +46,9 @@ def export(
         bar.update(1)
 
     try:
-        results = export_checkpoint(checkpoint, out, cfg=cfg, parity_audio=parity, fp16=fp16, opset=opset,
-                                    exporter=exporter.value, tolerance=tolerance, on_progress=step)
+        with logs_above_bars():
+            results = export_checkpoint(checkpoint, out, cfg=cfg, parity_audio=parity, fp16=fp16, opset=opset,
+                                        exporter=exporter.value, tolerance=tolerance, on_progress=step)
     finally:
         if bar is not None:
             bar.close()

@@ -16,7 +16,7 @@ import typer
 
 from devrecd.cli.app import (EXIT_FAILED, EXIT_INTERRUPTED, BackendKind, BackendOption, ConfigOption, EngineOption,
                              Format, ModelOption, TorchDeviceOption, audio_paths, cli_logging, command,
-                             load_cli_config, progress)
+                             load_cli_config, logs_above_bars, progress)
 from devrecd.errors import ConfigError
 
 RegistryOption = typer.Option(None, "--registry", "-r", help="Open-set verdicts against this device registry (registry.path).")
@@ -80,12 +80,14 @@ def identify(
         bar.update(1)
 
     try:
-        records = identify_files(cfg, files, on_record=show)
+        with logs_above_bars():
+            records = identify_files(cfg, files, on_record=show)
     except KeyboardInterrupt:
         bar.close()
         typer.secho(f"interrupted: {printer.count} of {len(files)} verdict(s) printed", fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
-    bar.close()
+    finally:
+        bar.close()  # (again: closing twice is harmless) before an error is printed, not onto the bar
     failed = [r for r in records if r["outcome"] == "failed"]
     for r in failed:
         typer.secho(f"error: {r['path']}: {r['reason']}: {r['detail']}", fg=typer.colors.RED, err=True)

@@ -73,7 +73,8 @@ class Batcher:
         self.max_batch, self.max_wait_s = max(1, max_batch), max(0.0, max_wait_s)
 
     def put(self, unit: Unit, stop: threading.Event | None = None) -> bool:
-        """Queue a unit, blocking while the queue is full; False if ``stop`` was set meanwhile."""
+        """Queue a unit, blocking while the queue is full; False if ``stop`` was set meanwhile (a
+        unit that finds room is queued even after stop: the live input's last windows are)."""
         if len(unit) == 0:
             raise ValueError("a unit needs at least one window")
         if self.max_clips:
@@ -98,7 +99,7 @@ class Batcher:
             try:
                 self._q.put_nowait(None)
             except queue.Full:
-                return  # a full queue: no thread is waiting on it
+                return  # the others see the stop at their next poll
 
     def next_batch(self, stop: threading.Event, poll: float = 0.2) -> list[tuple[Unit, int, int]]:
         """Slices ``(unit, lo, hi)`` of the next batch; empty when ``stop`` is set and nothing waits."""
@@ -181,7 +182,9 @@ class Batcher:
             self.on_progress(False)
 
     def run(self, stop: threading.Event, deliver: Deliver, on_error: Callable[[Unit, Exception], None]) -> None:
-        """The inference loop: until ``stop`` is set and the queue is drained.
+        """The inference loop: until ``stop`` is set and the queue is found empty, or a wake-up
+        (:meth:`wake`) is reached: units queued before the wake-ups are inferred, a unit queued
+        behind them is left (the runner's file then stays unfinished in its journal and is resumed).
 
         A batch that fails fails each of its units (``on_error``), not the loop.
         """

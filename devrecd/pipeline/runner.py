@@ -169,8 +169,9 @@ class Pipeline:
     def drain(self, timeout: float) -> bool:
         """Wait until nothing is in flight; True when drained within ``timeout`` seconds."""
         with self._settled:
+            # Beyond threading.TIMEOUT_MAX (~292 years) a wait raises OverflowError: no limit then.
             return self._settled.wait_for(lambda: not self._inflight,
-                                          None if timeout == float("inf") else max(0.0, timeout))
+                                          None if timeout >= threading.TIMEOUT_MAX else max(0.0, timeout))
 
     def stop(self) -> None:
         """Stop every thread; unfinished files stay unfinished in the journal (resumed next start)."""
@@ -180,7 +181,7 @@ class Pipeline:
             try:
                 self._jobs.put_nowait(None)
             except queue.Full:
-                break  # a full queue: every worker is busy and sees the stop after its file
+                break  # the others see the stop after their file, or at their next poll
         if self.batcher is not None:
             self.batcher.wake(self.streams)
         for t in self._threads:
