@@ -308,7 +308,10 @@ def test_identify_prints_each_verdict_as_it_is_made_and_ctrl_c_keeps_them(export
     try:
         first = json.loads(proc.stdout.readline())
         proc.send_signal(signal.SIGINT)
-        rest, err = proc.communicate(timeout=120)
+        # Read through the same buffered streams: readline() may already hold the next lines, which
+        # communicate() (reading the raw pipe) would never see. stderr is one line: no deadlock.
+        rest, err = proc.stdout.read(), proc.stderr.read()
+        proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
