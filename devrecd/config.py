@@ -290,9 +290,18 @@ class RegistryConfig(_Section):
     target_far: Annotated[float, Range(gt=0, lt=1)] = 0.01  # `devrecd calibrate`: false-acceptance rate the threshold is chosen for
     keep_references: bool = True  # `devrecd enroll` keeps the references' audio (by sha256) next to the registry
     match_conditions: bool = True  # bring references to a questioned recording's codec / band before scoring
+    # The network an `embedder`/`fusion` registry is served with: its checkpoint (.pt or run directory)
+    # or embedder export (.onnx, no torch needed); "" = the checkpoint path the registry recorded.
+    embedder_model: str = ""
 
     def relations(self) -> list[str]:
-        return [] if math.isfinite(self.threshold) else [f"registry.threshold must be a finite number, got {self.threshold!r}"]
+        problems = [] if math.isfinite(self.threshold) else [
+            f"registry.threshold must be a finite number, got {self.threshold!r}"]
+        suffix = Path(self.embedder_model).suffix.lower() if self.embedder_model else ""
+        if suffix not in ("", ".pt", ".onnx"):
+            problems.append(f"registry.embedder_model must be a checkpoint (.pt or a run directory) or an embedder "
+                            f"export (.onnx), got {self.embedder_model!r}")
+        return problems
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,11 @@ none) names ``NAME.ort``, ONNX Runtime's own format of the optimised graph, whic
 held to the same rules (size, sha256) and records the onnxruntime version that wrote it and its parity
 with the ``.onnx``. The contract is plain JSON so that an
 examiner can read what a verdict's model was without running anything.
+
+``devrecd export-embedder`` writes a second kind, :class:`EmbedderContract` (``"kind": "embedder"``):
+a network that maps the same raw features to device embeddings for the open set, identified by the
+torch embedder's fingerprint (what registries record). The two kinds are never interchangeable: each
+loader refuses the other kind with ``reason="contract_kind"``.
 """
 
 from __future__ import annotations
@@ -25,8 +30,10 @@ from devrecd.fsutil import atomic_write
 SCHEMA = "devrecd.contract/1"  # bump when a field changes meaning
 INPUT_NAME = "features"  # (batch, 128, 73) float32, NOT normalised: normalisation is in the graph
 OUTPUT_NAME = "probs"  # (batch, n_labels) float32 softmax probabilities
+EMBEDDING_NAME = "embedding"  # (batch, dim) float32 embeddings of an embedder export (not unit length)
 BATCH_AXIS = "batch"  # the one dynamic axis
 PRECISIONS = ("fp32", "fp16")
+CLASSIFIER, EMBEDDER = "classifier", "embedder"  # the contract kinds ("kind" absent = classifier)
 
 
 @dataclass(frozen=True)
@@ -95,17 +102,7 @@ class Contract:
         """Validate and build; every problem is an :class:`ArtifactError` naming the field."""
         if not isinstance(data, Mapping):
             raise ArtifactError(f"{source}: not a JSON object", reason="contract_invalid")
-        if data.get("schema") != SCHEMA:
-            raise ArtifactError(f"{source}: schema {data.get('schema')!r} is not {SCHEMA!r} "
-                                "(not a devrecd contract, or from another devrecd version: re-export)",
-                                reason="contract_invalid")
-        missing = [f.name for f in fields(cls) if f.name not in data and _required(f)]
-        if missing:
-            raise ArtifactError(f"{source}: missing field(s) {', '.join(missing)}", reason="contract_invalid")
-        try:
-            frontend = FrontendConfig.from_dict(dict(data["frontend"]))
-        except (ConfigError, TypeError) as exc:
-            raise ArtifactError(f"{source}: bad frontend: {exc}", reason="contract_invalid") from None
+        frontend = _check_header(data, cls, CLASSIFIER, source)
         try:
             contract = cls(
                 name=str(data["name"]), onnx_file=str(data["onnx_file"]), onnx_sha256=str(data["onnx_sha256"]),
@@ -126,19 +123,7 @@ class Contract:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Contract:
         """Read and validate ``NAME.json`` (raises :class:`ArtifactError` with a specific reason)."""
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ArtifactError(f"model contract not found: {path} (export the model with `devrecd export`, "
-                                "which writes NAME.json beside NAME.onnx)", reason="contract_missing") from None
-        except OSError as exc:
-            raise ArtifactError(f"cannot read model contract {path}: {exc}", reason="contract_missing") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ArtifactError(f"model contract {path} is not valid JSON: {exc}", reason="contract_invalid") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_contract_json(path), source=str(path))
 
     # --- checks --------------------------------------------------------------------------
     def validate(self, *, source: str = "contract") -> None:
@@ -192,6 +177,147 @@ class Contract:
         check_labels(self.labels, labels, model=self.name, what=what)
 
 
+def embedding_spec(dim: int) -> TensorSpec:
+    """The output of an embedder export: (batch, dim) float32 embeddings (the scorer makes them unit length)."""
+    return TensorSpec(EMBEDDING_NAME, (BATCH_AXIS, dim), "float32")
+
+
+@dataclass(frozen=True)
+class EmbedderContract:
+    """What an embedder export (``devrecd export-embedder``) expects and promises: the classifier's
+    input, ``dim``-dimensional embeddings out, and the torch embedder's ``fingerprint`` (the network's
+    identity in every registry enrolled with it)."""
+
+    name: str
+    onnx_file: str
+    onnx_sha256: str
+    onnx_bytes: int
+    input: TensorSpec
+    output: TensorSpec
+    fingerprint: str  # devrecd.openset.embedder.fingerprint of the checkpoint: weights, normalisation, frontend, arch
+    arch: str
+    dim: int
+    frontend: FrontendConfig
+    frontend_fingerprint: str
+    labels: tuple[str, ...]  # the devices the network was trained on (their count is what registries record)
+    opset: int
+    checkpoint_sha256: str
+    parity: dict = field(default_factory=dict)  # torch vs ONNX Runtime embeddings on real features
+    versions: dict = field(default_factory=dict)
+    created: str = ""
+    kind: str = EMBEDDER
+    schema: str = SCHEMA
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["input"]["shape"] = list(self.input.shape)
+        doc["output"]["shape"] = list(self.output.shape)
+        doc["labels"] = list(self.labels)
+        doc["frontend"] = self.frontend.to_dict()
+        return doc
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the contract atomically."""
+        return atomic_write(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "contract") -> EmbedderContract:
+        """Validate and build; every problem is an :class:`ArtifactError` naming the field."""
+        frontend = _check_header(data, cls, EMBEDDER, source)
+        try:
+            contract = cls(
+                name=str(data["name"]), onnx_file=str(data["onnx_file"]), onnx_sha256=str(data["onnx_sha256"]),
+                onnx_bytes=int(data["onnx_bytes"]), input=TensorSpec.from_dict(data["input"]),
+                output=TensorSpec.from_dict(data["output"]), fingerprint=str(data["fingerprint"]),
+                arch=str(data["arch"]), dim=int(data["dim"]), frontend=frontend,
+                frontend_fingerprint=str(data["frontend_fingerprint"]), labels=tuple(str(x) for x in data["labels"]),
+                opset=int(data["opset"]), checkpoint_sha256=str(data["checkpoint_sha256"]),
+                parity=dict(data.get("parity") or {}), versions=dict(data.get("versions") or {}),
+                created=str(data.get("created", "")))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"{source}: malformed field: {exc}", reason="contract_invalid") from None
+        contract.validate(source=source)
+        return contract
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> EmbedderContract:
+        """Read and validate an embedder export's ``NAME.json``."""
+        return cls.from_dict(read_contract_json(path), source=str(path))
+
+    def validate(self, *, source: str = "contract") -> None:
+        """Internal consistency: fixed I/O, dimension, fingerprints, file name."""
+        problems = []
+        if self.input != input_spec():
+            problems.append(f"input is {self.input}, expected {input_spec()}")
+        if self.dim < 1 or self.output != embedding_spec(self.dim):
+            problems.append(f"output is {self.output}, expected {embedding_spec(self.dim)} for dim {self.dim}")
+        if len(self.fingerprint) != 64:
+            problems.append("fingerprint missing")
+        if self.frontend.fingerprint() != self.frontend_fingerprint:
+            problems.append("frontend_fingerprint does not match the frontend parameters (edited by hand?)")
+        if len(self.onnx_sha256) != 64 or self.onnx_bytes <= 0:
+            problems.append("onnx_sha256/onnx_bytes missing")
+        if Path(self.onnx_file).name != self.onnx_file:
+            problems.append(f"onnx_file {self.onnx_file!r} must be a bare file name")
+        if problems:
+            raise ArtifactError(f"{source}: " + "; ".join(problems), reason="contract_invalid")
+
+    def verify_onnx(self, onnx_path: str | os.PathLike) -> None:
+        """Refuse an ONNX file that is not the one this contract describes (missing, truncated, other)."""
+        _verify_file(Path(onnx_path), self.onnx_bytes, self.onnx_sha256, what="ONNX embedder", reason="onnx")
+
+
+def read_contract_json(path: str | os.PathLike) -> Any:
+    """The parsed JSON of a contract file (:class:`ArtifactError` when missing or not JSON)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ArtifactError(f"model contract not found: {path} (`devrecd export` and `devrecd export-embedder` "
+                            "write NAME.json beside NAME.onnx)", reason="contract_missing") from None
+    except OSError as exc:
+        raise ArtifactError(f"cannot read model contract {path}: {exc}", reason="contract_missing") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"model contract {path} is not valid JSON: {exc}", reason="contract_invalid") from None
+
+
+def export_kind(onnx_path: str | os.PathLike) -> str:
+    """``classifier`` or ``embedder``: the kind of export the contract beside ``onnx_path`` describes
+    (raises :class:`ArtifactError` when there is no readable contract)."""
+    data = read_contract_json(contract_path_for(onnx_path))
+    return str(data.get("kind", CLASSIFIER)) if isinstance(data, Mapping) else ""
+
+
+_KIND_HELP = {CLASSIFIER: "a classifier export (`devrecd export`: device probabilities, served with --model / "
+                          "backend.model)",
+              EMBEDDER: "an embedder export (`devrecd export-embedder`: open-set embeddings, served through a "
+                        "device registry with --model of enroll/calibrate/compare or registry.embedder_model)"}
+
+
+def _check_header(data: Any, cls: type, kind: str, source: str) -> FrontendConfig:
+    """Schema, kind and required fields of a contract of ``kind``; returns its frontend."""
+    if not isinstance(data, Mapping):
+        raise ArtifactError(f"{source}: not a JSON object", reason="contract_invalid")
+    if data.get("schema") != SCHEMA:
+        raise ArtifactError(f"{source}: schema {data.get('schema')!r} is not {SCHEMA!r} "
+                            "(not a devrecd contract, or from another devrecd version: re-export)",
+                            reason="contract_invalid")
+    found = data.get("kind", CLASSIFIER)
+    if found != kind:
+        what = _KIND_HELP.get(found, f"of unknown kind {found!r}")
+        raise ArtifactError(f"{source}: this model is {what}; {_KIND_HELP[kind].split(' (')[0]} is needed here",
+                            reason="contract_kind")
+    missing = [f.name for f in fields(cls) if f.name not in data and _required(f)]
+    if missing:
+        raise ArtifactError(f"{source}: missing field(s) {', '.join(missing)}", reason="contract_invalid")
+    try:
+        return FrontendConfig.from_dict(dict(data["frontend"]))
+    except (ConfigError, TypeError) as exc:
+        raise ArtifactError(f"{source}: bad frontend: {exc}", reason="contract_invalid") from None
+
+
 def check_frontend(model_frontend: FrontendConfig, configured: FrontendConfig, *, model: str) -> None:
     """Refuse serving a model with other features than it was trained with, naming what differs."""
     if configured != model_frontend:
@@ -239,10 +365,11 @@ def contract_path_for(onnx_path: str | os.PathLike) -> Path:
     return Path(onnx_path).with_suffix(".json")
 
 
-def load_for_onnx(onnx_path: str | os.PathLike, *, verify: bool = True) -> Contract:
-    """The contract beside an ONNX file, checked against that file (sha256 and size)."""
+def load_for_onnx(onnx_path: str | os.PathLike, *, verify: bool = True, kind: type[Any] = Contract) -> Any:
+    """The contract beside an ONNX file, checked against that file (sha256 and size); ``kind``
+    :class:`Contract` (a classifier export) or :class:`EmbedderContract`."""
     onnx_path = Path(onnx_path)
-    contract = Contract.load(contract_path_for(onnx_path))
+    contract = kind.load(contract_path_for(onnx_path))
     if contract.onnx_file != onnx_path.name:
         raise ArtifactError(f"contract {contract_path_for(onnx_path)} describes {contract.onnx_file!r}, "
                             f"not {onnx_path.name!r}", reason="contract_mismatch")

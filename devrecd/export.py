@@ -41,8 +41,8 @@ import numpy as np
 from devrecd import __version__
 from devrecd.backends.onnxrt import ort_session
 from devrecd.config import Config
-from devrecd.contract import (BATCH_AXIS, INPUT_NAME, OUTPUT_NAME, Contract, contract_path_for, input_spec,
-                              output_spec)
+from devrecd.contract import (BATCH_AXIS, EMBEDDING_NAME, INPUT_NAME, OUTPUT_NAME, Contract, EmbedderContract,
+                              contract_path_for, embedding_spec, input_spec, output_spec)
 from devrecd.errors import ArtifactError, DevrecdError
 from devrecd.features import FEATURE_DIM, N_FRAMES, FrontendConfig
 
@@ -52,6 +52,9 @@ DEFAULT_OPSET = 18  # TensorRT 10.0 parses opsets 9..20; 18 is the dynamo export
 # Max abs difference of probabilities between torch and ONNX Runtime. FP32 graphs agree to ~1e-6
 # (reordered float sums); FP16 arithmetic has ~1e-3 relative error through 384 recurrent steps.
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
+# Embedder exports: max abs difference of an embedding from torch's, relative to the torch embedding's
+# norm (embeddings are not unit length; the scorers compare directions). FP32 agrees to ~1e-6.
+EMBEDDING_TOLERANCE = 1e-4
 EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_EXPORTER = "torchscript"  # measured faster and equally exact for this graph: docs/backends.md
 PARITY_CLIPS = 48  # real windows used by the parity check (spread over the given recordings)
@@ -71,14 +74,16 @@ def fp16_path_for(onnx_path: str | os.PathLike) -> Path:
 
 # --- the ONNX file --------------------------------------------------------------------------
 
-def write_onnx(graph: Any, out: Path, *, opset: int = DEFAULT_OPSET, exporter: str = DEFAULT_EXPORTER) -> None:
-    """Export ``graph`` with the fixed I/O names, a dynamic batch axis and inline weights."""
+def write_onnx(graph: Any, out: Path, *, opset: int = DEFAULT_OPSET, exporter: str = DEFAULT_EXPORTER,
+               output_name: str = OUTPUT_NAME) -> None:
+    """Export ``graph`` with the fixed input name, ``output_name`` (the classifier's ``probs`` or an
+    embedder's ``embedding``), a dynamic batch axis and inline weights."""
     torch = _torch()
     if exporter not in EXPORTERS:
         raise ArtifactError(f"exporter must be one of {', '.join(EXPORTERS)}", reason="export")
     example = torch.zeros(2, N_FRAMES, FEATURE_DIM)  # batch 2: torch.export would specialise a batch of 1
     out.parent.mkdir(parents=True, exist_ok=True)
-    common: dict[str, Any] = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset,
+    common: dict[str, Any] = dict(input_names=[INPUT_NAME], output_names=[output_name], opset_version=opset,
                                   external_data=False)
     with torch.no_grad(), warnings.catch_warnings():
         # The tracer warns about every Python-level shape check in nn.LSTM/MultiheadAttention, and
@@ -93,7 +98,7 @@ def write_onnx(graph: Any, out: Path, *, opset: int = DEFAULT_OPSET, exporter: s
                               **common)
         else:
             torch.onnx.export(graph, (example,), str(out), dynamo=False,
-                              dynamic_axes={INPUT_NAME: {0: BATCH_AXIS}, OUTPUT_NAME: {0: BATCH_AXIS}}, **common)
+                              dynamic_axes={INPUT_NAME: {0: BATCH_AXIS}, output_name: {0: BATCH_AXIS}}, **common)
     _normalise_io(out)
 
 
@@ -259,7 +264,7 @@ def load_parity_features(onnx_path: str | os.PathLike, contract: Contract) -> tu
 class ExportResult:
     onnx_path: Path
     contract_path: Path
-    contract: Contract
+    contract: Contract | EmbedderContract
     seconds: float
 
 
@@ -344,23 +349,11 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
     from devrecd.model.serving import graph_for_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
-    ckpt_file = Path(checkpoint)
-    ckpt_file = ckpt_file / "best.pt" if ckpt_file.is_dir() else ckpt_file
-    files = audio_files(parity_audio, cfg)
     outs = [Path(out)] + ([fp16_path_for(out)] if fp16 else [])
-    total, done = min(len(files), max_parity_clips) + len(outs), 0
-
-    def step(what: str) -> None:
-        nonlocal done
-        done += 1
-        if on_progress is not None:
-            on_progress(done, total, what)
-
-    feats = parity_features(files, ckpt.frontend, cfg, max_clips=max_parity_clips,
-                            on_file=lambda path: step(f"parity audio {path.name}"))
-    source = f"{len(feats)} windows of {len(files)} recording(s) under {_common_root(files)}"
+    feats, source, step = _parity_input(parity_audio, ckpt.frontend, cfg, max_parity_clips, len(outs), on_progress)
     common = dict(labels=list(ckpt.labels), frontend=ckpt.frontend, features=feats, feature_source=source,
-                  arch=ckpt.arch, checkpoint_sha256=sha256_file(ckpt_file), dataset_sha256=ckpt.dataset_sha256,
+                  arch=ckpt.arch, checkpoint_sha256=sha256_file(checkpoint_file(checkpoint)),
+                  dataset_sha256=ckpt.dataset_sha256,
                   opset=opset, exporter=exporter, threads=cfg.backend.threads)
     fp32_graph = graph_for_checkpoint(ckpt)
     results = [export_graph(fp32_graph, out, tolerance=tolerance, **common)]
@@ -377,3 +370,129 @@ def _common_root(files: Sequence[Path]) -> str:
         return os.path.commonpath([str(f.resolve().parent) for f in files])
     except ValueError:
         return "several folders"
+
+
+def checkpoint_file(checkpoint: str | os.PathLike) -> Path:
+    """The ``.pt`` file of a checkpoint argument (a run folder means its ``best.pt``)."""
+    path = Path(checkpoint)
+    return path / "best.pt" if path.is_dir() else path
+
+
+def _parity_input(parity_audio: Sequence[str | os.PathLike], frontend: FrontendConfig, cfg: Config, max_clips: int,
+                  n_graphs: int, on_progress: Callable[[int, int, str], None] | None
+                  ) -> tuple[np.ndarray, str, Callable[[str], None]]:
+    """The parity features of an export, where they came from, and the ``step(what)`` that reports
+    progress: one step per parity recording (done here), then one per graph the caller exports."""
+    files = audio_files(parity_audio, cfg)
+    total, done = min(len(files), max_clips) + n_graphs, 0
+
+    def step(what: str) -> None:
+        nonlocal done
+        done += 1
+        if on_progress is not None:
+            on_progress(done, total, what)
+
+    feats = parity_features(files, frontend, cfg, max_clips=max_clips,
+                            on_file=lambda path: step(f"parity audio {path.name}"))
+    return feats, f"{len(feats)} windows of {len(files)} recording(s) under {_common_root(files)}", step
+
+
+# --- embedder exports ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EmbeddingParity:
+    """torch embedder vs ONNX Runtime embeddings of the same features."""
+
+    n_clips: int
+    max_rel_diff: float  # max over windows of max |onnx - torch| / ||torch||
+    min_cosine: float  # lowest cosine between a window's two embeddings
+    tolerance: float
+    source: str
+
+    @property
+    def passed(self) -> bool:
+        return self.max_rel_diff <= self.tolerance
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n_clips": self.n_clips, "max_rel_diff": self.max_rel_diff, "min_cosine": self.min_cosine,
+                "tolerance": self.tolerance, "source": self.source, "passed": self.passed}
+
+
+def embedding_parity(expected: np.ndarray, got: np.ndarray, *, tolerance: float, source: str) -> EmbeddingParity:
+    """Compare (n, D) embeddings window by window (relative to the expected ones' norms, and by cosine)."""
+    if got.shape != expected.shape:
+        raise ArtifactError(f"parity: ONNX embeddings {got.shape} != torch {expected.shape}", reason="parity")
+    expected, got = expected.astype(np.float64), got.astype(np.float64)
+    norm = np.linalg.norm(expected, axis=1)
+    rel = np.abs(got - expected).max(axis=1) / np.where(norm > 0, norm, 1.0)
+    cos = np.sum(got * expected, axis=1) / np.maximum(norm * np.linalg.norm(got, axis=1), 1e-30)
+    return EmbeddingParity(len(expected), float(rel.max()), float(cos.min()), tolerance, source)
+
+
+def export_embedding_graph(embedder: Any, out: str | os.PathLike, *, features: np.ndarray, feature_source: str,
+                           checkpoint_sha256: str, opset: int = DEFAULT_OPSET, exporter: str = DEFAULT_EXPORTER,
+                           tolerance: float = EMBEDDING_TOLERANCE, threads: int = 1, graph: Any = None) -> ExportResult:
+    """Export a torch :class:`~devrecd.openset.embedder.Embedder` as ``out`` (normalisation + ``embed``),
+    check its embeddings against the embedder's own on ``features``, write the embedder contract.
+
+    ``graph`` is what gets exported (default: the embedder's :func:`~devrecd.model.serving.embedding_graph`);
+    its ONNX embeddings are always compared with ``embedder.embed_features``, the torch path that
+    enrolled the registries. Above ``tolerance`` nothing is left behind.
+    """
+    from devrecd.audio import sha256_file
+    from devrecd.model.serving import embedding_graph
+
+    out = Path(out)
+    if out.suffix != ".onnx":
+        raise ArtifactError(f"--out must end in .onnx, not {out.name!r}", reason="export")
+    graph = embedding_graph(embedder.model, embedder.norm_mean, embedder.norm_std) if graph is None else graph
+    t0 = time.perf_counter()
+    tmp = out.with_name(f".{out.name}.partial")  # never leave a half-written NAME.onnx behind
+    try:
+        write_onnx(graph, tmp, opset=opset, exporter=exporter, output_name=EMBEDDING_NAME)
+        seconds = time.perf_counter() - t0
+        x = np.ascontiguousarray(features, dtype=np.float32)
+        got = ort_session(tmp, threads=threads).run([EMBEDDING_NAME], {INPUT_NAME: x})[0]
+        parity = embedding_parity(embedder.embed_features(x), got, tolerance=tolerance, source=feature_source)
+        log.info("parity", extra=parity.to_dict())
+        if not parity.passed:
+            raise ArtifactError(
+                f"parity check failed for {out.name}: ONNX Runtime embeddings differ from torch's by up to "
+                f"{parity.max_rel_diff:.3g} of their norm > tolerance {tolerance:g} on {parity.n_clips} windows "
+                f"(lowest cosine {parity.min_cosine:.6f}); the ONNX file was not written", reason="parity")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    contract = EmbedderContract(
+        name=out.stem, onnx_file=out.name, onnx_sha256=sha256_file(out), onnx_bytes=out.stat().st_size,
+        input=input_spec(), output=embedding_spec(embedder.dim), fingerprint=embedder.fingerprint,
+        arch=embedder.arch, dim=embedder.dim, frontend=embedder.frontend,
+        frontend_fingerprint=embedder.frontend.fingerprint(), labels=tuple(embedder.labels), opset=opset,
+        checkpoint_sha256=checkpoint_sha256,
+        parity=parity.to_dict() | {"exporter": exporter, "export_seconds": round(seconds, 1)},
+        versions=software_versions(), created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    contract_path = contract.save(contract_path_for(out))
+    return ExportResult(out, contract_path, contract, seconds)
+
+
+def export_embedder(checkpoint: str | os.PathLike, out: str | os.PathLike, *, cfg: Config,
+                    parity_audio: Sequence[str | os.PathLike], opset: int = DEFAULT_OPSET,
+                    exporter: str = DEFAULT_EXPORTER, tolerance: float | None = None,
+                    max_parity_clips: int = PARITY_CLIPS,
+                    on_progress: Callable[[int, int, str], None] | None = None) -> ExportResult:
+    """``devrecd export-embedder``: a checkpoint's network as an open-set embedder ``NAME.onnx`` +
+    its embedder contract ``NAME.json``, parity-checked against torch on real recordings, so that
+    registries enrolled with the checkpoint are served by ONNX Runtime without torch."""
+    from devrecd.audio import sha256_file
+    from devrecd.model.checkpoint import load_checkpoint
+    from devrecd.openset.embedder import Embedder
+
+    ckpt = load_checkpoint(checkpoint)
+    embedder = Embedder.from_checkpoint(ckpt, source=str(Path(checkpoint).resolve()))  # refuses a net without embed()
+    feats, source, step = _parity_input(parity_audio, ckpt.frontend, cfg, max_parity_clips, 1, on_progress)
+    result = export_embedding_graph(embedder, out, features=feats, feature_source=source,
+                                    checkpoint_sha256=sha256_file(checkpoint_file(checkpoint)), opset=opset,
+                                    exporter=exporter, threads=cfg.backend.threads,
+                                    tolerance=EMBEDDING_TOLERANCE if tolerance is None else tolerance)
+    step(f"exported {result.onnx_path.name}")
+    return result

@@ -1,9 +1,10 @@
-"""``devrecd export`` and ``devrecd build-engine``."""
+"""``devrecd export``, ``devrecd export-embedder`` and ``devrecd build-engine``."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Callable, Iterator, List, Optional
 
 import enum
 
@@ -16,6 +17,26 @@ class Exporter(str, enum.Enum):
     torchscript = "torchscript"
     dynamo = "dynamo"
 
+
+@contextmanager
+def _export_progress() -> Iterator[Callable[[int, int, str], None]]:
+    """The ``on_progress`` of an export: a bar opened at the first step (its total known then), log
+    lines written above it, closed however the export ends."""
+    bar: Any = None
+
+    def step(done: int, total: int, what: str) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = progress(total, "export", unit="step")
+        bar.set_postfix_str(what)
+        bar.update(1)
+
+    try:
+        with logs_above_bars():
+            yield step
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 @command()
@@ -36,22 +57,9 @@ def export(
 
     cfg = load_cli_config(config)
     parity = audio_paths(parity_audio, cfg, what="parity audio")
-    bar: Any = None
-
-    def step(done: int, total: int, what: str) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = progress(total, "export", unit="step")
-        bar.set_postfix_str(what)
-        bar.update(1)
-
-    try:
-        with logs_above_bars():
-            results = export_checkpoint(checkpoint, out, cfg=cfg, parity_audio=parity, fp16=fp16, opset=opset,
-                                        exporter=exporter.value, tolerance=tolerance, on_progress=step)
-    finally:
-        if bar is not None:
-            bar.close()
+    with _export_progress() as step:
+        results = export_checkpoint(checkpoint, out, cfg=cfg, parity_audio=parity, fp16=fp16, opset=opset,
+                                    exporter=exporter.value, tolerance=tolerance, on_progress=step)
     for result in results:
         c = result.contract
         p = c.parity
@@ -63,6 +71,38 @@ def export(
             typer.echo(f"  served by onnxruntime: {c.ort_file()} (ORT format, sha256 {c.ort['sha256'][:12]}; "
                        f"max abs diff vs the .onnx {c.ort['parity_max_abs_diff']:.2e})")
         typer.echo(f"  contract: {result.contract_path}")
+
+
+@command("export-embedder")
+def export_embedder_cmd(
+    checkpoint: Path = typer.Argument(..., exists=True, help="RUN_DIR (uses RUN_DIR/best.pt) or a checkpoint .pt of a "
+                                                              "network with embeddings (`devrecd train-embedder`)."),
+    out: Path = typer.Option(..., "--out", "-o", help="export/NAME.onnx; the embedder contract goes to export/NAME.json."),
+    parity_audio: List[Path] = typer.Option(..., "--parity-audio", "-a", exists=True,
+                                            help="Real recordings (files or folders) for the torch vs ONNX Runtime check."),
+    opset: int = typer.Option(18, "--opset", min=9, help="ONNX opset."),
+    exporter: Exporter = typer.Option(Exporter.torchscript, "--exporter", case_sensitive=False,
+                                      help="torchscript (seconds) or dynamo (torch.export, slower)."),
+    tolerance: Optional[float] = typer.Option(None, "--tolerance", min=0.0,
+                                              help="Max abs embedding difference allowed, relative to the embedding's "
+                                                   "norm (default 1e-4)."),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Export a checkpoint's open-set embedder to ONNX, so that its registries are served without torch."""
+    from devrecd.export import export_embedder
+
+    cfg = load_cli_config(config)
+    parity = audio_paths(parity_audio, cfg, what="parity audio")
+    with _export_progress() as step:
+        result = export_embedder(checkpoint, out, cfg=cfg, parity_audio=parity, opset=opset,
+                                 exporter=exporter.value, tolerance=tolerance, on_progress=step)
+    c = result.contract
+    p = c.parity
+    typer.echo(f"{result.onnx_path}  (embedder {c.arch}, dim {c.dim}, fingerprint {c.fingerprint[:12]}, "
+               f"sha256 {c.onnx_sha256[:12]}, exported in {result.seconds:.1f} s)")
+    typer.echo(f"  parity vs torch: max abs diff / embedding norm {p['max_rel_diff']:.2e} <= {p['tolerance']:g}, "
+               f"lowest cosine {p['min_cosine']:.6f} on {p['n_clips']} real windows")
+    typer.echo(f"  contract: {result.contract_path}")
 
 
 @command("build-engine")

@@ -50,7 +50,8 @@ def compare(
     reg = open_registry(cfg.registry.path) if cfg.registry.path else None
     # The registry's own scorer when it has profiles (its calibration is of that scorer), else the
     # one asked for: --fusion FILE, --model (network) or the GSV scorer (--gsv FILE, default the shipped one).
-    comparer = Comparer(choose_scorer(reg, scorer, model, gsv, resolve_device(cfg.backend.device), fusion), cfg)
+    comparer = Comparer(choose_scorer(reg, scorer, model, gsv, resolve_device(cfg.backend.device), fusion,
+                                      embedder_model=cfg.registry.embedder_model, threads=cfg.backend.threads), cfg)
     if reference:
         ref_files = audio_paths(reference, cfg, what="reference")
         refs = comparer.references(reference_device or "reference device", ref_files)

@@ -17,7 +17,9 @@ from devrecd.fsutil import atomic_write
 
 RegistryOption = typer.Option(None, "--registry", "-r", help="Registry JSON file (registry.path).")
 ModelOption = typer.Option(None, "--model", "-m", exists=True,
-                           help="Checkpoint (.pt) or run directory of a network embedder (scorer 'embedder').")
+                           help="Network embedder (scorer 'embedder'): checkpoint (.pt), run directory, or its "
+                                "embedder export (.onnx from `devrecd export-embedder`; no torch needed). "
+                                "Default for a registry: registry.embedder_model, else the checkpoint it names.")
 
 
 class Scorer(str, enum.Enum):
@@ -39,18 +41,31 @@ FusionOption = typer.Option(None, "--fusion", exists=True, dir_okay=False,
 
 
 def check_checkpoint_option(model: Optional[Path]) -> None:
-    """``--model`` of the open-set commands is a checkpoint: say so when it is an ONNX export."""
-    if model is not None and model.is_file() and model.suffix.lower() == ".onnx":
-        raise UsageError(f"--model {model}: an ONNX export cannot embed recordings; the embedder is loaded from its "
-                          f"checkpoint: pass the .pt (or run directory) written by `devrecd train-embedder` or "
-                          f"`devrecd train` that {model.name} was exported from")
+    """``--model`` of the open-set commands is a network embedder: a checkpoint or an embedder export;
+    any other ONNX file (a classifier export, or one without its embedder contract) is a usage error."""
+    if model is None or not model.is_file() or model.suffix.lower() != ".onnx":
+        return
+    from devrecd.contract import CLASSIFIER, EMBEDDER, export_kind
+    from devrecd.errors import ArtifactError
+
+    try:
+        kind = export_kind(model)
+    except ArtifactError as exc:
+        kind, why = "", f"no readable contract beside it ({exc.reason})"
+    else:
+        why = "it is a classifier export (`devrecd export`)" if kind == CLASSIFIER else f"its contract is of kind {kind!r}"
+    if kind != EMBEDDER:
+        raise UsageError(f"--model {model}: an ONNX export cannot embed recordings unless it is an embedder export, and "
+                         f"{why}: pass the .pt (or run directory) written by `devrecd train-embedder` or `devrecd train` "
+                         f"that {model.name} was exported from, or its `devrecd export-embedder` .onnx")
 
 
 def choose_scorer(reg, scorer: Optional[Scorer | str], model: Optional[Path], gsv: Optional[Path], device: str,
-                  fusion: Optional[Path] = None):
+                  fusion: Optional[Path] = None, *, embedder_model: str = "", threads: int = 1):
     """The scorer to enrol/score with: the registry's own when it has profiles (``reg`` may be None;
-    a --gsv/--fusion FILE must then be that same scorer), else a new one of the kind asked for
-    (gsv without --model: the shipped one, or --gsv FILE; fusion: the --fusion FILE)."""
+    a --gsv/--fusion FILE must then be that same scorer; its network is ``model``, else
+    ``embedder_model`` (registry.embedder_model), else the checkpoint it names), else a new one of the
+    kind asked for (gsv without --model: the shipped one, or --gsv FILE; fusion: the --fusion FILE)."""
     from devrecd.openset.scorers import (EmbedderScorer, default_gsv_path, load_fusion, load_gsv, registry_scorer,
                                          scorer_file_description)
 
@@ -70,20 +85,20 @@ def choose_scorer(reg, scorer: Optional[Scorer | str], model: Optional[Path], gs
                     f"{reg.path} was made with {reg.kind!r} scorer {str(made.get('fingerprint'))[:12]} "
                     f"({made.get('source', '?')}); its profiles can only be used with that scorer: drop {flag} "
                     f"or use another registry")
-        return registry_scorer(reg, model=model, device=device)
+        return registry_scorer(reg, model=model or embedder_model or None, device=device, threads=threads)
     kind = scorer or ("fusion" if fusion is not None else "embedder" if model is not None else "gsv")
     if kind == "fusion":
         if fusion is None:
             raise UsageError("scorer 'fusion' needs --fusion FILE (from `devrecd train-fusion`)")
-        return load_fusion(fusion, model=model, device=device)[0]
+        return load_fusion(fusion, model=model, device=device, threads=threads)[0]
     if fusion is not None:
         raise UsageError(f"--fusion is a fusion scorer's file; it does not go with --scorer {kind}")
     if kind == "embedder":
         if model is None:
-            raise UsageError("scorer 'embedder' needs --model (a checkpoint or run directory)")
-        from devrecd.openset.embedder import Embedder
+            raise UsageError("scorer 'embedder' needs --model (a checkpoint, run directory or embedder export)")
+        from devrecd.openset.embedder import load_embedder
 
-        return EmbedderScorer(Embedder.load(model, device=device))
+        return EmbedderScorer(load_embedder(model, device=device, threads=threads))
     return load_gsv(gsv if gsv is not None else default_gsv_path())[0]
 
 
@@ -129,7 +144,8 @@ def enroll(
     check_checkpoint_option(model)
     files = audio_paths(audio, cfg, what="reference")
     reg = open_registry(_registry_path(cfg, registry), create=True)
-    chosen = choose_scorer(reg, scorer, model, gsv, resolve_device(cfg.backend.device), fusion)
+    chosen = choose_scorer(reg, scorer, model, gsv, resolve_device(cfg.backend.device), fusion,
+                           embedder_model=cfg.registry.embedder_model, threads=cfg.backend.threads)
     device = profile
     added, skipped = enrol_files(reg, chosen, device, files, cfg,
                                  on_file=lambda p, n: typer.echo(f"{p}: {n} window(s)"))
@@ -230,7 +246,8 @@ def calibrate(
         selection = f"split {split.value}"
     if not items:
         raise ConfigError(f"{dataset}: no recordings in {selection}")
-    chosen = registry_scorer(reg, model=model, device=resolve_device(cfg.backend.device))
+    chosen = registry_scorer(reg, model=model or cfg.registry.embedder_model or None,
+                             device=resolve_device(cfg.backend.device), threads=cfg.backend.threads)
     pairs = [(str(it.path), it.device) for it in items]
     with progress(len(pairs) * max(1, len(conditions or ())), "calibrate", unit="recording") as bar:
         if conditions:
@@ -346,7 +363,8 @@ def train_fusion(
                                                                  "devices the parts were not trained on (any "
                                                                  "dataset layout; several are merged)."),
     model: Path = typer.Option(..., "--model", "-m", exists=True,
-                               help="Network embedder: checkpoint (.pt) or run directory (`devrecd train-embedder`)."),
+                               help="Network embedder: checkpoint (.pt) or run directory (`devrecd train-embedder`), "
+                                    "or its embedder export (.onnx from `devrecd export-embedder`)."),
     gsv: Optional[Path] = GsvOption,
     out: Path = typer.Option(..., "--out", "-o", help="Fusion scorer file to write (.npz)."),
     far: float = typer.Option(0.05, min=0.0, max=1.0,
@@ -357,14 +375,15 @@ def train_fusion(
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Fuse a network embedder with a GSV scorer: logistic-regression weights and a development calibration."""
-    from devrecd.openset.embedder import Embedder
+    from devrecd.openset.embedder import load_embedder
     from devrecd.openset.fusion import train_fusion as train
     from devrecd.openset.scorers import EmbedderScorer, FusionScorer, default_gsv_path, load_gsv, save_fusion
     from devrecd.pipeline.stages import resolve_device
 
     check_checkpoint_option(model)
     cfg = load_cli_config(config, {"audio.hop_seconds": hop_seconds})
-    net = EmbedderScorer(Embedder.load(model.resolve(), device=resolve_device(cfg.backend.device)))
+    net = EmbedderScorer(load_embedder(model.resolve(), device=resolve_device(cfg.backend.device),
+                                       threads=cfg.backend.threads))
     supervector = load_gsv(gsv if gsv is not None else default_gsv_path())[0]
     parts = [net, supervector]
     frontend = FusionScorer(parts).frontend  # refuses parts of two frontends

@@ -1,4 +1,5 @@
-"""The serving graph: raw features -> FP32 normalisation -> network (fp32|fp16) -> FP32 softmax.
+"""The serving graph: raw features -> FP32 normalisation -> network (fp32|fp16) -> FP32 softmax
+(or, for an open-set embedder, -> ``network.embed``).
 
 One module, used by ``devrecd export`` (it is what the ONNX file contains) and by the torch backend,
 so that both run exactly the same computation. Normalisation and softmax live in the graph (as
@@ -38,12 +39,22 @@ class InferenceGraph(torch.nn.Module):
         self.half_precision = precision == "fp16"
         self.network = network.half() if self.half_precision else network.float()
 
+    def normalise(self, features: torch.Tensor) -> torch.Tensor:
+        """Raw features -> the network's input (in FP32: raw pre-Fbank energies overflow FP16)."""
+        x = (features - self.mean) * self.inv_std
+        return x.half() if self.half_precision else x
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        x = (features - self.mean) * self.inv_std  # FP32: raw pre-Fbank energies overflow FP16
-        if self.half_precision:
-            x = x.half()
-        logits = self.network(x)
+        logits = self.network(self.normalise(features))
         return torch.softmax(logits.float(), dim=-1)
+
+
+class EmbeddingGraph(InferenceGraph):
+    """The same normalisation, then the network's ``embed``: raw features -> (B, D) float32 embeddings
+    (not unit length) of an open-set embedder (``devrecd export-embedder``)."""
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.network.embed(self.normalise(features)).float()
 
 
 def inference_graph(network: torch.nn.Module, norm_mean: np.ndarray, norm_std: np.ndarray, *,
@@ -55,3 +66,10 @@ def inference_graph(network: torch.nn.Module, norm_mean: np.ndarray, norm_std: n
 def graph_for_checkpoint(ckpt: Any, *, precision: str = "fp32") -> InferenceGraph:
     """:func:`inference_graph` of a loaded :class:`~devrecd.model.checkpoint.Checkpoint`."""
     return inference_graph(ckpt.build(), ckpt.norm_mean, ckpt.norm_std, precision=precision)
+
+
+def embedding_graph(network: torch.nn.Module, norm_mean: np.ndarray, norm_std: np.ndarray) -> EmbeddingGraph:
+    """:class:`EmbeddingGraph` of a network that has ``embed``, in eval mode (FP32)."""
+    if not callable(getattr(network, "embed", None)):
+        raise ArtifactError(f"{type(network).__name__} has no embed(); it is not an embedder", reason="no_embedding")
+    return EmbeddingGraph(network, norm_mean, norm_std).eval()

@@ -11,6 +11,11 @@ Features come from :func:`devrecd.pipeline.stages.features_for_file` with the CH
 are normalised with the checkpoint's statistics exactly as in training, so there is no second
 feature path. The embedder's :attr:`Embedder.fingerprint` (weights, normalisation, frontend, arch)
 is stored in every registry so that embeddings of different models are never compared.
+
+:class:`OnnxEmbedder` serves the same network from its embedder export (``devrecd export-embedder``:
+``NAME.onnx`` + embedder contract) with ONNX Runtime and no torch; it carries the checkpoint's
+fingerprint, so registries enrolled with the checkpoint accept it. :func:`load_embedder` is the one
+way to load either.
 """
 
 from __future__ import annotations
@@ -26,13 +31,45 @@ import numpy as np
 
 from devrecd.audio import Recording
 from devrecd.config import Config
+from devrecd.contract import EMBEDDING_NAME, INPUT_NAME, EmbedderContract, load_for_onnx
 from devrecd.errors import ArtifactError
 from devrecd.features import FEATURE_DIM, FrontendConfig
 
 EMBED_BATCH = 64  # windows per forward pass (bounded memory on long recordings)
 
 
-class Embedder:
+class _EmbeddingModel:
+    """What both embedders share: their description and the one feature path for a file."""
+
+    fingerprint: str
+    arch: str
+    dim: int
+    frontend: FrontendConfig
+    labels: tuple[str, ...]
+    source: str
+    device: str
+
+    def describe(self) -> dict[str, Any]:
+        """What a registry records about the model its embeddings come from."""
+        return {"fingerprint": self.fingerprint, "arch": self.arch, "dim": self.dim,
+                "frontend_sha256": self.frontend.fingerprint(), "source": self.source,
+                "training_labels": len(self.labels)}
+
+    def embed_features(self, feats: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def embed_file(self, path: str | os.PathLike, cfg: Config, *, hop_seconds: float | None = None
+                   ) -> tuple[Recording, np.ndarray]:
+        """Decode a recording and return it with its (windows, D) window embeddings."""
+        from devrecd.pipeline.stages import features_for_file
+
+        # The model's frontend, not the config's: the model defines what its input means.
+        rec, feats = features_for_file(path, replace(cfg, frontend=self.frontend), device=self.device,
+                                       hop_seconds=hop_seconds)
+        return rec, self.embed_features(feats)
+
+
+class Embedder(_EmbeddingModel):
     """A trained network used as an embedding extractor (eval mode, no gradients)."""
 
     def __init__(self, model: Any, *, arch: str, hparams: dict[str, Any], frontend: FrontendConfig,
@@ -72,12 +109,6 @@ class Embedder:
             raise ArtifactError(f"cannot load checkpoints: {exc}", reason="no_model_package") from None
         return cls.from_checkpoint(load_checkpoint(path), device=device, source=str(Path(path).resolve()))
 
-    def describe(self) -> dict[str, Any]:
-        """What a registry records about the model its embeddings come from."""
-        return {"fingerprint": self.fingerprint, "arch": self.arch, "dim": self.dim,
-                "frontend_sha256": self.frontend.fingerprint(), "source": self.source,
-                "training_labels": len(self.labels)}
-
     def embed_features(self, feats: np.ndarray) -> np.ndarray:
         """(n, 128, 73) raw features -> (n, D) float32 window embeddings (not yet unit length)."""
         import torch
@@ -89,15 +120,44 @@ class Embedder:
                 out.append(self.model.embed((x - self._mean) / self._std).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
-    def embed_file(self, path: str | os.PathLike, cfg: Config, *, hop_seconds: float | None = None
-                   ) -> tuple[Recording, np.ndarray]:
-        """Decode a recording and return it with its (windows, D) window embeddings."""
-        from devrecd.pipeline.stages import features_for_file
 
-        # The model's frontend, not the config's: the model defines what its input means.
-        rec, feats = features_for_file(path, replace(cfg, frontend=self.frontend), device=self.device,
-                                       hop_seconds=hop_seconds)
-        return rec, self.embed_features(feats)
+class OnnxEmbedder(_EmbeddingModel):
+    """An embedder export served by ONNX Runtime on the CPU (no torch): the ``.onnx`` is checked
+    against its embedder contract (size, sha256) before a session is made."""
+
+    def __init__(self, onnx_path: str | os.PathLike, *, threads: int = 1) -> None:
+        from devrecd.backends.onnxrt import ort_session
+
+        path = Path(onnx_path)
+        self.contract: EmbedderContract = load_for_onnx(path, kind=EmbedderContract)  # sha256 + size checked
+        self.session = ort_session(path, threads=threads)
+        inputs = [(i.name, i.type) for i in self.session.get_inputs()]
+        outputs = [o.name for o in self.session.get_outputs()]
+        if inputs != [(INPUT_NAME, "tensor(float)")] or outputs != [EMBEDDING_NAME]:
+            raise ArtifactError(f"{path}: graph I/O {inputs} -> {outputs} is not the embedder contract's "
+                                f"{INPUT_NAME} (float) -> {EMBEDDING_NAME}", reason="contract_mismatch")
+        c = self.contract
+        self.fingerprint, self.arch, self.dim, self.frontend = c.fingerprint, c.arch, c.dim, c.frontend
+        self.labels = c.labels
+        self.source = str(path.resolve())
+        self.device = "cpu"  # ONNX Runtime's CPU provider: features are computed on the CPU too
+        self.threads = threads
+
+    def embed_features(self, feats: np.ndarray) -> np.ndarray:
+        """(n, 128, 73) raw features -> (n, D) float32 window embeddings (not yet unit length)."""
+        out = [self.session.run([EMBEDDING_NAME], {INPUT_NAME: np.ascontiguousarray(feats[i:i + EMBED_BATCH],
+                                                                                    dtype=np.float32)})[0]
+               for i in range(0, len(feats), EMBED_BATCH)]
+        return np.concatenate(out).astype(np.float32, copy=False) if out else np.zeros((0, self.dim), np.float32)
+
+
+def load_embedder(path: str | os.PathLike, *, device: str = "cpu", threads: int = 1) -> Embedder | OnnxEmbedder:
+    """The network embedder at ``path``: an embedder export ``NAME.onnx`` -> :class:`OnnxEmbedder`
+    (ONNX Runtime, no torch; ``threads`` intra-op threads); a ``.pt`` checkpoint or run directory ->
+    :class:`Embedder` (torch, on ``device``). A classifier export is refused (``reason="contract_kind"``)."""
+    if Path(path).suffix.lower() == ".onnx":
+        return OnnxEmbedder(path, threads=threads)
+    return Embedder.load(path, device=device)
 
 
 def fingerprint(arch: str, hparams: dict[str, Any], frontend: FrontendConfig, norm_mean: np.ndarray,

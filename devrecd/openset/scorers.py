@@ -63,7 +63,8 @@ class Scorer(Protocol):
 
 
 class EmbedderScorer:
-    """A network embedder (:class:`devrecd.openset.embedder.Embedder`) as a scorer."""
+    """A network embedder (torch :class:`~devrecd.openset.embedder.Embedder` or its ONNX Runtime
+    :class:`~devrecd.openset.embedder.OnnxEmbedder`) as a scorer."""
 
     kind = "embedder"
 
@@ -325,15 +326,17 @@ def load_gsv(path: Any) -> tuple[GsvScorer, dict[str, Any]]:
 def save_fusion(path: Any, scorer: FusionScorer, *, extra: dict[str, Any] | None = None) -> None:
     """Write a fusion scorer file (``devrecd train-fusion``): the weights, the development calibration,
     every part's description and the GSV part's arrays; a network part is named by its checkpoint
-    (path and fingerprint), so the file is used beside that checkpoint."""
+    (path and fingerprint), so the file is used beside that checkpoint (or its embedder export)."""
     _save_scorer_file(path, FUSION_FORMAT, scorer, extra)
 
 
-def load_fusion(path: Any, *, model: Any = None, device: str = "cpu") -> tuple[FusionScorer, dict[str, Any]]:
+def load_fusion(path: Any, *, model: Any = None, device: str = "cpu", threads: int = 1
+                ) -> tuple[FusionScorer, dict[str, Any]]:
     """Read :func:`save_fusion`'s file; the network part is loaded from the checkpoint it names (or
-    ``model``) and must be the one the fusion was trained with (same fingerprint)."""
+    ``model``: a checkpoint or its embedder export) and must be the one the fusion was trained with
+    (same fingerprint)."""
     meta, arrays = _load_scorer_file(path, FUSION_FORMAT, "fusion scorer")
-    scorer = fusion_from(meta["scorer"], arrays, model=model, device=device)
+    scorer = fusion_from(meta["scorer"], arrays, model=model, device=device, threads=threads)
     if scorer.fingerprint != meta["scorer"].get("fingerprint"):
         raise ArtifactError(f"{path}: its parts are not the scorers it was trained with (the network checkpoint "
                             "changed, or --model names another one)", reason="model_mismatch")
@@ -350,32 +353,33 @@ def scorer_arrays(scorer: Any) -> dict[str, np.ndarray]:
 
 
 def as_scorer(obj: Any) -> Any:
-    """A scorer as is; a network :class:`~devrecd.openset.embedder.Embedder` wrapped as one."""
+    """A scorer as is; a network embedder (:func:`~devrecd.openset.embedder.load_embedder`) wrapped as one."""
     return obj if callable(getattr(obj, "recording_vector", None)) else EmbedderScorer(obj)
 
 
-def _part_from(info: dict[str, Any], arrays: dict[str, np.ndarray], model: Any, device: str) -> Any:
+def _part_from(info: dict[str, Any], arrays: dict[str, np.ndarray], model: Any, device: str, threads: int = 1) -> Any:
     kind = info.get("kind", "embedder")
     if kind == "gsv":
         return GsvScorer.from_arrays(arrays, info)
     if kind == "embedder":
-        from devrecd.openset.embedder import Embedder
+        from devrecd.openset.embedder import load_embedder
 
         source = model or info.get("source")
         if not source:
-            raise ArtifactError("the registry does not name its embedder's checkpoint; pass --model",
-                                reason="no_model")
-        return EmbedderScorer(Embedder.load(source, device=device))
+            raise ArtifactError("the registry does not name its embedder's checkpoint; pass --model "
+                                "(or set registry.embedder_model)", reason="no_model")
+        return EmbedderScorer(load_embedder(source, device=device, threads=threads))
     raise ArtifactError(f"unknown scorer kind {kind!r} (known: {', '.join(KINDS)})", reason="scorer_format")
 
 
 def fusion_from(info: dict[str, Any], arrays: dict[str, np.ndarray], *, model: Any = None,
-                device: str = "cpu") -> FusionScorer:
+                device: str = "cpu", threads: int = 1) -> FusionScorer:
     """A :class:`FusionScorer` from its :meth:`~FusionScorer.describe` and :func:`scorer_arrays`
-    (a registry's or a fusion file's); ``model`` overrides the network part's checkpoint path."""
+    (a registry's or a fusion file's); ``model`` overrides the network part's checkpoint path (a
+    checkpoint, run directory or embedder export)."""
     try:
         parts = [_part_from(p, {k.split("_", 1)[1]: v for k, v in arrays.items() if k.startswith(f"part{i}_")},
-                            model, device) for i, p in enumerate(info["parts"])]
+                            model, device, threads) for i, p in enumerate(info["parts"])]
         scorer = FusionScorer(parts, info.get("weights"), float(info.get("bias", 0.0)))
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"fusion scorer description is malformed: {exc!r}", reason="scorer_format") from None
@@ -383,10 +387,11 @@ def fusion_from(info: dict[str, Any], arrays: dict[str, np.ndarray], *, model: A
     return scorer
 
 
-def registry_scorer(registry: Any, *, model: Any = None, device: str = "cpu") -> Any:
+def registry_scorer(registry: Any, *, model: Any = None, device: str = "cpu", threads: int = 1) -> Any:
     """The scorer a registry's profiles were made with: rebuilt from the arrays the registry stores
-    (GSV), or the network checkpoint it names (``model`` overrides the path), or both (fusion).
-    The result's fingerprint is checked against the registry's."""
+    (GSV), or the network checkpoint it names (``model`` overrides the path: a checkpoint, run
+    directory or embedder export, see :func:`~devrecd.openset.embedder.load_embedder`), or both
+    (fusion). The result's fingerprint is checked against the registry's."""
     info = registry.embedder
     if not info:
         from devrecd.openset.registry import RegistryError
@@ -394,8 +399,8 @@ def registry_scorer(registry: Any, *, model: Any = None, device: str = "cpu") ->
         raise RegistryError(f"registry {registry.path} has no enrolled devices; run `devrecd enroll` first",
                             reason="no_profiles")
     if info.get("kind") == "fusion":
-        scorer: Any = fusion_from(info, registry.scorer_arrays, model=model, device=device)
+        scorer: Any = fusion_from(info, registry.scorer_arrays, model=model, device=device, threads=threads)
     else:
-        scorer = _part_from(info, registry.scorer_arrays, model, device)
+        scorer = _part_from(info, registry.scorer_arrays, model, device, threads)
     registry.check_embedder(scorer.describe())
     return scorer

@@ -184,7 +184,8 @@ class RegistryJudge:
     """Open-set verdicts for the daemon and ``identify`` when ``registry.path`` is configured.
 
     Holds the registry, the scorer its profiles were made with (:func:`registry_scorer`: the GSV
-    arrays the registry stores, the checkpoint it names or ``model``) and the threshold
+    arrays the registry stores, the network ``model`` or ``registry.embedder_model`` names (a
+    checkpoint or its embedder export), else the checkpoint the registry names) and the threshold
     (:func:`~devrecd.openset.scoring.resolve_threshold`). ``judge(features)`` takes a recording's
     (n_windows, 128, 73) raw features, the same array the closed-set backend gets, and returns
     verdict fields to merge into the record.
@@ -201,7 +202,10 @@ class RegistryJudge:
         if not cfg.registry.path:
             raise RegistryError("registry.path is not set", reason="no_registry")
         self.registry = open_registry(cfg.registry.path)
-        self.scorer = registry_scorer(self.registry, model=model, device=device)
+        # The network of an embedder/fusion registry: ``model``, else registry.embedder_model, else the
+        # checkpoint the registry recorded (the registry's fingerprint check refuses any other network).
+        self.scorer = registry_scorer(self.registry, model=model or cfg.registry.embedder_model or None,
+                                      device=device, threads=cfg.backend.threads)
         self.embedder = getattr(self.scorer, "embedder", None)
         self.frontend = self.scorer.frontend if adopt_frontend else cfg.frontend  # what the pipeline must compute
         if self.scorer.frontend.fingerprint() != self.frontend.fingerprint():
