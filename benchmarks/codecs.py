@@ -218,7 +218,7 @@ def open_set(corpus: Corpus, conds: list[str], args, kind: str) -> dict[str, dic
         if kind == "gsv":
             scorer = gsv_scorer(GsvSvm(seed=args.seed).fit(feats, [d for _, d in seen]))
         else:
-            from devrecd.openset.embedder import Embedder
+            from devrecd.openset.embedder import load_embedder
             from devrecd.train import open_dataset, restrict_dataset, train, train_options
 
             cfg = corpus.cfg
@@ -228,7 +228,7 @@ def open_set(corpus: Corpus, conds: list[str], args, kind: str) -> dict[str, dic
                                  seed=args.seed, patience=0)
             ds = open_dataset(corpus.root, cfg, "ccnu")  # segments 1-3 train: the references
             train(restrict_dataset(ds, sorted({d for _, d in seen}), splits=("train",)), run, cfg, opts)
-            emb = Embedder.load(run)
+            emb = load_embedder(run)
             scorer = embedding_scorer(per_array(emb.embed_features))
         train_seconds += time.perf_counter() - t0
         log(f"open {kind} fold {k + 1}: trained on {len(set(d for _, d in seen))} phones "

@@ -107,7 +107,7 @@ def score_systems(train: Sequence[str], phones: Sequence[str], recs: list[Rec], 
     if args.epochs:
         import tempfile
 
-        from devrecd.openset.embedder import Embedder
+        from devrecd.openset.embedder import load_embedder
         from devrecd.train import restrict_dataset, train as train_network, train_options
 
         t0 = time.perf_counter()
@@ -116,7 +116,7 @@ def score_systems(train: Sequence[str], phones: Sequence[str], recs: list[Rec], 
                              hop_seconds=args.train_hop)
         with tempfile.TemporaryDirectory() as run:  # the one training loop, as `devrecd train-embedder`
             train_network(restrict_dataset(args.dataset, train, split="train"), run, cfg, opts)
-            emb = Embedder.load(run)
+            emb = load_embedder(run)
         tick("network_train", t0)
         net = EmbedderScorer(emb)
         vecs = {r.path: net.recording_vector(r.feats) for r in used}

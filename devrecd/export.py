@@ -21,6 +21,11 @@ optimisations, saved in ORT's own format, so that a serving session skips re-opt
 (session start ~0.3 s CPU instead of ~1 s; docs/backends.md). Its outputs are checked against the
 ``.onnx``'s on the same parity features, and it is recorded in the contract (name, sha256, size, the
 onnxruntime version that wrote it).
+
+``devrecd export-embedder`` (:func:`export_embedder`) exports an open-set embedder the same way:
+raw features -> normalisation -> ``embed`` -> ``embedding`` (B, D), its embeddings checked against the
+torch embedder's on real windows (relative to their norm), an embedder contract beside it
+(:class:`~devrecd.contract.EmbedderContract`, carrying the torch embedder's fingerprint).
 """
 
 from __future__ import annotations

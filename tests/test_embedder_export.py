@@ -284,3 +284,35 @@ def test_registry_embedder_model_is_validated() -> None:
     with pytest.raises(ConfigError, match=r"registry\.embedder_model must be a checkpoint .* got 'model\.bin'"):
         load_config(None, env={"DEVRECD_REGISTRY__EMBEDDER_MODEL": "model.bin"})
     assert load_config(None, env={}, overrides={"registry.embedder_model": "export/asp.onnx"}).registry.embedder_model
+
+
+def test_a_fusion_registry_is_served_from_the_export(asp_embedder_checkpoint, embedder_export, phones,
+                                                     tmp_path) -> None:
+    """A fusion (network + shipped GSV) trained and enrolled with the checkpoint, identified with
+    registry.embedder_model = the export: the same verdicts, fused scores within 1e-4."""
+    from devrecd.pipeline.identify import identify_files
+
+    onnx, _ = embedder_export
+    names = sorted(phones)
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    rows = ["path,device,segment"] + [f'"{phones[p][s]}","{p}",{s}' for p in names[8:11] for s in sorted(phones[p])]
+    (dev / "manifest.csv").write_text("\n".join(rows) + "\n")
+    fusion = tmp_path / "fusion.npz"
+    res = runner.invoke(app, ["train-fusion", str(dev), "--model", str(asp_embedder_checkpoint), "--out", str(fusion)])
+    assert res.exit_code == 0, res.output
+    reg = tmp_path / "registry.json"
+    enrolled = names[11:13]
+    for p in enrolled:
+        res = runner.invoke(app, ["enroll", "--registry", str(reg), "--profile", p, "--fusion", str(fusion),
+                                  str(phones[p][1]), str(phones[p][2])])
+        assert res.exit_code == 0, res.output
+    questioned = [phones[p][5] for p in enrolled] + [phones[names[13]][5]]
+    by_torch = identify_files(load_config(None, env={}, overrides={"registry.path": str(reg)}), questioned)
+    by_onnx = identify_files(load_config(None, env={}, overrides={"registry.path": str(reg),
+                                                                  "registry.embedder_model": str(onnx)}), questioned)
+    for t, o in zip(by_torch, by_onnx):
+        assert o["scorer"]["kind"] == t["scorer"]["kind"] == "fusion"
+        assert str(onnx.resolve()) in o["scorer"]["source"] and str(onnx.resolve()) not in t["scorer"]["source"]
+        assert (o["device"], o["candidate"]) == (t["device"], t["candidate"])
+        assert o["score"] == pytest.approx(t["score"], abs=1e-4)
