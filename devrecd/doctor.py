@@ -173,7 +173,20 @@ def _registry_check(cfg: Config) -> Check:
     except Exception as exc:
         return Check("registry", False, _message(exc), required=True)
     calibrated = "calibrated" if reg.calibration is not None else "not calibrated"
-    return Check("registry", True, f"{reg.path}: {len(reg.profiles)} profile(s), {calibrated}")
+    detail = f"{reg.path}: {len(reg.profiles)} profile(s), {calibrated}"
+    if reg.kind not in ("embedder", "fusion"):
+        return Check("registry", True, detail)
+    # The network of an embedder/fusion registry, loaded for real: this machine may lack torch (then
+    # registry.embedder_model must name the network's embedder export) or the path it was enrolled from.
+    from devrecd.openset.scorers import registry_scorer
+
+    try:
+        scorer = registry_scorer(reg, model=cfg.registry.embedder_model or None, threads=cfg.backend.threads)
+    except Exception as exc:
+        return Check("registry", False, f"{detail}; its {reg.kind} network does not load: {_message(exc)}",
+                     "set registry.embedder_model to the network's checkpoint or `devrecd export-embedder` .onnx",
+                     required=True)
+    return Check("registry", True, f"{detail}; {reg.kind} network {scorer.describe().get('source', '?')}")
 
 
 def _state_dir_check(cfg: Config) -> Check:

@@ -316,3 +316,17 @@ def test_a_fusion_registry_is_served_from_the_export(asp_embedder_checkpoint, em
         assert str(onnx.resolve()) in o["scorer"]["source"] and str(onnx.resolve()) not in t["scorer"]["source"]
         assert (o["device"], o["candidate"]) == (t["device"], t["candidate"])
         assert o["score"] == pytest.approx(t["score"], abs=1e-4)
+
+
+def test_doctor_loads_the_network_of_an_embedder_registry(embedder_registry, embedder_export, tmp_path) -> None:
+    """doctor names the network an embedder registry will be served with, and fails when it does not load."""
+    reg, _ = embedder_registry
+    onnx, _ = embedder_export
+    for model, ok, detail in ((str(onnx), True, f"embedder network {onnx.resolve()}"),
+                              (str(tmp_path / "gone.onnx"), False, "its embedder network does not load")):
+        result = runner.invoke(app, ["doctor", "--format", "json"],
+                               env={"DEVRECD_REGISTRY__PATH": str(reg), "DEVRECD_REGISTRY__EMBEDDER_MODEL": model,
+                                    "DEVRECD_WATCH__STATE_DIR": str(tmp_path / "state"), "DEVRECD_METRICS__PORT": "0"})
+        check = next(c for c in json.loads(result.stdout)["checks"] if c["name"] == "registry")
+        assert check["ok"] is ok and detail in check["detail"], check
+        assert (result.exit_code == 0) is ok, result.output
