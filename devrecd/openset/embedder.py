@@ -145,9 +145,14 @@ class OnnxEmbedder(_EmbeddingModel):
 
     def embed_features(self, feats: np.ndarray) -> np.ndarray:
         """(n, 128, 73) raw features -> (n, D) float32 window embeddings (not yet unit length)."""
-        out = [self.session.run([EMBEDDING_NAME], {INPUT_NAME: np.ascontiguousarray(feats[i:i + EMBED_BATCH],
-                                                                                    dtype=np.float32)})[0]
-               for i in range(0, len(feats), EMBED_BATCH)]
+        from devrecd.backends.base import InferenceError
+
+        try:
+            out = [self.session.run([EMBEDDING_NAME], {INPUT_NAME: np.ascontiguousarray(feats[i:i + EMBED_BATCH],
+                                                                                        dtype=np.float32)})[0]
+                   for i in range(0, len(feats), EMBED_BATCH)]
+        except Exception as exc:  # onnxruntime's own exception types
+            raise InferenceError(f"ONNX Runtime failed to embed {len(feats)} window(s): {exc}") from None
         return np.concatenate(out).astype(np.float32, copy=False) if out else np.zeros((0, self.dim), np.float32)
 
 
