@@ -21,7 +21,7 @@ import json
 import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from devrecd.errors import ArtifactError, ConfigError
 from devrecd.features import FEATURE_DIM, N_FRAMES, FrontendConfig
@@ -86,12 +86,7 @@ class Contract:
 
     # --- (de)serialisation ---------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        doc = asdict(self)
-        doc["input"]["shape"] = list(self.input.shape)
-        doc["output"]["shape"] = list(self.output.shape)
-        doc["labels"] = list(self.labels)
-        doc["frontend"] = self.frontend.to_dict()
-        return doc
+        return _to_dict(self)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the contract atomically (a reader never sees half a file)."""
@@ -100,25 +95,9 @@ class Contract:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "contract") -> Contract:
         """Validate and build; every problem is an :class:`ArtifactError` naming the field."""
-        if not isinstance(data, Mapping):
-            raise ArtifactError(f"{source}: not a JSON object", reason="contract_invalid")
-        frontend = _check_header(data, cls, CLASSIFIER, source)
-        try:
-            contract = cls(
-                name=str(data["name"]), onnx_file=str(data["onnx_file"]), onnx_sha256=str(data["onnx_sha256"]),
-                onnx_bytes=int(data["onnx_bytes"]), input=TensorSpec.from_dict(data["input"]),
-                output=TensorSpec.from_dict(data["output"]), labels=tuple(str(x) for x in data["labels"]),
-                frontend=frontend, frontend_fingerprint=str(data["frontend_fingerprint"]),
-                precision=str(data["precision"]), opset=int(data["opset"]), arch=str(data["arch"]),
-                checkpoint_sha256=str(data["checkpoint_sha256"]),
-                dataset_sha256=str(data.get("dataset_sha256", "")), parity=dict(data.get("parity", {})),
-                versions=dict(data.get("versions", {})), ort=dict(data.get("ort") or {}),
-                created=str(data.get("created", "")),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ArtifactError(f"{source}: malformed field: {exc}", reason="contract_invalid") from None
-        contract.validate(source=source)
-        return contract
+        return _build(cls, data, CLASSIFIER, source, lambda d: dict(
+            precision=str(d["precision"]), dataset_sha256=str(d.get("dataset_sha256", "")),
+            ort=dict(d.get("ort") or {})))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Contract:
@@ -128,22 +107,14 @@ class Contract:
     # --- checks --------------------------------------------------------------------------
     def validate(self, *, source: str = "contract") -> None:
         """Internal consistency: fixed I/O names and shapes, label count, frontend fingerprint."""
-        problems = []
-        if self.input != input_spec():
-            problems.append(f"input is {self.input}, expected {input_spec()}")
+        problems = _file_problems(self)
         if self.output != output_spec(len(self.labels)):
             problems.append(f"output is {self.output}, expected {output_spec(len(self.labels))} "
                             f"for {len(self.labels)} labels")
         if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
             problems.append("labels must be at least two distinct names")
-        if self.frontend.fingerprint() != self.frontend_fingerprint:
-            problems.append("frontend_fingerprint does not match the frontend parameters (edited by hand?)")
         if self.precision not in PRECISIONS:
             problems.append(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
-        if len(self.onnx_sha256) != 64 or self.onnx_bytes <= 0:
-            problems.append("onnx_sha256/onnx_bytes missing")
-        if Path(self.onnx_file).name != self.onnx_file:
-            problems.append(f"onnx_file {self.onnx_file!r} must be a bare file name")
         if self.ort:
             name, sha, size = self.ort.get("file"), self.ort.get("sha256"), self.ort.get("bytes")
             if not isinstance(name, str) or not name.endswith(".ort") or Path(name).name != name:
@@ -209,12 +180,7 @@ class EmbedderContract:
     schema: str = SCHEMA
 
     def to_dict(self) -> dict[str, Any]:
-        doc = asdict(self)
-        doc["input"]["shape"] = list(self.input.shape)
-        doc["output"]["shape"] = list(self.output.shape)
-        doc["labels"] = list(self.labels)
-        doc["frontend"] = self.frontend.to_dict()
-        return doc
+        return _to_dict(self)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the contract atomically."""
@@ -223,21 +189,7 @@ class EmbedderContract:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "contract") -> EmbedderContract:
         """Validate and build; every problem is an :class:`ArtifactError` naming the field."""
-        frontend = _check_header(data, cls, EMBEDDER, source)
-        try:
-            contract = cls(
-                name=str(data["name"]), onnx_file=str(data["onnx_file"]), onnx_sha256=str(data["onnx_sha256"]),
-                onnx_bytes=int(data["onnx_bytes"]), input=TensorSpec.from_dict(data["input"]),
-                output=TensorSpec.from_dict(data["output"]), fingerprint=str(data["fingerprint"]),
-                arch=str(data["arch"]), dim=int(data["dim"]), frontend=frontend,
-                frontend_fingerprint=str(data["frontend_fingerprint"]), labels=tuple(str(x) for x in data["labels"]),
-                opset=int(data["opset"]), checkpoint_sha256=str(data["checkpoint_sha256"]),
-                parity=dict(data.get("parity") or {}), versions=dict(data.get("versions") or {}),
-                created=str(data.get("created", "")))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ArtifactError(f"{source}: malformed field: {exc}", reason="contract_invalid") from None
-        contract.validate(source=source)
-        return contract
+        return _build(cls, data, EMBEDDER, source, lambda d: dict(fingerprint=str(d["fingerprint"]), dim=int(d["dim"])))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> EmbedderContract:
@@ -246,25 +198,59 @@ class EmbedderContract:
 
     def validate(self, *, source: str = "contract") -> None:
         """Internal consistency: fixed I/O, dimension, fingerprints, file name."""
-        problems = []
-        if self.input != input_spec():
-            problems.append(f"input is {self.input}, expected {input_spec()}")
+        problems = _file_problems(self)
         if self.dim < 1 or self.output != embedding_spec(self.dim):
             problems.append(f"output is {self.output}, expected {embedding_spec(self.dim)} for dim {self.dim}")
         if len(self.fingerprint) != 64:
             problems.append("fingerprint missing")
-        if self.frontend.fingerprint() != self.frontend_fingerprint:
-            problems.append("frontend_fingerprint does not match the frontend parameters (edited by hand?)")
-        if len(self.onnx_sha256) != 64 or self.onnx_bytes <= 0:
-            problems.append("onnx_sha256/onnx_bytes missing")
-        if Path(self.onnx_file).name != self.onnx_file:
-            problems.append(f"onnx_file {self.onnx_file!r} must be a bare file name")
         if problems:
             raise ArtifactError(f"{source}: " + "; ".join(problems), reason="contract_invalid")
 
     def verify_onnx(self, onnx_path: str | os.PathLike) -> None:
         """Refuse an ONNX file that is not the one this contract describes (missing, truncated, other)."""
         _verify_file(Path(onnx_path), self.onnx_bytes, self.onnx_sha256, what="ONNX embedder", reason="onnx")
+
+
+def _build(cls: Any, data: Any, kind: str, source: str, specific: Callable[[Mapping[str, Any]], dict]) -> Any:
+    """A validated contract of ``kind`` from its JSON: the fields both kinds have, plus ``specific(data)``."""
+    frontend = _check_header(data, cls, kind, source)
+    try:
+        contract = cls(
+            name=str(data["name"]), onnx_file=str(data["onnx_file"]), onnx_sha256=str(data["onnx_sha256"]),
+            onnx_bytes=int(data["onnx_bytes"]), input=TensorSpec.from_dict(data["input"]),
+            output=TensorSpec.from_dict(data["output"]), labels=tuple(str(x) for x in data["labels"]),
+            frontend=frontend, frontend_fingerprint=str(data["frontend_fingerprint"]), opset=int(data["opset"]),
+            arch=str(data["arch"]), checkpoint_sha256=str(data["checkpoint_sha256"]),
+            parity=dict(data.get("parity") or {}), versions=dict(data.get("versions") or {}),
+            created=str(data.get("created", "")), **specific(data))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{source}: malformed field: {exc}", reason="contract_invalid") from None
+    contract.validate(source=source)
+    return contract
+
+
+def _to_dict(contract: Any) -> dict[str, Any]:
+    """A contract (either kind) as plain JSON types."""
+    doc = asdict(contract)
+    doc["input"]["shape"] = list(contract.input.shape)
+    doc["output"]["shape"] = list(contract.output.shape)
+    doc["labels"] = list(contract.labels)
+    doc["frontend"] = contract.frontend.to_dict()
+    return doc
+
+
+def _file_problems(contract: Any) -> list[str]:
+    """What both kinds promise: the fixed input, a consistent frontend, the ONNX file's name, sha256 and size."""
+    problems = []
+    if contract.input != input_spec():
+        problems.append(f"input is {contract.input}, expected {input_spec()}")
+    if contract.frontend.fingerprint() != contract.frontend_fingerprint:
+        problems.append("frontend_fingerprint does not match the frontend parameters (edited by hand?)")
+    if len(contract.onnx_sha256) != 64 or contract.onnx_bytes <= 0:
+        problems.append("onnx_sha256/onnx_bytes missing")
+    if Path(contract.onnx_file).name != contract.onnx_file:
+        problems.append(f"onnx_file {contract.onnx_file!r} must be a bare file name")
+    return problems
 
 
 def read_contract_json(path: str | os.PathLike) -> Any:

@@ -404,34 +404,17 @@ def _parity_input(parity_audio: Sequence[str | os.PathLike], frontend: FrontendC
 
 # --- embedder exports ------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class EmbeddingParity:
-    """torch embedder vs ONNX Runtime embeddings of the same features."""
-
-    n_clips: int
-    max_rel_diff: float  # max over windows of max |onnx - torch| / ||torch||
-    min_cosine: float  # lowest cosine between a window's two embeddings
-    tolerance: float
-    source: str
-
-    @property
-    def passed(self) -> bool:
-        return self.max_rel_diff <= self.tolerance
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"n_clips": self.n_clips, "max_rel_diff": self.max_rel_diff, "min_cosine": self.min_cosine,
-                "tolerance": self.tolerance, "source": self.source, "passed": self.passed}
-
-
-def embedding_parity(expected: np.ndarray, got: np.ndarray, *, tolerance: float, source: str) -> EmbeddingParity:
-    """Compare (n, D) embeddings window by window (relative to the expected ones' norms, and by cosine)."""
+def embedding_parity(expected: np.ndarray, got: np.ndarray, *, tolerance: float, source: str) -> dict[str, Any]:
+    """Compare (n, D) embeddings window by window: ``max_rel_diff`` (max over windows of
+    max |got - expected| / ||expected||), ``min_cosine``, and whether it ``passed`` the tolerance."""
     if got.shape != expected.shape:
         raise ArtifactError(f"parity: ONNX embeddings {got.shape} != torch {expected.shape}", reason="parity")
     expected, got = expected.astype(np.float64), got.astype(np.float64)
     norm = np.linalg.norm(expected, axis=1)
-    rel = np.abs(got - expected).max(axis=1) / np.where(norm > 0, norm, 1.0)
+    rel = float((np.abs(got - expected).max(axis=1) / np.where(norm > 0, norm, 1.0)).max())
     cos = np.sum(got * expected, axis=1) / np.maximum(norm * np.linalg.norm(got, axis=1), 1e-30)
-    return EmbeddingParity(len(expected), float(rel.max()), float(cos.min()), tolerance, source)
+    return {"n_clips": len(expected), "max_rel_diff": rel, "min_cosine": float(cos.min()), "tolerance": tolerance,
+            "source": source, "passed": rel <= tolerance}
 
 
 def export_embedding_graph(embedder: Any, out: str | os.PathLike, *, features: np.ndarray, feature_source: str,
@@ -459,12 +442,12 @@ def export_embedding_graph(embedder: Any, out: str | os.PathLike, *, features: n
         x = np.ascontiguousarray(features, dtype=np.float32)
         got = ort_session(tmp, threads=threads).run([EMBEDDING_NAME], {INPUT_NAME: x})[0]
         parity = embedding_parity(embedder.embed_features(x), got, tolerance=tolerance, source=feature_source)
-        log.info("parity", extra=parity.to_dict())
-        if not parity.passed:
+        log.info("parity", extra=parity)
+        if not parity["passed"]:
             raise ArtifactError(
                 f"parity check failed for {out.name}: ONNX Runtime embeddings differ from torch's by up to "
-                f"{parity.max_rel_diff:.3g} of their norm > tolerance {tolerance:g} on {parity.n_clips} windows "
-                f"(lowest cosine {parity.min_cosine:.6f}); the ONNX file was not written", reason="parity")
+                f"{parity['max_rel_diff']:.3g} of their norm > tolerance {tolerance:g} on {parity['n_clips']} "
+                f"windows (lowest cosine {parity['min_cosine']:.6f}); the ONNX file was not written", reason="parity")
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -474,7 +457,7 @@ def export_embedding_graph(embedder: Any, out: str | os.PathLike, *, features: n
         arch=embedder.arch, dim=embedder.dim, frontend=embedder.frontend,
         frontend_fingerprint=embedder.frontend.fingerprint(), labels=tuple(embedder.labels), opset=opset,
         checkpoint_sha256=checkpoint_sha256,
-        parity=parity.to_dict() | {"exporter": exporter, "export_seconds": round(seconds, 1)},
+        parity=parity | {"exporter": exporter, "export_seconds": round(seconds, 1)},
         versions=software_versions(), created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     contract_path = contract.save(contract_path_for(out))
     return ExportResult(out, contract_path, contract, seconds)

@@ -8,12 +8,8 @@ never saw (segments 1-2) and are questioned with segment 5.
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,17 +23,11 @@ from devrecd.errors import ArtifactError, ConfigError
 runner = CliRunner()
 
 
-def _by_phone(ccnu_dir: Path) -> dict[str, dict[int, Path]]:
-    with open(ccnu_dir / "manifest.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    out: dict[str, dict[int, Path]] = {}
-    for r in rows:
-        out.setdefault(r["device"], {})[int(r["segment"])] = ccnu_dir / r["path"]
-    return out
-
-
 @pytest.fixture(scope="module")
 def phones(ccnu_dir: Path) -> dict[str, dict[int, Path]]:
+    """phone -> segment -> recording."""
+    from tests.test_openset_fusion import _by_phone
+
     return _by_phone(ccnu_dir)
 
 
@@ -259,23 +249,12 @@ def test_identify_serves_an_embedder_registry_without_the_training_stack(
         embedder_registry, embedder_export, phones, tmp_path) -> None:
     """The serving install: torch, scikit-learn, scipy, matplotlib and onnx unimportable, identify
     with an embedder registry and its export gives the verdict of the in-process (torch) run."""
-    from tests.test_serving_install import BLOCKED_CLI, REPO, _table_verdict
+    from tests.test_serving_install import assert_identify_without_training_stack
 
     reg, enrolled = embedder_registry
     onnx, _ = embedder_export
-    path = phones[enrolled[1]][5]
-    args = ["identify", str(path), "--registry", str(reg)]
-    in_process = runner.invoke(app, args)
-    assert in_process.exit_code == 0, in_process.output
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DEVRECD_BACKEND__DEVICE": "cpu",
-           "DEVRECD_REGISTRY__EMBEDDER_MODEL": str(onnx)}
-    done = subprocess.run([sys.executable, "-c", BLOCKED_CLI, *args], capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=300)
-    assert "BLOCKED IMPORT" not in done.stderr, done.stderr
-    assert done.returncode == 0, done.stderr
-    device, score = _table_verdict(done.stdout, path)
-    want_device, want_score = _table_verdict(in_process.output, path)
-    assert device == want_device and score == pytest.approx(want_score, abs=1e-3)
+    assert_identify_without_training_stack(["--registry", str(reg)], phones[enrolled[1]][5], tmp_path,
+                                           env={"DEVRECD_REGISTRY__EMBEDDER_MODEL": str(onnx)})
 
 
 def test_registry_embedder_model_is_validated() -> None:
@@ -294,10 +273,9 @@ def test_a_fusion_registry_is_served_from_the_export(asp_embedder_checkpoint, em
 
     onnx, _ = embedder_export
     names = sorted(phones)
-    dev = tmp_path / "dev"
-    dev.mkdir()
-    rows = ["path,device,segment"] + [f'"{phones[p][s]}","{p}",{s}' for p in names[8:11] for s in sorted(phones[p])]
-    (dev / "manifest.csv").write_text("\n".join(rows) + "\n")
+    from tests.test_openset_fusion import _dataset
+
+    dev = _dataset(tmp_path / "dev", phones, names[8:11])
     fusion = tmp_path / "fusion.npz"
     res = runner.invoke(app, ["train-fusion", str(dev), "--model", str(asp_embedder_checkpoint), "--out", str(fusion)])
     assert res.exit_code == 0, res.output

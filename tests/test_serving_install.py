@@ -80,17 +80,24 @@ def test_numpy_frontend_gives_the_torch_frontends_verdicts_on_real_phones(export
 def test_identify_serves_without_the_training_stack(exported_model, ccnu_dir, tmp_path) -> None:
     """``devrecd identify FILE --model M.onnx`` with torch, scikit-learn, scipy, matplotlib and onnx
     unimportable gives the verdict that the same command gives with all of them installed."""
+    path = _segment(ccnu_dir, "5")[3]
+    assert_identify_without_training_stack(["--model", str(exported_model)], path, tmp_path)
+
+
+def assert_identify_without_training_stack(options: list[str], path: Path, cwd: Path, env: dict | None = None) -> None:
+    """``devrecd identify PATH OPTIONS`` in a subprocess where the training stack cannot be imported
+    (``env`` added to its environment) gives the verdict the same command gives in this process."""
     from typer.testing import CliRunner
 
     from devrecd.cli import app
 
-    path = _segment(ccnu_dir, "5")[3]
-    args = ["identify", str(path), "--model", str(exported_model)]
+    args = ["identify", str(path), *options]
     in_process = CliRunner().invoke(app, args)
     assert in_process.exit_code == 0, in_process.output
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DEVRECD_BACKEND__DEVICE": "cpu", "DEVRECD_BACKEND__THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DEVRECD_BACKEND__DEVICE": "cpu", "DEVRECD_BACKEND__THREADS": "1",
+           **(env or {})}
     done = subprocess.run([sys.executable, "-c", BLOCKED_CLI, *args], capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=300)
+                          cwd=cwd, timeout=300)
     assert "BLOCKED IMPORT" not in done.stderr, done.stderr
     assert done.returncode == 0, done.stderr
     device, score = _table_verdict(done.stdout, path)

@@ -18,6 +18,15 @@ class Exporter(str, enum.Enum):
     dynamo = "dynamo"
 
 
+def _run_export(export: Callable[..., Any], checkpoint: Path, out: Path, parity_audio: List[Path],
+                config: Optional[Path], **options: Any) -> Any:
+    """Run an export function of :mod:`devrecd.export` under the CLI's config, parity audio and progress bar."""
+    cfg = load_cli_config(config)
+    parity = audio_paths(parity_audio, cfg, what="parity audio")
+    with _export_progress() as step:
+        return export(checkpoint, out, cfg=cfg, parity_audio=parity, on_progress=step, **options)
+
+
 @contextmanager
 def _export_progress() -> Iterator[Callable[[int, int, str], None]]:
     """The ``on_progress`` of an export: a bar opened at the first step (its total known then), log
@@ -55,14 +64,10 @@ def export(
     """Export a checkpoint to ONNX with normalisation + softmax folded in; parity-checked on real audio."""
     from devrecd.export import export_checkpoint
 
-    cfg = load_cli_config(config)
-    parity = audio_paths(parity_audio, cfg, what="parity audio")
-    with _export_progress() as step:
-        results = export_checkpoint(checkpoint, out, cfg=cfg, parity_audio=parity, fp16=fp16, opset=opset,
-                                    exporter=exporter.value, tolerance=tolerance, on_progress=step)
+    results = _run_export(export_checkpoint, checkpoint, out, parity_audio, config, fp16=fp16, opset=opset,
+                          exporter=exporter.value, tolerance=tolerance)
     for result in results:
-        c = result.contract
-        p = c.parity
+        c, p = result.contract, result.contract.parity
         typer.echo(f"{result.onnx_path}  ({c.precision}, {len(c.labels)} labels, "
                    f"sha256 {c.onnx_sha256[:12]}, exported in {result.seconds:.1f} s)")
         typer.echo(f"  parity vs torch: max abs diff {p['max_abs_diff']:.2e} <= {p['tolerance']:g}, "
@@ -91,13 +96,9 @@ def export_embedder_cmd(
     """Export a checkpoint's open-set embedder to ONNX, so that its registries are served without torch."""
     from devrecd.export import export_embedder
 
-    cfg = load_cli_config(config)
-    parity = audio_paths(parity_audio, cfg, what="parity audio")
-    with _export_progress() as step:
-        result = export_embedder(checkpoint, out, cfg=cfg, parity_audio=parity, opset=opset,
-                                 exporter=exporter.value, tolerance=tolerance, on_progress=step)
-    c = result.contract
-    p = c.parity
+    result = _run_export(export_embedder, checkpoint, out, parity_audio, config, opset=opset,
+                         exporter=exporter.value, tolerance=tolerance)
+    c, p = result.contract, result.contract.parity
     typer.echo(f"{result.onnx_path}  (embedder {c.arch}, dim {c.dim}, fingerprint {c.fingerprint[:12]}, "
                f"sha256 {c.onnx_sha256[:12]}, exported in {result.seconds:.1f} s)")
     typer.echo(f"  parity vs torch: max abs diff / embedding norm {p['max_rel_diff']:.2e} <= {p['tolerance']:g}, "
