@@ -150,6 +150,13 @@ def test_a_tampered_truncated_or_contractless_export_is_refused(embedder_export,
     with pytest.raises(ArtifactError, match="truncated") as err:
         load_embedder(copy)
     assert err.value.reason == "onnx_truncated"
+    shutil.copy(onnx, copy)
+    doc = json.loads(onnx.with_suffix(".json").read_text())
+    for edit, message in ((dict(dim=doc["dim"] + 1), "output is"), (dict(fingerprint="abc"), "fingerprint missing"),
+                          (dict(kind="vocoder"), "of unknown kind 'vocoder'")):
+        copy.with_suffix(".json").write_text(json.dumps({**doc, **edit}))
+        with pytest.raises(ArtifactError, match=message):
+            load_embedder(copy)
     copy.with_suffix(".json").unlink()
     with pytest.raises(ArtifactError, match="contract not found") as err:
         load_embedder(copy)
@@ -244,6 +251,23 @@ def test_enrol_and_compare_with_the_export_from_the_command_line(embedder_regist
 
     assert compare("--model", str(onnx)) == pytest.approx(compare(), abs=1e-4)
 
+    # calibrate (on a copy of the registry) with the export: the checkpoint's trials and threshold
+    from tests.test_openset_fusion import _dataset
+
+    held = _dataset(tmp_path / "held", phones, [*enrolled, sorted(phones)[11]])
+    outputs = []
+    for model in ([], ["--model", str(onnx)]):
+        copy = tmp_path / f"copy{len(outputs)}"
+        shutil.copytree(reg.parent, copy)
+        res = runner.invoke(app, ["calibrate", str(held), "--registry", str(copy / reg.name), "--split-groups",
+                                  "test=3,5", "--far", "0.2", "--format", "json", *model])
+        assert res.exit_code == 0, res.output
+        outputs.append(json.loads(res.output[res.output.index("{"):]))
+    by_torch, by_onnx = outputs
+    assert (by_onnx["n_target"], by_onnx["n_nontarget"]) == (by_torch["n_target"], by_torch["n_nontarget"]) == (6, 18)
+    assert by_onnx["threshold"] == pytest.approx(by_torch["threshold"], abs=1e-4)
+    assert by_onnx["eer"] == pytest.approx(by_torch["eer"], abs=1e-9)
+
 
 def test_identify_serves_an_embedder_registry_without_the_training_stack(
         embedder_registry, embedder_export, phones, tmp_path) -> None:
@@ -279,6 +303,14 @@ def test_a_fusion_registry_is_served_from_the_export(asp_embedder_checkpoint, em
     fusion = tmp_path / "fusion.npz"
     res = runner.invoke(app, ["train-fusion", str(dev), "--model", str(asp_embedder_checkpoint), "--out", str(fusion)])
     assert res.exit_code == 0, res.output
+    # train-fusion takes the export too: the same fusion (weights fitted on the same scores)
+    from devrecd.openset.scorers import load_fusion
+
+    res = runner.invoke(app, ["train-fusion", str(dev), "--model", str(onnx), "--out", str(tmp_path / "f2.npz")])
+    assert res.exit_code == 0, res.output
+    (a, _), (b, _) = load_fusion(fusion), load_fusion(tmp_path / "f2.npz")
+    assert a.fingerprint == b.fingerprint and b.describe()["parts"][0]["source"] == str(onnx.resolve())
+    np.testing.assert_allclose(b.weights, a.weights, rtol=1e-3)
     reg = tmp_path / "registry.json"
     enrolled = names[11:13]
     for p in enrolled:
