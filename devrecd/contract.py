@@ -279,7 +279,7 @@ def export_kind(onnx_path: str | os.PathLike) -> str:
 _KIND_HELP = {CLASSIFIER: "a classifier export (`devrecd export`: device probabilities, served with --model / "
                           "backend.model)",
               EMBEDDER: "an embedder export (`devrecd export-embedder`: open-set embeddings, served through a "
-                        "device registry with --model of enroll/calibrate/compare or registry.embedder_model)"}
+                        "device registry: registry.embedder_model, or --model of enroll/calibrate/compare/train-fusion)"}
 
 
 def _check_header(data: Any, cls: type, kind: str, source: str) -> FrontendConfig:
