@@ -326,6 +326,11 @@ def test_a_fusion_registry_is_served_from_the_export(asp_embedder_checkpoint, em
         assert str(onnx.resolve()) in o["scorer"]["source"] and str(onnx.resolve()) not in t["scorer"]["source"]
         assert (o["device"], o["candidate"]) == (t["device"], t["candidate"])
         assert o["score"] == pytest.approx(t["score"], abs=1e-4)
+    # and on the serving install: the GSV part from the registry's arrays, the network from the export
+    from tests.test_serving_install import assert_identify_without_training_stack
+
+    assert_identify_without_training_stack(["--registry", str(reg)], questioned[0], tmp_path,
+                                           env={"DEVRECD_REGISTRY__EMBEDDER_MODEL": str(onnx)})
 
 
 def test_doctor_loads_the_network_of_an_embedder_registry(embedder_registry, embedder_export, tmp_path) -> None:
