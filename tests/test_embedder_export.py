@@ -292,7 +292,8 @@ def test_registry_embedder_model_is_validated() -> None:
 def test_a_fusion_registry_is_served_from_the_export(asp_embedder_checkpoint, embedder_export, phones,
                                                      tmp_path) -> None:
     """A fusion (network + shipped GSV) trained and enrolled with the checkpoint, identified with
-    registry.embedder_model = the export: the same verdicts, fused scores within 1e-4."""
+    registry.embedder_model = the export: the same verdicts, fused scores within 1e-4, also where the
+    training stack cannot be imported; train-fusion with the export fits the same weights."""
     from devrecd.pipeline.identify import identify_files
 
     onnx, _ = embedder_export
