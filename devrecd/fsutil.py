@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -21,10 +21,13 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO
                  mode: int | None = None, fsync: bool = True) -> Path:
     """Write ``data`` (bytes, text as UTF-8, or a callback that writes to a binary file) to a
     temporary file beside ``path``, fsync it, rename it into place (atomic on POSIX), then fsync
-    the folder so that the rename itself is durable. ``mode`` is applied whatever the umask."""
+    the folder so that the rename itself is durable. ``mode`` is applied whatever the umask; without
+    it the file gets what any file the user makes gets (0666 less the umask): a model's contract,
+    a scorer file or a report must be readable by whoever may read the files written beside it
+    (a service user, a colleague), which a temporary file's 0600 would silently prevent."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _new_file(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             if callable(data):
@@ -43,6 +46,18 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO
     if fsync:
         fsync_dir(path.parent)
     return path
+
+
+def _new_file(path: Path) -> tuple[int, str]:
+    """A new, uniquely named temporary file beside ``path``, created with 0666 less the umask."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(16):
+        tmp = str(path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp"))
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # another writer's temporary name: draw again
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
 
 
 def private_file(path: str | os.PathLike, mode: int = 0o600, flags: int = os.O_RDWR) -> int:

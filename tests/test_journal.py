@@ -175,6 +175,33 @@ def test_state_files_are_private_whatever_the_umask(tmp_path: Path) -> None:
     assert not [n for n, m in modes.items() if m & 0o007], f"world-accessible state: {modes}"
 
 
+def test_artifacts_written_atomically_get_the_umasks_mode_like_any_file(tmp_path: Path, exported_model) -> None:
+    """A contract, written atomically through a temporary file, is as readable as the .onnx beside it
+    (0666 less the umask), not the temporary file's 0600: a service user reading the export must be
+    able to read its contract. An explicit mode still wins."""
+    import os
+    import stat
+
+    from devrecd.contract import Contract
+    from devrecd.fsutil import atomic_write
+
+    contract = Contract.load(exported_model.contract)
+    modes = {}
+    for umask in (0o022, 0o077, 0o002):
+        old = os.umask(umask)
+        try:
+            saved = contract.save(tmp_path / f"m{umask:o}.json")
+            plain = tmp_path / f"plain{umask:o}.bin"
+            plain.write_bytes(b"x")
+            explicit = atomic_write(tmp_path / f"e{umask:o}.json", "{}", mode=0o640)
+        finally:
+            os.umask(old)
+        modes[umask] = (stat.S_IMODE(saved.stat().st_mode), stat.S_IMODE(plain.stat().st_mode),
+                        stat.S_IMODE(explicit.stat().st_mode))
+    assert modes == {0o022: (0o644, 0o644, 0o640), 0o077: (0o600, 0o600, 0o640), 0o002: (0o664, 0o664, 0o640)}
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
 def test_export_opens_the_journal_read_only_and_writes_nothing(tmp_path: Path) -> None:
     import os
 
