@@ -181,7 +181,7 @@ def _registry_check(cfg: Config) -> Check:
     from devrecd.openset.scorers import registry_scorer
 
     try:
-        scorer = registry_scorer(reg, model=cfg.registry.embedder_model or None, threads=cfg.backend.threads)
+        scorer = registry_scorer(reg, configured=cfg.registry.embedder_model, threads=cfg.backend.threads)
     except Exception as exc:
         return Check("registry", False, f"{detail}; its {reg.kind} network does not load: {_message(exc)}",
                      "set registry.embedder_model to the network's checkpoint or `devrecd export-embedder` .onnx",

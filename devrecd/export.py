@@ -350,14 +350,14 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
     ``on_progress(done, total, what)`` after each step: each parity recording, then each graph exported.
     """
     from devrecd.audio import sha256_file
-    from devrecd.model.checkpoint import load_checkpoint
+    from devrecd.model.checkpoint import load_checkpoint, resolve_checkpoint_path
     from devrecd.model.serving import graph_for_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     outs = [Path(out)] + ([fp16_path_for(out)] if fp16 else [])
     feats, source, step = _parity_input(parity_audio, ckpt.frontend, cfg, max_parity_clips, len(outs), on_progress)
     common = dict(labels=list(ckpt.labels), frontend=ckpt.frontend, features=feats, feature_source=source,
-                  arch=ckpt.arch, checkpoint_sha256=sha256_file(checkpoint_file(checkpoint)),
+                  arch=ckpt.arch, checkpoint_sha256=sha256_file(resolve_checkpoint_path(checkpoint)),
                   dataset_sha256=ckpt.dataset_sha256,
                   opset=opset, exporter=exporter, threads=cfg.backend.threads)
     fp32_graph = graph_for_checkpoint(ckpt)
@@ -375,12 +375,6 @@ def _common_root(files: Sequence[Path]) -> str:
         return os.path.commonpath([str(f.resolve().parent) for f in files])
     except ValueError:
         return "several folders"
-
-
-def checkpoint_file(checkpoint: str | os.PathLike) -> Path:
-    """The ``.pt`` file of a checkpoint argument (a run folder means its ``best.pt``)."""
-    path = Path(checkpoint)
-    return path / "best.pt" if path.is_dir() else path
 
 
 def _parity_input(parity_audio: Sequence[str | os.PathLike], frontend: FrontendConfig, cfg: Config, max_clips: int,
@@ -472,14 +466,14 @@ def export_embedder(checkpoint: str | os.PathLike, out: str | os.PathLike, *, cf
     its embedder contract ``NAME.json``, parity-checked against torch on real recordings, so that
     registries enrolled with the checkpoint are served by ONNX Runtime without torch."""
     from devrecd.audio import sha256_file
-    from devrecd.model.checkpoint import load_checkpoint
+    from devrecd.model.checkpoint import load_checkpoint, resolve_checkpoint_path
     from devrecd.openset.embedder import Embedder
 
     ckpt = load_checkpoint(checkpoint)
     embedder = Embedder.from_checkpoint(ckpt, source=str(Path(checkpoint).resolve()))  # refuses a net without embed()
     feats, source, step = _parity_input(parity_audio, ckpt.frontend, cfg, max_parity_clips, 1, on_progress)
     result = export_embedding_graph(embedder, out, features=feats, feature_source=source,
-                                    checkpoint_sha256=sha256_file(checkpoint_file(checkpoint)), opset=opset,
+                                    checkpoint_sha256=sha256_file(resolve_checkpoint_path(checkpoint)), opset=opset,
                                     exporter=exporter, threads=cfg.backend.threads,
                                     tolerance=EMBEDDING_TOLERANCE if tolerance is None else tolerance)
     step(f"exported {result.onnx_path.name}")

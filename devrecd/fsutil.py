@@ -27,7 +27,9 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO
     (a service user, a colleague), which a temporary file's 0600 would silently prevent."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _new_file(path)
+    # With an explicit mode the temporary file is private until that mode is set: nobody can open
+    # it meanwhile and keep reading through their descriptor.
+    fd, tmp = _new_file(path, 0o600 if mode is not None else 0o666)
     try:
         with os.fdopen(fd, "wb") as fh:
             if callable(data):
@@ -48,13 +50,13 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO
     return path
 
 
-def _new_file(path: Path) -> tuple[int, str]:
-    """A new, uniquely named temporary file beside ``path``, created with 0666 less the umask."""
+def _new_file(path: Path, mode: int) -> tuple[int, str]:
+    """A new, uniquely named temporary file beside ``path``, created with ``mode`` less the umask."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     for _ in range(16):
         tmp = str(path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp"))
         try:
-            return os.open(tmp, flags, 0o666), tmp
+            return os.open(tmp, flags, mode), tmp
         except FileExistsError:  # another writer's temporary name: draw again
             continue
     raise FileExistsError(f"no free temporary name beside {path}")

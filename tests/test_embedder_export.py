@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from devrecd.audio import sha256_file
 from devrecd.cli import app
 from devrecd.config import load_config
 from devrecd.errors import ArtifactError, ConfigError
@@ -85,8 +86,10 @@ def test_export_embedder_writes_the_checkpoints_network_with_its_fingerprint(
     served = load_embedder(onnx)
     assert isinstance(served, OnnxEmbedder) and isinstance(load_embedder(asp_embedder_checkpoint), Embedder)
     want, got = torch_emb.describe(), served.describe()
-    assert {k: v for k, v in got.items() if k != "source"} == {k: v for k, v in want.items() if k != "source"}
-    assert got["source"] == str(onnx.resolve())
+    served_file = {"source": str(onnx.resolve()), "onnx_sha256": contract.onnx_sha256,
+                   "checkpoint_sha256": contract.checkpoint_sha256}  # the export adds the served file's identity
+    assert {k: v for k, v in got.items() if k not in served_file} == {k: v for k, v in want.items() if k != "source"}
+    assert {k: got[k] for k in served_file} == served_file
     cfg = load_config(None, env={})
     for name in sorted(phones)[8:12]:  # phones and a segment the parity check never saw
         _, emb = served.embed_file(phones[name][5], cfg, hop_seconds=0.25)
@@ -200,6 +203,7 @@ def test_a_registry_enrolled_with_the_checkpoint_is_served_from_the_export(
     for t, o in zip(by_torch, by_onnx):
         assert o["outcome"] == t["outcome"] == "judged", (o, t)
         assert o["scorer"]["kind"] == "embedder" and o["scorer"]["source"] == str(onnx.resolve())
+        assert o["scorer"]["onnx_sha256"] == sha256_file(onnx)  # the served file's identity in every verdict
         assert o["scorer"]["fingerprint"] == t["scorer"]["fingerprint"] == json.loads(reg.read_text())["embedder"]["fingerprint"]
         assert (o["device"], o["candidate"]) == (t["device"], t["candidate"])
         assert o["score"] == pytest.approx(t["score"], abs=1e-4)
@@ -225,6 +229,32 @@ def test_the_export_of_another_network_is_refused_by_the_registry(embedder_regis
     cfg = load_config(None, env={}, overrides={"registry.path": str(other), "registry.embedder_model": str(onnx)})
     with pytest.raises(RegistryError, match="Embeddings of different models cannot be compared") as err:
         RegistryJudge(cfg)
+    assert err.value.reason == "model_mismatch"
+    # The network came from the configuration, which applies to every registry: the error says so.
+    assert f"registry.embedder_model = {str(onnx)!r}" in str(err.value) and "pass --model" in str(err.value)
+
+
+def test_an_export_whose_contract_declares_another_frontend_is_refused_by_the_registry(
+        embedder_registry, embedder_export, tmp_path) -> None:
+    """The contract is what declares an export's frontend: one edited to another frontend (its
+    fingerprint field recomputed, the .onnx untouched, so sha256 and size still hold) would make the
+    pipeline compute other features for the same profiles. The registry refuses it."""
+    from dataclasses import replace
+
+    from devrecd.contract import EmbedderContract, contract_path_for
+    from devrecd.openset.registry import RegistryError
+    from devrecd.openset.workflow import RegistryJudge
+
+    reg, _ = embedder_registry
+    onnx, _ = embedder_export
+    shutil.copy(onnx, tmp_path / onnx.name)
+    contract = EmbedderContract.load(contract_path_for(onnx))
+    other = replace(contract.frontend, preemphasis=0.5)
+    replace(contract, frontend=other, frontend_fingerprint=other.fingerprint()).save(contract_path_for(tmp_path / onnx.name))
+    cfg = load_config(None, env={}, overrides={"registry.path": str(reg),
+                                               "registry.embedder_model": str(tmp_path / onnx.name)})
+    with pytest.raises(RegistryError, match="another frontend") as err:
+        RegistryJudge(cfg, adopt_frontend=True)  # open set only: the pipeline would compute the scorer's frontend
     assert err.value.reason == "model_mismatch"
 
 
@@ -284,8 +314,8 @@ def test_identify_serves_an_embedder_registry_without_the_training_stack(
 def test_registry_embedder_model_is_validated() -> None:
     with pytest.raises(ConfigError, match=r"registry\.embedder_model: expected str"):
         load_config(None, env={}, overrides={"registry.embedder_model": 3})
-    with pytest.raises(ConfigError, match=r"registry\.embedder_model must be a checkpoint .* got 'model\.bin'"):
-        load_config(None, env={"DEVRECD_REGISTRY__EMBEDDER_MODEL": "model.bin"})
+    # Not judged by its name: a run directory may be called anything.
+    assert load_config(None, env={"DEVRECD_REGISTRY__EMBEDDER_MODEL": "runs/emb.v2"}).registry.embedder_model == "runs/emb.v2"
     assert load_config(None, env={}, overrides={"registry.embedder_model": "export/asp.onnx"}).registry.embedder_model
 
 

@@ -175,30 +175,38 @@ def test_state_files_are_private_whatever_the_umask(tmp_path: Path) -> None:
     assert not [n for n, m in modes.items() if m & 0o007], f"world-accessible state: {modes}"
 
 
-def test_artifacts_written_atomically_get_the_umasks_mode_like_any_file(tmp_path: Path, exported_model) -> None:
-    """A contract, written atomically through a temporary file, is as readable as the .onnx beside it
-    (0666 less the umask), not the temporary file's 0600: a service user reading the export must be
-    able to read its contract. An explicit mode still wins."""
+def test_artifacts_written_atomically_get_the_umasks_mode_like_any_file(tmp_path: Path) -> None:
+    """A file written atomically (a model's contract, a scorer file, a report) gets what a plain
+    open() gives, 0666 less the umask, not a temporary file's 0600: a service user who can read the
+    .onnx beside a contract must be able to read the contract. An explicit mode still wins, and the
+    temporary file is private until that mode is set."""
     import os
     import stat
 
-    from devrecd.contract import Contract
     from devrecd.fsutil import atomic_write
 
-    contract = Contract.load(exported_model.contract)
+    def mode_of(p: Path) -> int:
+        return stat.S_IMODE(p.stat().st_mode)
+
+    seen: dict[int, int] = {}  # umask -> the temporary file's mode while an explicit-mode write runs
     modes = {}
     for umask in (0o022, 0o077, 0o002):
         old = os.umask(umask)
         try:
-            saved = contract.save(tmp_path / f"m{umask:o}.json")
+            written = atomic_write(tmp_path / f"contract{umask:o}.json", "{}\n")
             plain = tmp_path / f"plain{umask:o}.bin"
             plain.write_bytes(b"x")
-            explicit = atomic_write(tmp_path / f"e{umask:o}.json", "{}", mode=0o640)
+
+            def body(fh, umask=umask) -> None:
+                seen[umask] = stat.S_IMODE(os.fstat(fh.fileno()).st_mode)
+                fh.write(b"{}")
+
+            explicit = atomic_write(tmp_path / f"state{umask:o}.json", body, mode=0o640)
         finally:
             os.umask(old)
-        modes[umask] = (stat.S_IMODE(saved.stat().st_mode), stat.S_IMODE(plain.stat().st_mode),
-                        stat.S_IMODE(explicit.stat().st_mode))
+        modes[umask] = (mode_of(written), mode_of(plain), mode_of(explicit))
     assert modes == {0o022: (0o644, 0o644, 0o640), 0o077: (0o600, 0o600, 0o640), 0o002: (0o664, 0o664, 0o640)}
+    assert set(seen.values()) <= {0o600}, seen  # (0o600 less the umask: never wider)
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 

@@ -19,7 +19,8 @@ RegistryOption = typer.Option(None, "--registry", "-r", help="Registry JSON file
 ModelOption = typer.Option(None, "--model", "-m", exists=True,
                            help="Network embedder (scorer 'embedder'): checkpoint (.pt), run directory, or its "
                                 "embedder export (.onnx from `devrecd export-embedder`; no torch needed). "
-                                "Default for a registry: registry.embedder_model, else the checkpoint it names.")
+                                "Default for an existing embedder/fusion registry: registry.embedder_model, else the "
+                                "checkpoint it names.")
 
 
 class Scorer(str, enum.Enum):
@@ -85,7 +86,7 @@ def choose_scorer(reg, scorer: Optional[Scorer | str], model: Optional[Path], gs
                     f"{reg.path} was made with {reg.kind!r} scorer {str(made.get('fingerprint'))[:12]} "
                     f"({made.get('source', '?')}); its profiles can only be used with that scorer: drop {flag} "
                     f"or use another registry")
-        return registry_scorer(reg, model=model or embedder_model or None, device=device, threads=threads)
+        return registry_scorer(reg, model=model, configured=embedder_model, device=device, threads=threads)
     kind = scorer or ("fusion" if fusion is not None else "embedder" if model is not None else "gsv")
     if kind == "fusion":
         if fusion is None:
@@ -246,7 +247,7 @@ def calibrate(
         selection = f"split {split.value}"
     if not items:
         raise ConfigError(f"{dataset}: no recordings in {selection}")
-    chosen = registry_scorer(reg, model=model or cfg.registry.embedder_model or None,
+    chosen = registry_scorer(reg, model=model, configured=cfg.registry.embedder_model,
                              device=resolve_device(cfg.backend.device), threads=cfg.backend.threads)
     pairs = [(str(it.path), it.device) for it in items]
     with progress(len(pairs) * max(1, len(conditions or ())), "calibrate", unit="recording") as bar:

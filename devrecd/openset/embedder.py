@@ -142,6 +142,16 @@ class OnnxEmbedder(_EmbeddingModel):
         self.source = str(path.resolve())
         self.device = "cpu"  # ONNX Runtime's CPU provider: features are computed on the CPU too
         self.threads = threads
+        dims = self.session.get_outputs()[0].shape
+        if len(dims) != 2 or dims[1] != c.dim:
+            raise ArtifactError(f"{path}: the graph's embeddings are {dims}, not the contract's (batch, {c.dim})",
+                                reason="contract_mismatch")
+
+    def describe(self) -> dict[str, Any]:
+        """The registry's description of the network, plus the served file's identity: the export's
+        sha256 (checked against its contract at load) and the checkpoint it was exported from."""
+        return {**super().describe(), "onnx_sha256": self.contract.onnx_sha256,
+                "checkpoint_sha256": self.contract.checkpoint_sha256}
 
     def embed_features(self, feats: np.ndarray) -> np.ndarray:
         """(n, 128, 73) raw features -> (n, D) float32 window embeddings (not yet unit length)."""

@@ -136,8 +136,19 @@ class Registry:
         return str(self.embedder.get("kind", "embedder")) if self.embedder else ""
 
     def check_embedder(self, embedder: dict[str, Any]) -> None:
-        """Refuse vectors from another scorer than the one this registry was built with."""
-        if self.embedder and self.embedder.get("fingerprint") != embedder.get("fingerprint"):
+        """Refuse vectors from another scorer than the one this registry was built with: another
+        fingerprint, or (where both record them) another frontend or embedding dimension — an export's
+        contract declares its frontend, and features of another frontend would be scored silently."""
+        if not self.embedder:
+            return
+        for key, what in (("frontend_sha256", "frontend"), ("dim", "embedding dimension")):
+            mine, theirs = self.embedder.get(key), embedder.get(key)
+            if mine is not None and theirs is not None and mine != theirs:
+                raise RegistryError(
+                    f"registry {self.path} was enrolled with a model of another {what} ({str(mine)[:12]}) than "
+                    f"{embedder.get('source', '?')} ({str(theirs)[:12]}): its profiles cannot be compared with "
+                    "this model's vectors", reason="model_mismatch")
+        if self.embedder.get("fingerprint") != embedder.get("fingerprint"):
             raise RegistryError(
                 f"registry {self.path} was enrolled with model {self.embedder.get('fingerprint', '?')[:12]} "
                 f"({self.embedder.get('source', '?')}); this model is {embedder.get('fingerprint', '?')[:12]} "

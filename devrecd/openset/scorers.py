@@ -387,20 +387,30 @@ def fusion_from(info: dict[str, Any], arrays: dict[str, np.ndarray], *, model: A
     return scorer
 
 
-def registry_scorer(registry: Any, *, model: Any = None, device: str = "cpu", threads: int = 1) -> Any:
+def registry_scorer(registry: Any, *, model: Any = None, configured: str = "", device: str = "cpu",
+                    threads: int = 1) -> Any:
     """The scorer a registry's profiles were made with: rebuilt from the arrays the registry stores
-    (GSV), or the network checkpoint it names (``model`` overrides the path: a checkpoint, run
-    directory or embedder export, see :func:`~devrecd.openset.embedder.load_embedder`), or both
-    (fusion). The result's fingerprint is checked against the registry's."""
+    (GSV), or the network it names, or both (fusion). The network is ``model`` (a command's --model),
+    else ``configured`` (``registry.embedder_model``), else the checkpoint the registry recorded; a
+    checkpoint, run directory or embedder export (:func:`~devrecd.openset.embedder.load_embedder`).
+    The result's fingerprint is checked against the registry's."""
+    from devrecd.openset.registry import RegistryError
+
     info = registry.embedder
     if not info:
-        from devrecd.openset.registry import RegistryError
-
         raise RegistryError(f"registry {registry.path} has no enrolled devices; run `devrecd enroll` first",
                             reason="no_profiles")
+    network = model or configured or None
     if info.get("kind") == "fusion":
-        scorer: Any = fusion_from(info, registry.scorer_arrays, model=model, device=device, threads=threads)
+        scorer: Any = fusion_from(info, registry.scorer_arrays, model=network, device=device, threads=threads)
     else:
-        scorer = _part_from(info, registry.scorer_arrays, model, device, threads)
-    registry.check_embedder(scorer.describe())
+        scorer = _part_from(info, registry.scorer_arrays, network, device, threads)
+    try:
+        registry.check_embedder(scorer.describe())
+    except RegistryError as exc:
+        if exc.reason == "model_mismatch" and configured and not model:  # the setting applies to every registry
+            raise RegistryError(f"{exc} (the network came from registry.embedder_model = {configured!r}, which "
+                                "applies to every registry opened with this configuration: pass --model, or "
+                                "unset registry.embedder_model for this registry)", reason="model_mismatch") from None
+        raise
     return scorer

@@ -204,7 +204,7 @@ class RegistryJudge:
         self.registry = open_registry(cfg.registry.path)
         # The network of an embedder/fusion registry: ``model``, else registry.embedder_model, else the
         # checkpoint the registry recorded (the registry's fingerprint check refuses any other network).
-        self.scorer = registry_scorer(self.registry, model=model or cfg.registry.embedder_model or None,
+        self.scorer = registry_scorer(self.registry, model=model, configured=cfg.registry.embedder_model,
                                       device=device, threads=cfg.backend.threads)
         self.embedder = getattr(self.scorer, "embedder", None)
         self.frontend = self.scorer.frontend if adopt_frontend else cfg.frontend  # what the pipeline must compute

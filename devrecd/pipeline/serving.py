@@ -50,8 +50,12 @@ class OpenSetOnly:
         self.frontend: FrontendConfig = self.registry_judge.frontend
         self.device = device
         desc = self.registry_judge.scorer.describe()
+        # A network served from its export: the served file's sha256 (a fusion's is in its network part).
+        onnx_sha256 = desc.get("onnx_sha256") or next(
+            (p["onnx_sha256"] for p in desc.get("parts", ()) if p.get("onnx_sha256")), None)
         self.scorer = {"kind": desc.get("kind"), "fingerprint": desc.get("fingerprint"), "source": desc.get("source"),
-                       "frontend_sha256": desc.get("frontend_sha256"), "registry": str(self.registry_judge.registry.path)}
+                       "frontend_sha256": desc.get("frontend_sha256"), "registry": str(self.registry_judge.registry.path),
+                       "onnx_sha256": onnx_sha256}
         self.judge: Judge = one_at_a_time(self.registry_judge.judge)
 
     def describe(self) -> dict:
