@@ -283,6 +283,15 @@ def software_versions() -> dict[str, str]:
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
+def _onnx_out(out: str | os.PathLike) -> tuple[Path, Path]:
+    """An export's ``NAME.onnx`` and the temporary file it is written to first (an export never leaves
+    a half-written or unchecked NAME.onnx behind)."""
+    out = Path(out)
+    if out.suffix != ".onnx":
+        raise ArtifactError(f"--out must end in .onnx, not {out.name!r}", reason="export")
+    return out, out.with_name(f".{out.name}.partial")
+
+
 def export_graph(graph: Any, out: str | os.PathLike, *, labels: Sequence[str], frontend: FrontendConfig,
                  features: np.ndarray, feature_source: str, arch: str, checkpoint_sha256: str,
                  dataset_sha256: str = "", precision: str = "fp32", opset: int = DEFAULT_OPSET,
@@ -294,12 +303,9 @@ def export_graph(graph: Any, out: str | os.PathLike, *, labels: Sequence[str], f
     """
     from devrecd.audio import sha256_file
 
-    out = Path(out)
-    if out.suffix != ".onnx":
-        raise ArtifactError(f"--out must end in .onnx, not {out.name!r}", reason="export")
+    out, tmp = _onnx_out(out)
     tolerance = TOLERANCE[precision] if tolerance is None else tolerance
     t0 = time.perf_counter()
-    tmp = out.with_name(f".{out.name}.partial")  # never leave a half-written NAME.onnx behind
     ort_out, ort_tmp = ort_path_for(out), out.with_name(f".{out.stem}.partial.ort")
     try:
         write_onnx(graph, tmp, opset=opset, exporter=exporter)
@@ -424,12 +430,9 @@ def export_embedding_graph(embedder: Any, out: str | os.PathLike, *, features: n
     from devrecd.audio import sha256_file
     from devrecd.model.serving import embedding_graph
 
-    out = Path(out)
-    if out.suffix != ".onnx":
-        raise ArtifactError(f"--out must end in .onnx, not {out.name!r}", reason="export")
+    out, tmp = _onnx_out(out)
     graph = embedding_graph(embedder.model, embedder.norm_mean, embedder.norm_std) if graph is None else graph
     t0 = time.perf_counter()
-    tmp = out.with_name(f".{out.name}.partial")  # never leave a half-written NAME.onnx behind
     try:
         write_onnx(graph, tmp, opset=opset, exporter=exporter, output_name=EMBEDDING_NAME)
         seconds = time.perf_counter() - t0

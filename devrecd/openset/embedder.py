@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from abc import ABC, abstractmethod
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -38,7 +39,7 @@ from devrecd.features import FEATURE_DIM, FrontendConfig
 EMBED_BATCH = 64  # windows per forward pass (bounded memory on long recordings)
 
 
-class _EmbeddingModel:
+class _EmbeddingModel(ABC):
     """What both embedders share: their description and the one feature path for a file."""
 
     fingerprint: str
@@ -55,8 +56,9 @@ class _EmbeddingModel:
                 "frontend_sha256": self.frontend.fingerprint(), "source": self.source,
                 "training_labels": len(self.labels)}
 
+    @abstractmethod
     def embed_features(self, feats: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """(n, 128, 73) raw features -> (n, D) float32 window embeddings (not yet unit length)."""
 
     def embed_file(self, path: str | os.PathLike, cfg: Config, *, hop_seconds: float | None = None
                    ) -> tuple[Recording, np.ndarray]:
