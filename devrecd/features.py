@@ -45,6 +45,7 @@ SLICE_LOGE = slice(N_MFCC, N_BASE)
 SLICE_DELTA = slice(N_BASE, 2 * N_BASE)
 SLICE_DELTA2 = slice(2 * N_BASE, 3 * N_BASE)
 SLICE_FBANK = slice(3 * N_BASE, FEATURE_DIM)
+LEVELS = ("clip", "none")  # FrontendConfig.level
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,12 @@ class FrontendConfig:
     fmin: float = 0.0
     fmax: float = 0.0  # 0 = Nyquist
     delta_width: int = 2  # HTK regression half-width N
-    log_floor: float = 1e-12  # energies are clamped here before log (input scaled to [-1, 1])
+    log_floor: float = 1e-12  # energies are clamped here before log (relative to the clip's level with level="clip")
+    # "clip": every energy of a clip is divided by the clip's mean frame energy before anything else
+    # reads it, so that logE and the pre-Fbank energies (the only level-bearing dims) do not move with
+    # gain: recording level is not a device trace. "none": absolute energies (input in [-1, 1]), what
+    # every model and scorer made before this parameter existed computed (see :meth:`from_dict`).
+    level: str = "clip"
 
     def __post_init__(self) -> None:
         problems = []
@@ -78,6 +84,8 @@ class FrontendConfig:
             problems.append(f"n_frames must be {N_FRAMES} (the network's time axis)")
         if self.n_mels != N_MELS or self.n_mfcc != N_MFCC:
             problems.append(f"n_mels/n_mfcc must be {N_MELS}/{N_MFCC} (73-dim features)")
+        if self.level not in LEVELS:
+            problems.append(f"level must be one of {', '.join(map(repr, LEVELS))}, not {self.level!r}")
         if self.window not in ("hamming", "hann"):
             problems.append(f"window must be 'hamming' or 'hann', not {self.window!r}")
         if not 0.0 <= self.preemphasis < 1.0:
@@ -127,15 +135,22 @@ class FrontendConfig:
 
     # --- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if self.level == "none":
+            # Written as artifacts made before ``level`` existed were: their recorded frontend and
+            # fingerprint stay valid, and they are served with the features they were made with.
+            del d["level"]
+        return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FrontendConfig:
+        """The frontend an artifact (checkpoint, contract, scorer, registry) recorded. One recorded
+        without ``level`` predates level normalisation: it computed absolute energies (``"none"``)."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"frontend: unknown parameter(s) {', '.join(unknown)}")
-        return cls(**data)
+        return cls(**{"level": "none", **data})
 
     def fingerprint(self) -> str:
         """sha256 of the canonical JSON of every parameter: equal iff the features are equal."""
@@ -275,6 +290,12 @@ class Frontend:
         power = xp.astype(xp.real(spec) ** 2 + xp.imag(spec) ** 2, xp.float32)  # |FFT|^2
 
         fbank_energy = xp.matmul(power, mel)  # (B, T, 34 + 1): pre-Fbank (before the log) and frame energy
+        if cfg.level == "clip":
+            # Gain g multiplies every energy by g^2: divided by the clip's mean frame energy, logE and
+            # the pre-Fbank energies no longer move with level (c1..c12 and the deltas never did).
+            # A digitally silent clip (mean 0) stays at zero, i.e. at the log floor.
+            level = xp.mean(fbank_energy[..., -1:], axis=-2, keepdims=True)  # (B, 1, 1)
+            fbank_energy = fbank_energy / xp.where(level > 0, level, xp.ones_like(level))
         fbank = fbank_energy[..., :-1]
         mfcc = xp.matmul(xp.log(xp.clip(fbank, cfg.log_floor, None)), dct)  # (B, T, 12): c1..c12
         log_e = xp.log(xp.clip(fbank_energy[..., -1:], cfg.log_floor, None))

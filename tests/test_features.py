@@ -41,6 +41,10 @@ def reference_features(clip: np.ndarray, cfg: FrontendConfig) -> np.ndarray:
     mel = librosa.filters.mel(sr=cfg.sample_rate, n_fft=cfg.fft_size, n_mels=34, fmin=0.0,
                               fmax=cfg.sample_rate / 2, htk=True, norm=None, dtype=np.float64)
     fbank = power @ mel.T
+    if cfg.level == "clip":  # every energy relative to the clip's mean frame energy
+        level = energy.mean()
+        if level > 0:
+            energy, fbank = energy / level, fbank / level
     mfcc = scipy.fft.dct(np.log(np.maximum(fbank, cfg.log_floor)), type=2, norm="ortho", axis=1)[:, 1:13]
     base = np.concatenate([mfcc, np.log(np.maximum(energy, cfg.log_floor))[:, None]], axis=1)
     d1 = psf_delta(base, cfg.delta_width)
@@ -67,6 +71,52 @@ def test_matches_reference_on_real_speech(librispeech_dir, clip_seconds):
     _assert_close(ours, reference_features(clip, cfg))
 
 
+def test_unnormalised_frontend_matches_reference(librispeech_dir):
+    """level="none" (what models made before level normalisation computed) is the same reference
+    without the division."""
+    cfg = FrontendConfig(level="none")
+    path = sorted(librispeech_dir.glob("*/*/*.flac"))[3]
+    clip = read_evidence(path, cfg.sample_rate).samples[: cfg.clip_samples]
+    _assert_close(extract(clip[None], Frontend(cfg))[0], reference_features(clip, cfg))
+
+
+def test_features_do_not_move_with_recording_level(ccnu_dir):
+    """Real phone recordings scaled by -30 to +10 dB: every dim of the normalised features is that of
+    the recording as it was (the log-energy ones included; float32 rounding apart), while the
+    unnormalised logE moves by the gain (what lost quieter recordings their phone). Re-quantising a
+    quiet recording to 16 bit adds white noise at -101 dBFS that fills a phone's empty bands: that
+    is noise, matched by condition matching (tests of the open-set verdicts), not a level effect."""
+    cfg = FrontendConfig()
+    new, old = Frontend(cfg), Frontend(FrontendConfig(level="none"))
+    for path in sorted(ccnu_dir.glob("*.wav"))[::9]:
+        clips = cut_windows(read_evidence(path, cfg.sample_rate).samples, cfg.clip_samples, cfg.clip_samples)
+        base = extract(clips, new)
+        for gain in (-30.0, -20.0, 6.0, 10.0):
+            moved = extract(clips * np.float32(10 ** (gain / 20)), new)
+            for sl in (SLICE_MFCC, SLICE_LOGE, SLICE_DELTA, SLICE_DELTA2):
+                np.testing.assert_allclose(moved[..., sl], base[..., sl], atol=2e-3, err_msg=f"{path.name} {gain}")
+            np.testing.assert_allclose(moved[..., SLICE_FBANK], base[..., SLICE_FBANK], rtol=1e-3,
+                                       atol=1e-6 * base[..., SLICE_FBANK].max(), err_msg=f"{path.name} {gain}")
+        quiet = extract(clips * np.float32(0.1), old)[..., SLICE_LOGE]
+        assert np.median(extract(clips, old)[..., SLICE_LOGE] - quiet) == pytest.approx(np.log(100.0), abs=0.01)
+
+
+def test_frontends_recorded_before_level_normalisation_are_served_as_they_were():
+    """An artifact's frontend without ``level`` computed absolute energies: from_dict gives
+    level="none", and its recorded fingerprint (computed without the key) still matches."""
+    legacy = {k: v for k, v in FrontendConfig().to_dict().items() if k != "level"}
+    import hashlib
+    import json
+
+    old_fingerprint = hashlib.sha256(json.dumps(legacy, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    cfg = FrontendConfig.from_dict(legacy)
+    assert cfg.level == "none" and cfg.fingerprint() == old_fingerprint
+    assert FrontendConfig().level == "clip" and FrontendConfig().fingerprint() != old_fingerprint
+    assert FrontendConfig.from_dict(FrontendConfig().to_dict()) == FrontendConfig()
+    with pytest.raises(ConfigError, match="level"):
+        FrontendConfig(level="loud")
+
+
 def test_matches_reference_on_real_phone_recordings(ccnu_dir):
     cfg = FrontendConfig()
     frontend = Frontend(cfg)
@@ -82,15 +132,20 @@ def test_matches_reference_on_real_phone_recordings(ccnu_dir):
 
 
 def test_layout_and_meaning_of_dims(ccnu_dir):
-    """logE tracks loudness; pre-Fbank is linear in power; deltas of a constant signal vanish."""
+    """Unnormalised, logE tracks loudness and pre-Fbank is linear in power; normalised (the default)
+    neither moves with gain; deltas of a constant signal vanish."""
     cfg = FrontendConfig()
     frontend = Frontend(cfg)
     rec = read_evidence(next(ccnu_dir.glob("*_1.wav")), cfg.sample_rate)
     clip = rec.samples[: cfg.clip_samples]
-    a, b = extract(np.stack([clip, 0.5 * clip]), frontend)
+    a, b = extract(np.stack([clip, 0.5 * clip]), Frontend(FrontendConfig(level="none")))
     np.testing.assert_allclose(a[:, SLICE_LOGE] - b[:, SLICE_LOGE], np.log(4.0), atol=1e-3)
     np.testing.assert_allclose(a[:, SLICE_FBANK] / b[:, SLICE_FBANK], 4.0, rtol=1e-3)
     np.testing.assert_allclose(a[:, SLICE_MFCC], b[:, SLICE_MFCC], atol=1e-3)  # gain-invariant (c0 dropped)
+    a, b = extract(np.stack([clip, 0.5 * clip]), frontend)
+    np.testing.assert_allclose(a[:, SLICE_LOGE], b[:, SLICE_LOGE], atol=1e-4)
+    np.testing.assert_allclose(a[:, SLICE_FBANK], b[:, SLICE_FBANK], rtol=1e-4, atol=1e-9)
+    assert np.mean(np.exp(a[:, SLICE_LOGE])) == pytest.approx(1.0, rel=1e-3)  # relative to the clip's mean energy
     rng = np.random.default_rng(0)
     tone = np.sin(2 * np.pi * 1000 * np.arange(cfg.clip_samples) / cfg.sample_rate) + 1e-4 * rng.standard_normal(cfg.clip_samples)
     f = extract(tone.astype(np.float32)[None], frontend)[0]

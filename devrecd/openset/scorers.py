@@ -172,7 +172,7 @@ class GsvScorer:
         """Rebuild from :meth:`arrays` and :meth:`describe` (the fingerprint must match)."""
         ubm = Ubm.from_arrays({k[4:]: v for k, v in arrays.items() if k.startswith("ubm_")})
         try:
-            frontend = FrontendConfig(**info["frontend"])
+            frontend = FrontendConfig.from_dict(info["frontend"])
             scorer = cls(ubm, frontend, relevance=float(info["relevance"]), nap=arrays.get("nap"),
                          source=str(info.get("source", "")))
         except (KeyError, TypeError, ValueError) as exc:
