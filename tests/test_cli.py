@@ -163,7 +163,6 @@ def test_doctor_checks_a_good_configuration_and_names_what_is_broken(exported_mo
     ["compare", "x.wav", "--scorer", "cosine"],
     ["calibrate", ".", "--split", "dev"],
     ["devices", "rename"],
-    ["train-gsv", ".", "--out", "g.npz", "--threshold-rule", "eer"],
     ["listen", "--format", "csv"],
 ])
 def test_a_bad_choice_is_a_usage_error(args):

@@ -6,9 +6,10 @@ GMM supervector or their fusion) exactly as the registry does: a recording's vec
 the scorer's own frontend), the reference model is the unit-length mean of the reference
 recordings' vectors (a registry profile), the score is ``scorer.score`` and the per-window
 timeline ``scorer.score`` of ``scorer.window_vectors``. So a comparison scores what
-``devrecd calibrate`` scored for its trials, and an :class:`~devrecd.forensic.lr.LRCalibration`
-fitted there applies (to that scorer only: its ``describe()`` fingerprint). Without one the score
-is reported and no LR is given.
+``devrecd calibrate`` scored for its trials, and a :class:`~devrecd.openset.calibration.Calibration`
+fitted there (or the scorer's development calibration) of the questioned recording's condition
+applies (to that scorer only: its ``describe()`` fingerprint). Without one the score is reported
+and no LR is given.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from devrecd import __version__
 from devrecd.audio import AudioError, sha256_file, window_starts
 from devrecd.config import Config
 from devrecd.errors import DevrecdError
-from devrecd.forensic.lr import LRCalibration, assess
+from devrecd.forensic.lr import Calibration, assess, comparison_channel
 from devrecd.pipeline.stages import hop_samples
 from devrecd.provenance import utc_timestamp
 
@@ -144,20 +145,35 @@ class Comparer:
                       window_scores=[round(float(s), 6) for s in per_window])
 
 
+def calibration_summary(cal: Calibration | None) -> dict[str, Any] | None:
+    """What a comparison record cites of its calibration."""
+    if cal is None:
+        return None
+    return {"sha256": cal.sha256, "method": cal.method, "basis": cal.basis, "bounds": [cal.lower, cal.upper],
+            "population": cal.population, "conditions": cal.conditions, "n_target": cal.metrics.get("n_target"),
+            "n_nontarget": cal.metrics.get("n_nontarget")}
+
+
+def calibration_of(calibration: Calibration | dict[str, Calibration] | None, recording: dict[str, Any]
+                   ) -> Calibration | None:
+    """The calibration of a questioned recording: the one given, or of its comparison condition."""
+    if calibration is None or isinstance(calibration, Calibration):
+        return calibration
+    from devrecd.openset.scoring import calibration_key
+
+    return calibration.get(calibration_key(comparison_channel(recording.get("condition") or {}),
+                                           recording.get("duration")))
+
+
 def compare(comparer: Comparer, questioned: Sequence[str | os.PathLike], refs: ReferenceSet,
-            calibration: LRCalibration | None) -> list[dict[str, Any]]:
-    """One comparison record per questioned recording (a failed one says why, with its hash)."""
+            calibration: Calibration | dict[str, Calibration] | None) -> list[dict[str, Any]]:
+    """One comparison record per questioned recording (a failed one says why, with its hash).
+    ``calibration``: one for every recording, or one per comparison condition (``calibration_key``)."""
     from devrecd.forensic.lr import HD, HP
 
     ident = comparer.describe()
-    cal_summary = None
-    if calibration is not None:
-        cal_summary = {"sha256": calibration.sha256, "method": calibration.method,
-                       "bounds": [calibration.lower, calibration.upper], "population": calibration.population,
-                       "conditions": calibration.conditions, "n_target": calibration.metrics.get("n_target"),
-                       "n_nontarget": calibration.metrics.get("n_nontarget")}
     common = {"reference_device": refs.device, "references": refs.files, "reference_source": refs.source,
-              "scorer": ident, "calibration": cal_summary, "hp": HP, "hd": HD, "software_version": __version__}
+              "scorer": ident, "hp": HP, "hd": HD, "software_version": __version__}
     out = []
     for q in questioned:
         t0 = time.perf_counter()
@@ -176,11 +192,13 @@ def compare(comparer: Comparer, questioned: Sequence[str | os.PathLike], refs: R
                 except OSError:
                     sha = None
             out.append({"outcome": "failed", "path": str(q), "sha256": sha, "reason": failure.reason,
-                        "detail": failure.detail, **common, "compared_at": utc_timestamp()})
+                        "detail": failure.detail, **common, "calibration": None, "compared_at": utc_timestamp()})
             continue
+        cal = calibration_of(calibration, s.recording)
         record = {"outcome": "compared", **s.recording, "score": round(s.score, 6),
-                  **assess(calibration, s.score, s.recording, ident),
+                  **assess(cal, s.score, s.recording, ident),
                   "window_starts": s.window_starts, "window_scores": s.window_scores, **common,
+                  "calibration": calibration_summary(cal),
                   "seconds": round(time.perf_counter() - t0, 3), "compared_at": utc_timestamp()}
         out.append(record)
     return out
