@@ -316,6 +316,7 @@ class SynthConfig(_Section):
     speakers_per_recording: Count = 3  # speaker turns per recording (speakers never cross splits)
     parallel: bool = True  # one playback session: clip k of every device is the same speech (as in CCNU)
     spread: PositiveFloat = 2.5  # scale of model-to-model differences; 2.5 makes 15 devices about as hard as CCNU
+    unit_tolerance: PositiveFloat = 4.0  # scale of unit-to-unit differences (manufacturing tolerances), fitted to real phones
     jobs: Count = 1  # worker processes
 
     def relations(self) -> list[str]:
