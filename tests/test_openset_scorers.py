@@ -155,7 +155,9 @@ def test_train_gsv_cross_fits_one_calibration_per_condition(ccnu) -> None:
     assert (cals["clean"].metrics["n_target"], cals["clean"].metrics["n_nontarget"]) == (18, 18)
     assert cals["clean/short"].metrics["n_target"] == 36 and cals["tel"].metrics["n_target"] == 18
     for key, cal in cals.items():
-        assert cal.decision["rule"] == "bayes" and cal.log10_threshold == 0.0 and cal.lower <= 0 <= cal.upper
+        # Bayes at the defaults among the 2 profiles of a cross-fitting group: LR >= 2 * 2 - 1
+        assert cal.decision["rule"] == "bayes" and cal.log10_threshold == pytest.approx(np.log10(3))
+        assert cal.decision["n_candidates"] == 2 and cal.lower <= 0 <= cal.upper
         assert cal.conditions["condition"] == key and cal.basis.startswith("development, cross-fitted")
         assert cal.scorer["fingerprint"] == gsv.fingerprint
     far = train_gsv(*args, mixtures=8, nap_dims=2, inner=3, decision=Decision(rule="far", far=0.05))
@@ -324,10 +326,12 @@ def test_a_scorer_file_other_than_the_registrys_is_a_usage_error(ccnu_dir: Path,
 
 def test_shipped_gsv_calls_of_never_enrolled_phones_are_not_named_and_decisions_follow_the_lr(
         ccnu_dir: Path, tmp_path: Path) -> None:
-    """Calls (AMR-NB files) judged with the shipped scorer against WAV references: the references
-    are matched to the call and the scorer's AMR-NB development calibration decides. A call of a
-    phone that is not enrolled is not named (it was, at 0/60, when a WAV calibration decided calls),
-    an enrolled phone's call is; and every verdict agrees with its LR."""
+    """Calls (AMR-NB files) judged with the shipped scorer against WAV references of 10 enrolled
+    phones: the references are matched to the call and the scorer's AMR-NB development calibration
+    decides (Bayes, 10 candidates: LR >= 19). A call of a phone that is not enrolled is not named (every
+    one was, 0/60 rejected, when a WAV calibration decided calls); the enrolled phones' calls rank
+    their phone first; and every verdict agrees with its LR. (Named: a minority of the enrolled
+    calls, since AMR-NB development trials support LRs up to about 26: docs/openset-model.md.)"""
     from devrecd.audio.channel import get_channel
     from devrecd.audio.transmit import encode_file
     from devrecd.openset.registry import open_registry
@@ -337,7 +341,7 @@ def test_shipped_gsv_calls_of_never_enrolled_phones_are_not_named_and_decisions_
     import soundfile as sf
 
     phones = sorted({p.name.rsplit("_", 1)[0] for p in ccnu_dir.glob("*_1.wav")})
-    enrolled, strangers = phones[:6], phones[6:10]
+    enrolled, strangers = phones[:10], phones[10:]
     cfg = Config().with_overrides({"registry.path": str(tmp_path / "registry.json")})
     reg = open_registry(cfg.registry.path, create=True)
     scorer = load_gsv(default_gsv_path())[0]
@@ -354,5 +358,6 @@ def test_shipped_gsv_calls_of_never_enrolled_phones_are_not_named_and_decisions_
         assert r["open_set"]["condition"] == "amrnb" and r["comparison"]["references"] == "matched"
         assert r["condition_status"] == "validated" and r["log10_lr"] is not None
         assert (r["device"] != "unknown device") == (r["log10_lr"] >= r["open_set"]["log10_threshold"])
-    assert all(records[p]["device"] == "unknown device" for p in strangers), {p: records[p]["log10_lr"] for p in strangers}
-    assert sum(records[p]["device"] == p for p in enrolled[:3]) >= 2
+    assert all(records[p]["device"] not in enrolled for p in strangers), {p: records[p]["log10_lr"] for p in strangers}
+    assert sum(records[p]["candidate"] == p for p in enrolled[:3]) >= 2
+    assert all(records[p]["device"] in (p, "unknown device") for p in enrolled[:3])  # never another phone

@@ -461,8 +461,10 @@ def _decision_fields(decision: Decision, slope: float, offset: float, lower: flo
         basis = scores[labels == 0] if open_set is None or len(open_set) == 0 else np.asarray(open_set, np.float64)
         if basis.size == 0:
             raise CalibrationError("rule far needs impostor scores")
-        thr = threshold_for_far(basis, decision.far)
-        t = slope * thr + offset
+        # The LR threshold is chosen on the impostors' BOUNDED LRs (what a verdict compares), so that
+        # the rule and the reported LR agree even where the bounds flatten the map.
+        t = threshold_for_far(np.clip(slope * basis + offset, lower, upper), decision.far)
+        thr = (t - offset) / slope
     else:
         t = decision.bayes_log10_threshold(n_candidates)
         thr = (t - offset) / slope
