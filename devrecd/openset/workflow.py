@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -20,6 +21,7 @@ from devrecd.provenance import utc_timestamp
 from devrecd.openset.scorers import as_scorer, registry_scorer, scorer_arrays
 
 log = logging.getLogger("devrecd.openset")
+MATCHED_REGISTRIES = 16  # RegistryJudge: registries matched to a (channel, noise) condition kept in memory
 
 
 def recording_features(scorer: Any, path: str | os.PathLike, cfg: Config, *, hop_seconds: float | None = None,
@@ -222,22 +224,41 @@ class RegistryJudge:
         store = ReferenceStore.for_registry(self.registry.path)
         self.store = store if store.root.is_dir() else None
         self.matcher = ConditionMatcher(store, self.scorer.frontend, cfg.audio, device=device)
-        self._matched: dict[str, Registry] = {}  # channel name -> the registry with references under it
+        # (channel name, noise key) -> the registry with references under it; noise keys are as many
+        # as questioned conditions, so only the MATCHED_REGISTRIES most recent are kept.
+        self._matched: OrderedDict[tuple[str, str], tuple[Registry, list[float]]] = OrderedDict()
 
     def judge(self, features: np.ndarray, recording: dict[str, Any] | None = None) -> dict[str, Any]:
         """Verdict fields (device, score, llr, candidate, open_set, top_k, windows_best, comparison,
         condition_status) of one recording; ``recording`` (its ``describe()``) carries its condition."""
-        from devrecd.openset.matching import condition_report, matched_registry, resolve_comparison, validated_conditions
+        from devrecd.audio.noise import noise_key
+        from devrecd.openset.matching import (CLEAN, condition_report, matched_registry, resolve_comparison,
+                                              resolve_noise, validated_conditions)
         from devrecd.openset.scoring import identify_vectors
 
         reg = self.registry
         condition = (recording or {}).get("condition")
         profiles = [[r.sha256 for r in reg.profiles[n].references] for n in reg.names]
         channel, under, refs, note = resolve_comparison(condition, self.store, profiles, self.match_conditions)
-        if channel is not None:
-            if channel.name not in self._matched:
-                self._matched[channel.name] = matched_registry(reg, self.matcher, channel, self.scorer.recording_vector)
-            reg = self._matched[channel.name]
+        # Noise: only where the references can be brought to the questioned recording's channel (or none is needed).
+        can_match = self.match_conditions and self.store is not None and refs != "unmatched"
+        noise_note = ("" if can_match else note or ("condition matching is off (registry.match_conditions)"
+                      if not self.match_conditions else "the registry keeps no reference audio"))
+        noise, noise_fields = resolve_noise(condition, self.matcher if can_match else None, profiles, channel,
+                                            enabled=can_match, note=noise_note)
+        if channel is not None or noise is not None:
+            key = (channel.name if channel is not None else CLEAN, noise_key(noise) if noise is not None else "")
+            if key not in self._matched:
+                matched = matched_registry(reg, self.matcher, channel, self.scorer.recording_vector, noise)
+                snrs = ([self.matcher.matched_snr(s, channel, noise) for shas in profiles for s in shas]
+                        if noise is not None else [])
+                self._matched[key] = (matched, snrs)
+                while len(self._matched) > MATCHED_REGISTRIES:
+                    self._matched.popitem(last=False)
+            self._matched.move_to_end(key)
+            reg, snrs = self._matched[key]
+            if snrs:
+                noise_fields["matched_references_snr_db"] = [min(snrs), max(snrs)]
         fields = identify_vectors(self.scorer.recording_vector(features), self.scorer.window_vectors(features),
                                   reg, threshold=self.threshold, k=self.top_k,
                                   threshold_source=self.threshold_source, score=self.scorer.score)
@@ -245,6 +266,7 @@ class RegistryJudge:
         cal_info = self.registry.calibration_info or (self.registry.embedder or {}).get("dev_calibration")
         report = condition_report(condition, under, refs, validated_conditions(cal_info), note)
         report.pop("questioned")  # the record carries the recording's condition already
+        report.update(noise_fields)
         if report["status"] != "validated":  # outside what the calibration measured: no likelihood ratio
             fields["llr"] = None
             for row in fields["top_k"]:
