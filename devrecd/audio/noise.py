@@ -208,17 +208,20 @@ def _shaped_noise(n: int, density: np.ndarray, nfft: int, rng: np.random.Generat
     return out
 
 
-def match_noise(samples: np.ndarray, rate: int, target: NoiseProfile, *, seed: int) -> np.ndarray:
+def match_noise(samples: np.ndarray, rate: int, target: NoiseProfile, *, seed: int,
+                own: NoiseProfile | None = None) -> np.ndarray:
     """``samples`` (a cleaner reference) with Gaussian noise added so that its measured SNR and noise
     shape are ``target``'s: per band, the noise density the target has above the reference's own
     (each relative to its own speech level) is added; where the reference is already as noisy, nothing.
     A reference at least as noisy as the target in every band comes back unchanged (the same array).
     Covers a quiet recording re-quantised to 16 bit: its quantisation noise is white in the target's
-    spectrum, so white noise at that relative level is added. Deterministic given ``seed``."""
+    spectrum, so white noise at that relative level is added. Deterministic given ``seed``.
+    ``own``: the samples' :func:`measure_noise` when the caller has it (cached), else measured here."""
     x = np.asarray(samples)
     if target.rate != rate:
         raise ValueError(f"the target noise profile was measured at {target.rate} Hz, the samples are at {rate} Hz")
-    own = measure_noise(x, rate)
+    own = measure_noise(x, rate) if own is None else own
+    _same_rate(target, own)
     if own.speech_dbfs <= SILENCE_DBFS:
         return x  # digital silence has no level to be relative to
     t = 10.0 ** (np.asarray(target.bands_db) / 10.0)

@@ -172,7 +172,8 @@ class ConditionMatcher:
             return self._noisy[key]
         samples = self._samples(sha256, channel)
         seed = int(hashlib.sha256("|".join(key).encode()).hexdigest()[:15], 16)
-        matched = match_noise(samples, self.rate, quantised(noise), seed=seed)
+        own = self.reference_noise(sha256, channel)  # cached: not measured again
+        matched = match_noise(samples, self.rate, quantised(noise), seed=seed, own=own)
         out = (self._features(matched), round(measure_noise(matched, self.rate).snr_db, 1))
         self._snrs[key] = out[1]  # a float per key: kept longer than the features
         while len(self._snrs) > 64 * max(1, self._noise_cache):
@@ -370,7 +371,7 @@ def resolve_comparison(condition: dict[str, Any] | None, store: ReferenceStore |
 NOISE_MARGIN_DB = 3.0  # noise matching when the questioned noise spectrum lies this far above a reference's (mean over bands)
 
 
-def resolve_noise(condition: dict[str, Any] | None, matcher: ConditionMatcher | None, profiles: Sequence[Sequence[str]],
+def resolve_noise(condition: dict[str, Any] | None, matcher: ConditionMatcher, profiles: Sequence[Sequence[str]],
                   channel: Channel | None, *, enabled: bool, note: str = "",
                   margin_db: float = NOISE_MARGIN_DB) -> tuple[NoiseProfile | None, dict[str, Any]]:
     """Decide whether references are brought to the questioned recording's noise: ``(target noise
@@ -392,9 +393,8 @@ def resolve_noise(condition: dict[str, Any] | None, matcher: ConditionMatcher | 
     the references as they are, after the channel), ``noise_excess_db`` and, when matched,
     ``matched_references_snr_db`` (filled in by the caller from :meth:`ConditionMatcher.noise_matched`).
     """
-    rate = matcher.rate if matcher is not None else 0
     try:
-        target = noise_profile(condition, rate) if condition and matcher is not None else None
+        target = noise_profile(condition, matcher.rate) if condition else None
     except (KeyError, TypeError, ValueError) as exc:
         return None, {"noise_matched": False, "noise_note": f"the questioned noise profile cannot be read: {exc}"}
     if target is None:

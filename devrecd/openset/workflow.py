@@ -244,7 +244,7 @@ class RegistryJudge:
         can_match = self.match_conditions and self.store is not None and refs != "unmatched"
         noise_note = ("" if can_match else note or ("condition matching is off (registry.match_conditions)"
                       if not self.match_conditions else "the registry keeps no reference audio"))
-        noise, noise_fields = resolve_noise(condition, self.matcher if can_match else None, profiles, channel,
+        noise, noise_fields = resolve_noise(condition, self.matcher, profiles, channel,
                                             enabled=can_match, note=noise_note)
         if channel is not None or noise is not None:
             key = (channel.name if channel is not None else CLEAN, noise_key(noise) if noise is not None else "")
