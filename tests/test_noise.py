@@ -204,3 +204,27 @@ def test_verdicts_on_noisy_evidence_are_noise_matched_and_named(ccnu_dir, tmp_pa
         c = v["comparison"]
         assert c["noise_matched"] is matched and c["questioned_snr_db"] > 25, c
         assert (c["noise_excess_db"] > NOISE_MARGIN_DB) is matched and v["candidate"] == phone
+
+
+def test_compare_brings_reference_files_to_the_questioned_noise(ccnu_dir, tmp_path):
+    """``devrecd compare``'s path: reference files against a noisy questioned recording of the same
+    phone score higher once brought to its noise; the record says so."""
+    import soundfile as sf
+
+    from devrecd.config import Config
+    from devrecd.forensic.compare import Comparer, compare
+    from devrecd.openset.scorers import default_gsv_path, load_gsv
+
+    scorer, _ = load_gsv(default_gsv_path())
+    q = tmp_path / "q.wav"
+    sf.write(q, add_noise(_read(ccnu_dir, "huawei_nova", 4), RATE, 12.0, seed=3), RATE, subtype="PCM_16")
+    refs = [ccnu_dir / f"huawei_nova_{s}.wav" for s in (1, 2)]
+    records = {}
+    for on in (True, False):
+        comparer = Comparer(scorer, Config().with_overrides({"registry.match_conditions": on}))
+        records[on] = compare(comparer, [q], comparer.references("huawei_nova", refs), None)[0]
+    c = records[True]["comparison"]
+    assert c["noise_matched"] is True and abs(c["questioned_snr_db"] - 12.0) < 1.5 and c["references_snr_db"][0] > 25
+    assert all(abs(v - c["questioned_snr_db"]) < 2 for v in c["matched_references_snr_db"])
+    assert records[False]["comparison"]["noise_matched"] is False
+    assert records[True]["score"] > records[False]["score"] + 0.3, (records[True]["score"], records[False]["score"])
