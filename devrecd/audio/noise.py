@@ -114,14 +114,13 @@ def _frame_spectra(x: np.ndarray, nfft: int) -> np.ndarray:
     step = nfft // 2
     if len(x) < nfft:
         x = np.concatenate([x, np.zeros(nfft - len(x), x.dtype)])
-    frames = np.lib.stride_tricks.sliding_window_view(x, nfft)[::step]
-    if len(frames) > MAX_FRAMES:
-        frames = frames[np.linspace(0, len(frames) - 1, MAX_FRAMES).astype(int)]
+    frames = np.lib.stride_tricks.sliding_window_view(x, nfft)[::step]  # a view: nothing copied
+    pick = np.linspace(0, len(frames) - 1, min(len(frames), MAX_FRAMES)).astype(int)
     window = 0.5 - 0.5 * np.cos(2.0 * math.pi * np.arange(nfft) / nfft)  # periodic Hann
     norm = nfft * float(np.sum(window**2))
-    out = np.empty((len(frames), nfft // 2 + 1))
-    for lo in range(0, len(frames), 512):  # float64 a group at a time
-        seg = frames[lo: lo + 512].astype(np.float64)
+    out = np.empty((len(pick), nfft // 2 + 1))  # MAX_FRAMES x 513 float64 at most: 33 MB
+    for lo in range(0, len(pick), 512):  # frames copied (float64) a group at a time
+        seg = frames[pick[lo: lo + 512]].astype(np.float64)
         seg = (seg - seg.mean(axis=1, keepdims=True)) * window
         spec = np.fft.rfft(seg, axis=1)
         p = (spec.real**2 + spec.imag**2) / norm
