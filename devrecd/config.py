@@ -289,7 +289,7 @@ class RegistryConfig(_Section):
     use_calibration: bool = True  # use the threshold `devrecd calibrate` stored in the registry, when it has one
     target_far: Annotated[float, Range(gt=0, lt=1)] = 0.01  # `devrecd calibrate`: false-acceptance rate the threshold is chosen for
     keep_references: bool = True  # `devrecd enroll` keeps the references' audio (by sha256) next to the registry
-    match_conditions: bool = True  # bring references to a questioned recording's codec / band before scoring
+    match_conditions: bool = True  # bring references to a questioned recording's codec / band (and its noise, when noisier) before scoring
     # The network an `embedder`/`fusion` registry is served with: its checkpoint (.pt or run directory)
     # or embedder export (.onnx, no torch needed); "" = the checkpoint path the registry recorded.
     embedder_model: str = ""
