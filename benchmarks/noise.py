@@ -14,6 +14,12 @@ optimistic and only compare matching on with matching off):
 * OFF: the references as they are. ON: :func:`devrecd.openset.matching.resolve_noise` decides (margin
   ``NOISE_MARGIN_DB``) and :class:`~devrecd.openset.matching.ConditionMatcher` brings every
   reference to the questioned recording's measured noise (the code the registry judge runs).
+* ``--folds``: leave-phones-out instead of the shipped scorer: 3 folds of 5 test phones (seed 0,
+  :func:`devrecd.openset.protocol.phone_folds`); per fold a GSV scorer with the shipped recipe (16
+  mixtures, NAP 16: ``GsvScorer.train``, the core of ``gsvtrain.train_gsv`` without its
+  calibration, which rank-1 and EER do not use) learns from the other 10 phones' 5 segments; each
+  questioned recording is scored, with its references, by the scorer of the fold its phone is
+  held out in (pooled over the folds). Phones never seen in training: not optimistic.
 * Rank-1 over the 30 questioned recordings, EER over the 30 target / 420 non-target trials
   (raw cosine scores), how many questioned recordings were noise-matched, and the margin's
   background: the noise excess of each clean questioned recording over the references.
@@ -83,6 +89,7 @@ def main() -> int:
     ap.add_argument("librispeech", type=Path)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--conditions", default=",".join(CONDITIONS))
+    ap.add_argument("--folds", action="store_true", help="leave-phones-out GSV scorers instead of the shipped one")
     args = ap.parse_args()
     import soundfile as sf
 
@@ -105,12 +112,23 @@ def main() -> int:
     matcher = ConditionMatcher(store, fe, cfg.audio, cache_dir=args.out / "refs-conditions", noise_cache=0)
     babble = babble_talkers(args.librispeech, rate)
     truth = np.array([[d == ph for ph in phones] for _, d in questioned])
+    scorer_of = {d: scorer for d in phones}  # the scorer each questioned phone is judged with
+    if args.folds:
+        from devrecd.openset.protocol import phone_folds
+        from devrecd.openset.scorers import GsvScorer
 
-    def profile_means(channel_noise) -> np.ndarray:
-        return np.stack([l2_normalise(np.stack([scorer.recording_vector(matcher.reference_features(s, None, channel_noise))
+        for fold in phone_folds(phones, n_folds=3, seeds=(0,)):
+            dev = [(p, d) for p, d, _ in rows if d in fold.dev]
+            feats = [extract(clips_for(read_evidence(p, rate, cfg.audio), fe, hop), frontend_for(fe)) for p, _ in dev]
+            fold_scorer = GsvScorer.train(feats, [d for _, d in dev], fe, mixtures=16, nap_dims=16, seed=0)
+            scorer_of.update({d: fold_scorer for d in fold.test})
+            log(f"fold {fold.index}: GSV (16 mixtures, NAP 16) on {len(fold.dev)} phones, tests {', '.join(fold.test)}")
+
+    def profile_means(sc, channel_noise) -> np.ndarray:
+        return np.stack([l2_normalise(np.stack([sc.recording_vector(matcher.reference_features(s, None, channel_noise))
                                                 for s in shas]).mean(axis=0)) for shas in profiles])
 
-    clean_means = profile_means(None)
+    clean_means = {id(sc): profile_means(sc, None) for sc in set(scorer_of.values())}
     ref_noise = [matcher.reference_noise(s, None) for shas in profiles for s in shas]
     log(f"references: {sum(map(len, profiles))} recordings of {len(phones)} phones, SNR "
         f"{min(r.snr_db for r in ref_noise):.1f}-{max(r.snr_db for r in ref_noise):.1f} dB")
@@ -120,7 +138,8 @@ def main() -> int:
     for cond in args.conditions.split(","):
         scores = {"off": [], "on": []}
         snrs, n_matched, excess_clean, refused = [], 0, [], 0
-        for i, (path, _) in enumerate(questioned):
+        for i, (path, phone) in enumerate(questioned):
+            scorer = scorer_of[phone]
             x, r = sf.read(path, dtype="float32")
             dest = qdir / cond / f"{path.stem}.wav"
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -130,14 +149,14 @@ def main() -> int:
             condition = rec.condition.to_json()
             snrs.append(condition["snr_db"])
             vec = scorer.recording_vector(extract(clips_for(rec, fe, hop), frontend_for(fe)))
-            scores["off"].append(scorer.score(vec[None], clean_means)[0])
+            scores["off"].append(scorer.score(vec[None], clean_means[id(scorer)])[0])
             target, fields = resolve_noise(condition, matcher, profiles, None, enabled=True)
             if cond == "clean":
                 q = measure_noise(rec.samples, rate)
                 excess_clean.append(float(np.median([noise_excess_db(q, rn) for rn in ref_noise])))
             if target is not None:
                 n_matched += 1
-                scores["on"].append(scorer.score(vec[None], profile_means(target))[0])
+                scores["on"].append(scorer.score(vec[None], profile_means(scorer, target))[0])
             else:
                 scores["on"].append(scores["off"][-1])
         row = [cond, f"{np.median(snrs):.1f} dB", f"{n_matched}/{len(questioned)}"]
