@@ -228,3 +228,26 @@ def test_compare_brings_reference_files_to_the_questioned_noise(ccnu_dir, tmp_pa
     assert all(abs(v - c["questioned_snr_db"]) < 2 for v in c["matched_references_snr_db"])
     assert records[False]["comparison"]["noise_matched"] is False
     assert records[True]["score"] > records[False]["score"] + 0.3, (records[True]["score"], records[False]["score"])
+
+
+def test_matched_references_are_cached_per_noise_key_and_bounded(ccnu_dir, tmp_path):
+    from devrecd.config import Config
+    from devrecd.openset.matching import ConditionMatcher, ReferenceStore
+
+    cfg = Config()
+    store = ReferenceStore(tmp_path / "refs")
+    sha = store.put(ccnu_dir / "IPHONEX_1.wav")
+    matcher = ConditionMatcher(store, cfg.frontend, cfg.audio, noise_cache=2)
+    x = _read(ccnu_dir, "IPHONEX", 4)
+    targets = [measure_noise(add_noise(x, RATE, snr, seed=0), RATE) for snr in (8.0, 14.0, 20.0)]
+    first = matcher.noise_matched(sha, None, targets[0])
+    # a questioned recording of the same condition (same quantised noise key) reuses the work
+    again = measure_noise(add_noise(x, RATE, 8.0, seed=1), RATE)
+    assert noise_key(again) == noise_key(targets[0]) and matcher.noise_matched(sha, None, again) is first
+    assert abs(first[1] - targets[0].snr_db) < 1.5  # the matched reference's measured SNR
+    matcher.noise_matched(sha, None, targets[1])
+    matcher.noise_matched(sha, None, targets[2])  # three conditions, room for two: the oldest is dropped
+    recomputed = matcher.noise_matched(sha, None, targets[0])
+    assert recomputed is not first and np.array_equal(recomputed[0], first[0])  # and comes back the same (seeded)
+    # the reference's own noise profile is measured once and kept on disk
+    assert list((store.root / "conditions" / "clean").glob(f"{sha}.noise-*.json"))

@@ -51,7 +51,8 @@ QUIET_FRACTION = 0.10  # the quietest frames: the noise floor and its spectrum
 LOUD_FRACTION = 0.30  # the loudest frames: the speech level
 N_BANDS = 32  # mel-spaced bands of the noise spectrum, 0 Hz to Nyquist
 SILENCE_DBFS = -140.0  # below: digital silence (no converter writes noise this low; 24-bit LSB noise is -149 dBFS)
-QUANTISE_DB = 2.0  # :func:`noise_key`: noise spectra this close are one condition
+QUANTISE_DB = 3.0  # :func:`quantised`: noise spectra this close (per group of bands) are one condition
+KEY_GROUPS = 8  # :func:`quantised`: groups of N_BANDS // KEY_GROUPS adjacent bands
 MAX_NOISE_GAIN = 100.0  # match_noise never adds more than 100 times the speech power (SNR -20 dB)
 _SILENCE_POWER = 10.0 ** (SILENCE_DBFS / 10.0)
 _BLOCK = 1 << 18  # samples of shaped noise generated at a time
@@ -170,9 +171,18 @@ def noise_excess_db(target: NoiseProfile, reference: NoiseProfile) -> float:
 
 
 def quantised(profile: NoiseProfile, step_db: float = QUANTISE_DB) -> NoiseProfile:
-    """``profile`` with its band levels rounded to ``step_db``: noise conditions this close are one
-    (a cache key; :func:`match_noise` on the quantised profile is exactly the matching for the key)."""
-    bands = tuple(float(step_db * round(v / step_db)) for v in profile.bands_db)
+    """``profile`` coarsened to a noise *condition*: the bands grouped by ``KEY_GROUPS`` adjacent
+    ones (each group's density: the bands' width-weighted mean), rounded to ``step_db``, every band
+    of a group at its group's level. Two recordings of one noise condition land on the same one
+    (ten realisations of white noise at 8, 15 or 25 dB SNR on a CCNU phone: one; 32 bands at 2 dB:
+    nine or ten), so :func:`noise_key` finds matched references again; :func:`match_noise` on the
+    quantised profile is exactly the matching for its key."""
+    widths = np.diff(band_edges(profile.rate, frame_length(profile.rate))).astype(np.float64)
+    dens = 10.0 ** (np.asarray(profile.bands_db) / 10.0)
+    size = N_BANDS // KEY_GROUPS
+    group = (dens * widths).reshape(KEY_GROUPS, size).sum(axis=1) / widths.reshape(KEY_GROUPS, size).sum(axis=1)
+    levels = step_db * np.round(10.0 * np.log10(group) / step_db)
+    bands = tuple(float(v) for v in np.repeat(levels, size))
     return NoiseProfile(rate=profile.rate, speech_dbfs=profile.speech_dbfs, noise_dbfs=profile.noise_dbfs, bands_db=bands)
 
 
@@ -181,7 +191,7 @@ def noise_key(profile: NoiseProfile, step_db: float = QUANTISE_DB) -> str:
     import hashlib
 
     q = quantised(profile, step_db)
-    text = f"{profile.rate}|{step_db}|" + ",".join(f"{v:g}" for v in q.bands_db)
+    text = f"{profile.rate}|{step_db}|{KEY_GROUPS}|" + ",".join(f"{v:g}" for v in q.bands_db)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
