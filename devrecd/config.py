@@ -290,12 +290,12 @@ class RegistryConfig(_Section):
     # `calibrate`, `train-gsv` and `train-fusion`: "bayes" accepts the best candidate when
     # LR >= (cost_false_alarm / cost_miss) * (1 - prior) / prior; "far" at the open-set FAR target_far.
     decision: Literal["bayes", "far"] = "bayes"
-    prior: Annotated[float, Range(gt=0, lt=1)] = 0.5  # prior probability that the candidate made the recording
+    prior: Annotated[float, Range(gt=0, lt=1)] = 0.5  # prior that one of the N enrolled devices made it (p = prior / N each)
     cost_miss: Annotated[float, Range(gt=0)] = 1.0  # cost of rejecting the device that made the recording
     cost_false_alarm: Annotated[float, Range(gt=0)] = 1.0  # cost of naming a device that did not
     target_far: Annotated[float, Range(gt=0, lt=1)] = 0.01  # decision = "far": open-set false-acceptance rate
     keep_references: bool = True  # `devrecd enroll` keeps the references' audio (by sha256) next to the registry
-    match_conditions: bool = True  # bring references to a questioned recording's codec / band before scoring
+    match_conditions: bool = True  # bring references to a questioned recording's codec / band (and its noise, when noisier) before scoring
     # The network an `embedder`/`fusion` registry is served with: its checkpoint (.pt or run directory)
     # or embedder export (.onnx, no torch needed); "" = the checkpoint path the registry recorded.
     embedder_model: str = ""

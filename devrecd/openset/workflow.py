@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -21,6 +22,7 @@ from devrecd.provenance import utc_timestamp
 from devrecd.openset.scorers import as_scorer, registry_scorer, scorer_arrays
 
 log = logging.getLogger("devrecd.openset")
+MATCHED_REGISTRIES = 16  # RegistryJudge: registries matched to a (channel, noise) condition kept in memory
 
 
 def recording_features(scorer: Any, path: str | os.PathLike, cfg: Config, *, hop_seconds: float | None = None,
@@ -236,7 +238,9 @@ class RegistryJudge:
         store = ReferenceStore.for_registry(self.registry.path)
         self.store = store if store.root.is_dir() else None
         self.matcher = ConditionMatcher(store, self.scorer.frontend, cfg.audio, device=device)
-        self._matched: dict[str, Registry] = {}  # channel name -> the registry with references under it
+        # (channel name, noise key) -> the registry with references under it; noise keys are as many
+        # as questioned conditions, so only the MATCHED_REGISTRIES most recent are kept.
+        self._matched: OrderedDict[tuple[str, str], tuple[Registry, list[float]]] = OrderedDict()
 
     def describe_decision(self) -> str:
         """One line for logs: the decision rule and the conditions with a calibration."""
@@ -249,17 +253,33 @@ class RegistryJudge:
     def judge(self, features: np.ndarray, recording: dict[str, Any] | None = None) -> dict[str, Any]:
         """Verdict fields (device, score, log10_lr, candidate, open_set, top_k, windows_best, comparison,
         condition_status) of one recording; ``recording`` (its ``describe()``) carries its condition."""
-        from devrecd.openset.matching import condition_report, matched_registry, resolve_comparison
+        from devrecd.audio.noise import noise_key
+        from devrecd.openset.matching import CLEAN, condition_report, matched_registry, resolve_comparison, resolve_noise
         from devrecd.openset.scoring import calibration_for, calibration_key, identify_vectors
 
         reg = self.registry
         condition = (recording or {}).get("condition")
         profiles = [[r.sha256 for r in reg.profiles[n].references] for n in reg.names]
         channel, under, refs, note = resolve_comparison(condition, self.store, profiles, self.match_conditions)
-        if channel is not None:
-            if channel.name not in self._matched:
-                self._matched[channel.name] = matched_registry(reg, self.matcher, channel, self.scorer.recording_vector)
-            reg = self._matched[channel.name]
+        # Noise: only where the references can be brought to the questioned recording's channel (or none is needed).
+        can_match = self.match_conditions and self.store is not None and refs != "unmatched"
+        noise_note = ("" if can_match else note or ("condition matching is off (registry.match_conditions)"
+                      if not self.match_conditions else "the registry keeps no reference audio"))
+        noise, noise_fields = resolve_noise(condition, self.matcher, profiles, channel,
+                                            enabled=can_match, note=noise_note)
+        if channel is not None or noise is not None:
+            mkey = (channel.name if channel is not None else CLEAN, noise_key(noise) if noise is not None else "")
+            if mkey not in self._matched:
+                matched = matched_registry(reg, self.matcher, channel, self.scorer.recording_vector, noise)
+                snrs = ([self.matcher.matched_snr(s, channel, noise) for shas in profiles for s in shas]
+                        if noise is not None else [])
+                self._matched[mkey] = (matched, snrs)
+                while len(self._matched) > MATCHED_REGISTRIES:
+                    self._matched.popitem(last=False)
+            self._matched.move_to_end(mkey)
+            reg, snrs = self._matched[mkey]
+            if snrs:
+                noise_fields["matched_references_snr_db"] = [min(snrs), max(snrs)]
         key = calibration_key(under, (recording or {}).get("duration"))
         cal, source = calibration_for(self.registry, key, self.registry_cfg, self.dev_calibrations)
         fields = identify_vectors(self.scorer.recording_vector(features), self.scorer.window_vectors(features),
@@ -268,6 +288,7 @@ class RegistryJudge:
         report = condition_report(condition, under, refs, [key] if cal is not None else [],
                                   note if cal is not None else "; ".join(filter(None, [source, note])))
         report.pop("questioned")  # the record carries the recording's condition already
+        report.update(noise_fields)
         fields["comparison"] = report
         fields["condition_status"] = report["status"]
         return fields

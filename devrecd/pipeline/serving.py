@@ -128,7 +128,8 @@ def registry_judge(cfg: Config, device: str) -> Judge | None:
 def one_at_a_time(judge: Judge) -> Judge:
     """``judge`` called by one thread at a time: the registry judge caches condition-matched
     registries as it meets new conditions. Scoring is milliseconds beside decoding, which the
-    workers that call it still do in parallel."""
+    workers that call it still do in parallel; a condition met for the first time (a codec, or a
+    noise spectrum: docs/conditions.md section 7) brings every reference to it once, under the lock."""
     lock = threading.Lock()
 
     def judged(features: np.ndarray, recording: dict) -> dict:
