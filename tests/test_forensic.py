@@ -205,3 +205,35 @@ def test_a_measured_band_limit_outside_the_calibration_withholds_the_lr() -> Non
     # Calibrations that did not record channels keep working on header facts alone.
     assert assess(fit_lr_calibration(*_trials(np.random.default_rng(6), 30, 10), scorer=SCORER, population={},
                                      conditions=WAV), 0.7, tel, SCORER)["log10_lr"] is not None
+
+
+def test_a_recording_noisier_than_the_calibrations_recordings_is_said_to_be_outside_its_snr_range() -> None:
+    """The SNRs of the calibration recordings bound the range it was validated on: a questioned
+    recording well below it gets a warning with the LR (its references were brought to its noise),
+    one inside it none."""
+    from devrecd.forensic.lr import describe_conditions, snr_outside
+
+    recs = [{"duration": 9.0, "condition": {"channel": "", "snr_db": s}} for s in (31.0, 38.5, 44.0)]
+    conditions = describe_conditions(recs)
+    assert (conditions["snr_db_min"], conditions["snr_db_max"]) == (31.0, 44.0)
+    assert snr_outside({"snr_db": 30.0}, conditions) is None  # within the 3 dB margin
+    noisy = snr_outside({"snr_db": 18.2}, conditions)
+    assert noisy and "SNR 18.2 dB below" in noisy and "31.0-44.0 dB" in noisy
+    cal = fit_lr_calibration(*_trials(np.random.default_rng(7), 30, 10), scorer=SCORER, conditions=conditions)
+    out = assess(cal, 0.7, {"duration": 9.0, "condition": {"channel": "", "snr_db": 18.2}}, SCORER)
+    assert out["log10_lr"] is not None and out["condition_warnings"] == [noisy]
+    assert snr_outside({"snr_db": 18.2}, {}) is None  # a calibration that measured no SNR says nothing
+
+
+def test_compare_gives_an_lr_only_under_the_condition_it_compares_under() -> None:
+    """``compare`` brings references to a questioned recording's noise, not to its channel: a call
+    is compared mismatched and gets no calibration (the channel calibrations were fitted with the
+    references matched); a broadband recording gets the clean one, a short one the clean/short one."""
+    from devrecd.forensic.compare import calibration_of
+
+    clean, short, amr = (fit_lr_calibration(*_trials(np.random.default_rng(k), 30, 10), scorer=SCORER) for k in (8, 9, 10))
+    cals = {"clean": clean, "clean/short": short, "amrnb": amr}
+    assert calibration_of(cals, {"condition": {"channel": ""}, "duration": 9.0}) is clean
+    assert calibration_of(cals, {"condition": {"channel": ""}, "duration": 3.0}) is short
+    assert calibration_of(cals, {"condition": {"channel": "amrnb"}, "duration": 9.0}) is None
+    assert calibration_of(amr, {"condition": {"channel": "amrnb"}}) is amr  # one given for every recording

@@ -272,9 +272,6 @@ def calibrate(
         return
     for cond, cal in cals.items():
         typer.echo(f"[{cond}] {_calibration_line(cal.to_dict())}")
-        unknown = reg.calibration_info.get("unknown_rejected", {}).get(cond)
-        if unknown is not None:
-            typer.echo(f"[{cond}] recordings of non-enrolled devices called unknown: {unknown:.0%}")
     typer.echo(f"plots and lr-calibration.json in {out}; saved to {reg.path}")
 
 
@@ -307,6 +304,13 @@ def train_gsv(
     scorer = train(feats, devices, order, cfg.frontend, mixtures=mixtures, nap_dims=nap, inner=inner, seed=seed,
                    source=out.name, decision=Decision.from_config(cfg.registry), conditions=conditions,
                    features_under=under, on_step=typer.echo)
+    # The SNR range of the development recordings (measured as a verdict measures it, before any
+    # channel): a verdict on a noisier recording says it is outside the range its calibration saw.
+    snr = [_snr_db(p, cfg) for p in paths]
+    for cal in scorer.calibrations.values():
+        cal["conditions"].update(snr_db_min=round(min(snr), 1), snr_db_max=round(max(snr), 1),
+                                 snr_measured="on the development recordings before the channel")
+    typer.echo(f"development recordings' SNR {min(snr):.1f}-{max(snr):.1f} dB")
     save_gsv(out, scorer, extra={"datasets": sources, "hop_seconds": cfg.audio.hop_seconds, "seed": seed})
     typer.echo(f"wrote {out} (calibrated conditions: {', '.join(sorted(scorer.calibrations))})")
 
@@ -347,6 +351,15 @@ def _calibration_conditions(paths: list[Path], cfg) -> tuple[list[str], Any]:
         return finite_features(extract(clips_for(rec, cfg.frontend, cfg.audio.hop_seconds), frontend), paths[i])
 
     return conditions, features_under
+
+
+def _snr_db(path: Path, cfg) -> float:
+    """The measured SNR of a recording (devrecd.audio.noise), as its verdict's condition states it."""
+    from devrecd.audio.decode import read_evidence
+    from devrecd.audio.noise import measure_noise
+
+    rec = read_evidence(path, cfg.frontend.sample_rate, cfg.audio)
+    return float(measure_noise(rec.samples, rec.sample_rate).snr_db)
 
 
 def _development_features(datasets: List[Path], cfg, frontend, *, with_paths: bool = False) -> tuple:

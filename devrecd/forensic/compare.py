@@ -230,13 +230,17 @@ def calibration_summary(cal: Calibration | None) -> dict[str, Any] | None:
 
 def calibration_of(calibration: Calibration | dict[str, Calibration] | None, recording: dict[str, Any]
                    ) -> Calibration | None:
-    """The calibration of a questioned recording: the one given, or of its comparison condition."""
+    """The calibration of a questioned recording: the one given, or of the condition it is compared
+    under. ``compare`` brings the references to the questioned recording's noise, not to its channel:
+    a recording that went through a channel is compared mismatched, under no calibration (the channel
+    ones were fitted with the references matched), and gets no LR."""
     if calibration is None or isinstance(calibration, Calibration):
         return calibration
+    from devrecd.openset.matching import CLEAN
     from devrecd.openset.scoring import calibration_key
 
-    return calibration.get(calibration_key(comparison_channel(recording.get("condition") or {}),
-                                           recording.get("duration")))
+    channel = comparison_channel(recording.get("condition") or {})
+    return calibration.get(calibration_key(CLEAN, recording.get("duration"))) if channel == CLEAN else None
 
 
 def compare(comparer: Comparer, questioned: Sequence[str | os.PathLike], refs: ReferenceSet,

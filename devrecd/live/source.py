@@ -212,11 +212,15 @@ class LiveSource:
         feats = feats.cpu().numpy() if hasattr(feats, "cpu") else np.asarray(feats)
         recording = self._record(w, None, outcome="judged")
         recording["condition"] = live_condition(w, self.cfg.live.channels).to_json()
+        # The length judged decides the calibration (a window is a short recording: "/short"); the
+        # running verdict pools the frames of its windows, so its length is theirs together.
+        recording["duration"] = recording["seconds"]
         t0 = time.perf_counter()
         try:
             fields = self.judge(feats, recording)
             both = self.running_features.add(feats)
-            running = fields if both is feats else self.judge(both, recording)
+            pooled = {**recording, "duration": recording["seconds"] * self.running_features.windows}
+            running = fields if both is feats else self.judge(both, pooled)
         except Exception as exc:  # noqa: BLE001 - a failing window must not stop capture
             self.errors += 1
             self.metrics.errors.labels(reason="inference").inc()

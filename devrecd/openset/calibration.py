@@ -161,10 +161,12 @@ def fit_balanced(target: np.ndarray, nontarget: np.ndarray, *, prior: tuple[np.n
     """:func:`fit_logistic` of target (label 1) against non-target (label 0) rows, classes weighted
     equally and nearly unregularised (sklearn's ``LogisticRegression(C=1e6, class_weight="balanced")``).
 
-    ``prior = (centre, trials)``: regularised toward ``centre`` (coef..., intercept) with the weight
-    of ``trials`` trials like these (precision = trials / n_eff times the data's Fisher information
-    at the centre, n_eff the harmonic mean of the class counts times two): with few trials the
-    centre (a development calibration) stands, with many the data speak.
+    ``prior = (centre, trials)`` (one score column): regularised toward the map ``centre`` (coef,
+    intercept) by Gaussian priors on the log-odds it gives at the two classes' mean scores, each worth
+    ``trials`` trials at the most informative point (p = 1/2), against the n_eff trials of the data
+    (twice the harmonic mean of the class counts). Independent priors on those two values keep the
+    regularised map between the development map and the data's, where a prior on the raw
+    (slope, intercept) would couple them.
     """
     x = np.concatenate([target, nontarget])
     y = np.concatenate([np.ones(len(target)), np.zeros(len(nontarget))])
@@ -172,11 +174,11 @@ def fit_balanced(target: np.ndarray, nontarget: np.ndarray, *, prior: tuple[np.n
     if prior is None:
         return fit_logistic(x, y, weight, l2=1e-6 / len(x))  # sklearn's C=1e6 on len(x) trials
     centre = np.asarray(prior[0], np.float64)
-    design = np.hstack([np.asarray(x, np.float64), np.ones((len(x), 1))])
-    p = 0.5 * (1.0 + np.tanh(0.5 * (design @ centre)))
-    fisher = (design * (weight * p * (1.0 - p))[:, None]).T @ design
     n_eff = 4.0 / (1.0 / len(target) + 1.0 / len(nontarget))
-    return fit_logistic(x, y, weight, prior=(centre, float(prior[1]) / n_eff * fisher + 1e-9 * np.eye(len(centre))))
+    # Per class mean: the data's curvature of the log-odds there is at most 0.5 (class weight) * 1/4.
+    precision = float(prior[1]) / n_eff * 0.125
+    at = np.array([[float(np.mean(target)), 1.0], [float(np.mean(nontarget)), 1.0]])  # log-odds at the means = at @ beta
+    return fit_logistic(x, y, weight, prior=(centre, precision * at.T @ at + 1e-12 * np.eye(2)))
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, weight: np.ndarray, *, l2: float = 1e-6,
@@ -349,6 +351,9 @@ class Calibration:
     scores: list[float] = field(default_factory=list)  # every trial's score ...
     labels: list[int] = field(default_factory=list)  # ... 1 = same device (Hp), 0 = different (Hd)
     heldout_log10_lrs: list[float] = field(default_factory=list)  # ... its held-out, bounded log10 LR
+    # Per questioned recording, its best held-out bounded LR over the devices that did not make it: what
+    # it scores when its own device is not enrolled (the far rule's basis, the open-set FAR).
+    open_set_log10_lrs: list[float] = field(default_factory=list)
     method: str = METHOD
     hp: str = HP
     hd: str = HD
@@ -366,16 +371,34 @@ class Calibration:
     def log10_threshold(self) -> float:
         return float(self.decision["log10_threshold"])
 
-    def accepts(self, bounded_log10_lr: float) -> bool:
-        """The decision: the bounded LR reaches the decision threshold (never beyond the upper bound:
-        an LR the data cannot support does not decide)."""
-        return bool(bounded_log10_lr >= self.log10_threshold)
+    @property
+    def decidable(self) -> bool:
+        """False when the decision threshold lies outside the bounds: no LR the data support can
+        cross it (above the upper bound), or every one does (below the lower bound)."""
+        return not self.decision.get("beyond_bounds", False)
 
-    def with_decision(self, decision: Decision, n_candidates: int = 1, open_set: np.ndarray | None = None) -> Calibration:
-        """The same LR map under another decision rule, for ``n_candidates`` enrolled devices
-        (``open_set``: the impostors' best scores, rule far; else the non-target scores)."""
-        return replace(self, **_decision_fields(decision, self.slope, self.offset, self.lower, self.upper,
-                                                np.asarray(self.scores), np.asarray(self.labels), open_set, n_candidates))
+    def accepts(self, bounded_log10_lr: float) -> bool:
+        """The decision on the LR as reported (:data:`LR_DECIMALS` decimals): it reaches the
+        threshold, and the threshold lies within the bounds."""
+        return self.decidable and bool(round(float(bounded_log10_lr), LR_DECIMALS) >= self.log10_threshold)
+
+    def with_decision(self, decision: Decision, n_candidates: int = 1) -> Calibration:
+        """The same LR map under another decision rule, for ``n_candidates`` enrolled devices, with the
+        decision's held-out error rates measured again. The decision cites the calibration as fitted
+        (``decision.fitted_sha256``), the hash of the stored file."""
+        fitted = self.decision.get("fitted_sha256") or self.sha256
+        fields = _decision_fields(decision, self.slope, self.offset, self.lower, self.upper,
+                                  np.asarray(self.open_set_log10_lrs, np.float64), n_candidates)
+        fields["decision"]["fitted_sha256"] = fitted
+        metrics = {**self.metrics, **_decision_metrics(fields["decision"]["log10_threshold"],
+                                                       np.asarray(self.heldout_log10_lrs), np.asarray(self.labels),
+                                                       np.asarray(self.open_set_log10_lrs))}
+        return replace(self, metrics=metrics, **fields)
+
+    @property
+    def fitted_sha256(self) -> str:
+        """The hash of the calibration as fitted and stored (before a serving-time decision)."""
+        return self.decision.get("fitted_sha256") or self.sha256
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -387,7 +410,8 @@ class Calibration:
 
     def summary(self) -> dict[str, Any]:
         """Everything but the per-trial arrays, with the hash."""
-        d = {k: v for k, v in self.to_dict().items() if k not in ("scores", "labels", "heldout_log10_lrs")}
+        d = {k: v for k, v in self.to_dict().items()
+             if k not in ("scores", "labels", "heldout_log10_lrs", "open_set_log10_lrs")}
         return {**d, "sha256": self.sha256}
 
     @classmethod
@@ -428,10 +452,17 @@ def load_calibration(path: Any) -> Calibration:
 
 
 def _fit(tar: np.ndarray, non: np.ndarray, prior: Calibration | None) -> tuple[float, float]:
-    """``(slope, offset)`` of log10 LR on these trials (toward ``prior``'s map when given)."""
-    centre = None if prior is None else (np.array([prior.slope * LN10, prior.offset * LN10]), PRIOR_TRIALS)
-    coef, intercept = fit_balanced(tar[:, None], non[:, None], prior=centre)
-    return float(coef[0]) / LN10, float(intercept) / LN10
+    """``(slope, offset)`` of log10 LR on these trials (toward ``prior``'s map when given).
+
+    The scores are centred on the middle of the two class means first, so that slope and offset are
+    nearly uncorrelated and the prior pulls each toward the development map independently (on raw
+    scores in [0, 1] the two are so correlated that the regularised map could land outside both)."""
+    mid = 0.5 * (float(np.mean(tar)) + float(np.mean(non)))
+    centre = None if prior is None else (
+        np.array([prior.slope * LN10, (prior.offset + prior.slope * mid) * LN10]), PRIOR_TRIALS)
+    coef, intercept = fit_balanced(tar[:, None] - mid, non[:, None] - mid, prior=centre)
+    slope = float(coef[0]) / LN10
+    return slope, float(intercept) / LN10 - slope * mid
 
 
 def heldout_log10_lrs(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, *, folds: int = FOLDS,
@@ -454,27 +485,47 @@ def heldout_log10_lrs(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray
     return out
 
 
+LR_DECIMALS = 4  # log10 LRs are reported, and decided, at this precision
+
+
+def _on_grid(t: float) -> float:
+    """``t`` rounded UP onto the reported LRs' grid: an LR as reported passes iff it is >= this."""
+    step = 10.0 ** -LR_DECIMALS
+    return round(math.ceil(round(t / step, 6)) * step, LR_DECIMALS)
+
+
 def _decision_fields(decision: Decision, slope: float, offset: float, lower: float, upper: float,
-                     scores: np.ndarray, labels: np.ndarray, open_set: np.ndarray | None,
-                     n_candidates: int = 1) -> dict[str, Any]:
+                     open_set_lrs: np.ndarray, n_candidates: int = 1) -> dict[str, Any]:
     if decision.rule == "far":
-        basis = scores[labels == 0] if open_set is None or len(open_set) == 0 else np.asarray(open_set, np.float64)
-        if basis.size == 0:
-            raise CalibrationError("rule far needs impostor scores")
-        # The LR threshold is chosen on the impostors' BOUNDED LRs (what a verdict compares), so that
-        # the rule and the reported LR agree even where the bounds flatten the map.
-        t = threshold_for_far(np.clip(slope * basis + offset, lower, upper), decision.far)
-        thr = (t - offset) / slope
+        if open_set_lrs.size == 0:
+            raise CalibrationError("the far rule needs the held-out LRs of open-set impostors (a calibration fitted "
+                                   "before they were stored: fit it again)")
+        # Chosen on the impostors' held-out, bounded LRs as reported: the FAR holds for what a verdict
+        # compares, on recordings the map was not fitted on. It holds for registries of the calibration's
+        # size (n_candidates), not for larger ones.
+        # One grid step above the highest impostor LR that must be rejected.
+        excluded = threshold_for_far(np.round(open_set_lrs, LR_DECIMALS), decision.far)
+        t = round(math.floor(round(excluded / 10.0 ** -LR_DECIMALS, 6)) * 10.0 ** -LR_DECIMALS + 10.0 ** -LR_DECIMALS,
+                  LR_DECIMALS)
     else:
-        t = decision.bayes_log10_threshold(n_candidates)
-        thr = (t - offset) / slope
-    return {"decision": {**asdict(decision), "n_candidates": int(n_candidates), "log10_threshold": round(float(t), 6),
+        t = _on_grid(decision.bayes_log10_threshold(n_candidates))
+    return {"decision": {**asdict(decision), "n_candidates": int(n_candidates), "log10_threshold": t,
                          "beyond_bounds": bool(not lower <= t <= upper)},
-            "threshold": float(thr)}
+            "threshold": float((t - offset) / slope)}
+
+
+def _decision_metrics(t: float, heldout: np.ndarray, labels: np.ndarray, open_set: np.ndarray) -> dict[str, Any]:
+    """Error rates of the decision at ``t`` on held-out, bounded LRs: pairwise FRR and FAR, and the
+    open-set FAR (recordings whose best LR over other devices passes)."""
+    lr = np.round(heldout, LR_DECIMALS)
+    out = {"frr": float(np.mean(lr[labels == 1] < t)), "far": float(np.mean(lr[labels == 0] >= t))}
+    if open_set.size:
+        out.update(open_set_far=float(np.mean(np.round(open_set, LR_DECIMALS) >= t)), n_open_set=int(open_set.size))
+    return out
 
 
 def fit_calibration(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, *, decision: Decision | None = None,
-                    open_set: np.ndarray | None = None, prior: Calibration | None = None,
+                    rows: np.ndarray | None = None, prior: Calibration | None = None,
                     scorer: dict[str, Any] | None = None, population: dict[str, Any] | None = None,
                     conditions: dict[str, Any] | None = None, basis: str = "", folds: int = FOLDS,
                     n_candidates: int = 1) -> Calibration:
@@ -483,8 +534,9 @@ def fit_calibration(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, 
     ``groups``: the recording each trial belongs to (its trials stay in one cross-validation fold).
     ``prior``: a development calibration of the same scorer and condition; the fit is regularised
     toward it with the weight of :data:`PRIOR_TRIALS` trials (few case trials cannot move it far,
-    many can). ``open_set``: per impostor recording its best score over the enrolled devices (the
-    ``far`` rule's basis, and the open-set FAR reported). ``n_candidates``: the enrolled devices
+    many can). ``rows``: the questioned recording (row of a trial matrix) of each trial, default
+    ``groups``: each row's best held-out LR over the devices that did not make it is its open-set
+    impostor LR (the ``far`` rule's basis, the open-set FAR). ``n_candidates``: the enrolled devices
     the trials were scored against (the Bayes threshold's share of the prior; a verdict recomputes
     it for its registry).
     """
@@ -505,9 +557,9 @@ def fit_calibration(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, 
     if not slope > 0:
         raise CalibrationError("the calibration's slope is not positive: these scores do not separate same-device "
                                "from different-device trials")
-    dec = decision or Decision()
-    fields = _decision_fields(dec, slope, offset, lower, upper, s, y, open_set, n_candidates)
-    t = fields["decision"]["log10_threshold"]
+    r = g if rows is None else np.asarray(rows).ravel()
+    open_set = np.array([held_b[(r == row) & (y == 0)].max() for row in np.unique(r[y == 0])])
+    fields = _decision_fields(decision or Decision(), slope, offset, lower, upper, open_set, n_candidates)
     tar_b, non_b = held_b[y == 1], held_b[y == 0]
     metrics = {
         "n_target": n_tar, "n_nontarget": n_non, "folds": int(min(folds, np.unique(g).size)),
@@ -516,19 +568,16 @@ def fit_calibration(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, 
         "cllr_raw_scores": cllr(s[y == 1], s[y == 0]),  # the scores taken as log10 LRs, uncalibrated
         "misleading_hp": int(np.sum(tar_b < 0)), "misleading_hp_rate": float(np.mean(tar_b < 0)),
         "misleading_hd": int(np.sum(non_b > 0)), "misleading_hd_rate": float(np.mean(non_b > 0)),
-        # the decision on held-out LRs: pairwise FRR / FAR, and the open-set FAR of the impostors' best scores
-        "frr": float(np.mean(tar_b < t)), "far": float(np.mean(non_b >= t)),
+        **_decision_metrics(fields["decision"]["log10_threshold"], held_b, y, open_set),
     }
     metrics["cllr_cal"] = metrics["cllr"] - metrics["cllr_min"]
-    if open_set is not None and len(open_set):
-        metrics["open_set_far"] = float(np.mean(np.clip(slope * np.asarray(open_set) + offset, lower, upper) >= t))
-        metrics["n_open_set"] = int(len(open_set))
     return Calibration(slope=slope, offset=offset, lower=lower, upper=upper, metrics=metrics,
                        conditions=dict(conditions or {}), population=dict(population or {}), scorer=dict(scorer or {}),
                        basis=basis or ("case trials, regularised toward the development calibration"
                                        if prior is not None else "trials as given"),
                        scores=[round(float(v), 6) for v in s], labels=[int(v) for v in y],
                        heldout_log10_lrs=[round(float(v), 6) for v in held_b],
+                       open_set_log10_lrs=[round(float(v), 6) for v in open_set],
                        fitted_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **fields)
 
 

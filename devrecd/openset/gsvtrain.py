@@ -52,18 +52,22 @@ def enrolment_split(devices: Sequence[str], order: Sequence[Any]) -> tuple[list[
 
 
 def calibrate_blocks(blocks: Sequence[TrialMatrix], *, decision: Decision | None = None, basis: str = "",
-                     scorer: dict[str, Any] | None = None, conditions: dict[str, Any] | None = None) -> Calibration:
-    """The calibration of pooled trial blocks (each row one questioned recording against every
-    profile of its block): bounded log10 LR and the decision; the open-set impostors (each row's
-    best score over the other devices) are the ``far`` rule's basis."""
-    scores, labels, groups, open_set = [], [], [], []
+                     scorer: dict[str, Any] | None = None, conditions: dict[str, Any] | None = None,
+                     recordings: Sequence[Sequence[Any]] | None = None) -> Calibration:
+    """The calibration of pooled trial blocks (each row one questioned recording, or one cut of it,
+    against every profile of its block): bounded log10 LR and the decision. ``recordings[b][r]``
+    names the recording row r of block b was cut from (default: every row its own): the held-out
+    folds keep a recording's rows together."""
+    scores, labels, groups, rows = [], [], [], []
     for b, block in enumerate(blocks):
+        n_rows, n_profiles = block.scores.shape
         scores.append(block.scores.ravel())
         labels.append(block.is_target.ravel().astype(int))
-        groups.append(np.repeat([f"{b}:{r}" for r in range(block.scores.shape[0])], block.scores.shape[1]))
-        open_set.append(block.open_set)
+        rec = recordings[b] if recordings is not None else range(n_rows)
+        groups.append(np.repeat([f"{b}:{x}" for x in rec], n_profiles))
+        rows.append(np.repeat([f"{b}:{r}" for r in range(n_rows)], n_profiles))
     return fit_calibration(np.concatenate(scores), np.concatenate(labels), np.concatenate(groups),
-                           decision=decision, open_set=np.concatenate(open_set), basis=basis, scorer=scorer,
+                           rows=np.concatenate(rows), decision=decision, basis=basis, scorer=scorer,
                            conditions=conditions, n_candidates=max(b.scores.shape[1] for b in blocks))
 
 
@@ -95,6 +99,7 @@ def train_gsv(feats: Sequence[np.ndarray], devices: Sequence[str], order: Sequen
         return feats[i] if channel == "clean" and seconds is None else features_under(i, channel, seconds)  # type: ignore[misc]
 
     blocks: dict[str, list[TrialMatrix]] = {c: [] for c in conditions}
+    sources: dict[str, list[list[int]]] = {c: [] for c in conditions}  # the recording each row was cut from
     for fold in phone_folds(devices, n_folds=inner, seeds=(seed,)):
         train = [i for i, d in enumerate(devices) if d in fold.dev]
         held = [i for i, d in enumerate(devices) if d in fold.test]
@@ -108,9 +113,11 @@ def train_gsv(feats: Sequence[np.ndarray], devices: Sequence[str], order: Sequen
             ref_vecs: dict[str, list[np.ndarray]] = {}
             for r in refs:  # references: whole, through the same channel (condition matching)
                 ref_vecs.setdefault(devices[held[r]], []).append(scorer.recording_vector(under(held[r], channel, None)))
+            cuts = SHORT_CUTS if short else (None,)
             rows = [(devices[held[q]], scorer.recording_vector(under(held[q], channel, cut)))
-                    for q in questioned for cut in (SHORT_CUTS if short else (None,))]
+                    for q in questioned for cut in cuts]
             blocks[cond].append(trial_matrix(scorer, ref_vecs, rows))
+            sources[cond].append([q for q in questioned for _ in cuts])
     step(f"final UBM on all {len(set(devices))} devices")
     final = GsvScorer.train(feats, devices, frontend, mixtures=mixtures, relevance=relevance, nap_dims=nap_dims,
                             seed=seed, source=source)
@@ -119,7 +126,7 @@ def train_gsv(feats: Sequence[np.ndarray], devices: Sequence[str], order: Sequen
                   "devices": sorted(set(devices)), "recordings": len(devices)}
     for cond in conditions:
         channel = cond.removesuffix(SHORT)
-        cal = calibrate_blocks(blocks[cond], decision=decision, scorer={"kind": final.kind, "fingerprint": final.fingerprint},
+        cal = calibrate_blocks(blocks[cond], recordings=sources[cond], decision=decision, scorer={"kind": final.kind, "fingerprint": final.fingerprint},
                                basis=f"development, cross-fitted over {len(set(devices))} devices ({inner} groups)",
                                conditions={"channels": [channel], "condition": cond,
                                            "questioned_seconds": list(SHORT_CUTS) if cond.endswith(SHORT) else "whole"})

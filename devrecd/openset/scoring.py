@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from devrecd.config import RegistryConfig
-from devrecd.openset.calibration import Calibration, Decision
+from devrecd.openset.calibration import LR_DECIMALS, Calibration, Decision
 from devrecd.openset.registry import Registry, recording_embedding
 
 UNKNOWN = "unknown device"
@@ -38,7 +38,15 @@ def calibration_key(compared_under: str, duration: float | None) -> str:
 
 def development_calibrations(registry: Registry) -> dict[str, Calibration]:
     """The calibrations that travel with the registry's scorer (``devrecd train-gsv``/``train-fusion``), by condition."""
-    cals = (registry.embedder or {}).get("dev_calibrations") or {}
+    embedder = registry.embedder or {}
+    if embedder.get("dev_calibration") and not embedder.get("dev_calibrations"):
+        import logging
+
+        logging.getLogger("devrecd.openset").warning(
+            "the registry's scorer carries a development calibration of an earlier format (natural-log LLR and a "
+            "threshold), which is no longer read: verdicts are inconclusive until `devrecd calibrate` is run, or "
+            "the devices are enrolled again with the shipped scorer", extra={"registry": str(registry.path)})
+    cals = embedder.get("dev_calibrations") or {}
     return {k: Calibration.from_dict(v) for k, v in cals.items()}
 
 
@@ -86,12 +94,13 @@ def identify_vectors(query: np.ndarray, window_vectors: np.ndarray | None, regis
     scores = np.asarray(score(np.atleast_2d(query), means), dtype=np.float64)[0]
     order = np.argsort(-scores, kind="stable")
     best = int(order[0])
-    lrs = None if calibration is None else np.round(calibration.log10_lr(scores)[0], 4)
+    lrs = None if calibration is None else np.round(calibration.log10_lr(scores)[0], LR_DECIMALS)
     accepted = calibration is not None and calibration.accepts(float(lrs[best]))
-    # No decision can be made when there is no calibration, or when the decision threshold lies beyond
-    # the largest LR the calibration's trials support (a narrowband call among many enrolled devices):
-    # then no device is named and none is excluded.
-    undecidable = calibration is None or bool(calibration.decision.get("beyond_bounds"))
+    # No decision can be made when there is no calibration, or when the decision threshold lies outside
+    # the LRs the calibration's trials support (above the upper bound: a narrowband call among many
+    # enrolled devices; below the lower one: a prior that names whatever is compared): then no device
+    # is named and none is excluded.
+    undecidable = calibration is None or not calibration.decidable
     device = names[best] if accepted else (INCONCLUSIVE if undecidable else UNKNOWN)
     decision: dict[str, Any] = {"accepted": accepted, "decidable": not undecidable, "calibration_source": calibration_source,
                                 "registry": str(registry.path), "profiles": len(names),
@@ -100,7 +109,7 @@ def identify_vectors(query: np.ndarray, window_vectors: np.ndarray | None, regis
         decision.update({"rule": calibration.decision["rule"], "prior": calibration.decision["prior"],
                          "n_candidates": calibration.decision.get("n_candidates"),
                          "log10_threshold": calibration.log10_threshold,
-                         "threshold": round(float(calibration.threshold), 6), "calibration": calibration.sha256,
+                         "threshold": round(float(calibration.threshold), 6), "calibration": calibration.fitted_sha256,
                          "calibration_basis": calibration.basis, "bounds": [calibration.lower, calibration.upper]})
     windows_best = [] if window_vectors is None or len(window_vectors) == 0 else \
         [names[int(j)] for j in np.asarray(score(window_vectors, means)).argmax(axis=1)]

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from devrecd.config import Config
-from devrecd.forensic.lr import describe_conditions
+from devrecd.openset.conditions import describe_conditions, describe_population
 from devrecd.openset.calibration import PRIOR_TRIALS, CalibrationError
 from devrecd.openset.registry import Reference, Registry, RegistryError
 from devrecd.provenance import utc_timestamp
@@ -166,8 +166,8 @@ def calibrate_registry(registry: Registry, trials: dict[str, Trials], *, decisio
     """Fit one case calibration per condition of ``trials``, store them in the registry (caller saves)
     and return them. Each is regularised toward the scorer's development calibration of the same
     condition when it has one (few case trials then cannot make it worse; many can refine it)."""
-    from devrecd.forensic.lr import describe_population
     from devrecd.openset.calibration import fit_calibration
+    from devrecd.openset.scoring import SHORT
     from devrecd.openset.scoring import development_calibrations
 
     dev = development_calibrations(registry)
@@ -178,18 +178,15 @@ def calibrate_registry(registry: Registry, trials: dict[str, Trials], *, decisio
         groups = np.repeat(np.arange(len(t.recordings)), len(t.profiles))
         prior = dev.get(cond)
         cals[cond] = fit_calibration(
-            t.scores.ravel(), t.is_target.ravel().astype(int), groups, decision=decision, open_set=t.open_set_scores,
+            t.scores.ravel(), t.is_target.ravel().astype(int), groups, decision=decision,
             n_candidates=len(registry.names),
             prior=prior, scorer={k: registry.embedder.get(k) for k in ("kind", "fingerprint")},
-            population=describe_population(t, source), conditions={**describe_conditions(t.conditions), "condition": cond},
+            # The channel the trials were made under (the recordings' own headers are WAV): the condition a
+            # verdict, compare and the report check against.
+            population=describe_population(t, source),
+            conditions={**describe_conditions(t.conditions), "channels": [cond.removesuffix(SHORT)], "condition": cond},
             basis=("case trials, regularised toward the scorer's development calibration (worth "
                    f"{int(PRIOR_TRIALS)} trials)" if prior is not None else "case trials"))
-        # Open-set view: a recording of a device that is not enrolled is falsely accepted when its BEST
-        # LR passes the decision (reported, not used for the fit).
-        unknown = [i for i, d in enumerate(t.devices) if d not in t.profiles]
-        if unknown:
-            best, _ = cals[cond].log10_lr(t.scores[unknown].max(axis=1))
-            info.setdefault("unknown_rejected", {})[cond] = float(np.mean(best < cals[cond].log10_threshold))
         info.setdefault("recordings", {})[cond] = len(t.recordings)
     registry.set_calibrations(cals, info)
     return cals
@@ -254,6 +251,7 @@ class RegistryJudge:
         """Verdict fields (device, score, log10_lr, candidate, open_set, top_k, windows_best, comparison,
         condition_status) of one recording; ``recording`` (its ``describe()``) carries its condition."""
         from devrecd.audio.noise import noise_key
+        from devrecd.openset.conditions import snr_outside
         from devrecd.openset.matching import CLEAN, condition_report, matched_registry, resolve_comparison, resolve_noise
         from devrecd.openset.scoring import calibration_for, calibration_key, identify_vectors
 
@@ -289,6 +287,8 @@ class RegistryJudge:
                                   note if cal is not None else "; ".join(filter(None, [source, note])))
         report.pop("questioned")  # the record carries the recording's condition already
         report.update(noise_fields)
+        if cal is not None and (outside := snr_outside(condition, cal.conditions)):
+            report["snr_status"], report["snr_statement"] = "outside", outside
         fields["comparison"] = report
         fields["condition_status"] = report["status"]
         return fields

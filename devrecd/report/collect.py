@@ -259,6 +259,11 @@ def build_report(sources: Sequence[str | os.PathLike], cfg: Config, *, case: dic
     cited = [r["open_set"].get("condition") for r in records if isinstance(r.get("open_set"), dict)]
     key = max(set(c for c in cited if c in cals), key=cited.count, default="clean" if "clean" in cals else None)
     lr_cal = load_calibration(calibration) if calibration else cals.get(key) if key else None
+    if lr_cal is not None and not calibration and reg_info and reg_info.get("devices"):
+        # The decision as the verdicts took it: the configured rule among the registry's devices.
+        from devrecd.openset.calibration import Decision
+
+        lr_cal = lr_cal.with_decision(Decision.from_config(cfg.registry), n_candidates=len(reg_info["devices"]))
     compared = [r for r in records if r.get("outcome") == "compared"]
     if lr_cal is None and compared and compared[0].get("calibration"):
         reg_info = reg_info or {}
