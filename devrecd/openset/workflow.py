@@ -251,4 +251,5 @@ class RegistryJudge:
                 row.pop("llr", None)
         fields["comparison"] = report
         fields["condition_status"] = report["status"]
+        fields["open_set"]["registry_sha256"] = self.registry.content_sha256  # the JSON the decision came from
         return fields
