@@ -194,3 +194,48 @@ def test_a_real_full_tmpfs_fails_writes_cleanly_and_recovers(tmp_path) -> None:
         log.close()
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_setup_failures_are_judged_again_at_the_next_start_file_failures_are_not(tmp_path, monkeypatch) -> None:
+    """A backend broken by the daemon's setup fails every file (``inference``); once fixed and
+    restarted, those files are judged (their failures kept as history); a file's own failure
+    (``corrupt``) is not retried."""
+    from devrecd.backends.base import InferenceError
+
+    class Broken(UniformBackend):
+        def infer(self, x) -> np.ndarray:
+            raise InferenceError("the model does not fit this configuration")
+
+    ev, state = tmp_path / "ev", tmp_path / "state"
+    ev.mkdir()
+    for i in range(3):
+        _recording(ev / f"r{i}.wav", i)
+    (ev / "bad.wav").write_bytes(b"RIFF\x10\x00\x00\x00WAVEjunk")
+    cfg = load_config(None, env={}, overrides={"watch.state_dir": str(state), "watch.stable_seconds": 0.0,
+                                               "metrics.enabled": False})
+
+    def run(backend_cls, n: int) -> list[dict]:
+        monkeypatch.setattr("devrecd.daemon.service.load_served", lambda c, m, device: backend_cls(c.frontend))
+        daemon = Daemon(cfg, [str(ev)])
+        t = threading.Thread(target=daemon.run, name="test-daemon")
+        t.start()
+        try:
+            return _wait(lambda: len(r := _records(state)) >= n and r)
+        finally:
+            daemon.request_stop()
+            t.join(timeout=60)
+
+    first = run(Broken, 4)
+    assert sorted(r["reason"] for r in first) == ["corrupt", "inference", "inference", "inference"]
+    second = run(UniformBackend, 7)
+    again = second[4:]
+    assert sorted(r["path"] for r in again) == sorted(str(ev / f"r{i}.wav") for i in range(3))
+    assert {r["outcome"] for r in again} == {"judged"} and all(len(r["supersedes"]) == 1 for r in again)
+    time.sleep(0.5)
+    assert len(_records(state)) == 7  # the corrupt file is not retried
+    j = Journal.open_readonly(state / "journal.sqlite")
+    try:
+        assert [e.record["outcome"] for e in j.finished()].count("judged") == 3
+        assert sorted(e.reason for e in j.finished() if e.state == "failed") == ["corrupt"]
+    finally:
+        j.close()
