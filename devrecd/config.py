@@ -140,9 +140,17 @@ class AudioConfig(_Section):
     clip_fraction: Fraction = 0.01  # verdict flag "clipping": this share of samples at full scale
     dc_offset: Annotated[float, Range(ge=0, le=1)] = 0.1  # verdict flag "dc_offset": |mean sample| at or above this
     loud_dbfs: Dbfs = -6.0  # verdict flag "loud": RMS level above this (e.g. full-scale noise)
+    # windows one recording may be cut into: audio.max_seconds / audio.hop_seconds must stay within it
+    max_windows: Annotated[int, Range(ge=1, le=1_000_000)] = 100_000
 
     def relations(self) -> list[str]:
-        return ["audio.min_seconds must be <= audio.max_seconds"] if self.min_seconds > self.max_seconds else []
+        problems = ["audio.min_seconds must be <= audio.max_seconds"] if self.min_seconds > self.max_seconds else []
+        windows = self.max_seconds / self.hop_seconds + 1
+        if windows > self.max_windows:
+            problems.append(f"audio.hop_seconds = {self.hop_seconds:g} cuts a recording of audio.max_seconds = "
+                            f"{self.max_seconds:g} s into {windows:.3g} windows, over audio.max_windows = "
+                            f"{self.max_windows}: raise the hop or lower audio.max_seconds")
+        return problems
 
 
 @dataclass(frozen=True)
@@ -198,13 +206,28 @@ class WatchConfig(_Section):
     stable_seconds: NonNegFloat = 2.0  # size and mtime unchanged this long before a file is taken
     polling: Literal["auto", "always", "never"] = "auto"  # auto = poll on network file systems
     poll_interval: PositiveFloat = 5.0
-    workers: Count = 2  # decode + feature threads
+    workers: Count = 2  # decode + feature threads (at most WORKERS_PER_CORE per usable core)
     queue_size: Count = 64  # bounded queues between stages (backpressure)
     rejudge_duplicates: bool = False  # judge identical content again under a new name
     shutdown_timeout: NonNegFloat = 30.0  # SIGTERM: seconds to drain in-flight work
     stall_seconds: PositiveFloat = 120.0  # no progress this long with files in flight: /healthz fails, no WATCHDOG ping
     top_k: Count = 5
     follow_external_links: bool = False  # judge files that symbolic links outside the watched folders lead to
+
+    def relations(self) -> list[str]:
+        cap = max_workers()
+        return [] if self.workers <= cap else [
+            f"watch.workers must be <= {cap} on this machine ({WORKERS_PER_CORE} per usable core: decode threads "
+            f"are CPU-bound, more only hold more files in memory), got {self.workers}"]
+
+
+WORKERS_PER_CORE = 4
+
+
+def max_workers() -> int:
+    """The most decode threads (``watch.workers``) this machine can usefully run."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(8, WORKERS_PER_CORE * cores)
 
 
 @dataclass(frozen=True)
@@ -370,6 +393,20 @@ class Config:
     report: ReportConfig = field(default_factory=ReportConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
+    def __post_init__(self) -> None:
+        problems = self.relations()
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def relations(self) -> list[str]:
+        """Problems between sections (each names its keys)."""
+        fe = self.frontend
+        frame_hop = fe.hop_length / fe.sample_rate
+        if self.audio.hop_seconds < frame_hop:
+            return [f"audio.hop_seconds must be >= the frontend's frame hop ({frame_hop:g} s: frontend.clip_seconds / "
+                    f"{fe.n_frames}), got {self.audio.hop_seconds:g}"]
+        return []
+
     def with_overrides(self, overrides: Mapping[str, Any], *, source: str = "command line") -> Config:
         """Return a copy with ``{"section.key": value}`` applied (values checked like the file's)."""
         return _apply(self, _nest(overrides, source=source), lambda section, key: source)
@@ -471,7 +508,13 @@ def _apply(cfg: Config, data: Mapping[str, Any], source: Callable[[str, str], st
         except ConfigError as exc:
             where = sorted({source(section, k) for k in changes})
             raise ConfigError(f"{exc} (from {', '.join(where)})") from None
-    return replace(cfg, **updates) if updates else cfg
+    if not updates:
+        return cfg
+    try:
+        return replace(cfg, **updates)  # relations between sections
+    except ConfigError as exc:
+        where = sorted({source(section, k) for section, values in data.items() for k in values})
+        raise ConfigError(f"{exc} (from {', '.join(where)})") from None
 
 
 @functools.cache  # evaluating the string annotations is the costly part of making a section

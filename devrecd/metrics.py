@@ -39,6 +39,10 @@ class Metrics:
         self.errors = Counter("devrecd_errors", "Files that could not be judged, by reason.", ["reason"], registry=r)
         self.backend_info = Info("devrecd_backend", "The inference backend and model in use.", registry=r)
         self.ready = Gauge("devrecd_ready", "1 when the model is loaded, warm and the sources are running.", registry=r)
+        self.storage_writable = Gauge("devrecd_storage_writable", "0 while the journal or verdict log cannot be "
+                                      "written (full disk, read-only file system): files wait, retried with backoff.",
+                                      registry=r)
+        self.storage_writable.set(1)
         self.build_info = Info("devrecd_build", "devrecd software version.", registry=r)
         # The live input (devrecd.live) records into these.
         self.live_windows = Counter("devrecd_live_windows", "Live-input windows judged.", registry=r)

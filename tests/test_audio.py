@@ -495,3 +495,27 @@ def test_a_file_that_changes_while_read_is_refused(tmp_path, tone):
                 pass
     finally:
         s.close()
+
+
+def test_stereo_oddities_dc_only_and_float64_overflow_get_their_own_reasons(tmp_path, tone):
+    """Speech on the left and digital silence on the right is flagged dead_channel; L = x, R = -x is
+    no "digital silence" (the mean cancels: the louder channel is judged, flagged channels_cancel); a
+    constant at full scale carries no signal (silent); a finite float64 sample beyond float32's range
+    is named as out of range, not as NaN or infinite."""
+    speech = (0.1 * tone).astype(np.float32)  # about -23 dBFS
+    zero = np.zeros_like(speech)
+    lv = read_evidence(_wav(tmp_path / "left only.wav", np.stack([speech, zero], axis=1)), SR).levels
+    assert "dead_channel" in lv["flags"], lv
+    both = read_evidence(_wav(tmp_path / "both.wav", np.stack([speech, speech], axis=1)), SR).levels
+    assert "dead_channel" not in both["flags"] and "channels_cancel" not in both["flags"]
+    rec = read_evidence(_wav(tmp_path / "inverted.wav", np.stack([speech, -speech], axis=1), subtype="FLOAT"), SR)
+    assert "channels_cancel" in rec.levels["flags"]
+    assert np.allclose(rec.samples, speech, atol=1e-6), "the first (louder or equal) channel, not the cancelled mean"
+    with pytest.raises(SilentAudio, match=r"no signal: a constant of \+1\.000 \(DC\)") as e:
+        read_evidence(_wav(tmp_path / "dc.wav", np.ones(3 * SR, np.float32), subtype="FLOAT"), SR)
+    assert e.value.reason == "silent"
+    x = tone.astype(np.float64)
+    x[SR: SR + 4] = 1e300  # finite in float64
+    with pytest.raises(NonFiniteAudio, match=r"4 out-of-range sample\(s\) .* 64-bit float values beyond") as e:
+        read_evidence(_wav(tmp_path / "f64.wav", x, subtype="DOUBLE"), SR)
+    assert "NaN" not in str(e.value)

@@ -100,12 +100,17 @@ BAD_VALUES = {
     "frontend.clip_seconds": (float("inf"), r"frontend: clip_seconds must be a finite number > 0, got inf"),
     "frontend.log_floor": (0.0, r"frontend: log_floor must be a finite number > 0, got 0\.0"),
     "frontend.n_fft": (2049, r"frontend: n_fft must be even"),
+    # runaway settings: a hop that cuts a recording into billions of windows, more threads than can start
+    "audio.hop_seconds#tiny": (1e-9, r"audio\.hop_seconds = 1e-09 cuts a recording of audio\.max_seconds = 14400 s into "
+                                r"1\.44e\+13 windows, over audio\.max_windows = 100000"),
+    "watch.workers#runaway": (100000, r"watch\.workers must be <= \d+ on this machine .* got 100000"),
 }
 
 
 @pytest.mark.parametrize("key", sorted(BAD_VALUES))
 def test_bad_values_are_refused_at_load_naming_key_and_source(tmp_path, key):
     value, message = BAD_VALUES[key]
+    key = key.split("#")[0]  # (#: a second value of the same key)
     section, name = key.split(".")
     literal = repr(value).replace("'", '"')
     path = tmp_path / "c.toml"
@@ -162,3 +167,18 @@ def test_environment_value_of_a_string_field_is_taken_as_written():
     assert cfg.watch.top_k == 3  # other fields are still parsed as TOML
     with pytest.raises(ConfigError, match=r"watch\.top_k: expected int"):
         load_config(None, env={"DEVRECD_WATCH__TOP_K": "three"})
+
+
+def test_a_hop_shorter_than_a_frame_hop_is_refused_naming_both_sections(tmp_path):
+    """Between sections: no clip hop below the frontend's frame hop (clip_seconds / 128), however
+    short the recordings admitted."""
+    path = tmp_path / "c.toml"
+    path.write_text("[audio]\nmax_seconds = 8.0\nmin_seconds = 1.0\nhop_seconds = 0.001\n")
+    with pytest.raises(ConfigError, match=r"audio\.hop_seconds must be >= the frontend's frame hop \(0\.015625 s: "
+                                          r"frontend\.clip_seconds / 128\), got 0\.001 \(from file .*c\.toml\)"):
+        load_config(path, env={})
+    with pytest.raises(ConfigError, match=r"frame hop.*\(from command line\)"):
+        load_config(None, env={}).with_overrides({"audio.max_seconds": 8.0, "audio.min_seconds": 1.0,
+                                                 "audio.hop_seconds": 0.001})
+    assert load_config(None, env={}, overrides={"audio.max_seconds": 8.0, "audio.min_seconds": 1.0,
+                                               "audio.hop_seconds": 1 / 64}).audio.hop_seconds == 1 / 64

@@ -965,3 +965,60 @@ def test_systemd_notify_watchdog_reload_and_drain(tmp_path: Path, ccnu_dir: Path
     assert stopping["in_flight"] >= 1, "SIGTERM must have found work in flight"
     assert stopped["drained"] is True and "seen" not in stopped and "hashed" not in stopped, stopped
     assert len(d.records()) == stopped["judged"] >= stopping["in_flight"]
+
+
+def test_slow_clients_cannot_starve_the_probes_and_early_resets_log_nothing(capfd) -> None:
+    """16 clients each sending a header byte now and then (under the per-read timeout) hold every
+    connection; /healthz, /readyz and /metrics are answered all the same (total deadline per request,
+    the oldest client still sending its request evicted). Clients that reset before reading their
+    reply leave no traceback: with log.format = "json" every line on stderr stays JSON."""
+    import json as _json
+    import struct
+
+    from devrecd.logs import setup_logging
+
+    setup_logging("INFO", "json")
+    m = Metrics(CollectorRegistry())
+    srv = StatusServer(m.registry, "127.0.0.1", 0, healthy=lambda: (True, "ok"), ready=lambda: (True, "ready"))
+    srv.start()
+    slow: list[socket.socket] = []
+    stop = threading.Event()
+
+    def trickle() -> None:
+        while not stop.wait(1.0):
+            for c in list(slow):
+                try:
+                    c.send(b"X")
+                except OSError:
+                    pass  # cut off by the server: what it should do
+
+    feeder = threading.Thread(target=trickle, name="test-trickle")
+    try:
+        for _ in range(16):
+            c = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+            c.sendall(b"GET /healthz HTTP/1.1\r\nX-Slow: ")
+            slow.append(c)
+        feeder.start()
+        time.sleep(0.3)
+        for path in ("/healthz", "/readyz", "/metrics") * 3:
+            with urllib.request.urlopen(srv.url + path, timeout=3) as r:
+                assert r.status == 200
+        for _ in range(20):  # send a request, then reset the connection before the reply is read
+            c = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            c.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            c.close()
+        time.sleep(0.5)
+        assert urllib.request.urlopen(srv.url + "/healthz", timeout=3).status == 200
+    finally:
+        stop.set()
+        if feeder.is_alive():
+            feeder.join()
+        for c in slow:
+            c.close()
+        srv.stop()
+        setup_logging("INFO", "text")
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+    for line in err.splitlines():
+        _json.loads(line)

@@ -222,6 +222,9 @@ def test_the_export_of_another_network_is_refused_by_the_registry(embedder_regis
     onnx, _ = embedder_export
     doc = json.loads(reg.read_text())
     doc["embedder"]["fingerprint"] = "f" * 64  # as if enrolled with another checkpoint
+    from devrecd.openset.registry import content_hash
+
+    doc["content_sha256"] = content_hash(doc)  # made so on purpose: not an edit the content hash should catch
     for arrays in reg.parent.glob(f"{reg.stem}.*.npz"):  # the registry's arrays, named in its JSON
         shutil.copy(arrays, tmp_path / arrays.name)
     other = tmp_path / reg.name

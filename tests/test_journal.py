@@ -301,3 +301,37 @@ def test_verdicts_cli_exports_current_records_read_only_and_history_on_request(t
     rows = run.output.splitlines()
     assert len(rows) == 3 and rows[1].startswith(f"{e1.id},failed") and rows[1].endswith(f",{e2.id}")
     assert sorted(os.listdir(tmp_path)) == before, "the export created no file (no WAV, no shm)"
+
+
+FORGED = "/ev/a.wav\n/ev/b.wav  p9  0.999\x1b]0;owned\x07\x9b2J"
+
+
+def test_human_readable_outputs_escape_names_like_the_log(tmp_path: Path) -> None:
+    """A newline in a file name forges no extra line and no escape sequence reaches the terminal, in
+    identify's table and its error lines and in `devrecd verdicts --format table`."""
+    import io
+
+    from typer.testing import CliRunner
+
+    from devrecd.cli import app
+    from devrecd.cli.app import Format
+    from devrecd.cli.serve import VerdictPrinter, error_line
+
+    failed = {"path": FORGED, "outcome": "failed", "reason": "corrupt", "detail": "cut\nshort\x1b[2J"}
+    judged = {"path": FORGED, "outcome": "judged", "device": "p\n1", "score": 0.5,
+              "top_k": [{"device": "p\n1", "score": 0.5}, {"device": "q\x1b", "score": 0.2}], "duration": 3.0}
+    line = error_line(failed)
+    assert "\n" not in line and "\x1b" not in line and "\x9b" not in line and "\\n" in line
+    out = io.StringIO()
+    printer = VerdictPrinter(Format.table, out)
+    printer.add(failed)
+    printer.add(judged)
+    text = out.getvalue()
+    assert len(text.splitlines()) == 3 and "\x1b" not in text and "\x07" not in text and "\x9b" not in text, text
+    j = Journal(tmp_path / "journal.sqlite")
+    e, _ = j.see(FORGED, 1, 1)
+    Recorder(j, None).commit(e.id, "judged", judged)
+    j.close()
+    run = CliRunner().invoke(app, ["verdicts", "--state-dir", str(tmp_path), "--format", "table"])
+    assert run.exit_code == 0, run.output
+    assert len(run.output.splitlines()) == 2 and "\x1b" not in run.output and "\x9b" not in run.output, run.output

@@ -496,3 +496,84 @@ def test_the_regularised_case_map_lies_between_the_development_and_the_case_maps
     for x in (ctar.mean(), cnon.mean()):
         a, b, m = dev.log10_lr(x)[1], alone.log10_lr(x)[1], held.log10_lr(x)[1]
         assert min(a, b) - 1e-9 <= m <= max(a, b) + 1e-9, (x, a, b, m)
+
+
+def _edit(meta: dict, dotted: str, value: object) -> None:
+    """Set (or with value ``...``, delete) ``a.b[0].c`` in a registry JSON."""
+    import re
+
+    keys = [int(k) if k.isdigit() else k for k in re.findall(r"[^.\[\]]+", dotted)]
+    target = meta
+    for k in keys[:-1]:
+        target = target[k]
+    if value is ...:
+        del target[keys[-1]]
+    else:
+        target[keys[-1]] = value
+
+
+HAND_EDITS = [  # (field, value, what the one-line refusal says)
+    ("profiles.0.name", 123, r"profiles\[0\]\.name must be a string, got int 123"),
+    ("calibrations.clean.threshold", "0.5", r"calibrations\.clean\.threshold must be a number, got str"),
+    ("calibrations.clean.slope", None, r"calibrations\.clean\.slope must be a number, got NoneType null"),
+    ("calibrations", [1, 2], r"calibrations must be an object of condition -> calibration, got list"),
+    ("calibrations.clean.decision.n_candidates", 2.5, r"calibrations\.clean\.decision\.n_candidates must be an integer"),
+    ("calibrations.clean.upper", float("nan"), r"calibrations\.clean\.upper must be a finite number, got nan"),
+    ("calibrations.clean.threshold", -1e308, r"calibrations\.clean\.threshold must be in \[-1, 1\]"),
+    ("calibrations.clean.decision.prior", 3.0, r"calibrations\.clean\.decision\.prior must be in \(0, 1\), got 3\.0"),
+    ("calibrations.clean.decision.rule", "llr0", r"calibrations\.clean\.decision\.rule must be one of bayes, far"),
+    ("arrays.sha256", ..., r"arrays\.sha256 is missing"),
+    ("arrays.file", "../../../etc/passwd", r"arrays\.file must name a file beside the registry JSON"),
+    ("profiles.0.references.0.windows", -4, r"profiles\[0\]\.references\[0\]\.windows must be in \[1, inf\)"),
+    ("profiles.1.name", "A", r"profiles\[1\]\.name \"A\" is also profiles\[0\]\.name: device names must be unique"),
+]
+
+
+@pytest.mark.parametrize("field,value,message", HAND_EDITS, ids=[f"{f}={v!r}" for f, v, _ in HAND_EDITS])
+def test_a_hand_edited_registry_is_refused_in_one_line_naming_the_field(tmp_path: Path, field: str, value: object,
+                                                                        message: str) -> None:
+    """The JSON is checked against its schema at load: a refusal naming the field, never a traceback, an
+    internal failure per file or a silently changed decision (content_sha256 checked after an edit that
+    keeps the schema, and recorded by every verdict)."""
+    from devrecd.openset.registry import content_hash
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "registry.json"
+    reg = open_registry(path, create=True)
+    reg.enroll("A", EMB, [(_ref("1"), _windows([1, 0, 0, 0], rng))])
+    reg.enroll("B", EMB, [(_ref("2"), _windows([0, 1, 0, 0], rng))])
+    reg.set_calibrations({"clean": _cal(rng)}, {})
+    reg.save()
+    meta = json.loads(path.read_text())
+    assert meta["content_sha256"] == content_hash(meta) == open_registry(path).content_sha256
+    _edit(meta, field, value)
+    path.write_text(json.dumps(meta))  # content_sha256 no longer matches: refused as changed outside devrecd
+    with pytest.raises(ArtifactError, match="changed outside devrecd") as err:
+        open_registry(path)
+    assert "\n" not in str(err.value)
+    del meta["content_sha256"]  # as an earlier devrecd wrote it: the schema alone refuses it
+    path.write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match=message) as err:
+        open_registry(path)
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+def test_a_registry_nested_too_deeply_or_re_hashed_by_hand_is_refused(tmp_path: Path) -> None:
+    from devrecd.openset.registry import content_hash
+
+    path = tmp_path / "registry.json"
+    path.write_text('{"format": "devrecd-registry/1", "profiles": ' + "[" * 200_000 + "]" * 200_000 + "}")
+    with pytest.raises(ArtifactError, match="nested too deeply"):
+        open_registry(path)
+    from devrecd.openset.registry import Registry
+
+    rng = np.random.default_rng(0)
+    reg = Registry(path=path)
+    reg.enroll("A", EMB, [(_ref("1"), _windows([1, 0, 0, 0], rng))])
+    reg.save()
+    meta = json.loads(path.read_text())
+    meta["profiles"] += [dict(meta["profiles"][0]), dict(meta["profiles"][0])]
+    meta["content_sha256"] = content_hash(meta)  # a consistent hash does not make three "A" acceptable
+    path.write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match=r"profiles\[1\]\.name \"A\" is also profiles\[0\]\.name: device names must be unique \(and 1 more"):
+        open_registry(path)

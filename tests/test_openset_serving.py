@@ -77,6 +77,8 @@ def test_identify_without_a_model_gives_the_registrys_verdicts(registry, ccnu_di
         assert r["backend"] == "open-set-only" and r["closed_set"] is None and "model_sha256" not in r
         assert r["scorer"]["kind"] == "gsv" and r["scorer"]["fingerprint"] == r["open_set"]["embedder"]
         assert r["open_set"]["registry"] == str(registry) and r["open_set"]["profiles"] == len(ENROLLED)
+        # the registry JSON the decision came from (its content hash, as written in it)
+        assert r["open_set"]["registry_sha256"] == json.loads(Path(registry).read_text())["content_sha256"]
         assert {c["device"] for c in r["top_k"]} == set(ENROLLED)
         assert r["condition_status"] == "validated" and r["comparison"]["status"] == "validated"
         assert {"decode", "features", "scoring", "end_to_end"} <= set(r["timings"])

@@ -182,7 +182,7 @@ def test_install_service_errors_are_one_line(tmp_path: Path) -> None:
 def test_alert_rules_pass_promtool_check() -> None:
     done = subprocess.run([_tool("promtool"), "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCESS: 9 rules found" in done.stdout
+    assert "SUCCESS: 10 rules found" in done.stdout
 
 
 def test_example_prometheus_config_is_valid() -> None:
@@ -331,7 +331,7 @@ def test_every_dashboard_panel_returns_data_from_the_daemon(tmp_path: Path, ccnu
         # Every alert rule evaluates cleanly on the real series, and none fires on a healthy daemon.
         rules = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/rules", timeout=30).read())
         evaluated = [r for g in rules["data"]["groups"] for r in g["rules"]]
-        assert len(evaluated) == 9
+        assert len(evaluated) == 10
         assert all(r["health"] == "ok" for r in evaluated), [(r["name"], r.get("lastError")) for r in evaluated]
         assert not [r["name"] for r in evaluated if r["state"] != "inactive"]
     finally:

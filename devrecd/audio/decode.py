@@ -247,6 +247,9 @@ class EvidenceStream:
         self.n_samples = 0  # mono samples at the model rate yielded so far
         self.meter = LevelMeter()  # per channel, before the mix: the levels and flags of the verdict
         self.mix_meter = LevelMeter()  # the mono mix the model hears: the silence check
+        self._mix_channel: int | None = None  # channels that cancel in the mean: the louder one instead
+        self._mix_decided = False
+        self.mix_flags: list[str] = []  # what the mix did (channels_cancel), added to the levels' flags
         # The first ANALYSIS_SECONDS at the model rate, kept for the condition (bounded: 15 MB at 32 kHz).
         self._excerpt = np.empty(0, np.float32)
         self._excerpt_n = 0
@@ -308,8 +311,13 @@ class EvidenceStream:
             for raw in self._source.blocks():
                 if not np.isfinite(raw).all():
                     bad = int(np.count_nonzero(~np.isfinite(raw)))
-                    raise NonFiniteAudio(path, f"{bad} NaN or infinite sample(s) in the block at {native / self.native_rate:.2f} s")
-                mono = _to_mono(raw, cfg.mix, path)
+                    nan = int(np.count_nonzero(np.isnan(raw)))
+                    at = f"in the block at {native / self.native_rate:.2f} s"
+                    if not nan and str(self.codec).upper() == "DOUBLE":  # finite float64 beyond float32's range
+                        raise NonFiniteAudio(path, f"{bad} out-of-range sample(s) {at}: 64-bit float values beyond "
+                                                   f"+-3.4e38 (full scale is 1.0)")
+                    raise NonFiniteAudio(path, f"{bad} NaN or infinite sample(s) {at}")
+                mono = self._mono(raw)
                 native += len(mono)
                 if native / self.native_rate > cfg.max_seconds:
                     raise TooLongAudio(path, f"more than {cfg.max_seconds:.0f} s of audio (audio.max_seconds)")
@@ -331,6 +339,24 @@ class EvidenceStream:
             self._check_end(native)
         except AudioError as exc:
             raise self.tag(exc) from None
+
+    def _mono(self, raw: np.ndarray) -> np.ndarray:
+        """The block mixed to mono (``audio.mix``). A mean of channels that cancel (L = -R: the mix
+        far below every channel that carries signal) would be silence the recording does not hold:
+        from the first block with signal on, such a file takes its louder channel instead, and its
+        verdict says ``channels_cancel``."""
+        if self._mix_channel is not None:
+            return np.ascontiguousarray(raw[:, self._mix_channel], dtype=np.float32)
+        mono = _to_mono(raw, self.cfg.mix, self.path)
+        if not self._mix_decided and raw.ndim == 2 and raw.shape[1] > 1 and self.cfg.mix == "mean":
+            power = np.einsum("ij,ij->j", raw, raw, dtype=np.float64) / len(raw)
+            if power.max() > 10 ** (self.cfg.silence_dbfs / 10):  # the first block with signal decides
+                self._mix_decided = True
+                if float(np.dot(mono, mono)) / len(mono) < power.max() * CANCEL_RATIO:
+                    self._mix_channel = int(np.argmax(power))
+                    self.mix_flags.append("channels_cancel")
+                    return np.ascontiguousarray(raw[:, self._mix_channel], dtype=np.float32)
+        return mono
 
     def _keep_excerpt(self, block: np.ndarray) -> None:
         from devrecd.audio.condition import ANALYSIS_SECONDS
@@ -360,11 +386,18 @@ class EvidenceStream:
         if level < cfg.silence_dbfs:
             what = "digital silence" if level == -math.inf else f"RMS level {level:.1f} dBFS"
             raise SilentAudio(path, f"{what}, below the silence threshold {cfg.silence_dbfs:.0f} dBFS (audio.silence_dbfs)")
+        ac = self.mix_meter.ac_dbfs()
+        if ac < cfg.silence_dbfs:  # a constant (DC), however loud, carries no signal
+            what = "no AC content at all" if ac == -math.inf else f"RMS level {ac:.1f} dBFS after removing DC"
+            raise SilentAudio(path, f"no signal: a constant of {self.mix_meter.dc_offset:+.3f} (DC) with {what}, below "
+                                    f"the silence threshold {cfg.silence_dbfs:.0f} dBFS (audio.silence_dbfs)")
 
     def levels(self) -> dict:
         """The levels block of the verdict (after :meth:`blocks` is exhausted)."""
         c = self.cfg
-        return self.meter.summary(clip_fraction=c.clip_fraction, dc_offset=c.dc_offset, loud_dbfs=c.loud_dbfs)
+        out = self.meter.summary(clip_fraction=c.clip_fraction, dc_offset=c.dc_offset, loud_dbfs=c.loud_dbfs)
+        out["flags"] = [*out["flags"], *(f for f in self.mix_flags if f not in out["flags"])]
+        return out
 
     def recording(self, samples: np.ndarray | None = None) -> Recording:
         """The :class:`Recording` (after :meth:`blocks` is exhausted): with the decoded ``samples``, or
@@ -460,6 +493,9 @@ def read_evidence(path: str | os.PathLike, sample_rate: int, cfg: AudioConfig | 
             buf[n : n + len(block)] = block
             n += len(block)
         return s.recording(buf[:n] if n == len(buf) else buf[:n].copy())
+
+
+CANCEL_RATIO = 1e-4  # mean mix 40 dB below the loudest channel: the channels cancel (L = -R)
 
 
 def _to_mono(samples: np.ndarray, mix: str, path: Path) -> np.ndarray:

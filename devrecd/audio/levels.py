@@ -25,7 +25,10 @@ def rms_dbfs(x: np.ndarray) -> float:
     return meter.dbfs
 
 
-_FLAG_ORDER = ("clipping", "over_full_scale", "dc_offset", "loud")
+_FLAG_ORDER = ("clipping", "over_full_scale", "dc_offset", "loud", "dead_channel", "channels_cancel")
+# A channel that never exceeds one 16-bit step while another carries signal is dead (a disconnected
+# input, a mono source written to one side): flagged "dead_channel".
+DEAD_PEAK = 1.0 / 32768.0
 
 
 class LevelMeter:
@@ -71,6 +74,16 @@ class LevelMeter:
     def n(self) -> int:
         """Frames seen (of the channel seen longest)."""
         return int(self._n.max()) if len(self._n) else 0
+
+    def ac_dbfs(self, c: int = 0) -> float:
+        """RMS level of channel ``c`` with its DC removed, dBFS (-inf when it carries no AC at all: a
+        constant, even one at full scale, is no signal)."""
+        n = self._n[c] if len(self._n) > c else 0
+        if not n:
+            return -math.inf
+        mean = self._sum[c] / n
+        ms = max(0.0, self._sumsq[c] / n - mean * mean)
+        return 10.0 * math.log10(ms) if ms > 1e-20 else -math.inf
 
     def _dbfs(self, c: int) -> float:
         ms = self._sumsq[c] / self._n[c] if self._n[c] else 0.0
@@ -133,6 +146,8 @@ class LevelMeter:
     def flags(self, *, clip_fraction: float, dc_offset: float, loud_dbfs: float) -> list[str]:
         """What is abnormal on any channel: ``clipping``, ``over_full_scale``, ``dc_offset``, ``loud``."""
         seen = {f for c in range(len(self._n)) for f in self._channel_flags(c, clip_fraction, dc_offset, loud_dbfs)}
+        if len(self._n) > 1 and (self._peak <= DEAD_PEAK).any() and (self._peak > DEAD_PEAK).any():
+            seen.add("dead_channel")
         return [f for f in _FLAG_ORDER if f in seen]
 
     def summary(self, *, clip_fraction: float, dc_offset: float, loud_dbfs: float) -> dict:

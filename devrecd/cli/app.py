@@ -28,6 +28,7 @@ import typer
 
 from devrecd import __version__
 from devrecd.errors import ConfigError, DevrecdError, UsageError, missing_extra
+from devrecd.logs import printable
 
 if TYPE_CHECKING:
     from devrecd.config import Config
@@ -137,7 +138,7 @@ def command(*args: Any, **kwargs: Any) -> Callable:
             try:
                 return fn(*a, **kw)
             except DevrecdError as exc:
-                typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+                typer.secho(f"error: {printable(exc)}", fg=typer.colors.RED, err=True)
                 raise typer.Exit(code=EXIT_USAGE if isinstance(exc, UsageError) else EXIT_FAILED) from None
             except KeyboardInterrupt:
                 typer.secho("interrupted", fg=typer.colors.YELLOW, err=True)

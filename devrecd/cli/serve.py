@@ -18,6 +18,7 @@ from devrecd.cli.app import (EXIT_FAILED, EXIT_INTERRUPTED, BackendKind, Backend
                              Format, ModelOption, TorchDeviceOption, audio_paths, cli_logging, command,
                              load_cli_config, logs_above_bars, progress)
 from devrecd.errors import ConfigError
+from devrecd.logs import printable
 
 RegistryOption = typer.Option(None, "--registry", "-r", help="Open-set verdicts against this device registry (registry.path).")
 
@@ -90,7 +91,7 @@ def identify(
         bar.close()  # (again: closing twice is harmless) before an error is printed, not onto the bar
     failed = [r for r in records if r["outcome"] == "failed"]
     for r in failed:
-        typer.secho(f"error: {r['path']}: {r['reason']}: {r['detail']}", fg=typer.colors.RED, err=True)
+        typer.secho(error_line(r), fg=typer.colors.RED, err=True)
     if failed:
         raise typer.Exit(EXIT_FAILED)
 
@@ -133,16 +134,21 @@ class VerdictPrinter:
             self.count += 1
 
 
+def error_line(r: dict) -> str:
+    """A failed file's ``error:`` line: one line whatever its name holds (names escaped as in the log)."""
+    return f"error: {printable(r['path'])}: {printable(r['reason'])}: {printable(r['detail'])}"
+
+
 TABLE_HEADER = ("FILE", "DEVICE", "SCORE", "RUNNER-UP", "SECONDS")
 
 
 def table_cells(r: dict) -> tuple[str, ...]:
     """One verdict as the cells of a table row: file, device, score, runner-up, duration."""
     if r["outcome"] == "failed":
-        return (r["path"], f"(failed: {r['reason']})", "", "", "")
+        return (printable(r["path"]), f"(failed: {printable(r['reason'])})", "", "", "")
     second = r["top_k"][1] if len(r.get("top_k") or []) > 1 else None
-    return (r["path"], str(r["device"]), f"{r['score']:.3f}",
-            f"{second['device']} {second['score']:.3f}" if second else "", f"{r.get('duration') or 0:.1f}")
+    return (printable(r["path"]), printable(r["device"]), f"{r['score']:.3f}",
+            f"{printable(second['device'])} {second['score']:.3f}" if second else "", f"{r.get('duration') or 0:.1f}")
 
 
 def _row(cells: tuple[str, ...], widths: tuple[int, ...]) -> str:

@@ -100,6 +100,9 @@ class Daemon:
         def ready() -> tuple[bool, str]:
             if not state["ready"]:
                 return False, "starting: model loading or sources not running"
+            p = state["pipeline"]
+            if p is not None and p.storage_error is not None:
+                return False, f"cannot write the state folder (files wait, retried): {p.storage_error}"
             if state.get("live") is not None:
                 live_ok, why = state["live"].ready()
                 if not live_ok:
@@ -130,6 +133,10 @@ class Daemon:
                 state["live_log"] = VerdictLog(self.state_dir / LIVE_LOG_NAME)
                 live.start(state["live_log"].append)
                 state["live"] = live
+            retried = journal.retry_setup_failures()  # failures of the setup, not the file: judged again
+            if retried:
+                log.warning("judging again files that failed for a reason of the daemon's setup, not of the file "
+                            "(their failures stay as history: devrecd verdicts --history)", extra={"count": len(retried)})
             resumed = pipeline.resume()
             watcher = Watcher(self.dirs, cfg.watch, pipeline.submit, pipeline.vanished, exclude=[self.state_dir])
             pipeline.extra_pending = watcher.pending

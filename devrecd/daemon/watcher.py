@@ -288,7 +288,7 @@ class Watcher:
                         continue
                     del self._candidates[path]
                     self._handed[path] = (c.size, c.mtime_ns)
-                self.submit(path, c.size, c.mtime_ns)
+                self._hand_over(path, c)
                 continue
             try:
                 st = os.stat(path)
@@ -314,7 +314,20 @@ class Watcher:
                     continue  # changed meanwhile
                 del self._candidates[path]
                 self._handed[path] = (c.size, c.mtime_ns)
-            self.submit(path, c.size, c.mtime_ns)  # may block: backpressure from the pipeline
+            self._hand_over(path, c)
+
+    def _hand_over(self, path: str, c: _Candidate) -> None:
+        """``submit`` (which may block: backpressure, or storage that cannot be written). Should it
+        fail, the file stays a candidate, handed over again at a later tick: the watch goes on."""
+        try:
+            self.submit(path, c.size, c.mtime_ns)
+        except Exception as exc:  # noqa: BLE001 - the watcher thread must outlive any one file
+            log.error("cannot hand a file to the pipeline; retrying", extra={"path": path, "error": str(exc)})
+            with self._lock:
+                if self._handed.get(path) == (c.size, c.mtime_ns):
+                    del self._handed[path]
+                self._candidates.setdefault(path, c)
+            self._stop.wait(1.0)
 
 
 def _regular(mode: int) -> bool:

@@ -291,4 +291,5 @@ class RegistryJudge:
             report["snr_status"], report["snr_statement"] = "outside", outside
         fields["comparison"] = report
         fields["condition_status"] = report["status"]
+        fields["open_set"]["registry_sha256"] = self.registry.content_sha256  # the JSON the decision came from
         return fields

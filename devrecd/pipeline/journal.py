@@ -23,7 +23,20 @@ State files are created 0600 (journal) / 0640 (verdict log) whatever the umask.
 
 Test-only fault injection: with ``DEVRECD_TEST_KILL_AT=after_journal_commit`` in the environment the
 process SIGKILLs itself between the journal commit and the verdict-log append, so that tests can show
-the repair on restart. Nothing else reads that variable.
+the repair on restart. With ``DEVRECD_TEST_STORAGE_FAULT=full:FLAG`` (or ``readonly:FLAG``), every
+write to the journal and the verdict log fails as on a full disk (a read-only file system) while the
+file FLAG exists, so that tests can fill and free "the disk" deterministically. Nothing else reads
+those variables.
+
+A write that fails (full disk, read-only file system) raises :class:`JournalError` and changes
+nothing: a transaction is rolled back, a verdict line cut short is cut off the log again. The
+runner then waits and retries (:class:`~devrecd.pipeline.runner.Pipeline`); nothing is lost.
+
+Failures and who caused them: a ``failed`` row whose reason is a file's (:data:`FILE_FAILURES`: the
+audio errors of :mod:`devrecd.audio.errors`) is final for that version of the file; any other reason
+(``internal``, ``inference``, ``registry``, ...) came from the daemon's own setup, and
+:meth:`Journal.retry_setup_failures` gives such files a new row at the next start (the failure
+stays as history, superseded by the new record).
 
 The journal, the verdict log and the :class:`Recorder` that commits to both stay in one module: the
 exactly-once order above is only checkable when read together.
@@ -31,6 +44,7 @@ exactly-once order above is only checkable when read together.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -41,6 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from devrecd.audio.errors import AudioError
 from devrecd.errors import DevrecdError
 from devrecd.fsutil import private_file
 
@@ -50,6 +65,31 @@ SCHEMA_VERSION = 1
 # Failures that a later, complete version of the same file replaces (a copy still in progress).
 SUPERSEDABLE = ("corrupt", "too_short", "empty", "missing", "changed", "too_long")
 KILL_ENV = "DEVRECD_TEST_KILL_AT"
+FAULT_ENV = "DEVRECD_TEST_STORAGE_FAULT"  # test-only (module docstring): KIND:FLAG, KIND full or readonly
+_FAULTS = {"full": ("database or disk is full", errno.ENOSPC), "readonly": ("attempt to write a readonly database", errno.EROFS)}
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [cls, *(c for sub in cls.__subclasses__() for c in _subclasses(sub))]
+
+
+# Failures the file itself caused: final for that version of the file. Every other failure reason
+# is the daemon's (its setup, a bug): retried at the next start.
+FILE_FAILURES = frozenset(c.reason for c in _subclasses(AudioError))
+
+
+def _injected_fault() -> tuple[str, int] | None:
+    """The storage fault the test-only environment variable injects now, if any (module docstring)."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    kind, _, flag = spec.partition(":")
+    return _FAULTS.get(kind) if flag and os.path.exists(flag) else None
+
+
+def _check_db_fault() -> None:
+    if (fault := _injected_fault()) is not None:
+        raise sqlite3.OperationalError(fault[0])
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -178,6 +218,7 @@ class Journal:
     def _write(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
         with self._lock:
             try:
+                _check_db_fault()
                 return self._db.execute(sql, args)
             except sqlite3.Error as exc:
                 raise JournalError(f"journal write failed: {exc}") from None
@@ -240,6 +281,7 @@ class Journal:
                 return row, False
             now = time.time()
             try:
+                _check_db_fault()
                 self._db.execute("BEGIN IMMEDIATE")  # the new row and the marks on the old ones: one commit
                 try:
                     cur = self._db.execute(
@@ -255,11 +297,51 @@ class Journal:
                         (cur.lastrowid, path, cur.lastrowid, *SUPERSEDABLE, path, *SUPERSEDABLE))
                     self._db.execute("COMMIT")
                 except BaseException:
-                    self._db.execute("ROLLBACK")
+                    self._rollback()
                     raise
             except sqlite3.Error as exc:
                 raise JournalError(f"journal write failed: {exc}") from None
             return _entry(self._db.execute("SELECT * FROM files WHERE id = ?", (cur.lastrowid,)).fetchone()), True  # type: ignore[return-value]
+
+    def _rollback(self) -> None:
+        """End a failed transaction. SQLite has already rolled it back itself after some errors (a
+        full disk during COMMIT): then there is nothing to roll back, and no error to raise over the
+        one that failed the transaction."""
+        if self._db.in_transaction:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+
+    def retry_setup_failures(self) -> list[Entry]:
+        """A new row (``seen``) for every current failure that the daemon's setup caused rather than
+        the file (reason not in :data:`FILE_FAILURES`), superseding it: judged again once the
+        setup is fixed, the failure kept as history. Returns the new rows."""
+        marks = ",".join("?" * len(FILE_FAILURES))
+        with self._lock:
+            try:
+                _check_db_fault()
+                rows = [_entry(r) for r in self._db.execute(
+                    f"SELECT * FROM files f WHERE state = 'failed' AND superseded_by IS NULL AND reason NOT IN ({marks}) "
+                    "AND id = (SELECT MAX(id) FROM files WHERE path = f.path) ORDER BY id", tuple(FILE_FAILURES))]
+                if not rows:
+                    return []
+                now, out = time.time(), []
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    for old in rows:
+                        assert old is not None
+                        cur = self._db.execute("INSERT INTO files (path, size, mtime_ns, state, seen_at, updated_at) "
+                                               "VALUES (?, ?, ?, 'seen', ?, ?)", (old.path, old.size, old.mtime_ns, now, now))
+                        self._db.execute("UPDATE files SET superseded_by = ? WHERE id = ?", (cur.lastrowid, old.id))
+                        out.append(cur.lastrowid)
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._rollback()
+                    raise
+            except sqlite3.Error as exc:
+                raise JournalError(f"journal write failed: {exc}") from None
+        return [e for i in out if (e := self.get(i)) is not None]
 
     def revise_version(self, entry_id: int, size: int, mtime_ns: int) -> None:
         """An unfinished row now describes what was found at its path when it was opened (e.g. a FIFO
@@ -280,6 +362,7 @@ class Journal:
                 time.time(), entry_id)
         with self._lock:
             try:
+                _check_db_fault()
                 self._db.execute("PRAGMA synchronous=FULL")  # on disk before the verdict line is appended
                 try:
                     cur = self._db.execute(
@@ -338,12 +421,19 @@ class VerdictLog:
     def append(self, record: dict) -> None:
         line = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
         with self._lock:
+            size = os.fstat(self._fd).st_size
             try:
+                if (fault := _injected_fault()) is not None:
+                    raise OSError(fault[1], os.strerror(fault[1]))
                 written = os.write(self._fd, line)
                 if written != len(line):
                     raise OSError(f"short write ({written} of {len(line)} bytes)")
                 os.fsync(self._fd)
             except OSError as exc:
+                try:  # a line cut short (the disk filled mid-write) is cut off: the retry appends it whole
+                    os.ftruncate(self._fd, size)
+                except OSError:
+                    pass  # then the next open cuts the torn tail (_cut_torn_tail)
                 raise JournalError(f"cannot append to the verdict log {self.path}: {exc}") from None
 
     def ids(self) -> set[int]:

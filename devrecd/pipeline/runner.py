@@ -15,6 +15,13 @@ journal and verdict-log ordering needs no further locking; the writer only write
 included, runs in the parallel stages, and a file's features are released once they are inferred.
 A bad file becomes a ``failed`` record with its reason and never stops the other files.
 
+Storage: when the journal or the verdict log cannot be written (a full disk, a read-only file
+system), no file fails and no thread ends: the thread that needs the write (the watcher's submit,
+a worker marking a file hashed, the writer committing a record) waits and retries with exponential
+backoff (:data:`STORAGE_RETRY_MAX_S` at most) until the write succeeds or the pipeline stops.
+Meanwhile :attr:`Pipeline.storage_error` says why (``/readyz`` is 503, ``devrecd_storage_writable``
+0); once space returns everything resumes by itself, each file with exactly one record.
+
 Chunks: judged by the closed-set model alone, a file's features go to the batcher chunk by chunk as
 the worker computes them, so no file's features are ever held whole; the writer gathers each chunk's
 window probabilities (:class:`Chunk`) and judges the file once the worker has said how many windows
@@ -51,12 +58,14 @@ from devrecd.errors import DevrecdError
 from devrecd.metrics import Metrics
 from devrecd.pipeline.batcher import Batcher, Unit
 from devrecd.pipeline.jobs import Chunk, Duplicate, Failed, FeaturesDone, Job, Judged, Message, Scored, Stop
-from devrecd.pipeline.journal import Entry, Journal, JournalError, Recorder, VerdictLog
+from devrecd.pipeline.journal import TERMINAL, Entry, Journal, JournalError, Recorder, VerdictLog
 from devrecd.pipeline.serving import BackendLike, Judge, OpenSetOnly
 from devrecd.pipeline.stages import Failure, failure_of, stream_features
 from devrecd.pipeline.verdict import duplicate_record, failed_record, judged_record, open_set_record, with_comparison
 
 log = logging.getLogger("devrecd.pipeline")
+STORAGE_RETRY_MIN_S = 0.2  # first wait after a failed journal/verdict-log write; doubles up to:
+STORAGE_RETRY_MAX_S = 10.0
 
 
 class Liveness:
@@ -117,6 +126,8 @@ class Pipeline:
             self.batcher = Batcher(backend.infer, max_batch=cfg.batcher.max_batch, max_wait_s=cfg.batcher.max_wait_ms / 1000,
                                    queue_size=cfg.watch.queue_size, max_clips=cfg.batcher.max_queued_clips,
                                    on_batch=self._on_batch, on_progress=self._tick)
+        self._storage_error: str | None = None  # why the journal/verdict log cannot be written now
+        self.storage_retry_max_s = STORAGE_RETRY_MAX_S
         self.extra_pending: Callable[[], int] = lambda: 0  # files sources hold that are not yet admitted
         metrics.queue_depth.set_function(lambda: self.in_flight() + self.extra_pending())
         metrics.oldest_pending_age.set_function(self._oldest_age)
@@ -144,7 +155,10 @@ class Pipeline:
                 size, mtime_ns = st.st_size, st.st_mtime_ns
             except OSError:
                 size, mtime_ns = -1, 0  # judged as missing/unreadable by the worker, with the reason
-        entry, _ = self.journal.see(path, size, mtime_ns)
+        try:
+            entry, _ = self._written(lambda: self.journal.see(path, size, mtime_ns))
+        except _Stopped:
+            return None  # not recorded: the watcher's next start finds the file again
         if entry.state not in ("seen", "hashed"):
             return None
         return entry.id if self._enqueue(Job(entry.id, path)) else None
@@ -158,9 +172,45 @@ class Pipeline:
 
     def vanished(self, path: str, size: int, mtime_ns: int) -> None:
         """A file disappeared before it was stable: recorded as failed (missing), like any bad file."""
-        entry, _ = self.journal.see(path, size, mtime_ns)
+        try:
+            entry, _ = self._written(lambda: self.journal.see(path, size, mtime_ns))
+        except _Stopped:
+            return
         if entry.state in ("seen", "hashed") and self._track(entry.id):
             self._results.put(Failed(Job(entry.id, path), Failure("missing", "the file disappeared before it was complete")))
+
+    @property
+    def storage_error(self) -> str | None:
+        """Why the journal or verdict log cannot be written now (None while writes succeed)."""
+        return self._storage_error
+
+    def _written(self, write: Callable[[], Any], before_retry: Callable[[], Any] | None = None) -> Any:
+        """``write()``, retried with backoff while the journal or verdict log cannot be written (module
+        docstring); ``before_retry()`` returns a result that makes the retry unnecessary (or None).
+        Raises :class:`_Stopped` when the pipeline stops meanwhile."""
+        delay, failed = STORAGE_RETRY_MIN_S, False
+        while True:
+            try:
+                done = before_retry() if failed and before_retry is not None else None
+                result = write() if done is None else done
+            except JournalError as exc:
+                failed = True
+                if self._storage_error is None:
+                    log.error("cannot write the journal or verdict log: files wait until it can be written",
+                              extra={"error": str(exc)})
+                    self.metrics.errors.labels(reason="journal").inc()
+                self._storage_error = str(exc)
+                self.metrics.storage_writable.set(0)
+                self.liveness.stamp()  # waiting on storage on purpose: alive (not ready)
+                if self._stop.wait(delay):
+                    raise _Stopped() from None
+                delay = min(delay * 2, self.storage_retry_max_s)
+                continue
+            if self._storage_error is not None:
+                self._storage_error = None
+                self.metrics.storage_writable.set(1)
+                log.warning("the journal and verdict log can be written again: resuming")
+            return result
 
     def in_flight(self) -> int:
         with self._lock:
@@ -322,7 +372,7 @@ class Pipeline:
         # Decoded block by block: the recording's samples are never held whole.
         with open_stream(job.path, cfg.frontend.sample_rate, cfg.audio, confine=confine) as stream:
             job.resolved_path = stream.resolved_path
-            self.journal.mark_hashed(job.entry_id, stream.sha256 or "", stream.size or 0)
+            self._written(lambda: self.journal.mark_hashed(job.entry_id, stream.sha256 or "", stream.size or 0))
             job.sha256, job.size = stream.sha256, stream.size
             if stream.sha256:
                 self._hold_content(job, stream.sha256)
@@ -409,6 +459,8 @@ class Pipeline:
                     finished = False
                 else:
                     finished = self._write(msg)
+            except _Stopped:
+                pass  # stopped while the journal could not be written: resumed (or repaired) at the next start
             except JournalError as exc:
                 # The row stays unfinished and is judged again after a restart; keep serving the rest.
                 log.error("cannot record a verdict", extra={"path": msg.job.path, "error": str(exc)})
@@ -462,8 +514,8 @@ class Pipeline:
             job.timings["end_to_end"] = time.monotonic() - job.taken
             record = duplicate_record(job.recording or {"path": job.path}, msg.original.record or {"id": msg.original.id},
                                       timings=job.timings)
-            committed = self.recorder.commit(job.entry_id, "duplicate", record, duplicate_of=msg.original.id,
-                                             sha256=(job.recording or {}).get("sha256"))
+            committed = self._commit(job.entry_id, "duplicate", record, duplicate_of=msg.original.id,
+                                     sha256=(job.recording or {}).get("sha256"))
             if committed is not None:
                 self._count("duplicate", job, committed)
                 log.info("duplicate", extra={"path": job.path, "of": msg.original.path})
@@ -475,7 +527,7 @@ class Pipeline:
                                    sha256=f.sha256 if f.sha256 is not None else rec.get("sha256"),
                                    size=f.size if f.size is not None else rec.get("size"),
                                    resolved_path=job.resolved_path)
-            committed = self.recorder.commit(job.entry_id, "failed", record, reason=f.reason, sha256=record["sha256"])
+            committed = self._commit(job.entry_id, "failed", record, reason=f.reason, sha256=record["sha256"])
             if committed is not None:
                 self._count("failed", job, committed)
                 self.metrics.errors.labels(reason=f.reason).inc()
@@ -499,12 +551,22 @@ class Pipeline:
 
     def _commit_judged(self, job: Job, record: dict) -> None:
         assert job.recording is not None
-        committed = self.recorder.commit(job.entry_id, "judged", record, sha256=job.recording["sha256"])
+        committed = self._commit(job.entry_id, "judged", record, sha256=job.recording["sha256"])
         if committed is not None:
             self._count("judged", job, committed)
             self.metrics.verdicts.labels(device=committed["device"]).inc()
             self.metrics.audio_seconds.inc(job.recording["duration"])
             log.debug("judged", extra={"path": job.path, "device": committed["device"], "score": committed["score"]})
+
+    def _commit(self, entry_id: int, state: str, record: dict, **kw: Any) -> dict | None:
+        """:meth:`Recorder.commit`, retried while storage fails. A commit whose journal part went
+        through before the verdict-log append failed is finished by the repair, not committed twice."""
+        def repaired() -> dict | None:
+            self.recorder.repair()  # appends the record the journal holds, unless the log has it
+            entry = self.journal.get(entry_id)
+            return entry.record if entry is not None and entry.state in TERMINAL and entry.logged else None
+
+        return self._written(lambda: self.recorder.commit(entry_id, state, record, **kw), before_retry=repaired)
 
     def _count(self, outcome: str, job: Job, record: dict) -> None:
         self.metrics.files.labels(outcome=outcome).inc()
