@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import os
@@ -304,6 +305,12 @@ def generate(rows: list[dict], conditions: Sequence[str], out: Path, librispeech
 
 def write_dataset(folder: Path, rows: Iterable[dict], split: str) -> Path:
     """A dataset folder the loader reads: symlinks + manifest.csv (path, device, segment, split)."""
+    rows = list(rows)
+    text = io.StringIO()
+    csv.writer(text).writerows([["path", "device", "segment", "split"]] + [
+        [Path(r["path"]).name, r["device"], r["segment"], split] for r in rows])
+    if (folder / "manifest.csv").exists() and (folder / "manifest.csv").read_text() == text.getvalue():
+        return folder  # as made before (a run may be using it)
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
@@ -372,22 +379,30 @@ def drive(plan_path: Path, label: str, out_path: Path) -> int:
             raise SystemExit(f"[{label}] devrecd {' '.join(map(str, args[:3]))}... failed ({rc}):\n"
                              f"{out.getvalue()[-2000:]}\n{err.getvalue()[-2000:]}")
         if err.getvalue().strip() and step != "identify":
-            notes.append(f"{step}: {err.getvalue().strip()[-500:]}")
+            fold_notes[-1].append(f"{step}: {err.getvalue().strip()[-500:]}")
         return rc, out.getvalue() + ("\n" + err.getvalue() if step == "identify" and rc else "")
 
-    notes: list[str] = []
+    fold_notes: list[list[str]] = [[]]
     meta = {"label": label, "devrecd": str(Path(devrecd.__file__).resolve().parent),
-            "version": getattr(devrecd, "__version__", "?")}
-    log(f"[{label}] devrecd from {meta['devrecd']}")
+            "version": getattr(devrecd, "__version__", "?"), "code": code_id(Path(devrecd.__file__).resolve().parents[1])}
+    log(f"[{label}] devrecd from {meta['devrecd']} ({meta['code']})")
+    kept = resumable(out_path, meta, plan)
     with open(out_path, "w") as sink:
         sink.write(json.dumps({"meta": meta}) + "\n")
         for fold in plan["folds"]:
+            if fold["name"] in kept:
+                sink.writelines(kept[fold["name"]])
+                log(f"[{label}] {fold['name']}: kept from the previous run (same code, same conditions)")
+                continue
+            before, calls_before = dict(timing), dict(steps)
+            notes: list[str] = []
+            fold_notes.append(notes)
             t_fold = time.perf_counter()
             fdir = work / fold["name"]
             fdir.mkdir(parents=True, exist_ok=True)
             gsv = fdir / "gsv.npz"
             _, text = cli(["train-gsv", fold["dev"], "--out", gsv, *RECIPE], "train-gsv")
-            if fold is plan["folds"][0]:
+            if True:  # its development calibration (threshold), per fold
                 notes.append("train-gsv: " + " | ".join(text.strip().splitlines()[-2:]))
             by_path = {q["path"]: q for q in fold["questioned"]}
             files = [q["path"] for q in fold["questioned"]]
@@ -430,10 +445,50 @@ def drive(plan_path: Path, label: str, out_path: Path) -> int:
                         notes.append(f"{fold['name']} rotation {k} {decision}: {got} of {len(files)} verdicts "
                                      f"(identify rc {rc})")
                 sink.flush()
+            spent = {k: round(v - before.get(k, 0.0), 2) for k, v in timing.items()}
+            sink.write(json.dumps({"fold_done": fold["name"], "conditions": plan["conditions"],
+                                   "n_questioned": len(files), "seconds": spent,
+                                   "wall": round(time.perf_counter() - t_fold, 1),
+                                   "calls": {k: v - calls_before.get(k, 0) for k, v in steps.items()},
+                                   "notes": notes}) + "\n")
+            sink.flush()
             log(f"[{label}] {fold['name']}: {time.perf_counter() - t_fold:.0f} s "
-                f"({', '.join(f'{s} {t:.0f} s' for s, t in timing.items())})")
-        sink.write(json.dumps({"timing": timing, "steps": steps, "notes": notes}) + "\n")
+                f"({', '.join(f'{s} {t:.0f} s' for s, t in spent.items())})")
     return 0
+
+
+def code_id(repo: Path) -> str:
+    """The git tree of the checkout's devrecd/ ("+dirty" when it has uncommitted changes: then nothing is
+    resumed): the same for every commit that leaves the package alone."""
+    try:
+        tree = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD:devrecd"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+    dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "devrecd"], capture_output=True,
+                           text=True).stdout.strip()
+    return f"devrecd-tree {tree}" + ("+dirty" if dirty else "")
+
+
+def resumable(out_path: Path, meta: dict, plan: dict) -> dict[str, list[str]]:
+    """Lines of the folds a previous run of the same code finished with the same conditions and files."""
+    if not out_path.exists() or meta["code"].endswith("+dirty") or meta["code"] == "?":
+        return {}
+    lines = out_path.read_text().splitlines(keepends=True)
+    if not lines or json.loads(lines[0]).get("meta", {}).get("code") != meta["code"]:
+        return {}
+    wanted = {f["name"]: len(f["questioned"]) for f in plan["folds"]}
+    by_fold: dict[str, list[str]] = {}
+    done = set()
+    for line in lines[1:]:
+        d = json.loads(line)
+        if "fold_done" in d:
+            if d["conditions"] == plan["conditions"] and d["n_questioned"] == wanted.get(d["fold_done"]):
+                done.add(d["fold_done"])
+            by_fold.setdefault(d["fold_done"], []).append(line)
+        elif "fold" in d:
+            by_fold.setdefault(d["fold"], []).append(line)
+    return {f: ls for f, ls in by_fold.items() if f in done}
 
 
 # --- figures ----------------------------------------------------------------------------------------------
@@ -520,17 +575,30 @@ def _count(values: Iterable[Any]) -> dict[str, int]:
     return out
 
 
-def read_results(path: Path) -> tuple[dict, list[dict], dict]:
-    meta, recs, tail = {}, [], {}
+def read_results(path: Path) -> tuple[dict, dict[str, list[dict]], dict[str, dict]]:
+    """(meta, records per finished fold, fold_done line per finished fold); unfinished folds are left out."""
+    meta: dict = {}
+    recs: dict[str, list[dict]] = {}
+    done: dict[str, dict] = {}
+    if not path.exists():
+        return meta, recs, done
     for line in path.read_text().splitlines():
         d = json.loads(line)
         if "meta" in d:
             meta = d["meta"]
-        elif "timing" in d:
-            tail = d
+        elif "fold_done" in d:
+            done[d["fold_done"]] = d
         else:
-            recs.append(d)
-    return meta, recs, tail
+            recs.setdefault(d["fold"], []).append(d)
+    return meta, {f: r for f, r in recs.items() if f in done}, done
+
+
+def _sum(dicts: Iterable[dict]) -> dict:
+    out: dict[str, float] = {}
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = round(out.get(k, 0) + v, 1)
+    return out
 
 
 def frac(p: Sequence[int]) -> str:
@@ -555,12 +623,13 @@ def print_table(report: dict, labels: Sequence[str]) -> None:
 
 # --- main -----------------------------------------------------------------------------------------------
 
-def git_head(path: Path) -> str:
+def git_head(path: Path, *under: str) -> str:
+    """Short commit of the checkout at ``path``, "+dirty" when it (or ``under`` in it) has uncommitted changes."""
     try:
         return subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=True).stdout.strip() + (
-            "+dirty" if subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
-                                       capture_output=True, text=True).stdout.strip() else "")
+            "+dirty" if subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no",
+                                        "--", *under], capture_output=True, text=True).stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "?"
 
@@ -580,6 +649,8 @@ def main() -> int:
     ap.add_argument("--parallel", action=argparse.BooleanOptionalAction, default=True,
                     help="run the two checkouts at the same time (one process each)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--report-only", action="store_true",
+                    help="no runs: the figures of the folds the --work results already hold (all checkouts' common folds)")
     ap.add_argument("--drive", type=Path, default=None, help=argparse.SUPPRESS)  # internal: plan.json
     ap.add_argument("--label", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
@@ -599,30 +670,34 @@ def main() -> int:
     t0 = time.perf_counter()
     index = generate(rows, conditions, work / "questioned", args.librispeech if args.librispeech.is_dir() else None)
     t_gen = time.perf_counter() - t0
-    plan = make_plan(rows, index, conditions, args.folds, seeds, work)
     plan_path = work / "plan.json"
-    plan_path.write_text(json.dumps(plan, indent=1))
+    if args.report_only:
+        plan = json.loads(plan_path.read_text())
+        conditions = [c for c in conditions if c in plan["conditions"]]
+    else:
+        plan = make_plan(rows, index, conditions, args.folds, seeds, work)
+        plan_path.write_text(json.dumps(plan, indent=1))
     checkouts = {"baseline": args.baseline.resolve(), "new": args.new.resolve()}
     if args.only:
         checkouts = {args.only: checkouts[args.only]}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DEVRECD_")}
-    procs = {}
+    procs: dict[str, Any] = {}
+    walls: dict[str, float] = {}
     t_run = time.perf_counter()
-    for label, path in checkouts.items():
-        out = work / f"results-{label}.jsonl"
-        penv = {**env, "PYTHONPATH": str(path), "DEVRECD_WATCH__TOP_K": "10",
-                "DEVRECD_TRAIN__CACHE_DIR": str(work / "cache" / label), "OMP_NUM_THREADS": "1"}
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--drive", str(plan_path), "--label", label,
-               "--out", str(out)]
-        log(f"{label}: {path} ({git_head(path)})")
-        procs[label] = (subprocess.Popen(cmd, env=penv, cwd=work), time.perf_counter(), out)
-        if not args.parallel:
-            procs[label][0].wait()
-    walls = {}
-    for label, (p, t, _) in procs.items():
-        if p.wait() != 0:
-            raise SystemExit(f"{label}: the driver failed (exit {p.returncode})")
-        walls[label] = round(time.perf_counter() - t, 1)
+    if not args.report_only:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DEVRECD_")}
+        for label, path in checkouts.items():
+            penv = {**env, "PYTHONPATH": str(path), "DEVRECD_WATCH__TOP_K": "10",
+                    "DEVRECD_TRAIN__CACHE_DIR": str(work / "cache" / label), "OMP_NUM_THREADS": "1"}
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--drive", str(plan_path), "--label", label,
+                   "--out", str(work / f"results-{label}.jsonl")]
+            log(f"{label}: {path} ({git_head(path)})")
+            procs[label] = (subprocess.Popen(cmd, env=penv, cwd=work), time.perf_counter())
+            if not args.parallel:
+                procs[label][0].wait()
+        for label, (p, t) in procs.items():
+            if p.wait() != 0:
+                raise SystemExit(f"{label}: the driver failed (exit {p.returncode})")
+            walls[label] = round(time.perf_counter() - t, 1)
     report: dict[str, Any] = {
         "protocol": {"corpus": str(args.ccnu), "folds": args.folds, "seeds": seeds, "n_folds": len(plan["folds"]),
                      "recipe": " ".join(RECIPE), "references": REFERENCE_SEGMENTS,
@@ -632,13 +707,20 @@ def main() -> int:
         "checkouts": {}, "excluded": {c: index["excluded"][c] for c in conditions if index["excluded"][c]},
         "seconds": {"generate": round(t_gen, 1), "drivers_wall": round(time.perf_counter() - t_run, 1)},
         "figures": {}}
+    loaded = {label: read_results(work / f"results-{label}.jsonl") for label in checkouts}
+    planned = [f["name"] for f in plan["folds"]]
+    common = [f for f in planned if all(f in recs for _, recs, _ in loaded.values())]  # the same folds for all
+    report["protocol"]["folds_reported"] = common
     by_label = {}
-    for label, (_, _, out) in procs.items():
-        meta, recs, tail = read_results(out)
-        report["checkouts"][label] = {"path": str(checkouts[label]), "commit": git_head(checkouts[label]), **meta,
-                                      "seconds": walls[label], "step_seconds": tail.get("timing"),
-                                      "step_calls": tail.get("steps"), "notes": tail.get("notes")}
-        by_label[label] = recs
+    for label, (meta, recs, done) in loaded.items():
+        report["checkouts"][label] = {
+            "path": str(checkouts[label]), "commit": git_head(checkouts[label]), **meta,
+            "driver_wall_seconds": walls.get(label),
+            "fold_wall_seconds": round(sum(done[f]["wall"] for f in common), 1),
+            "step_seconds": _sum(done[f]["seconds"] for f in common),
+            "step_calls": _sum(done[f]["calls"] for f in common),
+            "notes": [n for f in common for n in done[f]["notes"]]}
+        by_label[label] = [r for f in common for r in recs[f]]
     for cond in conditions:
         report["figures"][cond] = {
             label: {d: figures([r for r in recs if r["condition"] == cond and r["decision"] == d])
@@ -647,12 +729,12 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps(report, indent=1, default=float))
     labels = list(by_label)
-    print(f"\nProtocol: {len(plan['folds'])} folds (seeds {seeds}, {args.folds} folds of 5 test phones), per fold 5 "
+    print(f"\nProtocol: {len(common)} of {len(plan['folds'])} folds reported (seeds {seeds}, {args.folds} folds of 5 test phones), per fold 5 "
           f"rotation registries of 4 enrolled test phones (segments 1-2), questioned segments 4-5; GSV {' '.join(RECIPE)}")
     for label in labels:
         c = report["checkouts"][label]
-        print(f"  {label}: {c['path']} @ {c['commit']} (devrecd from {c.get('devrecd')}); {c['seconds']:.0f} s; "
-              f"steps {c['step_seconds']}")
+        print(f"  {label}: {c['path']} @ {c['commit']} (devrecd from {c.get('devrecd')}); folds' wall "
+              f"{c['fold_wall_seconds']:.0f} s; per step {c['step_seconds']} s, calls {c['step_calls']}")
     for cond, ex in report["excluded"].items():
         print(f"  excluded from {cond}: {len(ex)} of {len(ex) + len(index['files'][cond])} recordings ({ex[0]['why']}, ...)")
     print_table(report, labels)
