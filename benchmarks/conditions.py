@@ -36,7 +36,8 @@ Protocol (the leave-phones-out protocol of ``docs/openset.md``, scaled to the 15
     4-6 LibriSpeech test-other speakers, each speaker's stream levelled to the same active level,
     resampled 16 -> 32 kHz). Noise is seeded by the recording's name: the same noise at every SNR.
   - ``first<t>s`` (2, 3, 5): the first t seconds, 16-bit PCM WAV (bit-exact samples).
-  - channels of ``devrecd/audio/channel.py`` (``aac64``, ``opus32``, ``amrnb``, ``mp3_64``;
+  - channels of ``devrecd/audio/channel.py`` (Ogg files differ in their random stream serial
+    number between generations, the encoded audio does not) (``aac64``, ``opus32``, ``amrnb``, ``mp3_64``;
     ``opus16``, ``tel`` on request): encoded to a real file in the channel's container (ADTS
     .aac, Ogg .opus, .amr, .mp3; ``tel`` as a 16-bit WAV), decoded by the product's intake.
   - combinations joined by ``+``, applied left to right, a codec last:
@@ -61,6 +62,11 @@ never-enrolled phone, as rejected (it names no phone); failures are counted in t
 Each checkout runs in ONE subprocess (``PYTHONPATH=<checkout>``, cwd = ``--work``, no DEVRECD_*
 variables but ``DEVRECD_WATCH__TOP_K=10`` and a feature cache under ``--work``) that calls the
 checkout's typer app in-process (``devrecd.cli.app``), so no step depends on the code's internals.
+
+Cost: ~14 CPU-minutes for --quick (both checkouts), ~43 for the full grid (both checkouts: ~22 min
+wall on 2 idle cores, they run side by side); far longer on a loaded machine. Folds finished by a
+run of the same code (the git tree of devrecd/) are kept when a run is repeated or widened (e.g.
+--quick, then the full grid in the same --work); --report-only prints what the --work holds.
 
 Run:  nice .venv/bin/python benchmarks/conditions.py --work /tmp/cond [--quick] [--json out.json]
       [--baseline ../wt-base] [--new .] [--conditions wav,amrnb,...] [--seeds 0,1,2] [--folds 3]
@@ -394,7 +400,7 @@ def drive(plan_path: Path, label: str, out_path: Path) -> int:
                 sink.writelines(kept[fold["name"]])
                 log(f"[{label}] {fold['name']}: kept from the previous run (same code, same conditions)")
                 continue
-            before, calls_before = dict(timing), dict(steps)
+            before, calls_before, cpu_fold = dict(timing), dict(steps), time.process_time()
             notes: list[str] = []
             fold_notes.append(notes)
             t_fold = time.perf_counter()
@@ -449,6 +455,7 @@ def drive(plan_path: Path, label: str, out_path: Path) -> int:
             sink.write(json.dumps({"fold_done": fold["name"], "conditions": plan["conditions"],
                                    "n_questioned": len(files), "seconds": spent,
                                    "wall": round(time.perf_counter() - t_fold, 1),
+                                   "cpu": round(time.process_time() - cpu_fold, 1),
                                    "calls": {k: v - calls_before.get(k, 0) for k, v in steps.items()},
                                    "notes": notes}) + "\n")
             sink.flush()
@@ -717,6 +724,7 @@ def main() -> int:
             "path": str(checkouts[label]), "commit": git_head(checkouts[label]), **meta,
             "driver_wall_seconds": walls.get(label),
             "fold_wall_seconds": round(sum(done[f]["wall"] for f in common), 1),
+            "fold_cpu_seconds": round(sum(done[f].get("cpu", float("nan")) for f in common), 1),
             "step_seconds": _sum(done[f]["seconds"] for f in common),
             "step_calls": _sum(done[f]["calls"] for f in common),
             "notes": [n for f in common for n in done[f]["notes"]]}
@@ -734,7 +742,7 @@ def main() -> int:
     for label in labels:
         c = report["checkouts"][label]
         print(f"  {label}: {c['path']} @ {c['commit']} (devrecd from {c.get('devrecd')}); folds' wall "
-              f"{c['fold_wall_seconds']:.0f} s; per step {c['step_seconds']} s, calls {c['step_calls']}")
+              f"{c['fold_wall_seconds']:.0f} s, CPU {c['fold_cpu_seconds']:.0f} s; per step {c['step_seconds']} s, calls {c['step_calls']}")
     for cond, ex in report["excluded"].items():
         print(f"  excluded from {cond}: {len(ex)} of {len(ex) + len(index['files'][cond])} recordings ({ex[0]['why']}, ...)")
     print_table(report, labels)
