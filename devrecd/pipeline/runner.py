@@ -97,6 +97,8 @@ class Pipeline:
         # A GPU backend takes CUDA tensors in place: the frontend's output then stays on the GPU.
         self.keep_on_device = str(device).startswith("cuda") and str(getattr(backend, "input_device", "") or "") \
             .startswith("cuda")
+        # Open set only with the scorer on that GPU (the GSV scorer in torch): the features stay there too.
+        self.judge_on_device = self.keep_on_device and isinstance(backend, OpenSetOnly)
         self.rejudge = cfg.watch.rejudge_duplicates if rejudge_duplicates is None else rejudge_duplicates
         self.on_record = on_record
         self.liveness = liveness or Liveness()
@@ -355,7 +357,8 @@ class Pipeline:
             return
         if self.judge is not None:  # the registry's verdict, here in the parallel workers
             t1 = time.perf_counter()
-            fields = self.judge(feats.cpu().numpy() if hasattr(feats, "cpu") else feats, job.recording)
+            as_is = self.judge_on_device or not hasattr(feats, "cpu")
+            fields = self.judge(feats if as_is else feats.cpu().numpy(), job.recording)
             job.timings["scoring"] = time.perf_counter() - t1
             if self.batcher is None:  # open set only: that is the verdict
                 self._results.put(Scored(job, fields))

@@ -57,6 +57,9 @@ class OpenSetOnly:
                        "frontend_sha256": desc.get("frontend_sha256"), "registry": str(self.registry_judge.registry.path),
                        "onnx_sha256": onnx_sha256}
         self.judge: Judge = one_at_a_time(self.registry_judge.judge)
+        # A scorer computed on a GPU (the GSV scorer in torch: devrecd.supervector_torch) takes the
+        # CUDA frontend's output where it is: the pipeline then keeps the features on that device.
+        self.input_device = getattr(self.registry_judge.scorer, "input_device", None)
 
     def describe(self) -> dict:
         return {"name": self.name, "closed_set_model": None, "device": self.device,
