@@ -159,7 +159,7 @@ class FrontendConfig:
 
     def describe_mismatch(self, other: FrontendConfig) -> str:
         """Human list of the parameters that differ (empty when equal)."""
-        a, b = self.to_dict(), other.to_dict()
+        a, b = asdict(self), asdict(other)  # every parameter: to_dict() leaves out level "none"
         return ", ".join(f"{k}: {a[k]!r} != {b[k]!r}" for k in a if a[k] != b[k])
 
 
