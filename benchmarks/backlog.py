@@ -36,6 +36,8 @@ import soundfile as sf
 
 REPO = Path(__file__).resolve().parents[1]
 SR = 32000
+# CPU seconds (user + system, all threads) of the best pass of each naive loop: (id(files), threads) -> s
+NAIVE_CPU: dict[tuple[int, int], float] = {}
 
 
 def make_evidence(out: Path, n: int, seconds: float, shared: Path) -> list[Path]:
@@ -76,11 +78,12 @@ def naive_open_set(files: list[Path], registry: str, repeats: int = 2, threads: 
         served.judge(feats, rec.describe())
         best = float("inf")
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for p in files:
                 rec, feats = features_for_file(p, cfg)
                 served.judge(feats, rec.describe())
-            best = min(best, time.perf_counter() - t0)
+            if time.perf_counter() - t0 < best:
+                best, NAIVE_CPU[id(files), threads] = time.perf_counter() - t0, time.process_time() - c0
     return best
 
 
@@ -114,11 +117,12 @@ def naive_loop(files: list[Path], model: str, repeats: int = 2, threads: int = 1
         backend.infer(feats)
         best = float("inf")
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for p in files:
                 _, feats = features_for_file(p, cfg)
                 aggregate(backend.infer(feats), backend.labels)
-            best = min(best, time.perf_counter() - t0)
+            if time.perf_counter() - t0 < best:
+                best, NAIVE_CPU[id(files), threads] = time.perf_counter() - t0, time.process_time() - c0
         return best
     finally:
         backend.close()
@@ -148,6 +152,12 @@ def start_daemon(work: Path, evidence: Path, model: str | None, extra: list[str]
 def read_records(state: Path) -> list[dict]:
     p = state / "verdicts.jsonl"
     return [json.loads(x) for x in p.read_text().splitlines()] if p.is_file() else []
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -203,13 +213,16 @@ def main() -> None:
             return naive_loop(paths, args.model, threads=threads) if args.model else \
                 naive_open_set(paths, args.registry, threads=threads)
 
-        naive_before = {t: naive(files[:naive_n], t) for t in naive_threads}
+        first = files[:naive_n]
+        naive_before = {t: naive(first, t) for t in naive_threads}
+        cpu_before = {t: NAIVE_CPU[id(first), t] for t in naive_threads}
 
         proc, state = start_daemon(work, evidence, args.model, registry=args.registry, env={
             "DEVRECD_WATCH__WORKERS": str(args.workers), "DEVRECD_BATCHER__MAX_BATCH": str(args.max_batch),
             "DEVRECD_WATCH__STABLE_SECONDS": "1.0", "DEVRECD_BACKEND__THREADS": str(args.threads),
             "DEVRECD_BATCHER__STREAMS": str(args.streams), "DEVRECD_LOG__FORMAT": "json"})
         try:
+            cpu0 = cpu_seconds(proc.pid)
             dropped = time.time()
             for p in files:  # a rename is atomic: the whole backlog appears at once
                 os.rename(p, evidence / p.name)
@@ -218,10 +231,14 @@ def main() -> None:
                     sys.exit("daemon died:\n" + (work / "daemon.log").read_text()[-3000:])
                 time.sleep(0.2)
             rss = peak_rss_mib(proc.pid)
+            daemon_cpu = cpu_seconds(proc.pid) - cpu0
         finally:
             stop(proc)
         moved = [evidence / p.name for p in files[:naive_n]]
         naive_after = {t: naive(moved, t) for t in naive_threads}
+        cpu_after = {t: NAIVE_CPU[id(moved), t] for t in naive_threads}
+        naive_cpu = {t: (cpu_before if naive_before[t] <= naive_after[t] else cpu_after)[t] / naive_n
+                     for t in naive_threads}
         naive_s = {t: min(naive_before[t], naive_after[t]) for t in naive_threads}
         best_t = min(naive_threads, key=naive_s.get)
         naive_rate = naive_n / naive_s[best_t]
@@ -237,13 +254,14 @@ def main() -> None:
               f"workers={args.workers} max_batch={args.max_batch} ort_threads={args.threads} "
               f"inference_streams={ready.get('inference_streams', '?')}; outcomes {outcomes}")
         print(f"  daemon      : {rate:7.2f} files/s  {audio_s / wall:8.1f} audio-s/s  wall {wall:6.1f} s  "
-              f"drop->verdict p50 {pct(latency, 50):6.1f} s  p99 {pct(latency, 99):6.1f} s  peak RSS {rss:.0f} MiB")
+              f"drop->verdict p50 {pct(latency, 50):6.1f} s  p99 {pct(latency, 99):6.1f} s  peak RSS {rss:.0f} MiB  "
+              f"CPU {daemon_cpu / len(files) * 1e3:.0f} ms/file")
         for t in naive_threads:
             r = naive_n / naive_s[t]
             what = f"{t} ORT thread(s)" if args.model else f"registry scorer, {t} BLAS thread(s)"
             print(f"  naive loop  : {r:7.2f} files/s  {r * args.seconds:8.1f} audio-s/s  ({what}: "
                   f"{naive_n} files, best of passes before/after the daemon: {naive_before[t]:.1f} s / "
-                  f"{naive_after[t]:.1f} s; one file at a time, same model and backend)")
+                  f"{naive_after[t]:.1f} s; one file at a time, same model and backend; CPU {naive_cpu[t] * 1e3:.0f} ms/file)")
         print(f"  speed-up    : {rate / naive_rate:.2f}x over the faster naive loop ({best_t} thread(s)) (target >= 1.75x; "
               f"load average {os.getloadavg()[0]:.1f})")
 

@@ -272,13 +272,14 @@ class Frontend:
 
         cfg = self.cfg
         window, mel, dct, frame_index = self._tables_on(xp, device_of(x))
-        hop, win, n, batch = cfg.hop_length, cfg.win_length, cfg.clip_samples, x.shape[0]
+        win, n, batch = cfg.win_length, cfg.clip_samples, x.shape[0]
         if is_numpy_namespace(xp):
-            # The same steps, through a per-thread workspace, a few clips at a time (numpy_power).
+            # The same steps through a per-thread workspace (_numpy_power), a few clips at a time.
             step = cpu_chunk(cfg)
+            if batch <= step:
+                return self._from_power(np, self._numpy_power(x), mel, dct)
             return np.concatenate([self._from_power(np, self._numpy_power(x[i : i + step]), mel, dct)
-                                   for i in range(0, batch, step)]) if batch > step else \
-                self._from_power(np, self._numpy_power(x), mel, dct)
+                                   for i in range(0, batch, step)])
 
         # Pre-emphasis y[n] = x[n] - a x[n-1] over the whole clip (y[0] = x[0]).
         mid = xp.concat([x[:, :1], x[:, 1:] - cfg.preemphasis * x[:, :-1]], axis=1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -223,6 +224,7 @@ class RegistryJudge:
         self.store = store if store.root.is_dir() else None
         self.matcher = ConditionMatcher(store, self.scorer.frontend, cfg.audio, device=device)
         self._matched: dict[str, Registry] = {}  # channel name -> the registry with references under it
+        self._matching = threading.Lock()  # judge() is called by the pipeline's workers at once
 
     def judge(self, features: np.ndarray, recording: dict[str, Any] | None = None) -> dict[str, Any]:
         """Verdict fields (device, score, llr, candidate, open_set, top_k, windows_best, comparison,
@@ -235,9 +237,10 @@ class RegistryJudge:
         profiles = [[r.sha256 for r in reg.profiles[n].references] for n in reg.names]
         channel, under, refs, note = resolve_comparison(condition, self.store, profiles, self.match_conditions)
         if channel is not None:
-            if channel.name not in self._matched:
-                self._matched[channel.name] = matched_registry(reg, self.matcher, channel, self.scorer.recording_vector)
-            reg = self._matched[channel.name]
+            with self._matching:  # built once per channel, by one thread; the scoring below runs in parallel
+                if channel.name not in self._matched:
+                    self._matched[channel.name] = matched_registry(reg, self.matcher, channel, self.scorer.recording_vector)
+                reg = self._matched[channel.name]
         fields = identify_vectors(self.scorer.recording_vector(features), self.scorer.window_vectors(features),
                                   reg, threshold=self.threshold, k=self.top_k,
                                   threshold_source=self.threshold_source, score=self.scorer.score)
