@@ -36,7 +36,8 @@ import numpy as np
 
 from devrecd.config import load_config
 from devrecd.data import FeatureCache, load_dataset
-from devrecd.openset.calibration import calibrate
+from devrecd.openset.calibration import Decision
+from devrecd.openset.gsvtrain import calibrate_blocks
 from devrecd.openset.protocol import (QUESTIONED_GROUPS, REFERENCE_GROUPS, Fold, Outcomes, TrialMatrix,
                                       calibration_summary, open_set_outcomes, phone_folds, profile_vectors,
                                       s_norm, trial_figures, trial_matrix)
@@ -151,9 +152,10 @@ def fused(part_cal: list[list[TrialMatrix]], part_test: list[TrialMatrix]) -> tu
 
 class Pool:
     """Per-system figures pooled over folds; ``rule`` sets the open-set threshold from the calibration
-    trials: ``empirical`` (the (1 - far) quantile of the open-set impostor scores, as ``devrecd
-    calibrate``), ``gaussian`` (mean + z * std of those scores: less noisy with few impostor
-    recordings) or ``llr0`` (where the calibrated pairwise LLR is 0: uses every trial, targets too)."""
+    trials: ``empirical`` (the (1 - far) quantile of the open-set impostor scores: the ``far``
+    decision rule), ``gaussian`` (mean + z * std of those scores: less noisy with few impostor
+    recordings) or ``llr0`` (the ``bayes`` rule at its defaults: where the calibrated log10 LR is 0,
+    every trial used, targets too; what the product decides by default)."""
 
     def __init__(self, rule: str = "empirical") -> None:
         self.rule = rule
@@ -164,18 +166,16 @@ class Pool:
 
     def add(self, fold: Fold, cal_blocks: list[TrialMatrix], test: TrialMatrix, far: float) -> None:
         dev = pooled(cal_blocks)
-        cal = calibrate(dev.target, dev.nontarget, open_set_nontarget=dev.open_set, target_far=far)
+        cal = calibrate_blocks(cal_blocks, decision=Decision(rule="bayes" if self.rule == "llr0" else "far", far=far))
         threshold = cal.threshold
         if self.rule == "gaussian":
             from scipy.stats import norm
 
             imp = dev.open_set
             threshold = float(imp.mean() + norm.ppf(1.0 - far) * imp.std(ddof=1))
-        elif self.rule == "llr0":
-            threshold = -cal.offset / cal.slope
         o = open_set_outcomes(test, threshold)
         self.outcomes.add(o)
-        llr = test.map(cal.llr)
+        llr = test.map(lambda s: cal.log10_lr(s)[0])
         self.tar.append(llr.target)
         self.non.append(llr.nontarget)
         self.folds.append({"fold": fold.name, "test_phones": list(fold.test), **calibration_summary(cal),

@@ -285,20 +285,23 @@ class RegistryConfig(_Section):
 
     section: ClassVar[str] = "registry"
     path: str = ""  # empty = closed-set labels of the model
-    threshold: float = 0.5  # score below which the verdict is "unknown device" (the scorer's scale)
-    use_calibration: bool = True  # use the threshold `devrecd calibrate` stored in the registry, when it has one
-    target_far: Annotated[float, Range(gt=0, lt=1)] = 0.01  # `devrecd calibrate`: false-acceptance rate the threshold is chosen for
+    use_calibration: bool = True  # off: no likelihood ratio and no named device ("inconclusive") for any verdict
+    # The decision from the calibrated LR (devrecd.openset.calibration.Decision), shared by every verdict,
+    # `calibrate`, `train-gsv` and `train-fusion`: "bayes" accepts the best candidate when
+    # LR >= (cost_false_alarm / cost_miss) * (1 - prior) / prior; "far" at the open-set FAR target_far.
+    decision: Literal["bayes", "far"] = "bayes"
+    prior: Annotated[float, Range(gt=0, lt=1)] = 0.5  # prior that one of the N enrolled devices made it (p = prior / N each)
+    cost_miss: Annotated[float, Range(gt=0)] = 1.0  # cost of rejecting the device that made the recording
+    cost_false_alarm: Annotated[float, Range(gt=0)] = 1.0  # cost of naming a device that did not
+    target_far: Annotated[float, Range(gt=0, lt=1)] = 0.01  # decision = "far": open-set false-acceptance rate
     keep_references: bool = True  # `devrecd enroll` keeps the references' audio (by sha256) next to the registry
-    match_conditions: bool = True  # bring references to a questioned recording's codec / band before scoring
+    match_conditions: bool = True  # bring references to a questioned recording's codec / band (and its noise, when noisier) before scoring
     # The network an `embedder`/`fusion` registry is served with: its checkpoint (.pt or run directory)
     # or embedder export (.onnx, no torch needed); "" = the checkpoint path the registry recorded.
     embedder_model: str = ""
 
-    def relations(self) -> list[str]:
-        # registry.embedder_model is not checked by its name: a run directory may be called anything
-        # (runs/emb.v2); loading it says clearly what it is not.
-        return [] if math.isfinite(self.threshold) else [
-            f"registry.threshold must be a finite number, got {self.threshold!r}"]
+    # registry.embedder_model is not checked by its name: a run directory may be called anything
+    # (runs/emb.v2); loading it says clearly what it is not.
 
 
 @dataclass(frozen=True)
@@ -313,6 +316,7 @@ class SynthConfig(_Section):
     speakers_per_recording: Count = 3  # speaker turns per recording (speakers never cross splits)
     parallel: bool = True  # one playback session: clip k of every device is the same speech (as in CCNU)
     spread: PositiveFloat = 2.5  # scale of model-to-model differences; 2.5 makes 15 devices about as hard as CCNU
+    unit_tolerance: PositiveFloat = 4.0  # scale of unit-to-unit differences (manufacturing tolerances), fitted to real phones
     jobs: Count = 1  # worker processes
 
     def relations(self) -> list[str]:

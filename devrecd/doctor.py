@@ -172,7 +172,7 @@ def _registry_check(cfg: Config) -> Check:
         reg = open_registry(cfg.registry.path)
     except Exception as exc:
         return Check("registry", False, _message(exc), required=True)
-    calibrated = "calibrated" if reg.calibration is not None else "not calibrated"
+    calibrated = ("calibrated: " + ", ".join(sorted(reg.calibrations))) if reg.calibrations else "not calibrated"
     detail = f"{reg.path}: {len(reg.profiles)} profile(s), {calibrated}"
     if reg.kind not in ("embedder", "fusion"):
         return Check("registry", True, detail)

@@ -44,6 +44,17 @@ def _parts(out: Path) -> list[dict]:
     return rows
 
 
+def _close(a, b, tol: float = 2e-6) -> bool:
+    """Equal, floats to ``tol`` (nested lists and dicts alike)."""
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= tol
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k], tol) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y, tol) for x, y in zip(a, b))
+    return a == b
+
+
 def _lines(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / VERDICTS).read_text().splitlines()]
 
@@ -339,3 +350,61 @@ def test_driver_killed_mid_run_resumes_exactly_once(ray_address: str, cfg: Confi
         a, b = by_name[f"0-{p.name}"], by_name[f"1-{p.name}"]
         assert a["sha256"] == b["sha256"] and a["device"] == b["device"]
         assert a["score"] == pytest.approx(b["score"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_batch_without_a_model_gives_identifys_registry_verdicts(ray_cluster: dict, ccnu_dir: Path,
+                                                                 tmp_path: Path, monkeypatch) -> None:
+    """``batch --registry R`` without a model: the shipped GSV scorer's open-set verdicts, field for field
+    those of ``identify --registry`` (condition matching included: one file re-encoded as AAC), whether
+    the workers read the registry where it lies or get it (JSON, arrays, kept references) through Ray."""
+    from typer.testing import CliRunner
+
+    from devrecd.cli import app
+    from devrecd.cluster.job import run_batch
+    from devrecd.pipeline.identify import identify_files
+    from tests.media import encode
+    from tests.test_openset_serving import ENROLLED, NOT_ENROLLED, _segment
+
+    registry = tmp_path / "case" / "registry"
+    for device in ENROLLED:
+        result = CliRunner().invoke(app, ["enroll", "--registry", str(registry), "--profile", device,
+                                          *(str(_segment(ccnu_dir, device, s)) for s in (1, 2))])
+        assert result.exit_code == 0, result.output
+    evidence = tmp_path / "evidence"
+    evidence.mkdir()
+    files = [Path(shutil.copy(_segment(ccnu_dir, d, 4), evidence / f"{d}.wav")) for d in (*ENROLLED[:2], NOT_ENROLLED)]
+    x, sr = sf.read(files[0], dtype="float32")
+    files.append(encode(x, sr, evidence / "reencoded.m4a", codec="aac", fmt="ipod", out_rate=44100))
+    (evidence / "truncated.wav").write_bytes(files[1].read_bytes()[:4000])
+    files.append(evidence / "truncated.wav")
+
+    def refuse(*_a, **_k):
+        raise AssertionError("a closed-set backend was loaded")
+
+    monkeypatch.setattr("devrecd.backends.load_backend", refuse)  # the driver (and identify) load no network
+    cfg = load_config(None, env={}, overrides={"registry.path": str(registry), "cluster.block_files": 2})
+    expected = {r["path"]: r for r in identify_files(cfg, files)}
+    judged = {p: r for p, r in expected.items() if r["outcome"] == "judged"}
+    assert len(judged) == 4 and expected[str(files[-1])]["reason"] == "corrupt"
+    assert expected[str(files[0])]["device"] == ENROLLED[0] and expected[str(files[2])]["device"] == "unknown device"
+    assert expected[str(files[3])]["comparison"]["compared_under"] != "clean"  # references matched to AAC
+
+    def check(out: Path) -> None:
+        lines = _lines(out)
+        assert sorted(r["path"] for r in lines) == sorted(expected)
+        for got in lines:
+            want = expected[got["path"]]
+            assert set(got) - {"id"} == set(want) - {"id"}, got["path"]
+            for k in set(want) - VOLATILE:  # scores to the last rounded digit (AAC decoded in another process)
+                assert _close(got[k], want[k]), (got["path"], k, got[k], want[k])
+            if want["outcome"] == "judged":
+                assert got["backend"] == "open-set-only" and got["closed_set"] is None
+                assert "scoring" in got["timings"]
+
+    summary = run_batch(cfg, [evidence], tmp_path / "out")
+    assert summary["this_run"]["judged"] == 4 and summary["backend"]["closed_set_model"] is None
+    check(tmp_path / "out")
+    shipped = replace(cfg, cluster=replace(cfg.cluster, ship_model=True))
+    run_batch(shipped, [evidence], tmp_path / "out-shipped")
+    check(tmp_path / "out-shipped")

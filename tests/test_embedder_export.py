@@ -290,13 +290,14 @@ def test_enrol_and_compare_with_the_export_from_the_command_line(embedder_regist
         copy = tmp_path / f"copy{len(outputs)}"
         shutil.copytree(reg.parent, copy)
         res = runner.invoke(app, ["calibrate", str(held), "--registry", str(copy / reg.name), "--split-groups",
-                                  "test=3,5", "--far", "0.2", "--format", "json", *model])
+                                  "test=3,5", "--format", "json", *model])
         assert res.exit_code == 0, res.output
-        outputs.append(json.loads(res.output[res.output.index("{"):]))
+        outputs.append(json.loads(res.output[res.output.index("{"):])["calibrations"]["clean"])
     by_torch, by_onnx = outputs
-    assert (by_onnx["n_target"], by_onnx["n_nontarget"]) == (by_torch["n_target"], by_torch["n_nontarget"]) == (6, 18)
+    assert (by_onnx["metrics"]["n_target"], by_onnx["metrics"]["n_nontarget"]) == \
+        (by_torch["metrics"]["n_target"], by_torch["metrics"]["n_nontarget"]) == (6, 18)
     assert by_onnx["threshold"] == pytest.approx(by_torch["threshold"], abs=1e-4)
-    assert by_onnx["eer"] == pytest.approx(by_torch["eer"], abs=1e-9)
+    assert by_onnx["metrics"]["eer"] == pytest.approx(by_torch["metrics"]["eer"], abs=1e-9)
 
 
 def test_identify_serves_an_embedder_registry_without_the_training_stack(

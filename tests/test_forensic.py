@@ -8,16 +8,10 @@ import re
 import numpy as np
 import pytest
 
-from devrecd.forensic.lr import (
-    LRCalibration,
-    assess,
-    condition_mismatch,
-    fit_logistic,
-    fit_lr_calibration,
-    load_lr_calibration,
-)
+from devrecd.forensic.lr import Calibration, assess, condition_mismatch, load_calibration
 from devrecd.forensic.verbal import ENFSI_SCALE, scale_rows, verbal
-from devrecd.openset.calibration import CalibrationError
+from devrecd.openset.calibration import CalibrationError, cllr
+from devrecd.openset.calibration import fit_calibration as fit_lr_calibration
 
 pytest.importorskip("lir")
 
@@ -50,29 +44,28 @@ def _trials(rng: np.random.Generator, n_rec: int, n_dev: int, sep: float = 0.35)
     return s.ravel(), target.ravel().astype(int), np.repeat(np.arange(n_rec), n_dev)
 
 
-def test_logistic_parameters_reproduce_lirs_own_transform() -> None:
+def test_the_calibration_reproduces_lirs_logistic_calibrator() -> None:
+    """The one calibration's map (numpy, no lir at run time) equals NFI lir's LogitCalibrator."""
     from lir.algorithms.logistic_regression import LogitCalibrator
 
-    s, y, _ = _trials(np.random.default_rng(0), 40, 8)
-    slope, offset = fit_logistic(s, y)
-    lir_llr = LogitCalibrator(C=1e6, max_iter=1000).fit(s, y).transform(s)
-    assert np.allclose(slope * s + offset, lir_llr, atol=1e-6)
-    assert slope > 0
+    s, y, g = _trials(np.random.default_rng(0), 40, 8)
+    cal = fit_lr_calibration(s, y, g)
+    lir_llr = LogitCalibrator(C=1e6, max_iter=10000, tol=1e-12).fit(s, y).transform(s)
+    assert np.allclose(cal.slope * s + cal.offset, lir_llr, atol=1e-5)
+    assert cal.slope > 0
 
 
 def test_calibrated_lrs_on_held_out_trials() -> None:
     """Fit on one set of recordings, test on others: LR > 1 for targets, < 1 for non-targets, mostly;
     calibration lowers Cllr below that of the raw scores; the ELUB bound caps the LR."""
-    from devrecd.forensic.lr import cllr_bits
-
     rng = np.random.default_rng(1)
     cal = fit_lr_calibration(*_trials(rng, 60, 15), scorer=SCORER, population={"description": "test"}, conditions=WAV)
     s, y, _ = _trials(rng, 45, 15)  # held out
     llr = np.array([cal.log10_lr(v)[0] for v in s])
     assert np.mean(llr[y == 1] > 0) > 0.85 and np.mean(llr[y == 0] < 0) > 0.9
-    assert cllr_bits(llr, y) < cllr_bits(s, y)
+    assert cllr(llr[y == 1], llr[y == 0]) < cllr(s[y == 1], s[y == 0])  # the raw scores taken as log10 LRs
     m = cal.metrics
-    assert m["cllr"] < m["cllr_raw_scores"] and 0 <= m["cllr_min"] <= m["cllr"] + 1e-9
+    assert 0 <= m["cllr_min"] <= m["cllr"] + 1e-9 and m["cllr"] < 0.5
     assert (m["n_target"], m["n_nontarget"], m["folds"]) == (60, 60 * 14, 5)
     # ELUB: never beyond what the counts support, and the cap applies.
     assert -math.log10(61) <= cal.lower < 0 < cal.upper <= math.log10(60 * 14 + 1)
@@ -109,9 +102,9 @@ def test_assess_withholds_the_lr_when_it_cannot_be_given(tmp_path) -> None:
     assert condition_mismatch(rec, WAV) == ([], [])
     # Round trip through the file `devrecd calibrate` writes; the hash names the content.
     cal.save(tmp_path / "lr.json")
-    back = load_lr_calibration(tmp_path / "lr.json")
+    back = load_calibration(tmp_path / "lr.json")
     assert back == cal and back.sha256 == cal.sha256
-    assert LRCalibration.from_dict({**cal.to_dict(), "slope": cal.slope + 1}).sha256 != cal.sha256
+    assert Calibration.from_dict({**cal.to_dict(), "slope": cal.slope + 1}).sha256 != cal.sha256
 
 
 def test_report_of_plain_recordings_with_a_calibration(ccnu_dir, tmp_path) -> None:
@@ -148,8 +141,8 @@ def test_report_of_plain_recordings_with_a_calibration(ccnu_dir, tmp_path) -> No
 
 def test_compare_with_the_shipped_gsv_scorer_on_real_phones(ccnu_dir, tmp_path) -> None:
     """The shipped GSV scorer through the one scorer interface: references = segments 1-2 of one
-    phone; its own segment 5 scores above segment 5 of every other phone. No LR calibration of this
-    scorer: scores only, and an LR calibration of another scorer is not applied."""
+    phone; its own segment 5 scores above segment 5 of every other phone. An LR calibration of another
+    scorer is not applied; the shipped scorer's own development calibration of the condition is."""
     import json
 
     from typer.testing import CliRunner
@@ -180,14 +173,16 @@ def test_compare_with_the_shipped_gsv_scorer_on_real_phones(ccnu_dir, tmp_path) 
         assert re.fullmatch(r"[0-9a-f]{64}", r["sha256"])
     # Each questioned recording was featurised once for the whole run.
     assert len(comparer._cache) == 2 + len(questioned)
-    # The CLI without --model or --registry uses the shipped GSV scorer; no LR calibration, no LR.
+    # The CLI without --model or --registry uses the shipped GSV scorer and its development calibration
+    # of the recordings' condition (clean, whole): a bounded LR, for the right phone above 1.
     result = CliRunner().invoke(app, ["compare", str(questioned[0]), str(questioned[1]), "--reference",
                                       str(ccnu_dir / f"{device}_1.wav"), "--reference", str(ccnu_dir / f"{device}_2.wav"),
                                       "--reference-device", device, "--format", "json"], env={"DEVRECD_AUDIO__HOP_SECONDS": "1.0"})
     assert result.exit_code == 0, result.output
     cli = [json.loads(x) for x in result.stdout.splitlines()]
     assert [r["score"] for r in cli] == pytest.approx([same, others[0]], abs=1e-6)
-    assert all(r["log10_lr"] is None and r["lr_withheld"].startswith("no calibration") for r in cli)
+    assert all(r["lr_withheld"] is None and r["calibration"]["basis"].startswith("development") for r in cli)
+    assert cli[0]["log10_lr"] > 0 > cli[1]["log10_lr"] and cli[0]["calibration"]["conditions"]["condition"] == "clean"
     bad = CliRunner().invoke(app, ["compare", str(questioned[0]), "--reference", str(questioned[1]), "--scorer", "bogus"])
     assert bad.exit_code == 2 and "Invalid value for '--scorer'" in bad.output  # a choice: a usage error
 

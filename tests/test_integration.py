@@ -37,23 +37,25 @@ def test_enroll_then_identify_gives_open_set_verdicts(tmp_path: Path, ccnu_dir: 
 
     questioned = [p for refs in _by_segment(ccnu_dir, devices, {4}).values() for p in refs]
     result = runner.invoke(app, ["identify", "--model", str(exported_model), "--format", "json", *map(str, questioned)],
-                           env={"DEVRECD_REGISTRY__PATH": str(registry), "DEVRECD_REGISTRY__THRESHOLD": "0.0"})
+                           env={"DEVRECD_REGISTRY__PATH": str(registry)})
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
     assert len(records) == len(questioned)
     for r in records:
         assert r["outcome"] == "judged"
         assert {c["device"] for c in r["top_k"]} <= set(devices)  # ranked against enrolled profiles only
-        assert r["device"] in devices  # threshold 0.0: the best profile is always accepted
+        # A network registry that was never calibrated gives no LR and names no device: the candidates stay.
+        assert r["device"] == "inconclusive" and r["candidate"] in devices and r["log10_lr"] is None
+        assert "no calibration for condition 'clean'" in r["open_set"]["calibration_source"]
         assert set(r["closed_set"]) == {"device", "score", "top_k"}  # the model's own verdict kept beside it
         assert -1.0 <= r["score"] <= 1.0  # a cosine score, not a probability
 
-    strict = runner.invoke(app, ["identify", "--model", str(exported_model), "--format", "json", str(questioned[0])],
-                           env={"DEVRECD_REGISTRY__PATH": str(registry), "DEVRECD_REGISTRY__THRESHOLD": "1.01",
-                                "DEVRECD_REGISTRY__USE_CALIBRATION": "false"})
-    assert strict.exit_code == 0, strict.output
-    rec = json.loads(strict.output.splitlines()[0])
-    assert rec["device"] == "unknown device" and rec["candidate"] in devices  # nothing passes a threshold above 1
+    off = runner.invoke(app, ["identify", "--model", str(exported_model), "--format", "json", str(questioned[0])],
+                        env={"DEVRECD_REGISTRY__PATH": str(registry), "DEVRECD_REGISTRY__USE_CALIBRATION": "false"})
+    assert off.exit_code == 0, off.output
+    rec = json.loads(off.output.splitlines()[0])
+    assert rec["device"] == "inconclusive" and rec["candidate"] in devices
+    assert rec["open_set"]["calibration_source"] == "registry.use_calibration is off"
 
 
 @pytest.mark.slow

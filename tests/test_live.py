@@ -443,3 +443,94 @@ def test_listen_through_portaudio_agrees_with_identify(alsa_evidence, exported_m
         assert live[-1]["running"]["device"] == ref["device"]
         assert live[-1]["running"]["confidence"] == pytest.approx(ref["score"], abs=1e-4)
     assert "live input open" in out.stderr or "listened:" in out.stderr
+
+
+# --- a device registry and no model: the registry's verdicts, as identify --registry gives them ---------
+
+# What a window's record shares with identify's record of the same audio: the verdict and who made it
+# (the rest of identify's record describes a file: path, hashes, codec; a live record describes the window).
+OPEN_SET_VERDICT = ("outcome", "device", "score", "log10_lr", "candidate", "open_set", "top_k", "windows_best", "comparison",
+                    "condition_status", "closed_set", "backend", "scorer", "software_version")
+
+
+@pytest.fixture(scope="module")
+def gsv_registry(ccnu_dir: Path, tmp_path_factory) -> Path:
+    """Three real phones enrolled (segments 1-2) with the shipped GSV scorer, no model."""
+    from tests.test_openset_serving import ENROLLED, _segment
+    from typer.testing import CliRunner
+
+    from devrecd.cli import app
+
+    path = tmp_path_factory.mktemp("liveregistry") / "registry.json"
+    for device in ENROLLED:
+        result = CliRunner().invoke(app, ["enroll", "--registry", str(path), "--profile", device,
+                                          *(str(_segment(ccnu_dir, device, s)) for s in (1, 2))])
+        assert result.exit_code == 0, result.output
+    return path
+
+
+def _eight_seconds(ccnu_dir: Path, device: str, folder: Path) -> Path:
+    """Segment 4 of ``device`` cut to 8 s (four 2 s clips: one live window of 8 s is exactly that file)."""
+    from tests.test_openset_serving import _segment
+
+    x, sr = sf.read(_segment(ccnu_dir, device, 4), dtype="int16")
+    out = folder / f"{device}-8s.wav"
+    sf.write(out, x[: 8 * sr], sr, subtype="PCM_16")
+    return out
+
+
+def test_open_set_window_is_identifys_registry_verdict(gsv_registry: Path, ccnu_dir: Path, tmp_path: Path) -> None:
+    from devrecd.live import Listener
+    from devrecd.pipeline.identify import identify_files
+    from devrecd.pipeline.serving import load_served
+
+    cfg = load_config(None, env={}, overrides={"registry.path": str(gsv_registry), "live.window_seconds": 8.0,
+                                               "live.hop_seconds": 8.0, "live.smoothing": 2})
+    wavs = [_eight_seconds(ccnu_dir, d, tmp_path) for d in ("IPHONEX", "huawei_p20")]  # enrolled, never enrolled
+    want = identify_files(cfg, wavs)
+    assert [r["device"] for r in want] == ["IPHONEX", "unknown device"]
+    metrics = Metrics()
+    served = load_served(cfg, metrics)
+    listener = Listener(cfg, served, metrics)
+    records: list[dict] = []
+    listener.start(records.append, feed_rate=SR)
+    try:
+        for wav in wavs:
+            audio = _read(wav).reshape(-1, 1)
+            for i in range(0, len(audio), 1024):
+                listener.source.capture.callback(audio[i:i + 1024], len(audio[i:i + 1024]), None, None)
+        end = time.monotonic() + 60
+        while len(records) < 2 and time.monotonic() < end:
+            time.sleep(0.05)
+    finally:
+        listener.stop()
+    assert [r["window"] for r in records] == [0, 1], records
+    for got, ref in zip(records, want):
+        for k in OPEN_SET_VERDICT:
+            assert got[k] == ref[k], (k, got[k], ref[k])
+        assert set(ref) - set(got) <= {"id", "path", "sha256", "size", "duration", "native_rate", "channels", "codec",
+                                       "container", "decoder", "levels"}
+        assert got["condition"]["channel"] == ref["condition"]["channel"] == "" and got["condition"]["lossless"]
+    # The running verdict judges the last live.smoothing windows together, as a file of them.
+    assert records[0]["running"]["device"] == "IPHONEX" and records[0]["running"]["windows"] == 1
+    assert records[1]["running"]["windows"] == 2
+    assert metrics.registry.get_sample_value("devrecd_live_windows_total") == 2
+
+
+def test_listen_with_a_registry_and_no_model(alsa_evidence, gsv_registry: Path, ccnu_dir: Path, tmp_path: Path) -> None:
+    """``devrecd listen --registry R`` through PortAudio: the registry's verdict, as ``identify --registry``."""
+    from devrecd.pipeline.identify import identify_files
+
+    env, infile, _ = alsa_evidence
+    wav = _eight_seconds(ccnu_dir, "xiaomi8se", tmp_path)
+    _read(wav).tofile(infile)
+    out = subprocess.run([sys.executable, "-m", "devrecd", "listen", "--input-device", "evidence", "--registry",
+                          str(gsv_registry), "--window-seconds", "8", "--hop-seconds", "8", "--format", "json",
+                          "--max-windows", "1"], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    live = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    ref = identify_files(load_config(None, env={}, overrides={"registry.path": str(gsv_registry)}), [wav])[0]
+    assert live and live[0]["outcome"] == "judged" and ref["device"] == "xiaomi8se"
+    for k in OPEN_SET_VERDICT:
+        assert live[0][k] == ref[k], k
+    assert live[0]["input"] == "evidence" and live[0]["backend"] == "open-set-only"

@@ -137,7 +137,11 @@ def _judge_checks(trained_checkpoint, ccnu_dir, tmp_path):
     store = ReferenceStore.for_registry(reg.path)
     assert all(store.has(r.sha256) for prof in reg.profiles.values() for r in prof.references)
     held = [(str(ccnu_dir / f"{p}_3.wav"), p) for p in phones]
-    calibrate_registry(reg, score_recordings(reg, embedder, held, cfg), target_far=0.5, source={"conditions": [CLEAN]})
+    from devrecd.openset.calibration import Decision
+    from devrecd.openset.scoring import INCONCLUSIVE
+
+    calibrate_registry(reg, {CLEAN: score_recordings(reg, embedder, held, cfg)}, decision=Decision(),
+                       source={"conditions": [CLEAN]})
     reg.save()
 
     amr = _write_amr(ccnu_dir / f"{phones[0]}_4.wav", tmp_path / "call.amr")
@@ -145,23 +149,29 @@ def _judge_checks(trained_checkpoint, ccnu_dir, tmp_path):
     judge = RegistryJudge(cfg)
     v = judge.judge(feats, rec.describe())
     assert v["comparison"]["compared_under"] == "amrnb" and v["comparison"]["references"] == "matched"
-    assert v["condition_status"] == "unvalidated" and v["llr"] is None and all("llr" not in r for r in v["top_k"])
+    assert v["condition_status"] == "unvalidated" and v["log10_lr"] is None and all("log10_lr" not in r for r in v["top_k"])
+    assert v["device"] == INCONCLUSIVE and v["candidate"] in phones  # no calibration of the call: no named device
     rec_w, feats_w = features_for_file(ccnu_dir / f"{phones[0]}_4.wav", cfg)
     w = judge.judge(feats_w, rec_w.describe())
-    assert w["condition_status"] == "validated" and w["llr"] is not None
+    assert w["condition_status"] == "validated" and w["log10_lr"] is not None
+    assert w["open_set"]["accepted"] == (w["log10_lr"] >= w["open_set"]["log10_threshold"])
     assert w["comparison"]["references"] == "as_is"
     # Without matching the AMR recording is compared mismatched, and says so.
     off = RegistryJudge(cfg.with_overrides({"registry.match_conditions": False})).judge(feats, rec.describe())
-    assert off["comparison"]["compared_under"] == "mismatched:amrnb" and off["llr"] is None
+    assert off["comparison"]["compared_under"] == "mismatched:amrnb" and off["log10_lr"] is None
 
     # Calibrated under AMR-NB as well: the matched AMR comparison is now within validation.
     reg = open_registry(cfg.registry.path)
     trials = calibration_trials_under(reg, embedder, held, cfg, [CLEAN, "amrnb"])
-    assert len(trials.recordings) == 2 * len(held)
-    calibrate_registry(reg, trials, target_far=0.5, source={"conditions": [CLEAN, "amrnb"]})
+    assert sorted(trials) == ["amrnb", CLEAN] and len(trials["amrnb"].recordings) == len(held)
+    calibrate_registry(reg, trials, decision=Decision(), source={"conditions": [CLEAN, "amrnb"]})
     reg.save()
     v2 = RegistryJudge(cfg).judge(feats, read_evidence(amr, 32000).describe())
-    assert v2["condition_status"] == "validated" and v2["llr"] is not None
+    assert v2["condition_status"] == "validated" and v2["log10_lr"] is not None
+    assert v2["open_set"]["condition"] == "amrnb" and v2["open_set"]["calibration_source"].startswith("case")
+    # 2 AMR trials of each kind support no LR beyond log10(3): a decision among 2 devices (LR >= 3) cannot
+    # be reached, so the verdict names no device rather than guessing.
+    assert v2["device"] == (INCONCLUSIVE if not v2["open_set"]["decidable"] else v2["device"])
 
 
 def test_closed_set_verdict_says_when_the_condition_is_outside_validation():
@@ -173,5 +183,13 @@ def test_closed_set_verdict_says_when_the_condition_is_outside_validation():
     amr = closed_set_comparison({"channel": "amrnb"}, ["clean"])
     assert amr["condition_status"] == "unvalidated" and "outside validation" in amr["comparison"]["statement"]
     assert closed_set_comparison({"channel": "amrnb"}, ["clean", "amrnb"])["condition_status"] == "validated"
+    # The closed-set verdict of a condition outside validation names no device; the candidate stays.
+    from devrecd.pipeline.verdict import with_comparison
+
+    judged = {"outcome": "judged", "device": "IPHONEX", "score": 0.999, "top_k": [{"device": "IPHONEX", "score": 0.999}]}
+    call = with_comparison(judged, {"condition": {"channel": "amrnb"}}, None, ["clean"])
+    assert call["device"] == "inconclusive" and call["candidate"] == "IPHONEX" and call["score"] == 0.999
+    wav = with_comparison(judged, {"condition": {"channel": ""}}, None, ["clean"])
+    assert wav["device"] == "IPHONEX" and "candidate" not in wav
     with pytest.raises(ConfigError, match="backend.validated_conditions: unknown condition"):
         load_config(None).with_overrides({"backend.validated_conditions": ["gsm"]})

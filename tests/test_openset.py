@@ -12,17 +12,19 @@ from devrecd.config import RegistryConfig
 from devrecd.openset.calibration import (
     Calibration,
     CalibrationError,
-    calibrate,
+    Decision,
     cllr,
     cllr_min,
     eer,
+    elub_bounds,
     error_rates,
-    fit_llr,
+    fit_balanced,
+    fit_trial_blocks,
     min_dcf,
     threshold_for_far,
 )
 from devrecd.openset.registry import Reference, RegistryError, open_registry, recording_embedding
-from devrecd.openset.scoring import UNKNOWN, identify_with_registry, resolve_threshold
+from devrecd.openset.scoring import INCONCLUSIVE, UNKNOWN, calibration_for, identify_with_registry
 from devrecd.errors import ArtifactError
 
 # --- calibration maths -----------------------------------------------------------------------
@@ -74,30 +76,88 @@ def test_min_dcf_hand_computed() -> None:
 
 def test_cllr_hand_computed() -> None:
     assert cllr([0.0, 0.0], [0.0]) == pytest.approx(1.0)  # LR = 1 always: 1 bit
-    assert cllr([np.log(3)], [-np.log(3)]) == pytest.approx(np.log2(4 / 3))
-    assert cllr([50.0], [-50.0]) < 1e-20
-    assert cllr([-np.log(3)], [np.log(3)]) == pytest.approx(2.0)  # confidently wrong: log2(4)
+    assert cllr([np.log10(3)], [-np.log10(3)]) == pytest.approx(np.log2(4 / 3))  # log10 LRs
+    assert cllr([25.0], [-25.0]) < 1e-20
+    assert cllr([-np.log10(3)], [np.log10(3)]) == pytest.approx(2.0)  # confidently wrong: log2(4)
+
+
+def _trials(rng, n_tar: int, n_non: int, mu=(0.8, 0.3), sd=(0.1, 0.15)):
+    tar, non = rng.normal(mu[0], sd[0], n_tar), rng.normal(mu[1], sd[1], n_non)
+    # one "recording" per 10 trials: the held-out folds keep a recording's trials together
+    return fit_trial_blocks, tar, non, np.arange(n_tar) // 10, 10_000 + np.arange(n_non) // 10
 
 
 def test_cllr_min_is_zero_when_separable_and_bounds_actual_cllr() -> None:
     assert cllr_min([2.0, 3.0], [0.0, 1.0]) == 0.0
     rng = np.random.default_rng(1)
-    tar, non = rng.normal(2, 1, 500), rng.normal(0, 1, 500)
-    cal = calibrate(tar, non, target_far=0.05)
-    assert 0 < cal.cllr_min <= cal.cllr < 1.0
-    assert cllr(5 * tar, 5 * non) > cal.cllr  # miscalibrated (overconfident) LLRs cost more
+    fit, tar, non, gt, gn = _trials(rng, 500, 500, mu=(2, 0), sd=(1, 1))
+    cal = fit(tar, non, gt, gn)
+    assert 0 < cal.metrics["cllr_min"] <= cal.metrics["cllr"] < 1.0
+    assert cllr(5 * (cal.slope * tar + cal.offset), 5 * (cal.slope * non + cal.offset)) > cal.metrics["cllr"]
 
 
-def test_logistic_calibration_recovers_the_true_llr() -> None:
+def test_logistic_calibration_recovers_the_true_log10_lr() -> None:
     rng = np.random.default_rng(2)
-    # Equal-variance Gaussians N(+1, 1) vs N(-1, 1): the true LLR is exactly 2 * score.
+    # Equal-variance Gaussians N(+1, 1) vs N(-1, 1): the true natural-log LR is exactly 2 * score.
     tar, non = rng.normal(1, 1, 20000), rng.normal(-1, 1, 20000)
-    slope, offset = fit_llr(tar, non)
-    assert slope == pytest.approx(2.0, abs=0.1)
-    assert offset == pytest.approx(0.0, abs=0.05)
-    # Unbalanced trials: the equal class weighting keeps the LLR free of the trial proportions.
-    slope2, offset2 = fit_llr(tar[:2000], non)
-    assert slope2 == pytest.approx(2.0, abs=0.2) and offset2 == pytest.approx(0.0, abs=0.15)
+    coef, offset = fit_balanced(tar[:, None], non[:, None])
+    assert coef[0] == pytest.approx(2.0, abs=0.1) and offset == pytest.approx(0.0, abs=0.05)
+    # Unbalanced trials: the equal class weighting keeps the LR free of the trial proportions.
+    coef2, offset2 = fit_balanced(tar[:2000, None], non[:, None])
+    assert coef2[0] == pytest.approx(2.0, abs=0.2) and offset2 == pytest.approx(0.0, abs=0.15)
+    cal = fit_trial_blocks(tar[:4000], non[:4000], np.arange(4000) // 10, 10_000 + np.arange(4000) // 10)
+    assert cal.slope == pytest.approx(2.0 / np.log(10), abs=0.05)  # the one scale: log10
+
+
+def test_elub_bounds_equal_lirs_and_never_exceed_the_trial_counts() -> None:
+    from lir.algorithms.bayeserror import elub
+
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        n, m = int(rng.integers(5, 300)), int(rng.integers(5, 900))
+        llr = np.r_[rng.normal(1.5, 1.2, n), rng.normal(-1.5, 1.0, m)]
+        y = np.r_[np.ones(n, int), np.zeros(m, int)]
+        ours = elub_bounds(llr, y)
+        assert ours == pytest.approx(elub(llr.copy(), y, add_misleading=1))
+        assert -np.log10(n + 1) - 0.011 <= ours[0] <= 0.0 <= ours[1] <= np.log10(m + 1) + 0.011
+
+
+def test_the_decision_follows_the_lr_and_the_bayes_threshold() -> None:
+    rng = np.random.default_rng(4)
+    fit, tar, non, gt, gn = _trials(rng, 300, 3000)
+    cal = fit(tar, non, gt, gn)  # default: prior 0.5, equal costs: accept when LR >= 1
+    assert cal.decision["rule"] == "bayes" and cal.log10_threshold == 0.0
+    assert cal.lower < 0 < cal.upper and cal.log10_lr(cal.threshold)[1] == pytest.approx(0.0, abs=1e-9)
+    for s in np.linspace(0.2, 1.0, 41):  # the decision and the reported (bounded) LR never disagree
+        bounded, _ = cal.log10_lr(s)
+        assert cal.accepts(bounded) == (bounded >= 0.0)
+    strict = cal.with_decision(Decision(prior=0.01))  # a prior of 1 in 100: LR >= 99 needed
+    assert strict.log10_threshold == pytest.approx(np.log10(99)) and strict.threshold > cal.threshold
+    # Among 25 enrolled devices each has a prior of 0.5 / 25: LR >= 49 names one.
+    many = cal.with_decision(Decision(), n_candidates=25)
+    assert many.log10_threshold == pytest.approx(np.log10(49)) and many.decision["n_candidates"] == 25
+    far = cal.with_decision(Decision(rule="far", far=0.01))
+    assert np.mean(non >= far.threshold) <= 0.01 and far.log10_threshold == pytest.approx(cal.log10_lr(far.threshold)[1])
+    with pytest.raises(CalibrationError):
+        Decision(prior=1.0)
+
+
+def test_a_few_case_trials_regularised_toward_the_development_calibration_do_not_move_it_far() -> None:
+    rng = np.random.default_rng(5)
+    fit, tar, non, gt, gn = _trials(rng, 400, 4000)
+    dev = fit(tar, non, gt, gn)
+    # A case set of 4 target and 12 non-target trials, one of them unluckily high: on its own it
+    # would say something else; regularised, it stays near the development map.
+    ctar, cnon = rng.normal(0.8, 0.1, 4), np.r_[rng.normal(0.3, 0.15, 11), 0.75]
+    alone = fit_trial_blocks(ctar, cnon, [0, 1, 2, 3], [4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9])
+    held = fit_trial_blocks(ctar, cnon, [0, 1, 2, 3], [4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9], prior=dev)
+    assert abs(held.threshold - dev.threshold) < abs(alone.threshold - dev.threshold)
+    assert abs(held.threshold - dev.threshold) < 0.03
+    assert "regularised" in held.basis
+    # Many case trials: the data speak (a shifted population moves the map).
+    fit, tar2, non2, gt2, gn2 = _trials(rng, 400, 4000, mu=(0.9, 0.5))
+    moved = fit(tar2, non2, gt2, gn2, prior=dev)
+    assert moved.threshold > dev.threshold + 0.05
 
 
 def test_logistic_fit_never_takes_a_step_that_raises_the_objective(monkeypatch) -> None:
@@ -131,17 +191,20 @@ def test_threshold_for_far() -> None:
     with pytest.raises(CalibrationError):
         threshold_for_far(non, 1.0)
     with pytest.raises(CalibrationError):
-        calibrate([], non)
+        fit_trial_blocks([], non, [], range(10))
 
 
-def test_calibration_round_trips_and_reports_its_operating_point() -> None:
+def test_calibration_round_trips_and_refuses_what_is_not_one() -> None:
     rng = np.random.default_rng(3)
-    tar, non = rng.normal(0.8, 0.1, 300), rng.normal(0.3, 0.15, 3000)
-    cal = calibrate(tar, non, target_far=0.01)
-    assert cal.far <= 0.01 and cal.n_target == 300 and cal.n_nontarget == 3000
-    assert cal.frr == pytest.approx(np.mean(tar < cal.threshold))
-    assert cal.llr(cal.threshold) > cal.llr(0.3)  # monotone map
+    fit, tar, non, gt, gn = _trials(rng, 300, 3000)
+    cal = fit(tar, non, gt, gn)
+    assert cal.metrics["n_target"] == 300 and cal.metrics["n_nontarget"] == 3000
+    assert cal.metrics["frr"] == pytest.approx(np.mean(np.array(cal.heldout_log10_lrs[:300]) < 0.0))
     assert Calibration.from_dict(json.loads(json.dumps(cal.to_dict()))) == cal
+    with pytest.raises(ArtifactError, match="not a devrecd calibration"):
+        Calibration.from_dict({"slope": 40.0, "offset": -25.0, "threshold": 0.6})  # the natural-log format of version 1
+    with pytest.raises(ArtifactError, match="malformed"):
+        Calibration.from_dict({**cal.to_dict(), "upper": float("nan")})
 
 
 # --- registry ---------------------------------------------------------------------------------
@@ -213,44 +276,59 @@ def test_registry_refuses_another_model_and_detects_damage(tmp_path: Path) -> No
         open_registry(tmp_path / "junk.json")
 
 
+def _cal(rng, **kw) -> Calibration:
+    return fit_trial_blocks(rng.normal(0.9, 0.05, 50), rng.normal(0.2, 0.1, 200), np.arange(50) // 5,
+                            100 + np.arange(200) // 5, **kw)
+
+
 def test_enrolment_invalidates_calibration_and_calibration_persists(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     reg = open_registry(tmp_path / "registry.json", create=True)
     reg.enroll("A", EMB, [(_ref("1"), _windows([1, 0, 0, 0], rng))])
-    cal = calibrate(rng.normal(0.9, 0.05, 50), rng.normal(0.2, 0.1, 200), target_far=0.05)
-    reg.set_calibration(cal, {"dataset": "x"})
+    cal = _cal(rng)
+    reg.set_calibrations({"clean": cal}, {"dataset": "x"})
     reg.save()
     back = open_registry(reg.path)
-    assert back.calibration == cal and back.calibration_info == {"dataset": "x"}
-    thr, source = resolve_threshold(back, RegistryConfig(threshold=0.123))
-    assert thr == cal.threshold and source.startswith("calibrated")
-    assert resolve_threshold(back, RegistryConfig(threshold=0.123, use_calibration=False))[0] == 0.123
+    assert back.calibrations == {"clean": cal} and back.calibration_info == {"dataset": "x"}
+    got, source = calibration_for(back, "clean", RegistryConfig())
+    assert got == cal and source.startswith("case calibration")
+    assert calibration_for(back, "amrnb", RegistryConfig())[0] is None  # no calibration of that condition
+    assert calibration_for(back, "clean", RegistryConfig(use_calibration=False))[0] is None
+    assert calibration_for(back, "clean", RegistryConfig(prior=0.01))[0].log10_threshold == pytest.approx(np.log10(99))
     back.enroll("B", EMB, [(_ref("2"), _windows([0, 1, 0, 0], rng))])
-    assert back.calibration is None  # the threshold described the old set of profiles
+    assert back.calibrations == {}  # they described the old set of profiles
 
 
 # --- scoring ----------------------------------------------------------------------------------
 
-def test_identify_with_registry_known_unknown_and_ranking(tmp_path: Path) -> None:
+def test_identify_with_registry_known_unknown_inconclusive_and_ranking(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     reg = open_registry(tmp_path / "registry.json", create=True)
     for name, d in (("A", [1, 0, 0, 0]), ("B", [0, 1, 0, 0]), ("C", [0, 0, 1, 0])):
         reg.enroll(name, EMB, [(_ref(name), _windows(d, rng))])
-    v = identify_with_registry(_windows([0.9, 0.3, 0, 0], rng), reg, threshold=0.8, k=2)
-    assert v["device"] == "A" and v["open_set"]["accepted"] and v["llr"] is None
+    cal = _cal(rng)
+    v = identify_with_registry(_windows([0.9, 0.3, 0, 0], rng), reg, calibration=cal, k=2)
+    assert v["device"] == "A" and v["open_set"]["accepted"] and v["log10_lr"] >= cal.log10_threshold
+    assert v["log10_lr"] == v["top_k"][0]["log10_lr"] > v["top_k"][1]["log10_lr"]
     assert [t["device"] for t in v["top_k"]] == ["A", "B"]
-    assert v["top_k"][0]["score"] >= v["top_k"][1]["score"]
     assert v["windows_best"] == ["A", "A", "A"]
-    # A device nobody enrolled (the fourth axis) is "unknown device", with its ranked candidates.
-    u = identify_with_registry(_windows([0, 0, 0, 1], rng), reg, threshold=0.8)
+    # A device nobody enrolled (the fourth axis) is "unknown device", with its ranked candidates,
+    # and its LR is below the decision threshold: the verdict and its LR agree.
+    u = identify_with_registry(_windows([0, 0, 0, 1], rng), reg, calibration=cal)
     assert u["device"] == UNKNOWN and u["candidate"] in {"A", "B", "C"} and len(u["top_k"]) == 3
-    assert u["score"] < 0.8 and not u["open_set"]["accepted"]
-    # With a calibration, every candidate carries an LLR, the best one the largest.
-    reg.set_calibration(calibrate(rng.normal(0.9, 0.05, 50), rng.normal(0.1, 0.2, 200)), {})
-    c = identify_with_registry(_windows([0, 1, 0, 0], rng), reg, threshold=0.8)
-    assert c["device"] == "B" and c["llr"] == c["top_k"][0]["llr"] > c["top_k"][1]["llr"]
+    assert u["log10_lr"] < cal.log10_threshold and not u["open_set"]["accepted"]
+    # Without a calibration for the condition: no device is named, the candidates are listed.
+    n = identify_with_registry(_windows([0.9, 0.3, 0, 0], rng), reg, calibration=None)
+    assert n["device"] == INCONCLUSIVE and n["candidate"] == "A" and n["log10_lr"] is None
+    assert "log10_lr" not in n["top_k"][0] and not n["open_set"]["accepted"]
+    # A decision threshold beyond the largest LR the calibration supports: nothing can be named or excluded.
+    beyond = cal.with_decision(Decision(prior=1e-6))
+    assert beyond.decision["beyond_bounds"] and beyond.log10_threshold > beyond.upper
+    b = identify_with_registry(_windows([0.9, 0.3, 0, 0], rng), reg, calibration=beyond)
+    assert b["device"] == INCONCLUSIVE and b["candidate"] == "A" and not b["open_set"]["decidable"]
     with pytest.raises(RegistryError, match="no enrolled devices"):
-        identify_with_registry(_windows([1, 0, 0, 0], rng), open_registry(tmp_path / "e.json", create=True), threshold=0.5)
+        identify_with_registry(_windows([1, 0, 0, 0], rng), open_registry(tmp_path / "e.json", create=True),
+                               calibration=cal)
 
 
 # --- real phones: train a small embedder, enrol, identify, calibrate, CLI ---------------------
@@ -330,19 +408,24 @@ def test_enrol_unseen_phones_identify_and_reject_unenrolled(real_setup, tmp_path
     # Target trials score higher than non-target ones on real recordings.
     assert trials.target_scores.mean() > trials.nontarget_scores.mean() + 0.2
 
-    cal = calibrate_registry(reg, trials, target_far=0.2)
-    assert cal.threshold_basis == "open-set" and cal.n_target == len(known)
-    assert reg.calibration_info["unenrolled_recordings"] == 2
-    assert 0.0 <= cal.eer < 0.5 and cal.cllr_min <= cal.cllr
-    # The verdict uses the calibrated threshold; the registry round-trips it.
+    from devrecd.openset.calibration import Decision
+
+    cals = calibrate_registry(reg, {"clean": trials}, decision=Decision())
+    cal = cals["clean"]
+    assert cal.metrics["n_target"] == len(known) and cal.basis == "case trials"  # an embedder has no development one
+    assert cal.metrics["n_open_set"] == len(test) and reg.calibration_info["recordings"] == {"clean": len(test)}
+    assert 0.0 <= cal.metrics["eer"] < 0.5 and cal.metrics["cllr_min"] <= cal.metrics["cllr"]
+    assert "clean" in reg.calibration_info["unknown_rejected"]
+    # The verdict uses the calibration's LR and decision; the registry round-trips it.
     reg.save()
-    from devrecd.openset.scoring import identify_with_registry
+    from devrecd.openset.scoring import calibration_for, identify_with_registry
 
     back = open_registry(reg.path)
     path = next(p for p, d in test if d == unseen[0])
     _, windows = embedder.embed_file(path, cfg)
-    v = identify_with_registry(windows, back, threshold=back.calibration.threshold)
-    assert v["candidate"] == unseen[0] and v["llr"] is not None and len(v["windows_best"]) == len(windows)
+    v = identify_with_registry(windows, back, calibration=calibration_for(back, "clean")[0])
+    assert v["candidate"] == unseen[0] and v["log10_lr"] is not None and len(v["windows_best"]) == len(windows)
+    assert v["open_set"]["accepted"] == (v["log10_lr"] >= 0.0)
 
 
 def test_embedder_refuses_a_network_without_embed(real_setup) -> None:

@@ -60,9 +60,10 @@ def test_train_fusion_writes_a_scorer_with_its_development_calibration(fusion, a
     assert "20 recordings of 4 devices" in output and "note:" not in output  # no device trained the network
     scorer, meta = load_fusion(out)
     assert [p.kind for p in scorer.parts] == ["embedder", "gsv"] and np.isfinite(scorer.weights).all()
-    cal = scorer.describe()["dev_calibration"]
-    # 4 devices: references = segments 1-2, questioned = 3-5 against every profile
-    assert (cal["n_target"], cal["n_nontarget"], cal["threshold_basis"]) == (12, 36, "llr0")
+    cal = scorer.describe()["dev_calibrations"]["clean"]
+    # 4 devices: references = segments 1-2, questioned = 3-5 against every profile; the decision of [registry]
+    assert (cal["metrics"]["n_target"], cal["metrics"]["n_nontarget"], cal["decision"]["rule"]) == (12, 36, "bayes")
+    assert cal["scorer"]["fingerprint"] == scorer.fingerprint
     assert meta["datasets"][0]["recordings"] == 20 and meta["network_devices_seen"] == []
     # the network part is the checkpoint the file names; another network is refused
     import torch
@@ -88,7 +89,7 @@ def test_fusion_enrols_calibrates_compares_and_identifies(fusion) -> None:
     stored = json.loads(reg.read_text())["embedder"]
     scorer, _ = load_fusion(out)
     assert stored["kind"] == "fusion" and stored["weights"] == pytest.approx(list(scorer.weights))
-    assert stored["dev_calibration"]["threshold"] == pytest.approx(scorer.calibration["threshold"])
+    assert stored["dev_calibrations"]["clean"]["threshold"] == pytest.approx(scorer.calibrations["clean"]["threshold"])
     res = run(app, ["enroll", "--registry", str(reg), "--profile", "x", "--scorer", "gsv", str(phones[stranger][1])])
     assert res.exit_code == 2 and "was enrolled with scorer 'fusion', not 'gsv'" in res.output  # usage error
 
@@ -96,7 +97,7 @@ def test_fusion_enrols_calibrates_compares_and_identifies(fusion) -> None:
     records = {Path(r["path"]).name: r for r in identify_files(cfg, [phones[enrolled[0]][4], phones[stranger][4]])}
     hit, miss = records[phones[enrolled[0]][4].name], records[phones[stranger][4].name]
     assert hit["scorer"]["kind"] == "fusion" and hit["open_set"]["scorer"] == "fusion"
-    assert hit["open_set"]["threshold_source"].startswith("scorer's development calibration")
+    assert hit["open_set"]["calibration_source"].startswith("scorer's development calibration")
     assert hit["candidate"] == enrolled[0]
     # the verdict's score is the fused score: weights . (network cosine, GSV cosine) + bias
     from devrecd.openset.workflow import recording_features
@@ -117,10 +118,10 @@ def test_fusion_enrols_calibrates_compares_and_identifies(fusion) -> None:
     assert record["score"] == pytest.approx(hit["score"], abs=1e-4)
 
     held_ds = _dataset(tmp / "held", phones, held)
-    res = run(app, ["calibrate", str(held_ds), "--registry", str(reg), "--split-groups", "test=3,5", "--far", "0.2"])
+    res = run(app, ["calibrate", str(held_ds), "--registry", str(reg), "--split-groups", "test=3,5"])
     assert res.exit_code == 0, res.output
     assert "4 target / 8 non-target trials" in res.output  # 2 enrolled x 2 + the stranger's 2, x 2 profiles
-    assert json.loads(reg.read_text())["calibration"]["n_target"] == 4
+    assert json.loads(reg.read_text())["calibrations"]["clean"]["metrics"]["n_target"] == 4
 
 
 def test_scorer_fusion_needs_its_file(tmp_path: Path, ccnu_dir: Path) -> None:

@@ -80,8 +80,9 @@ def test_identify_without_a_model_gives_the_registrys_verdicts(registry, ccnu_di
         assert {c["device"] for c in r["top_k"]} == set(ENROLLED)
         assert r["condition_status"] == "validated" and r["comparison"]["status"] == "validated"
         assert {"decode", "features", "scoring", "end_to_end"} <= set(r["timings"])
-    assert hit["device"] == "IPHONEX" and hit["open_set"]["accepted"] and hit["llr"] > 0
+    assert hit["device"] == "IPHONEX" and hit["open_set"]["accepted"] and hit["log10_lr"] > 0
     assert miss["device"] == "unknown device" and not miss["open_set"]["accepted"]
+    assert miss["log10_lr"] < miss["open_set"]["log10_threshold"] <= hit["log10_lr"]  # the decision follows the LR
     assert miss["score"] < miss["open_set"]["threshold"] <= hit["score"]
 
 

@@ -61,20 +61,21 @@ def case(ccnu_dir: Path, asp_embedder_checkpoint: Path, exported_model, tmp_path
         enrol_files(reg, embedder, device, refs, cfg)
     reg.save()
     result = runner.invoke(app, ["calibrate", str(data), "--model", str(asp_embedder_checkpoint), "--registry",
-                                 str(reg.path), "--split-groups", "test=3,4", "--far", "0.05", "--plots", str(root / "cal")], env=HOP)
+                                 str(reg.path), "--split-groups", "test=3,4", "--plots", str(root / "cal")], env=HOP)
     assert result.exit_code == 0, result.output
     return {"root": root, "cfg": cfg, "rows": rows, "registry": reg.path, "checkpoint": asp_embedder_checkpoint,
             "model": exported_model, "ccnu": ccnu_dir, "calibration_output": result.output}
 
 
 def test_calibrate_stores_a_bounded_lr_calibration_and_writes_plots(case) -> None:
-    from devrecd.forensic.lr import LRCalibration, load_lr_calibration
+    from devrecd.forensic.lr import load_calibration
     from devrecd.openset.registry import open_registry
 
     out = case["calibration_output"]
-    assert "LR calibration (held-out, 5-fold by recording)" in out and "ELUB" in out
-    cal = LRCalibration.from_dict(open_registry(case["registry"]).calibration_info["lr"])
-    assert cal == load_lr_calibration(case["root"] / "cal" / "lr-calibration.json")
+    assert "[clean] 30 target / 420 non-target trials" in out and "(ELUB)" in out
+    cal = open_registry(case["registry"]).calibrations["clean"]
+    assert cal == load_calibration(case["root"] / "cal" / "lr-calibration.json")
+    assert cal.basis == "case trials" and cal.metrics["folds"] == 5  # a network embedder has no development calibration
     m = cal.metrics
     assert (m["n_target"], m["n_nontarget"]) == (30, 30 * 14)  # 30 recordings x 15 enrolled phones
     assert cal.conditions["native_rates"] == [32000] and cal.conditions["recordings"] == 30
@@ -89,12 +90,11 @@ def test_calibrate_stores_a_bounded_lr_calibration_and_writes_plots(case) -> Non
 def test_held_out_lrs_on_real_phones(case) -> None:
     """Segment 5 was in neither the enrolment nor the calibration: compare it with every phone."""
     from devrecd.forensic.compare import Comparer, compare
-    from devrecd.forensic.lr import LRCalibration
     from devrecd.openset.embedder import Embedder
     from devrecd.openset.registry import open_registry
 
     reg = open_registry(case["registry"])
-    cal = LRCalibration.from_dict(reg.calibration_info["lr"])
+    cal = reg.calibrations["clean"]
     scorer = Comparer(Embedder.load(case["checkpoint"]), case["cfg"])
     questioned = [case["ccnu"] / r["path"] for r in case["rows"] if r["segment"] == "5"]
     truth = [r["device"] for r in case["rows"] if r["segment"] == "5"]
@@ -245,7 +245,7 @@ def test_compare_cli_with_files_and_registry_profile(case, tmp_path: Path) -> No
 
     bare = open_registry(case["registry"])
     bare.path = tmp_path / "bare.json"
-    bare.calibration, bare.calibration_info = None, {}
+    bare.calibrations, bare.calibration_info = {}, {}
     bare.save()
     result = runner.invoke(app, ["compare", str(case["ccnu"] / q[0]["path"]), "--reference-device", device,
                                  "--registry", str(bare.path)], env=HOP)
@@ -270,9 +270,9 @@ def test_compare_cli_with_files_and_registry_profile(case, tmp_path: Path) -> No
 
 def test_compare_on_a_gsv_registry_before_and_after_calibrate(ccnu_dir: Path, tmp_path: Path) -> None:
     """A registry of the shipped GSV scorer (15 real phones, segments 1-2): its development
-    calibration sets a threshold and gives no LR; after ``devrecd calibrate`` (segments 3-4) a
-    comparison of segment 5 with a profile has a bounded LR from that calibration."""
-    from devrecd.forensic.lr import LRCalibration
+    calibration of the condition gives a bounded LR; after ``devrecd calibrate`` (segments 3-4) a
+    comparison of segment 5 with a profile has a bounded LR from the case calibration, regularised
+    toward the development one."""
     from devrecd.openset.registry import open_registry
 
     data = tmp_path / "data"
@@ -287,7 +287,7 @@ def test_compare_on_a_gsv_registry_before_and_after_calibrate(ccnu_dir: Path, tm
         result = runner.invoke(app, ["enroll", *refs, "--profile", device, "--registry", str(reg_path)], env=HOP)
         assert result.exit_code == 0, result.output
     reg = open_registry(reg_path)
-    assert reg.kind == "gsv" and reg.embedder.get("dev_calibration") and not reg.calibration_info.get("lr")
+    assert reg.kind == "gsv" and "clean" in reg.embedder.get("dev_calibrations") and not reg.calibrations
     device = "Apple_air1"
     q = [str(ccnu_dir / r["path"]) for r in rows if r["segment"] == "5"]
     own = q.index(str(ccnu_dir / f"{device}_5.wav"))
@@ -295,9 +295,10 @@ def test_compare_on_a_gsv_registry_before_and_after_calibrate(ccnu_dir: Path, tm
     before = runner.invoke(app, args, env=HOP)
     assert before.exit_code == 0, before.output
     recs = [json.loads(x) for x in before.stdout.splitlines()]
-    assert all(r["log10_lr"] is None and r["calibration"] is None for r in recs)  # a threshold is not an LR
+    assert all(r["calibration"]["basis"].startswith("development") and r["log10_lr"] is not None for r in recs)
     scores = [r["score"] for r in recs]
     assert scores[own] == max(scores), scores
+    assert recs[own]["log10_lr"] > 0
     # --scorer naming another kind than the registry's is refused.
     wrong = runner.invoke(app, [*args[:2], "--reference-device", device, "--registry", str(reg_path), "--scorer", "embedder"])
     assert wrong.exit_code != 0 and "enrolled with scorer 'gsv'" in wrong.output
@@ -305,8 +306,9 @@ def test_compare_on_a_gsv_registry_before_and_after_calibrate(ccnu_dir: Path, tm
     result = runner.invoke(app, ["calibrate", str(data), "--registry", str(reg_path), "--split-groups", "test=3,4",
                                  "--plots", str(tmp_path / "cal")], env=HOP)
     assert result.exit_code == 0, result.output
-    cal = LRCalibration.from_dict(open_registry(reg_path).calibration_info["lr"])
+    cal = open_registry(reg_path).calibrations["clean"]
     assert cal.scorer["kind"] == "gsv" and cal.scorer["fingerprint"] == reg.embedder["fingerprint"]
+    assert cal.basis.startswith("case trials, regularised toward")
     after = runner.invoke(app, args, env=HOP)
     assert after.exit_code == 0, after.output
     recs = [json.loads(x) for x in after.stdout.splitlines()]

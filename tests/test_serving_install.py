@@ -164,12 +164,12 @@ def test_calibration_fit_is_sklearns_logistic_regression() -> None:
     """``calibrate``'s two-parameter fit (numpy, so the base install can calibrate a registry) gives
     sklearn's balanced, nearly unregularised logistic regression, separable trials included."""
     LogisticRegression = pytest.importorskip("sklearn.linear_model").LogisticRegression
-    from devrecd.openset.calibration import fit_llr
+    from devrecd.openset.calibration import fit_balanced
 
     rng = np.random.default_rng(0)
     for n_tar, n_non, separation in ((50, 2000, 1.0), (300, 300, 3.0), (20, 5000, 0.3), (10, 10, 50.0)):
         tar, non = rng.normal(separation, 1.0, n_tar), rng.normal(0.0, 1.0, n_non)
-        slope, offset = fit_llr(tar, non)
+        (slope,), offset = fit_balanced(tar[:, None], non[:, None])
         x = np.concatenate([tar, non])[:, None]
         y = np.concatenate([np.ones(n_tar), np.zeros(n_non)])
         ref = LogisticRegression(C=1e6, class_weight="balanced", max_iter=1000, tol=1e-10).fit(x, y)

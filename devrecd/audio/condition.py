@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from devrecd.audio.channel import CHANNELS, Channel, band_limit
+from devrecd.audio.noise import NoiseProfile, measure_noise
 
 ANALYSIS_SECONDS = 120.0  # at most this much audio (spread over the recording) enters the spectrum
 _BLOCK_SECONDS = 2.0
@@ -203,9 +204,21 @@ class Condition:
     band_low_drop_db: float
     band_limited: bool  # a sharp edge below the model rate's Nyquist (or a telephone high-pass)
     channel: str  # the channel references must pass through to match this one ("" = none: broadband)
+    # Measured on the same samples as the band (devrecd.audio.noise): speech level, noise floor, SNR
+    # and the noise spectrum relative to the speech level (what noise matching brings references to).
+    speech_dbfs: float
+    noise_dbfs: float
+    snr_db: float
+    noise_bands_db: tuple[float, ...]
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["noise_bands_db"] = list(self.noise_bands_db)
+        return out
+
+    def noise(self, rate: int) -> NoiseProfile:
+        """The recording's noise profile (``rate``: the rate it was measured at, the recording's model rate)."""
+        return noise_profile(self.to_json(), rate)
 
 
 class Decoded(Protocol):
@@ -224,8 +237,10 @@ class Decoded(Protocol):
 
 
 def measure_condition(rec: Decoded) -> Condition:
-    """The condition of a decoded recording (header facts plus the band measured on its samples)."""
-    band = measure_band(rec.samples if rec.excerpt is None else rec.excerpt, rec.sample_rate)
+    """The condition of a decoded recording (header facts plus the band and the noise measured on its samples)."""
+    measured = rec.samples if rec.excerpt is None else rec.excerpt
+    band = measure_band(measured, rec.sample_rate)
+    noise = measure_noise(measured, rec.sample_rate).to_json()
     native_seconds = len(rec.samples) / rec.sample_rate
     bitrate = int(round(rec.size * 8 / native_seconds)) if native_seconds > 0 else 0
     lossless = rec.codec in LOSSLESS or rec.codec.upper().startswith("PCM")
@@ -234,7 +249,20 @@ def measure_condition(rec: Decoded) -> Condition:
     return Condition(container=rec.container, codec=rec.codec, decoder=rec.decoder, bitrate=bitrate,
                      native_rate=rec.native_rate, channels=rec.channels, lossless=lossless,
                      band_low_hz=band.low_hz, band_high_hz=band.high_hz, band_high_drop_db=band.high_drop_db,
-                     band_low_drop_db=band.low_drop_db, band_limited=band_limited, channel=channel.name if channel else "")
+                     band_low_drop_db=band.low_drop_db, band_limited=band_limited, channel=channel.name if channel else "",
+                     speech_dbfs=noise["speech_dbfs"], noise_dbfs=noise["noise_dbfs"], snr_db=noise["snr_db"],
+                     noise_bands_db=tuple(noise["noise_bands_db"]))
+
+
+def noise_profile(condition: Condition | dict[str, Any] | None, rate: int) -> NoiseProfile | None:
+    """The noise profile a recording's condition records (``rate``: the rate it was measured at);
+    None for a condition measured before noise was (no ``noise_bands_db``)."""
+    if condition is None:
+        return None
+    fields = condition.to_json() if isinstance(condition, Condition) else condition
+    if fields.get("noise_bands_db") is None:
+        return None
+    return NoiseProfile.from_json(fields, rate)
 
 
 def _channel_for(codec: str, bitrate: int, lossless: bool, band: Band) -> Channel | None:

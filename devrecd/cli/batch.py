@@ -9,6 +9,7 @@ import typer
 
 from devrecd.cli.app import (BackendKind, BackendOption, ConfigOption, EngineOption, ModelOption, cli_logging, command,
                              load_cli_config)
+from devrecd.cli.serve import RegistryOption
 
 
 @command()
@@ -24,12 +25,16 @@ def batch(
     engine: Optional[str] = EngineOption,
     backend: Optional[BackendKind] = BackendOption,
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Candidates kept per verdict (watch.top_k)."),
+    registry: Optional[Path] = RegistryOption,
 ) -> None:
-    """Judge a finite archive on Ray (same verdicts as the daemon, each file exactly once per --out)."""
+    """Judge a finite archive on Ray (same verdicts as the daemon, each file exactly once per --out).
+
+    With --registry and no --model: the registry's open-set verdicts alone, as `identify --registry`."""
     from devrecd.cluster.job import run_batch
 
     cfg = load_cli_config(config, {"backend.model": model, "backend.engine": engine, "backend.kind": backend,
-                                   "watch.top_k": top_k, "cluster.address": address})
+                                   "watch.top_k": top_k, "cluster.address": address,
+                                   "registry.path": str(registry) if registry else None})
     cli_logging(cfg)
     s = run_batch(cfg, [str(p) for p in sources], out)
     run, total = s["this_run"], s["in_folder"]

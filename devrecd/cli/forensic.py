@@ -42,7 +42,7 @@ def compare(
     """
     from devrecd.cli.openset import choose_scorer
     from devrecd.forensic.compare import Comparer, compare as run_compare
-    from devrecd.forensic.lr import LRCalibration, load_lr_calibration
+    from devrecd.openset.calibration import Calibration, load_calibration
     from devrecd.openset.registry import open_registry
     from devrecd.pipeline.stages import resolve_device
 
@@ -59,22 +59,21 @@ def compare(
         refs = comparer.references_from_profile(reg.get(reference_device), str(reg.path))
     else:
         raise ConfigError("give --reference FILE... or --reference-device NAME of a registry profile")
-    cal = None
-    if calibration:
-        cal = load_lr_calibration(calibration)
-    elif reg is not None and reg.calibration_info.get("lr"):
-        cal = LRCalibration.from_dict(reg.calibration_info["lr"])
+    # --calibration FILE for every recording; else per recording the calibration of its condition:
+    # the registry's case calibration, else the scorer's development one.
+    cal: Calibration | None = load_calibration(calibration) if calibration else None
+    by_condition = {k: Calibration.from_dict(v) for k, v in (comparer.describe().get("dev_calibrations") or {}).items()}
+    by_condition.update(reg.calibrations if reg is not None else {})
     files = audio_paths(questioned, cfg, what="questioned")
-    records = run_compare(comparer, files, refs, cal)
+    records = run_compare(comparer, files, refs, cal if cal is not None else by_condition)
     if fmt is TextFormat.json:
         for r in records:
             typer.echo(json.dumps(r, ensure_ascii=False))
     else:
         typer.echo(f"reference device: {refs.device} ({len(refs.files)} recording(s), {refs.source}); "
                    + (f"calibration {cal.sha256[:12]}: {cal.population.get('description')}" if cal else
-                      "NO LR calibration of this scorer (run `devrecd calibrate`): scores only, no likelihood ratio"
-                      + ("; its development calibration sets an open-set threshold, it gives no bounded LR"
-                         if comparer.describe().get("dev_calibration") else "")))
+                      f"calibrations of conditions {', '.join(sorted(by_condition))}" if by_condition else
+                      "NO LR calibration of this scorer (run `devrecd calibrate`): scores only, no likelihood ratio"))
         for r in records:
             if r["outcome"] == "failed":
                 typer.echo(f"{r['path']}: failed ({r['reason']}: {r['detail']})")

@@ -13,6 +13,7 @@ import typer
 
 from devrecd.cli.app import (BackendKind, BackendOption, ConfigOption, EngineOption, ModelOption, TextFormat,
                              TorchDeviceOption, cli_logging, command, load_cli_config)
+from devrecd.cli.serve import RegistryOption
 
 
 @command()
@@ -33,12 +34,15 @@ def listen(
     fmt: TextFormat = typer.Option(TextFormat.table, "--format", case_sensitive=False,
                                    help="table (a line of text per window) or json (one JSON record per window)."),
     max_windows: int = typer.Option(0, "--max-windows", help="Stop after this many windows (0 = until Ctrl-C / SIGTERM)."),
+    registry: Optional[Path] = RegistryOption,
 ) -> None:
-    """Listen to a sound-card input and print a verdict per window plus a running verdict."""
+    """Listen to a sound-card input and print a verdict per window plus a running verdict.
+
+    With --registry and no --model: the registry's open-set verdicts alone, as `identify --registry`."""
     cfg = load_cli_config(config, {"live.device": input_device, "backend.model": model, "backend.engine": engine,
                                    "backend.kind": backend, "backend.device": torch_device, "live.window_seconds": window_seconds,
                                    "live.hop_seconds": hop_seconds, "live.smoothing": smoothing,
-                                   "live.record_dir": record_dir})
+                                   "live.record_dir": record_dir, "registry.path": str(registry) if registry else None})
     cli_logging(cfg)
     if list_devices:
         from devrecd.live import list_input_devices
@@ -49,7 +53,9 @@ def listen(
                        f"{d['default_samplerate']:.0f} Hz)")
         return
 
-    from devrecd.pipeline.serving import load_serving_backend
+    from dataclasses import replace
+
+    from devrecd.pipeline.serving import OpenSetOnly, load_served
     from devrecd.live import Listener, window_sizes
     from devrecd.live.capture import sounddevice
     from devrecd.metrics import Metrics
@@ -58,8 +64,11 @@ def listen(
     window_sizes(cfg)  # refuse a bad window/hop before loading anything
     sounddevice()  # the install hint now, not after the model has loaded
     metrics = Metrics()
-    be = load_serving_backend(cfg, metrics)
-    listener = Listener(cfg, be, metrics, device=resolve_device(cfg.backend.device))
+    device = resolve_device(cfg.backend.device)
+    be = load_served(cfg, metrics, device=device)  # the closed-set model, or the registry alone (no model)
+    if isinstance(be, OpenSetOnly):
+        window_sizes(replace(cfg, frontend=be.frontend))  # the scorer's clip: a window is at least one
+    listener = Listener(cfg, be, metrics, device=device)
     done = threading.Event()
     seen = [0]
     lock = threading.Lock()
@@ -108,5 +117,9 @@ def format_window(r: dict) -> str:
     run = r["running"]
     rate = f"  [{r['capture_rate']} Hz resampled]" if r["resampled"] else ""
     lat = "" if r.get("latency") is None or math.isnan(r["latency"]) else f"  {r['latency'] * 1000:.0f} ms"
+    if "open_set" in r:  # the registry's verdict (no closed-set model): score and LLR, as identify prints them
+        llr = lambda v: "" if v is None else f" llr {v:.2f}"  # noqa: E731
+        return (f"{head}  {r['device']} {r['score']:.3f}{llr(r.get('llr'))}  | running {run['device']} "
+                f"{run['score']:.3f}{llr(run.get('llr'))} ({run['windows']} windows){lat}{rate}")
     return (f"{head}  {r['device']} {r['score']:.3f}  | running {run['device']} {run['confidence']:.3f} "
             f"({run['agreement'] * run['windows']:.0f}/{run['windows']}){lat}{rate}")

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import enum
 import json
+from dataclasses import replace
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
+import numpy as np
 import typer
 
 from devrecd.cli.app import (ConfigOption, Split, TextFormat, audio_paths, choice, command, load_cli_config,
@@ -109,11 +111,6 @@ class DevicesAction(str, enum.Enum):
     remove = "remove"
 
 
-class ThresholdRule(str, enum.Enum):
-    far = "far"
-    llr0 = "llr0"
-
-
 def _registry_path(cfg, given: Optional[Path]) -> Path:
     path = given or (Path(cfg.registry.path) if cfg.registry.path else None)
     if path is None:
@@ -154,10 +151,11 @@ def enroll(
     counts = reg.profiles[device].counts if device.strip() in reg.profiles else {"n_references": 0}
     note = f", {skipped} already enrolled" if skipped else ""
     typer.echo(f"{device}: +{added} reference(s){note}; {counts['n_references']} in total -> {reg.path}")
-    if added and reg.calibration is None:
-        fallback = " (until then the scorer's development calibration is used)" if reg.embedder.get(
-            "dev_calibration") else ""
-        typer.echo(f"note: the registry changed; run `devrecd calibrate` again for a calibrated threshold{fallback}")
+    if added and not reg.calibrations:
+        dev = sorted(reg.embedder.get("dev_calibrations") or {})
+        fallback = (f" (until then the scorer's development calibrations are used: {', '.join(dev)})" if dev else
+                    " (until then verdicts name no device: 'inconclusive')")
+        typer.echo(f"note: the registry changed; run `devrecd calibrate` for a case calibration{fallback}")
 
 
 @command()
@@ -178,10 +176,10 @@ def devices(
         rows = [reg.profiles[n].summary() for n in reg.names]
         if as_json:
             typer.echo(json.dumps({"registry": str(reg.path), "embedder": reg.embedder, "devices": rows,
-                                   "calibrated": reg.calibration is not None}, indent=2))
+                                   "calibrated": sorted(reg.calibrations)}, indent=2))
             return
         typer.echo(f"{len(rows)} device(s) in {reg.path} (model {reg.embedder.get('fingerprint', '?')[:12]}, "
-                   f"{'calibrated' if reg.calibration else 'not calibrated'})")
+                   f"{'calibrated: ' + ', '.join(sorted(reg.calibrations)) if reg.calibrations else 'not calibrated'})")
         for r in rows:
             typer.echo(f"  {r['name']:<28} {r['n_references']:>3} ref(s) {r['windows']:>5} windows {r['seconds']:>9.1f} s")
     else:
@@ -212,7 +210,8 @@ def calibrate(
     split_groups: Optional[str] = typer.Option(
         None, "--split-groups", help="Which recording groups make up the splits, as for train: 'ccnu' or e.g. "
         "'test=4,5' (then --split test uses groups 4 and 5; groups not listed are not used)."),
-    far: Optional[float] = typer.Option(None, "--far", help="Target false-acceptance rate (registry.target_far)."),
+    far: Optional[float] = typer.Option(None, "--far", help="Open-set false-acceptance rate of the far rule "
+                                        "(registry.target_far; with registry.decision = \"far\")."),
     fmt: TextFormat = typer.Option(TextFormat.table, "--format", case_sensitive=False, help="table or json (the calibration)."),
     plots: Optional[Path] = typer.Option(None, "--plots", help="Folder for tippett.png, det.png and lr-calibration.json "
                                          "(default: REGISTRY-calibration/ beside the registry)."),
@@ -221,16 +220,20 @@ def calibrate(
         "through it and references are matched to it. Verdicts under other conditions get no LR."),
     config: Optional[Path] = ConfigOption,
 ) -> None:
-    """Set the open-set threshold for a false-acceptance rate and fit score -> LLR calibration.
+    """Fit the case calibration: score -> bounded log10 likelihood ratio and the decision taken from it.
 
     Every held-out recording is scored against every profile: same device = target trial,
-    otherwise non-target (devices that are not enrolled give only non-targets). Reports EER,
-    minDCF (P_target 0.01, C_miss = C_fa = 1) and Cllr of the calibration set.
+    otherwise non-target (devices that are not enrolled give only non-targets). One calibration per
+    condition (--condition; clean by default), regularised toward the scorer's development
+    calibration of that condition (a few case trials cannot make verdicts worse). Reports the
+    held-out EER, minDCF, Cllr and the decision's error rates, with trial counts.
     """
     from devrecd.data import load_dataset, parse_split_groups
+    from devrecd.forensic.plots import calibration_plots
+    from devrecd.openset.calibration import Decision
     from devrecd.openset.registry import open_registry
     from devrecd.openset.scorers import registry_scorer
-    from devrecd.openset.workflow import calibrate_registry, score_recordings
+    from devrecd.openset.workflow import calibrate_registry, calibration_trials_under
     from devrecd.pipeline.stages import resolve_device
 
     check_checkpoint_option(model)
@@ -250,55 +253,29 @@ def calibrate(
     chosen = registry_scorer(reg, model=model, configured=cfg.registry.embedder_model,
                              device=resolve_device(cfg.backend.device), threads=cfg.backend.threads)
     pairs = [(str(it.path), it.device) for it in items]
-    with progress(len(pairs) * max(1, len(conditions or ())), "calibrate", unit="recording") as bar:
-        if conditions:
-            from devrecd.openset.workflow import calibration_trials_under
-
-            trials = calibration_trials_under(reg, chosen, pairs, cfg, conditions, on_recording=lambda _: bar.update(1))
-        else:
-            trials = score_recordings(reg, chosen, pairs, cfg, on_recording=lambda _: bar.update(1))
-    cal = calibrate_registry(reg, trials, target_far=cfg.registry.target_far,
-                             source={"dataset": str(dataset), "selection": selection,
-                                     "dataset_sha256": ds.manifest_sha256, "conditions": list(conditions or ["clean"])})
-    lr_note, lr = _calibrate_lr(reg, trials, chosen.describe(), plots)
+    names = list(conditions or ["clean"])
+    with progress(len(pairs) * len(names), "calibrate", unit="recording") as bar:
+        trials = calibration_trials_under(reg, chosen, pairs, cfg, names, on_recording=lambda _: bar.update(1))
+    cals = calibrate_registry(reg, trials, decision=Decision.from_config(cfg.registry),
+                              source={"dataset": str(dataset), "selection": selection,
+                                      "dataset_sha256": ds.manifest_sha256, "conditions": names})
+    out = plots or reg.path.with_name(f"{reg.path.stem}-calibration")
+    for cond, cal in cals.items():
+        sub = out if len(cals) == 1 else out / cond
+        cal.save(sub / "lr-calibration.json")
+        for name, png in calibration_plots(cal).items():
+            atomic_write(sub / name, png)
     reg.save()
     if fmt is TextFormat.json:
-        typer.echo(json.dumps({**cal.to_dict(), **{k: v for k, v in reg.calibration_info.items() if k != "lr"},
-                               "lr": lr.summary() if lr is not None else None}, indent=2))
+        typer.echo(json.dumps({"calibrations": {c: cal.summary() for c, cal in cals.items()},
+                               "calibration_info": reg.calibration_info}, indent=2))
         return
-    typer.echo(f"{cal.n_target} target / {cal.n_nontarget} non-target trials from {len(trials.recordings)} recordings")
-    typer.echo(f"EER {cal.eer:.2%}  minDCF {cal.min_dcf:.3f} (P_target {cal.p_target}, C_miss {cal.c_miss:g}, "
-               f"C_fa {cal.c_fa:g})  Cllr {cal.cllr:.3f} bits (min {cal.cllr_min:.3f})")
-    typer.echo(f"threshold {cal.threshold:.4f} for FAR {cal.target_far:g}: measured FAR {cal.far:.2%}, "
-               f"FRR {cal.frr:.2%}; llr = {cal.slope:.3f} * score + {cal.offset:.3f}")
-    if "unknown_rejected" in reg.calibration_info:
-        typer.echo(f"recordings of non-enrolled devices called unknown: {reg.calibration_info['unknown_rejected']:.0%}")
-    typer.echo(lr_note)
-    typer.echo(f"saved to {reg.path}")
-
-
-def _calibrate_lr(reg, trials, scorer: dict, plots: Optional[Path]):
-    """Fit the score -> log10 LR calibration on the same trials, store it in the registry, write plots."""
-    from devrecd.errors import MissingDependency
-    from devrecd.forensic.lr import fit_from_trials
-    from devrecd.openset.calibration import CalibrationError
-
-    try:
-        lr = fit_from_trials(trials, scorer, source={k: reg.calibration_info.get(k) for k in
-                                                     ("dataset", "selection", "dataset_sha256")})
-    except (MissingDependency, CalibrationError) as exc:  # the threshold calibration stands on its own
-        return f"no LR calibration: {exc}", None
-    from devrecd.forensic.plots import calibration_plots
-
-    out = plots or reg.path.with_name(f"{reg.path.stem}-calibration")
-    lr.save(out / "lr-calibration.json")
-    for name, png in calibration_plots(lr).items():
-        atomic_write(out / name, png)
-    reg.calibration_info["lr"] = lr.to_dict()
-    m = lr.metrics
-    return (f"LR calibration (held-out, {m['folds']}-fold by recording): Cllr {m['cllr']:.3f} bits (min {m['cllr_min']:.3f}), "
-            f"misleading {m['misleading_hp']}/{m['n_target']} same-device, {m['misleading_hd']}/{m['n_nontarget']} "
-            f"different-device; log10 LR bounded to [{lr.lower:g}, {lr.upper:g}] (ELUB); plots in {out}"), lr
+    for cond, cal in cals.items():
+        typer.echo(f"[{cond}] {_calibration_line(cal.to_dict())}")
+        unknown = reg.calibration_info.get("unknown_rejected", {}).get(cond)
+        if unknown is not None:
+            typer.echo(f"[{cond}] recordings of non-enrolled devices called unknown: {unknown:.0%}")
+    typer.echo(f"plots and lr-calibration.json in {out}; saved to {reg.path}")
 
 
 @command("train-gsv")
@@ -308,54 +285,99 @@ def train_gsv(
     out: Path = typer.Option(..., "--out", "-o", help="GSV scorer file to write (.npz)."),
     mixtures: int = typer.Option(16, min=1, help="UBM components (16: best on the leave-phones-out protocol)."),
     nap: int = typer.Option(16, min=0, help="Within-device directions projected out (0 = none)."),
-    far: float = typer.Option(0.05, min=0.0, max=1.0,
-                              help="Open-set false-acceptance rate of the development threshold (rule far)."),
-    threshold_rule: ThresholdRule = typer.Option(ThresholdRule.far, "--threshold-rule", case_sensitive=False,
-                                                 help="far: open-set FAR quantile of the impostors | llr0: calibrated LLR = 0."),
+    channels: bool = typer.Option(True, "--channels/--no-channels", help="Also calibrate every channel of the channel "
+                                  "table (aac64, opus32, amrnb, ...: development audio passed through it, references "
+                                  "matched) and short questioned recordings; off: clean only."),
     inner: int = typer.Option(3, min=2, help="Cross-fitting groups of devices for the development calibration "
                                              "(each held out in turn; needs 2 devices per group)."),
     seed: int = typer.Option(0),
     hop_seconds: Optional[float] = typer.Option(None, "--hop-seconds", help="Window hop in seconds (audio.hop_seconds)."),
     config: Optional[Path] = ConfigOption,
 ) -> None:
-    """Train the GMM-supervector scorer (UBM + NAP) and its cross-fitted development calibration."""
+    """Train the GMM-supervector scorer (UBM + NAP) and its cross-fitted development calibrations
+    (one per comparison condition; the decision rule of [registry])."""
+    from devrecd.openset.calibration import Decision
     from devrecd.openset.gsvtrain import train_gsv as train
     from devrecd.openset.scorers import save_gsv
 
     cfg = load_cli_config(config, {"audio.hop_seconds": hop_seconds})
-    feats, devices, order, sources = _development_features(datasets, cfg, cfg.frontend)
+    feats, devices, order, sources, paths = _development_features(datasets, cfg, cfg.frontend, with_paths=True)
     typer.echo(f"{len(feats)} recordings of {len(set(devices))} devices")
-    scorer = train(feats, devices, order, cfg.frontend, mixtures=mixtures, nap_dims=nap, far=far, inner=inner,
-                   seed=seed, source=out.name, threshold_rule=threshold_rule.value, on_step=typer.echo)
+    conditions, under = _calibration_conditions(paths, cfg) if channels else (["clean"], None)
+    scorer = train(feats, devices, order, cfg.frontend, mixtures=mixtures, nap_dims=nap, inner=inner, seed=seed,
+                   source=out.name, decision=Decision.from_config(cfg.registry), conditions=conditions,
+                   features_under=under, on_step=typer.echo)
     save_gsv(out, scorer, extra={"datasets": sources, "hop_seconds": cfg.audio.hop_seconds, "seed": seed})
-    typer.echo(_calibration_line(scorer.calibration or {}))
-    typer.echo(f"wrote {out}")
+    typer.echo(f"wrote {out} (calibrated conditions: {', '.join(sorted(scorer.calibrations))})")
 
 
-def _development_features(datasets: List[Path], cfg, frontend) -> tuple[list, list[str], list, list[dict]]:
+def _calibration_conditions(paths: list[Path], cfg) -> tuple[list[str], Any]:
+    """The comparison conditions a development calibration covers (clean and every channel whose
+    encoder this FFmpeg has, each also ``/short``) and ``features_under(i, channel, seconds)``:
+    recording i's raw windows through the channel (whole recording), cut to its first ``seconds``."""
+    import functools
+
+    from devrecd.audio.channel import CHANNELS
+    from devrecd.audio.decode import read_evidence
+    from devrecd.audio.transmit import apply_channel, encoder_available
+    from devrecd.features import extract
+    from devrecd.openset.scoring import SHORT
+    from devrecd.pipeline.stages import clips_for, finite_features, frontend_for
+
+    usable = [c for c in CHANNELS.values() if not c.encoder or encoder_available(c.encoder)]
+    skipped = sorted(set(CHANNELS) - {c.name for c in usable})
+    if skipped:
+        typer.echo(f"note: no encoder for {', '.join(skipped)} in this FFmpeg: not calibrated (verdicts under them: inconclusive)")
+    conditions = [c for name in ["clean", *(c.name for c in usable)] for c in (name, name + SHORT)]
+
+    @functools.lru_cache(maxsize=64)  # a recording is used whole and cut short: decoded and encoded once
+    def decoded(i: int, channel: str) -> Any:
+        rec = read_evidence(paths[i], cfg.frontend.sample_rate, cfg.audio)
+        if channel != "clean":
+            rec = replace(rec, samples=np.ascontiguousarray(apply_channel(CHANNELS[channel], rec.samples,
+                                                                          rec.sample_rate), dtype=np.float32))
+        return rec
+
+    frontend = frontend_for(cfg.frontend)
+
+    def features_under(i: int, channel: str, seconds: float | None) -> np.ndarray:
+        rec = decoded(i, channel)
+        if seconds is not None:
+            rec = replace(rec, samples=rec.samples[: int(round(seconds * rec.sample_rate))])
+        return finite_features(extract(clips_for(rec, cfg.frontend, cfg.audio.hop_seconds), frontend), paths[i])
+
+    return conditions, features_under
+
+
+def _development_features(datasets: List[Path], cfg, frontend, *, with_paths: bool = False) -> tuple:
     """Raw windows (``frontend``, ``audio.hop_seconds``) of every recording of ``datasets``, with device
-    names (prefixed by the dataset's folder when several are merged), sort keys and sources."""
+    names (prefixed by the dataset's folder when several are merged), sort keys and sources (and,
+    ``with_paths``, the recordings' paths)."""
     from devrecd.data import FeatureCache, load_dataset
 
     cache = FeatureCache(Path(cfg.train.cache_dir), frontend, cfg.audio)
-    feats, devices, order, sources = [], [], [], []
+    feats, devices, order, sources, paths = [], [], [], [], []
     loaded = [(ds_path, load_dataset(ds_path)) for ds_path in datasets]
     with progress(sum(len(ds.items) for _, ds in loaded), "features", unit="recording") as bar:
         for ds_path, ds in loaded:
             sources.append({"dataset": str(ds_path), "sha256": ds.manifest_sha256, "recordings": len(ds.items)})
             for it in ds.items:
                 feats.append(cache.features(it.path, cfg.audio.hop_seconds)[0])
+                paths.append(it.path)
                 devices.append(it.device if len(datasets) == 1 else f"{ds_path.name}/{it.device}")
                 order.append((str(it.group), it.path.name))
                 bar.update(1)
-    return feats, devices, order, sources
+    return (feats, devices, order, sources, paths) if with_paths else (feats, devices, order, sources)
 
 
 def _calibration_line(cal: dict) -> str:
-    return (f"development calibration ({cal.get('n_target')} target / {cal.get('n_nontarget')} non-target trials, "
-            f"{cal.get('n_open_set')} open-set): EER {cal.get('eer', 0):.2%}, Cllr {cal.get('cllr', 0):.3f}, "
-            f"threshold {cal.get('threshold', 0):.4f} ({cal.get('threshold_basis')}; open-set FAR on the "
-            f"development impostors {cal.get('far', 0):.1%})")
+    """One line of a calibration's held-out figures and decision (a Calibration.to_dict())."""
+    m, d = cal["metrics"], cal["decision"]
+    return (f"{m['n_target']} target / {m['n_nontarget']} non-target trials: EER {m['eer']:.2%}, Cllr {m['cllr']:.3f} "
+            f"bits (min {m['cllr_min']:.3f}); log10 LR = {cal['slope']:.3f} * score + {cal['offset']:.3f}, bounded to "
+            f"[{cal['lower']:g}, {cal['upper']:g}] (ELUB); decision ({d['rule']}): log10 LR >= {d['log10_threshold']:+.3f} "
+            f"(score {cal['threshold']:.4f}): held-out FRR {m['frr']:.1%}, FAR {m['far']:.1%}"
+            + (f", open-set FAR {m['open_set_far']:.1%} of {m['n_open_set']}" if "open_set_far" in m else ""))
 
 
 @command("train-fusion")
@@ -368,14 +390,11 @@ def train_fusion(
                                     "or its embedder export (.onnx from `devrecd export-embedder`)."),
     gsv: Optional[Path] = GsvOption,
     out: Path = typer.Option(..., "--out", "-o", help="Fusion scorer file to write (.npz)."),
-    far: float = typer.Option(0.05, min=0.0, max=1.0,
-                              help="Open-set false-acceptance rate of the development threshold (rule far)."),
-    threshold_rule: ThresholdRule = typer.Option(ThresholdRule.llr0, "--threshold-rule", case_sensitive=False,
-                                                 help="llr0: fused LLR = 0 | far: open-set FAR quantile of the impostors."),
     hop_seconds: Optional[float] = typer.Option(None, "--hop-seconds", help="Window hop in seconds (audio.hop_seconds)."),
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Fuse a network embedder with a GSV scorer: logistic-regression weights and a development calibration."""
+    from devrecd.openset.calibration import Decision
     from devrecd.openset.embedder import load_embedder
     from devrecd.openset.fusion import train_fusion as train
     from devrecd.openset.scorers import EmbedderScorer, FusionScorer, default_gsv_path, load_gsv, save_fusion
@@ -394,10 +413,10 @@ def train_fusion(
     if seen:
         typer.echo(f"note: {len(seen)} of these {len(set(devices))} devices trained the network; on them it looks "
                    "better than on new phones, and the fusion learns to over-trust it")
-    scorer = train(parts, feats, devices, order, far=far, threshold_rule=threshold_rule.value)
+    scorer = train(parts, feats, devices, order, decision=Decision.from_config(cfg.registry))
     save_fusion(out, scorer, extra={"datasets": sources, "hop_seconds": cfg.audio.hop_seconds,
                                     "network_devices_seen": seen})
     typer.echo("weights: " + ", ".join(f"{p.kind} {w:.3f}" for p, w in zip(scorer.parts, scorer.weights))
                + f"; bias {scorer.bias:.3f}")
-    typer.echo(_calibration_line(scorer.calibration or {}))
+    typer.echo(f"development calibration (clean): {_calibration_line(scorer.calibrations['clean'])}")
     typer.echo(f"wrote {out}")

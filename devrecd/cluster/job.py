@@ -11,6 +11,7 @@ The driver keeps only the output: features stay in the object store between the 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -89,28 +90,41 @@ def plan(ray: Any, cfg: Config) -> Plan:
                 decode_cpus=cc.decode_cpus, block_files=cc.block_files, cpus=cpus, gpus=gpus)
 
 
-def check_model(cfg: Config) -> dict:
-    """Load the model once on the driver (no warm-up) so that a wrong path or frontend is one clear
-    error before the cluster is used; returns the backend's description. TensorRT engines are only
-    checked for existence (the driver may have no GPU)."""
-    if not cfg.backend.model and not cfg.backend.engine:
-        raise ConfigError("no model given: pass --model export/NAME.onnx (or --engine, or set backend.model)")
+def check_model(cfg: Config) -> tuple[dict, Config]:
+    """Load what serves once on the driver (no warm-up) so that a wrong path or frontend is one clear
+    error before the cluster is used; returns its description and the configuration the job runs
+    with. TensorRT engines are only checked for existence (the driver may have no GPU).
+
+    With a device registry and no model, the registry is opened as ``identify`` serves it
+    (:func:`~devrecd.pipeline.serving.load_served`: :class:`~devrecd.pipeline.serving.OpenSetOnly`),
+    and the job computes the frontend of the registry's scorer. The registry's path is made absolute
+    (workers may start in another folder)."""
+    from dataclasses import replace
+
+    if not cfg.backend.model and not cfg.backend.engine and not cfg.registry.path:
+        raise ConfigError("no model given: pass --model export/NAME.onnx (or --engine, or set backend.model), "
+                          "or --registry R (registry.path) for open-set verdicts only")
+    if cfg.registry.path:
+        cfg = replace(cfg, registry=replace(cfg.registry, path=os.path.abspath(cfg.registry.path)))
     if cfg.backend.kind == "tensorrt" or cfg.backend.engine:
         for p in filter(None, (cfg.backend.model, cfg.backend.engine)):
             if not Path(p).exists():
                 raise ConfigError(f"not found: {p}")
-        return {"name": "tensorrt", "engine": cfg.backend.engine, "model": cfg.backend.model}
-    from devrecd.backends import load_backend
+        return {"name": "tensorrt", "engine": cfg.backend.engine, "model": cfg.backend.model}, cfg
+    from devrecd.pipeline.serving import OpenSetOnly, load_served
 
-    backend = load_backend(cfg.backend, cfg.frontend)
+    served = load_served(cfg, device="cpu", warmup=False)  # a closed-set backend, or the registry alone
     try:
-        return backend.describe()
+        if isinstance(served, OpenSetOnly):
+            cfg = replace(cfg, frontend=served.frontend)
+        return served.describe(), cfg
     finally:
-        backend.close()
+        served.close()
 
 
 def model_blobs(cfg: Config) -> dict[str, tuple[str, bytes]]:
-    """The model files by role (model + its contract, engine) to send through the object store."""
+    """The model files by role (model + its contract, engine) to send through the object store;
+    serving a registry alone, the registry's files (:func:`registry_blobs`)."""
     from devrecd.contract import contract_path_for
 
     out = {}
@@ -124,6 +138,29 @@ def model_blobs(cfg: Config) -> dict[str, tuple[str, bytes]]:
             out["contract"] = (contract.name, contract.read_bytes())
     if cfg.backend.engine:
         out["engine"] = (Path(cfg.backend.engine).name, Path(cfg.backend.engine).read_bytes())
+    if cfg.registry.path:
+        out.update(registry_blobs(cfg.registry.path))
+    return out
+
+
+def registry_blobs(path: str | os.PathLike) -> dict[str, tuple[str, bytes]]:
+    """A registry's files by role: its JSON, its array file, and the kept references' audio
+    (``<stem>.refs/<sha256>``, for condition matching); the names are relative to the JSON's folder."""
+    from devrecd.openset.matching import ReferenceStore
+    from devrecd.openset.registry import open_registry
+
+    registry = open_registry(path)  # a damaged or missing registry fails here, on the driver
+    json_path = Path(registry.path)
+    meta = json.loads(json_path.read_text(encoding="utf-8"))
+    out = {"registry": (json_path.name, json_path.read_bytes())}
+    arrays = (meta.get("arrays") or {}).get("file")
+    if arrays:
+        out["registry_arrays"] = (arrays, (json_path.parent / arrays).read_bytes())
+    store = ReferenceStore.for_registry(json_path)
+    for p in registry.profiles.values():
+        for ref in p.references:
+            if store.has(ref.sha256):
+                out[f"reference:{ref.sha256}"] = (f"{store.root.name}/{ref.sha256}", store.path(ref.sha256).read_bytes())
     return out
 
 
@@ -140,7 +177,7 @@ def run_batch(cfg: Config, sources: Sequence[str | os.PathLike], out: str | os.P
         if s.is_dir() and (out_dir == s.resolve() or s.resolve() in out_dir.parents):
             raise ConfigError(f"--out {out_dir} is inside the evidence folder {s}; devrecd never writes into evidence")
     ray = import_ray()  # also brings pyarrow, which the output folder needs
-    backend_info = check_model(cfg)
+    backend_info, cfg = check_model(cfg)
     with BatchOutput(out_dir) as output:
         files = list_recordings(sources, cfg.watch, exclude=[out_dir])
         if not files:

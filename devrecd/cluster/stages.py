@@ -97,7 +97,8 @@ def materialize_model(blobs: dict[str, tuple[str, bytes]]) -> dict[str, str]:
 
     from devrecd.fsutil import atomic_write
 
-    digest = hashlib.sha256(b"".join(hashlib.sha256(data).digest() for _, data in sorted(blobs.values()))).hexdigest()
+    digest = hashlib.sha256(b"".join(hashlib.sha256(name.encode() + b"\0" + data).digest()
+                                     for name, data in sorted(blobs.values()))).hexdigest()
     folder = Path(tempfile.gettempdir()) / "devrecd-models" / digest[:16]
     paths = {}
     for role, (name, data) in blobs.items():
@@ -109,32 +110,47 @@ def materialize_model(blobs: dict[str, tuple[str, bytes]]) -> dict[str, str]:
 
 
 class Judge:
-    """The inference actor: one backend (ONNX Runtime session / TensorRT engine) for its lifetime;
-    each call judges a block of prepared files, batching their windows ``batcher.max_batch`` at a time."""
+    """The inference actor: what serves for its lifetime, loaded as the daemon and ``identify`` load
+    it (:func:`~devrecd.pipeline.serving.load_served`): one backend (ONNX Runtime session / TensorRT
+    engine), each call judging a block of prepared files with their windows batched
+    ``batcher.max_batch`` at a time; or, with a device registry and no model, the registry alone
+    (:class:`~devrecd.pipeline.serving.OpenSetOnly`: its scorer judges each file's features, and the
+    records are ``identify --registry``'s)."""
 
     def __init__(self, cfg: Config, version: str, model_ref: list | None = None) -> None:
         from devrecd import __version__
-        from devrecd.pipeline.serving import load_serving_backend, registry_judge
+        from devrecd.pipeline.serving import OpenSetOnly, load_served, registry_judge
         from devrecd.pipeline.stages import resolve_device
 
         if version != __version__:
             raise ClusterError(f"devrecd {__version__} on this node, {version} on the driver: install the same "
                                "version on every node (verdicts name the software version)")
-        if model_ref:  # the model came through the object store
+        registry_path = cfg.registry.path  # as the driver named it: the path the verdicts name
+        if model_ref:  # the model (or the registry) came through the object store
             import ray
 
             paths = materialize_model(ray.get(model_ref[0]))
             cfg = replace(cfg, backend=replace(cfg.backend, model=paths.get("model", cfg.backend.model),
-                                               engine=paths.get("engine", cfg.backend.engine)))
+                                               engine=paths.get("engine", cfg.backend.engine)),
+                          registry=replace(cfg.registry, path=paths.get("registry", cfg.registry.path)))
         self.cfg = cfg
-        self.backend = load_serving_backend(cfg)  # frontend checked against the contract, warmed up
+        device = resolve_device(cfg.backend.device)
+        # frontend checked against the contract (or the registry's scorer's), warmed up
+        self.backend = load_served(cfg, device=device)
+        self.open_set_only = isinstance(self.backend, OpenSetOnly)
         self.labels = tuple(self.backend.labels)
         self.info = self.backend.describe()
-        self.judge = registry_judge(cfg, resolve_device(cfg.backend.device))
+        if self.open_set_only:
+            self.judge = self.backend.judge
+            if registry_path != cfg.registry.path:  # a shipped copy: verdicts name the registry as given
+                relabel_registry(self.backend, registry_path)
+                self.info = self.backend.describe()
+        else:
+            self.judge = registry_judge(cfg, device)
         self.metrics = _metrics()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from devrecd.pipeline.verdict import failed_record, judged_record, with_comparison
+        from devrecd.pipeline.verdict import failed_record, judged_record, open_set_record, with_comparison
 
         n = len(batch["path"])
         paths, status, shas = _strings(batch["path"]), _strings(batch["status"]), _strings(batch["sha256"])
@@ -146,7 +162,7 @@ class Judge:
                 feats[i] = np.frombuffer(batch["features"][i], np.float32).reshape(-1, N_FRAMES, FEATURE_DIM)
         probs: dict[int, np.ndarray] = {}
         errors: dict[int, str] = {}
-        for group in _groups(feats, self.cfg.batcher.max_batch):
+        for group in [] if self.open_set_only else _groups(feats, self.cfg.batcher.max_batch):
             x = np.concatenate([feats[i] for i in group])
             t0 = time.perf_counter()
             try:
@@ -167,7 +183,22 @@ class Judge:
         records, outcomes = [], []
         for i in range(n):
             size = int(batch["size"][i])
-            if status[i] == "ok" and i in probs:
+            if status[i] == "ok" and self.open_set_only:
+                recording = json.loads(described[i])
+                t0 = time.perf_counter()
+                try:
+                    fields = self.judge(feats[i], recording)
+                except Exception as exc:  # noqa: BLE001 - as in the daemon: the file fails, the job goes on
+                    record = failed_record(paths[i], "inference", f"{type(exc).__name__}: {exc}", timings=timings[i],
+                                           sha256=shas[i] or None, size=None if size < 0 else size)
+                    outcome = "failed"
+                    self.metrics["errors"].inc(tags={"reason": "inference"})
+                else:
+                    timings[i]["scoring"] = time.perf_counter() - t0
+                    record = open_set_record(recording, fields, serving=self.info, timings=timings[i])
+                    outcome = "judged"
+                    self.metrics["verdicts"].inc(tags={"device": str(record["device"])})
+            elif status[i] == "ok" and i in probs:
                 starts = np.frombuffer(batch["starts"][i], np.float64)
                 recording = json.loads(described[i])
                 record = judged_record(recording, probs[i], self.labels, starts,
@@ -192,6 +223,14 @@ class Judge:
         return {"path": _column(paths), "file_size": np.asarray(batch["file_size"], np.int64),
                 "file_mtime_ns": np.asarray(batch["file_mtime_ns"], np.int64), "outcome": _column(outcomes),
                 "record": _column(records)}
+
+
+def relabel_registry(served: Any, path: str) -> None:
+    """A registry served from a copy the object store brought (:func:`materialize_model`): its
+    verdicts name the registry by the path the driver was given, as ``identify`` and the shared-path
+    job do (the copy's content is the same; its temporary folder means nothing to a reader)."""
+    served.registry_judge.registry.path = Path(path)
+    served.scorer["registry"] = str(path)
 
 
 def _groups(feats: dict[int, np.ndarray], max_batch: int) -> list[list[int]]:

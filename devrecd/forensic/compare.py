@@ -6,15 +6,18 @@ GMM supervector or their fusion) exactly as the registry does: a recording's vec
 the scorer's own frontend), the reference model is the unit-length mean of the reference
 recordings' vectors (a registry profile), the score is ``scorer.score`` and the per-window
 timeline ``scorer.score`` of ``scorer.window_vectors``. So a comparison scores what
-``devrecd calibrate`` scored for its trials, and an :class:`~devrecd.forensic.lr.LRCalibration`
-fitted there applies (to that scorer only: its ``describe()`` fingerprint). Without one the score
-is reported and no LR is given.
+``devrecd calibrate`` scored for its trials, and a :class:`~devrecd.openset.calibration.Calibration`
+fitted there (or the scorer's development calibration) of the questioned recording's condition
+applies (to that scorer only: its ``describe()`` fingerprint). Without one the score is reported
+and no LR is given.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -24,10 +27,11 @@ from devrecd import __version__
 from devrecd.audio import AudioError, sha256_file, window_starts
 from devrecd.config import Config
 from devrecd.errors import DevrecdError
-from devrecd.forensic.lr import LRCalibration, assess
+from devrecd.forensic.lr import Calibration, assess, comparison_channel
 from devrecd.pipeline.stages import hop_samples
 from devrecd.provenance import utc_timestamp
 
+NOISE_PROFILES = 16  # Comparer: reference profiles under a noise condition kept in memory
 RECORDING_FIELDS = ("path", "sha256", "size", "duration", "sample_rate", "native_rate", "channels", "codec",
                     "container", "decoder", "resampled", "condition")
 
@@ -46,6 +50,9 @@ class ReferenceSet:
     files: list[dict[str, Any]]  # path, sha256, duration, ... of every reference
     profile: np.ndarray  # (dim,) unit-length mean of the references' recording vectors
     source: str = "files"  # "files" or "registry <path>"
+    # The references' audio by sha256 (devrecd.openset.matching.ReferenceStore): what noise matching
+    # brings to a questioned recording's noise; None when it is not at hand (a registry that kept none).
+    store: Any = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,7 @@ class Scored:
     score: float
     window_starts: list[float] = field(default_factory=list)
     window_scores: list[float] = field(default_factory=list)
+    comparison: dict[str, Any] = field(default_factory=dict)  # noise matching: resolve_noise's fields
 
 
 class Comparer:
@@ -79,6 +87,58 @@ class Comparer:
         # One questioned recording is often compared with several devices: featurise it once. Keyed
         # by the file's identity and version, so a file that changes is read again.
         self._cache: dict[tuple, Vectors] = {}
+        # Noise matching (registry.match_conditions): a matcher per reference store, and the profile
+        # vectors of reference sets brought to a noise condition, the NOISE_PROFILES most recent.
+        self.match_noise = cfg.registry.match_conditions
+        self._matchers: dict[str, Any] = {}
+        self._noisy: OrderedDict[tuple, tuple[np.ndarray, list[float]]] = OrderedDict()
+        self._tmp: tempfile.TemporaryDirectory | None = None
+
+    def _matcher(self, store: Any) -> Any:
+        from devrecd.openset.matching import ConditionMatcher
+
+        key = str(store.root)
+        if key not in self._matchers:
+            self._matchers[key] = ConditionMatcher(store, self.scorer.frontend, self.cfg.audio,
+                                                   device=getattr(getattr(self.scorer, "embedder", None), "device", "cpu"))
+        return self._matchers[key]
+
+    def _profile_under_noise(self, recording: dict[str, Any], refs: ReferenceSet) -> tuple[np.ndarray, dict[str, Any]]:
+        """The reference profile to score a questioned recording against, brought to its measured
+        noise when it is noisier than the references (:func:`devrecd.openset.matching.resolve_noise`,
+        the registry judge's rule), and the comparison fields that say so."""
+        from devrecd.audio.noise import noise_key
+        from devrecd.openset.matching import resolve_noise
+        from devrecd.openset.registry import DeviceProfile
+
+        condition = recording.get("condition")
+        shas = [f["sha256"] for f in refs.files]
+        store = refs.store
+        kept = store is not None and all(store.has(s) for s in shas)
+        note = ("" if kept and self.match_noise else "condition matching is off (registry.match_conditions)"
+                if not self.match_noise else "the references' audio is not at hand (a registry that kept none)")
+        matcher = self._matcher(store) if store is not None else None
+        if matcher is None:
+            from devrecd.audio.condition import noise_profile
+
+            target = noise_profile(condition, self.scorer.frontend.sample_rate) if condition else None
+            fields: dict[str, Any] = {"noise_matched": False, "noise_note": note}
+            if target is not None:
+                fields["questioned_snr_db"] = round(target.snr_db, 1)
+            return refs.profile, fields
+        noise, fields = resolve_noise(condition, matcher, [shas], None, enabled=kept and self.match_noise, note=note)
+        if noise is None:
+            return refs.profile, fields
+        key = (str(store.root), tuple(shas), noise_key(noise))
+        if key not in self._noisy:
+            vecs = [self.scorer.recording_vector(matcher.reference_features(s, None, noise)) for s in shas]
+            self._noisy[key] = (DeviceProfile(name=refs.device, embeddings=np.stack(vecs)).mean,
+                                [matcher.matched_snr(s, None, noise) for s in shas])
+            while len(self._noisy) > NOISE_PROFILES:
+                self._noisy.popitem(last=False)
+        profile, snrs = self._noisy[key]
+        fields["matched_references_snr_db"] = [min(snrs), max(snrs)]
+        return profile, fields
 
     def describe(self) -> dict[str, Any]:
         """The scorer's identity (what a calibration is bound to)."""
@@ -122,42 +182,72 @@ class Comparer:
             files.append({**v.recording, "windows": int(v.windows.shape[0])})
             vecs.append(v.vector)
         profile = DeviceProfile(name=device, embeddings=np.stack(vecs)).mean  # the registry's rule
-        return ReferenceSet(device=device, files=files, profile=profile)
+        store = None
+        if self.match_noise:  # the references' audio, by hash, for the life of this comparer: noise matching
+            from devrecd.openset.matching import ReferenceStore
+
+            if self._tmp is None:
+                self._tmp = tempfile.TemporaryDirectory(prefix="devrecd-refs-")
+            store = ReferenceStore(self._tmp.name)
+            for p, f in zip(paths, files):
+                store.put(p, sha256=f["sha256"])  # refused if the file changed since it was read
+        return ReferenceSet(device=device, files=files, profile=profile, store=store)
 
     @staticmethod
     def references_from_profile(profile: Any, registry_path: str) -> ReferenceSet:
-        """A reference set from an enrolled registry profile (its stored vectors, no decoding)."""
+        """A reference set from an enrolled registry profile (its stored vectors, no decoding; the
+        references' audio from the registry's store when it kept it)."""
+        from devrecd.openset.matching import ReferenceStore
+
         files = [{"path": r.path, "sha256": r.sha256, "duration": r.seconds, "windows": r.windows}
                  for r in profile.references]
-        return ReferenceSet(device=profile.name, files=files, profile=profile.mean, source=f"registry {registry_path}")
+        store = ReferenceStore.for_registry(registry_path)
+        return ReferenceSet(device=profile.name, files=files, profile=profile.mean, source=f"registry {registry_path}",
+                            store=store if store.root.is_dir() else None)
 
     def score(self, path: str | os.PathLike, refs: ReferenceSet) -> Scored:
         """Score a questioned recording against a reference set (raises AudioError when it cannot be read)."""
         v = self.vectors(path)
-        profile = np.atleast_2d(refs.profile)
+        matched, comparison = self._profile_under_noise(v.recording, refs)
+        profile = np.atleast_2d(matched)
         if profile.shape[1] != v.vector.shape[0]:
             raise ComparisonError(f"the reference profile of {refs.device!r} has {profile.shape[1]} dimensions, "
                                   f"this scorer's vectors {v.vector.shape[0]}: it was made with another scorer")
         per_window = self.scorer.score(v.windows, profile)[:, 0] if len(v.windows) else np.zeros(0)
         return Scored(recording=v.recording, score=float(self.scorer.score(v.vector, profile)[0, 0]),
                       window_starts=[round(float(t), 3) for t in v.starts],
-                      window_scores=[round(float(s), 6) for s in per_window])
+                      window_scores=[round(float(s), 6) for s in per_window], comparison=comparison)
+
+
+def calibration_summary(cal: Calibration | None) -> dict[str, Any] | None:
+    """What a comparison record cites of its calibration."""
+    if cal is None:
+        return None
+    return {"sha256": cal.sha256, "method": cal.method, "basis": cal.basis, "bounds": [cal.lower, cal.upper],
+            "population": cal.population, "conditions": cal.conditions, "n_target": cal.metrics.get("n_target"),
+            "n_nontarget": cal.metrics.get("n_nontarget")}
+
+
+def calibration_of(calibration: Calibration | dict[str, Calibration] | None, recording: dict[str, Any]
+                   ) -> Calibration | None:
+    """The calibration of a questioned recording: the one given, or of its comparison condition."""
+    if calibration is None or isinstance(calibration, Calibration):
+        return calibration
+    from devrecd.openset.scoring import calibration_key
+
+    return calibration.get(calibration_key(comparison_channel(recording.get("condition") or {}),
+                                           recording.get("duration")))
 
 
 def compare(comparer: Comparer, questioned: Sequence[str | os.PathLike], refs: ReferenceSet,
-            calibration: LRCalibration | None) -> list[dict[str, Any]]:
-    """One comparison record per questioned recording (a failed one says why, with its hash)."""
+            calibration: Calibration | dict[str, Calibration] | None) -> list[dict[str, Any]]:
+    """One comparison record per questioned recording (a failed one says why, with its hash).
+    ``calibration``: one for every recording, or one per comparison condition (``calibration_key``)."""
     from devrecd.forensic.lr import HD, HP
 
     ident = comparer.describe()
-    cal_summary = None
-    if calibration is not None:
-        cal_summary = {"sha256": calibration.sha256, "method": calibration.method,
-                       "bounds": [calibration.lower, calibration.upper], "population": calibration.population,
-                       "conditions": calibration.conditions, "n_target": calibration.metrics.get("n_target"),
-                       "n_nontarget": calibration.metrics.get("n_nontarget")}
     common = {"reference_device": refs.device, "references": refs.files, "reference_source": refs.source,
-              "scorer": ident, "calibration": cal_summary, "hp": HP, "hd": HD, "software_version": __version__}
+              "scorer": ident, "hp": HP, "hd": HD, "software_version": __version__}
     out = []
     for q in questioned:
         t0 = time.perf_counter()
@@ -176,11 +266,13 @@ def compare(comparer: Comparer, questioned: Sequence[str | os.PathLike], refs: R
                 except OSError:
                     sha = None
             out.append({"outcome": "failed", "path": str(q), "sha256": sha, "reason": failure.reason,
-                        "detail": failure.detail, **common, "compared_at": utc_timestamp()})
+                        "detail": failure.detail, **common, "calibration": None, "compared_at": utc_timestamp()})
             continue
+        cal = calibration_of(calibration, s.recording)
         record = {"outcome": "compared", **s.recording, "score": round(s.score, 6),
-                  **assess(calibration, s.score, s.recording, ident),
-                  "window_starts": s.window_starts, "window_scores": s.window_scores, **common,
+                  **assess(cal, s.score, s.recording, ident),
+                  "window_starts": s.window_starts, "window_scores": s.window_scores, "comparison": s.comparison, **common,
+                  "calibration": calibration_summary(cal),
                   "seconds": round(time.perf_counter() - t0, 3), "compared_at": utc_timestamp()}
         out.append(record)
     return out

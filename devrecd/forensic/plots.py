@@ -114,7 +114,7 @@ def timeline_png(starts: Sequence[float], scores: Sequence[float], *, agree: Seq
 
 
 def calibration_plots(cal: Any) -> dict[str, bytes]:
-    """``{"tippett.png": ..., "det.png": ...}`` of an :class:`~devrecd.forensic.lr.LRCalibration`."""
+    """``{"tippett.png": ..., "det.png": ...}`` of a :class:`~devrecd.openset.calibration.Calibration`."""
     n = cal.metrics.get("n_target", 0), cal.metrics.get("n_nontarget", 0)
     return {
         "tippett.png": tippett_png(cal.heldout_log10_lrs, cal.labels, bounds=(cal.lower, cal.upper),

@@ -9,12 +9,12 @@ from devrecd.live.capture import Capture, InputInfo, InputUnavailable, list_inpu
 from devrecd.audio.levels import Level, measure
 from devrecd.live.recorder import SegmentRecorder
 from devrecd.live.ring import SampleRing
-from devrecd.live.smoothing import Running, RunningVerdict
+from devrecd.live.smoothing import Running, RunningFeatures, RunningVerdict
 from devrecd.live.source import Listener, LiveSource, window_sizes
 from devrecd.live.windower import LiveWindow, Windower
 
 __all__ = [
-    "Capture", "InputInfo", "InputUnavailable", "Level", "Listener", "LiveSource", "LiveWindow", "Running",
+    "Capture", "InputInfo", "InputUnavailable", "Level", "Listener", "LiveSource", "LiveWindow", "Running", "RunningFeatures",
     "RunningVerdict", "SampleRing", "SegmentRecorder", "Windower", "list_input_devices", "measure",
     "resolve_input", "window_sizes",
 ]

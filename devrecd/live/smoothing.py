@@ -41,3 +41,26 @@ class RunningVerdict:
     def reset(self) -> None:
         """Forget the history (a different input was opened)."""
         self._last.clear()
+
+
+class RunningFeatures:
+    """The features of the last ``n`` judged windows, for an open-set scorer's running verdict: the
+    registry's scorer judges them together, as it judges the windows of one file."""
+
+    def __init__(self, n: int) -> None:
+        if n < 1:
+            raise ValueError("live.smoothing must be >= 1")
+        self._last: deque[np.ndarray] = deque(maxlen=n)
+
+    @property
+    def windows(self) -> int:
+        return len(self._last)
+
+    def add(self, feats: np.ndarray) -> np.ndarray:
+        """Add one window's (clips, frames, dims) features; the last ``n`` windows' features together
+        (``feats`` itself while it is the only one)."""
+        self._last.append(feats)
+        return feats if len(self._last) == 1 else np.concatenate(list(self._last))
+
+    def reset(self) -> None:
+        self._last.clear()

@@ -13,21 +13,23 @@ import logging
 import math
 import threading
 import time
+from dataclasses import replace
 from typing import Any, Callable, Sequence
 
-
+import numpy as np
 from devrecd import __version__
 from devrecd.audio import cut_windows
 from devrecd.config import Config
 from devrecd.pipeline.batcher import Batcher, Unit
-from devrecd.pipeline.verdict import aggregate, top_k
+from devrecd.pipeline.serving import Judge
+from devrecd.pipeline.verdict import aggregate, open_set_record, top_k
 from devrecd.provenance import utc_timestamp
 from devrecd.errors import ConfigError
 from devrecd.features import extract
 from devrecd.live.capture import Capture
 from devrecd.live.recorder import SegmentRecorder
 from devrecd.live.ring import SampleRing
-from devrecd.live.smoothing import RunningVerdict
+from devrecd.live.smoothing import RunningFeatures, RunningVerdict
 from devrecd.live.windower import LiveWindow, Windower
 from devrecd.metrics import Metrics
 from devrecd.pipeline.stages import frontend_for, hop_samples
@@ -56,10 +58,16 @@ class LiveSource:
     ``stop()`` stops both and waits for windows already queued for inference to be delivered.
     """
 
-    def __init__(self, cfg: Config, batcher: Batcher, *, labels: Sequence[str], backend_info: dict,
-                 metrics: Metrics, device: str = "cpu") -> None:
+    def __init__(self, cfg: Config, batcher: Batcher | None, *, labels: Sequence[str], backend_info: dict,
+                 metrics: Metrics, device: str = "cpu", judge: Judge | None = None) -> None:
+        if (batcher is None) == (judge is None):
+            raise ValueError("a live source feeds either a batcher (closed-set model) or a registry judge")
         self.cfg = cfg
         self.batcher = batcher
+        # Open set only (a device registry, no closed-set model): each window's features go to the
+        # registry's judge, here in the window worker, as a file's go to it in the pipeline's workers.
+        self.judge = judge
+        self.running_features = RunningFeatures(cfg.live.smoothing) if judge is not None else None
         self.labels = tuple(labels)
         self.backend_info = backend_info
         self.metrics = metrics
@@ -182,7 +190,12 @@ class LiveSource:
         clip, rate = self.cfg.frontend.clip_samples, self.cfg.frontend.sample_rate
         clips = w.samples[None] if self.window == clip else cut_windows(
             w.samples, clip, hop_samples(self.cfg.audio.hop_seconds, rate))
+        t0 = time.perf_counter()
         feats = extract(clips, frontend, device=self.device)
+        if self.judge is not None:
+            self._judge_open_set(w, feats, time.perf_counter() - t0)
+            return
+        assert self.batcher is not None
         with self._lock:
             self._in_flight += 1
         unit = Unit(key=w, features=feats, on_done=self._judged, on_error=self._failed)
@@ -191,6 +204,37 @@ class LiveSource:
             with self._lock:
                 self._in_flight -= 1
             self._emit(self._record(w, None, outcome="failed", reason="stopped"))
+
+    def _judge_open_set(self, w: LiveWindow, feats: Any, features_s: float) -> None:
+        """The registry's verdict on one window, and on the last ``live.smoothing`` judged windows
+        together (the running verdict: the scorer pools their frames as it pools a file's)."""
+        assert self.judge is not None and self.running_features is not None
+        feats = feats.cpu().numpy() if hasattr(feats, "cpu") else np.asarray(feats)
+        recording = self._record(w, None, outcome="judged")
+        recording["condition"] = live_condition(w, self.cfg.live.channels).to_json()
+        t0 = time.perf_counter()
+        try:
+            fields = self.judge(feats, recording)
+            both = self.running_features.add(feats)
+            running = fields if both is feats else self.judge(both, recording)
+        except Exception as exc:  # noqa: BLE001 - a failing window must not stop capture
+            self.errors += 1
+            self.metrics.errors.labels(reason="inference").inc()
+            log.error("live window scoring failed", extra={"window": w.index, "error": str(exc)})
+            self._emit(self._record(w, None, outcome="failed", reason=f"scoring: {type(exc).__name__}: {exc}"))
+            return
+        timings = {"features": features_s, "scoring": time.perf_counter() - t0}
+        live = {k: recording.pop(k) for k in ("latency", "software_version", "judged_at")}
+        record = open_set_record(recording, fields, serving=self.backend_info, timings=timings)
+        record["running"] = {"device": running["device"], "score": running["score"], "log10_lr": running.get("log10_lr"),
+                             "accepted": running["open_set"]["accepted"], "windows": self.running_features.windows}
+        record["latency"] = None if w.ended is None else round(time.monotonic() - w.ended, 6)
+        del live
+        self.windows_judged += 1
+        self.metrics.live_windows.inc()
+        if record["latency"] is not None:
+            self.metrics.live_latency.observe(record["latency"])
+        self._emit(record)
 
     def _judged(self, unit: Unit) -> None:
         # Runs on an inference thread (one of several where batches run in parallel); _emit restores window order.
@@ -280,22 +324,33 @@ class LiveSource:
 
 
 class Listener:
-    """``devrecd listen``: a :class:`LiveSource` with its own batcher and inference thread."""
+    """``devrecd listen``: a :class:`LiveSource` with its own batcher and inference thread; or, serving
+    a device registry alone (:class:`~devrecd.pipeline.serving.OpenSetOnly`), the registry's judge on
+    the scorer's own frontend (no batcher, no network)."""
 
     def __init__(self, cfg: Config, backend, metrics: Metrics, *, device: str = "cpu") -> None:
-        self.batcher = Batcher(backend.infer, max_batch=cfg.batcher.max_batch, max_wait_s=cfg.batcher.max_wait_ms / 1000,
-                               queue_size=cfg.watch.queue_size,
-                               on_batch=lambda n, s: (metrics.batch_size.observe(n), metrics.clips.inc(n)))
-        self.source = LiveSource(cfg, self.batcher, labels=backend.labels, backend_info=backend.describe(),
-                                 metrics=metrics, device=device)
+        from devrecd.pipeline.serving import OpenSetOnly
+
+        self.batcher: Batcher | None = None
+        if isinstance(backend, OpenSetOnly):
+            cfg = replace(cfg, frontend=backend.frontend)  # what the registry's profiles were made with
+            self.source = LiveSource(cfg, None, labels=(), backend_info=backend.describe(), metrics=metrics,
+                                     device=device, judge=backend.judge)
+        else:
+            self.batcher = Batcher(backend.infer, max_batch=cfg.batcher.max_batch,
+                                   max_wait_s=cfg.batcher.max_wait_ms / 1000, queue_size=cfg.watch.queue_size,
+                                   on_batch=lambda n, s: (metrics.batch_size.observe(n), metrics.clips.inc(n)))
+            self.source = LiveSource(cfg, self.batcher, labels=backend.labels, backend_info=backend.describe(),
+                                     metrics=metrics, device=device)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self, on_verdict: OnVerdict, *, feed_rate: int | None = None) -> None:
         """Start inference, then capture."""
-        self._thread = threading.Thread(target=self.batcher.run, name="devrecd-live-infer", daemon=True,
-                                        args=(self._stop, lambda unit: None, lambda unit, exc: None))
-        self._thread.start()
+        if self.batcher is not None:
+            self._thread = threading.Thread(target=self.batcher.run, name="devrecd-live-infer", daemon=True,
+                                            args=(self._stop, lambda unit: None, lambda unit, exc: None))
+            self._thread.start()
         self.source.start(on_verdict, feed_rate=feed_rate)
 
     def stop(self) -> None:
@@ -305,3 +360,27 @@ class Listener:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+
+
+class _Window:
+    """A live window as :func:`~devrecd.audio.condition.measure_condition` reads a decoded recording:
+    uncompressed float samples from the card (lossless), its band measured on the window."""
+
+    def __init__(self, w: LiveWindow, channels: int) -> None:
+        self.samples = w.samples
+        self.excerpt = None
+        self.sample_rate = w.model_rate
+        self.native_rate = w.capture_rate
+        self.channels = channels
+        self.size = int(len(w.samples) * 4 * channels * w.capture_rate / w.model_rate)  # float32 as captured
+        self.codec = "pcm_f32le"
+        self.container = "live"
+        self.decoder = "portaudio"
+
+
+def live_condition(w: LiveWindow, channels: int) -> Any:
+    """The condition of a live window (a line input that carries a telephone call is band-limited:
+    the registry's references are then matched to that band, as for a file)."""
+    from devrecd.audio.condition import measure_condition
+
+    return measure_condition(_Window(w, channels))

@@ -1,26 +1,38 @@
-"""Score calibration and the figures forensic practice reports: EER, minDCF, Cllr, LLRs, thresholds.
+"""The one calibration of a score into a likelihood ratio, the decision taken from it, and the
+figures forensic practice reports (EER, minDCF, Cllr).
 
-Conventions (fixed here so every figure is comparable):
+Conventions (fixed here so that every figure is comparable):
 
 * A *trial* is one (questioned recording, enrolled device) pair with a score; it is a *target*
   trial when the recording was made by that device. Higher scores mean "more likely the same device".
-* A trial is accepted when ``score >= threshold``. FAR (false acceptance rate) is the fraction of
-  non-target trials accepted; FRR (false rejection / miss rate) the fraction of targets rejected.
-* Log-likelihood ratios are natural logs: ``llr = ln p(score | same device) / p(score | different)``.
-* minDCF uses the NIST SRE operating point unless told otherwise: ``P_target = 0.01``,
-  ``C_miss = 1``, ``C_fa = 1``, normalised by the cost of the best trivial system
-  ``min(C_miss * P_target, C_fa * (1 - P_target))`` (so 1.0 = no better than always rejecting).
+* Likelihood ratios are **log10** everywhere (verdicts, ``compare``, the report):
+  ``log10 LR = slope * score + offset``, fitted by logistic regression with the classes weighted
+  equally (so the log-odds are log LRs whatever the trial counts), and BOUNDED to the empirical
+  lower and upper bounds (ELUB, Vergeer et al., Science & Justice 56, 2016) of held-out LRs: never
+  an LR the trial counts cannot support.
+* The decision follows from the LR (:class:`Decision`): accept the best candidate when its bounded
+  LR reaches the Bayes threshold ``(C_fa / C_miss) * (1 - P) / P`` of a stated prior and costs; an
+  open-set false-acceptance-rate quantile is an explicit alternative rule, expressed as an LR
+  threshold too. A verdict and its LR therefore cannot disagree.
+* FAR (false acceptance rate) is the fraction of non-target trials accepted, FRR the fraction of
+  targets rejected. minDCF uses the NIST SRE operating point unless told otherwise
+  (``P_target = 0.01``, ``C_miss = C_fa = 1``), normalised so that 1.0 = no better than always rejecting.
 * Cllr (Brummer & du Preez 2006) is in bits: 0 is perfect, 1 is a system that always says LR = 1.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Sequence
 
 import numpy as np
 
-from devrecd.errors import DevrecdError
+from devrecd import __version__
+from devrecd.errors import ArtifactError, DevrecdError
 
 P_TARGET = 0.01  # NIST SRE prior of a target trial for minDCF
 C_MISS = 1.0
@@ -80,14 +92,17 @@ def min_dcf(target: np.ndarray, nontarget: np.ndarray, *, p_target: float = P_TA
     return float(dcf.min() / min(c_miss * p_target, c_fa * (1.0 - p_target)))
 
 
-def cllr(target_llr: np.ndarray, nontarget_llr: np.ndarray) -> float:
-    """Log-likelihood-ratio cost in bits of natural-log LLRs."""
-    tar, non = _trials(target_llr, nontarget_llr)
-    return _cllr_unchecked(tar, non)
+LN10 = math.log(10.0)
+
+
+def cllr(target_log10_lr: np.ndarray, nontarget_log10_lr: np.ndarray) -> float:
+    """Log-likelihood-ratio cost in bits of log10 LRs."""
+    tar, non = _trials(target_log10_lr, nontarget_log10_lr)
+    return _cllr_unchecked(tar * LN10, non * LN10)
 
 
 def _cllr_unchecked(tar: np.ndarray, non: np.ndarray) -> float:
-    # log2(1 + e^-x) computed stably with logaddexp (exact for +-inf too).
+    # Of natural-log LRs: log2(1 + e^-x) computed stably with logaddexp (exact for +-inf too).
     c_tar = np.logaddexp(0.0, -tar).mean() / np.log(2.0)
     c_non = np.logaddexp(0.0, non).mean() / np.log(2.0)
     return float((c_tar + c_non) / 2.0)
@@ -120,42 +135,6 @@ def threshold_for_far(nontarget: np.ndarray, far: float) -> float:
     return float(np.nextafter(desc[allowed], np.inf))
 
 
-@dataclass(frozen=True)
-class Calibration:
-    """A fitted score -> LLR map, the open-set threshold, and the figures of the calibration set."""
-
-    slope: float  # llr = slope * score + offset
-    offset: float
-    threshold: float  # raw-score threshold: best score below it -> "unknown device"
-    target_far: float  # the false-acceptance rate the threshold was chosen for
-    far: float  # FAR of that threshold on the scores it was chosen on (see threshold_basis)
-    frr: float  # target trials below the threshold
-    eer: float
-    min_dcf: float
-    cllr: float  # of the calibrated LLRs on the calibration set (optimistic: same data)
-    cllr_min: float  # after the best monotone (PAV) calibration: the discrimination-only part
-    n_target: int
-    n_nontarget: int
-    p_target: float = P_TARGET
-    c_miss: float = C_MISS
-    c_fa: float = C_FA
-    # "open-set": FAR counts recordings of a device that is not enrolled whose BEST score passes
-    # (what the verdict rule does); "pairwise": FAR counts single non-target trials.
-    threshold_basis: str = "pairwise"
-    n_open_set: int = 0  # open-set impostor recordings the threshold was chosen on
-
-    def llr(self, scores: np.ndarray | float) -> np.ndarray:
-        """Natural-log likelihood ratio of raw scores."""
-        return self.slope * np.asarray(scores, dtype=np.float64) + self.offset
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Calibration:
-        return cls(**data)
-
-
 def isotonic_fit(x: np.ndarray, y: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """The weighted least-squares non-decreasing fit of ``y`` on ``x`` (pool-adjacent-violators),
     evaluated at every ``x``; equal ``x`` share one value (their weighted mean is pooled first).
@@ -177,29 +156,31 @@ def isotonic_fit(x: np.ndarray, y: np.ndarray, weight: np.ndarray) -> np.ndarray
     return fitted[inverse]
 
 
-def fit_llr(target: np.ndarray, nontarget: np.ndarray) -> tuple[float, float]:
-    """Logistic-regression calibration (Brummer's linear recipe): ``llr = a * score + b``.
-
-    Classes are weighted equally, so the fitted log-odds are log-likelihood ratios at an
-    effective prior of 0.5 (no prior offset to remove). Nearly unregularised: the two parameters
-    are well determined by any realistic number of trials.
-    """
-    tar, non = _trials(target, nontarget)
-    coef, intercept = fit_balanced(tar[:, None], non[:, None])
-    return float(coef[0]), intercept
-
-
-def fit_balanced(target: np.ndarray, nontarget: np.ndarray) -> tuple[np.ndarray, float]:
+def fit_balanced(target: np.ndarray, nontarget: np.ndarray, *, prior: tuple[np.ndarray, float] | None = None
+                 ) -> tuple[np.ndarray, float]:
     """:func:`fit_logistic` of target (label 1) against non-target (label 0) rows, classes weighted
-    equally and nearly unregularised (sklearn's ``LogisticRegression(C=1e6, class_weight="balanced")``)."""
+    equally and nearly unregularised (sklearn's ``LogisticRegression(C=1e6, class_weight="balanced")``).
+
+    ``prior = (centre, trials)``: regularised toward ``centre`` (coef..., intercept) with the weight
+    of ``trials`` trials like these (precision = trials / n_eff times the data's Fisher information
+    at the centre, n_eff the harmonic mean of the class counts times two): with few trials the
+    centre (a development calibration) stands, with many the data speak.
+    """
     x = np.concatenate([target, nontarget])
     y = np.concatenate([np.ones(len(target)), np.zeros(len(nontarget))])
     weight = np.concatenate([np.full(len(target), 0.5 / len(target)), np.full(len(nontarget), 0.5 / len(nontarget))])
-    return fit_logistic(x, y, weight, l2=1e-6 / len(x))  # sklearn's C=1e6 on len(x) trials
+    if prior is None:
+        return fit_logistic(x, y, weight, l2=1e-6 / len(x))  # sklearn's C=1e6 on len(x) trials
+    centre = np.asarray(prior[0], np.float64)
+    design = np.hstack([np.asarray(x, np.float64), np.ones((len(x), 1))])
+    p = 0.5 * (1.0 + np.tanh(0.5 * (design @ centre)))
+    fisher = (design * (weight * p * (1.0 - p))[:, None]).T @ design
+    n_eff = 4.0 / (1.0 / len(target) + 1.0 / len(nontarget))
+    return fit_logistic(x, y, weight, prior=(centre, float(prior[1]) / n_eff * fisher + 1e-9 * np.eye(len(centre))))
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, weight: np.ndarray, *, l2: float = 1e-6,
-                 max_iter: int = 100) -> tuple[np.ndarray, float]:
+                 max_iter: int = 100, prior: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, float]:
     """Weighted logistic regression by Newton's method: ``(coef, intercept)`` minimising
     ``sum_i weight_i * logloss_i + l2 / 2 * |coef|^2`` (intercept not penalised).
 
@@ -208,23 +189,32 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, weight: np.ndarray, *, l2: float 
     With weights summing to 1 and ``l2 = 1 / (C n)`` it is sklearn's ``LogisticRegression(C,
     class_weight="balanced")`` on n trials (tests compare the two); the tiny penalty keeps separable
     trials finite.
+
+    ``prior = (centre, precision)``: a Gaussian prior on all parameters (coef..., intercept) instead
+    of the ridge: ``+ 1/2 (beta - centre)' precision (beta - centre)`` (a regularised case
+    calibration, :func:`fit_calibration`).
     """
     x = np.asarray(x, dtype=np.float64)
     design = np.hstack([x, np.ones((len(x), 1))])
-    penalty = np.full(design.shape[1], l2)
-    penalty[-1] = 0.0
+    if prior is None:
+        centre = np.zeros(design.shape[1])
+        precision = np.diag(np.r_[np.full(design.shape[1] - 1, l2), 0.0])
+    else:
+        centre, precision = np.asarray(prior[0], np.float64), np.asarray(prior[1], np.float64)
+    penalty = precision
     w = weight / weight.sum()
 
     def objective(beta: np.ndarray) -> float:
         z = design @ beta
-        return float(w @ (np.logaddexp(0.0, z) - y * z) + 0.5 * (penalty * beta) @ beta)
+        d = beta - centre
+        return float(w @ (np.logaddexp(0.0, z) - y * z) + 0.5 * d @ penalty @ d)
 
-    beta = np.zeros(design.shape[1])
+    beta = centre.copy() if prior is not None else np.zeros(design.shape[1])
     value = objective(beta)
     for _ in range(max_iter):
         p = 0.5 * (1.0 + np.tanh(0.5 * (design @ beta)))  # the logistic function, without overflow
-        grad = design.T @ (w * (p - y)) + penalty * beta
-        hess = (design * (w * p * (1.0 - p))[:, None]).T @ design + np.diag(penalty) + 1e-12 * np.eye(len(beta))
+        grad = design.T @ (w * (p - y)) + penalty @ (beta - centre)
+        hess = (design * (w * p * (1.0 - p))[:, None]).T @ design + penalty + 1e-12 * np.eye(len(beta))
         step = np.linalg.solve(hess, grad)
         t, trial = 1.0, objective(beta - step)
         while not trial <= value:  # halve the Newton step until the objective does not rise (nan rises)
@@ -242,26 +232,310 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, weight: np.ndarray, *, l2: float 
     return beta[:-1], float(beta[-1])
 
 
-def calibrate(target: np.ndarray, nontarget: np.ndarray, *, open_set_nontarget: np.ndarray | None = None,
-              target_far: float = 0.01, p_target: float = P_TARGET, c_miss: float = C_MISS,
-              c_fa: float = C_FA) -> Calibration:
-    """Fit the LLR map, pick the threshold for ``target_far`` and measure the calibration set.
 
-    ``open_set_nontarget``: for recordings whose device is not (or is taken out of) the registry,
-    their best score over the enrolled devices. The verdict accepts a recording when its BEST
-    score passes, so the threshold is chosen on these when given ("open-set" FAR); otherwise on the
-    pairwise non-target trials, which understates how often an unknown device is accepted.
+
+# --- bounds ------------------------------------------------------------------------------------
+
+def elub_bounds(log10_lrs: np.ndarray, labels: np.ndarray, *, step: float = 0.01) -> tuple[float, float]:
+    """Empirical lower and upper bounds (log10) of LRs (Vergeer et al. 2016), one misleading LR of
+    each kind added: the most extreme LR thresholds at which the system's expected utility still
+    beats the neutral system's. Never beyond ``-log10(n_target + 1)`` and ``log10(n_nontarget + 1)``.
+    Numpy, so that calibrating needs no lir; equal to ``lir.algorithms.bayeserror.elub`` (a test
+    compares the two)."""
+    llr = np.clip(np.asarray(log10_lrs, np.float64), -9.0, 9.0)
+    y = np.asarray(labels, int)
+    lo_lim = max(float(llr.min()), -math.log10(int(y.sum()) + 1))
+    hi_lim = min(float(llr.max()), math.log10(int((1 - y).sum()) + 1))
+    k_lo, k_hi = min(0, int(lo_lim // step)), max(0, int(hi_lim // step) + 1)
+    thr = np.linspace(k_lo * step, k_hi * step, k_hi - k_lo + 1)
+    t = 10.0 ** thr
+    def utility(accept: np.ndarray, yy: np.ndarray) -> np.ndarray:
+        return 1.0 - accept[yy == 1].mean(axis=0) + t * accept[yy == 0].mean(axis=0)
+
+    # The system with one misleading LR of each kind added (an Hp trial rejected, an Hd trial
+    # accepted at every threshold), against the neutral system (LR = 1 for every trial).
+    system = utility(np.vstack([10.0 ** llr[:, None] > t[None, :], np.zeros((1, t.size)), np.ones((1, t.size))]),
+                     np.concatenate([y, [1, 0]]))
+    neutral = utility(np.broadcast_to(1.0 > t[None, :], (llr.size, t.size)), y)
+    worse = neutral / system < 1.0
+    lower = np.max(thr[(thr <= 0) & worse] + step, initial=float(thr.min()))
+    upper = np.min(thr[(thr >= 0) & worse] - step, initial=float(thr.max()))
+    return float(min(lower, 0.0)), float(max(upper, 0.0))
+
+
+# --- the decision ------------------------------------------------------------------------------
+
+DECISION_RULES = ("bayes", "far")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """How a verdict follows from the best candidate's LR (``[registry]`` ``decision``, ``prior``,
+    ``cost_miss``, ``cost_false_alarm``, ``target_far``).
+
+    ``bayes`` (default): ``prior`` is the probability that ONE OF the N enrolled devices made the
+    questioned recording, shared equally, so that a candidate's prior is ``p = prior / N``; the
+    candidate is named when ``LR >= (C_fa / C_miss) * (1 - p) / p`` (Bayes decision for "this device
+    or not"). With the defaults (prior 0.5, equal costs) that is LR >= 2N - 1: LR >= 1 for a single
+    reference device, LR >= 49 with 25 enrolled (each enrolled device is one more chance for an
+    unknown phone to look like one). The prior and costs belong to the court; the examiner states
+    the ones used. ``far``: the LR at the score whose open-set false-acceptance rate on the
+    calibration's impostors is ``far`` (explicit option; a quantile of a few hundred impostors is
+    noisy)."""
+
+    rule: str = "bayes"
+    prior: float = 0.5
+    cost_miss: float = 1.0
+    cost_false_alarm: float = 1.0
+    far: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.rule not in DECISION_RULES:
+            raise CalibrationError(f"decision rule must be one of {', '.join(DECISION_RULES)}, not {self.rule!r}")
+        if not (0.0 < self.prior < 1.0 and self.cost_miss > 0 and self.cost_false_alarm > 0 and 0.0 <= self.far < 1.0):
+            raise CalibrationError("decision: need 0 < prior < 1, costs > 0 and 0 <= far < 1")
+
+    def bayes_log10_threshold(self, n_candidates: int = 1) -> float:
+        """log10 of the LR a candidate needs among ``n_candidates`` enrolled devices."""
+        p = self.prior / max(1, int(n_candidates))
+        return math.log10(self.cost_false_alarm / self.cost_miss * (1.0 - p) / p)
+
+    def describe(self, n_candidates: int | None = None) -> str:
+        if self.rule == "far":
+            return f"open-set FAR {self.far:g} on the calibration's impostors"
+        n = "N" if n_candidates is None else str(n_candidates)
+        return (f"Bayes decision: prior {self.prior:g} that one of the {n} enrolled devices made the recording, "
+                f"C_miss {self.cost_miss:g}, C_fa {self.cost_false_alarm:g}"
+                + (f" (accept when log10 LR >= {self.bayes_log10_threshold(n_candidates):+.3f})"
+                   if n_candidates is not None else ""))
+
+    @classmethod
+    def from_config(cls, registry_cfg: Any) -> Decision:
+        return cls(rule=registry_cfg.decision, prior=registry_cfg.prior, cost_miss=registry_cfg.cost_miss,
+                   cost_false_alarm=registry_cfg.cost_false_alarm, far=registry_cfg.target_far)
+
+
+# --- the calibration ---------------------------------------------------------------------------
+
+FORMAT = "devrecd-calibration/2"
+FOLDS = 5  # cross-validation folds (by recording) of the held-out LRs
+PRIOR_TRIALS = 100.0  # weight of a development calibration when a case calibration is fitted toward it
+HP = "the questioned recording was made with the reference device"
+HD = "the questioned recording was made with another device of the relevant population"
+METHOD = ("logistic regression (classes weighted equally), ELUB bounds on held-out LRs "
+          f"({FOLDS}-fold by recording)")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A fitted score -> bounded log10 LR map, the decision taken from it, and what it was fitted on.
+
+    The one calibration of the product: verdicts (``log10_lr``, ``decision``), ``devrecd compare``
+    and the case report all read it; a scorer's development calibrations and a registry's case
+    calibrations are of this class, one per comparison condition.
     """
-    tar, non = _trials(target, nontarget)
-    slope, offset = fit_llr(tar, non)
-    basis = non if open_set_nontarget is None else _trials(tar, open_set_nontarget)[1]
-    thr = threshold_for_far(basis, target_far)
-    return Calibration(
-        slope=slope, offset=offset, threshold=thr, target_far=float(target_far),
-        far=float(np.mean(basis >= thr)), frr=float(np.mean(tar < thr)),
-        eer=eer(tar, non), min_dcf=min_dcf(tar, non, p_target=p_target, c_miss=c_miss, c_fa=c_fa),
-        cllr=cllr(slope * tar + offset, slope * non + offset), cllr_min=cllr_min(tar, non),
-        n_target=int(tar.size), n_nontarget=int(non.size), p_target=p_target, c_miss=c_miss, c_fa=c_fa,
-        threshold_basis="pairwise" if open_set_nontarget is None else "open-set",
-        n_open_set=0 if open_set_nontarget is None else int(basis.size),
-    )
+
+    slope: float  # log10 LR = slope * score + offset
+    offset: float
+    lower: float  # ELUB bounds on log10 LR
+    upper: float
+    decision: dict[str, Any]  # Decision fields, n_candidates, "log10_threshold" (bounded LR at or above it: accept)
+    threshold: float  # the raw score where the decision flips (shown; decisions use the LR)
+    metrics: dict[str, Any]  # held-out: counts, EER, minDCF, Cllr, Cllr_min, misleading rates, FAR/FRR
+    conditions: dict[str, Any] = field(default_factory=dict)  # channels, durations, SNRs, codecs of the trials
+    population: dict[str, Any] = field(default_factory=dict)  # the relevant population (devices, recordings)
+    scorer: dict[str, Any] = field(default_factory=dict)  # identity of the scorer (kind, fingerprint)
+    basis: str = ""  # "development, cross-fitted ..." | "case trials ..." | "case trials, regularised toward ..."
+    scores: list[float] = field(default_factory=list)  # every trial's score ...
+    labels: list[int] = field(default_factory=list)  # ... 1 = same device (Hp), 0 = different (Hd)
+    heldout_log10_lrs: list[float] = field(default_factory=list)  # ... its held-out, bounded log10 LR
+    method: str = METHOD
+    hp: str = HP
+    hd: str = HD
+    fitted_at: str = ""
+    software_version: str = __version__
+    format: str = FORMAT
+
+    def log10_lr(self, score: float | np.ndarray) -> tuple[Any, Any]:
+        """``(bounded, unbounded)`` log10 LR of a score (or of an array of scores)."""
+        raw = self.slope * np.asarray(score, dtype=np.float64) + self.offset
+        bounded = np.clip(raw, self.lower, self.upper)
+        return (float(bounded), float(raw)) if np.ndim(raw) == 0 else (bounded, raw)
+
+    @property
+    def log10_threshold(self) -> float:
+        return float(self.decision["log10_threshold"])
+
+    def accepts(self, bounded_log10_lr: float) -> bool:
+        """The decision: the bounded LR reaches the decision threshold (never beyond the upper bound:
+        an LR the data cannot support does not decide)."""
+        return bool(bounded_log10_lr >= self.log10_threshold)
+
+    def with_decision(self, decision: Decision, n_candidates: int = 1, open_set: np.ndarray | None = None) -> Calibration:
+        """The same LR map under another decision rule, for ``n_candidates`` enrolled devices
+        (``open_set``: the impostors' best scores, rule far; else the non-target scores)."""
+        return replace(self, **_decision_fields(decision, self.slope, self.offset, self.lower, self.upper,
+                                                np.asarray(self.scores), np.asarray(self.labels), open_set, n_candidates))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def sha256(self) -> str:
+        """Content hash (canonical JSON): what a verdict, a comparison or a report cites."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    def summary(self) -> dict[str, Any]:
+        """Everything but the per-trial arrays, with the hash."""
+        d = {k: v for k, v in self.to_dict().items() if k not in ("scores", "labels", "heldout_log10_lrs")}
+        return {**d, "sha256": self.sha256}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Calibration:
+        """From :meth:`to_dict` (a registry's, a scorer file's, ``lr-calibration.json``); ArtifactError otherwise."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ArtifactError(f"not a devrecd calibration (format {FORMAT!r} expected, found {found!r}): "
+                                "calibrations made before version 2 must be fitted again (`devrecd calibrate`)",
+                                reason="calibration_format")
+        known = set(cls.__dataclass_fields__)
+        try:
+            cal = cls(**{k: v for k, v in data.items() if k in known})
+            numbers = [float(cal.slope), float(cal.offset), float(cal.lower), float(cal.upper),
+                       float(cal.threshold), float(cal.decision["log10_threshold"])]
+        except (TypeError, KeyError, ValueError) as exc:
+            raise ArtifactError(f"calibration is malformed: {exc}", reason="calibration_format") from None
+        if not all(math.isfinite(v) for v in numbers) or not cal.lower <= 0.0 <= cal.upper or cal.slope <= 0:
+            raise ArtifactError("calibration is malformed: non-finite numbers, bounds that do not enclose 0, or a "
+                                "non-positive slope", reason="calibration_format")
+        return cal
+
+    def save(self, path: Any) -> Any:
+        from devrecd.fsutil import atomic_write
+
+        return atomic_write(path, json.dumps(self.to_dict(), indent=1))
+
+
+def load_calibration(path: Any) -> Calibration:
+    """Read a calibration JSON file (``devrecd calibrate`` writes ``lr-calibration.json``)."""
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"calibration {path} is unreadable: {exc}", reason="calibration_format") from None
+    return Calibration.from_dict(data)
+
+
+def _fit(tar: np.ndarray, non: np.ndarray, prior: Calibration | None) -> tuple[float, float]:
+    """``(slope, offset)`` of log10 LR on these trials (toward ``prior``'s map when given)."""
+    centre = None if prior is None else (np.array([prior.slope * LN10, prior.offset * LN10]), PRIOR_TRIALS)
+    coef, intercept = fit_balanced(tar[:, None], non[:, None], prior=centre)
+    return float(coef[0]) / LN10, float(intercept) / LN10
+
+
+def heldout_log10_lrs(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, *, folds: int = FOLDS,
+                      prior: Calibration | None = None) -> np.ndarray:
+    """Every trial's log10 LR from a calibration fitted on the other folds (folds by ``groups``)."""
+    uniq = np.unique(groups)
+    k = min(folds, uniq.size)
+    if k < 2:
+        raise CalibrationError("held-out LRs need trials of at least two recordings")
+    fold_of = {g: i % k for i, g in enumerate(uniq)}
+    fold = np.array([fold_of[g] for g in groups])
+    out = np.empty(scores.size, dtype=np.float64)
+    for f in range(k):
+        train = fold != f
+        if labels[train].min() == labels[train].max():
+            raise CalibrationError(f"fold {f + 1} of {k} leaves no target or no non-target trial to fit on; "
+                                   "more calibration recordings are needed")
+        slope, offset = _fit(scores[train & (labels == 1)], scores[train & (labels == 0)], prior)
+        out[~train] = slope * scores[~train] + offset
+    return out
+
+
+def _decision_fields(decision: Decision, slope: float, offset: float, lower: float, upper: float,
+                     scores: np.ndarray, labels: np.ndarray, open_set: np.ndarray | None,
+                     n_candidates: int = 1) -> dict[str, Any]:
+    if decision.rule == "far":
+        basis = scores[labels == 0] if open_set is None or len(open_set) == 0 else np.asarray(open_set, np.float64)
+        if basis.size == 0:
+            raise CalibrationError("rule far needs impostor scores")
+        # The LR threshold is chosen on the impostors' BOUNDED LRs (what a verdict compares), so that
+        # the rule and the reported LR agree even where the bounds flatten the map.
+        t = threshold_for_far(np.clip(slope * basis + offset, lower, upper), decision.far)
+        thr = (t - offset) / slope
+    else:
+        t = decision.bayes_log10_threshold(n_candidates)
+        thr = (t - offset) / slope
+    return {"decision": {**asdict(decision), "n_candidates": int(n_candidates), "log10_threshold": round(float(t), 6),
+                         "beyond_bounds": bool(not lower <= t <= upper)},
+            "threshold": float(thr)}
+
+
+def fit_calibration(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, *, decision: Decision | None = None,
+                    open_set: np.ndarray | None = None, prior: Calibration | None = None,
+                    scorer: dict[str, Any] | None = None, population: dict[str, Any] | None = None,
+                    conditions: dict[str, Any] | None = None, basis: str = "", folds: int = FOLDS,
+                    n_candidates: int = 1) -> Calibration:
+    """Fit, bound and validate the calibration of trials (see the module docstring).
+
+    ``groups``: the recording each trial belongs to (its trials stay in one cross-validation fold).
+    ``prior``: a development calibration of the same scorer and condition; the fit is regularised
+    toward it with the weight of :data:`PRIOR_TRIALS` trials (few case trials cannot move it far,
+    many can). ``open_set``: per impostor recording its best score over the enrolled devices (the
+    ``far`` rule's basis, and the open-set FAR reported). ``n_candidates``: the enrolled devices
+    the trials were scored against (the Bayes threshold's share of the prior; a verdict recomputes
+    it for its registry).
+    """
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    y = np.asarray(labels, dtype=int).ravel()
+    g = np.asarray(groups).ravel()
+    if not (s.size == y.size == g.size):
+        raise CalibrationError(f"scores, labels and groups differ in length ({s.size}, {y.size}, {g.size})")
+    if not np.isfinite(s).all():
+        raise CalibrationError("scores must be finite")
+    n_tar, n_non = int(np.sum(y == 1)), int(np.sum(y == 0))
+    if n_tar < 2 or n_non < 2:
+        raise CalibrationError(f"a calibration needs at least 2 target and 2 non-target trials (got {n_tar} and {n_non})")
+    held = heldout_log10_lrs(s, y, g, folds=folds, prior=prior)
+    lower, upper = (round(b, 4) for b in elub_bounds(held, y))
+    held_b = np.clip(held, lower, upper)
+    slope, offset = _fit(s[y == 1], s[y == 0], prior)
+    if not slope > 0:
+        raise CalibrationError("the calibration's slope is not positive: these scores do not separate same-device "
+                               "from different-device trials")
+    dec = decision or Decision()
+    fields = _decision_fields(dec, slope, offset, lower, upper, s, y, open_set, n_candidates)
+    t = fields["decision"]["log10_threshold"]
+    tar_b, non_b = held_b[y == 1], held_b[y == 0]
+    metrics = {
+        "n_target": n_tar, "n_nontarget": n_non, "folds": int(min(folds, np.unique(g).size)),
+        "eer": eer(s[y == 1], s[y == 0]), "min_dcf": min_dcf(s[y == 1], s[y == 0]), "min_dcf_p_target": P_TARGET,
+        "cllr": cllr(tar_b, non_b), "cllr_min": cllr_min(s[y == 1], s[y == 0]),
+        "cllr_raw_scores": cllr(s[y == 1], s[y == 0]),  # the scores taken as log10 LRs, uncalibrated
+        "misleading_hp": int(np.sum(tar_b < 0)), "misleading_hp_rate": float(np.mean(tar_b < 0)),
+        "misleading_hd": int(np.sum(non_b > 0)), "misleading_hd_rate": float(np.mean(non_b > 0)),
+        # the decision on held-out LRs: pairwise FRR / FAR, and the open-set FAR of the impostors' best scores
+        "frr": float(np.mean(tar_b < t)), "far": float(np.mean(non_b >= t)),
+    }
+    metrics["cllr_cal"] = metrics["cllr"] - metrics["cllr_min"]
+    if open_set is not None and len(open_set):
+        metrics["open_set_far"] = float(np.mean(np.clip(slope * np.asarray(open_set) + offset, lower, upper) >= t))
+        metrics["n_open_set"] = int(len(open_set))
+    return Calibration(slope=slope, offset=offset, lower=lower, upper=upper, metrics=metrics,
+                       conditions=dict(conditions or {}), population=dict(population or {}), scorer=dict(scorer or {}),
+                       basis=basis or ("case trials, regularised toward the development calibration"
+                                       if prior is not None else "trials as given"),
+                       scores=[round(float(v), 6) for v in s], labels=[int(v) for v in y],
+                       heldout_log10_lrs=[round(float(v), 6) for v in held_b],
+                       fitted_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **fields)
+
+
+def fit_trial_blocks(target: np.ndarray, nontarget: np.ndarray, groups_target: Sequence[Any],
+                     groups_nontarget: Sequence[Any], **kwargs: Any) -> Calibration:
+    """:func:`fit_calibration` of separate target / non-target score arrays."""
+    s = np.concatenate([np.asarray(target, np.float64).ravel(), np.asarray(nontarget, np.float64).ravel()])
+    y = np.r_[np.ones(np.size(target), int), np.zeros(np.size(nontarget), int)]
+    g = np.concatenate([np.asarray(groups_target, dtype=object), np.asarray(groups_nontarget, dtype=object)])
+    return fit_calibration(s, y, g.astype(str), **kwargs)

@@ -4,7 +4,7 @@ Recipe (``devrecd train-fusion``): the development recordings are scored by each
 would be (per device its first two recordings enrolled, the rest questioned against every
 profile); logistic regression on those trials gives the weights (:func:`~.scorers.fit_fusion`, so
 the fused score is a log-likelihood ratio on them), and the fused trials give the development
-calibration (LLR map + open-set threshold) that travels with the scorer, as ``train-gsv``'s does.
+calibration (bounded log10 LR + the decision) that travels with the scorer, as ``train-gsv``'s does.
 
 The weights say how far each part is trusted on devices like the development ones: score the
 development recordings with parts that were NOT trained on those devices (e.g. held-out phones),
@@ -19,7 +19,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from devrecd.errors import DatasetError
-from devrecd.openset.gsvtrain import calibrate_trials, check_threshold_rule, enrolment_split
+from devrecd.openset.calibration import Decision
+from devrecd.openset.gsvtrain import calibrate_blocks, enrolment_split
 from devrecd.openset.protocol import TrialMatrix, profile_vectors
 from devrecd.openset.scorers import FusionScorer, fit_fusion
 
@@ -40,17 +41,18 @@ def development_part_trials(fusion: FusionScorer, feats: Sequence[np.ndarray], d
 
 
 def train_fusion(parts: Sequence[Any], feats: Sequence[np.ndarray], devices: Sequence[str], order: Sequence[Any],
-                 *, far: float = 0.05, threshold_rule: str = "llr0") -> FusionScorer:
+                 *, decision: Decision | None = None) -> FusionScorer:
     """The recipe of the module docstring; ``feats[i]`` are development recording i's raw windows
-    (the parts' shared frontend), ``order`` sorts each device's recordings (first two enrolled)."""
-    check_threshold_rule(threshold_rule)
+    (the parts' shared frontend), ``order`` sorts each device's recordings (first two enrolled).
+    The calibration is of the clean condition (the development recordings as they are)."""
     devices = list(devices)
     names, qdev, part_scores = development_part_trials(FusionScorer(parts), feats, devices, order)
     is_target = np.asarray(qdev)[:, None] == np.asarray(names)[None, :]
     weights, bias = fit_fusion(part_scores[is_target], part_scores[~is_target])
     fused = FusionScorer(parts, weights, bias)
     trials = TrialMatrix(names, qdev, part_scores @ weights + bias)
-    cal = calibrate_trials([trials], far=far, threshold_rule=threshold_rule)
-    fused.calibration = {**cal.to_dict(), "basis": f"fusion weights and calibration on {len(names)} development "
-                                                   f"devices ({int(is_target.sum())} target trials)"}
+    cal = calibrate_blocks([trials], decision=decision, scorer={"kind": fused.kind, "fingerprint": fused.fingerprint},
+                           basis=f"fusion weights and calibration on {len(names)} development devices "
+                                 f"({int(is_target.sum())} target trials)", conditions={"channels": ["clean"]})
+    fused.calibrations = {"clean": cal.to_dict()}
     return fused

@@ -1,38 +1,38 @@
-"""Training a GSV scorer on development recordings, with a calibration that transfers to unseen phones.
+"""Training a GSV scorer on development recordings, with calibrations that transfer to unseen phones.
 
 Recipe (``devrecd train-gsv``, and what ``benchmarks/openset.py`` measures):
 
-1. UBM (``mixtures`` components; 16 did best on the leave-phones-out protocol, 64 worst) on every frame of every development recording; NAP basis
-   (``nap_dims``) from their supervectors and device labels.
-2. Development calibration, cross-fitted: the devices are split into ``inner`` groups; for each,
+1. UBM (``mixtures`` components; 16 did best on the leave-phones-out protocol, 64 worst) on every
+   frame of every development recording; NAP basis (``nap_dims``) from their supervectors and
+   device labels.
+2. Development calibrations, cross-fitted: the devices are split into ``inner`` groups; for each,
    a scorer trained WITHOUT that group scores its devices (enrolled from their first two
    recordings, the rest questioned). The pooled trials are what an unseen phone looks like to a
-   scorer; calibrating on the phones the UBM/NAP were trained on instead gives a threshold that
-   accepts far too many unknown phones (measured: 42% vs 90-96% called unknown, docs/openset.md).
-3. The LLR map and the open-set threshold from those trials travel with the scorer and are used
-   by registries that have no calibration of their own. Threshold rules: ``far`` = the lowest
-   score whose open-set false-acceptance rate on the impostor recordings is at most ``far`` (as
-   ``devrecd calibrate``); ``llr0`` = the score whose calibrated LLR is 0 (accept when the
-   evidence favours "same device"), estimated from every trial rather than the few impostors'
-   tail.
+   scorer; calibrating on the phones the UBM/NAP were trained on instead accepts far too many
+   unknown phones (measured: 42% vs 90-96% called unknown, docs/openset.md).
+3. One calibration per comparison condition (``conditions``: ``clean`` and the channels of the
+   channel table, each also ``/short``): the questioned recordings pass through the channel (and
+   are cut short), the references through the same channel (condition matching, as a verdict
+   does). Each is a :class:`~devrecd.openset.calibration.Calibration` (bounded log10 LR, the
+   decision rule) and travels with the scorer; registries without a case calibration of that
+   condition use it. A condition without one gets no named device ("inconclusive").
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from devrecd.errors import DatasetError
 from devrecd.features import FrontendConfig
-from devrecd.openset.calibration import Calibration, calibrate
+from devrecd.openset.calibration import Calibration, Decision, fit_calibration
 from devrecd.openset.protocol import TrialMatrix, phone_folds, trial_matrix
 from devrecd.openset.scorers import GsvScorer
 from devrecd.supervector import RELEVANCE
 
 N_REFERENCES = 2  # recordings of a device enrolled in the calibration trials; the rest are questioned
-THRESHOLD_RULES = ("far", "llr0")
+SHORT_CUTS = (2.0, 4.0)  # seconds: the questioned recordings of a "/short" calibration are cut to each of these
 
 
 def enrolment_split(devices: Sequence[str], order: Sequence[Any]) -> tuple[list[int], list[int]]:
@@ -51,53 +51,81 @@ def enrolment_split(devices: Sequence[str], order: Sequence[Any]) -> tuple[list[
     return refs, questioned
 
 
-def check_threshold_rule(rule: str) -> None:
-    if rule not in THRESHOLD_RULES:
-        raise DatasetError(f"threshold rule must be one of {', '.join(THRESHOLD_RULES)}, not {rule!r}",
-                           reason="calibration_rule")
+def calibrate_blocks(blocks: Sequence[TrialMatrix], *, decision: Decision | None = None, basis: str = "",
+                     scorer: dict[str, Any] | None = None, conditions: dict[str, Any] | None = None) -> Calibration:
+    """The calibration of pooled trial blocks (each row one questioned recording against every
+    profile of its block): bounded log10 LR and the decision; the open-set impostors (each row's
+    best score over the other devices) are the ``far`` rule's basis."""
+    scores, labels, groups, open_set = [], [], [], []
+    for b, block in enumerate(blocks):
+        scores.append(block.scores.ravel())
+        labels.append(block.is_target.ravel().astype(int))
+        groups.append(np.repeat([f"{b}:{r}" for r in range(block.scores.shape[0])], block.scores.shape[1]))
+        open_set.append(block.open_set)
+    return fit_calibration(np.concatenate(scores), np.concatenate(labels), np.concatenate(groups),
+                           decision=decision, open_set=np.concatenate(open_set), basis=basis, scorer=scorer,
+                           conditions=conditions, n_candidates=max(b.scores.shape[1] for b in blocks))
 
 
-def calibrate_trials(blocks: Sequence[TrialMatrix], *, far: float, threshold_rule: str) -> Calibration:
-    """The development calibration of pooled trial blocks: LLR map, and the open-set threshold by
-    ``threshold_rule`` (``far``: the open-set FAR quantile of the impostors; ``llr0``: LLR = 0)."""
-    check_threshold_rule(threshold_rule)
-    cat = lambda name: np.concatenate([getattr(b, name) for b in blocks])  # noqa: E731
-    cal = calibrate(cat("target"), cat("nontarget"), open_set_nontarget=cat("open_set"), target_far=far)
-    if threshold_rule == "llr0":
-        thr = -cal.offset / cal.slope
-        cal = replace(cal, threshold=float(thr), threshold_basis="llr0",
-                      far=float(np.mean(cat("open_set") >= thr)), frr=float(np.mean(cat("target") < thr)))
-    return cal
+# features_under(i, condition) -> raw windows of development recording i through the condition's channel
+# (and, for a "/short" condition, cut to ``seconds``); None for "clean" at full length.
+FeaturesUnder = Callable[[int, str, "float | None"], np.ndarray]
 
 
 def train_gsv(feats: Sequence[np.ndarray], devices: Sequence[str], order: Sequence[Any], frontend: FrontendConfig,
-              *, mixtures: int = 16, relevance: float = RELEVANCE, nap_dims: int = 16, far: float = 0.05,
-              inner: int = 3, seed: int = 0, source: str = "", threshold_rule: str = "far",
+              *, mixtures: int = 16, relevance: float = RELEVANCE, nap_dims: int = 16, decision: Decision | None = None,
+              inner: int = 3, seed: int = 0, source: str = "", conditions: Sequence[str] = ("clean",),
+              features_under: FeaturesUnder | None = None,
               on_step: Callable[[str], None] | None = None) -> GsvScorer:
-    """The recipe of the module docstring; ``feats[i]`` are recording i's raw windows."""
-    check_threshold_rule(threshold_rule)
+    """The recipe of the module docstring; ``feats[i]`` are recording i's raw windows (clean, whole).
+
+    ``conditions``: comparison conditions to calibrate (``clean``, ``clean/short``, ``amrnb``,
+    ``amrnb/short``, ...); all but ``clean`` need ``features_under``."""
+    from devrecd.openset.scoring import SHORT
+
     step = on_step or (lambda _m: None)
     devices = list(devices)
     if len(set(devices)) < 2 * inner:
         raise DatasetError(f"{len(set(devices))} devices are too few for {inner} cross-fitting groups "
                            f"(need {2 * inner})", reason="calibration_data")
-    blocks: list[TrialMatrix] = []
+    if any(c != "clean" for c in conditions) and features_under is None:
+        raise DatasetError("calibrating conditions other than clean needs the development audio", reason="calibration_data")
+
+    def under(i: int, channel: str, seconds: float | None) -> np.ndarray:
+        return feats[i] if channel == "clean" and seconds is None else features_under(i, channel, seconds)  # type: ignore[misc]
+
+    blocks: dict[str, list[TrialMatrix]] = {c: [] for c in conditions}
     for fold in phone_folds(devices, n_folds=inner, seeds=(seed,)):
         train = [i for i, d in enumerate(devices) if d in fold.dev]
         held = [i for i, d in enumerate(devices) if d in fold.test]
-        step(f"cross-fitting {fold.index + 1}/{inner}: UBM on {len(fold.dev)} devices, trials on {len(fold.test)}")
+        step(f"cross-fitting {fold.index + 1}/{inner}: UBM on {len(fold.dev)} devices, trials on {len(fold.test)} "
+             f"under {len(conditions)} condition(s)")
         scorer = GsvScorer.train([feats[i] for i in train], [devices[i] for i in train], frontend,
                                  mixtures=mixtures, relevance=relevance, nap_dims=nap_dims, seed=seed)
         refs, questioned = enrolment_split([devices[i] for i in held], [order[i] for i in held])
-        vec = {i: scorer.recording_vector(feats[held[i]]) for i in range(len(held))}
-        ref_vecs: dict[str, list[np.ndarray]] = {}
-        for i in refs:
-            ref_vecs.setdefault(devices[held[i]], []).append(vec[i])
-        blocks.append(trial_matrix(scorer, ref_vecs, [(devices[held[i]], vec[i]) for i in questioned]))
-    cal = calibrate_trials(blocks, far=far, threshold_rule=threshold_rule)
+        for cond in conditions:
+            channel, short = cond.removesuffix(SHORT), cond.endswith(SHORT)
+            ref_vecs: dict[str, list[np.ndarray]] = {}
+            for r in refs:  # references: whole, through the same channel (condition matching)
+                ref_vecs.setdefault(devices[held[r]], []).append(scorer.recording_vector(under(held[r], channel, None)))
+            rows = [(devices[held[q]], scorer.recording_vector(under(held[q], channel, cut)))
+                    for q in questioned for cut in (SHORT_CUTS if short else (None,))]
+            blocks[cond].append(trial_matrix(scorer, ref_vecs, rows))
     step(f"final UBM on all {len(set(devices))} devices")
     final = GsvScorer.train(feats, devices, frontend, mixtures=mixtures, relevance=relevance, nap_dims=nap_dims,
                             seed=seed, source=source)
-    final.calibration = {**cal.to_dict(), "basis": f"cross-fitted over {len(set(devices))} development devices "
-                                                    f"({inner} groups)"}
+    population = {"description": f"cross-fitted over {len(set(devices))} development devices ({inner} groups): "
+                                 "each scored by a scorer trained without it",
+                  "devices": sorted(set(devices)), "recordings": len(devices)}
+    for cond in conditions:
+        channel = cond.removesuffix(SHORT)
+        cal = calibrate_blocks(blocks[cond], decision=decision, scorer={"kind": final.kind, "fingerprint": final.fingerprint},
+                               basis=f"development, cross-fitted over {len(set(devices))} devices ({inner} groups)",
+                               conditions={"channels": [channel], "condition": cond,
+                                           "questioned_seconds": list(SHORT_CUTS) if cond.endswith(SHORT) else "whole"})
+        final.calibrations[cond] = {**cal.to_dict(), "population": population}
+        m = cal.metrics
+        step(f"calibration {cond}: {m['n_target']} target / {m['n_nontarget']} non-target trials, EER {m['eer']:.2%}, "
+             f"Cllr {m['cllr']:.3f} (min {m['cllr_min']:.3f}), log10 LR in [{cal.lower:g}, {cal.upper:g}], "
+             f"open-set FAR {m.get('open_set_far', float('nan')):.1%}, FRR {m['frr']:.1%}")
     return final

@@ -25,6 +25,8 @@ import hashlib
 import logging
 import os
 import stat
+import statistics
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -32,7 +34,9 @@ import numpy as np
 
 from devrecd.audio.channel import Channel, ChannelError
 from devrecd.audio.transmit import apply_channel
-from devrecd.audio.condition import condition_channel
+from devrecd.audio.condition import condition_channel, noise_profile
+from devrecd.audio.noise import NoiseProfile, noise_excess_db
+from devrecd.audio.windows import cut_windows
 from devrecd.config import AudioConfig
 from devrecd.errors import ArtifactError
 from devrecd.features import FrontendConfig
@@ -100,19 +104,40 @@ class ReferenceStore:
 
 
 class ConditionMatcher:
-    """Reference features under a channel, for every profile of a registry, cached."""
+    """Reference features under a channel (and a questioned recording's noise), for every profile of
+    a registry, cached.
+
+    Features under a channel alone are cached per (reference sha256, channel, frontend) in memory and
+    on disk; under a noise condition too (:func:`devrecd.audio.noise.match_noise`, after the channel)
+    per (sha256, channel, quantised noise key) in memory only, the ``noise_cache`` most recent
+    (noise conditions are as many as questioned recordings: never unbounded, never on disk). The
+    references' own noise profiles (after the channel) are cached in memory and on disk.
+    """
 
     def __init__(self, store: ReferenceStore, frontend: FrontendConfig, audio: AudioConfig | None = None, *,
-                 hop_seconds: float | None = None, device: str = "cpu", cache_dir: str | os.PathLike | None = None) -> None:
+                 hop_seconds: float | None = None, device: str = "cpu", cache_dir: str | os.PathLike | None = None,
+                 noise_cache: int = 32) -> None:
         self.store, self.frontend, self.audio = store, frontend, audio or AudioConfig()
         self.hop = self.audio.hop_seconds if hop_seconds is None else hop_seconds
         self.device = device
         self.cache_dir = Path(cache_dir) if cache_dir else store.root / "conditions"
         self._memory: dict[tuple[str, str], np.ndarray] = {}
+        self._noisy: OrderedDict[tuple[str, str, str], tuple[np.ndarray, float]] = OrderedDict()
+        self._noise_cache = max(0, int(noise_cache))
+        self._snrs: OrderedDict[tuple[str, str, str], float] = OrderedDict()
+        self._profiles: dict[tuple[str, str], NoiseProfile] = {}
         self._key = hashlib.sha256(f"{frontend.fingerprint()}|{self.hop}".encode()).hexdigest()[:12]
 
-    def reference_features(self, sha256: str, channel: Channel | None) -> np.ndarray:
-        """(windows, 128, 73) features of one stored reference passed through ``channel`` (None: as is)."""
+    @property
+    def rate(self) -> int:
+        """The rate references are decoded at and noise is measured at (the frontend's)."""
+        return self.frontend.sample_rate
+
+    def reference_features(self, sha256: str, channel: Channel | None, noise: NoiseProfile | None = None) -> np.ndarray:
+        """(windows, 128, 73) features of one stored reference passed through ``channel`` (None: as is)
+        and, with ``noise``, brought to that noise after it (:meth:`noise_matched`)."""
+        if noise is not None:
+            return self.noise_matched(sha256, channel, noise)[0]
         name = channel.name if channel is not None else CLEAN
         key = (sha256, name)
         if key in self._memory:
@@ -125,7 +150,7 @@ class ConditionMatcher:
             except (OSError, ValueError):
                 feats = None  # a torn cache file is recomputed
         if feats is None:
-            feats = self._compute(sha256, channel)
+            feats = self._features(self._samples(sha256, channel))
             import io
 
             buf = io.BytesIO()
@@ -135,25 +160,84 @@ class ConditionMatcher:
         self._memory[key] = feats
         return feats
 
-    def _compute(self, sha256: str, channel: Channel | None) -> np.ndarray:
-        from dataclasses import replace
+    def noise_matched(self, sha256: str, channel: Channel | None, noise: NoiseProfile) -> tuple[np.ndarray, float]:
+        """(features, measured SNR dB) of one reference through ``channel`` and then brought to
+        ``noise`` quantised (:func:`~devrecd.audio.noise.quantised`: the same key, the same noise;
+        the seed is the reference's hash and the key, so the result is reproducible)."""
+        from devrecd.audio.noise import match_noise, measure_noise, noise_key, quantised
 
+        key = (sha256, channel.name if channel is not None else CLEAN, noise_key(noise))
+        if key in self._noisy:
+            self._noisy.move_to_end(key)
+            return self._noisy[key]
+        samples = self._samples(sha256, channel)
+        seed = int(hashlib.sha256("|".join(key).encode()).hexdigest()[:15], 16)
+        own = self.reference_noise(sha256, channel)  # cached: not measured again
+        matched = match_noise(samples, self.rate, quantised(noise), seed=seed, own=own)
+        out = (self._features(matched), round(measure_noise(matched, self.rate).snr_db, 1))
+        self._snrs[key] = out[1]  # a float per key: kept longer than the features
+        while len(self._snrs) > 64 * max(1, self._noise_cache):
+            self._snrs.popitem(last=False)
+        if self._noise_cache:
+            self._noisy[key] = out
+            while len(self._noisy) > self._noise_cache:
+                self._noisy.popitem(last=False)
+        return out
+
+    def matched_snr(self, sha256: str, channel: Channel | None, noise: NoiseProfile) -> float:
+        """The measured SNR of one reference brought to ``noise`` (:meth:`noise_matched`'s second value)."""
+        from devrecd.audio.noise import noise_key
+
+        key = (sha256, channel.name if channel is not None else CLEAN, noise_key(noise))
+        return self._snrs[key] if key in self._snrs else self.noise_matched(sha256, channel, noise)[1]
+
+    def reference_noise(self, sha256: str, channel: Channel | None) -> NoiseProfile:
+        """The noise profile of one stored reference through ``channel`` (cached in memory and on disk)."""
+        import json
+
+        from devrecd.audio.noise import measure_noise
+
+        name = channel.name if channel is not None else CLEAN
+        key = (sha256, name)
+        if key in self._profiles:
+            return self._profiles[key]
+        cached = self.cache_dir / name / f"{sha256}.noise-{self.rate}.json"
+        prof = None
+        if cached.is_file():
+            try:
+                prof = NoiseProfile.from_json(json.loads(cached.read_text()), self.rate)
+            except (OSError, ValueError, KeyError, TypeError):
+                prof = None  # a torn cache file is measured again
+        if prof is None:
+            prof = measure_noise(self._samples(sha256, channel), self.rate)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(cached, json.dumps({**prof.to_json(), "noise_bands_db": list(prof.bands_db),
+                                             "speech_dbfs": prof.speech_dbfs, "noise_dbfs": prof.noise_dbfs}).encode())
+        self._profiles[key] = prof
+        return prof
+
+    def _samples(self, sha256: str, channel: Channel | None) -> np.ndarray:
+        """A stored reference decoded (verified) at the frontend's rate, through ``channel``."""
         from devrecd.audio.decode import read_evidence
-        from devrecd.features import extract
-        from devrecd.pipeline.stages import clips_for, frontend_for
 
         path = self.store.path(sha256)
         self.store.read(sha256)  # verify before use
         rec = read_evidence(path, self.frontend.sample_rate, self.audio)
         if rec.sha256 != sha256:
             raise ArtifactError(f"{path}: changed while being read", reason="reference_damaged")
-        if channel is not None:
-            rec = replace(rec, samples=apply_channel(channel, rec.samples, rec.sample_rate))
-        return extract(clips_for(rec, self.frontend, self.hop), frontend_for(self.frontend), device=self.device)
+        return rec.samples if channel is None else apply_channel(channel, rec.samples, rec.sample_rate)
 
-    def profile_references(self, profiles: Sequence[Sequence[str]], channel: Channel | None) -> list[list[np.ndarray]]:
-        """For each profile (a list of reference sha256), its references' features under ``channel``."""
-        return [[self.reference_features(sha, channel) for sha in shas] for shas in profiles]
+    def _features(self, samples: np.ndarray) -> np.ndarray:
+        from devrecd.features import extract
+        from devrecd.pipeline.stages import frontend_for, hop_samples
+
+        clips = cut_windows(samples, self.frontend.clip_samples, hop_samples(self.hop, self.frontend.sample_rate))
+        return extract(clips, frontend_for(self.frontend), device=self.device)
+
+    def profile_references(self, profiles: Sequence[Sequence[str]], channel: Channel | None,
+                           noise: NoiseProfile | None = None) -> list[list[np.ndarray]]:
+        """For each profile (a list of reference sha256), its references' features under ``channel`` (and ``noise``)."""
+        return [[self.reference_features(sha, channel, noise) for sha in shas] for shas in profiles]
 
 
 def questioned_channel(condition: dict[str, Any] | None) -> Channel | None:
@@ -164,9 +248,10 @@ def questioned_channel(condition: dict[str, Any] | None) -> Channel | None:
 
 
 def matched_scores(questioned: np.ndarray, profiles: Sequence[Sequence[str]], channel: Channel | None,
-                   matcher: ConditionMatcher, scorer: Scorer) -> np.ndarray:
-    """Scores of questioned features against every profile, its references brought to ``channel``."""
-    return np.asarray(scorer(questioned, matcher.profile_references(profiles, channel)), dtype=np.float64)
+                   matcher: ConditionMatcher, scorer: Scorer, noise: NoiseProfile | None = None) -> np.ndarray:
+    """Scores of questioned features against every profile, its references brought to ``channel``
+    (and then to ``noise``, the questioned recording's: :func:`resolve_noise`)."""
+    return np.asarray(scorer(questioned, matcher.profile_references(profiles, channel, noise)), dtype=np.float64)
 
 
 def embedding_scorer(embed: Callable[[np.ndarray], np.ndarray]) -> Scorer:
@@ -183,23 +268,26 @@ def embedding_scorer(embed: Callable[[np.ndarray], np.ndarray]) -> Scorer:
     return score
 
 
-def matched_profile_embeddings(registry: Any, matcher: ConditionMatcher, channel: Channel,
-                               recording_vector: Callable[[np.ndarray], np.ndarray]) -> dict[str, np.ndarray]:
-    """Per profile, (n_refs, D) recording vectors of its references under ``channel``
+def matched_profile_embeddings(registry: Any, matcher: ConditionMatcher, channel: Channel | None,
+                               recording_vector: Callable[[np.ndarray], np.ndarray],
+                               noise: NoiseProfile | None = None) -> dict[str, np.ndarray]:
+    """Per profile, (n_refs, D) recording vectors of its references under ``channel`` and ``noise``
     (``recording_vector``: a scorer's features -> vector, :mod:`devrecd.openset.scorers`)."""
     out = {}
     for name in registry.names:
         shas = [r.sha256 for r in registry.profiles[name].references]
-        out[name] = np.stack([recording_vector(matcher.reference_features(s, channel)) for s in shas]).astype(np.float32)
+        out[name] = np.stack([recording_vector(matcher.reference_features(s, channel, noise))
+                              for s in shas]).astype(np.float32)
     return out
 
 
-def matched_registry(registry: Any, matcher: ConditionMatcher, channel: Channel,
-                     recording_vector: Callable[[np.ndarray], np.ndarray]) -> Any:
-    """A copy of ``registry`` whose profiles hold their references' vectors under ``channel``."""
+def matched_registry(registry: Any, matcher: ConditionMatcher, channel: Channel | None,
+                     recording_vector: Callable[[np.ndarray], np.ndarray], noise: NoiseProfile | None = None) -> Any:
+    """A copy of ``registry`` whose profiles hold their references' vectors under ``channel`` (None:
+    as recorded) and, with ``noise``, brought to that noise after the channel."""
     from dataclasses import replace
 
-    emb = matched_profile_embeddings(registry, matcher, channel, recording_vector)
+    emb = matched_profile_embeddings(registry, matcher, channel, recording_vector, noise)
     return replace(registry, profiles={n: replace(p, embeddings=emb[n]) for n, p in registry.profiles.items()})
 
 
@@ -280,7 +368,61 @@ def resolve_comparison(condition: dict[str, Any] | None, store: ReferenceStore |
     return channel, channel.name, "matched", ""
 
 
+NOISE_MARGIN_DB = 3.0  # noise matching when the questioned noise spectrum lies this far above a reference's (mean over bands)
+
+
+def resolve_noise(condition: dict[str, Any] | None, matcher: ConditionMatcher, profiles: Sequence[Sequence[str]],
+                  channel: Channel | None, *, enabled: bool, note: str = "",
+                  margin_db: float = NOISE_MARGIN_DB) -> tuple[NoiseProfile | None, dict[str, Any]]:
+    """Decide whether references are brought to the questioned recording's noise: ``(target noise
+    profile or None, comparison fields)``.
+
+    The target is the questioned recording's measured noise (its condition's ``noise_bands_db``),
+    compared with each reference's own after ``channel`` (:func:`~devrecd.audio.noise.noise_excess_db`,
+    dB above it, mean over the bands). When the MEDIAN over the references of that excess is above
+    ``margin_db`` (the questioned recording is noisier than the references typically are), every
+    reference is brought to it (``match_noise``: nothing is added where a reference is as noisy).
+    The median, not the cleanest reference: phones' own noise floors differ by 10 dB and more (a
+    device trait), and against the cleanest of 30 CCNU references every clean questioned recording
+    would count as noisier (30/30; median over the references: 1.1 dB median, 3.7 dB at most).
+    3 dB: a doubling of the noise power; white noise at 30 dB SNR is 4.9-7 dB above
+    (``benchmarks/noise.py`` prints the clean figures). ``enabled`` False (matching off, references not
+    kept or not matched to the channel): nothing is matched and ``note`` says why.
+
+    Fields: ``noise_matched``, ``questioned_snr_db``, ``references_snr_db`` ([lowest, highest] of
+    the references as they are, after the channel), ``noise_excess_db`` and, when matched,
+    ``matched_references_snr_db`` (filled in by the caller from :meth:`ConditionMatcher.noise_matched`).
+    """
+    try:
+        target = noise_profile(condition, matcher.rate) if condition else None
+    except (KeyError, TypeError, ValueError) as exc:
+        return None, {"noise_matched": False, "noise_note": f"the questioned noise profile cannot be read: {exc}"}
+    if target is None:
+        fields: dict[str, Any] = {"noise_matched": False}
+        if condition and condition.get("snr_db") is not None:
+            fields["questioned_snr_db"] = condition["snr_db"]
+        if condition and condition.get("noise_bands_db") is None:
+            fields["noise_note"] = "the recording's condition has no noise measurement"
+        return None, fields
+    fields = {"noise_matched": False, "questioned_snr_db": round(target.snr_db, 1)}
+    if not enabled:
+        if note:
+            fields["noise_note"] = note
+        return None, fields
+    refs = [matcher.reference_noise(s, channel) for shas in profiles for s in shas]
+    if not refs:
+        return None, fields
+    excess = float(statistics.median(noise_excess_db(target, r) for r in refs))
+    fields["references_snr_db"] = [round(min(r.snr_db for r in refs), 1), round(max(r.snr_db for r in refs), 1)]
+    fields["noise_excess_db"] = round(excess, 1)
+    if excess <= margin_db:
+        return None, fields
+    fields["noise_matched"] = True
+    return target, fields
+
+
 __all__ = [
+    "NOISE_MARGIN_DB", "resolve_noise",
     "CLEAN", "ChannelError", "closed_set_comparison", "ConditionMatcher", "ReferenceStore", "Scorer", "condition_report",
     "embedding_scorer", "matched_profile_embeddings", "matched_registry", "matched_scores", "questioned_channel",
     "resolve_comparison", "validated_conditions",

@@ -184,7 +184,10 @@ def s_norm(trials: TrialMatrix, query_cohort: np.ndarray, profile_cohort: np.nda
 
 
 def calibration_summary(cal: Calibration) -> dict[str, Any]:
-    """The development calibration's threshold and its figures on the development trials."""
-    return {"threshold": round(cal.threshold, 5), "dev_far": round(cal.far, 4), "dev_frr": round(cal.frr, 4),
-            "dev_eer": round(cal.eer, 4), "dev_cllr": round(cal.cllr, 4), "n_target": cal.n_target,
-            "n_nontarget": cal.n_nontarget, "n_open_set": cal.n_open_set}
+    """The development calibration's decision and its held-out figures on the development trials."""
+    m = cal.metrics
+    return {"threshold": round(cal.threshold, 5), "log10_threshold": cal.log10_threshold,
+            "bounds": [cal.lower, cal.upper], "dev_far": round(m["far"], 4), "dev_frr": round(m["frr"], 4),
+            "dev_open_set_far": round(m.get("open_set_far", float("nan")), 4), "dev_eer": round(m["eer"], 4),
+            "dev_cllr": round(m["cllr"], 4), "n_target": m["n_target"], "n_nontarget": m["n_nontarget"],
+            "n_open_set": m.get("n_open_set", 0)}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,8 @@ from devrecd.errors import ArtifactError, DevrecdError
 from devrecd.openset.calibration import Calibration
 from devrecd.fsutil import atomic_write
 from devrecd.provenance import utc_timestamp
+
+log = logging.getLogger("devrecd.openset")
 
 FORMAT = "devrecd-registry/1"
 SCORER_PREFIX = "scorer__"  # array-file keys of the scorer's parameters (profiles are p0, p1, ...)
@@ -105,8 +108,10 @@ class Registry:
     path: Path  # the JSON file
     embedder: dict[str, Any] = field(default_factory=dict)  # fingerprint, arch, dim, frontend sha256, source
     profiles: dict[str, DeviceProfile] = field(default_factory=dict)
-    calibration: Calibration | None = None
-    calibration_info: dict[str, Any] = field(default_factory=dict)  # what it was fitted on
+    # The case calibrations (devrecd calibrate), one per comparison condition ("clean", "amrnb",
+    # "clean/short", ...), and what they were fitted on.
+    calibrations: dict[str, Calibration] = field(default_factory=dict)
+    calibration_info: dict[str, Any] = field(default_factory=dict)
     # The scorer's own parameters (a GSV scorer's UBM and NAP basis: see devrecd.openset.scorers),
     # stored in the array file with the profiles so that the registry carries what it was made with.
     scorer_arrays: dict[str, np.ndarray] = field(default_factory=dict)
@@ -190,7 +195,7 @@ class Registry:
             self.profiles[name] = profile
             if not self.embedder:
                 self.embedder = dict(embedder)
-            self.calibration = None
+            self.calibrations = {}
             self.calibration_info = {}
         return added, skipped
 
@@ -198,12 +203,13 @@ class Registry:
         """Delete a profile (and the calibration, which no longer describes this registry)."""
         profile = self.get(name)
         del self.profiles[name]
-        self.calibration = None
+        self.calibrations = {}
         self.calibration_info = {}
         return profile
 
-    def set_calibration(self, cal: Calibration, info: dict[str, Any]) -> None:
-        self.calibration = cal
+    def set_calibrations(self, cals: dict[str, Calibration], info: dict[str, Any]) -> None:
+        """Replace the case calibrations (every condition at once: they describe one set of profiles)."""
+        self.calibrations = dict(cals)
         self.calibration_info = dict(info)
 
     # --- persistence ------------------------------------------------------------------------
@@ -213,7 +219,8 @@ class Registry:
             "embedder": self.embedder,
             "arrays": {"file": arrays_name, "sha256": arrays_sha256},
             "profiles": [self.profiles[n].summary() for n in self.names],
-            "calibration": None if self.calibration is None else {**self.calibration.to_dict(), **self.calibration_info},
+            "calibrations": {k: c.to_dict() for k, c in sorted(self.calibrations.items())},
+            "calibration_info": self.calibration_info,
         }
 
     def save(self) -> None:
@@ -269,11 +276,21 @@ def open_registry(path: str | os.PathLike, *, create: bool = False) -> Registry:
                                  if k.startswith(SCORER_PREFIX)}
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"registry {path} is malformed: {exc!r}") from None
-    cal = meta.get("calibration")
-    if cal:
-        fields = set(Calibration.__dataclass_fields__)
-        reg.calibration = Calibration.from_dict({k: v for k, v in cal.items() if k in fields})
-        reg.calibration_info = {k: v for k, v in cal.items() if k not in fields}
+    if meta.get("calibration"):
+        # Version 1 (natural-log LLR and a FAR threshold, before one calibration of log10 LRs): its
+        # numbers mean something else; the registry is served on its scorer's development
+        # calibrations until `devrecd calibrate` is run again.
+        log.warning("registry calibration of an earlier format ignored: run `devrecd calibrate` again",
+                    extra={"registry": str(path)})
+    cals = meta.get("calibrations") or {}
+    if not isinstance(cals, dict):
+        raise ArtifactError(f"registry {path}: 'calibrations' must be an object of condition -> calibration",
+                            reason="registry_format")
+    try:
+        reg.calibrations = {str(k): Calibration.from_dict(v) for k, v in cals.items()}
+    except ArtifactError as exc:
+        raise ArtifactError(f"registry {path}: calibrations: {exc}", reason="registry_format") from None
+    reg.calibration_info = dict(meta.get("calibration_info") or {})
     return reg
 
 

@@ -113,9 +113,9 @@ class GsvScorer:
     def __init__(self, ubm: Ubm, frontend: FrontendConfig, *, relevance: float = RELEVANCE,
                  nap: np.ndarray | None = None, source: str = "") -> None:
         self.ubm, self.frontend, self.relevance, self.source = ubm, frontend, float(relevance), source
-        # The development calibration (Calibration.to_dict() + "basis") that travels with the scorer:
-        # used by registries without a calibration of their own (devrecd.openset.gsvtrain).
-        self.calibration: dict[str, Any] | None = None
+        # The development calibrations (condition -> Calibration.to_dict()) that travel with the scorer:
+        # used by registries without a case calibration of that condition (devrecd.openset.gsvtrain).
+        self.calibrations: dict[str, dict[str, Any]] = {}
         self.nap = None if nap is None or nap.size == 0 else np.asarray(nap, dtype=np.float64)
         if self.nap is not None and self.nap.shape[0] != ubm.dim:
             raise ArtifactError(f"NAP basis has {self.nap.shape[0]} rows, the UBM's supervectors {ubm.dim}",
@@ -156,7 +156,7 @@ class GsvScorer:
                 "mixtures": self.ubm.mixtures, "relevance": self.relevance,
                 "nap_dims": 0 if self.nap is None else int(self.nap.shape[1]),
                 "frontend_sha256": self.frontend.fingerprint(), "frontend": self.frontend.to_dict(),
-                "source": self.source, **({"dev_calibration": self.calibration} if self.calibration else {})}
+                "source": self.source, **({"dev_calibrations": self.calibrations} if self.calibrations else {})}
 
     def arrays(self) -> dict[str, np.ndarray]:
         out = {f"ubm_{k}": v for k, v in self.ubm.to_arrays().items()}
@@ -177,7 +177,7 @@ class GsvScorer:
         if info.get("fingerprint") not in (None, scorer.fingerprint):
             raise ArtifactError("GSV scorer arrays do not match their recorded fingerprint (damaged or mixed up)",
                                 reason="scorer_format")
-        scorer.calibration = info.get("dev_calibration")
+        scorer.calibrations = dict(info.get("dev_calibrations") or {})
         return scorer
 
 
@@ -199,8 +199,8 @@ class FusionScorer:
         if self.weights.shape != (len(parts),):
             raise ArtifactError(f"{len(parts)} scorers but {self.weights.size} weights", reason="scorer_format")
         self.bias = float(bias)
-        # The development calibration of the fused score (devrecd.openset.fusion), as for GsvScorer.
-        self.calibration: dict[str, Any] | None = None
+        # The development calibrations of the fused score (devrecd.openset.fusion), as for GsvScorer.
+        self.calibrations: dict[str, dict[str, Any]] = {}
         self.dims = [p.describe()["dim"] for p in parts]
         # The vector space depends on the parts only; the weights are a back-end (they may be refitted).
         self.fingerprint = _digest({"kind": self.kind, "parts": [p.describe()["fingerprint"] for p in parts]}, [])
@@ -231,7 +231,7 @@ class FusionScorer:
                 "parts": [p.describe() for p in self.parts], "frontend_sha256": self.frontend.fingerprint(),
                 "frontend": self.frontend.to_dict(),
                 "source": " + ".join(str(p.describe().get("source", "")) for p in self.parts),
-                **({"dev_calibration": self.calibration} if self.calibration else {})}
+                **({"dev_calibrations": self.calibrations} if self.calibrations else {})}
 
 
 def fit_fusion(part_target: np.ndarray, part_nontarget: np.ndarray) -> tuple[np.ndarray, float]:
@@ -240,7 +240,7 @@ def fit_fusion(part_target: np.ndarray, part_nontarget: np.ndarray) -> tuple[np.
     ``part_target`` (n_t, n_parts) and ``part_nontarget`` (n_n, n_parts): each part's score of the
     same trials. Classes weighted equally, so ``w . s + b`` is a log-likelihood ratio (natural log)
     at prior 0.5 on these trials (Brummer's linear fusion). Nearly unregularised, as the score
-    calibration (:func:`~.calibration.fit_llr`), by the same fit (:func:`~.calibration.fit_balanced`).
+    calibration (:func:`~.calibration.fit_calibration`), by the same fit (:func:`~.calibration.fit_balanced`).
     """
     tar, non = np.atleast_2d(part_target), np.atleast_2d(part_nontarget)
     if len(tar) == 0 or len(non) == 0 or tar.shape[1] != non.shape[1]:
@@ -385,7 +385,7 @@ def fusion_from(info: dict[str, Any], arrays: dict[str, np.ndarray], *, model: A
         scorer = FusionScorer(parts, info.get("weights"), float(info.get("bias", 0.0)))
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"fusion scorer description is malformed: {exc!r}", reason="scorer_format") from None
-    scorer.calibration = info.get("dev_calibration")
+    scorer.calibrations = dict(info.get("dev_calibrations") or {})
     return scorer
 
 

@@ -1,10 +1,12 @@
-"""Open-set identification: a questioned recording's embedding against every enrolled device.
+"""Open-set identification: a questioned recording's vector against every enrolled device.
 
-Score = cosine similarity between the recording's embedding (unit-length mean of its unit-length
-window embeddings, :func:`~devrecd.openset.registry.recording_embedding`) and each profile's mean
-embedding. The verdict is the best-scoring device when its score reaches the open-set threshold,
-else :data:`UNKNOWN`, always with the ranked scores (and calibrated LLRs when the registry has a
-calibration) so that an examiner sees how close the alternatives were.
+Score = the scorer's score (cosine for the embedder and GSV scorers) of the recording's vector
+with each profile's. The calibration of the comparison condition (:func:`calibration_for`: the
+registry's own, else its scorer's development calibration) turns each score into a bounded log10
+LR; the verdict names the best candidate when ITS LR passes the decision threshold
+(:class:`~devrecd.openset.calibration.Decision`), else :data:`UNKNOWN`. A condition without a
+calibration names no device: :data:`INCONCLUSIVE`, with the ranked candidates and their scores.
+A verdict and its LR therefore never disagree.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ from typing import Any, Callable
 import numpy as np
 
 from devrecd.config import RegistryConfig
-from devrecd.openset.calibration import Calibration
+from devrecd.openset.calibration import Calibration, Decision
 from devrecd.openset.registry import Registry, recording_embedding
 
 UNKNOWN = "unknown device"
+INCONCLUSIVE = "inconclusive"
+SHORT_SECONDS = 5.0  # questioned recordings shorter than this are judged under the "/short" calibrations
+SHORT = "/short"
 
 
 def cosine_scores(query: np.ndarray, profiles: np.ndarray) -> np.ndarray:
@@ -25,79 +30,88 @@ def cosine_scores(query: np.ndarray, profiles: np.ndarray) -> np.ndarray:
     return np.asarray(query, dtype=np.float64) @ np.asarray(profiles, dtype=np.float64).T
 
 
-def score_matrix(recording_embeddings: np.ndarray, registry: Registry) -> tuple[list[str], np.ndarray]:
-    """(n_recordings, n_profiles) cosine scores of unit-length recording embeddings, with profile names."""
-    names, means = registry.matrix()
-    return names, cosine_scores(recording_embeddings, means)
+def calibration_key(compared_under: str, duration: float | None) -> str:
+    """The calibration a comparison needs: its condition (``clean``, ``amrnb``, ...), ``/short`` for a
+    questioned recording shorter than :data:`SHORT_SECONDS` (fewer frames: lower same-device scores)."""
+    return compared_under + (SHORT if duration is not None and float(duration) < SHORT_SECONDS else "")
 
 
-def development_calibration(registry: Registry) -> Calibration | None:
-    """The calibration that travels with the registry's scorer (``devrecd train-gsv``), if any."""
-    cal = registry.embedder.get("dev_calibration") if registry.embedder else None
-    if not cal:
-        return None
-    return Calibration.from_dict({k: v for k, v in cal.items() if k in Calibration.__dataclass_fields__})
+def development_calibrations(registry: Registry) -> dict[str, Calibration]:
+    """The calibrations that travel with the registry's scorer (``devrecd train-gsv``/``train-fusion``), by condition."""
+    cals = (registry.embedder or {}).get("dev_calibrations") or {}
+    return {k: Calibration.from_dict(v) for k, v in cals.items()}
 
 
-def effective_calibration(registry: Registry, cfg: RegistryConfig | None = None) -> Calibration | None:
-    """The registry's own calibration, else its scorer's development calibration (when calibrations are used)."""
+def calibration_for(registry: Registry, key: str, cfg: RegistryConfig | None = None,
+                    dev: dict[str, Calibration] | None = None) -> tuple[Calibration | None, str]:
+    """The calibration of comparison condition ``key`` and where it came from: the registry's own
+    (``devrecd calibrate``), else its scorer's development one; ``(None, why)`` when there is none.
+    The decision rule is the configuration's (``[registry]`` decision, prior, costs), for the
+    registry's number of enrolled devices."""
     if cfg is not None and not cfg.use_calibration:
-        return None
-    return registry.calibration or development_calibration(registry)
+        return None, "registry.use_calibration is off"
+    own = registry.calibrations.get(key)
+    cal, source = (own, "case calibration (devrecd calibrate)") if own is not None else \
+        ((dev if dev is not None else development_calibrations(registry)).get(key), "scorer's development calibration")
+    if cal is None:
+        have = sorted(set(registry.calibrations) | set(dev if dev is not None else development_calibrations(registry)))
+        return None, f"no calibration for condition {key!r} (calibrated: {', '.join(have) or 'none'})"
+    if cfg is not None:
+        cal = cal.with_decision(Decision.from_config(cfg), n_candidates=len(registry.profiles))
+    return cal, source
 
 
-def resolve_threshold(registry: Registry, cfg: RegistryConfig) -> tuple[float, str]:
-    """The open-set threshold and where it came from: the registry's calibration, its scorer's
-    development calibration, or the config."""
-    if cfg.use_calibration and registry.calibration is not None:
-        return registry.calibration.threshold, f"calibrated (FAR {registry.calibration.target_far:g})"
-    dev = development_calibration(registry) if cfg.use_calibration else None
-    if dev is not None:
-        rule = "LLR 0" if dev.threshold_basis == "llr0" else f"open-set FAR {dev.target_far:g}"
-        return dev.threshold, f"scorer's development calibration ({rule})"
-    return cfg.threshold, "config registry.threshold"
-
-
-def identify_with_registry(window_embeddings: np.ndarray, registry: Registry, *, threshold: float,
-                           k: int = 5, threshold_source: str = "") -> dict[str, Any]:
+def identify_with_registry(window_embeddings: np.ndarray, registry: Registry, *, calibration: Calibration | None,
+                           k: int = 5, calibration_source: str = "") -> dict[str, Any]:
     """Verdict fields for one recording from its (n_windows, D) network window embeddings (cosine scores);
     see :func:`identify_vectors`."""
     w = np.asarray(window_embeddings, dtype=np.float64)
     unit_windows = w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
-    return identify_vectors(recording_embedding(w), unit_windows, registry, threshold=threshold, k=k,
-                            threshold_source=threshold_source)
+    return identify_vectors(recording_embedding(w), unit_windows, registry, calibration=calibration, k=k,
+                            calibration_source=calibration_source)
 
 
 def identify_vectors(query: np.ndarray, window_vectors: np.ndarray | None, registry: Registry, *,
-                     threshold: float, k: int = 5, threshold_source: str = "",
+                     calibration: Calibration | None, k: int = 5, calibration_source: str = "",
                      score: Callable[[np.ndarray, np.ndarray], np.ndarray] = cosine_scores) -> dict[str, Any]:
     """Verdict fields for one recording from its vector (and per-window vectors) under a scorer's ``score``.
 
-    Returns ``device`` (a profile name or ``"unknown device"``), ``score`` (best score),
-    ``llr`` (calibrated natural-log LR of the best device, or None), ``candidate`` (best profile
-    even when rejected), ``open_set`` (threshold, its source, registry path and size, scorer kind),
-    ``top_k`` (ranked profiles with score and llr) and ``windows_best`` (best profile per window),
-    ready to merge into a verdict record.
+    Returns ``device`` (a profile name, ``"unknown device"``, or ``"inconclusive"`` without a
+    calibration or when the decision threshold is beyond the calibration's upper bound), ``score`` (best score), ``log10_lr`` (bounded log10 LR of the best candidate, or
+    None), ``candidate`` (best profile even when rejected), ``open_set`` (the decision: rule, LR
+    threshold, the calibration's hash and source, registry path and size, scorer kind), ``top_k``
+    (ranked profiles with score and log10_lr) and ``windows_best`` (best profile per window).
     """
     names, means = registry.matrix()
     scores = np.asarray(score(np.atleast_2d(query), means), dtype=np.float64)[0]
     order = np.argsort(-scores, kind="stable")
-    cal = effective_calibration(registry)
-    llrs = cal.llr(scores) if cal is not None else None
     best = int(order[0])
-    accepted = bool(scores[best] >= threshold)
+    lrs = None if calibration is None else np.round(calibration.log10_lr(scores)[0], 4)
+    accepted = calibration is not None and calibration.accepts(float(lrs[best]))
+    # No decision can be made when there is no calibration, or when the decision threshold lies beyond
+    # the largest LR the calibration's trials support (a narrowband call among many enrolled devices):
+    # then no device is named and none is excluded.
+    undecidable = calibration is None or bool(calibration.decision.get("beyond_bounds"))
+    device = names[best] if accepted else (INCONCLUSIVE if undecidable else UNKNOWN)
+    decision: dict[str, Any] = {"accepted": accepted, "decidable": not undecidable, "calibration_source": calibration_source,
+                                "registry": str(registry.path), "profiles": len(names),
+                                "embedder": registry.embedder.get("fingerprint"), "scorer": registry.kind}
+    if calibration is not None:
+        decision.update({"rule": calibration.decision["rule"], "prior": calibration.decision["prior"],
+                         "n_candidates": calibration.decision.get("n_candidates"),
+                         "log10_threshold": calibration.log10_threshold,
+                         "threshold": round(float(calibration.threshold), 6), "calibration": calibration.sha256,
+                         "calibration_basis": calibration.basis, "bounds": [calibration.lower, calibration.upper]})
     windows_best = [] if window_vectors is None or len(window_vectors) == 0 else \
         [names[int(j)] for j in np.asarray(score(window_vectors, means)).argmax(axis=1)]
     return {
-        "device": names[best] if accepted else UNKNOWN,
+        "device": device,
         "score": round(float(scores[best]), 6),
-        "llr": None if llrs is None else round(float(llrs[best]), 4),
+        "log10_lr": None if lrs is None else float(lrs[best]),
         "candidate": names[best],
-        "open_set": {"threshold": round(float(threshold), 6), "threshold_source": threshold_source,
-                     "accepted": accepted, "registry": str(registry.path), "profiles": len(names),
-                     "embedder": registry.embedder.get("fingerprint"), "scorer": registry.kind},
+        "open_set": decision,
         "top_k": [{"device": names[i], "score": round(float(scores[i]), 6),
-                   **({"llr": round(float(llrs[i]), 4)} if llrs is not None else {})}
+                   **({"log10_lr": float(lrs[i])} if lrs is not None else {})}
                   for i in order[: max(1, k)]],
         "windows_best": windows_best,
     }

@@ -9,18 +9,21 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from devrecd.config import Config
-from devrecd.openset.calibration import Calibration, CalibrationError, calibrate
+from devrecd.forensic.lr import describe_conditions
+from devrecd.openset.calibration import PRIOR_TRIALS, CalibrationError
 from devrecd.openset.registry import Reference, Registry, RegistryError
 from devrecd.provenance import utc_timestamp
 from devrecd.openset.scorers import as_scorer, registry_scorer, scorer_arrays
 
 log = logging.getLogger("devrecd.openset")
+MATCHED_REGISTRIES = 16  # RegistryJudge: registries matched to a (channel, noise) condition kept in memory
 
 
 def recording_features(scorer: Any, path: str | os.PathLike, cfg: Config, *, hop_seconds: float | None = None,
@@ -141,8 +144,8 @@ def score_recordings(registry: Registry, scorer: Any, items: Sequence[tuple[str,
 
 
 def calibration_trials_under(registry: Registry, scorer: Any, items: Sequence[tuple[str, str]], cfg: Config,
-                             conditions: Sequence[str], on_recording: Callable[[str], None] | None = None) -> Trials:
-    """Trials under each named condition (``clean`` = as they are), pooled into one set."""
+                             conditions: Sequence[str], on_recording: Callable[[str], None] | None = None) -> dict[str, Trials]:
+    """Trials under each named condition (``clean`` = as they are), by condition."""
     from devrecd.audio.channel import get_channel
     from devrecd.errors import ArtifactError
     from devrecd.openset.matching import CLEAN, ConditionMatcher, ReferenceStore
@@ -155,30 +158,42 @@ def calibration_trials_under(registry: Registry, scorer: Any, items: Sequence[tu
     scorer = as_scorer(scorer)
     device = getattr(getattr(scorer, "embedder", None), "device", "cpu")
     matcher = ConditionMatcher(store, scorer.frontend, cfg.audio, device=device)
-    parts = [score_recordings(registry, scorer, items, cfg, channel=None if c == CLEAN else get_channel(c), matcher=matcher,
-                              on_recording=on_recording) for c in conditions]
-    return Trials(profiles=parts[0].profiles, recordings=[r for t in parts for r in t.recordings],
-                  devices=[d for t in parts for d in t.devices], scores=np.concatenate([t.scores for t in parts]),
-                  conditions=[c for t in parts for c in t.conditions])
+    return {c: score_recordings(registry, scorer, items, cfg, channel=None if c == CLEAN else get_channel(c),
+                                matcher=matcher, on_recording=on_recording) for c in conditions}
 
 
-def calibrate_registry(registry: Registry, trials: Trials, *, target_far: float,
-                       source: dict[str, Any] | None = None) -> Calibration:
-    """Fit the calibration on the trials, store it in the registry (caller saves) and return it."""
-    if trials.profiles != registry.names:
-        raise RegistryError("the trials were scored against another set of profiles; score them again")
-    cal = calibrate(trials.target_scores, trials.nontarget_scores, open_set_nontarget=trials.open_set_scores,
-                    target_far=target_far)
-    # Open-set view: a recording of a device that is not enrolled is falsely accepted when its
-    # BEST score passes the threshold (reported, not used for the fit).
-    unknown = [i for i, d in enumerate(trials.devices) if d not in trials.profiles]
-    info: dict[str, Any] = {"calibrated_at": utc_timestamp(), "recordings": len(trials.recordings),
-                            "unenrolled_recordings": len(unknown), **(source or {})}
-    if unknown:
-        best = trials.scores[unknown].max(axis=1)
-        info["unknown_rejected"] = float(np.mean(best < cal.threshold))
-    registry.set_calibration(cal, info)
-    return cal
+def calibrate_registry(registry: Registry, trials: dict[str, Trials], *, decision: Any,
+                       source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fit one case calibration per condition of ``trials``, store them in the registry (caller saves)
+    and return them. Each is regularised toward the scorer's development calibration of the same
+    condition when it has one (few case trials then cannot make it worse; many can refine it)."""
+    from devrecd.forensic.lr import describe_population
+    from devrecd.openset.calibration import fit_calibration
+    from devrecd.openset.scoring import development_calibrations
+
+    dev = development_calibrations(registry)
+    cals, info = {}, {"calibrated_at": utc_timestamp(), **(source or {})}
+    for cond, t in trials.items():
+        if t.profiles != registry.names:
+            raise RegistryError("the trials were scored against another set of profiles; score them again")
+        groups = np.repeat(np.arange(len(t.recordings)), len(t.profiles))
+        prior = dev.get(cond)
+        cals[cond] = fit_calibration(
+            t.scores.ravel(), t.is_target.ravel().astype(int), groups, decision=decision, open_set=t.open_set_scores,
+            n_candidates=len(registry.names),
+            prior=prior, scorer={k: registry.embedder.get(k) for k in ("kind", "fingerprint")},
+            population=describe_population(t, source), conditions={**describe_conditions(t.conditions), "condition": cond},
+            basis=("case trials, regularised toward the scorer's development calibration (worth "
+                   f"{int(PRIOR_TRIALS)} trials)" if prior is not None else "case trials"))
+        # Open-set view: a recording of a device that is not enrolled is falsely accepted when its BEST
+        # LR passes the decision (reported, not used for the fit).
+        unknown = [i for i, d in enumerate(t.devices) if d not in t.profiles]
+        if unknown:
+            best, _ = cals[cond].log10_lr(t.scores[unknown].max(axis=1))
+            info.setdefault("unknown_rejected", {})[cond] = float(np.mean(best < cals[cond].log10_threshold))
+        info.setdefault("recordings", {})[cond] = len(t.recordings)
+    registry.set_calibrations(cals, info)
+    return cals
 
 
 class RegistryJudge:
@@ -187,7 +202,7 @@ class RegistryJudge:
     Holds the registry, the scorer its profiles were made with (:func:`registry_scorer`: the GSV
     arrays the registry stores, the network ``model`` or ``registry.embedder_model`` names (a
     checkpoint or its embedder export), else the checkpoint the registry names) and the threshold
-    (:func:`~devrecd.openset.scoring.resolve_threshold`). ``judge(features)`` takes a recording's
+    (:func:`~devrecd.openset.scoring.calibration_for`, per comparison condition). ``judge(features)`` takes a recording's
     (n_windows, 128, 73) raw features, the same array the closed-set backend gets, and returns
     verdict fields to merge into the record.
 
@@ -198,7 +213,7 @@ class RegistryJudge:
     def __init__(self, cfg: Config, *, model: str | os.PathLike | None = None, device: str = "cpu",
                  adopt_frontend: bool = False) -> None:
         from devrecd.openset.registry import open_registry
-        from devrecd.openset.scoring import resolve_threshold
+        from devrecd.openset.scoring import development_calibrations
 
         if not cfg.registry.path:
             raise RegistryError("registry.path is not set", reason="no_registry")
@@ -215,7 +230,8 @@ class RegistryJudge:
             raise RegistryError(f"registry {cfg.registry.path} was enrolled with another frontend than the one "
                                 "configured (frontend.*); serve with the frontend it was made with",
                                 reason="frontend_mismatch")
-        self.threshold, self.threshold_source = resolve_threshold(self.registry, cfg.registry)
+        self.registry_cfg = cfg.registry
+        self.dev_calibrations = development_calibrations(self.registry)
         self.top_k = cfg.watch.top_k
         from devrecd.openset.matching import ConditionMatcher, ReferenceStore
 
@@ -223,35 +239,61 @@ class RegistryJudge:
         store = ReferenceStore.for_registry(self.registry.path)
         self.store = store if store.root.is_dir() else None
         self.matcher = ConditionMatcher(store, self.scorer.frontend, cfg.audio, device=device)
-        self._matched: dict[str, Registry] = {}  # channel name -> the registry with references under it
-        self._matching = threading.Lock()  # judge() is called by the pipeline's workers at once
+        # (channel name, noise key) -> the registry with references under it; noise keys are as many
+        # as questioned conditions, so only the MATCHED_REGISTRIES most recent are kept.
+        self._matched: OrderedDict[tuple[str, str], tuple[Registry, list[float]]] = OrderedDict()
+        # judge() is called by the pipeline's workers at once: the condition matching (the matcher and
+        # this cache) runs under this lock, one thread at a time; the scoring after it in parallel.
+        self._matching = threading.Lock()
+
+    def describe_decision(self) -> str:
+        """One line for logs: the decision rule and the conditions with a calibration."""
+        from devrecd.openset.calibration import Decision
+
+        have = sorted(set(self.registry.calibrations) | set(self.dev_calibrations))
+        return (f"{Decision.from_config(self.registry_cfg).describe(len(self.registry.profiles))}; "
+                f"calibrated conditions: {', '.join(have) or 'none'}")
 
     def judge(self, features: np.ndarray, recording: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Verdict fields (device, score, llr, candidate, open_set, top_k, windows_best, comparison,
+        """Verdict fields (device, score, log10_lr, candidate, open_set, top_k, windows_best, comparison,
         condition_status) of one recording; ``recording`` (its ``describe()``) carries its condition."""
-        from devrecd.openset.matching import condition_report, matched_registry, resolve_comparison, validated_conditions
-        from devrecd.openset.scoring import identify_vectors
+        from devrecd.audio.noise import noise_key
+        from devrecd.openset.matching import CLEAN, condition_report, matched_registry, resolve_comparison, resolve_noise
+        from devrecd.openset.scoring import calibration_for, calibration_key, identify_vectors
 
         reg = self.registry
         condition = (recording or {}).get("condition")
         profiles = [[r.sha256 for r in reg.profiles[n].references] for n in reg.names]
         channel, under, refs, note = resolve_comparison(condition, self.store, profiles, self.match_conditions)
-        if channel is not None:
-            with self._matching:  # built once per channel, by one thread; the scoring below runs in parallel
-                if channel.name not in self._matched:
-                    self._matched[channel.name] = matched_registry(reg, self.matcher, channel, self.scorer.recording_vector)
-                reg = self._matched[channel.name]
+        with self._matching:  # the matcher and the matched-registry cache: one thread at a time
+            # Noise: only where the references can be brought to the questioned recording's channel (or none is needed).
+            can_match = self.match_conditions and self.store is not None and refs != "unmatched"
+            noise_note = ("" if can_match else note or ("condition matching is off (registry.match_conditions)"
+                          if not self.match_conditions else "the registry keeps no reference audio"))
+            noise, noise_fields = resolve_noise(condition, self.matcher, profiles, channel,
+                                                enabled=can_match, note=noise_note)
+            if channel is not None or noise is not None:
+                mkey = (channel.name if channel is not None else CLEAN, noise_key(noise) if noise is not None else "")
+                if mkey not in self._matched:
+                    matched = matched_registry(reg, self.matcher, channel, self.scorer.recording_vector, noise)
+                    snrs = ([self.matcher.matched_snr(s, channel, noise) for shas in profiles for s in shas]
+                            if noise is not None else [])
+                    self._matched[mkey] = (matched, snrs)
+                    while len(self._matched) > MATCHED_REGISTRIES:
+                        self._matched.popitem(last=False)
+                self._matched.move_to_end(mkey)
+                reg, snrs = self._matched[mkey]
+                if snrs:
+                    noise_fields["matched_references_snr_db"] = [min(snrs), max(snrs)]
+        key = calibration_key(under, (recording or {}).get("duration"))
+        cal, source = calibration_for(self.registry, key, self.registry_cfg, self.dev_calibrations)
         fields = identify_vectors(self.scorer.recording_vector(features), self.scorer.window_vectors(features),
-                                  reg, threshold=self.threshold, k=self.top_k,
-                                  threshold_source=self.threshold_source, score=self.scorer.score)
-        # The conditions of the calibration in use: the registry's own, else its scorer's development one.
-        cal_info = self.registry.calibration_info or (self.registry.embedder or {}).get("dev_calibration")
-        report = condition_report(condition, under, refs, validated_conditions(cal_info), note)
+                                  reg, calibration=cal, k=self.top_k, calibration_source=source, score=self.scorer.score)
+        fields["open_set"]["condition"] = key
+        report = condition_report(condition, under, refs, [key] if cal is not None else [],
+                                  note if cal is not None else "; ".join(filter(None, [source, note])))
         report.pop("questioned")  # the record carries the recording's condition already
-        if report["status"] != "validated":  # outside what the calibration measured: no likelihood ratio
-            fields["llr"] = None
-            for row in fields["top_k"]:
-                row.pop("llr", None)
+        report.update(noise_fields)
         fields["comparison"] = report
         fields["condition_status"] = report["status"]
         return fields

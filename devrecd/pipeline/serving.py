@@ -109,7 +109,7 @@ def load_served(cfg: Config, metrics: Metrics | None = None, *, device: str = "c
                                         "scorer": served.scorer["kind"], "scorer_fingerprint": served.scorer["fingerprint"]})
     j = served.registry_judge
     log.info("open-set verdicts from the device registry",
-             extra={"registry": cfg.registry.path, "threshold": j.threshold, "threshold_source": j.threshold_source})
+             extra={"registry": cfg.registry.path, "decision": j.describe_decision()})
     if metrics is not None:
         metrics.set_backend(served.describe())
     return served
@@ -123,5 +123,5 @@ def registry_judge(cfg: Config, device: str) -> Judge | None:
 
     judge = RegistryJudge(cfg, device=device)
     log.info("open-set verdicts from the device registry",
-             extra={"registry": cfg.registry.path, "threshold": judge.threshold, "threshold_source": judge.threshold_source})
-    return judge.judge  # thread-safe (RegistryJudge builds a condition-matched registry under its own lock)
+             extra={"registry": cfg.registry.path, "decision": judge.describe_decision()})
+    return judge.judge  # thread-safe: RegistryJudge matches conditions under its own lock, scores in parallel

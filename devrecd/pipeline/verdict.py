@@ -104,8 +104,14 @@ def with_comparison(record: dict[str, Any], recording: dict[str, Any], open_set:
     if open_set is not None:
         return with_open_set(record, open_set)
     from devrecd.openset.matching import closed_set_comparison
+    from devrecd.openset.scoring import INCONCLUSIVE
 
-    return {**record, **closed_set_comparison(recording.get("condition"), validated)}
+    out = {**record, **closed_set_comparison(recording.get("condition"), validated)}
+    if out["condition_status"] != "validated":
+        # A condition the model was never validated under names no device (a call recording is
+        # named with probability 0.999 by a network trained on WAV); the candidates stay listed.
+        out["candidate"], out["device"] = out["device"], INCONCLUSIVE
+    return out
 
 
 def failed_record(path: str, reason: str, detail: str, *, timings: dict[str, float],

@@ -185,18 +185,18 @@ def describe_loose(path: str, cfg: Config) -> dict[str, Any]:
 
 # --- the report ------------------------------------------------------------------------------
 
-def _registry_calibration(path: str | None):
-    """The LR calibration and identity of a registry (None when it has none or cannot be read)."""
+def _registry_calibrations(path: str | None):
+    """The calibrations of a registry by condition (its case calibrations over its scorer's
+    development ones) and its identity (``({}, None)`` without a registry)."""
     if not path:
-        return None, None
-    from devrecd.forensic.lr import LRCalibration
+        return {}, None
     from devrecd.openset.registry import open_registry
+    from devrecd.openset.scoring import development_calibrations
 
     reg = open_registry(path)
     info = {"path": str(reg.path), "sha256": _sha(reg.path), "embedder": reg.embedder, "devices": reg.names,
             "calibrated_at": reg.calibration_info.get("calibrated_at")}
-    lr = reg.calibration_info.get("lr")
-    return (LRCalibration.from_dict(lr) if lr else None), info
+    return {**development_calibrations(reg), **reg.calibrations}, info
 
 
 def _sha(path: str | os.PathLike) -> str | None:
@@ -236,7 +236,7 @@ def build_report(sources: Sequence[str | os.PathLike], cfg: Config, *, case: dic
                  model: str | None = None, registry: str | None = None, calibration: str | None = None
                  ) -> tuple[dict[str, Any], Figures]:
     """The report document and its figures (see the module docstring)."""
-    from devrecd.forensic.lr import condition_mismatch, load_lr_calibration
+    from devrecd.forensic.lr import condition_mismatch, load_calibration
     from devrecd.forensic.plots import calibration_plots
 
     if not sources:
@@ -250,13 +250,15 @@ def build_report(sources: Sequence[str | os.PathLike], cfg: Config, *, case: dic
     # The registry (open-set verdicts name theirs) and the LR calibration that goes with it.
     reg_path = registry or next((r["open_set"]["registry"] for r in records if isinstance(r.get("open_set"), dict)
                                  and r["open_set"].get("registry")), None) or (cfg.registry.path or None)
-    lr_cal, reg_info = None, None
+    cals, reg_info = {}, None
     try:
-        lr_cal, reg_info = _registry_calibration(reg_path)
+        cals, reg_info = _registry_calibrations(reg_path)
     except DevrecdError as exc:
         reg_info = {"path": reg_path, "error": str(exc)}
-    if calibration:
-        lr_cal = load_lr_calibration(calibration)
+    # The calibration the report validates: --calibration FILE, else the one most verdicts cite.
+    cited = [r["open_set"].get("condition") for r in records if isinstance(r.get("open_set"), dict)]
+    key = max(set(c for c in cited if c in cals), key=cited.count, default="clean" if "clean" in cals else None)
+    lr_cal = load_calibration(calibration) if calibration else cals.get(key) if key else None
     compared = [r for r in records if r.get("outcome") == "compared"]
     if lr_cal is None and compared and compared[0].get("calibration"):
         reg_info = reg_info or {}
@@ -269,7 +271,7 @@ def build_report(sources: Sequence[str | os.PathLike], cfg: Config, *, case: dic
         entry["n"] = i + 1
         inventory.append(entry)
         if rec.get("outcome") in ("judged", "duplicate", "compared"):
-            recordings.append(_recording_section(i + 1, rec, entry, lr_cal, figures))
+            recordings.append(_recording_section(i + 1, rec, entry, lr_cal if calibration else cals, figures))
 
     validation = None
     if lr_cal is not None:
@@ -364,14 +366,17 @@ def _recording_section(n: int, rec: dict[str, Any], entry: dict[str, Any], lr_ca
         closed = rec.get("closed_set") or {k: rec.get(k) for k in ("device", "score", "top_k")}
         sec["closed_set"] = {"device": closed.get("device"), "score": closed.get("score"), "top_k": closed.get("top_k") or []}
     if isinstance(rec.get("open_set"), dict):
+        o = rec["open_set"]
         sec["open_set"] = {"device": rec.get("device"), "candidate": rec.get("candidate"), "score": rec.get("score"),
-                           "accepted": rec["open_set"].get("accepted"), "threshold": rec["open_set"].get("threshold"),
-                           "threshold_source": rec["open_set"].get("threshold_source"), "top_k": rec.get("top_k") or []}
-        # The LR for the best candidate, from the calibration of the same scorer (never from a raw score).
-        ident = {"fingerprint": rec["open_set"].get("embedder")}
+                           "accepted": o.get("accepted"), "threshold": o.get("threshold"),
+                           "log10_threshold": o.get("log10_threshold"), "rule": o.get("rule"),
+                           "condition": o.get("condition"), "calibration_source": o.get("calibration_source"),
+                           "top_k": rec.get("top_k") or []}
+        # The LR for the best candidate, from the calibration of the same scorer and condition (never from a raw score).
+        ident = {"fingerprint": o.get("embedder")}
+        cal = lr_cal.get(o.get("condition")) if isinstance(lr_cal, dict) else lr_cal
         if rec["outcome"] == "judged" and entry["integrity"]["status"] in ("verified", "no hash recorded"):
-            sec["lr"] = {"reference_device": rec.get("candidate"),
-                         **assess(lr_cal, float(rec.get("score") or 0.0), entry, ident)}
+            sec["lr"] = {"reference_device": rec.get("candidate"), **assess(cal, float(rec.get("score") or 0.0), entry, ident)}
         elif entry["integrity"]["status"] not in ("verified", "no hash recorded"):
             sec["lr"] = {"reference_device": rec.get("candidate"), "log10_lr": None, "lr": None, "verbal": None,
                          "lr_withheld": f"evidence file {entry['integrity']['status']}"}

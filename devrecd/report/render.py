@@ -174,8 +174,9 @@ def render_html(doc: dict[str, Any], figures: Figures, json_sha256: str = "") ->
         if "open_set" in r:
             o = r["open_set"]
             verdict = _e(o["device"]) + ("" if o.get("accepted") else f" (best candidate {_e(o.get('candidate'))})")
-            card.append(f"<p><b>Open-set verdict:</b> {verdict}; score {_e(o['score'])}, threshold {_e(o['threshold'])} "
-                        f"<span class=\"muted\">({_e(o.get('threshold_source'))})</span></p>")
+            card.append(f"<p><b>Open-set verdict:</b> {verdict}; score {_e(o['score'])}; decision: log10 LR "
+                        f">= {_e(o.get('log10_threshold'))} ({_e(o.get('rule'))}) "
+                        f"<span class=\"muted\">(condition {_e(o.get('condition'))}: {_e(o.get('calibration_source'))})</span></p>")
             card.append(_candidates(o.get("top_k") or []))
             card.append(_lr_block(r.get("lr"), (r.get("lr") or {}).get("reference_device")))
         if "closed_set" in r:
@@ -252,12 +253,18 @@ def render_html(doc: dict[str, Any], figures: Figures, json_sha256: str = "") ->
                               f"{cond.get('duration_min')}-{cond.get('duration_max')} s, {cond.get('recordings')} recordings")),
             ("LR map", _e(f"log10 LR = {cal['slope']:.4g} x score + {cal['offset']:.4g}, bounded to "
                           f"[{cal['lower']:g}, {cal['upper']:g}] (ELUB)")),
+            ("Fitted on", _e(cal.get("basis"))),
+            ("Decision", _e(f"{cal['decision']['rule']}: a device is named when log10 LR >= "
+                            f"{cal['decision']['log10_threshold']:+.3f} (prior {cal['decision']['prior']:g}, "
+                            f"C_miss {cal['decision']['cost_miss']:g}, C_fa {cal['decision']['cost_false_alarm']:g})"
+                            if cal.get("decision") else "")),
         ], raw=True))
         parts.append(_kv([
             ("Trials", f"{mt['n_target']} same-device, {mt['n_nontarget']} different-device"),
             ("EER", _pct(mt["eer"])), ("minDCF (P_target 0.01)", f"{mt['min_dcf']:.3f}"),
             ("Cllr, held-out LRs", f"{mt['cllr']:.3f} bits"), ("Cllr_min (discrimination only)", f"{mt['cllr_min']:.3f} bits"),
-            ("Cllr of the raw scores taken as log10 LRs", f"{mt['cllr_raw_scores']:.3f} bits"),
+            ("Cllr of the raw scores taken as log10 LRs",
+             f"{mt['cllr_raw_scores']:.3f} bits" if "cllr_raw_scores" in mt else "not recorded"),
             ("Misleading evidence, same device (LR < 1)", f"{mt['misleading_hp']} of {mt['n_target']} ({_pct(mt['misleading_hp_rate'])})"),
             ("Misleading evidence, different device (LR > 1)", f"{mt['misleading_hd']} of {mt['n_nontarget']} ({_pct(mt['misleading_hd_rate'])})"),
             ("Held-out LRs", f"{mt.get('folds')}-fold cross-validation by recording"),

@@ -104,13 +104,23 @@ class DeviceChain:
 class Variation:
     """How much one recording differs from the next on the same device (and in which room)."""
 
-    gain_db: float = 3.0  # +- speech level at the microphone
+    level_dbfs: float = -31.0  # speech level at the microphone (CCNU recordings: -34 dBFS +- 5 after the phone)
+    gain_db: float = 2.0  # +- speech level at the microphone
     noise_db: float = 3.0  # +- self-noise level
     response_jitter: float = 0.01  # relative jitter of filter frequencies
     resonance_gain_db: float = 0.5  # +- gain of each resonance
     rt60: tuple[float, float] = (0.15, 0.6)  # room reverberation time range, seconds
     drr_db: tuple[float, float] = (3.0, 15.0)  # direct-to-reverberant ratio range
     ambient_snr_db: tuple[float, float] = (25.0, 45.0)  # room noise below the speech
+    # The playback loudspeaker of a recording session (one for every phone, as in CCNU_Mobile, where
+    # one recording is played to all phones): a small speaker's bass roll-off and presence rise.
+    playback_highpass_hz: float = 450.0  # 0 = speech reaches the room as recorded (no loudspeaker)
+    playback_order: int = 2
+    playback_presence_db: float = 6.0  # high shelf at playback_presence_hz
+    playback_presence_hz: float = 2500.0
+    # Each phone keeps one place in the room for the whole session (as in CCNU_Mobile): its room
+    # impulse response is drawn once per device; False = a new room for every recording.
+    fixed_place: bool = True
 
 
 def _log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
@@ -139,7 +149,7 @@ def sample_model(rng: np.random.Generator, model: int, spread: float = 1.0) -> D
         highpass_hz=round(math.exp(around(math.log(140.0), math.log(2.2), math.log(30.0), math.log(600.0))), 1),
         highpass_order=int(rng.integers(1, 5)),
         resonances=resonances,
-        lowpass_hz=round(around(11500.0, 3500.0, 3800.0, 16000.0), 1),
+        lowpass_hz=round(around(13000.0, 2500.0, 3800.0, 16000.0), 1),
         lowpass_order=int(rng.integers(2, 9)),
         shelf_hz=round(_log_uniform(rng, 800.0, 4000.0), 1),
         shelf_db=round(around(0.0, 6.0, -12.0, 12.0), 2),
@@ -167,19 +177,23 @@ def sample_model(rng: np.random.Generator, model: int, spread: float = 1.0) -> D
     )
 
 
-def sample_unit(model: DeviceChain, rng: np.random.Generator, unit: int) -> DeviceChain:
-    """Another physical unit of ``model``: same design, manufacturing tolerances only."""
+def sample_unit(model: DeviceChain, rng: np.random.Generator, unit: int, tolerance: float = 1.0) -> DeviceChain:
+    """Another physical unit of ``model``: same design, manufacturing tolerances only. ``tolerance``
+    scales them (1: high-pass +-5%, resonance frequencies +-3% and gains +-1 dB, low-pass +-3%,
+    shelf +-0.5 dB, noise +-2 dB, hum +-3 dB, AGC target +-1 dB)."""
+    t = tolerance
     return replace(
         model,
         name=f"m{model.model:02d}_u{unit}", unit=unit,
-        highpass_hz=round(model.highpass_hz * rng.uniform(0.95, 1.05), 1),
-        resonances=tuple((round(f * rng.uniform(0.97, 1.03), 1), round(g + rng.uniform(-1.0, 1.0), 2), q)
+        highpass_hz=round(model.highpass_hz * rng.uniform(1 - 0.05 * t, 1 + 0.05 * t), 1),
+        resonances=tuple((round(f * rng.uniform(1 - 0.03 * t, 1 + 0.03 * t), 1),
+                          round(float(np.clip(g + rng.uniform(-t, t), -15.0, 15.0)), 2), q)
                          for f, g, q in model.resonances),
-        lowpass_hz=round(model.lowpass_hz * rng.uniform(0.97, 1.03), 1),
-        shelf_db=round(model.shelf_db + rng.uniform(-0.5, 0.5), 2),
-        noise_dbfs=round(model.noise_dbfs + rng.uniform(-2.0, 2.0), 2),
-        hum_dbfs=round(model.hum_dbfs + rng.uniform(-3.0, 3.0), 2),
-        agc_target_dbfs=round(model.agc_target_dbfs + rng.uniform(-1.0, 1.0), 2),
+        lowpass_hz=round(min(16000.0, model.lowpass_hz * rng.uniform(1 - 0.03 * t, 1 + 0.03 * t)), 1),
+        shelf_db=round(model.shelf_db + rng.uniform(-0.5 * t, 0.5 * t), 2),
+        noise_dbfs=round(model.noise_dbfs + rng.uniform(-2.0 * t, 2.0 * t), 2),
+        hum_dbfs=round(model.hum_dbfs + rng.uniform(-3.0 * t, 3.0 * t), 2),
+        agc_target_dbfs=round(model.agc_target_dbfs + rng.uniform(-t, t), 2),
         dc_offset=round(float(rng.normal(0.0, 0.002)), 5),
     )
 
@@ -312,17 +326,34 @@ def _resample(x: np.ndarray, rate_in: int, rate_out: int, quality: str) -> np.nd
     return soxr.resample(x, rate_in, rate_out, quality=quality)
 
 
+def playback_sos(var: Variation, rate: int) -> np.ndarray | None:
+    """The session's playback loudspeaker as second-order sections (None: no loudspeaker)."""
+    from scipy.signal import butter
+
+    if var.playback_highpass_hz <= 0:
+        return None
+    return np.concatenate([butter(var.playback_order, var.playback_highpass_hz / (rate / 2.0), "highpass", output="sos"),
+                           high_shelf_sos(var.playback_presence_hz, var.playback_presence_db, rate)])
+
+
 def render(speech: np.ndarray, rate: int, chain: DeviceChain, rng: np.random.Generator,
-           var: Variation = Variation(), out_rate: int | None = None) -> np.ndarray:
-    """Record ``speech`` (float, at ``rate``) on the device: float32 samples at ``out_rate`` (default ``rate``)."""
+           var: Variation = Variation(), out_rate: int | None = None,
+           room_rng: np.random.Generator | None = None) -> np.ndarray:
+    """Record ``speech`` (float, at ``rate``) on the device: float32 samples at ``out_rate`` (default ``rate``).
+    ``room_rng``: where the room impulse response is drawn from (the device's place in a session's
+    room, :attr:`Variation.fixed_place`); default ``rng`` (a new room per recording)."""
     from scipy.signal import fftconvolve, sosfilt
 
     out_rate = out_rate or rate
     n = len(speech)
     x = np.asarray(speech, dtype=np.float64)
-    x = x / max(float(np.sqrt(np.mean(x**2))), 1e-9) * 10.0 ** ((-26.0 + rng.uniform(-var.gain_db, var.gain_db)) / 20.0)
-    # Room: reverberation and ambient noise belong to the recording, not to the device.
-    x = fftconvolve(x, room_impulse(rng, rate, var))[:n]
+    speaker = playback_sos(var, rate)
+    if speaker is not None:  # the session's loudspeaker plays the speech
+        x = sosfilt(speaker, x)
+    level = var.level_dbfs + rng.uniform(-var.gain_db, var.gain_db)
+    x = x / max(float(np.sqrt(np.mean(x**2))), 1e-9) * 10.0 ** (level / 20.0)
+    # Room: reverberation (the device's place, or the recording's room) and ambient noise.
+    x = fftconvolve(x, room_impulse(rng if room_rng is None else room_rng, rate, var))[:n]
     speech_rms = float(np.sqrt(np.mean(x**2)))
     ambient = coloured_noise(rng, n, rate, rng.uniform(-6.0, -2.0))  # rooms are brown-ish
     x = x + ambient * speech_rms * 10.0 ** (-rng.uniform(*var.ambient_snr_db) / 20.0)

@@ -53,6 +53,7 @@ class SynthSettings:
     speakers_per_recording: int = 3  # a recording strings together turns of this many speakers (of its split)
     parallel: bool = True  # clip k of every device is the same speech (one playback session, as in CCNU_Mobile)
     spread: float = 2.5  # scale of model-to-model differences (see SynthConfig.spread)
+    unit_tolerance: float = 4.0  # scale of unit-to-unit differences (see SynthConfig.unit_tolerance)
     variation: Variation = field(default_factory=Variation)
 
     @classmethod
@@ -60,7 +61,8 @@ class SynthSettings:
         """Settings from the ``[synth]`` config section plus the per-run numbers."""
         return cls(devices=devices, recordings_per_device=recordings_per_device, seed=seed, sample_rate=cfg.sample_rate,
                    recording_seconds=cfg.recording_seconds, split=cfg.split, same_model_fraction=cfg.same_model_fraction,
-                   speakers_per_recording=cfg.speakers_per_recording, parallel=cfg.parallel, spread=cfg.spread)
+                   speakers_per_recording=cfg.speakers_per_recording, parallel=cfg.parallel, spread=cfg.spread,
+                   unit_tolerance=cfg.unit_tolerance)
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,8 @@ def make_devices(settings: SynthSettings) -> list[DeviceChain]:
     models = [sample_model(np.random.default_rng([settings.seed, 1, m]), m, settings.spread) for m in range(n - pairs)]
     devices = list(models)
     for m in range(pairs):
-        devices.append(sample_unit(models[m], np.random.default_rng([settings.seed, 2, m]), unit=2))
+        devices.append(sample_unit(models[m], np.random.default_rng([settings.seed, 2, m]), unit=2,
+                                   tolerance=settings.unit_tolerance))
     return sorted(devices, key=lambda d: d.name)
 
 
@@ -216,7 +219,8 @@ def _render_job(job: _Job) -> tuple[int, str, str]:
     speech_rng = np.random.default_rng([job.seed, 5, job.clip] if job.parallel else
                                        [job.seed, 6, job.device.model, job.device.unit, job.clip])
     rng = np.random.default_rng([job.seed, 4, job.device.model, job.device.unit, job.clip])
-    y = render(_speech_for(job, speech_rng), job.rate, job.device, rng, job.variation)
+    room_rng = np.random.default_rng([job.seed, 7, job.device.model, job.device.unit]) if job.variation.fixed_place else None
+    y = render(_speech_for(job, speech_rng), job.rate, job.device, rng, job.variation, room_rng=room_rng)
     buf = io.BytesIO()
     sf.write(buf, y, job.rate, subtype="PCM_16", format="WAV")
     data = buf.getvalue()
@@ -255,6 +259,7 @@ def generate(speech_dir: Path, out: Path, settings: SynthSettings, *, jobs: int 
         "speakers_per_recording": settings.speakers_per_recording,
         "parallel": settings.parallel,
         "spread": settings.spread,
+        "unit_tolerance": settings.unit_tolerance,
         "variation": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.variation.__dict__.items()},
         "speech": {"dir": str(Path(speech_dir).resolve()), "speakers": len(speakers),
                    "files": sum(len(v) for v in speakers.values())},
