@@ -52,11 +52,15 @@ class TorchGsvScorer:
         self.frontend: FrontendConfig = scorer.frontend
         self.relevance = scorer.relevance
         self.fingerprint = scorer.fingerprint
-        self.calibration = scorer.calibration
-        self.source = scorer.source
         self.device = torch.device(device)
         self.input_device = str(self.device)  # the pipeline hands features over on this device
         self._nap = None if scorer.nap is None else torch.as_tensor(scorer.nap, device=self.device)
+
+    def __getattr__(self, name: str) -> Any:
+        """Everything else (its development calibrations, source, NAP basis, ...) is the wrapped scorer's."""
+        if name == "scorer":  # not set yet (during __init__): no recursion
+            raise AttributeError(name)
+        return getattr(self.scorer, name)
 
     # --- the scorer interface (numpy out) -------------------------------------------------------
     def describe(self) -> dict[str, Any]:
