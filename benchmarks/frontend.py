@@ -171,26 +171,28 @@ def _run(task: tuple[str, str, int, int]) -> int:
     return IMPLS[name](_LOADED[path][start:stop])
 
 
-def clips_per_second(name: str, path: str, n: int, workers: int, rounds: int) -> float:
-    """Median over ``rounds`` of clips/s for all ``n`` clips (tasks name index ranges; no audio is
-    pickled), so only the feature computation is timed."""
+def clips_per_second(names: list[str], path: str, n: int, workers: int, rounds: int) -> dict[str, float]:
+    """Median over ``rounds`` of clips/s for all ``n`` clips, per implementation (tasks name index
+    ranges; no audio is pickled), so only the feature computation is timed. The implementations take
+    turns within every round (A B C A B C ...): on a shared machine a load spike then falls on all of
+    them alike instead of on whichever was being timed."""
     per = max(1, n // (workers * 4))
-    tasks = [(name, path, i, min(n, i + per)) for i in range(0, n, per)]
-    rates = []
-    if workers == 1:
-        _run((name, path, 0, 2))  # warm-up (imports, tables)
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    run = map if pool is None else pool.map
+    try:
+        for name in names:  # warm every worker for every implementation (imports, tables, sessions)
+            list(run(_run, [(name, path, 0, 2)] * workers * 2))
         for _ in range(rounds):
-            t0 = time.perf_counter()
-            done = sum(map(_run, tasks))
-            rates.append(done / (time.perf_counter() - t0))
-        return float(np.median(rates))
-    with ProcessPoolExecutor(workers) as pool:
-        list(pool.map(_run, [(name, path, 0, 2)] * workers * 2))  # warm each worker
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            done = sum(pool.map(_run, tasks))
-            rates.append(done / (time.perf_counter() - t0))
-    return float(np.median(rates))
+            for name in names:
+                tasks = [(name, path, i, min(n, i + per)) for i in range(0, n, per)]
+                t0 = time.perf_counter()
+                done = sum(run(_run, tasks))
+                rates[name].append(done / (time.perf_counter() - t0))
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return {name: float(np.median(r)) for name, r in rates.items()}
 
 
 def load_clips(shared: Path, n: int) -> np.ndarray:
@@ -251,7 +253,8 @@ def main() -> int:
     os.environ["DEVRECD_BENCH_CLIP_SECONDS"] = str(args.seconds)  # for the worker processes
     clips = load_clips(args.shared, args.clips)
     print(f"{len(clips)} clips of {args.seconds:g} s at 32 kHz (real speech), 128 x 73 features each; {os.cpu_count()} CPUs")
-    print(f"  median of {args.rounds} passes; glibc malloc settings from the environment, the same for all")
+    print(f"  median of {args.rounds} passes, the implementations taking turns in every pass; glibc malloc "
+          f"settings from the environment, the same for all; load average {os.getloadavg()[0]:.1f}")
     results: dict[tuple[str, int], float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "clips.npy")
@@ -263,9 +266,9 @@ def main() -> int:
             print(f"  {name} vs torch, 8 clips: max abs diff of log-domain dims {log_abs:.2e}, "
                   f"max relative diff of pre-Fbank {fbank_rel:.2e}")
         for workers in (1, 2):
-            for name in IMPLS:
-                results[name, workers] = clips_per_second(name, path, len(clips), workers, args.rounds)
-                print(f"  {workers} worker(s)  {name:<24} {results[name, workers]:8.1f} clips/s")
+            for name, rate in clips_per_second(list(IMPLS), path, len(clips), workers, args.rounds).items():
+                results[name, workers] = rate
+                print(f"  {workers} worker(s)  {name:<24} {rate:8.1f} clips/s")
     for workers in (1, 2):
         best_ref = max(v for (n, w), v in results.items() if w == workers and n not in OURS)
         for name in OURS:

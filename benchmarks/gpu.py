@@ -15,6 +15,11 @@ c. end to end: the daemon's pipeline (``identify``) with the CUDA frontend and t
    frontend, inference, writer), GPU utilisation; baseline: the CPU daemon (CPU frontend + ONNX
    Runtime) on a subset of the same backlog, extrapolated (labelled so).
 d. TensorRT through ``build-engine`` when ``tensorrt`` imports (skipped with the reason otherwise).
+e. the shipped open-set scorer (GMM supervectors, the default ``devrecd enroll`` scorer) on the
+   device (devrecd/supervector_torch.py: frontend, GMM statistics, supervector, NAP and scores in
+   torch): parity with the numpy scorer on every real recording (same verdict, max score
+   difference, target <= 1e-4), and the open-set-only daemon (``identify --registry``, 4 enrolled
+   phones) end to end on the device vs the CPU daemon on a subset (extrapolated, labelled so).
 
 The model: the paper network fitted here, on the benchmark's device, for a few Adam steps on CCNU
 segments 1-3 (saved as a real checkpoint and loaded through the backend like any other), so that
@@ -60,6 +65,7 @@ TARGETS = {
     "e2e_files_per_s": 2000.0,
     "e2e_speedup_vs_cpu": 20.0,
     "frontend_speedup_b256": 50.0,
+    "gsv_max_score_diff": 1e-4,
 }
 
 
@@ -279,16 +285,21 @@ def section_frontend(clips10: np.ndarray, device: str, budget: Budget, share: fl
         "max_rel_diff_per_group": {k: float((diff.max(axis=(0, 1)) / scale)[s].max()) for k, s in groups.items()},
         "finite": bool(np.isfinite(got).all()),
     }
-    # FP16 overflow of raw mel power: real audio, a full-scale tone, and int16-scaled input.
+    # FP16 overflow of raw mel power: real audio, a full-scale tone, and int16-scaled input. Raw: the
+    # energies before the per-clip level normalisation (level "none"), i.e. what the frontend computes
+    # before it divides by the clip's level (the served features with level "clip" are relative).
+    from dataclasses import replace
+
+    raw = Frontend(replace(cfg, level="none"))
     tone = np.sin(2 * np.pi * 1000.0 * np.arange(cfg.clip_samples) / SR).astype(np.float32)[None]
     probes = {"real clips": clips10[:n_par], "full-scale 1 kHz tone": tone}
     overflow = {}
     np.seterr(over="ignore")  # the casts below overflow on purpose: that is what is being counted
     for name, x in probes.items():
-        fb = extract(x, fe, device=device)[..., SLICE_FBANK]
+        fb = extract(x, raw, device=device)[..., SLICE_FBANK]
         overflow[name] = {"max_mel_energy": float(fb.max()), "overflows_fp16": bool(fb.max() > FP16_MAX),
                           "inf_if_cast_to_fp16": int(np.isinf(fb.astype(np.float16)).sum())}
-    fb = extract(tone * 32768.0, fe, device=device)[..., SLICE_FBANK]
+    fb = extract(tone * 32768.0, raw, device=device)[..., SLICE_FBANK]
     overflow["tone as int16 values (unscaled)"] = {"max_mel_energy": float(fb.max()),
                                                    "overflows_fp16": bool(fb.max() > FP16_MAX),
                                                    "inf_if_cast_to_fp16": int(np.isinf(fb.astype(np.float16)).sum())}
@@ -543,12 +554,12 @@ def run_identify(cfg: Any, files: list[Path], device: str) -> dict:
     """The daemon's pipeline over ``files``; files/s and seconds per stage from its own metrics."""
     from devrecd.pipeline.identify import identify_files
     from devrecd.pipeline.runner import inference_streams
-    from devrecd.pipeline.serving import load_serving_backend
+    from devrecd.pipeline.serving import OpenSetOnly, load_served
     from devrecd.metrics import Metrics
 
     metrics = Metrics()
-    backend = load_serving_backend(cfg, metrics)
-    streams = inference_streams(cfg, backend)
+    backend = load_served(cfg, metrics, device=device)  # open set only (the registry's scorer) without a model
+    streams = 0 if isinstance(backend, OpenSetOnly) else inference_streams(cfg, backend)
     try:
         with GpuSampler(device) as gpu:
             t0 = time.perf_counter()
@@ -560,17 +571,17 @@ def run_identify(cfg: Any, files: list[Path], device: str) -> dict:
     judged = sum(r["outcome"] == "judged" for r in records)
     failed = [r for r in records if r["outcome"] != "judged"]
     stages = {}
-    for stage in ("decode", "h2d", "frontend", "features", "queue", "inference", "writer", "end_to_end"):
+    for stage in ("decode", "h2d", "frontend", "features", "scoring", "queue", "inference", "writer", "end_to_end"):
         total = metrics.registry.get_sample_value("devrecd_stage_seconds_sum", {"stage": stage})
         count = metrics.registry.get_sample_value("devrecd_stage_seconds_count", {"stage": stage})
         if count:
             stages[stage] = {"total_s": float(total), "mean_ms": float(total) / count * 1e3, "files": int(count)}
     workers = cfg.watch.workers
     # Busy share of the wall time of the thread(s) running each stage: the largest one binds.
-    threads_of = {"decode": workers, "h2d": workers, "frontend": workers, "features": workers, "inference": streams,
-                  "writer": 1}
+    threads_of = {"decode": workers, "h2d": workers, "frontend": workers, "features": workers, "scoring": workers,
+                  "inference": max(1, streams), "writer": 1}
     busy = {s: stages[s]["total_s"] / (wall * threads_of[s]) for s in threads_of if s in stages}
-    worker_busy = sum(busy.get(s, 0.0) for s in ("decode", "features"))
+    worker_busy = sum(busy.get(s, 0.0) for s in ("decode", "features", "scoring"))
     binding = max({"workers (decode + features)": worker_busy, "inference": busy.get("inference", 0.0),
                    "writer": busy.get("writer", 0.0)}.items(), key=lambda kv: kv[1])[0]
     return {"files": len(files), "judged": judged, "failed": len(failed),
@@ -673,6 +684,110 @@ def section_e2e(recs: list[dict], ckpt: Path, device: str, n_files: int, budget:
     return out
 
 
+# --- (e) the shipped open-set scorer on the device ---------------------------------------------
+
+def gsv_parity(recs: list[dict], device: str, tiny: bool) -> dict:
+    """The shipped GSV scorer in torch on ``device`` vs the numpy scorer on the CPU, on real recordings:
+    profiles are each phone's segment-1 recording (numpy scorer); every other recording is judged
+    both ways (numpy frontend + numpy scorer; the frontend, statistics, supervector, NAP and scores on
+    the device from the samples). Same verdict (arg-max profile) and the largest score difference."""
+    from devrecd.features import FrontendConfig, extract
+    from devrecd.openset.scorers import default_gsv_path, load_gsv
+    from devrecd.pipeline.stages import frontend_for
+    from devrecd.audio import cut_windows
+    from devrecd.supervector_torch import TorchGsvScorer
+
+    shipped, _ = load_gsv(default_gsv_path())
+    fe: FrontendConfig = shipped.frontend
+    on_dev = TorchGsvScorer(shipped, device)
+
+    def clips(samples: np.ndarray) -> np.ndarray:
+        return cut_windows(samples, fe.clip_samples, fe.clip_samples)
+
+    first: dict[str, dict] = {}  # each phone's earliest segment: its profile
+    for r in sorted(recs, key=lambda r: r["segment"]):
+        first.setdefault(r["device"], r)
+    names = sorted(first)
+    profiles = np.stack([shipped.recording_vector(extract(clips(first[n]["samples"]), frontend_for(fe))) for n in names])
+    questioned = [r for r in recs if r is not first[r["device"]]][: 8 if tiny else None]
+    same, worst, t_cpu, t_dev = 0, 0.0, 0.0, 0.0
+    for r in questioned:
+        c = clips(r["samples"])
+        t0 = time.perf_counter()
+        want = shipped.score(shipped.recording_vector(extract(c, frontend_for(fe))), profiles)[0]
+        t_cpu += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        feats = on_dev.features(c)
+        got = on_dev.score(on_dev.recording_vector_on_device(feats), profiles)[0]  # scores come back to the host
+        t_dev += time.perf_counter() - t0
+        same += int(np.argmax(got) == np.argmax(want))
+        worst = max(worst, float(np.abs(got - want).max()))
+    return {"recordings": len(questioned), "profiles": len(names), "same_verdict": same, "max_score_diff": worst,
+            "target_max_score_diff": TARGETS["gsv_max_score_diff"], "met": worst <= TARGETS["gsv_max_score_diff"]
+            and same == len(questioned), "cpu_numpy_s_per_recording": t_cpu / max(1, len(questioned)),
+            "device_s_per_recording": t_dev / max(1, len(questioned))}
+
+
+def section_openset(recs: list[dict], device: str, n_files: int, budget: Budget, share: float, tiny: bool,
+                    shm: Path) -> dict:
+    """(e): parity of the torch GSV scorer, then the open-set-only daemon on the device vs the CPU."""
+    import subprocess
+
+    from devrecd.config import load_config
+
+    deadline = budget.deadline(share)
+    out: dict[str, Any] = {"parity": gsv_parity(recs, device, tiny)}
+    p = out["parity"]
+    say(f"\n(e) the shipped GSV scorer on {device} (torch) vs numpy on the CPU, {p['recordings']} real recordings "
+        f"against {p['profiles']} profiles: same verdict {p['same_verdict']}/{p['recordings']}, max score difference "
+        f"{p['max_score_diff']:.2e} (target <= {p['target_max_score_diff']:g}: {'met' if p['met'] else 'NOT met'}); "
+        f"per recording {p['device_s_per_recording'] * 1e3:.1f} ms on the device vs {p['cpu_numpy_s_per_recording'] * 1e3:.1f} ms numpy")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    work = Path(tempfile.mkdtemp(prefix="devrecd-gpu-openset-", dir=shm))
+    try:
+        phones = sorted({r["device"] for r in recs})[:4]
+        reg = work / "registry.json"
+        for name in phones:  # devrecd enroll (the shipped scorer), each phone's first two recordings
+            refs = []
+            for r in [r for r in recs if r["device"] == name][:2]:
+                refs.append(work / "refs" / f"{name}_{r['segment']}.wav")
+                refs[-1].parent.mkdir(exist_ok=True)
+                write_wav(refs[-1], r["samples"])
+            subprocess.run([sys.executable, "-c", "from devrecd.cli import main; main()", "enroll", "--profile", name,
+                            *map(str, refs), "--registry", str(reg)], check=True, capture_output=True)
+        files = make_backlog(recs, n_files, work / "evidence")
+        common = {"registry.path": str(reg), "watch.queue_size": 256, "log.level": "ERROR"}
+        gpu_cfg = load_config(None, env={}, overrides={**common, "backend.device": device,
+                                                        "watch.workers": max(1, cores - 2) if device.startswith("cuda") else max(1, min(2, cores))})
+        probe_n = min(len(files), 8 if tiny else 256)
+        probe_rate = run_identify(gpu_cfg, files[:probe_n], device)["files_per_s"]  # warms up too
+        fits = int(probe_rate * max(1.0, deadline - time.perf_counter()) * 0.5)
+        if not tiny and fits < len(files):
+            files = files[:max(probe_n, fits)]
+        main = run_identify(gpu_cfg, files, device)
+        cpu_cfg = load_config(None, env={}, overrides={**common, "backend.device": "cpu", "watch.workers": cores})
+        left = max(1.0, deadline - time.perf_counter())
+        subset = files[: min(len(files), 8 if tiny else 64)]
+        cpu = run_identify(cpu_cfg, subset, "cpu")
+        if not tiny:
+            k = int(min(len(files), max(len(subset), cpu["files_per_s"] * left * 0.6)))
+            if k > len(subset):
+                subset = files[:k]
+                cpu = run_identify(cpu_cfg, subset, "cpu")
+        cpu["label"] = (f"CPU open-set daemon (numpy frontend and scorer, {cores} workers) on {len(subset)} of the "
+                        f"{len(files)} files; wall time for the whole backlog EXTRAPOLATED from its rate")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out.update({"phones_enrolled": phones, "files": len(files), "gpu_path": main, "cpu_baseline": cpu,
+                "speedup_vs_cpu": main["files_per_s"] / cpu["files_per_s"]})
+    for name, r in ((f"GSV on {device}", main), ("CPU baseline", cpu)):
+        say(f"    {name:<14} {r['files']:>6} files {r['wall_s']:>8.1f} s {r['files_per_s']:>9.1f} files/s "
+            f"judged {r['judged']}/{r['files']}  binds: {r['binding_stage']}  GPU util {fmt(r['gpu_utilisation'].get('mean_pct'))}%")
+        say("        per file, mean ms: " + ", ".join(f"{s} {v['mean_ms']:.2f}" for s, v in r["stages"].items()))
+    say(f"    {cpu['label']}; speed-up {out['speedup_vs_cpu']:.1f}x")
+    return out
+
+
 # --- (d) TensorRT -----------------------------------------------------------------------------
 
 def section_tensorrt(recs: list[dict], ckpt: Path, test_x: np.ndarray, device: str, budget: Budget, tiny: bool, work: Path) -> dict:
@@ -765,6 +880,8 @@ def targets_table(result: dict) -> list[dict]:
         ("end to end files/s (10 s files)", ">=", TARGETS["e2e_files_per_s"], e2e.get("gpu_path", {}).get("files_per_s")),
         ("end to end vs CPU daemon", ">=", TARGETS["e2e_speedup_vs_cpu"], e2e.get("speedup_vs_cpu")),
         ("frontend vs CPU at batch 256", ">=", TARGETS["frontend_speedup_b256"], fe.get("speedup_b256")),
+        ("shipped GSV scorer: max score diff torch vs numpy", "<=", TARGETS["gsv_max_score_diff"],
+         result.get("openset", {}).get("parity", {}).get("max_score_diff")),
     ]
     out = []
     say("\ntargets (H100/H200) vs measured here")
@@ -827,6 +944,8 @@ def main(argv: list[str] | None = None) -> int:
                                            result["network"]["best_variant"]["options"])
         dump(result, args.out)
         result["tensorrt"] = section_tensorrt(recs, ckpt, test_x, args.device, budget, args.tiny, work)
+        dump(result, args.out)
+        result["openset"] = section_openset(recs, args.device, n_files, budget, 0.9, args.tiny, shm)
     result["target_check"] = targets_table(result)
     result["elapsed_s"] = budget.elapsed()
     say(f"\ntotal {budget.elapsed():.0f} s of a {budget.total:.0f} s budget")

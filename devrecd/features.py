@@ -46,6 +46,7 @@ SLICE_DELTA = slice(N_BASE, 2 * N_BASE)
 SLICE_DELTA2 = slice(2 * N_BASE, 3 * N_BASE)
 SLICE_FBANK = slice(3 * N_BASE, FEATURE_DIM)
 LEVELS = ("clip", "none")  # FrontendConfig.level
+FRAME_TILE = 32  # numpy frontend: frames windowed, transformed and squared together (Frontend._numpy_power)
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,7 @@ class FrontendConfig:
 
     def describe_mismatch(self, other: FrontendConfig) -> str:
         """Human list of the parameters that differ (empty when equal)."""
-        a, b = self.to_dict(), other.to_dict()
+        a, b = asdict(self), asdict(other)  # every parameter: to_dict() leaves out level "none"
         return ", ".join(f"{k}: {a[k]!r} != {b[k]!r}" for k in a if a[k] != b[k])
 
 
@@ -233,6 +234,7 @@ class Frontend:
         self._frame_index = (starts + np.arange(cfg.win_length)[None, :]).reshape(-1)
         self._tables: dict[tuple[str, str], tuple[Any, Any, Any, Any]] = {}
         self._lock = threading.Lock()
+        self._local = threading.local()  # numpy: each thread's workspace (_workspace)
 
     def _tables_on(self, xp: Any, device: Any) -> tuple[Any, Any, Any, Any]:
         key = (xp.__name__, str(device))
@@ -271,24 +273,89 @@ class Frontend:
 
         cfg = self.cfg
         window, mel, dct, frame_index = self._tables_on(xp, device_of(x))
-        hop, win, n, batch = cfg.hop_length, cfg.win_length, cfg.clip_samples, x.shape[0]
+        win, n, batch = cfg.win_length, cfg.clip_samples, x.shape[0]
+        if is_numpy_namespace(xp):
+            # The same steps through a per-thread workspace (_numpy_power), a few clips at a time.
+            step = cpu_chunk(cfg)
+            if batch <= step:
+                return self._from_power(np, self._numpy_power(x), mel, dct)
+            return np.concatenate([self._from_power(np, self._numpy_power(x[i : i + step]), mel, dct)
+                                   for i in range(0, batch, step)])
 
         # Pre-emphasis y[n] = x[n] - a x[n-1] over the whole clip (y[0] = x[0]).
         mid = xp.concat([x[:, :1], x[:, 1:] - cfg.preemphasis * x[:, :-1]], axis=1)
         # Centre frame i on sample (i + 0.5) * hop: reflect-pad the pre-emphasised clip by
         # ``left`` at the start and enough at the end that there are always n_frames frames.
-        left = (win - hop) // 2
-        right = max(0, (cfg.n_frames - 1) * hop + win - n - left)
+        left, right = self._padding
         y = xp.concat([xp.flip(mid[:, 1 : left + 1], axis=1), mid, xp.flip(mid[:, n - right - 1 : n - 1], axis=1)],
                       axis=1)
         frames = xp.reshape(xp.take(y, frame_index, axis=1), (batch, cfg.n_frames, win)) * window
-        if is_numpy_namespace(xp):
+        spec = xp.fft.rfft(frames, n=cfg.fft_size, axis=-1)
+        power = xp.real(spec) ** 2 + xp.imag(spec) ** 2  # |FFT|^2
+        return self._from_power(xp, power, mel, dct)
+
+    @property
+    def _padding(self) -> tuple[int, int]:
+        """Reflect-padding (left, right) of the pre-emphasised clip: frame i is centred on sample
+        (i + 0.5) * hop, and there are always n_frames frames."""
+        cfg = self.cfg
+        left = (cfg.win_length - cfg.hop_length) // 2
+        return left, max(0, (cfg.n_frames - 1) * cfg.hop_length + cfg.win_length - cfg.clip_samples - left)
+
+    def _numpy_power(self, x: np.ndarray) -> np.ndarray:
+        """|FFT|^2 (B, T, n_fft/2 + 1) float32 of numpy clips: the steps of the array-API path above
+        (pre-emphasis, reflect padding, framing, window, real FFT), each written into a per-thread
+        workspace instead of fresh arrays: the framing is a strided view (no gather), the FFT's zero
+        padding is written once, and nothing the size of a spectrum is allocated per call (fresh
+        multi-MB arrays are fresh pages: the faults cost as much as the arithmetic)."""
+        cfg = self.cfg
+        hop, win, n, batch, t = cfg.hop_length, cfg.win_length, cfg.clip_samples, x.shape[0], cfg.n_frames
+        ws = self._workspace(batch)
+        left, right = self._padding
+        y = ws["y"][:batch]
+        mid = y[:, left : left + n]
+        np.multiply(x[:, :-1], np.float32(cfg.preemphasis), out=ws["tmp"][:batch])
+        np.subtract(x[:, 1:], ws["tmp"][:batch], out=mid[:, 1:])
+        mid[:, 0] = x[:, 0]
+        y[:, :left] = mid[:, left:0:-1]
+        if right:
+            y[:, left + n :] = mid[:, n - 2 : n - right - 2 : -1] if n - right - 2 >= 0 else mid[:, n - 2 :: -1]
+        frames = np.lib.stride_tricks.sliding_window_view(y, win, axis=1)[:, : (t - 1) * hop + 1 : hop]
+        padded = ws["frames"][:batch]  # (B, FRAME_TILE, n_fft): zeros past ``win`` written once
+        spec = ws["spec"][:batch]
+        power = ws["power"][:batch]
+        # FRAME_TILE frames at a time: their float64 frames and spectra (~2 MB for 10 s clips) stay
+        # in cache from the window to the power instead of streaming 16 MB through memory.
+        for a in range(0, t, FRAME_TILE):
+            k = min(FRAME_TILE, t - a)
+            np.multiply(frames[:, a : a + k], self._window, out=padded[:, :k, :win])
             # numpy's pocketfft has no vectorised float32 kernels: its float64 FFT is 2-4x faster
             # (benchmarks/frontend.py), and more exact; the power goes back to float32 at once.
-            frames = xp.astype(frames, xp.float64)
-        spec = xp.fft.rfft(frames, n=cfg.fft_size, axis=-1)
-        power = xp.astype(xp.real(spec) ** 2 + xp.imag(spec) ** 2, xp.float32)  # |FFT|^2
+            np.fft.rfft(padded[:, :k], axis=-1, out=spec[:, :k])
+            parts = spec[:, :k].view(np.float64)
+            np.square(parts, out=parts)
+            np.add(parts[..., 0::2], parts[..., 1::2], out=power[:, a : a + k], casting="same_kind")
+        return power
 
+    def _workspace(self, batch: int) -> dict[str, np.ndarray]:
+        """This thread's buffers for up to ``batch`` clips (grown when needed, never shrunk; at most
+        cpu_chunk clips, so a few MB per thread)."""
+        ws = getattr(self._local, "ws", None)
+        if ws is None or ws["y"].shape[0] < batch:
+            cfg = self.cfg
+            left, right = self._padding
+            bins = cfg.fft_size // 2 + 1
+            ws = {"y": np.empty((batch, left + cfg.clip_samples + right), np.float32),
+                  "tmp": np.empty((batch, cfg.clip_samples - 1), np.float32),
+                  "frames": np.zeros((batch, min(FRAME_TILE, cfg.n_frames), cfg.fft_size), np.float64),
+                  "spec": np.empty((batch, min(FRAME_TILE, cfg.n_frames), bins), np.complex128),
+                  "power": np.empty((batch, cfg.n_frames, bins), np.float32)}
+            self._local.ws = ws
+        return ws
+
+    def _from_power(self, xp: Any, power: Any, mel: Any, dct: Any) -> Any:
+        """The 73 dims from the power spectra (B, T, n_fft/2 + 1), any array library."""
+        cfg = self.cfg
         fbank_energy = xp.matmul(power, mel)  # (B, T, 34 + 1): pre-Fbank (before the log) and frame energy
         if cfg.level == "clip":
             # Gain g multiplies every energy by g^2: divided by the clip's mean frame energy, logE and
@@ -303,6 +370,12 @@ class Frontend:
         d1 = delta(base, cfg.delta_width)
         d2 = delta(d1, cfg.delta_width)
         return xp.concat([base, d1, d2, fbank], axis=-1)
+
+
+def cpu_chunk(cfg: FrontendConfig) -> int:
+    """Clips per numpy call: about 1 MB of FFT input (one 10 s clip, four 2 s clips), so that the
+    spectra stay in cache and the per-thread workspace stays a few MB."""
+    return max(1, (1 << 18) // (cfg.n_frames * cfg.fft_size))
 
 
 def delta(feat: Any, width: int = 2) -> Any:
@@ -333,8 +406,7 @@ def extract(clips: np.ndarray, frontend: Frontend, *, device: str = "cpu", chunk
         clips = clips[None]
     on_cpu = str(device) == "cpu"
     if chunk is None:
-        cfg = frontend.cfg
-        chunk = max(1, (1 << 18) // (cfg.n_frames * cfg.fft_size)) if on_cpu else 256
+        chunk = cpu_chunk(frontend.cfg) if on_cpu else 256
     out = np.empty((len(clips), frontend.cfg.n_frames, FEATURE_DIM), dtype=np.float32)
     for start in range(0, len(clips), chunk):
         batch = clips[start : start + chunk]

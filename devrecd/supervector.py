@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Sequence
+from functools import cached_property
+from typing import Any, Sequence
 
 import numpy as np
 
 from devrecd.errors import DatasetError
-from devrecd.features import N_BASE
+from devrecd.features import N_BASE, array_namespace
 
 DIMS = slice(0, 3 * N_BASE)  # MFCC c1..c12, logE, delta, delta-delta: the 39 classic dims
 RELEVANCE = 16.0  # MAP relevance factor (Reynolds et al. 2000)
@@ -69,34 +70,77 @@ class Ubm:
         return cls(mean, scale, gmm.weights_.astype(np.float64), gmm.means_.astype(np.float64),
                    gmm.covariances_.astype(np.float64))
 
-    def frames(self, feats: np.ndarray) -> np.ndarray:
-        """(..., 73) raw features -> (n_frames, 39) standardised frames."""
-        x = np.asarray(feats, dtype=np.float64)[..., DIMS].reshape(-1, DIMS.stop)
-        return (x - self.feat_mean) / self.feat_scale
+    # The scoring math below is written once against the array API standard (as the frontend is):
+    # numpy arrays in (serving) give numpy out; torch tensors (on a GPU: devrecd.supervector_torch)
+    # give tensors on their device, computed with the same formulas on the same float64 arrays.
 
-    def posteriors(self, frames: np.ndarray) -> np.ndarray:
-        """(n, K) component responsibilities of standardised frames."""
+    def _on(self, xp: Any, device: Any) -> dict[str, Any]:
+        """The UBM's arrays (and the constants of the posteriors) in library ``xp`` on ``device``."""
+        if xp is np:
+            return self._numpy_tables
+        key = (xp.__name__, str(device))
+        tables = self._device_tables.get(key)
+        if tables is None:
+            tables = {k: xp.asarray(v, device=device) for k, v in self._numpy_tables.items()}
+            self._device_tables[key] = tables
+        return tables
+
+    @cached_property
+    def _numpy_tables(self) -> dict[str, np.ndarray]:
         prec = 1.0 / self.variances
-        log_p = (-0.5 * (frames ** 2 @ prec.T - 2.0 * frames @ (self.means * prec).T
-                         + np.sum(self.means ** 2 * prec, axis=1))
-                 - 0.5 * np.sum(np.log(2.0 * np.pi * self.variances), axis=1) + np.log(self.weights))
-        log_p -= log_p.max(axis=1, keepdims=True)
-        p = np.exp(log_p)
-        return p / p.sum(axis=1, keepdims=True)
+        return {"feat_mean": self.feat_mean, "feat_scale": self.feat_scale, "means": self.means,
+                "prec_t": prec.T, "means_prec_t": (self.means * prec).T,
+                "const": np.sum(self.means ** 2 * prec, axis=1),
+                "half_log_det": 0.5 * np.sum(np.log(2.0 * np.pi * self.variances), axis=1),
+                "log_weights": np.log(self.weights),
+                "sqrt_weights": np.sqrt(self.weights)[:, None], "sqrt_variances": np.sqrt(self.variances)}
 
-    def supervector(self, feats: np.ndarray, relevance: float = RELEVANCE) -> np.ndarray:
-        """(K * 39,) normalised MAP mean offsets of ALL frames of ``feats`` ((n, frames, 73) or (frames, 73))."""
-        x = self.frames(feats)
+    @cached_property
+    def _device_tables(self) -> dict[tuple[str, str], dict[str, Any]]:
+        return {}
+
+    def frames(self, feats: Any) -> Any:
+        """(..., 73) raw features -> (n_frames, 39) standardised float64 frames (numpy or torch, as given)."""
+        xp = array_namespace(feats)
+        t = self._on(xp, device_of(feats))
+        x = xp.reshape(xp.astype(feats[..., DIMS], xp.float64), (-1, DIMS.stop))
+        return (x - t["feat_mean"]) / t["feat_scale"]
+
+    def posteriors(self, frames: Any) -> Any:
+        """(..., n, K) component responsibilities of standardised frames (..., n, 39)."""
+        xp = array_namespace(frames)
+        t = self._on(xp, device_of(frames))
+        log_p = (-0.5 * (xp.matmul(frames ** 2, t["prec_t"]) - 2.0 * xp.matmul(frames, t["means_prec_t"]) + t["const"])
+                 - t["half_log_det"] + t["log_weights"])
+        log_p = log_p - xp.max(log_p, axis=-1, keepdims=True)
+        p = xp.exp(log_p)
+        return p / xp.sum(p, axis=-1, keepdims=True)
+
+    def supervectors_of(self, x: Any, relevance: float = RELEVANCE) -> Any:
+        """(..., K * 39) normalised MAP mean offsets of standardised frames ``x`` (..., n, 39): one
+        supervector per leading index (a batch of windows in one call, on any array library)."""
+        xp = array_namespace(x)
+        t = self._on(xp, device_of(x))
         post = self.posteriors(x)
-        n_k = post.sum(axis=0)
-        f_k = post.T @ x
-        alpha = (n_k / (n_k + relevance))[:, None]
+        n_k = xp.sum(post, axis=-2)  # (..., K)
+        f_k = xp.matmul(xp.matrix_transpose(post), x)  # (..., K, 39)
+        alpha = (n_k / (n_k + relevance))[..., None]
         # MAP mean minus UBM mean = alpha * (first-order mean - UBM mean).
-        offset = alpha * (f_k / np.maximum(n_k, 1e-10)[:, None] - self.means)
-        return (offset * np.sqrt(self.weights)[:, None] / np.sqrt(self.variances)).ravel()
+        offset = alpha * (f_k / xp.maximum(n_k, xp.asarray(1e-10, dtype=n_k.dtype, device=device_of(n_k)))[..., None]
+                          - t["means"])
+        scaled = offset * t["sqrt_weights"] / t["sqrt_variances"]
+        return xp.reshape(scaled, (*scaled.shape[:-2], -1))
 
-    def window_supervectors(self, windows: np.ndarray, relevance: float = RELEVANCE) -> np.ndarray:
+    def supervector(self, feats: Any, relevance: float = RELEVANCE) -> Any:
+        """(K * 39,) normalised MAP mean offsets of ALL frames of ``feats`` ((n, frames, 73) or (frames, 73))."""
+        return self.supervectors_of(self.frames(feats), relevance)
+
+    def window_supervectors(self, windows: Any, relevance: float = RELEVANCE) -> Any:
         """(n, K * 39): one supervector per window of an (n, frames, 73) array."""
+        if not isinstance(windows, np.ndarray):  # a tensor: every window in one batched call
+            xp = array_namespace(windows)
+            x = self.frames(windows)
+            return self.supervectors_of(xp.reshape(x, (windows.shape[0], -1, DIMS.stop)), relevance)
         out = np.empty((len(windows), self.dim))
         for i, w in enumerate(windows):
             out[i] = self.supervector(w, relevance)
@@ -127,3 +171,30 @@ class Ubm:
             h.update(k.encode())
             h.update(np.ascontiguousarray(getattr(self, k), dtype=np.float64).tobytes())
         return h.hexdigest()
+
+
+def device_of(x: Any) -> Any:
+    """The device of an array (``"cpu"`` for numpy)."""
+    if isinstance(x, np.ndarray):
+        return "cpu"
+    from array_api_compat import device
+
+    return device(x)
+
+
+def unit_rows(x: Any) -> Any:
+    """Rows scaled to unit length (zero rows stay zero), float64, numpy or torch as given."""
+    xp = array_namespace(x)
+    x = xp.astype(x, xp.float64) if x.dtype != xp.float64 else x
+    norm = xp.linalg.vector_norm(x, axis=-1, keepdims=True)
+    return x / xp.where(norm > 0, norm, xp.ones_like(norm))
+
+
+def nap_project(sv: Any, nap: Any | None) -> Any:
+    """A GSV scorer's recording vector from supervectors (..., D): unit length, the NAP directions
+    (D, dims) removed, unit length again (numpy or torch, as given)."""
+    sv = unit_rows(sv)
+    if nap is not None:
+        xp = array_namespace(sv)
+        sv = sv - xp.matmul(xp.matmul(sv, nap), xp.matrix_transpose(nap))
+    return unit_rows(sv)

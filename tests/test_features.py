@@ -204,6 +204,7 @@ def test_config_validation_and_fingerprint():
     assert FrontendConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.fingerprint() == FrontendConfig().fingerprint() != long.fingerprint()
     assert "clip_seconds: 2.0 != 10.0" in cfg.describe_mismatch(long)
+    assert cfg.describe_mismatch(FrontendConfig(level="none")) == "level: 'clip' != 'none'"  # one side unrecorded
     for bad in ({"n_frames": 64}, {"preemphasis": 1.5}, {"window": "kaiser"}, {"fmax": 40000.0},
                 {"clip_seconds": 0.01}, {"n_fft": 512}):
         with pytest.raises(ConfigError):

@@ -242,7 +242,7 @@ def test_gpu_check_runs_on_the_cpu_and_reports_every_section(ccnu_dir: Path, tmp
                           env={**__import__("os").environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     r = json.loads(out.read_text())
-    assert {"machine", "audio", "model", "frontend", "network", "end_to_end", "tensorrt", "target_check"} <= set(r)
+    assert {"machine", "audio", "model", "frontend", "network", "end_to_end", "tensorrt", "openset", "target_check"} <= set(r)
     assert r["audio"].startswith("real:")
     fe = r["frontend"]
     assert len(fe["parity"]["max_abs_diff_per_dim"]) == 73 and all(map(_finite, fe["parity"]["max_abs_diff_per_dim"]))
@@ -264,4 +264,9 @@ def test_gpu_check_runs_on_the_cpu_and_reports_every_section(ccnu_dir: Path, tmp
     assert e2e["backlog"]["files"] == 16 and _finite(e2e["speedup_vs_cpu"])
     assert "EXTRAPOLATED" in e2e["cpu_baseline"]["label"]
     assert "skipped" in r["tensorrt"] or r["tensorrt"]["engines"]
-    assert len(r["target_check"]) == 5
+    assert len(r["target_check"]) == 6
+    gsv = r["openset"]  # the shipped GSV scorer in torch (on the CPU here) vs numpy
+    assert gsv["parity"]["recordings"] > 0 and gsv["parity"]["met"], gsv["parity"]
+    for run in (gsv["gpu_path"], gsv["cpu_baseline"]):
+        assert run["judged"] == run["files"] > 0 and {"decode", "features", "scoring", "writer"} <= set(run["stages"])
+    assert "EXTRAPOLATED" in gsv["cpu_baseline"]["label"] and _finite(gsv["speedup_vs_cpu"])

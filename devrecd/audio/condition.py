@@ -95,17 +95,22 @@ def _upper_cliff(level: np.ndarray, f: np.ndarray, k: int, nyq: float) -> tuple[
     """The lowest upper band edge with a cliff below 0.9 x Nyquist: (bin of the edge, depth in dB)."""
     n = len(level)
     tail_max = np.maximum.accumulate(level[::-1])[::-1]  # max of level[i:]
+    if n < 2 * k:
+        return None, 0.0
+    # The median of every run of k bins, level[j:j + k], in one call (one bin at a time, this loop
+    # held the GIL for most of a file's condition analysis: the daemon's workers queued on it).
+    median_from = _quantile(0.5, np.lib.stride_tricks.sliding_window_view(level, k), axis=1)
     for i in range(k, n - k):
         if f[i] >= 0.9 * nyq:
             break
-        inside = float(_quantile(0.5, level[i - k: i]))
-        if inside - float(_quantile(0.5, level[i: i + k])) < CLIFF_DB:
+        inside = float(median_from[i - k])
+        if inside - float(median_from[i]) < CLIFF_DB:
             continue
         if tail_max[min(n - 1, i + k)] > inside - CLIFF_DB + BACK_DB:
             continue  # the spectrum comes back: a notch or a roll-off with a floor, not a band limit
         # The edge: the last bin still within 10 dB of the band's level just inside it.
         j = i - k + int(np.flatnonzero(level[i - k: i + k] >= inside - 10.0)[-1])
-        return j, inside - float(_quantile(0.5, level[i: i + k]))
+        return j, inside - float(median_from[i])
     return None, 0.0
 
 

@@ -31,7 +31,7 @@ import numpy as np
 from devrecd.errors import ArtifactError, DatasetError
 from devrecd.features import FrontendConfig
 from devrecd.openset.calibration import fit_balanced
-from devrecd.supervector import RELEVANCE, Ubm
+from devrecd.supervector import RELEVANCE, Ubm, nap_project
 
 KINDS = ("embedder", "gsv", "fusion")
 
@@ -138,10 +138,7 @@ class GsvScorer:
         return cls(ubm, frontend, relevance=relevance, nap=nap, source=source)
 
     def _project(self, sv: np.ndarray) -> np.ndarray:
-        sv = unit(sv)
-        if self.nap is not None:
-            sv = sv - (sv @ self.nap) @ self.nap.T
-        return unit(sv)
+        return nap_project(sv, self.nap)  # one definition for numpy and the torch scorer (supervector_torch)
 
     def recording_vector(self, feats: np.ndarray) -> np.ndarray:
         if len(feats) == 0:
@@ -360,7 +357,12 @@ def as_scorer(obj: Any) -> Any:
 def _part_from(info: dict[str, Any], arrays: dict[str, np.ndarray], model: Any, device: str, threads: int = 1) -> Any:
     kind = info.get("kind", "embedder")
     if kind == "gsv":
-        return GsvScorer.from_arrays(arrays, info)
+        gsv = GsvScorer.from_arrays(arrays, info)
+        if str(device).startswith("cuda"):  # the same scorer computed with torch on the GPU
+            from devrecd.supervector_torch import on_device
+
+            return on_device(gsv, device)
+        return gsv
     if kind == "embedder":
         from devrecd.openset.embedder import load_embedder
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -238,6 +239,9 @@ class RegistryJudge:
         # (channel name, noise key) -> the registry with references under it; noise keys are as many
         # as questioned conditions, so only the MATCHED_REGISTRIES most recent are kept.
         self._matched: OrderedDict[tuple[str, str], tuple[Registry, list[float]]] = OrderedDict()
+        # judge() is called by the pipeline's workers at once: the condition matching (the matcher and
+        # this cache) runs under this lock, one thread at a time; the scoring after it in parallel.
+        self._matching = threading.Lock()
 
     def describe_decision(self) -> str:
         """One line for logs: the decision rule and the conditions with a calibration."""
@@ -259,25 +263,26 @@ class RegistryJudge:
         condition = (recording or {}).get("condition")
         profiles = [[r.sha256 for r in reg.profiles[n].references] for n in reg.names]
         channel, under, refs, note = resolve_comparison(condition, self.store, profiles, self.match_conditions)
-        # Noise: only where the references can be brought to the questioned recording's channel (or none is needed).
-        can_match = self.match_conditions and self.store is not None and refs != "unmatched"
-        noise_note = ("" if can_match else note or ("condition matching is off (registry.match_conditions)"
-                      if not self.match_conditions else "the registry keeps no reference audio"))
-        noise, noise_fields = resolve_noise(condition, self.matcher, profiles, channel,
-                                            enabled=can_match, note=noise_note)
-        if channel is not None or noise is not None:
-            mkey = (channel.name if channel is not None else CLEAN, noise_key(noise) if noise is not None else "")
-            if mkey not in self._matched:
-                matched = matched_registry(reg, self.matcher, channel, self.scorer.recording_vector, noise)
-                snrs = ([self.matcher.matched_snr(s, channel, noise) for shas in profiles for s in shas]
-                        if noise is not None else [])
-                self._matched[mkey] = (matched, snrs)
-                while len(self._matched) > MATCHED_REGISTRIES:
-                    self._matched.popitem(last=False)
-            self._matched.move_to_end(mkey)
-            reg, snrs = self._matched[mkey]
-            if snrs:
-                noise_fields["matched_references_snr_db"] = [min(snrs), max(snrs)]
+        with self._matching:  # the matcher and the matched-registry cache: one thread at a time
+            # Noise: only where the references can be brought to the questioned recording's channel (or none is needed).
+            can_match = self.match_conditions and self.store is not None and refs != "unmatched"
+            noise_note = ("" if can_match else note or ("condition matching is off (registry.match_conditions)"
+                          if not self.match_conditions else "the registry keeps no reference audio"))
+            noise, noise_fields = resolve_noise(condition, self.matcher, profiles, channel,
+                                                enabled=can_match, note=noise_note)
+            if channel is not None or noise is not None:
+                mkey = (channel.name if channel is not None else CLEAN, noise_key(noise) if noise is not None else "")
+                if mkey not in self._matched:
+                    matched = matched_registry(reg, self.matcher, channel, self.scorer.recording_vector, noise)
+                    snrs = ([self.matcher.matched_snr(s, channel, noise) for shas in profiles for s in shas]
+                            if noise is not None else [])
+                    self._matched[mkey] = (matched, snrs)
+                    while len(self._matched) > MATCHED_REGISTRIES:
+                        self._matched.popitem(last=False)
+                self._matched.move_to_end(mkey)
+                reg, snrs = self._matched[mkey]
+                if snrs:
+                    noise_fields["matched_references_snr_db"] = [min(snrs), max(snrs)]
         key = calibration_key(under, (recording or {}).get("duration"))
         cal, source = calibration_for(self.registry, key, self.registry_cfg, self.dev_calibrations)
         fields = identify_vectors(self.scorer.recording_vector(features), self.scorer.window_vectors(features),

@@ -8,7 +8,6 @@ open-set verdict beside a closed-set one; :class:`OpenSetOnly` serves the regist
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any, Callable, Protocol
 
 import numpy as np
@@ -56,7 +55,10 @@ class OpenSetOnly:
         self.scorer = {"kind": desc.get("kind"), "fingerprint": desc.get("fingerprint"), "source": desc.get("source"),
                        "frontend_sha256": desc.get("frontend_sha256"), "registry": str(self.registry_judge.registry.path),
                        "onnx_sha256": onnx_sha256}
-        self.judge: Judge = one_at_a_time(self.registry_judge.judge)
+        self.judge: Judge = self.registry_judge.judge  # thread-safe: the workers score in parallel
+        # A scorer computed on a GPU (the GSV scorer in torch: devrecd.supervector_torch) takes the
+        # CUDA frontend's output where it is: the pipeline then keeps the features on that device.
+        self.input_device = getattr(self.registry_judge.scorer, "input_device", None)
 
     def describe(self) -> dict:
         return {"name": self.name, "closed_set_model": None, "device": self.device,
@@ -122,18 +124,4 @@ def registry_judge(cfg: Config, device: str) -> Judge | None:
     judge = RegistryJudge(cfg, device=device)
     log.info("open-set verdicts from the device registry",
              extra={"registry": cfg.registry.path, "decision": judge.describe_decision()})
-    return one_at_a_time(judge.judge)
-
-
-def one_at_a_time(judge: Judge) -> Judge:
-    """``judge`` called by one thread at a time: the registry judge caches condition-matched
-    registries as it meets new conditions. Scoring is milliseconds beside decoding, which the
-    workers that call it still do in parallel; a condition met for the first time (a codec, or a
-    noise spectrum: docs/conditions.md section 7) brings every reference to it once, under the lock."""
-    lock = threading.Lock()
-
-    def judged(features: np.ndarray, recording: dict) -> dict:
-        with lock:
-            return judge(features, recording)
-
-    return judged
+    return judge.judge  # thread-safe: RegistryJudge matches conditions under its own lock, scores in parallel
