@@ -330,8 +330,8 @@ def test_shipped_gsv_calls_of_never_enrolled_phones_are_not_named_and_decisions_
     phones: the references are matched to the call and the scorer's AMR-NB development calibration
     decides (Bayes, 10 candidates: LR >= 19). A call of a phone that is not enrolled is not named (every
     one was, 0/60 rejected, when a WAV calibration decided calls); the enrolled phones' calls rank
-    their phone first; and every verdict agrees with its LR. (Named: a minority of the enrolled
-    calls, since AMR-NB development trials support LRs up to about 26: docs/openset-model.md.)"""
+    their phone first; and every verdict agrees with its LR. (Named: none or few of the enrolled
+    calls, since AMR-NB development trials support LRs up to about 17: docs/openset-model.md.)"""
     from devrecd.audio.channel import get_channel
     from devrecd.audio.transmit import encode_file
     from devrecd.openset.registry import open_registry
@@ -357,7 +357,10 @@ def test_shipped_gsv_calls_of_never_enrolled_phones_are_not_named_and_decisions_
     for p, r in records.items():
         assert r["open_set"]["condition"] == "amrnb" and r["comparison"]["references"] == "matched"
         assert r["condition_status"] == "validated" and r["log10_lr"] is not None
-        assert (r["device"] != "unknown device") == (r["log10_lr"] >= r["open_set"]["log10_threshold"])
+        named = r["device"] not in ("unknown device", "inconclusive")
+        assert named == (r["open_set"]["decidable"] and r["log10_lr"] >= r["open_set"]["log10_threshold"])
     assert all(records[p]["device"] not in enrolled for p in strangers), {p: records[p]["log10_lr"] for p in strangers}
     assert sum(records[p]["candidate"] == p for p in enrolled[:3]) >= 2
-    assert all(records[p]["device"] in (p, "unknown device") for p in enrolled[:3])  # never another phone
+    # Never another phone: named, rejected, or (10 candidates need LR >= 19, beyond what AMR-NB development
+    # trials support: docs/openset-model.md) inconclusive.
+    assert all(records[p]["device"] in (p, "unknown device", "inconclusive") for p in enrolled[:3])
