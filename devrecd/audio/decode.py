@@ -699,7 +699,7 @@ class _SoundfileSource(_Source):
         self._md5 = self._md5_want = None
         self._bits = 0
         info = flac_streaminfo(head) if self.container == "FLAC" else None
-        if info and any(info["md5"]) and info["bits"] in (8, 16, 24) and self.codec in ("PCM_S8", "PCM_16", "PCM_24"):
+        if info and any(info["md5"]) and {8: "PCM_S8", 16: "PCM_16", 24: "PCM_24"}.get(info["bits"]) == self.codec:
             self._md5, self._md5_want, self._bits = hashlib.md5(), info["md5"], info["bits"]
         try:
             _check_caps(path, self.rate, self.channels, self.frames / max(1, self.rate), cfg, "header")
