@@ -122,3 +122,22 @@ def test_a_clean_wav_carries_no_integrity_flag(tmp_path, cfg, signal):
     path = tmp_path / "clean.wav"
     sf.write(path, signal, SR, subtype="PCM_16")
     assert _judge(path, cfg)["integrity"] == {"flags": [], "notes": []}
+
+
+def test_the_report_inventory_carries_the_integrity_flags_within_its_schema(tmp_path, cfg, signal):
+    """The verdict's integrity flags reach the report's inventory entry and the recording's flags."""
+    import json
+    from pathlib import Path
+
+    jsonschema = pytest.importorskip("jsonschema")
+    from devrecd.report import collect
+
+    bad = tmp_path / "big.rf64"
+    bad.write_bytes(_rf64(signal[: 3 * SR], frames_claimed=2**39))
+    rec = {**_judge(bad, cfg), "outcome": "judged"}
+    entry = collect.inventory_entry(rec, cfg)
+    assert entry["integrity"]["status"] == "verified"
+    assert entry["integrity"]["flags"] == ["header_length_mismatch"] and entry["integrity"]["notes"]
+    schema = json.loads((Path(collect.__file__).parent / "schema.json").read_text())
+    item = schema["properties"]["inventory"]["items"]
+    jsonschema.validate({**entry, "n": 1}, {**item, "$defs": schema.get("$defs", {})})
