@@ -19,6 +19,13 @@ Rules (each one a decision a forensic examiner can read back from the verdict):
   is the mono model-rate result (or, streamed, nothing but a block), whatever the channel count.
 * WAV/FLAC/OGG/MP3 and friends are decoded by libsndfile (``soundfile``); everything else phones
   write (m4a/AAC, AMR-NB/WB, 3gp, Opus in MP4/WebM...) by FFmpeg through PyAV.
+* Integrity findings are flags, not refusals, wherever audio decodes (``Recording.integrity``):
+  ``md5_mismatch`` (a FLAC whose decoded samples do not match the MD5 its STREAMINFO stores; the MD5
+  is computed block by block as the samples are decoded, skipped when the stored MD5 is all zeros),
+  ``truncated`` (an Ogg stream whose last page is cut short or lacks the end-of-stream flag, seen in
+  the file's tail kept by the hashing pass) and ``header_length_mismatch`` (an RF64 ``ds64`` chunk
+  that claims more frames than the data chunk holds). A WAV whose data chunk is cut short is still
+  refused (``corrupt``): libsndfile would read what is there without a word.
 * Channels are mixed to mono by averaging them (``audio.mix = "mean"``) or by taking the first
   (``"first"``). Averaging is the default because a phone's stereo pair shares one ADC clock and
   codec, and averaging keeps both microphones' contribution.
@@ -67,6 +74,8 @@ if TYPE_CHECKING:
     from devrecd.audio.condition import Condition
 
 _READ_CHUNK = 1 << 20
+_TAIL_BYTES = 1 << 17  # the file's last bytes, kept by the hashing pass (an Ogg page is at most 65307)
+INTEGRITY_FLAGS = ("md5_mismatch", "truncated", "header_length_mismatch")
 BLOCK_FRAMES = 1 << 16  # frames decoded at a time (2 MB of float32 at 8 channels)
 MIN_RATE, MAX_RATE = 4_000, 384_000  # sample rates any recording device writes
 
@@ -94,6 +103,8 @@ class Recording:
     # The samples the condition is measured on when ``samples`` is only a stand-in (a streamed file):
     # the recording's first devrecd.audio.condition.ANALYSIS_SECONDS.
     excerpt: np.ndarray | None = field(default=None, repr=False, compare=False)
+    # Integrity findings on the file's structure: {"flags": [...], "notes": [...]} (see INTEGRITY_FLAGS).
+    integrity: dict | None = None
 
     @cached_property
     def condition(self) -> Condition:
@@ -122,6 +133,7 @@ class Recording:
             "decoder": self.decoder,
             "resampled": self.resampled,
             "levels": self.levels,
+            "integrity": self.integrity or {"flags": [], "notes": []},
             "condition": self.condition.to_json(),
         }
         if self.resolved_path:
@@ -207,10 +219,11 @@ def sha256_file(path: str | os.PathLike) -> str:
         os.close(fd)
 
 
-def _hash_fd(fd: int, max_bytes: float) -> tuple[str, int, bytes]:
-    """-> (sha256, bytes read, first 64 bytes); stops (raising OverflowError) past ``max_bytes``."""
+def _hash_fd(fd: int, max_bytes: float) -> tuple[str, int, bytes, bytes]:
+    """-> (sha256, bytes read, first 64 bytes, last ``_TAIL_BYTES`` bytes); stops (raising
+    OverflowError) past ``max_bytes``."""
     h = hashlib.sha256()
-    n, head = 0, b""
+    n, head, prev, last = 0, b"", b"", b""
     os.lseek(fd, 0, os.SEEK_SET)
     while chunk := os.read(fd, _READ_CHUNK):
         if not head:
@@ -219,7 +232,9 @@ def _hash_fd(fd: int, max_bytes: float) -> tuple[str, int, bytes]:
         n += len(chunk)
         if n > max_bytes:
             raise OverflowError(n)
-    return h.hexdigest(), n, head
+        prev, last = last, chunk
+    tail = last if len(last) >= _TAIL_BYTES else (prev + last)[-_TAIL_BYTES:]
+    return h.hexdigest(), n, head, tail
 
 
 # --- the stream ------------------------------------------------------------------------------
@@ -249,6 +264,7 @@ class EvidenceStream:
         self.mix_meter = LevelMeter()  # the mono mix the model hears: the silence check
         self._mix_channel: int | None = None  # channels that cancel in the mean: the louder one instead
         self._mix_decided = False
+        self.integrity_findings: list[tuple[str, str]] = []  # (flag, note) from the bytes; the decoder adds its own
         self.mix_flags: list[str] = []  # what the mix did (channels_cancel), added to the levels' flags
         # The first ANALYSIS_SECONDS at the model rate, kept for the condition (bounded: 15 MB at 32 kHz).
         self._excerpt = np.empty(0, np.float32)
@@ -274,7 +290,7 @@ class EvidenceStream:
         if self._st.st_size > cfg.max_bytes:
             raise TooLongAudio(path, f"{self._st.st_size} bytes, the cap is {cfg.max_bytes} bytes (audio.max_bytes)")
         try:
-            self.sha256, self.size, head = _hash_fd(self._fd, cfg.max_bytes)
+            self.sha256, self.size, head, tail = _hash_fd(self._fd, cfg.max_bytes)
         except OverflowError:
             raise TooLongAudio(path, f"grew past the cap of {cfg.max_bytes} bytes while being read (audio.max_bytes)") from None
         except OSError as exc:
@@ -282,6 +298,8 @@ class EvidenceStream:
         if self.size == 0:
             raise EmptyAudio(path, "the file is empty (0 bytes)")
         self._head = head
+        if head[:4] == b"OggS":
+            self.integrity_findings += _check_ogg_tail(tail, self.size)
         self._fh = os.fdopen(os.dup(self._fd), "rb")
         self._source = _open_decoder(path, self._fh, head, cfg)
         self.native_rate, self.channels = self._source.rate, self._source.channels
@@ -399,6 +417,17 @@ class EvidenceStream:
         out["flags"] = [*out["flags"], *(f for f in self.mix_flags if f not in out["flags"])]
         return out
 
+    def integrity(self) -> dict:
+        """The integrity block of the verdict (after :meth:`blocks` is exhausted): flags and notes."""
+        flags: list[str] = []
+        notes: list[str] = []
+        src = getattr(self, "_source", None)
+        for flag, note in [*self.integrity_findings, *(src.integrity if src is not None else [])]:
+            if flag not in flags:
+                flags.append(flag)
+            notes.append(note)
+        return {"flags": flags, "notes": notes}
+
     def recording(self, samples: np.ndarray | None = None) -> Recording:
         """The :class:`Recording` (after :meth:`blocks` is exhausted): with the decoded ``samples``, or
         without them (a zero-strided stand-in of the right length, no memory) for its description.
@@ -410,7 +439,8 @@ class EvidenceStream:
         return Recording(path=str(self.path), sha256=self.sha256 or "", size=self.size or 0, samples=samples,
                          sample_rate=self.sample_rate, native_rate=self.native_rate, channels=self.channels,
                          codec=self.codec, container=self.container, decoder=self.decoder, resampled=self.resampled,
-                         levels=self.levels(), resolved_path=self.resolved_path, excerpt=excerpt)
+                         levels=self.levels(), resolved_path=self.resolved_path, excerpt=excerpt,
+                         integrity=self.integrity())
 
     def describe(self) -> dict:
         """:meth:`Recording.describe` of this file (after :meth:`blocks` is exhausted)."""
@@ -539,6 +569,7 @@ class _Source:
     codec: str
     container: str
     decoder: str
+    integrity: list[tuple[str, str]]  # (flag, note): integrity findings of the decoder (after blocks())
 
     def blocks(self) -> Iterator[np.ndarray]:
         raise NotImplementedError
@@ -604,10 +635,45 @@ def _declared_rate(fh) -> int | None:
             pos += 8 + size + (size & 1)
         return None
     if head[:4] == b"fLaC":
-        fh.seek(8)  # magic, then the STREAMINFO block header; the rate is 20 bits at byte 10 of its body
-        body = fh.read(13)
-        return (body[10] << 12 | body[11] << 4 | body[12] >> 4) if len(body) == 13 else None
+        fh.seek(0)
+        info = flac_streaminfo(fh.read(42))
+        return info["rate"] if info else None
     return None
+
+
+def flac_streaminfo(head: bytes) -> dict | None:
+    """The STREAMINFO of a FLAC file from its first 42 bytes (magic, block header, 34-byte body):
+    rate, channels, bits per sample, total samples (0: unknown) and the MD5 of the decoded samples
+    (16 zero bytes: not computed by the encoder); None when the bytes are not that."""
+    if len(head) < 42 or head[:4] != b"fLaC" or head[4] & 0x7F != 0:
+        return None
+    b = head[8:42]
+    return {"rate": b[10] << 12 | b[11] << 4 | b[12] >> 4, "channels": (b[12] >> 1 & 7) + 1,
+            "bits": ((b[12] & 1) << 4 | b[13] >> 4) + 1,
+            "total_samples": (b[13] & 0xF) << 32 | int.from_bytes(b[14:18], "big"), "md5": bytes(b[18:34])}
+
+
+def _check_ogg_tail(tail: bytes, size: int) -> list[tuple[str, str]]:
+    """An Ogg file cut short: its last page is incomplete, or complete without the end-of-stream
+    flag that every finished logical stream ends with. ``tail``: the file's last bytes."""
+    at = len(tail)
+    while (at := tail.rfind(b"OggS", 0, at)) >= 0:
+        hdr = tail[at : at + 27]
+        if hdr[4:5] not in (b"", b"\0"):
+            continue  # version 0 is the only one: "OggS" inside a packet, look further back
+        cut = f"Ogg: the last page (at byte {size - len(tail) + at}) is cut short"
+        if len(hdr) < 27 or len(tail) < at + 27 + hdr[26]:
+            return [("truncated", f"{cut} inside its header")]
+        nseg = hdr[26]
+        end = at + 27 + nseg + sum(tail[at + 27 : at + 27 + nseg])
+        if end > len(tail):
+            return [("truncated", f"{cut}: {len(tail) - at} of {end - at} bytes are present")]
+        if end < len(tail) or hdr[5] & 0x04:
+            return []  # ends with the end-of-stream flag (bytes after the last page are not a cut)
+        granule = struct.unpack("<q", hdr[6:14])[0]
+        return [("truncated", f"Ogg: the last page (granule position {granule}) lacks the end-of-stream "
+                              "flag: the stream stops before its end")]
+    return []
 
 
 class _NotForThisDecoder(Exception):
@@ -620,7 +686,7 @@ class _SoundfileSource(_Source):
     def __init__(self, path: Path, fh, head: bytes, cfg: AudioConfig) -> None:
         import soundfile as sf
 
-        self.path, self._fh = path, fh
+        self.path, self._fh, self.integrity = path, fh, []
         fh.seek(0)
         try:
             self._sf = sf.SoundFile(fh)
@@ -628,10 +694,17 @@ class _SoundfileSource(_Source):
             raise _NotForThisDecoder(str(exc)) from None
         self.rate, self.channels, self.frames = self._sf.samplerate, self._sf.channels, self._sf.frames
         self.codec, self.container = self._sf.subtype, self._sf.format
+        # FLAC: the STREAMINFO MD5 of the decoded samples is checked as they are decoded, from the
+        # integers at the file's own width (8/16/24 bits; libsndfile reads them left-aligned).
+        self._md5 = self._md5_want = None
+        self._bits = 0
+        info = flac_streaminfo(head) if self.container == "FLAC" else None
+        if info and any(info["md5"]) and {8: "PCM_S8", 16: "PCM_16", 24: "PCM_24"}.get(info["bits"]) == self.codec:
+            self._md5, self._md5_want, self._bits = hashlib.md5(), info["md5"], info["bits"]
         try:
             _check_caps(path, self.rate, self.channels, self.frames / max(1, self.rate), cfg, "header")
             if self.container in ("WAV", "WAVEX", "RF64"):
-                _check_riff(path, fh)
+                self.integrity += _check_riff(path, fh)
         except AudioError:
             self._sf.close()
             raise
@@ -640,42 +713,77 @@ class _SoundfileSource(_Source):
         import soundfile as sf
 
         # int16 read + scale is ~5x cheaper than libsndfile's float conversion for 16-bit PCM.
-        as_int16 = self.codec == "PCM_16"
+        md5, bits = self._md5, self._bits
+        dtype = "int32" if bits == 24 else "int16" if self.codec == "PCM_16" or md5 else "float32"
+        scale = np.float32(1.0 / 2147483648.0 if dtype == "int32" else 1.0 / 32768.0)
         got = 0
         while True:
             try:
-                block = self._sf.read(BLOCK_FRAMES, dtype="int16" if as_int16 else "float32", always_2d=True)
+                block = self._sf.read(BLOCK_FRAMES, dtype=dtype, always_2d=True)
             except (sf.LibsndfileError, RuntimeError) as exc:
                 raise CorruptAudio(self.path, f"{self.container}/{self.codec} decoding failed after "
                                               f"{got / self.rate:.2f} s: {exc}") from None
             if not len(block):
                 break
             got += len(block)
-            yield block.astype(np.float32) * np.float32(1.0 / 32768.0) if as_int16 else block
+            if md5 is not None:
+                md5.update(_pcm_le(block, bits))
+            yield block if dtype == "float32" else block.astype(np.float32) * scale
         if got < self.frames:
             raise CorruptAudio(self.path, f"truncated: header promises {self.frames} frames, only {got} decode")
+        if md5 is not None and md5.digest() != self._md5_want:
+            self.integrity.append(("md5_mismatch", f"FLAC: the decoded samples' MD5 {md5.hexdigest()} differs from "
+                                                   f"the {self._md5_want.hex()} its STREAMINFO stores"))
 
     def close(self) -> None:
         self._sf.close()
 
 
-def _check_riff(path: Path, fh) -> None:
-    """libsndfile quietly reads what is there of a truncated WAV; refuse it instead."""
+def _pcm_le(block: np.ndarray, bits: int) -> bytes:
+    """Interleaved little-endian signed integers of ``bits`` width (FLAC's MD5 input) from a block
+    libsndfile read left-aligned in int16 (8/16 bits) or int32 (24 bits)."""
+    if bits == 8:
+        return (block >> 8).astype(np.int8).tobytes()
+    if bits == 16:
+        return block.astype("<i2", copy=False).tobytes()
+    return np.ascontiguousarray((block >> 8).astype("<i4").view(np.uint8).reshape(-1, 4)[:, :3]).tobytes()
+
+
+def _check_riff(path: Path, fh) -> list[tuple[str, str]]:
+    """libsndfile quietly reads what is there of a truncated WAV; refuse it instead. An RF64 whose
+    ``ds64`` chunk claims more frames than its data holds is judged with ``header_length_mismatch``.
+    -> integrity findings (flag, note)."""
     end = os.fstat(fh.fileno()).st_size
-    pos = 12
+    pos, ds64, block_align = 12, None, 0
     while pos + 8 <= end:
         fh.seek(pos)
         hdr = fh.read(8)
         if len(hdr) < 8:
-            return
+            return []
         cid, size = hdr[:4], struct.unpack("<I", hdr[4:])[0]
-        if cid == b"data":
+        if cid == b"ds64":  # RF64: 64-bit RIFF size, data size and sample (frame) count
+            body = fh.read(24)
+            ds64 = struct.unpack("<QQQ", body) if len(body) == 24 else None
+        elif cid == b"fmt ":
+            body = fh.read(14)
+            block_align = struct.unpack("<H", body[12:14])[0] if len(body) == 14 else 0
+        elif cid == b"data":
             available = end - pos - 8
             # 0 and 0xFFFFFFFF are "size unknown" (streamed / RF64); they cannot be checked.
             if size not in (0, 0xFFFFFFFF) and available < size:
                 raise CorruptAudio(path, f"truncated WAV: the data chunk declares {size} bytes, {available} are present")
-            return
+            if size == 0xFFFFFFFF and ds64 is not None:
+                data_size, frames = ds64[1], ds64[2]
+                if data_size > available:
+                    raise CorruptAudio(path, f"truncated RF64: the ds64 chunk declares {data_size} data bytes, "
+                                             f"{available} are present")
+                held = min(data_size, available) // block_align if block_align else 0
+                if block_align and frames > held:
+                    return [("header_length_mismatch", f"RF64: the ds64 chunk claims {frames} frames, the data chunk "
+                                                       f"holds {held}")]
+            return []
         pos += 8 + size + (size & 1)
+    return []
 
 
 class _PyAVSource(_Source):
@@ -684,7 +792,7 @@ class _PyAVSource(_Source):
     def __init__(self, path: Path, fh, cfg: AudioConfig) -> None:
         import av
 
-        self.path, self.cfg = path, cfg
+        self.path, self.cfg, self.integrity = path, cfg, []
         fh.seek(0)
         try:
             self._c = av.open(fh, mode="r")

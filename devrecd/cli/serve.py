@@ -183,7 +183,8 @@ def parse_since(text: str, now: float | None = None) -> float:
 
 CSV_FIELDS = ("id", "outcome", "judged_at", "path", "sha256", "size", "duration", "sample_rate", "native_rate",
               "resampled", "device", "score", "top_k", "reason", "detail", "duplicate_of_path", "backend",
-              "model_sha256", "contract_sha256", "software_version", "resolved_path", "level_flags", "supersedes",
+              "model_sha256", "contract_sha256", "software_version", "resolved_path", "level_flags", "integrity_flags",
+              "supersedes",
               "superseded_by")
 
 
@@ -193,6 +194,7 @@ def csv_row(record: dict, superseded_by: Optional[int] = None) -> dict:
     if row.get("top_k"):
         row["top_k"] = ";".join(f"{c['device']}:{c['score']}" for c in row["top_k"])
     row["level_flags"] = ";".join((row.get("levels") or {}).get("flags") or [])
+    row["integrity_flags"] = ";".join((row.get("integrity") or {}).get("flags") or [])
     row["supersedes"] = ";".join(map(str, row.get("supersedes") or []))
     row["superseded_by"] = superseded_by
     return row

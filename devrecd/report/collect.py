@@ -161,6 +161,10 @@ def inventory_entry(rec: dict[str, Any], cfg: Config) -> dict[str, Any]:
                 "bitrate", "bandwidth", "condition", "judged_at", "compared_at", "duplicate_of_path"):
         if rec.get(key) is not None:
             entry[key] = rec[key]
+    stream = rec.get("integrity")
+    if isinstance(stream, dict):  # the intake's findings on the file's structure (md5_mismatch, truncated, ...)
+        check["flags"] = list(stream.get("flags") or [])
+        check["notes"] = list(stream.get("notes") or [])
     if check["status"] in ("verified", "no hash recorded"):
         lv = levels(rec, path, cfg)
         if lv is not None:
@@ -355,7 +359,8 @@ def _recording_section(n: int, rec: dict[str, Any], entry: dict[str, Any], lr_ca
     from devrecd.forensic.plots import timeline_png
 
     sec: dict[str, Any] = {"n": n, "path": entry["path"], "outcome": rec["outcome"], "sha256": rec.get("sha256"),
-                           "integrity": entry["integrity"]["status"], "flags": (entry.get("levels") or {}).get("flags", [])}
+                           "integrity": entry["integrity"]["status"],
+                           "flags": [*(entry.get("levels") or {}).get("flags", []), *entry["integrity"].get("flags", [])]}
     if rec["outcome"] == "compared":
         sec["comparison"] = {k: rec.get(k) for k in ("reference_device", "reference_source", "score", "log10_lr",
                                                      "log10_lr_unbounded", "lr", "bounded", "verbal", "lr_withheld",
@@ -439,6 +444,10 @@ def limitations(doc: dict[str, Any], lr_cal) -> list[str]:
     if flagged:
         out.append(f"{len(flagged)} recording(s) carry level flags (low level, clipping or DC offset) that can mask "
                    "or imitate device traces.")
+    damaged = [e for e in doc["inventory"] if e["integrity"].get("flags")]
+    if damaged:
+        out.append(f"{len(damaged)} recording(s) carry integrity flags (MD5 mismatch, truncation or a header length "
+                   "that the audio does not fill): the audio judged is not the audio the file's own header describes.")
     if any("closed_set" in r and "open_set" not in r for r in doc["recordings"]):
         labels = (doc["method"]["model"].get("labels") or [])
         out.append("Closed-set verdicts name one of the model's training devices"

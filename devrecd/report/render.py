@@ -149,8 +149,10 @@ def render_html(doc: dict[str, Any], figures: Figures, json_sha256: str = "") ->
         lv = e.get("levels")
         levels = "" if not lv else (f"{_e(lv['rms_dbfs'])} dBFS, peak {_e(lv['peak'])}"
                                     + "".join(f' <span class="badge warn">{_e(f)}</span>' for f in lv["flags"]))
+        stream = "".join(f' <span class="badge warn">{_e(f)}</span>' for f in integ.get("flags", [])) + "".join(
+            f'<br><span class="muted">{_e(n)}</span>' for n in integ.get("notes", []))
         rows.append(f"<tr><td>{e['n']}</td><td>{_e(e['path'])}</td><td>{_e(e.get('size'))}</td>"
-                    f"<td>{_hash(e.get('sha256'))}{now}<br>{_integrity(integ['status'])}</td>"
+                    f"<td>{_hash(e.get('sha256'))}{now}<br>{_integrity(integ['status'])}{stream}</td>"
                     f"<td>{_num(e.get('duration'), 2)}</td><td>{rate}</td><td>{cond}{'<br>' + extra if extra else ''}</td>"
                     f"<td>{outcome}</td><td>{levels}</td></tr>")
     parts.append(f"<table>{head}{''.join(rows)}</table>")
