@@ -361,3 +361,47 @@ def test_shipped_gsv_calls_of_never_enrolled_phones_are_not_named_and_decisions_
     assert all(records[p]["device"] not in enrolled for p in strangers), {p: records[p]["log10_lr"] for p in strangers}
     assert sum(records[p]["candidate"] == p for p in enrolled[:3]) >= 2
     assert all(records[p]["device"] in (p, "unknown device") for p in enrolled[:3])  # never another phone
+
+
+def test_streamed_gsv_verdict_equals_the_whole_array_verdict(ccnu_dir: Path, tmp_path: Path) -> None:
+    """The shipped scorer's accumulator (supervector statistics summed chunk by chunk, window vectors
+    per chunk) gives the verdict of the recording's features held whole, for chunks of 1, 3 and many
+    windows, and the open-set-only pipeline (which streams) gives it too."""
+    from devrecd.openset.registry import open_registry
+    from devrecd.openset.scorers import default_gsv_path
+    from devrecd.openset.workflow import RegistryJudge, enrol_files, recording_features
+    from devrecd.pipeline.identify import identify_files
+
+    phones = sorted({p.name.rsplit("_", 1)[0] for p in ccnu_dir.glob("*_1.wav")})[:4]
+    cfg = Config().with_overrides({"registry.path": str(tmp_path / "registry.json")})
+    reg = open_registry(cfg.registry.path, create=True)
+    scorer = load_gsv(default_gsv_path())[0]
+    for p in phones:
+        enrol_files(reg, scorer, p, [ccnu_dir / f"{p}_1.wav"], cfg)
+    reg.save()
+    judge = RegistryJudge(cfg, adopt_frontend=True)
+    questioned = [ccnu_dir / f"{phones[0]}_4.wav", ccnu_dir / f"{phones[2]}_5.wav"]
+    records = {r["path"]: r for r in identify_files(cfg, questioned)}
+
+    def same(a: dict, b: dict) -> None:
+        assert (a["device"], a["candidate"], a["log10_lr"], a["windows_best"]) == \
+            (b["device"], b["candidate"], b["log10_lr"], b["windows_best"])
+        assert [t["device"] for t in a["top_k"]] == [t["device"] for t in b["top_k"]]
+        np.testing.assert_allclose([t["score"] for t in a["top_k"]], [t["score"] for t in b["top_k"]], rtol=1e-9)
+
+    for path in questioned:
+        rec, feats = recording_features(scorer, path, cfg)
+        whole = judge.judge(feats, rec.describe())
+        assert len(feats) > 3 and len(whole["windows_best"]) == len(feats)
+        query = scorer.recording_vector(feats)
+        for size in (1, 3, len(feats) // 2 + 1):
+            acc = judge.accumulator()
+            for i in range(0, len(feats), size):
+                acc.add(feats[i:i + size])
+            vector, windows = acc.result()
+            np.testing.assert_allclose(vector, query, rtol=0, atol=1e-12)
+            np.testing.assert_array_equal(np.concatenate(windows), scorer.window_vectors(feats))
+            same(judge.judge(acc, rec.describe()), whole)
+        same(records[str(path)], whole)
+    with pytest.raises(DatasetError):
+        judge.accumulator().result()  # no windows: no supervector

@@ -31,7 +31,7 @@ import numpy as np
 from devrecd.errors import ArtifactError, DatasetError
 from devrecd.features import FrontendConfig
 from devrecd.openset.calibration import fit_balanced
-from devrecd.supervector import RELEVANCE, Ubm, nap_project
+from devrecd.supervector import RELEVANCE, SupervectorAccumulator, Ubm, nap_project
 
 KINDS = ("embedder", "gsv", "fusion")
 
@@ -147,6 +147,12 @@ class GsvScorer:
 
     def window_vectors(self, feats: np.ndarray) -> np.ndarray:
         return self._project(self.ubm.window_supervectors(feats, self.relevance))
+
+    def accumulator(self) -> SupervectorAccumulator:
+        """:meth:`recording_vector` and :meth:`window_vectors` of features fed chunk by chunk
+        (``add(chunk)``, then ``result()``): the pipeline's open-set path, in memory that does not
+        grow with the recording's length."""
+        return SupervectorAccumulator(self.ubm, self.relevance, self._project, self.window_vectors)
 
     def score(self, queries: np.ndarray, profiles: np.ndarray) -> np.ndarray:
         return unit(np.atleast_2d(queries)) @ unit(np.atleast_2d(profiles)).T
