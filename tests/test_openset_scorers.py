@@ -400,7 +400,7 @@ def test_streamed_gsv_verdict_equals_the_whole_array_verdict(ccnu_dir: Path, tmp
                 acc.add(feats[i:i + size])
             vector, windows = acc.result()
             np.testing.assert_allclose(vector, query, rtol=0, atol=1e-12)
-            np.testing.assert_array_equal(np.concatenate(windows), scorer.window_vectors(feats))
+            np.testing.assert_allclose(np.concatenate(windows), scorer.window_vectors(feats), rtol=0, atol=1e-12)
             same(judge.judge(acc, rec.describe()), whole)
         same(records[str(path)], whole)
     with pytest.raises(DatasetError):
