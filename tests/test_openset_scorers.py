@@ -448,3 +448,20 @@ def test_embedder_and_fusion_accumulators_equal_the_whole_array_vectors(ccnu_dir
             np.testing.assert_allclose(np.concatenate(chunks), windows, rtol=0, atol=1e-12)
     with pytest.raises(DatasetError):
         EmbedderScorer(net).accumulator().result()
+
+
+def test_torch_gsv_accumulator_equals_the_numpy_scorer(ccnu_dir: Path) -> None:
+    """The GPU path's accumulator (statistics summed as tensors), here with torch on the CPU."""
+    torch = pytest.importorskip("torch")
+    from devrecd.openset.scorers import default_gsv_path
+    from devrecd.openset.workflow import recording_features
+    from devrecd.supervector_torch import TorchGsvScorer
+
+    gsv = load_gsv(default_gsv_path())[0]
+    _, feats = recording_features(gsv, sorted(ccnu_dir.glob("*_4.wav"))[0], Config())
+    acc = TorchGsvScorer(gsv, "cpu").accumulator()
+    for i in range(0, len(feats), 3):
+        acc.add(torch.as_tensor(feats[i:i + 3]))
+    vector, windows = acc.result()
+    np.testing.assert_allclose(vector, gsv.recording_vector(feats), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(np.concatenate(windows), gsv.window_vectors(feats), rtol=0, atol=1e-12)
