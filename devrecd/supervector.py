@@ -116,20 +116,30 @@ class Ubm:
         p = xp.exp(log_p)
         return p / xp.sum(p, axis=-1, keepdims=True)
 
-    def supervectors_of(self, x: Any, relevance: float = RELEVANCE) -> Any:
-        """(..., K * 39) normalised MAP mean offsets of standardised frames ``x`` (..., n, 39): one
-        supervector per leading index (a batch of windows in one call, on any array library)."""
+    def stats(self, x: Any) -> tuple[Any, Any]:
+        """Zeroth- and first-order statistics of standardised frames ``x`` (..., n, 39): ``n_k`` (..., K),
+        the summed responsibilities, and ``f_k`` (..., K, 39), the responsibility-weighted sums of the
+        frames. Both are sums over frames: the statistics of a recording are the sums of its parts'
+        (:class:`SupervectorAccumulator`)."""
         xp = array_namespace(x)
-        t = self._on(xp, device_of(x))
         post = self.posteriors(x)
-        n_k = xp.sum(post, axis=-2)  # (..., K)
-        f_k = xp.matmul(xp.matrix_transpose(post), x)  # (..., K, 39)
+        return xp.sum(post, axis=-2), xp.matmul(xp.matrix_transpose(post), x)
+
+    def supervector_from_stats(self, n_k: Any, f_k: Any, relevance: float = RELEVANCE) -> Any:
+        """(..., K * 39) normalised MAP mean offsets from statistics :meth:`stats` (``n_k`` (..., K), ``f_k`` (..., K, 39))."""
+        xp = array_namespace(n_k)
+        t = self._on(xp, device_of(n_k))
         alpha = (n_k / (n_k + relevance))[..., None]
         # MAP mean minus UBM mean = alpha * (first-order mean - UBM mean).
         offset = alpha * (f_k / xp.maximum(n_k, xp.asarray(1e-10, dtype=n_k.dtype, device=device_of(n_k)))[..., None]
                           - t["means"])
         scaled = offset * t["sqrt_weights"] / t["sqrt_variances"]
         return xp.reshape(scaled, (*scaled.shape[:-2], -1))
+
+    def supervectors_of(self, x: Any, relevance: float = RELEVANCE) -> Any:
+        """(..., K * 39) normalised MAP mean offsets of standardised frames ``x`` (..., n, 39): one
+        supervector per leading index (a batch of windows in one call, on any array library)."""
+        return self.supervector_from_stats(*self.stats(x), relevance)
 
     def supervector(self, feats: Any, relevance: float = RELEVANCE) -> Any:
         """(K * 39,) normalised MAP mean offsets of ALL frames of ``feats`` ((n, frames, 73) or (frames, 73))."""
@@ -198,3 +208,42 @@ def nap_project(sv: Any, nap: Any | None) -> Any:
         xp = array_namespace(sv)
         sv = sv - xp.matmul(xp.matmul(sv, nap), xp.matrix_transpose(nap))
     return unit_rows(sv)
+
+
+class SupervectorAccumulator:
+    """A GSV scorer's recording vector and window vectors from a recording's features fed chunk by
+    chunk (:meth:`add`), holding the statistics (:meth:`Ubm.stats`: ``n_k``, ``f_k``, a few kB)
+    and the chunks' window vectors, never the features: memory does not grow with the frames.
+
+    ``project``: supervectors -> the scorer's vectors (:func:`nap_project` with its basis);
+    ``window_vectors``: a chunk's features -> its (n, D) window vectors (numpy); ``to_input``: the
+    chunk as the UBM's arrays take it (e.g. a tensor on the scorer's device); ``to_host``: the
+    recording vector as numpy. :meth:`result` is what the whole-array scorer gives, up to the
+    rounding of summing the statistics in parts (about 1e-15 relative).
+    """
+
+    def __init__(self, ubm: Ubm, relevance: float, project: Any, window_vectors: Any, *,
+                 to_input: Any = None, to_host: Any = None) -> None:
+        self.ubm, self.relevance, self.project, self._window_vectors = ubm, relevance, project, window_vectors
+        self.to_input, self.to_host = to_input or (lambda a: a), to_host or (lambda a: a)
+        self.n_k: Any = None
+        self.f_k: Any = None
+        self.windows: list[np.ndarray] = []  # the chunks' window vectors
+        self.n_windows = 0
+
+    def add(self, feats: Any) -> None:
+        """One chunk of (n, frames, 73) raw features, in the recording's order."""
+        if len(feats) == 0:
+            return
+        x = self.to_input(feats)
+        n_k, f_k = self.ubm.stats(self.ubm.frames(x))
+        self.n_k, self.f_k = (n_k, f_k) if self.n_k is None else (self.n_k + n_k, self.f_k + f_k)
+        self.windows.append(np.asarray(self._window_vectors(x), dtype=np.float64))
+        self.n_windows += len(feats)
+
+    def result(self) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(the recording vector (D,), the window vectors: one (n, D) array per chunk)."""
+        if self.n_k is None:
+            raise DatasetError("a recording without windows has no supervector", reason="no_windows")
+        vector = self.project(self.ubm.supervector_from_stats(self.n_k, self.f_k, self.relevance))
+        return np.asarray(self.to_host(vector), dtype=np.float64), list(self.windows)

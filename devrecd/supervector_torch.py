@@ -80,6 +80,15 @@ class TorchGsvScorer:
     def window_vectors(self, feats: Any) -> np.ndarray:
         return self._host(self.window_vectors_on_device(feats))
 
+    def accumulator(self) -> Any:
+        """As :meth:`GsvScorer.accumulator <devrecd.openset.scorers.GsvScorer.accumulator>`, the
+        statistics summed on the device."""
+        from devrecd.supervector import SupervectorAccumulator
+
+        return SupervectorAccumulator(self.ubm, self.relevance, lambda sv: nap_project(sv, self._nap),
+                                      lambda x: self._host(self.window_vectors_on_device(x)),
+                                      to_input=self._tensor, to_host=self._host)
+
     def score(self, queries: Any, profiles: Any) -> np.ndarray:
         q, p = (self._tensor(np.atleast_2d(v) if isinstance(v, np.ndarray) else v) for v in (queries, profiles))
         import torch

@@ -364,3 +364,107 @@ def test_shipped_gsv_calls_of_never_enrolled_phones_are_not_named_and_decisions_
     # Never another phone: named, rejected, or (10 candidates need LR >= 19, beyond what AMR-NB development
     # trials support: docs/openset-model.md) inconclusive.
     assert all(records[p]["device"] in (p, "unknown device", "inconclusive") for p in enrolled[:3])
+
+
+def test_streamed_gsv_verdict_equals_the_whole_array_verdict(ccnu_dir: Path, tmp_path: Path) -> None:
+    """The shipped scorer's accumulator (supervector statistics summed chunk by chunk, window vectors
+    per chunk) gives the verdict of the recording's features held whole, for chunks of 1, 3 and many
+    windows, and the open-set-only pipeline (which streams) gives it too."""
+    from devrecd.openset.registry import open_registry
+    from devrecd.openset.scorers import default_gsv_path
+    from devrecd.openset.workflow import RegistryJudge, enrol_files, recording_features
+    from devrecd.pipeline.identify import identify_files
+
+    phones = sorted({p.name.rsplit("_", 1)[0] for p in ccnu_dir.glob("*_1.wav")})[:4]
+    cfg = Config().with_overrides({"registry.path": str(tmp_path / "registry.json")})
+    reg = open_registry(cfg.registry.path, create=True)
+    scorer = load_gsv(default_gsv_path())[0]
+    for p in phones:
+        enrol_files(reg, scorer, p, [ccnu_dir / f"{p}_1.wav"], cfg)
+    reg.save()
+    judge = RegistryJudge(cfg, adopt_frontend=True)
+    questioned = [ccnu_dir / f"{phones[0]}_4.wav", ccnu_dir / f"{phones[2]}_5.wav"]
+    records = {r["path"]: r for r in identify_files(cfg, questioned)}
+
+    def same(a: dict, b: dict) -> None:
+        assert (a["device"], a["candidate"], a["log10_lr"], a["windows_best"]) == \
+            (b["device"], b["candidate"], b["log10_lr"], b["windows_best"])
+        assert [t["device"] for t in a["top_k"]] == [t["device"] for t in b["top_k"]]
+        np.testing.assert_allclose([t["score"] for t in a["top_k"]], [t["score"] for t in b["top_k"]], rtol=1e-9)
+
+    for path in questioned:
+        rec, feats = recording_features(scorer, path, cfg)
+        whole = judge.judge(feats, rec.describe())
+        assert len(feats) > 3 and len(whole["windows_best"]) == len(feats)
+        query = scorer.recording_vector(feats)
+        for size in (1, 3, len(feats) // 2 + 1):
+            acc = judge.accumulator()
+            for i in range(0, len(feats), size):
+                acc.add(feats[i:i + size])
+            vector, windows = acc.result()
+            np.testing.assert_allclose(vector, query, rtol=0, atol=1e-12)
+            np.testing.assert_allclose(np.concatenate(windows), scorer.window_vectors(feats), rtol=0, atol=1e-12)
+            same(judge.judge(acc, rec.describe()), whole)
+        same(records[str(path)], whole)
+    with pytest.raises(DatasetError):
+        judge.accumulator().result()  # no windows: no supervector
+
+
+def test_embedder_and_fusion_accumulators_equal_the_whole_array_vectors(ccnu_dir: Path) -> None:
+    """The embedder scorer's accumulator (unit window embeddings summed; the network sees the batches
+    it sees on the whole array) and the fusion's (parts' chunks of different sizes fused) give the
+    vectors and window vectors of the features held whole, for chunks of 1, 3 and many windows."""
+    from devrecd.openset.embedder import EMBED_BATCH
+    from devrecd.openset.scorers import EmbedderScorer, default_gsv_path
+    from devrecd.openset.workflow import recording_features
+
+    gsv = load_gsv(default_gsv_path())[0]
+    weights = np.random.default_rng(0).standard_normal((73, 16)).astype(np.float32)
+
+    class Network:  # a stand-in network: batches of at most EMBED_BATCH windows, as the real ones
+        frontend, dim, batches = gsv.frontend, 16, []
+
+        def describe(self) -> dict:
+            return {"fingerprint": "stand-in", "dim": self.dim, "source": ""}
+
+        def embed_features(self, feats: np.ndarray) -> np.ndarray:
+            batches = [np.asarray(feats[i:i + EMBED_BATCH], np.float32) for i in range(0, len(feats), EMBED_BATCH)]
+            self.batches.extend(map(len, batches))
+            return np.concatenate([b.mean(axis=1) @ weights for b in batches])
+
+    net = Network()
+    cfg = Config()
+    _, one = recording_features(gsv, ccnu_dir / sorted(p.name for p in ccnu_dir.glob("*_1.wav"))[0], cfg)
+    feats = np.concatenate([one] * (EMBED_BATCH // len(one) + 2))  # more than one network batch
+    for scorer in (EmbedderScorer(net), FusionScorer([EmbedderScorer(net), gsv])):
+        query, windows = scorer.recording_vector(feats), scorer.window_vectors(feats)
+        whole_batches = [len(feats[i:i + EMBED_BATCH]) for i in range(0, len(feats), EMBED_BATCH)]
+        for size in (1, 3, len(feats) // 2 + 1):
+            net.batches.clear()
+            acc = scorer.accumulator()
+            for i in range(0, len(feats), size):
+                acc.add(feats[i:i + size])
+            vector, chunks = acc.result()
+            assert net.batches == whole_batches
+            np.testing.assert_allclose(vector, query, rtol=0, atol=1e-12)
+            assert sum(map(len, chunks)) == len(feats)
+            np.testing.assert_allclose(np.concatenate(chunks), windows, rtol=0, atol=1e-12)
+    with pytest.raises(DatasetError):
+        EmbedderScorer(net).accumulator().result()
+
+
+def test_torch_gsv_accumulator_equals_the_numpy_scorer(ccnu_dir: Path) -> None:
+    """The GPU path's accumulator (statistics summed as tensors), here with torch on the CPU."""
+    torch = pytest.importorskip("torch")
+    from devrecd.openset.scorers import default_gsv_path
+    from devrecd.openset.workflow import recording_features
+    from devrecd.supervector_torch import TorchGsvScorer
+
+    gsv = load_gsv(default_gsv_path())[0]
+    _, feats = recording_features(gsv, sorted(ccnu_dir.glob("*_4.wav"))[0], Config())
+    acc = TorchGsvScorer(gsv, "cpu").accumulator()
+    for i in range(0, len(feats), 3):
+        acc.add(torch.as_tensor(feats[i:i + 3]))
+    vector, windows = acc.result()
+    np.testing.assert_allclose(vector, gsv.recording_vector(feats), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(np.concatenate(windows), gsv.window_vectors(feats), rtol=0, atol=1e-12)

@@ -11,7 +11,7 @@ A verdict and its LR therefore never disagree.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -79,7 +79,7 @@ def identify_with_registry(window_embeddings: np.ndarray, registry: Registry, *,
                             calibration_source=calibration_source)
 
 
-def identify_vectors(query: np.ndarray, window_vectors: np.ndarray | None, registry: Registry, *,
+def identify_vectors(query: np.ndarray, window_vectors: np.ndarray | Sequence[np.ndarray] | None, registry: Registry, *,
                      calibration: Calibration | None, k: int = 5, calibration_source: str = "",
                      score: Callable[[np.ndarray, np.ndarray], np.ndarray] = cosine_scores) -> dict[str, Any]:
     """Verdict fields for one recording from its vector (and per-window vectors) under a scorer's ``score``.
@@ -89,6 +89,8 @@ def identify_vectors(query: np.ndarray, window_vectors: np.ndarray | None, regis
     None), ``candidate`` (best profile even when rejected), ``open_set`` (the decision: rule, LR
     threshold, the calibration's hash and source, registry path and size, scorer kind), ``top_k``
     (ranked profiles with score and log10_lr) and ``windows_best`` (best profile per window).
+    ``window_vectors``: one (n_windows, D) array, or the recording's windows in consecutive chunks
+    (a sequence of such arrays: :meth:`~devrecd.openset.scorers.GsvScorer.accumulator`).
     """
     names, means = registry.matrix()
     scores = np.asarray(score(np.atleast_2d(query), means), dtype=np.float64)[0]
@@ -111,8 +113,9 @@ def identify_vectors(query: np.ndarray, window_vectors: np.ndarray | None, regis
                          "log10_threshold": calibration.log10_threshold,
                          "threshold": round(float(calibration.threshold), 6), "calibration": calibration.fitted_sha256,
                          "calibration_basis": calibration.basis, "bounds": [calibration.lower, calibration.upper]})
-    windows_best = [] if window_vectors is None or len(window_vectors) == 0 else \
-        [names[int(j)] for j in np.asarray(score(window_vectors, means)).argmax(axis=1)]
+    chunks = [] if window_vectors is None else \
+        [window_vectors] if isinstance(window_vectors, np.ndarray) else list(window_vectors)
+    windows_best = [names[int(j)] for c in chunks if len(c) for j in np.asarray(score(c, means)).argmax(axis=1)]
     return {
         "device": device,
         "score": round(float(scores[best]), 6),

@@ -251,9 +251,17 @@ class RegistryJudge:
         return (f"{Decision.from_config(self.registry_cfg).describe(len(self.registry.profiles))}; "
                 f"calibrated conditions: {', '.join(have) or 'none'}")
 
-    def judge(self, features: np.ndarray, recording: dict[str, Any] | None = None) -> dict[str, Any]:
+    def accumulator(self) -> Any:
+        """A fresh accumulator of the scorer (``add(features_chunk)``; :meth:`judge` takes it once fed
+        a recording's features, in order), or None where the scorer needs the features whole."""
+        make = getattr(self.scorer, "accumulator", None)
+        return make() if callable(make) else None
+
+    def judge(self, features: Any, recording: dict[str, Any] | None = None) -> dict[str, Any]:
         """Verdict fields (device, score, log10_lr, candidate, open_set, top_k, windows_best, comparison,
-        condition_status) of one recording; ``recording`` (its ``describe()``) carries its condition."""
+        condition_status) of one recording; ``recording`` (its ``describe()``) carries its condition.
+        ``features``: the recording's (n_windows, 128, 73) raw features, or an :meth:`accumulator`
+        fed them chunk by chunk (the same verdict, without the features held whole)."""
         from devrecd.audio.noise import noise_key
         from devrecd.openset.conditions import snr_outside
         from devrecd.openset.matching import CLEAN, condition_report, matched_registry, resolve_comparison, resolve_noise
@@ -285,8 +293,11 @@ class RegistryJudge:
                     noise_fields["matched_references_snr_db"] = [min(snrs), max(snrs)]
         key = calibration_key(under, (recording or {}).get("duration"))
         cal, source = calibration_for(self.registry, key, self.registry_cfg, self.dev_calibrations)
-        fields = identify_vectors(self.scorer.recording_vector(features), self.scorer.window_vectors(features),
-                                  reg, calibration=cal, k=self.top_k, calibration_source=source, score=self.scorer.score)
+        if callable(getattr(features, "result", None)):  # an accumulator (streamed features)
+            query, windows = features.result()
+        else:
+            query, windows = self.scorer.recording_vector(features), self.scorer.window_vectors(features)
+        fields = identify_vectors(query, windows, reg, calibration=cal, k=self.top_k, calibration_source=source, score=self.scorer.score)
         fields["open_set"]["condition"] = key
         report = condition_report(condition, under, refs, [key] if cal is not None else [],
                                   note if cal is not None else "; ".join(filter(None, [source, note])))

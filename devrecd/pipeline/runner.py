@@ -25,8 +25,10 @@ Meanwhile :attr:`Pipeline.storage_error` says why (``/readyz`` is 503, ``devrecd
 Chunks: judged by the closed-set model alone, a file's features go to the batcher chunk by chunk as
 the worker computes them, so no file's features are ever held whole; the writer gathers each chunk's
 window probabilities (:class:`Chunk`) and judges the file once the worker has said how many windows
-it has (:class:`FeaturesDone`) and all of them are in. With a registry the scorer needs a
-recording's features whole (its recording vector), so such a file goes to the batcher in one unit.
+it has (:class:`FeaturesDone`) and all of them are in. With a registry beside the model the scorer
+needs a recording's features whole (its recording vector), so such a file goes to the batcher in
+one unit. Open set only, a scorer with an accumulator (the GSV scorer: its supervector statistics
+are sums over frames) takes the chunks as they are computed, so no file's features are held whole.
 
 Duplicates: a worker asks the journal once per file whether the same content was judged before.
 Two files of the same content in flight at once are both inferred; the writer then asks the journal
@@ -93,8 +95,11 @@ class Pipeline:
         # watch.follow_external_links (None: files named by the user, followed anywhere).
         self.roots = list(roots) if roots is not None else None
         self.judge = judge  # open-set verdict against the device registry (registry.path), if configured
+        # Open set only with a scorer that takes features chunk by chunk (the GSV scorer): its accumulator.
+        self.accumulator: Callable[[], Any] | None = None
         if isinstance(backend, OpenSetOnly):  # the registry's verdict alone, on the scorer's own frontend
             self.judge = backend.judge
+            self.accumulator = backend.registry_judge.accumulator
             self.cfg = cfg = replace(cfg, frontend=backend.frontend)
         self.backend = backend
         self.labels = tuple(backend.labels)
@@ -373,8 +378,10 @@ class Pipeline:
         t0 = time.perf_counter()
         confine = None if self.roots is None or cfg.watch.follow_external_links else self.roots
         # The closed-set model alone: features go to the batcher chunk by chunk as they are computed.
-        # The open-set scorer needs a recording's features whole (its recording vector).
+        # Open set only: to the scorer's accumulator chunk by chunk where it has one (the GSV scorer);
+        # otherwise (a network scorer; beside a closed-set model) a recording's features are held whole.
         chunked = self.batcher is not None and self.judge is None
+        accumulated = self.accumulator() if self.batcher is None and self.accumulator is not None else None
         original: Entry | None = None
         # Decoded block by block: the recording's samples are never held whole.
         with open_stream(job.path, cfg.frontend.sample_rate, cfg.audio, confine=confine) as stream:
@@ -390,6 +397,13 @@ class Pipeline:
                 # A duplicate's chunks are not inferred (it is still decoded: its record describes it).
                 sink = (lambda feats, first: None) if original is not None else (
                     lambda feats, first: self._put_chunk(job, feats, first))
+            elif accumulated is not None:
+                if not self.rejudge and stream.sha256:
+                    original = self.journal.judged_with(stream.sha256, exclude=job.entry_id)
+                as_is = self.judge_on_device  # features left on the GPU go to the scorer there
+                sink = (lambda feats, first: None) if original is not None else (
+                    lambda feats, first: accumulated.add(feats if as_is or not hasattr(feats, "cpu")
+                                                         else feats.cpu().numpy()))
             spent: dict[str, float] = {}
             feats, starts = stream_features(stream, cfg, device=self.device, timings=spent,
                                             on_device=self.keep_on_device, sink=sink)
@@ -407,8 +421,11 @@ class Pipeline:
             return
         if self.judge is not None:  # the registry's verdict, here in the parallel workers
             t1 = time.perf_counter()
-            as_is = self.judge_on_device or not hasattr(feats, "cpu")
-            fields = self.judge(feats if as_is else feats.cpu().numpy(), job.recording)
+            if accumulated is not None:  # fed chunk by chunk: the features were never held whole
+                fields = self.judge(accumulated, job.recording)
+            else:
+                as_is = self.judge_on_device or not hasattr(feats, "cpu")
+                fields = self.judge(feats if as_is else feats.cpu().numpy(), job.recording)
             job.timings["scoring"] = time.perf_counter() - t1
             if self.batcher is None:  # open set only: that is the verdict
                 self._results.put(Scored(job, fields))
