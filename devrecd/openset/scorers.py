@@ -274,6 +274,14 @@ class FusionScorer:
     def window_vectors(self, feats: np.ndarray) -> np.ndarray:
         return np.concatenate([p.window_vectors(feats) for p in self.parts], axis=1) / np.sqrt(len(self.parts))
 
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "fingerprint": self.fingerprint, "dim": int(sum(self.dims)),
+                "weights": [float(w) for w in self.weights], "bias": self.bias,
+                "parts": [p.describe() for p in self.parts], "frontend_sha256": self.frontend.fingerprint(),
+                "frontend": self.frontend.to_dict(),
+                "source": " + ".join(str(p.describe().get("source", "")) for p in self.parts),
+                **({"dev_calibrations": self.calibrations} if self.calibrations else {})}
+
     def accumulator(self) -> FusionAccumulator:
         """Each part's accumulator (see :meth:`GsvScorer.accumulator`), their vectors side by side."""
         return FusionAccumulator([p.accumulator() for p in self.parts])
@@ -308,14 +316,6 @@ class FusionAccumulator:
                     c.pop(0)
                     at[i] = 0
         return np.concatenate(vectors) / scale, out
-
-    def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "fingerprint": self.fingerprint, "dim": int(sum(self.dims)),
-                "weights": [float(w) for w in self.weights], "bias": self.bias,
-                "parts": [p.describe() for p in self.parts], "frontend_sha256": self.frontend.fingerprint(),
-                "frontend": self.frontend.to_dict(),
-                "source": " + ".join(str(p.describe().get("source", "")) for p in self.parts),
-                **({"dev_calibrations": self.calibrations} if self.calibrations else {})}
 
 
 def fit_fusion(part_target: np.ndarray, part_nontarget: np.ndarray) -> tuple[np.ndarray, float]:
