@@ -93,7 +93,9 @@ def test_fusion_enrols_calibrates_compares_and_identifies(fusion) -> None:
     res = run(app, ["enroll", "--registry", str(reg), "--profile", "x", "--scorer", "gsv", str(phones[stranger][1])])
     assert res.exit_code == 2 and "was enrolled with scorer 'fusion', not 'gsv'" in res.output  # usage error
 
-    cfg = load_config(None, env={}, overrides={"registry.path": str(reg)})
+    # As recorded (no references brought to a questioned recording's noise: some CCNU recordings are a few
+    # dB noisier than their references), so that the fused score can be recomputed from the references below.
+    cfg = load_config(None, env={}, overrides={"registry.path": str(reg), "registry.match_conditions": False})
     records = {Path(r["path"]).name: r for r in identify_files(cfg, [phones[enrolled[0]][4], phones[stranger][4]])}
     hit, miss = records[phones[enrolled[0]][4].name], records[phones[stranger][4].name]
     assert hit["scorer"]["kind"] == "fusion" and hit["open_set"]["scorer"] == "fusion"
