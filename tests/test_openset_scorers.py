@@ -410,6 +410,49 @@ def test_streamed_gsv_verdict_equals_the_whole_array_verdict(ccnu_dir: Path, tmp
         judge.accumulator().result()  # no windows: no supervector
 
 
+def test_embedder_and_fusion_accumulators_equal_the_whole_array_vectors(ccnu_dir: Path) -> None:
+    """The embedder scorer's accumulator (unit window embeddings summed; the network sees the batches
+    it sees on the whole array) and the fusion's (parts' chunks of different sizes fused) give the
+    vectors and window vectors of the features held whole, for chunks of 1, 3 and many windows."""
+    from devrecd.openset.embedder import EMBED_BATCH
+    from devrecd.openset.scorers import EmbedderScorer, default_gsv_path
+    from devrecd.openset.workflow import recording_features
+
+    gsv = load_gsv(default_gsv_path())[0]
+    weights = np.random.default_rng(0).standard_normal((73, 16)).astype(np.float32)
+
+    class Network:  # a stand-in network: batches of at most EMBED_BATCH windows, as the real ones
+        frontend, dim, batches = gsv.frontend, 16, []
+
+        def describe(self) -> dict:
+            return {"fingerprint": "stand-in", "dim": self.dim, "source": ""}
+
+        def embed_features(self, feats: np.ndarray) -> np.ndarray:
+            batches = [np.asarray(feats[i:i + EMBED_BATCH], np.float32) for i in range(0, len(feats), EMBED_BATCH)]
+            self.batches.extend(map(len, batches))
+            return np.concatenate([b.mean(axis=1) @ weights for b in batches])
+
+    net = Network()
+    cfg = Config()
+    _, one = recording_features(gsv, ccnu_dir / sorted(p.name for p in ccnu_dir.glob("*_1.wav"))[0], cfg)
+    feats = np.concatenate([one] * (EMBED_BATCH // len(one) + 2))  # more than one network batch
+    for scorer in (EmbedderScorer(net), FusionScorer([EmbedderScorer(net), gsv])):
+        query, windows = scorer.recording_vector(feats), scorer.window_vectors(feats)
+        whole_batches = [len(feats[i:i + EMBED_BATCH]) for i in range(0, len(feats), EMBED_BATCH)]
+        for size in (1, 3, len(feats) // 2 + 1):
+            net.batches.clear()
+            acc = scorer.accumulator()
+            for i in range(0, len(feats), size):
+                acc.add(feats[i:i + size])
+            vector, chunks = acc.result()
+            assert net.batches == whole_batches
+            np.testing.assert_allclose(vector, query, rtol=0, atol=1e-12)
+            assert sum(map(len, chunks)) == len(feats)
+            np.testing.assert_allclose(np.concatenate(chunks), windows, rtol=0, atol=1e-12)
+    with pytest.raises(DatasetError):
+        EmbedderScorer(net).accumulator().result()
+
+
 def test_torch_gsv_accumulator_equals_the_numpy_scorer(ccnu_dir: Path) -> None:
     """The GPU path's accumulator (statistics summed as tensors), here with torch on the CPU."""
     torch = pytest.importorskip("torch")

@@ -78,6 +78,11 @@ class EmbedderScorer:
     def window_vectors(self, feats: np.ndarray) -> np.ndarray:
         return unit(self.embedder.embed_features(feats))
 
+    def accumulator(self) -> EmbeddingAccumulator:
+        """:meth:`recording_vector` and :meth:`window_vectors` of features fed chunk by chunk (as
+        :meth:`GsvScorer.accumulator`): the sum of the unit window embeddings."""
+        return EmbeddingAccumulator(self)
+
     def recording_vector(self, feats: np.ndarray) -> np.ndarray:
         w = self.window_vectors(feats)
         if w.shape[0] == 0:
@@ -86,6 +91,44 @@ class EmbedderScorer:
 
     def score(self, queries: np.ndarray, profiles: np.ndarray) -> np.ndarray:
         return unit(np.atleast_2d(queries)) @ unit(np.atleast_2d(profiles)).T
+
+
+class EmbeddingAccumulator:
+    """An :class:`EmbedderScorer`'s vectors from features fed chunk by chunk (``add``, then
+    ``result() -> (recording vector, window vectors in chunks)``). The network sees the batches of
+    :data:`~devrecd.openset.embedder.EMBED_BATCH` windows it sees when given the features whole (a
+    batch's numerics may depend on its size), so at most one batch of features is held, and the
+    recording vector is the unit-length mean of the unit window embeddings, summed as they come."""
+
+    def __init__(self, scorer: EmbedderScorer) -> None:
+        from devrecd.openset.embedder import EMBED_BATCH
+
+        self.scorer, self.batch = scorer, EMBED_BATCH
+        self.pending: list[np.ndarray] = []  # features not embedded yet (less than one batch)
+        self.total: np.ndarray | None = None  # sum of the unit window embeddings
+        self.windows: list[np.ndarray] = []
+        self.n_windows = 0
+
+    def add(self, feats: np.ndarray) -> None:
+        self.pending.append(np.asarray(feats))
+        while sum(map(len, self.pending)) >= self.batch:
+            held = np.concatenate(self.pending)
+            self._embed(held[:self.batch])
+            self.pending = [held[self.batch:]] if len(held) > self.batch else []
+
+    def _embed(self, feats: np.ndarray) -> None:
+        w = self.scorer.window_vectors(feats)
+        self.total = w.sum(axis=0) if self.total is None else self.total + w.sum(axis=0)
+        self.windows.append(w)
+        self.n_windows += len(w)
+
+    def result(self) -> tuple[np.ndarray, list[np.ndarray]]:
+        if self.pending and sum(map(len, self.pending)):
+            self._embed(np.concatenate(self.pending))
+        self.pending = []
+        if self.total is None:
+            raise DatasetError("a recording without windows has no embedding", reason="no_windows")
+        return unit(self.total / self.n_windows), list(self.windows)
 
 
 def fit_nap(vectors: np.ndarray, labels: Sequence[str], dims: int) -> np.ndarray:
@@ -238,6 +281,42 @@ class FusionScorer:
                 "frontend": self.frontend.to_dict(),
                 "source": " + ".join(str(p.describe().get("source", "")) for p in self.parts),
                 **({"dev_calibrations": self.calibrations} if self.calibrations else {})}
+
+    def accumulator(self) -> FusionAccumulator:
+        """Each part's accumulator (see :meth:`GsvScorer.accumulator`), their vectors side by side."""
+        return FusionAccumulator([p.accumulator() for p in self.parts])
+
+
+class FusionAccumulator:
+    """A :class:`FusionScorer`'s vectors from its parts' accumulators: the parts' recording vectors
+    side by side, and their window vectors side by side in chunks (the parts' chunks need not
+    coincide: each fused chunk is a run of windows within one chunk of every part). One ``result()``."""
+
+    def __init__(self, parts: Sequence[Any]) -> None:
+        self.parts = list(parts)
+
+    def add(self, feats: Any) -> None:
+        for p in self.parts:
+            p.add(feats)
+
+    def result(self) -> tuple[np.ndarray, list[np.ndarray]]:
+        scale = np.sqrt(len(self.parts))
+        vectors, chunks = zip(*(p.result() for p in self.parts))
+        for p in self.parts:  # the chunks below are the only references left: freed as they are fused
+            p.windows = []
+        chunks = [list(c) for c in chunks]
+        at = [0] * len(chunks)  # position within each part's first chunk
+        out = []
+        while all(chunks):
+            run = min(len(c[0]) - a for c, a in zip(chunks, at))
+            out.append(np.concatenate([c[0][a:a + run] for c, a in zip(chunks, at)], axis=1) / scale)
+            for i, c in enumerate(chunks):
+                at[i] += run
+                if at[i] == len(c[0]):
+                    c.pop(0)
+                    at[i] = 0
+        return np.concatenate(vectors) / scale, out
+
 
 def fit_fusion(part_target: np.ndarray, part_nontarget: np.ndarray) -> tuple[np.ndarray, float]:
     """Logistic-regression fusion weights and bias on development trials.
