@@ -509,7 +509,7 @@ def test_open_set_window_is_identifys_registry_verdict(gsv_registry: Path, ccnu_
         for k in OPEN_SET_VERDICT:
             assert got[k] == ref[k], (k, got[k], ref[k])
         assert set(ref) - set(got) <= {"id", "path", "sha256", "size", "duration", "native_rate", "channels", "codec",
-                                       "container", "decoder", "levels"}
+                                       "container", "decoder", "levels", "integrity"}  # a file's, not a window's
         assert got["condition"]["channel"] == ref["condition"]["channel"] == "" and got["condition"]["lossless"]
     # The running verdict judges the last live.smoothing windows together, as a file of them.
     assert records[0]["running"]["device"] == "IPHONEX" and records[0]["running"]["windows"] == 1
