@@ -49,8 +49,10 @@ def condition_mismatch(recording: dict[str, Any], conditions: dict[str, Any]) ->
     about it). A calibration that records its comparison channels (every one made since they are
     recorded: the open-set judge, ``compare`` and the report then apply the same rule) takes a
     different header codec or native rate as a warning: the measured channel decides, as in the
-    verdict. One that does not (older) blocks on them. A duration or SNR outside the calibrated
-    range is a warning (the score is still of the same kind, its spread is not).
+    verdict. One that does not (older) blocks on them. An SNR below the calibration's recordings
+    blocks it too (noise-matched comparisons of noisier recordings score higher than any trial it
+    was fitted on). A duration outside the calibrated range is a warning (the score is still of the
+    same kind, its spread is not).
     """
     blocking, warnings = [], []
     headers = warnings if conditions.get("channels") else blocking
@@ -70,7 +72,7 @@ def condition_mismatch(recording: dict[str, Any], conditions: dict[str, Any]) ->
         warnings.append(f"duration {float(dur):.1f} s outside the calibration's {lo:.1f}-{hi:.1f} s")
     snr = snr_outside(recording.get("condition"), conditions)
     if snr:
-        warnings.append(snr)
+        blocking.append(snr)
     return blocking, warnings
 
 

@@ -293,6 +293,13 @@ class RegistryJudge:
                     noise_fields["matched_references_snr_db"] = [min(snrs), max(snrs)]
         key = calibration_key(under, (recording or {}).get("duration"))
         cal, source = calibration_for(self.registry, key, self.registry_cfg, self.dev_calibrations)
+        # A recording noisier than every recording the calibration was fitted on is outside what it
+        # validates, as a channel it never saw is: noise-matched references make an unknown phone's
+        # noisy recording score like a known one (measured: benchmarks/conditions.py), so no LR and no
+        # named device; the ranking stays.
+        outside = snr_outside(condition, cal.conditions) if cal is not None else None
+        if outside:
+            cal, source = None, outside
         if callable(getattr(features, "result", None)):  # an accumulator (streamed features)
             query, windows = features.result()
         else:
@@ -303,7 +310,7 @@ class RegistryJudge:
                                   note if cal is not None else "; ".join(filter(None, [source, note])))
         report.pop("questioned")  # the record carries the recording's condition already
         report.update(noise_fields)
-        if cal is not None and (outside := snr_outside(condition, cal.conditions)):
+        if outside:
             report["snr_status"], report["snr_statement"] = "outside", outside
         fields["comparison"] = report
         fields["condition_status"] = report["status"]
