@@ -209,8 +209,9 @@ def test_a_measured_band_limit_outside_the_calibration_withholds_the_lr() -> Non
 
 def test_a_recording_noisier_than_the_calibrations_recordings_is_said_to_be_outside_its_snr_range() -> None:
     """The SNRs of the calibration recordings bound the range it was validated on: a questioned
-    recording well below it gets no LR, as a channel the calibration never saw (noise-matched
-    comparisons of noisier recordings score above its trials); one inside it gets its LR."""
+    recording below it whose references were brought to its noise gets no LR, as a channel the
+    calibration never saw (noise-matched comparisons of noisier recordings score above its trials);
+    one not matched gets the LR with a warning; one inside the range its LR."""
     from devrecd.forensic.lr import describe_conditions, snr_outside
 
     recs = [{"duration": 9.0, "condition": {"channel": "", "snr_db": s}} for s in (31.0, 38.5, 44.0)]
@@ -220,8 +221,12 @@ def test_a_recording_noisier_than_the_calibrations_recordings_is_said_to_be_outs
     noisy = snr_outside({"snr_db": 18.2}, conditions)
     assert noisy and "SNR 18.2 dB below" in noisy and "31.0-44.0 dB" in noisy
     cal = fit_lr_calibration(*_trials(np.random.default_rng(7), 30, 10), scorer=SCORER, conditions=conditions)
-    out = assess(cal, 0.7, {"duration": 9.0, "condition": {"channel": "", "snr_db": 18.2}}, SCORER)
+    matched = {"duration": 9.0, "condition": {"channel": "", "snr_db": 18.2}, "comparison": {"noise_matched": True}}
+    out = assess(cal, 0.7, matched, SCORER)
     assert out["log10_lr"] is None and noisy in out["lr_withheld"]
+    # A phone as noisy as its references (nothing matched): the LR, with the statement.
+    as_is = assess(cal, 0.7, {**matched, "comparison": {"noise_matched": False}}, SCORER)
+    assert as_is["log10_lr"] is not None and as_is["condition_warnings"] == [noisy]
     assert assess(cal, 0.7, {"duration": 9.0, "condition": {"channel": "", "snr_db": 33.0}}, SCORER)["log10_lr"] is not None
     assert snr_outside({"snr_db": 18.2}, {}) is None  # a calibration that measured no SNR says nothing
 

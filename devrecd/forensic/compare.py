@@ -274,7 +274,7 @@ def compare(comparer: Comparer, questioned: Sequence[str | os.PathLike], refs: R
             continue
         cal = calibration_of(calibration, s.recording)
         record = {"outcome": "compared", **s.recording, "score": round(s.score, 6),
-                  **assess(cal, s.score, s.recording, ident),
+                  **assess(cal, s.score, {**s.recording, "comparison": s.comparison}, ident),
                   "window_starts": s.window_starts, "window_scores": s.window_scores, "comparison": s.comparison, **common,
                   "calibration": calibration_summary(cal),
                   "seconds": round(time.perf_counter() - t0, 3), "compared_at": utc_timestamp()}

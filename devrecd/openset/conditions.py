@@ -50,9 +50,10 @@ def condition_mismatch(recording: dict[str, Any], conditions: dict[str, Any]) ->
     recorded: the open-set judge, ``compare`` and the report then apply the same rule) takes a
     different header codec or native rate as a warning: the measured channel decides, as in the
     verdict. One that does not (older) blocks on them. An SNR below the calibration's recordings
-    blocks it too (noise-matched comparisons of noisier recordings score higher than any trial it
-    was fitted on). A duration outside the calibrated range is a warning (the score is still of the
-    same kind, its spread is not).
+    blocks it too where the references were brought to that noise (``recording["comparison"]
+    ["noise_matched"]``: noise-matched comparisons of noisier recordings score higher than any trial
+    it was fitted on), else it is a warning. A duration outside the calibrated range is a warning
+    (the score is still of the same kind, its spread is not).
     """
     blocking, warnings = [], []
     headers = warnings if conditions.get("channels") else blocking
@@ -72,7 +73,10 @@ def condition_mismatch(recording: dict[str, Any], conditions: dict[str, Any]) ->
         warnings.append(f"duration {float(dur):.1f} s outside the calibration's {lo:.1f}-{hi:.1f} s")
     snr = snr_outside(recording.get("condition"), conditions)
     if snr:
-        blocking.append(snr)
+        # Blocking where the references were brought to the recording's noise (what takes a comparison
+        # outside what the calibration saw); a noisy phone compared with its equally noisy references
+        # is a comparison of the calibration's kind, said with a warning.
+        (blocking if (recording.get("comparison") or {}).get("noise_matched") else warnings).append(snr)
     return blocking, warnings
 
 

@@ -293,12 +293,13 @@ class RegistryJudge:
                     noise_fields["matched_references_snr_db"] = [min(snrs), max(snrs)]
         key = calibration_key(under, (recording or {}).get("duration"))
         cal, source = calibration_for(self.registry, key, self.registry_cfg, self.dev_calibrations)
-        # A recording noisier than every recording the calibration was fitted on is outside what it
-        # validates, as a channel it never saw is: noise-matched references make an unknown phone's
-        # noisy recording score like a known one (measured: benchmarks/conditions.py), so no LR and no
-        # named device; the ranking stays.
+        # A recording noisier than every recording the calibration was fitted on, compared with
+        # references brought to its noise, is outside what the calibration validates, as a channel it
+        # never saw is: noise-matched references make an unknown phone's noisy recording score like a
+        # known one (measured: benchmarks/conditions.py), so no LR and no named device; the ranking
+        # stays. Not matched (a phone as noisy as its references): the LR, with the statement.
         outside = snr_outside(condition, cal.conditions) if cal is not None else None
-        if outside:
+        if outside and noise is not None:  # noise-matched: outside validation (no LR, nothing named)
             cal, source = None, outside
         if callable(getattr(features, "result", None)):  # an accumulator (streamed features)
             query, windows = features.result()

@@ -386,7 +386,8 @@ def _recording_section(n: int, rec: dict[str, Any], entry: dict[str, Any], lr_ca
         ident = {"fingerprint": o.get("embedder")}
         cal = lr_cal.get(o.get("condition")) if isinstance(lr_cal, dict) else lr_cal
         if rec["outcome"] == "judged" and entry["integrity"]["status"] in ("verified", "no hash recorded"):
-            sec["lr"] = {"reference_device": rec.get("candidate"), **assess(cal, float(rec.get("score") or 0.0), entry, ident)}
+            sec["lr"] = {"reference_device": rec.get("candidate"), **assess(cal, float(rec.get("score") or 0.0),
+                                                                          {**entry, "comparison": rec.get("comparison")}, ident)}
         elif entry["integrity"]["status"] not in ("verified", "no hash recorded"):
             sec["lr"] = {"reference_device": rec.get("candidate"), "log10_lr": None, "lr": None, "verbal": None,
                          "lr_withheld": f"evidence file {entry['integrity']['status']}"}
