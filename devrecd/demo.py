@@ -164,7 +164,8 @@ def _open_set(corpus: Path, rows: list[dict], work: Path, references: int, timin
     say(f"verdicts: {work / 'verdicts.jsonl'}")
     records = {r["path"]: r for r in map(json.loads, proc.stdout.splitlines()) if r.get("outcome") == "judged"}
     say(f"{'test recording':<28} {'true device':<16} {'verdict':<16} {'score':>6} {'log10 LR':>8}")
-    counts = {"enrolled": 0, "named_right": 0, "not_enrolled": 0, "called_unknown": 0, "not_judged": 0}
+    counts = {"enrolled": 0, "named_right": 0, "not_enrolled": 0, "called_unknown": 0, "not_judged": 0,
+              "inconclusive": 0}
     for row in test:
         rec = records.get(str(corpus / row["path"]))
         truth = row["device"]
@@ -177,10 +178,15 @@ def _open_set(corpus: Path, rows: list[dict], work: Path, references: int, timin
         ok = rec["device"] == truth if known else rec["device"] not in enrolled  # unknown or inconclusive: not named
         counts["named_right" if known else "called_unknown"] += ok
         llr = "-" if rec.get("log10_lr") is None else f"{rec['log10_lr']:+.2f}"
+        undecided = rec["device"] == "inconclusive"  # outside what the calibration validates: no decision
+        counts["inconclusive"] += undecided
+        mark = "  (no decision: outside validation)" if undecided else "" if ok else "  <- wrong"
         say(f"{row['path'][-28:]:<28} {truth + ('' if known else ' *'):<16} {rec['device']:<16} {rec['score']:6.3f} "
-            f"{llr:>8}{'' if ok else '  <- wrong'}")
+            f"{llr:>8}{mark}")
     say(f"* never enrolled. Enrolled phones named right: {counts['named_right']} of {counts['enrolled']}; "
-        f"recordings of phones never enrolled not named: {counts['called_unknown']} of {counts['not_enrolled']}")
+        f"recordings of phones never enrolled not named: {counts['called_unknown']} of {counts['not_enrolled']}; "
+        f"{counts['inconclusive']} verdict(s) inconclusive (the recording is outside the conditions the shipped "
+        "calibration was validated on, e.g. noisier than its recordings after matching: no device named, none excluded)")
     say("(mNN_uK = unit K of simulated model NN. Simulated phones, not real ones: these counts show how the tool "
         "behaves, they say nothing about its accuracy in real casework. On real phones see docs/openset.md; how "
         "simulated phones compare with real ones for this scorer: docs/simulator.md.)")
