@@ -44,6 +44,7 @@ exactly-once order above is only checkable when read together.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -280,28 +281,35 @@ class Journal:
             if row is not None and (row.state in ACTIVE or (row.size, row.mtime_ns) == (size, mtime_ns)):
                 return row, False
             now = time.time()
-            try:
-                _check_db_fault()
-                self._db.execute("BEGIN IMMEDIATE")  # the new row and the marks on the old ones: one commit
-                try:
-                    cur = self._db.execute(
-                        "INSERT INTO files (path, size, mtime_ns, state, seen_at, updated_at) VALUES (?, ?, ?, 'seen', ?, ?)",
-                        (path, size, mtime_ns, now, now))
-                    marks = ",".join("?" * len(SUPERSEDABLE))
-                    # Also re-point rows that an earlier partial version had superseded: the newest
-                    # version lists every failure it replaces.
-                    self._db.execute(
-                        f"UPDATE files SET superseded_by = ? WHERE path = ? AND id < ? AND state = 'failed' "
-                        f"AND reason IN ({marks}) AND (superseded_by IS NULL OR superseded_by IN ("
-                        f"SELECT id FROM files WHERE path = ? AND state = 'failed' AND reason IN ({marks})))",
-                        (cur.lastrowid, path, cur.lastrowid, *SUPERSEDABLE, path, *SUPERSEDABLE))
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._rollback()
-                    raise
-            except sqlite3.Error as exc:
-                raise JournalError(f"journal write failed: {exc}") from None
+            with self._transaction():  # the new row and the marks on the old ones: one commit
+                cur = self._db.execute(
+                    "INSERT INTO files (path, size, mtime_ns, state, seen_at, updated_at) VALUES (?, ?, ?, 'seen', ?, ?)",
+                    (path, size, mtime_ns, now, now))
+                marks = ",".join("?" * len(SUPERSEDABLE))
+                # Also re-point rows that an earlier partial version had superseded: the newest
+                # version lists every failure it replaces.
+                self._db.execute(
+                    f"UPDATE files SET superseded_by = ? WHERE path = ? AND id < ? AND state = 'failed' "
+                    f"AND reason IN ({marks}) AND (superseded_by IS NULL OR superseded_by IN ("
+                    f"SELECT id FROM files WHERE path = ? AND state = 'failed' AND reason IN ({marks})))",
+                    (cur.lastrowid, path, cur.lastrowid, *SUPERSEDABLE, path, *SUPERSEDABLE))
             return _entry(self._db.execute("SELECT * FROM files WHERE id = ?", (cur.lastrowid,)).fetchone()), True  # type: ignore[return-value]
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT`` around the block: a failure rolls it back cleanly
+        (:meth:`_rollback`) and a storage error is a :class:`JournalError`."""
+        try:
+            _check_db_fault()
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal write failed: {exc}") from None
 
     def _rollback(self) -> None:
         """End a failed transaction. SQLite has already rolled it back itself after some errors (a
@@ -324,23 +332,18 @@ class Journal:
                 rows = [_entry(r) for r in self._db.execute(
                     f"SELECT * FROM files f WHERE state = 'failed' AND superseded_by IS NULL AND reason NOT IN ({marks}) "
                     "AND id = (SELECT MAX(id) FROM files WHERE path = f.path) ORDER BY id", tuple(FILE_FAILURES))]
-                if not rows:
-                    return []
-                now, out = time.time(), []
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    for old in rows:
-                        assert old is not None
-                        cur = self._db.execute("INSERT INTO files (path, size, mtime_ns, state, seen_at, updated_at) "
-                                               "VALUES (?, ?, ?, 'seen', ?, ?)", (old.path, old.size, old.mtime_ns, now, now))
-                        self._db.execute("UPDATE files SET superseded_by = ? WHERE id = ?", (cur.lastrowid, old.id))
-                        out.append(cur.lastrowid)
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._rollback()
-                    raise
             except sqlite3.Error as exc:
                 raise JournalError(f"journal write failed: {exc}") from None
+            if not rows:
+                return []
+            now, out = time.time(), []
+            with self._transaction():
+                for old in rows:
+                    assert old is not None
+                    cur = self._db.execute("INSERT INTO files (path, size, mtime_ns, state, seen_at, updated_at) "
+                                           "VALUES (?, ?, ?, 'seen', ?, ?)", (old.path, old.size, old.mtime_ns, now, now))
+                    self._db.execute("UPDATE files SET superseded_by = ? WHERE id = ?", (cur.lastrowid, old.id))
+                    out.append(cur.lastrowid)
         return [e for i in out if (e := self.get(i)) is not None]
 
     def revise_version(self, entry_id: int, size: int, mtime_ns: int) -> None:
