@@ -11,7 +11,8 @@ Protocol (the leave-phones-out protocol of ``docs/openset.md``, scaled to the 15
 * Folds: ``devrecd.openset.protocol.phone_folds(devices, n_folds=3, seeds=(0, 1, 2))``: per seed
   the phones are shuffled into 3 test groups of 5; each fold trains on the other 10.
 * Per fold: ``devrecd train-gsv DEV --mixtures 16 --nap 16 --seed 0`` (and ``--threshold-rule llr0``
-  where the checkout has that option: the shipped recipe before the Bayes decision) on the
+  where the checkout has that option: the shipped recipe before the Bayes decision; ``--babble``
+  LibriSpeech train-clean-100, other talkers than the questioned babble's, where it has that) on the
   10 development phones only (a folder of symlinks + manifest.csv). Then each of the 5 test phones
   in turn is the never-enrolled one: a registry enrols the other 4 test phones from segments 1-2
   (``devrecd enroll --gsv FOLD.npz``).
@@ -110,8 +111,11 @@ def recipe() -> tuple[str, ...]:
 
     from devrecd.cli import openset as commands
 
-    older = "threshold_rule" in inspect.signature(commands.train_gsv).parameters
-    return (*RECIPE, "--threshold-rule", "llr0") if older else RECIPE
+    params = inspect.signature(commands.train_gsv).parameters
+    if "threshold_rule" in params:
+        return (*RECIPE, "--threshold-rule", "llr0")
+    talkers = SHARED / "librispeech" / "librispeech_train-clean-100"  # other talkers than the test-other babble
+    return (*RECIPE, "--babble", str(talkers)) if "babble" in params and talkers.is_dir() else RECIPE
 SUFFIX = {"adts": ".aac", "ogg": ".opus", "amr": ".amr", "mp3": ".mp3"}
 FRAME_SECONDS = 0.02
 ACTIVE_RANGE_DB = 30.0

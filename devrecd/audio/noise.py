@@ -56,6 +56,7 @@ QUANTISE_DB = 2.0  # :func:`quantised`: noise spectra this close (per group of b
 # at 3 dB gave one key to ten realisations of a white noise, but flattened babble's 8 kHz edge
 # within a group, and matched babble at 10 dB SNR lost (EER 6.7% unmatched -> 22.6%; per band: 3.8%).
 KEY_GROUPS = N_BANDS
+MATCH_MARGIN_DB = 3.0  # :func:`needs_matching`: a questioned recording this much noisier (median over the references) is matched
 MAX_NOISE_GAIN = 100.0  # match_noise never adds more than 100 times the speech power (SNR -20 dB)
 _SILENCE_POWER = 10.0 ** (SILENCE_DBFS / 10.0)
 _BLOCK = 1 << 18  # samples of shaped noise generated at a time
@@ -171,6 +172,20 @@ def noise_excess_db(target: NoiseProfile, reference: NoiseProfile) -> float:
     _same_rate(target, reference)
     t, r = np.asarray(target.bands_db), np.asarray(reference.bands_db)
     return float(np.maximum(t - r, 0.0).mean())
+
+
+def needs_matching(target: NoiseProfile, references: Sequence[NoiseProfile],
+                   margin_db: float = MATCH_MARGIN_DB) -> tuple[bool, float]:
+    """Whether references are brought to ``target``'s noise, and the median over ``references`` of
+    :func:`noise_excess_db`: matched when that median is above ``margin_db`` (the questioned
+    recording is noisier than the references typically are). The one rule for verdicts
+    (:func:`devrecd.openset.matching.resolve_noise`) and the noise-matched development calibrations."""
+    import statistics
+
+    if not references:
+        return False, 0.0
+    excess = float(statistics.median(noise_excess_db(target, r) for r in references))
+    return excess > margin_db, excess
 
 
 def quantised(profile: NoiseProfile, step_db: float = QUANTISE_DB) -> NoiseProfile:
@@ -296,5 +311,5 @@ def add_noise(samples: np.ndarray, rate: int, snr_db: float, *, kind: str = "whi
     return out.astype(x.dtype if np.issubdtype(x.dtype, np.floating) else np.float32)
 
 
-__all__ = ["NoiseProfile", "measure_noise", "match_noise", "add_noise", "noise_excess_db", "noise_key", "quantised",
+__all__ = ["NoiseProfile", "measure_noise", "match_noise", "add_noise", "noise_excess_db", "needs_matching", "MATCH_MARGIN_DB", "noise_key", "quantised",
            "band_edges", "frame_length", "N_BANDS"]

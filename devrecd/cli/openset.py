@@ -285,6 +285,12 @@ def train_gsv(
     channels: bool = typer.Option(True, "--channels/--no-channels", help="Also calibrate every channel of the channel "
                                   "table (aac64, opus32, amrnb, ...: development audio passed through it, references "
                                   "matched) and short questioned recordings; off: clean only."),
+    noise: bool = typer.Option(True, "--noise/--no-noise", help="Also calibrate noise-matched comparisons (clean/snr10, "
+                               "/snr20, /snr30, each also /short: noisy development recordings against references "
+                               "brought to their noise, as a verdict compares a noisier recording); needs --channels."),
+    babble: Optional[Path] = typer.Option(None, "--babble", exists=True, file_okay=False, help="Folder of single-talker "
+                                          "recordings (e.g. LibriSpeech; FLAC/WAV, one talker per file) for babble "
+                                          "noise in the noise-matched calibrations; without it, white noise only."),
     inner: int = typer.Option(3, min=2, help="Cross-fitting groups of devices for the development calibration "
                                              "(each held out in turn; needs 2 devices per group)."),
     seed: int = typer.Option(0),
@@ -300,25 +306,30 @@ def train_gsv(
     cfg = load_cli_config(config, {"audio.hop_seconds": hop_seconds})
     feats, devices, order, sources, paths = _development_features(datasets, cfg, cfg.frontend, with_paths=True)
     typer.echo(f"{len(feats)} recordings of {len(set(devices))} devices")
-    conditions, under = _calibration_conditions(paths, cfg) if channels else (["clean"], None)
+    conditions, under, audio = (_calibration_conditions(paths, cfg, noise=noise, babble=babble) if channels
+                                else (["clean"], None, None))
     scorer = train(feats, devices, order, cfg.frontend, mixtures=mixtures, nap_dims=nap, inner=inner, seed=seed,
                    source=out.name, decision=Decision.from_config(cfg.registry), conditions=conditions,
-                   features_under=under, on_step=typer.echo)
+                   features_under=under, audio=audio, on_step=typer.echo)
     # The SNR range of the development recordings (measured as a verdict measures it, before any
     # channel): a verdict on a noisier recording says it is outside the range its calibration saw.
+    # The noise-matched calibrations carry the measured SNRs of their own noisy recordings.
     snr = [_snr_db(p, cfg) for p in paths]
     for cal in scorer.calibrations.values():
-        cal["conditions"].update(snr_db_min=round(min(snr), 1), snr_db_max=round(max(snr), 1),
-                                 snr_measured="on the development recordings before the channel")
+        if "snr_db_min" not in cal["conditions"]:
+            cal["conditions"].update(snr_db_min=round(min(snr), 1), snr_db_max=round(max(snr), 1),
+                                     snr_measured="on the development recordings before the channel")
     typer.echo(f"development recordings' SNR {min(snr):.1f}-{max(snr):.1f} dB")
     save_gsv(out, scorer, extra={"datasets": sources, "hop_seconds": cfg.audio.hop_seconds, "seed": seed})
     typer.echo(f"wrote {out} (calibrated conditions: {', '.join(sorted(scorer.calibrations))})")
 
 
-def _calibration_conditions(paths: list[Path], cfg) -> tuple[list[str], Any]:
+def _calibration_conditions(paths: list[Path], cfg, *, noise: bool = True, babble: Path | None = None
+                            ) -> tuple[list[str], Any, Any]:
     """The comparison conditions a development calibration covers (clean and every channel whose
-    encoder this FFmpeg has, each also ``/short``) and ``features_under(i, channel, seconds)``:
-    recording i's raw windows through the channel (whole recording), cut to its first ``seconds``."""
+    encoder this FFmpeg has, each also ``/short``; with ``noise`` the noise-matched ``clean/snrNN``
+    ones), ``features_under(i, channel, seconds)``: recording i's raw windows through the channel
+    (whole recording), cut to its first ``seconds``, and the :class:`DevAudio` of the noise trials."""
     import functools
 
     from devrecd.audio.channel import CHANNELS
@@ -350,7 +361,53 @@ def _calibration_conditions(paths: list[Path], cfg) -> tuple[list[str], Any]:
             rec = replace(rec, samples=rec.samples[: int(round(seconds * rec.sample_rate))])
         return finite_features(extract(clips_for(rec, cfg.frontend, cfg.audio.hop_seconds), frontend), paths[i])
 
-    return conditions, features_under
+    if not noise:
+        return conditions, features_under, None
+    from devrecd.openset.noisetrials import DevAudio
+    from devrecd.openset.scoring import NOISE, NOISE_LEVELS
+
+    conditions += [f"clean{NOISE}{level}{tail}" for level in NOISE_LEVELS for tail in ("", SHORT)]
+
+    def noisy_features(samples: np.ndarray) -> np.ndarray:
+        rec = replace(decoded(0, "clean"), samples=np.ascontiguousarray(samples, dtype=np.float32))
+        return finite_features(extract(clips_for(rec, cfg.frontend, cfg.audio.hop_seconds), frontend), "noisy development audio")
+
+    talkers = _talkers(babble, cfg) if babble is not None else []
+    typer.echo(f"noise-matched calibrations: white{' and babble (' + str(len(talkers)) + ' talkers)' if talkers else ''} noise")
+    audio = DevAudio(samples=lambda i: decoded(i, "clean").samples, features=noisy_features,
+                     rate=cfg.frontend.sample_rate, talkers=talkers)
+    return conditions, features_under, audio
+
+
+MAX_TALKERS = 40  # babble: at most this many talkers' recordings are read (each cut to TALKER_SECONDS)
+TALKER_SECONDS = 30.0
+
+
+def _talkers(folder: Path, cfg) -> list[np.ndarray]:
+    """Single-talker recordings for babble noise: the audio files under ``folder``, one per talker
+    (LibriSpeech: the name's first field before '-' is the speaker), at the frontend rate."""
+    from devrecd.audio.decode import read_evidence
+    from devrecd.audio.errors import AudioError
+    from devrecd.audio.files import scan_files
+
+    talkers: dict[str, np.ndarray] = {}
+    for f in scan_files([folder], cfg.watch):
+        talker = f.name.split("-")[0]
+        if talker in talkers:
+            continue
+        try:  # a talker's first usable recording (too short, silent or unreadable ones are passed over)
+            x = read_evidence(f, cfg.frontend.sample_rate, cfg.audio).samples
+        except AudioError as exc:
+            typer.echo(f"note: babble: {f.name} not used: {exc}")
+            continue
+        talkers[talker] = np.asarray(x[: int(TALKER_SECONDS * cfg.frontend.sample_rate)], dtype=np.float64)
+        if len(talkers) == MAX_TALKERS:
+            break
+    out = list(talkers.values())
+    if len(out) < 2:
+        raise typer.BadParameter(f"{folder}: babble needs recordings of at least 2 talkers, found {len(out)}",
+                                 param_hint="--babble")
+    return out
 
 
 def _snr_db(path: Path, cfg) -> float:

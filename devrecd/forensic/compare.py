@@ -228,19 +228,23 @@ def calibration_summary(cal: Calibration | None) -> dict[str, Any] | None:
             "n_nontarget": cal.metrics.get("n_nontarget")}
 
 
-def calibration_of(calibration: Calibration | dict[str, Calibration] | None, recording: dict[str, Any]
-                   ) -> Calibration | None:
+def calibration_of(calibration: Calibration | dict[str, Calibration] | None, recording: dict[str, Any],
+                   comparison: dict[str, Any] | None = None) -> Calibration | None:
     """The calibration of a questioned recording: the one given, or of the condition it is compared
-    under. ``compare`` brings the references to the questioned recording's noise, not to its channel:
+    under (``comparison``: :func:`~devrecd.openset.matching.resolve_noise`'s fields; references brought
+    to its noise: the noise-matched calibration of its SNR class first, as a verdict looks it up).
+    ``compare`` brings the references to the questioned recording's noise, not to its channel:
     a recording that went through a channel is compared mismatched, under no calibration (the channel
     ones were fitted with the references matched), and gets no LR."""
     if calibration is None or isinstance(calibration, Calibration):
         return calibration
     from devrecd.openset.matching import CLEAN
-    from devrecd.openset.scoring import calibration_key
+    from devrecd.openset.scoring import calibration_keys
 
-    channel = comparison_channel(recording.get("condition") or {})
-    return calibration.get(calibration_key(CLEAN, recording.get("duration"))) if channel == CLEAN else None
+    if comparison_channel(recording.get("condition") or {}) != CLEAN:
+        return None
+    snr = (comparison or {}).get("questioned_snr_db") if (comparison or {}).get("noise_matched") else None
+    return next((calibration[k] for k in calibration_keys(CLEAN, recording.get("duration"), snr) if k in calibration), None)
 
 
 def compare(comparer: Comparer, questioned: Sequence[str | os.PathLike], refs: ReferenceSet,
@@ -272,7 +276,7 @@ def compare(comparer: Comparer, questioned: Sequence[str | os.PathLike], refs: R
             out.append({"outcome": "failed", "path": str(q), "sha256": sha, "reason": failure.reason,
                         "detail": failure.detail, **common, "calibration": None, "compared_at": utc_timestamp()})
             continue
-        cal = calibration_of(calibration, s.recording)
+        cal = calibration_of(calibration, s.recording, s.comparison)
         record = {"outcome": "compared", **s.recording, "score": round(s.score, 6),
                   **assess(cal, s.score, {**s.recording, "comparison": s.comparison}, ident),
                   "window_starts": s.window_starts, "window_scores": s.window_scores, "comparison": s.comparison, **common,

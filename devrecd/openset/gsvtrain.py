@@ -13,7 +13,9 @@ Recipe (``devrecd train-gsv``, and what ``benchmarks/openset.py`` measures):
 3. One calibration per comparison condition (``conditions``: ``clean`` and the channels of the
    channel table, each also ``/short``): the questioned recordings pass through the channel (and
    are cut short), the references through the same channel (condition matching, as a verdict
-   does). Each is a :class:`~devrecd.openset.calibration.Calibration` (bounded log10 LR, the
+   does). The noise-matched conditions ``clean/snr10``, ``clean/snr20`` and ``clean/snr30`` (each
+   also ``/short``) are made as :mod:`devrecd.openset.noisetrials` describes: noisy questioned
+   versions, references brought to each one's measured noise, rows classed by measured SNR. Each is a :class:`~devrecd.openset.calibration.Calibration` (bounded log10 LR, the
    decision rule) and travels with the scorer; registries without a case calibration of that
    condition use it. A condition without one gets no named device ("inconclusive").
 """
@@ -26,7 +28,8 @@ import numpy as np
 
 from devrecd.errors import DatasetError
 from devrecd.features import FrontendConfig
-from devrecd.openset.calibration import Calibration, Decision, fit_calibration
+from devrecd.openset.calibration import Calibration, CalibrationError, Decision, fit_calibration
+from devrecd.openset.noisetrials import DRAWS, SHORT_DRAWS, DevAudio, noisy_rows, stack_rows
 from devrecd.openset.protocol import TrialMatrix, phone_folds, trial_matrix
 from devrecd.openset.scorers import GsvScorer
 from devrecd.supervector import RELEVANCE
@@ -79,21 +82,28 @@ FeaturesUnder = Callable[[int, str, "float | None"], np.ndarray]
 def train_gsv(feats: Sequence[np.ndarray], devices: Sequence[str], order: Sequence[Any], frontend: FrontendConfig,
               *, mixtures: int = 16, relevance: float = RELEVANCE, nap_dims: int = 16, decision: Decision | None = None,
               inner: int = 3, seed: int = 0, source: str = "", conditions: Sequence[str] = ("clean",),
-              features_under: FeaturesUnder | None = None,
-              on_step: Callable[[str], None] | None = None) -> GsvScorer:
+              features_under: FeaturesUnder | None = None, audio: DevAudio | None = None,
+              noise_draws: tuple[int, int] = (DRAWS, SHORT_DRAWS), on_step: Callable[[str], None] | None = None) -> GsvScorer:
     """The recipe of the module docstring; ``feats[i]`` are recording i's raw windows (clean, whole).
 
     ``conditions``: comparison conditions to calibrate (``clean``, ``clean/short``, ``amrnb``,
-    ``amrnb/short``, ...); all but ``clean`` need ``features_under``."""
-    from devrecd.openset.scoring import SHORT
+    ``amrnb/short``, ``clean/snr20``, ...); channels need ``features_under``, the noise-matched
+    ones (``/snrNN``) ``audio``, made from ``noise_draws`` (whole, short) noisy versions of each
+    questioned recording."""
+    from devrecd.openset.scoring import SHORT, noise_level, parse_calibration_key
 
     step = on_step or (lambda _m: None)
     devices = list(devices)
     if len(set(devices)) < 2 * inner:
         raise DatasetError(f"{len(set(devices))} devices are too few for {inner} cross-fitting groups "
                            f"(need {2 * inner})", reason="calibration_data")
-    if any(c != "clean" for c in conditions) and features_under is None:
+    noisy = [c for c in conditions if parse_calibration_key(c)[1] is not None]
+    channels = [c for c in conditions if c not in noisy]
+    if any(c != "clean" for c in channels) and features_under is None:
         raise DatasetError("calibrating conditions other than clean needs the development audio", reason="calibration_data")
+    if noisy and audio is None:
+        raise DatasetError("calibrating noise-matched conditions needs the development audio", reason="calibration_data")
+    snrs: dict[str, list[float]] = {c: [] for c in noisy}  # measured SNRs of each noise-matched condition's rows
 
     def under(i: int, channel: str, seconds: float | None) -> np.ndarray:
         return feats[i] if channel == "clean" and seconds is None else features_under(i, channel, seconds)  # type: ignore[misc]
@@ -108,7 +118,7 @@ def train_gsv(feats: Sequence[np.ndarray], devices: Sequence[str], order: Sequen
         scorer = GsvScorer.train([feats[i] for i in train], [devices[i] for i in train], frontend,
                                  mixtures=mixtures, relevance=relevance, nap_dims=nap_dims, seed=seed)
         refs, questioned = enrolment_split([devices[i] for i in held], [order[i] for i in held])
-        for cond in conditions:
+        for cond in channels:
             channel, short = cond.removesuffix(SHORT), cond.endswith(SHORT)
             ref_vecs: dict[str, list[np.ndarray]] = {}
             for r in refs:  # references: whole, through the same channel (condition matching)
@@ -118,6 +128,15 @@ def train_gsv(feats: Sequence[np.ndarray], devices: Sequence[str], order: Sequen
                     for q in questioned for cut in cuts]
             blocks[cond].append(trial_matrix(scorer, ref_vecs, rows))
             sources[cond].append([q for q in questioned for _ in cuts])
+        for short in sorted({parse_calibration_key(c)[2] for c in noisy}):
+            rows = noisy_rows(scorer, audio, devices, [held[r] for r in refs], [held[q] for q in questioned],  # type: ignore[arg-type]
+                              noise_level, cuts=SHORT_CUTS if short else (None,), draws=noise_draws[short], seed=seed)
+            for cond in (c for c in noisy if parse_calibration_key(c)[2] == short):
+                picked = [r for r in rows if r.level == parse_calibration_key(cond)[1]]
+                if picked:
+                    blocks[cond].append(stack_rows(picked))
+                    sources[cond].append([r.recording for r in picked])
+                    snrs[cond] += [r.snr_db for r in picked]
     step(f"final UBM on all {len(set(devices))} devices")
     final = GsvScorer.train(feats, devices, frontend, mixtures=mixtures, relevance=relevance, nap_dims=nap_dims,
                             seed=seed, source=source)
@@ -125,11 +144,25 @@ def train_gsv(feats: Sequence[np.ndarray], devices: Sequence[str], order: Sequen
                                  "each scored by a scorer trained without it",
                   "devices": sorted(set(devices)), "recordings": len(devices)}
     for cond in conditions:
-        channel = cond.removesuffix(SHORT)
-        cal = calibrate_blocks(blocks[cond], recordings=sources[cond], decision=decision, scorer={"kind": final.kind, "fingerprint": final.fingerprint},
-                               basis=f"development, cross-fitted over {len(set(devices))} devices ({inner} groups)",
-                               conditions={"channels": [channel], "condition": cond,
-                                           "questioned_seconds": list(SHORT_CUTS) if cond.endswith(SHORT) else "whole"})
+        channel, _, short = parse_calibration_key(cond)
+        described = {"channels": [channel], "condition": cond, "questioned_seconds": list(SHORT_CUTS) if short else "whole"}
+        if cond in snrs:
+            if not snrs[cond]:
+                step(f"calibration {cond}: no noisy development trial measured in this SNR class: not calibrated")
+                continue
+            described.update(noise="white and babble" if audio.talkers else "white",  # type: ignore[union-attr]
+                             noise_matched=True, snr_db_min=min(snrs[cond]), snr_db_max=max(snrs[cond]),
+                             snr_measured="on the noisy questioned development recordings (references matched to each)")
+        try:
+            cal = calibrate_blocks(blocks[cond], recordings=sources[cond], decision=decision,
+                                   scorer={"kind": final.kind, "fingerprint": final.fingerprint},
+                                   basis=f"development, cross-fitted over {len(set(devices))} devices ({inner} groups)",
+                                   conditions=described)
+        except CalibrationError as exc:
+            if cond not in snrs:
+                raise
+            step(f"calibration {cond}: {exc}: not calibrated")
+            continue
         final.calibrations[cond] = {**cal.to_dict(), "population": population}
         m = cal.metrics
         step(f"calibration {cond}: {m['n_target']} target / {m['n_nontarget']} non-target trials, EER {m['eer']:.2%}, "

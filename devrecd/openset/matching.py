@@ -25,7 +25,6 @@ import hashlib
 import logging
 import os
 import stat
-import statistics
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -35,7 +34,7 @@ import numpy as np
 from devrecd.audio.channel import Channel, ChannelError
 from devrecd.audio.transmit import apply_channel
 from devrecd.audio.condition import condition_channel, noise_profile
-from devrecd.audio.noise import NoiseProfile, noise_excess_db
+from devrecd.audio.noise import MATCH_MARGIN_DB, NoiseProfile, needs_matching
 from devrecd.audio.windows import cut_windows
 from devrecd.config import AudioConfig
 from devrecd.errors import ArtifactError
@@ -368,7 +367,7 @@ def resolve_comparison(condition: dict[str, Any] | None, store: ReferenceStore |
     return channel, channel.name, "matched", ""
 
 
-NOISE_MARGIN_DB = 3.0  # noise matching when the questioned noise spectrum lies this far above a reference's (mean over bands)
+NOISE_MARGIN_DB = MATCH_MARGIN_DB  # noise matching when the questioned noise spectrum lies this far above a reference's (mean over bands)
 
 
 def resolve_noise(condition: dict[str, Any] | None, matcher: ConditionMatcher, profiles: Sequence[Sequence[str]],
@@ -412,10 +411,10 @@ def resolve_noise(condition: dict[str, Any] | None, matcher: ConditionMatcher, p
     refs = [matcher.reference_noise(s, channel) for shas in profiles for s in shas]
     if not refs:
         return None, fields
-    excess = float(statistics.median(noise_excess_db(target, r) for r in refs))
+    matched, excess = needs_matching(target, refs, margin_db)
     fields["references_snr_db"] = [round(min(r.snr_db for r in refs), 1), round(max(r.snr_db for r in refs), 1)]
     fields["noise_excess_db"] = round(excess, 1)
-    if excess <= margin_db:
+    if not matched:
         return None, fields
     fields["noise_matched"] = True
     return target, fields

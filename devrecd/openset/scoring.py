@@ -30,10 +30,39 @@ def cosine_scores(query: np.ndarray, profiles: np.ndarray) -> np.ndarray:
     return np.asarray(query, dtype=np.float64) @ np.asarray(profiles, dtype=np.float64).T
 
 
-def calibration_key(compared_under: str, duration: float | None) -> str:
-    """The calibration a comparison needs: its condition (``clean``, ``amrnb``, ...), ``/short`` for a
-    questioned recording shorter than :data:`SHORT_SECONDS` (fewer frames: lower same-device scores)."""
-    return compared_under + (SHORT if duration is not None and float(duration) < SHORT_SECONDS else "")
+NOISE_LEVELS = (10, 20, 30)  # dB: the SNR classes of the noise-matched development calibrations
+NOISE = "/snr"
+
+
+def noise_level(snr_db: float) -> int:
+    """The SNR class (one of :data:`NOISE_LEVELS`, the nearest) of a measured SNR in dB."""
+    return min(NOISE_LEVELS, key=lambda level: (abs(float(snr_db) - level), level))
+
+
+def calibration_key(compared_under: str, duration: float | None, snr_db: float | None = None) -> str:
+    """The calibration a comparison needs: its condition (``clean``, ``amrnb``, ...); then, where the
+    references were brought to the questioned recording's noise (``snr_db``: its measured SNR),
+    ``/snr10``, ``/snr20`` or ``/snr30`` (:func:`noise_level`: noise-matched references make every
+    phone's recording look more alike, at a rate the SNR sets); then ``/short`` for a questioned
+    recording shorter than :data:`SHORT_SECONDS` (fewer frames: lower same-device scores)."""
+    key = compared_under + (f"{NOISE}{noise_level(snr_db)}" if snr_db is not None else "")
+    return key + (SHORT if duration is not None and float(duration) < SHORT_SECONDS else "")
+
+
+def calibration_keys(compared_under: str, duration: float | None, noise_snr_db: float | None = None) -> list[str]:
+    """The calibrations a comparison may be judged under, the one to use first: with references
+    brought to the questioned recording's noise (``noise_snr_db``: its measured SNR), the
+    noise-matched calibration of its SNR class, then (a scorer trained before those existed) the
+    condition's own, which the SNR check then bounds (:func:`devrecd.openset.conditions.snr_outside`)."""
+    plain = calibration_key(compared_under, duration)
+    return ([calibration_key(compared_under, duration, noise_snr_db)] if noise_snr_db is not None else []) + [plain]
+
+
+def parse_calibration_key(key: str) -> tuple[str, int | None, bool]:
+    """``(channel, SNR class or None, short)`` of a :func:`calibration_key`."""
+    short = key.endswith(SHORT)
+    channel, _, level = key.removesuffix(SHORT).partition(NOISE)
+    return channel, (int(level) if level else None), short
 
 
 def development_calibrations(registry: Registry) -> dict[str, Calibration]:

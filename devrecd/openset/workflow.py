@@ -265,7 +265,7 @@ class RegistryJudge:
         from devrecd.audio.noise import noise_key
         from devrecd.openset.conditions import snr_outside
         from devrecd.openset.matching import CLEAN, condition_report, matched_registry, resolve_comparison, resolve_noise
-        from devrecd.openset.scoring import calibration_for, calibration_key, identify_vectors
+        from devrecd.openset.scoring import calibration_for, calibration_keys, identify_vectors
 
         reg = self.registry
         condition = (recording or {}).get("condition")
@@ -291,8 +291,10 @@ class RegistryJudge:
                 reg, snrs = self._matched[mkey]
                 if snrs:
                     noise_fields["matched_references_snr_db"] = [min(snrs), max(snrs)]
-        key = calibration_key(under, (recording or {}).get("duration"))
-        cal, source = calibration_for(self.registry, key, self.registry_cfg, self.dev_calibrations)
+        for key in calibration_keys(under, (recording or {}).get("duration"), noise.snr_db if noise is not None else None):
+            cal, source = calibration_for(self.registry, key, self.registry_cfg, self.dev_calibrations)
+            if cal is not None:
+                break
         # A recording noisier than every recording the calibration was fitted on, compared with
         # references brought to its noise, is outside what the calibration validates, as a channel it
         # never saw is: noise-matched references make an unknown phone's noisy recording score like a
