@@ -166,6 +166,7 @@ def test_a_noisy_verdict_is_judged_under_its_snr_class_and_never_names_an_unknow
             assert v["comparison"]["noise_matched"] is True
             assert v["open_set"]["condition"] == "clean/snr20" and v["comparison"].get("snr_status") != "outside"
             assert v["open_set"]["calibration_source"] == "scorer's development calibration"
+            assert v["condition_status"] == "validated"  # compared under "clean", the calibration's channel
             if phone in PHONES[:3]:
                 named += v["device"] == phone
                 assert v["device"] in (phone, "unknown device"), v["device"]

@@ -297,10 +297,12 @@ def condition_report(condition: dict[str, Any] | None, compared_under: str, refe
     ``compared_under``: the channel name both sides were compared under (``clean`` for broadband
     recordings compared as they are, ``mismatched:<channel>`` when references could not be matched);
     ``references``: ``matched`` | ``as_is`` | ``unmatched``; ``validated``: the comparison
-    conditions the calibration was measured under. ``status`` is ``validated`` only when the
-    comparison condition is one of them; otherwise ``unvalidated`` and no LR may be reported.
+    conditions the calibration was measured under (channel names, or calibration keys
+    ``<channel>[/snrNN][/short]``: the channel is what a comparison is made under). ``status`` is
+    ``validated`` only when the comparison condition is one of them; otherwise ``unvalidated`` and
+    no LR may be reported.
     """
-    ok = compared_under in set(validated)
+    ok = compared_under in {v.partition("/")[0] for v in validated}
     if not validated:
         note = "; ".join(filter(None, ["the registry has no calibration", note]))
     out = {
