@@ -41,6 +41,7 @@ from devrecd.config import AudioConfig
 from devrecd.errors import ArtifactError
 from devrecd.features import FrontendConfig
 from devrecd.fsutil import atomic_write
+from devrecd.openset.vectors import unit
 
 log = logging.getLogger("devrecd.openset")
 
@@ -257,11 +258,11 @@ def matched_scores(questioned: np.ndarray, profiles: Sequence[Sequence[str]], ch
 def embedding_scorer(embed: Callable[[np.ndarray], np.ndarray]) -> Scorer:
     """The registry's scoring rule with an embedding function (features -> window embeddings):
     cosine of the questioned recording embedding with each profile's mean reference embedding."""
-    from devrecd.openset.registry import l2_normalise, recording_embedding
+    from devrecd.openset.registry import recording_embedding
 
     def score(questioned: np.ndarray, refs: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
         q = recording_embedding(embed(questioned))
-        means = np.stack([l2_normalise(np.stack([recording_embedding(embed(r)) for r in rs]).mean(axis=0))
+        means = np.stack([unit(np.stack([recording_embedding(embed(r)) for r in rs]).mean(axis=0))
                           for rs in refs])
         return means @ q
 
