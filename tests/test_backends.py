@@ -179,3 +179,19 @@ def test_batch_slices_cover_every_row_once_within_the_limit() -> None:
             assert np.array_equal(rows, np.arange(n))
             sizes = [s.stop - s.start for s in parts]
             assert max(sizes) <= limit and len(parts) == -(-n // limit) and max(sizes) - min(sizes) <= 1
+
+
+def test_one_registry_of_backend_classes_names_the_kinds_everywhere() -> None:
+    """Each backend class declares its kind; the chooser, the CLI's --backend and the configuration
+    accept exactly the registry's kinds (and auto)."""
+    import typing
+
+    from devrecd.backends import BACKENDS, KINDS
+    from devrecd.cli.app import BackendKind
+    from devrecd.config import BackendConfig
+
+    assert KINDS == ("auto", *BACKENDS) and all(cls.name == kind for kind, cls in BACKENDS.items())
+    assert [k.value for k in BackendKind] == list(KINDS)
+    assert set(typing.get_args(typing.get_type_hints(BackendConfig)["kind"])) == set(KINDS)
+    with pytest.raises(ConfigError, match="backend.kind must be one of auto, onnxruntime, tensorrt, torch"):
+        BackendConfig(kind="openvino")

@@ -11,13 +11,16 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from devrecd.backends.base import InferenceError, as_numpy_features, batch_slices
+from devrecd.backends.base import InferenceError, as_numpy_features, batch_slices, need_model
 from devrecd.contract import INPUT_NAME, OUTPUT_NAME, Contract, contract_path_for, load_for_onnx
 from devrecd.errors import ArtifactError
+
+if TYPE_CHECKING:
+    from devrecd.config import BackendConfig
 
 log = logging.getLogger("devrecd.backends")
 
@@ -72,6 +75,11 @@ class OnnxRuntimeBackend:
     """An explicit-options ORT session (threads from ``backend.threads``) over a contract-checked model."""
 
     name = "onnxruntime"
+
+    @classmethod
+    def from_config(cls, cfg: BackendConfig, model: Path | None) -> OnnxRuntimeBackend:
+        """``backend.model`` (an export) on the CPU with ``backend.threads`` threads."""
+        return cls(need_model(model, cls.name), threads=cfg.threads)
 
     def __init__(self, onnx_path: str | os.PathLike, *, threads: int = 1) -> None:
         from devrecd.audio import sha256_file

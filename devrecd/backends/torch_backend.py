@@ -17,15 +17,22 @@ Python (:func:`graph_buckets`, :func:`bucket_for`) and is tested without a GPU.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from devrecd.backends.base import InferenceError, as_numpy_features, batch_slices, check_features_shape
-from devrecd.errors import ConfigError
+from devrecd.backends.base import (InferenceError, as_numpy_features, batch_slices, check_features_shape,
+                                   is_checkpoint, need_model)
+from devrecd.errors import ArtifactError, ConfigError
+
+if TYPE_CHECKING:
+    from devrecd.config import BackendConfig
+
+log = logging.getLogger("devrecd.backends")
 
 AUTOCAST = ("none", "fp16", "bf16")
 GRAPH_MAX_BATCH = 1024  # largest captured graph; bigger batches are split into balanced chunks
@@ -53,6 +60,20 @@ class TorchBackend:
     """The same serving graph as the export (normalisation + network + softmax), from a checkpoint."""
 
     name = "torch"
+
+    @classmethod
+    def from_config(cls, cfg: BackendConfig, model: Path | None, device: str | None = None) -> TorchBackend:
+        """A checkpoint (run folder or ``.pt``) on ``device`` (default: ``backend.device``)."""
+        from devrecd.pipeline.stages import resolve_device
+
+        model = need_model(model, cls.name)
+        if not is_checkpoint(model):
+            raise ArtifactError(f"backend.kind = 'torch' runs a checkpoint (run folder or .pt), not {model.name}",
+                                reason="not_checkpoint")
+        device = device or resolve_device(cfg.device)
+        if cfg.cuda_graphs and not device.startswith("cuda"):  # device = "auto" on a machine without a GPU
+            log.warning("backend.cuda_graphs ignored: no CUDA GPU, torch runs on the CPU", extra={"device": device})
+        return cls(model, device=device, autocast=cfg.autocast, cuda_graphs=cfg.cuda_graphs and device.startswith("cuda"))
 
     def __init__(self, checkpoint: str | os.PathLike, *, device: str = "cpu", precision: str = "fp32",
                  autocast: str = "none", cuda_graphs: bool = False) -> None:
