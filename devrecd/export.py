@@ -50,6 +50,7 @@ from devrecd.contract import (BATCH_AXIS, EMBEDDING_NAME, INPUT_NAME, OUTPUT_NAM
                               contract_path_for, embedding_spec, input_spec, output_spec)
 from devrecd.errors import ArtifactError, DevrecdError
 from devrecd.features import FEATURE_DIM, N_FRAMES, FrontendConfig
+from devrecd.fsutil import move_into_place
 
 log = logging.getLogger("devrecd.export")
 
@@ -318,8 +319,8 @@ def export_graph(graph: Any, out: str | os.PathLike, *, labels: Sequence[str], f
                 f"parity check failed for {out.name}: torch vs ONNX Runtime max abs difference "
                 f"{parity.max_abs_diff:.3g} > tolerance {tolerance:g} on {parity.n_clips} clips "
                 f"(top-1 agreement {parity.top1_agreement:.1%}); the ONNX file was not written", reason="parity")
-        os.replace(tmp, out)
-        os.replace(ort_tmp, ort_out)
+        move_into_place(tmp, out)
+        move_into_place(ort_tmp, ort_out)
     finally:
         tmp.unlink(missing_ok=True)
         ort_tmp.unlink(missing_ok=True)
@@ -445,7 +446,7 @@ def export_embedding_graph(embedder: Any, out: str | os.PathLike, *, features: n
                 f"parity check failed for {out.name}: ONNX Runtime embeddings differ from torch's by up to "
                 f"{parity['max_rel_diff']:.3g} of their norm > tolerance {tolerance:g} on {parity['n_clips']} "
                 f"windows (lowest cosine {parity['min_cosine']:.6f}); the ONNX file was not written", reason="parity")
-        os.replace(tmp, out)
+        move_into_place(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     contract = EmbedderContract(

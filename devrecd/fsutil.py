@@ -41,13 +41,30 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO
                 os.fsync(fh.fileno())
             if mode is not None:
                 os.fchmod(fh.fileno(), mode)
-        os.replace(tmp, path)
+        _rename(tmp, path, fsync=fsync)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    if fsync:
-        fsync_dir(path.parent)
     return path
+
+
+def move_into_place(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Rename a finished file ``tmp`` (written beside ``path`` by someone else's writer, e.g. an
+    exporter that takes a file name) over ``path`` the way :func:`atomic_write` does: its data
+    fsynced, the rename atomic on POSIX, the folder fsynced so that the rename is durable."""
+    fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return _rename(tmp, path, fsync=True)
+
+
+def _rename(tmp: str | os.PathLike, path: str | os.PathLike, *, fsync: bool) -> Path:
+    os.replace(tmp, path)
+    if fsync:
+        fsync_dir(Path(path).parent)
+    return Path(path)
 
 
 def _new_file(path: Path, mode: int) -> tuple[int, str]:
