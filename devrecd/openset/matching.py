@@ -322,20 +322,6 @@ def condition_report(condition: dict[str, Any] | None, compared_under: str, refe
     return out
 
 
-def closed_set_comparison(condition: dict[str, Any] | None, validated: Sequence[str]) -> dict[str, Any]:
-    """Verdict fields for a closed-set verdict: the condition it was judged under, and whether the
-    model was validated under it (``backend.validated_conditions``). The training data is not at hand
-    when serving, so nothing is matched: a questioned codec outside validation is said to be so."""
-    try:
-        channel = questioned_channel(condition)
-        under = channel.name if channel is not None else CLEAN
-    except ValueError:
-        under = "unknown"
-    rep = condition_report(condition, under, "training data (not matched: not at hand when serving)", validated)
-    rep.pop("questioned")
-    return {"comparison": rep, "condition_status": rep["status"]}
-
-
 def validated_conditions(calibration_info: dict[str, Any] | None) -> list[str]:
     """The comparison conditions a registry's calibration was measured under (``clean`` when it does not say)."""
     if not calibration_info:
@@ -424,7 +410,7 @@ def resolve_noise(condition: dict[str, Any] | None, matcher: ConditionMatcher, p
 
 __all__ = [
     "NOISE_MARGIN_DB", "resolve_noise",
-    "CLEAN", "ChannelError", "closed_set_comparison", "ConditionMatcher", "ReferenceStore", "Scorer", "condition_report",
+    "CLEAN", "ChannelError", "ConditionMatcher", "ReferenceStore", "Scorer", "condition_report",
     "embedding_scorer", "matched_profile_embeddings", "matched_registry", "matched_scores", "questioned_channel",
     "resolve_comparison", "validated_conditions",
 ]
