@@ -1,11 +1,14 @@
-"""Atomic file writes and private state files."""
+"""Atomic file writes, private state files and the hash of a model file."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 from pathlib import Path
 from typing import BinaryIO, Callable
+
+from devrecd.errors import ArtifactError
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -88,3 +91,17 @@ def private_file(path: str | os.PathLike, mode: int = 0o600, flags: int = os.O_R
         os.close(fd)
         raise
     return fd
+
+
+def sha256_artifact(path: str | os.PathLike, what: str = "model file") -> str:
+    """SHA-256 of a model file (checkpoint, ONNX or ORT model, engine, contract, parity features),
+    streamed. A missing or unreadable one is an :class:`~devrecd.errors.ArtifactError` that names it
+    (``model_missing`` / ``model_unreadable``); evidence is hashed by
+    :func:`devrecd.audio.sha256_file`, through the evidence open."""
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+    except FileNotFoundError:
+        raise ArtifactError(f"{what} not found: {path}", reason="model_missing") from None
+    except OSError as exc:
+        raise ArtifactError(f"cannot read {what} {path}: {exc.strerror or exc}", reason="model_unreadable") from None

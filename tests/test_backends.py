@@ -195,3 +195,14 @@ def test_one_registry_of_backend_classes_names_the_kinds_everywhere() -> None:
     assert set(typing.get_args(typing.get_type_hints(BackendConfig)["kind"])) == set(KINDS)
     with pytest.raises(ConfigError, match="backend.kind must be one of auto, onnxruntime, tensorrt, torch"):
         BackendConfig(kind="openvino")
+
+
+def test_a_missing_model_file_is_an_artifact_error_that_names_it(tmp_path: Path) -> None:
+    """Model files are hashed as artifacts, not as evidence: a missing one is not MissingAudio."""
+    from devrecd.fsutil import sha256_artifact
+
+    with pytest.raises(ArtifactError, match="model file not found: .*gone.onnx") as exc:
+        sha256_artifact(tmp_path / "gone.onnx")
+    assert exc.value.reason == "model_missing"
+    (tmp_path / "m.onnx").write_bytes(b"onnx")
+    assert sha256_artifact(tmp_path / "m.onnx") == "87e93f89f2be0db364e8be052f79f389e6c2da239831922e24513288af522a43"

@@ -32,6 +32,7 @@ from devrecd.config import BackendConfig
 from devrecd.contract import check_frontend, check_labels, contract_path_for, load_for_onnx
 from devrecd.errors import ArtifactError, ConfigError, DevrecdError
 from devrecd.features import FrontendConfig
+from devrecd.fsutil import sha256_artifact
 
 log = logging.getLogger("devrecd.backends")
 
@@ -109,12 +110,11 @@ def _cuda_device(device: str) -> str | None:
 
 def _export_checkpoint(cfg: BackendConfig, model: Path) -> Path:
     """``backend.checkpoint``, refused unless it is the checkpoint the export ``model`` was made from."""
-    from devrecd.audio import sha256_file
     from devrecd.model.checkpoint import resolve_checkpoint_path
 
     checkpoint = need_model(Path(cfg.checkpoint), "auto")
     contract = load_for_onnx(model)
-    sha = sha256_file(resolve_checkpoint_path(checkpoint))
+    sha = sha256_artifact(resolve_checkpoint_path(checkpoint))
     if sha != contract.checkpoint_sha256:
         raise ArtifactError(f"backend.checkpoint {checkpoint} is not the checkpoint {model.name} was exported from "
                             f"(sha256 {sha[:12]} != {contract.checkpoint_sha256[:12]})", reason="checkpoint_mismatch")
@@ -123,11 +123,9 @@ def _export_checkpoint(cfg: BackendConfig, model: Path) -> Path:
 
 def _matching_engine(cfg: BackendConfig, model: Path) -> tuple[Path | None, str]:
     """For ``auto``: the engine to use, or None and why ONNX Runtime is used instead."""
-    from devrecd.audio import sha256_file
-
     try:
         target = current_target(cuda_index(cfg.device))
     except DevrecdError as exc:  # no GPU or no TensorRT: the CPU is the answer, with the reason logged
         return None, str(exc)
     contract = load_for_onnx(model)
-    return find_engine(cfg.engine_dir, contract, target, sha256_file(contract_path_for(model)))
+    return find_engine(cfg.engine_dir, contract, target, sha256_artifact(contract_path_for(model)))

@@ -32,7 +32,7 @@ from devrecd.backends.base import (INSTALL_GPU_HINT, InferenceError, batch_slice
                                    is_checkpoint, need_model)
 from devrecd.contract import INPUT_NAME, OUTPUT_NAME, Contract, contract_path_for, load_for_onnx
 from devrecd.errors import ArtifactError, ConfigError, MissingDependency
-from devrecd.fsutil import atomic_write
+from devrecd.fsutil import atomic_write, sha256_artifact
 
 if TYPE_CHECKING:
     from devrecd.config import BackendConfig
@@ -204,8 +204,6 @@ def check_engine_meta(meta: EngineMeta, target: GpuTarget, *, contract: Contract
 
 def verify_plan(engine_path: Path, meta: EngineMeta) -> bytes:
     """The plan's bytes, refused when missing, truncated or not the file its JSON describes."""
-    from devrecd.audio import sha256_file
-
     try:
         size = engine_path.stat().st_size
     except FileNotFoundError:
@@ -213,7 +211,7 @@ def verify_plan(engine_path: Path, meta: EngineMeta) -> bytes:
     if size < meta.engine_bytes:
         raise ArtifactError(f"TensorRT engine {engine_path} is truncated ({size} of {meta.engine_bytes} bytes)",
                             reason="engine_truncated")
-    if size != meta.engine_bytes or sha256_file(engine_path) != meta.engine_sha256:
+    if size != meta.engine_bytes or sha256_artifact(engine_path) != meta.engine_sha256:
         raise ArtifactError(f"TensorRT engine {engine_path} is not the file its JSON describes (sha256 differs)",
                             reason="engine_mismatch")
     return engine_path.read_bytes()
@@ -252,8 +250,6 @@ class TensorRTBackend:
     def from_config(cls, cfg: BackendConfig, model: Path | None, engine: Path | None = None) -> TensorRTBackend:
         """``engine``, else ``backend.engine``, else the engine in ``backend.engine_dir`` built from
         ``model`` for this GPU and TensorRT version."""
-        from devrecd.audio import sha256_file
-
         device = cuda_index(cfg.device)
         contract = contract_sha = None
         if model is not None:
@@ -262,7 +258,7 @@ class TensorRTBackend:
                 raise ArtifactError("backend.kind = 'tensorrt' serves an exported model: export the checkpoint, then "
                                     "`devrecd build-engine export/NAME.onnx`", reason="not_onnx")
             contract = load_for_onnx(model)
-            contract_sha = sha256_file(contract_path_for(model))
+            contract_sha = sha256_artifact(contract_path_for(model))
         if engine is None and cfg.engine:
             engine = Path(cfg.engine)
         if engine is None:

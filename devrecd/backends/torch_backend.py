@@ -28,6 +28,7 @@ import numpy as np
 from devrecd.backends.base import (InferenceError, as_numpy_features, batch_slices, check_features_shape,
                                    is_checkpoint, need_model)
 from devrecd.errors import ArtifactError, ConfigError
+from devrecd.fsutil import sha256_artifact
 
 if TYPE_CHECKING:
     from devrecd.config import BackendConfig
@@ -79,7 +80,6 @@ class TorchBackend:
                  autocast: str = "none", cuda_graphs: bool = False) -> None:
         import torch
 
-        from devrecd.audio import sha256_file
         from devrecd.model.serving import graph_for_checkpoint
         from devrecd.model.checkpoint import load_checkpoint
 
@@ -97,7 +97,7 @@ class TorchBackend:
         self.path = Path(checkpoint)
         ckpt = load_checkpoint(self.path)
         file = self.path / "best.pt" if self.path.is_dir() else self.path
-        self.model_sha256 = sha256_file(file)
+        self.model_sha256 = sha256_artifact(file)
         self.precision = precision
         self.autocast = autocast
         self.cuda_graphs = cuda_graphs
