@@ -197,6 +197,21 @@ def test_one_registry_of_backend_classes_names_the_kinds_everywhere() -> None:
         BackendConfig(kind="openvino")
 
 
+def test_a_run_folder_with_only_last_pt_is_served_and_hashed_as_the_file_loaded(exported_model, tmp_path: Path) -> None:
+    """A run whose first loss was NaN never writes best.pt: the torch backend loads its last.pt and
+    reports that file's sha256 (not a missing best.pt's)."""
+    import hashlib
+
+    from devrecd.backends.torch_backend import TorchBackend
+    from devrecd.model.checkpoint import resolve_checkpoint_path
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(resolve_checkpoint_path(exported_model.checkpoint), run / "last.pt")
+    backend = TorchBackend(run, device="cpu")
+    assert backend.model_sha256 == hashlib.sha256((run / "last.pt").read_bytes()).hexdigest()
+
+
 def test_a_missing_model_file_is_an_artifact_error_that_names_it(tmp_path: Path) -> None:
     """Model files are hashed as artifacts, not as evidence: a missing one is not MissingAudio."""
     from devrecd.fsutil import sha256_artifact

@@ -81,7 +81,7 @@ class TorchBackend:
         import torch
 
         from devrecd.model.serving import graph_for_checkpoint
-        from devrecd.model.checkpoint import load_checkpoint
+        from devrecd.model.checkpoint import load_checkpoint, resolve_checkpoint_path
 
         if autocast not in AUTOCAST:
             raise ConfigError(f"backend.autocast must be one of {', '.join(AUTOCAST)}, not {autocast!r}")
@@ -95,9 +95,9 @@ class TorchBackend:
         if precision == "fp16" and autocast != "none":
             raise ConfigError("backend.autocast applies to an FP32 graph: use precision fp32 with autocast")
         self.path = Path(checkpoint)
-        ckpt = load_checkpoint(self.path)
-        file = self.path / "best.pt" if self.path.is_dir() else self.path
-        self.model_sha256 = sha256_artifact(file)
+        file = resolve_checkpoint_path(self.path)  # a run folder's best.pt, else its last.pt
+        ckpt = load_checkpoint(file)
+        self.model_sha256 = sha256_artifact(file)  # the file loaded
         self.precision = precision
         self.autocast = autocast
         self.cuda_graphs = cuda_graphs

@@ -84,7 +84,8 @@ def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint, extra: dict[str, 
 
 
 def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
-    """A run directory means its ``best.pt``; a file is itself."""
+    """A run directory means its ``best.pt``, else its ``last.pt`` (a run whose first loss was NaN
+    never writes best.pt); a file is itself."""
     path = Path(path)
     if path.is_dir():
         for name in ("best.pt", "last.pt"):
