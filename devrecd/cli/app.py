@@ -69,7 +69,9 @@ class TextFormat(str, enum.Enum):
 BackendKind = enum.Enum("BackendKind", {kind: kind for kind in KINDS}, type=str)
 
 
-class Split(str, enum.Enum):
+class SplitName(str, enum.Enum):
+    """--split: which part of a dataset."""
+
     train = "train"
     val = "val"
     test = "test"

@@ -47,7 +47,7 @@ log = logging.getLogger("devrecd.openset")
 
 CLEAN = "clean"  # the comparison condition of broadband recordings compared as they are
 # score(questioned (n, 128, 73) features, per profile: list of reference (m, 128, 73) features) -> (profiles,) scores
-Scorer = Callable[[np.ndarray, Sequence[Sequence[np.ndarray]]], np.ndarray]
+ScoreFunction = Callable[[np.ndarray, Sequence[Sequence[np.ndarray]]], np.ndarray]
 
 
 class ReferenceStore:
@@ -249,13 +249,13 @@ def questioned_channel(condition: dict[str, Any] | None) -> Channel | None:
 
 
 def matched_scores(questioned: np.ndarray, profiles: Sequence[Sequence[str]], channel: Channel | None,
-                   matcher: ConditionMatcher, scorer: Scorer, noise: NoiseProfile | None = None) -> np.ndarray:
+                   matcher: ConditionMatcher, scorer: ScoreFunction, noise: NoiseProfile | None = None) -> np.ndarray:
     """Scores of questioned features against every profile, its references brought to ``channel``
     (and then to ``noise``, the questioned recording's: :func:`resolve_noise`)."""
     return np.asarray(scorer(questioned, matcher.profile_references(profiles, channel, noise)), dtype=np.float64)
 
 
-def embedding_scorer(embed: Callable[[np.ndarray], np.ndarray]) -> Scorer:
+def embedding_scorer(embed: Callable[[np.ndarray], np.ndarray]) -> ScoreFunction:
     """The registry's scoring rule with an embedding function (features -> window embeddings):
     cosine of the questioned recording embedding with each profile's mean reference embedding."""
     from devrecd.openset.registry import recording_embedding
@@ -410,7 +410,7 @@ def resolve_noise(condition: dict[str, Any] | None, matcher: ConditionMatcher, p
 
 __all__ = [
     "NOISE_MARGIN_DB", "resolve_noise",
-    "CLEAN", "ChannelError", "ConditionMatcher", "ReferenceStore", "Scorer", "condition_report",
+    "CLEAN", "ChannelError", "ConditionMatcher", "ReferenceStore", "ScoreFunction", "condition_report",
     "embedding_scorer", "matched_profile_embeddings", "matched_registry", "matched_scores", "questioned_channel",
     "resolve_comparison", "validated_conditions",
 ]

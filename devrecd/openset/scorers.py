@@ -37,8 +37,9 @@ from devrecd.supervector import RELEVANCE, SupervectorAccumulator, Ubm, nap_proj
 KINDS = ("embedder", "gsv", "fusion")
 
 
-class Scorer(Protocol):
-    """What the registry, calibration, identify and the benchmark need from a scorer."""
+class VectorScorer(Protocol):
+    """What the registry, calibration, identify and the benchmark need from a scorer: recordings to
+    vectors, vectors to scores (EmbedderScorer, GsvScorer, FusionScorer)."""
 
     kind: str
     frontend: FrontendConfig
