@@ -89,7 +89,6 @@ Fraction = Annotated[float, FRACTION]
 Dbfs = Annotated[float, DBFS]
 SplitFractions = Annotated[tuple[float, float, float], FRACTION]
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 def _check_split(section: str, split: tuple[float, ...]) -> list[str]:
     return [] if abs(sum(split) - 1.0) < 1e-6 else [f"{section}.split: the three fractions must add up to 1, got {sum(split):g}"]
