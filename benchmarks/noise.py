@@ -43,8 +43,8 @@ from devrecd.config import load_config
 from devrecd.features import extract
 from devrecd.openset.calibration import eer
 from devrecd.openset.matching import NOISE_MARGIN_DB, ConditionMatcher, ReferenceStore, resolve_noise
-from devrecd.openset.registry import l2_normalise
 from devrecd.openset.scorers import default_gsv_path, load_gsv
+from devrecd.openset.vectors import unit
 from devrecd.pipeline.stages import clips_for, frontend_for
 
 CONDITIONS = ("clean", "white30", "white20", "white10", "babble30", "babble20", "babble10", "level-20", "level-30")
@@ -125,7 +125,7 @@ def main() -> int:
             log(f"fold {fold.index}: GSV (16 mixtures, NAP 16) on {len(fold.dev)} phones, tests {', '.join(fold.test)}")
 
     def profile_means(sc, channel_noise) -> np.ndarray:
-        return np.stack([l2_normalise(np.stack([sc.recording_vector(matcher.reference_features(s, None, channel_noise))
+        return np.stack([unit(np.stack([sc.recording_vector(matcher.reference_features(s, None, channel_noise))
                                                 for s in shas]).mean(axis=0)) for shas in profiles])
 
     clean_means = {id(sc): profile_means(sc, None) for sc in set(scorer_of.values())}

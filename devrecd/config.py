@@ -87,9 +87,7 @@ NonNegInt = Annotated[int, NON_NEGATIVE]
 Count = Annotated[int, AT_LEAST_1]
 Fraction = Annotated[float, FRACTION]
 Dbfs = Annotated[float, DBFS]
-Split = Annotated[tuple[float, float, float], FRACTION]
-
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+SplitFractions = Annotated[tuple[float, float, float], FRACTION]
 
 
 def _check_split(section: str, split: tuple[float, ...]) -> list[str]:
@@ -254,7 +252,7 @@ class TrainConfig(_Section):
     patience: NonNegInt = 20  # early stopping: epochs without validation improvement (0 = off)
     seed: NonNegInt = 0
     hop_seconds: PositiveFloat = 1.0  # window hop when cutting training recordings
-    split: Split = (0.64, 0.16, 0.20)  # train / val / test
+    split: SplitFractions = (0.64, 0.16, 0.20)  # train / val / test
     cache_dir: Annotated[str, NOT_EMPTY] = "~/.cache/devrecd/features"
     threads: NonNegInt = 0  # torch intra-op threads (0 = torch's default)
     on_unusable: Literal["skip", "fail"] = "skip"  # a recording that cannot be used: skip it (listed in the run) or fail
@@ -334,7 +332,7 @@ class SynthConfig(_Section):
     section: ClassVar[str] = "synth"
     sample_rate: Annotated[int, Range(ge=8000)] = 32000  # corpus rate (CCNU_Mobile's)
     recording_seconds: PositiveFloat = 10.0  # length of each simulated recording
-    split: Split = (0.64, 0.16, 0.20)  # train / val / test recordings per device
+    split: SplitFractions = (0.64, 0.16, 0.20)  # train / val / test recordings per device
     same_model_fraction: Fraction = 0.3  # share of devices that are a second unit of another device's model
     speakers_per_recording: Count = 3  # speaker turns per recording (speakers never cross splits)
     parallel: bool = True  # one playback session: clip k of every device is the same speech (as in CCNU)

@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from devrecd.errors import ArtifactError, ConfigError
 from devrecd.features import FEATURE_DIM, N_FRAMES, FrontendConfig
-from devrecd.fsutil import atomic_write
+from devrecd.fsutil import atomic_write, sha256_artifact
 
 SCHEMA = "devrecd.contract/1"  # bump when a field changes meaning
 INPUT_NAME = "features"  # (batch, 128, 73) float32, NOT normalised: normalisation is in the graph
@@ -326,8 +326,6 @@ def check_labels(model_labels: Sequence[str], expected: Sequence[str], *, model:
 
 def _verify_file(path: Path, size_want: int, sha_want: str, *, what: str, reason: str) -> None:
     """``path`` exists with the contract's size and sha256; reasons ``{reason}_missing|_truncated|_mismatch``."""
-    from devrecd.audio import sha256_file
-
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -335,7 +333,7 @@ def _verify_file(path: Path, size_want: int, sha_want: str, *, what: str, reason
     if size < size_want:
         raise ArtifactError(f"{what} {path} is truncated: {size} bytes, the contract says "
                             f"{size_want} (copy it again)", reason=f"{reason}_truncated")
-    digest = sha256_file(path)
+    digest = sha256_artifact(path, what)
     if size != size_want or digest != sha_want:
         raise ArtifactError(f"{what} {path} is not the one its contract describes (sha256 "
                             f"{digest[:12]}, contract {sha_want[:12]}): re-export, or use the "

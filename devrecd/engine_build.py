@@ -105,13 +105,11 @@ def network_flags(trt: Any) -> tuple[int, bool]:
 
 def build_engine(onnx_path: str | os.PathLike, options: BuildOptions) -> BuildResult:
     """Build, save and verify an engine; raises :class:`MissingDependency` at once without GPU/TensorRT."""
-    from devrecd.audio import sha256_file
-
     trt = import_tensorrt()  # fail fast, before any work, naming what is missing
     torch = require_cuda(options.device)
     target = current_target(options.device)
     onnx_path, contract = resolve_onnx(onnx_path, options.fp16)
-    contract_sha = sha256_file(contract_path_for(onnx_path))
+    contract_sha = sha256_artifact(contract_path_for(onnx_path))
     engine_dir = Path(options.engine_dir)
     engine_dir.mkdir(parents=True, exist_ok=True)
     cache_path = options.timing_cache or engine_dir / TIMING_CACHE_NAME
@@ -149,7 +147,7 @@ def build_engine(onnx_path: str | os.PathLike, options: BuildOptions) -> BuildRe
     engine_path = engine_dir / f"{stem}.plan"
     _write_atomic(engine_path, memoryview(plan))
     meta = EngineMeta(
-        engine_file=engine_path.name, engine_sha256=sha256_file(engine_path), engine_bytes=engine_path.stat().st_size,
+        engine_file=engine_path.name, engine_sha256=sha256_artifact(engine_path), engine_bytes=engine_path.stat().st_size,
         name=contract.name, onnx_file=onnx_path.name, onnx_sha256=contract.onnx_sha256, contract_sha256=contract_sha,
         contract=contract.to_dict(), precision=contract.precision,
         profile={"min": p.min, "opt": p.opt, "max": p.max}, gpu={"name": target.gpu_name, "sm": target.sm},

@@ -50,6 +50,7 @@ from devrecd.contract import (BATCH_AXIS, EMBEDDING_NAME, INPUT_NAME, OUTPUT_NAM
                               contract_path_for, embedding_spec, input_spec, output_spec)
 from devrecd.errors import ArtifactError, DevrecdError
 from devrecd.features import FEATURE_DIM, N_FRAMES, FrontendConfig
+from devrecd.fsutil import move_into_place, sha256_artifact
 
 log = logging.getLogger("devrecd.export")
 
@@ -253,11 +254,9 @@ def parity_features_path(onnx_path: str | os.PathLike) -> Path:
 
 def load_parity_features(onnx_path: str | os.PathLike, contract: Contract) -> tuple[np.ndarray, str]:
     """The export's parity features (sha256-checked against the contract) and where they came from."""
-    from devrecd.audio import sha256_file
-
     path = parity_features_path(onnx_path)
     want = contract.parity.get("features_sha256")
-    if not path.is_file() or not want or sha256_file(path) != want:
+    if not path.is_file() or not want or sha256_artifact(path) != want:
         raise ArtifactError(f"parity features {path} are missing or not the ones in the contract: re-export the "
                             "model (they are written beside NAME.onnx)", reason="parity_features")
     return np.load(path), str(contract.parity.get("source", path.name))
@@ -301,8 +300,6 @@ def export_graph(graph: Any, out: str | os.PathLike, *, labels: Sequence[str], f
 
     ``reference`` is the torch graph the ONNX output is compared with (default: ``graph`` itself).
     """
-    from devrecd.audio import sha256_file
-
     out, tmp = _onnx_out(out)
     tolerance = TOLERANCE[precision] if tolerance is None else tolerance
     t0 = time.perf_counter()
@@ -318,8 +315,8 @@ def export_graph(graph: Any, out: str | os.PathLike, *, labels: Sequence[str], f
                 f"parity check failed for {out.name}: torch vs ONNX Runtime max abs difference "
                 f"{parity.max_abs_diff:.3g} > tolerance {tolerance:g} on {parity.n_clips} clips "
                 f"(top-1 agreement {parity.top1_agreement:.1%}); the ONNX file was not written", reason="parity")
-        os.replace(tmp, out)
-        os.replace(ort_tmp, ort_out)
+        move_into_place(tmp, out)
+        move_into_place(ort_tmp, ort_out)
     finally:
         tmp.unlink(missing_ok=True)
         ort_tmp.unlink(missing_ok=True)
@@ -328,14 +325,14 @@ def export_graph(graph: Any, out: str | os.PathLike, *, labels: Sequence[str], f
     np.save(feats_path, np.ascontiguousarray(features, dtype=np.float32))
     versions = software_versions()
     contract = Contract(
-        name=out.stem, onnx_file=out.name, onnx_sha256=sha256_file(out), onnx_bytes=out.stat().st_size,
+        name=out.stem, onnx_file=out.name, onnx_sha256=sha256_artifact(out), onnx_bytes=out.stat().st_size,
         input=input_spec(), output=output_spec(len(labels)), labels=tuple(labels), frontend=frontend,
         frontend_fingerprint=frontend.fingerprint(), precision=precision, opset=opset, arch=arch,
         checkpoint_sha256=checkpoint_sha256, dataset_sha256=dataset_sha256,
         parity=parity.to_dict() | {"exporter": exporter, "export_seconds": round(seconds, 1),
-                                   "features_file": feats_path.name, "features_sha256": sha256_file(feats_path)},
+                                   "features_file": feats_path.name, "features_sha256": sha256_artifact(feats_path)},
         versions=versions,
-        ort={"file": ort_out.name, "sha256": sha256_file(ort_out), "bytes": ort_out.stat().st_size,
+        ort={"file": ort_out.name, "sha256": sha256_artifact(ort_out), "bytes": ort_out.stat().st_size,
              "onnxruntime": versions["onnxruntime"], "optimization": "basic",
              "parity_max_abs_diff": parity.ort_max_abs_diff},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -355,7 +352,6 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
     Parity features come from ``parity_audio`` (files or folders of real recordings).
     ``on_progress(done, total, what)`` after each step: each parity recording, then each graph exported.
     """
-    from devrecd.audio import sha256_file
     from devrecd.model.checkpoint import load_checkpoint, resolve_checkpoint_path
     from devrecd.model.serving import graph_for_checkpoint
 
@@ -363,7 +359,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
     outs = [Path(out)] + ([fp16_path_for(out)] if fp16 else [])
     feats, source, step = _parity_input(parity_audio, ckpt.frontend, cfg, max_parity_clips, len(outs), on_progress)
     common = dict(labels=list(ckpt.labels), frontend=ckpt.frontend, features=feats, feature_source=source,
-                  arch=ckpt.arch, checkpoint_sha256=sha256_file(resolve_checkpoint_path(checkpoint)),
+                  arch=ckpt.arch, checkpoint_sha256=sha256_artifact(resolve_checkpoint_path(checkpoint)),
                   dataset_sha256=ckpt.dataset_sha256,
                   opset=opset, exporter=exporter, threads=cfg.backend.threads)
     fp32_graph = graph_for_checkpoint(ckpt)
@@ -427,7 +423,6 @@ def export_embedding_graph(embedder: Any, out: str | os.PathLike, *, features: n
     its ONNX embeddings are always compared with ``embedder.embed_features``, the torch path that
     enrolled the registries. Above ``tolerance`` nothing is left behind.
     """
-    from devrecd.audio import sha256_file
     from devrecd.model.serving import embedding_graph
 
     out, tmp = _onnx_out(out)
@@ -445,11 +440,11 @@ def export_embedding_graph(embedder: Any, out: str | os.PathLike, *, features: n
                 f"parity check failed for {out.name}: ONNX Runtime embeddings differ from torch's by up to "
                 f"{parity['max_rel_diff']:.3g} of their norm > tolerance {tolerance:g} on {parity['n_clips']} "
                 f"windows (lowest cosine {parity['min_cosine']:.6f}); the ONNX file was not written", reason="parity")
-        os.replace(tmp, out)
+        move_into_place(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     contract = EmbedderContract(
-        name=out.stem, onnx_file=out.name, onnx_sha256=sha256_file(out), onnx_bytes=out.stat().st_size,
+        name=out.stem, onnx_file=out.name, onnx_sha256=sha256_artifact(out), onnx_bytes=out.stat().st_size,
         input=input_spec(), output=embedding_spec(embedder.dim), fingerprint=embedder.fingerprint,
         arch=embedder.arch, dim=embedder.dim, frontend=embedder.frontend,
         frontend_fingerprint=embedder.frontend.fingerprint(), labels=tuple(embedder.labels), opset=opset,
@@ -468,7 +463,6 @@ def export_embedder(checkpoint: str | os.PathLike, out: str | os.PathLike, *, cf
     """``devrecd export-embedder``: a checkpoint's network as an open-set embedder ``NAME.onnx`` +
     its embedder contract ``NAME.json``, parity-checked against torch on real recordings, so that
     registries enrolled with the checkpoint are served by ONNX Runtime without torch."""
-    from devrecd.audio import sha256_file
     from devrecd.model.checkpoint import load_checkpoint, resolve_checkpoint_path
     from devrecd.openset.embedder import Embedder
 
@@ -476,7 +470,7 @@ def export_embedder(checkpoint: str | os.PathLike, out: str | os.PathLike, *, cf
     embedder = Embedder.from_checkpoint(ckpt, source=str(Path(checkpoint).resolve()))  # refuses a net without embed()
     feats, source, step = _parity_input(parity_audio, ckpt.frontend, cfg, max_parity_clips, 1, on_progress)
     result = export_embedding_graph(embedder, out, features=feats, feature_source=source,
-                                    checkpoint_sha256=sha256_file(resolve_checkpoint_path(checkpoint)), opset=opset,
+                                    checkpoint_sha256=sha256_artifact(resolve_checkpoint_path(checkpoint)), opset=opset,
                                     exporter=exporter, threads=cfg.backend.threads,
                                     tolerance=EMBEDDING_TOLERANCE if tolerance is None else tolerance)
     step(f"exported {result.onnx_path.name}")

@@ -1,11 +1,14 @@
-"""Atomic file writes and private state files."""
+"""Atomic file writes, private state files and the hash of a model file."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 from pathlib import Path
 from typing import BinaryIO, Callable
+
+from devrecd.errors import ArtifactError
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -41,13 +44,30 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO
                 os.fsync(fh.fileno())
             if mode is not None:
                 os.fchmod(fh.fileno(), mode)
-        os.replace(tmp, path)
+        _rename(tmp, path, fsync=fsync)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    if fsync:
-        fsync_dir(path.parent)
     return path
+
+
+def move_into_place(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Rename a finished file ``tmp`` (written beside ``path`` by someone else's writer, e.g. an
+    exporter that takes a file name) over ``path`` the way :func:`atomic_write` does: its data
+    fsynced, the rename atomic on POSIX, the folder fsynced so that the rename is durable."""
+    fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return _rename(tmp, path, fsync=True)
+
+
+def _rename(tmp: str | os.PathLike, path: str | os.PathLike, *, fsync: bool) -> Path:
+    os.replace(tmp, path)
+    if fsync:
+        fsync_dir(Path(path).parent)
+    return Path(path)
 
 
 def _new_file(path: Path, mode: int) -> tuple[int, str]:
@@ -71,3 +91,17 @@ def private_file(path: str | os.PathLike, mode: int = 0o600, flags: int = os.O_R
         os.close(fd)
         raise
     return fd
+
+
+def sha256_artifact(path: str | os.PathLike, what: str = "model file") -> str:
+    """SHA-256 of a model file (checkpoint, ONNX or ORT model, engine, contract, parity features),
+    streamed. A missing or unreadable one is an :class:`~devrecd.errors.ArtifactError` that names it
+    (``model_missing`` / ``model_unreadable``); evidence is hashed by
+    :func:`devrecd.audio.sha256_file`, through the evidence open."""
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+    except FileNotFoundError:
+        raise ArtifactError(f"{what} not found: {path}", reason="model_missing") from None
+    except OSError as exc:
+        raise ArtifactError(f"cannot read {what} {path}: {exc.strerror or exc}", reason="model_unreadable") from None

@@ -13,7 +13,7 @@ other) and computes on its torch device what the numpy scorer computes on the CP
 
 Features may arrive as a tensor on the device (the pipeline's CUDA frontend) or as numpy arrays
 (condition-matched references, tests); vectors and scores go back to the host as numpy, as the
-scorer interface (:class:`~devrecd.openset.scorers.Scorer`) returns them. torch is imported here
+scorer interface (:class:`~devrecd.openset.scorers.VectorScorer`) returns them. torch is imported here
 only, and this module only where a GSV scorer is served on a torch device (:func:`on_device`).
 Parity with the numpy scorer on the 15 CCNU phones: ``tests/test_openset_scorers.py`` (CPU) and
 ``benchmarks/gpu.py`` (the GPU).

@@ -35,6 +35,7 @@ import numpy as np
 from devrecd.config import Config, TrainConfig
 from devrecd.data import Dataset, FeatureCache, Item, parse_split_groups
 from devrecd.errors import ArtifactError, ConfigError, DatasetError
+from devrecd.fsutil import sha256_artifact
 from devrecd.model.checkpoint import Checkpoint, load_checkpoint, load_raw, resolve_checkpoint_path, save_checkpoint
 
 log = logging.getLogger("devrecd.train")
@@ -403,10 +404,8 @@ def train(ds: Dataset, out: str | Path, cfg: Config, opts: TrainConfig, *, init:
     base: Checkpoint | None = None
     init_sha = ""
     if init is not None:
-        from devrecd.audio import sha256_file
-
         base = load_checkpoint(init)
-        init_sha = sha256_file(resolve_checkpoint_path(init))
+        init_sha = sha256_artifact(resolve_checkpoint_path(init))
         base.check_compatible(frontend=cfg.frontend)  # fine-tune with the frontend it learned on
         opts, hparams, trainable = replace(opts, arch=base.arch), dict(base.hparams), opts.finetune_trainable
     labels = list(ds.labels)

@@ -179,3 +179,45 @@ def test_batch_slices_cover_every_row_once_within_the_limit() -> None:
             assert np.array_equal(rows, np.arange(n))
             sizes = [s.stop - s.start for s in parts]
             assert max(sizes) <= limit and len(parts) == -(-n // limit) and max(sizes) - min(sizes) <= 1
+
+
+def test_one_registry_of_backend_classes_names_the_kinds_everywhere() -> None:
+    """Each backend class declares its kind; the chooser, the CLI's --backend and the configuration
+    accept exactly the registry's kinds (and auto)."""
+    import typing
+
+    from devrecd.backends import BACKENDS, KINDS
+    from devrecd.cli.app import BackendKind
+    from devrecd.config import BackendConfig
+
+    assert KINDS == ("auto", *BACKENDS) and all(cls.name == kind for kind, cls in BACKENDS.items())
+    assert [k.value for k in BackendKind] == list(KINDS)
+    assert set(typing.get_args(typing.get_type_hints(BackendConfig)["kind"])) == set(KINDS)
+    with pytest.raises(ConfigError, match="backend.kind must be one of auto, onnxruntime, tensorrt, torch"):
+        BackendConfig(kind="openvino")
+
+
+def test_a_run_folder_with_only_last_pt_is_served_and_hashed_as_the_file_loaded(exported_model, tmp_path: Path) -> None:
+    """A run whose first loss was NaN never writes best.pt: the torch backend loads its last.pt and
+    reports that file's sha256 (not a missing best.pt's)."""
+    import hashlib
+
+    from devrecd.backends.torch_backend import TorchBackend
+    from devrecd.model.checkpoint import resolve_checkpoint_path
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(resolve_checkpoint_path(exported_model.checkpoint), run / "last.pt")
+    backend = TorchBackend(run, device="cpu")
+    assert backend.model_sha256 == hashlib.sha256((run / "last.pt").read_bytes()).hexdigest()
+
+
+def test_a_missing_model_file_is_an_artifact_error_that_names_it(tmp_path: Path) -> None:
+    """Model files are hashed as artifacts, not as evidence: a missing one is not MissingAudio."""
+    from devrecd.fsutil import sha256_artifact
+
+    with pytest.raises(ArtifactError, match="model file not found: .*gone.onnx") as exc:
+        sha256_artifact(tmp_path / "gone.onnx")
+    assert exc.value.reason == "model_missing"
+    (tmp_path / "m.onnx").write_bytes(b"onnx")
+    assert sha256_artifact(tmp_path / "m.onnx") == "87e93f89f2be0db364e8be052f79f389e6c2da239831922e24513288af522a43"

@@ -207,10 +207,10 @@ def test_renamed_options_are_gone():
 
 
 def test_scorer_choices_are_the_scorers_the_library_has():
-    from devrecd.cli.openset import Scorer
+    from devrecd.cli.openset import ScorerKind
     from devrecd.openset.scorers import KINDS
 
-    assert {s.value for s in Scorer} <= set(KINDS)
+    assert {s.value for s in ScorerKind} <= set(KINDS)
 
 
 def test_arch_choices_are_the_architectures_the_model_has():

@@ -31,6 +31,7 @@ from devrecd.pipeline.verdict import aggregate, judged_record, top_k
 from devrecd.audio.files import wanted
 from devrecd.daemon.watcher import Watcher, fs_type, needs_polling, open_for_writing
 from devrecd.metrics import Metrics
+from tests.helpers import DaemonProc, ccnu_recordings, free_port, metric_sample
 
 LABELS = ("a", "b", "c")
 
@@ -344,6 +345,17 @@ def test_watcher_hands_over_every_audio_named_entry_that_is_not_a_plain_file(tmp
                                   "external.wav", "sock.wav", "late.wav"])
 
 
+def _cut_off(client: socket.socket) -> bool:
+    """The server has closed this client's connection (EOF or reset waiting to be read)."""
+    client.setblocking(False)
+    try:
+        return client.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionError:
+        return True
+
+
 def test_status_server_answers_head_drops_idle_clients_and_caps_connections() -> None:
     m = Metrics(CollectorRegistry())
     srv = StatusServer(m.registry, "127.0.0.1", 0, healthy=lambda: (True, "ok"), ready=lambda: (True, "ready"),
@@ -360,8 +372,16 @@ def test_status_server_answers_head_drops_idle_clients_and_caps_connections() ->
             c = socket.create_connection((host, port), timeout=5)
             c.sendall(b"GET /metrics HTTP/1.1\r\n")
             idle.append(c)
-        time.sleep(0.2)
-        assert threading.active_count() - before <= 4, "at most max_connections threads"
+        # The server takes them one by one, cutting off the oldest reader for each one past
+        # max_connections: wait until it has taken all 50 (46 cut off) and only 4 threads serve.
+        # The 4 still open show that the cap cut the others, not the idle timeout (which cuts all).
+        def settled() -> bool:
+            return sum(map(_cut_off, idle)) >= 46 and threading.active_count() - before <= 4
+
+        deadline = time.monotonic() + 10
+        while not settled() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert settled() and sum(map(_cut_off, idle)) < 50, "at most max_connections threads"
         # Past the socket timeout (0.5 s) the idle ones are dropped and the server serves again.
         deadline = time.time() + 10
         while threading.active_count() - before > 1 and time.time() < deadline:
@@ -514,8 +534,15 @@ def test_metrics_names_on_a_fresh_registry() -> None:
                                                        "model_sha256": "m", "contract_sha256": "c"}) == 1
     assert r.get_sample_value("devrecd_ready") == 0
     assert r.get_sample_value("devrecd_live_overruns_total", {"kind": "ring_overflow"}) == 0
-    # Two daemons (or tests) in one process do not collide.
-    Metrics(CollectorRegistry())
+    # Two daemons (or tests) in one process do not collide: Metrics() without a registry makes its
+    # own, never prometheus_client's global one (a second daemon would raise Duplicated timeseries).
+    from prometheus_client import REGISTRY
+
+    a, b = Metrics(), Metrics()
+    a.files.labels(outcome="judged").inc()
+    assert a.registry is not b.registry and a.registry is not REGISTRY and b.registry is not REGISTRY
+    assert b.registry.get_sample_value("devrecd_files_total", {"outcome": "judged"}) == 0
+    assert REGISTRY.get_sample_value("devrecd_ready") is None
 
 
 def test_sd_notify_datagrams(tmp_path: Path) -> None:
@@ -577,95 +604,6 @@ import soundfile as sf  # noqa: E402
 SR = 32000
 
 
-class DaemonProc:
-    """``devrecd watch`` in a subprocess, with its state folder and endpoint."""
-
-    def __init__(self, tmp: Path, evidence: Path, model: Path, **watch: object) -> None:
-        self.state = tmp / "state"
-        self.config = tmp / "daemon.toml"
-        settings = {"stable_seconds": 0.5, "poll_interval": 0.5, "workers": 2, "queue_size": 8, "shutdown_timeout": 20.0,
-                    **watch}
-        lines = ["[watch]"] + [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
-        lines += ["[batcher]", "max_batch = 8", "max_wait_ms = 20.0", "[metrics]", "port = 0",
-                  "[backend]", f"model = {json.dumps(str(model))}", "threads = 1", "[log]", "format = \"json\""]
-        self.config.write_text("\n".join(lines) + "\n")
-        self.evidence = evidence
-        self.log_path = tmp / "daemon.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, env: dict[str, str] | None = None) -> DaemonProc:
-        self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from devrecd.cli import main; main()", "watch", str(self.evidence), "--config", str(self.config),
-             "--state-dir", str(self.state)], stdout=self.log, stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})})
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            assert self.proc.poll() is None, f"daemon exited: {self.log_path.read_text()[-3000:]}"
-            status = self.state / "daemon.json"
-            if status.is_file():
-                doc = json.loads(status.read_text())
-                if doc["pid"] == self.proc.pid:
-                    self.url = doc["url"]
-                    return self
-            time.sleep(0.1)
-        raise AssertionError(f"daemon not ready: {self.log_path.read_text()[-3000:]}")
-
-    def records(self) -> list[dict]:
-        p = self.state / "verdicts.jsonl"
-        return [json.loads(x) for x in p.read_text().splitlines()] if p.is_file() else []
-
-    def wait_records(self, n: int, timeout: float = 120) -> list[dict]:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            recs = self.records()
-            if len(recs) >= n:
-                return recs
-            assert self.proc.poll() is None, f"daemon exited: {self.log_path.read_text()[-3000:]}"
-            time.sleep(0.1)
-        raise AssertionError(f"{len(self.records())} of {n} verdicts after {timeout} s: {self.log_path.read_text()[-3000:]}")
-
-    def wait_drained(self, timeout: float = 120) -> dict[str, float]:
-        """Wait until nothing is waiting or in flight (devrecd_queue_depth counts the watcher's
-        candidates and the pipeline's files); -> the daemon's non-zero file and error counters then."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            status, text = self.get("/metrics")
-            assert status == 200, text
-            if _sample(text, "devrecd_queue_depth") == 0:
-                return {f"{s.name}{{{','.join(f'{k}={v}' for k, v in sorted(s.labels.items()))}}}": s.value
-                        for f in text_string_to_metric_families(text) for s in f.samples
-                        if s.name in ("devrecd_files_total", "devrecd_errors_total") and s.value}
-            assert self.proc is not None and self.proc.poll() is None, f"daemon exited: {self.log_path.read_text()[-3000:]}"
-            time.sleep(0.1)
-        raise AssertionError(f"queue not drained after {timeout} s: {self.log_path.read_text()[-3000:]}")
-
-    def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(self.url + path, timeout=10) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout=timeout)
-        finally:
-            self.log.close()
-
-
-def _ccnu(ccnu_dir: Path, n: int) -> list[Path]:
-    """The first n test-segment recordings (segments 4-5), real phone audio."""
-    import csv
-
-    with open(ccnu_dir / "manifest.csv", newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if int(r["segment"]) >= 4]
-    return [ccnu_dir / r["path"] for r in rows[:n]]
-
-
 def _sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
@@ -680,7 +618,7 @@ def served_model(exported_model) -> Path:
 def test_daemon_judges_good_files_and_records_every_bad_one(tmp_path: Path, ccnu_dir: Path, served_model: Path) -> None:
     ev = tmp_path / "evidence"
     ev.mkdir()
-    src = _ccnu(ccnu_dir, 3)
+    src = ccnu_recordings(ccnu_dir, 3)
     shutil.copy(src[0], ev / "already here.wav")  # before start: the initial scan
     d = DaemonProc(tmp_path, ev, served_model).start()
     try:
@@ -771,7 +709,7 @@ def test_daemon_judges_good_files_and_records_every_bad_one(tmp_path: Path, ccnu
     # scan ran and its files were taken; once the queue drains, that file is the only verdict added.
     d2 = DaemonProc(tmp_path, ev, served_model).start()
     try:
-        shutil.copy(_ccnu(ccnu_dir, 4)[3], ev / "after restart.wav")
+        shutil.copy(ccnu_recordings(ccnu_dir, 4)[3], ev / "after restart.wav")
         recs = d2.wait_records(len(expected) + 1)
         counts = d2.wait_drained()
         recs = d2.records()
@@ -786,12 +724,6 @@ def test_daemon_judges_good_files_and_records_every_bad_one(tmp_path: Path, ccnu
         j.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_the_same_content_in_flight_twice_is_judged_once(tmp_path: Path, ccnu_dir: Path, served_model: Path) -> None:
     """Two names of one content in flight at once (one batch holds both, so neither was judged when
     its worker asked the journal): one verdict, the other recorded as its duplicate."""
@@ -800,7 +732,7 @@ def test_the_same_content_in_flight_twice_is_judged_once(tmp_path: Path, ccnu_di
     from devrecd.pipeline.serving import load_serving_backend
     from devrecd.pipeline.stages import features_for_file
 
-    src = _ccnu(ccnu_dir, 1)[0]
+    src = ccnu_recordings(ccnu_dir, 1)[0]
     copies = [tmp_path / "a.wav", tmp_path / "b.wav"]
     for c in copies:
         shutil.copy(src, c)
@@ -835,7 +767,7 @@ def test_kill_9_mid_batch_then_restart_gives_exactly_one_verdict_per_file(
         tmp_path: Path, ccnu_dir: Path, served_model: Path) -> None:
     ev = tmp_path / "evidence"
     ev.mkdir()
-    files = _ccnu(ccnu_dir, 30)
+    files = ccnu_recordings(ccnu_dir, 30)
     for i, src in enumerate(files):  # a backlog present at start
         shutil.copy(src, ev / f"{i:02d} {src.name}")
     d = DaemonProc(tmp_path, ev, served_model, workers=1, queue_size=2).start()
@@ -869,9 +801,9 @@ def test_prometheus_scrapes_the_daemon(tmp_path: Path, ccnu_dir: Path, served_mo
         pytest.skip("the prometheus server is not installed (.ci/run installs it)")
     ev = tmp_path / "evidence"
     ev.mkdir()
-    shutil.copy(_ccnu(ccnu_dir, 1)[0], ev / "one.wav")
+    shutil.copy(ccnu_recordings(ccnu_dir, 1)[0], ev / "one.wav")
     d = DaemonProc(tmp_path, ev, served_model).start()
-    port = _free_port()
+    port = free_port()
     target = d.url.split("//", 1)[1]
     (tmp_path / "prometheus.yml").write_text(
         "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: devrecd\n"
@@ -906,10 +838,6 @@ def test_prometheus_scrapes_the_daemon(tmp_path: Path, ccnu_dir: Path, served_mo
         assert d.stop() == 0
 
 
-def _sample(text: str, name: str) -> float:
-    return next(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
-
-
 def test_systemd_notify_watchdog_reload_and_drain(tmp_path: Path, ccnu_dir: Path, served_model: Path) -> None:
     """READY once warm, WATCHDOG pings while the pipeline lives, SIGHUP reloads, SIGTERM drains + STOPPING."""
     ev = tmp_path / "evidence"
@@ -941,12 +869,12 @@ def test_systemd_notify_watchdog_reload_and_drain(tmp_path: Path, ccnu_dir: Path
             assert "RELOADING=1" in messages
             # Work in flight when SIGTERM arrives is finished before the exit.
             # 30 distinct recordings (3 offsets of 10 phones): enough that some are still in flight.
-            for i, src in enumerate(_ccnu(ccnu_dir, 10)):
+            for i, src in enumerate(ccnu_recordings(ccnu_dir, 10)):
                 audio, rate = sf.read(src, dtype="int16")
                 for k in range(3):
                     sf.write(ev / f"{i}-{k}.wav", audio[k * rate // 2:], rate, subtype="PCM_16")
             deadline = time.time() + 30
-            while time.time() < deadline and _sample(d.get("/metrics")[1], "devrecd_oldest_pending_age_seconds") == 0:
+            while time.time() < deadline and metric_sample(d.get("/metrics")[1], "devrecd_oldest_pending_age_seconds") == 0:
                 time.sleep(0.02)  # until files are admitted (stable) and in flight
             d.proc.send_signal(signal.SIGTERM)
             collect(0.5)

@@ -229,3 +229,17 @@ def test_feature_cache_concurrent_writers_and_readers(tmp_path, speech):
         np.testing.assert_array_equal(r, results[0])
     assert len(list((tmp_path / "cache").rglob("*.npy"))) == 1
     assert not list((tmp_path / "cache").rglob("*.tmp"))
+
+
+def test_a_dataset_folder_takes_recordings_by_the_watchers_rule(tmp_path, speech):
+    """Which files are recordings is audio/files.py's one rule (watch.extensions and
+    watch.ignore_patterns): hidden, lock, partial and non-audio files of a dataset are left out."""
+    import shutil
+
+    root = make_layout("folders", tmp_path / "data", speech)
+    src = next(root.rglob("*.wav"))
+    junk = (".hidden.wav", "~lock.wav", "copy.wav.part", "notes.txt")
+    for name in junk:
+        shutil.copy(src, src.parent / name)
+    ds = load_dataset(root, seed=3)
+    assert len(ds.items) == 15 and not {it.path.name for it in ds.items} & set(junk)

@@ -17,7 +17,7 @@ import pytest
 from devrecd.config import AudioConfig
 from devrecd.pipeline.journal import Journal
 from tests.hostile import Expect, build
-from tests.test_daemon import DaemonProc, _ccnu
+from tests.helpers import DaemonProc, ccnu_recordings
 
 BOMB_CAP = 48000 * 30 * 8  # audio.max_decoded_samples for the run: the 60 s x 8 channel bomb is over it
 
@@ -52,7 +52,7 @@ def _peak_rss_mb(pid: int) -> float:
 def test_daemon_survives_the_hostile_corpus_and_records_every_entry_once(tmp_path: Path, ccnu_dir: Path,
                                                                          exported_model) -> None:
     ev, outside = tmp_path / "evidence", tmp_path / "outside"
-    src = _ccnu(ccnu_dir, 4)
+    src = ccnu_recordings(ccnu_dir, 4)
     expect, _ = build(ev, src[:3], outside)
     # Queued (the journal has it, as after a crash), then replaced by a FIFO before it was read:
     # the restart's resume must refuse it, not block on it.
@@ -138,7 +138,7 @@ def test_kill_between_journal_commit_and_log_append_is_repaired_on_restart(tmp_p
     not in the log. The restart appends it exactly once and judges nothing again."""
     ev = tmp_path / "evidence"
     ev.mkdir()
-    src = _ccnu(ccnu_dir, 1)[0]
+    src = ccnu_recordings(ccnu_dir, 1)[0]
     (ev / "one.wav").write_bytes(src.read_bytes())
     d = DaemonProc(tmp_path, ev, Path(exported_model), workers=1)
     d.start(env={"DEVRECD_TEST_KILL_AT": "after_journal_commit"})
@@ -178,7 +178,7 @@ def test_every_hostile_class_gets_its_reason_from_the_intake_alone(tmp_path: Pat
     from devrecd.pipeline.stages import stream_features
 
     ev = tmp_path / "evidence"
-    expect, _ = build(ev, _ccnu(ccnu_dir, 3), tmp_path / "outside")
+    expect, _ = build(ev, ccnu_recordings(ccnu_dir, 3), tmp_path / "outside")
     cfg = load_config(None, env={}).with_overrides({"audio.max_decoded_samples": BOMB_CAP})
     assert isinstance(cfg.audio, AudioConfig)
     wrong = []
@@ -209,7 +209,7 @@ def test_a_queued_file_replaced_by_a_fifo_gets_one_record(tmp_path: Path, ccnu_d
     ev = tmp_path / "evidence"
     ev.mkdir()
     path = ev / "v.wav"
-    path.write_bytes(_ccnu(ccnu_dir, 1)[0].read_bytes())
+    path.write_bytes(ccnu_recordings(ccnu_dir, 1)[0].read_bytes())
     st = path.stat()
     journal = Journal(tmp_path / "journal.sqlite")
     journal.see(str(path), st.st_size, st.st_mtime_ns)
@@ -250,7 +250,7 @@ def test_identify_refuses_a_fifo_at_once_and_judges_the_file_beside_it(tmp_path:
     from devrecd.pipeline.identify import identify_files
 
     os.mkfifo(tmp_path / "p.wav")
-    good = _ccnu(ccnu_dir, 1)[0]
+    good = ccnu_recordings(ccnu_dir, 1)[0]
     cfg = load_config(None, env={}).with_overrides({"backend.model": str(exported_model), "backend.device": "cpu"})
     box: dict = {}
     t = threading.Thread(target=lambda: box.update(out=identify_files(cfg, [tmp_path / "p.wav", good])), daemon=True)

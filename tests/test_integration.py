@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from devrecd.cli import app
-from tests.test_daemon import DaemonProc, _ccnu
+from tests.helpers import DaemonProc, ccnu_recordings
 from tests.test_live import ALSA_CONF, _read
 
 runner = CliRunner()
@@ -63,7 +63,7 @@ def test_watch_judges_a_live_input_beside_its_folders(tmp_path: Path, ccnu_dir: 
     pytest.importorskip("sounddevice", reason="sounddevice not installed (pip install 'devrecd[live]')")
     if not Path("/usr/share/alsa/alsa.conf").is_file():
         pytest.skip("ALSA configuration not installed (apt install libasound2)")
-    wav = _ccnu(ccnu_dir, 1)[0]
+    wav = ccnu_recordings(ccnu_dir, 1)[0]
     infile = tmp_path / "line-in.f32"
     _read(wav).tofile(infile)
     conf = tmp_path / "asound.conf"

@@ -335,3 +335,21 @@ def test_human_readable_outputs_escape_names_like_the_log(tmp_path: Path) -> Non
     run = CliRunner().invoke(app, ["verdicts", "--state-dir", str(tmp_path), "--format", "table"])
     assert run.exit_code == 0, run.output
     assert len(run.output.splitlines()) == 2 and "\x1b" not in run.output and "\x9b" not in run.output, run.output
+
+
+def test_a_file_moved_into_place_is_fsynced_then_renamed_then_its_folder_fsynced(tmp_path: Path, monkeypatch) -> None:
+    """An export's checked ``.partial`` file goes into place as durably as an atomic write: its data
+    is fsynced before the rename, the folder after it."""
+    import os
+
+    from devrecd import fsutil
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(fsutil.os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                        real_fsync(fd))[1])
+    tmp = tmp_path / ".m.onnx.partial"
+    tmp.write_bytes(b"model")
+    out = fsutil.move_into_place(tmp, tmp_path / "m.onnx")
+    assert out == tmp_path / "m.onnx" and out.read_bytes() == b"model" and not tmp.exists()
+    assert synced == [str(tmp), str(tmp_path)]

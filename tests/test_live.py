@@ -534,3 +534,22 @@ def test_listen_with_a_registry_and_no_model(alsa_evidence, gsv_registry: Path, 
     for k in OPEN_SET_VERDICT:
         assert live[0][k] == ref[k], k
     assert live[0]["input"] == "evidence" and live[0]["backend"] == "open-set-only"
+
+
+def test_live_source_and_its_capture_read_one_injected_clock() -> None:
+    """LiveSource takes a clock as Capture does (and hands it on): silence longer than
+    live.missing_after is seen on that clock, without waiting for it."""
+    now = [100.0]
+    cfg = _cfg(missing_after=5.0)
+    batcher = Batcher(lambda x: np.zeros((len(x), 2), np.float32), max_batch=8, max_wait_s=0.005, queue_size=4)
+    source = LiveSource(cfg, batcher, labels=("a", "b"), backend_info={"name": "fake"}, metrics=Metrics(),
+                        clock=lambda: now[0])
+    assert source.capture.clock is source.clock
+    source.start(feed_rate=SR)
+    try:
+        assert source.ready() == (True, "live input up")
+        now[0] += 6.0
+        source.capture.callback(np.zeros((1024, 1), np.float32), 1024, None, None)  # audio arrives, silent
+        assert source.ready() == (False, "live input silent for 6 s")
+    finally:
+        source.stop()

@@ -176,7 +176,7 @@ def _judge_checks(trained_checkpoint, ccnu_dir, tmp_path):
 
 def test_closed_set_verdict_says_when_the_condition_is_outside_validation():
     from devrecd.errors import ConfigError
-    from devrecd.openset.matching import closed_set_comparison
+    from devrecd.pipeline.verdict import closed_set_comparison
 
     clean = closed_set_comparison({"channel": ""}, ["clean"])
     assert clean["condition_status"] == "validated" and clean["comparison"]["compared_under"] == CLEAN

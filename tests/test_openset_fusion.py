@@ -21,7 +21,8 @@ from devrecd.config import load_config
 from devrecd.errors import ArtifactError
 from devrecd.features import FrontendConfig
 from devrecd.openset.protocol import profile_vectors
-from devrecd.openset.scorers import GsvScorer, load_fusion, save_gsv, unit
+from devrecd.openset.scorers import GsvScorer, load_fusion, save_gsv
+from devrecd.openset.vectors import unit
 
 run = CliRunner().invoke
 

@@ -12,7 +12,8 @@ from devrecd.config import Config
 from devrecd.errors import ArtifactError, DatasetError
 from devrecd.openset.protocol import (TrialMatrix, open_set_outcomes, phone_folds, profile_vectors, s_norm,
                                       trial_figures)
-from devrecd.openset.scorers import FusionScorer, GsvScorer, fit_fusion, fit_nap, load_gsv, save_gsv, unit
+from devrecd.openset.scorers import FusionScorer, GsvScorer, fit_fusion, fit_nap, load_gsv, save_gsv
+from devrecd.openset.vectors import unit
 from devrecd.supervector import Ubm
 
 

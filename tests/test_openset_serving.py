@@ -20,7 +20,7 @@ from devrecd.config import load_config
 from devrecd.pipeline.identify import identify_files
 from devrecd.errors import ConfigError
 from devrecd.metrics import Metrics
-from tests.test_daemon import DaemonProc
+from tests.helpers import DaemonProc
 
 runner = CliRunner()
 ENROLLED = ["Apple_air1", "IPHONEX", "xiaomi8se"]

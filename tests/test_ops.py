@@ -274,16 +274,17 @@ def _query_range(port: int, expr: str, start: float, end: float) -> list[dict]:
     return doc["data"]["result"]
 
 
+@pytest.mark.slow  # waits for scrapes: Prometheus start, a second per file, 12 s of rate windows
 def test_every_dashboard_panel_returns_data_from_the_daemon(tmp_path: Path, ccnu_dir: Path, exported_model) -> None:
     """``devrecd watch`` with a real exported model, real phone recordings and one corrupt file, scraped
     by ``/usr/bin/prometheus`` with alerts.yml loaded; every panel query must return data."""
-    from tests.test_daemon import DaemonProc, _ccnu, _free_port
+    from tests.helpers import DaemonProc, ccnu_recordings, free_port
 
     prometheus = _tool("prometheus")
     ev = tmp_path / "evidence"
     ev.mkdir()
     daemon = DaemonProc(tmp_path, ev, Path(exported_model)).start()
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "prometheus.yml"
     shutil.copy(ALERTS, tmp_path / "alerts.yml")
     config.write_text("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - alerts.yml\n"
@@ -304,7 +305,7 @@ def test_every_dashboard_panel_returns_data_from_the_daemon(tmp_path: Path, ccnu
                 pass  # Prometheus still starting
             time.sleep(1)
         assert scraped, prom_log.read_text()[-2000:]
-        for src in _ccnu(ccnu_dir, 3):
+        for src in ccnu_recordings(ccnu_dir, 3):
             shutil.copy(src, ev / src.name)
             time.sleep(1)
         (ev / "corrupt.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt " + os.urandom(4000))

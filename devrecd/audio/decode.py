@@ -80,7 +80,7 @@ BLOCK_FRAMES = 1 << 16  # frames decoded at a time (2 MB of float32 at 8 channel
 MIN_RATE, MAX_RATE = 4_000, 384_000  # sample rates any recording device writes
 
 __all__ = ["Recording", "EvidenceStream", "open_evidence", "open_stream", "read_evidence", "rms_dbfs",
-           "sha256_file", "sniff_container", "read_file_bytes", "decode_bytes", "MIN_RATE", "MAX_RATE"]
+           "sha256_file", "sniff_container", "to_mono", "read_file_bytes", "decode_bytes", "MIN_RATE", "MAX_RATE"]
 
 
 @dataclass(frozen=True)
@@ -365,7 +365,7 @@ class EvidenceStream:
         verdict says ``channels_cancel``."""
         if self._mix_channel is not None:
             return np.ascontiguousarray(raw[:, self._mix_channel], dtype=np.float32)
-        mono = _to_mono(raw, self.cfg.mix, self.path)
+        mono = to_mono(raw, self.cfg.mix, self.path)
         if not self._mix_decided and raw.ndim == 2 and raw.shape[1] > 1 and self.cfg.mix == "mean":
             power = np.einsum("ij,ij->j", raw, raw, dtype=np.float64) / len(raw)
             if power.max() > 10 ** (self.cfg.silence_dbfs / 10):  # the first block with signal decides
@@ -528,7 +528,9 @@ def read_evidence(path: str | os.PathLike, sample_rate: int, cfg: AudioConfig | 
 CANCEL_RATIO = 1e-4  # mean mix 40 dB below the loudest channel: the channels cancel (L = -R)
 
 
-def _to_mono(samples: np.ndarray, mix: str, path: Path) -> np.ndarray:
+def to_mono(samples: np.ndarray, mix: str, path: Path | str) -> np.ndarray:
+    """(frames,) or (frames, channels) samples -> float32 mono by ``audio.mix`` (``mean`` or ``first``);
+    ``path`` names the source in the error (a file, or the live input)."""
     if samples.ndim == 1:
         return samples.astype(np.float32, copy=False)
     if samples.shape[1] == 1:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 
-from devrecd.errors import DevrecdError
+from devrecd.errors import ArtifactError, ConfigError, DevrecdError
 from devrecd.features import FEATURE_DIM, N_FRAMES, FrontendConfig
 
 INSTALL_GPU_HINT = "pip install 'devrecd[gpu]' (TensorRT + pycuda; needs an NVIDIA GPU and driver)"
@@ -20,9 +21,12 @@ class InferenceError(DevrecdError):
 
 @runtime_checkable
 class Backend(Protocol):
-    """Load an artifact, warm up, infer a batch of features, say what it is."""
+    """Load an artifact, warm up, infer a batch of features, say what it is: what the pipeline
+    needs of a backend. A class of :data:`devrecd.backends.BACKENDS` (the registry, by kind) declares
+    its kind (``backend.kind``) as ``name`` and loads from the configuration with
+    ``from_config(cfg: BackendConfig, model: Path | None)``."""
 
-    name: str  # "onnxruntime" | "tensorrt" | "torch"
+    name: str  # the kind: "onnxruntime" | "tensorrt" | "torch"
     labels: tuple[str, ...]
     frontend: FrontendConfig  # what the model was trained with
     max_batch: int | None  # largest batch the artifact takes at once; bigger batches are split
@@ -32,6 +36,25 @@ class Backend(Protocol):
     def infer(self, features: Any) -> np.ndarray: ...
     def describe(self) -> dict: ...
     def close(self) -> None: ...
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A run folder or a ``.pt``/``.pth`` file (torch serves it), not an export."""
+    return path.is_dir() or path.suffix in (".pt", ".pth")
+
+
+def need_model(model: Path | None, kind: str) -> Path:
+    """``backend.model``, refused when not set or not there."""
+    if model is None:
+        raise ConfigError(f"backend.kind = {kind!r} needs backend.model (export/NAME.onnx, or a checkpoint for torch)")
+    if not model.exists():
+        raise ArtifactError(f"model not found: {model}", reason="model_missing")
+    return model
+
+
+def cuda_index(device: str) -> int:
+    """'cuda:1' -> 1; 'auto', 'cuda' -> 0."""
+    return int(device.split(":", 1)[1]) if device.startswith("cuda:") else 0
 
 
 def batch_slices(n: int, max_batch: int | None) -> Iterator[slice]:

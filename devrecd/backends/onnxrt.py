@@ -11,13 +11,17 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from devrecd.backends.base import InferenceError, as_numpy_features, batch_slices
+from devrecd.backends.base import InferenceError, as_numpy_features, batch_slices, need_model
 from devrecd.contract import INPUT_NAME, OUTPUT_NAME, Contract, contract_path_for, load_for_onnx
 from devrecd.errors import ArtifactError
+from devrecd.fsutil import sha256_artifact
+
+if TYPE_CHECKING:
+    from devrecd.config import BackendConfig
 
 log = logging.getLogger("devrecd.backends")
 
@@ -73,16 +77,19 @@ class OnnxRuntimeBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, onnx_path: str | os.PathLike, *, threads: int = 1) -> None:
-        from devrecd.audio import sha256_file
+    @classmethod
+    def from_config(cls, cfg: BackendConfig, model: Path | None) -> OnnxRuntimeBackend:
+        """``backend.model`` (an export) on the CPU with ``backend.threads`` threads."""
+        return cls(need_model(model, cls.name), threads=cfg.threads)
 
+    def __init__(self, onnx_path: str | os.PathLike, *, threads: int = 1) -> None:
         self.onnx_path = Path(onnx_path)
         if self.onnx_path.suffix != ".onnx":
             raise ArtifactError(f"the onnxruntime backend serves an exported NAME.onnx, not {self.onnx_path.name!r} "
                                 "(export a checkpoint with `devrecd export`, or use backend.kind = \"torch\")",
                                 reason="not_onnx")
         self.contract: Contract = load_for_onnx(self.onnx_path)  # sha256 + size checked
-        self.contract_sha256 = sha256_file(contract_path_for(self.onnx_path))
+        self.contract_sha256 = sha256_artifact(contract_path_for(self.onnx_path))
         self.threads = threads
         self.session: Any = None
         self.served_path, self.served_sha256 = self.onnx_path, self.contract.onnx_sha256

@@ -24,14 +24,18 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from devrecd.backends.base import INSTALL_GPU_HINT, InferenceError, batch_slices, check_features_shape
-from devrecd.contract import INPUT_NAME, OUTPUT_NAME, Contract
-from devrecd.errors import ArtifactError, MissingDependency
-from devrecd.fsutil import atomic_write
+from devrecd.backends.base import (INSTALL_GPU_HINT, InferenceError, batch_slices, check_features_shape, cuda_index,
+                                   is_checkpoint, need_model)
+from devrecd.contract import INPUT_NAME, OUTPUT_NAME, Contract, contract_path_for, load_for_onnx
+from devrecd.errors import ArtifactError, ConfigError, MissingDependency
+from devrecd.fsutil import atomic_write, sha256_artifact
+
+if TYPE_CHECKING:
+    from devrecd.config import BackendConfig
 
 log = logging.getLogger("devrecd.backends.tensorrt")
 
@@ -200,8 +204,6 @@ def check_engine_meta(meta: EngineMeta, target: GpuTarget, *, contract: Contract
 
 def verify_plan(engine_path: Path, meta: EngineMeta) -> bytes:
     """The plan's bytes, refused when missing, truncated or not the file its JSON describes."""
-    from devrecd.audio import sha256_file
-
     try:
         size = engine_path.stat().st_size
     except FileNotFoundError:
@@ -209,7 +211,7 @@ def verify_plan(engine_path: Path, meta: EngineMeta) -> bytes:
     if size < meta.engine_bytes:
         raise ArtifactError(f"TensorRT engine {engine_path} is truncated ({size} of {meta.engine_bytes} bytes)",
                             reason="engine_truncated")
-    if size != meta.engine_bytes or sha256_file(engine_path) != meta.engine_sha256:
+    if size != meta.engine_bytes or sha256_artifact(engine_path) != meta.engine_sha256:
         raise ArtifactError(f"TensorRT engine {engine_path} is not the file its JSON describes (sha256 differs)",
                             reason="engine_mismatch")
     return engine_path.read_bytes()
@@ -243,6 +245,30 @@ class TensorRTBackend:
     """A deserialised engine bound by tensor name, running on torch's current CUDA stream."""
 
     name = "tensorrt"
+
+    @classmethod
+    def from_config(cls, cfg: BackendConfig, model: Path | None, engine: Path | None = None) -> TensorRTBackend:
+        """``engine``, else ``backend.engine``, else the engine in ``backend.engine_dir`` built from
+        ``model`` for this GPU and TensorRT version."""
+        device = cuda_index(cfg.device)
+        contract = contract_sha = None
+        if model is not None:
+            model = need_model(model, cls.name)
+            if is_checkpoint(model):
+                raise ArtifactError("backend.kind = 'tensorrt' serves an exported model: export the checkpoint, then "
+                                    "`devrecd build-engine export/NAME.onnx`", reason="not_onnx")
+            contract = load_for_onnx(model)
+            contract_sha = sha256_artifact(contract_path_for(model))
+        if engine is None and cfg.engine:
+            engine = Path(cfg.engine)
+        if engine is None:
+            if contract is None:
+                raise ConfigError("backend.kind = 'tensorrt' needs backend.engine or backend.model")
+            found, why = find_engine(cfg.engine_dir, contract, current_target(device), contract_sha or "")
+            if found is None:
+                raise ArtifactError(f"{why}: build one with `devrecd build-engine {model}`", reason="engine_missing")
+            engine = found
+        return cls(engine, contract=contract, contract_sha256=contract_sha or "", device=device)
 
     def __init__(self, engine_path: str | os.PathLike, *, contract: Contract | None = None,
                  contract_sha256: str = "", device: int = 0) -> None:

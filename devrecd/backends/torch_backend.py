@@ -17,15 +17,23 @@ Python (:func:`graph_buckets`, :func:`bucket_for`) and is tested without a GPU.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from devrecd.backends.base import InferenceError, as_numpy_features, batch_slices, check_features_shape
-from devrecd.errors import ConfigError
+from devrecd.backends.base import (InferenceError, as_numpy_features, batch_slices, check_features_shape,
+                                   is_checkpoint, need_model)
+from devrecd.errors import ArtifactError, ConfigError
+from devrecd.fsutil import sha256_artifact
+
+if TYPE_CHECKING:
+    from devrecd.config import BackendConfig
+
+log = logging.getLogger("devrecd.backends")
 
 AUTOCAST = ("none", "fp16", "bf16")
 GRAPH_MAX_BATCH = 1024  # largest captured graph; bigger batches are split into balanced chunks
@@ -54,13 +62,26 @@ class TorchBackend:
 
     name = "torch"
 
+    @classmethod
+    def from_config(cls, cfg: BackendConfig, model: Path | None, device: str | None = None) -> TorchBackend:
+        """A checkpoint (run folder or ``.pt``) on ``device`` (default: ``backend.device``)."""
+        from devrecd.pipeline.stages import resolve_device
+
+        model = need_model(model, cls.name)
+        if not is_checkpoint(model):
+            raise ArtifactError(f"backend.kind = 'torch' runs a checkpoint (run folder or .pt), not {model.name}",
+                                reason="not_checkpoint")
+        device = device or resolve_device(cfg.device)
+        if cfg.cuda_graphs and not device.startswith("cuda"):  # device = "auto" on a machine without a GPU
+            log.warning("backend.cuda_graphs ignored: no CUDA GPU, torch runs on the CPU", extra={"device": device})
+        return cls(model, device=device, autocast=cfg.autocast, cuda_graphs=cfg.cuda_graphs and device.startswith("cuda"))
+
     def __init__(self, checkpoint: str | os.PathLike, *, device: str = "cpu", precision: str = "fp32",
                  autocast: str = "none", cuda_graphs: bool = False) -> None:
         import torch
 
-        from devrecd.audio import sha256_file
         from devrecd.model.serving import graph_for_checkpoint
-        from devrecd.model.checkpoint import load_checkpoint
+        from devrecd.model.checkpoint import load_checkpoint, resolve_checkpoint_path
 
         if autocast not in AUTOCAST:
             raise ConfigError(f"backend.autocast must be one of {', '.join(AUTOCAST)}, not {autocast!r}")
@@ -74,9 +95,9 @@ class TorchBackend:
         if precision == "fp16" and autocast != "none":
             raise ConfigError("backend.autocast applies to an FP32 graph: use precision fp32 with autocast")
         self.path = Path(checkpoint)
-        ckpt = load_checkpoint(self.path)
-        file = self.path / "best.pt" if self.path.is_dir() else self.path
-        self.model_sha256 = sha256_file(file)
+        file = resolve_checkpoint_path(self.path)  # a run folder's best.pt, else its last.pt
+        ckpt = load_checkpoint(file)
+        self.model_sha256 = sha256_artifact(file)  # the file loaded
         self.precision = precision
         self.autocast = autocast
         self.cuda_graphs = cuda_graphs

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional
 import typer
 
 from devrecd import __version__
+from devrecd.backends import KINDS
 from devrecd.errors import ConfigError, DevrecdError, UsageError, missing_extra
 from devrecd.logs import printable
 
@@ -64,16 +65,13 @@ class TextFormat(str, enum.Enum):
     json = "json"
 
 
-class BackendKind(str, enum.Enum):
-    """backend.kind."""
-
-    auto = "auto"
-    onnxruntime = "onnxruntime"
-    tensorrt = "tensorrt"
-    torch = "torch"
+# backend.kind: the backend registry's kinds (devrecd.backends.KINDS)
+BackendKind = enum.Enum("BackendKind", {kind: kind for kind in KINDS}, type=str)
 
 
-class Split(str, enum.Enum):
+class SplitName(str, enum.Enum):
+    """--split: which part of a dataset."""
+
     train = "train"
     val = "val"
     test = "test"

@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 from devrecd.cli.app import ConfigOption, TextFormat, audio_paths, command, load_cli_config
-from devrecd.cli.openset import FusionOption, GsvOption, ModelOption, Scorer, ScorerOption
+from devrecd.cli.openset import FusionOption, GsvOption, ModelOption, ScorerKind, ScorerOption
 from devrecd.errors import ConfigError
 
 
@@ -22,7 +22,7 @@ def compare(
     reference_device: Optional[str] = typer.Option(None, "--reference-device", "-d",
                                                    help="Name of the reference device (a registry profile when no --reference)."),
     model: Optional[Path] = ModelOption,
-    scorer: Optional[Scorer] = ScorerOption,
+    scorer: Optional[ScorerKind] = ScorerOption,
     gsv: Optional[Path] = GsvOption,
     fusion: Optional[Path] = FusionOption,
     registry: Optional[Path] = typer.Option(None, "--registry", "-r", help="Registry JSON (registry.path): its "

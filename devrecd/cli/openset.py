@@ -12,7 +12,7 @@ from typing import Any, List, Optional
 import numpy as np
 import typer
 
-from devrecd.cli.app import (ConfigOption, Split, TextFormat, audio_paths, choice, command, load_cli_config,
+from devrecd.cli.app import (ConfigOption, SplitName, TextFormat, audio_paths, choice, command, load_cli_config,
                              progress)
 from devrecd.errors import ConfigError, UsageError
 from devrecd.fsutil import atomic_write
@@ -25,7 +25,7 @@ ModelOption = typer.Option(None, "--model", "-m", exists=True,
                                 "checkpoint it names.")
 
 
-class Scorer(str, enum.Enum):
+class ScorerKind(str, enum.Enum):
     """How recordings are compared with device profiles (devrecd.openset.scorers.KINDS)."""
 
     embedder = "embedder"
@@ -63,7 +63,7 @@ def check_checkpoint_option(model: Optional[Path]) -> None:
                          f"that {model.name} was exported from, or its `devrecd export-embedder` .onnx")
 
 
-def choose_scorer(reg, scorer: Optional[Scorer | str], model: Optional[Path], gsv: Optional[Path], device: str,
+def choose_scorer(reg, scorer: Optional[ScorerKind | str], model: Optional[Path], gsv: Optional[Path], device: str,
                   fusion: Optional[Path] = None, *, embedder_model: str = "", threads: int = 1):
     """The scorer to enrol/score with: the registry's own when it has profiles (``reg`` may be None;
     a --gsv/--fusion FILE must then be that same scorer; its network is ``model``, else
@@ -124,7 +124,7 @@ def enroll(
     profile: str = typer.Option(..., "--profile", "-p", help="Name of the device profile to add to or create."),
     model: Optional[Path] = ModelOption,
     registry: Optional[Path] = RegistryOption,
-    scorer: Optional[Scorer] = ScorerOption,
+    scorer: Optional[ScorerKind] = ScorerOption,
     gsv: Optional[Path] = GsvOption,
     fusion: Optional[Path] = FusionOption,
     hop_seconds: Optional[float] = typer.Option(None, "--hop-seconds", help="Window hop in seconds (audio.hop_seconds)."),
@@ -206,7 +206,7 @@ def calibrate(
     dataset: Path = typer.Argument(..., exists=True, help="Held-out recordings with known devices (any dataset layout)."),
     model: Optional[Path] = ModelOption,
     registry: Optional[Path] = RegistryOption,
-    split: Split = typer.Option(Split.test, "--split", case_sensitive=False, help="Which split of the dataset gives the trials."),
+    split: SplitName = typer.Option(SplitName.test, "--split", case_sensitive=False, help="Which split of the dataset gives the trials."),
     split_groups: Optional[str] = typer.Option(
         None, "--split-groups", help="Which recording groups make up the splits, as for train: 'ccnu' or e.g. "
         "'test=4,5' (then --split test uses groups 4 and 5; groups not listed are not used)."),

@@ -8,7 +8,7 @@ from typing import Any, List, Optional
 
 import typer
 
-from devrecd.cli.app import (ConfigOption, Split, SplitGroupsOption, TorchDeviceOption, choice, command,
+from devrecd.cli.app import (ConfigOption, SplitName, SplitGroupsOption, TorchDeviceOption, choice, command,
                              load_cli_config, option_values, progress)
 
 
@@ -147,7 +147,7 @@ def evaluate(
     checkpoint: Path = typer.Argument(..., exists=True, help="Run directory (its best.pt) or a .pt checkpoint."),
     dataset: Path = typer.Argument(..., exists=True),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for report.json, per_device.csv, confusion matrices."),
-    split: Split = typer.Option(Split.test, "--split", case_sensitive=False, help="Split to score."),
+    split: SplitName = typer.Option(SplitName.test, "--split", case_sensitive=False, help="Split to score."),
     hop_seconds: Optional[float] = typer.Option(None, "--hop-seconds", help="Window hop (default audio.hop_seconds, as served)."),
     split_groups: Optional[str] = SplitGroupsOption,
     torch_device: Optional[str] = TorchDeviceOption,
@@ -173,7 +173,7 @@ def baseline(
     name: Baseline = typer.Argument(..., case_sensitive=False, help="Which baseline."),
     dataset: Path = typer.Argument(..., exists=True),
     out: Path = typer.Option(..., "--out", "-o", help="Report folder (same format as evaluate)."),
-    split: Split = typer.Option(Split.test, "--split", case_sensitive=False, help="Split to score (fitted on train)."),
+    split: SplitName = typer.Option(SplitName.test, "--split", case_sensitive=False, help="Split to score (fitted on train)."),
     hop_seconds: Optional[float] = typer.Option(None, "--hop-seconds", help="Window hop (default audio.hop_seconds)."),
     split_groups: Optional[str] = SplitGroupsOption,
     seed: Optional[int] = typer.Option(None, "--seed", help="train.seed"),

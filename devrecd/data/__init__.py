@@ -36,13 +36,14 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from devrecd.audio.files import wanted
 from devrecd.config import WatchConfig
 from devrecd.data.cache import FeatureCache  # re-exported: devrecd.data is the package's front door
 from devrecd.errors import ConfigError, DatasetError
 from devrecd.fsutil import atomic_write
 
 SPLITS = ("train", "val", "test")
-AUDIO_EXTENSIONS = frozenset(WatchConfig().extensions)
+RECORDINGS = WatchConfig()  # which files of a dataset folder are recordings: the watcher's default rule
 MANIFEST_NAME = "manifest.csv"
 SPLIT_FILE_NAME = ".devrecd-split.json"
 # The canonical CCNU_Mobile evaluation split (segments 1-3 train, 4-5 test), as used by the paper.
@@ -159,7 +160,7 @@ def listing_sha256(items: Iterable[Item], root: Path) -> str:
 # --- layouts -----------------------------------------------------------------------------------
 
 def _is_audio(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS and not p.name.startswith(".")
+    return p.is_file() and wanted(p.name, RECORDINGS)
 
 
 def _read_layout(path: Path) -> tuple[Path, str, list[_Row]]:

@@ -59,7 +59,8 @@ class LiveSource:
     """
 
     def __init__(self, cfg: Config, batcher: Batcher | None, *, labels: Sequence[str], backend_info: dict,
-                 metrics: Metrics, device: str = "cpu", judge: Judge | None = None) -> None:
+                 metrics: Metrics, device: str = "cpu", judge: Judge | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if (batcher is None) == (judge is None):
             raise ValueError("a live source feeds either a batcher (closed-set model) or a registry judge")
         self.cfg = cfg
@@ -72,6 +73,7 @@ class LiveSource:
         self.backend_info = backend_info
         self.metrics = metrics
         self.device = device
+        self.clock = clock  # the capture's too: a window's arrival time and its latency read one clock
         self.window, self.hop = window_sizes(cfg)
         live = cfg.live
         rate = cfg.frontend.sample_rate
@@ -79,7 +81,7 @@ class LiveSource:
         # ring_seconds of room (more memory is cheap next to dropped audio).
         self.ring = SampleRing(max(int(live.ring_seconds * rate * 4), 4 * self.window), live.channels)
         self.capture = Capture(self.ring, device=live.device, model_rate=rate, channels=live.channels,
-                               missing_after=live.missing_after, backoff_max=live.reopen_max_seconds)
+                               missing_after=live.missing_after, backoff_max=live.reopen_max_seconds, clock=clock)
         self.recorder = SegmentRecorder(live.record_dir, segment_seconds=live.record_segment_seconds) \
             if live.record_dir else None
         self.windower = Windower(self.ring, model_rate=rate, window=self.window, hop=self.hop, mix=cfg.audio.mix,
@@ -110,7 +112,7 @@ class LiveSource:
         through ``self.capture.callback`` (same signature as sounddevice's)."""
         if on_verdict is not None:
             self._on_verdict = on_verdict
-        self._started = self._last_sound = time.monotonic()
+        self._started = self._last_sound = self.clock()
         if feed_rate is not None:
             self.capture.feed(feed_rate)
         else:
@@ -126,7 +128,7 @@ class LiveSource:
         if self._thread is not None:
             self._thread.join(timeout=timeout)
             self._thread = None
-        end = time.monotonic() + timeout
+        end = time.monotonic() + timeout  # a real wait (it sleeps), not a reading of the source's clock
         while self.in_flight() and time.monotonic() < end:
             time.sleep(0.01)
         self.windower.close()
@@ -142,7 +144,7 @@ class LiveSource:
         cap = self.capture
         if not cap.up:
             return False, f"live input missing: {cap.last_error or 'not open yet'}"
-        quiet = time.monotonic() - self._last_sound
+        quiet = self.clock() - self._last_sound
         if quiet > self.cfg.live.missing_after:
             return False, f"live input silent for {quiet:.0f} s"
         return True, "live input up"
@@ -182,7 +184,7 @@ class LiveSource:
         self.windows_cut += 1
         self.metrics.live_level_dbfs.set(max(w.level.dbfs, -200.0))  # -inf is not a useful gauge value
         if w.level.status != "silent":
-            self._last_sound = time.monotonic()
+            self._last_sound = self.clock()
         if w.level.status != "ok":
             self.windows_skipped += 1
             self._emit(self._record(w, None))
@@ -232,7 +234,7 @@ class LiveSource:
         record = open_set_record(recording, fields, serving=self.backend_info, timings=timings)
         record["running"] = {"device": running["device"], "score": running["score"], "log10_lr": running.get("log10_lr"),
                              "accepted": running["open_set"]["accepted"], "windows": self.running_features.windows}
-        record["latency"] = None if w.ended is None else round(time.monotonic() - w.ended, 6)
+        record["latency"] = None if w.ended is None else round(self.clock() - w.ended, 6)
         del live
         self.windows_judged += 1
         self.metrics.live_windows.inc()
@@ -312,7 +314,7 @@ class LiveSource:
                 "contract_sha256": self.backend_info.get("contract_sha256"),
                 "inference_s": round(infer_s, 6),
             })
-        rec["latency"] = None if w.ended is None else round(time.monotonic() - w.ended, 6)
+        rec["latency"] = None if w.ended is None else round(self.clock() - w.ended, 6)
         rec["software_version"] = __version__
         rec["judged_at"] = utc_timestamp()
         return rec

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from devrecd.audio.decode import _to_mono  # the file path's channel mixing (audio.mix), not a second copy
+from devrecd.audio.decode import to_mono  # the file path's channel mixing (audio.mix), not a second copy
 from devrecd.audio.levels import Level, measure
 from devrecd.live.recorder import SegmentRecorder
 from devrecd.live.ring import CaptureRates, SampleRing
@@ -128,7 +128,7 @@ class Windower:
             self._raw = np.asarray(frames, dtype=np.float32).reshape(len(frames), -1)
         else:
             self._raw = np.concatenate([self._raw, np.asarray(frames, dtype=np.float32).reshape(len(frames), -1)])
-        mono = _to_mono(frames, self.mix, "live input")
+        mono = to_mono(frames, self.mix, "live input")
         if self.capture_rate != self.model_rate:
             if self._resampler is None:
                 import soxr

@@ -15,7 +15,7 @@ import numpy as np
 
 from devrecd.errors import ArtifactError
 from devrecd.features import FEATURE_DIM, FrontendConfig
-from devrecd.fsutil import atomic_write
+from devrecd.fsutil import atomic_write, sha256_artifact
 
 FORMAT = "devrecd-checkpoint/1"
 
@@ -80,13 +80,12 @@ def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint, extra: dict[str, 
     blob = ckpt.to_dict()
     if extra:
         blob.update(extra)
-    from devrecd.audio import sha256_file
-
-    return sha256_file(atomic_write(path, lambda fh: torch.save(blob, fh)))
+    return sha256_artifact(atomic_write(path, lambda fh: torch.save(blob, fh)))
 
 
 def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
-    """A run directory means its ``best.pt``; a file is itself."""
+    """A run directory means its ``best.pt``, else its ``last.pt`` (a run whose first loss was NaN
+    never writes best.pt); a file is itself."""
     path = Path(path)
     if path.is_dir():
         for name in ("best.pt", "last.pt"):

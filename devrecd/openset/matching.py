@@ -40,12 +40,13 @@ from devrecd.config import AudioConfig
 from devrecd.errors import ArtifactError
 from devrecd.features import FrontendConfig
 from devrecd.fsutil import atomic_write
+from devrecd.openset.vectors import unit
 
 log = logging.getLogger("devrecd.openset")
 
 CLEAN = "clean"  # the comparison condition of broadband recordings compared as they are
 # score(questioned (n, 128, 73) features, per profile: list of reference (m, 128, 73) features) -> (profiles,) scores
-Scorer = Callable[[np.ndarray, Sequence[Sequence[np.ndarray]]], np.ndarray]
+ScoreFunction = Callable[[np.ndarray, Sequence[Sequence[np.ndarray]]], np.ndarray]
 
 
 class ReferenceStore:
@@ -247,20 +248,20 @@ def questioned_channel(condition: dict[str, Any] | None) -> Channel | None:
 
 
 def matched_scores(questioned: np.ndarray, profiles: Sequence[Sequence[str]], channel: Channel | None,
-                   matcher: ConditionMatcher, scorer: Scorer, noise: NoiseProfile | None = None) -> np.ndarray:
+                   matcher: ConditionMatcher, scorer: ScoreFunction, noise: NoiseProfile | None = None) -> np.ndarray:
     """Scores of questioned features against every profile, its references brought to ``channel``
     (and then to ``noise``, the questioned recording's: :func:`resolve_noise`)."""
     return np.asarray(scorer(questioned, matcher.profile_references(profiles, channel, noise)), dtype=np.float64)
 
 
-def embedding_scorer(embed: Callable[[np.ndarray], np.ndarray]) -> Scorer:
+def embedding_scorer(embed: Callable[[np.ndarray], np.ndarray]) -> ScoreFunction:
     """The registry's scoring rule with an embedding function (features -> window embeddings):
     cosine of the questioned recording embedding with each profile's mean reference embedding."""
-    from devrecd.openset.registry import l2_normalise, recording_embedding
+    from devrecd.openset.registry import recording_embedding
 
     def score(questioned: np.ndarray, refs: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
         q = recording_embedding(embed(questioned))
-        means = np.stack([l2_normalise(np.stack([recording_embedding(embed(r)) for r in rs]).mean(axis=0))
+        means = np.stack([unit(np.stack([recording_embedding(embed(r)) for r in rs]).mean(axis=0))
                           for rs in refs])
         return means @ q
 
@@ -320,20 +321,6 @@ def condition_report(condition: dict[str, Any] | None, compared_under: str, refe
     elif note:
         out["note"] = note
     return out
-
-
-def closed_set_comparison(condition: dict[str, Any] | None, validated: Sequence[str]) -> dict[str, Any]:
-    """Verdict fields for a closed-set verdict: the condition it was judged under, and whether the
-    model was validated under it (``backend.validated_conditions``). The training data is not at hand
-    when serving, so nothing is matched: a questioned codec outside validation is said to be so."""
-    try:
-        channel = questioned_channel(condition)
-        under = channel.name if channel is not None else CLEAN
-    except ValueError:
-        under = "unknown"
-    rep = condition_report(condition, under, "training data (not matched: not at hand when serving)", validated)
-    rep.pop("questioned")
-    return {"comparison": rep, "condition_status": rep["status"]}
 
 
 def validated_conditions(calibration_info: dict[str, Any] | None) -> list[str]:
@@ -424,7 +411,7 @@ def resolve_noise(condition: dict[str, Any] | None, matcher: ConditionMatcher, p
 
 __all__ = [
     "NOISE_MARGIN_DB", "resolve_noise",
-    "CLEAN", "ChannelError", "closed_set_comparison", "ConditionMatcher", "ReferenceStore", "Scorer", "condition_report",
+    "CLEAN", "ChannelError", "ConditionMatcher", "ReferenceStore", "ScoreFunction", "condition_report",
     "embedding_scorer", "matched_profile_embeddings", "matched_registry", "matched_scores", "questioned_channel",
     "resolve_comparison", "validated_conditions",
 ]

@@ -29,7 +29,7 @@ import numpy as np
 
 from devrecd.errors import DatasetError
 from devrecd.openset.calibration import Calibration, cllr, cllr_min, eer, min_dcf
-from devrecd.openset.scorers import unit
+from devrecd.openset.vectors import unit
 
 REFERENCE_GROUPS = ("1", "2")
 QUESTIONED_GROUPS = ("3", "4", "5")

@@ -39,6 +39,7 @@ import numpy as np
 
 from devrecd.errors import ArtifactError, DevrecdError
 from devrecd.openset.calibration import Calibration
+from devrecd.openset.vectors import unit
 from devrecd.fsutil import atomic_write
 from devrecd.provenance import utc_timestamp
 
@@ -55,19 +56,12 @@ class RegistryError(DevrecdError):
     reason = "registry"
 
 
-def l2_normalise(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Rows scaled to unit length (zero rows stay zero)."""
-    x = np.asarray(x, dtype=np.float64)
-    norm = np.linalg.norm(x, axis=axis, keepdims=True)
-    return x / np.where(norm > 0, norm, 1.0)
-
-
 def recording_embedding(window_embeddings: np.ndarray) -> np.ndarray:
     """One recording's embedding: the unit-length mean of its unit-length window embeddings."""
     w = np.asarray(window_embeddings, dtype=np.float64)
     if w.ndim != 2 or w.shape[0] == 0:
         raise RegistryError(f"expected (windows > 0, dim) embeddings, got shape {w.shape}")
-    return l2_normalise(l2_normalise(w).mean(axis=0))
+    return unit(unit(w).mean(axis=0))
 
 
 @dataclass(frozen=True)
@@ -98,7 +92,7 @@ class DeviceProfile:
     @property
     def mean(self) -> np.ndarray:
         """The profile's embedding: unit-length mean of its reference embeddings."""
-        return l2_normalise(self.embeddings.mean(axis=0))
+        return unit(self.embeddings.mean(axis=0))
 
     @property
     def counts(self) -> dict[str, float]:
@@ -193,7 +187,7 @@ class Registry:
                 skipped += 1
                 continue
             # (windows, dim) window embeddings, or a scorer's (dim,) recording vector
-            emb = recording_embedding(window_emb) if np.ndim(window_emb) == 2 else l2_normalise(window_emb)
+            emb = recording_embedding(window_emb) if np.ndim(window_emb) == 2 else unit(window_emb)
             if embedder.get("dim") not in (None, emb.shape[0]):
                 raise RegistryError(f"embedding has {emb.shape[0]} dims, the embedder says {embedder['dim']}")
             have.add(ref.sha256)

@@ -31,20 +31,15 @@ import numpy as np
 from devrecd.errors import ArtifactError, DatasetError
 from devrecd.features import FrontendConfig
 from devrecd.openset.calibration import fit_balanced
+from devrecd.openset.vectors import unit
 from devrecd.supervector import RELEVANCE, SupervectorAccumulator, Ubm, nap_project
 
 KINDS = ("embedder", "gsv", "fusion")
 
 
-def unit(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Rows scaled to unit length (zero rows stay zero)."""
-    x = np.asarray(x, dtype=np.float64)
-    norm = np.linalg.norm(x, axis=axis, keepdims=True)
-    return x / np.where(norm > 0, norm, 1.0)
-
-
-class Scorer(Protocol):
-    """What the registry, calibration, identify and the benchmark need from a scorer."""
+class VectorScorer(Protocol):
+    """What the registry, calibration, identify and the benchmark need from a scorer: recordings to
+    vectors, vectors to scores (EmbedderScorer, GsvScorer, FusionScorer)."""
 
     kind: str
     frontend: FrontendConfig

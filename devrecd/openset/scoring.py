@@ -18,6 +18,7 @@ import numpy as np
 from devrecd.config import RegistryConfig
 from devrecd.openset.calibration import LR_DECIMALS, Calibration, Decision
 from devrecd.openset.registry import Registry, recording_embedding
+from devrecd.openset.vectors import unit
 
 UNKNOWN = "unknown device"
 INCONCLUSIVE = "inconclusive"
@@ -103,8 +104,7 @@ def identify_with_registry(window_embeddings: np.ndarray, registry: Registry, *,
     """Verdict fields for one recording from its (n_windows, D) network window embeddings (cosine scores);
     see :func:`identify_vectors`."""
     w = np.asarray(window_embeddings, dtype=np.float64)
-    unit_windows = w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
-    return identify_vectors(recording_embedding(w), unit_windows, registry, calibration=calibration, k=k,
+    return identify_vectors(recording_embedding(w), unit(w), registry, calibration=calibration, k=k,
                             calibration_source=calibration_source)
 
 

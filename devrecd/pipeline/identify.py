@@ -5,17 +5,18 @@ from __future__ import annotations
 import os
 from typing import Callable, Sequence
 
+from devrecd.backends.base import Backend
 from devrecd.config import Config
 from devrecd.contract import check_frontend
 from devrecd.metrics import Metrics
 from devrecd.pipeline.journal import Journal
 from devrecd.pipeline.runner import Pipeline
-from devrecd.pipeline.serving import BackendLike, OpenSetOnly, load_served, registry_judge
+from devrecd.pipeline.serving import OpenSetOnly, load_served, registry_judge
 from devrecd.pipeline.stages import resolve_device
 from devrecd.pipeline.verdict import failed_record
 
 
-def identify_files(cfg: Config, paths: Sequence[str | os.PathLike], *, backend: BackendLike | None = None,
+def identify_files(cfg: Config, paths: Sequence[str | os.PathLike], *, backend: Backend | None = None,
                    metrics: Metrics | None = None, on_record: Callable[[dict], None] | None = None) -> list[dict]:
     """Judge files once through the same pipeline (no state kept); one record per file, in order.
     With ``registry.path`` and no model, open set only (:func:`load_served`). ``on_record(record)`` is
@@ -23,7 +24,7 @@ def identify_files(cfg: Config, paths: Sequence[str | os.PathLike], *, backend: 
     metrics = metrics or Metrics()
     device = resolve_device(cfg.backend.device)
     own = backend is None
-    served: BackendLike | OpenSetOnly
+    served: Backend | OpenSetOnly
     if backend is None:
         served = load_served(cfg, metrics, device=device, warmup=False)  # one shot: a warm-up run is pure cost
     else:

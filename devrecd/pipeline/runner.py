@@ -55,13 +55,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from devrecd.audio import open_stream
+from devrecd.backends.base import Backend
 from devrecd.config import Config
 from devrecd.errors import DevrecdError
 from devrecd.metrics import Metrics
 from devrecd.pipeline.batcher import Batcher, Unit
 from devrecd.pipeline.jobs import Chunk, Duplicate, Failed, FeaturesDone, Job, Judged, Message, Scored, Stop
 from devrecd.pipeline.journal import TERMINAL, Entry, Journal, JournalError, Recorder, VerdictLog
-from devrecd.pipeline.serving import BackendLike, Judge, OpenSetOnly
+from devrecd.pipeline.serving import Judge, OpenSetOnly
 from devrecd.pipeline.stages import Failure, failure_of, stream_features
 from devrecd.pipeline.verdict import duplicate_record, failed_record, judged_record, open_set_record, with_comparison
 
@@ -86,7 +87,7 @@ class Liveness:
 class Pipeline:
     """Judges submitted files once each; see the module docstring."""
 
-    def __init__(self, cfg: Config, backend: BackendLike | OpenSetOnly, *, journal: Journal, verdict_log: VerdictLog | None,
+    def __init__(self, cfg: Config, backend: Backend | OpenSetOnly, *, journal: Journal, verdict_log: VerdictLog | None,
                  metrics: Metrics, device: str = "cpu", rejudge_duplicates: bool | None = None,
                  on_record: Callable[[dict], None] | None = None, liveness: Liveness | None = None,
                  judge: Judge | None = None, roots: Sequence[str] | None = None) -> None:
@@ -624,7 +625,7 @@ def one_blas_thread() -> Any:
     return threadpool_limits(limits=1, user_api="blas")
 
 
-def inference_streams(cfg: Config, backend: BackendLike) -> int:
+def inference_streams(cfg: Config, backend: Backend) -> int:
     """How many inference threads run batches at once: ``batcher.streams``, or when 0 (auto) one
     per available core / ``backend.threads``; never more than the backend allows at once."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

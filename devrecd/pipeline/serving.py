@@ -8,10 +8,11 @@ open-set verdict beside a closed-set one; :class:`OpenSetOnly` serves the regist
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Protocol
+from typing import Callable
 
 import numpy as np
 
+from devrecd.backends.base import Backend
 from devrecd.config import Config
 from devrecd.errors import ConfigError
 from devrecd.features import FrontendConfig
@@ -20,17 +21,6 @@ from devrecd.metrics import Metrics
 log = logging.getLogger("devrecd.pipeline")
 
 Judge = Callable[[np.ndarray, dict], dict]  # (one recording's raw features, its description) -> verdict fields
-
-
-class BackendLike(Protocol):
-    """What the pipeline needs of a :mod:`devrecd.backends` backend."""
-
-    name: str
-    labels: tuple[str, ...]
-    frontend: FrontendConfig
-
-    def infer(self, features: Any) -> np.ndarray: ...
-    def describe(self) -> dict: ...
 
 
 class OpenSetOnly:
@@ -69,7 +59,7 @@ class OpenSetOnly:
         """Nothing to release (the registry is read once)."""
 
 
-def load_serving_backend(cfg: Config, metrics: Metrics | None = None, *, warmup: bool = True) -> BackendLike:
+def load_serving_backend(cfg: Config, metrics: Metrics | None = None, *, warmup: bool = True) -> Backend:
     """Load the configured backend, refuse a frontend mismatch, warm it up, record its identity.
 
     ``warmup=False`` (one-shot ``identify``): the warm-up run only moves the first batch's one-time
@@ -91,7 +81,7 @@ def load_serving_backend(cfg: Config, metrics: Metrics | None = None, *, warmup:
 
 
 def load_served(cfg: Config, metrics: Metrics | None = None, *, device: str = "cpu",
-                warmup: bool = True) -> BackendLike | OpenSetOnly:
+                warmup: bool = True) -> Backend | OpenSetOnly:
     """What the daemon and ``identify`` serve: the configured closed-set backend
     (:func:`load_serving_backend`, warmed up unless ``warmup=False``), or, with a device registry and
     no model, :class:`OpenSetOnly`."""

@@ -103,7 +103,6 @@ def with_comparison(record: dict[str, Any], recording: dict[str, Any], open_set:
     whether it was validated there (``backend.validated_conditions``)."""
     if open_set is not None:
         return with_open_set(record, open_set)
-    from devrecd.openset.matching import closed_set_comparison
     from devrecd.openset.scoring import INCONCLUSIVE
 
     out = {**record, **closed_set_comparison(recording.get("condition"), validated)}
@@ -112,6 +111,22 @@ def with_comparison(record: dict[str, Any], recording: dict[str, Any], open_set:
         # named with probability 0.999 by a network trained on WAV); the candidates stay listed.
         out["candidate"], out["device"] = out["device"], INCONCLUSIVE
     return out
+
+
+def closed_set_comparison(condition: dict[str, Any] | None, validated: Sequence[str]) -> dict[str, Any]:
+    """Verdict fields for a closed-set verdict: the condition it was judged under, and whether the
+    model was validated under it (``backend.validated_conditions``). The training data is not at hand
+    when serving, so nothing is matched: a questioned codec outside validation is said to be so."""
+    from devrecd.openset.matching import CLEAN, condition_report, questioned_channel
+
+    try:
+        channel = questioned_channel(condition)
+        under = channel.name if channel is not None else CLEAN
+    except ValueError:
+        under = "unknown"
+    rep = condition_report(condition, under, "training data (not matched: not at hand when serving)", validated)
+    rep.pop("questioned")
+    return {"comparison": rep, "condition_status": rep["status"]}
 
 
 def failed_record(path: str, reason: str, detail: str, *, timings: dict[str, float],

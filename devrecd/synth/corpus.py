@@ -29,7 +29,8 @@ import numpy as np
 
 from devrecd.audio import AudioError, read_evidence
 from devrecd.config import AudioConfig, SynthConfig
-from devrecd.data import AUDIO_EXTENSIONS, SPLITS, ratio_split
+from devrecd.audio.files import wanted
+from devrecd.data import RECORDINGS, SPLITS, ratio_split
 from devrecd.errors import DatasetError
 from devrecd.synth.chain import DeviceChain, Variation, render, sample_model, sample_unit
 from devrecd.fsutil import atomic_write
@@ -95,10 +96,10 @@ def scan_speech(speech_dir: Path) -> dict[str, list[Path]]:
     speech_dir = Path(speech_dir)
     if not speech_dir.is_dir():
         raise DatasetError(f"speech folder not found: {speech_dir}", reason="synth_speech")
-    files = sorted(p for p in speech_dir.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
+    files = sorted(p for p in speech_dir.rglob("*") if p.is_file() and wanted(p.name, RECORDINGS))
     if not files:
         raise DatasetError(f"speech folder {speech_dir} holds no audio files "
-                           f"({', '.join(sorted(AUDIO_EXTENSIONS))})", reason="synth_speech_empty")
+                           f"({', '.join(RECORDINGS.extensions)})", reason="synth_speech_empty")
     speakers: dict[str, list[Path]] = {}
     for f in files:
         try:
