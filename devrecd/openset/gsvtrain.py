@@ -22,6 +22,7 @@ Recipe (``devrecd train-gsv``, and what ``benchmarks/openset.py`` measures):
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -32,6 +33,7 @@ from devrecd.openset.calibration import Calibration, CalibrationError, Decision,
 from devrecd.openset.noisetrials import DRAWS, SHORT_DRAWS, DevAudio, noisy_rows, stack_rows
 from devrecd.openset.protocol import TrialMatrix, phone_folds, trial_matrix
 from devrecd.openset.scorers import GsvScorer
+from devrecd.openset.scoring import noise_level, parse_calibration_key
 from devrecd.supervector import RELEVANCE
 
 N_REFERENCES = 2  # recordings of a device enrolled in the calibration trials; the rest are questioned
@@ -79,6 +81,16 @@ def calibrate_blocks(blocks: Sequence[TrialMatrix], *, decision: Decision | None
 FeaturesUnder = Callable[[int, str, "float | None"], np.ndarray]
 
 
+@dataclass
+class _Pooled:
+    """One condition's trials over the cross-fitting groups: a block per group, the development
+    recording each row was cut from, and (noise-matched conditions) each row's measured SNR."""
+
+    blocks: list[TrialMatrix] = field(default_factory=list)
+    sources: list[list[int]] = field(default_factory=list)
+    snrs: list[float] = field(default_factory=list)
+
+
 def train_gsv(feats: Sequence[np.ndarray], devices: Sequence[str], order: Sequence[Any], frontend: FrontendConfig,
               *, mixtures: int = 16, relevance: float = RELEVANCE, nap_dims: int = 16, decision: Decision | None = None,
               inner: int = 3, seed: int = 0, source: str = "", conditions: Sequence[str] = ("clean",),
@@ -90,26 +102,21 @@ def train_gsv(feats: Sequence[np.ndarray], devices: Sequence[str], order: Sequen
     ``amrnb/short``, ``clean/snr20``, ...); channels need ``features_under``, the noise-matched
     ones (``/snrNN``) ``audio``, made from ``noise_draws`` (whole, short) noisy versions of each
     questioned recording."""
-    from devrecd.openset.scoring import SHORT, noise_level, parse_calibration_key
-
     step = on_step or (lambda _m: None)
     devices = list(devices)
     if len(set(devices)) < 2 * inner:
         raise DatasetError(f"{len(set(devices))} devices are too few for {inner} cross-fitting groups "
                            f"(need {2 * inner})", reason="calibration_data")
     noisy = [c for c in conditions if parse_calibration_key(c)[1] is not None]
-    channels = [c for c in conditions if c not in noisy]
-    if any(c != "clean" for c in channels) and features_under is None:
+    if any(c not in noisy and c != "clean" for c in conditions) and features_under is None:
         raise DatasetError("calibrating conditions other than clean needs the development audio", reason="calibration_data")
     if noisy and audio is None:
         raise DatasetError("calibrating noise-matched conditions needs the development audio", reason="calibration_data")
-    snrs: dict[str, list[float]] = {c: [] for c in noisy}  # measured SNRs of each noise-matched condition's rows
 
     def under(i: int, channel: str, seconds: float | None) -> np.ndarray:
         return feats[i] if channel == "clean" and seconds is None else features_under(i, channel, seconds)  # type: ignore[misc]
 
-    blocks: dict[str, list[TrialMatrix]] = {c: [] for c in conditions}
-    sources: dict[str, list[list[int]]] = {c: [] for c in conditions}  # the recording each row was cut from
+    pooled = {c: _Pooled() for c in conditions}
     for fold in phone_folds(devices, n_folds=inner, seeds=(seed,)):
         train = [i for i, d in enumerate(devices) if d in fold.dev]
         held = [i for i, d in enumerate(devices) if d in fold.test]
@@ -118,54 +125,81 @@ def train_gsv(feats: Sequence[np.ndarray], devices: Sequence[str], order: Sequen
         scorer = GsvScorer.train([feats[i] for i in train], [devices[i] for i in train], frontend,
                                  mixtures=mixtures, relevance=relevance, nap_dims=nap_dims, seed=seed)
         refs, questioned = enrolment_split([devices[i] for i in held], [order[i] for i in held])
-        for cond in channels:
-            channel, short = cond.removesuffix(SHORT), cond.endswith(SHORT)
-            ref_vecs: dict[str, list[np.ndarray]] = {}
-            for r in refs:  # references: whole, through the same channel (condition matching)
-                ref_vecs.setdefault(devices[held[r]], []).append(scorer.recording_vector(under(held[r], channel, None)))
-            cuts = SHORT_CUTS if short else (None,)
-            rows = [(devices[held[q]], scorer.recording_vector(under(held[q], channel, cut)))
-                    for q in questioned for cut in cuts]
-            blocks[cond].append(trial_matrix(scorer, ref_vecs, rows))
-            sources[cond].append([q for q in questioned for _ in cuts])
-        for short in sorted({parse_calibration_key(c)[2] for c in noisy}):
-            rows = noisy_rows(scorer, audio, devices, [held[r] for r in refs], [held[q] for q in questioned],  # type: ignore[arg-type]
-                              noise_level, cuts=SHORT_CUTS if short else (None,), draws=noise_draws[short], seed=seed)
-            for cond in (c for c in noisy if parse_calibration_key(c)[2] == short):
-                picked = [r for r in rows if r.level == parse_calibration_key(cond)[1]]
-                if picked:
-                    blocks[cond].append(stack_rows(picked))
-                    sources[cond].append([r.recording for r in picked])
-                    snrs[cond] += [r.snr_db for r in picked]
+        refs, questioned = [held[r] for r in refs], [held[q] for q in questioned]
+        for cond in conditions:
+            if cond not in noisy:
+                _channel_trials(scorer, under, devices, refs, questioned, cond, pooled[cond])
+        if noisy:
+            _noisy_trials(scorer, audio, devices, refs, questioned, {c: pooled[c] for c in noisy},  # type: ignore[arg-type]
+                          noise_draws, seed)
     step(f"final UBM on all {len(set(devices))} devices")
     final = GsvScorer.train(feats, devices, frontend, mixtures=mixtures, relevance=relevance, nap_dims=nap_dims,
                             seed=seed, source=source)
     population = {"description": f"cross-fitted over {len(set(devices))} development devices ({inner} groups): "
                                  "each scored by a scorer trained without it",
                   "devices": sorted(set(devices)), "recordings": len(devices)}
+    noise = ("white and babble" if audio.talkers else "white") if audio is not None else None
     for cond in conditions:
-        channel, _, short = parse_calibration_key(cond)
-        described = {"channels": [channel], "condition": cond, "questioned_seconds": list(SHORT_CUTS) if short else "whole"}
-        if cond in snrs:
-            if not snrs[cond]:
-                step(f"calibration {cond}: no noisy development trial measured in this SNR class: not calibrated")
-                continue
-            described.update(noise="white and babble" if audio.talkers else "white",  # type: ignore[union-attr]
-                             noise_matched=True, snr_db_min=min(snrs[cond]), snr_db_max=max(snrs[cond]),
-                             snr_measured="on the noisy questioned development recordings (references matched to each)")
-        try:
-            cal = calibrate_blocks(blocks[cond], recordings=sources[cond], decision=decision,
-                                   scorer={"kind": final.kind, "fingerprint": final.fingerprint},
-                                   basis=f"development, cross-fitted over {len(set(devices))} devices ({inner} groups)",
-                                   conditions=described)
-        except CalibrationError as exc:
-            if cond not in snrs:
-                raise
-            step(f"calibration {cond}: {exc}: not calibrated")
-            continue
-        final.calibrations[cond] = {**cal.to_dict(), "population": population}
-        m = cal.metrics
-        step(f"calibration {cond}: {m['n_target']} target / {m['n_nontarget']} non-target trials, EER {m['eer']:.2%}, "
-             f"Cllr {m['cllr']:.3f} (min {m['cllr_min']:.3f}), log10 LR in [{cal.lower:g}, {cal.upper:g}], "
-             f"open-set FAR {m.get('open_set_far', float('nan')):.1%}, FRR {m['frr']:.1%}")
+        cal = _calibrate(cond, pooled[cond], cond in noisy, noise, decision, final,
+                         f"development, cross-fitted over {len(set(devices))} devices ({inner} groups)", step)
+        if cal is not None:
+            final.calibrations[cond] = {**cal.to_dict(), "population": population}
     return final
+
+
+def _channel_trials(scorer: GsvScorer, under: Callable[[int, str, "float | None"], np.ndarray], devices: Sequence[str],
+                    refs: Sequence[int], questioned: Sequence[int], cond: str, into: _Pooled) -> None:
+    """One group's trials under a channel condition: references whole through the channel
+    (condition matching), questioned recordings through it too (and cut short for ``/short``)."""
+    channel, _, short = parse_calibration_key(cond)
+    ref_vecs: dict[str, list[np.ndarray]] = {}
+    for r in refs:
+        ref_vecs.setdefault(devices[r], []).append(scorer.recording_vector(under(r, channel, None)))
+    cuts = SHORT_CUTS if short else (None,)
+    rows = [(devices[q], scorer.recording_vector(under(q, channel, cut))) for q in questioned for cut in cuts]
+    into.blocks.append(trial_matrix(scorer, ref_vecs, rows))
+    into.sources.append([q for q in questioned for _ in cuts])
+
+
+def _noisy_trials(scorer: GsvScorer, audio: DevAudio, devices: Sequence[str], refs: Sequence[int],
+                  questioned: Sequence[int], noisy: dict[str, _Pooled], draws: tuple[int, int], seed: int) -> None:
+    """One group's noise-matched trials (:func:`~devrecd.openset.noisetrials.noisy_rows`), each row
+    into the condition of its measured SNR class (and length)."""
+    for short in sorted({parse_calibration_key(c)[2] for c in noisy}):
+        rows = noisy_rows(scorer, audio, devices, refs, questioned, noise_level,
+                          cuts=SHORT_CUTS if short else (None,), draws=draws[short], seed=seed)
+        for cond, into in noisy.items():
+            _, level, is_short = parse_calibration_key(cond)
+            picked = [r for r in rows if r.level == level] if is_short == short else []
+            if picked:
+                into.blocks.append(stack_rows(picked))
+                into.sources.append([r.recording for r in picked])
+                into.snrs += [r.snr_db for r in picked]
+
+
+def _calibrate(cond: str, pooled: _Pooled, noisy: bool, noise: str | None, decision: Decision | None,
+               final: GsvScorer, basis: str, step: Callable[[str], None]) -> Calibration | None:
+    """The calibration of one condition's pooled trials, or None (said) for a noise-matched SNR class
+    without usable trials."""
+    channel, _, short = parse_calibration_key(cond)
+    described: dict[str, Any] = {"channels": [channel], "condition": cond,
+                                 "questioned_seconds": list(SHORT_CUTS) if short else "whole"}
+    if noisy:
+        if not pooled.snrs:
+            step(f"calibration {cond}: no noisy development trial measured in this SNR class: not calibrated")
+            return None
+        described.update(noise=noise, noise_matched=True, snr_db_min=min(pooled.snrs), snr_db_max=max(pooled.snrs),
+                         snr_measured="on the noisy questioned development recordings (references matched to each)")
+    try:
+        cal = calibrate_blocks(pooled.blocks, recordings=pooled.sources, decision=decision, basis=basis,
+                               scorer={"kind": final.kind, "fingerprint": final.fingerprint}, conditions=described)
+    except CalibrationError as exc:
+        if not noisy:
+            raise
+        step(f"calibration {cond}: {exc}: not calibrated")
+        return None
+    m = cal.metrics
+    step(f"calibration {cond}: {m['n_target']} target / {m['n_nontarget']} non-target trials, EER {m['eer']:.2%}, "
+         f"Cllr {m['cllr']:.3f} (min {m['cllr_min']:.3f}), log10 LR in [{cal.lower:g}, {cal.upper:g}], "
+         f"open-set FAR {m.get('open_set_far', float('nan')):.1%}, FRR {m['frr']:.1%}")
+    return cal
