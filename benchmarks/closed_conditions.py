@@ -1,0 +1,111 @@
+"""The closed-set paper network under case conditions (level, noise, length, codecs), two code versions side by side.
+
+What is measured: the paper network trained with the recipe of docs/model.md ("Real phones":
+segments 1-3 of the 15 shared CCNU phones, 4 s windows, hop 0.5 s, batch 32, lr 1e-3, seed 0,
+no early stopping) by each checkout's own ``devrecd train``, then ``devrecd evaluate`` of that run
+on segments 4-5 (30 recordings) under each condition: the questioned files of
+``benchmarks/conditions.py`` (the same generator and the same files when ``--work`` is shared:
+``level-20dB``, ``white20dB``, ``first3s``, codecs, combinations; see its docstring). Per condition
+and checkout: recordings right (of 30) and windows right (of their count), from the evaluation
+report; a recording that cannot be judged (e.g. shorter than one 4 s window) counts as wrong.
+
+Each checkout runs in its own subprocesses (``PYTHONPATH=<checkout>``, ``python -m devrecd``,
+``DEVRECD_FRONTEND__CLIP_SECONDS=4``, ``DEVRECD_TRAIN__THREADS=1``, its own feature cache), both
+checkouts side by side. Cost: one training per checkout (~13 CPU-minutes each for 30 epochs on
+this machine) plus a few seconds per condition.
+
+Run:  nice python benchmarks/closed_conditions.py --baseline ../wt-base --new . --work /tmp/ccond
+      [--conditions wav,level-20dB,white20dB,first3s] [--epochs 30] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import conditions as cond_bench  # noqa: E402  (the questioned files and the dataset folders)
+
+RECIPE = ("--epochs", "{epochs}", "--batch-size", "32", "--lr", "1e-3", "--hop-seconds", "0.5", "--patience", "0",
+          "--seed", "0")
+TRAIN_SEGMENTS = ("1", "2", "3")
+
+
+def side(label: str, checkout: Path, work: Path, conditions: list[str], epochs: int) -> dict:
+    """Train and evaluate one checkout; returns {condition: figures}."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEVRECD_")}
+    env.update(PYTHONPATH=str(checkout), DEVRECD_FRONTEND__CLIP_SECONDS="4", DEVRECD_TRAIN__THREADS="1",
+               DEVRECD_TRAIN__CACHE_DIR=str(work / label / "cache"), OMP_NUM_THREADS="1")
+    run = work / label / "run"
+
+    def devrecd(*args: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "devrecd", *args], env=env, cwd=work, capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(f"[{label}] devrecd {' '.join(args[:2])} failed:\n{out.stderr[-3000:]}")
+        return out.stdout
+
+    t0 = time.perf_counter()
+    if not (run / "best.pt").exists():
+        devrecd("train", str(work / "data" / "train"), "--out", str(run), *[a.format(epochs=epochs) for a in RECIPE])
+    cond_bench.log(f"[{label}] trained ({time.perf_counter() - t0:.0f} s)")
+    results = {}
+    for cond in conditions:
+        out = work / label / "eval" / cond
+        line = devrecd("evaluate", str(run), str(work / "data" / cond), "--out", str(out)).strip().splitlines()
+        rep = json.loads((out / "report.json").read_text())
+        n_files = len(json.loads((work / "data" / cond / "files.json").read_text()))
+        rec, win = rep["recording"], rep["window"]
+        right = round(rec["accuracy"] * rec["n"])
+        results[cond] = {"recordings_right": right, "recordings": n_files, "judged": rec["n"],
+                         "windows_right": round(win["accuracy"] * win["n"]), "windows": win["n"], "summary": line[-2:]}
+        cond_bench.log(f"[{label}] {cond}: {right}/{n_files} recordings, {results[cond]['windows_right']}/{win['n']} windows")
+    return results
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--baseline", type=Path, required=True)
+    ap.add_argument("--new", type=Path, default=cond_bench.REPO)
+    ap.add_argument("--ccnu", type=Path, default=cond_bench.SHARED / "ccnu_mobile_sample")
+    ap.add_argument("--librispeech", type=Path, default=cond_bench.SHARED / "librispeech" / "librispeech_test-other")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/devrecd-closed-conditions"))
+    ap.add_argument("--conditions", default="wav,level-20dB,white20dB,first3s")
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    if not args.ccnu.is_dir():
+        raise SystemExit(f"{args.ccnu}: the CCNU sample is needed")
+    work = args.work.resolve()
+    conditions = [c for c in args.conditions.split(",") if c]
+    rows = cond_bench.read_ccnu(args.ccnu)
+    index = cond_bench.generate(rows, conditions, work / "questioned",
+                                args.librispeech if args.librispeech.is_dir() else None)
+    cond_bench.write_dataset(work / "data" / "train", [r for r in rows if r["segment"] in TRAIN_SEGMENTS], "train")
+    for cond in conditions:
+        folder = cond_bench.write_dataset(work / "data" / cond, index["files"][cond], "test")
+        (folder / "files.json").write_text(json.dumps(index["files"][cond]))
+    from concurrent.futures import ThreadPoolExecutor
+
+    sides = {"baseline": args.baseline.resolve(), "new": args.new.resolve()}
+    with ThreadPoolExecutor(2) as pool:
+        futures = {label: pool.submit(side, label, path, work, conditions, args.epochs) for label, path in sides.items()}
+        results = {label: f.result() for label, f in futures.items()}
+    heads = {label: cond_bench.git_head(path) for label, path in sides.items()}
+    print(f"\nclosed set, paper network ({args.epochs} epochs, 4 s windows), CCNU segments 4-5 of 15 phones")
+    print(f"{'condition':<24}" + "".join(f"{label + ' ' + heads[label]:>40}" for label in sides))
+    for cond in conditions:
+        cells = [f"{r['recordings_right']}/{r['recordings']} rec, {r['windows_right']}/{r['windows']} win"
+                 for r in (results[label][cond] for label in sides)]
+        print(f"{cond:<24}" + "".join(f"{c:>40}" for c in cells))
+    if args.json:
+        args.json.write_text(json.dumps({"heads": heads, "epochs": args.epochs, "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
