@@ -14,13 +14,21 @@ clips on two workers, not by a library's internal threads). Every worker loads t
 before the timing, so the figures time feature computation, not moving audio between processes. Also: decode cost per 10 s WAV and
 per 10 s m4a.
 
+A baseline row (``--baseline REV``: the numpy frontend of ``devrecd/features.py`` as committed at a
+git revision, e.g. ``main``) is timed in the same passes, so that a change's before and after are
+two rows of one run on the same load. ``--rows`` leaves out rows (the ONNX graph row alone takes
+most of a run).
+
     python benchmarks/frontend.py [--clips 48] [--rounds 5] [--shared ../shared] [--seconds 10]
+                                  [--baseline main] [--rows numpy,torch,onnx,librosa,psf]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +54,22 @@ def _ours_numpy(clips: np.ndarray) -> int:
     from devrecd.pipeline.stages import frontend_for
 
     extract(clips, frontend_for(CFG))  # the process's cached frontend, as the daemon uses it (numpy on the CPU)
+    return len(clips)
+
+
+_BASELINE: dict[str, object] = {}
+
+
+def _baseline_numpy(clips: np.ndarray) -> int:
+    """The numpy frontend of the baseline revision's features.py (``--baseline``), loaded as a module of
+    its own beside this tree's devrecd (which it imports for the rest)."""
+    if "frontend" not in _BASELINE:
+        spec = importlib.util.spec_from_file_location("devrecd_baseline_features", os.environ["DEVRECD_BENCH_BASELINE"])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look their module up there
+        spec.loader.exec_module(module)
+        _BASELINE["module"], _BASELINE["frontend"] = module, module.Frontend(module.FrontendConfig(**CFG.to_dict()))
+    _BASELINE["module"].extract(clips, _BASELINE["frontend"])
     return len(clips)
 
 
@@ -98,17 +122,25 @@ def export_frontend(out: Path) -> float:
     return time.perf_counter() - t0
 
 
-def numeric_differences(clips: np.ndarray, onnx_path: Path) -> dict[str, tuple[float, float]]:
+def numeric_differences(clips: np.ndarray, onnx_path: Path | None, baseline: bool = False
+                        ) -> dict[str, tuple[float, float]]:
     """(max abs difference of the log-domain dims, max relative difference of the pre-Fbank energies)
-    of the numpy run and of the ONNX graph against the torch run of the same code."""
+    of the numpy run, of the ONNX graph (``onnx_path``) and of the baseline's numpy run against the
+    torch run of the same code."""
     import torch
 
-    from devrecd.backends.onnxrt import ort_session
     from devrecd.features import SLICE_FBANK, Frontend
 
     frontend = Frontend(CFG)
     ref = frontend(torch.from_numpy(clips)).numpy()
-    got = {"numpy": frontend(clips), "ONNX graph": ort_session(onnx_path).run(None, {"audio": clips})[0]}
+    got = {"numpy": frontend(clips)}
+    if onnx_path is not None:
+        from devrecd.backends.onnxrt import ort_session
+
+        got["ONNX graph"] = ort_session(onnx_path).run(None, {"audio": clips})[0]
+    if baseline:
+        _baseline_numpy(clips[:1])
+        got["baseline numpy"] = _BASELINE["module"].extract(clips, _BASELINE["frontend"])
     fb = SLICE_FBANK
     scale = float(ref[..., fb].max())
     return {k: (float(np.abs(v[..., : fb.start] - ref[..., : fb.start]).max()),
@@ -156,6 +188,8 @@ def _psf(clips: np.ndarray) -> int:
 
 IMPLS = {"devrecd (numpy)": _ours_numpy, "devrecd (torch)": _ours_torch, "devrecd (ONNX graph)": _ours_onnx,
          "librosa": _librosa, "python_speech_features": _psf}
+ROWS = {"numpy": "devrecd (numpy)", "torch": "devrecd (torch)", "onnx": "devrecd (ONNX graph)", "librosa": "librosa",
+        "psf": "python_speech_features"}
 OURS = [name for name in IMPLS if name.startswith("devrecd")]
 
 
@@ -247,10 +281,23 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5, help="timed passes over all clips; the median is reported")
     ap.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared")
     ap.add_argument("--seconds", type=float, default=10.0, help="clip length (the frontend's clip_seconds)")
+    ap.add_argument("--baseline", metavar="REV", help="also time the numpy frontend of devrecd/features.py at this "
+                    "git revision (e.g. main), in the same passes")
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"rows to time, of {','.join(ROWS)} (default: all)")
     args = ap.parse_args()
     global CFG
     CFG = FrontendConfig(clip_seconds=args.seconds)
     os.environ["DEVRECD_BENCH_CLIP_SECONDS"] = str(args.seconds)  # for the worker processes
+    unknown = set(args.rows.split(",")) - set(ROWS)
+    if unknown:
+        ap.error(f"--rows: unknown {', '.join(sorted(unknown))}; known: {', '.join(ROWS)}")
+    names = [ROWS[r] for r in ROWS if r in args.rows.split(",")]
+    baseline = None
+    if args.baseline:
+        baseline = f"devrecd (numpy, {args.baseline})"
+        IMPLS[baseline] = _baseline_numpy
+        OURS.append(baseline)
+        names.insert(1, baseline)
     clips = load_clips(args.shared, args.clips)
     print(f"{len(clips)} clips of {args.seconds:g} s at 32 kHz (real speech), 128 x 73 features each; {os.cpu_count()} CPUs")
     print(f"  median of {args.rounds} passes, the implementations taking turns in every pass; glibc malloc "
@@ -259,21 +306,36 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "clips.npy")
         np.save(path, clips)
+        if baseline:
+            source = subprocess.run(["git", "show", f"{args.baseline}:devrecd/features.py"], check=True,
+                                    capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]).stdout
+            (Path(tmp) / "baseline_features.py").write_text(source)
+            os.environ["DEVRECD_BENCH_BASELINE"] = str(Path(tmp) / "baseline_features.py")  # for the workers too
         onnx_path = Path(tmp) / "frontend.onnx"
-        print(f"  frontend exported to ONNX (dynamo, opset 18) in {export_frontend(onnx_path):.0f} s")
-        os.environ["DEVRECD_FRONTEND_ONNX"] = str(onnx_path)  # the worker processes open it
-        for name, (log_abs, fbank_rel) in numeric_differences(clips[:8], onnx_path).items():
+        if "devrecd (ONNX graph)" in names:
+            print(f"  frontend exported to ONNX (dynamo, opset 18) in {export_frontend(onnx_path):.0f} s")
+            os.environ["DEVRECD_FRONTEND_ONNX"] = str(onnx_path)  # the worker processes open it
+        for name, (log_abs, fbank_rel) in numeric_differences(clips[:8], onnx_path if onnx_path.exists() else None,
+                                                              baseline is not None).items():
             print(f"  {name} vs torch, 8 clips: max abs diff of log-domain dims {log_abs:.2e}, "
                   f"max relative diff of pre-Fbank {fbank_rel:.2e}")
         for workers in (1, 2):
-            for name, rate in clips_per_second(list(IMPLS), path, len(clips), workers, args.rounds).items():
+            for name, rate in clips_per_second(names, path, len(clips), workers, args.rounds).items():
                 results[name, workers] = rate
                 print(f"  {workers} worker(s)  {name:<24} {rate:8.1f} clips/s")
     for workers in (1, 2):
-        best_ref = max(v for (n, w), v in results.items() if w == workers and n not in OURS)
+        refs = [v for (n, w), v in results.items() if w == workers and n not in OURS]
+        if not refs:
+            continue
+        best_ref = max(refs)
         for name in OURS:
-            print(f"  {name} over the fastest reference, {workers} worker(s): "
-                  f"{results[name, workers] / best_ref:.2f}x (target >= 2x)")
+            if (name, workers) in results:
+                print(f"  {name} over the fastest reference, {workers} worker(s): "
+                      f"{results[name, workers] / best_ref:.2f}x (target >= 2x)")
+    if baseline and "devrecd (numpy)" in names:
+        for workers in (1, 2):
+            print(f"  devrecd (numpy) over {baseline}, {workers} worker(s): "
+                  f"{results['devrecd (numpy)', workers] / results[baseline, workers]:.2f}x")
     for name, ms in decode_costs(args.shared).items():
         print(f"  decode (read + sha256 + decode + checks) per 10 s {name}: {ms:.2f} ms")
     return 0

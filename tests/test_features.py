@@ -174,6 +174,26 @@ def test_batched_equals_one_by_one_and_numpy_equals_torch(ccnu_dir):
                                atol=1e-6 * float(on_numpy[..., SLICE_FBANK].max()))
 
 
+@pytest.mark.parametrize("cfg", [FrontendConfig(), FrontendConfig(clip_seconds=10.0), FrontendConfig(clip_seconds=3.3),
+                                 FrontendConfig(fmin=300.0, fmax=3400.0, n_fft=2048)])
+def test_numpy_mel_blocks_are_the_mel_product(cfg):
+    """The numpy path multiplies the mel matrix block by block, skipping only its zeros: the blocks
+    tile the bins, hold every non-zero, and give the dense product to float32 rounding."""
+    frontend = Frontend(cfg)
+    mel = frontend._mel
+    covered = np.zeros_like(mel)
+    edges = [b[:2] for b in frontend._mel_blocks]
+    assert edges[0][0] == 0 and edges[-1][1] == mel.shape[0] and all(a[1] == b[0] for a, b in zip(edges, edges[1:]))
+    for b0, b1, c0, c1, block in frontend._mel_blocks:
+        covered[b0:b1, c0:c1] = mel[b0:b1, c0:c1]
+        covered[b0:b1, -1] = mel[b0:b1, -1]
+        np.testing.assert_array_equal(block, mel[b0:b1, [*range(c0, c1), -1]])
+    np.testing.assert_array_equal(covered, mel)
+    power = np.random.default_rng(0).exponential(size=(2, cfg.n_frames, mel.shape[0])).astype(np.float32)
+    exact = power.astype(np.float64) @ mel.astype(np.float64)
+    np.testing.assert_allclose(frontend._numpy_fbank(power), exact, rtol=1e-5)
+
+
 def test_threads_share_a_frontend(ccnu_dir):
     """The daemon's workers share one Frontend: threads running at once get their own answers."""
     from concurrent.futures import ThreadPoolExecutor
