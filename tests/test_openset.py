@@ -290,7 +290,8 @@ def test_enrolment_invalidates_calibration_and_calibration_persists(tmp_path: Pa
     reg.save()
     back = open_registry(reg.path)
     assert back.calibrations == {"clean": cal} and back.calibration_info == {"dataset": "x"}
-    got, source = calibration_for(back, "clean", RegistryConfig())
+    got, source, key = calibration_for(back, "clean", RegistryConfig())
+    assert key == "clean"
     assert got.fitted_sha256 == cal.sha256 and got.slope == cal.slope and source.startswith("case calibration")
     assert calibration_for(back, "amrnb", RegistryConfig())[0] is None  # no calibration of that condition
     assert calibration_for(back, "clean", RegistryConfig(use_calibration=False))[0] is None

@@ -62,10 +62,13 @@ def compare(
     # --calibration FILE for every recording; else per recording the calibration of its condition:
     # the registry's case calibration, else the scorer's development one.
     cal: Calibration | None = load_calibration(calibration) if calibration else None
-    by_condition = {k: Calibration.from_dict(v) for k, v in (comparer.describe().get("dev_calibrations") or {}).items()}
-    by_condition.update(reg.calibrations if reg is not None else {})
+    from devrecd.openset.scoring import CASE, DEVELOPMENT
+
+    dev = {k: Calibration.from_dict(v) for k, v in (comparer.describe().get("dev_calibrations") or {}).items()}
+    layers = [(reg.calibrations if reg is not None else {}, CASE), (dev, DEVELOPMENT)]
+    by_condition = {**dev, **layers[0][0]}
     files = audio_paths(questioned, cfg, what="questioned")
-    records = run_compare(comparer, files, refs, cal if cal is not None else by_condition)
+    records = run_compare(comparer, files, refs, cal if cal is not None else layers)
     if fmt is TextFormat.json:
         for r in records:
             typer.echo(json.dumps(r, ensure_ascii=False))

@@ -19,7 +19,7 @@ import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -30,6 +30,9 @@ from devrecd.errors import DevrecdError
 from devrecd.forensic.lr import Calibration, assess, comparison_channel
 from devrecd.pipeline.stages import hop_samples
 from devrecd.provenance import utc_timestamp
+
+if TYPE_CHECKING:
+    from devrecd.openset.scoring import Layers
 
 NOISE_PROFILES = 16  # Comparer: reference profiles under a noise condition kept in memory
 RECORDING_FIELDS = ("path", "sha256", "size", "duration", "sample_rate", "native_rate", "channels", "codec",
@@ -228,29 +231,34 @@ def calibration_summary(cal: Calibration | None) -> dict[str, Any] | None:
             "n_nontarget": cal.metrics.get("n_nontarget")}
 
 
-def calibration_of(calibration: Calibration | dict[str, Calibration] | None, recording: dict[str, Any],
+def calibration_of(calibration: Calibration | Layers | dict[str, Calibration] | None, recording: dict[str, Any],
                    comparison: dict[str, Any] | None = None) -> Calibration | None:
     """The calibration of a questioned recording: the one given, or of the condition it is compared
-    under (``comparison``: :func:`~devrecd.openset.matching.resolve_noise`'s fields; references brought
-    to its noise: the noise-matched calibration of its SNR class first, as a verdict looks it up).
+    under, from ``calibration``'s layers (``[(calibrations by condition, source), ...]``: the
+    registry's case ones, then the scorer's development ones; or one dict), chosen as a verdict
+    chooses (:func:`~devrecd.openset.scoring.pick_calibration`; ``comparison``:
+    :func:`~devrecd.openset.matching.resolve_noise`'s fields: references brought to its noise, the
+    noise-matched calibration of its SNR class is a candidate first).
     ``compare`` brings the references to the questioned recording's noise, not to its channel:
     a recording that went through a channel is compared mismatched, under no calibration (the channel
     ones were fitted with the references matched), and gets no LR."""
     if calibration is None or isinstance(calibration, Calibration):
         return calibration
     from devrecd.openset.matching import CLEAN
-    from devrecd.openset.scoring import calibration_keys
+    from devrecd.openset.scoring import calibration_keys, pick_calibration
 
     if comparison_channel(recording.get("condition") or {}) != CLEAN:
         return None
+    layers = [(calibration, "")] if isinstance(calibration, dict) else list(calibration)
     snr = (comparison or {}).get("questioned_snr_db") if (comparison or {}).get("noise_matched") else None
-    return next((calibration[k] for k in calibration_keys(CLEAN, recording.get("duration"), snr) if k in calibration), None)
+    keys = calibration_keys(CLEAN, recording.get("duration"), snr)
+    return pick_calibration(layers, keys, recording.get("condition"))[0]
 
 
 def compare(comparer: Comparer, questioned: Sequence[str | os.PathLike], refs: ReferenceSet,
-            calibration: Calibration | dict[str, Calibration] | None) -> list[dict[str, Any]]:
+            calibration: Calibration | Layers | dict[str, Calibration] | None) -> list[dict[str, Any]]:
     """One comparison record per questioned recording (a failed one says why, with its hash).
-    ``calibration``: one for every recording, or one per comparison condition (``calibration_key``)."""
+    ``calibration``: one for every recording, or per comparison condition (:func:`calibration_of`)."""
     from devrecd.forensic.lr import HD, HP
 
     ident = comparer.describe()

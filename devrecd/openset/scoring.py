@@ -80,23 +80,52 @@ def development_calibrations(registry: Registry) -> dict[str, Calibration]:
     return {k: Calibration.from_dict(v) for k, v in cals.items()}
 
 
-def calibration_for(registry: Registry, key: str, cfg: RegistryConfig | None = None,
-                    dev: dict[str, Calibration] | None = None) -> tuple[Calibration | None, str]:
-    """The calibration of comparison condition ``key`` and where it came from: the registry's own
-    (``devrecd calibrate``), else its scorer's development one; ``(None, why)`` when there is none.
-    The decision rule is the configuration's (``[registry]`` decision, prior, costs), for the
-    registry's number of enrolled devices."""
+CASE = "case calibration (devrecd calibrate)"
+DEVELOPMENT = "scorer's development calibration"
+Layers = Sequence[tuple[dict[str, Calibration], str]]
+
+
+def pick_calibration(layers: Layers, keys: Sequence[str], condition: dict[str, Any] | None
+                     ) -> tuple[Calibration | None, str, str]:
+    """``(calibration, source, key)`` for a comparison: layers in order (the registry's own, then
+    its scorer's development ones), each tried with ``keys`` in order (:func:`calibration_keys`),
+    the first whose SNR range covers the recording's measured SNR
+    (:func:`~devrecd.openset.conditions.snr_outside`); else the first there is (the caller's SNR
+    check then withholds its LR); ``(None, "", keys[-1])`` when there is none. So a case
+    calibration covers the recordings like those it was fitted on, and a noisier one falls to the
+    noise-matched development calibration of its SNR class."""
+    from devrecd.openset.conditions import snr_outside
+
+    first: tuple[Calibration | None, str, str] | None = None
+    for cals, source in layers:
+        for key in keys:
+            cal = cals.get(key)
+            if cal is None:
+                continue
+            if snr_outside(condition, cal.conditions) is None:
+                return cal, source, key
+            first = first or (cal, source, key)
+    return first or (None, "", keys[-1])
+
+
+def calibration_for(registry: Registry, keys: str | Sequence[str], cfg: RegistryConfig | None = None,
+                    dev: dict[str, Calibration] | None = None, condition: dict[str, Any] | None = None
+                    ) -> tuple[Calibration | None, str, str]:
+    """The calibration of a comparison under condition ``keys`` (:func:`calibration_keys`), where it
+    came from and its key (:func:`pick_calibration`: the registry's own, ``devrecd calibrate``, else
+    its scorer's development one); ``(None, why, key)`` when there is none. The decision rule is the
+    configuration's (``[registry]`` decision, prior, costs), for the registry's number of enrolled devices."""
+    keys = [keys] if isinstance(keys, str) else list(keys)
     if cfg is not None and not cfg.use_calibration:
-        return None, "registry.use_calibration is off"
-    own = registry.calibrations.get(key)
-    cal, source = (own, "case calibration (devrecd calibrate)") if own is not None else \
-        ((dev if dev is not None else development_calibrations(registry)).get(key), "scorer's development calibration")
+        return None, "registry.use_calibration is off", keys[-1]
+    dev = dev if dev is not None else development_calibrations(registry)
+    cal, source, key = pick_calibration([(registry.calibrations, CASE), (dev, DEVELOPMENT)], keys, condition)
     if cal is None:
-        have = sorted(set(registry.calibrations) | set(dev if dev is not None else development_calibrations(registry)))
-        return None, f"no calibration for condition {key!r} (calibrated: {', '.join(have) or 'none'})"
+        have = sorted(set(registry.calibrations) | set(dev))
+        return None, f"no calibration for condition {keys[0]!r} (calibrated: {', '.join(have) or 'none'})", key
     if cfg is not None:
         cal = cal.with_decision(Decision.from_config(cfg), n_candidates=len(registry.profiles))
-    return cal, source
+    return cal, source, key
 
 
 def identify_with_registry(window_embeddings: np.ndarray, registry: Registry, *, calibration: Calibration | None,

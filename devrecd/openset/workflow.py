@@ -291,10 +291,8 @@ class RegistryJudge:
                 reg, snrs = self._matched[mkey]
                 if snrs:
                     noise_fields["matched_references_snr_db"] = [min(snrs), max(snrs)]
-        for key in calibration_keys(under, (recording or {}).get("duration"), noise.snr_db if noise is not None else None):
-            cal, source = calibration_for(self.registry, key, self.registry_cfg, self.dev_calibrations)
-            if cal is not None:
-                break
+        keys = calibration_keys(under, (recording or {}).get("duration"), noise.snr_db if noise is not None else None)
+        cal, source, key = calibration_for(self.registry, keys, self.registry_cfg, self.dev_calibrations, condition)
         # A recording noisier than every recording the calibration was fitted on, compared with
         # references brought to its noise, is outside what the calibration validates, as a channel it
         # never saw is: noise-matched references make an unknown phone's noisy recording score like a
