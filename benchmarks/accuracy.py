@@ -26,7 +26,8 @@ from pathlib import Path
 from devrecd.config import load_config
 from devrecd.evaluation import evaluate_baseline, evaluate_checkpoint, write_report
 from devrecd.model.network import GROUPS
-from devrecd.train import open_dataset, train, train_options
+from devrecd.train import train, train_options
+from devrecd.train_data import open_dataset
 
 # Tables VII and VIII of the paper (accuracy, precision, recall, F1 in %, CCNU_Mobile, 45 phones).
 PAPER = {

@@ -149,7 +149,8 @@ def _closed_scores(classes, probas, truth) -> dict:
 def closed_network(corpus: Corpus, conds: list[str], args, augment: tuple[str, ...]) -> dict[str, dict]:
     from devrecd.evaluation import network_log_proba
     from devrecd.model.checkpoint import load_checkpoint
-    from devrecd.train import open_dataset, train, train_options
+    from devrecd.train import train, train_options
+    from devrecd.train_data import open_dataset
 
     cfg = corpus.cfg
     ds = open_dataset(corpus.root, cfg, "ccnu")
@@ -219,7 +220,8 @@ def open_set(corpus: Corpus, conds: list[str], args, kind: str) -> dict[str, dic
             scorer = gsv_scorer(GsvSvm(seed=args.seed).fit(feats, [d for _, d in seen]))
         else:
             from devrecd.openset.embedder import load_embedder
-            from devrecd.train import open_dataset, restrict_dataset, train, train_options
+            from devrecd.train import train, train_options
+            from devrecd.train_data import open_dataset, restrict_dataset
 
             cfg = corpus.cfg
             run = args.out / f"asp-fold{k + 1}"

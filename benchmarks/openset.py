@@ -110,7 +110,8 @@ def score_systems(train: Sequence[str], phones: Sequence[str], recs: list[Rec], 
         import tempfile
 
         from devrecd.openset.embedder import load_embedder
-        from devrecd.train import restrict_dataset, train as train_network, train_options
+        from devrecd.train import train as train_network, train_options
+        from devrecd.train_data import restrict_dataset
 
         t0 = time.perf_counter()
         opts = train_options(cfg.train, arch=args.arch, loss="aam", epochs=args.epochs, batch_size=32, lr=1e-3,

@@ -50,8 +50,8 @@ class DatasetError(DevrecdError):
 
 # Top-level modules of optional dependencies -> the extra that installs them.
 EXTRA_FOR_MODULE = {"torch": "train", "sklearn": "train", "scipy": "train", "tqdm": "train", "matplotlib": "report",
-                    "lir": "report", "onnx": "export", "onnxscript": "export", "tensorrt": "gpu", "pycuda": "gpu",
-                    "sounddevice": "live", "ray": "cluster"}
+                    "lir": "report", "jinja2": "report", "onnx": "export", "onnxscript": "export", "tensorrt": "gpu",
+                    "pycuda": "gpu", "sounddevice": "live", "ray": "cluster"}
 
 
 def missing_extra(exc: ModuleNotFoundError) -> MissingDependency | None:

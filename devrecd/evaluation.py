@@ -180,11 +180,12 @@ def evaluate_checkpoint(checkpoint: str | Path, ds: Any, cfg: Any, *, split: str
     ``on_recording(path)`` is called as each recording's features are ready (progress)."""
     from devrecd.data import FeatureCache
     from devrecd.model.checkpoint import load_checkpoint
-    from devrecd.train import split_features, use_train_threads
+    from devrecd.train import use_train_threads
+    from devrecd.train_data import split_features
 
     ckpt = load_checkpoint(checkpoint)
     ckpt.check_compatible(frontend=cfg.frontend)
-    use_train_threads(cfg)
+    use_train_threads(cfg.train)
     hop = cfg.audio.hop_seconds if hop_seconds is None else hop_seconds
     cache = FeatureCache(Path(cfg.train.cache_dir), ckpt.frontend, cfg.audio, device=device)
     # every file checked before scoring
@@ -205,7 +206,7 @@ def evaluate_baseline(name: str, ds: Any, cfg: Any, *, split: str = "test", hop_
     """Fit a classical baseline on the train split and score it on ``split`` (same features, same report)."""
     from devrecd.baselines import make_baseline
     from devrecd.data import FeatureCache
-    from devrecd.train import check_training_data, split_features
+    from devrecd.train_data import check_training_data, split_features
 
     check_training_data(ds)
     clf = make_baseline(name, seed=seed)

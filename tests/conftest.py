@@ -129,7 +129,7 @@ def trained_checkpoint(ccnu_dir: Path, feature_cache, tmp_path_factory) -> Path:
     from devrecd.config import load_config
     from devrecd.model import build_model
     from devrecd.model.checkpoint import Checkpoint, save_checkpoint
-    from devrecd.train import normalisation_stats
+    from devrecd.train_data import normalisation_stats
 
     cfg = load_config(None, env={})
     cache = feature_cache(cfg)
@@ -181,17 +181,18 @@ def asp_embedder_checkpoint(ccnu_dir: Path, feature_cache_dir: Path, tmp_path_fa
     """RUN_DIR (with best.pt): a small ``asp`` embedder (open set) trained 8 epochs with the AAM loss
     through the one training loop on CCNU segments 1-2 of 8 of the 15 phones (hop 1 s), so segments
     3-5 and 7 phones are never seen in training."""
-    from devrecd.config import TrainConfig, load_config
+    from devrecd.config import load_config
     from devrecd.data import load_dataset
-    from devrecd.train import restrict_dataset, train
+    from devrecd.train import train, train_options
+    from devrecd.train_data import restrict_dataset
 
     cfg = load_config(None, env={}, overrides={"audio.hop_seconds": 1.0, "train.threads": 2,
                                                "train.cache_dir": str(feature_cache_dir)})
     ds = load_dataset(ccnu_dir, split_by_group={"train": ("1", "2"), "test": ("3", "4", "5")},
                       split_file=tmp_path_factory.mktemp("asp-split") / "split.json")
     phones = sorted(ds.labels)[:8]
-    opts = TrainConfig(arch="asp", loss="aam", epochs=8, batch_size=32, lr=1e-3, lr_step_epochs=8, patience=0,
-                       seed=0, hop_seconds=1.0)
+    opts = train_options(cfg.train, arch="asp", loss="aam", epochs=8, batch_size=32, lr=1e-3, lr_step_epochs=8,
+                         patience=0, seed=0, hop_seconds=1.0)
     run = tmp_path_factory.mktemp("asp")
     train(restrict_dataset(ds, phones, splits=("train",)), run, cfg, opts,
           hparams={"hidden": 32, "attention": 16, "emb_dim": 32})

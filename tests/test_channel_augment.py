@@ -10,7 +10,8 @@ from devrecd.config import Config, TrainConfig, load_config
 from devrecd.data import Item
 from devrecd.errors import ConfigError
 from devrecd.features import SLICE_FBANK
-from devrecd.train import Augmenter, check_options, train_options
+from devrecd.train import check_options, train_options
+from devrecd.train_data import Augmenter
 
 
 def _items(ccnu_dir) -> list[Item]:

@@ -355,12 +355,12 @@ def real_setup(ccnu_dir: Path, feature_cache_dir: Path, tmp_path_factory: pytest
 
 def _train_asp(ds, devices, cfg, out: Path, *, epochs: int, seed: int, hparams: dict):
     """An ``asp`` embedder with the AAM loss through the one training loop (segments 1-3 of ``devices``)."""
-    from devrecd.config import TrainConfig
     from devrecd.openset.embedder import Embedder
-    from devrecd.train import restrict_dataset, train
+    from devrecd.train import train, train_options
+    from devrecd.train_data import restrict_dataset
 
-    opts = TrainConfig(arch="asp", loss="aam", epochs=epochs, batch_size=32, lr=1e-3, lr_step_epochs=epochs,
-                       patience=0, seed=seed, hop_seconds=1.0)
+    opts = train_options(cfg.train, arch="asp", loss="aam", epochs=epochs, batch_size=32, lr=1e-3,
+                         lr_step_epochs=epochs, patience=0, seed=seed, hop_seconds=1.0)
     train(restrict_dataset(ds, devices, splits=("train",)), out, cfg, opts, hparams=hparams)
     return Embedder.load(out)
 
@@ -375,12 +375,12 @@ def test_training_is_deterministic_and_embeddings_have_the_declared_shape(real_s
     assert a.embed_features(feats).shape == (6, 8) and a.describe()["dim"] == 8
     assert embedder.fingerprint != a.fingerprint
     from devrecd.errors import ConfigError
-    from devrecd.config import TrainConfig
-    from devrecd.train import restrict_dataset, train
+    from devrecd.train import train, train_options
+    from devrecd.train_data import restrict_dataset
 
     with pytest.raises(ConfigError, match="angular-margin"):
         train(restrict_dataset(ds, seen[:2], splits=("train",)), tmp_path / "c", cfg,
-              TrainConfig(arch="paper", loss="aam", epochs=1))
+              train_options(cfg.train, arch="paper", loss="aam", epochs=1))
 
 
 def test_enrol_unseen_phones_identify_and_reject_unenrolled(real_setup, tmp_path: Path) -> None:

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-TRAINING_STACK = ("torch", "sklearn", "scipy", "matplotlib", "onnx", "onnxscript")
+# The training stack, and the report's template engine (the `report` extra): serving imports none of them.
+TRAINING_STACK = ("torch", "sklearn", "scipy", "matplotlib", "onnx", "onnxscript", "jinja2")
 
 # Runs the devrecd CLI with the training stack made unimportable; every attempt to import it is
 # reported on stderr (an ImportError caught by the code under test would otherwise go unseen).
@@ -136,6 +137,8 @@ def test_wheel_ships_the_service_files_and_installs_the_service(tmp_path) -> Non
     with zipfile.ZipFile(wheel) as z:
         for name, source in shipped.items():
             assert z.read(f"devrecd/service_files/{name}") == source.read_bytes(), name
+        template = "devrecd/report/templates/report.html.j2"  # the report page (package data)
+        assert z.read(template) == (REPO / template).read_bytes()
         metadata = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
         z.extractall(tmp_path / "site")  # a pure-Python wheel installed is its files on sys.path
     assert "License-Expression: Apache-2.0" in metadata

@@ -23,8 +23,7 @@ from devrecd.data import load_dataset
 from devrecd.errors import ArtifactError, DatasetError
 from devrecd.evaluation import RecordingScores, classification_metrics, score_report
 from devrecd.model.checkpoint import load_checkpoint, load_raw
-from devrecd.config import TrainConfig
-from devrecd.train import train
+from devrecd.train import train, train_options
 
 SEGMENT_SPLIT = {1: "train", 2: "train", 3: "val", 4: "test", 5: "test"}
 TINY = dict(epochs=2, batch_size=8, lr=1e-3, hop_seconds=2.0, patience=0)
@@ -61,7 +60,7 @@ def env(ccnu_dir, tmp_path_factory):
 def run(env):
     """The reference run: 2 epochs, uninterrupted."""
     out = env["tmp"] / "run"
-    train(load_dataset(env["ds"]), out, env["cfg"], TrainConfig(**TINY))
+    train(load_dataset(env["ds"]), out, env["cfg"], train_options(env["cfg"].train, **TINY))
     return out
 
 
@@ -74,6 +73,8 @@ def test_run_dir_and_self_describing_checkpoint(run, env):
     assert len(ckpt.split["train"]) == 6 and len(ckpt.split["val"]) == 3 and len(ckpt.split["test"]) == 6
     assert ckpt.norm_mean.shape == (73,) and (ckpt.norm_std > 0).all()
     assert ckpt.meta["options"]["batch_size"] == 8 and ckpt.meta["selection"] == "val_loss"
+    # The run's options are its one source: their feature cache (and threads) are the ones used and recorded.
+    assert ckpt.meta["options"]["cache_dir"] == str(env["tmp"] / "cache") and any((env["tmp"] / "cache").iterdir())
     # the normalisation is the training windows' statistics: the pre-Fbank dims have tiny means, logE a negative one
     assert ckpt.norm_mean[12] < 0 and ckpt.norm_std[39:].max() > 0
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -89,9 +90,9 @@ def test_interrupted_run_resumes_to_the_same_weights(run, env):
     """Seeded and deterministic on the CPU: 1 epoch, then the same command with 2 epochs == 2 epochs straight."""
     out = env["tmp"] / "resumed"
     ds = load_dataset(env["ds"])
-    first = train(ds, out, env["cfg"], TrainConfig(**{**TINY, "epochs": 1}))
+    first = train(ds, out, env["cfg"], train_options(env["cfg"].train, **{**TINY, "epochs": 1}))
     assert first.epochs_run == 1
-    second = train(ds, out, env["cfg"], TrainConfig(**TINY))
+    second = train(ds, out, env["cfg"], train_options(env["cfg"].train, **TINY))
     assert [r["epoch"] for r in second.history] == [1, 2]
     a, b = load_raw(run / "last.pt")["state_dict"], load_raw(out / "last.pt")["state_dict"]
     assert a.keys() == b.keys()
@@ -105,7 +106,7 @@ def test_resuming_into_a_run_of_another_architecture_is_refused(run, env, tmp_pa
     out = tmp_path / "run"
     shutil.copytree(run, out)
     with pytest.raises(ArtifactError, match="another architecture"):
-        train(load_dataset(env["ds"]), out, env["cfg"], TrainConfig(**{**TINY, "arch": "group2"}))
+        train(load_dataset(env["ds"]), out, env["cfg"], train_options(env["cfg"].train, **{**TINY, "arch": "group2"}))
 
 
 def test_evaluate_writes_the_report(run, env, tmp_path):
@@ -139,7 +140,7 @@ def test_finetune_softmax_trains_only_the_new_head(run, env):
     out = env["tmp"] / "ft"
     base = load_checkpoint(run)
     ds = load_dataset(env["other"])
-    train(ds, out, env["cfg"], TrainConfig(**{**TINY, "epochs": 1, "finetune_trainable": "softmax"}), init=run)
+    train(ds, out, env["cfg"], train_options(env["cfg"].train, **{**TINY, "epochs": 1, "finetune_trainable": "softmax"}), init=run)
     ft = load_checkpoint(out)
     assert ft.labels == list(ds.labels) and set(ft.labels).isdisjoint(base.labels)
     assert ft.state_dict["classifier.weight"].shape == (3, 128)
@@ -175,7 +176,7 @@ def test_bad_datasets_fail_before_training(ccnu_dir, env, tmp_path):
     with open(no_train, "w", newline="") as fh:
         csv.writer(fh).writerows([rows[0]] + [r[:3] + ["test" if r[1] == dev else r[3]] for r in rows[1:]])
     with pytest.raises(DatasetError, match="no training recordings"):
-        train(load_dataset(no_train), tmp_path / "r2", env["cfg"], TrainConfig(**TINY))
+        train(load_dataset(no_train), tmp_path / "r2", env["cfg"], train_options(env["cfg"].train, **TINY))
 
     # train.on_unusable = "fail": an unreadable file is named, before any epoch
     broken = tmp_path / "broken"
@@ -187,7 +188,7 @@ def test_bad_datasets_fail_before_training(ccnu_dir, env, tmp_path):
         w.writerow([str(broken / "damaged.wav"), dev, "9", "train"])
     strict = env["cfg"].with_overrides({"train.on_unusable": "fail"})
     with pytest.raises(DatasetError, match="damaged.wav.*train.on_unusable"):
-        train(load_dataset(broken / "manifest.csv"), tmp_path / "r3", strict, TrainConfig(**TINY))
+        train(load_dataset(broken / "manifest.csv"), tmp_path / "r3", strict, train_options(strict.train, **TINY))
     assert not (tmp_path / "r3" / "last.pt").exists()
 
 
@@ -209,7 +210,7 @@ def test_unusable_recordings_are_left_out_and_listed_unless_a_device_is_left_wit
         w.writerow([str(quiet), devs[0], "9", "train"])
         w.writerow([str(tmp_path / "damaged.wav"), devs[1], "9", "val"])
     out = tmp_path / "run"
-    train(load_dataset(manifest), out, env["cfg"], TrainConfig(**{**TINY, "epochs": 1}))
+    train(load_dataset(manifest), out, env["cfg"], train_options(env["cfg"].train, **{**TINY, "epochs": 1}))
     listed = json.loads((out / "unusable.json").read_text())
     assert {(Path(u["path"]).name, u["reason"]) for u in listed} == {("quiet.wav", "silent"), ("damaged.wav", "corrupt")}
     assert "audio.silence_dbfs" in next(u["detail"] for u in listed if u["reason"] == "silent")
@@ -222,7 +223,7 @@ def test_unusable_recordings_are_left_out_and_listed_unless_a_device_is_left_wit
         w.writerows([rows[0]] + [r for r in rows[1:] if not (r[1] == devs[0] and r[3] == "train")])
         w.writerow([str(quiet), devs[0], "9", "train"])
     with pytest.raises(DatasetError, match=f"{devs[0]}.*no usable training recording.*audio.silence_dbfs"):
-        train(load_dataset(only_quiet), tmp_path / "r4", env["cfg"], TrainConfig(**TINY))
+        train(load_dataset(only_quiet), tmp_path / "r4", env["cfg"], train_options(env["cfg"].train, **TINY))
 
 
 def test_metrics_are_the_papers_macro_averages():
@@ -249,7 +250,8 @@ def test_batchnorm_statistics_are_those_of_the_trained_weights(run, env):
     eval mode normalises with the statistics of the weights it is used with (Keras' momentum 0.99
     alone still remembers the random initial weights after a short run on a small corpus)."""
     from devrecd.data import FeatureCache
-    from devrecd.train import recalibrate_batchnorm, split_features, to_split_data
+    from devrecd.model.training import recalibrate_batchnorm
+    from devrecd.train_data import split_features, to_split_data
 
     ckpt = load_checkpoint(run)
     model = ckpt.build()

@@ -72,7 +72,8 @@ def _progress(desc: str):
 def _run(ds_path: Path, out: Path, cfg: Any, opts: Any, split_groups: Optional[str],
          init: Optional[Path] = None) -> None:
     from devrecd.pipeline.stages import resolve_device
-    from devrecd.train import open_dataset, train
+    from devrecd.train import train
+    from devrecd.train_data import open_dataset
 
     ds = open_dataset(ds_path, cfg, split_groups)
     on_step, on_epoch, close = _progress("finetune" if init else "train")
@@ -156,7 +157,7 @@ def evaluate(
     """Accuracy and macro precision/recall/F1 per window and per recording, confusion matrices."""
     from devrecd.evaluation import evaluate_checkpoint, summary_line, write_report
     from devrecd.pipeline.stages import resolve_device
-    from devrecd.train import open_dataset
+    from devrecd.train_data import open_dataset
 
     cfg = load_cli_config(config, {"backend.device": torch_device})
     ds = open_dataset(dataset, cfg, split_groups)
@@ -181,7 +182,7 @@ def baseline(
 ) -> None:
     """Fit a classical baseline (Table V) on the train split and report it like evaluate."""
     from devrecd.evaluation import evaluate_baseline, summary_line, write_report
-    from devrecd.train import open_dataset
+    from devrecd.train_data import open_dataset
 
     cfg = load_cli_config(config)
     ds = open_dataset(dataset, cfg, split_groups)
@@ -212,7 +213,8 @@ def train_embedder(
 ) -> None:
     """Train an open-set embedder (arch asp, AAM-softmax) for `devrecd enroll --model RUN`."""
     from devrecd.pipeline.stages import resolve_device
-    from devrecd.train import embedder_options, merge_datasets, open_dataset, train
+    from devrecd.train import embedder_options, train
+    from devrecd.train_data import merge_datasets, open_dataset
 
     cfg = load_cli_config(config, {"backend.device": torch_device})
     with option_values():

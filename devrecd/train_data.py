@@ -1,0 +1,224 @@
+"""The data of a training run: datasets opened, merged and restricted, every recording's window
+features read before any epoch (unusable ones named or left out), normalised into tensors, and the
+per-epoch augmentation. :mod:`devrecd.train` runs the loop over them; :mod:`devrecd.evaluation`
+reads a split the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from devrecd.config import Config
+from devrecd.data import Dataset, FeatureCache, Item, parse_split_groups
+from devrecd.errors import DatasetError
+
+
+@dataclass
+class SplitData:
+    """One split's windows, normalised, as tensors; ``rec`` maps each window to its recording."""
+
+    x: Any  # torch.FloatTensor (n, 128, 73)
+    y: Any  # torch.LongTensor (n,)
+    rec: np.ndarray  # (n,) index into ``items``
+    items: list[Item]
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+def open_dataset(path: str | Path, cfg: Config, split_groups: str | None = None) -> Dataset:
+    """Load ``path`` with the ``[train]`` split ratios and seed, or the given group split."""
+    from devrecd.data import load_dataset
+
+    return load_dataset(path, ratios=cfg.train.split, seed=cfg.train.seed, split_by_group=parse_split_groups(split_groups))
+
+
+def merge_datasets(datasets: Sequence[Dataset]) -> Dataset:
+    """Several datasets as one training set (e.g. real phones plus ``devrecd synth`` corpora).
+
+    Each keeps its own split; with more than one, device names are prefixed with the dataset's
+    folder name so that two corpora's ``phone1`` stay two devices.
+    """
+    import os
+
+    from devrecd.data import listing_sha256
+
+    if not datasets:
+        raise DatasetError("no dataset given", reason="dataset_missing")
+    if len(datasets) == 1:
+        return datasets[0]
+    names = [d.root.name for d in datasets]
+    if len(set(names)) != len(names):
+        raise DatasetError(f"datasets with the same folder name cannot be told apart: {', '.join(names)}",
+                           reason="dataset_names")
+    items = tuple(replace(it, device=f"{d.root.name}/{it.device}") for d in datasets for it in d.items)
+    root = Path(os.path.commonpath([str(d.root) for d in datasets]))
+    return Dataset(root=root, items=items, labels=tuple(sorted({it.device for it in items})),
+                   manifest_sha256=listing_sha256(items, root), layout="merged")
+
+
+def restrict_dataset(ds: Dataset, devices: Sequence[str], split: str | None = None,
+                     splits: Sequence[str] | None = None) -> Dataset:
+    """The recordings of ``devices`` only (of ``splits`` only, when given), all assigned to ``split``
+    when given: e.g. a protocol's development phones as one training set."""
+    from devrecd.data import listing_sha256
+
+    keep = set(devices)
+    items = tuple(replace(it, split=split or it.split) for it in ds.items
+                  if it.device in keep and (splits is None or it.split in splits))
+    return replace(ds, items=items, labels=tuple(sorted({it.device for it in items})),
+                   manifest_sha256=listing_sha256(items, ds.root))
+
+
+def check_training_data(ds: Dataset) -> None:
+    """Refuse data that cannot train a classifier, before any features are computed."""
+    if len(ds.labels) < 2:
+        raise DatasetError(f"{ds.root}: one device ({ds.labels[0] if ds.labels else 'none'}); "
+                           "a device classifier needs recordings of at least two devices", reason="dataset_one_device")
+    missing = [d for d, c in ds.counts().items() if c["train"] == 0]
+    if missing:
+        raise DatasetError(f"{ds.root}: device(s) {', '.join(missing[:5])} have no training recordings in this split "
+                           "(add recordings or change the split)", reason="dataset_split")
+
+
+UNUSABLE_FILE = "unusable.json"
+
+
+def split_features(ds: Dataset, split: str, cache: FeatureCache, hop_seconds: float,
+                   labels: Sequence[str], *, on_unusable: str = "fail",
+                   unusable: list[dict[str, str]] | None = None,
+                   on_recording: Callable[[str], None] | None = None) -> tuple[list[np.ndarray], list[Item]]:
+    """Raw (unnormalised) window features of every recording of ``split`` (``on_recording(path)``
+    after each: progress). Every file is read before any training starts. With ``on_unusable="fail"`` the files that cannot be used are named in ONE
+    DatasetError; with ``"skip"`` they are left out and appended to ``unusable`` (path, device,
+    split, reason, detail)."""
+    from devrecd.audio import AudioError
+
+    items = ds.subset(split)
+    unknown = sorted({it.device for it in items} - set(labels))
+    if unknown:
+        raise DatasetError(f"device(s) {', '.join(unknown[:5])} of the {split} split are not among the model's "
+                           f"{len(labels)} labels", reason="dataset_labels")
+    feats, kept, bad = [], [], []
+    for it in items:
+        try:
+            feats.append(cache.features(it.path, hop_seconds)[0])
+            kept.append(it)
+        except AudioError as exc:
+            bad.append(f"{it.path.name} ({exc.reason}: {exc.detail})")
+            if unusable is not None:
+                unusable.append({"path": str(it.path), "device": it.device, "split": split, "reason": exc.reason,
+                                 "detail": exc.detail})
+        if on_recording is not None:
+            on_recording(str(it.path))
+    if bad and on_unusable != "skip":
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise DatasetError(f"{len(bad)} {split} recording(s) cannot be used: {'; '.join(bad[:3])}{more} "
+                           "(train.on_unusable = \"skip\" leaves them out)", reason="dataset_unreadable")
+    return feats, kept
+
+
+def check_usable(ds: Dataset, train_items: Sequence[Item], unusable: Sequence[dict[str, str]]) -> None:
+    """After unusable recordings were left out: every device must keep a training recording."""
+    left = {it.device for it in train_items}
+    empty = [d for d in ds.labels if d not in left]
+    if empty:
+        why = "; ".join(f"{Path(u['path']).name} ({u['reason']}: {u['detail']})" for u in unusable
+                        if u["device"] in empty and u["split"] == "train")
+        raise DatasetError(f"device(s) {', '.join(empty)} have no usable training recording left: {why}",
+                           reason="dataset_unusable")
+
+
+def to_split_data(feats: Sequence[np.ndarray], items: Sequence[Item], labels: Sequence[str],
+                  mean: np.ndarray, std: np.ndarray) -> SplitData:
+    """Normalised tensors of per-recording features."""
+    import torch
+
+    index = {d: i for i, d in enumerate(labels)}
+    if not feats:
+        return SplitData(torch.zeros(0, 128, len(mean)), torch.zeros(0, dtype=torch.long), np.zeros(0, np.int64), [])
+    x = np.concatenate([(f - mean) / std for f in feats]).astype(np.float32, copy=False)
+    y = np.concatenate([np.full(len(f), index[it.device]) for f, it in zip(feats, items)])
+    rec = np.concatenate([np.full(len(f), i) for i, f in enumerate(feats)]).astype(np.int64)
+    return SplitData(torch.from_numpy(x), torch.as_tensor(y, dtype=torch.long), rec, list(items))
+
+
+def split_listing(ds: Dataset, train: Sequence[Item], val: Sequence[Item], hop_seconds: float) -> dict[str, Any]:
+    """Each split's recordings as a checkpoint lists them: paths relative to the dataset's root."""
+    def rel(it: Item) -> str:
+        try:
+            return it.path.relative_to(ds.root).as_posix()
+        except ValueError:
+            return it.path.as_posix()
+
+    return {"train": [rel(it) for it in train], "val": [rel(it) for it in val],
+            "test": [rel(it) for it in ds.subset("test")], "hop_seconds": hop_seconds}
+
+
+def normalisation_stats(feats: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and std over every frame of every training window (float64 sums: pre-Fbank
+    spans decades). One implementation for the closed-set and the open-set trainers."""
+    x = np.concatenate([np.asarray(f, dtype=np.float64).reshape(-1, f.shape[-1]) for f in feats])
+    return x.mean(axis=0).astype(np.float32), np.maximum(x.std(axis=0), 1e-8).astype(np.float32)
+
+
+class Augmenter:
+    """Fresh training windows each epoch: a random crop offset, a random gain and light noise
+    (``waveform``), and/or a transmission channel (codec or band limit, ``channels``, each recording
+    with probability ``channel_p``), applied to the waveform and passed through the one frontend
+    (so the features stay exact)."""
+
+    def __init__(self, items: Sequence[Item], cfg: Config, hop_seconds: float, *, gain_db: float = 6.0,
+                 noise_dbfs: tuple[float, float] = (-70.0, -50.0), device: str = "cpu", waveform: bool = True,
+                 channels: Sequence[str] = (), channel_p: float = 0.5) -> None:
+        from devrecd.audio import read_evidence
+        from devrecd.audio.channel import get_channel
+
+        self.cfg, self.hop, self.device = cfg, hop_seconds, device
+        self.gain_db, self.noise_dbfs = gain_db, noise_dbfs
+        self.waveform = waveform
+        self.channels = [get_channel(n) for n in channels]
+        self.channel_p = channel_p
+        self.waves = [read_evidence(it.path, cfg.frontend.sample_rate, cfg.audio) for it in items]
+        self._through: dict[tuple[int, str], np.ndarray] = {}  # a codec round trip is deterministic: once each
+
+    def _channel_samples(self, i: int, rng: np.random.Generator) -> np.ndarray:
+        rec = self.waves[i]
+        if not self.channels or rng.random() >= self.channel_p:
+            return rec.samples
+        ch = self.channels[int(rng.integers(len(self.channels)))]
+        key = (i, ch.name)
+        if key not in self._through:
+            from devrecd.audio.transmit import apply_channel
+
+            self._through[key] = apply_channel(ch, rec.samples, rec.sample_rate)
+        return self._through[key]
+
+    def epoch_features(self, seed: int, epoch: int) -> list[np.ndarray]:
+        """Per-recording (n, 128, 73) raw features for ``epoch`` (same seed and epoch, same features)."""
+        from devrecd.features import extract
+        from devrecd.pipeline.stages import clips_for, frontend_for, hop_samples
+
+        rng = np.random.default_rng([seed, epoch, 0xA06])
+        hop = hop_samples(self.hop, self.cfg.frontend.sample_rate)
+        out = []
+        for i, rec in enumerate(self.waves):
+            samples = self._channel_samples(i, rng)
+            if not self.waveform:
+                out.append(extract(np.array(clips_for(replace(rec, samples=samples), self.cfg.frontend, self.hop),
+                                            dtype=np.float32), frontend_for(self.cfg.frontend), device=self.device))
+                continue
+            room = len(samples) - self.cfg.frontend.clip_samples + 1
+            offset = int(rng.integers(0, max(1, min(hop, room))))
+            clips = np.array(clips_for(replace(rec, samples=samples[offset:]), self.cfg.frontend, self.hop),
+                             dtype=np.float32)
+            gains = 10.0 ** (rng.uniform(-self.gain_db, self.gain_db, (len(clips), 1)) / 20.0)
+            noise = 10.0 ** (rng.uniform(*self.noise_dbfs, (len(clips), 1)) / 20.0)
+            clips = clips * gains + noise * rng.standard_normal(clips.shape)
+            out.append(extract(np.clip(clips, -1.0, 1.0).astype(np.float32), frontend_for(self.cfg.frontend),
+                               device=self.device))
+        return out
