@@ -18,7 +18,8 @@ A bad file becomes a ``failed`` record with its reason and never stops the other
 Storage: when the journal or the verdict log cannot be written (a full disk, a read-only file
 system), no file fails and no thread ends: the thread that needs the write (the watcher's submit,
 a worker marking a file hashed, the writer committing a record) waits and retries with exponential
-backoff (:data:`STORAGE_RETRY_MAX_S` at most) until the write succeeds or the pipeline stops.
+backoff (:data:`STORAGE_RETRY_MAX_S` at most; :class:`StorageRetry`, through which the daemon also
+opens its state folder) until the write succeeds or the pipeline stops.
 Meanwhile :attr:`Pipeline.storage_error` says why (``/readyz`` is 503, ``devrecd_storage_writable``
 0); once space returns everything resumes by itself, each file with exactly one record.
 
@@ -83,6 +84,49 @@ class Liveness:
         return time.monotonic() - self._t
 
 
+class StorageRetry:
+    """Writes to the journal and verdict log, retried with exponential backoff while they fail (a full
+    disk, a read-only file system; module docstring): :attr:`error` says why meanwhile and
+    ``devrecd_storage_writable`` is 0. Shared by the daemon (opening its state folder) and the
+    pipeline's threads; ``stop`` ends the waiting (:class:`Stopped`)."""
+
+    def __init__(self, metrics: Metrics, liveness: Liveness, stop: threading.Event) -> None:
+        self.metrics, self.liveness, self.stop = metrics, liveness, stop
+        self.error: str | None = None  # why the journal/verdict log cannot be written now
+        self.retry_max_s = STORAGE_RETRY_MAX_S
+
+    def __call__(self, write: Callable[[], Any], before_retry: Callable[[], Any] | None = None) -> Any:
+        """``write()``, retried with backoff while it raises :class:`JournalError`; ``before_retry()``
+        returns a result that makes the retry unnecessary (or None). Raises :class:`Stopped` when
+        ``stop`` is set meanwhile."""
+        delay, failed = STORAGE_RETRY_MIN_S, False
+        while True:
+            try:
+                done = before_retry() if failed and before_retry is not None else None
+                result = write() if done is None else done
+            except JournalError as exc:
+                failed = True
+                self._failed(exc)
+                if self.stop.wait(delay):
+                    raise Stopped() from None
+                delay = min(delay * 2, self.retry_max_s)
+                continue
+            if self.error is not None:
+                self.error = None
+                self.metrics.storage_writable.set(1)
+                log.warning("the journal and verdict log can be written again: resuming")
+            return result
+
+    def _failed(self, exc: JournalError) -> None:
+        if self.error is None:
+            log.error("cannot write the journal or verdict log: files wait until it can be written",
+                      extra={"error": str(exc)})
+            self.metrics.errors.labels(reason="journal").inc()
+        self.error = str(exc)
+        self.metrics.storage_writable.set(0)
+        self.liveness.stamp()  # waiting on storage on purpose: alive (not ready)
+
+
 class Pipeline:
     """Judges submitted files once each; see the module docstring."""
 
@@ -134,8 +178,7 @@ class Pipeline:
             self.batcher = Batcher(backend.infer, max_batch=cfg.batcher.max_batch, max_wait_s=cfg.batcher.max_wait_ms / 1000,
                                    queue_size=cfg.watch.queue_size, max_clips=cfg.batcher.max_queued_clips,
                                    on_batch=self._on_batch, on_progress=self._tick)
-        self._storage_error: str | None = None  # why the journal/verdict log cannot be written now
-        self.storage_retry_max_s = STORAGE_RETRY_MAX_S
+        self.storage = StorageRetry(metrics, self.liveness, self._stop)  # journal/verdict-log writes, retried
         self.extra_pending: Callable[[], int] = lambda: 0  # files sources hold that are not yet admitted
         metrics.queue_depth.set_function(lambda: self.in_flight() + self.extra_pending())
         metrics.oldest_pending_age.set_function(self._oldest_age)
@@ -165,8 +208,8 @@ class Pipeline:
             except OSError:
                 size, mtime_ns = -1, 0  # judged as missing/unreadable by the worker, with the reason
         try:
-            entry, _ = self._written(lambda: self.journal.see(path, size, mtime_ns))
-        except _Stopped:
+            entry, _ = self.storage(lambda: self.journal.see(path, size, mtime_ns))
+        except Stopped:
             return None  # not recorded: the watcher's next start finds the file again
         if entry.state not in ("seen", "hashed"):
             return None
@@ -182,8 +225,8 @@ class Pipeline:
     def vanished(self, path: str, size: int, mtime_ns: int) -> None:
         """A file disappeared before it was stable: recorded as failed (missing), like any bad file."""
         try:
-            entry, _ = self._written(lambda: self.journal.see(path, size, mtime_ns))
-        except _Stopped:
+            entry, _ = self.storage(lambda: self.journal.see(path, size, mtime_ns))
+        except Stopped:
             return
         if entry.state in ("seen", "hashed") and self._track(entry.id):
             self._results.put(Failed(Job(entry.id, path), Failure("missing", "the file disappeared before it was complete")))
@@ -191,35 +234,7 @@ class Pipeline:
     @property
     def storage_error(self) -> str | None:
         """Why the journal or verdict log cannot be written now (None while writes succeed)."""
-        return self._storage_error
-
-    def _written(self, write: Callable[[], Any], before_retry: Callable[[], Any] | None = None) -> Any:
-        """``write()``, retried with backoff while the journal or verdict log cannot be written (module
-        docstring); ``before_retry()`` returns a result that makes the retry unnecessary (or None).
-        Raises :class:`_Stopped` when the pipeline stops meanwhile."""
-        delay, failed = STORAGE_RETRY_MIN_S, False
-        while True:
-            try:
-                done = before_retry() if failed and before_retry is not None else None
-                result = write() if done is None else done
-            except JournalError as exc:
-                failed = True
-                if self._storage_error is None:
-                    log.error("cannot write the journal or verdict log: files wait until it can be written",
-                              extra={"error": str(exc)})
-                    self.metrics.errors.labels(reason="journal").inc()
-                self._storage_error = str(exc)
-                self.metrics.storage_writable.set(0)
-                self.liveness.stamp()  # waiting on storage on purpose: alive (not ready)
-                if self._stop.wait(delay):
-                    raise _Stopped() from None
-                delay = min(delay * 2, self.storage_retry_max_s)
-                continue
-            if self._storage_error is not None:
-                self._storage_error = None
-                self.metrics.storage_writable.set(1)
-                log.warning("the journal and verdict log can be written again: resuming")
-            return result
+        return self.storage.error
 
     def in_flight(self) -> int:
         with self._lock:
@@ -340,7 +355,7 @@ class Pipeline:
                 continue
             try:
                 self._prepare(job)
-            except _Stopped:  # not finished: stays unfinished in the journal, resumed at the next start
+            except Stopped:  # not finished: stays unfinished in the journal, resumed at the next start
                 self._release(job)
             except Exception as exc:  # noqa: BLE001 - one file's surprise must not stop the daemon
                 if not isinstance(exc, DevrecdError):
@@ -386,7 +401,7 @@ class Pipeline:
         # Decoded block by block: the recording's samples are never held whole.
         with open_stream(job.path, cfg.frontend.sample_rate, cfg.audio, confine=confine) as stream:
             job.resolved_path = stream.resolved_path
-            self._written(lambda: self.journal.mark_hashed(job.entry_id, stream.sha256 or "", stream.size or 0))
+            self.storage(lambda: self.journal.mark_hashed(job.entry_id, stream.sha256 or "", stream.size or 0))
             job.sha256, job.size = stream.sha256, stream.size
             if stream.sha256:
                 self._hold_content(job, stream.sha256)
@@ -433,7 +448,7 @@ class Pipeline:
             job.open_set = fields
         assert self.batcher is not None
         if not self.batcher.put(Unit(key=job, features=feats), self._stop):
-            raise _Stopped()
+            raise Stopped()
 
     def _put_chunk(self, job: Job, feats: Any, first: int) -> None:
         """Queue one chunk of a file's features for inference (blocking while the batcher is full)."""
@@ -451,7 +466,7 @@ class Pipeline:
         ok = self.batcher.put(Unit(key=job, features=feats, on_done=done), self._stop)
         job.blocked += time.perf_counter() - t0
         if not ok:
-            raise _Stopped()
+            raise Stopped()
 
     def _infer_loop(self) -> None:
         def deliver(unit: Unit) -> None:
@@ -484,7 +499,7 @@ class Pipeline:
                     finished = False
                 else:
                     finished = self._write(msg)
-            except _Stopped:
+            except Stopped:
                 pass  # stopped while the journal could not be written: resumed (or repaired) at the next start
             except JournalError as exc:
                 # The row stays unfinished and is judged again after a restart; keep serving the rest.
@@ -591,7 +606,7 @@ class Pipeline:
             entry = self.journal.get(entry_id)
             return entry.record if entry is not None and entry.state in TERMINAL and entry.logged else None
 
-        return self._written(lambda: self.recorder.commit(entry_id, state, record, **kw), before_retry=repaired)
+        return self.storage(lambda: self.recorder.commit(entry_id, state, record, **kw), before_retry=repaired)
 
     def _count(self, outcome: str, job: Job, record: dict) -> None:
         self.metrics.files.labels(outcome=outcome).inc()
@@ -601,10 +616,13 @@ class Pipeline:
             self.on_record(record)
 
 
-class _Stopped(DevrecdError):
-    """Shutting down while a file waited for the batcher; it stays unfinished in the journal."""
+class Stopped(DevrecdError):
+    """Shutting down while a file waited for the batcher or for storage; it stays unfinished in the journal."""
 
     reason = "stopped"
+
+    def __init__(self, message: str = "stopped while waiting (the file stays unfinished, resumed at the next start)") -> None:
+        super().__init__(message)
 
 
 def one_blas_thread() -> Any:
