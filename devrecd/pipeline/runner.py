@@ -6,7 +6,7 @@
       -> workers (watch.workers): open read-only, hash, decode block by block, features (stages),
                                   dedupe against the journal, open-set verdict (registry.path)
       -> Batcher (bounded) -> inference threads (batcher.streams): backend.infer on batches across files
-                              (closed set alone: each file's features in chunks, as they are computed)
+                              (each file's features in chunks, as they are computed)
       -> messages -> writer thread: verdict record, journal + verdict log (Recorder), metrics
 
 The stages hand the writer typed messages (:class:`Judged`, :class:`Chunk`, :class:`FeaturesDone`,
@@ -26,10 +26,11 @@ Meanwhile :attr:`Pipeline.storage_error` says why (``/readyz`` is 503, ``devrecd
 Chunks: judged by the closed-set model alone, a file's features go to the batcher chunk by chunk as
 the worker computes them, so no file's features are ever held whole; the writer gathers each chunk's
 window probabilities (:class:`Chunk`) and judges the file once the worker has said how many windows
-it has (:class:`FeaturesDone`) and all of them are in. With a registry beside the model the scorer
-needs a recording's features whole (its recording vector), so such a file goes to the batcher in
-one unit. Open set only, a scorer with an accumulator (the GSV scorer: its supervector statistics
-are sums over frames) takes the chunks as they are computed, so no file's features are held whole.
+it has (:class:`FeaturesDone`) and all of them are in. A registry's scorer takes the same chunks
+as they are computed where it has an accumulator (every kind has: GSV supervector statistics are
+sums over frames, an embedder's recording vector a sum of window embeddings, a fusion both), open
+set only or beside the model alike, so no file's features are held whole in any mode; only a
+scorer without an accumulator would take a file's features whole (and its file the batcher in one unit).
 
 Duplicates: a worker asks the journal once per file whether the same content was judged before.
 Two files of the same content in flight at once are both inferred; the writer then asks the journal
@@ -62,7 +63,7 @@ from devrecd.metrics import Metrics
 from devrecd.pipeline.batcher import Batcher, Unit
 from devrecd.pipeline.jobs import Chunk, Duplicate, Failed, FeaturesDone, Job, Judged, Message, Scored, Stop
 from devrecd.pipeline.journal import TERMINAL, Entry, Journal, JournalError, Recorder, VerdictLog
-from devrecd.pipeline.serving import BackendLike, Judge, OpenSetOnly
+from devrecd.pipeline.serving import BackendLike, Judge, OpenSetOnly, RegistryJudging
 from devrecd.pipeline.stages import Failure, failure_of, stream_features
 from devrecd.pipeline.verdict import duplicate_record, failed_record, judged_record, open_set_record, with_comparison
 
@@ -133,18 +134,18 @@ class Pipeline:
     def __init__(self, cfg: Config, backend: BackendLike | OpenSetOnly, *, journal: Journal, verdict_log: VerdictLog | None,
                  metrics: Metrics, device: str = "cpu", rejudge_duplicates: bool | None = None,
                  on_record: Callable[[dict], None] | None = None, liveness: Liveness | None = None,
-                 judge: Judge | None = None, roots: Sequence[str] | None = None) -> None:
+                 judge: RegistryJudging | None = None, roots: Sequence[str] | None = None) -> None:
         self.cfg = cfg
         # Watched folders: symbolic links leading out of them are refused unless
         # watch.follow_external_links (None: files named by the user, followed anywhere).
         self.roots = list(roots) if roots is not None else None
-        self.judge = judge  # open-set verdict against the device registry (registry.path), if configured
-        # Open set only with a scorer that takes features chunk by chunk (the GSV scorer): its accumulator.
-        self.accumulator: Callable[[], Any] | None = None
         if isinstance(backend, OpenSetOnly):  # the registry's verdict alone, on the scorer's own frontend
-            self.judge = backend.judge
-            self.accumulator = backend.registry_judge.accumulator
+            judge = backend.registry_judge
             self.cfg = cfg = replace(cfg, frontend=backend.frontend)
+        # The open-set verdict against the device registry (registry.path), if configured, and its
+        # scorer's accumulator (features taken chunk by chunk), if it has one.
+        self.judge: Judge | None = judge.judge if judge is not None else None
+        self.accumulator: Callable[[], Any] | None = judge.accumulator if judge is not None else None
         self.backend = backend
         self.labels = tuple(backend.labels)
         self.backend_info = backend.describe()
@@ -392,11 +393,11 @@ class Pipeline:
         cfg = self.cfg
         t0 = time.perf_counter()
         confine = None if self.roots is None or cfg.watch.follow_external_links else self.roots
-        # The closed-set model alone: features go to the batcher chunk by chunk as they are computed.
-        # Open set only: to the scorer's accumulator chunk by chunk where it has one (the GSV scorer);
-        # otherwise (a network scorer; beside a closed-set model) a recording's features are held whole.
-        chunked = self.batcher is not None and self.judge is None
-        accumulated = self.accumulator() if self.batcher is None and self.accumulator is not None else None
+        # Features go on chunk by chunk as they are computed, never held whole: to the batcher (a
+        # closed-set model), to the registry scorer's accumulator (a registry), or to both. Only a
+        # scorer without an accumulator takes a recording's features whole.
+        accumulated = self.accumulator() if self.accumulator is not None else None
+        chunked = self.batcher is not None and (self.judge is None or accumulated is not None)
         original: Entry | None = None
         # Decoded block by block: the recording's samples are never held whole.
         with open_stream(job.path, cfg.frontend.sample_rate, cfg.audio, confine=confine) as stream:
@@ -406,34 +407,24 @@ class Pipeline:
             if stream.sha256:
                 self._hold_content(job, stream.sha256)
             sink: Callable[[Any, int], None] | None = None
-            if chunked:
+            if chunked or accumulated is not None:
                 if not self.rejudge and stream.sha256:
                     original = self.journal.judged_with(stream.sha256, exclude=job.entry_id)
-                # A duplicate's chunks are not inferred (it is still decoded: its record describes it).
-                sink = (lambda feats, first: None) if original is not None else (
-                    lambda feats, first: self._put_chunk(job, feats, first))
-            elif accumulated is not None:
-                if not self.rejudge and stream.sha256:
-                    original = self.journal.judged_with(stream.sha256, exclude=job.entry_id)
-                as_is = self.judge_on_device  # features left on the GPU go to the scorer there
-                sink = (lambda feats, first: None) if original is not None else (
-                    lambda feats, first: accumulated.add(feats if as_is or not hasattr(feats, "cpu")
-                                                         else feats.cpu().numpy()))
+                # A duplicate's chunks are neither inferred nor scored (it is still decoded: its record describes it).
+                sink = (lambda feats, first: None) if original is not None else self._sink(job, chunked, accumulated)
             spent: dict[str, float] = {}
             feats, starts = stream_features(stream, cfg, device=self.device, timings=spent,
                                             on_device=self.keep_on_device, sink=sink)
             job.recording = stream.describe()
         job.starts = starts
         job.timings.update(spent)  # features (and on a GPU: h2d, frontend)
-        job.timings["decode"] = time.perf_counter() - t0 - job.timings["features"] - job.blocked
+        job.timings["decode"] = time.perf_counter() - t0 - job.timings["features"] - job.blocked \
+            - job.timings.get("scoring", 0.0)
         if not self.rejudge:
             original = original or self.journal.judged_with(job.recording["sha256"], exclude=job.entry_id)
             if original is not None:  # judged before under another name: no inference needed
                 self._results.put(Duplicate(job, original))
                 return
-        if chunked:  # every chunk is queued: the writer now knows how many windows to wait for
-            self._results.put(FeaturesDone(job, len(starts)))
-            return
         if self.judge is not None:  # the registry's verdict, here in the parallel workers
             t1 = time.perf_counter()
             if accumulated is not None:  # fed chunk by chunk: the features were never held whole
@@ -441,14 +432,32 @@ class Pipeline:
             else:
                 as_is = self.judge_on_device or not hasattr(feats, "cpu")
                 fields = self.judge(feats if as_is else feats.cpu().numpy(), job.recording)
-            job.timings["scoring"] = time.perf_counter() - t1
+            job.timings["scoring"] = job.timings.get("scoring", 0.0) + time.perf_counter() - t1
             if self.batcher is None:  # open set only: that is the verdict
                 self._results.put(Scored(job, fields))
                 return
-            job.open_set = fields
+            job.open_set = fields  # before FeaturesDone: the writer reads it once the last chunk is in
+        if chunked:  # every chunk is queued: the writer now knows how many windows to wait for
+            self._results.put(FeaturesDone(job, len(starts)))
+            return
         assert self.batcher is not None
         if not self.batcher.put(Unit(key=job, features=feats), self._stop):
             raise Stopped()
+
+    def _sink(self, job: Job, chunked: bool, accumulated: Any) -> Callable[[Any, int], None]:
+        """Where each chunk of ``job``'s features goes as it is computed: the batcher (``chunked``),
+        the registry scorer's accumulator (its time counted as ``scoring``), or both."""
+        as_is = self.judge_on_device  # features left on the GPU go to the scorer there
+
+        def feed(feats: Any, first: int) -> None:
+            if accumulated is not None:
+                t0 = time.perf_counter()
+                accumulated.add(feats if as_is or not hasattr(feats, "cpu") else feats.cpu().numpy())
+                job.timings["scoring"] = job.timings.get("scoring", 0.0) + time.perf_counter() - t0
+            if chunked:
+                self._put_chunk(job, feats, first)
+
+        return feed
 
     def _put_chunk(self, job: Job, feats: Any, first: int) -> None:
         """Queue one chunk of a file's features for inference (blocking while the batcher is full)."""

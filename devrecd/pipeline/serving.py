@@ -33,6 +33,13 @@ class BackendLike(Protocol):
     def describe(self) -> dict: ...
 
 
+class RegistryJudging(Protocol):
+    """What the pipeline needs of a registry judge (:class:`~devrecd.openset.workflow.RegistryJudge`)."""
+
+    def judge(self, features: Any, recording: dict | None = None) -> dict: ...
+    def accumulator(self) -> Any: ...
+
+
 class OpenSetOnly:
     """What serves when there is a device registry and no closed-set model: the registry's scorer
     (:class:`~devrecd.openset.workflow.RegistryJudge`) judges each recording's features directly.
@@ -115,8 +122,9 @@ def load_served(cfg: Config, metrics: Metrics | None = None, *, device: str = "c
     return served
 
 
-def registry_judge(cfg: Config, device: str) -> Judge | None:
-    """The open-set judge when ``registry.path`` is configured (closed-set labels otherwise)."""
+def registry_judge(cfg: Config, device: str) -> RegistryJudging | None:
+    """The open-set judge when ``registry.path`` is configured (closed-set labels otherwise): its
+    ``judge(features, recording)`` and its scorer's ``accumulator()`` (features chunk by chunk)."""
     if not cfg.registry.path:
         return None
     from devrecd.openset.workflow import RegistryJudge
@@ -124,4 +132,4 @@ def registry_judge(cfg: Config, device: str) -> Judge | None:
     judge = RegistryJudge(cfg, device=device)
     log.info("open-set verdicts from the device registry",
              extra={"registry": cfg.registry.path, "decision": judge.describe_decision()})
-    return judge.judge  # thread-safe: RegistryJudge matches conditions under its own lock, scores in parallel
+    return judge  # thread-safe: RegistryJudge matches conditions under its own lock, scores in parallel
