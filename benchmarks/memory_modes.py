@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from intake import _env, _outcome, _run_measured, _write_long  # noqa: E402
 
-CCNU = REPO.parent / "shared" / "data" / "ccnu_mobile_sample"
+CCNU = Path(os.environ.get("DEVRECD_SHARED", REPO.parent / "shared")) / "data" / "ccnu_mobile_sample"  # as the tests
 MODES = ("gsv", "embedder", "fusion", "model", "model+gsv", "model+embedder")
 TARGET_MB = 600
 
