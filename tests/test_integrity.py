@@ -1,5 +1,6 @@
-"""Integrity findings at intake: a FLAC whose STREAMINFO MD5 does not match its audio, an Ogg cut
-short and an RF64 whose ds64 chunk claims more frames than it holds are flagged, and still judged."""
+"""Integrity findings at intake: a FLAC whose STREAMINFO MD5 does not match its audio, a FLAC cut short
+or claiming more samples than its frames hold, an Ogg cut short and an RF64 whose ds64 chunk claims
+more frames than it holds are flagged, and still judged."""
 
 from __future__ import annotations
 
@@ -78,6 +79,56 @@ def test_flac_md5_of_zeros_is_not_checked(tmp_path, cfg, signal):
     data[26:42] = bytes(16)
     path.write_bytes(bytes(data))
     assert read_evidence(path, SR).describe()["integrity"]["flags"] == []
+
+
+def _streaminfo_total(data: bytearray, total: int) -> None:
+    """Set the STREAMINFO total-samples field (36 bits from byte 21) of a FLAC in place."""
+    data[21] = (data[21] & 0xF0) | (total >> 32 & 0xF)
+    data[22:26] = (total & 0xFFFFFFFF).to_bytes(4, "big")
+
+
+@pytest.mark.parametrize("subtype", ["PCM_16", "PCM_24"])
+def test_flac_cut_inside_a_frame_is_flagged_truncated_and_the_audio_present_judged(tmp_path, cfg, signal, subtype):
+    """libsndfile stops at a FLAC cut short; the audio before the cut is judged (decoded past that
+    point by FFmpeg: the same samples), flagged ``truncated``; the evidence is unchanged."""
+    clean = tmp_path / "clean.flac"
+    data = _flac(clean, signal, subtype)
+    cut = tmp_path / "cut.flac"
+    cut.write_bytes(bytes(data[: int(len(data) * 0.6)]))
+    before = cut.read_bytes()
+    rec = _judge(cut, cfg)
+    assert rec["integrity"]["flags"] == ["truncated"], rec["integrity"]
+    assert "ends inside a frame" in rec["integrity"]["notes"][0] and "192000 samples" in rec["integrity"]["notes"][0]
+    assert 3.0 < rec["duration"] < 3.7  # 60% of the bytes: about 60% of the 6 s
+    present = read_evidence(cut, SR).samples
+    np.testing.assert_array_equal(present, read_evidence(clean, SR).samples[: len(present)])
+    assert cut.read_bytes() == before
+
+
+def test_flac_whose_streaminfo_claims_more_samples_than_its_frames_is_flagged_and_judged(tmp_path, cfg, signal):
+    """Every frame whole, STREAMINFO declaring twice the samples: ``header_length_mismatch`` (the
+    bytes cannot tell a cut at a frame boundary from a header claiming more), the 6 s judged."""
+    path = tmp_path / "claims.flac"
+    data = _flac(path, signal)
+    _streaminfo_total(data, 2 * len(signal))
+    path.write_bytes(bytes(data))
+    rec = _judge(path, cfg)
+    assert rec["integrity"]["flags"] == ["header_length_mismatch"], rec["integrity"]
+    assert f"declares {2 * len(signal)} samples, its frames hold {len(signal)}" in rec["integrity"]["notes"][0]
+    assert rec["duration"] == pytest.approx(6.0)
+
+
+def test_flac_damaged_within_its_audio_is_still_refused_as_corrupt(tmp_path, cfg, signal):
+    """A frame that does not decode before the file's end is not a cut end: refused, not judged with a gap."""
+    from devrecd.audio.errors import CorruptAudio
+
+    path = tmp_path / "damaged.flac"
+    data = _flac(path, signal)
+    mid = len(data) // 3
+    data[mid:mid + 2000] = bytes(2000)
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptAudio, match="damaged frame within the audio"):
+        _judge(path, cfg)
 
 
 def test_ogg_cut_in_half_is_flagged_truncated_and_still_judged(tmp_path, cfg, signal):

@@ -200,3 +200,61 @@ def test_watch_refuses_a_live_input_without_a_model(registry, tmp_path) -> None:
     with pytest.raises(ConfigError, match="live.enabled needs a closed-set model"):
         Daemon(cfg, [str(tmp_path / "evidence")]).run()
     assert not (tmp_path / "state" / "daemon.json").exists()
+
+
+def test_beside_a_model_the_registry_and_the_batcher_take_a_files_features_chunk_by_chunk(
+        registry, ccnu_dir, exported_model, tmp_path, monkeypatch) -> None:
+    """A registry served beside a closed-set model: the file's features go to the batcher and to the
+    registry scorer's accumulator in chunks as they are computed (never one unit of the whole file),
+    and the verdict is the one of the features held whole (open set) and of the model alone (closed set)."""
+    import numpy as np
+    import soundfile as sf
+
+    from devrecd.openset.workflow import RegistryJudge, recording_features
+    from devrecd.pipeline.batcher import Batcher
+    from devrecd.pipeline.stages import _CLIPS_PER_EXTRACT
+
+    parts = [sf.read(_segment(ccnu_dir, "IPHONEX", s), dtype="float32") for s in (4, 5)]
+    path = tmp_path / "two-segments.wav"
+    sf.write(path, np.concatenate([x for x, _ in parts]), parts[0][1], subtype="PCM_16")
+    units: list[int] = []
+    real_put = Batcher.put
+    monkeypatch.setattr(Batcher, "put", lambda self, unit, stop=None: (units.append(len(unit)), real_put(self, unit, stop))[1])
+    added: list[int] = []
+    judged_with: list[str] = []
+    real_accumulator, real_judge = RegistryJudge.accumulator, RegistryJudge.judge
+
+    def accumulator(self):
+        acc = real_accumulator(self)
+        real_add = acc.add
+        acc.add = lambda feats: (added.append(len(feats)), real_add(feats))[1]
+        return acc
+
+    def judge(self, features, recording=None):
+        judged_with.append(type(features).__name__)
+        return real_judge(self, features, recording)
+
+    monkeypatch.setattr(RegistryJudge, "accumulator", accumulator)
+    monkeypatch.setattr(RegistryJudge, "judge", judge)
+    cfg = _cfg(registry, **{"backend.model": str(exported_model), "backend.threads": 1, "audio.hop_seconds": 0.5})
+    both = identify_files(cfg, [path])[0]
+    assert both["outcome"] == "judged", both
+    windows = len(both["windows_best"])
+    assert windows > 2 * _CLIPS_PER_EXTRACT  # several chunks
+    assert sum(units) == sum(added) == windows
+    # never the whole file in one unit: chunks of the frontend's calls (16 clips and the rest of a block)
+    assert len(units) >= 3 and max(units) < 2 * _CLIPS_PER_EXTRACT, units
+    assert added == units, added
+    assert judged_with == ["SupervectorAccumulator"]
+    # the same verdicts as the features held whole (open set) and as the model alone (closed set)
+    monkeypatch.setattr(RegistryJudge, "judge", real_judge)
+    whole_judge = RegistryJudge(cfg)
+    rec, feats = recording_features(whole_judge.scorer, path, cfg)
+    whole = whole_judge.judge(feats, rec.describe())
+    assert (both["device"], both["candidate"], both["windows_best"]) == (whole["device"], whole["candidate"],
+                                                                       whole["windows_best"])
+    np.testing.assert_allclose([t["score"] for t in both["top_k"]], [t["score"] for t in whole["top_k"]], rtol=1e-9)
+    alone = identify_files(load_config(None, env={}, overrides={"backend.model": str(exported_model),
+                                                                "backend.threads": 1, "audio.hop_seconds": 0.5}), [path])[0]
+    assert both["closed_set"]["device"] == alone["device"]
+    assert [t["device"] for t in both["closed_set"]["top_k"]] == [t["device"] for t in alone["top_k"]]

@@ -74,18 +74,25 @@ def _records(state: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
-def _fill_and_free(tmp_path: Path, monkeypatch, n_before: int, n_during: int, kind: str) -> None:
-    ev, state, flag = tmp_path / "ev", tmp_path / "state", tmp_path / "storage-fault"
-    ev.mkdir()
-    monkeypatch.setenv(FAULT_ENV, f"{kind}:{flag}")
-    cfg = load_config(None, env={}, overrides={"watch.state_dir": str(state), "watch.stable_seconds": 0.0,
-                                               "metrics.port": 0, "watch.workers": 2, "watch.queue_size": 8})
+def _start_daemon(cfg, ev: Path, monkeypatch) -> tuple[Daemon, threading.Thread, list[int]]:
+    """A daemon with the uniform backend (retries at most 0.5 s apart) running in a thread; its exit
+    code lands in the list."""
     monkeypatch.setattr("devrecd.daemon.service.load_served", lambda c, m, device: UniformBackend(c.frontend))
     monkeypatch.setattr("devrecd.pipeline.runner.STORAGE_RETRY_MAX_S", 0.5)
     daemon = Daemon(cfg, [str(ev)])
     out: list[int] = []
     runner = threading.Thread(target=lambda: out.append(daemon.run()), name="test-daemon")
     runner.start()
+    return daemon, runner, out
+
+
+def _fill_and_free(tmp_path: Path, monkeypatch, n_before: int, n_during: int, kind: str) -> None:
+    ev, state, flag = tmp_path / "ev", tmp_path / "state", tmp_path / "storage-fault"
+    ev.mkdir()
+    monkeypatch.setenv(FAULT_ENV, f"{kind}:{flag}")
+    cfg = load_config(None, env={}, overrides={"watch.state_dir": str(state), "watch.stable_seconds": 0.0,
+                                               "metrics.port": 0, "watch.workers": 2, "watch.queue_size": 8})
+    daemon, runner, out = _start_daemon(cfg, ev, monkeypatch)
     try:
         url = _wait(lambda: (state / STATUS_NAME).exists() and json.loads((state / STATUS_NAME).read_text())["url"])
         for i in range(n_before):
@@ -105,22 +112,32 @@ def _fill_and_free(tmp_path: Path, monkeypatch, n_before: int, n_during: int, ki
         assert _get(url + "/healthz")[0] == 200  # alive, waiting on purpose
         stuck = len(_records(state))
         assert stuck < n_before + n_during
-        flag.unlink()  # space returns
-        _wait(lambda: len(_records(state)) >= n_before + n_during)
-        _wait(lambda: _get(url + "/readyz")[0] == 200)
-        assert "devrecd_storage_writable 1.0" in _get(url + "/metrics")[1]
-        time.sleep(1.0)  # nothing more arrives later (no second record)
+        _space_returns(url, state, flag.unlink, n_before + n_during)
     finally:
         daemon.request_stop()
         runner.join(timeout=60)
     assert out == [0]
+    _assert_exactly_once(state, n_before + n_during)
+
+
+def _space_returns(url: str, state: Path, free, n: int) -> None:
+    """``free()`` gives the space back: ``n`` records come, the daemon is ready and writable again."""
+    free()
+    _wait(lambda: len(_records(state)) >= n)
+    _wait(lambda: _get(url + "/readyz")[0] == 200)
+    assert "devrecd_storage_writable 1.0" in _get(url + "/metrics")[1]
+    time.sleep(1.0)  # nothing more arrives later (no second record)
+
+
+def _assert_exactly_once(state: Path, n: int) -> None:
+    """``n`` files, each with one judged record in the verdict log and one judged row in the journal."""
     records = _records(state)
     paths = [r["path"] for r in records]
-    assert len(paths) == len(set(paths)) == n_before + n_during, "every file exactly once"
+    assert len(paths) == len(set(paths)) == n, "every file exactly once"
     assert {r["outcome"] for r in records} == {"judged"}, {r["outcome"] for r in records}
     journal = Journal.open_readonly(state / "journal.sqlite")
     try:
-        assert journal.counts() == {"judged": n_before + n_during}
+        assert journal.counts() == {"judged": n}
     finally:
         journal.close()
 
@@ -133,6 +150,86 @@ def test_a_full_or_read_only_state_disk_pauses_the_daemon_and_loses_nothing(tmp_
 @pytest.mark.slow
 def test_two_hundred_files_over_a_full_disk_each_get_exactly_one_record(tmp_path, monkeypatch) -> None:
     _fill_and_free(tmp_path, monkeypatch, n_before=20, n_during=200, kind="full")
+
+
+def _start_on_unwritable_state(tmp_path: Path, monkeypatch, state: Path, space_returns, expect: str) -> None:
+    """A daemon started while its state folder cannot be written: it serves /readyz 503 and
+    ``devrecd_storage_writable 0`` with every thread of its own alive, watches nothing yet, and once
+    ``space_returns()`` it starts by itself and records every file (present before it started or
+    arrived meanwhile) exactly once."""
+    ev = tmp_path / "ev"
+    ev.mkdir()
+    for i in range(3):
+        _recording(ev / f"before-start-{i}.wav", i)
+    cfg = load_config(None, env={}, overrides={"watch.state_dir": str(state), "watch.stable_seconds": 0.0,
+                                               "metrics.port": 0, "watch.workers": 2})
+    daemon, runner, out = _start_daemon(cfg, ev, monkeypatch)
+    try:
+        url = _wait(lambda: daemon.url)
+        status, body = _wait(lambda: (r := _get(url + "/readyz"))[0] == 503 and "state folder" in r[1] and r)
+        assert "cannot write the state folder" in body and expect in body, body
+        assert "devrecd_storage_writable 0.0" in _get(url + "/metrics")[1]
+        for i in range(4):
+            _recording(ev / f"while-full-{i}.wav", 100 + i)
+        time.sleep(1.5)  # several retries while the fault lasts
+        assert runner.is_alive() and out == []
+        assert _get(url + "/healthz")[0] == 200  # alive, waiting on purpose
+        assert _get(url + "/readyz")[0] == 503 and _records(state) == []
+        _space_returns(url, state, space_returns, 7)
+    finally:
+        daemon.request_stop()
+        runner.join(timeout=60)
+    assert out == [0]
+    _assert_exactly_once(state, 7)
+
+
+def test_a_daemon_started_on_a_full_disk_waits_not_ready_and_starts_when_space_returns(tmp_path, monkeypatch) -> None:
+    """The journal cannot be opened at start (simulated full disk): the daemon does not fail, it
+    waits not ready and starts by itself once space returns, losing and duplicating nothing."""
+    flag = tmp_path / "storage-fault"
+    flag.touch()
+    monkeypatch.setenv(FAULT_ENV, f"full:{flag}")
+    _start_on_unwritable_state(tmp_path, monkeypatch, tmp_path / "state", flag.unlink, "disk is full")
+
+
+def test_a_daemon_started_on_a_real_full_tmpfs_starts_when_space_returns(tmp_path, monkeypatch) -> None:
+    """The state folder on a real 5 MB tmpfs filled to the last byte before the daemon starts
+    (skipped where mounting is not permitted)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs is not permitted here")
+    try:
+        filler = mnt / "filler"
+        _fill(filler)
+        _start_on_unwritable_state(tmp_path, monkeypatch, mnt / "state", filler.unlink, "disk is full")
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_daemon_asked_to_stop_while_its_state_cannot_be_written_exits_cleanly(tmp_path, monkeypatch) -> None:
+    flag = tmp_path / "storage-fault"
+    flag.touch()
+    monkeypatch.setenv(FAULT_ENV, f"full:{flag}")
+    (tmp_path / "ev").mkdir()
+    cfg = load_config(None, env={}, overrides={"watch.state_dir": str(tmp_path / "state"), "metrics.port": 0})
+    daemon, runner, out = _start_daemon(cfg, tmp_path / "ev", monkeypatch)
+    url = _wait(lambda: daemon.url)
+    _wait(lambda: _get(url + "/readyz")[0] == 503 and "state folder" in _get(url + "/readyz")[1])
+    daemon.request_stop()
+    runner.join(timeout=30)
+    assert not runner.is_alive() and out == [0]
+
+
+def _fill(path: Path) -> None:
+    """Write zeros to ``path`` until its file system is full."""
+    with open(path, "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+        except OSError:
+            pass
 
 
 def test_a_failed_write_changes_nothing_and_raises_the_journals_error(tmp_path, monkeypatch) -> None:
@@ -170,13 +267,7 @@ def test_a_real_full_tmpfs_fails_writes_cleanly_and_recovers(tmp_path) -> None:
         rec = Recorder(j, log)
         e, _ = j.see("/ev/first.wav", 1, 1)
         filler = mnt / "filler"
-        with open(filler, "wb") as fh:
-            try:
-                while True:
-                    fh.write(b"\0" * 65536)
-                    fh.flush()
-            except OSError:
-                pass
+        _fill(filler)
         errors = []
         for i in range(50):  # enough rows to need a page the disk no longer has
             try:

@@ -23,9 +23,12 @@ Rules (each one a decision a forensic examiner can read back from the verdict):
   ``md5_mismatch`` (a FLAC whose decoded samples do not match the MD5 its STREAMINFO stores; the MD5
   is computed block by block as the samples are decoded, skipped when the stored MD5 is all zeros),
   ``truncated`` (an Ogg stream whose last page is cut short or lacks the end-of-stream flag, seen in
-  the file's tail kept by the hashing pass) and ``header_length_mismatch`` (an RF64 ``ds64`` chunk
-  that claims more frames than the data chunk holds). A WAV whose data chunk is cut short is still
-  refused (``corrupt``): libsndfile would read what is there without a word.
+  the file's tail kept by the hashing pass; a FLAC that ends inside a frame) and
+  ``header_length_mismatch`` (an RF64 ``ds64`` chunk that claims more frames than the data chunk
+  holds; a FLAC whose STREAMINFO declares more samples than its whole frames hold). Where libsndfile
+  stops short of a FLAC's declared length, FFmpeg decodes the rest from the same descriptor
+  (:func:`_flac_rest`). A WAV whose data chunk is cut short is still refused (``corrupt``):
+  libsndfile would read what is there without a word.
 * Channels are mixed to mono by averaging them (``audio.mix = "mean"``) or by taking the first
   (``"first"``). Averaging is the default because a phone's stereo pair shares one ADC clock and
   codec, and averaging keeps both microphones' contribution.
@@ -46,7 +49,7 @@ import struct
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Generator, Iterator, Sequence
 
 import numpy as np
 
@@ -723,6 +726,8 @@ class _SoundfileSource(_Source):
             try:
                 block = self._sf.read(BLOCK_FRAMES, dtype=dtype, always_2d=True)
             except (sf.LibsndfileError, RuntimeError) as exc:
+                if self.container == "FLAC":  # the frames libsndfile cannot reach: _flac_rest
+                    break
                 raise CorruptAudio(self.path, f"{self.container}/{self.codec} decoding failed after "
                                               f"{got / self.rate:.2f} s: {exc}") from None
             if not len(block):
@@ -731,6 +736,10 @@ class _SoundfileSource(_Source):
             if md5 is not None:
                 md5.update(_pcm_le(block, bits))
             yield block if dtype == "float32" else block.astype(np.float32) * scale
+        if got < self.frames and self.container == "FLAC":
+            finding = yield from _flac_rest(self.path, self._fh, got, self.frames)
+            self.integrity += [finding] if finding else []
+            return  # the STREAMINFO MD5 covers the samples it declares, not those present: not compared
         if got < self.frames:
             raise CorruptAudio(self.path, f"truncated: header promises {self.frames} frames, only {got} decode")
         if md5 is not None and md5.digest() != self._md5_want:
@@ -739,6 +748,57 @@ class _SoundfileSource(_Source):
 
     def close(self) -> None:
         self._sf.close()
+
+
+def _flac_rest(path: Path, fh, skip: int, declared: int) -> Generator[np.ndarray, None, tuple[str, str] | None]:
+    """The audio of a FLAC after its first ``skip`` frames, where libsndfile stopped short of the
+    ``declared`` STREAMINFO total (it gives up at a frame cut short, or seeks for the samples the
+    header promises): decoded by FFmpeg (PyAV) from the same read-only descriptor, the first ``skip``
+    frames dropped (FLAC is lossless: both decoders give the same integers). Returns the finding:
+
+    * ``truncated``: the file ends inside a frame (the last packet, up to the file's end, does not
+      decode): it was cut there, and the audio before the cut is judged;
+    * ``header_length_mismatch``: every frame present decodes whole but they hold fewer samples than
+      STREAMINFO declares. The bytes cannot tell a cut at a frame boundary from a header written or
+      changed to claim more, so the finding states only what is seen (as an RF64's ds64 count);
+    * None: FFmpeg decoded every declared sample (libsndfile alone failed).
+
+    A frame that does not decode before the last one (FFmpeg skips it: the next frame's sample number
+    jumps) is damage within the audio, not at its end: refused as corrupt, as libsndfile refuses it."""
+    import av
+
+    fh.seek(0)
+    end, at, rate = os.fstat(fh.fileno()).st_size, 0, 0
+    with av.open(fh, mode="r") as container:
+        stream = container.streams.audio[0]
+        packets = container.demux(stream)
+        while True:
+            try:
+                packet = next(packets)
+                if not packet.size:
+                    continue
+                frames = packet.decode()
+            except StopIteration:
+                break
+            except av.error.FFmpegError as exc:
+                if packet.pos is None or packet.pos < 0 or packet.pos + packet.size < end:
+                    raise CorruptAudio(path, f"FLAC decoding failed after {at / max(1, rate):.2f} s: {exc}") from None
+                return ("truncated", f"FLAC: the file ends inside a frame (at byte {end}): {at} of the {declared} "
+                                     "samples STREAMINFO declares are present and judged; its MD5 is not checked")
+            for frame in frames:
+                rate = frame.sample_rate or rate
+                if frame.pts is not None and frame.time_base and round(frame.pts * frame.time_base * rate) != at:
+                    raise CorruptAudio(path, f"FLAC: a damaged frame within the audio: the samples from {at} on "
+                                             f"({at / rate:.2f} s) do not decode")
+                arr = _planar_float(frame.to_ndarray(), frame.format.is_planar, len(frame.layout.channels))
+                keep, at = arr[max(0, skip - at):], at + len(arr)
+                if len(keep):
+                    yield keep
+    if at >= declared:
+        return None
+    return ("header_length_mismatch", f"FLAC: STREAMINFO declares {declared} samples, its frames hold {at}, each "
+                                      "whole (cut at a frame boundary, or the header claims more): the audio present "
+                                      "is judged; its MD5 is not checked")
 
 
 def _pcm_le(block: np.ndarray, bits: int) -> bytes:

@@ -146,7 +146,8 @@ class Judge:
                 relabel_registry(self.backend, registry_path)
                 self.info = self.backend.describe()
         else:
-            self.judge = registry_judge(cfg, device)
+            judge = registry_judge(cfg, device)
+            self.judge = judge.judge if judge is not None else None
         self.metrics = _metrics()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

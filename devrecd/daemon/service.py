@@ -24,7 +24,7 @@ from devrecd.errors import ConfigError
 from devrecd.fsutil import atomic_write, private_file
 from devrecd.metrics import Metrics
 from devrecd.pipeline.journal import JOURNAL_NAME, VERDICT_LOG_NAME, Journal, Recorder, VerdictLog
-from devrecd.pipeline.runner import Liveness, Pipeline
+from devrecd.pipeline.runner import Liveness, Pipeline, StorageRetry, Stopped
 from devrecd.pipeline.serving import OpenSetOnly, load_served, registry_judge
 from devrecd.pipeline.stages import resolve_device
 
@@ -32,6 +32,7 @@ log = logging.getLogger("devrecd.daemon")
 
 LIVE_LOG_NAME = "live.jsonl"  # per-window verdicts of the live input (live.enabled)
 STATUS_NAME = "daemon.json"  # pid and endpoint URL of the running daemon (for operators and tests)
+STORAGE_WAIT_EXTEND_S = 60.0  # systemd's start timeout extended by this at each retry of an unwritable state folder
 
 
 class Daemon:
@@ -52,6 +53,7 @@ class Daemon:
                                   "the daemon never writes into evidence")
         self._stop = threading.Event()
         self._reload = threading.Event()
+        self.url: str | None = None  # the HTTP endpoints', once they serve (before the daemon is ready)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -78,16 +80,14 @@ class Daemon:
         from devrecd.daemon.watcher import Watcher
 
         cfg = self.cfg
-        journal = Journal(self.state_dir / JOURNAL_NAME)
-        verdict_log = VerdictLog(self.state_dir / VERDICT_LOG_NAME)
-        repaired = Recorder(journal, verdict_log).repair()
-        if repaired:
-            log.warning("appended verdicts a crash kept out of the verdict log", extra={"count": repaired})
         from prometheus_client import disable_created_metrics
 
         disable_created_metrics()  # *_created series only add noise to every counter and histogram
         metrics = Metrics()
         liveness = Liveness()
+        # The state folder is opened (and written at start) through this: on a full disk or a read-only
+        # file system the daemon waits, not ready, retrying with backoff, and starts once it can write.
+        storage = StorageRetry(metrics, liveness, self._stop)
         stall = cfg.watch.stall_seconds
         state: dict[str, Any] = {"ready": False, "pipeline": None}
 
@@ -98,11 +98,12 @@ class Daemon:
             return True, "ok"
 
         def ready() -> tuple[bool, str]:
+            p = state["pipeline"]
+            error = storage.error or (p.storage_error if p is not None else None)
+            if error is not None:
+                return False, f"cannot write the state folder (files wait, retried): {error}"
             if not state["ready"]:
                 return False, "starting: model loading or sources not running"
-            p = state["pipeline"]
-            if p is not None and p.storage_error is not None:
-                return False, f"cannot write the state folder (files wait, retried): {p.storage_error}"
             if state.get("live") is not None:
                 live_ok, why = state["live"].ready()
                 if not live_ok:
@@ -113,8 +114,11 @@ class Daemon:
         if cfg.metrics.enabled:
             server = StatusServer(metrics.registry, cfg.metrics.address, cfg.metrics.port, healthy=healthy, ready=ready)
             server.start()
-        backend = pipeline = watcher = pinger = None
+            self.url = server.url
+        backend = pipeline = watcher = pinger = journal = verdict_log = None
         try:
+            self._install_signals()  # SIGTERM also ends a wait for the state folder
+            journal, verdict_log = storage(self._open_state, before_retry=lambda: self._waiting_for_storage(storage))
             device = resolve_device(cfg.backend.device)
             backend = load_served(cfg, metrics, device=device)
             if cfg.live.enabled and isinstance(backend, OpenSetOnly):
@@ -133,7 +137,7 @@ class Daemon:
                 state["live_log"] = VerdictLog(self.state_dir / LIVE_LOG_NAME)
                 live.start(state["live_log"].append)
                 state["live"] = live
-            retried = journal.retry_setup_failures()  # failures of the setup, not the file: judged again
+            retried = storage(journal.retry_setup_failures)  # failures of the setup, not the file: judged again
             if retried:
                 log.warning("judging again files that failed for a reason of the daemon's setup, not of the file "
                             "(their failures stay as history: devrecd verdicts --history)", extra={"count": len(retried)})
@@ -141,7 +145,6 @@ class Daemon:
             watcher = Watcher(self.dirs, cfg.watch, pipeline.submit, pipeline.vanished, exclude=[self.state_dir])
             pipeline.extra_pending = watcher.pending
             watcher.start()
-            self._install_signals()
             state["ready"] = True
             metrics.ready.set(1)
             interval = watchdog_interval()
@@ -150,7 +153,11 @@ class Daemon:
                 pinger.start()
             status = {"pid": os.getpid(), "url": server.url if server else None, "dirs": self.dirs,
                       "backend": backend.describe(), "started": time.time()}
-            atomic_write(self.state_dir / STATUS_NAME, json.dumps(status, default=str), mode=0o640)
+            try:
+                atomic_write(self.state_dir / STATUS_NAME, json.dumps(status, default=str), mode=0o640)
+            except OSError as exc:  # for operators only: the daemon serves without it
+                log.warning("cannot write the status file", extra={"path": str(self.state_dir / STATUS_NAME),
+                                                                   "error": exc.strerror or str(exc)})
             notify("READY=1\nSTATUS=watching " + ", ".join(self.dirs))
             log.info("ready", extra={"dirs": ",".join(self.dirs), "url": status["url"], "backend": backend.name,
                                      "device": device, "inference_streams": pipeline.streams, "resumed": resumed, "polling": ",".join(watcher.polled) or "none"})
@@ -170,6 +177,9 @@ class Daemon:
                             extra={"in_flight": pipeline.in_flight()})
             log.info("stopped", extra={"drained": drained, **journal.counts()})
             return 0
+        except Stopped:  # asked to stop while the state folder could not be written: nothing was lost
+            log.info("stopped while waiting for the state folder to be writable")
+            return 0
         finally:
             for part in (pinger, state.get("live"), watcher, pipeline):
                 if part is not None:
@@ -178,11 +188,35 @@ class Daemon:
                 backend.close()
             if server is not None:
                 server.stop()
-            verdict_log.close()
-            if state.get("live_log") is not None:
-                state["live_log"].close()
-            journal.close()
+            for part in (verdict_log, state.get("live_log"), journal):
+                if part is not None:
+                    part.close()
             (self.state_dir / STATUS_NAME).unlink(missing_ok=True)
+
+    def _open_state(self) -> tuple[Journal, VerdictLog]:
+        """The journal and the verdict log of the state folder, the records a crash kept out of the log
+        appended; :class:`~devrecd.pipeline.journal.JournalError` (nothing left open) when they cannot
+        be opened or written."""
+        journal = Journal(self.state_dir / JOURNAL_NAME)
+        verdict_log = None
+        try:
+            verdict_log = VerdictLog(self.state_dir / VERDICT_LOG_NAME)
+            repaired = Recorder(journal, verdict_log).repair()
+        except BaseException:
+            for part in (verdict_log, journal):
+                if part is not None:
+                    part.close()
+            raise
+        if repaired:
+            log.warning("appended verdicts a crash kept out of the verdict log", extra={"count": repaired})
+        return journal, verdict_log
+
+    @staticmethod
+    def _waiting_for_storage(storage: StorageRetry) -> None:
+        """Before each retry of the start: systemd's start timeout is extended while the daemon waits
+        on purpose (Type=notify), and its status says why."""
+        notify(f"EXTEND_TIMEOUT_USEC={int(STORAGE_WAIT_EXTEND_S * 1e6)}\n"
+               f"STATUS=waiting for the state folder to be writable: {storage.error}")
 
     def _install_signals(self) -> None:
         if threading.current_thread() is not threading.main_thread():

@@ -25,8 +25,8 @@ Test-only fault injection: with ``DEVRECD_TEST_KILL_AT=after_journal_commit`` in
 process SIGKILLs itself between the journal commit and the verdict-log append, so that tests can show
 the repair on restart. With ``DEVRECD_TEST_STORAGE_FAULT=full:FLAG`` (or ``readonly:FLAG``), every
 write to the journal and the verdict log fails as on a full disk (a read-only file system) while the
-file FLAG exists, so that tests can fill and free "the disk" deterministically. Nothing else reads
-those variables.
+file FLAG exists (opening the journal for writing included), so that tests can fill and free "the
+disk" deterministically. Nothing else reads those variables.
 
 A write that fails (full disk, read-only file system) raises :class:`JournalError` and changes
 nothing: a transaction is rolled back, a verdict line cut short is cut off the log again. The
@@ -165,6 +165,7 @@ class Journal:
                 self._db = _connect_readonly(self.path)
             else:
                 if self.path != ":memory:":
+                    _check_db_fault()  # opening writes (the schema, the WAL): it fails as writes do
                     try:
                         os.close(private_file(self.path, 0o600))  # sqlite gives the WAL and shm files this mode
                     except OSError as exc:

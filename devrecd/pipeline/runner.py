@@ -6,7 +6,7 @@
       -> workers (watch.workers): open read-only, hash, decode block by block, features (stages),
                                   dedupe against the journal, open-set verdict (registry.path)
       -> Batcher (bounded) -> inference threads (batcher.streams): backend.infer on batches across files
-                              (closed set alone: each file's features in chunks, as they are computed)
+                              (each file's features in chunks, as they are computed)
       -> messages -> writer thread: verdict record, journal + verdict log (Recorder), metrics
 
 The stages hand the writer typed messages (:class:`Judged`, :class:`Chunk`, :class:`FeaturesDone`,
@@ -18,17 +18,19 @@ A bad file becomes a ``failed`` record with its reason and never stops the other
 Storage: when the journal or the verdict log cannot be written (a full disk, a read-only file
 system), no file fails and no thread ends: the thread that needs the write (the watcher's submit,
 a worker marking a file hashed, the writer committing a record) waits and retries with exponential
-backoff (:data:`STORAGE_RETRY_MAX_S` at most) until the write succeeds or the pipeline stops.
+backoff (:data:`STORAGE_RETRY_MAX_S` at most; :class:`StorageRetry`, through which the daemon also
+opens its state folder) until the write succeeds or the pipeline stops.
 Meanwhile :attr:`Pipeline.storage_error` says why (``/readyz`` is 503, ``devrecd_storage_writable``
 0); once space returns everything resumes by itself, each file with exactly one record.
 
 Chunks: judged by the closed-set model alone, a file's features go to the batcher chunk by chunk as
 the worker computes them, so no file's features are ever held whole; the writer gathers each chunk's
 window probabilities (:class:`Chunk`) and judges the file once the worker has said how many windows
-it has (:class:`FeaturesDone`) and all of them are in. With a registry beside the model the scorer
-needs a recording's features whole (its recording vector), so such a file goes to the batcher in
-one unit. Open set only, a scorer with an accumulator (the GSV scorer: its supervector statistics
-are sums over frames) takes the chunks as they are computed, so no file's features are held whole.
+it has (:class:`FeaturesDone`) and all of them are in. A registry's scorer takes the same chunks
+as they are computed where it has an accumulator (every kind has: GSV supervector statistics are
+sums over frames, an embedder's recording vector a sum of window embeddings, a fusion both), open
+set only or beside the model alike, so no file's features are held whole in any mode; only a
+scorer without an accumulator would take a file's features whole (and its file the batcher in one unit).
 
 Duplicates: a worker asks the journal once per file whether the same content was judged before.
 Two files of the same content in flight at once are both inferred; the writer then asks the journal
@@ -62,7 +64,7 @@ from devrecd.metrics import Metrics
 from devrecd.pipeline.batcher import Batcher, Unit
 from devrecd.pipeline.jobs import Chunk, Duplicate, Failed, FeaturesDone, Job, Judged, Message, Scored, Stop
 from devrecd.pipeline.journal import TERMINAL, Entry, Journal, JournalError, Recorder, VerdictLog
-from devrecd.pipeline.serving import Judge, OpenSetOnly
+from devrecd.pipeline.serving import Judge, OpenSetOnly, RegistryJudging
 from devrecd.pipeline.stages import Failure, failure_of, stream_features
 from devrecd.pipeline.verdict import duplicate_record, failed_record, judged_record, open_set_record, with_comparison
 
@@ -84,24 +86,67 @@ class Liveness:
         return time.monotonic() - self._t
 
 
+class StorageRetry:
+    """Writes to the journal and verdict log, retried with exponential backoff while they fail (a full
+    disk, a read-only file system; module docstring): :attr:`error` says why meanwhile and
+    ``devrecd_storage_writable`` is 0. Shared by the daemon (opening its state folder) and the
+    pipeline's threads; ``stop`` ends the waiting (:class:`Stopped`)."""
+
+    def __init__(self, metrics: Metrics, liveness: Liveness, stop: threading.Event) -> None:
+        self.metrics, self.liveness, self.stop = metrics, liveness, stop
+        self.error: str | None = None  # why the journal/verdict log cannot be written now
+        self.retry_max_s = STORAGE_RETRY_MAX_S
+
+    def __call__(self, write: Callable[[], Any], before_retry: Callable[[], Any] | None = None) -> Any:
+        """``write()``, retried with backoff while it raises :class:`JournalError`; ``before_retry()``
+        returns a result that makes the retry unnecessary (or None). Raises :class:`Stopped` when
+        ``stop`` is set meanwhile."""
+        delay, failed = STORAGE_RETRY_MIN_S, False
+        while True:
+            try:
+                done = before_retry() if failed and before_retry is not None else None
+                result = write() if done is None else done
+            except JournalError as exc:
+                failed = True
+                self._failed(exc)
+                if self.stop.wait(delay):
+                    raise Stopped() from None
+                delay = min(delay * 2, self.retry_max_s)
+                continue
+            if self.error is not None:
+                self.error = None
+                self.metrics.storage_writable.set(1)
+                log.warning("the journal and verdict log can be written again: resuming")
+            return result
+
+    def _failed(self, exc: JournalError) -> None:
+        if self.error is None:
+            log.error("cannot write the journal or verdict log: files wait until it can be written",
+                      extra={"error": str(exc)})
+            self.metrics.errors.labels(reason="journal").inc()
+        self.error = str(exc)
+        self.metrics.storage_writable.set(0)
+        self.liveness.stamp()  # waiting on storage on purpose: alive (not ready)
+
+
 class Pipeline:
     """Judges submitted files once each; see the module docstring."""
 
     def __init__(self, cfg: Config, backend: Backend | OpenSetOnly, *, journal: Journal, verdict_log: VerdictLog | None,
                  metrics: Metrics, device: str = "cpu", rejudge_duplicates: bool | None = None,
                  on_record: Callable[[dict], None] | None = None, liveness: Liveness | None = None,
-                 judge: Judge | None = None, roots: Sequence[str] | None = None) -> None:
+                 judge: RegistryJudging | None = None, roots: Sequence[str] | None = None) -> None:
         self.cfg = cfg
         # Watched folders: symbolic links leading out of them are refused unless
         # watch.follow_external_links (None: files named by the user, followed anywhere).
         self.roots = list(roots) if roots is not None else None
-        self.judge = judge  # open-set verdict against the device registry (registry.path), if configured
-        # Open set only with a scorer that takes features chunk by chunk (the GSV scorer): its accumulator.
-        self.accumulator: Callable[[], Any] | None = None
         if isinstance(backend, OpenSetOnly):  # the registry's verdict alone, on the scorer's own frontend
-            self.judge = backend.judge
-            self.accumulator = backend.registry_judge.accumulator
+            judge = backend.registry_judge
             self.cfg = cfg = replace(cfg, frontend=backend.frontend)
+        # The open-set verdict against the device registry (registry.path), if configured, and its
+        # scorer's accumulator (features taken chunk by chunk), if it has one.
+        self.judge: Judge | None = judge.judge if judge is not None else None
+        self.accumulator: Callable[[], Any] | None = judge.accumulator if judge is not None else None
         self.backend = backend
         self.labels = tuple(backend.labels)
         self.backend_info = backend.describe()
@@ -135,8 +180,7 @@ class Pipeline:
             self.batcher = Batcher(backend.infer, max_batch=cfg.batcher.max_batch, max_wait_s=cfg.batcher.max_wait_ms / 1000,
                                    queue_size=cfg.watch.queue_size, max_clips=cfg.batcher.max_queued_clips,
                                    on_batch=self._on_batch, on_progress=self._tick)
-        self._storage_error: str | None = None  # why the journal/verdict log cannot be written now
-        self.storage_retry_max_s = STORAGE_RETRY_MAX_S
+        self.storage = StorageRetry(metrics, self.liveness, self._stop)  # journal/verdict-log writes, retried
         self.extra_pending: Callable[[], int] = lambda: 0  # files sources hold that are not yet admitted
         metrics.queue_depth.set_function(lambda: self.in_flight() + self.extra_pending())
         metrics.oldest_pending_age.set_function(self._oldest_age)
@@ -166,8 +210,8 @@ class Pipeline:
             except OSError:
                 size, mtime_ns = -1, 0  # judged as missing/unreadable by the worker, with the reason
         try:
-            entry, _ = self._written(lambda: self.journal.see(path, size, mtime_ns))
-        except _Stopped:
+            entry, _ = self.storage(lambda: self.journal.see(path, size, mtime_ns))
+        except Stopped:
             return None  # not recorded: the watcher's next start finds the file again
         if entry.state not in ("seen", "hashed"):
             return None
@@ -183,8 +227,8 @@ class Pipeline:
     def vanished(self, path: str, size: int, mtime_ns: int) -> None:
         """A file disappeared before it was stable: recorded as failed (missing), like any bad file."""
         try:
-            entry, _ = self._written(lambda: self.journal.see(path, size, mtime_ns))
-        except _Stopped:
+            entry, _ = self.storage(lambda: self.journal.see(path, size, mtime_ns))
+        except Stopped:
             return
         if entry.state in ("seen", "hashed") and self._track(entry.id):
             self._results.put(Failed(Job(entry.id, path), Failure("missing", "the file disappeared before it was complete")))
@@ -192,35 +236,7 @@ class Pipeline:
     @property
     def storage_error(self) -> str | None:
         """Why the journal or verdict log cannot be written now (None while writes succeed)."""
-        return self._storage_error
-
-    def _written(self, write: Callable[[], Any], before_retry: Callable[[], Any] | None = None) -> Any:
-        """``write()``, retried with backoff while the journal or verdict log cannot be written (module
-        docstring); ``before_retry()`` returns a result that makes the retry unnecessary (or None).
-        Raises :class:`_Stopped` when the pipeline stops meanwhile."""
-        delay, failed = STORAGE_RETRY_MIN_S, False
-        while True:
-            try:
-                done = before_retry() if failed and before_retry is not None else None
-                result = write() if done is None else done
-            except JournalError as exc:
-                failed = True
-                if self._storage_error is None:
-                    log.error("cannot write the journal or verdict log: files wait until it can be written",
-                              extra={"error": str(exc)})
-                    self.metrics.errors.labels(reason="journal").inc()
-                self._storage_error = str(exc)
-                self.metrics.storage_writable.set(0)
-                self.liveness.stamp()  # waiting on storage on purpose: alive (not ready)
-                if self._stop.wait(delay):
-                    raise _Stopped() from None
-                delay = min(delay * 2, self.storage_retry_max_s)
-                continue
-            if self._storage_error is not None:
-                self._storage_error = None
-                self.metrics.storage_writable.set(1)
-                log.warning("the journal and verdict log can be written again: resuming")
-            return result
+        return self.storage.error
 
     def in_flight(self) -> int:
         with self._lock:
@@ -341,7 +357,7 @@ class Pipeline:
                 continue
             try:
                 self._prepare(job)
-            except _Stopped:  # not finished: stays unfinished in the journal, resumed at the next start
+            except Stopped:  # not finished: stays unfinished in the journal, resumed at the next start
                 self._release(job)
             except Exception as exc:  # noqa: BLE001 - one file's surprise must not stop the daemon
                 if not isinstance(exc, DevrecdError):
@@ -378,48 +394,38 @@ class Pipeline:
         cfg = self.cfg
         t0 = time.perf_counter()
         confine = None if self.roots is None or cfg.watch.follow_external_links else self.roots
-        # The closed-set model alone: features go to the batcher chunk by chunk as they are computed.
-        # Open set only: to the scorer's accumulator chunk by chunk where it has one (the GSV scorer);
-        # otherwise (a network scorer; beside a closed-set model) a recording's features are held whole.
-        chunked = self.batcher is not None and self.judge is None
-        accumulated = self.accumulator() if self.batcher is None and self.accumulator is not None else None
+        # Features go on chunk by chunk as they are computed, never held whole: to the batcher (a
+        # closed-set model), to the registry scorer's accumulator (a registry), or to both. Only a
+        # scorer without an accumulator takes a recording's features whole.
+        accumulated = self.accumulator() if self.accumulator is not None else None
+        chunked = self.batcher is not None and (self.judge is None or accumulated is not None)
         original: Entry | None = None
         # Decoded block by block: the recording's samples are never held whole.
         with open_stream(job.path, cfg.frontend.sample_rate, cfg.audio, confine=confine) as stream:
             job.resolved_path = stream.resolved_path
-            self._written(lambda: self.journal.mark_hashed(job.entry_id, stream.sha256 or "", stream.size or 0))
+            self.storage(lambda: self.journal.mark_hashed(job.entry_id, stream.sha256 or "", stream.size or 0))
             job.sha256, job.size = stream.sha256, stream.size
             if stream.sha256:
                 self._hold_content(job, stream.sha256)
             sink: Callable[[Any, int], None] | None = None
-            if chunked:
+            if chunked or accumulated is not None:
                 if not self.rejudge and stream.sha256:
                     original = self.journal.judged_with(stream.sha256, exclude=job.entry_id)
-                # A duplicate's chunks are not inferred (it is still decoded: its record describes it).
-                sink = (lambda feats, first: None) if original is not None else (
-                    lambda feats, first: self._put_chunk(job, feats, first))
-            elif accumulated is not None:
-                if not self.rejudge and stream.sha256:
-                    original = self.journal.judged_with(stream.sha256, exclude=job.entry_id)
-                as_is = self.judge_on_device  # features left on the GPU go to the scorer there
-                sink = (lambda feats, first: None) if original is not None else (
-                    lambda feats, first: accumulated.add(feats if as_is or not hasattr(feats, "cpu")
-                                                         else feats.cpu().numpy()))
+                # A duplicate's chunks are neither inferred nor scored (it is still decoded: its record describes it).
+                sink = (lambda feats, first: None) if original is not None else self._sink(job, chunked, accumulated)
             spent: dict[str, float] = {}
             feats, starts = stream_features(stream, cfg, device=self.device, timings=spent,
                                             on_device=self.keep_on_device, sink=sink)
             job.recording = stream.describe()
         job.starts = starts
         job.timings.update(spent)  # features (and on a GPU: h2d, frontend)
-        job.timings["decode"] = time.perf_counter() - t0 - job.timings["features"] - job.blocked
+        job.timings["decode"] = time.perf_counter() - t0 - job.timings["features"] - job.blocked \
+            - job.timings.get("scoring", 0.0)
         if not self.rejudge:
             original = original or self.journal.judged_with(job.recording["sha256"], exclude=job.entry_id)
             if original is not None:  # judged before under another name: no inference needed
                 self._results.put(Duplicate(job, original))
                 return
-        if chunked:  # every chunk is queued: the writer now knows how many windows to wait for
-            self._results.put(FeaturesDone(job, len(starts)))
-            return
         if self.judge is not None:  # the registry's verdict, here in the parallel workers
             t1 = time.perf_counter()
             if accumulated is not None:  # fed chunk by chunk: the features were never held whole
@@ -427,14 +433,32 @@ class Pipeline:
             else:
                 as_is = self.judge_on_device or not hasattr(feats, "cpu")
                 fields = self.judge(feats if as_is else feats.cpu().numpy(), job.recording)
-            job.timings["scoring"] = time.perf_counter() - t1
+            job.timings["scoring"] = job.timings.get("scoring", 0.0) + time.perf_counter() - t1
             if self.batcher is None:  # open set only: that is the verdict
                 self._results.put(Scored(job, fields))
                 return
-            job.open_set = fields
+            job.open_set = fields  # before FeaturesDone: the writer reads it once the last chunk is in
+        if chunked:  # every chunk is queued: the writer now knows how many windows to wait for
+            self._results.put(FeaturesDone(job, len(starts)))
+            return
         assert self.batcher is not None
         if not self.batcher.put(Unit(key=job, features=feats), self._stop):
-            raise _Stopped()
+            raise Stopped()
+
+    def _sink(self, job: Job, chunked: bool, accumulated: Any) -> Callable[[Any, int], None]:
+        """Where each chunk of ``job``'s features goes as it is computed: the batcher (``chunked``),
+        the registry scorer's accumulator (its time counted as ``scoring``), or both."""
+        as_is = self.judge_on_device  # features left on the GPU go to the scorer there
+
+        def feed(feats: Any, first: int) -> None:
+            if accumulated is not None:
+                t0 = time.perf_counter()
+                accumulated.add(feats if as_is or not hasattr(feats, "cpu") else feats.cpu().numpy())
+                job.timings["scoring"] = job.timings.get("scoring", 0.0) + time.perf_counter() - t0
+            if chunked:
+                self._put_chunk(job, feats, first)
+
+        return feed
 
     def _put_chunk(self, job: Job, feats: Any, first: int) -> None:
         """Queue one chunk of a file's features for inference (blocking while the batcher is full)."""
@@ -452,7 +476,7 @@ class Pipeline:
         ok = self.batcher.put(Unit(key=job, features=feats, on_done=done), self._stop)
         job.blocked += time.perf_counter() - t0
         if not ok:
-            raise _Stopped()
+            raise Stopped()
 
     def _infer_loop(self) -> None:
         def deliver(unit: Unit) -> None:
@@ -485,7 +509,7 @@ class Pipeline:
                     finished = False
                 else:
                     finished = self._write(msg)
-            except _Stopped:
+            except Stopped:
                 pass  # stopped while the journal could not be written: resumed (or repaired) at the next start
             except JournalError as exc:
                 # The row stays unfinished and is judged again after a restart; keep serving the rest.
@@ -592,7 +616,7 @@ class Pipeline:
             entry = self.journal.get(entry_id)
             return entry.record if entry is not None and entry.state in TERMINAL and entry.logged else None
 
-        return self._written(lambda: self.recorder.commit(entry_id, state, record, **kw), before_retry=repaired)
+        return self.storage(lambda: self.recorder.commit(entry_id, state, record, **kw), before_retry=repaired)
 
     def _count(self, outcome: str, job: Job, record: dict) -> None:
         self.metrics.files.labels(outcome=outcome).inc()
@@ -602,10 +626,13 @@ class Pipeline:
             self.on_record(record)
 
 
-class _Stopped(DevrecdError):
-    """Shutting down while a file waited for the batcher; it stays unfinished in the journal."""
+class Stopped(DevrecdError):
+    """Shutting down while a file waited for the batcher or for storage; it stays unfinished in the journal."""
 
     reason = "stopped"
+
+    def __init__(self, message: str = "stopped while waiting (the file stays unfinished, resumed at the next start)") -> None:
+        super().__init__(message)
 
 
 def one_blas_thread() -> Any:

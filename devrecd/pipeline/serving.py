@@ -8,7 +8,7 @@ open-set verdict beside a closed-set one; :class:`OpenSetOnly` serves the regist
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -21,6 +21,13 @@ from devrecd.metrics import Metrics
 log = logging.getLogger("devrecd.pipeline")
 
 Judge = Callable[[np.ndarray, dict], dict]  # (one recording's raw features, its description) -> verdict fields
+
+
+class RegistryJudging(Protocol):
+    """What the pipeline needs of a registry judge (:class:`~devrecd.openset.workflow.RegistryJudge`)."""
+
+    def judge(self, features: Any, recording: dict | None = None) -> dict: ...
+    def accumulator(self) -> Any: ...
 
 
 class OpenSetOnly:
@@ -105,8 +112,9 @@ def load_served(cfg: Config, metrics: Metrics | None = None, *, device: str = "c
     return served
 
 
-def registry_judge(cfg: Config, device: str) -> Judge | None:
-    """The open-set judge when ``registry.path`` is configured (closed-set labels otherwise)."""
+def registry_judge(cfg: Config, device: str) -> RegistryJudging | None:
+    """The open-set judge when ``registry.path`` is configured (closed-set labels otherwise): its
+    ``judge(features, recording)`` and its scorer's ``accumulator()`` (features chunk by chunk)."""
     if not cfg.registry.path:
         return None
     from devrecd.openset.workflow import RegistryJudge
@@ -114,4 +122,4 @@ def registry_judge(cfg: Config, device: str) -> Judge | None:
     judge = RegistryJudge(cfg, device=device)
     log.info("open-set verdicts from the device registry",
              extra={"registry": cfg.registry.path, "decision": judge.describe_decision()})
-    return judge.judge  # thread-safe: RegistryJudge matches conditions under its own lock, scores in parallel
+    return judge  # thread-safe: RegistryJudge matches conditions under its own lock, scores in parallel
