@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Sequence
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -114,3 +115,21 @@ def free_port() -> int:
 def metric_sample(text: str, name: str) -> float:
     """The value of the first sample called ``name`` in a Prometheus text exposition."""
     return next(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+
+
+def shipped_registry(ccnu_dir: Path, tmp_path: Path, phones: Sequence[str]):
+    """A case registry of the shipped GSV scorer with ``phones`` enrolled from CCNU segments 1-2;
+    returns the configuration that serves it."""
+    from devrecd.config import Config
+    from devrecd.openset.registry import open_registry
+    from devrecd.openset.scorers import default_gsv_path, load_gsv
+    from devrecd.openset.workflow import enrol_files
+
+    reg_path = tmp_path / "case" / "registry.json"
+    cfg = Config().with_overrides({"registry.path": str(reg_path)})
+    scorer, _ = load_gsv(default_gsv_path())
+    reg = open_registry(reg_path, create=True)
+    for p in phones:
+        enrol_files(reg, scorer, p, [ccnu_dir / f"{p}_{s}.wav" for s in (1, 2)], cfg)
+    reg.save()
+    return cfg

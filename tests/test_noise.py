@@ -144,19 +144,9 @@ def test_condition_records_noise(ccnu_dir, tmp_path):
 
 
 def _registry(ccnu_dir: Path, tmp_path: Path):
-    from devrecd.config import Config
-    from devrecd.openset.registry import open_registry
-    from devrecd.openset.scorers import default_gsv_path, load_gsv
-    from devrecd.openset.workflow import enrol_files
+    from tests.helpers import shipped_registry
 
-    reg_path = tmp_path / "case" / "registry.json"
-    cfg = Config().with_overrides({"registry.path": str(reg_path)})
-    scorer, _ = load_gsv(default_gsv_path())
-    reg = open_registry(reg_path, create=True)
-    for p in PHONES:
-        enrol_files(reg, scorer, p, [ccnu_dir / f"{p}_{s}.wav" for s in (1, 2)], cfg)
-    reg.save()
-    return cfg
+    return shipped_registry(ccnu_dir, tmp_path, PHONES)
 
 
 def test_verdicts_on_noisy_evidence_are_noise_matched_and_named(ccnu_dir, tmp_path):

@@ -122,18 +122,10 @@ def test_train_gsv_fits_noise_matched_calibrations_with_their_snr_range(dev):
 
 
 def _judge(ccnu_dir: Path, tmp_path: Path, enrolled: list[str]):
-    from devrecd.config import Config
-    from devrecd.openset.registry import open_registry
-    from devrecd.openset.scorers import default_gsv_path, load_gsv
-    from devrecd.openset.workflow import RegistryJudge, enrol_files
+    from tests.helpers import shipped_registry
+    from devrecd.openset.workflow import RegistryJudge
 
-    reg_path = tmp_path / "case" / "registry.json"
-    cfg = Config().with_overrides({"registry.path": str(reg_path)})
-    scorer, _ = load_gsv(default_gsv_path())
-    reg = open_registry(reg_path, create=True)
-    for p in enrolled:
-        enrol_files(reg, scorer, p, [ccnu_dir / f"{p}_{s}.wav" for s in (1, 2)], cfg)
-    reg.save()
+    cfg = shipped_registry(ccnu_dir, tmp_path, enrolled)
     return RegistryJudge(cfg), cfg
 
 
