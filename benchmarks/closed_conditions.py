@@ -17,6 +17,7 @@ this machine) plus a few seconds per condition.
 
 Run:  nice python benchmarks/closed_conditions.py --baseline ../wt-base --new . --work /tmp/ccond
       [--conditions wav,level-20dB,white20dB,first3s] [--epochs 30] [--json out.json]
+      [--new-env DEVRECD_TRAIN__NOISE_AUGMENT_P=0.5]   (a setting for the new side only)
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ RECIPE = ("--epochs", "{epochs}", "--batch-size", "32", "--lr", "1e-3", "--hop-s
 TRAIN_SEGMENTS = ("1", "2", "3")
 
 
-def side(label: str, checkout: Path, work: Path, conditions: list[str], epochs: int) -> dict:
+def side(label: str, checkout: Path, work: Path, conditions: list[str], epochs: int, extra_env: dict[str, str]) -> dict:
     """Train and evaluate one checkout; returns {condition: figures}."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEVRECD_")}
+    env.update(extra_env)
     # audio.silence_dbfs -100 (as benchmarks/noise.py): at the default -70 dBFS two recordings at -30 dB
     # are refused as silent and evaluate stops; the level conditions measure the network, not that gate.
     env.update(PYTHONPATH=str(checkout), DEVRECD_FRONTEND__CLIP_SECONDS="4", DEVRECD_TRAIN__THREADS="1",
@@ -80,8 +82,11 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/devrecd-closed-conditions"))
     ap.add_argument("--conditions", default="wav,level-20dB,white20dB,first3s")
     ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--new-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="a setting for the new checkout only, e.g. DEVRECD_TRAIN__NOISE_AUGMENT_P=0.5")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    new_env = dict(kv.split("=", 1) for kv in args.new_env)
     if not args.ccnu.is_dir():
         raise SystemExit(f"{args.ccnu}: the CCNU sample is needed")
     work = args.work.resolve()
@@ -97,17 +102,20 @@ def main() -> int:
 
     sides = {"baseline": args.baseline.resolve(), "new": args.new.resolve()}
     with ThreadPoolExecutor(2) as pool:
-        futures = {label: pool.submit(side, label, path, work, conditions, args.epochs) for label, path in sides.items()}
+        futures = {label: pool.submit(side, label, path, work, conditions, args.epochs, new_env if label == "new" else {})
+                   for label, path in sides.items()}
         results = {label: f.result() for label, f in futures.items()}
     heads = {label: cond_bench.git_head(path) for label, path in sides.items()}
-    print(f"\nclosed set, paper network ({args.epochs} epochs, 4 s windows), CCNU segments 4-5 of 15 phones")
+    print(f"\nclosed set, paper network ({args.epochs} epochs, 4 s windows), CCNU segments 4-5 of 15 phones"
+          + (f"; new with {' '.join(args.new_env)}" if args.new_env else ""))
     print(f"{'condition':<24}" + "".join(f"{label + ' ' + heads[label]:>40}" for label in sides))
     for cond in conditions:
         cells = [f"{r['recordings_right']}/{r['recordings']} rec, {r['windows_right']}/{r['windows']} win"
                  for r in (results[label][cond] for label in sides)]
         print(f"{cond:<24}" + "".join(f"{c:>40}" for c in cells))
     if args.json:
-        args.json.write_text(json.dumps({"heads": heads, "epochs": args.epochs, "results": results}, indent=1))
+        args.json.write_text(json.dumps({"heads": heads, "epochs": args.epochs, "new_env": new_env, "results": results},
+                                        indent=1))
     return 0
 
 

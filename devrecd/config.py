@@ -259,6 +259,8 @@ class TrainConfig(_Section):
     augment: bool = False  # random crop offset, gain and light noise on the waveform, each epoch
     channel_augment: tuple[str, ...] = ()  # codec / band-limit channels to train through, e.g. ("aac64", "amrnb", "tel")
     channel_augment_p: Fraction = 0.5  # per recording and epoch: probability of passing through one of them
+    noise_augment_p: Fraction = 0.0  # per recording and epoch: probability of white noise added (0 = off)
+    noise_augment_snr_db: tuple[float, float] = (5.0, 35.0)  # ... at an SNR drawn uniformly in this range (dB)
     # "softmax": cross-entropy on model(x) | "aam": additive angular margin (embedders such as asp)
     loss: Literal["softmax", "aam"] = "softmax"
     finetune_epochs: Count = 300  # `devrecd finetune`: the paper's Table IX
@@ -275,6 +277,9 @@ class TrainConfig(_Section):
 
     def relations(self) -> list[str]:
         problems = _check_split("train", self.split)
+        lo, hi = self.noise_augment_snr_db
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            problems.append(f"train.noise_augment_snr_db: {[lo, hi]} is not a range [low, high] of finite SNRs in dB")
         if self.channel_augment:
             problems += _check_channels("train.channel_augment", self.channel_augment, "channel")
         return problems

@@ -142,6 +142,8 @@ class _Run:
                 if k not in NOT_IN_RUN_KEY and not k.startswith(("finetune_", "embedder_"))}
         if self.opts.lr_gamma == 1.0:
             keep.pop("lr_step_epochs")  # a constant rate has no steps
+        if not self.opts.noise_augment_p:  # off: the key of a run made before the option existed
+            keep.pop("noise_augment_p"), keep.pop("noise_augment_snr_db")
         keep.update(hparams=self.hparams, trainable=self.trainable)
         key = {"options": keep, "dataset_sha256": self.ds.manifest_sha256, "labels": self.labels, "init": self.init_sha}
         return json.loads(json.dumps(key))  # plain lists and dicts, as they come back from last.pt
@@ -280,8 +282,9 @@ def _load_data(run: _Run) -> _Data:
     if len(train_data) < 2:
         raise DatasetError(f"{ds.root}: only {len(train_data)} training window(s)", reason="dataset_too_small")
     augmenter = (Augmenter(feats["train"][1], run.cfg, opts.hop_seconds, device=run.device, waveform=opts.augment,
-                           channels=opts.channel_augment, channel_p=opts.channel_augment_p)
-                 if opts.augment or opts.channel_augment else None)
+                           channels=opts.channel_augment, channel_p=opts.channel_augment_p,
+                           noise_p=opts.noise_augment_p, noise_snr_db=opts.noise_augment_snr_db)
+                 if opts.augment or opts.channel_augment or opts.noise_augment_p > 0 else None)
     return _Data(train_data, val_data, mean, std, unusable, augmenter)
 
 
