@@ -173,11 +173,11 @@ def test_a_noisy_verdict_is_judged_under_its_snr_class_and_never_names_an_unknow
     assert v["device"] == INCONCLUSIVE and v["log10_lr"] is None
 
 
-def test_a_case_calibration_covers_recordings_in_its_snr_range_and_a_noisier_one_falls_to_its_snr_class():
-    """The calibration a noise-matched comparison is judged under: the case calibration of its
-    condition where the recording lies in the SNR range it was fitted on; else the development
-    noise-matched calibration of its SNR class; else (a scorer without those) the first there is,
-    which the SNR check then withholds."""
+def test_a_noise_matched_comparison_takes_a_noise_matched_calibration_first():
+    """The calibration a noise-matched comparison is judged under: the noise-matched one of its SNR
+    class (a case calibration is fitted on comparisons with the references as enrolled); without
+    one, the condition's own (case first) where the recording lies in its SNR range; else the first
+    there is, which the SNR check then withholds."""
     from devrecd.openset.calibration import Calibration
     from devrecd.openset.scoring import CASE, DEVELOPMENT, pick_calibration
 
@@ -188,12 +188,15 @@ def test_a_case_calibration_covers_recordings_in_its_snr_range_and_a_noisier_one
     case = {"clean": cal(22.7, 41.7)}
     dev = {"clean": cal(22.7, 41.7), "clean/snr20": cal(15.0, 25.0), "clean/snr30": cal(25.0, 33.5)}
     layers = [(case, CASE), (dev, DEVELOPMENT)]
-    for snr, want in ((28.0, (case["clean"], CASE, "clean")), (19.8, (dev["clean/snr20"], DEVELOPMENT, "clean/snr20"))):
+    for snr, want in ((28.0, (dev["clean/snr30"], DEVELOPMENT, "clean/snr30")),
+                      (19.8, (dev["clean/snr20"], DEVELOPMENT, "clean/snr20"))):
         got = pick_calibration(layers, calibration_keys("clean", 10.0, snr), {"snr_db": snr})
         assert got[0] is want[0] and got[1:] == want[1:], (snr, got[1:])
-    # No case calibration: the noise-matched one of its class first.
-    assert pick_calibration([({}, CASE), (dev, DEVELOPMENT)], calibration_keys("clean", 10.0, 28.0),
-                            {"snr_db": 28.0})[2] == "clean/snr30"
+    # Not noise-matched: the case calibration. A scorer without noise-matched ones: the case one, in range.
+    assert pick_calibration(layers, calibration_keys("clean", 10.0), {"snr_db": 28.0})[:2] == (case["clean"], CASE)
+    old_dev = {"clean": dev["clean"]}
+    assert pick_calibration([(case, CASE), (old_dev, DEVELOPMENT)], calibration_keys("clean", 10.0, 28.0),
+                            {"snr_db": 28.0})[:2] == (case["clean"], CASE)
     # None covers it: the first there is (the verdict's SNR check withholds its LR).
     assert pick_calibration([(case, CASE)], calibration_keys("clean", 10.0, 12.0), {"snr_db": 12.0})[2] == "clean"
     assert pick_calibration([({}, CASE)], ["clean/snr10", "clean"], None) == (None, "", "clean")

@@ -314,6 +314,9 @@ def test_compare_on_a_gsv_registry_before_and_after_calibrate(ccnu_dir: Path, tm
     recs = [json.loads(x) for x in after.stdout.splitlines()]
     assert [r["score"] for r in recs] == pytest.approx(scores, abs=1e-6)
     for r in recs:
+        if r["comparison"].get("noise_matched"):  # references brought to its noise: the development noise class
+            assert r["calibration"]["basis"].startswith("development") and "/snr" in r["calibration"]["conditions"]["condition"]
+            continue
         assert r["calibration"]["sha256"] == cal.sha256 and r["lr_withheld"] is None
         assert cal.lower <= r["log10_lr"] <= cal.upper and r["verbal"]
     assert recs[own]["log10_lr"] > 0 and np.mean([r["log10_lr"] < 0 for i, r in enumerate(recs) if i != own]) >= 0.8

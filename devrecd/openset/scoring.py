@@ -87,18 +87,20 @@ Layers = Sequence[tuple[dict[str, Calibration], str]]
 
 def pick_calibration(layers: Layers, keys: Sequence[str], condition: dict[str, Any] | None
                      ) -> tuple[Calibration | None, str, str]:
-    """``(calibration, source, key)`` for a comparison: layers in order (the registry's own, then
-    its scorer's development ones), each tried with ``keys`` in order (:func:`calibration_keys`),
-    the first whose SNR range covers the recording's measured SNR
-    (:func:`~devrecd.openset.conditions.snr_outside`); else the first there is (the caller's SNR
-    check then withholds its LR); ``(None, "", keys[-1])`` when there is none. So a case
-    calibration covers the recordings like those it was fitted on, and a noisier one falls to the
-    noise-matched development calibration of its SNR class."""
+    """``(calibration, source, key)`` for a comparison: ``keys`` in order (:func:`calibration_keys`:
+    the noise-matched condition of its SNR class first), each looked up in the layers in order (the
+    registry's own, then its scorer's development ones), the first whose SNR range covers the
+    recording's measured SNR (:func:`~devrecd.openset.conditions.snr_outside`); else the first there
+    is (the caller's SNR check then withholds its LR); ``(None, "", keys[-1])`` when there is none.
+    A noise-matched comparison is therefore judged under a noise-matched calibration wherever one
+    exists: a case calibration (``devrecd calibrate``) is fitted on comparisons with the references
+    as enrolled, and covers those (measured: taking it for a mildly noisier clean recording named a
+    never-enrolled phone, docs/conditions.md section 9)."""
     from devrecd.openset.conditions import snr_outside
 
     first: tuple[Calibration | None, str, str] | None = None
-    for cals, source in layers:
-        for key in keys:
+    for key in keys:
+        for cals, source in layers:
             cal = cals.get(key)
             if cal is None:
                 continue
