@@ -337,7 +337,8 @@ def _calibration_conditions(paths: list[Path], cfg, *, noise: bool = True, babbl
     from devrecd.audio.transmit import apply_channel, encoder_available
     from devrecd.features import extract
     from devrecd.openset.scoring import SHORT
-    from devrecd.pipeline.stages import clips_for, finite_features, frontend_for
+    from devrecd.audio.windows import cut_windows
+    from devrecd.pipeline.stages import finite_features, frontend_for, hop_samples
 
     usable = [c for c in CHANNELS.values() if not c.encoder or encoder_available(c.encoder)]
     skipped = sorted(set(CHANNELS) - {c.name for c in usable})
@@ -354,12 +355,15 @@ def _calibration_conditions(paths: list[Path], cfg, *, noise: bool = True, babbl
         return rec
 
     frontend = frontend_for(cfg.frontend)
+    hop = hop_samples(cfg.audio.hop_seconds, cfg.frontend.sample_rate)
+
+    def featurise(samples: np.ndarray, what: Any) -> np.ndarray:
+        return finite_features(extract(cut_windows(samples, cfg.frontend.clip_samples, hop), frontend), what)
 
     def features_under(i: int, channel: str, seconds: float | None) -> np.ndarray:
         rec = decoded(i, channel)
-        if seconds is not None:
-            rec = replace(rec, samples=rec.samples[: int(round(seconds * rec.sample_rate))])
-        return finite_features(extract(clips_for(rec, cfg.frontend, cfg.audio.hop_seconds), frontend), paths[i])
+        cut = None if seconds is None else int(round(seconds * rec.sample_rate))
+        return featurise(rec.samples[:cut], paths[i])
 
     if not noise:
         return conditions, features_under, None
@@ -369,8 +373,7 @@ def _calibration_conditions(paths: list[Path], cfg, *, noise: bool = True, babbl
     conditions += [f"clean{NOISE}{level}{tail}" for level in NOISE_LEVELS for tail in ("", SHORT)]
 
     def noisy_features(samples: np.ndarray) -> np.ndarray:
-        rec = replace(decoded(0, "clean"), samples=np.ascontiguousarray(samples, dtype=np.float32))
-        return finite_features(extract(clips_for(rec, cfg.frontend, cfg.audio.hop_seconds), frontend), "noisy development audio")
+        return featurise(np.ascontiguousarray(samples, dtype=np.float32), "noisy development audio")
 
     talkers = _talkers(babble, cfg) if babble is not None else []
     typer.echo(f"noise-matched calibrations: white{' and babble (' + str(len(talkers)) + ' talkers)' if talkers else ''} noise")

@@ -15,9 +15,10 @@ Recipe (``devrecd train-gsv``, and what ``benchmarks/openset.py`` measures):
    are cut short), the references through the same channel (condition matching, as a verdict
    does). The noise-matched conditions ``clean/snr10``, ``clean/snr20`` and ``clean/snr30`` (each
    also ``/short``) are made as :mod:`devrecd.openset.noisetrials` describes: noisy questioned
-   versions, references brought to each one's measured noise, rows classed by measured SNR. Each is a :class:`~devrecd.openset.calibration.Calibration` (bounded log10 LR, the
-   decision rule) and travels with the scorer; registries without a case calibration of that
-   condition use it. A condition without one gets no named device ("inconclusive").
+   versions, references brought to each one's measured noise, rows classed by measured SNR.
+   Each is a :class:`~devrecd.openset.calibration.Calibration` (bounded log10 LR, the decision
+   rule) and travels with the scorer; registries without a case calibration of that condition
+   use it. A condition without one gets no named device ("inconclusive").
 """
 
 from __future__ import annotations
