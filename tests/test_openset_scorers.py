@@ -134,7 +134,7 @@ def test_train_gsv_cross_fits_one_calibration_per_condition(ccnu) -> None:
     from devrecd.audio.channel import get_channel
     from devrecd.audio.transmit import apply_channel
     from devrecd.openset.calibration import Calibration, Decision
-    from devrecd.openset.gsvtrain import train_gsv
+    from devrecd.openset.gsvtrain import Augment, train_gsv
     from devrecd.pipeline.stages import features_for_file
 
     items, cfg = ccnu
@@ -148,7 +148,11 @@ def test_train_gsv_cross_fits_one_calibration_per_condition(ccnu) -> None:
         return features_for_file(items[i][0].path, cfg, transform=transform)[1]
 
     gsv = train_gsv(*args, mixtures=8, nap_dims=2, inner=3, conditions=("clean", "clean/short", "tel"),
-                    features_under=under)
+                    features_under=under, augment=Augment(channels=("tel",)))
+    # The UBM and NAP are trained on every recording and its copy through the channel, labelled alike.
+    copies = [under(i, "tel", None) for i in range(len(items))]
+    assert gsv.fingerprint == GsvScorer.train(args[0] + copies, args[1] * 2, cfg.frontend, mixtures=8,
+                                              nap_dims=2).fingerprint
     cals = {k: Calibration.from_dict(v) for k, v in gsv.calibrations.items()}
     assert sorted(cals) == ["clean", "clean/short", "tel"]
     # 6 phones in 3 groups of 2: each phone's 3 questioned segments against the 2 profiles of its group;

@@ -291,6 +291,12 @@ def train_gsv(
     babble: Optional[Path] = typer.Option(None, "--babble", exists=True, file_okay=False, help="Folder of single-talker "
                                           "recordings (e.g. LibriSpeech; FLAC/WAV, one talker per file) for babble "
                                           "noise in the noise-matched calibrations; without it, white noise only."),
+    augment: bool = typer.Option(True, "--augment/--no-augment", help="Also train the UBM and NAP on copies of the "
+                                 "development recordings through each calibrated channel (needs --channels) and with "
+                                 "noise added (--noise-copies): within-device variability that NAP projects out."),
+    noise_copies: int = typer.Option(2, "--noise-copies", min=0, help="Noisy copies of each development recording "
+                                     "the UBM and NAP are trained on, with --augment and --noise (white or babble, "
+                                     "SNR 4-36 dB)."),
     inner: int = typer.Option(3, min=2, help="Cross-fitting groups of devices for the development calibration "
                                              "(each held out in turn; needs 2 devices per group)."),
     seed: int = typer.Option(0),
@@ -300,7 +306,8 @@ def train_gsv(
     """Train the GMM-supervector scorer (UBM + NAP) and its cross-fitted development calibrations
     (one per comparison condition; the decision rule of [registry])."""
     from devrecd.openset.calibration import Decision
-    from devrecd.openset.gsvtrain import train_gsv as train
+    from devrecd.openset.gsvtrain import Augment, train_gsv as train
+    from devrecd.openset.scoring import parse_calibration_key
     from devrecd.openset.scorers import save_gsv
 
     cfg = load_cli_config(config, {"audio.hop_seconds": hop_seconds})
@@ -308,9 +315,15 @@ def train_gsv(
     typer.echo(f"{len(feats)} recordings of {len(set(devices))} devices")
     conditions, under, audio = (_calibration_conditions(paths, cfg, noise=noise, babble=babble) if channels
                                 else (["clean"], None, None))
+    copies = Augment()
+    if augment and channels:
+        copies = Augment(channels=tuple(sorted({parse_calibration_key(c)[0] for c in conditions} - {"clean"})),
+                         noise_copies=noise_copies if noise else 0)
+        typer.echo(f"UBM and NAP also trained on copies through {', '.join(copies.channels) or 'no channel'} and "
+                   f"{copies.noise_copies} noisy cop{'y' if copies.noise_copies == 1 else 'ies'} of each recording")
     scorer = train(feats, devices, order, cfg.frontend, mixtures=mixtures, nap_dims=nap, inner=inner, seed=seed,
                    source=out.name, decision=Decision.from_config(cfg.registry), conditions=conditions,
-                   features_under=under, audio=audio, on_step=typer.echo)
+                   features_under=under, audio=audio, augment=copies, on_step=typer.echo)
     # The SNR range of the development recordings (measured as a verdict measures it, before any
     # channel): a verdict on a noisier recording says it is outside the range its calibration saw.
     # The noise-matched calibrations carry the measured SNRs of their own noisy recordings.
@@ -320,7 +333,8 @@ def train_gsv(
             cal["conditions"].update(snr_db_min=round(min(snr), 1), snr_db_max=round(max(snr), 1),
                                      snr_measured="on the development recordings before the channel")
     typer.echo(f"development recordings' SNR {min(snr):.1f}-{max(snr):.1f} dB")
-    save_gsv(out, scorer, extra={"datasets": sources, "hop_seconds": cfg.audio.hop_seconds, "seed": seed})
+    save_gsv(out, scorer, extra={"datasets": sources, "hop_seconds": cfg.audio.hop_seconds, "seed": seed,
+                                 "training_copies": copies.describe()})
     typer.echo(f"wrote {out} (calibrated conditions: {', '.join(sorted(scorer.calibrations))})")
 
 
