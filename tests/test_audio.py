@@ -276,6 +276,24 @@ def test_silent(tmp_path):
         read_evidence(quiet, SR)
 
 
+
+def test_a_real_recording_30_db_quieter_is_judged_and_lsb_noise_is_silent(ccnu_dir, tmp_path):
+    """The default audio.silence_dbfs refuses what holds no recording (a 16-bit file of LSB noise,
+    -101 dBFS) and reads the quietest real phone recording made 30 dB quieter and re-quantised to
+    16 bit (CCNU's quietest is -42 dBFS RMS: -72 after; the old default of -70 refused it)."""
+    levels = {}
+    for path in sorted(ccnu_dir.glob("*.wav")):
+        x, rate = sf.read(path, dtype="float64")
+        levels[path] = (10 * np.log10(np.mean(x**2)), x, rate)
+    _, x, rate = min(levels.values(), key=lambda v: v[0])
+    quiet = _wav(tmp_path / "quiet.wav", np.round(x * 10 ** (-30 / 20) * 32767) / 32767, rate=rate)
+    rec = read_evidence(quiet, rate, AudioConfig())
+    level = 10 * np.log10(np.mean(rec.samples.astype(np.float64) ** 2))
+    assert level < -70, level
+    lsb = _wav(tmp_path / "lsb.wav", np.random.default_rng(0).integers(-1, 2, 3 * SR).astype(np.int16), rate=SR)
+    with pytest.raises(SilentAudio, match="audio.silence_dbfs"):
+        read_evidence(lsb, SR, AudioConfig())
+
 def test_too_short(tmp_path, tone):
     path = _wav(tmp_path / "short.wav", tone[: SR // 2])
     with pytest.raises(TooShortAudio, match="0.50 s") as e:
