@@ -71,7 +71,7 @@ from devrecd.audio.errors import (
     UnsupportedAudio,
 )
 from devrecd.audio.levels import LevelMeter, rms_dbfs
-from devrecd.config import AudioConfig
+from devrecd.audio.settings import AudioConfig
 
 if TYPE_CHECKING:
     from devrecd.audio.condition import Condition

@@ -28,7 +28,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from devrecd.errors import ArtifactError, DatasetError
+from devrecd.errors import ArtifactError, ConfigError, DatasetError
 from devrecd.features import FrontendConfig
 from devrecd.openset.calibration import fit_balanced
 from devrecd.openset.vectors import unit
@@ -216,7 +216,7 @@ class GsvScorer:
             frontend = FrontendConfig.from_dict(info["frontend"])
             scorer = cls(ubm, frontend, relevance=float(info["relevance"]), nap=arrays.get("nap"),
                          source=str(info.get("source", "")))
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, ConfigError) as exc:
             raise ArtifactError(f"GSV scorer description is malformed: {exc!r}", reason="scorer_format") from None
         if info.get("fingerprint") not in (None, scorer.fingerprint):
             raise ArtifactError("GSV scorer arrays do not match their recorded fingerprint (damaged or mixed up)",
