@@ -167,7 +167,7 @@ def test_socket_device_and_links_to_them_are_refused(tmp_path):
 
 def test_file_swapped_for_a_fifo_after_the_check_is_refused_by_fstat(tmp_path, monkeypatch, tone):
     """The race of a file replaced after it was looked at: fstat on the open descriptor decides."""
-    import devrecd.audio.decode as decode
+    import devrecd.audio.evidence as evidence
 
     path = _wav(tmp_path / "v.wav", tone)
     real_stat = os.stat
@@ -181,7 +181,7 @@ def test_file_swapped_for_a_fifo_after_the_check_is_refused_by_fstat(tmp_path, m
             os.mkfifo(path)
         return st
 
-    monkeypatch.setattr(decode.os, "stat", stat_then_swap)
+    monkeypatch.setattr(evidence.os, "stat", stat_then_swap)
     exc = _in_thread_with_timeout(lambda: read_evidence(path, SR))
     assert swapped and isinstance(exc, NotAFile) and "FIFO" in exc.detail
 

@@ -75,7 +75,7 @@ class ReferenceStore:
         ``sha256``: the hash the caller recorded for the file; a file whose content no longer
         matches it is refused (it changed since it was judged or enrolled).
         """
-        from devrecd.audio.decode import read_file_bytes
+        from devrecd.audio.evidence import read_file_bytes
 
         data = read_file_bytes(source, 1 << 40)
         digest = hashlib.sha256(data).hexdigest()
