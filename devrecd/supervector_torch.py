@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from devrecd.features import FrontendConfig
+from devrecd.stages import frontend_for
 from devrecd.supervector import nap_project, unit_rows
 
 
@@ -98,8 +99,6 @@ class TorchGsvScorer:
     # --- on the device ---------------------------------------------------------------------------
     def features(self, clips: Any) -> Any:
         """(n, clip_samples) clips -> (n, 128, 73) features on the device (the one frontend, on torch)."""
-        from devrecd.pipeline.stages import frontend_for
-
         return frontend_for(self.frontend)(self._tensor(clips, dtype="float32"))
 
     def recording_vector_on_device(self, feats: Any) -> Any:

@@ -324,7 +324,7 @@ def test_stream_windower_cuts_exactly_the_clips_of_cut_windows():
 def test_streamed_features_equal_the_in_memory_path(tmp_path):
     """The daemon's block-wise path (never holding the samples) gives the features of features_for_file."""
     from devrecd.config import load_config
-    from devrecd.pipeline.stages import features_for_file, stream_features
+    from devrecd.stages import features_for_file, stream_features
 
     cfg = load_config(None, env={})
     rate = 44100  # resampled on the way, in blocks

@@ -135,7 +135,7 @@ def test_train_gsv_cross_fits_one_calibration_per_condition(ccnu) -> None:
     from devrecd.audio.transmit import apply_channel
     from devrecd.openset.calibration import Calibration, Decision
     from devrecd.openset.gsvtrain import train_gsv
-    from devrecd.pipeline.stages import features_for_file
+    from devrecd.stages import features_for_file
 
     items, cfg = ccnu
     args = ([f for _, f in items], [it.device for it, _ in items], [it.group for it, _ in items], cfg.frontend)
@@ -219,7 +219,7 @@ def test_shipped_gsv_enrols_calibrates_and_judges_unseen_phones(ccnu_dir: Path, 
     from devrecd.cli import app
     from devrecd.openset.scorers import default_gsv_path
     from devrecd.openset.workflow import RegistryJudge
-    from devrecd.pipeline.stages import features_for_file
+    from devrecd.stages import features_for_file
 
     shipped, meta = load_gsv(default_gsv_path())
     # Development calibrations of every condition of the channel table the bundled FFmpeg encodes, and /short.

@@ -44,7 +44,7 @@ def compare(
     from devrecd.forensic.compare import Comparer, compare as run_compare
     from devrecd.openset.calibration import Calibration, load_calibration
     from devrecd.openset.registry import open_registry
-    from devrecd.pipeline.stages import resolve_device
+    from devrecd.stages import resolve_device
 
     cfg = load_cli_config(config, {"registry.path": str(registry) if registry else None})
     reg = open_registry(cfg.registry.path) if cfg.registry.path else None

@@ -59,7 +59,7 @@ def listen(
     from devrecd.live import Listener, window_sizes
     from devrecd.live.capture import sounddevice
     from devrecd.metrics import Metrics
-    from devrecd.pipeline.stages import resolve_device
+    from devrecd.stages import resolve_device
 
     window_sizes(cfg)  # refuse a bad window/hop before loading anything
     sounddevice()  # the install hint now, not after the model has loaded

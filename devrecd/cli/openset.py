@@ -136,7 +136,7 @@ def enroll(
     keeps the scorer it was created with."""
     from devrecd.openset.registry import open_registry
     from devrecd.openset.workflow import enrol_files
-    from devrecd.pipeline.stages import resolve_device
+    from devrecd.stages import resolve_device
 
     cfg = load_cli_config(config, {"audio.hop_seconds": hop_seconds})
     check_checkpoint_option(model)
@@ -234,7 +234,7 @@ def calibrate(
     from devrecd.openset.registry import open_registry
     from devrecd.openset.scorers import registry_scorer
     from devrecd.openset.workflow import calibrate_registry, calibration_trials_under
-    from devrecd.pipeline.stages import resolve_device
+    from devrecd.stages import resolve_device
 
     check_checkpoint_option(model)
     cfg = load_cli_config(config, {"registry.target_far": far})
@@ -338,7 +338,7 @@ def _calibration_conditions(paths: list[Path], cfg, *, noise: bool = True, babbl
     from devrecd.features import extract
     from devrecd.openset.scoring import SHORT
     from devrecd.audio.windows import cut_windows
-    from devrecd.pipeline.stages import finite_features, frontend_for, hop_samples
+    from devrecd.stages import finite_features, frontend_for, hop_samples
 
     usable = [c for c in CHANNELS.values() if not c.encoder or encoder_available(c.encoder)]
     skipped = sorted(set(CHANNELS) - {c.name for c in usable})
@@ -471,7 +471,7 @@ def train_fusion(
     from devrecd.openset.embedder import load_embedder
     from devrecd.openset.fusion import train_fusion as train
     from devrecd.openset.scorers import EmbedderScorer, FusionScorer, default_gsv_path, load_gsv, save_fusion
-    from devrecd.pipeline.stages import resolve_device
+    from devrecd.stages import resolve_device
 
     check_checkpoint_option(model)
     cfg = load_cli_config(config, {"audio.hop_seconds": hop_seconds})

@@ -26,7 +26,7 @@ from devrecd.metrics import Metrics
 from devrecd.pipeline.journal import JOURNAL_NAME, VERDICT_LOG_NAME, Journal, Recorder, VerdictLog
 from devrecd.pipeline.runner import Liveness, Pipeline, StorageRetry, Stopped
 from devrecd.pipeline.serving import OpenSetOnly, load_served, registry_judge
-from devrecd.pipeline.stages import resolve_device
+from devrecd.stages import resolve_device
 
 log = logging.getLogger("devrecd.daemon")
 
