@@ -39,7 +39,7 @@ from devrecd.audio.transmit import apply_channel, encode_file, encoder_available
 from devrecd.baselines import GsvSvm
 from devrecd.config import load_config
 from devrecd.features import extract
-from devrecd.openset.calibration import eer
+from devrecd.openset.measures import eer
 from devrecd.openset.matching import ConditionMatcher, ReferenceStore, embedding_scorer, matched_scores
 from devrecd.stages import clips_for, frontend_for
 

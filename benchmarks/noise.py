@@ -41,7 +41,7 @@ from devrecd.audio import read_evidence
 from devrecd.audio.noise import add_noise, measure_noise, noise_excess_db
 from devrecd.config import load_config
 from devrecd.features import extract
-from devrecd.openset.calibration import eer
+from devrecd.openset.measures import eer
 from devrecd.openset.matching import NOISE_MARGIN_DB, ConditionMatcher, ReferenceStore, resolve_noise
 from devrecd.openset.scorers import default_gsv_path, load_gsv
 from devrecd.openset.vectors import unit

@@ -30,7 +30,7 @@ import numpy as np
 
 from devrecd.errors import ArtifactError, ConfigError, DatasetError
 from devrecd.features import FrontendConfig
-from devrecd.openset.calibration import fit_balanced
+from devrecd.openset.measures import fit_balanced
 from devrecd.openset.vectors import unit
 from devrecd.supervector import RELEVANCE, SupervectorAccumulator, Ubm, nap_project
 
@@ -319,7 +319,7 @@ def fit_fusion(part_target: np.ndarray, part_nontarget: np.ndarray) -> tuple[np.
     ``part_target`` (n_t, n_parts) and ``part_nontarget`` (n_n, n_parts): each part's score of the
     same trials. Classes weighted equally, so ``w . s + b`` is a log-likelihood ratio (natural log)
     at prior 0.5 on these trials (Brummer's linear fusion). Nearly unregularised, as the score
-    calibration (:func:`~.calibration.fit_calibration`), by the same fit (:func:`~.calibration.fit_balanced`).
+    calibration (:func:`~.calibration.fit_calibration`), by the same fit (:func:`~.measures.fit_balanced`).
     """
     tar, non = np.atleast_2d(part_target), np.atleast_2d(part_nontarget)
     if len(tar) == 0 or len(non) == 0 or tar.shape[1] != non.shape[1]:
