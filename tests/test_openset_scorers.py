@@ -10,9 +10,10 @@ import pytest
 
 from devrecd.config import Config
 from devrecd.errors import ArtifactError, DatasetError
+from devrecd.openset.gsv import GsvScorer, fit_nap
 from devrecd.openset.protocol import (TrialMatrix, open_set_outcomes, phone_folds, profile_vectors, s_norm,
                                       trial_figures)
-from devrecd.openset.scorers import FusionScorer, GsvScorer, fit_fusion, fit_nap, load_gsv, save_gsv
+from devrecd.openset.scorers import FusionScorer, fit_fusion, load_gsv, save_gsv
 from devrecd.openset.vectors import unit
 from devrecd.supervector import Ubm
 
