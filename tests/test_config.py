@@ -155,6 +155,25 @@ def test_a_bad_frontend_from_an_artifact_names_the_artifact(tmp_path):
         _check_header(header, Contract, CLASSIFIER, "m.json")
 
 
+def test_a_checkpoint_with_a_bad_frontend_is_an_artifact_error_naming_it(tmp_path):
+    torch = pytest.importorskip("torch")
+    import numpy as np
+
+    from devrecd.errors import ArtifactError
+    from devrecd.features import FEATURE_DIM, FrontendConfig
+    from devrecd.model.checkpoint import Checkpoint, load_checkpoint
+
+    blob = Checkpoint(arch="paper", hparams={}, labels=["a", "b"], frontend=FrontendConfig(),
+                      norm_mean=np.zeros(FEATURE_DIM, np.float32), norm_std=np.ones(FEATURE_DIM, np.float32),
+                      state_dict={}).to_dict()
+    blob["frontend"]["window"] = "blackman"
+    path = tmp_path / "m.pt"
+    torch.save(blob, path)
+    with pytest.raises(ArtifactError, match=r"m\.pt: bad frontend: frontend\.window must be one of hamming, hann, "
+                                            r"got 'blackman'$"):
+        load_checkpoint(path)
+
+
 def test_a_section_made_in_code_is_checked_too():
     from devrecd.config import MetricsConfig, WatchConfig
 
