@@ -65,7 +65,7 @@ def _classifier(work: Path, phones: dict[str, dict[int, Path]]) -> Path:
     from devrecd.config import load_config
     from devrecd.model import build_model
     from devrecd.model.checkpoint import Checkpoint, save_checkpoint
-    from devrecd.pipeline.stages import features_for_file
+    from devrecd.stages import features_for_file
     from devrecd.train import normalisation_stats
 
     cfg = load_config(None, env={})

@@ -167,7 +167,7 @@ def test_socket_device_and_links_to_them_are_refused(tmp_path):
 
 def test_file_swapped_for_a_fifo_after_the_check_is_refused_by_fstat(tmp_path, monkeypatch, tone):
     """The race of a file replaced after it was looked at: fstat on the open descriptor decides."""
-    import devrecd.audio.decode as decode
+    import devrecd.audio.evidence as evidence
 
     path = _wav(tmp_path / "v.wav", tone)
     real_stat = os.stat
@@ -181,7 +181,7 @@ def test_file_swapped_for_a_fifo_after_the_check_is_refused_by_fstat(tmp_path, m
             os.mkfifo(path)
         return st
 
-    monkeypatch.setattr(decode.os, "stat", stat_then_swap)
+    monkeypatch.setattr(evidence.os, "stat", stat_then_swap)
     exc = _in_thread_with_timeout(lambda: read_evidence(path, SR))
     assert swapped and isinstance(exc, NotAFile) and "FIFO" in exc.detail
 
@@ -342,7 +342,7 @@ def test_stream_windower_cuts_exactly_the_clips_of_cut_windows():
 def test_streamed_features_equal_the_in_memory_path(tmp_path):
     """The daemon's block-wise path (never holding the samples) gives the features of features_for_file."""
     from devrecd.config import load_config
-    from devrecd.pipeline.stages import features_for_file, stream_features
+    from devrecd.stages import features_for_file, stream_features
 
     cfg = load_config(None, env={})
     rate = 44100  # resampled on the way, in blocks

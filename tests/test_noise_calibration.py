@@ -51,7 +51,7 @@ def dev(ccnu_dir):
     from devrecd.openset.noisetrials import DevAudio
     from devrecd.openset.scorers import GsvScorer
     from devrecd.audio.windows import cut_windows
-    from devrecd.pipeline.stages import frontend_for, hop_samples
+    from devrecd.stages import frontend_for, hop_samples
 
     cfg = Config()
     fe = frontend_for(cfg.frontend)
@@ -133,7 +133,7 @@ def _noisy_verdict(judge, cfg, ccnu_dir: Path, tmp_path: Path, phone: str, seg: 
     import soundfile as sf
 
     from devrecd.audio.noise import add_noise
-    from devrecd.pipeline.stages import features_for_file
+    from devrecd.stages import features_for_file
 
     q = tmp_path / f"{phone}-{seg}-{snr:g}.wav"
     sf.write(q, add_noise(_read(ccnu_dir, phone, seg), RATE, snr, seed=seg), RATE, subtype="PCM_16")

@@ -65,8 +65,8 @@ from devrecd.pipeline.batcher import Batcher, Unit
 from devrecd.pipeline.jobs import Chunk, Duplicate, Failed, FeaturesDone, Job, Judged, Message, Scored, Stop
 from devrecd.pipeline.journal import TERMINAL, Entry, Journal, JournalError, Recorder, VerdictLog
 from devrecd.pipeline.serving import Judge, OpenSetOnly, RegistryJudging
-from devrecd.pipeline.stages import Failure, failure_of, stream_features
 from devrecd.pipeline.verdict import duplicate_record, failed_record, judged_record, open_set_record, with_comparison
+from devrecd.stages import Failure, failure_of, stream_features
 
 log = logging.getLogger("devrecd.pipeline")
 STORAGE_RETRY_MIN_S = 0.2  # first wait after a failed journal/verdict-log write; doubles up to:
