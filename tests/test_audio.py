@@ -278,8 +278,8 @@ def test_silent(tmp_path):
 
 
 def test_a_real_recording_30_db_quieter_is_judged_and_lsb_noise_is_silent(ccnu_dir, tmp_path):
-    """The default audio.silence_dbfs refuses what holds no recording (a 16-bit file of LSB noise,
-    -101 dBFS) and reads the quietest real phone recording made 30 dB quieter and re-quantised to
+    """The default audio.silence_dbfs refuses what holds no recording (a 16-bit file of +-1 LSB noise,
+    -92 dBFS) and reads the quietest real phone recording made 30 dB quieter and re-quantised to
     16 bit (CCNU's quietest is -42 dBFS RMS: -72 after; the old default of -70 refused it)."""
     levels = {}
     for path in sorted(ccnu_dir.glob("*.wav")):

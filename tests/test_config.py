@@ -174,6 +174,31 @@ def test_a_checkpoint_with_a_bad_frontend_is_an_artifact_error_naming_it(tmp_pat
         load_checkpoint(path)
 
 
+def test_a_gsv_scorer_file_with_a_bad_frontend_is_an_artifact_error_naming_it(tmp_path):
+    """As a checkpoint's: the GSV scorer file is named, the frontend's problem in the config style."""
+    import json
+
+    import numpy as np
+
+    from devrecd.errors import ArtifactError
+    from devrecd.features import FrontendConfig
+    from devrecd.openset.scorers import GsvScorer, load_gsv, save_gsv
+
+    rng = np.random.default_rng(0)
+    feats = [rng.standard_normal((2, 128, 73)).astype(np.float32) + k % 4 for k in range(8)]
+    save_gsv(tmp_path / "g.npz", GsvScorer.train(feats, list("abcdabcd"), FrontendConfig(), mixtures=2, nap_dims=1))
+    with np.load(tmp_path / "g.npz") as npz:
+        arrays = dict(npz)
+    meta = json.loads(bytes(arrays["meta"]).decode())
+    meta["scorer"]["frontend"]["window"] = "blackman"
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(ArtifactError, match=r"bad\.npz: GSV scorer: bad frontend: frontend\.window must be one of "
+                                            r"hamming, hann, got 'blackman'$") as e:
+        load_gsv(tmp_path / "bad.npz")
+    assert e.value.reason == "scorer_format"
+
+
 def test_a_section_made_in_code_is_checked_too():
     from devrecd.config import MetricsConfig, WatchConfig
 

@@ -23,7 +23,7 @@ class AudioConfig(Section):
     min_seconds: NonNegFloat = 2.0  # shorter recordings are rejected (between this and one clip: wrap-padded)
     max_seconds: PositiveFloat = 4 * 3600.0  # longer recordings are rejected before decoding
     max_bytes: Count = 2 * 1024**3  # larger files are rejected before reading
-    silence_dbfs: Dbfs = -90.0  # a recording whose RMS level is below this is "silent" (16-bit LSB noise: -101 dBFS)
+    silence_dbfs: Dbfs = -90.0  # a recording whose RMS level is below this is "silent" (16-bit +-1 LSB noise: -92 dBFS)
     mix: Literal["mean", "first"] = "mean"  # how channels become mono: average, or the first channel
     resample_quality: Literal["QQ", "LQ", "MQ", "HQ", "VHQ"] = "VHQ"  # soxr quality when the rate differs
     max_decoded_samples: Count = 4 * 3600 * 48000 * 2  # frames x channels; larger is refused before decoding

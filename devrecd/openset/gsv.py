@@ -104,9 +104,14 @@ class GsvScorer:
         ubm = Ubm.from_arrays({k[4:]: v for k, v in arrays.items() if k.startswith("ubm_")})
         try:
             frontend = FrontendConfig.from_dict(info["frontend"])
+        except ConfigError as exc:  # the configuration's message, the artifact named by its reader
+            raise ArtifactError(f"GSV scorer: bad frontend: {exc}", reason="scorer_format") from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"GSV scorer description is malformed: {exc!r}", reason="scorer_format") from None
+        try:
             scorer = cls(ubm, frontend, relevance=float(info["relevance"]), nap=arrays.get("nap"),
                          source=str(info.get("source", "")))
-        except (KeyError, TypeError, ValueError, ConfigError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"GSV scorer description is malformed: {exc!r}", reason="scorer_format") from None
         if info.get("fingerprint") not in (None, scorer.fingerprint):
             raise ArtifactError("GSV scorer arrays do not match their recorded fingerprint (damaged or mixed up)",

@@ -10,7 +10,8 @@ so a registry is updated crash-safely: the new arrays are written under a new na
 is replaced atomically (``os.replace``), then the old arrays are deleted. A reader sees either the
 old registry or the new one, never a mix; a torn array file is detected by its hash.
 
-The JSON is checked at load against the schema below (:func:`registry_problems`: types, ranges,
+The JSON is checked at load against its schema
+(:func:`~devrecd.openset.registry_schema.registry_problems`: types, ranges,
 finite numbers, unique device names, an array file beside the JSON) and carries ``content_sha256``,
 the sha256 of its own content written at each save: a JSON changed outside devrecd is refused with
 one line naming what is wrong, never served with a silently changed decision. Every verdict records

@@ -289,7 +289,10 @@ def load_gsv(path: Any) -> tuple[GsvScorer, dict[str, Any]]:
     meta, arrays = _load_scorer_file(path, GSV_FORMAT, "GSV scorer")
     info = dict(meta["scorer"])
     info["source"] = str(path)
-    return GsvScorer.from_arrays(arrays, info), meta
+    try:
+        return GsvScorer.from_arrays(arrays, info), meta
+    except ArtifactError as exc:  # the file named, as a checkpoint's or a contract's reader names it
+        raise ArtifactError(f"{path}: {exc}", reason=exc.reason) from None
 
 
 def save_fusion(path: Any, scorer: FusionScorer, *, extra: dict[str, Any] | None = None) -> None:
