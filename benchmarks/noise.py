@@ -95,7 +95,7 @@ def main() -> int:
 
     t0 = time.perf_counter()
     scorer, _ = load_gsv(default_gsv_path())
-    # -30 dB copies of the quieter phones fall below the default audio.silence_dbfs (-70 dBFS) and would
+    # -30 dB copies of the quieter phones fall below the old default audio.silence_dbfs (-70 dBFS; -90 since 2026-12-07) and would
     # be refused as silent: the benchmark lowers it (and says how many the default would refuse).
     cfg = load_config(overrides={"audio.silence_dbfs": -100.0})
     default_silence = load_config().audio.silence_dbfs

@@ -169,6 +169,9 @@ def train_gsv(feats: Sequence[np.ndarray], devices: Sequence[str], order: Sequen
     def under(i: int, channel: str, seconds: float | None) -> np.ndarray:
         return feats[i] if channel == "clean" and seconds is None else features_under(i, channel, seconds)  # type: ignore[misc]
 
+    if max(noise_draws) > NOISE_COPY_DRAW:
+        raise DatasetError(f"at most {NOISE_COPY_DRAW} noisy versions per recording (the training copies' draws "
+                           "start there)", reason="calibration_data")
     training = _TrainingSet(feats, devices, augment, under, audio, seed)
     pooled = {c: _Pooled() for c in conditions}
     for fold in phone_folds(devices, n_folds=inner, seeds=(seed,)):
