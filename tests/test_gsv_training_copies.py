@@ -81,3 +81,19 @@ def test_each_cross_fitted_scorer_is_trained_on_its_own_devices_and_their_copies
     assert all(len(h) == 2 for h in held) and sorted(sum(held, [])) == sorted(PHONES)  # each phone held out once
     b = train_gsv(feats, devices, order, FrontendConfig(), **kw)
     assert a.fingerprint == b.fingerprint and a.calibrations.keys() == b.calibrations.keys()
+
+
+def test_training_copies_and_calibration_trials_take_disjoint_babble_talkers():
+    """Babble in the training copies and in the noise-matched calibration trials comes from two
+    disjoint halves of the talkers, so the calibration meets babble the NAP was not trained on."""
+    from devrecd.openset.gsvtrain import split_talkers
+    from devrecd.openset.noisetrials import DevAudio
+
+    talkers = [np.full(10, float(k)) for k in range(7)]
+    audio = DevAudio(samples=lambda i: np.zeros(10), features=lambda x: x, rate=8000, talkers=talkers)
+    train, trials = split_talkers(audio)
+    a = {float(t[0]) for t in train.talkers}
+    b = {float(t[0]) for t in trials.talkers}
+    assert a and b and not (a & b) and a | b == set(range(7))
+    white = DevAudio(samples=audio.samples, features=audio.features, rate=8000)
+    assert split_talkers(white) == (white, white) and split_talkers(None) == (None, None)
