@@ -229,7 +229,7 @@ class Frontend:
         self._mel = np.hstack([mel, parseval]).astype(np.float32)
         self._dct = dct_matrix(self.cfg.n_mels)[1 : self.cfg.n_mfcc + 1].T.astype(np.float32)
         # numpy (serving): the same steps up to the pre-Fbank energies through a per-thread workspace
-        self._numpy = NumpyPath(self.cfg, frame_window(self.cfg), self._mel, self._padding)
+        self._numpy = NumpyPath(self.cfg, self._window, self._mel, self._padding)
         # Sample index of every frame's every sample in the padded clip, flattened: framing as one gather.
         cfg = self.cfg
         starts = np.arange(cfg.n_frames)[:, None] * cfg.hop_length
