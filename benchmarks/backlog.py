@@ -267,7 +267,7 @@ def run_daemon(work: Path, files: list[Path], args: argparse.Namespace, code: st
            "DEVRECD_WATCH__STABLE_SECONDS": "1.0", "DEVRECD_BACKEND__THREADS": str(args.threads),
            "DEVRECD_BATCHER__STREAMS": str(args.streams), "DEVRECD_LOG__FORMAT": "json"}
     if code is not None:
-        env["PYTHONPATH"] = str(Path(code).resolve())
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(code).resolve()), os.environ.get("PYTHONPATH")]))
     proc, state = start_daemon(work, evidence, args.model, registry=args.registry, env=env)
     try:
         cpu0 = cpu_seconds(proc.pid)
