@@ -152,7 +152,10 @@ def start_daemon(work: Path, evidence: Path, model: str | None, extra: list[str]
 
 def read_records(state: Path) -> list[dict]:
     p = state / "verdicts.jsonl"
-    return [json.loads(x) for x in p.read_text().splitlines()] if p.is_file() else []
+    # Only whole lines: the daemon appends a group of records in one write, which a reader may
+    # catch half done (the line without its newline is not written yet).
+    text = p.read_text() if p.is_file() else ""
+    return [json.loads(x) for x in text[: text.rfind("\n") + 1].splitlines()]
 
 
 def cpu_seconds(pid: int) -> float:
