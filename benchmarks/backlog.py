@@ -102,11 +102,14 @@ def enroll(registry: Path, phones: int, shared: Path) -> list[str]:
 
 
 def naive_loop(files: list[Path], model: str, repeats: int = 2, threads: int = 1) -> float:
-    """Seconds to judge ``files`` one at a time: decode, features, infer, aggregate (best of
-    ``repeats`` passes: the machine is shared, and the best pass is the fairest baseline)."""
+    """Seconds to judge ``files`` one at a time: decode, features, infer, aggregate, and the condition
+    the verdict is judged under (``describe()``: a closed-set verdict names no device under a condition
+    the model was not validated for, so the daemon measures it for every file; this loop did not
+    before 2026-12-07), best of ``repeats`` passes (the machine is shared: the best pass is the
+    fairest baseline)."""
     from devrecd.config import load_config
     from devrecd.pipeline.serving import load_serving_backend
-    from devrecd.pipeline.verdict import aggregate
+    from devrecd.pipeline.verdict import aggregate, closed_set_comparison
     from devrecd.pipeline.stages import features_for_file
 
     # The same ONNX Runtime thread count as the daemon run. Note: with 2 threads ORT's spinning
@@ -120,8 +123,9 @@ def naive_loop(files: list[Path], model: str, repeats: int = 2, threads: int = 1
         for _ in range(repeats):
             t0, c0 = time.perf_counter(), time.process_time()
             for p in files:
-                _, feats = features_for_file(p, cfg)
+                rec, feats = features_for_file(p, cfg)
                 aggregate(backend.infer(feats), backend.labels)
+                closed_set_comparison(rec.describe().get("condition"), cfg.backend.validated_conditions)
             if time.perf_counter() - t0 < best:
                 best, NAIVE_CPU[id(files), threads] = time.perf_counter() - t0, time.process_time() - c0
         return best
