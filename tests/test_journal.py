@@ -409,3 +409,20 @@ def test_reads_do_not_wait_for_the_write_lock(tmp_path: Path) -> None:
         assert not t.is_alive(), "a read waited for the write lock"
     assert got[0][0].id == e.id and got[0][1].state == "judged" and got[0][2] == []
     j.close()
+
+
+def test_threads_beyond_the_read_connections_share_the_writers(tmp_path: Path) -> None:
+    """Short-lived threads (more than MAX_READERS of them) do not each keep a connection open."""
+    import threading
+
+    from devrecd.pipeline.journal_store import MAX_READERS
+
+    j = Journal(tmp_path / "j.sqlite")
+    e, _ = j.see("/ev/a.wav", 1, 1)
+    got: list = []
+    for _ in range(MAX_READERS + 5):
+        t = threading.Thread(target=lambda: got.append(j.get(e.id).id))
+        t.start()
+        t.join()
+    assert got == [e.id] * (MAX_READERS + 5) and len(j._readers) == MAX_READERS
+    j.close()

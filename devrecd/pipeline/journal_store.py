@@ -12,12 +12,11 @@ and the new record lists them under ``supersedes``.
 The schema carries a version (``PRAGMA user_version``); opening an older journal read-write migrates
 it, opening it read-only (:meth:`Journal.open_readonly`, for export from a read-only mount) never writes.
 
-Concurrency: every write goes through one connection under one lock; reads go through a connection
-per thread (WAL: a reader never waits for a writer, and sees every transaction committed before
-its statement began), so the workers' and the writer's lookups do not queue behind a commit's
-fsync. Terminal states are committed in groups (:meth:`Journal.finish_many`: one transaction, one
-fsync for several verdicts); the order that makes them exactly once with the verdict log is
-:mod:`devrecd.pipeline.journal`'s.
+Concurrency: writes go through one connection under one lock; reads through a connection per thread
+(WAL: a reader never waits for the writer and sees every commit made before its statement began),
+so lookups do not queue behind a commit's fsync. Terminal states are committed in groups
+(:meth:`Journal.finish_many`: one transaction, one fsync); the exactly-once order with the verdict
+log is :mod:`devrecd.pipeline.journal`'s.
 
 State files are created 0600 (journal) / 0640 (verdict log) whatever the umask. A write that fails
 (full disk, read-only file system) raises :class:`JournalError` and changes nothing (the transaction
@@ -102,6 +101,7 @@ CREATE INDEX IF NOT EXISTS files_state ON files(state);
 CREATE INDEX IF NOT EXISTS files_unlogged ON files(logged) WHERE logged = 0;
 """
 
+MAX_READERS = 16  # read connections at most (the pipeline's threads); then the shared one
 JOURNAL_NAME = "journal.sqlite"  # the journal's file in a daemon's state folder
 VERDICT_LOG_NAME = "verdicts.jsonl"  # the verdict log's
 
@@ -228,6 +228,10 @@ class Journal:
                 yield self._db
             return
         db = getattr(self._local, "db", None)
+        if db is None and len(self._readers) >= MAX_READERS:  # threads come and go: no connection each
+            with self._lock:
+                yield self._db
+            return
         if db is None:
             try:
                 db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30.0)
@@ -284,18 +288,15 @@ class Journal:
     def finished(self, since: float = 0.0, *, history: bool = False) -> Iterator[Entry]:
         """Terminal rows updated at or after ``since`` (unix time), oldest first: the current record
         of each file version, and with ``history`` also the failures a later version superseded."""
-        current = "" if history or not self._has_superseded() else " AND superseded_by IS NULL"
+        current = "" if history or not self._superseded_column else " AND superseded_by IS NULL"
         yield from self._many("SELECT * FROM files WHERE state IN ('judged', 'failed', 'duplicate') AND updated_at >= ?"
                               + current + " ORDER BY updated_at, id", (since,))
 
     def superseded(self, entry_id: int) -> list[int]:
         """Ids of the earlier failures that row ``entry_id`` superseded."""
-        if not self._has_superseded():
+        if not self._superseded_column:
             return []
         return [r[0] for r in self._rows("SELECT id FROM files WHERE superseded_by = ? ORDER BY id", (entry_id,))]
-
-    def _has_superseded(self) -> bool:
-        return self._superseded_column  # a version-0 journal opened read-only has no such column
 
     def counts(self) -> dict[str, int]:
         return {r[0]: r[1] for r in self._rows("SELECT state, COUNT(*) FROM files GROUP BY state")}
