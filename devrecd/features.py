@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from devrecd.errors import ConfigError
-from devrecd.features_numpy import FRAME_TILE, NumpyPath, cpu_chunk, mel_blocks  # noqa: F401 - importable from here
+from devrecd.features_numpy import NumpyPath, cpu_chunk
 
 N_FRAMES = 128  # frames per clip (the network's time axis)
 N_MFCC = 12  # c1..c12
