@@ -69,7 +69,7 @@ def naive_open_set(files: list[Path], registry: str, repeats: int = 2, threads: 
 
     from devrecd.config import load_config
     from devrecd.pipeline.serving import OpenSetOnly
-    from devrecd.pipeline.stages import features_for_file
+    from devrecd.stages import features_for_file
 
     cfg = load_config(None, overrides={"registry.path": registry})
     served = OpenSetOnly(cfg)
@@ -110,7 +110,7 @@ def naive_loop(files: list[Path], model: str, repeats: int = 2, threads: int = 1
     from devrecd.config import load_config
     from devrecd.pipeline.serving import load_serving_backend
     from devrecd.pipeline.verdict import aggregate, closed_set_comparison
-    from devrecd.pipeline.stages import features_for_file
+    from devrecd.stages import features_for_file
 
     # The same ONNX Runtime thread count as the daemon run. Note: with 2 threads ORT's spinning
     # workers compete with torch for the cores (measured ~5x slower features with a tiny model).

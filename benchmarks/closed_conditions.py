@@ -7,7 +7,7 @@ on segments 4-5 (30 recordings) under each condition: the questioned files of
 ``benchmarks/conditions.py`` (the same generator and the same files when ``--work`` is shared:
 ``level-20dB``, ``white20dB``, ``first3s``, codecs, combinations; see its docstring). Per condition
 and checkout: recordings right (of 30) and windows right (of their count), from the evaluation
-report (``audio.silence_dbfs = -100``: at the default -70 dBFS two -30 dB recordings are refused
+report (``audio.silence_dbfs = -100``: at the old default -70 dBFS (-90 since 2026-12-07) two -30 dB recordings are refused
 as silent and ``evaluate`` stops).
 
 Each checkout runs in its own subprocesses (``PYTHONPATH=<checkout>``, ``python -m devrecd``,
@@ -42,7 +42,7 @@ def side(label: str, checkout: Path, work: Path, conditions: list[str], epochs: 
     """Train and evaluate one checkout; returns {condition: figures}."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEVRECD_")}
     env.update(extra_env)
-    # audio.silence_dbfs -100 (as benchmarks/noise.py): at the default -70 dBFS two recordings at -30 dB
+    # audio.silence_dbfs -100 (as benchmarks/noise.py): at the old default -70 dBFS two recordings at -30 dB
     # are refused as silent and evaluate stops; the level conditions measure the network, not that gate.
     env.update(PYTHONPATH=str(checkout), DEVRECD_FRONTEND__CLIP_SECONDS="4", DEVRECD_TRAIN__THREADS="1",
                DEVRECD_TRAIN__CACHE_DIR=str(work / label / "cache"), DEVRECD_AUDIO__SILENCE_DBFS="-100",

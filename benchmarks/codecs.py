@@ -39,9 +39,9 @@ from devrecd.audio.transmit import apply_channel, encode_file, encoder_available
 from devrecd.baselines import GsvSvm
 from devrecd.config import load_config
 from devrecd.features import extract
-from devrecd.openset.calibration import eer
+from devrecd.openset.measures import eer
 from devrecd.openset.matching import ConditionMatcher, ReferenceStore, embedding_scorer, matched_scores
-from devrecd.pipeline.stages import clips_for, frontend_for
+from devrecd.stages import clips_for, frontend_for
 
 CONDITIONS = ("wav", "aac64", "opus32", "opus16", "amrnb", "amrwb", "mp3_64", "tel")
 SUFFIX = {"adts": ".aac", "ogg": ".opus", "amr": ".amr", "mp3": ".mp3"}

@@ -51,7 +51,7 @@ def _chunk() -> int:
 
 def _ours_numpy(clips: np.ndarray) -> int:
     from devrecd.features import extract
-    from devrecd.pipeline.stages import frontend_for
+    from devrecd.stages import frontend_for
 
     extract(clips, frontend_for(CFG))  # the process's cached frontend, as the daemon uses it (numpy on the CPU)
     return len(clips)
@@ -90,7 +90,7 @@ def _baseline_numpy(clips: np.ndarray) -> int:
 def _ours_torch(clips: np.ndarray) -> int:
     import torch
 
-    from devrecd.pipeline.stages import frontend_for
+    from devrecd.stages import frontend_for
 
     torch.set_num_threads(1)
     frontend = frontend_for(CFG)

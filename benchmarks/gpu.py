@@ -205,7 +205,7 @@ def fit_model(recs: list[dict], device: str, steps: int, out: Path) -> tuple[Pat
     from devrecd.features import FrontendConfig, extract
     from devrecd.model import build_model
     from devrecd.model.checkpoint import Checkpoint, save_checkpoint
-    from devrecd.pipeline.stages import clips_for, frontend_for
+    from devrecd.stages import clips_for, frontend_for
 
     frontend = FrontendConfig()
     labels = sorted({r["device"] for r in recs})
@@ -693,7 +693,7 @@ def gsv_parity(recs: list[dict], device: str, tiny: bool) -> dict:
     the device from the samples). Same verdict (arg-max profile) and the largest score difference."""
     from devrecd.features import FrontendConfig, extract
     from devrecd.openset.scorers import default_gsv_path, load_gsv
-    from devrecd.pipeline.stages import frontend_for
+    from devrecd.stages import frontend_for
     from devrecd.audio import cut_windows
     from devrecd.supervector_torch import TorchGsvScorer
 

@@ -27,7 +27,7 @@ from devrecd.pipeline.serving import load_serving_backend
 from devrecd.features import extract
 from devrecd.live import Listener
 from devrecd.metrics import Metrics
-from devrecd.pipeline.stages import frontend_for
+from devrecd.stages import frontend_for
 
 REPO = Path(__file__).resolve().parents[1]
 

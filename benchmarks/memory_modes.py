@@ -65,7 +65,7 @@ def _classifier(work: Path, phones: dict[str, dict[int, Path]]) -> Path:
     from devrecd.config import load_config
     from devrecd.model import build_model
     from devrecd.model.checkpoint import Checkpoint, save_checkpoint
-    from devrecd.pipeline.stages import features_for_file
+    from devrecd.stages import features_for_file
     from devrecd.train import normalisation_stats
 
     cfg = load_config(None, env={})
@@ -91,7 +91,8 @@ def _embedder(work: Path, phones: dict[str, dict[int, Path]]) -> tuple[Path, Pat
     if not onnx.is_file():
         from devrecd.config import TrainConfig, load_config
         from devrecd.data import load_dataset
-        from devrecd.train import restrict_dataset, train
+        from devrecd.train import train
+        from devrecd.train_data import restrict_dataset
 
         cfg = load_config(None, env={}, overrides={"audio.hop_seconds": 1.0, "train.threads": 2,
                                                    "train.cache_dir": str(work / "cache")})

@@ -41,11 +41,11 @@ from devrecd.audio import read_evidence
 from devrecd.audio.noise import add_noise, measure_noise, noise_excess_db
 from devrecd.config import load_config
 from devrecd.features import extract
-from devrecd.openset.calibration import eer
+from devrecd.openset.measures import eer
 from devrecd.openset.matching import NOISE_MARGIN_DB, ConditionMatcher, ReferenceStore, resolve_noise
 from devrecd.openset.scorers import default_gsv_path, load_gsv
 from devrecd.openset.vectors import unit
-from devrecd.pipeline.stages import clips_for, frontend_for
+from devrecd.stages import clips_for, frontend_for
 
 CONDITIONS = ("clean", "white30", "white20", "white10", "babble30", "babble20", "babble10", "level-20", "level-30")
 
@@ -95,7 +95,7 @@ def main() -> int:
 
     t0 = time.perf_counter()
     scorer, _ = load_gsv(default_gsv_path())
-    # -30 dB copies of the quieter phones fall below the default audio.silence_dbfs (-70 dBFS) and would
+    # -30 dB copies of the quieter phones fall below the old default audio.silence_dbfs (-70 dBFS; -90 since 2026-12-07) and would
     # be refused as silent: the benchmark lowers it (and says how many the default would refuse).
     cfg = load_config(overrides={"audio.silence_dbfs": -100.0})
     default_silence = load_config().audio.silence_dbfs

@@ -37,11 +37,12 @@ import numpy as np
 from devrecd.config import load_config
 from devrecd.data import FeatureCache, load_dataset
 from devrecd.openset.calibration import Decision
+from devrecd.openset.gsv import GsvScorer, fit_nap
 from devrecd.openset.gsvtrain import calibrate_blocks
 from devrecd.openset.protocol import (QUESTIONED_GROUPS, REFERENCE_GROUPS, Fold, Outcomes, TrialMatrix,
                                       calibration_summary, open_set_outcomes, phone_folds, profile_vectors,
                                       s_norm, trial_figures, trial_matrix)
-from devrecd.openset.scorers import EmbedderScorer, GsvScorer, fit_fusion, fit_nap
+from devrecd.openset.scorers import EmbedderScorer, fit_fusion
 from devrecd.openset.vectors import unit
 
 REPO = Path(__file__).resolve().parents[1]

@@ -114,7 +114,7 @@ import numpy as np, torch
 from devrecd.config import load_config
 from devrecd.model import build_model
 from devrecd.model.checkpoint import Checkpoint, save_checkpoint
-from devrecd.pipeline.stages import features_for_file
+from devrecd.stages import features_for_file
 ccnu = Path({str(CCNU)!r}); run = Path({str(work / 'run')!r})
 rows = [r for r in csv.DictReader(open(ccnu / "manifest.csv")) if r["segment"] == "1"]
 cfg = load_config(None, env={{}})

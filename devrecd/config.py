@@ -5,9 +5,12 @@ Precedence (lowest to highest): built-in defaults, the TOML file, environment va
 field takes the value as written unless it is a quoted TOML string), then
 explicit overrides passed by the CLI. Every field declares what it accepts in its annotation:
 its type, ``Literal[...]`` for a set of values, ``Annotated[T, Range(...)]`` / ``Pattern(...)``
-for bounds. A value outside that is a :class:`~devrecd.errors.ConfigError` naming
-``section.key`` and where the value came from (file, environment variable, command line),
-raised when the configuration is loaded, never later.
+for bounds (:mod:`devrecd.validation`, the one mechanism). A value outside that is a
+:class:`~devrecd.errors.ConfigError` naming ``section.key`` and where the value came from (file,
+environment variable, command line), raised when the configuration is loaded, never later.
+Two sections are declared by the layers that read them, below this module: ``[frontend]``
+(:class:`~devrecd.features.FrontendConfig`, also made from artifacts) and ``[audio]``
+(:class:`~devrecd.audio.settings.AudioConfig`); they are checked the same way.
 
 The repository's ``config.toml`` documents every key with its default; a test keeps the two in
 step with the dataclasses below.
@@ -15,78 +18,38 @@ step with the dataclasses below.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
-import re
 import tomllib
-import types
 import typing
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Annotated, Any, Callable, ClassVar, Literal, Mapping
 
+from devrecd.audio.channel import CHANNELS
+from devrecd.audio.settings import AudioConfig
 from devrecd.errors import ConfigError
 from devrecd.features import FrontendConfig
+from devrecd.validation import (
+    FRACTION,
+    NOT_EMPTY,
+    Count,
+    Dbfs,
+    Fraction,
+    NonNegFloat,
+    NonNegInt,
+    Pattern,
+    PositiveFloat,
+    Range,
+    Section,
+    coerce,
+    constraint_problem,
+    field_hints,
+)
 
 ENV_PREFIX = "DEVRECD_"
 
 
-# --- what a field accepts --------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Range:
-    """Bounds of a number (or of every number in a tuple): ``ge``/``gt`` below, ``le``/``lt`` above."""
-
-    ge: float | None = None
-    gt: float | None = None
-    le: float | None = None
-    lt: float | None = None
-
-    def problem(self, value: float) -> str:
-        # inf and nan pass no bound a reader means (a hop of inf seconds fails every file later)
-        if isinstance(value, float) and not math.isfinite(value):
-            return f"must be a finite number, got {value!r}"
-        ok = ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
-              and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
-        if ok:
-            return ""
-        low, high = (self.ge, "[") if self.ge is not None else (self.gt, "("), (self.le, "]") if self.le is not None else (self.lt, ")")
-        if low[0] is not None and high[0] is not None:
-            return f"must be in {low[1]}{_num(low[0])}, {_num(high[0])}{high[1]}, got {value!r}"
-        bound = f"{'>=' if low[1] == '[' else '>'} {_num(low[0])}" if low[0] is not None else \
-            f"{'<=' if high[1] == ']' else '<'} {_num(high[0])}"
-        return f"must be {bound}, got {value!r}"
-
-
-@dataclass(frozen=True)
-class Pattern:
-    """A string that matches ``regex`` in full; ``text`` says what that means to a reader."""
-
-    regex: str
-    text: str
-
-    def problem(self, value: str) -> str:
-        return "" if re.fullmatch(self.regex, value) else f"must be {self.text}, got {value!r}"
-
-
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else str(x)
-
-
-POSITIVE = Range(gt=0)
-NON_NEGATIVE = Range(ge=0)
-AT_LEAST_1 = Range(ge=1)
-FRACTION = Range(ge=0, le=1)
-DBFS = Range(le=0)
-NOT_EMPTY = Pattern(r"(?s)\s*\S.*", "a non-empty string")
-
-PositiveFloat = Annotated[float, POSITIVE]
-NonNegFloat = Annotated[float, NON_NEGATIVE]
-NonNegInt = Annotated[int, NON_NEGATIVE]
-Count = Annotated[int, AT_LEAST_1]
-Fraction = Annotated[float, FRACTION]
-Dbfs = Annotated[float, DBFS]
 SplitFractions = Annotated[tuple[float, float, float], FRACTION]
 
 
@@ -95,64 +58,12 @@ def _check_split(section: str, split: tuple[float, ...]) -> list[str]:
 
 
 def _check_channels(name: str, values: tuple[str, ...], what: str, also: tuple[str, ...] = ()) -> list[str]:
-    from devrecd.audio.channel import CHANNELS  # lazily: the audio package imports this module
-
     bad = [c for c in values if c not in also and c not in CHANNELS]
     return [f"{name}: unknown {what} {', '.join(map(repr, bad))} (known: {', '.join((*also, *CHANNELS))})"] if bad else []
 
 
 @dataclass(frozen=True)
-class _Section:
-    """A section checks every field against its annotation when made (so ``replace`` re-checks),
-    then the relations between fields (:meth:`relations`)."""
-
-    section: ClassVar[str] = ""
-
-    def __post_init__(self) -> None:
-        hints = _hints(type(self))
-        problems = [p for f in fields(self) if (p := _constraint_problem(f"{self.section}.{f.name}",
-                                                                         getattr(self, f.name), hints[f.name]))]
-        if not problems:
-            problems = self.relations()
-        if problems:
-            raise ConfigError("; ".join(problems))
-
-    def relations(self) -> list[str]:
-        """Problems that involve more than one field (each names its keys)."""
-        return []
-
-
-@dataclass(frozen=True)
-class AudioConfig(_Section):
-    """Decoding and windowing of recordings (serving and training)."""
-
-    section: ClassVar[str] = "audio"
-    hop_seconds: PositiveFloat = 2.0  # window hop when cutting recordings into clips (serving)
-    min_seconds: NonNegFloat = 2.0  # shorter recordings are rejected (between this and one clip: wrap-padded)
-    max_seconds: PositiveFloat = 4 * 3600.0  # longer recordings are rejected before decoding
-    max_bytes: Count = 2 * 1024**3  # larger files are rejected before reading
-    silence_dbfs: Dbfs = -70.0  # a recording whose RMS level is below this is "silent"
-    mix: Literal["mean", "first"] = "mean"  # how channels become mono: average, or the first channel
-    resample_quality: Literal["QQ", "LQ", "MQ", "HQ", "VHQ"] = "VHQ"  # soxr quality when the rate differs
-    max_decoded_samples: Count = 4 * 3600 * 48000 * 2  # frames x channels; larger is refused before decoding
-    clip_fraction: Fraction = 0.01  # verdict flag "clipping": this share of samples at full scale
-    dc_offset: Annotated[float, Range(ge=0, le=1)] = 0.1  # verdict flag "dc_offset": |mean sample| at or above this
-    loud_dbfs: Dbfs = -6.0  # verdict flag "loud": RMS level above this (e.g. full-scale noise)
-    # windows one recording may be cut into: audio.max_seconds / audio.hop_seconds must stay within it
-    max_windows: Annotated[int, Range(ge=1, le=1_000_000)] = 100_000
-
-    def relations(self) -> list[str]:
-        problems = ["audio.min_seconds must be <= audio.max_seconds"] if self.min_seconds > self.max_seconds else []
-        windows = self.max_seconds / self.hop_seconds + 1
-        if windows > self.max_windows:
-            problems.append(f"audio.hop_seconds = {self.hop_seconds:g} cuts a recording of audio.max_seconds = "
-                            f"{self.max_seconds:g} s into {windows:.3g} windows, over audio.max_windows = "
-                            f"{self.max_windows}: raise the hop or lower audio.max_seconds")
-        return problems
-
-
-@dataclass(frozen=True)
-class BackendConfig(_Section):
+class BackendConfig(Section):
     """Which inference backend runs the network, and with what artifact."""
 
     section: ClassVar[str] = "backend"
@@ -182,7 +93,7 @@ class BackendConfig(_Section):
 
 
 @dataclass(frozen=True)
-class BatcherConfig(_Section):
+class BatcherConfig(Section):
     section: ClassVar[str] = "batcher"
     max_batch: Count = 32  # flush a batch at this many clips
     max_wait_ms: NonNegFloat = 50.0  # or when the oldest clip has waited this long
@@ -191,7 +102,7 @@ class BatcherConfig(_Section):
 
 
 @dataclass(frozen=True)
-class WatchConfig(_Section):
+class WatchConfig(Section):
     """Directory watching and the daemon's own state."""
 
     section: ClassVar[str] = "watch"
@@ -229,7 +140,7 @@ def max_workers() -> int:
 
 
 @dataclass(frozen=True)
-class MetricsConfig(_Section):
+class MetricsConfig(Section):
     section: ClassVar[str] = "metrics"
     enabled: bool = True
     address: Annotated[str, NOT_EMPTY] = "127.0.0.1"
@@ -237,7 +148,7 @@ class MetricsConfig(_Section):
 
 
 @dataclass(frozen=True)
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """The paper's recipe (section V-E) as defaults. The one definition of a training run's options:
     ``devrecd train``/``finetune``/``train-embedder`` and the benchmarks override fields of this section
     (``finetune``/``train-embedder`` start from its ``finetune_*``/``embedder_*`` keys)."""
@@ -286,7 +197,7 @@ class TrainConfig(_Section):
 
 
 @dataclass(frozen=True)
-class LiveConfig(_Section):
+class LiveConfig(Section):
     """Live capture through sounddevice (PortAudio)."""
 
     section: ClassVar[str] = "live"
@@ -306,7 +217,7 @@ class LiveConfig(_Section):
 
 
 @dataclass(frozen=True)
-class RegistryConfig(_Section):
+class RegistryConfig(Section):
     """Open-set identification against enrolled device profiles."""
 
     section: ClassVar[str] = "registry"
@@ -331,7 +242,7 @@ class RegistryConfig(_Section):
 
 
 @dataclass(frozen=True)
-class SynthConfig(_Section):
+class SynthConfig(Section):
     """The device simulator (``devrecd synth``)."""
 
     section: ClassVar[str] = "synth"
@@ -350,7 +261,7 @@ class SynthConfig(_Section):
 
 
 @dataclass(frozen=True)
-class ClusterConfig(_Section):
+class ClusterConfig(Section):
     """``devrecd batch``: an archive judged by a Ray Data job (local instance or a cluster)."""
 
     section: ClassVar[str] = "cluster"
@@ -364,7 +275,7 @@ class ClusterConfig(_Section):
 
 
 @dataclass(frozen=True)
-class ReportConfig(_Section):
+class ReportConfig(Section):
     """The case header of ``devrecd report`` (flags override)."""
 
     section: ClassVar[str] = "report"
@@ -374,7 +285,7 @@ class ReportConfig(_Section):
 
 
 @dataclass(frozen=True)
-class LogConfig(_Section):
+class LogConfig(Section):
     section: ClassVar[str] = "log"
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     format: Literal["text", "json"] = "text"
@@ -465,10 +376,10 @@ def _env_values(env: Mapping[str, str]) -> dict[str, Any]:
 
 def _is_str_field(section: str, key: str) -> bool:
     """Whether ``section.key`` is a plain string field (unknown keys are refused later, by :func:`_apply`)."""
-    section_type = _hints(Config).get(section)
+    section_type = field_hints(Config).get(section)
     if section_type is None:
         return False
-    hint = _hints(section_type).get(key)
+    hint = field_hints(section_type).get(key)
     if typing.get_origin(hint) is Annotated:
         hint = typing.get_args(hint)[0]
     return hint is str
@@ -495,15 +406,15 @@ def _apply(cfg: Config, data: Mapping[str, Any], source: Callable[[str, str], st
         if not isinstance(values, Mapping):
             raise ConfigError(f"[{section}] must be a table of keys (from {source(section, '')})")
         current = getattr(cfg, section)
-        hints = _hints(type(current))
+        hints = field_hints(type(current))
         changes = {}
         for key, value in values.items():
             if key not in hints:
                 raise ConfigError(f"unknown config key {section}.{key} (known: {', '.join(sorted(hints))}) "
                                   f"(from {source(section, key)})")
             name = f"{section}.{key}"
-            changed = _coerce(name, value, hints[key], source(section, key))
-            if problem := _constraint_problem(name, changed, hints[key]):
+            changed = coerce(name, value, hints[key], source(section, key))
+            if problem := constraint_problem(name, changed, hints[key]):
                 raise ConfigError(f"{problem} (from {source(section, key)})")
             changes[key] = changed
         try:
@@ -518,87 +429,6 @@ def _apply(cfg: Config, data: Mapping[str, Any], source: Callable[[str, str], st
     except ConfigError as exc:
         where = sorted({source(section, k) for section, values in data.items() for k in values})
         raise ConfigError(f"{exc} (from {', '.join(where)})") from None
-
-
-@functools.cache  # evaluating the string annotations is the costly part of making a section
-def _hints(cls: type) -> dict[str, Any]:
-    """Field name -> annotation with its ``Annotated`` constraints (for every dataclass field)."""
-    hints = typing.get_type_hints(cls, include_extras=True)
-    return {f.name: hints[f.name] for f in fields(cls)}
-
-
-def _coerce(name: str, value: Any, hint: Any, source: str = "") -> Any:
-    """Check ``value`` against a field's type, converting only where lossless (int -> float)."""
-    origin = typing.get_origin(hint)
-    if origin is Annotated:
-        return _coerce(name, value, typing.get_args(hint)[0], source)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    elif origin is Literal:  # the type here; which values are allowed is _constraint_problem's
-        if isinstance(value, str):
-            return value
-    elif origin is tuple:
-        args = typing.get_args(hint)
-        if isinstance(value, (list, tuple)):
-            if len(args) == 2 and args[1] is Ellipsis:
-                return tuple(_coerce(f"{name}[{i}]", v, args[0], source) for i, v in enumerate(value))
-            if len(value) == len(args):
-                return tuple(_coerce(f"{name}[{i}]", v, a, source) for i, (v, a) in enumerate(zip(value, args)))
-    elif origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(hint):
-            try:
-                return _coerce(name, value, arg, source)
-            except ConfigError:
-                continue
-    elif is_dataclass(hint):
-        pass
-    where = f" (from {source})" if source else ""
-    raise ConfigError(f"{name}: expected {_type_name(hint)}, got {type(value).__name__} {value!r}{where}")
-
-
-def _constraint_problem(name: str, value: Any, hint: Any) -> str:
-    """What is wrong with a value of the right type (set of values, bounds, pattern); "" if nothing."""
-    base, marks = hint, ()
-    if typing.get_origin(hint) is Annotated:
-        base, *rest = typing.get_args(hint)
-        marks = tuple(rest)
-    if typing.get_origin(base) is Literal and value not in typing.get_args(base):
-        return f"{name} must be one of {', '.join(map(str, typing.get_args(base)))}, got {value!r}"
-    if typing.get_origin(base) is tuple and isinstance(value, tuple):
-        args = typing.get_args(base)
-        item_hints = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
-        for i, (v, h) in enumerate(zip(value, item_hints)):
-            if problem := _constraint_problem(f"{name}[{i}]", v, typing.Annotated[(h, *marks)] if marks else h):
-                return problem
-        return ""
-    for mark in marks:
-        if problem := mark.problem(value):
-            return f"{name} {problem}"
-    return ""
-
-
-def _type_name(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    if origin is Annotated:
-        return _type_name(typing.get_args(hint)[0])
-    if origin is Literal:
-        return "one of " + ", ".join(map(str, typing.get_args(hint)))
-    if origin is tuple:
-        args = typing.get_args(hint)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {_type_name(args[0])}"
-        return f"a list of {len(args)} values"
-    return getattr(hint, "__name__", str(hint))
 
 
 def config_to_toml_dict(cfg: Config) -> dict[str, dict[str, Any]]:

@@ -27,12 +27,13 @@ import json
 import math
 import threading
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 
 from devrecd.errors import ConfigError
 from devrecd.features_numpy import NumpyPath, cpu_chunk
+from devrecd.validation import Count, PositiveFloat, Range, Section
 
 N_FRAMES = 128  # frames per clip (the network's time axis)
 N_MFCC = 12  # c1..c12
@@ -46,69 +47,65 @@ SLICE_LOGE = slice(N_MFCC, N_BASE)
 SLICE_DELTA = slice(N_BASE, 2 * N_BASE)
 SLICE_DELTA2 = slice(2 * N_BASE, 3 * N_BASE)
 SLICE_FBANK = slice(3 * N_BASE, FEATURE_DIM)
-LEVELS = ("clip", "none")  # FrontendConfig.level
+Level = Literal["clip", "none"]  # FrontendConfig.level
 
 
 @dataclass(frozen=True)
-class FrontendConfig:
-    """Every parameter of the frontend. Serialised with models; compared before serving."""
+class FrontendConfig(Section):
+    """Every parameter of the frontend (``[frontend]``). Serialised with models; compared before serving.
 
-    sample_rate: int = 32000  # Hz; the model's rate (CCNU_Mobile is 32 kHz)
-    clip_seconds: float = 2.0  # one network input covers this much audio
+    Checked like every configuration section (:mod:`devrecd.validation`: ``frontend.key must ...,
+    got ...``) wherever it is made: the configuration, or an artifact (checkpoint, contract, scorer,
+    registry), whose reader names the artifact in its error."""
+
+    section: ClassVar[str] = "frontend"
+    sample_rate: Annotated[int, Range(gt=0)] = 32000  # Hz; the model's rate (CCNU_Mobile is 32 kHz)
+    clip_seconds: PositiveFloat = 2.0  # one network input covers this much audio
     n_frames: int = N_FRAMES
     frame_length: int = 0  # samples per frame; 0 = 2 x hop
     n_fft: int = 0  # FFT size; 0 = next power of two >= frame_length
-    window: str = "hamming"  # symmetric Hamming (the paper's choice)
-    preemphasis: float = 0.97
+    window: Literal["hamming", "hann"] = "hamming"  # symmetric Hamming (the paper's choice)
+    preemphasis: Annotated[float, Range(ge=0, lt=1)] = 0.97
     n_mels: int = N_MELS
     n_mfcc: int = N_MFCC
     fmin: float = 0.0
     fmax: float = 0.0  # 0 = Nyquist
-    delta_width: int = 2  # HTK regression half-width N
-    log_floor: float = 1e-12  # energies are clamped here before log (relative to the clip's level with level="clip")
+    delta_width: Count = 2  # HTK regression half-width N
+    # energies are clamped here before log (relative to the clip's level with level="clip"); log(0) is
+    # -inf: every clip would then fail as non-finite features
+    log_floor: PositiveFloat = 1e-12
     # "clip": every energy of a clip is divided by the clip's mean frame energy before anything else
     # reads it, so that logE and the pre-Fbank energies (the only level-bearing dims) do not move with
     # gain: recording level is not a device trace. "none": absolute energies (input in [-1, 1]), what
     # every model and scorer made before this parameter existed computed (see :meth:`from_dict`).
-    level: str = "clip"
+    level: Level = "clip"
 
-    def __post_init__(self) -> None:
+    def relations(self) -> list[str]:
         problems = []
-        if self.sample_rate <= 0:
-            problems.append("sample_rate must be > 0")
-        if not (math.isfinite(self.clip_seconds) and self.clip_seconds > 0):
-            problems.append(f"clip_seconds must be a finite number > 0, got {self.clip_seconds!r}")
-        if not (math.isfinite(self.log_floor) and self.log_floor > 0):
-            # log(0) is -inf: every clip would then fail as non-finite features
-            problems.append(f"log_floor must be a finite number > 0, got {self.log_floor!r}")
         if self.n_frames != N_FRAMES:
-            problems.append(f"n_frames must be {N_FRAMES} (the network's time axis)")
+            problems.append(f"frontend.n_frames must be {N_FRAMES} (the network's time axis), got {self.n_frames!r}")
         if self.n_mels != N_MELS or self.n_mfcc != N_MFCC:
-            problems.append(f"n_mels/n_mfcc must be {N_MELS}/{N_MFCC} (73-dim features)")
-        if self.level not in LEVELS:
-            problems.append(f"level must be one of {', '.join(map(repr, LEVELS))}, not {self.level!r}")
-        if self.window not in ("hamming", "hann"):
-            problems.append(f"window must be 'hamming' or 'hann', not {self.window!r}")
-        if not 0.0 <= self.preemphasis < 1.0:
-            problems.append("preemphasis must be in [0, 1)")
-        if self.delta_width < 1:
-            problems.append("delta_width must be >= 1")
-        if not problems:
-            hop = self.hop_length
-            if hop < 16:
-                problems.append(f"clip too short for {self.n_frames} frames (hop {hop} samples)")
-            if self.frame_length and self.frame_length < hop:
-                problems.append("frame_length must be >= the frame hop (or 0 for automatic)")
-            if self.n_fft and self.n_fft < self.win_length:
-                problems.append("n_fft must be >= frame_length (or 0 for automatic)")
-            if self.n_fft % 2:
-                # the Parseval weights count the last rfft bin once, as the Nyquist bin of an even size
-                problems.append(f"n_fft must be even (or 0 for automatic), got {self.n_fft}")
-            top = self.fmax or self.sample_rate / 2
-            if not 0 <= self.fmin < top <= self.sample_rate / 2:
-                problems.append("need 0 <= fmin < fmax <= sample_rate / 2")
+            problems.append(f"frontend.n_mels/n_mfcc must be {N_MELS}/{N_MFCC} (73-dim features), "
+                            f"got {self.n_mels!r}/{self.n_mfcc!r}")
         if problems:
-            raise ConfigError("frontend: " + "; ".join(problems))
+            return problems
+        hop = self.hop_length
+        if hop < 16:
+            problems.append(f"frontend.clip_seconds is too short for {self.n_frames} frames (hop {hop} samples)")
+        if self.frame_length and self.frame_length < hop:
+            problems.append(f"frontend.frame_length must be >= the frame hop ({hop}) or 0 for automatic, "
+                            f"got {self.frame_length!r}")
+        if self.n_fft and self.n_fft < self.win_length:
+            problems.append(f"frontend.n_fft must be >= frame_length ({self.win_length}) or 0 for automatic, "
+                            f"got {self.n_fft!r}")
+        if self.n_fft % 2:
+            # the Parseval weights count the last rfft bin once, as the Nyquist bin of an even size
+            problems.append(f"frontend.n_fft must be even (or 0 for automatic), got {self.n_fft}")
+        top = self.fmax or self.sample_rate / 2
+        if not 0 <= self.fmin < top <= self.sample_rate / 2:
+            problems.append(f"frontend.fmin/fmax must be 0 <= fmin < fmax <= sample_rate / 2, "
+                            f"got {self.fmin!r}/{self.fmax!r}")
+        return problems
 
     # --- derived sizes -------------------------------------------------------------------
     @property

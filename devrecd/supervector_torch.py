@@ -1,6 +1,6 @@
 """The shipped GSV scorer in torch, on a GPU: the same scorer behind the same interface.
 
-:class:`TorchGsvScorer` wraps a :class:`~devrecd.openset.scorers.GsvScorer` (same UBM arrays, NAP
+:class:`TorchGsvScorer` wraps a :class:`~devrecd.openset.gsv.GsvScorer` (same UBM arrays, NAP
 basis, relevance factor, frontend and fingerprint: a registry enrolled with one is served by the
 other) and computes on its torch device what the numpy scorer computes on the CPU:
 
@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from devrecd.features import FrontendConfig
+from devrecd.stages import frontend_for
 from devrecd.supervector import nap_project, unit_rows
 
 
@@ -38,7 +39,7 @@ def on_device(scorer: Any, device: str) -> Any:
 
 
 class TorchGsvScorer:
-    """A :class:`~devrecd.openset.scorers.GsvScorer` computed with torch on ``device`` (see the module docstring)."""
+    """A :class:`~devrecd.openset.gsv.GsvScorer` computed with torch on ``device`` (see the module docstring)."""
 
     kind = "gsv"
 
@@ -81,7 +82,7 @@ class TorchGsvScorer:
         return self._host(self.window_vectors_on_device(feats))
 
     def accumulator(self) -> Any:
-        """As :meth:`GsvScorer.accumulator <devrecd.openset.scorers.GsvScorer.accumulator>`, the
+        """As :meth:`GsvScorer.accumulator <devrecd.openset.gsv.GsvScorer.accumulator>`, the
         statistics summed on the device."""
         from devrecd.supervector import SupervectorAccumulator
 
@@ -98,8 +99,6 @@ class TorchGsvScorer:
     # --- on the device ---------------------------------------------------------------------------
     def features(self, clips: Any) -> Any:
         """(n, clip_samples) clips -> (n, 128, 73) features on the device (the one frontend, on torch)."""
-        from devrecd.pipeline.stages import frontend_for
-
         return frontend_for(self.frontend)(self._tensor(clips, dtype="float32"))
 
     def recording_vector_on_device(self, feats: Any) -> Any:

@@ -15,6 +15,7 @@ import numpy as np
 from devrecd.config import Config
 from devrecd.data import Dataset, FeatureCache, Item, parse_split_groups
 from devrecd.errors import DatasetError
+from devrecd.stages import clips_for, frontend_for, hop_samples
 
 
 @dataclass
@@ -215,7 +216,6 @@ class Augmenter:
     def epoch_features(self, seed: int, epoch: int) -> list[np.ndarray]:
         """Per-recording (n, 128, 73) raw features for ``epoch`` (same seed and epoch, same features)."""
         from devrecd.features import extract
-        from devrecd.pipeline.stages import clips_for, frontend_for, hop_samples
 
         rng = np.random.default_rng([seed, epoch, 0xA06])
         hop = hop_samples(self.hop, self.cfg.frontend.sample_rate)

@@ -167,7 +167,7 @@ def test_socket_device_and_links_to_them_are_refused(tmp_path):
 
 def test_file_swapped_for_a_fifo_after_the_check_is_refused_by_fstat(tmp_path, monkeypatch, tone):
     """The race of a file replaced after it was looked at: fstat on the open descriptor decides."""
-    import devrecd.audio.decode as decode
+    import devrecd.audio.evidence as evidence
 
     path = _wav(tmp_path / "v.wav", tone)
     real_stat = os.stat
@@ -181,7 +181,7 @@ def test_file_swapped_for_a_fifo_after_the_check_is_refused_by_fstat(tmp_path, m
             os.mkfifo(path)
         return st
 
-    monkeypatch.setattr(decode.os, "stat", stat_then_swap)
+    monkeypatch.setattr(evidence.os, "stat", stat_then_swap)
     exc = _in_thread_with_timeout(lambda: read_evidence(path, SR))
     assert swapped and isinstance(exc, NotAFile) and "FIFO" in exc.detail
 
@@ -276,6 +276,24 @@ def test_silent(tmp_path):
         read_evidence(quiet, SR)
 
 
+
+def test_a_real_recording_30_db_quieter_is_judged_and_lsb_noise_is_silent(ccnu_dir, tmp_path):
+    """The default audio.silence_dbfs refuses what holds no recording (a 16-bit file of +-1 LSB noise,
+    -92 dBFS) and reads the quietest real phone recording made 30 dB quieter and re-quantised to
+    16 bit (CCNU's quietest is -42 dBFS RMS: -72 after; the old default of -70 refused it)."""
+    levels = {}
+    for path in sorted(ccnu_dir.glob("*.wav")):
+        x, rate = sf.read(path, dtype="float64")
+        levels[path] = (10 * np.log10(np.mean(x**2)), x, rate)
+    _, x, rate = min(levels.values(), key=lambda v: v[0])
+    quiet = _wav(tmp_path / "quiet.wav", np.round(x * 10 ** (-30 / 20) * 32767) / 32767, rate=rate)
+    rec = read_evidence(quiet, rate, AudioConfig())
+    level = 10 * np.log10(np.mean(rec.samples.astype(np.float64) ** 2))
+    assert level < -70, level
+    lsb = _wav(tmp_path / "lsb.wav", np.random.default_rng(0).integers(-1, 2, 3 * SR).astype(np.int16), rate=SR)
+    with pytest.raises(SilentAudio, match="audio.silence_dbfs"):
+        read_evidence(lsb, SR, AudioConfig())
+
 def test_too_short(tmp_path, tone):
     path = _wav(tmp_path / "short.wav", tone[: SR // 2])
     with pytest.raises(TooShortAudio, match="0.50 s") as e:
@@ -324,7 +342,7 @@ def test_stream_windower_cuts_exactly_the_clips_of_cut_windows():
 def test_streamed_features_equal_the_in_memory_path(tmp_path):
     """The daemon's block-wise path (never holding the samples) gives the features of features_for_file."""
     from devrecd.config import load_config
-    from devrecd.pipeline.stages import features_for_file, stream_features
+    from devrecd.stages import features_for_file, stream_features
 
     cfg = load_config(None, env={})
     rate = 44100  # resampled on the way, in blocks

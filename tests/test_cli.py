@@ -207,7 +207,7 @@ def test_renamed_options_are_gone():
 
 
 def test_scorer_choices_are_the_scorers_the_library_has():
-    from devrecd.cli.openset import ScorerKind
+    from devrecd.cli.registry import ScorerKind
     from devrecd.openset.scorers import KINDS
 
     assert {s.value for s in ScorerKind} <= set(KINDS)

@@ -33,7 +33,7 @@ def test_unknown_section_and_key_and_wrong_type_name_the_key(tmp_path):
         "[metrics]\nenabled = 1\n": r"metrics\.enabled: expected bool",
         "[watch]\nextensions = \".wav\"\n": r"watch\.extensions: expected a list of str",
         "[train]\nsplit = [0.5, 0.5]\n": r"train\.split: expected a list of 3 values",
-        "[frontend]\nn_frames = 64\n": r"frontend: n_frames must be 128",
+        "[frontend]\nn_frames = 64\n": r"frontend\.n_frames must be 128 \(the network's time axis\), got 64",
         "not toml ==": r"not valid TOML",
     }
     for text, message in cases.items():
@@ -97,9 +97,13 @@ BAD_VALUES = {
     "watch.state_dir": ("  ", r"watch\.state_dir must be a non-empty string"),
     "audio.hop_seconds": (float("inf"), r"audio\.hop_seconds must be a finite number, got inf"),
     "live.hop_seconds": (float("nan"), r"live\.hop_seconds must be a finite number, got nan"),
-    "frontend.clip_seconds": (float("inf"), r"frontend: clip_seconds must be a finite number > 0, got inf"),
-    "frontend.log_floor": (0.0, r"frontend: log_floor must be a finite number > 0, got 0\.0"),
-    "frontend.n_fft": (2049, r"frontend: n_fft must be even"),
+    "frontend.clip_seconds": (float("inf"), r"frontend\.clip_seconds must be a finite number, got inf"),
+    "frontend.log_floor": (0.0, r"frontend\.log_floor must be > 0, got 0\.0"),
+    "frontend.n_fft": (2049, r"frontend\.n_fft must be even \(or 0 for automatic\), got 2049"),
+    "frontend.sample_rate": (0, r"frontend\.sample_rate must be > 0, got 0"),
+    "frontend.window": ("hann2", r"frontend\.window must be one of hamming, hann, got 'hann2'"),
+    "frontend.level": ("loud", r"frontend\.level must be one of clip, none, got 'loud'"),
+    "frontend.preemphasis": (1.0, r"frontend\.preemphasis must be in \[0, 1\), got 1\.0"),
     # runaway settings: a hop that cuts a recording into billions of windows, more threads than can start
     "audio.hop_seconds#tiny": (1e-9, r"audio\.hop_seconds = 1e-09 cuts a recording of audio\.max_seconds = 14400 s into "
                                 r"1\.44e\+13 windows, over audio\.max_windows = 100000"),
@@ -122,6 +126,77 @@ def test_bad_values_are_refused_at_load_naming_key_and_source(tmp_path, key):
         load_config(None, env={env_name: literal})
     with pytest.raises(ConfigError, match=message + r".*\(from command line\)"):
         load_config(None, env={}, overrides={key: value})
+
+
+def test_a_bad_frontend_in_a_config_file_is_refused_at_load_in_the_config_style(tmp_path):
+    """[frontend] is checked by the configuration's one mechanism: ``frontend.key must ..., got ...``
+    and where the value came from, when the file is loaded."""
+    path = tmp_path / "config.toml"
+    path.write_text("[frontend]\nsample_rate = 16000\nwindow = \"blackman\"\n")
+    with pytest.raises(ConfigError, match=r"^frontend\.window must be one of hamming, hann, got 'blackman' "
+                                          r"\(from file .*config\.toml\)$"):
+        load_config(path, env={})
+    path.write_text("[frontend]\nclip_seconds = 0.01\n")  # between keys: a relation, still the same style
+    with pytest.raises(ConfigError, match=r"^frontend\.clip_seconds is too short for 128 frames .*\(from file "):
+        load_config(path, env={})
+
+
+def test_a_bad_frontend_from_an_artifact_names_the_artifact(tmp_path):
+    """The same check where a frontend comes from an artifact: the artifact is named, not a key's source."""
+    from devrecd.contract import CLASSIFIER, SCHEMA, Contract, _check_header
+    from devrecd.errors import ArtifactError
+    from devrecd.features import FrontendConfig
+
+    with pytest.raises(ConfigError, match=r"^frontend\.preemphasis must be in \[0, 1\), got 1\.5$"):
+        FrontendConfig.from_dict({"preemphasis": 1.5})
+    header = {"schema": SCHEMA, "kind": CLASSIFIER, "frontend": {"sample_rate": -1}}
+    header.update({f: None for f in Contract.__dataclass_fields__ if f not in header})
+    with pytest.raises(ArtifactError, match=r"^m\.json: bad frontend: frontend\.sample_rate must be > 0, got -1$"):
+        _check_header(header, Contract, CLASSIFIER, "m.json")
+
+
+def test_a_checkpoint_with_a_bad_frontend_is_an_artifact_error_naming_it(tmp_path):
+    torch = pytest.importorskip("torch")
+    import numpy as np
+
+    from devrecd.errors import ArtifactError
+    from devrecd.features import FEATURE_DIM, FrontendConfig
+    from devrecd.model.checkpoint import Checkpoint, load_checkpoint
+
+    blob = Checkpoint(arch="paper", hparams={}, labels=["a", "b"], frontend=FrontendConfig(),
+                      norm_mean=np.zeros(FEATURE_DIM, np.float32), norm_std=np.ones(FEATURE_DIM, np.float32),
+                      state_dict={}).to_dict()
+    blob["frontend"]["window"] = "blackman"
+    path = tmp_path / "m.pt"
+    torch.save(blob, path)
+    with pytest.raises(ArtifactError, match=r"m\.pt: bad frontend: frontend\.window must be one of hamming, hann, "
+                                            r"got 'blackman'$"):
+        load_checkpoint(path)
+
+
+def test_a_gsv_scorer_file_with_a_bad_frontend_is_an_artifact_error_naming_it(tmp_path):
+    """As a checkpoint's: the GSV scorer file is named, the frontend's problem in the config style."""
+    import json
+
+    import numpy as np
+
+    from devrecd.errors import ArtifactError
+    from devrecd.features import FrontendConfig
+    from devrecd.openset.scorers import GsvScorer, load_gsv, save_gsv
+
+    rng = np.random.default_rng(0)
+    feats = [rng.standard_normal((2, 128, 73)).astype(np.float32) + k % 4 for k in range(8)]
+    save_gsv(tmp_path / "g.npz", GsvScorer.train(feats, list("abcdabcd"), FrontendConfig(), mixtures=2, nap_dims=1))
+    with np.load(tmp_path / "g.npz") as npz:
+        arrays = dict(npz)
+    meta = json.loads(bytes(arrays["meta"]).decode())
+    meta["scorer"]["frontend"]["window"] = "blackman"
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(ArtifactError, match=r"bad\.npz: GSV scorer: bad frontend: frontend\.window must be one of "
+                                            r"hamming, hann, got 'blackman'$") as e:
+        load_gsv(tmp_path / "bad.npz")
+    assert e.value.reason == "scorer_format"
 
 
 def test_a_section_made_in_code_is_checked_too():
@@ -152,7 +227,7 @@ def test_each_layer_wins_over_the_one_below_for_the_same_key(tmp_path):
 def test_non_finite_frontend_values_are_config_errors_naming_the_key():
     for key in ("clip_seconds", "log_floor"):
         for value in ("nan", "inf", "-inf"):
-            with pytest.raises(ConfigError, match=rf"frontend: {key} must be a finite number > 0"):
+            with pytest.raises(ConfigError, match=rf"frontend\.{key} must be a finite number, got {value}"):
                 load_config(None, env={f"DEVRECD_FRONTEND__{key.upper()}": value})
     assert load_config(None, env={"DEVRECD_FRONTEND__N_FFT": "2050"}).frontend.fft_size == 2050
 

@@ -730,7 +730,7 @@ def test_the_same_content_in_flight_twice_is_judged_once(tmp_path: Path, ccnu_di
     from devrecd.config import load_config
     from devrecd.pipeline.runner import Pipeline
     from devrecd.pipeline.serving import load_serving_backend
-    from devrecd.pipeline.stages import features_for_file
+    from devrecd.stages import features_for_file
 
     src = ccnu_recordings(ccnu_dir, 1)[0]
     copies = [tmp_path / "a.wav", tmp_path / "b.wav"]

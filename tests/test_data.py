@@ -15,7 +15,7 @@ from devrecd.config import AudioConfig, Config
 from devrecd.data import CCNU_SPLIT, FeatureCache, load_dataset
 from devrecd.errors import DatasetError
 from devrecd.features import FrontendConfig
-from devrecd.pipeline.stages import features_for_file
+from devrecd.stages import features_for_file
 
 DEVICES = ("Honor9 STF-ALOO", "IPHONE6(2)", "xiaomi 8se")  # CCNU-style names: spaces and parentheses
 

@@ -98,7 +98,7 @@ def test_export_embedder_writes_the_checkpoints_network_with_its_fingerprint(
         rel = np.abs(emb - ref).max(axis=1) / np.linalg.norm(ref, axis=1)
         assert rel.max() <= 1e-4, (name, rel.max())
     # more windows than one slice: the same embeddings as one window at a time
-    from devrecd.pipeline.stages import features_for_file
+    from devrecd.stages import features_for_file
 
     x = np.concatenate([features_for_file(phones[n][5], cfg, hop_seconds=0.25)[1] for n in sorted(phones)[8:12]])
     assert len(x) > EMBED_BATCH

@@ -78,7 +78,7 @@ def test_onnx_runtime_matches_the_torch_checkpoint_on_ccnu(exported_model, ccnu_
     """Done-when: same labels and scores (within tolerance) as the checkpoint, on recordings parity never saw."""
     from devrecd.backends.onnxrt import OnnxRuntimeBackend
     from devrecd.backends.torch_backend import TorchBackend
-    from devrecd.pipeline.stages import features_for_file
+    from devrecd.stages import features_for_file
 
     onnx_path, _, ckpt_path = exported_model
     cfg = load_config(None, env={})

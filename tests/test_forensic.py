@@ -10,7 +10,7 @@ import pytest
 
 from devrecd.forensic.lr import Calibration, assess, condition_mismatch, load_calibration
 from devrecd.forensic.verbal import ENFSI_SCALE, scale_rows, verbal
-from devrecd.openset.calibration import CalibrationError, cllr
+from devrecd.openset.measures import CalibrationError, cllr
 from devrecd.openset.calibration import fit_calibration as fit_lr_calibration
 
 pytest.importorskip("lir")

@@ -156,7 +156,7 @@ def test_features_on_device_equal_the_hosts(ccnu_dir: Path) -> None:
 
     from devrecd.audio import read_evidence
     from devrecd.features import FrontendConfig, extract
-    from devrecd.pipeline.stages import clips_for, features_on_device, frontend_for
+    from devrecd.stages import clips_for, features_on_device, frontend_for
 
     cfg = FrontendConfig()
     rec = read_evidence(ccnu_dir / "Apple_air1_1.wav", cfg.sample_rate)

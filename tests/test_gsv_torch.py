@@ -28,7 +28,7 @@ def _phones(ccnu_dir: Path) -> dict[str, dict[str, Path]]:
 def _parity(ccnu_dir: Path, device: str) -> None:
     from devrecd.audio import read_evidence
     from devrecd.openset.scorers import default_gsv_path, load_gsv
-    from devrecd.pipeline.stages import clips_for, features_for_file
+    from devrecd.stages import clips_for, features_for_file
     from devrecd.supervector_torch import TorchGsvScorer
 
     shipped, _ = load_gsv(default_gsv_path())
@@ -84,7 +84,7 @@ def test_torch_gsv_scorer_on_cuda_matches_numpy_and_serves(ccnu_dir: Path, tmp_p
 
     from devrecd.cli import app
     from devrecd.openset.workflow import RegistryJudge
-    from devrecd.pipeline.stages import features_for_file
+    from devrecd.stages import features_for_file
     from devrecd.supervector_torch import TorchGsvScorer
 
     by_phone = _phones(ccnu_dir)

@@ -175,7 +175,7 @@ def test_every_hostile_class_gets_its_reason_from_the_intake_alone(tmp_path: Pat
     that regressed when the daemon test fails."""
     from devrecd.audio import AudioError, open_stream
     from devrecd.config import load_config
-    from devrecd.pipeline.stages import stream_features
+    from devrecd.stages import stream_features
 
     ev = tmp_path / "evidence"
     expect, _ = build(ev, ccnu_recordings(ccnu_dir, 3), tmp_path / "outside")

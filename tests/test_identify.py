@@ -24,7 +24,7 @@ from devrecd.pipeline.identify import identify_files
 from devrecd.pipeline.serving import load_serving_backend
 from devrecd.pipeline.verdict import aggregate
 from devrecd.errors import ArtifactError
-from devrecd.pipeline.stages import features_for_file
+from devrecd.stages import features_for_file
 
 runner = CliRunner()
 
@@ -76,7 +76,7 @@ def test_a_long_file_inferred_chunk_by_chunk_gets_exactly_the_naive_verdict(cfg:
                                                                             tmp_path: Path) -> None:
     """A file's features go to the batcher in chunks as they are computed (never held whole); the
     window probabilities gathered back from several chunks and batches give the naive loop's verdict."""
-    from devrecd.pipeline.stages import _CLIPS_PER_EXTRACT
+    from devrecd.stages import _CLIPS_PER_EXTRACT
 
     long = _five_segments(ccnu_dir, tmp_path)
     dense = cfg.with_overrides({"audio.hop_seconds": 0.5})

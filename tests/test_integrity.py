@@ -12,7 +12,7 @@ import soundfile as sf
 
 from devrecd.audio import open_stream, read_evidence
 from devrecd.config import load_config
-from devrecd.pipeline.stages import stream_features
+from devrecd.stages import stream_features
 
 SR = 32000
 

@@ -30,7 +30,7 @@ from devrecd.pipeline.batcher import Batcher
 from devrecd.pipeline.verdict import aggregate
 from devrecd.live import LiveSource, RunningVerdict, SampleRing, measure
 from devrecd.metrics import Metrics
-from devrecd.pipeline.stages import features_for_file
+from devrecd.stages import features_for_file
 
 REPO = Path(__file__).resolve().parents[1]
 SR = 32000

@@ -69,7 +69,7 @@ def test_matching_restores_identification_through_amr_nb(ccnu_dir, tmp_path):
     """AMR-NB questioned recordings against clean references are mostly misjudged; matched, all right."""
     from devrecd.audio import read_evidence
     from devrecd.features import extract
-    from devrecd.pipeline.stages import clips_for, frontend_for
+    from devrecd.stages import clips_for, frontend_for
 
     cfg = load_config(overrides={"audio.hop_seconds": 2.0})
     store = ReferenceStore(tmp_path / "refs")
@@ -126,7 +126,7 @@ def _judge_checks(trained_checkpoint, ccnu_dir, tmp_path):
     from devrecd.openset.workflow import calibration_trials_under
     from devrecd.openset.registry import open_registry
     from devrecd.openset.workflow import RegistryJudge, calibrate_registry, enrol_files, score_recordings
-    from devrecd.pipeline.stages import features_for_file
+    from devrecd.stages import features_for_file
 
     phones = PHONES[:2]
     cfg = load_config(overrides={"audio.hop_seconds": 4.0, "registry.path": str(tmp_path / "registry.json")})

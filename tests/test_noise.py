@@ -155,7 +155,7 @@ def test_verdicts_on_noisy_evidence_are_noise_matched_and_named(ccnu_dir, tmp_pa
     import soundfile as sf
 
     from devrecd.openset.workflow import RegistryJudge
-    from devrecd.pipeline.stages import features_for_file
+    from devrecd.stages import features_for_file
 
     cfg = _registry(ccnu_dir, tmp_path)
     on = RegistryJudge(cfg)

@@ -51,7 +51,7 @@ def dev(ccnu_dir):
     from devrecd.openset.noisetrials import DevAudio
     from devrecd.openset.scorers import GsvScorer
     from devrecd.audio.windows import cut_windows
-    from devrecd.pipeline.stages import frontend_for, hop_samples
+    from devrecd.stages import frontend_for, hop_samples
 
     cfg = Config()
     fe = frontend_for(cfg.frontend)
@@ -133,7 +133,7 @@ def _noisy_verdict(judge, cfg, ccnu_dir: Path, tmp_path: Path, phone: str, seg: 
     import soundfile as sf
 
     from devrecd.audio.noise import add_noise
-    from devrecd.pipeline.stages import features_for_file
+    from devrecd.stages import features_for_file
 
     q = tmp_path / f"{phone}-{seg}-{snr:g}.wav"
     sf.write(q, add_noise(_read(ccnu_dir, phone, seg), RATE, snr, seed=seg), RATE, subtype="PCM_16")
@@ -199,3 +199,27 @@ def test_a_noise_matched_comparison_takes_a_noise_matched_calibration_first():
     # None covers it: the first there is (the verdict's SNR check withholds its LR).
     assert pick_calibration([(case, CASE)], calibration_keys("clean", 10.0, 12.0), {"snr_db": 12.0})[2] == "clean"
     assert pick_calibration([({}, CASE)], ["clean/snr10", "clean"], None) == (None, "", "clean")
+
+
+def test_train_gsv_trains_ubm_and_nap_on_noisy_copies_too(dev):
+    """With ``Augment(noise_copies=N)`` the final UBM and NAP are trained on every recording and N
+    noisy copies of it, each labelled with its phone: exactly ``GsvScorer.train`` of that list, the
+    copies drawn apart from the calibration trials' noisy versions and reproducible."""
+    from devrecd.openset.gsvtrain import NOISE_COPY_DRAW, Augment, train_gsv
+    from devrecd.openset.noisetrials import noisy_version
+    from devrecd.openset.scorers import GsvScorer
+
+    _, audio, recs, features, cfg = dev
+    feats = [features(audio.samples(i)) for i in range(len(recs))]
+    devices, order = [p for p, _ in recs], [s for _, s in recs]
+    kw = dict(mixtures=4, nap_dims=2, inner=3, seed=0, conditions=["clean"], audio=audio)
+    aug = train_gsv(feats, devices, order, cfg.frontend, augment=Augment(noise_copies=2), **kw)
+    copies = [features(np.ascontiguousarray(noisy_version(audio.samples(i), audio, i, NOISE_COPY_DRAW + c, 0),
+                                            dtype=np.float32)) for c in range(2) for i in range(len(recs))]
+    expected = GsvScorer.train(feats + copies, devices * 3, cfg.frontend, mixtures=4, nap_dims=2, seed=0)
+    assert aug.fingerprint == expected.fingerprint
+    assert expected.fingerprint != GsvScorer.train(feats, devices, cfg.frontend, mixtures=4, nap_dims=2, seed=0).fingerprint
+    assert not np.array_equal(copies[0], features(noisy_version(audio.samples(0), audio, 0, 0, 0)))
+    assert Augment(channels=("amrnb",), noise_copies=2).describe() == {"channels": ["amrnb"], "noise_copies": 2}
+    with pytest.raises(Exception, match="channel copies needs the development audio"):
+        train_gsv(feats, devices, order, cfg.frontend, augment=Augment(channels=("amrnb",)), **kw)

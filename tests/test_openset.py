@@ -9,17 +9,15 @@ import numpy as np
 import pytest
 
 from devrecd.config import RegistryConfig
-from devrecd.openset.calibration import (
-    Calibration,
+from devrecd.openset.calibration import Calibration, Decision, fit_trial_blocks
+from devrecd.openset.measures import (
     CalibrationError,
-    Decision,
     cllr,
     cllr_min,
     eer,
     elub_bounds,
     error_rates,
     fit_balanced,
-    fit_trial_blocks,
     min_dcf,
     threshold_for_far,
 )
@@ -161,7 +159,7 @@ def test_a_few_case_trials_regularised_toward_the_development_calibration_do_not
 
 
 def test_logistic_fit_never_takes_a_step_that_raises_the_objective(monkeypatch) -> None:
-    from devrecd.openset import calibration
+    from devrecd.openset import measures
 
     rng = np.random.default_rng(3)
     x = np.r_[rng.normal(1, 1, 50), rng.normal(-1, 1, 50)][:, None]
@@ -172,13 +170,13 @@ def test_logistic_fit_never_takes_a_step_that_raises_the_objective(monkeypatch) 
         z = x @ coef + intercept
         return float(weight @ (np.logaddexp(0.0, z) - y * z))
 
-    good = calibration.fit_logistic(x, y, weight)
+    good = measures.fit_logistic(x, y, weight)
     assert objective(*good) < objective(np.zeros(1), 0.0)
     # A solver that points uphill: every halving of the step still raises the objective, so the
     # fit must stay where it started rather than take the last, smallest, uphill step.
     solve = np.linalg.solve
-    monkeypatch.setattr(calibration.np.linalg, "solve", lambda a, b: -solve(a, b))
-    coef, intercept = calibration.fit_logistic(x, y, weight)
+    monkeypatch.setattr(measures.np.linalg, "solve", lambda a, b: -solve(a, b))
+    coef, intercept = measures.fit_logistic(x, y, weight)
     assert coef.tolist() == [0.0] and intercept == 0.0
 
 

@@ -140,7 +140,7 @@ def test_every_command_serves_with_the_scorers_frontend(ccnu_dir: Path, tmp_path
     from devrecd.data import FeatureCache
     from devrecd.openset.registry import open_registry
     from devrecd.openset.workflow import score_recordings
-    from devrecd.pipeline.stages import features_for_file
+    from devrecd.stages import features_for_file
 
     phones = _by_phone(ccnu_dir)
     names = sorted(phones)[:3]

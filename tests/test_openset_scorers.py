@@ -10,9 +10,10 @@ import pytest
 
 from devrecd.config import Config
 from devrecd.errors import ArtifactError, DatasetError
+from devrecd.openset.gsv import GsvScorer, fit_nap
 from devrecd.openset.protocol import (TrialMatrix, open_set_outcomes, phone_folds, profile_vectors, s_norm,
                                       trial_figures)
-from devrecd.openset.scorers import FusionScorer, GsvScorer, fit_fusion, fit_nap, load_gsv, save_gsv
+from devrecd.openset.scorers import FusionScorer, fit_fusion, load_gsv, save_gsv
 from devrecd.openset.vectors import unit
 from devrecd.supervector import Ubm
 
@@ -134,8 +135,8 @@ def test_train_gsv_cross_fits_one_calibration_per_condition(ccnu) -> None:
     from devrecd.audio.channel import get_channel
     from devrecd.audio.transmit import apply_channel
     from devrecd.openset.calibration import Calibration, Decision
-    from devrecd.openset.gsvtrain import train_gsv
-    from devrecd.pipeline.stages import features_for_file
+    from devrecd.openset.gsvtrain import Augment, train_gsv
+    from devrecd.stages import features_for_file
 
     items, cfg = ccnu
     args = ([f for _, f in items], [it.device for it, _ in items], [it.group for it, _ in items], cfg.frontend)
@@ -148,7 +149,11 @@ def test_train_gsv_cross_fits_one_calibration_per_condition(ccnu) -> None:
         return features_for_file(items[i][0].path, cfg, transform=transform)[1]
 
     gsv = train_gsv(*args, mixtures=8, nap_dims=2, inner=3, conditions=("clean", "clean/short", "tel"),
-                    features_under=under)
+                    features_under=under, augment=Augment(channels=("tel",)))
+    # The UBM and NAP are trained on every recording and its copy through the channel, labelled alike.
+    copies = [under(i, "tel", None) for i in range(len(items))]
+    assert gsv.fingerprint == GsvScorer.train(args[0] + copies, args[1] * 2, cfg.frontend, mixtures=8,
+                                              nap_dims=2).fingerprint
     cals = {k: Calibration.from_dict(v) for k, v in gsv.calibrations.items()}
     assert sorted(cals) == ["clean", "clean/short", "tel"]
     # 6 phones in 3 groups of 2: each phone's 3 questioned segments against the 2 profiles of its group;
@@ -219,7 +224,7 @@ def test_shipped_gsv_enrols_calibrates_and_judges_unseen_phones(ccnu_dir: Path, 
     from devrecd.cli import app
     from devrecd.openset.scorers import default_gsv_path
     from devrecd.openset.workflow import RegistryJudge
-    from devrecd.pipeline.stages import features_for_file
+    from devrecd.stages import features_for_file
 
     shipped, meta = load_gsv(default_gsv_path())
     # Development calibrations of every condition of the channel table the bundled FFmpeg encodes, and /short.

@@ -212,7 +212,7 @@ def test_beside_a_model_the_registry_and_the_batcher_take_a_files_features_chunk
 
     from devrecd.openset.workflow import RegistryJudge, recording_features
     from devrecd.pipeline.batcher import Batcher
-    from devrecd.pipeline.stages import _CLIPS_PER_EXTRACT
+    from devrecd.stages import _CLIPS_PER_EXTRACT
 
     parts = [sf.read(_segment(ccnu_dir, "IPHONEX", s), dtype="float32") for s in (4, 5)]
     path = tmp_path / "two-segments.wav"

@@ -167,7 +167,7 @@ def test_calibration_fit_is_sklearns_logistic_regression() -> None:
     """``calibrate``'s two-parameter fit (numpy, so the base install can calibrate a registry) gives
     sklearn's balanced, nearly unregularised logistic regression, separable trials included."""
     LogisticRegression = pytest.importorskip("sklearn.linear_model").LogisticRegression
-    from devrecd.openset.calibration import fit_balanced
+    from devrecd.openset.measures import fit_balanced
 
     rng = np.random.default_rng(0)
     for n_tar, n_non, separation in ((50, 2000, 1.0), (300, 300, 3.0), (20, 5000, 0.3), (10, 10, 50.0)):
@@ -184,7 +184,7 @@ def test_pav_is_sklearns_isotonic_regression() -> None:
     """``cllr_min``'s pool-adjacent-violators fit (numpy) equals sklearn's IsotonicRegression,
     tied scores and unequal class weights included."""
     IsotonicRegression = pytest.importorskip("sklearn.isotonic").IsotonicRegression
-    from devrecd.openset.calibration import isotonic_fit
+    from devrecd.openset.measures import isotonic_fit
 
     rng = np.random.default_rng(3)
     for n_tar, n_non in ((40, 900), (500, 500), (3, 7)):

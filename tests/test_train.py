@@ -200,8 +200,8 @@ def test_unusable_recordings_are_left_out_and_listed_unless_a_device_is_left_wit
     rows = list(csv.reader(open(env["ds"])))
     devs = sorted({r[1] for r in rows[1:]})
     quiet = tmp_path / "quiet.wav"
-    sf.write(quiet, (10 ** (-80 / 20) * np.random.default_rng(0).standard_normal(4 * 32000)).astype(np.float32),
-             32000, subtype="FLOAT")  # -80 dBFS: below audio.silence_dbfs
+    sf.write(quiet, (10 ** (-95 / 20) * np.random.default_rng(0).standard_normal(4 * 32000)).astype(np.float32),
+             32000, subtype="FLOAT")  # -95 dBFS: below audio.silence_dbfs
     (tmp_path / "damaged.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
     manifest = tmp_path / "m.csv"
     with open(manifest, "w", newline="") as fh:

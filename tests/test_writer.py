@@ -17,7 +17,7 @@ from devrecd.metrics import Metrics
 from devrecd.pipeline.jobs import Failed, Job, Scored, Stop
 from devrecd.pipeline.journal import Journal, Recorder, VerdictLog
 from devrecd.pipeline.retry import Liveness, StorageRetry
-from devrecd.pipeline.stages import Failure
+from devrecd.stages import Failure
 from devrecd.pipeline.writer import VerdictWriter
 
 

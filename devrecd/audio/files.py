@@ -6,12 +6,21 @@ from __future__ import annotations
 import fnmatch
 import os
 from pathlib import Path
-from typing import Iterable
-
-from devrecd.config import WatchConfig
+from typing import Iterable, Protocol
 
 
-def wanted(path: str, cfg: WatchConfig) -> bool:
+class RecordingNames(Protocol):
+    """What the rule reads: ``watch.extensions`` and ``watch.ignore_patterns`` (a
+    :class:`~devrecd.config.WatchConfig`, or the datasets' own rule)."""
+
+    @property
+    def extensions(self) -> tuple[str, ...]: ...
+
+    @property
+    def ignore_patterns(self) -> tuple[str, ...]: ...
+
+
+def wanted(path: str, cfg: RecordingNames) -> bool:
     """An audio file by extension, and not a temporary/partial name."""
     name = os.path.basename(path)
     if any(fnmatch.fnmatchcase(name, pat) for pat in cfg.ignore_patterns):
@@ -19,7 +28,7 @@ def wanted(path: str, cfg: WatchConfig) -> bool:
     return name.lower().endswith(tuple(e.lower() for e in cfg.extensions))
 
 
-def scan_files(paths: Iterable[str | os.PathLike], cfg: WatchConfig) -> list[Path]:
+def scan_files(paths: Iterable[str | os.PathLike], cfg: RecordingNames) -> list[Path]:
     """Files as named, folders expanded recursively (sorted) to the audio files they hold."""
     out: list[Path] = []
     for p in map(Path, paths):

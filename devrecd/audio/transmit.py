@@ -22,6 +22,8 @@ from functools import lru_cache
 import numpy as np
 
 from devrecd.audio.channel import CHANNELS, Channel, ChannelError, ChannelUnavailable
+from devrecd.audio.decoders import decode_bytes  # the project's one decoder, reused for the round trip
+from devrecd.audio.settings import AudioConfig
 
 RESAMPLE_QUALITY = "VHQ"  # soxr: the project's resampler everywhere audio changes rate
 
@@ -81,8 +83,6 @@ def codec_round_trip(x: np.ndarray, rate: int, encoder: str, container: str, bit
 
     Returns (float64 samples, decoded rate). The decoded audio is not delay-compensated.
     """
-    from devrecd.audio.decode import decode_bytes  # the project's one decoder, reused for the round trip
-    from devrecd.config import AudioConfig
 
     data = encode(x, rate, encoder, container, bitrate)
     decoded, out_rate = decode_bytes(data, AudioConfig(min_seconds=0.0), name=f"<{encoder} round trip>")

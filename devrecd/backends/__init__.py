@@ -33,6 +33,7 @@ from devrecd.contract import check_frontend, check_labels, contract_path_for, lo
 from devrecd.errors import ArtifactError, ConfigError, DevrecdError
 from devrecd.features import FrontendConfig
 from devrecd.fsutil import sha256_artifact
+from devrecd.stages import resolve_device
 
 log = logging.getLogger("devrecd.backends")
 
@@ -98,8 +99,6 @@ def _auto(cfg: BackendConfig, model: Path | None) -> Backend:
 
 def _cuda_device(device: str) -> str | None:
     """The CUDA device ``backend.device`` names or implies when torch sees a GPU, else None."""
-    from devrecd.pipeline.stages import resolve_device
-
     device = resolve_device(device)  # 'auto' without a GPU driver is 'cpu' without importing torch
     if not device.startswith("cuda"):
         return None

@@ -29,6 +29,7 @@ from devrecd.backends.base import (InferenceError, as_numpy_features, batch_slic
                                    is_checkpoint, need_model)
 from devrecd.errors import ArtifactError, ConfigError
 from devrecd.fsutil import sha256_artifact
+from devrecd.stages import resolve_device
 
 if TYPE_CHECKING:
     from devrecd.config import BackendConfig
@@ -65,8 +66,6 @@ class TorchBackend:
     @classmethod
     def from_config(cls, cfg: BackendConfig, model: Path | None, device: str | None = None) -> TorchBackend:
         """A checkpoint (run folder or ``.pt``) on ``device`` (default: ``backend.device``)."""
-        from devrecd.pipeline.stages import resolve_device
-
         model = need_model(model, cls.name)
         if not is_checkpoint(model):
             raise ArtifactError(f"backend.kind = 'torch' runs a checkpoint (run folder or .pt), not {model.name}",

@@ -9,7 +9,8 @@ from devrecd.cli import basics  # noqa: F401,E402  doctor, features, config
 from devrecd.cli import serve  # noqa: F401,E402  watch, identify, verdicts
 from devrecd.cli import synth  # noqa: F401,E402  synth
 from devrecd.cli import ops  # noqa: F401,E402  install-service
-from devrecd.cli import openset  # noqa: F401,E402  enroll, devices, calibrate, train-gsv
+from devrecd.cli import registry  # noqa: F401,E402  enroll, devices, calibrate
+from devrecd.cli import openset  # noqa: F401,E402  train-gsv, train-fusion
 from devrecd.cli import live  # noqa: F401,E402  listen
 from devrecd.cli import export  # noqa: F401,E402  export, build-engine
 from devrecd.cli import training  # noqa: F401,E402  train, train-embedder, evaluate, finetune, baseline

@@ -71,7 +71,7 @@ def features(
     torch_device: Optional[str] = TorchDeviceOption,
 ) -> None:
     """Compute the 73-dim features of each recording (folders: their audio files): one .npy per input, plus a JSON sidecar."""
-    from devrecd.pipeline.stages import features_for_file, resolve_device
+    from devrecd.stages import features_for_file, resolve_device
 
     cfg = load_cli_config(config, {"audio.hop_seconds": hop_seconds, "backend.device": torch_device})
     audio = audio_paths(audio, cfg)

@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 from devrecd.cli.app import ConfigOption, TextFormat, audio_paths, command, load_cli_config
-from devrecd.cli.openset import FusionOption, GsvOption, ModelOption, ScorerKind, ScorerOption
+from devrecd.cli.registry import FusionOption, GsvOption, ModelOption, ScorerKind, ScorerOption
 from devrecd.errors import ConfigError
 
 
@@ -40,11 +40,11 @@ def compare(
     the relevant population the calibration describes. Without a calibration of this scorer the
     score is reported and no LR is given.
     """
-    from devrecd.cli.openset import choose_scorer
+    from devrecd.cli.registry import choose_scorer
     from devrecd.forensic.compare import Comparer, compare as run_compare
     from devrecd.openset.calibration import Calibration, load_calibration
     from devrecd.openset.registry import open_registry
-    from devrecd.pipeline.stages import resolve_device
+    from devrecd.stages import resolve_device
 
     cfg = load_cli_config(config, {"registry.path": str(registry) if registry else None})
     reg = open_registry(cfg.registry.path) if cfg.registry.path else None

@@ -7,7 +7,7 @@ import math
 import signal
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import typer
 
@@ -45,12 +45,7 @@ def listen(
                                    "live.record_dir": record_dir, "registry.path": str(registry) if registry else None})
     cli_logging(cfg)
     if list_devices:
-        from devrecd.live import list_input_devices
-
-        for d in list_input_devices():
-            mark = "*" if d["default"] else " "
-            typer.echo(f"{mark} {d['index']:>3}  {d['name']}  ({d['hostapi']}, {d['channels']} ch, "
-                       f"{d['default_samplerate']:.0f} Hz)")
+        _print_input_devices()
         return
 
     from dataclasses import replace
@@ -59,7 +54,7 @@ def listen(
     from devrecd.live import Listener, window_sizes
     from devrecd.live.capture import sounddevice
     from devrecd.metrics import Metrics
-    from devrecd.pipeline.stages import resolve_device
+    from devrecd.stages import resolve_device
 
     window_sizes(cfg)  # refuse a bad window/hop before loading anything
     sounddevice()  # the install hint now, not after the model has loaded
@@ -82,11 +77,27 @@ def listen(
             if max_windows and seen[0] >= max_windows:
                 done.set()
 
+    _run_listener(listener, be, metrics, show, done, address=cfg.metrics.address, port=port)
+
+
+def _print_input_devices() -> None:
+    from devrecd.live import list_input_devices
+
+    for d in list_input_devices():
+        mark = "*" if d["default"] else " "
+        typer.echo(f"{mark} {d['index']:>3}  {d['name']}  ({d['hostapi']}, {d['channels']} ch, "
+                   f"{d['default_samplerate']:.0f} Hz)")
+
+
+def _run_listener(listener: Any, be: Any, metrics: Any, show: Callable[[dict], None], done: threading.Event, *,
+                  address: str, port: int | None) -> None:
+    """Listen, ``show`` each window record, until ``done`` (or SIGTERM / SIGINT); the endpoints on
+    ``address:port`` meanwhile when a port is given; then the listener's counts on stderr."""
     server = None
     if port is not None:
         from devrecd.daemon.http import StatusServer
 
-        server = StatusServer(metrics.registry, cfg.metrics.address, port, healthy=lambda: (True, "ok"),
+        server = StatusServer(metrics.registry, address, port, healthy=lambda: (True, "ok"),
                               ready=listener.source.ready)
         server.start()
         typer.echo(f"metrics: {server.url}/metrics", err=True)

@@ -71,7 +71,7 @@ def _progress(desc: str):
 
 def _run(ds_path: Path, out: Path, cfg: Any, opts: Any, split_groups: Optional[str],
          init: Optional[Path] = None) -> None:
-    from devrecd.pipeline.stages import resolve_device
+    from devrecd.stages import resolve_device
     from devrecd.train import train
     from devrecd.train_data import open_dataset
 
@@ -156,7 +156,7 @@ def evaluate(
 ) -> None:
     """Accuracy and macro precision/recall/F1 per window and per recording, confusion matrices."""
     from devrecd.evaluation import evaluate_checkpoint, summary_line, write_report
-    from devrecd.pipeline.stages import resolve_device
+    from devrecd.stages import resolve_device
     from devrecd.train_data import open_dataset
 
     cfg = load_cli_config(config, {"backend.device": torch_device})
@@ -212,7 +212,7 @@ def train_embedder(
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Train an open-set embedder (arch asp, AAM-softmax) for `devrecd enroll --model RUN`."""
-    from devrecd.pipeline.stages import resolve_device
+    from devrecd.stages import resolve_device
     from devrecd.train import embedder_options, train
     from devrecd.train_data import merge_datasets, open_dataset
 

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from devrecd import __version__
 from devrecd.cluster.output import BatchOutput
 from devrecd.cluster.sources import list_recordings
 from devrecd.cluster.stages import UNCHANGED, ClusterError, Judge, prepare_block
@@ -168,8 +169,6 @@ def run_batch(cfg: Config, sources: Sequence[str | os.PathLike], out: str | os.P
               address: str | None = None) -> dict:
     """Judge every recording the sources name that ``out`` does not hold yet; returns the summary
     (also written to ``out/summary.json``)."""
-    from devrecd import __version__
-
     started_at = time.time()
     address = cfg.cluster.address if address is None else address
     out_dir = Path(out).resolve()
@@ -182,18 +181,8 @@ def run_batch(cfg: Config, sources: Sequence[str | os.PathLike], out: str | os.P
         files = list_recordings(sources, cfg.watch, exclude=[out_dir])
         if not files:
             raise ConfigError("no recordings found in the given sources")
-        todo, already = [], 0
-        for path in files:
-            try:
-                st = os.stat(path)
-                size, mtime = st.st_size, st.st_mtime_ns
-            except OSError:
-                size, mtime = -1, 0  # judged as missing/unreadable by the task, with the reason
-            if output.is_recorded(path, size, mtime):
-                already += 1
-            else:
-                todo.append({"path": path, "file_size": size, "file_mtime_ns": mtime,
-                             "known": ",".join(sorted(output.recorded_hashes(path)))})
+        todo = _not_recorded(files, output)
+        already = len(files) - len(todo)
         this_run: Counter[str] = Counter()
         reasons: Counter[str] = Counter()
         started = connect(ray, address, cfg) if todo else False  # nothing to do: no cluster needed
@@ -205,20 +194,7 @@ def run_batch(cfg: Config, sources: Sequence[str | os.PathLike], out: str | os.P
                 p = plan(ray, cfg)
                 ds = _dataset(ray, cfg, todo, p)
                 try:
-                    for block in ds.iter_batches(batch_size=None, batch_format="pandas"):
-                        rows = []
-                        for r in block.to_dict("records"):
-                            if r["outcome"] == UNCHANGED:
-                                this_run[UNCHANGED] += 1
-                                continue
-                            rows.append({"path": r["path"], "file_size": r["file_size"],
-                                         "file_mtime_ns": r["file_mtime_ns"], "record": _loads(r["record"])})
-                        if t_first is None:
-                            t_first, n_first = time.time(), len(block)
-                        for rec in output.commit(rows):
-                            this_run[rec["outcome"]] += 1
-                            if rec.get("reason"):
-                                reasons[rec["reason"]] += 1
+                    t_first, n_first = _commit_blocks(ds, output, this_run, reasons)
                 except DevrecdError:
                     raise
                 except Exception as exc:  # Ray's task/actor errors: what was committed stays; a rerun resumes
@@ -249,9 +225,44 @@ def run_batch(cfg: Config, sources: Sequence[str | os.PathLike], out: str | os.P
         return summary
 
 
-def _dataset(ray: Any, cfg: Config, todo: list[dict], p: Plan) -> Any:
-    from devrecd import __version__
+def _not_recorded(files: Sequence[str], output: BatchOutput) -> list[dict]:
+    """The rows of the files ``output`` does not hold yet as they are now (size, mtime), with the
+    hashes recorded under their path before."""
+    todo = []
+    for path in files:
+        try:
+            st = os.stat(path)
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:
+            size, mtime = -1, 0  # judged as missing/unreadable by the task, with the reason
+        if not output.is_recorded(path, size, mtime):
+            todo.append({"path": path, "file_size": size, "file_mtime_ns": mtime,
+                         "known": ",".join(sorted(output.recorded_hashes(path)))})
+    return todo
 
+
+def _commit_blocks(ds: Any, output: BatchOutput, this_run: Counter[str], reasons: Counter[str]) -> tuple[float | None, int]:
+    """Commit the job's records block by block as they come, counting outcomes and failure reasons;
+    -> (when the first block came, its size)."""
+    t_first, n_first = None, 0
+    for block in ds.iter_batches(batch_size=None, batch_format="pandas"):
+        rows = []
+        for r in block.to_dict("records"):
+            if r["outcome"] == UNCHANGED:
+                this_run[UNCHANGED] += 1
+                continue
+            rows.append({"path": r["path"], "file_size": r["file_size"],
+                         "file_mtime_ns": r["file_mtime_ns"], "record": _loads(r["record"])})
+        if t_first is None:
+            t_first, n_first = time.time(), len(block)
+        for rec in output.commit(rows):
+            this_run[rec["outcome"]] += 1
+            if rec.get("reason"):
+                reasons[rec["reason"]] += 1
+    return t_first, n_first
+
+
+def _dataset(ray: Any, cfg: Config, todo: list[dict], p: Plan) -> Any:
     blocks = max(1, math.ceil(len(todo) / p.block_files))
     model_ref = [ray.put(model_blobs(cfg))] if cfg.cluster.ship_model else None
     ds = ray.data.from_items(todo, override_num_blocks=blocks)

@@ -1,9 +1,9 @@
 """What runs inside the Ray job: a decode task per block of files, and the inference actor.
 
 Both call the daemon's stages: :func:`devrecd.audio.open_stream` (read-only, hashed, bounded
-block-wise decode, typed errors) and :func:`devrecd.pipeline.stages.stream_features` (the one frontend) in
+block-wise decode, typed errors) and :func:`devrecd.stages.stream_features` (the one frontend) in
 the CPU task, with
-:func:`devrecd.pipeline.stages.failure_of` naming why a file failed; :func:`load_serving_backend` (one
+:func:`devrecd.stages.failure_of` naming why a file failed; :func:`load_serving_backend` (one
 ONNX Runtime session or TensorRT engine per actor), :func:`judged_record` / :func:`failed_record`
 and the registry's open-set judge in the actor. Features travel between them as float32 bytes
 (a fixed Arrow type, whatever the number of windows).
@@ -55,7 +55,7 @@ def prepare_block(batch: dict[str, np.ndarray], cfg: Config) -> dict[str, np.nda
     recording's description, window starts and features as bytes, or the failure, and timings.
     """
     from devrecd.audio import open_stream
-    from devrecd.pipeline.stages import failure_of, stream_features
+    from devrecd.stages import failure_of, stream_features
 
     out: dict[str, list] = {k: [] for k in ("path", "file_size", "file_mtime_ns", "status", "recording", "reason",
                                             "detail", "sha256", "size", "starts", "features", "timings")}
@@ -120,7 +120,7 @@ class Judge:
     def __init__(self, cfg: Config, version: str, model_ref: list | None = None) -> None:
         from devrecd import __version__
         from devrecd.pipeline.serving import OpenSetOnly, load_served, registry_judge
-        from devrecd.pipeline.stages import resolve_device
+        from devrecd.stages import resolve_device
 
         if version != __version__:
             raise ClusterError(f"devrecd {__version__} on this node, {version} on the driver: install the same "

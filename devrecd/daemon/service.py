@@ -18,15 +18,19 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
+from prometheus_client import disable_created_metrics
+
 from devrecd.config import Config, load_config
+from devrecd.daemon.http import StatusServer
 from devrecd.daemon.notify import WatchdogPinger, notify, watchdog_interval
+from devrecd.daemon.watcher import Watcher
 from devrecd.errors import ConfigError
 from devrecd.fsutil import atomic_write, private_file
 from devrecd.metrics import Metrics
 from devrecd.pipeline.journal import JOURNAL_NAME, VERDICT_LOG_NAME, Journal, Recorder, VerdictLog
 from devrecd.pipeline.runner import Liveness, Pipeline, StorageRetry, Stopped
 from devrecd.pipeline.serving import OpenSetOnly, load_served, registry_judge
-from devrecd.pipeline.stages import resolve_device
+from devrecd.stages import resolve_device
 
 log = logging.getLogger("devrecd.daemon")
 
@@ -76,20 +80,78 @@ class Daemon:
             os.close(lock_fd)
 
     def _serve(self) -> int:
-        from devrecd.daemon.http import StatusServer
-        from devrecd.daemon.watcher import Watcher
-
         cfg = self.cfg
-        from prometheus_client import disable_created_metrics
-
         disable_created_metrics()  # *_created series only add noise to every counter and histogram
         metrics = Metrics()
         liveness = Liveness()
         # The state folder is opened (and written at start) through this: on a full disk or a read-only
         # file system the daemon waits, not ready, retrying with backoff, and starts once it can write.
         storage = StorageRetry(metrics, liveness, self._stop)
-        stall = cfg.watch.stall_seconds
         state: dict[str, Any] = {"ready": False, "pipeline": None}
+        server = self._status_server(metrics, liveness, storage, state)
+        backend = watcher = pinger = journal = verdict_log = None
+        try:
+            self._install_signals()  # SIGTERM also ends a wait for the state folder
+            journal, verdict_log = storage(self._open_state, before_retry=lambda: self._waiting_for_storage(storage))
+            device = resolve_device(cfg.backend.device)
+            backend = load_served(cfg, metrics, device=device)
+            if cfg.live.enabled and isinstance(backend, OpenSetOnly):
+                raise ConfigError("live.enabled needs a closed-set model (backend.model): the live input is "
+                                  "judged window by window through the batcher")
+            judge = None if isinstance(backend, OpenSetOnly) else registry_judge(cfg, device)
+            pipeline = Pipeline(cfg, backend, journal=journal, verdict_log=verdict_log, metrics=metrics,
+                                device=device, liveness=liveness, judge=judge, roots=self.dirs)
+            state["pipeline"] = pipeline
+            pipeline.start()
+            if cfg.live.enabled:  # a sound-card input judged through the same batcher and backend
+                self._start_live(state, pipeline, backend, metrics, device)
+            retried = storage(journal.retry_setup_failures)  # failures of the setup, not the file: judged again
+            if retried:
+                log.warning("judging again files that failed for a reason of the daemon's setup, not of the file "
+                            "(their failures stay as history: devrecd verdicts --history)", extra={"count": len(retried)})
+            resumed = pipeline.resume()
+            watcher = Watcher(self.dirs, cfg.watch, pipeline.submit, pipeline.vanished, exclude=[self.state_dir])
+            pipeline.extra_pending = watcher.pending
+            watcher.start()
+            state["ready"] = True
+            metrics.ready.set(1)
+            interval = watchdog_interval()
+            if interval:
+                pinger = WatchdogPinger(liveness, interval, max_age=cfg.watch.stall_seconds)
+                pinger.start()
+            url = self._write_status(server, backend)
+            notify("READY=1\nSTATUS=watching " + ", ".join(self.dirs))
+            log.info("ready", extra={"dirs": ",".join(self.dirs), "url": url, "backend": backend.name,
+                                     "device": device, "inference_streams": pipeline.streams, "resumed": resumed, "polling": ",".join(watcher.polled) or "none"})
+            while not self._stop.wait(0.2):
+                if self._reload.is_set():
+                    self._reload.clear()
+                    self._do_reload(pipeline, watcher)
+            return self._drain(state, metrics, watcher, journal)
+        except Stopped:  # asked to stop while the state folder could not be written: nothing was lost
+            log.info("stopped while waiting for the state folder to be writable")
+            return 0
+        finally:
+            for part in (pinger, state.get("live"), watcher, state["pipeline"]):
+                if part is not None:
+                    part.stop()
+            if backend is not None:
+                backend.close()
+            if server is not None:
+                server.stop()
+            for part in (verdict_log, state.get("live_log"), journal):
+                if part is not None:
+                    part.close()
+            (self.state_dir / STATUS_NAME).unlink(missing_ok=True)
+
+    def _status_server(self, metrics: Metrics, liveness: Liveness, storage: StorageRetry,
+                       state: dict[str, Any]) -> StatusServer | None:
+        """The HTTP endpoints (metrics, /healthz, /readyz), serving from before the daemon is ready;
+        None with ``metrics.enabled`` off. ``state``: the pipeline, readiness and live input as they come."""
+        cfg = self.cfg
+        if not cfg.metrics.enabled:
+            return None
+        stall = cfg.watch.stall_seconds
 
         def healthy() -> tuple[bool, str]:
             p = state["pipeline"]
@@ -110,88 +172,49 @@ class Daemon:
                     return False, f"live input: {why}"
             return True, "ready"
 
-        server = None
-        if cfg.metrics.enabled:
-            server = StatusServer(metrics.registry, cfg.metrics.address, cfg.metrics.port, healthy=healthy, ready=ready)
-            server.start()
-            self.url = server.url
-        backend = pipeline = watcher = pinger = journal = verdict_log = None
-        try:
-            self._install_signals()  # SIGTERM also ends a wait for the state folder
-            journal, verdict_log = storage(self._open_state, before_retry=lambda: self._waiting_for_storage(storage))
-            device = resolve_device(cfg.backend.device)
-            backend = load_served(cfg, metrics, device=device)
-            if cfg.live.enabled and isinstance(backend, OpenSetOnly):
-                raise ConfigError("live.enabled needs a closed-set model (backend.model): the live input is "
-                                  "judged window by window through the batcher")
-            judge = None if isinstance(backend, OpenSetOnly) else registry_judge(cfg, device)
-            pipeline = Pipeline(cfg, backend, journal=journal, verdict_log=verdict_log, metrics=metrics,
-                                device=device, liveness=liveness, judge=judge, roots=self.dirs)
-            state["pipeline"] = pipeline
-            pipeline.start()
-            if cfg.live.enabled:  # a sound-card input judged through the same batcher and backend
-                from devrecd.live.source import LiveSource
+        server = StatusServer(metrics.registry, cfg.metrics.address, cfg.metrics.port, healthy=healthy, ready=ready)
+        server.start()
+        self.url = server.url
+        return server
 
-                live = LiveSource(cfg, pipeline.batcher, labels=backend.labels, backend_info=backend.describe(),
-                                  metrics=metrics, device=device)
-                state["live_log"] = VerdictLog(self.state_dir / LIVE_LOG_NAME)
-                live.start(state["live_log"].append)
-                state["live"] = live
-            retried = storage(journal.retry_setup_failures)  # failures of the setup, not the file: judged again
-            if retried:
-                log.warning("judging again files that failed for a reason of the daemon's setup, not of the file "
-                            "(their failures stay as history: devrecd verdicts --history)", extra={"count": len(retried)})
-            resumed = pipeline.resume()
-            watcher = Watcher(self.dirs, cfg.watch, pipeline.submit, pipeline.vanished, exclude=[self.state_dir])
-            pipeline.extra_pending = watcher.pending
-            watcher.start()
-            state["ready"] = True
-            metrics.ready.set(1)
-            interval = watchdog_interval()
-            if interval:
-                pinger = WatchdogPinger(liveness, interval, max_age=stall)
-                pinger.start()
-            status = {"pid": os.getpid(), "url": server.url if server else None, "dirs": self.dirs,
-                      "backend": backend.describe(), "started": time.time()}
-            try:
-                atomic_write(self.state_dir / STATUS_NAME, json.dumps(status, default=str), mode=0o640)
-            except OSError as exc:  # for operators only: the daemon serves without it
-                log.warning("cannot write the status file", extra={"path": str(self.state_dir / STATUS_NAME),
-                                                                   "error": exc.strerror or str(exc)})
-            notify("READY=1\nSTATUS=watching " + ", ".join(self.dirs))
-            log.info("ready", extra={"dirs": ",".join(self.dirs), "url": status["url"], "backend": backend.name,
-                                     "device": device, "inference_streams": pipeline.streams, "resumed": resumed, "polling": ",".join(watcher.polled) or "none"})
-            while not self._stop.wait(0.2):
-                if self._reload.is_set():
-                    self._reload.clear()
-                    self._do_reload(pipeline, watcher)
-            notify("STOPPING=1")
-            state["ready"] = False
-            metrics.ready.set(0)
-            log.info("stopping: draining in-flight files", extra={"in_flight": pipeline.in_flight(),
-                                                                  "timeout_s": cfg.watch.shutdown_timeout})
-            watcher.stop()
-            drained = pipeline.drain(cfg.watch.shutdown_timeout)
-            if not drained:
-                log.warning("shutdown timeout: unfinished files resume at the next start",
-                            extra={"in_flight": pipeline.in_flight()})
-            log.info("stopped", extra={"drained": drained, **journal.counts()})
-            return 0
-        except Stopped:  # asked to stop while the state folder could not be written: nothing was lost
-            log.info("stopped while waiting for the state folder to be writable")
-            return 0
-        finally:
-            for part in (pinger, state.get("live"), watcher, pipeline):
-                if part is not None:
-                    part.stop()
-            if backend is not None:
-                backend.close()
-            if server is not None:
-                server.stop()
-            for part in (verdict_log, state.get("live_log"), journal):
-                if part is not None:
-                    part.close()
-            (self.state_dir / STATUS_NAME).unlink(missing_ok=True)
+    def _start_live(self, state: dict[str, Any], pipeline: Pipeline, backend: Any, metrics: Metrics, device: str) -> None:
+        """The live input (``live.enabled``), its windows judged through the pipeline's batcher; its
+        records go to the live log of the state folder."""
+        from devrecd.live.source import LiveSource  # only where live.enabled: sounddevice and the capture
+
+        live = LiveSource(self.cfg, pipeline.batcher, labels=backend.labels, backend_info=backend.describe(),
+                          metrics=metrics, device=device)
+        state["live_log"] = VerdictLog(self.state_dir / LIVE_LOG_NAME)
+        live.start(state["live_log"].append)
+        state["live"] = live
+
+    def _write_status(self, server: StatusServer | None, backend: Any) -> str | None:
+        """The status file of the state folder (pid, endpoint URL, dirs, backend), for operators; -> the URL."""
+        status = {"pid": os.getpid(), "url": server.url if server else None, "dirs": self.dirs,
+                  "backend": backend.describe(), "started": time.time()}
+        try:
+            atomic_write(self.state_dir / STATUS_NAME, json.dumps(status, default=str), mode=0o640)
+        except OSError as exc:  # for operators only: the daemon serves without it
+            log.warning("cannot write the status file", extra={"path": str(self.state_dir / STATUS_NAME),
+                                                               "error": exc.strerror or str(exc)})
+        return status["url"]
+
+    def _drain(self, state: dict[str, Any], metrics: Metrics, watcher: Watcher, journal: Journal) -> int:
+        """Asked to stop: not ready, no new files, the files in flight finished (up to
+        ``watch.shutdown_timeout``; the rest resume at the next start). -> the exit code."""
+        pipeline = state["pipeline"]
+        notify("STOPPING=1")
+        state["ready"] = False
+        metrics.ready.set(0)
+        log.info("stopping: draining in-flight files", extra={"in_flight": pipeline.in_flight(),
+                                                              "timeout_s": self.cfg.watch.shutdown_timeout})
+        watcher.stop()
+        drained = pipeline.drain(self.cfg.watch.shutdown_timeout)
+        if not drained:
+            log.warning("shutdown timeout: unfinished files resume at the next start",
+                        extra={"in_flight": pipeline.in_flight()})
+        log.info("stopped", extra={"drained": drained, **journal.counts()})
+        return 0
 
     def _open_state(self) -> tuple[Journal, VerdictLog]:
         """The journal and the verdict log of the state folder, the records a crash kept out of the log

@@ -21,6 +21,7 @@ from devrecd.audio import read_evidence, sha256_file
 from devrecd.config import AudioConfig
 from devrecd.features import FEATURE_DIM, FrontendConfig, extract
 from devrecd.fsutil import atomic_write
+from devrecd.stages import clips_for, frontend_for
 
 log = logging.getLogger("devrecd.data.cache")
 
@@ -67,8 +68,6 @@ class FeatureCache:
 
         Raises the :class:`~devrecd.audio.AudioError` of a file that cannot be decoded.
         """
-        from devrecd.pipeline.stages import clips_for, frontend_for
-
         path = Path(path)
         try:
             digest = self._sha256(path)

@@ -21,6 +21,7 @@ from devrecd.errors import ArtifactError, DevrecdError
 from devrecd.export.ort_format import check_ort
 from devrecd.features import FrontendConfig
 from devrecd.fsutil import sha256_artifact
+from devrecd.stages import features_for_file
 
 log = logging.getLogger("devrecd.export")
 
@@ -67,8 +68,6 @@ def parity_features(files: Sequence[Path], frontend: FrontendConfig, cfg: Config
                     max_clips: int = PARITY_CLIPS, on_file: Callable[[Path], None] | None = None) -> np.ndarray:
     """Up to ``max_clips`` real feature windows, spread evenly over ``files`` (model's frontend);
     ``on_file(path)`` after each recording (read or skipped)."""
-    from devrecd.pipeline.stages import features_for_file
-
     if not files:
         raise ArtifactError("the parity check needs real recordings: pass --parity-audio FILE_OR_DIR",
                             reason="parity_audio")

@@ -28,8 +28,8 @@ from devrecd.audio import AudioError, sha256_file, window_starts
 from devrecd.config import Config
 from devrecd.errors import DevrecdError
 from devrecd.forensic.lr import Calibration, assess, comparison_channel
-from devrecd.pipeline.stages import hop_samples
 from devrecd.provenance import utc_timestamp
+from devrecd.stages import failure_of, hop_samples
 
 if TYPE_CHECKING:
     from devrecd.openset.scoring import Layers
@@ -272,8 +272,6 @@ def compare(comparer: Comparer, questioned: Sequence[str | os.PathLike], refs: R
         except ComparisonError:
             raise
         except (AudioError, DevrecdError) as exc:  # this file cannot be compared (unreadable, no windows)
-            from devrecd.pipeline.stages import failure_of
-
             failure = failure_of(exc)
             sha = failure.sha256
             if sha is None:

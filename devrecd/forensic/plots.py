@@ -61,7 +61,7 @@ def det_png(scores: Sequence[float], labels: Sequence[int], *, title: str = "DET
     """Miss rate against false-alarm rate on normal-deviate axes, with the EER point."""
     from scipy.stats import norm
 
-    from devrecd.openset.calibration import eer, error_rates
+    from devrecd.openset.measures import eer, error_rates
 
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(labels, dtype=int)

@@ -32,7 +32,7 @@ from devrecd.live.ring import SampleRing
 from devrecd.live.smoothing import RunningFeatures, RunningVerdict
 from devrecd.live.windower import LiveWindow, Windower
 from devrecd.metrics import Metrics
-from devrecd.pipeline.stages import frontend_for, hop_samples
+from devrecd.stages import frontend_for, hop_samples
 
 log = logging.getLogger("devrecd.live")
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from devrecd.errors import ArtifactError
+from devrecd.errors import ArtifactError, ConfigError
 from devrecd.features import FEATURE_DIM, FrontendConfig
 from devrecd.fsutil import atomic_write, sha256_artifact
 
@@ -124,9 +124,13 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     std = np.asarray(blob["norm_std"], dtype=np.float32)
     if mean.shape != (FEATURE_DIM,) or std.shape != (FEATURE_DIM,) or not (std > 0).all():
         raise ArtifactError(f"{path}: normalisation statistics are missing or invalid")
+    try:
+        frontend = FrontendConfig.from_dict(blob["frontend"])
+    except ConfigError as exc:
+        raise ArtifactError(f"{path}: bad frontend: {exc}") from None
     return Checkpoint(
         arch=blob["arch"], hparams=dict(blob["hparams"]), labels=list(blob["labels"]),
-        frontend=FrontendConfig.from_dict(blob["frontend"]), norm_mean=mean, norm_std=std,
+        frontend=frontend, norm_mean=mean, norm_std=std,
         state_dict=blob["state_dict"], dataset_sha256=blob.get("dataset_sha256", ""),
         split=blob.get("split", {}), meta=blob.get("meta", {}),
     )

@@ -7,7 +7,7 @@ checkpoint's ``arch``:
   the closed-set softmax on many devices.
 * ``asp``: our BiLSTM + attentive statistics pooling + cosine head (:mod:`devrecd.model.asp`).
 
-Features come from :func:`devrecd.pipeline.stages.features_for_file` with the CHECKPOINT's frontend, and
+Features come from :func:`devrecd.stages.features_for_file` with the CHECKPOINT's frontend, and
 are normalised with the checkpoint's statistics exactly as in training, so there is no second
 feature path. The embedder's :attr:`Embedder.fingerprint` (weights, normalisation, frontend, arch)
 is stored in every registry so that embeddings of different models are never compared.
@@ -35,6 +35,7 @@ from devrecd.config import Config
 from devrecd.contract import EMBEDDING_NAME, INPUT_NAME, EmbedderContract, load_for_onnx
 from devrecd.errors import ArtifactError
 from devrecd.features import FEATURE_DIM, FrontendConfig
+from devrecd.stages import features_for_file
 
 EMBED_BATCH = 64  # windows per forward pass (bounded memory on long recordings)
 
@@ -63,8 +64,6 @@ class _EmbeddingModel(ABC):
     def embed_file(self, path: str | os.PathLike, cfg: Config, *, hop_seconds: float | None = None
                    ) -> tuple[Recording, np.ndarray]:
         """Decode a recording and return it with its (windows, D) window embeddings."""
-        from devrecd.pipeline.stages import features_for_file
-
         # The model's frontend, not the config's: the model defines what its input means.
         rec, feats = features_for_file(path, replace(cfg, frontend=self.frontend), device=self.device,
                                        hop_seconds=hop_seconds)

@@ -4,7 +4,10 @@ Recipe (``devrecd train-gsv``, and what ``benchmarks/openset.py`` measures):
 
 1. UBM (``mixtures`` components; 16 did best on the leave-phones-out protocol, 64 worst) on every
    frame of every development recording; NAP basis (``nap_dims``) from their supervectors and
-   device labels.
+   device labels. With an :class:`Augment`, both are trained on copies of every development
+   recording beside it (through the channels of the channel table, and with noise added), each
+   labelled with its device: what one phone's recordings look like through a codec or in a noisy
+   room is then within-device variability, which NAP projects out (multi-condition training).
 2. Development calibrations, cross-fitted: the devices are split into ``inner`` groups; for each,
    a scorer trained WITHOUT that group scores its devices (enrolled from their first two
    recordings, the rest questioned). The pooled trials are what an unseen phone looks like to a
@@ -23,7 +26,7 @@ Recipe (``devrecd train-gsv``, and what ``benchmarks/openset.py`` measures):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -31,7 +34,7 @@ import numpy as np
 from devrecd.errors import DatasetError
 from devrecd.features import FrontendConfig
 from devrecd.openset.calibration import Calibration, CalibrationError, Decision, fit_calibration
-from devrecd.openset.noisetrials import DRAWS, SHORT_DRAWS, DevAudio, noisy_rows, stack_rows
+from devrecd.openset.noisetrials import DRAWS, SHORT_DRAWS, DevAudio, noisy_rows, noisy_version, stack_rows
 from devrecd.openset.protocol import TrialMatrix, phone_folds, trial_matrix
 from devrecd.openset.scorers import GsvScorer
 from devrecd.openset.scoring import noise_level, parse_calibration_key
@@ -82,6 +85,62 @@ def calibrate_blocks(blocks: Sequence[TrialMatrix], *, decision: Decision | None
 FeaturesUnder = Callable[[int, str, "float | None"], np.ndarray]
 
 
+@dataclass(frozen=True)
+class Augment:
+    """Copies of each development recording the UBM and NAP are trained on beside it: one through
+    each of ``channels`` (names of the channel table) and ``noise_copies`` with noise added (white
+    or babble at an SNR drawn in :data:`~devrecd.openset.noisetrials.SNR_RANGE`, drawn apart from
+    the noisy calibration trials' versions). The default adds nothing."""
+
+    channels: tuple[str, ...] = ()
+    noise_copies: int = 0
+
+    def describe(self) -> dict[str, Any]:
+        return {"channels": list(self.channels), "noise_copies": self.noise_copies}
+
+
+NOISE_COPY_DRAW = 1000  # draws of the training copies start here: never one of a calibration trial's versions
+
+
+def split_talkers(audio: DevAudio | None) -> tuple[DevAudio | None, DevAudio | None]:
+    """(training copies' audio, calibration trials' audio): the babble talkers split in two disjoint
+    halves (alternately). NAP trained to remove babble of the talkers the calibration trials are
+    made with would make those trials look cleaner than a case's babble of other talkers: the
+    calibration would be optimistic (measured: never-enrolled recordings under babble at 20 dB
+    named 4 of 30 with one shared pool, against 1 of 30 before training copies)."""
+    if audio is None or len(audio.talkers) < 2:
+        return audio, audio
+    return replace(audio, talkers=list(audio.talkers[0::2])), replace(audio, talkers=list(audio.talkers[1::2]))
+
+
+class _TrainingSet:
+    """The (features, device) pairs a scorer of a subset of the development recordings is trained
+    on: each recording and its :class:`Augment` copies, each copy made once whatever the number
+    of cross-fitting groups it is used in."""
+
+    def __init__(self, feats: Sequence[np.ndarray], devices: Sequence[str], augment: Augment,
+                 under: Callable[[int, str, "float | None"], np.ndarray], audio: DevAudio | None, seed: int) -> None:
+        if augment.noise_copies and audio is None:
+            raise DatasetError("training on noisy copies needs the development audio", reason="calibration_data")
+        self.feats, self.devices, self.augment, self.under, self.audio, self.seed = feats, devices, augment, under, audio, seed
+        self._copies: dict[tuple[int, str], np.ndarray] = {}
+
+    def _copy(self, i: int, what: str) -> np.ndarray:
+        if (i, what) not in self._copies:
+            if what.startswith("noise"):
+                audio = self.audio
+                noisy = noisy_version(audio.samples(i), audio, i, NOISE_COPY_DRAW + int(what[5:]), self.seed)  # type: ignore[union-attr]
+                self._copies[i, what] = audio.features(np.ascontiguousarray(noisy, dtype=np.float32))  # type: ignore[union-attr]
+            else:
+                self._copies[i, what] = self.under(i, what, None)
+        return self._copies[i, what]
+
+    def of(self, idx: Sequence[int]) -> tuple[list[np.ndarray], list[str]]:
+        copies = [*self.augment.channels, *(f"noise{c}" for c in range(self.augment.noise_copies))]
+        feats = [self.feats[i] for i in idx] + [self._copy(i, what) for what in copies for i in idx]
+        return feats, [self.devices[i] for i in idx] * (1 + len(copies))
+
+
 @dataclass
 class _Pooled:
     """One condition's trials over the cross-fitting groups: a block per group, the development
@@ -96,13 +155,15 @@ def train_gsv(feats: Sequence[np.ndarray], devices: Sequence[str], order: Sequen
               *, mixtures: int = 16, relevance: float = RELEVANCE, nap_dims: int = 16, decision: Decision | None = None,
               inner: int = 3, seed: int = 0, source: str = "", conditions: Sequence[str] = ("clean",),
               features_under: FeaturesUnder | None = None, audio: DevAudio | None = None,
-              noise_draws: tuple[int, int] = (DRAWS, SHORT_DRAWS), on_step: Callable[[str], None] | None = None) -> GsvScorer:
+              noise_draws: tuple[int, int] = (DRAWS, SHORT_DRAWS), augment: Augment = Augment(),
+              on_step: Callable[[str], None] | None = None) -> GsvScorer:
     """The recipe of the module docstring; ``feats[i]`` are recording i's raw windows (clean, whole).
 
     ``conditions``: comparison conditions to calibrate (``clean``, ``clean/short``, ``amrnb``,
     ``amrnb/short``, ``clean/snr20``, ...); channels need ``features_under``, the noise-matched
     ones (``/snrNN``) ``audio``, made from ``noise_draws`` (whole, short) noisy versions of each
-    questioned recording."""
+    questioned recording. ``augment``: the copies the UBM and NAP are also trained on (channels
+    need ``features_under``, noise copies ``audio``)."""
     step = on_step or (lambda _m: None)
     devices = list(devices)
     if len(set(devices)) < 2 * inner:
@@ -113,29 +174,36 @@ def train_gsv(feats: Sequence[np.ndarray], devices: Sequence[str], order: Sequen
         raise DatasetError("calibrating conditions other than clean needs the development audio", reason="calibration_data")
     if noisy and audio is None:
         raise DatasetError("calibrating noise-matched conditions needs the development audio", reason="calibration_data")
+    if augment.channels and features_under is None:
+        raise DatasetError("training on channel copies needs the development audio", reason="calibration_data")
 
     def under(i: int, channel: str, seconds: float | None) -> np.ndarray:
         return feats[i] if channel == "clean" and seconds is None else features_under(i, channel, seconds)  # type: ignore[misc]
 
+    if max(noise_draws) > NOISE_COPY_DRAW:
+        raise DatasetError(f"at most {NOISE_COPY_DRAW} noisy versions per recording (the training copies' draws "
+                           "start there)", reason="calibration_data")
+    train_audio, trial_audio = split_talkers(audio) if augment.noise_copies else (audio, audio)
+    training = _TrainingSet(feats, devices, augment, under, train_audio, seed)
     pooled = {c: _Pooled() for c in conditions}
     for fold in phone_folds(devices, n_folds=inner, seeds=(seed,)):
         train = [i for i, d in enumerate(devices) if d in fold.dev]
         held = [i for i, d in enumerate(devices) if d in fold.test]
         step(f"cross-fitting {fold.index + 1}/{inner}: UBM on {len(fold.dev)} devices, trials on {len(fold.test)} "
              f"under {len(conditions)} condition(s)")
-        scorer = GsvScorer.train([feats[i] for i in train], [devices[i] for i in train], frontend,
-                                 mixtures=mixtures, relevance=relevance, nap_dims=nap_dims, seed=seed)
+        scorer = GsvScorer.train(*training.of(train), frontend, mixtures=mixtures, relevance=relevance,
+                                 nap_dims=nap_dims, seed=seed)
         refs, questioned = enrolment_split([devices[i] for i in held], [order[i] for i in held])
         refs, questioned = [held[r] for r in refs], [held[q] for q in questioned]
         for cond in conditions:
             if cond not in noisy:
                 _channel_trials(scorer, under, devices, refs, questioned, cond, pooled[cond])
         if noisy:
-            _noisy_trials(scorer, audio, devices, refs, questioned, {c: pooled[c] for c in noisy},  # type: ignore[arg-type]
+            _noisy_trials(scorer, trial_audio, devices, refs, questioned, {c: pooled[c] for c in noisy},  # type: ignore[arg-type]
                           noise_draws, seed)
     step(f"final UBM on all {len(set(devices))} devices")
-    final = GsvScorer.train(feats, devices, frontend, mixtures=mixtures, relevance=relevance, nap_dims=nap_dims,
-                            seed=seed, source=source)
+    final = GsvScorer.train(*training.of(range(len(feats))), frontend, mixtures=mixtures, relevance=relevance,
+                            nap_dims=nap_dims, seed=seed, source=source)
     population = {"description": f"cross-fitted over {len(set(devices))} development devices ({inner} groups): "
                                  "each scored by a scorer trained without it",
                   "devices": sorted(set(devices)), "recordings": len(devices)}

@@ -38,9 +38,10 @@ from devrecd.audio.noise import MATCH_MARGIN_DB, NoiseProfile, needs_matching
 from devrecd.audio.windows import cut_windows
 from devrecd.config import AudioConfig
 from devrecd.errors import ArtifactError
-from devrecd.features import FrontendConfig
+from devrecd.features import FrontendConfig, extract
 from devrecd.fsutil import atomic_write
 from devrecd.openset.vectors import unit
+from devrecd.stages import frontend_for, hop_samples
 
 log = logging.getLogger("devrecd.openset")
 
@@ -75,7 +76,7 @@ class ReferenceStore:
         ``sha256``: the hash the caller recorded for the file; a file whose content no longer
         matches it is refused (it changed since it was judged or enrolled).
         """
-        from devrecd.audio.decode import read_file_bytes
+        from devrecd.audio.evidence import read_file_bytes
 
         data = read_file_bytes(source, 1 << 40)
         digest = hashlib.sha256(data).hexdigest()
@@ -228,9 +229,6 @@ class ConditionMatcher:
         return rec.samples if channel is None else apply_channel(channel, rec.samples, rec.sample_rate)
 
     def _features(self, samples: np.ndarray) -> np.ndarray:
-        from devrecd.features import extract
-        from devrecd.pipeline.stages import frontend_for, hop_samples
-
         clips = cut_windows(samples, self.frontend.clip_samples, hop_samples(self.hop, self.frontend.sample_rate))
         return extract(clips, frontend_for(self.frontend), device=self.device)
 

@@ -28,7 +28,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from devrecd.errors import DatasetError
-from devrecd.openset.calibration import Calibration, cllr, cllr_min, eer, min_dcf
+from devrecd.openset.calibration import Calibration
+from devrecd.openset.measures import cllr, cllr_min, eer, min_dcf
 from devrecd.openset.vectors import unit
 
 REFERENCE_GROUPS = ("1", "2")

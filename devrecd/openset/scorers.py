@@ -6,7 +6,7 @@ reference; a profile is the unit-length mean of its references' vectors (:mod:`.
 
 * ``embedder`` (:class:`EmbedderScorer`): a trained network's window embeddings, each scaled to
   unit length, averaged, scaled to unit length again. Score: cosine.
-* ``gsv`` (:class:`GsvScorer`): the MAP-adapted mean supervector of ALL the recording's frames
+* ``gsv`` (:class:`~devrecd.openset.gsv.GsvScorer`, :mod:`devrecd.openset.gsv`): the MAP-adapted mean supervector of ALL the recording's frames
   under a GMM-UBM trained on development recordings (:mod:`devrecd.supervector`), with the
   development data's within-device variability projected out (nuisance attribute projection,
   NAP: the directions in which recordings of ONE device differ, i.e. speech content and level),
@@ -22,7 +22,6 @@ Every scorer's :meth:`describe` carries a ``fingerprint`` of everything that sha
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any, Protocol, Sequence
 
@@ -30,9 +29,9 @@ import numpy as np
 
 from devrecd.errors import ArtifactError, DatasetError
 from devrecd.features import FrontendConfig
-from devrecd.openset.calibration import fit_balanced
-from devrecd.openset.vectors import unit
-from devrecd.supervector import RELEVANCE, SupervectorAccumulator, Ubm, nap_project
+from devrecd.openset.gsv import GsvScorer
+from devrecd.openset.measures import fit_balanced
+from devrecd.openset.vectors import digest, unit
 
 KINDS = ("embedder", "gsv", "fusion")
 
@@ -126,105 +125,6 @@ class EmbeddingAccumulator:
         return unit(self.total / self.n_windows), list(self.windows)
 
 
-def fit_nap(vectors: np.ndarray, labels: Sequence[str], dims: int) -> np.ndarray:
-    """(D, dims) orthonormal basis of the largest within-device variability of ``vectors``.
-
-    Each device's vectors are centred on their device mean; the top right-singular vectors of what
-    is left are the directions in which one device's recordings differ (Campbell et al. 2006).
-    """
-    x = np.asarray(vectors, dtype=np.float64)
-    labels = np.asarray(labels)
-    centred = np.concatenate([x[labels == d] - x[labels == d].mean(axis=0) for d in np.unique(labels)])
-    rank = int(np.linalg.matrix_rank(centred)) if len(centred) else 0
-    if dims < 1 or rank < dims:
-        raise DatasetError(f"NAP needs {dims} within-device directions; the development data has {rank}",
-                           reason="nap_data")
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    return vt[:dims].T.copy()
-
-
-class GsvScorer:
-    """GMM supervector scorer (see the module docstring)."""
-
-    kind = "gsv"
-
-    def __init__(self, ubm: Ubm, frontend: FrontendConfig, *, relevance: float = RELEVANCE,
-                 nap: np.ndarray | None = None, source: str = "") -> None:
-        self.ubm, self.frontend, self.relevance, self.source = ubm, frontend, float(relevance), source
-        # The development calibrations (condition -> Calibration.to_dict()) that travel with the scorer:
-        # used by registries without a case calibration of that condition (devrecd.openset.gsvtrain).
-        self.calibrations: dict[str, dict[str, Any]] = {}
-        self.nap = None if nap is None or nap.size == 0 else np.asarray(nap, dtype=np.float64)
-        if self.nap is not None and self.nap.shape[0] != ubm.dim:
-            raise ArtifactError(f"NAP basis has {self.nap.shape[0]} rows, the UBM's supervectors {ubm.dim}",
-                                reason="scorer_format")
-        self.fingerprint = _digest({"kind": self.kind, "ubm": ubm.fingerprint(), "relevance": self.relevance,
-                                    "frontend": frontend.fingerprint()},
-                                   [] if self.nap is None else [self.nap])
-
-    @classmethod
-    def train(cls, feats: Sequence[np.ndarray], labels: Sequence[str], frontend: FrontendConfig, *,
-              mixtures: int = 64, relevance: float = RELEVANCE, nap_dims: int = 0, seed: int = 0,
-              source: str = "") -> GsvScorer:
-        """UBM on every frame of ``feats`` (one (n, 128, 73) array per development recording) and,
-        with ``nap_dims``, the NAP basis from their supervectors and device ``labels``."""
-        ubm = Ubm.fit(feats, mixtures=mixtures, seed=seed)
-        nap = None
-        if nap_dims:
-            sv = np.stack([unit(ubm.supervector(f, relevance)) for f in feats])
-            nap = fit_nap(sv, labels, nap_dims)
-        return cls(ubm, frontend, relevance=relevance, nap=nap, source=source)
-
-    def _project(self, sv: np.ndarray) -> np.ndarray:
-        return nap_project(sv, self.nap)  # one definition for numpy and the torch scorer (supervector_torch)
-
-    def recording_vector(self, feats: np.ndarray) -> np.ndarray:
-        if len(feats) == 0:
-            raise DatasetError("a recording without windows has no supervector", reason="no_windows")
-        return self._project(self.ubm.supervector(feats, self.relevance))
-
-    def window_vectors(self, feats: np.ndarray) -> np.ndarray:
-        return self._project(self.ubm.window_supervectors(feats, self.relevance))
-
-    def accumulator(self) -> SupervectorAccumulator:
-        """:meth:`recording_vector` and :meth:`window_vectors` of features fed chunk by chunk
-        (``add(chunk)``, then ``result()``): the pipeline's open-set path, in memory that does not
-        grow with the recording's length."""
-        return SupervectorAccumulator(self.ubm, self.relevance, self._project, self.window_vectors)
-
-    def score(self, queries: np.ndarray, profiles: np.ndarray) -> np.ndarray:
-        return unit(np.atleast_2d(queries)) @ unit(np.atleast_2d(profiles)).T
-
-    def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "fingerprint": self.fingerprint, "dim": self.ubm.dim,
-                "mixtures": self.ubm.mixtures, "relevance": self.relevance,
-                "nap_dims": 0 if self.nap is None else int(self.nap.shape[1]),
-                "frontend_sha256": self.frontend.fingerprint(), "frontend": self.frontend.to_dict(),
-                "source": self.source, **({"dev_calibrations": self.calibrations} if self.calibrations else {})}
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        out = {f"ubm_{k}": v for k, v in self.ubm.to_arrays().items()}
-        if self.nap is not None:
-            out["nap"] = self.nap
-        return out
-
-    @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], info: dict[str, Any]) -> GsvScorer:
-        """Rebuild from :meth:`arrays` and :meth:`describe` (the fingerprint must match)."""
-        ubm = Ubm.from_arrays({k[4:]: v for k, v in arrays.items() if k.startswith("ubm_")})
-        try:
-            frontend = FrontendConfig.from_dict(info["frontend"])
-            scorer = cls(ubm, frontend, relevance=float(info["relevance"]), nap=arrays.get("nap"),
-                         source=str(info.get("source", "")))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ArtifactError(f"GSV scorer description is malformed: {exc!r}", reason="scorer_format") from None
-        if info.get("fingerprint") not in (None, scorer.fingerprint):
-            raise ArtifactError("GSV scorer arrays do not match their recorded fingerprint (damaged or mixed up)",
-                                reason="scorer_format")
-        scorer.calibrations = dict(info.get("dev_calibrations") or {})
-        return scorer
-
-
 class FusionScorer:
     """Linear fusion of several scorers' cosines: ``sum_i w_i * s_i + b`` (see :func:`fit_fusion`)."""
 
@@ -247,7 +147,7 @@ class FusionScorer:
         self.calibrations: dict[str, dict[str, Any]] = {}
         self.dims = [p.describe()["dim"] for p in parts]
         # The vector space depends on the parts only; the weights are a back-end (they may be refitted).
-        self.fingerprint = _digest({"kind": self.kind, "parts": [p.describe()["fingerprint"] for p in parts]}, [])
+        self.fingerprint = digest({"kind": self.kind, "parts": [p.describe()["fingerprint"] for p in parts]}, [])
 
     def _split(self, x: np.ndarray) -> list[np.ndarray]:
         x = np.atleast_2d(x)
@@ -319,19 +219,12 @@ def fit_fusion(part_target: np.ndarray, part_nontarget: np.ndarray) -> tuple[np.
     ``part_target`` (n_t, n_parts) and ``part_nontarget`` (n_n, n_parts): each part's score of the
     same trials. Classes weighted equally, so ``w . s + b`` is a log-likelihood ratio (natural log)
     at prior 0.5 on these trials (Brummer's linear fusion). Nearly unregularised, as the score
-    calibration (:func:`~.calibration.fit_calibration`), by the same fit (:func:`~.calibration.fit_balanced`).
+    calibration (:func:`~.calibration.fit_calibration`), by the same fit (:func:`~.measures.fit_balanced`).
     """
     tar, non = np.atleast_2d(part_target), np.atleast_2d(part_nontarget)
     if len(tar) == 0 or len(non) == 0 or tar.shape[1] != non.shape[1]:
         raise DatasetError("fusion needs target and non-target trials with the same parts", reason="fusion_data")
     return fit_balanced(np.asarray(tar, np.float64), np.asarray(non, np.float64))
-
-
-def _digest(meta: dict[str, Any], arrays: Sequence[np.ndarray]) -> str:
-    h = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode())
-    for a in arrays:
-        h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
-    return h.hexdigest()
 
 
 # --- files and registries ---------------------------------------------------------------------
@@ -396,7 +289,10 @@ def load_gsv(path: Any) -> tuple[GsvScorer, dict[str, Any]]:
     meta, arrays = _load_scorer_file(path, GSV_FORMAT, "GSV scorer")
     info = dict(meta["scorer"])
     info["source"] = str(path)
-    return GsvScorer.from_arrays(arrays, info), meta
+    try:
+        return GsvScorer.from_arrays(arrays, info), meta
+    except ArtifactError as exc:  # the file named, as a checkpoint's or a contract's reader names it
+        raise ArtifactError(f"{path}: {exc}", reason=exc.reason) from None
 
 
 def save_fusion(path: Any, scorer: FusionScorer, *, extra: dict[str, Any] | None = None) -> None:

@@ -150,7 +150,7 @@ def identify_vectors(query: np.ndarray, window_vectors: np.ndarray | Sequence[np
     threshold, the calibration's hash and source, registry path and size, scorer kind), ``top_k``
     (ranked profiles with score and log10_lr) and ``windows_best`` (best profile per window).
     ``window_vectors``: one (n_windows, D) array, or the recording's windows in consecutive chunks
-    (a sequence of such arrays: :meth:`~devrecd.openset.scorers.GsvScorer.accumulator`).
+    (a sequence of such arrays: :meth:`~devrecd.openset.gsv.GsvScorer.accumulator`).
     """
     names, means = registry.matrix()
     scores = np.asarray(score(np.atleast_2d(query), means), dtype=np.float64)[0]

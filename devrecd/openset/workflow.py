@@ -21,6 +21,7 @@ from devrecd.openset.calibration import PRIOR_TRIALS, CalibrationError
 from devrecd.openset.registry import Reference, Registry, RegistryError
 from devrecd.provenance import utc_timestamp
 from devrecd.openset.scorers import as_scorer, registry_scorer, scorer_arrays
+from devrecd.stages import features_for_file
 
 log = logging.getLogger("devrecd.openset")
 MATCHED_REGISTRIES = 16  # RegistryJudge: registries matched to a (channel, noise) condition kept in memory
@@ -35,7 +36,6 @@ def recording_features(scorer: Any, path: str | os.PathLike, cfg: Config, *, hop
     from functools import partial
 
     from devrecd.audio.transmit import apply_channel
-    from devrecd.pipeline.stages import features_for_file
 
     device = getattr(getattr(scorer, "embedder", None), "device", "cpu")
     return features_for_file(path, replace(cfg, frontend=scorer.frontend), device=device, hop_seconds=hop_seconds,

@@ -12,8 +12,8 @@ from devrecd.metrics import Metrics
 from devrecd.pipeline.journal import Journal
 from devrecd.pipeline.runner import Pipeline
 from devrecd.pipeline.serving import OpenSetOnly, load_served, registry_judge
-from devrecd.pipeline.stages import resolve_device
 from devrecd.pipeline.verdict import failed_record
+from devrecd.stages import resolve_device
 
 
 def identify_files(cfg: Config, paths: Sequence[str | os.PathLike], *, backend: Backend | None = None,

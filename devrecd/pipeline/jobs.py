@@ -11,7 +11,7 @@ from typing import Union
 import numpy as np
 
 from devrecd.pipeline.journal import Entry
-from devrecd.pipeline.stages import Failure
+from devrecd.stages import Failure
 
 
 @dataclass

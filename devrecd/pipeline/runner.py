@@ -66,9 +66,9 @@ from devrecd.pipeline.jobs import Chunk, Duplicate, Failed, FeaturesDone, Job, J
 from devrecd.pipeline.journal import Entry, Journal, JournalError, Recorder, VerdictLog
 from devrecd.pipeline.retry import Liveness, StorageRetry, Stopped
 from devrecd.pipeline.serving import Judge, OpenSetOnly, RegistryJudging
-from devrecd.pipeline.stages import Failure, failure_of, stream_features
 from devrecd.pipeline.threads import inference_streams, one_blas_thread
 from devrecd.pipeline.writer import VerdictWriter
+from devrecd.stages import Failure, failure_of, stream_features
 
 __all__ = ["Liveness", "Pipeline", "StorageRetry", "Stopped", "inference_streams", "one_blas_thread"]
 log = logging.getLogger("devrecd.pipeline")

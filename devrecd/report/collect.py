@@ -8,11 +8,9 @@ verdict is said not to apply to the present content.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import socket
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,18 +19,11 @@ from typing import Any, Sequence
 from devrecd import __version__
 from devrecd.config import Config
 from devrecd.errors import ConfigError, DevrecdError
-from devrecd.pipeline.journal import JOURNAL_NAME, VERDICT_LOG_NAME
+from devrecd.report.sources import ReportError, gather
 
 REPORT_FORMAT = "devrecd-report/1"
 # Level flags of a recording (measured on the decoded samples at report time).
 LOW_LEVEL_DBFS = -45.0  # RMS below this: the device's trace is near the noise floor
-RECORD_OUTCOMES = ("judged", "failed", "duplicate", "compared")
-
-
-class ReportError(DevrecdError):
-    """A report source that cannot be read (no journal, not a run output, no such file)."""
-
-    reason = "report"
 
 
 @dataclass
@@ -46,67 +37,6 @@ class Figures:
 
         self.files[name] = png
         return {"file": name, "sha256": hashlib.sha256(png).hexdigest()}
-
-
-# --- sources ---------------------------------------------------------------------------------
-
-def read_state_dir(path: Path) -> list[dict[str, Any]]:
-    """Terminal records of a daemon state folder: the journal (opened read-only), else the verdict log."""
-    journal = path / JOURNAL_NAME
-    if journal.is_file():
-        try:
-            db = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
-            try:
-                rows = db.execute("SELECT record FROM files WHERE state IN ('judged', 'failed', 'duplicate') "
-                                  "AND record IS NOT NULL ORDER BY id").fetchall()
-            finally:
-                db.close()
-            return [json.loads(r[0]) for r in rows]
-        except sqlite3.Error as exc:
-            if not (path / VERDICT_LOG_NAME).is_file():
-                raise ReportError(f"cannot read the journal {journal}: {exc}") from None
-    if (path / VERDICT_LOG_NAME).is_file():
-        return read_jsonl(path / VERDICT_LOG_NAME)
-    raise ReportError(f"{path}: no {JOURNAL_NAME} or {VERDICT_LOG_NAME} (not a daemon state folder)")
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of an ``identify --json`` / ``compare --json`` output or a verdict log."""
-    out = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ReportError(f"cannot read {path}: {exc}") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            raise ReportError(f"{path}:{n}: not a JSON line") from None
-        if not isinstance(rec, dict) or rec.get("outcome") not in RECORD_OUTCOMES:
-            raise ReportError(f"{path}:{n}: not a devrecd verdict or comparison record")
-        out.append(rec)
-    return out
-
-
-def gather(sources: Sequence[str | os.PathLike], cfg: Config) -> tuple[list[dict[str, Any]], list[str]]:
-    """Records from every source, plus audio files named without a record (inventory only)."""
-    from devrecd.audio.files import scan_files
-
-    records, loose = [], []
-    for src in map(Path, sources):
-        if src.is_dir() and ((src / JOURNAL_NAME).is_file() or (src / VERDICT_LOG_NAME).is_file()):
-            records += read_state_dir(src)
-        elif src.is_file() and src.suffix in (".jsonl", ".json", ".ndjson"):
-            records += read_jsonl(src)
-        elif src.exists():
-            loose += [str(p) for p in scan_files([src], cfg.watch)]
-        else:
-            raise ReportError(f"{src}: no such file or folder")
-    seen = {os.path.abspath(r["path"]) for r in records if r.get("path")}
-    loose = [p for p in loose if os.path.abspath(p) not in seen]
-    return records, loose
 
 
 # --- evidence --------------------------------------------------------------------------------

@@ -1,7 +1,11 @@
 """Pure stages shared by the CLI, training, the runner and the cluster job: file -> recording -> clips -> features.
 
 Kept free of I/O policy (no queues, no journal) so that any executor (a thread pool, the daemon,
-Ray Data) can call them.
+Ray Data) can call them. Also the device choice (:func:`resolve_device`) and why a file failed
+(:class:`Failure`). The lowest layer that reads files as a whole: it imports only ``audio``,
+``features``, ``config`` and ``errors``, and everything that works on recordings sits above it
+(``backends``, ``openset``, ``data``, ``train``, ``export``, and ``pipeline``, the daemon's way
+through these stages).
 """
 
 from __future__ import annotations

@@ -1,0 +1,99 @@
+"""train-gsv's training copies (:class:`devrecd.openset.gsvtrain.Augment`): every cross-fitted UBM/NAP
+is trained on its own devices' recordings and copies only, each copy labelled with its recording's
+device and made once; the result is reproducible. Synthetic features: no audio, no encoder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+PHONES = [f"p{k}" for k in range(6)]
+PER_PHONE = 4
+
+
+def _dev():
+    rng = np.random.default_rng(0)
+    devices = [p for p in PHONES for _ in range(PER_PHONE)]
+    order = [(str(s), f"{p}_{s}") for p in PHONES for s in range(PER_PHONE)]
+    # a device offset in every dim: the phones are told apart, the fits do not degenerate
+    offsets = {p: rng.normal(0, 1, 73).astype(np.float32) for p in PHONES}
+    feats = [(rng.normal(0, 1, (2, 128, 73)) + offsets[d]).astype(np.float32) for d in devices]
+    return feats, devices, order
+
+
+def test_training_set_aligns_labels_with_copies_and_makes_each_copy_once():
+    from devrecd.openset.gsvtrain import Augment, _TrainingSet
+
+    feats, devices, _ = _dev()
+    calls = []
+
+    def under(i, channel, seconds):
+        calls.append((i, channel, seconds))
+        return feats[i] + 1000.0 * (1 + list(PHONES).index(devices[i]))  # a copy carries its own device's tag
+
+    ts = _TrainingSet(feats, devices, Augment(channels=("tel", "amrnb")), under, None, 0)
+    idx = [0, 5, 9, 23]
+    got, labels = ts.of(idx)
+    assert len(got) == len(labels) == 3 * len(idx)
+    for x, label in zip(got, labels):
+        i = next(i for i in idx if np.array_equal(x, feats[i]) or np.array_equal(x, under(i, "tel", None)))
+        assert devices[i] == label
+    calls.clear()
+    ts.of(idx)
+    ts.of([0, 5])
+    assert calls == []  # cached: each copy made once, whatever the number of groups it is used in
+    with pytest.raises(Exception, match="noisy copies needs the development audio"):
+        _TrainingSet(feats, devices, Augment(noise_copies=1), under, None, 0)
+
+
+def test_each_cross_fitted_scorer_is_trained_on_its_own_devices_and_their_copies_only(monkeypatch):
+    from devrecd.features import FrontendConfig
+    from devrecd.openset import gsvtrain
+    from devrecd.openset.gsvtrain import Augment, train_gsv
+
+    feats, devices, order = _dev()
+    tag = {id(x): i for i, x in enumerate(feats)}
+    copies, keep = {}, []  # kept: an id is never reused for another array while the test runs
+
+    def under(i, channel, seconds):
+        y = feats[i] + np.float32(0.5) if seconds is None else (feats[i] + np.float32(0.5))[:1]
+        copies[id(y)] = i
+        keep.append(y)
+        return y
+
+    seen = []
+    real = gsvtrain.GsvScorer.train
+
+    def spy(fs, labels, frontend, **kw):
+        src = [tag.get(id(x), copies.get(id(x))) for x in fs]
+        assert None not in src, "a training array that is neither a recording nor one of its copies"
+        assert [devices[i] for i in src] == list(labels)  # every copy labelled with its own recording's device
+        seen.append(sorted(set(labels)))
+        return real(fs, labels, frontend, **kw)
+
+    monkeypatch.setattr(gsvtrain.GsvScorer, "train", staticmethod(spy))
+    kw = dict(mixtures=2, nap_dims=1, inner=3, seed=0, conditions=["clean", "tel"], features_under=under,
+              augment=Augment(channels=("tel",)))
+    a = train_gsv(feats, devices, order, FrontendConfig(), **kw)
+    *folds, final = seen
+    assert len(folds) == 3 and final == sorted(PHONES)
+    held = [sorted(set(PHONES) - set(f)) for f in folds]
+    assert all(len(h) == 2 for h in held) and sorted(sum(held, [])) == sorted(PHONES)  # each phone held out once
+    b = train_gsv(feats, devices, order, FrontendConfig(), **kw)
+    assert a.fingerprint == b.fingerprint and a.calibrations.keys() == b.calibrations.keys()
+
+
+def test_training_copies_and_calibration_trials_take_disjoint_babble_talkers():
+    """Babble in the training copies and in the noise-matched calibration trials comes from two
+    disjoint halves of the talkers, so the calibration meets babble the NAP was not trained on."""
+    from devrecd.openset.gsvtrain import split_talkers
+    from devrecd.openset.noisetrials import DevAudio
+
+    talkers = [np.full(10, float(k)) for k in range(7)]
+    audio = DevAudio(samples=lambda i: np.zeros(10), features=lambda x: x, rate=8000, talkers=talkers)
+    train, trials = split_talkers(audio)
+    a = {float(t[0]) for t in train.talkers}
+    b = {float(t[0]) for t in trials.talkers}
+    assert a and b and not (a & b) and a | b == set(range(7))
+    white = DevAudio(samples=audio.samples, features=audio.features, rate=8000)
+    assert split_talkers(white) == (white, white) and split_talkers(None) == (None, None)
