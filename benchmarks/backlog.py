@@ -15,6 +15,7 @@ distinct offsets (distinct content, so no file is a duplicate of another).
 
     python benchmarks/backlog.py --model export/NAME.onnx [--files 1000] [--naive-files 200]
     python benchmarks/backlog.py --registry /tmp/reg/registry.json --enroll 4 [--files 400] [--naive-files 100]
+    ... [--baseline-code ../other-checkout] [--rounds 3]   (the daemons of both codes take turns, same files)
 """
 
 from __future__ import annotations
@@ -101,11 +102,14 @@ def enroll(registry: Path, phones: int, shared: Path) -> list[str]:
 
 
 def naive_loop(files: list[Path], model: str, repeats: int = 2, threads: int = 1) -> float:
-    """Seconds to judge ``files`` one at a time: decode, features, infer, aggregate (best of
-    ``repeats`` passes: the machine is shared, and the best pass is the fairest baseline)."""
+    """Seconds to judge ``files`` one at a time: decode, features, infer, aggregate, and the condition
+    the verdict is judged under (``describe()``: a closed-set verdict names no device under a condition
+    the model was not validated for, so the daemon measures it for every file; this loop did not
+    before 2026-12-07), best of ``repeats`` passes (the machine is shared: the best pass is the
+    fairest baseline)."""
     from devrecd.config import load_config
     from devrecd.pipeline.serving import load_serving_backend
-    from devrecd.pipeline.verdict import aggregate
+    from devrecd.pipeline.verdict import aggregate, closed_set_comparison
     from devrecd.stages import features_for_file
 
     # The same ONNX Runtime thread count as the daemon run. Note: with 2 threads ORT's spinning
@@ -119,8 +123,9 @@ def naive_loop(files: list[Path], model: str, repeats: int = 2, threads: int = 1
         for _ in range(repeats):
             t0, c0 = time.perf_counter(), time.process_time()
             for p in files:
-                _, feats = features_for_file(p, cfg)
+                rec, feats = features_for_file(p, cfg)
                 aggregate(backend.infer(feats), backend.labels)
+                closed_set_comparison(rec.describe().get("condition"), cfg.backend.validated_conditions)
             if time.perf_counter() - t0 < best:
                 best, NAIVE_CPU[id(files), threads] = time.perf_counter() - t0, time.process_time() - c0
         return best
@@ -151,7 +156,10 @@ def start_daemon(work: Path, evidence: Path, model: str | None, extra: list[str]
 
 def read_records(state: Path) -> list[dict]:
     p = state / "verdicts.jsonl"
-    return [json.loads(x) for x in p.read_text().splitlines()] if p.is_file() else []
+    # Only whole lines: the daemon appends a group of records in one write, which a reader may
+    # catch half done (the line without its newline is not written yet).
+    text = p.read_text() if p.is_file() else ""
+    return [json.loads(x) for x in text[: text.rfind("\n") + 1].splitlines()]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -189,6 +197,9 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per daemon inference stream")
     ap.add_argument("--streams", type=int, default=0, help="daemon inference streams (0 = auto)")
+    ap.add_argument("--baseline-code", metavar="DIR", help="also run the daemon with another checkout's code (its "
+                    "PYTHONPATH), on the same files, taking turns with this code's daemon")
+    ap.add_argument("--rounds", type=int, default=1, help="daemon runs of each code (medians are printed)")
     args = ap.parse_args()
     if bool(args.model) == bool(args.registry):
         ap.error("give --model (closed set) or --registry (open set only)")
@@ -198,13 +209,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="devrecd-backlog-") as tmp:
         work = Path(tmp)
-        staging, evidence = work / "staging", work / "evidence"
-        evidence.mkdir()
+        staging = work / "staging"
         files = make_evidence(staging, args.files, args.seconds, args.shared)
-        audio_s = args.files * args.seconds
 
         naive_n = min(args.naive_files, len(files))
-        # The naive loop runs before AND after the daemon (the best pass counts): the machine is
+        # The naive loop runs before AND after the daemons (the best pass counts): the machine is
         # shared, and a load spike during one pass must not flatter the daemon.
         # Closed set: 1 and 2 ONNX Runtime threads; open set (no network): numpy's BLAS on 1 and 2 threads.
         naive_threads = (1, 2)
@@ -216,25 +225,13 @@ def main() -> None:
         first = files[:naive_n]
         naive_before = {t: naive(first, t) for t in naive_threads}
         cpu_before = {t: NAIVE_CPU[id(first), t] for t in naive_threads}
-
-        proc, state = start_daemon(work, evidence, args.model, registry=args.registry, env={
-            "DEVRECD_WATCH__WORKERS": str(args.workers), "DEVRECD_BATCHER__MAX_BATCH": str(args.max_batch),
-            "DEVRECD_WATCH__STABLE_SECONDS": "1.0", "DEVRECD_BACKEND__THREADS": str(args.threads),
-            "DEVRECD_BATCHER__STREAMS": str(args.streams), "DEVRECD_LOG__FORMAT": "json"})
-        try:
-            cpu0 = cpu_seconds(proc.pid)
-            dropped = time.time()
-            for p in files:  # a rename is atomic: the whole backlog appears at once
-                os.rename(p, evidence / p.name)
-            while len(recs := read_records(state)) < len(files):
-                if proc.poll() is not None:
-                    sys.exit("daemon died:\n" + (work / "daemon.log").read_text()[-3000:])
-                time.sleep(0.2)
-            rss = peak_rss_mib(proc.pid)
-            daemon_cpu = cpu_seconds(proc.pid) - cpu0
-        finally:
-            stop(proc)
-        moved = [evidence / p.name for p in files[:naive_n]]
+        codes = [("this code", None)] + ([("baseline", args.baseline_code)] if args.baseline_code else [])
+        runs: dict[str, list[dict]] = {name: [] for name, _ in codes}
+        for r in range(args.rounds):  # the daemons take turns: the same load for both
+            for name, code in (codes if r % 2 == 0 else codes[::-1]):
+                runs[name].append(run_daemon(work / f"run-{r}-{len(runs[name])}-{name.replace(' ', '_')}", files,
+                                             args, code))
+        moved = files[:naive_n]
         naive_after = {t: naive(moved, t) for t in naive_threads}
         cpu_after = {t: NAIVE_CPU[id(moved), t] for t in naive_threads}
         naive_cpu = {t: (cpu_before if naive_before[t] <= naive_after[t] else cpu_after)[t] / naive_n
@@ -242,28 +239,65 @@ def main() -> None:
         naive_s = {t: min(naive_before[t], naive_after[t]) for t in naive_threads}
         best_t = min(naive_threads, key=naive_s.get)
         naive_rate = naive_n / naive_s[best_t]
-        done = max(_judged_at(r) for r in recs)
-        wall = done - dropped
-        latency = [_judged_at(r) - dropped for r in recs]
-        outcomes = {o: sum(r["outcome"] == o for r in recs) for o in ("judged", "duplicate", "failed")}
-        rate = len(files) / wall
-        logged = [json.loads(x) for x in (work / "daemon.log").read_text().splitlines() if x.startswith("{")]
-        ready = next((r for r in logged if r.get("event") == "ready"), {})
         mode = f"closed set {Path(args.model).name}" if args.model else f"open set only, registry {args.registry}"
         print(f"backlog ({mode}): {len(files)} x {args.seconds:.0f} s real phone recordings dropped at once; CPU; "
               f"workers={args.workers} max_batch={args.max_batch} ort_threads={args.threads} "
-              f"inference_streams={ready.get('inference_streams', '?')}; outcomes {outcomes}")
-        print(f"  daemon      : {rate:7.2f} files/s  {audio_s / wall:8.1f} audio-s/s  wall {wall:6.1f} s  "
-              f"drop->verdict p50 {pct(latency, 50):6.1f} s  p99 {pct(latency, 99):6.1f} s  peak RSS {rss:.0f} MiB  "
-              f"CPU {daemon_cpu / len(files) * 1e3:.0f} ms/file")
+              f"inference_streams={runs['this code'][0]['streams']}; {args.rounds} round(s), medians")
+        for name, code in codes:
+            rs = runs[name]
+            med = {k: float(np.median([x[k] for x in rs])) for k in ("rate", "p50", "p99", "rss", "cpu")}
+            label = "daemon" if code is None else f"daemon ({code})"
+            rates = ", ".join(f"{x['rate']:.2f}" for x in rs)
+            loads = ", ".join(f"{x['load']:.1f}" for x in rs)
+            print(f"  {label}: {med['rate']:7.2f} files/s  {med['rate'] * args.seconds:8.1f} audio-s/s  "
+                  f"drop->verdict p50 {med['p50']:6.1f} s  p99 {med['p99']:6.1f} s  peak RSS {med['rss']:.0f} MiB  "
+                  f"CPU {med['cpu']:.0f} ms/file  (each round: {rates} files/s; "
+                  f"outcomes {rs[0]['outcomes']}; loads {loads})")
         for t in naive_threads:
             r = naive_n / naive_s[t]
             what = f"{t} ORT thread(s)" if args.model else f"registry scorer, {t} BLAS thread(s)"
             print(f"  naive loop  : {r:7.2f} files/s  {r * args.seconds:8.1f} audio-s/s  ({what}: "
-                  f"{naive_n} files, best of passes before/after the daemon: {naive_before[t]:.1f} s / "
+                  f"{naive_n} files, best of passes before/after the daemons: {naive_before[t]:.1f} s / "
                   f"{naive_after[t]:.1f} s; one file at a time, same model and backend; CPU {naive_cpu[t] * 1e3:.0f} ms/file)")
-        print(f"  speed-up    : {rate / naive_rate:.2f}x over the faster naive loop ({best_t} thread(s)) (target >= 1.75x; "
-              f"load average {os.getloadavg()[0]:.1f})")
+        for name, code in codes:
+            rate = float(np.median([x["rate"] for x in runs[name]]))
+            print(f"  speed-up    : {rate / naive_rate:.2f}x ({name}) over the faster naive loop ({best_t} thread(s)) "
+                  f"(target >= 1.75x; load average {os.getloadavg()[0]:.1f})")
+
+
+def run_daemon(work: Path, files: list[Path], args: argparse.Namespace, code: str | None) -> dict:
+    """One daemon (this checkout's code, or ``code``'s: PYTHONPATH) judging the whole backlog dropped at
+    once into a fresh folder and state; the files go back where they were afterwards."""
+    evidence = work / "evidence"
+    evidence.mkdir(parents=True)
+    env = {"DEVRECD_WATCH__WORKERS": str(args.workers), "DEVRECD_BATCHER__MAX_BATCH": str(args.max_batch),
+           "DEVRECD_WATCH__STABLE_SECONDS": "1.0", "DEVRECD_BACKEND__THREADS": str(args.threads),
+           "DEVRECD_BATCHER__STREAMS": str(args.streams), "DEVRECD_LOG__FORMAT": "json"}
+    if code is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(code).resolve()), os.environ.get("PYTHONPATH")]))
+    proc, state = start_daemon(work, evidence, args.model, registry=args.registry, env=env)
+    try:
+        cpu0 = cpu_seconds(proc.pid)
+        dropped = time.time()
+        for p in files:  # a rename is atomic: the whole backlog appears at once
+            os.rename(p, evidence / p.name)
+        while len(recs := read_records(state)) < len(files):
+            if proc.poll() is not None:
+                sys.exit("daemon died:\n" + (work / "daemon.log").read_text()[-3000:])
+            time.sleep(0.2)
+        rss = peak_rss_mib(proc.pid)
+        daemon_cpu = cpu_seconds(proc.pid) - cpu0
+    finally:
+        stop(proc)
+    for p in files:
+        os.rename(evidence / p.name, p)
+    wall = max(_judged_at(r) for r in recs) - dropped
+    latency = [_judged_at(r) - dropped for r in recs]
+    logged = [json.loads(x) for x in (work / "daemon.log").read_text().splitlines() if x.startswith("{")]
+    ready = next((r for r in logged if r.get("event") == "ready"), {})
+    return {"rate": len(files) / wall, "p50": pct(latency, 50), "p99": pct(latency, 99), "rss": rss,
+            "cpu": daemon_cpu / len(files) * 1e3, "load": os.getloadavg()[0], "streams": ready.get("inference_streams", "?"),
+            "outcomes": {o: sum(r["outcome"] == o for r in recs) for o in ("judged", "duplicate", "failed")}}
 
 
 if __name__ == "__main__":

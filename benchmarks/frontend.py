@@ -60,14 +60,28 @@ def _ours_numpy(clips: np.ndarray) -> int:
 _BASELINE: dict[str, object] = {}
 
 
+def _load(name: str, path: str) -> object:
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
 def _baseline_numpy(clips: np.ndarray) -> int:
     """The numpy frontend of the baseline revision's features.py (``--baseline``), loaded as a module of
-    its own beside this tree's devrecd (which it imports for the rest)."""
+    its own beside this tree's devrecd (which it imports for the rest), with the revision's
+    features_numpy.py (its numpy path) where it has one."""
     if "frontend" not in _BASELINE:
-        spec = importlib.util.spec_from_file_location("devrecd_baseline_features", os.environ["DEVRECD_BENCH_BASELINE"])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # its dataclasses look their module up there
-        spec.loader.exec_module(module)
+        own = sys.modules.get("devrecd.features_numpy")
+        if os.environ.get("DEVRECD_BENCH_BASELINE_NUMPY"):  # the baseline's numpy path, while its features.py loads
+            sys.modules["devrecd.features_numpy"] = _load("devrecd_baseline_features_numpy",
+                                                          os.environ["DEVRECD_BENCH_BASELINE_NUMPY"])
+        try:
+            module = _load("devrecd_baseline_features", os.environ["DEVRECD_BENCH_BASELINE"])
+        finally:
+            if own is not None:
+                sys.modules["devrecd.features_numpy"] = own
         _BASELINE["module"], _BASELINE["frontend"] = module, module.Frontend(module.FrontendConfig(**CFG.to_dict()))
     _BASELINE["module"].extract(clips, _BASELINE["frontend"])
     return len(clips)
@@ -311,6 +325,11 @@ def main() -> int:
                                     capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]).stdout
             (Path(tmp) / "baseline_features.py").write_text(source)
             os.environ["DEVRECD_BENCH_BASELINE"] = str(Path(tmp) / "baseline_features.py")  # for the workers too
+            numpy_path = subprocess.run(["git", "show", f"{args.baseline}:devrecd/features_numpy.py"],
+                                        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+            if numpy_path.returncode == 0:  # a revision with the numpy path in a module of its own
+                (Path(tmp) / "baseline_features_numpy.py").write_text(numpy_path.stdout)
+                os.environ["DEVRECD_BENCH_BASELINE_NUMPY"] = str(Path(tmp) / "baseline_features_numpy.py")
         onnx_path = Path(tmp) / "frontend.onnx"
         if "devrecd (ONNX graph)" in names:
             print(f"  frontend exported to ONNX (dynamo, opset 18) in {export_frontend(onnx_path):.0f} s")

@@ -32,6 +32,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import numpy as np
 
 from devrecd.errors import ConfigError
+from devrecd.features_numpy import NumpyPath, cpu_chunk
 from devrecd.validation import Count, PositiveFloat, Range, Section
 
 N_FRAMES = 128  # frames per clip (the network's time axis)
@@ -47,7 +48,6 @@ SLICE_DELTA = slice(N_BASE, 2 * N_BASE)
 SLICE_DELTA2 = slice(2 * N_BASE, 3 * N_BASE)
 SLICE_FBANK = slice(3 * N_BASE, FEATURE_DIM)
 Level = Literal["clip", "none"]  # FrontendConfig.level
-FRAME_TILE = 32  # numpy frontend: frames windowed, transformed and squared together (Frontend._numpy_power)
 
 
 @dataclass(frozen=True)
@@ -196,36 +196,6 @@ def frame_window(cfg: FrontendConfig) -> np.ndarray:
     return np.hamming(n) if cfg.window == "hamming" else np.hanning(n)
 
 
-def mel_blocks(mel: np.ndarray, grain: int, call_cost: int) -> list[tuple[int, int, int, int]]:
-    """Bin ranges ``[b0, b1)`` covering a (bins, bands + 1) mel matrix, each with the bands ``[c0, c1)``
-    whose triangles are non-zero in it (the last column, dense, goes with every block). The numpy path
-    multiplies these blocks only: every product it skips is a zero of the matrix. Ranges start on
-    multiples of ``grain`` bins and are chosen (shortest path) to minimise the entries multiplied
-    plus ``call_cost`` entries per block (the price of one more small product)."""
-    bins, n_bands = mel.shape[0], mel.shape[1] - 1
-    nonzero = mel[:, :-1] != 0
-    has = nonzero.any(axis=1)
-    first = np.where(has, nonzero.argmax(axis=1), n_bands)  # first band non-zero in each bin
-    last = np.where(has, n_bands - nonzero[:, ::-1].argmax(axis=1), 0)  # one past its last
-    cuts = [*range(0, bins, grain), bins]
-    lo = [int(first[a:b].min()) for a, b in zip(cuts, cuts[1:])]  # per grain of bins
-    hi = [int(last[a:b].max()) for a, b in zip(cuts, cuts[1:])]
-    cost, back = [0.0] + [math.inf] * (len(cuts) - 1), [(0, 0, 0)] * len(cuts)
-    for j in range(1, len(cuts)):
-        c0, c1 = n_bands, 0
-        for i in range(j - 1, -1, -1):  # block [cuts[i], cuts[j]): its bands are [c0, c1)
-            c0, c1 = min(c0, lo[i]), max(c1, hi[i])
-            c = cost[i] + (cuts[j] - cuts[i]) * (max(0, c1 - c0) + 1) + call_cost
-            if c < cost[j]:
-                cost[j], back[j] = c, (i, c0, c1) if c1 > c0 else (i, 0, 0)
-    blocks, j = [], len(cuts) - 1
-    while j:
-        i, c0, c1 = back[j]
-        blocks.append((cuts[i], cuts[j], c0, c1))
-        j = i
-    return blocks[::-1]
-
-
 def array_namespace(x: Any) -> Any:
     """The array-API namespace of ``x`` (numpy for numpy arrays; torch's, on any device, for tensors)."""
     if isinstance(x, np.ndarray):
@@ -255,18 +225,14 @@ class Frontend:
         parseval[0] = parseval[-1] = 1.0 / self.cfg.fft_size
         self._mel = np.hstack([mel, parseval]).astype(np.float32)
         self._dct = dct_matrix(self.cfg.n_mels)[1 : self.cfg.n_mfcc + 1].T.astype(np.float32)
-        # numpy: the mel product block by block, skipping the zeros of the triangles (_numpy_fbank)
-        bins = self._mel.shape[0]
-        rows = cpu_chunk(self.cfg) * self.cfg.n_frames  # frames per product
-        self._mel_blocks = [(b0, b1, c0, c1, np.ascontiguousarray(self._mel[b0:b1, [*range(c0, c1), -1]]))
-                            for b0, b1, c0, c1 in mel_blocks(self._mel, max(8, bins // 64), (1 << 18) // rows)]
+        # numpy (serving): the same steps up to the pre-Fbank energies through a per-thread workspace
+        self._numpy = NumpyPath(self.cfg, self._window, self._mel, self._padding)
         # Sample index of every frame's every sample in the padded clip, flattened: framing as one gather.
         cfg = self.cfg
         starts = np.arange(cfg.n_frames)[:, None] * cfg.hop_length
         self._frame_index = (starts + np.arange(cfg.win_length)[None, :]).reshape(-1)
         self._tables: dict[tuple[str, str], tuple[Any, Any, Any, Any]] = {}
         self._lock = threading.Lock()
-        self._local = threading.local()  # numpy: each thread's workspace (_workspace)
 
     def _tables_on(self, xp: Any, device: Any) -> tuple[Any, Any, Any, Any]:
         key = (xp.__name__, str(device))
@@ -307,11 +273,11 @@ class Frontend:
         window, mel, dct, frame_index = self._tables_on(xp, device_of(x))
         win, n, batch = cfg.win_length, cfg.clip_samples, x.shape[0]
         if is_numpy_namespace(xp):
-            # The same steps through a per-thread workspace (_numpy_power), a few clips at a time.
+            # The same steps through a per-thread workspace (features_numpy), a few clips at a time.
             step = cpu_chunk(cfg)
             if batch <= step:
-                return self._from_fbank(np, self._numpy_fbank(self._numpy_power(x)), dct)
-            return np.concatenate([self._from_fbank(np, self._numpy_fbank(self._numpy_power(x[i : i + step])), dct)
+                return self._from_fbank(np, self._numpy(x), dct)
+            return np.concatenate([self._from_fbank(np, self._numpy(x[i : i + step]), dct)
                                    for i in range(0, batch, step)])
 
         # Pre-emphasis y[n] = x[n] - a x[n-1] over the whole clip (y[0] = x[0]).
@@ -335,68 +301,6 @@ class Frontend:
         left = (cfg.win_length - cfg.hop_length) // 2
         return left, max(0, (cfg.n_frames - 1) * cfg.hop_length + cfg.win_length - cfg.clip_samples - left)
 
-    def _numpy_power(self, x: np.ndarray) -> np.ndarray:
-        """|FFT|^2 (B, T, n_fft/2 + 1) float32 of numpy clips: the steps of the array-API path above
-        (pre-emphasis, reflect padding, framing, window, real FFT), each written into a per-thread
-        workspace instead of fresh arrays: the framing is a strided view (no gather), the FFT's zero
-        padding is written once, and nothing the size of a spectrum is allocated per call (fresh
-        multi-MB arrays are fresh pages: the faults cost as much as the arithmetic)."""
-        cfg = self.cfg
-        hop, win, n, batch, t = cfg.hop_length, cfg.win_length, cfg.clip_samples, x.shape[0], cfg.n_frames
-        ws = self._workspace(batch)
-        left, right = self._padding
-        y = ws["y"][:batch]
-        mid = y[:, left : left + n]
-        np.multiply(x[:, :-1], np.float32(cfg.preemphasis), out=ws["tmp"][:batch])
-        np.subtract(x[:, 1:], ws["tmp"][:batch], out=mid[:, 1:])
-        mid[:, 0] = x[:, 0]
-        y[:, :left] = mid[:, left:0:-1]
-        if right:
-            y[:, left + n :] = mid[:, n - 2 : n - right - 2 : -1] if n - right - 2 >= 0 else mid[:, n - 2 :: -1]
-        frames = np.lib.stride_tricks.sliding_window_view(y, win, axis=1)[:, : (t - 1) * hop + 1 : hop]
-        padded = ws["frames"][:batch]  # (B, FRAME_TILE, n_fft): zeros past ``win`` written once
-        spec = ws["spec"][:batch]
-        power = ws["power"][:batch]
-        # FRAME_TILE frames at a time: their float64 frames and spectra (~2 MB for 10 s clips) stay
-        # in cache from the window to the power instead of streaming 16 MB through memory.
-        for a in range(0, t, FRAME_TILE):
-            k = min(FRAME_TILE, t - a)
-            np.multiply(frames[:, a : a + k], self._window, out=padded[:, :k, :win])
-            # numpy's pocketfft has no vectorised float32 kernels: its float64 FFT is 2-4x faster
-            # (benchmarks/frontend.py), and more exact; the power goes back to float32 at once.
-            np.fft.rfft(padded[:, :k], axis=-1, out=spec[:, :k])
-            parts = spec[:, :k].view(np.float64)
-            np.square(parts, out=parts)
-            np.add(parts[..., 0::2], parts[..., 1::2], out=power[:, a : a + k], casting="same_kind")
-        return power
-
-    def _workspace(self, batch: int) -> dict[str, np.ndarray]:
-        """This thread's buffers for up to ``batch`` clips (grown when needed, never shrunk; at most
-        cpu_chunk clips, so a few MB per thread)."""
-        ws = getattr(self._local, "ws", None)
-        if ws is None or ws["y"].shape[0] < batch:
-            cfg = self.cfg
-            left, right = self._padding
-            bins = cfg.fft_size // 2 + 1
-            ws = {"y": np.empty((batch, left + cfg.clip_samples + right), np.float32),
-                  "tmp": np.empty((batch, cfg.clip_samples - 1), np.float32),
-                  "frames": np.zeros((batch, min(FRAME_TILE, cfg.n_frames), cfg.fft_size), np.float64),
-                  "spec": np.empty((batch, min(FRAME_TILE, cfg.n_frames), bins), np.complex128),
-                  "power": np.empty((batch, cfg.n_frames, bins), np.float32)}
-            self._local.ws = ws
-        return ws
-
-    def _numpy_fbank(self, power: np.ndarray) -> np.ndarray:
-        """``power @ mel`` (B, T, 34 + 1) of numpy power spectra, block by block (``mel_blocks``): the
-        products the dense matmul would spend on the triangles' zeros (~80% of them) are skipped."""
-        rows = power.reshape(-1, power.shape[-1])
-        out = np.zeros((rows.shape[0], self._mel.shape[1]), np.float32)
-        for b0, b1, c0, c1, block in self._mel_blocks:
-            part = rows[:, b0:b1] @ block
-            out[:, c0:c1] += part[:, :-1]
-            out[:, -1] += part[:, -1]
-        return out.reshape(*power.shape[:-1], -1)
-
     def _from_fbank(self, xp: Any, fbank_energy: Any, dct: Any) -> Any:
         """The 73 dims from the pre-Fbank energies and the frame energy (B, T, 34 + 1), any array library."""
         cfg = self.cfg
@@ -413,12 +317,6 @@ class Frontend:
         d1 = delta(base, cfg.delta_width)
         d2 = delta(d1, cfg.delta_width)
         return xp.concat([base, d1, d2, fbank], axis=-1)
-
-
-def cpu_chunk(cfg: FrontendConfig) -> int:
-    """Clips per numpy call: about 1 MB of FFT input (one 10 s clip, four 2 s clips), so that the
-    spectra stay in cache and the per-thread workspace stays a few MB."""
-    return max(1, (1 << 18) // (cfg.n_frames * cfg.fft_size))
 
 
 def delta(feat: Any, width: int = 2) -> Any:

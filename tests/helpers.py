@@ -54,7 +54,10 @@ class DaemonProc:
 
     def records(self) -> list[dict]:
         p = self.state / "verdicts.jsonl"
-        return [json.loads(x) for x in p.read_text().splitlines()] if p.is_file() else []
+        # Only whole lines: the daemon appends a group of records in one write, which a reader may
+        # catch half done (the line without its newline is not written yet).
+        text = p.read_text() if p.is_file() else ""
+        return [json.loads(x) for x in text[: text.rfind("\n") + 1].splitlines()]
 
     def wait_records(self, n: int, timeout: float = 120) -> list[dict]:
         deadline = time.time() + timeout

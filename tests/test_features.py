@@ -182,16 +182,16 @@ def test_numpy_mel_blocks_are_the_mel_product(cfg):
     frontend = Frontend(cfg)
     mel = frontend._mel
     covered = np.zeros_like(mel)
-    edges = [b[:2] for b in frontend._mel_blocks]
+    edges = [b[:2] for b in frontend._numpy.mel_blocks]
     assert edges[0][0] == 0 and edges[-1][1] == mel.shape[0] and all(a[1] == b[0] for a, b in zip(edges, edges[1:]))
-    for b0, b1, c0, c1, block in frontend._mel_blocks:
+    for b0, b1, c0, c1, block in frontend._numpy.mel_blocks:
         covered[b0:b1, c0:c1] = mel[b0:b1, c0:c1]
         covered[b0:b1, -1] = mel[b0:b1, -1]
         np.testing.assert_array_equal(block, mel[b0:b1, [*range(c0, c1), -1]])
     np.testing.assert_array_equal(covered, mel)
     power = np.random.default_rng(0).exponential(size=(2, cfg.n_frames, mel.shape[0])).astype(np.float32)
     exact = power.astype(np.float64) @ mel.astype(np.float64)
-    np.testing.assert_allclose(frontend._numpy_fbank(power), exact, rtol=1e-5)
+    np.testing.assert_allclose(frontend._numpy.fbank(power), exact, rtol=1e-5)
 
 
 def test_threads_share_a_frontend(ccnu_dir):
@@ -244,3 +244,15 @@ def test_cuda_matches_cpu(ccnu_dir):
     cpu = extract(clips, frontend, device="cpu")
     gpu = extract(clips, frontend, device="cuda")
     np.testing.assert_allclose(gpu, cpu, rtol=1e-3, atol=1e-3)
+
+
+def test_the_fft_library_gives_numpys_rfft():
+    """The numpy path's real FFT (ducc0's when installed) is numpy's rfft to float64 rounding."""
+    from devrecd.features_numpy import rfft_into
+
+    frames = np.zeros((2, 3, 8192))
+    frames[..., :5000] = np.random.default_rng(0).standard_normal((2, 3, 5000))
+    out = np.empty((2, 3, 4097), np.complex128)
+    rfft_into(frames[:, :2], out[:, :2])  # strided views, as the workspace's tiles are
+    expected = np.fft.rfft(frames[:, :2], axis=-1)
+    assert np.abs(out[:, :2] - expected).max() <= 1e-12 * np.abs(expected).max()

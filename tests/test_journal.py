@@ -353,3 +353,76 @@ def test_a_file_moved_into_place_is_fsynced_then_renamed_then_its_folder_fsynced
     out = fsutil.move_into_place(tmp, tmp_path / "m.onnx")
     assert out == tmp_path / "m.onnx" and out.read_bytes() == b"model" and not tmp.exists()
     assert synced == [str(tmp), str(tmp_path)]
+
+
+@pytest.mark.parametrize("kill_at", ["after_journal_commit", "inside_log_append"])
+def test_a_kill_inside_a_group_commit_is_repaired_exactly_once(tmp_path: Path, kill_at: str) -> None:
+    """A group of five verdicts (one journal transaction, one log append): SIGKILLed after the
+    group's journal commit, or inside its log append (the first line written whole, the second torn).
+    The restart cuts the torn line and appends every missing record once: each of the five is in
+    the log exactly once, as committed, and every row is terminal and logged."""
+    import os
+
+    script = textwrap.dedent(f"""
+        from devrecd.pipeline.journal import Journal, Recorder, Terminal, VerdictLog
+        j = Journal({str(tmp_path / 'j.sqlite')!r}); log = VerdictLog({str(tmp_path / 'v.jsonl')!r})
+        rec = Recorder(j, log)
+        e, _ = j.see("/ev/before.wav", 1, 1)  # an earlier verdict, in the order a commit takes (no kill point)
+        j.finish(e.id, "judged", {{"id": e.id, "device": "p", "n": 0}}); log.append({{"id": e.id, "device": "p", "n": 0}})
+        j.mark_logged(e.id)
+        ids = [j.see(f"/ev/{{i}}.wav", i, i)[0].id for i in range(5)]
+        rec.commit_many([Terminal(i, "judged", {{"device": "p", "n": i}}) for i in ids])
+    """)
+    env = {**os.environ, "DEVRECD_TEST_KILL_AT": kill_at}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60, env=env)
+    assert proc.returncode == -9, proc.stderr.decode()
+    raw = (tmp_path / "v.jsonl").read_bytes()
+    if kill_at == "inside_log_append":
+        assert raw.count(b"\n") == 2 and not raw.endswith(b"\n"), "one whole line of the group, one torn"
+    j = Journal(tmp_path / "j.sqlite")
+    log = VerdictLog(tmp_path / "v.jsonl")  # cuts the torn line
+    assert j.counts() == {"judged": 6}, "the group's journal commit went through before the kill"
+    expected = {e.id: e.record for e in j.finished()}
+    assert Recorder(j, log).repair() == (4 if kill_at == "inside_log_append" else 5)
+    lines = [json.loads(x) for x in (tmp_path / "v.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in lines) == sorted(expected) and len(lines) == 6
+    assert all(r == expected[r["id"]] for r in lines), "each line is the record the journal committed"
+    assert j.unlogged() == [] and Recorder(j, log).repair() == 0
+    j.close()
+    log.close()
+
+
+def test_reads_do_not_wait_for_the_write_lock(tmp_path: Path) -> None:
+    """Lookups (a worker's dedupe, the writer's supersedes) read through their own connection: they
+    answer while another thread holds the write lock (e.g. during a commit's fsync)."""
+    import threading
+
+    j = Journal(tmp_path / "j.sqlite")
+    e, _ = j.see("/ev/a.wav", 1, 1)
+    j.mark_hashed(e.id, "ab" * 32, 1)
+    j.finish(e.id, "judged", {"id": e.id})
+    got: list = []
+    with j._lock:  # a writer mid-commit
+        t = threading.Thread(target=lambda: got.append((j.judged_with("ab" * 32), j.get(e.id), j.superseded(e.id))))
+        t.start()
+        t.join(timeout=10)
+        assert not t.is_alive(), "a read waited for the write lock"
+    assert got[0][0].id == e.id and got[0][1].state == "judged" and got[0][2] == []
+    j.close()
+
+
+def test_threads_beyond_the_read_connections_share_the_writers(tmp_path: Path) -> None:
+    """Short-lived threads (more than MAX_READERS of them) do not each keep a connection open."""
+    import threading
+
+    from devrecd.pipeline.journal_store import MAX_READERS
+
+    j = Journal(tmp_path / "j.sqlite")
+    e, _ = j.see("/ev/a.wav", 1, 1)
+    got: list = []
+    for _ in range(MAX_READERS + 5):
+        t = threading.Thread(target=lambda: got.append(j.get(e.id).id))
+        t.start()
+        t.join()
+    assert got == [e.id] * (MAX_READERS + 5) and len(j._readers) == MAX_READERS
+    j.close()

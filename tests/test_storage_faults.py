@@ -78,7 +78,7 @@ def _start_daemon(cfg, ev: Path, monkeypatch) -> tuple[Daemon, threading.Thread,
     """A daemon with the uniform backend (retries at most 0.5 s apart) running in a thread; its exit
     code lands in the list."""
     monkeypatch.setattr("devrecd.daemon.service.load_served", lambda c, m, device: UniformBackend(c.frontend))
-    monkeypatch.setattr("devrecd.pipeline.runner.STORAGE_RETRY_MAX_S", 0.5)
+    monkeypatch.setattr("devrecd.pipeline.retry.STORAGE_RETRY_MAX_S", 0.5)
     daemon = Daemon(cfg, [str(ev)])
     out: list[int] = []
     runner = threading.Thread(target=lambda: out.append(daemon.run()), name="test-daemon")

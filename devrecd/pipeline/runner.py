@@ -7,20 +7,21 @@
                                   dedupe against the journal, open-set verdict (registry.path)
       -> Batcher (bounded) -> inference threads (batcher.streams): backend.infer on batches across files
                               (each file's features in chunks, as they are computed)
-      -> messages -> writer thread: verdict record, journal + verdict log (Recorder), metrics
+      -> messages -> writer thread (writer.py): verdict records, committed in groups to the
+                     journal + verdict log (Recorder), metrics
 
 The stages hand the writer typed messages (:class:`Judged`, :class:`Chunk`, :class:`FeaturesDone`,
-:class:`Scored`, :class:`Duplicate`, :class:`Failed`, :class:`Stop`). Every terminal state is written by the one writer thread, so the
-journal and verdict-log ordering needs no further locking; the writer only writes: scoring, open set
-included, runs in the parallel stages, and a file's features are released once they are inferred.
+:class:`Scored`, :class:`Duplicate`, :class:`Failed`, :class:`Stop`). Every terminal state is written
+by the one writer thread (:class:`~devrecd.pipeline.writer.VerdictWriter`, in groups: one journal
+transaction and one fsync of each file for all the verdicts ready at once), so the journal and
+verdict-log ordering needs no further locking; the writer only writes: scoring, open set included,
+runs in the parallel stages, and a file's features are released once they are inferred.
 A bad file becomes a ``failed`` record with its reason and never stops the other files.
 
 Storage: when the journal or the verdict log cannot be written (a full disk, a read-only file
-system), no file fails and no thread ends: the thread that needs the write (the watcher's submit,
-a worker marking a file hashed, the writer committing a record) waits and retries with exponential
-backoff (:data:`STORAGE_RETRY_MAX_S` at most; :class:`StorageRetry`, through which the daemon also
-opens its state folder) until the write succeeds or the pipeline stops.
-Meanwhile :attr:`Pipeline.storage_error` says why (``/readyz`` is 503, ``devrecd_storage_writable``
+system), no file fails and no thread ends: the thread that needs the write waits and retries
+(:class:`~devrecd.pipeline.retry.StorageRetry`, through which the daemon also opens its state
+folder) until the write succeeds or the pipeline stops. Meanwhile :attr:`Pipeline.storage_error` says why (``/readyz`` is 503, ``devrecd_storage_writable``
 0); once space returns everything resumes by itself, each file with exactly one record.
 
 Chunks: judged by the closed-set model alone, a file's features go to the batcher chunk by chunk as
@@ -39,8 +40,8 @@ again for the second to finish, and only for such contents.
 Open set only (:class:`~devrecd.pipeline.serving.OpenSetOnly`): no network is loaded and no batcher
 runs; each worker hands its features to the registry's scorer and the writer records its verdict.
 
-Longer than most modules on purpose: the three kinds of thread share the in-flight bookkeeping
-(files and contents in flight, under one lock), which is clearest read in one place.
+The three kinds of thread share the in-flight bookkeeping here (files and contents in flight, under
+one lock); the writer's record-keeping is :mod:`devrecd.pipeline.writer`'s.
 """
 
 from __future__ import annotations
@@ -54,7 +55,6 @@ import time
 from dataclasses import replace
 from typing import Any, Callable, Sequence
 
-import numpy as np
 
 from devrecd.audio import open_stream
 from devrecd.backends.base import Backend
@@ -63,71 +63,15 @@ from devrecd.errors import DevrecdError
 from devrecd.metrics import Metrics
 from devrecd.pipeline.batcher import Batcher, Unit
 from devrecd.pipeline.jobs import Chunk, Duplicate, Failed, FeaturesDone, Job, Judged, Message, Scored, Stop
-from devrecd.pipeline.journal import TERMINAL, Entry, Journal, JournalError, Recorder, VerdictLog
+from devrecd.pipeline.journal import Entry, Journal, JournalError, Recorder, VerdictLog
+from devrecd.pipeline.retry import Liveness, StorageRetry, Stopped
 from devrecd.pipeline.serving import Judge, OpenSetOnly, RegistryJudging
-from devrecd.pipeline.verdict import duplicate_record, failed_record, judged_record, open_set_record, with_comparison
+from devrecd.pipeline.threads import inference_streams, one_blas_thread
+from devrecd.pipeline.writer import VerdictWriter
 from devrecd.stages import Failure, failure_of, stream_features
 
+__all__ = ["Liveness", "Pipeline", "StorageRetry", "Stopped", "inference_streams", "one_blas_thread"]
 log = logging.getLogger("devrecd.pipeline")
-STORAGE_RETRY_MIN_S = 0.2  # first wait after a failed journal/verdict-log write; doubles up to:
-STORAGE_RETRY_MAX_S = 10.0
-
-
-class Liveness:
-    """When the pipeline last made progress (or was idle with nothing to do)."""
-
-    def __init__(self) -> None:
-        self._t = time.monotonic()
-
-    def stamp(self) -> None:
-        self._t = time.monotonic()
-
-    def age(self) -> float:
-        return time.monotonic() - self._t
-
-
-class StorageRetry:
-    """Writes to the journal and verdict log, retried with exponential backoff while they fail (a full
-    disk, a read-only file system; module docstring): :attr:`error` says why meanwhile and
-    ``devrecd_storage_writable`` is 0. Shared by the daemon (opening its state folder) and the
-    pipeline's threads; ``stop`` ends the waiting (:class:`Stopped`)."""
-
-    def __init__(self, metrics: Metrics, liveness: Liveness, stop: threading.Event) -> None:
-        self.metrics, self.liveness, self.stop = metrics, liveness, stop
-        self.error: str | None = None  # why the journal/verdict log cannot be written now
-        self.retry_max_s = STORAGE_RETRY_MAX_S
-
-    def __call__(self, write: Callable[[], Any], before_retry: Callable[[], Any] | None = None) -> Any:
-        """``write()``, retried with backoff while it raises :class:`JournalError`; ``before_retry()``
-        returns a result that makes the retry unnecessary (or None). Raises :class:`Stopped` when
-        ``stop`` is set meanwhile."""
-        delay, failed = STORAGE_RETRY_MIN_S, False
-        while True:
-            try:
-                done = before_retry() if failed and before_retry is not None else None
-                result = write() if done is None else done
-            except JournalError as exc:
-                failed = True
-                self._failed(exc)
-                if self.stop.wait(delay):
-                    raise Stopped() from None
-                delay = min(delay * 2, self.retry_max_s)
-                continue
-            if self.error is not None:
-                self.error = None
-                self.metrics.storage_writable.set(1)
-                log.warning("the journal and verdict log can be written again: resuming")
-            return result
-
-    def _failed(self, exc: JournalError) -> None:
-        if self.error is None:
-            log.error("cannot write the journal or verdict log: files wait until it can be written",
-                      extra={"error": str(exc)})
-            self.metrics.errors.labels(reason="journal").inc()
-        self.error = str(exc)
-        self.metrics.storage_writable.set(0)
-        self.liveness.stamp()  # waiting on storage on purpose: alive (not ready)
-
 
 class Pipeline:
     """Judges submitted files once each; see the module docstring."""
@@ -195,7 +139,7 @@ class Pipeline:
         self.streams = 0 if self.batcher is None else inference_streams(self.cfg, self.backend)
         for i in range(self.streams):
             self._threads.append(threading.Thread(target=self._infer_loop, name=f"devrecd-infer-{i}", daemon=True))
-        self._writer = threading.Thread(target=self._writer_loop, name="devrecd-writer", daemon=True)
+        self._writer = threading.Thread(target=VerdictWriter(self).run, name="devrecd-writer", daemon=True)
         for t in self._threads:
             t.start()
         self._writer.start()
@@ -493,169 +437,3 @@ class Pipeline:
 
         assert self.batcher is not None
         self.batcher.run(self._stop, deliver, failed)
-
-    # --- the writer ----------------------------------------------------------------------------
-
-    def _writer_loop(self) -> None:
-        while True:
-            msg = self._results.get()
-            if isinstance(msg, Stop):
-                return
-            job = msg.job
-            t0 = time.perf_counter()
-            finished = True
-            try:
-                if job.closed:  # a chunk (or a chunk's failure) of a file whose record is written
-                    finished = False
-                else:
-                    finished = self._write(msg)
-            except Stopped:
-                pass  # stopped while the journal could not be written: resumed (or repaired) at the next start
-            except JournalError as exc:
-                # The row stays unfinished and is judged again after a restart; keep serving the rest.
-                log.error("cannot record a verdict", extra={"path": msg.job.path, "error": str(exc)})
-                self.metrics.errors.labels(reason="journal").inc()
-            except Exception:  # noqa: BLE001
-                log.exception("internal error while recording a verdict", extra={"path": msg.job.path})
-                self.metrics.errors.labels(reason="internal").inc()
-            finally:
-                self.metrics.stage_seconds.labels(stage="writer").observe(time.perf_counter() - t0)
-                if finished:
-                    job.closed = True
-                    self._release(job)
-                self.liveness.stamp()
-
-    def _judged_first(self, job: Job) -> Entry | None:
-        """The file judged first with ``job``'s content while both were in flight, if any."""
-        if self.rejudge or job.content is None:
-            return None
-        with self._lock:
-            shared = job.content in self._shared
-        return self.journal.judged_with(job.content, exclude=job.entry_id) if shared else None
-
-    def _write(self, msg: Judged | Chunk | FeaturesDone | Scored | Duplicate | Failed) -> bool:
-        """Record one result; False while a chunked file still waits for more of its windows."""
-        job = msg.job
-        if isinstance(msg, Chunk):
-            job.chunks.append((msg.first, msg.probs))
-            job.windows_done += len(msg.probs)
-            job.infer_seconds += msg.infer_seconds
-            job.started = msg.started if job.started is None else min(job.started, msg.started)
-            return self._finish_chunked(job)
-        if isinstance(msg, FeaturesDone):
-            job.windows = msg.windows
-            return self._finish_chunked(job)
-        if isinstance(msg, (Judged, Scored)):
-            assert job.recording is not None
-            original = self._judged_first(job)
-            if original is not None:  # an identical file finished first while this one was in flight
-                return self._write(Duplicate(job, original))
-            job.timings["end_to_end"] = time.monotonic() - job.taken
-            if isinstance(msg, Judged):
-                assert job.starts is not None
-                record = judged_record(job.recording, msg.probs, self.labels, job.starts, k=self.cfg.watch.top_k,
-                                       backend=self.backend_info, timings=job.timings)
-                # open set: the registry's verdict, the closed-set one kept beside it
-                record = with_comparison(record, job.recording, job.open_set, self.cfg.backend.validated_conditions)
-            else:
-                record = open_set_record(job.recording, msg.fields, serving=self.backend_info, timings=job.timings)
-            self._commit_judged(job, record)
-        elif isinstance(msg, Duplicate):
-            job.timings["end_to_end"] = time.monotonic() - job.taken
-            record = duplicate_record(job.recording or {"path": job.path}, msg.original.record or {"id": msg.original.id},
-                                      timings=job.timings)
-            committed = self._commit(job.entry_id, "duplicate", record, duplicate_of=msg.original.id,
-                                     sha256=(job.recording or {}).get("sha256"))
-            if committed is not None:
-                self._count("duplicate", job, committed)
-                log.info("duplicate", extra={"path": job.path, "of": msg.original.path})
-        else:
-            f = msg.failure
-            job.timings["end_to_end"] = time.monotonic() - job.taken
-            rec = job.recording or {}
-            record = failed_record(job.path, f.reason, f.detail, timings=job.timings,
-                                   sha256=f.sha256 if f.sha256 is not None else rec.get("sha256"),
-                                   size=f.size if f.size is not None else rec.get("size"),
-                                   resolved_path=job.resolved_path)
-            committed = self._commit(job.entry_id, "failed", record, reason=f.reason, sha256=record["sha256"])
-            if committed is not None:
-                self._count("failed", job, committed)
-                self.metrics.errors.labels(reason=f.reason).inc()
-                log.warning("cannot judge file", extra={"path": job.path, "reason": f.reason, "detail": f.detail,
-                                                        "sha256": committed["sha256"]})
-        return True
-
-    def _finish_chunked(self, job: Job) -> bool:
-        """Judge a chunked file once every window's probabilities are in; False until then."""
-        if job.windows is None or job.windows_done < job.windows:
-            return False
-        job.chunks.sort(key=lambda c: c[0])
-        probs = np.concatenate([p for _, p in job.chunks])
-        job.chunks = []
-        if len(probs) != job.windows:
-            raise RuntimeError(f"gathered {len(probs)} window probabilities for {job.windows} windows")
-        enqueued = job.enqueued if job.enqueued is not None else time.monotonic()
-        job.timings["queue"] = max(0.0, (job.started or enqueued) - enqueued)
-        job.timings["inference"] = job.infer_seconds
-        return self._write(Judged(job, probs))
-
-    def _commit_judged(self, job: Job, record: dict) -> None:
-        assert job.recording is not None
-        committed = self._commit(job.entry_id, "judged", record, sha256=job.recording["sha256"])
-        if committed is not None:
-            self._count("judged", job, committed)
-            self.metrics.verdicts.labels(device=committed["device"]).inc()
-            self.metrics.audio_seconds.inc(job.recording["duration"])
-            log.debug("judged", extra={"path": job.path, "device": committed["device"], "score": committed["score"]})
-
-    def _commit(self, entry_id: int, state: str, record: dict, **kw: Any) -> dict | None:
-        """:meth:`Recorder.commit`, retried while storage fails. A commit whose journal part went
-        through before the verdict-log append failed is finished by the repair, not committed twice."""
-        def repaired() -> dict | None:
-            self.recorder.repair()  # appends the record the journal holds, unless the log has it
-            entry = self.journal.get(entry_id)
-            return entry.record if entry is not None and entry.state in TERMINAL and entry.logged else None
-
-        return self.storage(lambda: self.recorder.commit(entry_id, state, record, **kw), before_retry=repaired)
-
-    def _count(self, outcome: str, job: Job, record: dict) -> None:
-        self.metrics.files.labels(outcome=outcome).inc()
-        for stage, seconds in job.timings.items():
-            self.metrics.stage_seconds.labels(stage=stage).observe(seconds)
-        if self.on_record is not None:
-            self.on_record(record)
-
-
-class Stopped(DevrecdError):
-    """Shutting down while a file waited for the batcher or for storage; it stays unfinished in the journal."""
-
-    reason = "stopped"
-
-    def __init__(self, message: str = "stopped while waiting (the file stays unfinished, resumed at the next start)") -> None:
-        super().__init__(message)
-
-
-def one_blas_thread() -> Any:
-    """Hold numpy's BLAS (OpenBLAS, MKL, ...) to one thread, process-wide; returns the handle whose
-    ``restore_original_limits()`` undoes it (None without threadpoolctl).
-
-    The pipeline parallelises across files: its workers run the frontend's matmuls and the GSV
-    scorer's at once, in threads. A multi-threaded OpenBLAS called from two threads serialises them
-    on its one thread pool, and its spinning helper threads take the cores from the other worker
-    and from ONNX Runtime: measured on 2 cores, 2 workers x the frontend of 2 s clips took 4-5x the
-    CPU with OpenBLAS's default 2 threads than with 1 (py-spy on the open-set daemon: the frontend's
-    mel matmul was the largest stack, above the FFT)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - a base install has it
-        return None
-    return threadpool_limits(limits=1, user_api="blas")
-
-
-def inference_streams(cfg: Config, backend: Backend) -> int:
-    """How many inference threads run batches at once: ``batcher.streams``, or when 0 (auto) one
-    per available core / ``backend.threads``; never more than the backend allows at once."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    want = cfg.batcher.streams or max(1, cores // max(1, cfg.backend.threads))
-    limit = getattr(backend, "concurrency", 1)
-    return max(1, want if limit is None else min(want, limit))
