@@ -182,9 +182,7 @@ def test_verdicts_on_noisy_evidence_are_noise_matched_and_named(ccnu_dir, tmp_pa
                     assert abs(mlo - c["questioned_snr_db"]) < 2 and abs(mhi - c["questioned_snr_db"]) < 2
                 else:
                     assert c["noise_matched"] is False and "match_conditions" in c["noise_note"]
-    # The shipped scorer's NAP is trained on noisy copies too, so unmatched scoring mostly ranks the
-    # right phone first as well (10/10 here); matching still widens the margin to the next phone.
-    assert right["on"] >= 9 and right["on"] >= right["off"], right
+    assert right["on"] >= 9 and right["on"] > right["off"], right
     assert np.mean(margin["on"]) > np.mean(margin["off"]), margin
     # Clean questioned recordings: one as clean as the references is compared as it is; the noisiest
     # phone of the five (IPHONEX, 28 dB) lies just above the margin, is matched, and still named.
@@ -219,9 +217,7 @@ def test_compare_brings_reference_files_to_the_questioned_noise(ccnu_dir, tmp_pa
     assert c["noise_matched"] is True and abs(c["questioned_snr_db"] - 12.0) < 1.5 and c["references_snr_db"][0] > 25
     assert all(abs(v - c["questioned_snr_db"]) < 2 for v in c["matched_references_snr_db"])
     assert records[False]["comparison"]["noise_matched"] is False
-    # The shipped scorer's NAP is trained on noisy copies as well, so the unmatched score drops less
-    # than it did (0.39 against 0.50 matched here; 0.3 apart with a scorer trained on clean audio only).
-    assert records[True]["score"] > records[False]["score"] + 0.05, (records[True]["score"], records[False]["score"])
+    assert records[True]["score"] > records[False]["score"] + 0.3, (records[True]["score"], records[False]["score"])
 
 
 def test_matched_references_are_cached_per_noise_key_and_bounded(ccnu_dir, tmp_path):

@@ -31,9 +31,11 @@ def train_gsv(
     babble: Optional[Path] = typer.Option(None, "--babble", exists=True, file_okay=False, help="Folder of single-talker "
                                           "recordings (e.g. LibriSpeech; FLAC/WAV, one talker per file) for babble "
                                           "noise in the noise-matched calibrations; without it, white noise only."),
-    augment: bool = typer.Option(True, "--augment/--no-augment", help="Also train the UBM and NAP on copies of the "
+    augment: bool = typer.Option(False, "--augment/--no-augment", help="Also train the UBM and NAP on copies of the "
                                  "development recordings through each calibrated channel (needs --channels) and with "
-                                 "noise added (--noise-copies): within-device variability that NAP projects out."),
+                                 "noise added (--noise-copies): within-device variability that NAP projects out. "
+                                 "Off by default: it names more recordings under noise and in calls but rejected "
+                                 "fewer never-enrolled phones (docs/openset-model.md)."),
     noise_copies: int = typer.Option(2, "--noise-copies", min=0, help="Noisy copies of each development recording "
                                      "the UBM and NAP are trained on, with --augment and --noise (white or babble, "
                                      "SNR 4-36 dB)."),
