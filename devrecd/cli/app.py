@@ -87,6 +87,7 @@ TorchDeviceOption = typer.Option(None, "--torch-device", help="torch device for 
 BackendOption = typer.Option(None, "--backend", case_sensitive=False, help="Inference backend (backend.kind).")
 ModelOption = typer.Option(None, "--model", "-m", help="export/NAME.onnx (contract JSON beside it) or a checkpoint (backend.model).")
 EngineOption = typer.Option(None, "--engine", help="TensorRT engine/X.plan (backend.engine).")
+HopSecondsOption = typer.Option(None, "--hop-seconds", help="Window hop in seconds (audio.hop_seconds).")
 SplitGroupsOption = typer.Option(
     None, "--split-groups",
     help="Split by recording group instead of the train.split ratios: 'ccnu' (segments 1-3 train, 4-5 test) "

@@ -10,7 +10,7 @@ from typing import List, Optional
 import typer
 
 from devrecd.cli.app import (EXIT_FAILED, EXIT_USAGE, ConfigOption, ModelOption, TextFormat, TorchDeviceOption,
-                             audio_paths, command, load_cli_config)
+                             audio_paths, command, load_cli_config, HopSecondsOption)
 from devrecd.errors import ConfigError, DevrecdError
 
 log = logging.getLogger("devrecd.cli")
@@ -67,7 +67,7 @@ def features(
     audio: List[Path] = typer.Argument(..., help="Recordings (or folders of recordings) to process."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for <name>.npy (windows, 128, 73) and <name>.json."),
     config: Optional[Path] = ConfigOption,
-    hop_seconds: Optional[float] = typer.Option(None, "--hop-seconds", help="Window hop in seconds (audio.hop_seconds)."),
+    hop_seconds: Optional[float] = HopSecondsOption,
     torch_device: Optional[str] = TorchDeviceOption,
 ) -> None:
     """Compute the 73-dim features of each recording (folders: their audio files): one .npy per input, plus a JSON sidecar."""

@@ -11,7 +11,7 @@ from typing import Any, List, Optional
 import numpy as np
 import typer
 
-from devrecd.cli.app import ConfigOption, command, load_cli_config, progress
+from devrecd.cli.app import ConfigOption, HopSecondsOption, command, load_cli_config, progress
 from devrecd.cli.registry import GsvOption, calibration_line, check_checkpoint_option
 
 
@@ -42,7 +42,7 @@ def train_gsv(
     inner: int = typer.Option(3, min=2, help="Cross-fitting groups of devices for the development calibration "
                                              "(each held out in turn; needs 2 devices per group)."),
     seed: int = typer.Option(0),
-    hop_seconds: Optional[float] = typer.Option(None, "--hop-seconds", help="Window hop in seconds (audio.hop_seconds)."),
+    hop_seconds: Optional[float] = HopSecondsOption,
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Train the GMM-supervector scorer (UBM + NAP) and its cross-fitted development calibrations
@@ -209,7 +209,7 @@ def train_fusion(
                                     "or its embedder export (.onnx from `devrecd export-embedder`)."),
     gsv: Optional[Path] = GsvOption,
     out: Path = typer.Option(..., "--out", "-o", help="Fusion scorer file to write (.npz)."),
-    hop_seconds: Optional[float] = typer.Option(None, "--hop-seconds", help="Window hop in seconds (audio.hop_seconds)."),
+    hop_seconds: Optional[float] = HopSecondsOption,
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Fuse a network embedder with a GSV scorer: logistic-regression weights and a development calibration."""

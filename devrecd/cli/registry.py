@@ -12,7 +12,7 @@ from typing import List, Optional
 import typer
 
 from devrecd.cli.app import (ConfigOption, SplitName, TextFormat, audio_paths, choice, command, load_cli_config,
-                             progress)
+                             progress, HopSecondsOption)
 from devrecd.errors import ConfigError, UsageError
 from devrecd.fsutil import atomic_write
 
@@ -126,7 +126,7 @@ def enroll(
     scorer: Optional[ScorerKind] = ScorerOption,
     gsv: Optional[Path] = GsvOption,
     fusion: Optional[Path] = FusionOption,
-    hop_seconds: Optional[float] = typer.Option(None, "--hop-seconds", help="Window hop in seconds (audio.hop_seconds)."),
+    hop_seconds: Optional[float] = HopSecondsOption,
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Add reference recordings to a device profile (no retraining).

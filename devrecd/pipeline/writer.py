@@ -157,12 +157,12 @@ class VerdictWriter:
         if isinstance(msg, FeaturesDone):
             job.windows = msg.windows
             return self._finish_chunked(job)
+        job.timings["end_to_end"] = time.monotonic() - job.taken
         if isinstance(msg, (Judged, Scored)):
             assert job.recording is not None
             original = self._judged_first(job)
             if original is not None:  # an identical file finished first while this one was in flight
                 return self._write(Duplicate(job, original))
-            job.timings["end_to_end"] = time.monotonic() - job.taken
             if isinstance(msg, Judged):
                 assert job.starts is not None
                 record = judged_record(job.recording, msg.probs, p.labels, job.starts, k=p.cfg.watch.top_k,
@@ -174,7 +174,6 @@ class VerdictWriter:
             self._add(Terminal(job.entry_id, "judged", record, sha256=job.recording["sha256"]),
                       lambda committed: self._judged(job, committed))
         elif isinstance(msg, Duplicate):
-            job.timings["end_to_end"] = time.monotonic() - job.taken
             record = duplicate_record(job.recording or {"path": job.path}, msg.original.record or {"id": msg.original.id},
                                       timings=job.timings)
             self._add(Terminal(job.entry_id, "duplicate", record, duplicate_of=msg.original.id,
@@ -182,7 +181,6 @@ class VerdictWriter:
                       lambda committed: self._duplicate(job, msg.original, committed))
         else:
             f = msg.failure
-            job.timings["end_to_end"] = time.monotonic() - job.taken
             rec = job.recording or {}
             record = failed_record(job.path, f.reason, f.detail, timings=job.timings,
                                    sha256=f.sha256 if f.sha256 is not None else rec.get("sha256"),
