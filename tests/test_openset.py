@@ -158,6 +158,29 @@ def test_a_few_case_trials_regularised_toward_the_development_calibration_do_not
     assert moved.threshold > dev.threshold + 0.05
 
 
+def test_a_few_case_trials_do_not_shrink_the_bounds_below_what_the_development_trials_support() -> None:
+    """A 4-device case set (4 target / 12 non-target trials, two non-targets misleadingly high, as two
+    similar real phones give): on their own, ELUB bounds of 16 trials cannot reach the Bayes threshold
+    of 4 candidates (LR 7), and `calibrate` would make every verdict inconclusive. Regularised toward
+    the development calibration, the bounds stand on the development trials too: the misleading case
+    trials still pull the upper bound in, but not below what the development trials support."""
+    rng = np.random.default_rng(7)
+    fit, tar, non, gt, gn = _trials(rng, 45, 180)
+    dev = fit(tar, non, gt, gn)
+    ctar, cnon = rng.normal(0.85, 0.05, 4), np.r_[rng.normal(0.3, 0.1, 10), 0.74, 0.75]
+    groups = ([0, 1, 2, 3], [4, 4, 4, 5, 5, 5, 6, 6, 6, 7, 7, 7])
+    alone = fit_trial_blocks(ctar, cnon, *groups, n_candidates=4)
+    held = fit_trial_blocks(ctar, cnon, *groups, prior=dev, n_candidates=4)
+    threshold = np.log10(7)
+    assert held.log10_threshold == alone.log10_threshold == pytest.approx(threshold, abs=1e-4)
+    assert alone.upper < threshold and not alone.decidable  # the 16 trials alone: nothing can be named
+    assert held.decidable and held.upper > threshold
+    assert held.upper < dev.upper  # ... yet the misleading case trials are heard
+    assert held.accepts(held.log10_lr(float(ctar.min()))[0])  # the case's own targets are named
+    # Without a development calibration there is nothing else to stand on: the case trials' own bounds.
+    assert alone.upper <= np.log10(len(cnon) + 1)
+
+
 def test_logistic_fit_never_takes_a_step_that_raises_the_objective(monkeypatch) -> None:
     from devrecd.openset import measures
 

@@ -247,6 +247,24 @@ def _fit(tar: np.ndarray, non: np.ndarray, prior: Calibration | None) -> tuple[f
     return slope, float(intercept) / LN10 - slope * mid
 
 
+def _bounding_trials(held: np.ndarray, labels: np.ndarray, prior: Calibration | None, slope: float,
+                     offset: float) -> tuple[np.ndarray, np.ndarray]:
+    """The held-out LRs and labels the ELUB bounds are taken on: the trials' own, and, when the map
+    was regularised toward ``prior`` (a development calibration), the development trials too.
+
+    A map that stands on the development trials and the case trials together is bounded by both:
+    the development trials' held-out LRs, moved by what the case trials changed in the map at their
+    scores (``new(s) - dev(s)``), beside the case trials' held-out LRs. Few case trials then cannot
+    shrink the bounds below what the development trials support (16 case trials bound the LR at
+    log10(13) at most, under the Bayes threshold of a 7-device registry); misleading case trials
+    still pull them in, and many case trials dominate them, as they dominate the map."""
+    if prior is None or not prior.labels:
+        return held, labels
+    dev_scores = np.asarray(prior.scores, np.float64)
+    moved = np.asarray(prior.heldout_log10_lrs, np.float64) + (slope - prior.slope) * dev_scores + (offset - prior.offset)
+    return np.concatenate([held, moved]), np.concatenate([labels, np.asarray(prior.labels, int)])
+
+
 def heldout_log10_lrs(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, *, folds: int = FOLDS,
                       prior: Calibration | None = None) -> np.ndarray:
     """Every trial's log10 LR from a calibration fitted on the other folds (folds by ``groups``)."""
@@ -333,12 +351,12 @@ def fit_calibration(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, 
     if n_tar < 2 or n_non < 2:
         raise CalibrationError(f"a calibration needs at least 2 target and 2 non-target trials (got {n_tar} and {n_non})")
     held = heldout_log10_lrs(s, y, g, folds=folds, prior=prior)
-    lower, upper = (round(b, 4) for b in elub_bounds(held, y))
-    held_b = np.clip(held, lower, upper)
     slope, offset = _fit(s[y == 1], s[y == 0], prior)
     if not slope > 0:
         raise CalibrationError("the calibration's slope is not positive: these scores do not separate same-device "
                                "from different-device trials")
+    lower, upper = (round(b, 4) for b in elub_bounds(*_bounding_trials(held, y, prior, slope, offset)))
+    held_b = np.clip(held, lower, upper)
     r = g if rows is None else np.asarray(rows).ravel()
     open_set = np.array([held_b[(r == row) & (y == 0)].max() for row in np.unique(r[y == 0])])
     fields = _decision_fields(decision or Decision(), slope, offset, lower, upper, open_set, n_candidates)
