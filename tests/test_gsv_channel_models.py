@@ -161,7 +161,7 @@ def test_an_amr_call_is_judged_with_the_amrnb_model_and_a_wav_as_before(amr_scor
     from devrecd.audio.channel import get_channel
     from devrecd.audio.transmit import encode_file
     from devrecd.openset.registry import DeviceProfile
-    from devrecd.openset.workflow import RegistryJudge, recording_features
+    from devrecd.openset.workflow import RegistryJudge, calibration_trials_under, recording_features
     import soundfile as sf
 
     gsv, plain, phones = amr_scorer
@@ -185,12 +185,18 @@ def test_an_amr_call_is_judged_with_the_amrnb_model_and_a_wav_as_before(amr_scor
     # both sides vectorised with the amrnb model: the references matched to the call, the call itself
     amr = get_channel("amrnb")
     q = model.recording_vector(feats)
+    prof = {n: DeviceProfile(name=n, embeddings=np.stack(
+        [model.recording_vector(judge.matcher.reference_features(r.sha256, amr)) for r in p.references]
+    ).astype(np.float32)).mean for n, p in reg.profiles.items()}
     for row in v["top_k"]:
-        shas = [r.sha256 for r in reg.profiles[row["device"]].references]
-        prof = DeviceProfile(name=row["device"], embeddings=np.stack(
-            [model.recording_vector(judge.matcher.reference_features(s, amr)) for s in shas]).astype(np.float32)).mean
-        assert row["score"] == pytest.approx(float(model.score(q, prof)[0, 0]), abs=1e-5)
+        assert row["score"] == pytest.approx(float(model.score(q, prof[row["device"]])[0, 0]), abs=1e-5)
     assert v["candidate"] == enrolled[0]
+    # a case calibration's trials under amrnb (devrecd calibrate --condition amrnb) are scored the same way
+    held = ccnu_dir / f"{enrolled[1]}_3.wav"
+    trials = calibration_trials_under(reg, gsv, [(str(held), enrolled[1])], cfg, ["amrnb"])["amrnb"]
+    h = model.recording_vector(recording_features(gsv, held, cfg, channel=amr)[1])
+    np.testing.assert_allclose(trials.scores[0], [float(model.score(h, prof[n])[0, 0]) for n in trials.profiles],
+                               atol=1e-5)
     # streamed: the accumulator feeds every model and gives the same verdict
     acc = judge.accumulator()
     for i in range(0, len(feats), 2):

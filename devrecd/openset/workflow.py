@@ -312,6 +312,9 @@ class RegistryJudge:
         if callable(getattr(features, "result_for", None)):  # streamed into every model's accumulator
             query, windows = features.result_for(channel.name if model is not self.scorer else None)
         elif callable(getattr(features, "result", None)):  # an accumulator (streamed features)
+            if model is not self.scorer:  # the main model's statistics only: never scored against channel-model profiles
+                raise RegistryError(f"a {channel.name} comparison needs its channel model's statistics: feed "
+                                    "judge.accumulator(), not the main model's", reason="channel_model")
             query, windows = features.result()
         else:
             query, windows = model.recording_vector(features), model.window_vectors(features)
