@@ -58,11 +58,11 @@ def train_gsv(
     from devrecd.openset.scorers import save_gsv
 
     cfg = load_cli_config(config, {"audio.hop_seconds": hop_seconds})
+    models = _channel_models_option(channel_models, channels)  # refused before any decoding
     feats, devices, order, sources, paths = _development_features(datasets, cfg, cfg.frontend, with_paths=True)
     typer.echo(f"{len(feats)} recordings of {len(set(devices))} devices")
     conditions, under, audio = (_calibration_conditions(paths, cfg, noise=noise, babble=babble) if channels
                                 else (["clean"], None, None))
-    models = _channel_models_option(channel_models, conditions)
     copies = Augment()
     if augment and channels:
         copies = Augment(channels=tuple(sorted({parse_calibration_key(c)[0] for c in conditions} - {"clean"})),
@@ -87,12 +87,14 @@ def train_gsv(
     typer.echo(f"wrote {out} (calibrated conditions: {', '.join(sorted(scorer.calibrations))})")
 
 
-def _channel_models_option(text: str, conditions: list[str]) -> dict[str, tuple[str, ...]]:
+def _channel_models_option(text: str, channels: bool) -> dict[str, tuple[str, ...]]:
     """``--channel-models``: ``NAME`` (trained through that channel) or ``NAME=COND+COND`` (through each
-    of them; ``clean``: as recorded), comma-separated; every channel one this run calibrates."""
-    from devrecd.openset.scoring import parse_calibration_key
+    of them; ``clean``: as recorded), comma-separated; every channel one this run calibrates (those of
+    the channel table whose encoder this FFmpeg has, with ``--channels``)."""
+    from devrecd.audio.channel import CHANNELS
+    from devrecd.audio.transmit import encoder_available
 
-    calibrated = {parse_calibration_key(c)[0] for c in conditions} - {"clean"}
+    calibrated = {c.name for c in CHANNELS.values() if not c.encoder or encoder_available(c.encoder)} if channels else set()
     out: dict[str, tuple[str, ...]] = {}
     for item in filter(None, (t.strip() for t in text.split(","))):
         name, _, spec = item.partition("=")
