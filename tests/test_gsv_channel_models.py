@@ -212,3 +212,26 @@ def test_an_amr_call_is_judged_with_the_amrnb_model_and_a_wav_as_before(amr_scor
     assert "channel_model" not in w["open_set"] and w["open_set"]["condition"] == "clean"
     assert (w["device"], w["log10_lr"], [(t["device"], t["score"]) for t in w["top_k"]]) == \
         (wp["device"], wp["log10_lr"], [(t["device"], t["score"]) for t in wp["top_k"]])
+
+
+def test_torch_served_scorer_serves_its_channel_models_too(amr_scorer, ccnu_dir: Path) -> None:
+    """The torch GSV scorer (the GPU path; computed here on the CPU) hands out its channel models
+    on its own device, and its accumulator feeds them: the numpy channel models' vectors."""
+    torch = pytest.importorskip("torch")  # noqa: F841
+    from devrecd.openset.scorers import scorer_accumulator, scorer_for_channel
+    from devrecd.openset.workflow import recording_features
+    from devrecd.supervector_torch import TorchGsvScorer
+
+    gsv, _, phones = amr_scorer
+    served = TorchGsvScorer(gsv, "cpu")
+    feats = recording_features(gsv, ccnu_dir / f"{phones[0]}_4.wav", Config())[1]
+    model = scorer_for_channel(served, "amrnb")
+    assert isinstance(model, TorchGsvScorer) and model.fingerprint == gsv.channel_models["amrnb"].fingerprint
+    assert scorer_for_channel(served, "aac64") is served and served.describe()["fingerprint"] == gsv.fingerprint
+    want = gsv.channel_models["amrnb"].recording_vector(feats)
+    np.testing.assert_allclose(model.recording_vector(feats), want, rtol=0, atol=1e-12)
+    acc = scorer_accumulator(served)
+    for i in range(0, len(feats), 2):
+        acc.add(feats[i:i + 2])
+    np.testing.assert_allclose(acc.result_for("amrnb")[0], want, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(acc.result()[0], gsv.recording_vector(feats), rtol=0, atol=1e-12)
