@@ -115,7 +115,15 @@ def recipe() -> tuple[str, ...]:
     if "threshold_rule" in params:
         return (*RECIPE, "--threshold-rule", "llr0")
     talkers = SHARED / "librispeech" / "librispeech_train-clean-100"  # other talkers than the test-other babble
-    return (*RECIPE, "--babble", str(talkers)) if "babble" in params and talkers.is_dir() else RECIPE
+    out = (*RECIPE, "--babble", str(talkers)) if "babble" in params and talkers.is_dir() else RECIPE
+    # Channel models (train-gsv --channel-models, off in the shipped recipe): measured by setting
+    # DEVRECD_BENCH_CHANNEL_MODELS (e.g. "amrnb=clean+amrnb,tel=clean+tel"); a checkout without the
+    # option (the baseline) is driven with its shipped recipe.
+    models = os.environ.get(CHANNEL_MODELS_ENV, "")
+    return (*out, "--channel-models", models) if models and "channel_models" in params else out
+
+
+CHANNEL_MODELS_ENV = "DEVRECD_BENCH_CHANNEL_MODELS"
 SUFFIX = {"adts": ".aac", "ogg": ".opus", "amr": ".amr", "mp3": ".mp3"}
 FRAME_SECONDS = 0.02
 ACTIVE_RANGE_DB = 30.0

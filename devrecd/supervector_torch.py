@@ -56,6 +56,7 @@ class TorchGsvScorer:
         self.device = torch.device(device)
         self.input_device = str(self.device)  # the pipeline hands features over on this device
         self._nap = None if scorer.nap is None else torch.as_tensor(scorer.nap, device=self.device)
+        self._channels: dict[str, TorchGsvScorer] = {}
 
     def __getattr__(self, name: str) -> Any:
         """Everything else (its development calibrations, source, NAP basis, ...) is the wrapped scorer's."""
@@ -70,6 +71,16 @@ class TorchGsvScorer:
 
     def arrays(self) -> dict[str, np.ndarray]:
         return self.scorer.arrays()
+
+    def for_channel(self, channel: str | None) -> Any:
+        """The wrapped scorer's model of ``channel`` (:meth:`GsvScorer.for_channel
+        <devrecd.openset.gsv.GsvScorer.for_channel>`), on this device too."""
+        model = self.scorer.for_channel(channel)
+        if model is self.scorer:
+            return self
+        if channel not in self._channels:
+            self._channels[str(channel)] = TorchGsvScorer(model, str(self.device))
+        return self._channels[str(channel)]
 
     def recording_vector(self, feats: Any) -> np.ndarray:
         from devrecd.errors import DatasetError

@@ -179,6 +179,9 @@ def test_a_bad_choice_is_a_usage_error(args):
     (["train-gsv", "{d}", "--out", "{d}/g.npz", "--mixtures", "0"], "Invalid value"),
     (["train-gsv", "{d}", "--out", "{d}/g.npz", "--nap", "-1"], "Invalid value"),
     (["train-gsv", "{d}", "--out", "{d}/g.npz", "--inner", "1"], "Invalid value"),
+    (["train-gsv", "{d}", "--out", "{d}/g.npz", "--channel-models", "amrnb,gsm"], "Invalid value"),
+    (["train-gsv", "{d}", "--out", "{d}/g.npz", "--channel-models", "amrnb=clean+gsm"], "Invalid value"),
+    (["train-gsv", "{d}", "--out", "{d}/g.npz", "--channel-models", "amrnb", "--no-channels"], "Invalid value"),
 ])
 def test_a_bad_option_value_is_a_usage_error_before_any_work(tmp_path, args, message):
     (tmp_path / "model.onnx").write_bytes(b"onnx")

@@ -39,6 +39,11 @@ def train_gsv(
     noise_copies: int = typer.Option(2, "--noise-copies", min=0, help="Noisy copies of each development recording "
                                      "the UBM and NAP are trained on, with --augment and --noise (white or babble, "
                                      "SNR 4-36 dB)."),
+    channel_models: str = typer.Option("", "--channel-models", help="Channels that get a UBM/NAP of their own, "
+                                       "comma-separated (e.g. amrnb,tel; needs --channels): trained on the development "
+                                       "recordings through that channel (NAME) or through several conditions "
+                                       "(NAME=clean+NAME); comparisons under the channel, and its development "
+                                       "calibrations, use it. Off by default (docs/openset-model.md)."),
     inner: int = typer.Option(3, min=2, help="Cross-fitting groups of devices for the development calibration "
                                              "(each held out in turn; needs 2 devices per group)."),
     seed: int = typer.Option(0),
@@ -53,6 +58,7 @@ def train_gsv(
     from devrecd.openset.scorers import save_gsv
 
     cfg = load_cli_config(config, {"audio.hop_seconds": hop_seconds})
+    models = _channel_models_option(channel_models, channels)  # refused before any decoding
     feats, devices, order, sources, paths = _development_features(datasets, cfg, cfg.frontend, with_paths=True)
     typer.echo(f"{len(feats)} recordings of {len(set(devices))} devices")
     conditions, under, audio = (_calibration_conditions(paths, cfg, noise=noise, babble=babble) if channels
@@ -65,7 +71,7 @@ def train_gsv(
                    f"{copies.noise_copies} noisy cop{'y' if copies.noise_copies == 1 else 'ies'} of each recording")
     scorer = train(feats, devices, order, cfg.frontend, mixtures=mixtures, nap_dims=nap, inner=inner, seed=seed,
                    source=out.name, decision=Decision.from_config(cfg.registry), conditions=conditions,
-                   features_under=under, audio=audio, augment=copies, on_step=typer.echo)
+                   features_under=under, audio=audio, augment=copies, channel_models=models, on_step=typer.echo)
     # The SNR range of the development recordings (measured as a verdict measures it, before any
     # channel): a verdict on a noisier recording says it is outside the range its calibration saw.
     # The noise-matched calibrations carry the measured SNRs of their own noisy recordings.
@@ -76,8 +82,29 @@ def train_gsv(
                                      snr_measured="on the development recordings before the channel")
     typer.echo(f"development recordings' SNR {min(snr):.1f}-{max(snr):.1f} dB")
     save_gsv(out, scorer, extra={"datasets": sources, "hop_seconds": cfg.audio.hop_seconds, "seed": seed,
-                                 "training_copies": copies.describe()})
+                                 "training_copies": copies.describe(),
+                                 "channel_models": {c: list(on) for c, on in models.items()}})
     typer.echo(f"wrote {out} (calibrated conditions: {', '.join(sorted(scorer.calibrations))})")
+
+
+def _channel_models_option(text: str, channels: bool) -> dict[str, tuple[str, ...]]:
+    """``--channel-models``: ``NAME`` (trained through that channel) or ``NAME=COND+COND`` (through each
+    of them; ``clean``: as recorded), comma-separated; every channel one this run calibrates (those of
+    the channel table whose encoder this FFmpeg has, with ``--channels``)."""
+    from devrecd.audio.channel import CHANNELS
+    from devrecd.audio.transmit import encoder_available
+
+    calibrated = {c.name for c in CHANNELS.values() if not c.encoder or encoder_available(c.encoder)} if channels else set()
+    out: dict[str, tuple[str, ...]] = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, _, spec = item.partition("=")
+        on = tuple(filter(None, (t.strip() for t in spec.split("+")))) if spec else (name,)
+        if name not in calibrated or any(c != "clean" and c not in calibrated for c in on):
+            raise typer.BadParameter(f"{item!r}: channels must be among the calibrated ones "
+                                     f"({', '.join(sorted(calibrated)) or 'none: --channels is off'})",
+                                     param_hint="--channel-models")
+        out[name] = on
+    return out
 
 
 def _calibration_conditions(paths: list[Path], cfg, *, noise: bool = True, babble: Path | None = None

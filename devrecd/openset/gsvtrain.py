@@ -22,6 +22,13 @@ Recipe (``devrecd train-gsv``, and what ``benchmarks/openset.py`` measures):
    Each is a :class:`~devrecd.openset.calibration.Calibration` (bounded log10 LR, the decision
    rule) and travels with the scorer; registries without a case calibration of that condition
    use it. A condition without one gets no named device ("inconclusive").
+4. Channel models (``channel_models``, e.g. ``{"amrnb": ("amrnb",)}``): beside the main UBM/NAP, one
+   per channel trained on the development recordings passed through the conditions named (the
+   channel; ``clean`` adds the recordings as they are). Cross-fitted like the main one, each group's
+   trials under that channel (``amrnb``, ``amrnb/short``) are scored with the group's channel model,
+   so the channel's calibration is that of the model a verdict under it uses
+   (:meth:`~devrecd.openset.gsv.GsvScorer.for_channel`). Every other condition, and the profiles,
+   stay the main model's.
 """
 
 from __future__ import annotations
@@ -135,6 +142,12 @@ class _TrainingSet:
                 self._copies[i, what] = self.under(i, what, None)
         return self._copies[i, what]
 
+    def through(self, idx: Sequence[int], conditions: Sequence[str]) -> tuple[list[np.ndarray], list[str]]:
+        """A channel model's training data: recordings ``idx`` through each of ``conditions``
+        (``clean``: as they are), each labelled with its device."""
+        feats = [self.feats[i] if c == "clean" else self._copy(i, c) for c in conditions for i in idx]
+        return feats, [self.devices[i] for i in idx] * len(conditions)
+
     def of(self, idx: Sequence[int]) -> tuple[list[np.ndarray], list[str]]:
         copies = [*self.augment.channels, *(f"noise{c}" for c in range(self.augment.noise_copies))]
         feats = [self.feats[i] for i in idx] + [self._copy(i, what) for what in copies for i in idx]
@@ -156,6 +169,7 @@ def train_gsv(feats: Sequence[np.ndarray], devices: Sequence[str], order: Sequen
               inner: int = 3, seed: int = 0, source: str = "", conditions: Sequence[str] = ("clean",),
               features_under: FeaturesUnder | None = None, audio: DevAudio | None = None,
               noise_draws: tuple[int, int] = (DRAWS, SHORT_DRAWS), augment: Augment = Augment(),
+              channel_models: dict[str, tuple[str, ...]] | None = None,
               on_step: Callable[[str], None] | None = None) -> GsvScorer:
     """The recipe of the module docstring; ``feats[i]`` are recording i's raw windows (clean, whole).
 
@@ -163,7 +177,8 @@ def train_gsv(feats: Sequence[np.ndarray], devices: Sequence[str], order: Sequen
     ``amrnb/short``, ``clean/snr20``, ...); channels need ``features_under``, the noise-matched
     ones (``/snrNN``) ``audio``, made from ``noise_draws`` (whole, short) noisy versions of each
     questioned recording. ``augment``: the copies the UBM and NAP are also trained on (channels
-    need ``features_under``, noise copies ``audio``)."""
+    need ``features_under``, noise copies ``audio``). ``channel_models``: channel -> the conditions
+    its model's training copies go through (step 4 of the module docstring; needs ``features_under``)."""
     step = on_step or (lambda _m: None)
     devices = list(devices)
     if len(set(devices)) < 2 * inner:
@@ -174,7 +189,8 @@ def train_gsv(feats: Sequence[np.ndarray], devices: Sequence[str], order: Sequen
         raise DatasetError("calibrating conditions other than clean needs the development audio", reason="calibration_data")
     if noisy and audio is None:
         raise DatasetError("calibrating noise-matched conditions needs the development audio", reason="calibration_data")
-    if augment.channels and features_under is None:
+    channel_models = dict(channel_models or {})
+    if (augment.channels or channel_models) and features_under is None:
         raise DatasetError("training on channel copies needs the development audio", reason="calibration_data")
 
     def under(i: int, channel: str, seconds: float | None) -> np.ndarray:
@@ -193,17 +209,26 @@ def train_gsv(feats: Sequence[np.ndarray], devices: Sequence[str], order: Sequen
              f"under {len(conditions)} condition(s)")
         scorer = GsvScorer.train(*training.of(train), frontend, mixtures=mixtures, relevance=relevance,
                                  nap_dims=nap_dims, seed=seed)
+        models = {c: GsvScorer.train(*training.through(train, on), frontend, mixtures=mixtures, relevance=relevance,
+                                     nap_dims=nap_dims, seed=seed, trained_on=on) for c, on in channel_models.items()}
         refs, questioned = enrolment_split([devices[i] for i in held], [order[i] for i in held])
         refs, questioned = [held[r] for r in refs], [held[q] for q in questioned]
         for cond in conditions:
-            if cond not in noisy:
-                _channel_trials(scorer, under, devices, refs, questioned, cond, pooled[cond])
+            if cond not in noisy:  # under a channel with a model of its own, scored with that model
+                model = models.get(parse_calibration_key(cond)[0], scorer)
+                _channel_trials(model, under, devices, refs, questioned, cond, pooled[cond])
         if noisy:
             _noisy_trials(scorer, trial_audio, devices, refs, questioned, {c: pooled[c] for c in noisy},  # type: ignore[arg-type]
                           noise_draws, seed)
     step(f"final UBM on all {len(set(devices))} devices")
     final = GsvScorer.train(*training.of(range(len(feats))), frontend, mixtures=mixtures, relevance=relevance,
                             nap_dims=nap_dims, seed=seed, source=source)
+    if channel_models:
+        step(f"final channel models ({', '.join(channel_models)}) on all {len(set(devices))} devices")
+        final = final.with_channel_models({
+            c: GsvScorer.train(*training.through(range(len(feats)), on), frontend, mixtures=mixtures,
+                               relevance=relevance, nap_dims=nap_dims, seed=seed, trained_on=on)
+            for c, on in channel_models.items()})
     population = {"description": f"cross-fitted over {len(set(devices))} development devices ({inner} groups): "
                                  "each scored by a scorer trained without it",
                   "devices": sorted(set(devices)), "recordings": len(devices)}
@@ -259,9 +284,13 @@ def _calibrate(cond: str, pooled: _Pooled, noisy: bool, noise: str | None, decis
             return None
         described.update(noise=noise, noise_matched=True, snr_db_min=min(pooled.snrs), snr_db_max=max(pooled.snrs),
                          snr_measured="on the noisy questioned development recordings (references matched to each)")
+    identity: dict[str, Any] = {"kind": final.kind, "fingerprint": final.fingerprint}
+    model = final.for_channel(channel)
+    if model is not final:  # fitted on scores of the channel's own model (the one a verdict under it uses)
+        identity["channel_model"] = {"channel": channel, "fingerprint": model.fingerprint, "trained_on": model.trained_on}
     try:
         cal = calibrate_blocks(pooled.blocks, recordings=pooled.sources, decision=decision, basis=basis,
-                               scorer={"kind": final.kind, "fingerprint": final.fingerprint}, conditions=described)
+                               scorer=identity, conditions=described)
     except CalibrationError as exc:
         if not noisy:
             raise

@@ -230,6 +230,9 @@ def fit_fusion(part_target: np.ndarray, part_nontarget: np.ndarray) -> tuple[np.
 # --- files and registries ---------------------------------------------------------------------
 
 GSV_FORMAT = "devrecd-gsv/1"
+# A GSV scorer with channel models (GsvScorer.channel_models): readers of format 1 refuse it rather
+# than serve it without them. A scorer without channel models is still written as format 1.
+GSV_FORMAT_CHANNELS = "devrecd-gsv/2"
 FUSION_FORMAT = "devrecd-fusion/1"
 DEFAULT_GSV = "gsv-ccnu15.npz"  # the shipped scorer, package data under devrecd/assets/
 
@@ -253,8 +256,8 @@ def _save_scorer_file(path: Any, fmt: str, scorer: Any, extra: dict[str, Any] | 
     atomic_write(path, buf.getvalue())
 
 
-def _load_scorer_file(path: Any, fmt: str, what: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """(meta, arrays) of a :func:`_save_scorer_file` file of format ``fmt``; ArtifactError otherwise."""
+def _load_scorer_file(path: Any, fmt: str | tuple[str, ...], what: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(meta, arrays) of a :func:`_save_scorer_file` file of format ``fmt`` (or one of them); ArtifactError otherwise."""
     import io
     import zipfile
 
@@ -265,9 +268,10 @@ def _load_scorer_file(path: Any, fmt: str, what: str) -> tuple[dict[str, Any], d
             arrays = {k: np.asarray(npz[k]) for k in npz.files if k != "meta"}
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         raise ArtifactError(f"{path}: not a readable {what} file ({exc})", reason="scorer_format") from None
-    if not isinstance(meta, dict) or meta.get("format") != fmt or not isinstance(meta.get("scorer"), dict):
+    formats = (fmt,) if isinstance(fmt, str) else fmt
+    if not isinstance(meta, dict) or meta.get("format") not in formats or not isinstance(meta.get("scorer"), dict):
         found = meta.get("format") if isinstance(meta, dict) else None
-        raise ArtifactError(f"{path}: not a devrecd {what} (format {fmt!r} expected, found {found!r})",
+        raise ArtifactError(f"{path}: not a devrecd {what} (format {' or '.join(map(repr, formats))} expected, found {found!r})",
                             reason="scorer_format")
     return meta, arrays
 
@@ -275,18 +279,18 @@ def _load_scorer_file(path: Any, fmt: str, what: str) -> tuple[dict[str, Any], d
 def scorer_file_description(path: Any, *, fusion: bool = False) -> dict[str, Any]:
     """The :meth:`describe` stored in a GSV (or, with ``fusion``, a fusion) scorer file, loading nothing
     it names (e.g. to compare the file with a registry's scorer)."""
-    fmt, what = (FUSION_FORMAT, "fusion scorer") if fusion else (GSV_FORMAT, "GSV scorer")
+    fmt, what = (FUSION_FORMAT, "fusion scorer") if fusion else ((GSV_FORMAT, GSV_FORMAT_CHANNELS), "GSV scorer")
     return dict(_load_scorer_file(path, fmt, what)[0]["scorer"])
 
 
 def save_gsv(path: Any, scorer: GsvScorer, *, extra: dict[str, Any] | None = None) -> None:
-    """Write a GSV scorer file (npz: arrays + JSON description), atomically."""
-    _save_scorer_file(path, GSV_FORMAT, scorer, extra)
+    """Write a GSV scorer file (npz: arrays + JSON description), atomically; format 2 with channel models."""
+    _save_scorer_file(path, GSV_FORMAT_CHANNELS if scorer.channel_models else GSV_FORMAT, scorer, extra)
 
 
 def load_gsv(path: Any) -> tuple[GsvScorer, dict[str, Any]]:
     """Read :func:`save_gsv`'s file; returns the scorer and the file's metadata (e.g. its calibration)."""
-    meta, arrays = _load_scorer_file(path, GSV_FORMAT, "GSV scorer")
+    meta, arrays = _load_scorer_file(path, (GSV_FORMAT, GSV_FORMAT_CHANNELS), "GSV scorer")
     info = dict(meta["scorer"])
     info["source"] = str(path)
     try:
@@ -322,6 +326,29 @@ def scorer_arrays(scorer: Any) -> dict[str, np.ndarray]:
     if isinstance(scorer, FusionScorer):
         return {f"part{i}_{k}": v for i, p in enumerate(scorer.parts) for k, v in scorer_arrays(p).items()}
     return {}
+
+
+def scorer_for_channel(scorer: Any, channel: Any) -> Any:
+    """The scorer a comparison under ``channel`` (a :class:`~devrecd.audio.channel.Channel`, its name,
+    or None: as recorded) is vectorised with: a GSV scorer's channel model for it
+    (:meth:`GsvScorer.for_channel`), else ``scorer`` itself."""
+    name = getattr(channel, "name", channel)
+    pick = getattr(scorer, "for_channel", None)
+    return pick(name) if name and callable(pick) else scorer
+
+
+def scorer_accumulator(scorer: Any) -> Any:
+    """A fresh accumulator of ``scorer`` (None where it has none); with channel models, one that feeds
+    every model (:class:`~devrecd.openset.gsv.ChannelAccumulators`)."""
+    from devrecd.openset.gsv import ChannelAccumulators
+
+    make = getattr(scorer, "accumulator", None)
+    if not callable(make):
+        return None
+    channels = getattr(scorer, "channel_models", None) or {}
+    if not channels:
+        return make()
+    return ChannelAccumulators(make(), {n: scorer.for_channel(n).accumulator() for n in channels})
 
 
 def as_scorer(obj: Any) -> Any:

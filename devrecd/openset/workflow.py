@@ -20,7 +20,7 @@ from devrecd.openset.conditions import describe_conditions, describe_population
 from devrecd.openset.calibration import PRIOR_TRIALS, CalibrationError
 from devrecd.openset.registry import Reference, Registry, RegistryError
 from devrecd.provenance import utc_timestamp
-from devrecd.openset.scorers import as_scorer, registry_scorer, scorer_arrays
+from devrecd.openset.scorers import as_scorer, registry_scorer, scorer_accumulator, scorer_arrays, scorer_for_channel
 from devrecd.stages import features_for_file
 
 log = logging.getLogger("devrecd.openset")
@@ -114,7 +114,9 @@ def score_recordings(registry: Registry, scorer: Any, items: Sequence[tuple[str,
     Recordings that are references of the registry are left out: a reference scored against its
     own profile would make the calibration look better than it is. With a ``channel`` (and the
     :class:`~devrecd.openset.matching.ConditionMatcher` that holds the references' audio), both the
-    recordings and the profiles' references are passed through it: trials under that condition.
+    recordings and the profiles' references are passed through it and vectorised with the scorer's
+    model of that channel (:func:`~devrecd.openset.scorers.scorer_for_channel`): trials under that
+    condition, as a verdict under it scores them.
     """
     scorer = as_scorer(scorer)
     registry.check_embedder(scorer.describe())
@@ -122,6 +124,7 @@ def score_recordings(registry: Registry, scorer: Any, items: Sequence[tuple[str,
     if channel is not None:
         from devrecd.openset.matching import matched_registry
 
+        scorer = scorer_for_channel(scorer, channel)
         profiles = matched_registry(registry, matcher, channel, scorer.recording_vector)
     enrolled = {r.sha256 for p in registry.profiles.values() for r in p.references}
     paths, devices, embs, conditions = [], [], [], []
@@ -238,7 +241,8 @@ class RegistryJudge:
         self.matcher = ConditionMatcher(store, self.scorer.frontend, cfg.audio, device=device)
         # (channel name, noise key) -> the registry with references under it; noise keys are as many
         # as questioned conditions, so only the MATCHED_REGISTRIES most recent are kept.
-        self._matched: OrderedDict[tuple[str, str], tuple[Registry, list[float]]] = OrderedDict()
+        # Keyed by the model too: a channel model's vectors are not the main model's.
+        self._matched: OrderedDict[tuple[str, str, str], tuple[Registry, list[float]]] = OrderedDict()
         # judge() is called by the pipeline's workers at once: the condition matching (the matcher and
         # this cache) runs under this lock, one thread at a time; the scoring after it in parallel.
         self._matching = threading.Lock()
@@ -253,9 +257,9 @@ class RegistryJudge:
 
     def accumulator(self) -> Any:
         """A fresh accumulator of the scorer (``add(features_chunk)``; :meth:`judge` takes it once fed
-        a recording's features, in order), or None where the scorer needs the features whole."""
-        make = getattr(self.scorer, "accumulator", None)
-        return make() if callable(make) else None
+        a recording's features, in order), or None where the scorer needs the features whole.
+        With channel models, it feeds every model (the channel is known once the recording is decoded)."""
+        return scorer_accumulator(self.scorer)
 
     def judge(self, features: Any, recording: dict[str, Any] | None = None) -> dict[str, Any]:
         """Verdict fields (device, score, log10_lr, candidate, open_set, top_k, windows_best, comparison,
@@ -271,6 +275,9 @@ class RegistryJudge:
         condition = (recording or {}).get("condition")
         profiles = [[r.sha256 for r in reg.profiles[n].references] for n in reg.names]
         channel, under, refs, note = resolve_comparison(condition, self.store, profiles, self.match_conditions)
+        # Matched to a channel: both sides vectorised with the scorer's model of it (its calibrations were
+        # fitted with it); otherwise the main model, which the profiles were enrolled with.
+        model = scorer_for_channel(self.scorer, channel)
         with self._matching:  # the matcher and the matched-registry cache: one thread at a time
             # Noise: only where the references can be brought to the questioned recording's channel (or none is needed).
             can_match = self.match_conditions and self.store is not None and refs != "unmatched"
@@ -279,9 +286,10 @@ class RegistryJudge:
             noise, noise_fields = resolve_noise(condition, self.matcher, profiles, channel,
                                                 enabled=can_match, note=noise_note)
             if channel is not None or noise is not None:
-                mkey = (channel.name if channel is not None else CLEAN, noise_key(noise) if noise is not None else "")
+                mkey = (channel.name if channel is not None else CLEAN, noise_key(noise) if noise is not None else "",
+                        "" if model is self.scorer else model.fingerprint)
                 if mkey not in self._matched:
-                    matched = matched_registry(reg, self.matcher, channel, self.scorer.recording_vector, noise)
+                    matched = matched_registry(reg, self.matcher, channel, model.recording_vector, noise)
                     snrs = ([self.matcher.matched_snr(s, channel, noise) for shas in profiles for s in shas]
                             if noise is not None else [])
                     self._matched[mkey] = (matched, snrs)
@@ -301,12 +309,19 @@ class RegistryJudge:
         outside = snr_outside(condition, cal.conditions) if cal is not None else None
         if outside and noise is not None:  # noise-matched: outside validation (no LR, nothing named)
             cal, source = None, outside
-        if callable(getattr(features, "result", None)):  # an accumulator (streamed features)
+        if callable(getattr(features, "result_for", None)):  # streamed into every model's accumulator
+            query, windows = features.result_for(channel.name if model is not self.scorer else None)
+        elif callable(getattr(features, "result", None)):  # an accumulator (streamed features)
+            if model is not self.scorer:  # the main model's statistics only: never scored against channel-model profiles
+                raise RegistryError(f"a {channel.name} comparison needs its channel model's statistics: feed "
+                                    "judge.accumulator(), not the main model's", reason="channel_model")
             query, windows = features.result()
         else:
-            query, windows = self.scorer.recording_vector(features), self.scorer.window_vectors(features)
-        fields = identify_vectors(query, windows, reg, calibration=cal, k=self.top_k, calibration_source=source, score=self.scorer.score)
+            query, windows = model.recording_vector(features), model.window_vectors(features)
+        fields = identify_vectors(query, windows, reg, calibration=cal, k=self.top_k, calibration_source=source, score=model.score)
         fields["open_set"]["condition"] = key
+        if model is not self.scorer:  # the channel model that vectorised both sides
+            fields["open_set"]["channel_model"] = {"channel": channel.name, "fingerprint": model.fingerprint}
         report = condition_report(condition, under, refs, [key] if cal is not None else [],
                                   note if cal is not None else "; ".join(filter(None, [source, note])))
         report.pop("questioned")  # the record carries the recording's condition already
