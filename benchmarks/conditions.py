@@ -414,7 +414,8 @@ def drive(plan_path: Path, label: str, out_path: Path) -> int:
 
     fold_notes: list[list[str]] = [[]]
     meta = {"label": label, "devrecd": str(Path(devrecd.__file__).resolve().parent),
-            "version": getattr(devrecd, "__version__", "?"), "code": code_id(Path(devrecd.__file__).resolve().parents[1])}
+            "version": getattr(devrecd, "__version__", "?"), "code": code_id(Path(devrecd.__file__).resolve().parents[1]),
+            "recipe": list(recipe())}  # folds of another recipe (e.g. channel models) are not reused
     log(f"[{label}] devrecd from {meta['devrecd']} ({meta['code']})")
     kept = resumable(out_path, meta, plan)
     with open(out_path, "w") as sink:
@@ -506,7 +507,8 @@ def resumable(out_path: Path, meta: dict, plan: dict) -> dict[str, list[str]]:
     if not out_path.exists() or meta["code"].endswith("+dirty") or meta["code"] == "?":
         return {}
     lines = out_path.read_text().splitlines(keepends=True)
-    if not lines or json.loads(lines[0]).get("meta", {}).get("code") != meta["code"]:
+    prev = json.loads(lines[0]).get("meta", {}) if lines else {}
+    if prev.get("code") != meta["code"] or prev.get("recipe", meta["recipe"]) != meta["recipe"]:
         return {}
     wanted = {f["name"]: len(f["questioned"]) for f in plan["folds"]}
     by_fold: dict[str, list[str]] = {}
@@ -715,7 +717,8 @@ def main() -> int:
     walls: dict[str, float] = {}
     t_run = time.perf_counter()
     if not args.report_only:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DEVRECD_")}
+        # No DEVRECD_* setting reaches the checkouts, but the benchmark's own recipe switch.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DEVRECD_") or k == CHANNEL_MODELS_ENV}
         for label, path in checkouts.items():
             penv = {**env, "PYTHONPATH": str(path), "DEVRECD_WATCH__TOP_K": "10",
                     "DEVRECD_TRAIN__CACHE_DIR": str(work / "cache" / label), "OMP_NUM_THREADS": "1"}
