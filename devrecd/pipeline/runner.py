@@ -136,6 +136,8 @@ class Pipeline:
         self._blas_limits = one_blas_thread()
         for child in self._children:
             child.start()  # each loads the scorer while the others start
+        for child in self._children:
+            child.usable()  # ready before the pipeline is: the first files do not wait for a load
         for i in range(max(1, self.cfg.watch.workers)):
             self._threads.append(threading.Thread(target=self._worker, args=(i,), name=f"devrecd-decode-{i}", daemon=True))
         self.streams = 0 if self.batcher is None else inference_streams(self.cfg, self.backend)
