@@ -268,7 +268,7 @@ class Daemon:
         # What a reload cannot change (loaded once, or sizes of running threads and queues): said, kept.
         fixed = [s for s in ("frontend", "audio", "backend", "metrics", "registry", "live")
                  if getattr(new, s) != getattr(self.cfg, s)]
-        fixed += [f"watch.{k}" for k in ("state_dir", "workers", "queue_size")
+        fixed += [f"watch.{k}" for k in ("state_dir", "workers", "processes", "queue_size")
                   if getattr(new.watch, k) != getattr(self.cfg.watch, k)]
         fixed += [f"batcher.{k}" for k in ("streams", "max_queued_clips")
                   if getattr(new.batcher, k) != getattr(self.cfg.batcher, k)]

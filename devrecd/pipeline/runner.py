@@ -223,7 +223,8 @@ class Pipeline:
         """Apply reloadable settings (SIGHUP): batcher flush rule, top-k, duplicate policy, watch filters."""
         self.cfg = replace(self.cfg, batcher=replace(cfg.batcher, streams=self.cfg.batcher.streams,
                                                      max_queued_clips=self.cfg.batcher.max_queued_clips), watch=replace(
-            cfg.watch, workers=self.cfg.watch.workers, queue_size=self.cfg.watch.queue_size, state_dir=self.cfg.watch.state_dir))
+            cfg.watch, workers=self.cfg.watch.workers, processes=self.cfg.watch.processes, queue_size=self.cfg.watch.queue_size,
+            state_dir=self.cfg.watch.state_dir))
         self.rejudge = cfg.watch.rejudge_duplicates
         if self.batcher is not None:
             self.batcher.configure(max_batch=cfg.batcher.max_batch, max_wait_s=cfg.batcher.max_wait_ms / 1000)
