@@ -159,3 +159,42 @@ def _children(pid: int) -> list[int]:
             except (OSError, IndexError, ValueError):
                 pass
     return out
+
+
+def test_kept_matched_vectors_give_the_same_verdicts(registry, ccnu_dir, tmp_path) -> None:
+    """References brought to a questioned noise are kept on disk (their vectors and SNRs): a new
+    judge (a restart, another worker process) reads them instead of matching again, with the same
+    verdict fields, to the last digit."""
+    import shutil
+    from dataclasses import replace
+
+    from devrecd.openset.workflow import RegistryJudge
+    from devrecd.stages import features_for_file
+
+    copy = tmp_path / "reg"
+    shutil.copytree(registry.parent, copy)
+    for kept in (copy / f"{registry.name}.refs").rglob("noise"):  # kept by the tests before: start without
+        shutil.rmtree(kept)
+    cfg = load_config(None, env={}, overrides={"registry.path": str(copy / registry.name)})
+    rows = _rows(ccnu_dir)
+    paths = [ccnu_dir / r["path"] for r in rows if int(r["segment"]) in (3, 5)][:12]
+
+    def verdicts() -> tuple[list[dict], int]:
+        judge = RegistryJudge(cfg, adopt_frontend=True)
+        built: list[int] = []
+        real = judge.matcher.noise_matched
+        judge.matcher.noise_matched = lambda *a, **k: (built.append(1), real(*a, **k))[1]
+        fe = replace(cfg, frontend=judge.frontend)
+        out = []
+        for p in paths:
+            rec, feats = features_for_file(p, fe)
+            out.append(judge.judge(feats, rec.describe()))
+        return out, len(built)
+
+    first, matched_first = verdicts()
+    kept = list((copy / f"{registry.name}.refs").rglob("noise/*.npz"))
+    assert matched_first and len(kept) == matched_first  # every matched reference kept once
+    again, matched_again = verdicts()
+    assert matched_again == 0  # all read back
+    assert json.dumps(first, sort_keys=True) == json.dumps(again, sort_keys=True)
+    assert any("matched_references_snr_db" in v["comparison"] for v in again)

@@ -236,6 +236,11 @@ class RegistryJudge:
         store = ReferenceStore.for_registry(self.registry.path)
         self.store = store if store.root.is_dir() else None
         self.matcher = ConditionMatcher(store, self.scorer.frontend, cfg.audio, device=device)
+        from devrecd.openset.matched_cache import MatchedVectors
+
+        # References brought to a noise: their vectors kept on disk (worker processes and restarts share them).
+        self.vectors = MatchedVectors(self.matcher.cache_dir, self.matcher.key,
+                                      self.scorer.describe().get("fingerprint") or "") if self.store is not None else None
         # (channel name, noise key) -> the registry with references under it; noise keys are as many
         # as questioned conditions, so only the MATCHED_REGISTRIES most recent are kept.
         self._matched: OrderedDict[tuple[str, str], tuple[Registry, list[float]]] = OrderedDict()
@@ -281,7 +286,7 @@ class RegistryJudge:
             if channel is not None or noise is not None:
                 mkey = (channel.name if channel is not None else CLEAN, noise_key(noise) if noise is not None else "")
                 if mkey not in self._matched:
-                    matched = matched_registry(reg, self.matcher, channel, self.scorer.recording_vector, noise)
+                    matched = matched_registry(reg, self.matcher, channel, self.scorer.recording_vector, noise, self.vectors)
                     snrs = ([self.matcher.matched_snr(s, channel, noise) for shas in profiles for s in shas]
                             if noise is not None else [])
                     self._matched[mkey] = (matched, snrs)
