@@ -72,8 +72,8 @@ class ChildCrashed(Exception):
 
 
 def use_processes(cfg: Config, device: str, judging: bool) -> bool:
-    """Whether the runner's per-file stage runs in worker processes (``watch.processes``): ``auto`` =
-    where a registry judges (open set, alone or beside a model) on the CPU, the GIL-bound case."""
+    """Whether the runner's per-file stage runs in worker processes (``watch.processes``, default
+    ``never``): ``auto`` = where a registry judges (open set, alone or beside a model) on the CPU."""
     mode = cfg.watch.processes
     if mode == "never" or not str(device).startswith("cpu"):
         return False
