@@ -120,10 +120,10 @@ def test_the_daemon_with_worker_processes_stops_cleanly(registry, ccnu_dir, tmp_
     evidence.mkdir()
     env = {**os.environ, "DEVRECD_WATCH__STABLE_SECONDS": "0.3", "DEVRECD_WATCH__POLL_INTERVAL": "0.3",
            "DEVRECD_WATCH__PROCESSES": "always", "DEVRECD_LOG__FORMAT": "json"}
-    log = open(tmp_path / "daemon.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-c", "from devrecd.cli import main; main()", "watch", str(evidence),
-                             "--registry", str(registry), "--state-dir", str(state), "--port", "0"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    with open(tmp_path / "daemon.log", "wb") as log:  # the child holds its own copy
+        proc = subprocess.Popen([sys.executable, "-c", "from devrecd.cli import main; main()", "watch", str(evidence),
+                                 "--registry", str(registry), "--state-dir", str(state), "--port", "0"],
+                                stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 120
         while not (state / "daemon.json").is_file():
