@@ -5,7 +5,8 @@ Two modes: the closed-set model (``--model``), or open set only (``--registry R`
 makes that registry first, with ``devrecd enroll`` of K CCNU phones (segments 1-2 each).
 
 The daemon (``devrecd watch`` as a subprocess, CPU backend) judges the backlog; measured: files/s,
-audio-seconds per second, p50/p99 latency from the drop to the verdict, the daemon's peak RSS.
+audio-seconds per second, p50/p99 latency from the drop to the verdict, the daemon's peak RSS (with its
+worker processes: the sum of each process's peak) and CPU (the daemon and its worker processes).
 Baseline, measured in the same run on the same files: the naive loop (decode, features and infer
 one file at a time, the same model through the same backend), once with 1 and once with 2 ONNX
 Runtime threads; the daemon is compared against the faster of the two.
@@ -162,17 +163,48 @@ def read_records(state: Path) -> list[dict]:
     return [json.loads(x) for x in text[: text.rfind("\n") + 1].splitlines()]
 
 
+def tree(pid: int) -> list[int]:
+    """``pid`` and every live process below it (the daemon's worker processes and their helpers)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a live process (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds of a live process and the live processes below it (all threads)."""
+    total = 0.0
+    for p in tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """The daemon's peak RSS: the sum of the peaks (VmHWM) of it and of every live process below it
+    (worker processes). An upper bound of the tree's peak: pages shared between the processes (the
+    interpreter, numpy) count once per process, and the peaks need not coincide."""
+    total = 0.0
+    for p in tree(pid):
+        try:
+            lines = Path(f"/proc/{p}/status").read_text().splitlines()
+        except OSError:
+            continue
+        total += next((int(x.split()[1]) / 1024 for x in lines if x.startswith("VmHWM:")), 0.0)
+    return total if total else float("nan")
 
 
 def stop(proc: subprocess.Popen) -> None:

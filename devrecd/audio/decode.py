@@ -32,7 +32,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -83,10 +82,16 @@ class Recording:
     # Integrity findings on the file's structure: {"flags": [...], "notes": [...]} (see INTEGRITY_FLAGS).
     integrity: dict | None = None
 
-    @cached_property
+    @property
     def condition(self) -> Condition:
-        """The recording's condition (:class:`devrecd.audio.condition.Condition`), measured once."""
-        return measure_condition(self)
+        """The recording's condition (:class:`devrecd.audio.condition.Condition`), measured once.
+
+        Cached in the instance, not with ``functools.cached_property``: before Python 3.12 that
+        takes one lock per class, so every recording's measurement waited for any other's."""
+        cached = self.__dict__.get("_condition")
+        if cached is None:
+            cached = self.__dict__["_condition"] = measure_condition(self)
+        return cached
 
     @property
     def duration(self) -> float:

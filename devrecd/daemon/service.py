@@ -28,6 +28,7 @@ from devrecd.errors import ConfigError
 from devrecd.fsutil import atomic_write, private_file
 from devrecd.metrics import Metrics
 from devrecd.pipeline.journal import JOURNAL_NAME, VERDICT_LOG_NAME, Journal, Recorder, VerdictLog
+from devrecd.pipeline.procs import use_processes
 from devrecd.pipeline.runner import Liveness, Pipeline, StorageRetry, Stopped
 from devrecd.pipeline.serving import OpenSetOnly, load_served, registry_judge
 from devrecd.stages import resolve_device
@@ -100,7 +101,8 @@ class Daemon:
                                   "judged window by window through the batcher")
             judge = None if isinstance(backend, OpenSetOnly) else registry_judge(cfg, device)
             pipeline = Pipeline(cfg, backend, journal=journal, verdict_log=verdict_log, metrics=metrics,
-                                device=device, liveness=liveness, judge=judge, roots=self.dirs)
+                                device=device, liveness=liveness, judge=judge, roots=self.dirs,
+                                processes=use_processes(cfg, device, judge is not None or isinstance(backend, OpenSetOnly)))
             state["pipeline"] = pipeline
             pipeline.start()
             if cfg.live.enabled:  # a sound-card input judged through the same batcher and backend
@@ -266,7 +268,7 @@ class Daemon:
         # What a reload cannot change (loaded once, or sizes of running threads and queues): said, kept.
         fixed = [s for s in ("frontend", "audio", "backend", "metrics", "registry", "live")
                  if getattr(new, s) != getattr(self.cfg, s)]
-        fixed += [f"watch.{k}" for k in ("state_dir", "workers", "queue_size")
+        fixed += [f"watch.{k}" for k in ("state_dir", "workers", "processes", "queue_size")
                   if getattr(new.watch, k) != getattr(self.cfg.watch, k)]
         fixed += [f"batcher.{k}" for k in ("streams", "max_queued_clips")
                   if getattr(new.batcher, k) != getattr(self.cfg.batcher, k)]

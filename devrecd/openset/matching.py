@@ -111,7 +111,8 @@ class ConditionMatcher:
     Features under a channel alone are cached per (reference sha256, channel, frontend) in memory and
     on disk; under a noise condition too (:func:`devrecd.audio.noise.match_noise`, after the channel)
     per (sha256, channel, quantised noise key) in memory only, the ``noise_cache`` most recent
-    (noise conditions are as many as questioned recordings: never unbounded, never on disk). The
+    (noise conditions are as many as questioned recordings: never unbounded, never on disk; only
+    their recording vectors are kept on disk, bounded: :mod:`devrecd.openset.matched_cache`). The
     references' own noise profiles (after the channel) are cached in memory and on disk.
     """
 
@@ -128,6 +129,11 @@ class ConditionMatcher:
         self._snrs: OrderedDict[tuple[str, str, str], float] = OrderedDict()
         self._profiles: dict[tuple[str, str], NoiseProfile] = {}
         self._key = hashlib.sha256(f"{frontend.fingerprint()}|{self.hop}".encode()).hexdigest()[:12]
+
+    @property
+    def key(self) -> str:
+        """What the cached features depend on besides the reference and condition: frontend and hop."""
+        return self._key
 
     @property
     def rate(self) -> int:
@@ -191,6 +197,12 @@ class ConditionMatcher:
 
         key = (sha256, channel.name if channel is not None else CLEAN, noise_key(noise))
         return self._snrs[key] if key in self._snrs else self.noise_matched(sha256, channel, noise)[1]
+
+    def remember_snr(self, sha256: str, channel: Channel | None, noise: NoiseProfile, snr_db: float) -> None:
+        """The measured SNR of a matched reference known from elsewhere (a kept vector's)."""
+        from devrecd.audio.noise import noise_key
+
+        self._snrs[(sha256, channel.name if channel is not None else CLEAN, noise_key(noise))] = snr_db
 
     def reference_noise(self, sha256: str, channel: Channel | None) -> NoiseProfile:
         """The noise profile of one stored reference through ``channel`` (cached in memory and on disk)."""
@@ -268,24 +280,38 @@ def embedding_scorer(embed: Callable[[np.ndarray], np.ndarray]) -> ScoreFunction
 
 def matched_profile_embeddings(registry: Any, matcher: ConditionMatcher, channel: Channel | None,
                                recording_vector: Callable[[np.ndarray], np.ndarray],
-                               noise: NoiseProfile | None = None) -> dict[str, np.ndarray]:
+                               noise: NoiseProfile | None = None, vectors: Any = None) -> dict[str, np.ndarray]:
     """Per profile, (n_refs, D) recording vectors of its references under ``channel`` and ``noise``
-    (``recording_vector``: a scorer's features -> vector, :mod:`devrecd.openset.scorers`)."""
-    out = {}
-    for name in registry.names:
-        shas = [r.sha256 for r in registry.profiles[name].references]
-        out[name] = np.stack([recording_vector(matcher.reference_features(s, channel, noise))
-                              for s in shas]).astype(np.float32)
-    return out
+    (``recording_vector``: a scorer's features -> vector, :mod:`devrecd.openset.scorers`); ``vectors``
+    (:class:`~devrecd.openset.matched_cache.MatchedVectors`): those under noise kept on disk."""
+    from devrecd.audio.noise import noise_key
+
+    name, nkey = (channel.name if channel is not None else CLEAN), (noise_key(noise) if noise is not None else "")
+
+    def vector(sha: str) -> np.ndarray:
+        if noise is None or vectors is None:
+            return recording_vector(matcher.reference_features(sha, channel, noise))
+        kept = vectors.get(sha, name, nkey)
+        if kept is not None:
+            matcher.remember_snr(sha, channel, noise, kept[1])
+            return kept[0]
+        feats, snr = matcher.noise_matched(sha, channel, noise)
+        v = recording_vector(feats)
+        vectors.put(sha, name, nkey, v, snr)
+        return v
+
+    return {p: np.stack([vector(r.sha256) for r in registry.profiles[p].references]).astype(np.float32)
+            for p in registry.names}
 
 
 def matched_registry(registry: Any, matcher: ConditionMatcher, channel: Channel | None,
-                     recording_vector: Callable[[np.ndarray], np.ndarray], noise: NoiseProfile | None = None) -> Any:
+                     recording_vector: Callable[[np.ndarray], np.ndarray], noise: NoiseProfile | None = None,
+                     vectors: Any = None) -> Any:
     """A copy of ``registry`` whose profiles hold their references' vectors under ``channel`` (None:
     as recorded) and, with ``noise``, brought to that noise after the channel."""
     from dataclasses import replace
 
-    emb = matched_profile_embeddings(registry, matcher, channel, recording_vector, noise)
+    emb = matched_profile_embeddings(registry, matcher, channel, recording_vector, noise, vectors)
     return replace(registry, profiles={n: replace(p, embeddings=emb[n]) for n, p in registry.profiles.items()})
 
 

@@ -239,6 +239,9 @@ class RegistryJudge:
         store = ReferenceStore.for_registry(self.registry.path)
         self.store = store if store.root.is_dir() else None
         self.matcher = ConditionMatcher(store, self.scorer.frontend, cfg.audio, device=device)
+        # References brought to a noise: their vectors kept on disk (worker processes and restarts share
+        # them), one cache per model that vectorises references (the main one, a channel model), by fingerprint.
+        self._vectors: dict[str, Any] = {}
         # (channel name, noise key) -> the registry with references under it; noise keys are as many
         # as questioned conditions, so only the MATCHED_REGISTRIES most recent are kept.
         # Keyed by the model too: a channel model's vectors are not the main model's.
@@ -246,6 +249,17 @@ class RegistryJudge:
         # judge() is called by the pipeline's workers at once: the condition matching (the matcher and
         # this cache) runs under this lock, one thread at a time; the scoring after it in parallel.
         self._matching = threading.Lock()
+
+    def _kept_vectors(self, model: Any) -> Any:
+        """The on-disk cache of matched reference vectors of ``model`` (None without stored references)."""
+        from devrecd.openset.matched_cache import MatchedVectors
+
+        if self.store is None:
+            return None
+        fingerprint = model.describe().get("fingerprint") or ""
+        if fingerprint not in self._vectors:
+            self._vectors[fingerprint] = MatchedVectors(self.matcher.cache_dir, self.matcher.key, fingerprint)
+        return self._vectors[fingerprint]
 
     def describe_decision(self) -> str:
         """One line for logs: the decision rule and the conditions with a calibration."""
@@ -289,7 +303,8 @@ class RegistryJudge:
                 mkey = (channel.name if channel is not None else CLEAN, noise_key(noise) if noise is not None else "",
                         "" if model is self.scorer else model.fingerprint)
                 if mkey not in self._matched:
-                    matched = matched_registry(reg, self.matcher, channel, model.recording_vector, noise)
+                    matched = matched_registry(reg, self.matcher, channel, model.recording_vector, noise,
+                                               self._kept_vectors(model))
                     snrs = ([self.matcher.matched_snr(s, channel, noise) for shas in profiles for s in shas]
                             if noise is not None else [])
                     self._matched[mkey] = (matched, snrs)

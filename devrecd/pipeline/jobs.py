@@ -1,17 +1,23 @@
 """What travels through the runner: a file's :class:`Job`, and the typed messages the stages hand
 the writer thread (:class:`Judged`, :class:`Chunk`, :class:`FeaturesDone`, :class:`Scored`, :class:`Duplicate`,
-:class:`Failed`, :class:`Stop`)."""
+:class:`Failed`, :class:`Stop`); :func:`found_instead`: a failed job's journal row keyed as the watcher keys
+what is at its path now."""
 
 from __future__ import annotations
 
+import logging
+import os
+import stat
 import time
 from dataclasses import dataclass, field
 from typing import Union
 
 import numpy as np
 
-from devrecd.pipeline.journal import Entry
+from devrecd.pipeline.journal import Entry, Journal, JournalError
 from devrecd.stages import Failure
+
+log = logging.getLogger("devrecd.pipeline")
 
 
 @dataclass
@@ -99,3 +105,23 @@ class Stop:
 
 
 Message = Union[Judged, Chunk, FeaturesDone, Scored, Duplicate, Failed, Stop]
+
+
+def found_instead(journal: Journal, job: Job) -> None:
+    """Nothing could be read, and what is at the path is not a regular file (a FIFO, socket or
+    link that replaced the queued file): the row takes that entry's version (``lstat``, as the
+    watcher keys such entries) before its failure is recorded, so the watcher seeing the same
+    entry does not make a second row and a second record for it."""
+    try:
+        if stat.S_ISREG(os.stat(job.path).st_mode):
+            return  # a regular file: the row's version is the watcher's, nothing to revise
+    except OSError:
+        pass  # a link loop or a dangling link: keyed by lstat too
+    try:
+        st = os.lstat(job.path)
+    except OSError:
+        return  # nothing there any more: nothing the watcher can see again
+    try:
+        journal.revise_version(job.entry_id, st.st_size, st.st_mtime_ns)
+    except JournalError as exc:  # at worst the entry gets a second record when it is seen again
+        log.warning("cannot revise a journal row", extra={"path": job.path, "error": str(exc)})

@@ -18,27 +18,23 @@ verdict-log ordering needs no further locking; the writer only writes: scoring, 
 runs in the parallel stages, and a file's features are released once they are inferred.
 A bad file becomes a ``failed`` record with its reason and never stops the other files.
 
-Storage: when the journal or the verdict log cannot be written (a full disk, a read-only file
-system), no file fails and no thread ends: the thread that needs the write waits and retries
-(:class:`~devrecd.pipeline.retry.StorageRetry`, through which the daemon also opens its state
-folder) until the write succeeds or the pipeline stops. Meanwhile :attr:`Pipeline.storage_error` says why (``/readyz`` is 503, ``devrecd_storage_writable``
-0); once space returns everything resumes by itself, each file with exactly one record.
+Storage: when the journal or the verdict log cannot be written (a full disk, a read-only file system),
+no file fails and no thread ends: the thread that needs the write retries (:class:`StorageRetry`)
+until it succeeds or the pipeline stops; :attr:`Pipeline.storage_error` says why meanwhile.
 
-Chunks: judged by the closed-set model alone, a file's features go to the batcher chunk by chunk as
-the worker computes them, so no file's features are ever held whole; the writer gathers each chunk's
-window probabilities (:class:`Chunk`) and judges the file once the worker has said how many windows
-it has (:class:`FeaturesDone`) and all of them are in. A registry's scorer takes the same chunks
-as they are computed where it has an accumulator (every kind has: GSV supervector statistics are
-sums over frames, an embedder's recording vector a sum of window embeddings, a fusion both), open
-set only or beside the model alike, so no file's features are held whole in any mode; only a
-scorer without an accumulator would take a file's features whole (and its file the batcher in one unit).
+Chunks: a file's features go on chunk by chunk as they are computed, never held whole: to the
+batcher (a closed-set model; the writer gathers each chunk's probabilities, :class:`Chunk`, until
+:class:`FeaturesDone` said how many windows there are) and to the registry scorer's accumulator
+(every kind has one); only a scorer without one takes a file's features whole. Open set only
+(:class:`~devrecd.pipeline.serving.OpenSetOnly`): no network, no batcher; the scorer's verdict is it.
 
 Duplicates: a worker asks the journal once per file whether the same content was judged before.
 Two files of the same content in flight at once are both inferred; the writer then asks the journal
 again for the second to finish, and only for such contents.
 
-Open set only (:class:`~devrecd.pipeline.serving.OpenSetOnly`): no network is loaded and no batcher
-runs; each worker hands its features to the registry's scorer and the writer records its verdict.
+Worker processes (``processes``, :mod:`devrecd.pipeline.procs`): each worker thread hands its files
+to its own child process, which opens, decodes, featurises and judges them (the GIL-bound part);
+the thread keeps the journal, the bookkeeping and the batcher, so the rest is as described here.
 
 The three kinds of thread share the in-flight bookkeeping here (files and contents in flight, under
 one lock); the writer's record-keeping is :mod:`devrecd.pipeline.writer`'s.
@@ -49,12 +45,10 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import stat
 import threading
 import time
 from dataclasses import replace
 from typing import Any, Callable, Sequence
-
 
 from devrecd.audio import open_stream
 from devrecd.backends.base import Backend
@@ -62,8 +56,9 @@ from devrecd.config import Config
 from devrecd.errors import DevrecdError
 from devrecd.metrics import Metrics
 from devrecd.pipeline.batcher import Batcher, Unit
-from devrecd.pipeline.jobs import Chunk, Duplicate, Failed, FeaturesDone, Job, Judged, Message, Scored, Stop
-from devrecd.pipeline.journal import Entry, Journal, JournalError, Recorder, VerdictLog
+from devrecd.pipeline.jobs import Chunk, Duplicate, Failed, FeaturesDone, Job, Judged, Message, Scored, Stop, found_instead
+from devrecd.pipeline.journal import Entry, Journal, Recorder, VerdictLog
+from devrecd.pipeline.procs import CRASHED, ChildCrashed, ChildFailed, WorkerProcess, prepare_in_child
 from devrecd.pipeline.retry import Liveness, StorageRetry, Stopped
 from devrecd.pipeline.serving import Judge, OpenSetOnly, RegistryJudging
 from devrecd.pipeline.threads import inference_streams, one_blas_thread
@@ -79,7 +74,8 @@ class Pipeline:
     def __init__(self, cfg: Config, backend: Backend | OpenSetOnly, *, journal: Journal, verdict_log: VerdictLog | None,
                  metrics: Metrics, device: str = "cpu", rejudge_duplicates: bool | None = None,
                  on_record: Callable[[dict], None] | None = None, liveness: Liveness | None = None,
-                 judge: RegistryJudging | None = None, roots: Sequence[str] | None = None) -> None:
+                 judge: RegistryJudging | None = None, roots: Sequence[str] | None = None,
+                 processes: bool = False) -> None:
         self.cfg = cfg
         # Watched folders: symbolic links leading out of them are refused unless
         # watch.follow_external_links (None: files named by the user, followed anywhere).
@@ -116,6 +112,10 @@ class Pipeline:
         self._settled = threading.Condition(self._lock)  # notified when nothing is in flight any more
         self._stop = threading.Event()  # workers/inference: no new work
         self._threads: list[threading.Thread] = []
+        # processes (watch.processes, see procs.py): each worker thread's files judged in its own child process
+        self._children = [WorkerProcess(f"devrecd-worker-{i}", self.cfg, judging=judge is not None, stopping=self._stop,
+                                        adopt_frontend=isinstance(backend, OpenSetOnly))
+                          for i in range(max(1, cfg.watch.workers))] if processes else []
         self._writer: threading.Thread | None = None
         self.streams = 0
         self._blas_limits: Any = None  # BLAS held to one thread while the pipeline runs (start/stop)
@@ -134,8 +134,12 @@ class Pipeline:
     def start(self) -> None:
         """Start the worker, inference and writer threads."""
         self._blas_limits = one_blas_thread()
+        for child in self._children:
+            child.start()  # each loads the scorer while the others start
+        for child in self._children:
+            child.usable()  # ready before the pipeline is: the first files do not wait for a load
         for i in range(max(1, self.cfg.watch.workers)):
-            self._threads.append(threading.Thread(target=self._worker, name=f"devrecd-decode-{i}", daemon=True))
+            self._threads.append(threading.Thread(target=self._worker, args=(i,), name=f"devrecd-decode-{i}", daemon=True))
         self.streams = 0 if self.batcher is None else inference_streams(self.cfg, self.backend)
         for i in range(self.streams):
             self._threads.append(threading.Thread(target=self._infer_loop, name=f"devrecd-infer-{i}", daemon=True))
@@ -206,6 +210,8 @@ class Pipeline:
             self.batcher.wake(self.streams)
         for t in self._threads:
             t.join(timeout=10)
+        for child in self._children:
+            child.close()
         self._results.put(Stop())
         if self._writer is not None:
             self._writer.join(timeout=10)
@@ -217,7 +223,8 @@ class Pipeline:
         """Apply reloadable settings (SIGHUP): batcher flush rule, top-k, duplicate policy, watch filters."""
         self.cfg = replace(self.cfg, batcher=replace(cfg.batcher, streams=self.cfg.batcher.streams,
                                                      max_queued_clips=self.cfg.batcher.max_queued_clips), watch=replace(
-            cfg.watch, workers=self.cfg.watch.workers, queue_size=self.cfg.watch.queue_size, state_dir=self.cfg.watch.state_dir))
+            cfg.watch, workers=self.cfg.watch.workers, processes=self.cfg.watch.processes, queue_size=self.cfg.watch.queue_size,
+            state_dir=self.cfg.watch.state_dir))
         self.rejudge = cfg.watch.rejudge_duplicates
         if self.batcher is not None:
             self.batcher.configure(max_batch=cfg.batcher.max_batch, max_wait_s=cfg.batcher.max_wait_ms / 1000)
@@ -281,16 +288,16 @@ class Pipeline:
 
     # --- workers -------------------------------------------------------------------------------
 
-    def _worker(self) -> None:
+    def _worker(self, i: int) -> None:
         if self.keep_on_device:  # each worker on its own CUDA stream: its waits are for its own work only
             import torch
 
             with torch.cuda.stream(torch.cuda.Stream(torch.device(self.device))):
-                self._work()
+                self._work(None)
         else:
-            self._work()
+            self._work(self._children[i] if self._children else None)
 
-    def _work(self) -> None:
+    def _work(self, child: WorkerProcess | None) -> None:
         while not self._stop.is_set():
             try:
                 job = self._jobs.get(timeout=0.2)
@@ -300,39 +307,32 @@ class Pipeline:
             if job is None:  # a wake-up: the loop looks at the stop flag
                 continue
             try:
-                self._prepare(job)
+                if child is not None and child.usable():
+                    prepare_in_child(self, child, job)
+                else:
+                    self._prepare(job)
             except Stopped:  # not finished: stays unfinished in the journal, resumed at the next start
                 self._release(job)
+            except ChildFailed as exc:  # the file's failure, in its worker process
+                if exc.internal:
+                    log.error("internal error on a file", extra={"path": job.path, "traceback": exc.internal})
+                self._failed(job, exc.failure, exc.resolved_path)
+            except ChildCrashed as exc:  # its worker process died under it: the next file gets a new one
+                log.error("worker process crashed on a file", extra={"path": job.path, "error": str(exc)})
+                self._failed(job, Failure(CRASHED, f"{exc}; the file is not judged again by itself"), None)
             except Exception as exc:  # noqa: BLE001 - one file's surprise must not stop the daemon
                 if not isinstance(exc, DevrecdError):
                     log.exception("internal error on a file", extra={"path": job.path})
-                job.resolved_path = job.resolved_path or getattr(exc, "resolved_path", None)
-                f = failure_of(exc)
-                if f.sha256 is None and job.sha256 is not None:  # failed after the file was hashed
-                    f = replace(f, sha256=job.sha256, size=job.size)
-                if f.sha256 is None:
-                    self._found_instead(job)
-                self._results.put(Failed(job, f))
+                self._failed(job, failure_of(exc), getattr(exc, "resolved_path", None))
             self.liveness.stamp()
 
-    def _found_instead(self, job: Job) -> None:
-        """Nothing could be read, and what is at the path is not a regular file (a FIFO, socket or
-        link that replaced the queued file): the row takes that entry's version (``lstat``, as the
-        watcher keys such entries) before its failure is recorded, so the watcher seeing the same
-        entry does not make a second row and a second record for it."""
-        try:
-            if stat.S_ISREG(os.stat(job.path).st_mode):
-                return  # a regular file: the row's version is the watcher's, nothing to revise
-        except OSError:
-            pass  # a link loop or a dangling link: keyed by lstat too
-        try:
-            st = os.lstat(job.path)
-        except OSError:
-            return  # nothing there any more: nothing the watcher can see again
-        try:
-            self.journal.revise_version(job.entry_id, st.st_size, st.st_mtime_ns)
-        except JournalError as exc:  # at worst the entry gets a second record when it is seen again
-            log.warning("cannot revise a journal row", extra={"path": job.path, "error": str(exc)})
+    def _failed(self, job: Job, f: Failure, resolved_path: str | None) -> None:
+        job.resolved_path = job.resolved_path or resolved_path
+        if f.sha256 is None and job.sha256 is not None:  # failed after the file was hashed
+            f = replace(f, sha256=job.sha256, size=job.size)
+        if f.sha256 is None:
+            found_instead(self.journal, job)
+        self._results.put(Failed(job, f))
 
     def _prepare(self, job: Job) -> None:
         cfg = self.cfg
