@@ -191,6 +191,11 @@ def test_an_amr_call_is_judged_with_the_amrnb_model_and_a_wav_as_before(amr_scor
     for row in v["top_k"]:
         assert row["score"] == pytest.approx(float(model.score(q, prof[row["device"]])[0, 0]), abs=1e-5)
     assert v["candidate"] == enrolled[0]
+    # references brought to a noise are kept on disk per model: the amrnb model's vectors never stand in for the main one's
+    kept_main, kept_amr = judge._kept_vectors(judge.scorer), judge._kept_vectors(model)
+    assert kept_main is not None and kept_amr is not None
+    assert kept_main.path("a" * 64, "amrnb", "n1") != kept_amr.path("a" * 64, "amrnb", "n1")
+    assert kept_amr.suffix.split(".")[1] == model.fingerprint[:16] and judge._kept_vectors(model) is kept_amr
     # a case calibration's trials under amrnb (devrecd calibrate --condition amrnb) are scored the same way
     held = ccnu_dir / f"{enrolled[1]}_3.wav"
     trials = calibration_trials_under(reg, gsv, [(str(held), enrolled[1])], cfg, ["amrnb"])["amrnb"]
