@@ -1,4 +1,5 @@
-"""Helpers shared by the test files: the daemon as a subprocess, real phone recordings, a free port."""
+"""Helpers shared by the test files: the daemon as a subprocess, real phone recordings, a free port,
+synthetic development features of a few phones."""
 
 from __future__ import annotations
 
@@ -136,3 +137,21 @@ def shipped_registry(ccnu_dir: Path, tmp_path: Path, phones: Sequence[str]):
         enrol_files(reg, scorer, p, [ccnu_dir / f"{p}_{s}.wav" for s in (1, 2)], cfg)
     reg.save()
     return cfg
+
+
+DEV_PHONES = [f"p{k}" for k in range(6)]
+DEV_PER_PHONE = 4
+
+
+def synthetic_dev_features():
+    """``(feats, devices, order)`` of ``DEV_PER_PHONE`` synthetic recordings (2 windows of 128 x 73
+    features) of each of ``DEV_PHONES``: a device offset in every dim, so the phones are told apart
+    and the GSV fits do not degenerate (training-recipe tests that need no audio)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    devices = [p for p in DEV_PHONES for _ in range(DEV_PER_PHONE)]
+    order = [(str(s), f"{p}_{s}") for p in DEV_PHONES for s in range(DEV_PER_PHONE)]
+    offsets = {p: rng.normal(0, 1, 73).astype(np.float32) for p in DEV_PHONES}
+    feats = [(rng.normal(0, 1, (2, 128, 73)) + offsets[d]).astype(np.float32) for d in devices]
+    return feats, devices, order

@@ -12,19 +12,10 @@ import pytest
 from devrecd.config import Config
 from devrecd.errors import ArtifactError
 from devrecd.openset.scorers import default_gsv_path, load_gsv, save_gsv
+from tests.helpers import DEV_PHONES, synthetic_dev_features
 
-PHONES = [f"p{k}" for k in range(6)]
-PER_PHONE = 4
+PHONES = DEV_PHONES
 SHIPPED = "f53a8aa944a5fa24c90144d1402e900c33bb310367ea905a1b93e5ffe5782588"
-
-
-def _dev():
-    rng = np.random.default_rng(0)
-    devices = [p for p in PHONES for _ in range(PER_PHONE)]
-    order = [(str(s), f"{p}_{s}") for p in PHONES for s in range(PER_PHONE)]
-    offsets = {p: rng.normal(0, 1, 73).astype(np.float32) for p in PHONES}
-    feats = [(rng.normal(0, 1, (2, 128, 73)) + offsets[d]).astype(np.float32) for d in devices]
-    return feats, devices, order
 
 
 def test_channel_models_are_cross_fitted_calibrate_their_channel_and_leave_the_main_model_alone(monkeypatch, tmp_path):
@@ -32,7 +23,7 @@ def test_channel_models_are_cross_fitted_calibrate_their_channel_and_leave_the_m
     from devrecd.openset import gsvtrain
     from devrecd.openset.gsvtrain import train_gsv
 
-    feats, devices, order = _dev()
+    feats, devices, order = synthetic_dev_features()
     copies: dict[int, int] = {}
     keep = []
 

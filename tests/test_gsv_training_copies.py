@@ -7,24 +7,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-PHONES = [f"p{k}" for k in range(6)]
-PER_PHONE = 4
+from tests.helpers import DEV_PHONES, synthetic_dev_features
 
-
-def _dev():
-    rng = np.random.default_rng(0)
-    devices = [p for p in PHONES for _ in range(PER_PHONE)]
-    order = [(str(s), f"{p}_{s}") for p in PHONES for s in range(PER_PHONE)]
-    # a device offset in every dim: the phones are told apart, the fits do not degenerate
-    offsets = {p: rng.normal(0, 1, 73).astype(np.float32) for p in PHONES}
-    feats = [(rng.normal(0, 1, (2, 128, 73)) + offsets[d]).astype(np.float32) for d in devices]
-    return feats, devices, order
+PHONES = DEV_PHONES
 
 
 def test_training_set_aligns_labels_with_copies_and_makes_each_copy_once():
     from devrecd.openset.gsvtrain import Augment, _TrainingSet
 
-    feats, devices, _ = _dev()
+    feats, devices, _ = synthetic_dev_features()
     calls = []
 
     def under(i, channel, seconds):
@@ -51,7 +42,7 @@ def test_each_cross_fitted_scorer_is_trained_on_its_own_devices_and_their_copies
     from devrecd.openset import gsvtrain
     from devrecd.openset.gsvtrain import Augment, train_gsv
 
-    feats, devices, order = _dev()
+    feats, devices, order = synthetic_dev_features()
     tag = {id(x): i for i, x in enumerate(feats)}
     copies, keep = {}, []  # kept: an id is never reused for another array while the test runs
 
