@@ -1,9 +1,10 @@
 """Worker processes: the per-file CPU stage of the runner in child processes (``watch.processes``).
 
 The per-file work of an open-set verdict (decode, level meter, condition measurement, features, GSV
-statistics, the registry judge with its noise-matched references) is many small numpy calls that
-hold the GIL: worker threads run it one at a time (measured on 2 cores: the open-set daemon used
-0.7 of them). With worker processes each of the ``watch.workers`` threads of the runner owns one
+statistics, the registry judge with its noise-matched references) is many small numpy calls, part of
+them holding the GIL. Measured on 2 cores (docs/daemon.md), the worker threads already used about 1.8
+of them and two worker processes were no faster, so processes are opt-in (``watch.processes``, default
+``never``), for machines with more cores than that. With worker processes each of the ``watch.workers`` threads of the runner owns one
 child process (spawned, its own interpreter) that opens, hashes, decodes and judges the files the
 thread hands it; the thread only talks to its child and does what must stay in the one daemon
 process: the journal (``mark_hashed``, the duplicate checks), the in-flight bookkeeping, the batcher
