@@ -138,7 +138,7 @@ class GsvScorer:
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], info: dict[str, Any]) -> GsvScorer:
         """Rebuild from :meth:`arrays` and :meth:`describe` (the fingerprint must match)."""
-        ubm = Ubm.from_arrays({k[4:]: v for k, v in arrays.items() if k.startswith("ubm_")})
+        ubm = _ubm_of(arrays)
         try:
             frontend = FrontendConfig.from_dict(info["frontend"])
             channel_models = {name: cls._channel_model(name, arrays, frontend, cm)
@@ -166,12 +166,17 @@ class GsvScorer:
         own = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
         if not own:
             raise ArtifactError(f"channel model {name!r} has no arrays", reason="scorer_format")
-        model = cls(Ubm.from_arrays({k[4:]: v for k, v in own.items() if k.startswith("ubm_")}), frontend,
+        model = cls(_ubm_of(own), frontend,
                     relevance=float(info["relevance"]), nap=own.get("nap"), trained_on=info.get("trained_on") or ())
         if info.get("fingerprint") != model.fingerprint:
             raise ArtifactError(f"channel model {name!r}: arrays do not match its recorded fingerprint",
                                 reason="scorer_format")
         return model
+
+
+def _ubm_of(arrays: dict[str, np.ndarray]) -> Ubm:
+    """The UBM of a model's arrays (its ``ubm_*`` entries, :meth:`GsvScorer.arrays`)."""
+    return Ubm.from_arrays({k[4:]: v for k, v in arrays.items() if k.startswith("ubm_")})
 
 
 class ChannelAccumulators:

@@ -33,7 +33,7 @@ Two files of the same content in flight at once are both inferred; the writer th
 again for the second to finish, and only for such contents.
 
 Worker processes (``processes``, :mod:`devrecd.pipeline.procs`): each worker thread hands its files
-to its own child process, which opens, decodes, featurises and judges them (the GIL-bound part);
+to its own child process, which opens, decodes, featurises and judges them (the per-file CPU work);
 the thread keeps the journal, the bookkeeping and the batcher, so the rest is as described here.
 
 The three kinds of thread share the in-flight bookkeeping here (files and contents in flight, under
