@@ -116,11 +116,26 @@ def recipe() -> tuple[str, ...]:
         return (*RECIPE, "--threshold-rule", "llr0")
     talkers = SHARED / "librispeech" / "librispeech_train-clean-100"  # other talkers than the test-other babble
     out = (*RECIPE, "--babble", str(talkers)) if "babble" in params and talkers.is_dir() else RECIPE
-    # Channel models (train-gsv --channel-models, off in the shipped recipe): measured by setting
-    # DEVRECD_BENCH_CHANNEL_MODELS (e.g. "amrnb=clean+amrnb,tel=clean+tel"); a checkout without the
-    # option (the baseline) is driven with its shipped recipe.
-    models = os.environ.get(CHANNEL_MODELS_ENV, "")
-    return (*out, "--channel-models", models) if models and "channel_models" in params else out
+    # Channel models (train-gsv --channel-models): those the checkout's shipped scorer carries (what
+    # its file records they were trained on), or DEVRECD_BENCH_CHANNEL_MODELS (e.g.
+    # "amrnb=clean+amrnb,tel=clean+tel"; "none": without) in their place; a checkout without the
+    # option is driven with its shipped recipe.
+    models = os.environ.get(CHANNEL_MODELS_ENV, "") or shipped_channel_models()
+    if models == "none" or "channel_models" not in params:
+        return out
+    return (*out, "--channel-models", models) if models else out
+
+
+def shipped_channel_models() -> str:
+    """The channel models of the driven checkout's shipped GSV scorer as ``--channel-models`` takes
+    them ("" when it carries none)."""
+    try:
+        from devrecd.openset.scorers import default_gsv_path, load_gsv
+    except ImportError:
+        return ""
+    scorer, _ = load_gsv(default_gsv_path())
+    models = getattr(scorer, "channel_models", None) or {}
+    return ",".join(f"{name}={'+'.join(m.trained_on)}" for name, m in models.items())
 
 
 CHANNEL_MODELS_ENV = "DEVRECD_BENCH_CHANNEL_MODELS"

@@ -196,7 +196,7 @@ class Augmenter:
         if not self.channels or rng.random() >= self.channel_p:
             return rec.samples
         ch = self.channels[int(rng.integers(len(self.channels)))]
-        key = (i, ch.name)
+        key = (i, ch.key)
         if key not in self._through:
             from devrecd.audio.transmit import apply_channel
 

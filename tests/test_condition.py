@@ -64,6 +64,46 @@ def test_transcoded_wav_keeps_its_band_limit(speech, tmp_path):
             assert condition_channel(cond).high_hz == pytest.approx(cond.band_high_hz, abs=0.5)
 
 
+def _band_power_db(x: np.ndarray, lo: float, hi: float) -> float:
+    spec = np.abs(np.fft.rfft(np.asarray(x, dtype=np.float64))) ** 2 / len(x) ** 2
+    f = np.fft.rfftfreq(len(x), 1.0 / RATE)
+    return float(10.0 * np.log10(spec[(f >= lo) & (f < hi)].sum() + 1e-30))
+
+
+def test_a_band_limited_file_gives_the_channel_as_it_stores_it(speech, tmp_path):
+    """A telephone-band call saved as a 16-bit WAV at 32 kHz: its channel is ``tel`` stored at 32 kHz
+    (references then carry the same quantiser noise above the band); at 8 kHz, or as a float file,
+    the channel itself. Codecs never carry a storage rate."""
+    from devrecd.audio.channel import stored_as
+
+    y = apply_channel(get_channel("tel"), speech, RATE)
+    for rate, subtype, stored in ((RATE, "PCM_16", RATE), (8000, "PCM_16", 0), (RATE, "FLOAT", 0)):
+        path = tmp_path / f"tel-{rate}-{subtype}.wav"
+        import soxr
+
+        sf.write(path, soxr.resample(y, RATE, rate, quality="VHQ") if rate != RATE else y, rate, subtype=subtype)
+        ch = condition_channel(read_evidence(path, RATE).condition)
+        assert ch.name == "tel" and ch.stored_rate == stored, (rate, subtype, ch)
+        assert ch.key == ("tel" if not stored else f"tel@{stored}")
+    amr = CHANNELS["amrnb"]
+    assert stored_as(amr, "PCM_16", RATE) is amr and stored_as(CHANNELS["tel"], "PCM_24", RATE) is CHANNELS["tel"]
+
+
+def test_a_band_limit_stored_at_a_higher_rate_has_its_quantiser_noise_above_the_band(speech):
+    """Through ``tel`` stored at 32 kHz, the bands above 4 kHz hold 16-bit quantiser noise (white
+    at -101 dBFS over the whole band, -103 dB in 5-15 kHz, where the signal is above the LSB; less
+    where it rounds to digital silence); stored at 8 kHz they hold nothing."""
+    from dataclasses import replace
+
+    tel = get_channel("tel")
+    plain = apply_channel(tel, speech, RATE)
+    stored = apply_channel(replace(tel, stored_rate=RATE), speech, RATE)
+    white = 10.0 * np.log10((1 / 32768) ** 2 / 12 * (15000 - 5000) / (RATE / 2))
+    assert white - 6 < _band_power_db(stored, 5000, 15000) < white + 1
+    assert _band_power_db(plain, 5000, 15000) < white - 30  # -138 dB: the resampler's and float32's floor
+    assert abs(_band_power_db(stored, 500, 3000) - _band_power_db(plain, 500, 3000)) < 0.01  # the band itself: the same
+
+
 def test_channel_keeps_length_and_time_alignment(speech):
     for name in available_channels():
         y = apply_channel(get_channel(name), speech, RATE)

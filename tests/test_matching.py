@@ -90,6 +90,38 @@ def test_matching_restores_identification_through_amr_nb(ccnu_dir, tmp_path):
     assert len(list((store.root / "conditions" / CLEAN).glob("*.npy"))) == 3 * len(PHONES)
 
 
+def test_a_telephone_band_wav_is_compared_with_references_stored_as_it_is(ccnu_dir, tmp_path):
+    """A telephone-band recording saved as a 16-bit WAV at 32 kHz (its quantiser's noise fills the
+    bands above 3.4 kHz): references through ``tel`` stored the same way read as noisy as it (0.3-0.4
+    dB above them, no noise matching); through ``tel`` at 8 kHz they read 14 dB cleaner, and every
+    reference would be brought to a noise that is only the file's storage (what named a phone for
+    every never-enrolled telephone-band recording in benchmarks/conditions.py)."""
+    import soundfile as sf
+
+    from devrecd.audio import read_evidence
+    from devrecd.audio.transmit import apply_channel
+    from devrecd.openset.matching import resolve_noise
+
+    cfg = load_config()
+    store = ReferenceStore(tmp_path / "refs")
+    matcher = ConditionMatcher(store, cfg.frontend, cfg.audio)
+    tel = get_channel("tel")
+    for phone in PHONES[:3]:
+        x, rate = sf.read(ccnu_dir / f"{phone}_4.wav", dtype="float32")
+        path = tmp_path / f"{phone}-tel.wav"
+        sf.write(path, apply_channel(tel, x, rate), rate, subtype="PCM_16")
+        cond = read_evidence(path, rate).describe()["condition"]
+        profiles = [[store.put(ccnu_dir / f"{phone}_{s}.wav") for s in (1, 2)]]
+        channel, under, refs, _ = resolve_comparison(cond, store, profiles, True)
+        assert (channel.name, channel.stored_rate, under, refs) == ("tel", rate, "tel", "matched")
+        noise, fields = resolve_noise(cond, matcher, profiles, channel, enabled=True)
+        assert noise is None and fields["noise_excess_db"] < 2.0, (phone, fields)
+        noise, fields = resolve_noise(cond, matcher, profiles, tel, enabled=True)
+        assert noise is not None and fields["noise_excess_db"] > 8.0, (phone, fields)
+    # Copies stored at 32 kHz and at 8 kHz are different copies: cached apart.
+    assert {p.name for p in (store.root / "conditions").iterdir()} == {"tel", f"tel@{rate}"}
+
+
 def test_comparison_decisions_and_statements(tmp_path):
     store = ReferenceStore(tmp_path / "refs")
     clean = {"channel": ""}

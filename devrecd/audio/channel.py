@@ -6,7 +6,7 @@ recording) and the transmission code all read it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from devrecd.errors import DevrecdError
 
@@ -39,6 +39,18 @@ class Channel:
     codec: str = ""  # the decoder's codec name, as a decoded Recording reports it
     low_hz: float = 0.0  # band-limit channels: pass band
     high_hz: float = 0.0
+    # Band limits only: the band-limited signal was then stored as 16-bit PCM at this rate (0: at the
+    # channel's own rate). A telephone-band call saved as a 32 kHz WAV carries its quantiser's white
+    # noise (~-101 dBFS) in every band above the channel's; a copy made at 8 kHz has none there, and
+    # compared with it the recording reads 10-18 dB noisier than its references (mean over the noise
+    # bands) and scores against none of them as it should. :func:`stored_as` gives the channel of a file.
+    stored_rate: int = 0
+
+    @property
+    def key(self) -> str:
+        """What copies of a recording through this channel are cached under: the name (what
+        calibrations and channel models are keyed by) and the storage rate where it is set."""
+        return f"{self.name}@{self.stored_rate}" if self.stored_rate else self.name
 
     def to_json(self) -> dict:
         out = {"name": self.name, "description": self.description, "rate": self.rate}
@@ -46,6 +58,8 @@ class Channel:
             out.update(codec=self.codec, encoder=self.encoder, bitrate=self.bitrate)
         else:
             out.update(low_hz=self.low_hz, high_hz=self.high_hz)
+            if self.stored_rate:
+                out["stored_rate"] = self.stored_rate
         return out
 
 
@@ -66,6 +80,19 @@ CHANNELS: dict[str, Channel] = {c.name: c for c in (
     Channel("tel", "telephone band 300-3400 Hz, 8 kHz, 16-bit", 8000,
             low_hz=300.0, high_hz=3400.0),
 )}
+
+
+PCM16_CODECS = frozenset({"PCM_16", "pcm_s16le", "pcm_s16be"})  # what the two decoders call 16-bit PCM
+
+
+def stored_as(channel: Channel, codec: str, native_rate: int) -> Channel:
+    """``channel`` as a file of ``codec`` at ``native_rate`` holds it: a band limit stored as 16-bit
+    PCM at a rate other than the channel's carries that storage (:attr:`Channel.stored_rate`); a
+    codec, or any other storage, is the channel itself (a codec's decoder, not a quantiser, sets
+    what lies above its band; 24-bit and float PCM add no noise the scorer sees)."""
+    if channel.encoder or codec not in PCM16_CODECS or int(native_rate) <= 0 or int(native_rate) == channel.rate:
+        return channel
+    return replace(channel, stored_rate=int(native_rate))
 
 
 def get_channel(name: str) -> Channel:

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from devrecd.audio.channel import CHANNELS, Channel, band_limit
+from devrecd.audio.channel import CHANNELS, Channel, band_limit, stored_as
 from devrecd.audio.noise import NoiseProfile, measure_noise
 
 ANALYSIS_SECONDS = 120.0  # at most this much audio (spread over the recording) enters the spectrum
@@ -282,17 +282,21 @@ def _channel_for(codec: str, bitrate: int, lossless: bool, band: Band) -> Channe
 
 
 def condition_channel(cond: Condition | dict[str, Any]) -> Channel | None:
-    """The channel a recording of this condition was passed through (None: compare as is)."""
-    name = cond.channel if isinstance(cond, Condition) else str(cond.get("channel") or "")
+    """The channel a recording of this condition was passed through (None: compare as is), as its
+    file stores it (:func:`devrecd.audio.channel.stored_as`: a band limit saved as 16-bit PCM at the
+    file's own rate)."""
+    fields = cond.to_json() if isinstance(cond, Condition) else cond
+    name = str(fields.get("channel") or "")
     if not name:
         return None
     if name in CHANNELS:
-        return CHANNELS[name]
-    if name.startswith("band"):
+        channel = CHANNELS[name]
+    elif name.startswith("band"):
         try:
             low, high = (float(v) for v in name[4:].split("-"))
         except ValueError:
-            pass
-        else:
-            return band_limit(low, high)
-    raise ValueError(f"unknown channel {name!r} in a recording's condition")
+            raise ValueError(f"unknown channel {name!r} in a recording's condition") from None
+        channel = band_limit(low, high)
+    else:
+        raise ValueError(f"unknown channel {name!r} in a recording's condition")
+    return stored_as(channel, str(fields.get("codec") or ""), int(fields.get("native_rate") or 0))

@@ -155,6 +155,11 @@ def butterworth_zero_phase(x: np.ndarray, rate: int, low_hz: float, high_hz: flo
     return y[pad : pad + n]
 
 
+def pcm16(y: np.ndarray) -> np.ndarray:
+    """``y`` on the grid of 16-bit PCM (the quantiser of a 16-bit file; clipped to full scale)."""
+    return np.round(np.clip(y, -1.0, 1.0) * 32767.0) / 32768.0
+
+
 def apply_channel(channel: Channel, x: np.ndarray, rate: int) -> np.ndarray:
     """``x`` (mono float, at ``rate``) through ``channel``: float32 at ``rate``, same length."""
     x = np.asarray(x, dtype=np.float64)
@@ -169,8 +174,10 @@ def apply_channel(channel: Channel, x: np.ndarray, rate: int) -> np.ndarray:
     else:
         hi = min(channel.high_hz, 0.98 * channel.rate / 2.0)
         y = butterworth_zero_phase(native, channel.rate, channel.low_hz, hi)  # zero phase: no delay to undo
-        y = np.round(np.clip(y, -1.0, 1.0) * 32767.0) / 32768.0  # 16-bit PCM, as a telephone exchange delivers
+        y = pcm16(y)  # 16-bit PCM, as a telephone exchange delivers
         out_rate = channel.rate
+        if channel.stored_rate and channel.stored_rate != channel.rate:  # then stored as 16-bit PCM at another rate
+            y, out_rate = pcm16(resample(y, channel.rate, channel.stored_rate)), channel.stored_rate
     back = resample(y, out_rate, rate)
     back = np.pad(back, (0, max(0, len(x) - len(back))))[: len(x)]
     return np.clip(back, -1.0, 1.0).astype(np.float32)

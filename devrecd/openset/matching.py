@@ -145,7 +145,7 @@ class ConditionMatcher:
         and, with ``noise``, brought to that noise after it (:meth:`noise_matched`)."""
         if noise is not None:
             return self.noise_matched(sha256, channel, noise)[0]
-        name = channel.name if channel is not None else CLEAN
+        name = channel.key if channel is not None else CLEAN
         key = (sha256, name)
         if key in self._memory:
             return self._memory[key]
@@ -173,7 +173,7 @@ class ConditionMatcher:
         the seed is the reference's hash and the key, so the result is reproducible)."""
         from devrecd.audio.noise import match_noise, measure_noise, noise_key, quantised
 
-        key = (sha256, channel.name if channel is not None else CLEAN, noise_key(noise))
+        key = (sha256, channel.key if channel is not None else CLEAN, noise_key(noise))
         if key in self._noisy:
             self._noisy.move_to_end(key)
             return self._noisy[key]
@@ -195,14 +195,14 @@ class ConditionMatcher:
         """The measured SNR of one reference brought to ``noise`` (:meth:`noise_matched`'s second value)."""
         from devrecd.audio.noise import noise_key
 
-        key = (sha256, channel.name if channel is not None else CLEAN, noise_key(noise))
+        key = (sha256, channel.key if channel is not None else CLEAN, noise_key(noise))
         return self._snrs[key] if key in self._snrs else self.noise_matched(sha256, channel, noise)[1]
 
     def remember_snr(self, sha256: str, channel: Channel | None, noise: NoiseProfile, snr_db: float) -> None:
         """The measured SNR of a matched reference known from elsewhere (a kept vector's)."""
         from devrecd.audio.noise import noise_key
 
-        self._snrs[(sha256, channel.name if channel is not None else CLEAN, noise_key(noise))] = snr_db
+        self._snrs[(sha256, channel.key if channel is not None else CLEAN, noise_key(noise))] = snr_db
 
     def reference_noise(self, sha256: str, channel: Channel | None) -> NoiseProfile:
         """The noise profile of one stored reference through ``channel`` (cached in memory and on disk)."""
@@ -210,7 +210,7 @@ class ConditionMatcher:
 
         from devrecd.audio.noise import measure_noise
 
-        name = channel.name if channel is not None else CLEAN
+        name = channel.key if channel is not None else CLEAN
         key = (sha256, name)
         if key in self._profiles:
             return self._profiles[key]
@@ -286,7 +286,7 @@ def matched_profile_embeddings(registry: Any, matcher: ConditionMatcher, channel
     (:class:`~devrecd.openset.matched_cache.MatchedVectors`): those under noise kept on disk."""
     from devrecd.audio.noise import noise_key
 
-    name, nkey = (channel.name if channel is not None else CLEAN), (noise_key(noise) if noise is not None else "")
+    name, nkey = (channel.key if channel is not None else CLEAN), (noise_key(noise) if noise is not None else "")
 
     def vector(sha: str) -> np.ndarray:
         if noise is None or vectors is None:

@@ -300,7 +300,7 @@ class RegistryJudge:
             noise, noise_fields = resolve_noise(condition, self.matcher, profiles, channel,
                                                 enabled=can_match, note=noise_note)
             if channel is not None or noise is not None:
-                mkey = (channel.name if channel is not None else CLEAN, noise_key(noise) if noise is not None else "",
+                mkey = (channel.key if channel is not None else CLEAN, noise_key(noise) if noise is not None else "",
                         "" if model is self.scorer else model.fingerprint)
                 if mkey not in self._matched:
                     matched = matched_registry(reg, self.matcher, channel, model.recording_vector, noise,
@@ -341,6 +341,8 @@ class RegistryJudge:
                                   note if cal is not None else "; ".join(filter(None, [source, note])))
         report.pop("questioned")  # the record carries the recording's condition already
         report.update(noise_fields)
+        if channel is not None and channel.stored_rate:  # the references were stored as the questioned file is
+            report["references_stored_as"] = f"16-bit PCM at {channel.stored_rate} Hz"
         if outside:
             report["snr_status"], report["snr_statement"] = "outside", outside
         fields["comparison"] = report
