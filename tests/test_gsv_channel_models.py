@@ -15,7 +15,11 @@ from devrecd.openset.scorers import default_gsv_path, load_gsv, save_gsv
 from tests.helpers import DEV_PHONES, synthetic_dev_features
 
 PHONES = DEV_PHONES
+# The shipped file's main model (the file without channel models, format 1: what registries enrolled
+# before the AMR-NB channel model was shipped were made with) and the shipped file as a whole.
 SHIPPED = "f53a8aa944a5fa24c90144d1402e900c33bb310367ea905a1b93e5ffe5782588"
+SHIPPED_WITH_AMRNB = "ef10b1c579210005f2c7388d627f56362779ce3d46a754528ab2306f41ab9af0"
+SHIPPED_AMRNB_MODEL = "ebe50381d623"
 
 
 def test_channel_models_are_cross_fitted_calibrate_their_channel_and_leave_the_main_model_alone(monkeypatch, tmp_path):
@@ -82,13 +86,21 @@ def test_channel_models_are_cross_fitted_calibrate_their_channel_and_leave_the_m
 
 
 def test_a_scorer_file_without_channel_models_loads_and_scores_as_before(ccnu_dir: Path, tmp_path: Path) -> None:
-    """The shipped file (format 1): the same fingerprint, no channel model, a plain accumulator, and the
-    scores the code before channel models gave (computed with it: 0.92587..., -0.32629...)."""
+    """The shipped file carries an AMR-NB channel model (format 2); its main model is the file shipped
+    before it. Without the channel model it is that file (format 1): the same fingerprint, no channel
+    model, a plain accumulator, and the scores the code before channel models gave (computed with it:
+    0.92587..., -0.32629...); the shipped file scores WAV recordings with exactly those."""
     from devrecd.openset.gsv import ChannelAccumulators
     from devrecd.openset.scorers import scorer_accumulator, scorer_for_channel
     from devrecd.openset.workflow import recording_features
 
-    scorer, meta = load_gsv(default_gsv_path())
+    shipped, meta = load_gsv(default_gsv_path())
+    assert meta["format"] == "devrecd-gsv/2" and shipped.fingerprint == SHIPPED_WITH_AMRNB
+    assert {n: m.fingerprint[:12] for n, m in shipped.channel_models.items()} == {"amrnb": SHIPPED_AMRNB_MODEL}
+    assert shipped.channel_models["amrnb"].trained_on == ["clean", "amrnb"]
+    assert scorer_for_channel(shipped, "amrnb") is shipped.channel_models["amrnb"]
+    save_gsv(tmp_path / "format1.npz", shipped.with_channel_models({}))
+    scorer, meta = load_gsv(tmp_path / "format1.npz")
     assert meta["format"] == "devrecd-gsv/1" and scorer.fingerprint == SHIPPED and scorer.channel_models == {}
     assert "channel_models" not in scorer.describe() and scorer_for_channel(scorer, "amrnb") is scorer
     assert not isinstance(scorer_accumulator(scorer), ChannelAccumulators)
@@ -97,6 +109,8 @@ def test_a_scorer_file_without_channel_models_loads_and_scores_as_before(ccnu_di
          for n in ("Apple_air1_1", "Apple_air1_4", "Honor9 STF-ALOO_1")}
     assert float(scorer.score(v["Apple_air1_4"], v["Apple_air1_1"])[0, 0]) == pytest.approx(0.9258727799441394, abs=1e-12)
     assert float(scorer.score(v["Apple_air1_4"], v["Honor9 STF-ALOO_1"])[0, 0]) == pytest.approx(-0.3262928875344395, abs=1e-12)
+    for n, vec in v.items():  # the shipped file's main model: the same vectors
+        np.testing.assert_array_equal(shipped.recording_vector(recording_features(shipped, ccnu_dir / f"{n}.wav", cfg)[1]), vec)
     save_gsv(tmp_path / "again.npz", scorer)
     again, meta2 = load_gsv(tmp_path / "again.npz")
     assert meta2["format"] == "devrecd-gsv/1" and again.fingerprint == SHIPPED
@@ -231,3 +245,16 @@ def test_torch_served_scorer_serves_its_channel_models_too(amr_scorer, ccnu_dir:
         acc.add(feats[i:i + 2])
     np.testing.assert_allclose(acc.result_for("amrnb")[0], want, rtol=0, atol=1e-12)
     np.testing.assert_allclose(acc.result()[0], gsv.recording_vector(feats), rtol=0, atol=1e-12)
+
+
+def test_train_gsv_warns_of_channel_models_not_validated_on_held_out_phones(capsys) -> None:
+    """The shipped scorer's AMR-NB model (clean + amrnb copies) was measured on held-out phones; any
+    other channel model is trained with a warning that says so."""
+    from devrecd.cli.openset import VALIDATED_CHANNEL_MODELS, _channel_models_option
+
+    assert VALIDATED_CHANNEL_MODELS == {n: tuple(m.trained_on) for n, m in load_gsv(default_gsv_path())[0].channel_models.items()}
+    assert _channel_models_option("amrnb=clean+amrnb", True) == {"amrnb": ("clean", "amrnb")}
+    assert capsys.readouterr().err == ""
+    assert _channel_models_option("tel=clean+tel,amrnb=clean+amrnb", True)["tel"] == ("clean", "tel")
+    err = capsys.readouterr().err
+    assert "tel=clean+tel not validated on held-out phones" in err and "amrnb=clean+amrnb, which the shipped" in err

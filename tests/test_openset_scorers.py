@@ -334,10 +334,10 @@ def test_shipped_gsv_calls_of_never_enrolled_phones_are_not_named_and_decisions_
         ccnu_dir: Path, tmp_path: Path) -> None:
     """Calls (AMR-NB files) judged with the shipped scorer against WAV references of 10 enrolled
     phones: the references are matched to the call and the scorer's AMR-NB development calibration
-    decides (Bayes, 10 candidates: LR >= 19). A call of a phone that is not enrolled is not named (every
-    one was, 0/60 rejected, when a WAV calibration decided calls); the enrolled phones' calls rank
-    their phone first; and every verdict agrees with its LR. (Named: none or few of the enrolled
-    calls, since AMR-NB development trials support LRs up to about 17: docs/openset-model.md.)"""
+    decides (Bayes, 10 candidates: LR >= 19), vectorised with the scorer's AMR-NB channel model. A
+    call of a phone that is not enrolled is not named (every one was, 0/60 rejected, when a WAV
+    calibration decided calls); the enrolled phones' calls rank their phone first and are named or
+    not but never as another phone; and every verdict agrees with its LR."""
     from devrecd.audio.channel import get_channel
     from devrecd.audio.transmit import encode_file
     from devrecd.openset.registry import open_registry
@@ -362,13 +362,13 @@ def test_shipped_gsv_calls_of_never_enrolled_phones_are_not_named_and_decisions_
     records = {Path(r["path"]).stem: r for r in identify_files(cfg, list(calls.values()))}
     for p, r in records.items():
         assert r["open_set"]["condition"] == "amrnb" and r["comparison"]["references"] == "matched"
+        assert r["open_set"]["channel_model"]["channel"] == "amrnb"
         assert r["condition_status"] == "validated" and r["log10_lr"] is not None
         named = r["device"] not in ("unknown device", "inconclusive")
         assert named == (r["open_set"]["decidable"] and r["log10_lr"] >= r["open_set"]["log10_threshold"])
     assert all(records[p]["device"] not in enrolled for p in strangers), {p: records[p]["log10_lr"] for p in strangers}
     assert sum(records[p]["candidate"] == p for p in enrolled[:3]) >= 2
-    # Never another phone: named, rejected, or (10 candidates need LR >= 19, beyond what AMR-NB development
-    # trials support: docs/openset-model.md) inconclusive.
+    # Never another phone: named, rejected, or inconclusive.
     assert all(records[p]["device"] in (p, "unknown device", "inconclusive") for p in enrolled[:3])
 
 
