@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 
 _CHILD = r"""
-import glob, json, sys, time
+import json, sys, time
 from devrecd.audio.decode import read_evidence
 from devrecd.audio.condition import measure_condition
 files, repeats = json.loads(sys.argv[1]), int(sys.argv[2])
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     same = sum(a == b for a, b in zip(runs["baseline"][0]["conditions"], runs["new"][0]["conditions"]))
     print(f"condition measurement, {len(files)} recordings x {args.repeats} passes, {args.rounds} rounds (median)")
     print(f"  baseline {args.baseline}: {base:.2f} ms CPU per recording")
-    print(f"  new      {args.new}: {new:.2f} ms CPU per recording  ({base / new:.2f}x the baseline)")
+    print(f"  new      {args.new}: {new:.2f} ms CPU per recording  ({base / max(new, 1e-9):.2f}x the baseline)")
     print(f"  conditions identical (every field): {same} of {len(files)}")
     return 0 if same == len(files) else 1
 

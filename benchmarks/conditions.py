@@ -131,11 +131,12 @@ def shipped_channel_models() -> str:
     them ("" when it carries none)."""
     try:
         from devrecd.openset.scorers import default_gsv_path, load_gsv
-    except ImportError:
+
+        scorer, _ = load_gsv(default_gsv_path())
+    except Exception:  # noqa: BLE001  an older checkout (other API, no such file): no channel models to drive
         return ""
-    scorer, _ = load_gsv(default_gsv_path())
     models = getattr(scorer, "channel_models", None) or {}
-    return ",".join(f"{name}={'+'.join(m.trained_on)}" for name, m in models.items())
+    return ",".join(f"{name}={'+'.join(getattr(m, 'trained_on', ()) or (name,))}" for name, m in models.items())
 
 
 CHANNEL_MODELS_ENV = "DEVRECD_BENCH_CHANNEL_MODELS"

@@ -93,13 +93,17 @@ def test_matching_restores_identification_through_amr_nb(ccnu_dir, tmp_path):
 def test_a_telephone_band_wav_is_compared_with_references_stored_as_it_is(ccnu_dir, tmp_path):
     """A telephone-band recording saved as a 16-bit WAV at 32 kHz (its quantiser's noise fills the
     bands above 3.4 kHz): references through ``tel`` stored the same way read as noisy as it (0.3-0.4
-    dB above them, no noise matching); through ``tel`` at 8 kHz they read 14 dB cleaner, and every
-    reference would be brought to a noise that is only the file's storage (what named a phone for
-    every never-enrolled telephone-band recording in benchmarks/conditions.py)."""
+    dB above them, no noise matching); through ``tel`` at 8 kHz they read 14 dB cleaner over all the
+    noise bands, and every reference was brought to a noise that is only the file's storage (what
+    named a phone for every never-enrolled telephone-band recording in benchmarks/conditions.py).
+    The excess a verdict decides on is taken over the pass band only, so a storage the references
+    do not share (a dither, a rate :func:`stored_as` does not know) cannot do that either."""
     import soundfile as sf
 
     from devrecd.audio import read_evidence
     from devrecd.audio.transmit import apply_channel
+    from devrecd.audio.noise import needs_matching
+    from devrecd.audio.condition import noise_profile
     from devrecd.openset.matching import resolve_noise
 
     cfg = load_config()
@@ -116,8 +120,11 @@ def test_a_telephone_band_wav_is_compared_with_references_stored_as_it_is(ccnu_d
         assert (channel.name, channel.stored_rate, under, refs) == ("tel", rate, "tel", "matched")
         noise, fields = resolve_noise(cond, matcher, profiles, channel, enabled=True)
         assert noise is None and fields["noise_excess_db"] < 2.0, (phone, fields)
-        noise, fields = resolve_noise(cond, matcher, profiles, tel, enabled=True)
-        assert noise is not None and fields["noise_excess_db"] > 8.0, (phone, fields)
+        assert fields["noise_excess_band_hz"] == [300, 3400]
+        plain = [matcher.reference_noise(s, tel) for s in profiles[0]]
+        assert needs_matching(noise_profile(cond, rate), plain)[1] > 8.0  # over every band: the storage's noise
+        noise, fields = resolve_noise(cond, matcher, profiles, tel, enabled=True)  # over the pass band: not
+        assert noise is None and fields["noise_excess_db"] < 3.0, (phone, fields)
     # Copies stored at 32 kHz and at 8 kHz are different copies: cached apart.
     assert {p.name for p in (store.root / "conditions").iterdir()} == {"tel", f"tel@{rate}"}
 
@@ -225,3 +232,42 @@ def test_closed_set_verdict_says_when_the_condition_is_outside_validation():
     assert wav["device"] == "IPHONEX" and "candidate" not in wav
     with pytest.raises(ConfigError, match="backend.validated_conditions: unknown condition"):
         load_config(None).with_overrides({"backend.validated_conditions": ["gsm"]})
+
+
+def test_one_judge_keeps_references_stored_at_each_rate_apart(ccnu_dir, tmp_path):
+    """The same telephone-band call as a 32 kHz and as an 8 kHz WAV, judged in turn by one judge
+    (and its matched-registry and kept-vector caches), gets the verdicts two fresh judges give: the
+    references stored at 32 kHz for the one (``references_stored_as``), at the channel's 8 kHz for
+    the other."""
+    import soundfile as sf
+    import soxr
+
+    from devrecd.audio.transmit import apply_channel
+    from devrecd.openset.registry import open_registry
+    from devrecd.openset.scorers import default_gsv_path, load_gsv
+    from devrecd.openset.workflow import RegistryJudge, enrol_files, recording_features
+
+    phones = PHONES[:3]
+    cfg = load_config(overrides={"registry.path": str(tmp_path / "registry.json")})
+    reg = open_registry(cfg.registry.path, create=True)
+    scorer = load_gsv(default_gsv_path())[0]
+    for p in phones:
+        enrol_files(reg, scorer, p, [ccnu_dir / f"{p}_1.wav", ccnu_dir / f"{p}_2.wav"], cfg)
+    reg.save()
+    x, rate = sf.read(ccnu_dir / f"{phones[0]}_4.wav", dtype="float32")
+    y = apply_channel(get_channel("tel"), x, rate)
+    calls = {32000: tmp_path / "call32k.wav", 8000: tmp_path / "call8k.wav"}
+    sf.write(calls[32000], y, rate, subtype="PCM_16")
+    sf.write(calls[8000], soxr.resample(y, rate, 8000, quality="VHQ"), 8000, subtype="PCM_16")
+
+    def verdict(judge, path):
+        rec, feats = recording_features(scorer, path, cfg)
+        v = judge.judge(feats, rec.describe())
+        return v["comparison"].get("references_stored_as"), v["device"], [(t["device"], t["score"]) for t in v["top_k"]]
+
+    shared = RegistryJudge(cfg)
+    for stored in (32000, 8000, 32000):
+        got = verdict(shared, calls[stored])
+        assert got == verdict(RegistryJudge(cfg), calls[stored])
+        assert got[0] == ("16-bit PCM at 32000 Hz" if stored == 32000 else None)
+    assert verdict(shared, calls[32000])[2] != verdict(shared, calls[8000])[2]

@@ -245,7 +245,7 @@ def test_beside_a_model_the_registry_and_the_batcher_take_a_files_features_chunk
     # never the whole file in one unit: chunks of the frontend's calls (16 clips and the rest of a block)
     assert len(units) >= 3 and max(units) < 2 * _CLIPS_PER_EXTRACT, units
     assert added == units, added
-    assert judged_with == ["SupervectorAccumulator"]
+    assert judged_with == ["ChannelAccumulators"]  # the shipped scorer's: it feeds the main and the AMR-NB model
     # the same verdicts as the features held whole (open set) and as the model alone (closed set)
     monkeypatch.setattr(RegistryJudge, "judge", real_judge)
     whole_judge = RegistryJudge(cfg)

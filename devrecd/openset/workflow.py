@@ -242,7 +242,7 @@ class RegistryJudge:
         # References brought to a noise: their vectors kept on disk (worker processes and restarts share
         # them), one cache per model that vectorises references (the main one, a channel model), by fingerprint.
         self._vectors: dict[str, Any] = {}
-        # (channel name, noise key) -> the registry with references under it; noise keys are as many
+        # (channel key, noise key, model) -> the registry with references under it; noise keys are as many
         # as questioned conditions, so only the MATCHED_REGISTRIES most recent are kept.
         # Keyed by the model too: a channel model's vectors are not the main model's.
         self._matched: OrderedDict[tuple[str, str, str], tuple[Registry, list[float]]] = OrderedDict()
