@@ -241,18 +241,3 @@ def test_matched_references_are_cached_per_noise_key_and_bounded(ccnu_dir, tmp_p
     assert recomputed is not first and np.array_equal(recomputed[0], first[0])  # and comes back the same (seeded)
     # the reference's own noise profile is measured once and kept on disk
     assert list((store.root / "conditions" / "clean").glob(f"{sha}.noise-*.json"))
-
-
-def test_noise_excess_over_a_pass_band_leaves_the_other_bands_out():
-    """``within_hz``: only the bands whose centre lies in the pass band count (a band limit's
-    comparison: beyond it a file holds only its storage's noise)."""
-    from devrecd.audio.noise import N_BANDS, NoiseProfile, bands_within, needs_matching, noise_excess_db
-
-    inside = bands_within(32000, 300.0, 3400.0)
-    assert inside.sum() in range(10, 18) and not inside[0] and not inside[-1]
-    flat = NoiseProfile(rate=32000, speech_dbfs=-30.0, noise_dbfs=-70.0, bands_db=(-40.0,) * N_BANDS)
-    above = tuple(-40.0 if keep else -20.0 for keep in inside)  # 20 dB noisier outside the pass band only
-    target = NoiseProfile(rate=32000, speech_dbfs=-30.0, noise_dbfs=-60.0, bands_db=above)
-    assert noise_excess_db(target, flat) == pytest.approx(20.0 * (N_BANDS - inside.sum()) / N_BANDS)
-    assert noise_excess_db(target, flat, (300.0, 3400.0)) == 0.0
-    assert needs_matching(target, [flat])[0] and not needs_matching(target, [flat], within_hz=(300.0, 3400.0))[0]

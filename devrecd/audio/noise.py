@@ -164,44 +164,27 @@ def measure_noise(samples: np.ndarray, rate: int) -> NoiseProfile:
     return NoiseProfile(rate=rate, speech_dbfs=_db(speech), noise_dbfs=_db(noise), bands_db=bands)
 
 
-def bands_within(rate: int, low_hz: float, high_hz: float) -> np.ndarray:
-    """Which of the ``N_BANDS`` noise bands (at ``rate``) have their centre in ``low_hz``..``high_hz``."""
-    nfft = frame_length(rate)
-    hz = band_edges(rate, nfft) * (rate / nfft)
-    centres = 0.5 * (hz[:-1] + hz[1:])
-    return (centres >= low_hz) & (centres <= high_hz)
-
-
-def noise_excess_db(target: NoiseProfile, reference: NoiseProfile,
-                    within_hz: tuple[float, float] | None = None) -> float:
+def noise_excess_db(target: NoiseProfile, reference: NoiseProfile) -> float:
     """How much noisier ``target`` is than ``reference``: the mean over the bands of the amount (dB)
     by which its relative noise spectrum lies above the reference's (0 where it lies below).
     A spectral measure on purpose: quantisation noise filling a phone's empty high bands raises
-    the broadband SNR little but changes half the spectrum the scorer sees. ``within_hz``: only the
-    bands inside a channel's pass band (a band limit: what lies outside it is the file's storage, a
-    quantiser's or a dither's noise, not the recording's)."""
+    the broadband SNR little but changes half the spectrum the scorer sees."""
     _same_rate(target, reference)
     t, r = np.asarray(target.bands_db), np.asarray(reference.bands_db)
-    over = np.maximum(t - r, 0.0)
-    if within_hz is not None:
-        keep = bands_within(target.rate, *within_hz)
-        over = over[keep] if keep.any() else over
-    return float(over.mean())
+    return float(np.maximum(t - r, 0.0).mean())
 
 
 def needs_matching(target: NoiseProfile, references: Sequence[NoiseProfile],
-                   margin_db: float = MATCH_MARGIN_DB, within_hz: tuple[float, float] | None = None
-                   ) -> tuple[bool, float]:
+                   margin_db: float = MATCH_MARGIN_DB) -> tuple[bool, float]:
     """Whether references are brought to ``target``'s noise, and the median over ``references`` of
-    :func:`noise_excess_db` (over the bands ``within_hz``, when given): matched when that median is
-    above ``margin_db`` (the questioned recording is noisier than the references typically are).
-    The one rule for verdicts (:func:`devrecd.openset.matching.resolve_noise`) and the
-    noise-matched development calibrations."""
+    :func:`noise_excess_db`: matched when that median is above ``margin_db`` (the questioned
+    recording is noisier than the references typically are). The one rule for verdicts
+    (:func:`devrecd.openset.matching.resolve_noise`) and the noise-matched development calibrations."""
     import statistics
 
     if not references:
         return False, 0.0
-    excess = float(statistics.median(noise_excess_db(target, r, within_hz) for r in references))
+    excess = float(statistics.median(noise_excess_db(target, r) for r in references))
     return excess > margin_db, excess
 
 
@@ -328,5 +311,5 @@ def add_noise(samples: np.ndarray, rate: int, snr_db: float, *, kind: str = "whi
     return out.astype(x.dtype if np.issubdtype(x.dtype, np.floating) else np.float32)
 
 
-__all__ = ["NoiseProfile", "measure_noise", "match_noise", "add_noise", "noise_excess_db", "needs_matching", "bands_within", "MATCH_MARGIN_DB", "noise_key", "quantised",
+__all__ = ["NoiseProfile", "measure_noise", "match_noise", "add_noise", "noise_excess_db", "needs_matching", "MATCH_MARGIN_DB", "noise_key", "quantised",
            "band_edges", "frame_length", "N_BANDS"]

@@ -391,8 +391,7 @@ def resolve_noise(condition: dict[str, Any] | None, matcher: ConditionMatcher, p
 
     The target is the questioned recording's measured noise (its condition's ``noise_bands_db``),
     compared with each reference's own after ``channel`` (:func:`~devrecd.audio.noise.noise_excess_db`,
-    dB above it, mean over the bands; for a band limit, the bands of its pass band: outside it a
-    file holds only its storage's noise, ``noise_excess_band_hz``). When the MEDIAN over the references of that excess is above
+    dB above it, mean over the bands). When the MEDIAN over the references of that excess is above
     ``margin_db`` (the questioned recording is noisier than the references typically are), every
     reference is brought to it (``match_noise``: nothing is added where a reference is as noisy).
     The median, not the cleanest reference: phones' own noise floors differ by 10 dB and more (a
@@ -403,8 +402,7 @@ def resolve_noise(condition: dict[str, Any] | None, matcher: ConditionMatcher, p
     kept or not matched to the channel): nothing is matched and ``note`` says why.
 
     Fields: ``noise_matched``, ``questioned_snr_db``, ``references_snr_db`` ([lowest, highest] of
-    the references as they are, after the channel), ``noise_excess_db`` (``noise_excess_band_hz``
-    for a band limit) and, when matched,
+    the references as they are, after the channel), ``noise_excess_db`` and, when matched,
     ``matched_references_snr_db`` (filled in by the caller from :meth:`ConditionMatcher.noise_matched`).
     """
     try:
@@ -426,13 +424,9 @@ def resolve_noise(condition: dict[str, Any] | None, matcher: ConditionMatcher, p
     refs = [matcher.reference_noise(s, channel) for shas in profiles for s in shas]
     if not refs:
         return None, fields
-    # A band limit: the excess over the bands of its pass band only (beyond it lies the file's storage noise).
-    within = (channel.low_hz, channel.high_hz) if channel is not None and not channel.encoder else None
-    matched, excess = needs_matching(target, refs, margin_db, within)
+    matched, excess = needs_matching(target, refs, margin_db)
     fields["references_snr_db"] = [round(min(r.snr_db for r in refs), 1), round(max(r.snr_db for r in refs), 1)]
     fields["noise_excess_db"] = round(excess, 1)
-    if within is not None:
-        fields["noise_excess_band_hz"] = [round(within[0]), round(within[1])]
     if not matched:
         return None, fields
     fields["noise_matched"] = True
