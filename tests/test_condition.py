@@ -89,6 +89,60 @@ def test_a_band_limited_file_gives_the_channel_as_it_stores_it(speech, tmp_path)
     assert stored_as(amr, "PCM_16", RATE) is amr and stored_as(CHANNELS["tel"], "PCM_24", RATE) is CHANNELS["tel"]
 
 
+def test_quiet_16_bit_pcm_is_stored_at_its_level(speech, tmp_path):
+    """A 16-bit file whose speech lies under QUIET_PCM16_DBFS: a broadband one is the storage
+    channel (compared under ``clean``), a band limit carries the level too; louder, a float file
+    or a codec: as before. The level is on the STORED_LEVEL_STEP_DB grid and in the cache key."""
+    from devrecd.audio.channel import QUIET_PCM16_DBFS, STORED_LEVEL_STEP_DB, stored_as
+
+    quiet = np.round(speech * 10 ** (-30 / 20) * 32768) / 32768
+    for x, subtype, level in ((speech, "PCM_16", None), (quiet, "PCM_16", "quiet"), (quiet, "FLOAT", None)):
+        path = tmp_path / f"{subtype}-{level}.wav"
+        sf.write(path, x, RATE, subtype=subtype)
+        cond = read_evidence(path, RATE).condition
+        ch = condition_channel(cond)
+        if level is None:
+            assert ch is None, (subtype, cond.speech_dbfs)
+            continue
+        assert cond.speech_dbfs < QUIET_PCM16_DBFS
+        assert (ch.name, ch.is_storage, ch.rate, ch.stored_rate) == ("clean", True, RATE, RATE)
+        assert ch.stored_level_dbfs % STORED_LEVEL_STEP_DB == 0 and abs(ch.stored_level_dbfs - cond.speech_dbfs) <= 1.0
+        assert ch.key == f"clean@{RATE}@{ch.stored_level_dbfs:g}dBFS" and "speech brought to" in ch.storage
+        # the same file at 48 kHz is another storage: its copies are another key
+        import soxr
+
+        path48 = tmp_path / f"{subtype}-{level}-48k.wav"
+        sf.write(path48, np.round(soxr.resample(x, RATE, 48000) * 32768) / 32768, 48000, subtype=subtype)
+        ch48 = condition_channel(read_evidence(path48, RATE).condition)
+        assert ch48.stored_rate == 48000 and ch48.key != ch.key and "48000 Hz" in ch48.storage
+    tel = stored_as(CHANNELS["tel"], "PCM_16", RATE, -60.3)
+    assert (tel.stored_rate, tel.stored_level_dbfs, tel.key) == (RATE, -60.0, f"tel@{RATE}@-60dBFS")
+    assert stored_as(CHANNELS["amrnb"], "PCM_16", RATE, -60.0) is CHANNELS["amrnb"]
+    assert stored_as(None, "PCM_16", RATE, QUIET_PCM16_DBFS + 1) is None and stored_as(None, "PCM_16", RATE, None) is None
+    # digital silence is not a level to store at
+    assert condition_channel({"channel": "", "codec": "PCM_16", "native_rate": RATE, "speech_dbfs": -140.0}) is None
+
+
+def test_the_storage_channel_brings_a_copy_to_the_level_and_the_16_bit_grid(ccnu_dir):
+    """Through the storage channel a recording comes back at the stored speech level (its condition's
+    measure), on the 16-bit grid, with the quantiser's floor in the bands it had left empty (ZTE
+    C880A: nothing above ~14 kHz)."""
+    from dataclasses import replace
+
+    from devrecd.audio.channel import PCM16_STORAGE
+    from devrecd.audio.noise import measure_noise
+
+    speech = sf.read(ccnu_dir / "ZTE C880A_1.wav", dtype="float32")[0][: 5 * RATE]
+    ch = replace(PCM16_STORAGE, rate=RATE, stored_level_dbfs=-64.0)
+    y = apply_channel(ch, speech, RATE)
+    assert len(y) == len(speech) and abs(measure_noise(y, RATE).speech_dbfs - (-64.0)) < 0.2  # + the quantiser's power
+    grid = y.astype(np.float64) * 32768
+    assert np.array_equal(grid, np.round(grid))
+    quantiser = 10.0 * np.log10((1 / 32768) ** 2 / 12 * (15800 - 15000) / (RATE / 2))
+    assert _band_power_db(speech * 10 ** ((-64.0 - measure_noise(speech, RATE).speech_dbfs) / 20), 15000, 15800) < quantiser - 10
+    assert quantiser - 6 < _band_power_db(y, 15000, 15800) < quantiser + 1  # less where speech rounds to silence
+
+
 def test_a_band_limit_stored_at_a_higher_rate_has_its_quantiser_noise_above_the_band(speech):
     """Through ``tel`` stored at 32 kHz, the bands above 4 kHz hold 16-bit quantiser noise (white
     at -101 dBFS over the whole band, -103 dB in 5-15 kHz, where the signal is above the LSB; less

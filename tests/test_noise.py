@@ -241,3 +241,29 @@ def test_matched_references_are_cached_per_noise_key_and_bounded(ccnu_dir, tmp_p
     assert recomputed is not first and np.array_equal(recomputed[0], first[0])  # and comes back the same (seeded)
     # the reference's own noise profile is measured once and kept on disk
     assert list((store.root / "conditions" / "clean").glob(f"{sha}.noise-*.json"))
+
+
+def test_references_measured_as_a_short_recording(ccnu_dir, monkeypatch):
+    """excerpt_seconds: the length on a 0.5 s grid, at least 1 s, None from EXCERPT_BELOW_SECONDS on.
+    measure_noise_as: whole when not short or not longer than one excerpt; otherwise the median over
+    excerpts (each measured on its own), at most MAX_EXCERPTS of them."""
+    from devrecd.audio import noise as N
+
+    assert [N.excerpt_seconds(d) for d in (None, 0.3, 1.9, 2.74, 4.99, 5.0, 30.0)] == [None, 1.0, 2.0, 2.5, 5.0, None, None]
+    x = _read(ccnu_dir, "Apple_air1", 1)
+    assert N.measure_noise_as(x, RATE, None) == measure_noise(x, RATE)
+    assert N.measure_noise_as(x[: 3 * RATE], RATE, 3.0) == measure_noise(x[: 3 * RATE], RATE)  # one excerpt: whole
+    y = x[: 5 * RATE]  # under two excerpts: the first and the last 3 s (overlapping)
+    ends = [measure_noise(y[: 3 * RATE], RATE), measure_noise(y[-3 * RATE:], RATE)]
+    assert np.allclose(N.measure_noise_as(y, RATE, 3.0).bands_db, np.median([p.bands_db for p in ends], axis=0))
+    n = 3 * RATE
+    parts = [measure_noise(x[s:s + n], RATE) for s in range(0, (len(x) // n) * n, n)]
+    got = N.measure_noise_as(x, RATE, 3.0)
+    assert got.speech_dbfs == pytest.approx(float(np.median([p.speech_dbfs for p in parts])))
+    assert np.allclose(got.bands_db, np.median([p.bands_db for p in parts], axis=0))
+    long = np.tile(x, 8)  # 80 s: 26 excerpts of 3 s, MAX_EXCERPTS measured
+    calls = []
+    real = N.measure_noise
+    monkeypatch.setattr(N, "measure_noise", lambda y, rate: calls.append(len(y)) or real(y, rate))
+    N.measure_noise_as(long, RATE, 3.0)
+    assert len(calls) == N.MAX_EXCERPTS and set(calls) == {n}

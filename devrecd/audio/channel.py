@@ -6,6 +6,7 @@ recording) and the transmission code all read it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from devrecd.errors import DevrecdError
@@ -45,21 +46,44 @@ class Channel:
     # compared with it the recording reads 10-18 dB noisier than its references (mean over the noise
     # bands) and scores against none of them as it should. :func:`stored_as` gives the channel of a file.
     stored_rate: int = 0
+    # A quiet file stored as 16-bit PCM (any channel without a codec, and a broadband recording: the
+    # storage channel :data:`PCM16_STORAGE`): its speech level in dBFS, on a grid of
+    # :data:`STORED_LEVEL_STEP_DB`. The quantiser's floor (~-101 dBFS) sits that much nearer to the
+    # speech and fills the bands where the phone left little (a 30 dB quieter copy of a CCNU
+    # recording reads 7 dB more noise in its top bands). A copy is brought to this speech level
+    # before it is stored, so it carries the same floor. None: stored at its own level.
+    stored_level_dbfs: float | None = None
+
+    @property
+    def is_storage(self) -> bool:
+        """A storage alone (no codec, no band limit): the recording as recorded, only stored anew."""
+        return not self.encoder and not self.high_hz
 
     @property
     def key(self) -> str:
         """What copies of a recording through this channel are cached under: the name (what
-        calibrations and channel models are keyed by) and the storage rate where it is set."""
-        return f"{self.name}@{self.stored_rate}" if self.stored_rate else self.name
+        calibrations and channel models are keyed by), the storage rate and level where set."""
+        key = f"{self.name}@{self.stored_rate}" if self.stored_rate else self.name
+        return key if self.stored_level_dbfs is None else f"{key}@{self.stored_level_dbfs:g}dBFS"
+
+    @property
+    def storage(self) -> str:
+        """How copies through this channel are stored to match the questioned file ("" when as the channel leaves them)."""
+        if not self.stored_rate and self.stored_level_dbfs is None:
+            return ""
+        level = "" if self.stored_level_dbfs is None else f", speech brought to {self.stored_level_dbfs:g} dBFS"
+        return f"16-bit PCM at {self.stored_rate or self.rate} Hz{level}"
 
     def to_json(self) -> dict:
         out = {"name": self.name, "description": self.description, "rate": self.rate}
         if self.encoder:
             out.update(codec=self.codec, encoder=self.encoder, bitrate=self.bitrate)
-        else:
+        elif not self.is_storage:
             out.update(low_hz=self.low_hz, high_hz=self.high_hz)
-            if self.stored_rate:
-                out["stored_rate"] = self.stored_rate
+        if not self.encoder and self.stored_rate:
+            out["stored_rate"] = self.stored_rate
+        if self.stored_level_dbfs is not None:
+            out["stored_level_dbfs"] = self.stored_level_dbfs
         return out
 
 
@@ -83,16 +107,39 @@ CHANNELS: dict[str, Channel] = {c.name: c for c in (
 
 
 PCM16_CODECS = frozenset({"PCM_16", "pcm_s16le", "pcm_s16be"})  # what the two decoders call 16-bit PCM
+CLEAN = "clean"  # the comparison condition of a broadband recording (no channel)
+# A broadband recording stored anew as 16-bit PCM (a quiet file: :func:`stored_as`); compared under
+# ``clean`` with references stored the same way.
+PCM16_STORAGE = Channel(CLEAN, "as recorded, stored as 16-bit PCM", 0)  # rate: the file's (stored_as)
+# 16-bit PCM speech quieter than this (dBFS) is compared with references stored at its level: the
+# quantiser's floor (-101 dBFS) is then within 60 dB of the speech, where the quietest bands of half
+# the CCNU references lie (their median quietest band is 53.5 dB below speech; 6 dB of margin). Louder,
+# it lies 10 dB and more under every band of most phones and a re-stored copy scores as the original.
+QUIET_PCM16_DBFS = -40.0  # (the floor 61 dB under the speech: 7.5 dB under that median band)
+STORED_LEVEL_STEP_DB = 2.0  # the level a copy is stored at, on this grid (the floor then differs by <= 1 dB)
 
 
-def stored_as(channel: Channel, codec: str, native_rate: int) -> Channel:
-    """``channel`` as a file of ``codec`` at ``native_rate`` holds it: a band limit stored as 16-bit
-    PCM at a rate other than the channel's carries that storage (:attr:`Channel.stored_rate`); a
-    codec, or any other storage, is the channel itself (a codec's decoder, not a quantiser, sets
-    what lies above its band; 24-bit and float PCM add no noise the scorer sees)."""
-    if channel.encoder or codec not in PCM16_CODECS or int(native_rate) <= 0 or int(native_rate) == channel.rate:
+def stored_as(channel: Channel | None, codec: str, native_rate: int, speech_dbfs: float | None = None) -> Channel | None:
+    """``channel`` (None: broadband, as recorded) as a file of ``codec`` at ``native_rate``, whose
+    speech lies at ``speech_dbfs``, holds it. Stored as 16-bit PCM: a band limit at a rate other
+    than the channel's carries that storage (:attr:`Channel.stored_rate`), and speech quieter than
+    :data:`QUIET_PCM16_DBFS` its level (:attr:`Channel.stored_level_dbfs`; a broadband recording is
+    then :data:`PCM16_STORAGE` at its rate). A codec, or any other storage, is the channel itself
+    (a codec's decoder, not a quantiser, sets what lies above its band; 24-bit and float PCM add no
+    noise the scorer sees)."""
+    rate = int(native_rate)
+    if (channel is not None and channel.encoder) or codec not in PCM16_CODECS or rate <= 0:
         return channel
-    return replace(channel, stored_rate=int(native_rate))
+    quiet = speech_dbfs is not None and math.isfinite(speech_dbfs) and speech_dbfs < QUIET_PCM16_DBFS
+    if channel is None:
+        if not quiet:
+            return None
+        channel = replace(PCM16_STORAGE, rate=rate, stored_rate=rate)  # the rate in its key: copies per rate
+    if rate != channel.rate:
+        channel = replace(channel, stored_rate=rate)
+    if quiet:
+        channel = replace(channel, stored_level_dbfs=STORED_LEVEL_STEP_DB * round(float(speech_dbfs) / STORED_LEVEL_STEP_DB))
+    return channel
 
 
 def get_channel(name: str) -> Channel:

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from devrecd.audio.channel import CHANNELS, Channel, band_limit, stored_as
-from devrecd.audio.noise import NoiseProfile, measure_noise
+from devrecd.audio.noise import SILENCE_DBFS, NoiseProfile, measure_noise
 
 ANALYSIS_SECONDS = 120.0  # at most this much audio (spread over the recording) enters the spectrum
 _BLOCK_SECONDS = 2.0
@@ -210,6 +210,9 @@ class Condition:
     noise_dbfs: float
     snr_db: float
     noise_bands_db: tuple[float, ...]
+    # Seconds of audio the band and the noise were measured on (a long file's excerpt, a live window):
+    # a short one is held against references measured in excerpts of this length (noise matching).
+    measured_seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -251,7 +254,7 @@ def measure_condition(rec: Decoded) -> Condition:
                      band_low_hz=band.low_hz, band_high_hz=band.high_hz, band_high_drop_db=band.high_drop_db,
                      band_low_drop_db=band.low_drop_db, band_limited=band_limited, channel=channel.name if channel else "",
                      speech_dbfs=noise["speech_dbfs"], noise_dbfs=noise["noise_dbfs"], snr_db=noise["snr_db"],
-                     noise_bands_db=tuple(noise["noise_bands_db"]))
+                     noise_bands_db=tuple(noise["noise_bands_db"]), measured_seconds=round(len(measured) / rec.sample_rate, 3))
 
 
 def noise_profile(condition: Condition | dict[str, Any] | None, rate: int) -> NoiseProfile | None:
@@ -284,11 +287,10 @@ def _channel_for(codec: str, bitrate: int, lossless: bool, band: Band) -> Channe
 def condition_channel(cond: Condition | dict[str, Any]) -> Channel | None:
     """The channel a recording of this condition was passed through (None: compare as is), as its
     file stores it (:func:`devrecd.audio.channel.stored_as`: a band limit saved as 16-bit PCM at the
-    file's own rate)."""
+    file's own rate; quiet 16-bit PCM at its speech level, a broadband one as the storage channel)."""
     fields = cond.to_json() if isinstance(cond, Condition) else cond
     name = str(fields.get("channel") or "")
-    if not name:
-        return None
+    channel: Channel | None = None
     if name in CHANNELS:
         channel = CHANNELS[name]
     elif name.startswith("band"):
@@ -297,6 +299,16 @@ def condition_channel(cond: Condition | dict[str, Any]) -> Channel | None:
         except ValueError:
             raise ValueError(f"unknown channel {name!r} in a recording's condition") from None
         channel = band_limit(low, high)
-    else:
+    elif name:
         raise ValueError(f"unknown channel {name!r} in a recording's condition")
-    return stored_as(channel, str(fields.get("codec") or ""), int(fields.get("native_rate") or 0))
+    return stored_as(channel, str(fields.get("codec") or ""), int(fields.get("native_rate") or 0),
+                     _speech_level(fields.get("speech_dbfs")))
+
+
+def _speech_level(v: Any) -> float | None:
+    """A condition's speech level in dBFS, or None (not measured, or digital silence: nothing to store at)."""
+    try:
+        level = None if v is None else float(v)
+    except (TypeError, ValueError):
+        return None
+    return level if level is not None and math.isfinite(level) and level > SILENCE_DBFS else None

@@ -23,6 +23,7 @@ import numpy as np
 
 from devrecd.audio.channel import CHANNELS, Channel, ChannelError, ChannelUnavailable
 from devrecd.audio.decoders import decode_bytes  # the project's one decoder, reused for the round trip
+from devrecd.audio.noise import SILENCE_DBFS, measure_noise
 from devrecd.audio.settings import AudioConfig
 
 RESAMPLE_QUALITY = "VHQ"  # soxr: the project's resampler everywhere audio changes rate
@@ -160,24 +161,43 @@ def pcm16(y: np.ndarray) -> np.ndarray:
     return np.round(np.clip(y, -1.0, 1.0) * 32767.0) / 32768.0
 
 
+def at_level(y: np.ndarray, rate: int, speech_dbfs: float) -> np.ndarray:
+    """``y`` scaled so that its speech level (:func:`devrecd.audio.noise.measure_noise`'s, the one a
+    recording's condition reports) is ``speech_dbfs``; silence stays silence."""
+    own = measure_noise(y, rate).speech_dbfs
+    return y * 10.0 ** ((speech_dbfs - own) / 20.0) if own > SILENCE_DBFS else y
+
+
+def _stored(channel: Channel, y: np.ndarray, rate: int) -> tuple[np.ndarray, int]:
+    """``y`` (at ``rate``, after the channel) as the questioned file stores it: 16-bit PCM at
+    :attr:`Channel.stored_rate`, its speech brought to :attr:`Channel.stored_level_dbfs` first."""
+    store_rate = channel.stored_rate or rate
+    if store_rate == rate and channel.stored_level_dbfs is None:
+        return y, rate
+    y = resample(y, rate, store_rate)
+    if channel.stored_level_dbfs is not None:
+        y = at_level(y, store_rate, channel.stored_level_dbfs)
+    return pcm16(y), store_rate
+
+
 def apply_channel(channel: Channel, x: np.ndarray, rate: int) -> np.ndarray:
     """``x`` (mono float, at ``rate``) through ``channel``: float32 at ``rate``, same length."""
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 1 or x.size == 0:
         raise ChannelError(f"a channel takes non-empty mono audio, got shape {x.shape}")
-    if rate <= 0:
-        raise ChannelError(f"sample rate must be > 0, got {rate}")
+    if rate <= 0 or channel.rate <= 0:
+        raise ChannelError(f"sample rates must be > 0, got {rate} (audio) and {channel.rate} ({channel.name})")
     native = resample(x, rate, channel.rate)
     if channel.encoder:
         y, out_rate = codec_round_trip(native, channel.rate, channel.encoder, channel.container, channel.bitrate)
         y = _align(y, native, max_lag=int(0.2 * out_rate))  # codec delays are well under 200 ms
     else:
-        hi = min(channel.high_hz, 0.98 * channel.rate / 2.0)
-        y = butterworth_zero_phase(native, channel.rate, channel.low_hz, hi)  # zero phase: no delay to undo
-        y = pcm16(y)  # 16-bit PCM, as a telephone exchange delivers
-        out_rate = channel.rate
-        if channel.stored_rate and channel.stored_rate != channel.rate:  # then stored as 16-bit PCM at another rate
-            y, out_rate = pcm16(resample(y, channel.rate, channel.stored_rate)), channel.stored_rate
+        y, out_rate = native, channel.rate
+        if not channel.is_storage:
+            hi = min(channel.high_hz, 0.98 * channel.rate / 2.0)
+            y = butterworth_zero_phase(native, channel.rate, channel.low_hz, hi)  # zero phase: no delay to undo
+            y = pcm16(y)  # 16-bit PCM, as a telephone exchange delivers
+        y, out_rate = _stored(channel, y, out_rate)
     back = resample(y, out_rate, rate)
     back = np.pad(back, (0, max(0, len(x) - len(back))))[: len(x)]
     return np.clip(back, -1.0, 1.0).astype(np.float32)

@@ -111,7 +111,7 @@ class Comparer:
         noise when it is noisier than the references (:func:`devrecd.openset.matching.resolve_noise`,
         the registry judge's rule), and the comparison fields that say so."""
         from devrecd.audio.noise import noise_key
-        from devrecd.openset.matching import resolve_noise
+        from devrecd.openset.matching import resolve_noise, storage_channel
         from devrecd.openset.registry import DeviceProfile
 
         condition = recording.get("condition")
@@ -129,18 +129,25 @@ class Comparer:
             if target is not None:
                 fields["questioned_snr_db"] = round(target.snr_db, 1)
             return refs.profile, fields
-        noise, fields = resolve_noise(condition, matcher, [shas], None, enabled=kept and self.match_noise, note=note)
-        if noise is None:
+        # A quiet 16-bit file: the references stored as it is (its storage channel), as the verdict does.
+        storage = storage_channel(condition) if kept and self.match_noise else None
+        noise, fields = resolve_noise(condition, matcher, [shas], storage, enabled=kept and self.match_noise, note=note,
+                                      duration=recording.get("duration"))
+        if noise is None and storage is None:
             return refs.profile, fields
-        key = (str(store.root), tuple(shas), noise_key(noise))
+        key = (str(store.root), tuple(shas), storage.key if storage is not None else "",
+               noise_key(noise) if noise is not None else "")
         if key not in self._noisy:
-            vecs = [self.scorer.recording_vector(matcher.reference_features(s, None, noise)) for s in shas]
+            vecs = [self.scorer.recording_vector(matcher.reference_features(s, storage, noise)) for s in shas]
             self._noisy[key] = (DeviceProfile(name=refs.device, embeddings=np.stack(vecs)).mean,
-                                [matcher.matched_snr(s, None, noise) for s in shas])
+                                [matcher.matched_snr(s, storage, noise) for s in shas] if noise is not None else [])
             while len(self._noisy) > NOISE_PROFILES:
                 self._noisy.popitem(last=False)
         profile, snrs = self._noisy[key]
-        fields["matched_references_snr_db"] = [min(snrs), max(snrs)]
+        if snrs:
+            fields["matched_references_snr_db"] = [min(snrs), max(snrs)]
+        if storage is not None:
+            fields["references_stored_as"] = storage.storage
         return profile, fields
 
     def describe(self) -> dict[str, Any]:

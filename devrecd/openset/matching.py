@@ -31,10 +31,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from devrecd.audio.channel import Channel, ChannelError
+from devrecd.audio.channel import CLEAN, Channel, ChannelError
 from devrecd.audio.transmit import apply_channel
 from devrecd.audio.condition import condition_channel, noise_profile
-from devrecd.audio.noise import MATCH_MARGIN_DB, NoiseProfile, needs_matching
+from devrecd.audio.noise import MATCH_MARGIN_DB, NoiseProfile, excerpt_seconds, needs_matching
 from devrecd.audio.windows import cut_windows
 from devrecd.config import AudioConfig
 from devrecd.errors import ArtifactError
@@ -45,7 +45,6 @@ from devrecd.stages import frontend_for, hop_samples
 
 log = logging.getLogger("devrecd.openset")
 
-CLEAN = "clean"  # the comparison condition of broadband recordings compared as they are
 # score(questioned (n, 128, 73) features, per profile: list of reference (m, 128, 73) features) -> (profiles,) scores
 ScoreFunction = Callable[[np.ndarray, Sequence[Sequence[np.ndarray]]], np.ndarray]
 
@@ -104,16 +103,21 @@ class ReferenceStore:
         return data
 
 
+PROFILES = 4096  # reference noise profiles a matcher keeps in memory (per channel, storage level and excerpt length)
+
+
 class ConditionMatcher:
     """Reference features under a channel (and a questioned recording's noise), for every profile of
     a registry, cached.
 
     Features under a channel alone are cached per (reference sha256, channel, frontend) in memory and
-    on disk; under a noise condition too (:func:`devrecd.audio.noise.match_noise`, after the channel)
+    on disk (not those stored at a questioned recording's level: as many as the levels met; their
+    recording vectors are kept, :func:`matched_profile_embeddings`); under a noise condition too (:func:`devrecd.audio.noise.match_noise`, after the channel)
     per (sha256, channel, quantised noise key) in memory only, the ``noise_cache`` most recent
     (noise conditions are as many as questioned recordings: never unbounded, never on disk; only
     their recording vectors are kept on disk, bounded: :mod:`devrecd.openset.matched_cache`). The
-    references' own noise profiles (after the channel) are cached in memory and on disk.
+    references' own noise profiles (after the channel; whole, or in excerpts of a short questioned
+    recording's length) are cached in memory (the :data:`PROFILES` most recent) and on disk.
     """
 
     def __init__(self, store: ReferenceStore, frontend: FrontendConfig, audio: AudioConfig | None = None, *,
@@ -127,7 +131,7 @@ class ConditionMatcher:
         self._noisy: OrderedDict[tuple[str, str, str], tuple[np.ndarray, float]] = OrderedDict()
         self._noise_cache = max(0, int(noise_cache))
         self._snrs: OrderedDict[tuple[str, str, str], float] = OrderedDict()
-        self._profiles: dict[tuple[str, str], NoiseProfile] = {}
+        self._profiles: OrderedDict[tuple[str, str], NoiseProfile] = OrderedDict()  # the PROFILES most recent
         self._key = hashlib.sha256(f"{frontend.fingerprint()}|{self.hop}".encode()).hexdigest()[:12]
 
     @property
@@ -145,6 +149,10 @@ class ConditionMatcher:
         and, with ``noise``, brought to that noise after it (:meth:`noise_matched`)."""
         if noise is not None:
             return self.noise_matched(sha256, channel, noise)[0]
+        if channel is not None and channel.stored_level_dbfs is not None:
+            # Stored at a questioned recording's level: as many copies as levels met, so not kept
+            # (their recording vectors are: matched_profile_embeddings).
+            return self._features(self._samples(sha256, channel))
         name = channel.key if channel is not None else CLEAN
         key = (sha256, name)
         if key in self._memory:
@@ -204,17 +212,20 @@ class ConditionMatcher:
 
         self._snrs[(sha256, channel.key if channel is not None else CLEAN, noise_key(noise))] = snr_db
 
-    def reference_noise(self, sha256: str, channel: Channel | None) -> NoiseProfile:
-        """The noise profile of one stored reference through ``channel`` (cached in memory and on disk)."""
+    def reference_noise(self, sha256: str, channel: Channel | None, seconds: float | None = None) -> NoiseProfile:
+        """The noise profile of one stored reference through ``channel``, measured whole or, for a
+        questioned recording of ``seconds`` (:func:`~devrecd.audio.noise.excerpt_seconds`), in
+        excerpts of that length (:func:`~devrecd.audio.noise.measure_noise_as`); cached in memory and on disk."""
         import json
 
-        from devrecd.audio.noise import measure_noise
+        from devrecd.audio.noise import measure_noise_as
 
         name = channel.key if channel is not None else CLEAN
-        key = (sha256, name)
+        key = (sha256, name if seconds is None else f"{name}/{seconds:g}s")
         if key in self._profiles:
+            self._profiles.move_to_end(key)
             return self._profiles[key]
-        cached = self.cache_dir / name / f"{sha256}.noise-{self.rate}.json"
+        cached = self.cache_dir / name / f"{sha256}.noise-{self.rate}{'' if seconds is None else f'-{seconds:g}s'}.json"
         prof = None
         if cached.is_file():
             try:
@@ -222,11 +233,13 @@ class ConditionMatcher:
             except (OSError, ValueError, KeyError, TypeError):
                 prof = None  # a torn cache file is measured again
         if prof is None:
-            prof = measure_noise(self._samples(sha256, channel), self.rate)
+            prof = measure_noise_as(self._samples(sha256, channel), self.rate, seconds)
             cached.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(cached, json.dumps({**prof.to_json(), "noise_bands_db": list(prof.bands_db),
                                              "speech_dbfs": prof.speech_dbfs, "noise_dbfs": prof.noise_dbfs}).encode())
         self._profiles[key] = prof
+        while len(self._profiles) > PROFILES:
+            self._profiles.popitem(last=False)
         return prof
 
     def _samples(self, sha256: str, channel: Channel | None) -> np.ndarray:
@@ -255,6 +268,16 @@ def questioned_channel(condition: dict[str, Any] | None) -> Channel | None:
     if not condition:
         return None
     return condition_channel(condition)
+
+
+def storage_channel(condition: dict[str, Any] | None) -> Channel | None:
+    """The storage a broadband questioned recording asks its references to be brought to (a quiet
+    16-bit file: :data:`~devrecd.audio.channel.PCM16_STORAGE` at its level), else None."""
+    try:
+        channel = questioned_channel(condition)
+    except ValueError:
+        return None
+    return channel if channel is not None and channel.is_storage else None
 
 
 def matched_scores(questioned: np.ndarray, profiles: Sequence[Sequence[str]], channel: Channel | None,
@@ -287,16 +310,22 @@ def matched_profile_embeddings(registry: Any, matcher: ConditionMatcher, channel
     from devrecd.audio.noise import noise_key
 
     name, nkey = (channel.key if channel is not None else CLEAN), (noise_key(noise) if noise is not None else "")
+    # Copies whose features are not kept (under a noise, or stored at a questioned level) keep their vectors.
+    keep = vectors is not None and (noise is not None or (channel is not None and channel.stored_level_dbfs is not None))
 
     def vector(sha: str) -> np.ndarray:
-        if noise is None or vectors is None:
+        if not keep:
             return recording_vector(matcher.reference_features(sha, channel, noise))
         kept = vectors.get(sha, name, nkey)
         if kept is not None:
-            matcher.remember_snr(sha, channel, noise, kept[1])
+            if noise is not None:
+                matcher.remember_snr(sha, channel, noise, kept[1])
             return kept[0]
-        feats, snr = matcher.noise_matched(sha, channel, noise)
-        v = recording_vector(feats)
+        if noise is None:
+            v, snr = recording_vector(matcher.reference_features(sha, channel)), float("nan")
+        else:
+            feats, snr = matcher.noise_matched(sha, channel, noise)
+            v = recording_vector(feats)
         vectors.put(sha, name, nkey, v, snr)
         return v
 
@@ -364,27 +393,36 @@ def resolve_comparison(condition: dict[str, Any] | None, store: ReferenceStore |
         return None, "mismatched:unknown", "unmatched", str(exc)
     if channel is None:
         return None, CLEAN, "as_is", ""
+    why = _cannot_match(channel, store, profiles, enabled)
+    if why and channel.is_storage:  # a broadband recording: compared as it is, as before storages were matched
+        return None, CLEAN, "as_is", f"references not stored as the questioned file is: {why}"
+    if why:
+        return None, f"mismatched:{channel.name}", "unmatched", why
+    return channel, channel.name, "matched", ""
+
+
+def _cannot_match(channel: Channel, store: ReferenceStore | None, profiles: Sequence[Sequence[str]],
+                  enabled: bool) -> str:
+    """Why references cannot be brought to ``channel`` here ("" when they can)."""
     if not enabled:
-        return None, f"mismatched:{channel.name}", "unmatched", "condition matching is off (registry.match_conditions)"
+        return "condition matching is off (registry.match_conditions)"
     if store is None:
-        return None, f"mismatched:{channel.name}", "unmatched", "the registry keeps no reference audio"
+        return "the registry keeps no reference audio"
     missing = [s for shas in profiles for s in shas if not store.has(s)]
     if missing:
-        return (None, f"mismatched:{channel.name}", "unmatched",
-                f"{len(missing)} reference(s) not in {store.root}: enrol them again to keep their audio")
+        return f"{len(missing)} reference(s) not in {store.root}: enrol them again to keep their audio"
     from devrecd.audio.transmit import encoder_available
 
     if channel.encoder and not encoder_available(channel.encoder):
-        return (None, f"mismatched:{channel.name}", "unmatched",
-                f"the {channel.encoder} encoder is not in the FFmpeg bundled with PyAV")
-    return channel, channel.name, "matched", ""
+        return f"the {channel.encoder} encoder is not in the FFmpeg bundled with PyAV"
+    return ""
 
 
 NOISE_MARGIN_DB = MATCH_MARGIN_DB  # noise matching when the questioned noise spectrum lies this far above a reference's (mean over bands)
 
 
 def resolve_noise(condition: dict[str, Any] | None, matcher: ConditionMatcher, profiles: Sequence[Sequence[str]],
-                  channel: Channel | None, *, enabled: bool, note: str = "",
+                  channel: Channel | None, *, enabled: bool, note: str = "", duration: float | None = None,
                   margin_db: float = NOISE_MARGIN_DB) -> tuple[NoiseProfile | None, dict[str, Any]]:
     """Decide whether references are brought to the questioned recording's noise: ``(target noise
     profile or None, comparison fields)``.
@@ -399,7 +437,10 @@ def resolve_noise(condition: dict[str, Any] | None, matcher: ConditionMatcher, p
     would count as noisier (30/30; median over the references: 1.1 dB median, 3.7 dB at most).
     3 dB: a doubling of the noise power; white noise at 30 dB SNR is 4.9-7 dB above
     (``benchmarks/noise.py`` prints the clean figures). ``enabled`` False (matching off, references not
-    kept or not matched to the channel): nothing is matched and ``note`` says why.
+    kept or not matched to the channel): nothing is matched and ``note`` says why. A short questioned
+    recording (the seconds its condition was measured on, ``measured_seconds``, else ``duration``) is
+    held against references measured in excerpts of that length
+    (:func:`~devrecd.audio.noise.measure_noise_as`: the same estimator, the same bias).
 
     Fields: ``noise_matched``, ``questioned_snr_db``, ``references_snr_db`` ([lowest, highest] of
     the references as they are, after the channel), ``noise_excess_db`` and, when matched,
@@ -421,9 +462,14 @@ def resolve_noise(condition: dict[str, Any] | None, matcher: ConditionMatcher, p
         if note:
             fields["noise_note"] = note
         return None, fields
-    refs = [matcher.reference_noise(s, channel) for shas in profiles for s in shas]
+    # A short questioned recording against references measured as it is: in excerpts of the length its
+    # noise was measured on (the condition's measured_seconds: a live window's; else ``duration``).
+    seconds = excerpt_seconds(condition.get("measured_seconds") or duration)
+    refs = [matcher.reference_noise(s, channel, seconds) for shas in profiles for s in shas]
     if not refs:
         return None, fields
+    if seconds is not None:
+        fields["references_noise_measured_in"] = f"{seconds:g} s excerpts"
     matched, excess = needs_matching(target, refs, margin_db)
     fields["references_snr_db"] = [round(min(r.snr_db for r in refs), 1), round(max(r.snr_db for r in refs), 1)]
     fields["noise_excess_db"] = round(excess, 1)
@@ -437,5 +483,6 @@ __all__ = [
     "NOISE_MARGIN_DB", "resolve_noise",
     "CLEAN", "ChannelError", "ConditionMatcher", "ReferenceStore", "ScoreFunction", "condition_report",
     "embedding_scorer", "matched_profile_embeddings", "matched_registry", "matched_scores", "questioned_channel",
+    "storage_channel",
     "resolve_comparison", "validated_conditions",
 ]

@@ -14,7 +14,8 @@ also ``/short``) are fitted on trials made exactly that way:
   a ``/short`` condition cuts each of :data:`SHORT_DRAWS` such versions to every length of
   :data:`~devrecd.openset.gsvtrain.SHORT_CUTS`;
 * the noise of each version is measured as a verdict measures it; a version the rule would not
-  match (not noisier than the references) is left out, as its verdict is a clean comparison;
+  match (not noisier than the references, measured as a verdict measures them: in excerpts of a
+  short version's length) is left out, as its verdict is a clean comparison;
 * every reference of the fold is brought to that measured noise (quantised, as the verdict's
   matcher does), and the version is scored against the profiles of those matched references;
 * the row goes to the SNR class of its MEASURED SNR (:func:`devrecd.openset.scoring.noise_level`),
@@ -29,7 +30,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from devrecd.audio.noise import add_noise, match_noise, measure_noise, needs_matching, quantised
+from devrecd.audio.noise import (add_noise, excerpt_seconds, match_noise, measure_noise, measure_noise_as, needs_matching,
+                                 quantised)
 from devrecd.openset.protocol import TrialMatrix, trial_matrix
 
 DRAWS = 6  # noisy versions of each questioned development recording, whole
@@ -82,7 +84,9 @@ def noisy_rows(scorer, audio: DevAudio, devices: Sequence[str], refs: Sequence[i
     ``draws`` noisy versions (each cut to ``cuts``, None = whole), against profiles of the
     ``refs`` recordings brought to each version's measured noise; see the module docstring."""
     ref_audio = {r: audio.samples(r) for r in refs}
-    ref_noise = {r: measure_noise(x, audio.rate) for r, x in ref_audio.items()}
+    ref_noise = {r: measure_noise(x, audio.rate) for r, x in ref_audio.items()}  # what match_noise adds to
+    # What the matching rule compares a (cut) version with: references measured as it is (in excerpts of its length).
+    ref_as = {cut: [measure_noise_as(x, audio.rate, excerpt_seconds(cut)) for x in ref_audio.values()] for cut in cuts}
     rows: list[NoisyRow] = []
     for q in questioned:
         x = audio.samples(q)
@@ -91,7 +95,7 @@ def noisy_rows(scorer, audio: DevAudio, devices: Sequence[str], refs: Sequence[i
             for cut in cuts:
                 y = noisy if cut is None else noisy[: int(round(cut * audio.rate))]
                 target = measure_noise(y, audio.rate)
-                matched, _ = needs_matching(target, list(ref_noise.values()))
+                matched, _ = needs_matching(target, ref_as[cut])
                 if not matched:
                     continue  # a verdict would compare it clean: not a noise-matched trial
                 goal = quantised(target)

@@ -294,11 +294,12 @@ class RegistryJudge:
         model = scorer_for_channel(self.scorer, channel)
         with self._matching:  # the matcher and the matched-registry cache: one thread at a time
             # Noise: only where the references can be brought to the questioned recording's channel (or none is needed).
-            can_match = self.match_conditions and self.store is not None and refs != "unmatched"
+            # (a note: the references could not be brought to the questioned storage or channel; it says why)
+            can_match = self.match_conditions and self.store is not None and refs != "unmatched" and not note
             noise_note = ("" if can_match else note or ("condition matching is off (registry.match_conditions)"
                           if not self.match_conditions else "the registry keeps no reference audio"))
-            noise, noise_fields = resolve_noise(condition, self.matcher, profiles, channel,
-                                                enabled=can_match, note=noise_note)
+            noise, noise_fields = resolve_noise(condition, self.matcher, profiles, channel, enabled=can_match,
+                                                note=noise_note, duration=(recording or {}).get("duration"))
             if channel is not None or noise is not None:
                 mkey = (channel.key if channel is not None else CLEAN, noise_key(noise) if noise is not None else "",
                         "" if model is self.scorer else model.fingerprint)
@@ -341,8 +342,8 @@ class RegistryJudge:
                                   note if cal is not None else "; ".join(filter(None, [source, note])))
         report.pop("questioned")  # the record carries the recording's condition already
         report.update(noise_fields)
-        if channel is not None and channel.stored_rate:  # the references were stored as the questioned file is
-            report["references_stored_as"] = f"16-bit PCM at {channel.stored_rate} Hz"
+        if channel is not None and channel.storage:  # the references were stored as the questioned file is
+            report["references_stored_as"] = channel.storage
         if outside:
             report["snr_status"], report["snr_statement"] = "outside", outside
         fields["comparison"] = report
