@@ -278,15 +278,13 @@ def test_a_recording_30_db_quieter_gets_the_verdict_it_had(ccnu_dir, tmp_path):
 
     from devrecd.openset.registry import open_registry
     from devrecd.openset.scorers import default_gsv_path, load_gsv
-    from devrecd.openset.workflow import RegistryJudge, enrol_files, recording_features
+    from devrecd.openset.workflow import RegistryJudge, recording_features
+
+    from tests.helpers import shipped_registry
 
     enrolled = ["huwei_honor8(1)", "huawei_TAG_AL00", "xiaomi2s", "vivo_Y11t"]
-    cfg = load_config(overrides={"registry.path": str(tmp_path / "registry.json")})
-    reg = open_registry(cfg.registry.path, create=True)
-    scorer = load_gsv(default_gsv_path())[0]
-    for p in enrolled:
-        enrol_files(reg, scorer, p, [ccnu_dir / f"{p}_1.wav", ccnu_dir / f"{p}_2.wav"], cfg)
-    reg.save()
+    cfg = shipped_registry(ccnu_dir, tmp_path, enrolled)
+    reg, scorer = open_registry(cfg.registry.path), load_gsv(default_gsv_path())[0]
     judge = RegistryJudge(cfg)
     verdicts_of = {}
     for phone in [*enrolled, "IPHONE6(2)"]:
@@ -367,24 +365,21 @@ def test_a_quiet_file_against_a_registry_without_reference_audio_is_compared_as_
 
     import soundfile as sf
 
-    from devrecd.openset.registry import open_registry
     from devrecd.openset.scorers import default_gsv_path, load_gsv
-    from devrecd.openset.workflow import RegistryJudge, enrol_files, recording_features
+    from devrecd.openset.workflow import RegistryJudge, recording_features
+
+    from tests.helpers import shipped_registry
 
     phones = PHONES[:3]
-    cfg = load_config(overrides={"registry.path": str(tmp_path / "registry.json")})
-    reg = open_registry(cfg.registry.path, create=True)
+    cfg = shipped_registry(ccnu_dir, tmp_path, phones)
     scorer = load_gsv(default_gsv_path())[0]
-    for p in phones:
-        enrol_files(reg, scorer, p, [ccnu_dir / f"{p}_1.wav", ccnu_dir / f"{p}_2.wav"], cfg)
-    reg.save()
     x, rate = sf.read(ccnu_dir / f"{phones[0]}_4.wav", dtype="float64")
     quiet = tmp_path / "quiet.wav"
     sf.write(quiet, np.round(x * 10 ** (-30 / 20) * 32768) / 32768, rate, subtype="PCM_16")
     rec, feats = recording_features(scorer, quiet, cfg)
     stored = RegistryJudge(cfg).judge(feats, rec.describe())
     assert stored["comparison"]["references"] == "matched" and stored["device"] == phones[0]
-    refs = tmp_path / "registry.refs"
+    refs = tmp_path / "case" / "registry.refs"
     victim = next(p for p in refs.iterdir() if p.is_file())
     os.chmod(victim, 0o644)
     victim.unlink()  # one kept copy gone
