@@ -86,7 +86,8 @@ def noisy_rows(scorer, audio: DevAudio, devices: Sequence[str], refs: Sequence[i
     ref_audio = {r: audio.samples(r) for r in refs}
     ref_noise = {r: measure_noise(x, audio.rate) for r, x in ref_audio.items()}  # what match_noise adds to
     # What the matching rule compares a (cut) version with: references measured as it is (in excerpts of its length).
-    ref_as = {cut: [measure_noise_as(x, audio.rate, excerpt_seconds(cut)) for x in ref_audio.values()] for cut in cuts}
+    ref_as = {cut: list(ref_noise.values()) if excerpt_seconds(cut) is None  # whole: the same profiles
+              else [measure_noise_as(x, audio.rate, excerpt_seconds(cut)) for x in ref_audio.values()] for cut in cuts}
     rows: list[NoisyRow] = []
     for q in questioned:
         x = audio.samples(q)

@@ -294,8 +294,8 @@ class RegistryJudge:
         model = scorer_for_channel(self.scorer, channel)
         with self._matching:  # the matcher and the matched-registry cache: one thread at a time
             # Noise: only where the references can be brought to the questioned recording's channel (or none is needed).
-            # (a note: the references could not be brought to the questioned storage or channel; it says why)
-            can_match = self.match_conditions and self.store is not None and refs != "unmatched" and not note
+            # (a note: the references could not be brought to the questioned channel or storage; it says why)
+            can_match = self.match_conditions and self.store is not None and not note
             noise_note = ("" if can_match else note or ("condition matching is off (registry.match_conditions)"
                           if not self.match_conditions else "the registry keeps no reference audio"))
             noise, noise_fields = resolve_noise(condition, self.matcher, profiles, channel, enabled=can_match,
