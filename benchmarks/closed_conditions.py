@@ -1,7 +1,7 @@
 """The closed-set paper network under case conditions (level, noise, length, codecs), two code versions side by side.
 
 What is measured: the paper network trained with the recipe of docs/model.md ("Real phones":
-segments 1-3 of the 15 shared CCNU phones, 4 s windows, hop 0.5 s, batch 32, lr 1e-3, seed 0,
+segments 1-3 of the 15 shared CCNU phones, 4 s windows, hop 0.5 s, batch 32, lr 1e-3, seeds as given (--seeds),
 no early stopping) by each checkout's own ``devrecd train``, then ``devrecd evaluate`` of that run
 on segments 4-5 (30 recordings) under each condition: the questioned files of
 ``benchmarks/conditions.py`` (the same generator and the same files when ``--work`` is shared:
@@ -17,7 +17,9 @@ this machine) plus a few seconds per condition.
 
 Run:  nice python benchmarks/closed_conditions.py --baseline ../wt-base --new . --work /tmp/ccond
       [--conditions wav,level-20dB,white20dB,first3s] [--epochs 30] [--json out.json]
-      [--new-env DEVRECD_TRAIN__NOISE_AUGMENT_P=0.5]   (a setting for the new side only)
+      [--seeds 0,1,2] [--new-env DEVRECD_TRAIN__NOISE_AUGMENT_P=0.5] [--baseline-env KEY=VALUE]
+      (settings for one side only; e.g. babble augmentation: --new-env DEVRECD_TRAIN__NOISE_AUGMENT_BABBLE=
+      ../shared/data/librispeech/librispeech_train-clean-100, other talkers than the questioned babble's)
 """
 
 from __future__ import annotations
@@ -34,12 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import conditions as cond_bench  # noqa: E402  (the questioned files and the dataset folders)
 
 RECIPE = ("--epochs", "{epochs}", "--batch-size", "32", "--lr", "1e-3", "--hop-seconds", "0.5", "--patience", "0",
-          "--seed", "0")
+          "--seed", "{seed}")
 TRAIN_SEGMENTS = ("1", "2", "3")
 
 
-def side(label: str, checkout: Path, work: Path, conditions: list[str], epochs: int, extra_env: dict[str, str]) -> dict:
-    """Train and evaluate one checkout; returns {condition: figures}."""
+def side(label: str, checkout: Path, work: Path, conditions: list[str], epochs: int, extra_env: dict[str, str],
+         seed: int = 0) -> dict:
+    """Train (with ``seed``) and evaluate one checkout; returns {condition: figures}."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEVRECD_")}
     env.update(extra_env)
     # audio.silence_dbfs -100 (as benchmarks/noise.py): at the old default -70 dBFS two recordings at -30 dB
@@ -57,7 +60,8 @@ def side(label: str, checkout: Path, work: Path, conditions: list[str], epochs: 
 
     t0 = time.perf_counter()
     if not (run / "best.pt").exists():
-        devrecd("train", str(work / "data" / "train"), "--out", str(run), *[a.format(epochs=epochs) for a in RECIPE])
+        devrecd("train", str(work / "data" / "train"), "--out", str(run),
+                *[a.format(epochs=epochs, seed=seed) for a in RECIPE])
     cond_bench.log(f"[{label}] trained ({time.perf_counter() - t0:.0f} s)")
     results = {}
     for cond in conditions:
@@ -82,11 +86,16 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/devrecd-closed-conditions"))
     ap.add_argument("--conditions", default="wav,level-20dB,white20dB,first3s")
     ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--seeds", default="0", help="training seeds, comma-separated: one training per checkout and seed")
     ap.add_argument("--new-env", action="append", default=[], metavar="KEY=VALUE",
                     help="a setting for the new checkout only, e.g. DEVRECD_TRAIN__NOISE_AUGMENT_P=0.5")
+    ap.add_argument("--baseline-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="a setting for the baseline checkout only")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    new_env = dict(kv.split("=", 1) for kv in args.new_env)
+    envs = {"baseline": dict(kv.split("=", 1) for kv in args.baseline_env),
+            "new": dict(kv.split("=", 1) for kv in args.new_env)}
+    seeds = [int(x) for x in args.seeds.split(",") if x]
     if not args.ccnu.is_dir():
         raise SystemExit(f"{args.ccnu}: the CCNU sample is needed")
     work = args.work.resolve()
@@ -101,21 +110,31 @@ def main() -> int:
     from concurrent.futures import ThreadPoolExecutor
 
     sides = {"baseline": args.baseline.resolve(), "new": args.new.resolve()}
-    with ThreadPoolExecutor(2) as pool:
-        futures = {label: pool.submit(side, label, path, work, conditions, args.epochs, new_env if label == "new" else {})
-                   for label, path in sides.items()}
-        results = {label: f.result() for label, f in futures.items()}
+    with ThreadPoolExecutor(2) as pool:  # the two checkouts of a seed side by side, seed after seed
+        futures = {(label, seed): pool.submit(side, label if seed == 0 else f"{label}-seed{seed}", path, work,
+                                              conditions, args.epochs, envs[label], seed)
+                   for seed in seeds for label, path in sides.items()}
+        runs = {key: f.result() for key, f in futures.items()}
     heads = {label: cond_bench.git_head(path) for label, path in sides.items()}
-    print(f"\nclosed set, paper network ({args.epochs} epochs, 4 s windows), CCNU segments 4-5 of 15 phones"
-          + (f"; new with {' '.join(args.new_env)}" if args.new_env else ""))
-    print(f"{'condition':<24}" + "".join(f"{label + ' ' + heads[label]:>40}" for label in sides))
+    settings = "; ".join(f"{label} with {' '.join(f'{k}={v}' for k, v in env.items())}" for label, env in envs.items() if env)
+    print(f"\nclosed set, paper network ({args.epochs} epochs, 4 s windows, seeds {args.seeds}), CCNU segments 4-5 "
+          f"of 15 phones{'; ' + settings if settings else ''}")
+    print("recordings right of (recordings x seeds); per seed in brackets; windows right")
+    print(f"{'condition':<24}" + "".join(f"{label + ' ' + heads[label]:>44}" for label in sides))
+    results: dict[str, dict[str, dict]] = {label: {} for label in sides}
     for cond in conditions:
-        cells = [f"{r['recordings_right']}/{r['recordings']} rec, {r['windows_right']}/{r['windows']} win"
-                 for r in (results[label][cond] for label in sides)]
-        print(f"{cond:<24}" + "".join(f"{c:>40}" for c in cells))
+        cells = []
+        for label in sides:
+            per = [runs[label, seed][cond] for seed in seeds]
+            total = {k: sum(r[k] for r in per) for k in ("recordings_right", "recordings", "windows_right", "windows")}
+            results[label][cond] = {**total, "per_seed": {str(seed): r for seed, r in zip(seeds, per)}}
+            cells.append(f"{total['recordings_right']}/{total['recordings']} "
+                         f"[{' '.join(str(r['recordings_right']) for r in per)}], "
+                         f"{total['windows_right']}/{total['windows']} win")
+        print(f"{cond:<24}" + "".join(f"{c:>44}" for c in cells))
     if args.json:
-        args.json.write_text(json.dumps({"heads": heads, "epochs": args.epochs, "new_env": new_env, "results": results},
-                                        indent=1))
+        args.json.write_text(json.dumps({"heads": heads, "epochs": args.epochs, "seeds": seeds, "env": envs,
+                                         "results": results}, indent=1))
     return 0
 
 

@@ -176,6 +176,9 @@ class TrainConfig(Section):
     channel_augment_p: Fraction = 0.5  # per recording and epoch: probability of passing through one of them
     noise_augment_p: Fraction = 0.0  # per recording and epoch: probability of white noise added (0 = off)
     noise_augment_snr_db: tuple[float, float] = (5.0, 35.0)  # ... at an SNR drawn uniformly in this range (dB)
+    # A folder of single-talker recordings (LibriSpeech-style, other talkers than any questioned babble):
+    # when set, half the noisy copies carry babble of 4-6 of its talkers instead of white noise.
+    noise_augment_babble: str = ""
     # "softmax": cross-entropy on model(x) | "aam": additive angular margin (embedders such as asp)
     loss: Literal["softmax", "aam"] = "softmax"
     finetune_epochs: Count = 300  # `devrecd finetune`: the paper's Table IX
@@ -195,6 +198,8 @@ class TrainConfig(Section):
         lo, hi = self.noise_augment_snr_db
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
             problems.append(f"train.noise_augment_snr_db: {[lo, hi]} is not a range [low, high] of finite SNRs in dB")
+        if self.noise_augment_babble and not self.noise_augment_p:
+            problems.append("train.noise_augment_babble is set but train.noise_augment_p is 0: no noise is added")
         if self.channel_augment:
             problems += _check_channels("train.channel_augment", self.channel_augment, "channel")
         return problems

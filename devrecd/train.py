@@ -144,6 +144,8 @@ class _Run:
             keep.pop("lr_step_epochs")  # a constant rate has no steps
         if not self.opts.noise_augment_p:  # off: the key of a run made before the option existed
             keep.pop("noise_augment_p"), keep.pop("noise_augment_snr_db")
+        if not self.opts.noise_augment_babble:  # white noise only: likewise
+            keep.pop("noise_augment_babble")
         keep.update(hparams=self.hparams, trainable=self.trainable)
         key = {"options": keep, "dataset_sha256": self.ds.manifest_sha256, "labels": self.labels, "init": self.init_sha}
         return json.loads(json.dumps(key))  # plain lists and dicts, as they come back from last.pt
@@ -283,9 +285,27 @@ def _load_data(run: _Run) -> _Data:
         raise DatasetError(f"{ds.root}: only {len(train_data)} training window(s)", reason="dataset_too_small")
     augmenter = (Augmenter(feats["train"][1], run.cfg, opts.hop_seconds, device=run.device, waveform=opts.augment,
                            channels=opts.channel_augment, channel_p=opts.channel_augment_p,
-                           noise_p=opts.noise_augment_p, noise_snr_db=opts.noise_augment_snr_db)
+                           noise_p=opts.noise_augment_p, noise_snr_db=opts.noise_augment_snr_db,
+                           talkers=_babble_talkers(opts.noise_augment_babble, run.cfg))
                  if opts.augment or opts.channel_augment or opts.noise_augment_p > 0 else None)
     return _Data(train_data, val_data, mean, std, unusable, augmenter)
+
+
+def _babble_talkers(folder: str, cfg: Config) -> list[np.ndarray]:
+    """The talkers of ``train.noise_augment_babble`` (none when it is not set)."""
+    if not folder:
+        return []
+    from devrecd.audio.talkers import read_talkers
+
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"train.noise_augment_babble: {path} is not a folder of single-talker recordings")
+    try:
+        return read_talkers(path, cfg.frontend.sample_rate, cfg.audio, cfg.watch,
+                            skipped=lambda f, exc: log.warning("babble talker recording not used",
+                                                               extra={"path": str(f), "error": str(exc)}))
+    except ValueError as exc:
+        raise ConfigError(f"train.noise_augment_babble: {exc}") from None
 
 
 def _loop(run: _Run, model: Any, data: _Data, resume: dict[str, Any] | None,

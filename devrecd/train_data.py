@@ -170,15 +170,15 @@ def normalisation_stats(feats: Sequence[np.ndarray]) -> tuple[np.ndarray, np.nda
 class Augmenter:
     """Fresh training windows each epoch: a random crop offset, a random gain and light noise
     (``waveform``), and/or a transmission channel (codec or band limit, ``channels``, each recording
-    with probability ``channel_p``), and/or white noise at an SNR drawn in ``noise_snr_db`` (each
+    with probability ``channel_p``), and/or noise at an SNR drawn in ``noise_snr_db`` (each
     recording with probability ``noise_p``; SNR as :func:`devrecd.audio.noise.add_noise` defines
-    it, after the channel), applied to the waveform and passed through the one frontend (so the
-    features stay exact)."""
+    it, after the channel): white, or with ``talkers`` given, babble of 4-6 of them half the time.
+    Applied to the waveform and passed through the one frontend (so the features stay exact)."""
 
     def __init__(self, items: Sequence[Item], cfg: Config, hop_seconds: float, *, gain_db: float = 6.0,
                  noise_dbfs: tuple[float, float] = (-70.0, -50.0), device: str = "cpu", waveform: bool = True,
                  channels: Sequence[str] = (), channel_p: float = 0.5, noise_p: float = 0.0,
-                 noise_snr_db: tuple[float, float] = (5.0, 35.0)) -> None:
+                 noise_snr_db: tuple[float, float] = (5.0, 35.0), talkers: Sequence[np.ndarray] = ()) -> None:
         from devrecd.audio import read_evidence
         from devrecd.audio.channel import get_channel
 
@@ -187,7 +187,7 @@ class Augmenter:
         self.waveform = waveform
         self.channels = [get_channel(n) for n in channels]
         self.channel_p = channel_p
-        self.noise_p, self.noise_snr_db = noise_p, noise_snr_db
+        self.noise_p, self.noise_snr_db, self.talkers = noise_p, noise_snr_db, list(talkers)
         self.waves = [read_evidence(it.path, cfg.frontend.sample_rate, cfg.audio) for it in items]
         self._through: dict[tuple[int, str], np.ndarray] = {}  # a codec round trip is deterministic: once each
 
@@ -204,14 +204,15 @@ class Augmenter:
         return self._through[key]
 
     def _noisy(self, samples: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """``samples`` with white noise at a random SNR, with probability ``noise_p`` (no draw when 0:
-        the other augmentations' random stream is unchanged)."""
+        """``samples`` with noise at a random SNR, with probability ``noise_p`` (no draw when 0: the
+        other augmentations' random stream is unchanged; nor for the kind without talkers)."""
         if self.noise_p <= 0 or rng.random() >= self.noise_p:
             return samples
-        from devrecd.audio.noise import add_noise
+        from devrecd.audio.noise import add_drawn_noise
 
         snr = float(rng.uniform(*self.noise_snr_db))
-        return add_noise(samples, self.cfg.frontend.sample_rate, snr, seed=int(rng.integers(2**31)))
+        babble = self.talkers if self.talkers and rng.random() < 0.5 else ()
+        return add_drawn_noise(samples, self.cfg.frontend.sample_rate, snr, rng, talkers=babble)
 
     def epoch_features(self, seed: int, epoch: int) -> list[np.ndarray]:
         """Per-recording (n, 128, 73) raw features for ``epoch`` (same seed and epoch, same features)."""

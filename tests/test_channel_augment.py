@@ -80,3 +80,46 @@ def test_noise_augmentation_adds_white_noise_at_the_drawn_snr(ccnu_dir):
         load_config(None).with_overrides({"train.noise_augment_snr_db": [30.0, 5.0]})
     with pytest.raises(ConfigError, match=r"noise_augment_p must be in \[0, 1\]"):
         load_config(None).with_overrides({"train.noise_augment_p": 2.0})
+
+
+def test_noise_augmentation_with_talkers_draws_babble_half_the_time(ccnu_dir, librispeech_dir):
+    """train.noise_augment_babble: with talkers given, a noisy copy carries babble of 4-6 of them
+    about half the time and white noise otherwise, both at the drawn SNR. Babble from LibriSpeech
+    (16 kHz material) leaves the band above 8 kHz almost empty; white noise fills half its power there."""
+    from devrecd.audio.noise import measure_noise
+    from devrecd.audio.talkers import read_talkers
+    from devrecd.train import _babble_talkers
+
+    cfg = Config()
+    rate = cfg.frontend.sample_rate
+    talkers = read_talkers(librispeech_dir / "librispeech_train-clean-100", rate, cfg.audio, cfg.watch)
+    assert len(talkers) >= 6 and all(t.ndim == 1 and len(t) <= 30 * rate for t in talkers)
+    aug = Augmenter(_items(ccnu_dir)[:1], cfg, 2.0, waveform=False, noise_p=1.0, noise_snr_db=(19.0, 21.0),
+                    talkers=talkers)
+    clean = aug.waves[0].samples
+    rng = np.random.default_rng(1)
+    kinds, speech_dbfs = [], measure_noise(clean, rate).speech_dbfs
+    for _ in range(16):
+        added = aug._noisy(clean, rng).astype(np.float64) - clean
+        assert 18.9 < speech_dbfs - 10 * np.log10(np.mean(added ** 2)) < 21.1  # add_noise's SNR, in the range
+        spectrum = np.abs(np.fft.rfft(added)) ** 2
+        above_8k = spectrum[len(spectrum) // 2:].sum() / spectrum.sum()
+        assert above_8k < 0.05 or 0.4 < above_8k < 0.6, above_8k
+        kinds.append("babble" if above_8k < 0.05 else "white")
+    assert 3 <= kinds.count("babble") <= 13, kinds
+    # Without talkers the random stream is the white-only one of before (runs made then stay reproducible).
+    white = Augmenter(_items(ccnu_dir)[:1], cfg, 2.0, waveform=False, noise_p=1.0, noise_snr_db=(19.0, 21.0))
+    r1, r2 = np.random.default_rng(5), np.random.default_rng(5)
+    from devrecd.audio.noise import add_noise
+
+    r2.random()  # the p draw
+    snr = float(r2.uniform(19.0, 21.0))
+    np.testing.assert_array_equal(white._noisy(clean, r1), add_noise(clean, rate, snr, seed=int(r2.integers(2**31))))
+
+    assert _babble_talkers("", cfg) == []
+    with pytest.raises(ConfigError, match="not a folder"):
+        _babble_talkers(str(ccnu_dir / "nowhere"), cfg)
+    with pytest.raises(ConfigError, match="at least 2 talkers"):
+        _babble_talkers(str(ccnu_dir), Config().with_overrides({"watch.extensions": [".flac"]}))
+    with pytest.raises(ConfigError, match="noise_augment_p is 0"):
+        load_config(None).with_overrides({"train.noise_augment_babble": str(librispeech_dir)})

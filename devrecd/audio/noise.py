@@ -352,5 +352,20 @@ def add_noise(samples: np.ndarray, rate: int, snr_db: float, *, kind: str = "whi
     return out.astype(x.dtype if np.issubdtype(x.dtype, np.floating) else np.float32)
 
 
-__all__ = ["NoiseProfile", "measure_noise", "match_noise", "add_noise", "noise_excess_db", "needs_matching", "MATCH_MARGIN_DB", "noise_key", "quantised",
+BABBLE_TALKERS = (4, 6)  # babble: this many talkers at once (inclusive range)
+
+
+def add_drawn_noise(samples: np.ndarray, rate: int, snr_db: float, rng: np.random.Generator, *,
+                    talkers: Sequence[np.ndarray] = ()) -> np.ndarray:
+    """``samples`` with noise at ``snr_db`` drawn with ``rng``: white noise, or babble of
+    :data:`BABBLE_TALKERS` recordings drawn from ``talkers`` when some are given (training copies,
+    development trials and training augmentation draw their noise here)."""
+    if len(talkers):
+        k = min(len(talkers), int(rng.integers(BABBLE_TALKERS[0], BABBLE_TALKERS[1] + 1)))
+        chosen = [talkers[j] for j in rng.choice(len(talkers), size=k, replace=False)]
+        return add_noise(samples, rate, snr_db, kind="babble", babble=chosen, seed=int(rng.integers(2**31)))
+    return add_noise(samples, rate, snr_db, kind="white", seed=int(rng.integers(2**31)))
+
+
+__all__ = ["NoiseProfile", "measure_noise", "match_noise", "add_noise", "add_drawn_noise", "BABBLE_TALKERS", "noise_excess_db", "needs_matching", "MATCH_MARGIN_DB", "noise_key", "quantised",
            "band_edges", "frame_length", "N_BANDS"]

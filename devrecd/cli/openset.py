@@ -176,35 +176,15 @@ def _calibration_conditions(paths: list[Path], cfg, *, noise: bool = True, babbl
     return conditions, features_under, audio
 
 
-MAX_TALKERS = 40  # babble: at most this many talkers' recordings are read (each cut to TALKER_SECONDS)
-TALKER_SECONDS = 30.0
-
-
 def _talkers(folder: Path, cfg) -> list[np.ndarray]:
-    """Single-talker recordings for babble noise: the audio files under ``folder``, one per talker
-    (LibriSpeech: the name's first field before '-' is the speaker), at the frontend rate."""
-    from devrecd.audio.decode import read_evidence
-    from devrecd.audio.errors import AudioError
-    from devrecd.audio.files import scan_files
+    """Single-talker recordings for babble noise (:func:`devrecd.audio.talkers.read_talkers`)."""
+    from devrecd.audio.talkers import read_talkers
 
-    talkers: dict[str, np.ndarray] = {}
-    for f in scan_files([folder], cfg.watch):
-        talker = f.name.split("-")[0]
-        if talker in talkers:
-            continue
-        try:  # a talker's first usable recording (too short, silent or unreadable ones are passed over)
-            x = read_evidence(f, cfg.frontend.sample_rate, cfg.audio).samples
-        except AudioError as exc:
-            typer.echo(f"note: babble: {f.name} not used: {exc}")
-            continue
-        talkers[talker] = np.asarray(x[: int(TALKER_SECONDS * cfg.frontend.sample_rate)], dtype=np.float64)
-        if len(talkers) == MAX_TALKERS:
-            break
-    out = list(talkers.values())
-    if len(out) < 2:
-        raise typer.BadParameter(f"{folder}: babble needs recordings of at least 2 talkers, found {len(out)}",
-                                 param_hint="--babble")
-    return out
+    try:
+        return read_talkers(folder, cfg.frontend.sample_rate, cfg.audio, cfg.watch,
+                            skipped=lambda f, exc: typer.echo(f"note: babble: {f.name} not used: {exc}"))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--babble") from None
 
 
 def _snr_db(path: Path, cfg) -> float:

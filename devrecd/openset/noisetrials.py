@@ -30,14 +30,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from devrecd.audio.noise import (add_noise, excerpt_seconds, match_noise, measure_noise, measure_noise_as, needs_matching,
+from devrecd.audio.noise import (add_drawn_noise, excerpt_seconds, match_noise, measure_noise, measure_noise_as, needs_matching,
                                  quantised)
 from devrecd.openset.protocol import TrialMatrix, trial_matrix
 
 DRAWS = 6  # noisy versions of each questioned development recording, whole
 SHORT_DRAWS = 6  # ... and for the short conditions (each cut to every length of SHORT_CUTS)
 SNR_RANGE = (4.0, 36.0)  # dB: the SNRs the noise is added at (uniform); measured SNRs then fall into the classes
-TALKERS = (4, 6)  # babble: this many talkers at once (inclusive range)
 
 
 @dataclass
@@ -70,11 +69,7 @@ def noisy_version(x: np.ndarray, audio: DevAudio, recording: int, draw: int, see
     """Draw ``draw`` of recording ``recording``: white or babble noise at an SNR from :data:`SNR_RANGE`."""
     rng = np.random.default_rng(_seed("noise", seed, recording, draw))
     snr = float(rng.uniform(*SNR_RANGE))
-    if audio.talkers and draw % 2:
-        k = min(len(audio.talkers), int(rng.integers(TALKERS[0], TALKERS[1] + 1)))
-        chosen = [audio.talkers[j] for j in rng.choice(len(audio.talkers), size=k, replace=False)]
-        return add_noise(x, audio.rate, snr, kind="babble", babble=chosen, seed=int(rng.integers(2**31)))
-    return add_noise(x, audio.rate, snr, kind="white", seed=int(rng.integers(2**31)))
+    return add_drawn_noise(x, audio.rate, snr, rng, talkers=audio.talkers if draw % 2 else ())
 
 
 def noisy_rows(scorer, audio: DevAudio, devices: Sequence[str], refs: Sequence[int], questioned: Sequence[int],
