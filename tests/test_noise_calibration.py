@@ -78,17 +78,19 @@ def test_noisy_rows_are_matched_like_a_verdict_and_classed_by_measured_snr(dev):
     refs = [i for i, (p, s) in enumerate(recs) if p in PHONES[4:] and s <= 2]
     questioned = [i for i, (p, s) in enumerate(recs) if p in PHONES[4:] and s == 4]
     rows = noisy_rows(scorer, audio, devices, refs, questioned, noise_level, draws=4, seed=3)
-    assert rows and len(rows) <= 4 * len(questioned)
+    assert rows and len(rows) <= 5 * len(questioned)  # 4 noisy versions and the recording as recorded
     for r in rows:
         assert r.level == noise_level(r.snr_db) and r.level in NOISE_LEVELS
         assert r.trials.profiles == sorted(PHONES[4:]) and r.trials.scores.shape == (1, 2)
         assert r.trials.devices == [devices[r.recording]]
-    # Exactly the versions the verdict's rule matches are kept, each under its measured SNR.
+    # Exactly the versions the verdict's rule matches are kept, each under its measured SNR: the
+    # recording as recorded first (a row where its own floor is above the references'), then the noisy ones.
     ref_noise = [measure_noise(audio.samples(i), RATE) for i in refs]
     kept = []
     for q in questioned:
-        for d in range(4):
-            prof = measure_noise(noisy_version(audio.samples(q), audio, q, d, 3), RATE)
+        x = audio.samples(q)
+        for y in [x] + [noisy_version(x, audio, q, d, 3) for d in range(4)]:
+            prof = measure_noise(y, RATE)
             if needs_matching(prof, ref_noise)[0]:
                 kept.append((q, round(prof.snr_db, 1)))
     assert [(r.recording, r.snr_db) for r in rows] == kept
@@ -96,7 +98,7 @@ def test_noisy_rows_are_matched_like_a_verdict_and_classed_by_measured_snr(dev):
     assert all(np.array_equal(a.trials.scores, b.trials.scores) for a, b in zip(rows, again))  # deterministic
     # Short versions: each draw cut to the given lengths, measured as cut.
     short = noisy_rows(scorer, audio, devices, refs, questioned[:1], noise_level, cuts=(2.0, 4.0), draws=2, seed=3)
-    assert all(r.recording == questioned[0] for r in short) and len(short) <= 4
+    assert all(r.recording == questioned[0] for r in short) and len(short) <= 6
 
 
 def test_train_gsv_fits_noise_matched_calibrations_with_their_snr_range(dev):
@@ -113,7 +115,7 @@ def test_train_gsv_fits_noise_matched_calibrations_with_their_snr_range(dev):
     assert noisy, scorer.calibrations.keys()
     for key, cal in noisy.items():
         c = cal.conditions
-        assert c["noise_matched"] is True and c["condition"] == key and c["noise"] == "white"
+        assert c["noise_matched"] is True and c["condition"] == key and c["noise"] == "white" and c["as_recorded_rows"]
         assert noise_level(c["snr_db_min"]) == noise_level(c["snr_db_max"]) == parse_calibration_key(key)[1]
         assert cal.metrics["n_target"] > 0 and cal.metrics["n_nontarget"] > 0
     with pytest.raises(Exception, match="noise-matched conditions needs the development audio"):
