@@ -19,7 +19,10 @@ Run:  nice python benchmarks/closed_conditions.py --baseline ../wt-base --new . 
       [--conditions wav,level-20dB,white20dB,first3s] [--epochs 30] [--json out.json]
       [--seeds 0,1,2] [--new-env DEVRECD_TRAIN__NOISE_AUGMENT_P=0.5] [--baseline-env KEY=VALUE]
       (settings for one side only; e.g. babble augmentation: --new-env DEVRECD_TRAIN__NOISE_AUGMENT_BABBLE=
-      ../shared/data/librispeech/librispeech_train-clean-100, other talkers than the questioned babble's)
+      $PWD/../shared/data/librispeech/librispeech_train-clean-100, other talkers than the questioned
+      babble's: an absolute path, as devrecd runs in --work)
+Each checkout, seed and setting trains into its own run directory (``<label>-seed<S>-<hash of the
+settings>``): a run is reused only by the same command.
 """
 
 from __future__ import annotations
@@ -77,6 +80,12 @@ def side(label: str, checkout: Path, work: Path, conditions: list[str], epochs: 
     return results
 
 
+def _settings_hash(env: dict[str, str]) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(sorted(env.items())).encode()).hexdigest()[:8]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--baseline", type=Path, required=True)
@@ -95,7 +104,7 @@ def main() -> int:
     args = ap.parse_args()
     envs = {"baseline": dict(kv.split("=", 1) for kv in args.baseline_env),
             "new": dict(kv.split("=", 1) for kv in args.new_env)}
-    seeds = [int(x) for x in args.seeds.split(",") if x]
+    seeds = sorted({int(x) for x in args.seeds.split(",") if x})
     if not args.ccnu.is_dir():
         raise SystemExit(f"{args.ccnu}: the CCNU sample is needed")
     work = args.work.resolve()
@@ -111,7 +120,7 @@ def main() -> int:
 
     sides = {"baseline": args.baseline.resolve(), "new": args.new.resolve()}
     with ThreadPoolExecutor(2) as pool:  # the two checkouts of a seed side by side, seed after seed
-        futures = {(label, seed): pool.submit(side, label if seed == 0 else f"{label}-seed{seed}", path, work,
+        futures = {(label, seed): pool.submit(side, f"{label}-seed{seed}-{_settings_hash(envs[label])}", path, work,
                                               conditions, args.epochs, envs[label], seed)
                    for seed in seeds for label, path in sides.items()}
         runs = {key: f.result() for key, f in futures.items()}

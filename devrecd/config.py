@@ -174,7 +174,7 @@ class TrainConfig(Section):
     augment: bool = False  # random crop offset, gain and light noise on the waveform, each epoch
     channel_augment: tuple[str, ...] = ()  # codec / band-limit channels to train through, e.g. ("aac64", "amrnb", "tel")
     channel_augment_p: Fraction = 0.5  # per recording and epoch: probability of passing through one of them
-    noise_augment_p: Fraction = 0.0  # per recording and epoch: probability of white noise added (0 = off)
+    noise_augment_p: Fraction = 0.0  # per recording and epoch: probability of noise added (white, or babble below; 0 = off)
     noise_augment_snr_db: tuple[float, float] = (5.0, 35.0)  # ... at an SNR drawn uniformly in this range (dB)
     # A folder of single-talker recordings (LibriSpeech-style, other talkers than any questioned babble):
     # when set, half the noisy copies carry babble of 4-6 of its talkers instead of white noise.

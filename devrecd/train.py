@@ -135,6 +135,7 @@ class _Run:
     init: str | Path | None = None
     base: Checkpoint | None = None
     init_sha: str = ""
+    talkers: list[np.ndarray] = field(default_factory=list)  # babble of the noise augmentation (read before any features)
 
     def key(self) -> dict[str, Any]:
         """What must be equal for last.pt to be resumed by this command (epochs and patience may change)."""
@@ -146,6 +147,8 @@ class _Run:
             keep.pop("noise_augment_p"), keep.pop("noise_augment_snr_db")
         if not self.opts.noise_augment_babble:  # white noise only: likewise
             keep.pop("noise_augment_babble")
+        else:  # the folder, wherever the run is started from
+            keep["noise_augment_babble"] = str(Path(self.opts.noise_augment_babble).expanduser().resolve())
         keep.update(hparams=self.hparams, trainable=self.trainable)
         key = {"options": keep, "dataset_sha256": self.ds.manifest_sha256, "labels": self.labels, "init": self.init_sha}
         return json.loads(json.dumps(key))  # plain lists and dicts, as they come back from last.pt
@@ -203,6 +206,8 @@ def train(ds: Dataset, out: str | Path, cfg: Config, opts: TrainConfig, *, init:
     check_training_data(ds)
     run = _start(ds, Path(out), cfg, opts, init, dict(hparams or {}), device)
     resume = _foreign_run_refused(run)  # before any feature work
+    if run.opts.noise_augment_p > 0:  # a wrong babble folder fails here, not after the features
+        run.talkers = _babble_talkers(run.opts.noise_augment_babble, cfg)
     model = _build_model(run)
     data = _load_data(run)
     use_train_threads(run.opts)
@@ -286,7 +291,7 @@ def _load_data(run: _Run) -> _Data:
     augmenter = (Augmenter(feats["train"][1], run.cfg, opts.hop_seconds, device=run.device, waveform=opts.augment,
                            channels=opts.channel_augment, channel_p=opts.channel_augment_p,
                            noise_p=opts.noise_augment_p, noise_snr_db=opts.noise_augment_snr_db,
-                           talkers=_babble_talkers(opts.noise_augment_babble, run.cfg))
+                           talkers=run.talkers)
                  if opts.augment or opts.channel_augment or opts.noise_augment_p > 0 else None)
     return _Data(train_data, val_data, mean, std, unusable, augmenter)
 

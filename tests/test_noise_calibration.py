@@ -101,6 +101,39 @@ def test_noisy_rows_are_matched_like_a_verdict_and_classed_by_measured_snr(dev):
     assert all(r.recording == questioned[0] for r in short) and len(short) <= 6
 
 
+def test_a_recording_noisier_than_the_references_as_recorded_is_a_row(dev):
+    """A phone with a floor of its own above the references' is matched by a verdict without any noise
+    added: with no noisy draws, exactly those recordings as recorded come back as rows (a clean one
+    does not), under their measured SNR, scored against references brought to their noise."""
+    from dataclasses import replace
+
+    from devrecd.audio.noise import add_noise, measure_noise
+    from devrecd.openset.noisetrials import noisy_rows
+
+    scorer, audio, recs, _, _ = dev
+    devices = [p for p, _ in recs]
+    refs = [i for i, (p, s) in enumerate(recs) if p in PHONES[4:] and s <= 2]
+    questioned = [i for i, (p, s) in enumerate(recs) if p in PHONES[4:] and s == 4]
+    assert noisy_rows(scorer, audio, devices, refs, questioned, noise_level, draws=0, seed=3) == []  # clean: none
+    loud_floor = questioned[0]  # recorded with a floor 22 dB under its speech (white), as a noisy phone would be
+    own = add_noise(audio.samples(loud_floor), RATE, 22.0, seed=11)
+    noisy_phone = replace(audio, samples=lambda i: own if i == loud_floor else audio.samples(i))
+    rows = noisy_rows(scorer, noisy_phone, devices, refs, questioned, noise_level, draws=0, seed=3)
+    assert [r.recording for r in rows] == [loud_floor]
+    assert rows[0].snr_db == round(measure_noise(own, RATE).snr_db, 1) and rows[0].level == 20
+    row = noisy_rows(scorer, noisy_phone, devices, refs, [loud_floor], noise_level, draws=0, seed=3)[0]
+    assert np.array_equal(row.trials.scores, rows[0].trials.scores)  # deterministic
+    # Against the references as they are, the same questioned vector scores otherwise: they were matched.
+    from devrecd.openset.protocol import trial_matrix
+
+    as_is: dict[str, list[np.ndarray]] = {}
+    for r in refs:
+        as_is.setdefault(devices[r], []).append(scorer.recording_vector(audio.features(audio.samples(r))))
+    unmatched = trial_matrix(scorer, as_is, [(devices[loud_floor], scorer.recording_vector(audio.features(own)))])
+    assert unmatched.profiles == row.trials.profiles
+    assert np.abs(unmatched.scores - row.trials.scores).max() > 1e-3
+
+
 def test_train_gsv_fits_noise_matched_calibrations_with_their_snr_range(dev):
     from devrecd.openset.calibration import Calibration
     from devrecd.openset.gsvtrain import train_gsv

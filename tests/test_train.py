@@ -340,3 +340,16 @@ def test_a_finetune_resumes_to_more_epochs_at_its_constant_rate(run, env, tmp_pa
     second = train(ds, out, env["cfg"], finetune_options(env["cfg"].train, epochs=2, **tiny), init=run)
     assert [r["epoch"] for r in second.history] == [1, 2]
     assert [r["lr"] for r in second.history] == [TINY["lr"], TINY["lr"]]
+
+
+def test_a_wrong_babble_folder_fails_before_any_feature_is_computed(env, tmp_path):
+    """train.noise_augment_babble is read right after the run is opened: a folder that is not there
+    (or holds fewer than two talkers) stops the run before any feature work or run file."""
+    from devrecd.errors import ConfigError
+
+    cache = tmp_path / "cache"
+    cfg = env["cfg"].with_overrides({"train.cache_dir": str(cache), "train.noise_augment_p": 0.5,
+                                     "train.noise_augment_babble": str(tmp_path / "no-talkers-here")})
+    with pytest.raises(ConfigError, match="noise_augment_babble.*not a folder"):
+        train(load_dataset(env["ds"]), tmp_path / "r", cfg, train_options(cfg.train, **TINY))
+    assert not cache.exists() and not (tmp_path / "r" / "unusable.json").exists()

@@ -360,7 +360,7 @@ def add_drawn_noise(samples: np.ndarray, rate: int, snr_db: float, rng: np.rando
     """``samples`` with noise at ``snr_db`` drawn with ``rng``: white noise, or babble of
     :data:`BABBLE_TALKERS` recordings drawn from ``talkers`` when some are given (training copies,
     development trials and training augmentation draw their noise here)."""
-    if len(talkers):
+    if talkers is not None and len(talkers):
         k = min(len(talkers), int(rng.integers(BABBLE_TALKERS[0], BABBLE_TALKERS[1] + 1)))
         chosen = [talkers[j] for j in rng.choice(len(talkers), size=k, replace=False)]
         return add_noise(samples, rate, snr_db, kind="babble", babble=chosen, seed=int(rng.integers(2**31)))

@@ -59,7 +59,8 @@ class DevAudio:
 
 @dataclass
 class NoisyRow:
-    """One noisy questioned version scored against the fold's noise-matched profiles."""
+    """One questioned version (noisy, or as recorded where the rule matches it) scored against the
+    fold's noise-matched profiles."""
 
     level: int  # SNR class of its measured SNR
     snr_db: float  # measured SNR
@@ -81,9 +82,10 @@ def noisy_version(x: np.ndarray, audio: DevAudio, recording: int, draw: int, see
 def noisy_rows(scorer, audio: DevAudio, devices: Sequence[str], refs: Sequence[int], questioned: Sequence[int],
                level_of: Callable[[float], int], *, cuts: Sequence[float | None] = (None,),
                draws: int = DRAWS, seed: int = 0) -> list[NoisyRow]:
-    """Rows of noise-matched trials: every questioned recording (indices into ``devices``) in
-    ``draws`` noisy versions (each cut to ``cuts``, None = whole), against profiles of the
-    ``refs`` recordings brought to each version's measured noise; see the module docstring."""
+    """Rows of noise-matched trials: every questioned recording (indices into ``devices``) as
+    recorded and in ``draws`` noisy versions (each cut to ``cuts``, None = whole), each the rule
+    matches against profiles of the ``refs`` recordings brought to its measured noise; see the
+    module docstring."""
     ref_audio = {r: audio.samples(r) for r in refs}
     ref_noise = {r: measure_noise(x, audio.rate) for r, x in ref_audio.items()}  # what match_noise adds to
     # What the matching rule compares a (cut) version with: references measured as it is (in excerpts of its length).
