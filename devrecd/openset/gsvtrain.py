@@ -282,10 +282,8 @@ def _calibrate(cond: str, pooled: _Pooled, noisy: bool, noise: str | None, decis
         if not pooled.snrs:
             step(f"calibration {cond}: no noisy development trial measured in this SNR class: not calibrated")
             return None
-        described.update(noise=noise, noise_matched=True, as_recorded_rows=True,  # noisetrials.AS_RECORDED
-                         snr_db_min=min(pooled.snrs), snr_db_max=max(pooled.snrs),
-                         snr_measured="on the questioned development recordings, noisy or as recorded "
-                                      "(references matched to each)")
+        described.update(noise=noise, noise_matched=True, snr_db_min=min(pooled.snrs), snr_db_max=max(pooled.snrs),
+                         snr_measured="on the noisy questioned development recordings (references matched to each)")
     identity: dict[str, Any] = {"kind": final.kind, "fingerprint": final.fingerprint}
     model = final.for_channel(channel)
     if model is not final:  # fitted on scores of the channel's own model (the one a verdict under it uses)

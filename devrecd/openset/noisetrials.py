@@ -11,11 +11,6 @@ also ``/short``) are fitted on trials made exactly that way:
 
 * each questioned development recording gets :data:`DRAWS` noisy versions: white or babble
   (alternately, babble when talkers are given), at an SNR drawn uniformly in :data:`SNR_RANGE`;
-  and the recording as recorded is one more version (:data:`AS_RECORDED`): a phone with a high
-  floor of its own is noisier than the references typically are, so its verdicts are
-  noise-matched without any noise added, and its trials belong here too (2026-12-07: about one
-  CCNU recording in five, whole or cut; before, only added noise made rows, and such verdicts were
-  judged under calibrations of recordings with much more noise than theirs);
   a ``/short`` condition cuts each of :data:`SHORT_DRAWS` such versions to every length of
   :data:`~devrecd.openset.gsvtrain.SHORT_CUTS`;
 * the noise of each version is measured as a verdict measures it; a version the rule would not
@@ -41,7 +36,6 @@ from devrecd.openset.protocol import TrialMatrix, trial_matrix
 
 DRAWS = 6  # noisy versions of each questioned development recording, whole
 SHORT_DRAWS = 6  # ... and for the short conditions (each cut to every length of SHORT_CUTS)
-AS_RECORDED = "as-recorded"  # the version without added noise (a trial row only where the rule matches it)
 SNR_RANGE = (4.0, 36.0)  # dB: the SNRs the noise is added at (uniform); measured SNRs then fall into the classes
 
 
@@ -59,8 +53,7 @@ class DevAudio:
 
 @dataclass
 class NoisyRow:
-    """One questioned version (noisy, or as recorded where the rule matches it) scored against the
-    fold's noise-matched profiles."""
+    """One noisy questioned version scored against the fold's noise-matched profiles."""
 
     level: int  # SNR class of its measured SNR
     snr_db: float  # measured SNR
@@ -82,10 +75,9 @@ def noisy_version(x: np.ndarray, audio: DevAudio, recording: int, draw: int, see
 def noisy_rows(scorer, audio: DevAudio, devices: Sequence[str], refs: Sequence[int], questioned: Sequence[int],
                level_of: Callable[[float], int], *, cuts: Sequence[float | None] = (None,),
                draws: int = DRAWS, seed: int = 0) -> list[NoisyRow]:
-    """Rows of noise-matched trials: every questioned recording (indices into ``devices``) as
-    recorded and in ``draws`` noisy versions (each cut to ``cuts``, None = whole), each the rule
-    matches against profiles of the ``refs`` recordings brought to its measured noise; see the
-    module docstring."""
+    """Rows of noise-matched trials: every questioned recording (indices into ``devices``) in
+    ``draws`` noisy versions (each cut to ``cuts``, None = whole), against profiles of the
+    ``refs`` recordings brought to each version's measured noise; see the module docstring."""
     ref_audio = {r: audio.samples(r) for r in refs}
     ref_noise = {r: measure_noise(x, audio.rate) for r, x in ref_audio.items()}  # what match_noise adds to
     # What the matching rule compares a (cut) version with: references measured as it is (in excerpts of its length).
@@ -94,10 +86,8 @@ def noisy_rows(scorer, audio: DevAudio, devices: Sequence[str], refs: Sequence[i
     rows: list[NoisyRow] = []
     for q in questioned:
         x = audio.samples(q)
-        # The recording as recorded first: a phone's own floor can make it noisier than the references
-        # typically are, and its verdict is then noise-matched too (and judged under these calibrations).
-        versions = [(AS_RECORDED, x)] + [(draw, noisy_version(x, audio, q, draw, seed)) for draw in range(draws)]
-        for draw, noisy in versions:
+        for draw in range(draws):
+            noisy = noisy_version(x, audio, q, draw, seed)
             for cut in cuts:
                 y = noisy if cut is None else noisy[: int(round(cut * audio.rate))]
                 target = measure_noise(y, audio.rate)
