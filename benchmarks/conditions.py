@@ -478,16 +478,7 @@ def drive(plan_path: Path, label: str, out_path: Path) -> int:
                         if q is None:
                             continue
                         got += 1
-                        sink.write(json.dumps({
-                            "fold": fold["name"], "rotation": k, "decision": decision, "condition": q["condition"],
-                            "true": q["device"], "segment": q["segment"], "enrolled": q["device"] in rot["enrolled"],
-                            "profiles": rot["enrolled"], "outcome": rec.get("outcome"), "reason": rec.get("reason"),
-                            "device": rec.get("device"), "condition_status": rec.get("condition_status"),
-                            "compared_under": (rec.get("comparison") or {}).get("compared_under"),
-                            "llr": rec.get("llr"), "log10_lr": rec.get("log10_lr"),
-                            "lr_fields": [f for f in ("llr", "log10_lr") if f in rec],
-                            "top_k": [{kk: t.get(kk) for kk in ("device", "score", "llr", "log10_lr") if kk in t}
-                                      for t in rec.get("top_k") or []]}) + "\n")
+                        sink.write(json.dumps(verdict_record(fold, k, rot, decision, q, rec)) + "\n")
                     if got != len(files):
                         notes.append(f"{fold['name']} rotation {k} {decision}: {got} of {len(files)} verdicts "
                                      f"(identify rc {rc})")
@@ -503,6 +494,20 @@ def drive(plan_path: Path, label: str, out_path: Path) -> int:
             log(f"[{label}] {fold['name']}: {time.perf_counter() - t_fold:.0f} s "
                 f"({', '.join(f'{s} {t:.0f} s' for s, t in spent.items())})")
     return 0
+
+
+def verdict_record(fold: dict, k: int, rot: dict, decision: str, q: dict, rec: dict) -> dict:
+    """One verdict of ``identify --format json`` as a results record: questioned file ``q`` judged
+    against rotation ``k`` of ``fold`` (also ``conditions_rejudge.py``'s records)."""
+    return {"fold": fold["name"], "rotation": k, "decision": decision, "condition": q["condition"],
+            "true": q["device"], "segment": q["segment"], "enrolled": q["device"] in rot["enrolled"],
+            "profiles": rot["enrolled"], "outcome": rec.get("outcome"), "reason": rec.get("reason"),
+            "device": rec.get("device"), "condition_status": rec.get("condition_status"),
+            "compared_under": (rec.get("comparison") or {}).get("compared_under"),
+            "llr": rec.get("llr"), "log10_lr": rec.get("log10_lr"),
+            "lr_fields": [f for f in ("llr", "log10_lr") if f in rec],
+            "top_k": [{kk: t.get(kk) for kk in ("device", "score", "llr", "log10_lr") if kk in t}
+                      for t in rec.get("top_k") or []]}
 
 
 def code_id(repo: Path) -> str:

@@ -52,17 +52,13 @@ def plan_with_extra(work: Path, out: Path, extra: list[str]) -> dict:
 
 
 def record(fold: dict, k: int, rot: dict, decision: str, q: dict, rec: dict) -> dict:
-    """One verdict in conditions.py's record format (plus the comparison's storage and noise fields)."""
+    """conditions.py's record of one verdict, plus the comparison's storage and noise fields."""
+    sys.path.insert(0, str(HERE))
+    import conditions as bench  # noqa: E402  (benchmarks/ is not a package)
+
     comp = rec.get("comparison") or {}
-    return {"fold": fold["name"], "rotation": k, "decision": decision, "condition": q["condition"],
-            "true": q["device"], "segment": q["segment"], "enrolled": q["device"] in rot["enrolled"],
-            "profiles": rot["enrolled"], "outcome": rec.get("outcome"), "reason": rec.get("reason"),
-            "device": rec.get("device"), "condition_status": rec.get("condition_status"),
-            "compared_under": comp.get("compared_under"), "llr": rec.get("llr"), "log10_lr": rec.get("log10_lr"),
-            "lr_fields": [f for f in ("llr", "log10_lr") if f in rec],
-            "references_stored_as": comp.get("references_stored_as"), "noise_matched": comp.get("noise_matched"),
-            "top_k": [{kk: t.get(kk) for kk in ("device", "score", "llr", "log10_lr") if kk in t}
-                      for t in rec.get("top_k") or []]}
+    return {**bench.verdict_record(fold, k, rot, decision, q, rec),
+            "references_stored_as": comp.get("references_stored_as"), "noise_matched": comp.get("noise_matched")}
 
 
 def drive(args: argparse.Namespace) -> None:
