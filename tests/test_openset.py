@@ -353,6 +353,41 @@ def test_identify_with_registry_known_unknown_inconclusive_and_ranking(tmp_path:
                                calibration=cal)
 
 
+def test_profiles_judged_under_their_own_calibrations_are_ranked_by_lr(tmp_path: Path) -> None:
+    """Profiles compared under different conditions (some references brought to the questioned
+    recording's noise, others as they are) each have their own calibration: the candidates are ranked
+    by LR, not by scores of different conditions, and the best one is decided under its own."""
+    from dataclasses import replace
+
+    from devrecd.openset.scoring import identify_vectors
+    from devrecd.openset.vectors import unit
+
+    rng = np.random.default_rng(0)
+    reg = open_registry(tmp_path / "registry.json", create=True)
+    for name, d in (("A", [1, 0, 0, 0]), ("B", [0, 1, 0, 0]), ("C", [0, 0, 1, 0])):
+        reg.enroll(name, EMB, [(_ref(name), _windows(d, rng))])
+    cal = _cal(rng)
+    w = _windows([0.9, 0.5, 0, 0], rng)
+    query, windows = unit(w.mean(axis=0)), unit(w)
+    one = identify_vectors(query, windows, reg, calibration=cal, calibration_source="s")
+    # One calibration per profile, all the same: the verdict of the one calibration, field for field.
+    assert identify_vectors(query, windows, reg, calibration=[cal] * 3, calibration_source=["s"] * 3) == one
+    assert one["device"] == "A" and one["top_k"][1]["device"] == "B"
+    # A judged under a calibration that reads its score as weak evidence, B under one that reads its
+    # lower score as strong evidence: B is named, with its LR and its calibration's source and hash.
+    strict, lenient = replace(cal, offset=cal.offset - 40.0), replace(cal, offset=cal.offset + 40.0)
+    v = identify_vectors(query, windows, reg, calibration=[strict, lenient, cal], calibration_source=["a", "b", "c"])
+    assert v["device"] == "B" and v["log10_lr"] == lenient.upper and v["open_set"]["calibration_source"] == "b"
+    assert v["open_set"]["calibration"] == lenient.fitted_sha256 != strict.fitted_sha256
+    by_name = {t["device"]: t for t in v["top_k"]}
+    assert by_name["A"]["score"] > by_name["B"]["score"] and by_name["A"]["log10_lr"] == strict.lower
+    # Nothing passes where each candidate's LR is below its own calibration's threshold.
+    u = identify_vectors(query, windows, reg, calibration=[strict, strict, cal], calibration_source=["a", "b", "c"])
+    assert u["device"] == UNKNOWN and u["log10_lr"] < cal.log10_threshold
+    with pytest.raises(ValueError, match="2 calibrations"):
+        identify_vectors(query, windows, reg, calibration=[cal, cal], calibration_source=["a", "b"])
+
+
 # --- real phones: train a small embedder, enrol, identify, calibrate, CLI ---------------------
 
 HELD_OUT = 2  # phones the embedder never sees (the last two of the first six, by name)

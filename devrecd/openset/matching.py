@@ -425,7 +425,18 @@ def resolve_noise(condition: dict[str, Any] | None, matcher: ConditionMatcher, p
                   channel: Channel | None, *, enabled: bool, note: str = "", duration: float | None = None,
                   margin_db: float = NOISE_MARGIN_DB) -> tuple[NoiseProfile | None, dict[str, Any]]:
     """Decide whether references are brought to the questioned recording's noise: ``(target noise
-    profile or None, comparison fields)``.
+    profile or None, comparison fields)``; :func:`resolve_noise_per_profile` without its third value."""
+    target, fields, _ = resolve_noise_per_profile(condition, matcher, profiles, channel, enabled=enabled, note=note,
+                                                  duration=duration, margin_db=margin_db)
+    return target, fields
+
+
+def resolve_noise_per_profile(condition: dict[str, Any] | None, matcher: ConditionMatcher,
+                              profiles: Sequence[Sequence[str]], channel: Channel | None, *, enabled: bool,
+                              note: str = "", duration: float | None = None, margin_db: float = NOISE_MARGIN_DB
+                              ) -> tuple[NoiseProfile | None, dict[str, Any], list[bool]]:
+    """Decide whether references are brought to the questioned recording's noise: ``(target noise
+    profile or None, comparison fields, per profile: compared as it is)``.
 
     The target is the questioned recording's measured noise (its condition's ``noise_bands_db``),
     compared with each reference's own after ``channel`` (:func:`~devrecd.audio.noise.noise_excess_db`,
@@ -442,45 +453,62 @@ def resolve_noise(condition: dict[str, Any] | None, matcher: ConditionMatcher, p
     held against references measured in excerpts of that length
     (:func:`~devrecd.audio.noise.measure_noise_as`: the same estimator, the same bias).
 
+    Once matched, a profile whose OWN references are as noisy as the questioned recording (the median
+    of its references' excess not above ``margin_db``, the rule :mod:`devrecd.forensic.compare`
+    applies to one profile) is compared as it is: bringing its references to the questioned noise
+    would add next to nothing (``match_noise`` adds nothing where a reference is as noisy), yet the
+    comparison would be judged under a noise-matched calibration, whose trials had noise added and
+    whose same-device scores sit higher (measured: the first 3 s of the two CCNU phones with their
+    own high noise floor, 24 dB SNR, were rejected by their own phone under ``clean/snr20/short``,
+    docs/conditions.md). The third value says which profiles (True: compared as is; all False
+    when nothing is matched).
+
     Fields: ``noise_matched``, ``questioned_snr_db``, ``references_snr_db`` ([lowest, highest] of
-    the references as they are, after the channel), ``noise_excess_db`` and, when matched,
+    the references as they are, after the channel), ``noise_excess_db``, when matched
+    ``profiles_as_noisy`` (how many profiles are compared as they are) and
     ``matched_references_snr_db`` (filled in by the caller from :meth:`ConditionMatcher.noise_matched`).
     """
+    none = [False] * len(profiles)
     try:
         target = noise_profile(condition, matcher.rate) if condition else None
     except (KeyError, TypeError, ValueError) as exc:
-        return None, {"noise_matched": False, "noise_note": f"the questioned noise profile cannot be read: {exc}"}
+        return None, {"noise_matched": False, "noise_note": f"the questioned noise profile cannot be read: {exc}"}, none
     if target is None:
         fields: dict[str, Any] = {"noise_matched": False}
         if condition and condition.get("snr_db") is not None:
             fields["questioned_snr_db"] = condition["snr_db"]
         if condition and condition.get("noise_bands_db") is None:
             fields["noise_note"] = "the recording's condition has no noise measurement"
-        return None, fields
+        return None, fields, none
     fields = {"noise_matched": False, "questioned_snr_db": round(target.snr_db, 1)}
     if not enabled:
         if note:
             fields["noise_note"] = note
-        return None, fields
+        return None, fields, none
     # A short questioned recording against references measured as it is: in excerpts of the length its
     # noise was measured on (the condition's measured_seconds: a live window's; else ``duration``).
     seconds = excerpt_seconds(condition.get("measured_seconds") or duration)
-    refs = [matcher.reference_noise(s, channel, seconds) for shas in profiles for s in shas]
+    per_profile = [[matcher.reference_noise(s, channel, seconds) for s in shas] for shas in profiles]
+    refs = [r for rs in per_profile for r in rs]
     if not refs:
-        return None, fields
+        return None, fields, none
     if seconds is not None:
         fields["references_noise_measured_in"] = f"{seconds:g} s excerpts"
     matched, excess = needs_matching(target, refs, margin_db)
     fields["references_snr_db"] = [round(min(r.snr_db for r in refs), 1), round(max(r.snr_db for r in refs), 1)]
     fields["noise_excess_db"] = round(excess, 1)
     if not matched:
-        return None, fields
-    fields["noise_matched"] = True
-    return target, fields
+        return None, fields, none
+    as_noisy = [bool(rs) and not needs_matching(target, rs, margin_db)[0] for rs in per_profile]
+    if all(as_noisy):  # noisier than the references typically are, yet as noisy as each profile's own
+        fields["noise_note"] = "every profile's own references are as noisy as the questioned recording"
+        return None, fields, none
+    fields["noise_matched"], fields["profiles_as_noisy"] = True, sum(as_noisy)
+    return target, fields, as_noisy
 
 
 __all__ = [
-    "NOISE_MARGIN_DB", "resolve_noise",
+    "NOISE_MARGIN_DB", "resolve_noise", "resolve_noise_per_profile",
     "CLEAN", "ChannelError", "ConditionMatcher", "ReferenceStore", "ScoreFunction", "condition_report",
     "embedding_scorer", "matched_profile_embeddings", "matched_registry", "matched_scores", "questioned_channel",
     "storage_channel",

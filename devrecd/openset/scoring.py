@@ -140,7 +140,8 @@ def identify_with_registry(window_embeddings: np.ndarray, registry: Registry, *,
 
 
 def identify_vectors(query: np.ndarray, window_vectors: np.ndarray | Sequence[np.ndarray] | None, registry: Registry, *,
-                     calibration: Calibration | None, k: int = 5, calibration_source: str = "",
+                     calibration: Calibration | Sequence[Calibration] | None, k: int = 5,
+                     calibration_source: str | Sequence[str] = "",
                      score: Callable[[np.ndarray, np.ndarray], np.ndarray] = cosine_scores) -> dict[str, Any]:
     """Verdict fields for one recording from its vector (and per-window vectors) under a scorer's ``score``.
 
@@ -151,28 +152,47 @@ def identify_vectors(query: np.ndarray, window_vectors: np.ndarray | Sequence[np
     (ranked profiles with score and log10_lr) and ``windows_best`` (best profile per window).
     ``window_vectors``: one (n_windows, D) array, or the recording's windows in consecutive chunks
     (a sequence of such arrays: :meth:`~devrecd.openset.gsv.GsvScorer.accumulator`).
+
+    ``calibration`` (and ``calibration_source``) may be one per profile, in ``registry.names``
+    order: profiles compared under different conditions (some references brought to the
+    questioned recording's noise, others as they are: :func:`~devrecd.openset.matching.resolve_noise_per_profile`).
+    Candidates are then ranked by their LR (ties by score: scores of different conditions are not
+    comparable, LRs are), and the best one is decided under its own calibration. With one
+    calibration, LR order is score order (the map is increasing).
     """
     names, means = registry.matrix()
     scores = np.asarray(score(np.atleast_2d(query), means), dtype=np.float64)[0]
-    order = np.argsort(-scores, kind="stable")
+    per_profile = calibration is not None and not isinstance(calibration, Calibration)
+    cals: list[Calibration] | None = (None if calibration is None else list(calibration) if per_profile
+                                      else [calibration] * len(names))
+    sources = list(calibration_source) if not isinstance(calibration_source, str) else [calibration_source] * len(names)
+    if cals is not None and (len(cals) != len(names) or len(sources) != len(names)):
+        raise ValueError(f"{len(cals)} calibrations and {len(sources)} sources for {len(names)} profiles")
+    if cals is None:
+        lrs = None
+        order = np.argsort(-scores, kind="stable")
+    else:
+        lrs = (np.round(calibration.log10_lr(scores)[0], LR_DECIMALS) if not per_profile else
+               np.round(np.array([c.log10_lr(float(v))[0] for c, v in zip(cals, scores)]), LR_DECIMALS))
+        order = np.lexsort((-scores, -lrs))  # by LR, then by score (stable: then by profile order)
     best = int(order[0])
-    lrs = None if calibration is None else np.round(calibration.log10_lr(scores)[0], LR_DECIMALS)
-    accepted = calibration is not None and calibration.accepts(float(lrs[best]))
+    cal = None if cals is None else cals[best]
+    accepted = cal is not None and cal.accepts(float(lrs[best]))
     # No decision can be made when there is no calibration, or when the decision threshold lies outside
     # the LRs the calibration's trials support (above the upper bound: a narrowband call among many
     # enrolled devices; below the lower one: a prior that names whatever is compared): then no device
     # is named and none is excluded.
-    undecidable = calibration is None or not calibration.decidable
+    undecidable = cal is None or not cal.decidable
     device = names[best] if accepted else (INCONCLUSIVE if undecidable else UNKNOWN)
-    decision: dict[str, Any] = {"accepted": accepted, "decidable": not undecidable, "calibration_source": calibration_source,
+    decision: dict[str, Any] = {"accepted": accepted, "decidable": not undecidable, "calibration_source": sources[best],
                                 "registry": str(registry.path), "profiles": len(names),
                                 "embedder": registry.embedder.get("fingerprint"), "scorer": registry.kind}
-    if calibration is not None:
-        decision.update({"rule": calibration.decision["rule"], "prior": calibration.decision["prior"],
-                         "n_candidates": calibration.decision.get("n_candidates"),
-                         "log10_threshold": calibration.log10_threshold,
-                         "threshold": round(float(calibration.threshold), 6), "calibration": calibration.fitted_sha256,
-                         "calibration_basis": calibration.basis, "bounds": [calibration.lower, calibration.upper]})
+    if cal is not None:
+        decision.update({"rule": cal.decision["rule"], "prior": cal.decision["prior"],
+                         "n_candidates": cal.decision.get("n_candidates"),
+                         "log10_threshold": cal.log10_threshold,
+                         "threshold": round(float(cal.threshold), 6), "calibration": cal.fitted_sha256,
+                         "calibration_basis": cal.basis, "bounds": [cal.lower, cal.upper]})
     chunks = [] if window_vectors is None else \
         [window_vectors] if isinstance(window_vectors, np.ndarray) else list(window_vectors)
     windows_best = [names[int(j)] for c in chunks if len(c) for j in np.asarray(score(c, means)).argmax(axis=1)]

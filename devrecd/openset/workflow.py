@@ -261,6 +261,28 @@ class RegistryJudge:
             self._vectors[fingerprint] = MatchedVectors(self.matcher.cache_dir, self.matcher.key, fingerprint)
         return self._vectors[fingerprint]
 
+    def _matched_under(self, channel: Any, noise: Any, model: Any, profiles: list[list[str]]) -> tuple[Registry, list[float]]:
+        """The registry with its references under ``channel`` and ``noise`` (None, None: the registry
+        itself) vectorised by ``model``, and the references' measured SNRs once matched to a noise;
+        cached (the :data:`MATCHED_REGISTRIES` most recent). Call under ``self._matching``."""
+        from devrecd.audio.noise import noise_key
+        from devrecd.openset.matching import CLEAN, matched_registry
+
+        if channel is None and noise is None:
+            return self.registry, []
+        mkey = (channel.key if channel is not None else CLEAN, noise_key(noise) if noise is not None else "",
+                "" if model is self.scorer else model.fingerprint)
+        if mkey not in self._matched:
+            matched = matched_registry(self.registry, self.matcher, channel, model.recording_vector, noise,
+                                       self._kept_vectors(model))
+            snrs = ([self.matcher.matched_snr(s, channel, noise) for shas in profiles for s in shas]
+                    if noise is not None else [])
+            self._matched[mkey] = (matched, snrs)
+            while len(self._matched) > MATCHED_REGISTRIES:
+                self._matched.popitem(last=False)
+        self._matched.move_to_end(mkey)
+        return self._matched[mkey]
+
     def describe_decision(self) -> str:
         """One line for logs: the decision rule and the conditions with a calibration."""
         from devrecd.openset.calibration import Decision
@@ -280,9 +302,8 @@ class RegistryJudge:
         condition_status) of one recording; ``recording`` (its ``describe()``) carries its condition.
         ``features``: the recording's (n_windows, 128, 73) raw features, or an :meth:`accumulator`
         fed them chunk by chunk (the same verdict, without the features held whole)."""
-        from devrecd.audio.noise import noise_key
         from devrecd.openset.conditions import snr_outside
-        from devrecd.openset.matching import CLEAN, condition_report, matched_registry, resolve_comparison, resolve_noise
+        from devrecd.openset.matching import condition_report, resolve_comparison, resolve_noise_per_profile
         from devrecd.openset.scoring import calibration_for, calibration_keys, identify_vectors
 
         reg = self.registry
@@ -298,24 +319,16 @@ class RegistryJudge:
             can_match = self.match_conditions and self.store is not None and not note
             noise_note = ("" if can_match else note or ("condition matching is off (registry.match_conditions)"
                           if not self.match_conditions else "the registry keeps no reference audio"))
-            noise, noise_fields = resolve_noise(condition, self.matcher, profiles, channel, enabled=can_match,
-                                                note=noise_note, duration=(recording or {}).get("duration"))
-            if channel is not None or noise is not None:
-                mkey = (channel.key if channel is not None else CLEAN, noise_key(noise) if noise is not None else "",
-                        "" if model is self.scorer else model.fingerprint)
-                if mkey not in self._matched:
-                    matched = matched_registry(reg, self.matcher, channel, model.recording_vector, noise,
-                                               self._kept_vectors(model))
-                    snrs = ([self.matcher.matched_snr(s, channel, noise) for shas in profiles for s in shas]
-                            if noise is not None else [])
-                    self._matched[mkey] = (matched, snrs)
-                    while len(self._matched) > MATCHED_REGISTRIES:
-                        self._matched.popitem(last=False)
-                self._matched.move_to_end(mkey)
-                reg, snrs = self._matched[mkey]
-                if snrs:
-                    noise_fields["matched_references_snr_db"] = [min(snrs), max(snrs)]
-        keys = calibration_keys(under, (recording or {}).get("duration"), noise.snr_db if noise is not None else None)
+            noise, noise_fields, as_noisy = resolve_noise_per_profile(
+                condition, self.matcher, profiles, channel, enabled=can_match, note=noise_note,
+                duration=(recording or {}).get("duration"))
+            reg, snrs = self._matched_under(channel, noise, model, profiles)
+            if snrs:
+                noise_fields["matched_references_snr_db"] = [min(snrs), max(snrs)]
+            # Profiles whose own references are as noisy as the questioned recording: compared as they are.
+            plain = self._matched_under(channel, None, model, profiles)[0] if any(as_noisy) else None
+        duration = (recording or {}).get("duration")
+        keys = calibration_keys(under, duration, noise.snr_db if noise is not None else None)
         cal, source, key = calibration_for(self.registry, keys, self.registry_cfg, self.dev_calibrations, condition)
         # A recording noisier than every recording the calibration was fitted on, compared with
         # references brought to its noise, is outside what the calibration validates, as a channel it
@@ -334,7 +347,29 @@ class RegistryJudge:
             query, windows = features.result()
         else:
             query, windows = model.recording_vector(features), model.window_vectors(features)
-        fields = identify_vectors(query, windows, reg, calibration=cal, k=self.top_k, calibration_source=source, score=model.score)
+        cals: Any = cal
+        if plain is not None:  # some profiles compared as they are, under the calibration of the plain comparison
+            from dataclasses import replace
+
+            reg = replace(reg, profiles={n: plain.profiles[n] if as_noisy[i] else reg.profiles[n]
+                                         for i, n in enumerate(reg.names)})
+            plain_cal, plain_source, plain_key = calibration_for(self.registry, calibration_keys(under, duration),
+                                                                 self.registry_cfg, self.dev_calibrations, condition)
+            if cal is not None and plain_cal is None:  # the verdict needs both
+                cal, source = None, plain_source
+            if cal is not None:
+                cals = [plain_cal if as_noisy[i] else cal for i in range(len(reg.names))]
+                source = [plain_source if as_noisy[i] else source for i in range(len(reg.names))]
+        fields = identify_vectors(query, windows, reg, calibration=cals, k=self.top_k, calibration_source=source,
+                                  score=model.score)
+        if plain is not None:  # which key each candidate was judged under; the verdict's is the best one's
+            best = reg.names.index(fields["candidate"])
+            key = plain_key if as_noisy[best] else key
+            source = fields["open_set"]["calibration_source"]
+            as_is = {n for i, n in enumerate(reg.names) if as_noisy[i]}
+            noise_fields["compared_as_is"] = sorted(as_is)
+            for entry in fields["top_k"]:
+                entry["noise_matched"] = entry["device"] not in as_is
         fields["open_set"]["condition"] = key
         if model is not self.scorer:  # the channel model that vectorised both sides
             fields["open_set"]["channel_model"] = {"channel": channel.name, "fingerprint": model.fingerprint}
