@@ -32,6 +32,11 @@ CLIFF_DB = 30.0
 CLIFF_HZ = 400.0
 BACK_DB = 10.0
 LOW_CLIFF_DB = 40.0  # the lower edge (a 300 Hz telephone high-pass) must be steeper than any phone's own high-pass
+# A quiet 16-bit file: a band limit below QUIET_EDGE_HZ whose spectrum falls to the file's own quantiser
+# floor (within FLOOR_MARGIN_DB, all the way to the Nyquist frequency) needs only QUIET_CLIFF_DB.
+QUIET_EDGE_HZ = 5000.0
+QUIET_CLIFF_DB = 10.0
+FLOOR_MARGIN_DB = 3.0
 LOW_CLIFF_HZ = 150.0
 LOSSLESS = {"PCM_16", "PCM_24", "PCM_32", "PCM_S8", "PCM_U8", "FLOAT", "DOUBLE", "FLAC", "ALAC", "pcm_s16le",
             "pcm_s24le", "pcm_s32le", "pcm_f32le", "pcm_s16be", "flac", "alac"}
@@ -55,20 +60,39 @@ class Band:
     high_drop_db: float  # how far the spectrum falls within CLIFF_HZ above high_hz
     low_drop_db: float  # how far it falls within CLIFF_HZ below low_hz
     nyquist_hz: float
+    high_on_floor: bool = False  # the upper edge falls onto the file's quantiser floor (a quiet 16-bit file)
+    low_on_floor: bool = False  # so does the lower edge (a quiet telephone band)
 
     @property
     def high_limited(self) -> bool:
         """A sharp upper edge below the Nyquist frequency: a codec or a band limit, not a microphone."""
-        return self.high_drop_db >= CLIFF_DB and self.high_hz < 0.9 * self.nyquist_hz
+        steep = self.high_drop_db >= (QUIET_CLIFF_DB if self.high_on_floor else CLIFF_DB)
+        return steep and self.high_hz < 0.9 * self.nyquist_hz
 
     @property
     def low_limited(self) -> bool:
         """A sharp lower edge (a telephone band's 300 Hz high-pass)."""
-        return self.low_drop_db >= LOW_CLIFF_DB and self.low_hz >= 150.0
+        steep = self.low_drop_db >= (QUIET_CLIFF_DB if self.low_on_floor else LOW_CLIFF_DB)
+        return steep and self.low_hz >= 150.0
 
 
-def measure_band(samples: np.ndarray, rate: int) -> Band:
-    """Measure the effective band of mono ``samples`` at ``rate`` (see the module docstring)."""
+def quantiser_floor_db(bits: int, rate: int) -> float:
+    """The power spectral density (dB re 1/Hz, full scale 1.0) of rounding to ``bits``-bit PCM at
+    ``rate``: white noise of variance step^2 / 12 spread over 0..rate/2 (16 bit at 32 kHz: -143.1)."""
+    step = 2.0 ** (1 - bits)
+    return 10.0 * math.log10(step * step / 12.0 / (rate / 2.0))
+
+
+def measure_band(samples: np.ndarray, rate: int, floor_db: float | None = None) -> Band:
+    """Measure the effective band of mono ``samples`` at ``rate`` (see the module docstring).
+
+    ``floor_db``: the file's quantiser floor (:func:`quantiser_floor_db`) when it is integer PCM.
+    A band limit stored quietly as 16-bit PCM falls to that floor, not tens of dB below its band:
+    30 dB quieter, an AMR-NB call saved as a 32 kHz WAV lies 10-42 dB above it just inside its 3.8 kHz
+    edge (the 15 CCNU phones) and the 30 dB cliff found 6 of 15 (a telephone band: 9 of 15). Where the
+    spectrum sits on that floor from an edge below :data:`QUIET_EDGE_HZ` to the Nyquist frequency, a
+    :data:`QUIET_CLIFF_DB` fall is a band limit: broadband CCNU recordings 20-40 dB quieter reach
+    the floor at 6.9 kHz at the lowest (40 dB quieter), band-limited ones at 3.4-4.0 kHz."""
     x = _analysis_excerpt(np.asarray(samples), rate)  # float64 group by group in welch_psd, not whole
     nper = 1 << max(8, int(round(math.log2(rate / 16.0))))  # ~16 Hz bins: sharp enough for a cliff
     nper = min(nper, 1 << int(math.log2(max(256, len(x)))), len(x))
@@ -79,24 +103,30 @@ def measure_band(samples: np.ndarray, rate: int) -> Band:
     band = (f >= REF_BAND[0]) & (f <= min(REF_BAND[1], 0.45 * rate))
     ref = float(_quantile(0.9, level[band])) if band.any() else float(level.max())
 
-    hi_i, hi_drop = _upper_cliff(level, f, max(2, int(round(CLIFF_HZ / df))), nyq)
+    hi_i, hi_drop, on_floor = _upper_cliff(level, f, max(2, int(round(CLIFF_HZ / df))), nyq, floor_db)
     if hi_i is None:  # no cliff: where the spectrum has faded far below the speech level
         above = np.flatnonzero(level > ref - EDGE_BELOW_REF_DB)
         hi_i = int(above[-1]) if above.size else len(f) - 1
         k = max(2, int(round(CLIFF_HZ / df)))
         hi_drop = float(_quantile(0.5, level[max(0, hi_i - k): hi_i + 1]) - _quantile(0.5, level[hi_i + 1: hi_i + 1 + k])) \
             if hi_i + 2 < len(level) else 0.0
-    lo_i, lo_drop = _lower_cliff(level, f, max(2, int(round(LOW_CLIFF_HZ / df))))
+    # A quiet telephone band: its 300 Hz high-pass falls onto the floor too (looked for only below an
+    # upper edge on the floor: a quiet broadband phone's own high-pass can sink into it as well).
+    lo_i, lo_drop = _lower_cliff(level, f, max(2, int(round(LOW_CLIFF_HZ / df))), floor_db if on_floor else None)
     return Band(low_hz=round(float(f[lo_i]), 1), high_hz=round(float(f[hi_i]), 1),
-                high_drop_db=round(hi_drop, 1), low_drop_db=round(lo_drop, 1), nyquist_hz=nyq)
+                high_drop_db=round(hi_drop, 1), low_drop_db=round(lo_drop, 1), nyquist_hz=nyq,
+                high_on_floor=on_floor, low_on_floor=on_floor and lo_drop < LOW_CLIFF_DB)
 
 
-def _upper_cliff(level: np.ndarray, f: np.ndarray, k: int, nyq: float) -> tuple[int | None, float]:
-    """The lowest upper band edge with a cliff below 0.9 x Nyquist: (bin of the edge, depth in dB)."""
+def _upper_cliff(level: np.ndarray, f: np.ndarray, k: int, nyq: float,
+                 floor_db: float | None = None) -> tuple[int | None, float, bool]:
+    """The lowest upper band edge with a cliff below 0.9 x Nyquist: (bin of the edge, depth in dB,
+    whether it falls onto the quantiser floor); below :data:`QUIET_EDGE_HZ`, a fall of
+    :data:`QUIET_CLIFF_DB` onto the quantiser floor ``floor_db`` counts as a cliff (:func:`measure_band`)."""
     n = len(level)
     tail_max = np.maximum.accumulate(level[::-1])[::-1]  # max of level[i:]
     if n < 2 * k:
-        return None, 0.0
+        return None, 0.0, False
     # The median of every run of k bins, level[j:j + k], in one call (one bin at a time, this loop
     # held the GIL for most of a file's condition analysis: the daemon's workers queued on it).
     median_from = _quantile(0.5, np.lib.stride_tricks.sliding_window_view(level, k), axis=1)
@@ -104,18 +134,31 @@ def _upper_cliff(level: np.ndarray, f: np.ndarray, k: int, nyq: float) -> tuple[
         if f[i] >= 0.9 * nyq:
             break
         inside = float(median_from[i - k])
-        if inside - float(median_from[i]) < CLIFF_DB:
+        drop = inside - float(median_from[i])
+        on_floor = (floor_db is not None and f[i] < QUIET_EDGE_HZ
+                    and tail_max[min(n - 1, i + k)] <= floor_db + FLOOR_MARGIN_DB)
+        if on_floor and drop >= QUIET_CLIFF_DB:
+            # Onto the floor: the deepest fall within the next k bins is the cliff (a loud band limit
+            # falls 30 dB and more there, as before; a quiet one less).
+            ahead = np.arange(i, min(n - k, i + k))
+            i = int(ahead[np.argmax(median_from[ahead - k] - median_from[ahead])])
+            inside = float(median_from[i - k])
+            drop = inside - float(median_from[i])
+        elif drop < CLIFF_DB:
             continue
-        if tail_max[min(n - 1, i + k)] > inside - CLIFF_DB + BACK_DB:
+        elif tail_max[min(n - 1, i + k)] > inside - CLIFF_DB + BACK_DB:
             continue  # the spectrum comes back: a notch or a roll-off with a floor, not a band limit
-        # The edge: the last bin still within 10 dB of the band's level just inside it.
-        j = i - k + int(np.flatnonzero(level[i - k: i + k] >= inside - 10.0)[-1])
-        return j, inside - float(median_from[i])
-    return None, 0.0
+        # The edge: the last bin still within 10 dB (a fall onto the floor of under 20 dB: within
+        # half the fall) of the band's level just inside it.
+        j = i - k + int(np.flatnonzero(level[i - k: i + k] >= inside - min(10.0, drop / 2))[-1])
+        return j, drop, on_floor and drop < CLIFF_DB
+    return None, 0.0, False
 
 
-def _lower_cliff(level: np.ndarray, f: np.ndarray, k: int) -> tuple[int, float]:
-    """A lower band edge with a cliff (>= 150 Hz): (bin, depth in dB); (0, 0.0) when there is none."""
+def _lower_cliff(level: np.ndarray, f: np.ndarray, k: int, floor_db: float | None = None) -> tuple[int, float]:
+    """A lower band edge with a cliff (>= 150 Hz): (bin, depth in dB); (0, 0.0) when there is none.
+    With ``floor_db``, a fall of :data:`QUIET_CLIFF_DB` onto that floor (everything below the edge
+    on it) counts too."""
     lo0 = max(1, int(np.searchsorted(f, 50.0)))  # below 50 Hz: DC offset and its leakage, not the band
     for i in range(len(level) - 3 * k):
         if f[i] < 150.0:
@@ -124,7 +167,8 @@ def _lower_cliff(level: np.ndarray, f: np.ndarray, k: int) -> tuple[int, float]:
             break
         inside = float(_quantile(0.5, level[i: i + k]))
         below = float(level[lo0:max(lo0 + 1, i - k // 2)].max())
-        if inside - below >= LOW_CLIFF_DB:
+        on_floor = floor_db is not None and below <= floor_db + FLOOR_MARGIN_DB
+        if inside - below >= (QUIET_CLIFF_DB if on_floor else LOW_CLIFF_DB):
             band = float(_quantile(0.5, level[i: i + 3 * k]))  # the band's own level just above the edge
             j = i + int(np.flatnonzero(level[i: i + 3 * k] >= band - 10.0)[0])
             return j, band - below
@@ -242,7 +286,7 @@ class Decoded(Protocol):
 def measure_condition(rec: Decoded) -> Condition:
     """The condition of a decoded recording (header facts plus the band and the noise measured on its samples)."""
     measured = rec.samples if rec.excerpt is None else rec.excerpt
-    band = measure_band(measured, rec.sample_rate)
+    band = measure_band(measured, rec.sample_rate, _pcm_floor(rec.codec, rec.native_rate))
     noise = measure_noise(measured, rec.sample_rate).to_json()
     native_seconds = len(rec.samples) / rec.sample_rate
     bitrate = int(round(rec.size * 8 / native_seconds)) if native_seconds > 0 else 0
@@ -255,6 +299,16 @@ def measure_condition(rec: Decoded) -> Condition:
                      band_low_drop_db=band.low_drop_db, band_limited=band_limited, channel=channel.name if channel else "",
                      speech_dbfs=noise["speech_dbfs"], noise_dbfs=noise["noise_dbfs"], snr_db=noise["snr_db"],
                      noise_bands_db=tuple(noise["noise_bands_db"]), measured_seconds=round(len(measured) / rec.sample_rate, 3))
+
+
+_PCM_BITS = {"PCM_16": 16, "pcm_s16le": 16, "pcm_s16be": 16, "PCM_S8": 8, "PCM_U8": 8, "pcm_u8": 8, "pcm_s8": 8}
+
+
+def _pcm_floor(codec: str, native_rate: int) -> float | None:
+    """The quantiser floor of an 8- or 16-bit PCM file at its own rate (None for others: 24-bit and
+    float files have theirs far below any band, codecs' decoders fill above their band themselves)."""
+    bits = _PCM_BITS.get(codec)
+    return quantiser_floor_db(bits, native_rate) if bits and native_rate > 0 else None
 
 
 def noise_profile(condition: Condition | dict[str, Any] | None, rate: int) -> NoiseProfile | None:
