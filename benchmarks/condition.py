@@ -115,7 +115,11 @@ def compare(base: dict, new: dict) -> tuple[bool, list[str]]:
             worst[key] = max(worst.get(key, 0.0), d)
     raw = max((abs(x - y) for a, b in zip(base["noise"], new["noise"]) for x, y in zip(a, b)), default=0.0)
     ok = not any(differ.values()) and all(d <= FLOAT_TOL for d in worst.values()) and raw <= NOISE_TOL_DB
-    lines = [f"  categorical fields differing: {sum(differ.values())} "
+    channels: dict[str, int] = {}
+    for a in base["conditions"]:
+        channels[a["channel"] or "none"] = channels.get(a["channel"] or "none", 0) + 1
+    lines = [f"  channels measured (baseline): {', '.join(f'{k} {n}' for k, n in sorted(channels.items()))}",
+             f"  categorical fields differing: {sum(differ.values())} "
              f"({', '.join(f'{k} {n}' for k, n in differ.items() if n) or 'none'})",
              "  worst float difference (as stored): " + ", ".join(f"{k} {d:.3g}" for k, d in worst.items()),
              f"  worst unrounded noise profile difference (speech, floor, bands): {raw:.3g} dB"]
