@@ -142,9 +142,13 @@ def start_daemon(work: Path, evidence: Path, model: str | None, extra: list[str]
                  env: dict[str, str] | None = None, registry: str | None = None) -> tuple[subprocess.Popen, Path]:
     state = work / "state"
     served = ["--model", model] if model else ["--registry", str(registry)]
+    # This checkout's code unless ``env`` names another's PYTHONPATH, run from ``work``: ``python -c``
+    # puts the current folder ahead of PYTHONPATH (run from a checkout, a --baseline-code daemon
+    # imported that checkout's code), and without PYTHONPATH the editable install's would be taken.
     proc = subprocess.Popen([sys.executable, "-c", "from devrecd.cli import main; main()", "watch", str(evidence),
                              *served, "--state-dir", str(state), "--port", "0", *(extra or [])],
-                            env={**os.environ, **(env or {})}, stderr=open(work / "daemon.log", "wb"))
+                            env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, cwd=work,
+                            stderr=open(work / "daemon.log", "wb"))
     deadline = time.time() + 300
     while time.time() < deadline:
         if proc.poll() is not None:

@@ -305,3 +305,37 @@ def test_a_quiet_band_limit_falls_onto_the_quantiser_floor_and_is_found(ccnu_dir
     sf.write(path, apply_channel(get_channel("tel"), sf.read(phones[0], dtype="float32")[0], RATE) * 10 ** (-30 / 20),
              RATE, subtype="FLOAT")
     assert measure_condition(read_evidence(path, RATE)).band_high_drop_db >= 30  # far below the band: the cliff rule
+
+
+def test_lower_cliff_is_the_bin_by_bin_search():
+    """The lower band edge, found for every candidate bin at once, is the bin-by-bin search it
+    replaced (the lowest 150-1000 Hz bin whose next k bins' median is LOW_CLIFF_DB above every bin
+    from 50 Hz to k/2 below it): the same edge and depth, bit for bit, with and without a cliff."""
+    from devrecd.audio.condition import LOW_CLIFF_DB, LOW_CLIFF_HZ, _lower_cliff, _quantile
+
+    def one_bin_at_a_time(level, f, k):
+        lo0 = max(1, int(np.searchsorted(f, 50.0)))
+        for i in range(len(level) - 3 * k):
+            if f[i] < 150.0:
+                continue
+            if f[i] > 1000.0:
+                break
+            inside = float(_quantile(0.5, level[i: i + k]))
+            below = float(level[lo0:max(lo0 + 1, i - k // 2)].max())
+            if inside - below >= LOW_CLIFF_DB:
+                band = float(_quantile(0.5, level[i: i + 3 * k]))
+                return i + int(np.flatnonzero(level[i: i + 3 * k] >= band - 10.0)[0]), band - below
+        return 0, 0.0
+
+    rng = np.random.default_rng(0)
+    edges = 0
+    for rate, nper in ((32000, 2048), (8000, 512), (8000, 64), (2000, 16)):
+        f = np.fft.rfftfreq(nper, 1.0 / rate)
+        k = max(2, int(round(LOW_CLIFF_HZ / f[1])))
+        for _ in range(100):
+            level = rng.normal(size=len(f)) * rng.uniform(1, 30)
+            level[f < rng.uniform(100, 1200)] -= rng.uniform(0, 80)
+            expected = one_bin_at_a_time(level, f, k)
+            assert _lower_cliff(level, f, k) == expected
+            edges += expected[0] != 0
+    assert 50 < edges < 350  # both outcomes covered

@@ -267,3 +267,29 @@ def test_references_measured_as_a_short_recording(ccnu_dir, monkeypatch):
     monkeypatch.setattr(N, "measure_noise", lambda y, rate: calls.append(len(y)) or real(y, rate))
     N.measure_noise_as(long, RATE, 3.0)
     assert len(calls) == N.MAX_EXCERPTS and set(calls) == {n}
+
+
+def test_frame_spectra_are_float64_periodograms_of_the_strided_frames(monkeypatch):
+    """The noise's frame spectra (computed a tile at a time, float32 frames cast on the way) are the
+    float64 one-sided periodograms of the evenly strided frames, mean removed, Hann windowed, to
+    1e-12: more frames than MAX_FRAMES (strided), several tiles, and a recording shorter than a frame."""
+    from devrecd.audio import noise
+
+    def reference(x, nfft, max_frames):
+        x = np.concatenate([x, np.zeros(max(0, nfft - len(x)), x.dtype)]).astype(np.float64)
+        starts = np.arange(0, len(x) - nfft + 1, nfft // 2)
+        starts = starts[np.linspace(0, len(starts) - 1, min(len(starts), max_frames)).astype(int)]
+        w = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(nfft) / nfft)
+        seg = np.stack([x[s: s + nfft] - x[s: s + nfft].mean() for s in starts]) * w
+        p = np.abs(np.fft.rfft(seg, axis=1)) ** 2 / (nfft * np.sum(w**2))
+        p[:, 1:-1] *= 2.0
+        return p
+
+    monkeypatch.setattr(noise, "MAX_FRAMES", 300)
+    rng = np.random.default_rng(0)
+    for n, nfft in ((512 * 700 + 99, 1024), (4000, 1024), (700, 1024), (3001, 64)):
+        x = (0.1 * rng.standard_normal(n) + 0.01).astype(np.float32)
+        got = noise._frame_spectra(x, nfft)
+        want = reference(x, nfft, 300)
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)

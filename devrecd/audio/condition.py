@@ -21,6 +21,7 @@ import numpy as np
 
 from devrecd.audio.channel import CHANNELS, Channel, band_limit, stored_as
 from devrecd.audio.noise import SILENCE_DBFS, NoiseProfile, measure_noise
+from devrecd.audio.spectra import hann, power_tiles
 
 ANALYSIS_SECONDS = 120.0  # at most this much audio (spread over the recording) enters the spectrum
 _BLOCK_SECONDS = 2.0
@@ -93,7 +94,7 @@ def measure_band(samples: np.ndarray, rate: int, floor_db: float | None = None) 
     spectrum sits on that floor from an edge below :data:`QUIET_EDGE_HZ` to the Nyquist frequency, a
     :data:`QUIET_CLIFF_DB` fall is a band limit: broadband CCNU recordings 20-40 dB quieter reach
     the floor at 6.9 kHz at the lowest (40 dB quieter), band-limited ones at 3.4-4.0 kHz."""
-    x = _analysis_excerpt(np.asarray(samples), rate)  # float64 group by group in welch_psd, not whole
+    x = _analysis_excerpt(np.asarray(samples), rate)  # float64 tile by tile in welch_psd, not whole
     nper = 1 << max(8, int(round(math.log2(rate / 16.0))))  # ~16 Hz bins: sharp enough for a cliff
     nper = min(nper, 1 << int(math.log2(max(256, len(x)))), len(x))
     f, p = welch_psd(x, rate, nper)
@@ -160,19 +161,23 @@ def _lower_cliff(level: np.ndarray, f: np.ndarray, k: int, floor_db: float | Non
     With ``floor_db``, a fall of :data:`QUIET_CLIFF_DB` onto that floor (everything below the edge
     on it) counts too."""
     lo0 = max(1, int(np.searchsorted(f, 50.0)))  # below 50 Hz: DC offset and its leakage, not the band
-    for i in range(len(level) - 3 * k):
-        if f[i] < 150.0:
-            continue
-        if f[i] > 1000.0:
-            break
-        inside = float(_quantile(0.5, level[i: i + k]))
-        below = float(level[lo0:max(lo0 + 1, i - k // 2)].max())
-        on_floor = floor_db is not None and below <= floor_db + FLOOR_MARGIN_DB
-        if inside - below >= (QUIET_CLIFF_DB if on_floor else LOW_CLIFF_DB):
-            band = float(_quantile(0.5, level[i: i + 3 * k]))  # the band's own level just above the edge
-            j = i + int(np.flatnonzero(level[i: i + 3 * k] >= band - 10.0)[0])
-            return j, band - below
-    return 0, 0.0
+    # Every candidate edge i (150 to 1000 Hz, 3 k bins above it) at once, the lowest that qualifies
+    # taken (one bin at a time, this loop was a fifth of the condition measurement's CPU): inside,
+    # the median of level[i:i + k]; below, the maximum of level[lo0:max(lo0 + 1, i - k // 2)].
+    first = int(np.searchsorted(f, 150.0))
+    stop = min(len(level) - 3 * k, int(np.searchsorted(f, 1000.0, side="right")))
+    if first >= stop:
+        return 0, 0.0
+    inside = _quantile(0.5, np.lib.stride_tricks.sliding_window_view(level[first: stop + k - 1], k), axis=1)
+    below = np.maximum.accumulate(level[lo0:])[np.maximum(lo0 + 1, np.arange(first, stop) - k // 2) - 1 - lo0]
+    on_floor = below <= floor_db + FLOOR_MARGIN_DB if floor_db is not None else np.zeros(len(below), bool)
+    hits = np.flatnonzero(inside - below >= np.where(on_floor, QUIET_CLIFF_DB, LOW_CLIFF_DB))
+    if not hits.size:
+        return 0, 0.0
+    i, below_i = first + int(hits[0]), float(below[hits[0]])
+    band = float(_quantile(0.5, level[i: i + 3 * k]))  # the band's own level just above the edge
+    j = i + int(np.flatnonzero(level[i: i + 3 * k] >= band - 10.0)[0])
+    return j, band - below_i
 
 
 def _analysis_excerpt(x: np.ndarray, rate: int) -> np.ndarray:
@@ -190,20 +195,16 @@ def welch_psd(x: np.ndarray, rate: int, nper: int) -> tuple[np.ndarray, np.ndarr
     """Welch's one-sided power spectral density (V^2/Hz) of ``x``: periodic Hann windows of ``nper``
     samples, half overlapping, each segment's mean removed, periodograms averaged (what
     ``scipy.signal.welch(x, rate, nperseg=nper, noverlap=nper // 2)`` computes; tests compare the two).
-    Segments are taken in groups so that a long excerpt never needs all of them in memory at once."""
+    Segments are taken a tile at a time (:func:`devrecd.audio.spectra.power_tiles`): a long excerpt
+    never needs all of them in memory at once, in float64 or at all."""
     if nper < 2 or len(x) < nper:
         raise ValueError(f"need at least nper >= 2 samples for a spectrum, got nper={nper}, {len(x)} samples")
     step = nper - nper // 2
-    window = 0.5 - 0.5 * np.cos(2.0 * math.pi * np.arange(nper) / nper)  # periodic Hann
-    starts = np.arange(0, len(x) - nper + 1, step)
     segments = np.lib.stride_tricks.sliding_window_view(x, nper)[::step]
     total = np.zeros(nper // 2 + 1)
-    for lo in range(0, len(starts), 256):
-        seg = segments[lo : lo + 256].astype(np.float64)  # float64 per group: the excerpt stays as decoded
-        seg = (seg - seg.mean(axis=1, keepdims=True)) * window
-        spec = np.fft.rfft(seg, axis=1)
-        total += (spec.real**2 + spec.imag**2).sum(axis=0)
-    psd = total / (len(starts) * rate * float(np.sum(window**2)))
+    for _, power in power_tiles(segments):
+        total += power.sum(axis=0)
+    psd = total / (len(segments) * rate * float(np.sum(hann(nper) ** 2)))
     psd[1 : (None if nper % 2 else -1)] *= 2.0  # one-sided: every bin but DC (and Nyquist) counts twice
     return np.fft.rfftfreq(nper, 1.0 / rate), psd
 

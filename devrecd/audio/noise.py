@@ -45,6 +45,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from devrecd.audio.spectra import hann, power_tiles
+
 FRAME_SECONDS = 0.032  # analysis frame (next power of two in samples)
 MAX_FRAMES = 8000  # at most this many frames are analysed (evenly strided): ~128 s of 32 ms frames at half overlap
 QUIET_FRACTION = 0.10  # the quietest frames: the noise floor and its spectrum
@@ -121,16 +123,12 @@ def _frame_spectra(x: np.ndarray, nfft: int) -> np.ndarray:
         x = np.concatenate([x, np.zeros(nfft - len(x), x.dtype)])
     frames = np.lib.stride_tricks.sliding_window_view(x, nfft)[::step]  # a view: nothing copied
     pick = np.linspace(0, len(frames) - 1, min(len(frames), MAX_FRAMES)).astype(int)
-    window = 0.5 - 0.5 * np.cos(2.0 * math.pi * np.arange(nfft) / nfft)  # periodic Hann
-    norm = nfft * float(np.sum(window**2))
+    norm = nfft * float(np.sum(hann(nfft) ** 2))
     out = np.empty((len(pick), nfft // 2 + 1))  # MAX_FRAMES x 513 float64 at most: 33 MB
-    for lo in range(0, len(pick), 512):  # frames copied (float64) a group at a time
-        seg = frames[pick[lo: lo + 512]].astype(np.float64)
-        seg = (seg - seg.mean(axis=1, keepdims=True)) * window
-        spec = np.fft.rfft(seg, axis=1)
-        p = (spec.real**2 + spec.imag**2) / norm
+    for lo, power in power_tiles(frames, pick):
+        p = out[lo: lo + len(power)]
+        np.divide(power, norm, out=p)
         p[:, 1: (None if nfft % 2 else -1)] *= 2.0  # one-sided
-        out[lo: lo + 512] = p
     return out
 
 
