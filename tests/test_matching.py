@@ -425,3 +425,13 @@ def test_a_phone_as_noisy_as_its_own_references_is_compared_with_them_as_they_ar
     assert v["open_set"]["condition"] == "clean/short" and v["log10_lr"] >= v["open_set"]["log10_threshold"]
     assert {t["device"]: t["noise_matched"] for t in v["top_k"]} == {p: p != "huawei_TAG_AL00" for p in enrolled}
     assert verdicts["IPHONE6(2)"]["device"] == "unknown device", verdicts["IPHONE6(2)"]["top_k"]
+    # `devrecd compare` against that profile decides the matching on its references alone: the same
+    # comparison, the same score.
+    from devrecd.forensic.compare import Comparer
+    from devrecd.openset.registry import open_registry
+
+    refs = Comparer.references_from_profile(open_registry(cfg.registry.path).profiles["huawei_TAG_AL00"],
+                                            cfg.registry.path)
+    scored = Comparer(scorer, cfg).score(tmp_path / "huawei_TAG_AL00-3s.wav", refs)
+    assert not scored.comparison["noise_matched"]
+    assert scored.score == pytest.approx(v["top_k"][0]["score"], abs=1e-5)
