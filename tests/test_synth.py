@@ -213,3 +213,34 @@ def test_synth_config_section_is_checked():
     assert (settings.spread, settings.parallel, settings.devices, settings.seed) == (1.0, False, 4, 9)
     with pytest.raises(ConfigError, match="synth.speakers_per_recording must be >= 1"):
         load_config(env={}, overrides={"synth.speakers_per_recording": 0})
+
+
+def test_session_equaliser_shapes_the_played_speech_alike_and_keeps_it_aligned():
+    """The session EQ (issue 28): its gain where asked, flat when empty, no delay (clip k stays aligned)."""
+    from dataclasses import replace
+
+    from devrecd.synth.chain import session_eq_fir
+
+    assert session_eq_fir(Variation(session_eq=()), RATE) is None
+    eq = session_eq_fir(Variation(session_eq=((1000.0, 0.0), (3000.0, 0.0), (4500.0, 10.0), (6000.0, 10.0))), RATE)
+    h = np.abs(np.fft.rfft(eq, 1 << 14))
+    f = np.fft.rfftfreq(1 << 14, 1 / RATE)
+    gain = lambda lo, hi: 20 * np.log10(h[(f >= lo) & (f < hi)].mean())  # noqa: E731
+    assert abs(gain(400, 2500)) < 0.5 and abs(gain(4600, 5900) - 10.0) < 0.5
+    assert int(np.argmax(np.abs(eq))) == len(eq) // 2  # linear phase: render shifts it back by len // 2
+    # The default curve (measured on the real CCNU phones) is applied and the output keeps its length.
+    chain = replace(sample_model(np.random.default_rng(3), 0), codec="pcm", adc_rate=RATE)
+    x = np.random.default_rng(0).standard_normal(2 * RATE) * 0.05
+    flat = render(x, RATE, chain, np.random.default_rng(1), Variation(session_eq=()))
+    shaped = render(x, RATE, chain, np.random.default_rng(1))
+    assert len(shaped) == len(flat) == len(x)
+    assert _band_db(shaped, 4500, 6000) - _band_db(shaped, 500, 800) > _band_db(flat, 4500, 6000) - _band_db(flat, 500, 800) + 10
+
+
+def test_model_parameters_do_not_pile_up_on_their_bounds():
+    """A wide spread draws inside the bounds (it used to clip a third of the draws onto them)."""
+    chains = [sample_model(np.random.default_rng(i), i, spread=2.5) for i in range(60)]
+    freqs = [f for c in chains for f, _, _ in c.resonances]
+    gains = [g for c in chains for _, g, _ in c.resonances]
+    assert all(300.0 < f < 15000.0 for f in freqs) and all(-15.0 < g < 15.0 for g in gains)
+    assert all(30.0 < c.highpass_hz < 600.0 and -12.0 < c.shelf_db < 12.0 for c in chains)

@@ -106,18 +106,25 @@ class Variation:
 
     level_dbfs: float = -31.0  # speech level at the microphone (CCNU recordings: -34 dBFS +- 5 after the phone)
     gain_db: float = 2.0  # +- speech level at the microphone
-    noise_db: float = 3.0  # +- self-noise level
+    noise_db: float = 1.5  # +- self-noise level
     response_jitter: float = 0.01  # relative jitter of filter frequencies
     resonance_gain_db: float = 0.5  # +- gain of each resonance
     rt60: tuple[float, float] = (0.15, 0.6)  # room reverberation time range, seconds
     drr_db: tuple[float, float] = (3.0, 15.0)  # direct-to-reverberant ratio range
-    ambient_snr_db: tuple[float, float] = (25.0, 45.0)  # room noise below the speech
+    ambient_snr_db: tuple[float, float] = (30.0, 45.0)  # room noise below the speech
     # The playback loudspeaker of a recording session (one for every phone, as in CCNU_Mobile, where
     # one recording is played to all phones): a small speaker's bass roll-off and presence rise.
     playback_highpass_hz: float = 450.0  # 0 = speech reaches the room as recorded (no loudspeaker)
     playback_order: int = 2
     playback_presence_db: float = 6.0  # high shelf at playback_presence_hz
     playback_presence_hz: float = 2500.0
+    # The session's long-term spectrum beyond that loudspeaker: (Hz, dB) points of an equaliser
+    # applied to the played speech (every phone of the session hears it alike). () = flat.
+    session_eq: tuple[tuple[float, float], ...] = (
+        (200.0, -5.4), (290.0, -8.4), (390.0, -8.2), (500.0, -6.8), (620.0, -10.5), (760.0, -10.5), (920.0, -3.1),
+        (1090.0, 1.5), (1280.0, 4.1), (1480.0, 2.0), (1710.0, 2.3), (1960.0, 2.4), (2240.0, -0.8), (2560.0, -1.9),
+        (2890.0, -0.1), (3260.0, 1.0), (3680.0, 6.1), (4130.0, 7.4), (4630.0, 11.5), (5190.0, 9.7), (5820.0, 10.2),
+        (6490.0, 4.6), (7240.0, -3.3))
     # Each phone keeps one place in the room for the whole session (as in CCNU_Mobile): its room
     # impulse response is drawn once per device; False = a new room for every recording.
     fixed_place: bool = True
@@ -131,8 +138,12 @@ def sample_model(rng: np.random.Generator, model: int, spread: float = 1.0) -> D
     """Draw a phone model. ``spread`` scales how far models lie from a typical phone (continuous parameters)."""
 
     def around(centre: float, half_width: float, lo: float = -math.inf, hi: float = math.inf) -> float:
-        # A large spread widens the ranges, but never past what a real phone can be (lo, hi).
-        return float(np.clip(centre + spread * rng.uniform(-half_width, half_width), lo, hi))
+        # A large spread widens the ranges, but never past what a real phone can be (lo, hi): the
+        # draw is uniform over the part of the widened range inside (lo, hi). (Clipping piled a
+        # third of the draws onto the bounds at spread 2.5: resonances at exactly 300 Hz or 15 kHz
+        # and +-15 dB, high-passes at 600 Hz, the same surplus of 250-350 Hz energy on many phones.)
+        a, b = max(lo, centre - spread * half_width), min(hi, centre + spread * half_width)
+        return float(rng.uniform(a, b)) if b > a else float(np.clip(centre, lo, hi))
 
     codec = str(rng.choice(list(CODEC_WEIGHTS), p=np.array(list(CODEC_WEIGHTS.values()))))
     _, _, rates, bitrates = CODECS[codec]
@@ -153,7 +164,7 @@ def sample_model(rng: np.random.Generator, model: int, spread: float = 1.0) -> D
         lowpass_order=int(rng.integers(2, 9)),
         shelf_hz=round(_log_uniform(rng, 800.0, 4000.0), 1),
         shelf_db=round(around(0.0, 6.0, -12.0, 12.0), 2),
-        noise_dbfs=round(around(-64.0, 10.0, -90.0, -45.0), 2),
+        noise_dbfs=round(around(-72.0, 4.0, -90.0, -45.0), 2),
         noise_tilt_db_oct=round(around(-1.5, 2.5, -6.0, 3.0), 2),
         hum_hz=50.0 if rng.random() < 0.8 else 60.0,
         hum_dbfs=round(around(-80.0, 12.0, -110.0, -55.0), 2),
@@ -336,6 +347,21 @@ def playback_sos(var: Variation, rate: int) -> np.ndarray | None:
                            high_shelf_sos(var.playback_presence_hz, var.playback_presence_db, rate)])
 
 
+def session_eq_fir(var: Variation, rate: int, taps: int = 1023) -> np.ndarray | None:
+    """The session equaliser (:attr:`Variation.session_eq`) as a linear-phase FIR at ``rate`` (None: flat).
+    Between the points the gain is interpolated in dB; outside them it holds the end points' gain."""
+    from scipy.signal import firwin2
+
+    if not var.session_eq:
+        return None
+    pts = sorted((float(f), float(g)) for f, g in var.session_eq if 0.0 < f < rate / 2.0)
+    if not pts:
+        return None
+    grid = np.linspace(0.0, rate / 2.0, 513)
+    gain_db = np.interp(grid, [f for f, _ in pts], [g for _, g in pts])
+    return firwin2(taps, grid, 10.0 ** (gain_db / 20.0), fs=rate)
+
+
 def render(speech: np.ndarray, rate: int, chain: DeviceChain, rng: np.random.Generator,
            var: Variation = Variation(), out_rate: int | None = None,
            room_rng: np.random.Generator | None = None) -> np.ndarray:
@@ -350,6 +376,9 @@ def render(speech: np.ndarray, rate: int, chain: DeviceChain, rng: np.random.Gen
     speaker = playback_sos(var, rate)
     if speaker is not None:  # the session's loudspeaker plays the speech
         x = sosfilt(speaker, x)
+    eq = session_eq_fir(var, rate)
+    if eq is not None:  # linear phase: shifted back by its delay, so clip k stays aligned across phones
+        x = fftconvolve(x, eq)[len(eq) // 2: len(eq) // 2 + n]
     level = var.level_dbfs + rng.uniform(-var.gain_db, var.gain_db)
     x = x / max(float(np.sqrt(np.mean(x**2))), 1e-9) * 10.0 ** (level / 20.0)
     # Room: reverberation (the device's place, or the recording's room) and ambient noise.
