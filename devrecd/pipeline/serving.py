@@ -52,7 +52,7 @@ class OpenSetOnly:
         self.scorer = {"kind": desc.get("kind"), "fingerprint": desc.get("fingerprint"), "source": desc.get("source"),
                        "frontend_sha256": desc.get("frontend_sha256"), "registry": str(self.registry_judge.registry.path),
                        "onnx_sha256": onnx_sha256}
-        self.judge: Judge = self.registry_judge.judge  # thread-safe: the workers score in parallel
+        self.judge: Judge = self.registry_judge.judge  # thread-safe (the pipeline's workers have a judge each: worker_judges)
         # A scorer computed on a GPU (the GSV scorer in torch: devrecd.supervector_torch) takes the
         # CUDA frontend's output where it is: the pipeline then keeps the features on that device.
         self.input_device = getattr(self.registry_judge.scorer, "input_device", None)
@@ -112,6 +112,35 @@ def load_served(cfg: Config, metrics: Metrics | None = None, *, device: str = "c
     return served
 
 
+def worker_judges(judge: RegistryJudging, cfg: Config, device: str, n: int, *,
+                  adopt_frontend: bool) -> list[RegistryJudging]:
+    """A judge for each of ``n`` worker threads: ``judge``, and where it is a
+    :class:`~devrecd.openset.workflow.RegistryJudge`, ``n - 1`` more of the same registry (any other
+    judge is shared).
+
+    Why: a RegistryJudge matches conditions under one lock (its matcher and caches are not
+    thread-safe), and bringing the references to a questioned recording's noise, new for each noise
+    condition met, takes ~0.4 s of CPU under it. Sharing one judge, the open-set daemon's two workers
+    took turns: py-spy on 300 new CCNU recordings (4 phones enrolled, 31 of them noise-matched), each
+    worker spent 28% of its time waiting on that lock and 29% matching under it. With a judge each,
+    the workers match at once; their matched vectors are still shared, on disk
+    (:mod:`devrecd.openset.matched_cache`). A judge that loaded another content of the registry (it was
+    saved in between, or another scorer) is not used: the workers then share ``judge``, so every verdict comes from one."""
+    from devrecd.openset.workflow import RegistryJudge
+
+    if n <= 1 or type(judge) is not RegistryJudge:
+        return [judge] * max(1, n)
+    def identity(j: Any) -> tuple[str, Any]:
+        return j.registry.content_sha256, j.scorer.describe().get("fingerprint")
+
+    more = [RegistryJudge(cfg, device=device, adopt_frontend=adopt_frontend) for _ in range(n - 1)]
+    if any(identity(j) != identity(judge) for j in more):
+        log.warning("the registry changed while the workers loaded it: one judge shared by the workers",
+                    extra={"registry": cfg.registry.path})
+        return [judge] * n
+    return [judge, *more]
+
+
 def registry_judge(cfg: Config, device: str) -> RegistryJudging | None:
     """The open-set judge when ``registry.path`` is configured (closed-set labels otherwise): its
     ``judge(features, recording)`` and its scorer's ``accumulator()`` (features chunk by chunk)."""
@@ -122,4 +151,4 @@ def registry_judge(cfg: Config, device: str) -> RegistryJudging | None:
     judge = RegistryJudge(cfg, device=device)
     log.info("open-set verdicts from the device registry",
              extra={"registry": cfg.registry.path, "decision": judge.describe_decision()})
-    return judge  # thread-safe: RegistryJudge matches conditions under its own lock, scores in parallel
+    return judge  # thread-safe (condition matching under its own lock); the pipeline gives each worker one: worker_judges
