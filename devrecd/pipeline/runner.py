@@ -60,7 +60,7 @@ from devrecd.pipeline.jobs import Chunk, Duplicate, Failed, FeaturesDone, Job, J
 from devrecd.pipeline.journal import Entry, Journal, Recorder, VerdictLog
 from devrecd.pipeline.procs import CRASHED, ChildCrashed, ChildFailed, WorkerProcess, prepare_in_child
 from devrecd.pipeline.retry import Liveness, StorageRetry, Stopped
-from devrecd.pipeline.serving import Judge, OpenSetOnly, RegistryJudging
+from devrecd.pipeline.serving import Judge, OpenSetOnly, RegistryJudging, WorkerJudges
 from devrecd.pipeline.threads import inference_streams, one_blas_thread
 from devrecd.pipeline.writer import VerdictWriter
 from devrecd.stages import Failure, failure_of, stream_features
@@ -87,6 +87,9 @@ class Pipeline:
         # scorer's accumulator (features taken chunk by chunk), if it has one.
         self.judge: Judge | None = judge.judge if judge is not None else None
         self.accumulator: Callable[[], Any] | None = judge.accumulator if judge is not None else None
+        # A judge of its own for each file judged in-process at once (WorkerJudges: one shared judge made
+        # the workers take turns at its condition-matching lock); worker processes load their own.
+        self._judges = WorkerJudges(judge, cfg, device, adopt_frontend=isinstance(backend, OpenSetOnly))
         self.backend = backend
         self.labels = tuple(backend.labels)
         self.backend_info = backend.describe()
@@ -310,7 +313,8 @@ class Pipeline:
                 if child is not None and child.usable():
                     prepare_in_child(self, child, job)
                 else:
-                    self._prepare(job)
+                    with self._judges.take() as judging:
+                        self._prepare(job, judging)
             except Stopped:  # not finished: stays unfinished in the journal, resumed at the next start
                 self._release(job)
             except ChildFailed as exc:  # the file's failure, in its worker process
@@ -334,15 +338,16 @@ class Pipeline:
             found_instead(self.journal, job)
         self._results.put(Failed(job, f))
 
-    def _prepare(self, job: Job) -> None:
+    def _prepare(self, job: Job, judging: RegistryJudging | None) -> None:
+        """The per-file stage in this thread, with ``judging`` (the judge lent for this file, or None: no registry)."""
         cfg = self.cfg
         t0 = time.perf_counter()
         confine = None if self.roots is None or cfg.watch.follow_external_links else self.roots
         # Features go on chunk by chunk as they are computed, never held whole: to the batcher (a
         # closed-set model), to the registry scorer's accumulator (a registry), or to both. Only a
         # scorer without an accumulator takes a recording's features whole.
-        accumulated = self.accumulator() if self.accumulator is not None else None
-        chunked = self.batcher is not None and (self.judge is None or accumulated is not None)
+        accumulated = judging.accumulator() if judging is not None else None
+        chunked = self.batcher is not None and (judging is None or accumulated is not None)
         original: Entry | None = None
         # Decoded block by block: the recording's samples are never held whole.
         with open_stream(job.path, cfg.frontend.sample_rate, cfg.audio, confine=confine) as stream:
@@ -370,13 +375,13 @@ class Pipeline:
             if original is not None:  # judged before under another name: no inference needed
                 self._results.put(Duplicate(job, original))
                 return
-        if self.judge is not None:  # the registry's verdict, here in the parallel workers
+        if judging is not None:  # the registry's verdict, here in the parallel workers
             t1 = time.perf_counter()
             if accumulated is not None:  # fed chunk by chunk: the features were never held whole
-                fields = self.judge(accumulated, job.recording)
+                fields = judging.judge(accumulated, job.recording)
             else:
                 as_is = self.judge_on_device or not hasattr(feats, "cpu")
-                fields = self.judge(feats if as_is else feats.cpu().numpy(), job.recording)
+                fields = judging.judge(feats if as_is else feats.cpu().numpy(), job.recording)
             job.timings["scoring"] = job.timings.get("scoring", 0.0) + time.perf_counter() - t1
             if self.batcher is None:  # open set only: that is the verdict
                 self._results.put(Scored(job, fields))
