@@ -381,6 +381,11 @@ def test_profiles_judged_under_their_own_calibrations_are_ranked_by_lr(tmp_path:
     assert v["open_set"]["calibration"] == lenient.fitted_sha256 != strict.fitted_sha256
     by_name = {t["device"]: t for t in v["top_k"]}
     assert by_name["A"]["score"] > by_name["B"]["score"] and by_name["A"]["log10_lr"] == strict.lower
+    # Ranked by the unbounded LR: bounds differ between calibrations, and a candidate at a higher
+    # lower bound does not outrank a better-scoring one at a lower bound.
+    floor = replace(strict, lower=strict.lower + 0.3)
+    r = identify_vectors(query, windows, reg, calibration=[strict, floor, strict], calibration_source=["a", "b", "c"])
+    assert [t["device"] for t in r["top_k"]][:2] == ["A", "B"] and r["top_k"][0]["log10_lr"] < r["top_k"][1]["log10_lr"]
     # Nothing passes where each candidate's LR is below its own calibration's threshold.
     u = identify_vectors(query, windows, reg, calibration=[strict, strict, cal], calibration_source=["a", "b", "c"])
     assert u["device"] == UNKNOWN and u["log10_lr"] < cal.log10_threshold

@@ -156,9 +156,11 @@ def identify_vectors(query: np.ndarray, window_vectors: np.ndarray | Sequence[np
     ``calibration`` (and ``calibration_source``) may be one per profile, in ``registry.names``
     order: profiles compared under different conditions (some references brought to the
     questioned recording's noise, others as they are: :func:`~devrecd.openset.matching.resolve_noise_per_profile`).
-    Candidates are then ranked by their LR (ties by score: scores of different conditions are not
-    comparable, LRs are), and the best one is decided under its own calibration. With one
-    calibration, LR order is score order (the map is increasing).
+    Candidates are then ranked by their unbounded LR (scores of different conditions are not
+    comparable, LRs are; the bounded ones tie at bounds that differ between calibrations: a
+    candidate scoring 0.67 at one calibration's lower bound, -1.8, ranked below one scoring -0.26 at
+    another's, -1.48), and the best one is decided under its own calibration, on its bounded LR.
+    With one calibration, LR order is score order (the map is increasing).
     """
     names, means = registry.matrix()
     scores = np.asarray(score(np.atleast_2d(query), means), dtype=np.float64)[0]
@@ -168,13 +170,13 @@ def identify_vectors(query: np.ndarray, window_vectors: np.ndarray | Sequence[np
     sources = list(calibration_source) if not isinstance(calibration_source, str) else [calibration_source] * len(names)
     if cals is not None and (len(cals) != len(names) or len(sources) != len(names)):
         raise ValueError(f"{len(cals)} calibrations and {len(sources)} sources for {len(names)} profiles")
-    if cals is None:
-        lrs = None
+    if not per_profile:  # one scale: by score (the LR map is increasing)
+        lrs = None if calibration is None else np.round(calibration.log10_lr(scores)[0], LR_DECIMALS)
         order = np.argsort(-scores, kind="stable")
-    else:
-        lrs = (np.round(calibration.log10_lr(scores)[0], LR_DECIMALS) if not per_profile else
-               np.round(np.array([c.log10_lr(float(v))[0] for c, v in zip(cals, scores)]), LR_DECIMALS))
-        order = np.lexsort((-scores, -lrs))  # by LR, then by score (stable: then by profile order)
+    else:  # by the unbounded LR: the bounds differ between calibrations, and ties at them say nothing
+        bounded, raw = np.array([c.log10_lr(float(v)) for c, v in zip(cals, scores)]).T
+        lrs = np.round(bounded, LR_DECIMALS)
+        order = np.lexsort((-scores, -raw))
     best = int(order[0])
     cal = None if cals is None else cals[best]
     accepted = cal is not None and cal.accepts(float(lrs[best]))
