@@ -164,6 +164,12 @@ def test_files_judged_at_once_have_a_judge_each_of_the_same_registry(registry, c
     other = WorkerJudges(shared := object(), cfg, "cpu", adopt_frontend=True)  # e.g. a test's fake judge
     with other.take() as x, other.take() as y:
         assert x is y is shared
+    # A second judge that cannot be loaded (the registry moved away) is never a file's failure: the
+    # first one is shared, and no load is tried again.
+    gone = _cfg(registry.parent / "moved" / registry.name)
+    lone = WorkerJudges(served.registry_judge, gone, "cpu", adopt_frontend=True)
+    with lone.take() as x, lone.take() as y, lone.take() as z:
+        assert x is y is z is served.registry_judge
 
 
 def test_the_served_frontend_is_the_scorers_without_a_model(registry, ccnu_dir, no_backend, caplog) -> None:

@@ -323,6 +323,8 @@ class RegistryJudge:
                 condition, self.matcher, profiles, channel, enabled=can_match, note=noise_note,
                 duration=(recording or {}).get("duration"))
             reg, snrs = self._matched_under(channel, noise, model, profiles)
+            # The references brought to the noise, not those of profiles compared as they are.
+            snrs = [v for v, as_is in zip(snrs, (a for a, shas in zip(as_noisy, profiles) for _ in shas)) if not as_is]
             if snrs:
                 noise_fields["matched_references_snr_db"] = [min(snrs), max(snrs)]
             # Profiles whose own references are as noisy as the questioned recording: compared as they are.
@@ -349,22 +351,28 @@ class RegistryJudge:
             query, windows = model.recording_vector(features), model.window_vectors(features)
         cals: Any = cal
         if plain is not None:  # some profiles compared as they are, under the calibration of the plain comparison
+            plain_cal, plain_source, plain_key = calibration_for(self.registry, calibration_keys(under, duration),
+                                                                 self.registry_cfg, self.dev_calibrations, condition)
+            if cal is None or plain_cal is None:  # per candidate needs both (scores of two conditions are not
+                plain = None                       # comparable): every profile noise-matched, as before
+                noise_fields.pop("profiles_as_noisy", None)
+        if plain is not None:
             from dataclasses import replace
 
             reg = replace(reg, profiles={n: plain.profiles[n] if as_noisy[i] else reg.profiles[n]
                                          for i, n in enumerate(reg.names)})
-            plain_cal, plain_source, plain_key = calibration_for(self.registry, calibration_keys(under, duration),
-                                                                 self.registry_cfg, self.dev_calibrations, condition)
-            if cal is not None and plain_cal is None:  # the verdict needs both
-                cal, source = None, plain_source
-            if cal is not None:
-                cals = [plain_cal if as_noisy[i] else cal for i in range(len(reg.names))]
-                source = [plain_source if as_noisy[i] else source for i in range(len(reg.names))]
+            cals = [plain_cal if as_noisy[i] else cal for i in range(len(reg.names))]
+            source = [plain_source if as_noisy[i] else source for i in range(len(reg.names))]
         fields = identify_vectors(query, windows, reg, calibration=cals, k=self.top_k, calibration_source=source,
                                   score=model.score)
         if plain is not None:  # which key each candidate was judged under; the verdict's is the best one's
-            best = reg.names.index(fields["candidate"])
-            key = plain_key if as_noisy[best] else key
+            if as_noisy[reg.names.index(fields["candidate"])]:
+                key = plain_key
+                # Compared as it is: ``noise_matched`` is the best candidate's, as `compare` says it for one
+                # profile (the report reads it), and a recording outside the plain calibration's SNR range
+                # keeps its LR with the statement, as an unmatched comparison does.
+                noise_fields["noise_matched"] = False
+                outside = snr_outside(condition, plain_cal.conditions)
             source = fields["open_set"]["calibration_source"]
             as_is = {n for i, n in enumerate(reg.names) if as_noisy[i]}
             noise_fields["compared_as_is"] = sorted(as_is)

@@ -158,11 +158,15 @@ class WorkerJudges:
         def identity(j: Any) -> tuple[str, Any]:
             return j.registry.content_sha256, j.scorer.describe().get("fingerprint")
 
-        judge = make()
-        if identity(judge) == identity(self._first):
-            return judge
-        log.warning("the registry changed since the daemon loaded it: one judge shared by the workers",
-                    extra={"registry": self._registry})
+        try:
+            judge = make()
+            if identity(judge) == identity(self._first):
+                return judge
+            log.warning("the registry changed since the daemon loaded it: one judge shared by the workers",
+                        extra={"registry": self._registry})
+        except Exception as exc:  # noqa: BLE001 - a second judge is an optimisation: never a file's failure
+            log.warning(f"a second judge could not be loaded ({exc}): one judge shared by the workers",
+                        extra={"registry": self._registry})
         with self._lock:
             self._make = None
         return self._first
