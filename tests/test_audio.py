@@ -360,7 +360,10 @@ def test_streamed_features_equal_the_in_memory_path(tmp_path):
     spent: dict = {}
     with open_stream(path, cfg.frontend.sample_rate, cfg.audio) as s:
         on_dev, starts2 = stream_features(s, cfg, device="cpu", on_device=True, timings=spent)
-    np.testing.assert_allclose(on_dev.numpy(), ref, rtol=1e-5, atol=1e-5)
+    # torch's float32 kernels sum in another order than numpy's, and may change it with the threads they
+    # get (a fresh-clone run under load: 164 of 37,376 values off by up to 4.8e-5, all deltas near 0,
+    # where cancellation magnifies it): parity within float32 rounding of the log energies, not bits.
+    np.testing.assert_allclose(on_dev.numpy(), ref, rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(starts2, starts)
     assert {"h2d", "frontend", "features"} <= set(spent)
 
