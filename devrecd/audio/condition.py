@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from devrecd.audio.channel import CHANNELS, Channel, band_limit, stored_as
+from devrecd.audio.channel import CHANNELS, PCM16_CODECS, Channel, band_limit, stored_as
 from devrecd.audio.noise import SILENCE_DBFS, NoiseProfile, measure_noise
 from devrecd.audio.spectra import hann, power_tiles
 
@@ -302,7 +302,7 @@ def measure_condition(rec: Decoded) -> Condition:
                      noise_bands_db=tuple(noise["noise_bands_db"]), measured_seconds=round(len(measured) / rec.sample_rate, 3))
 
 
-_PCM_BITS = {"PCM_16": 16, "pcm_s16le": 16, "pcm_s16be": 16, "PCM_S8": 8, "PCM_U8": 8, "pcm_u8": 8, "pcm_s8": 8}
+_PCM_BITS = {**dict.fromkeys(PCM16_CODECS, 16), **dict.fromkeys(("PCM_S8", "PCM_U8", "pcm_s8", "pcm_u8"), 8)}
 
 
 def _pcm_floor(codec: str, native_rate: int) -> float | None:

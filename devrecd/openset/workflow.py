@@ -324,7 +324,8 @@ class RegistryJudge:
                 duration=(recording or {}).get("duration"))
             reg, snrs = self._matched_under(channel, noise, model, profiles)
             # The references brought to the noise, not those of profiles compared as they are.
-            snrs = [v for v, as_is in zip(snrs, (a for a, shas in zip(as_noisy, profiles) for _ in shas)) if not as_is]
+            kept = [not as_is for as_is, shas in zip(as_noisy, profiles) for _ in shas]  # per reference, as snrs
+            snrs = [v for v, keep in zip(snrs, kept) if keep]
             if snrs:
                 noise_fields["matched_references_snr_db"] = [min(snrs), max(snrs)]
             # Profiles whose own references are as noisy as the questioned recording: compared as they are.
