@@ -389,6 +389,18 @@ def test_profiles_judged_under_their_own_calibrations_are_ranked_by_lr(tmp_path:
     # Nothing passes where each candidate's LR is below its own calibration's threshold.
     u = identify_vectors(query, windows, reg, calibration=[strict, strict, cal], calibration_source=["a", "b", "c"])
     assert u["device"] == UNKNOWN and u["log10_lr"] < cal.log10_threshold
+    # A candidate whose calibration cannot decide (threshold beyond its bounds) is neither named nor
+    # excluded: ranked first, it is passed over for the best-ranked one that passes its own ...
+    never = replace(cal, offset=cal.offset + 80.0).with_decision(Decision(prior=1e-6), n_candidates=3)
+    assert not never.decidable
+    p = identify_vectors(query, windows, reg, calibration=[never, lenient, cal], calibration_source=["a", "b", "c"])
+    assert p["top_k"][0]["device"] == "A" and p["device"] == p["candidate"] == "B" and p["open_set"]["accepted"]
+    assert p["open_set"]["passed_over"] == ["A"] and p["open_set"]["undecided"] == ["A"]
+    # ... and with none passing, the verdict excludes no one: "inconclusive", not "unknown device".
+    unsure = replace(strict).with_decision(Decision(prior=1e-6), n_candidates=3)
+    i = identify_vectors(query, windows, reg, calibration=[strict, unsure, cal], calibration_source=["a", "b", "c"])
+    assert i["device"] == INCONCLUSIVE and i["open_set"]["undecided"] == ["B"] and not i["open_set"]["decidable"]
+    assert "passed_over" not in i["open_set"] and "undecided" not in u["open_set"]
     with pytest.raises(ValueError, match="2 calibrations"):
         identify_vectors(query, windows, reg, calibration=[cal, cal], calibration_source=["a", "b"])
 

@@ -159,7 +159,11 @@ def identify_vectors(query: np.ndarray, window_vectors: np.ndarray | Sequence[np
     Candidates are then ranked by their unbounded LR (scores of different conditions are not
     comparable, LRs are; the bounded ones tie at bounds that differ between calibrations: a
     candidate scoring 0.67 at one calibration's lower bound, -1.8, ranked below one scoring -0.26 at
-    another's, -1.48), and the best one is decided under its own calibration, on its bounded LR.
+    another's, -1.48), and each is decided under its own calibration, on its bounded LR: the
+    named device is the best-ranked candidate that passes its own; candidates ranked above it
+    (whose calibrations cannot decide: threshold beyond their bounds) are listed in
+    ``open_set.passed_over``, every such candidate in ``open_set.undecided``; with none passing,
+    "unknown device" only when every candidate's calibration could decide, else "inconclusive".
     With one calibration, LR order is score order (the map is increasing).
     """
     names, means = registry.matrix()
@@ -178,17 +182,33 @@ def identify_vectors(query: np.ndarray, window_vectors: np.ndarray | Sequence[np
         lrs = np.round(bounded, LR_DECIMALS)
         order = np.lexsort((-scores, -raw))
     best = int(order[0])
+    undecided: list[str] = []  # candidates whose calibration cannot decide (per profile)
+    passed_over: list[str] = []
+    if per_profile:
+        # Each candidate is decided under its own calibration. One whose calibration cannot decide (its
+        # threshold beyond its bounds: that comparison's LRs can neither reach it nor exclude it) is
+        # passed over for the best-ranked one that passes its own; with none passing, every candidate
+        # is excluded ("unknown device") only when every one could be.
+        undecided = [names[int(i)] for i in order if not cals[int(i)].decidable]  # type: ignore[index]
+        passing = [int(i) for i in order if cals[int(i)].accepts(float(lrs[int(i)]))]  # type: ignore[index]
+        if passing:
+            best = passing[0]
+            passed_over = [names[int(i)] for i in order[: list(order).index(best)]]
     cal = None if cals is None else cals[best]
     accepted = cal is not None and cal.accepts(float(lrs[best]))
     # No decision can be made when there is no calibration, or when the decision threshold lies outside
     # the LRs the calibration's trials support (above the upper bound: a narrowband call among many
     # enrolled devices; below the lower one: a prior that names whatever is compared): then no device
     # is named and none is excluded.
-    undecidable = cal is None or not cal.decidable
+    undecidable = cal is None or not cal.decidable or (not accepted and bool(undecided))
     device = names[best] if accepted else (INCONCLUSIVE if undecidable else UNKNOWN)
     decision: dict[str, Any] = {"accepted": accepted, "decidable": not undecidable, "calibration_source": sources[best],
                                 "registry": str(registry.path), "profiles": len(names),
                                 "embedder": registry.embedder.get("fingerprint"), "scorer": registry.kind}
+    if undecided:  # candidates under calibrations that could not decide: neither named nor excluded
+        decision["undecided"] = undecided
+    if passed_over:  # ranked above the named candidate, and not accepted under their own calibrations
+        decision["passed_over"] = passed_over
     if cal is not None:
         decision.update({"rule": cal.decision["rule"], "prior": cal.decision["prior"],
                          "n_candidates": cal.decision.get("n_candidates"),
