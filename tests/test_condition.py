@@ -288,7 +288,7 @@ def test_a_quiet_band_limit_falls_onto_the_quantiser_floor_and_is_found(ccnu_dir
                  .astype(np.int16), RATE, subtype="PCM_16")
         return measure_condition(read_evidence(path, RATE))
 
-    found = {"amrnb": 0, "tel": 0, "tel, both edges": 0}
+    found = {"amrnb": 0, "tel": 0, "tel, both edges": 0, "on floor": 0}
     phones = sorted(ccnu_dir.glob("*_4.wav"))
     for f in phones:
         x = sf.read(f, dtype="float32")[0]
@@ -296,15 +296,20 @@ def test_a_quiet_band_limit_falls_onto_the_quantiser_floor_and_is_found(ccnu_dir
             c = condition(apply_channel(get_channel(name), x, RATE), -30)
             found[name] += c.band_limited and 3300 < c.band_high_hz < 4000
             found["tel, both edges"] += name == "tel" and c.channel == "tel"
+            # The record says why a shallow drop is a band limit: the edge lies on the quantiser floor.
+            found["on floor"] += c.band_limited and c.band_on_floor and c.band_high_drop_db < 30
         for gain in (0, -20, -40):
             c = condition(x, gain)
             assert not c.band_limited or c.band_high_hz > 7000, (f.stem, gain, c.channel)  # the steep roll-offs known before
+            assert not c.band_on_floor, (f.stem, gain)
     assert found["amrnb"] == found["tel"] == len(phones) and found["tel, both edges"] >= len(phones) - 3, found
+    assert found["on floor"] >= len(phones), found  # most of the 30 quiet calls: their drops are under 30 dB
     # A float file has no such floor: the rule is for integer PCM only.
     path = tmp_path / "f.wav"
     sf.write(path, apply_channel(get_channel("tel"), sf.read(phones[0], dtype="float32")[0], RATE) * 10 ** (-30 / 20),
              RATE, subtype="FLOAT")
-    assert measure_condition(read_evidence(path, RATE)).band_high_drop_db >= 30  # far below the band: the cliff rule
+    floated = measure_condition(read_evidence(path, RATE))
+    assert floated.band_high_drop_db >= 30 and not floated.band_on_floor  # far below the band: the cliff rule
 
 
 def test_lower_cliff_is_the_bin_by_bin_search():

@@ -258,6 +258,9 @@ class Condition:
     # Seconds of audio the band and the noise were measured on (a long file's excerpt, a live window):
     # a short one is held against references measured in excerpts of this length (noise matching).
     measured_seconds: float = 0.0
+    # An edge fell onto the file's own quantiser floor (a quiet 8/16-bit file): it is an edge with a
+    # 10 dB drop, not the 30 dB of a loud one (QUIET_CLIFF_DB); says why a shallow drop is a band limit.
+    band_on_floor: bool = False
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -299,7 +302,8 @@ def measure_condition(rec: Decoded) -> Condition:
                      band_low_hz=band.low_hz, band_high_hz=band.high_hz, band_high_drop_db=band.high_drop_db,
                      band_low_drop_db=band.low_drop_db, band_limited=band_limited, channel=channel.name if channel else "",
                      speech_dbfs=noise["speech_dbfs"], noise_dbfs=noise["noise_dbfs"], snr_db=noise["snr_db"],
-                     noise_bands_db=tuple(noise["noise_bands_db"]), measured_seconds=round(len(measured) / rec.sample_rate, 3))
+                     noise_bands_db=tuple(noise["noise_bands_db"]), measured_seconds=round(len(measured) / rec.sample_rate, 3),
+                     band_on_floor=bool((band.high_limited and band.high_on_floor) or (band.low_limited and band.low_on_floor)))
 
 
 _PCM_BITS = {**dict.fromkeys(PCM16_CODECS, 16), **dict.fromkeys(("PCM_S8", "PCM_U8", "pcm_s8", "pcm_u8"), 8)}
