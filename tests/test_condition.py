@@ -277,18 +277,23 @@ def test_a_quiet_band_limit_falls_onto_the_quantiser_floor_and_is_found(ccnu_dir
     band onto the quantiser's floor, 10-42 dB under the band rather than the 30 dB of the cliff rule:
     the 30 dB rule found 6 of the 15 phones' AMR-NB calls and 9 of their telephone bands. Onto that
     floor, below 5 kHz, a 10 dB fall is a band limit: every one of the 15 is found, with its band,
-    and no broadband recording, 0 to 40 dB quieter, is read as band-limited that was not before."""
+    and no broadband recording, 0 to 40 dB quieter, is read as band-limited that was not before.
+    Saved with TPDF dither (the floor 4.8 dB higher) too, and the record says an edge was on the floor."""
     from devrecd.audio.condition import measure_condition, quantiser_floor_db
 
     assert quantiser_floor_db(16, RATE) == pytest.approx(-143.1, abs=0.05)
 
-    def condition(y: np.ndarray, gain: float):
+    rng = np.random.default_rng(0)
+
+    def condition(y: np.ndarray, gain: float, dither: bool = False):
         path = tmp_path / "q.wav"
-        sf.write(path, np.clip(np.round(y.astype(np.float64) * 10 ** (gain / 20) * 32768), -32768, 32767)
-                 .astype(np.int16), RATE, subtype="PCM_16")
+        v = y.astype(np.float64) * 10 ** (gain / 20) * 32768
+        if dither:  # TPDF: the floor 4.8 dB higher
+            v += rng.uniform(-0.5, 0.5, v.shape) + rng.uniform(-0.5, 0.5, v.shape)
+        sf.write(path, np.clip(np.round(v), -32768, 32767).astype(np.int16), RATE, subtype="PCM_16")
         return measure_condition(read_evidence(path, RATE))
 
-    found = {"amrnb": 0, "tel": 0, "tel, both edges": 0, "on floor": 0}
+    found = {"amrnb": 0, "tel": 0, "tel, both edges": 0, "on floor": 0, "dithered": 0}
     phones = sorted(ccnu_dir.glob("*_4.wav"))
     for f in phones:
         x = sf.read(f, dtype="float32")[0]
@@ -298,12 +303,16 @@ def test_a_quiet_band_limit_falls_onto_the_quantiser_floor_and_is_found(ccnu_dir
             found["tel, both edges"] += name == "tel" and c.channel == "tel"
             # The record says why a shallow drop is a band limit: the edge lies on the quantiser floor.
             found["on floor"] += c.band_limited and c.band_on_floor and c.band_high_drop_db < 30
+            d = condition(apply_channel(get_channel(name), x, RATE), -30, dither=True)
+            found["dithered"] += d.band_limited and 3300 < d.band_high_hz < 4000
+        assert not condition(x, -30, dither=True).band_limited, f.stem
         for gain in (0, -20, -40):
             c = condition(x, gain)
             assert not c.band_limited or c.band_high_hz > 7000, (f.stem, gain, c.channel)  # the steep roll-offs known before
             assert not c.band_on_floor, (f.stem, gain)
     assert found["amrnb"] == found["tel"] == len(phones) and found["tel, both edges"] >= len(phones) - 3, found
     assert found["on floor"] >= len(phones), found  # most of the 30 quiet calls: their drops are under 30 dB
+    assert found["dithered"] >= 2 * len(phones) - 1, found  # 9 of 30 with a margin of 3 dB
     # A float file has no such floor: the rule is for integer PCM only.
     path = tmp_path / "f.wav"
     sf.write(path, apply_channel(get_channel("tel"), sf.read(phones[0], dtype="float32")[0], RATE) * 10 ** (-30 / 20),
