@@ -37,6 +37,53 @@ def _noisy(ccnu_dir: Path, tmp_path: Path, phone: str, snr_db: float | None, sec
     return out
 
 
+def test_decoded_references_are_kept_within_their_byte_bound_and_verified_when_first_read(ccnu_dir, tmp_path, monkeypatch):
+    from devrecd.audio import decode
+    from devrecd.audio.noise import add_noise, measure_noise
+    from devrecd.openset import matching
+    from devrecd.openset.matching import ConditionMatcher, ReferenceStore
+
+    cfg = Config()
+    store = ReferenceStore(tmp_path / "refs")
+    shas = [store.put(ccnu_dir / f"{p}_1.wav") for p in ("Apple_air1", "IPHONEX", "xiaomi8se")]
+    reads: Counter[str] = Counter()
+    read_evidence = decode.read_evidence
+
+    def counted(path, *args, **kwargs):
+        reads[Path(path).name] += 1
+        return read_evidence(path, *args, **kwargs)
+
+    monkeypatch.setattr(decode, "read_evidence", counted)
+    matcher = ConditionMatcher(store, cfg.frontend, cfg.audio)
+    first = matcher._samples(shas[0], None)
+    assert not first.flags.writeable  # shared by every later use
+    monkeypatch.setattr(matching, "SAMPLES_BYTES", int(first.nbytes * 2.5))  # room for two
+    for sha in shas:
+        matcher._samples(sha, None)
+    # Room for two: the least recently used (the first) is dropped; the others are kept.
+    assert reads == {sha: 1 for sha in shas} and list(matcher._decoded) == shas[1:]
+    assert matcher._samples(shas[2], None) is matcher._decoded[shas[2]] and reads[shas[2]] == 1
+    assert matcher._decoded_bytes == sum(a.nbytes for a in matcher._decoded.values()) <= matching.SAMPLES_BYTES
+    matcher._samples(shas[0], None)
+    assert reads[shas[0]] == 2 and list(matcher._decoded) == [shas[2], shas[0]]
+    # Brought to two noise conditions (its own noise measured too): not decoded again.
+    x = np.asarray(first, dtype=np.float32)
+    for snr in (12.0, 18.0):
+        matcher.noise_matched(shas[0], None, measure_noise(add_noise(x, cfg.frontend.sample_rate, snr, seed=0),
+                                                           cfg.frontend.sample_rate))
+    assert reads[shas[0]] == 2
+    monkeypatch.setattr(matching, "SAMPLES_BYTES", first.nbytes - 1)  # larger than the bound: not kept
+    fresh = ConditionMatcher(store, cfg.frontend, cfg.audio)
+    fresh._samples(shas[2], None)
+    assert not fresh._decoded and fresh._decoded_bytes == 0
+    # A reference damaged in the store is refused when first read, as before.
+    p = store.path(shas[1])
+    os.chmod(p, 0o644)
+    p.write_bytes(p.read_bytes()[:-2] + b"\x00\x01")
+    with pytest.raises(ArtifactError, match="does not match its sha256"):
+        ConditionMatcher(store, cfg.frontend, cfg.audio)._samples(shas[1], None)
+
+
 def test_kept_vectors_are_pruned_to_their_bound_without_listing_the_folder_at_every_write(tmp_path, monkeypatch):
     from devrecd.openset import matched_cache as M
 
