@@ -37,6 +37,148 @@ def _noisy(ccnu_dir: Path, tmp_path: Path, phone: str, snr_db: float | None, sec
     return out
 
 
+def test_two_threads_judging_different_noise_conditions_give_one_threads_verdicts(ccnu_dir, tmp_path):
+    """One judge, two threads, each meeting new noise conditions at the same time: the verdicts of one
+    thread judging them in turn with a judge of its own (on its own copy of the registry, so that
+    neither finds the other's kept vectors), field for field."""
+    from devrecd.openset.scorers import default_gsv_path, load_gsv
+    from devrecd.openset.workflow import RegistryJudge, recording_features
+
+    cfg = shipped_registry(ccnu_dir, tmp_path / "a", ENROLLED)
+    shutil.copytree(tmp_path / "a" / "case", tmp_path / "b" / "case")
+    other = cfg.with_overrides({"registry.path": str(tmp_path / "b" / "case" / "registry.json")})
+    scorer = load_gsv(default_gsv_path())[0]
+    files = [_noisy(ccnu_dir, tmp_path, "huawei_TAG_AL00", None, 3.0),  # its own profile compared as it is
+             _noisy(ccnu_dir, tmp_path, "IPHONEX", 14.0), _noisy(ccnu_dir, tmp_path, "xiaomi2s", 20.0),
+             _noisy(ccnu_dir, tmp_path, "vivo_Y11t", 17.0)]
+    inputs = []
+    for f in files:
+        rec, feats = recording_features(scorer, f, cfg)
+        inputs.append((feats, rec.describe()))
+    alone = RegistryJudge(cfg)
+    expected = [alone.judge(feats, desc) for feats, desc in inputs]
+    assert sum(v["comparison"]["noise_matched"] or bool(v["comparison"].get("compared_as_is")) for v in expected) == 4
+    assert expected[0]["comparison"]["compared_as_is"] == ["huawei_TAG_AL00"]
+
+    shared, got = RegistryJudge(other), {}
+    start = threading.Barrier(2)
+
+    def work(idx: list[int]) -> None:
+        start.wait()
+        for i in idx:
+            got[i] = shared.judge(*inputs[i])
+
+    threads = [threading.Thread(target=work, args=(idx,)) for idx in ([0, 2], [1, 3])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for v in [*got.values(), *expected]:
+        assert v["open_set"].pop("registry").endswith("registry.json")  # the path of its copy
+    assert [got[i] for i in range(len(inputs))] == expected
+
+
+def test_a_missing_matched_registry_is_matched_outside_the_lock_once_per_key(ccnu_dir, tmp_path, monkeypatch):
+    """While one thread matches the references to a noise condition, a thread needing another one is not
+    held up, and a thread needing the same one waits for it instead of matching it again; a matching
+    that fails fails for both and is not kept (tried again next time)."""
+    import devrecd.audio.noise as noise_module
+    from devrecd.openset import matching
+    from devrecd.openset.workflow import RegistryJudge
+
+    judge = RegistryJudge(shipped_registry(ccnu_dir, tmp_path, ["Apple_air1", "IPHONEX"]))
+    started = {k: threading.Event() for k in "abc"}
+    release = {k: threading.Event() for k in "abc"}
+    calls: Counter[str] = Counter()
+
+    def slow(registry, matcher, channel, vector, noise, vectors=None, only=None):
+        calls[noise] += 1
+        started[noise].set()
+        assert release[noise].wait(30)
+        if noise == "c":
+            raise ArtifactError("reference damaged", reason="reference_damaged")
+        return object()
+
+    monkeypatch.setattr(matching, "matched_registry", slow)
+    monkeypatch.setattr(noise_module, "noise_key", lambda n: n)  # the "noise" here is its key
+    monkeypatch.setattr(judge.matcher, "matched_snr", lambda sha, channel, noise: 20.0)
+    profiles = [[r.sha256 for r in judge.registry.profiles[n].references] for n in judge.registry.names]
+    out: dict[str, object] = {}
+
+    def run(name: str, noise: str) -> None:
+        try:
+            out[name] = judge._matched_under(None, noise, judge.scorer, profiles)
+        except ArtifactError as exc:
+            out[name] = exc
+
+    first = threading.Thread(target=run, args=("a1", "a"))
+    first.start()
+    assert started["a"].wait(30)
+    same, other = threading.Thread(target=run, args=("a2", "a")), threading.Thread(target=run, args=("b", "b"))
+    same.start()
+    other.start()
+    assert started["b"].wait(30), "another noise condition waited for the one being matched"
+    release["b"].set()
+    other.join(30)
+    assert not other.is_alive() and first.is_alive() and same.is_alive()
+    release["a"].set()
+    first.join(30)
+    same.join(30)
+    assert calls == {"a": 1, "b": 1}
+    assert out["a1"][0] is out["a2"][0] and out["a1"][1] == out["a2"][1] == {n: [20.0] * 2 for n in judge.registry.names}
+    assert judge._matched_under(None, "a", judge.scorer, profiles)[0] is out["a1"][0] and calls["a"] == 1  # kept
+    failing = [threading.Thread(target=run, args=(f"c{i}", "c")) for i in range(2)]
+    for t in failing:
+        t.start()
+    assert started["c"].wait(30)
+    release["c"].set()
+    for t in failing:
+        t.join(30)
+    assert isinstance(out["c0"], ArtifactError) and isinstance(out["c1"], ArtifactError) and calls["c"] == 1
+    run("c2", "c")
+    assert calls["c"] == 2 and not judge._pending
+
+
+def test_references_of_profiles_compared_as_they_are_are_not_brought_to_the_noise(ccnu_dir, tmp_path):
+    """The first 3 s of huawei_TAG_AL00_4: its own profile is compared with its references as they are,
+    so they are never brought to the questioned noise (their matched vectors would not be used); the
+    matched references' SNRs are those of the other profiles' references. The registry matched for
+    that verdict is kept apart from one with every profile matched (the same noise, another set)."""
+    from devrecd.audio.condition import noise_profile
+    from devrecd.openset.matching import resolve_comparison
+    from devrecd.openset.scorers import default_gsv_path, load_gsv
+    from devrecd.openset.workflow import RegistryJudge, recording_features
+
+    cfg = shipped_registry(ccnu_dir, tmp_path, ENROLLED)
+    judge = RegistryJudge(cfg)
+    rec, feats = recording_features(load_gsv(default_gsv_path())[0], _noisy(ccnu_dir, tmp_path, "huawei_TAG_AL00", None, 3.0), cfg)
+    matched: dict[str, float] = {}
+    noise_matched = judge.matcher.noise_matched
+
+    def spy(sha, channel, noise):
+        out = noise_matched(sha, channel, noise)
+        matched[sha] = out[1]
+        return out
+
+    judge.matcher.noise_matched = spy
+    v = judge.judge(feats, rec.describe())
+    comp = v["comparison"]
+    assert comp["compared_as_is"] == ["huawei_TAG_AL00"] and comp["profiles_as_noisy"] == 1, comp
+    reg = judge.registry
+    own = {r.sha256 for r in reg.profiles["huawei_TAG_AL00"].references}
+    others = {r.sha256 for n in reg.names if n != "huawei_TAG_AL00" for r in reg.profiles[n].references}
+    assert set(matched) == others and not own & set(matched)
+    assert comp["matched_references_snr_db"] == [min(matched.values()), max(matched.values())]
+    assert judge.judge(feats, rec.describe()) == v  # judged again: the kept registry, the same verdict
+    # Every profile matched to the same noise (per candidate off): another entry, with them matched.
+    condition = rec.describe()["condition"]
+    profiles = [[r.sha256 for r in reg.profiles[n].references] for n in reg.names]
+    channel = resolve_comparison(condition, judge.store, profiles, True)[0]
+    whole, snrs = judge._matched_under(channel, noise_profile(condition, judge.matcher.rate), judge.scorer, profiles)
+    assert own <= set(matched) and "huawei_TAG_AL00" in snrs
+    assert not np.array_equal(whole.profiles["huawei_TAG_AL00"].embeddings, reg.profiles["huawei_TAG_AL00"].embeddings)
+
+
 def test_decoded_references_are_kept_within_their_byte_bound_and_verified_when_first_read(ccnu_dir, tmp_path, monkeypatch):
     from devrecd.audio import decode
     from devrecd.audio.noise import add_noise, measure_noise

@@ -28,7 +28,7 @@ import stat
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import numpy as np
 
@@ -349,10 +349,12 @@ def embedding_scorer(embed: Callable[[np.ndarray], np.ndarray]) -> ScoreFunction
 
 def matched_profile_embeddings(registry: Any, matcher: ConditionMatcher, channel: Channel | None,
                                recording_vector: Callable[[np.ndarray], np.ndarray],
-                               noise: NoiseProfile | None = None, vectors: Any = None) -> dict[str, np.ndarray]:
+                               noise: NoiseProfile | None = None, vectors: Any = None,
+                               only: Collection[str] | None = None) -> dict[str, np.ndarray]:
     """Per profile, (n_refs, D) recording vectors of its references under ``channel`` and ``noise``
     (``recording_vector``: a scorer's features -> vector, :mod:`devrecd.openset.scorers`); ``vectors``
-    (:class:`~devrecd.openset.matched_cache.MatchedVectors`): those under noise kept on disk."""
+    (:class:`~devrecd.openset.matched_cache.MatchedVectors`): those under noise kept on disk.
+    ``only``: those profiles alone (the others are compared as they are: matching them is wasted)."""
     from devrecd.audio.noise import noise_key
 
     name, nkey = (channel.key if channel is not None else CLEAN), (noise_key(noise) if noise is not None else "")
@@ -376,18 +378,20 @@ def matched_profile_embeddings(registry: Any, matcher: ConditionMatcher, channel
         return v
 
     return {p: np.stack([vector(r.sha256) for r in registry.profiles[p].references]).astype(np.float32)
-            for p in registry.names}
+            for p in registry.names if only is None or p in only}
 
 
 def matched_registry(registry: Any, matcher: ConditionMatcher, channel: Channel | None,
                      recording_vector: Callable[[np.ndarray], np.ndarray], noise: NoiseProfile | None = None,
-                     vectors: Any = None) -> Any:
+                     vectors: Any = None, only: Collection[str] | None = None) -> Any:
     """A copy of ``registry`` whose profiles hold their references' vectors under ``channel`` (None:
-    as recorded) and, with ``noise``, brought to that noise after the channel."""
+    as recorded) and, with ``noise``, brought to that noise after the channel; with ``only``, those
+    profiles alone (the others as they are in ``registry``)."""
     from dataclasses import replace
 
-    emb = matched_profile_embeddings(registry, matcher, channel, recording_vector, noise, vectors)
-    return replace(registry, profiles={n: replace(p, embeddings=emb[n]) for n, p in registry.profiles.items()})
+    emb = matched_profile_embeddings(registry, matcher, channel, recording_vector, noise, vectors, only)
+    return replace(registry, profiles={n: replace(p, embeddings=emb[n]) if n in emb else p
+                                       for n, p in registry.profiles.items()})
 
 
 def condition_report(condition: dict[str, Any] | None, compared_under: str, references: str,
