@@ -139,39 +139,6 @@ def test_an_idle_open_set_only_pipeline_stays_alive(registry, no_backend) -> Non
         journal.close()
 
 
-def test_files_judged_at_once_have_a_judge_each_of_the_same_registry(registry, ccnu_dir, no_backend) -> None:
-    """A RegistryJudge matches conditions under one lock: two workers sharing one took turns at it (a
-    new noise condition holds it ~0.4 s). A file judged while another is gets another judge of the
-    same registry and scorer (none is loaded for one file at a time); any other judge is shared."""
-    from dataclasses import replace
-
-    from devrecd.pipeline.serving import WorkerJudges, load_served
-    from devrecd.stages import features_for_file
-
-    cfg = _cfg(registry)
-    served = load_served(cfg, Metrics())
-    judges = WorkerJudges(served.registry_judge, cfg, "cpu", adopt_frontend=True)
-    with judges.take() as first:
-        assert first is served.registry_judge
-    with judges.take() as first, judges.take() as second:
-        assert first is served.registry_judge and second is not first
-        assert second.registry.content_sha256 == first.registry.content_sha256
-        rec, feats = features_for_file(_segment(ccnu_dir, "IPHONEX", 4), replace(cfg, frontend=served.frontend))
-        a, b = first.judge(feats, rec.describe()), second.judge(feats, rec.describe())
-        assert a == b and a["device"] == "IPHONEX"
-    with judges.take() as x, judges.take() as y:
-        assert {id(x), id(y)} == {id(first), id(second)}  # lent again, not loaded again
-    other = WorkerJudges(shared := object(), cfg, "cpu", adopt_frontend=True)  # e.g. a test's fake judge
-    with other.take() as x, other.take() as y:
-        assert x is y is shared
-    # A second judge that cannot be loaded (the registry moved away) is never a file's failure: the
-    # first one is shared, and no load is tried again.
-    gone = _cfg(registry.parent / "moved" / registry.name)
-    lone = WorkerJudges(served.registry_judge, gone, "cpu", adopt_frontend=True)
-    with lone.take() as x, lone.take() as y, lone.take() as z:
-        assert x is y is z is served.registry_judge
-
-
 def test_the_served_frontend_is_the_scorers_without_a_model(registry, ccnu_dir, no_backend, caplog) -> None:
     path = _segment(ccnu_dir, "xiaomi8se", 4)
     plain = identify_files(_cfg(registry), [path])[0]

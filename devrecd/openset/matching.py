@@ -25,9 +25,10 @@ import hashlib
 import logging
 import os
 import stat
+import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import numpy as np
 
@@ -104,6 +105,7 @@ class ReferenceStore:
 
 
 PROFILES = 4096  # reference noise profiles a matcher keeps in memory (per channel, storage level and excerpt length)
+SAMPLES_BYTES = 32 << 20  # decoded reference samples a matcher keeps in memory (bytes; ~25 references of 10 s at 32 kHz)
 
 
 class ConditionMatcher:
@@ -118,6 +120,15 @@ class ConditionMatcher:
     their recording vectors are kept on disk, bounded: :mod:`devrecd.openset.matched_cache`). The
     references' own noise profiles (after the channel; whole, or in excerpts of a short questioned
     recording's length) are cached in memory (the :data:`PROFILES` most recent) and on disk.
+
+    The references' decoded samples (before any channel) are kept in memory, the most recently used
+    up to :data:`SAMPLES_BYTES` bytes: each new noise condition needs every reference again, and
+    verifying (SHA-256) and decoding it each time was ~11% of the CPU of a noisy backlog. Each is
+    verified when first read; what is kept is what was verified (read-only arrays).
+
+    Safe to use from several threads at once (a daemon's workers share one judge): the in-memory
+    caches are read and updated under one lock, never held while computing; two threads that miss
+    the same entry both compute it (the same result: everything here is deterministic).
     """
 
     def __init__(self, store: ReferenceStore, frontend: FrontendConfig, audio: AudioConfig | None = None, *,
@@ -132,6 +143,9 @@ class ConditionMatcher:
         self._noise_cache = max(0, int(noise_cache))
         self._snrs: OrderedDict[tuple[str, str, str], float] = OrderedDict()
         self._profiles: OrderedDict[tuple[str, str], NoiseProfile] = OrderedDict()  # the PROFILES most recent
+        self._decoded: OrderedDict[str, np.ndarray] = OrderedDict()  # sha256 -> samples, SAMPLES_BYTES at most
+        self._decoded_bytes = 0
+        self._lock = threading.Lock()  # the caches above: held for lookups and inserts only
         self._key = hashlib.sha256(f"{frontend.fingerprint()}|{self.hop}".encode()).hexdigest()[:12]
 
     @property
@@ -155,8 +169,10 @@ class ConditionMatcher:
             return self._features(self._samples(sha256, channel))
         name = channel.key if channel is not None else CLEAN
         key = (sha256, name)
-        if key in self._memory:
-            return self._memory[key]
+        with self._lock:
+            feats = self._memory.get(key)
+        if feats is not None:
+            return feats
         cached = self.cache_dir / name / f"{sha256}.{self._key}.npy"
         feats = None
         if cached.is_file():
@@ -172,7 +188,8 @@ class ConditionMatcher:
             np.save(buf, feats)
             cached.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(cached, buf.getvalue())
-        self._memory[key] = feats
+        with self._lock:
+            self._memory[key] = feats
         return feats
 
     def noise_matched(self, sha256: str, channel: Channel | None, noise: NoiseProfile) -> tuple[np.ndarray, float]:
@@ -182,21 +199,24 @@ class ConditionMatcher:
         from devrecd.audio.noise import match_noise, measure_noise, noise_key, quantised
 
         key = (sha256, channel.key if channel is not None else CLEAN, noise_key(noise))
-        if key in self._noisy:
-            self._noisy.move_to_end(key)
-            return self._noisy[key]
+        with self._lock:
+            hit = self._noisy.get(key)
+            if hit is not None:
+                self._noisy.move_to_end(key)
+                return hit
         samples = self._samples(sha256, channel)
         seed = int(hashlib.sha256("|".join(key).encode()).hexdigest()[:15], 16)
         own = self.reference_noise(sha256, channel)  # cached: not measured again
         matched = match_noise(samples, self.rate, quantised(noise), seed=seed, own=own)
         out = (self._features(matched), round(measure_noise(matched, self.rate).snr_db, 1))
-        self._snrs[key] = out[1]  # a float per key: kept longer than the features
-        while len(self._snrs) > 64 * max(1, self._noise_cache):
-            self._snrs.popitem(last=False)
-        if self._noise_cache:
-            self._noisy[key] = out
-            while len(self._noisy) > self._noise_cache:
-                self._noisy.popitem(last=False)
+        with self._lock:
+            self._snrs[key] = out[1]  # a float per key: kept longer than the features
+            while len(self._snrs) > 64 * max(1, self._noise_cache):
+                self._snrs.popitem(last=False)
+            if self._noise_cache:
+                self._noisy[key] = out
+                while len(self._noisy) > self._noise_cache:
+                    self._noisy.popitem(last=False)
         return out
 
     def matched_snr(self, sha256: str, channel: Channel | None, noise: NoiseProfile) -> float:
@@ -204,13 +224,16 @@ class ConditionMatcher:
         from devrecd.audio.noise import noise_key
 
         key = (sha256, channel.key if channel is not None else CLEAN, noise_key(noise))
-        return self._snrs[key] if key in self._snrs else self.noise_matched(sha256, channel, noise)[1]
+        with self._lock:
+            snr = self._snrs.get(key)
+        return snr if snr is not None else self.noise_matched(sha256, channel, noise)[1]
 
     def remember_snr(self, sha256: str, channel: Channel | None, noise: NoiseProfile, snr_db: float) -> None:
         """The measured SNR of a matched reference known from elsewhere (a kept vector's)."""
         from devrecd.audio.noise import noise_key
 
-        self._snrs[(sha256, channel.key if channel is not None else CLEAN, noise_key(noise))] = snr_db
+        with self._lock:
+            self._snrs[(sha256, channel.key if channel is not None else CLEAN, noise_key(noise))] = snr_db
 
     def reference_noise(self, sha256: str, channel: Channel | None, seconds: float | None = None) -> NoiseProfile:
         """The noise profile of one stored reference through ``channel``, measured whole or, for a
@@ -222,9 +245,11 @@ class ConditionMatcher:
 
         name = channel.key if channel is not None else CLEAN
         key = (sha256, name if seconds is None else f"{name}/{seconds:g}s")
-        if key in self._profiles:
-            self._profiles.move_to_end(key)
-            return self._profiles[key]
+        with self._lock:
+            hit = self._profiles.get(key)
+            if hit is not None:
+                self._profiles.move_to_end(key)
+                return hit
         cached = self.cache_dir / name / f"{sha256}.noise-{self.rate}{'' if seconds is None else f'-{seconds:g}s'}.json"
         prof = None
         if cached.is_file():
@@ -237,21 +262,42 @@ class ConditionMatcher:
             cached.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(cached, json.dumps({**prof.to_json(), "noise_bands_db": list(prof.bands_db),
                                              "speech_dbfs": prof.speech_dbfs, "noise_dbfs": prof.noise_dbfs}).encode())
-        self._profiles[key] = prof
-        while len(self._profiles) > PROFILES:
-            self._profiles.popitem(last=False)
+        with self._lock:
+            self._profiles[key] = prof
+            while len(self._profiles) > PROFILES:
+                self._profiles.popitem(last=False)
         return prof
 
     def _samples(self, sha256: str, channel: Channel | None) -> np.ndarray:
         """A stored reference decoded (verified) at the frontend's rate, through ``channel``."""
+        samples = self._decoded_samples(sha256)
+        return samples if channel is None else apply_channel(channel, samples, self.rate)
+
+    def _decoded_samples(self, sha256: str) -> np.ndarray:
+        """A stored reference decoded at the frontend's rate, verified when first read, then kept
+        (read-only) while the most recently used fit in :data:`SAMPLES_BYTES`."""
         from devrecd.audio.decode import read_evidence
 
+        with self._lock:
+            samples = self._decoded.get(sha256)
+            if samples is not None:
+                self._decoded.move_to_end(sha256)
+                return samples
         path = self.store.path(sha256)
         self.store.read(sha256)  # verify before use
         rec = read_evidence(path, self.frontend.sample_rate, self.audio)
         if rec.sha256 != sha256:
             raise ArtifactError(f"{path}: changed while being read", reason="reference_damaged")
-        return rec.samples if channel is None else apply_channel(channel, rec.samples, rec.sample_rate)
+        samples = rec.samples if rec.samples.base is None else rec.samples.copy()  # kept: its own memory only
+        samples.flags.writeable = False  # shared by every later use: nothing may change it in place
+        if samples.nbytes <= SAMPLES_BYTES:
+            with self._lock:
+                if sha256 not in self._decoded:  # another thread may have decoded it meanwhile
+                    self._decoded[sha256] = samples
+                    self._decoded_bytes += samples.nbytes
+                while self._decoded_bytes > SAMPLES_BYTES:
+                    self._decoded_bytes -= self._decoded.popitem(last=False)[1].nbytes
+        return samples
 
     def _features(self, samples: np.ndarray) -> np.ndarray:
         clips = cut_windows(samples, self.frontend.clip_samples, hop_samples(self.hop, self.frontend.sample_rate))
@@ -303,10 +349,12 @@ def embedding_scorer(embed: Callable[[np.ndarray], np.ndarray]) -> ScoreFunction
 
 def matched_profile_embeddings(registry: Any, matcher: ConditionMatcher, channel: Channel | None,
                                recording_vector: Callable[[np.ndarray], np.ndarray],
-                               noise: NoiseProfile | None = None, vectors: Any = None) -> dict[str, np.ndarray]:
+                               noise: NoiseProfile | None = None, vectors: Any = None,
+                               only: Collection[str] | None = None) -> dict[str, np.ndarray]:
     """Per profile, (n_refs, D) recording vectors of its references under ``channel`` and ``noise``
     (``recording_vector``: a scorer's features -> vector, :mod:`devrecd.openset.scorers`); ``vectors``
-    (:class:`~devrecd.openset.matched_cache.MatchedVectors`): those under noise kept on disk."""
+    (:class:`~devrecd.openset.matched_cache.MatchedVectors`): those under noise kept on disk.
+    ``only``: those profiles alone (the others are compared as they are: matching them is wasted)."""
     from devrecd.audio.noise import noise_key
 
     name, nkey = (channel.key if channel is not None else CLEAN), (noise_key(noise) if noise is not None else "")
@@ -330,18 +378,20 @@ def matched_profile_embeddings(registry: Any, matcher: ConditionMatcher, channel
         return v
 
     return {p: np.stack([vector(r.sha256) for r in registry.profiles[p].references]).astype(np.float32)
-            for p in registry.names}
+            for p in registry.names if only is None or p in only}
 
 
 def matched_registry(registry: Any, matcher: ConditionMatcher, channel: Channel | None,
                      recording_vector: Callable[[np.ndarray], np.ndarray], noise: NoiseProfile | None = None,
-                     vectors: Any = None) -> Any:
+                     vectors: Any = None, only: Collection[str] | None = None) -> Any:
     """A copy of ``registry`` whose profiles hold their references' vectors under ``channel`` (None:
-    as recorded) and, with ``noise``, brought to that noise after the channel."""
+    as recorded) and, with ``noise``, brought to that noise after the channel; with ``only``, those
+    profiles alone (the others as they are in ``registry``)."""
     from dataclasses import replace
 
-    emb = matched_profile_embeddings(registry, matcher, channel, recording_vector, noise, vectors)
-    return replace(registry, profiles={n: replace(p, embeddings=emb[n]) for n, p in registry.profiles.items()})
+    emb = matched_profile_embeddings(registry, matcher, channel, recording_vector, noise, vectors, only)
+    return replace(registry, profiles={n: replace(p, embeddings=emb[n]) if n in emb else p
+                                       for n, p in registry.profiles.items()})
 
 
 def condition_report(condition: dict[str, Any] | None, compared_under: str, references: str,

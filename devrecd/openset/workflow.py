@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -242,13 +243,17 @@ class RegistryJudge:
         # References brought to a noise: their vectors kept on disk (worker processes and restarts share
         # them), one cache per model that vectorises references (the main one, a channel model), by fingerprint.
         self._vectors: dict[str, Any] = {}
-        # (channel key, noise key, model) -> the registry with references under it; noise keys are as many
-        # as questioned conditions, so only the MATCHED_REGISTRIES most recent are kept.
-        # Keyed by the model too: a channel model's vectors are not the main model's.
-        self._matched: OrderedDict[tuple[str, str, str], tuple[Registry, list[float]]] = OrderedDict()
-        # judge() is called by the pipeline's workers at once: the condition matching (the matcher and
-        # this cache) runs under this lock, one thread at a time; the scoring after it in parallel.
+        # (channel key, noise key, model, profiles matched) -> the registry with references under it and
+        # their SNRs; noise keys are as many as questioned conditions, so only the MATCHED_REGISTRIES most
+        # recent are kept. Keyed by the model too: a channel model's vectors are not the main model's.
+        self._matched: OrderedDict[tuple[Any, ...], tuple[Registry, dict[str, list[float]]]] = OrderedDict()
+        # judge() is called by the pipeline's workers at once. This lock guards the caches of this judge
+        # (those two dicts and the one below) for lookups and inserts only: a registry is matched outside it
+        # (~0.2 s per reference for a new noise condition), one computation per key in flight (another
+        # thread needing that key waits for its Future; threads needing other keys go on). The matcher
+        # and the kept vectors are safe to use from several threads themselves.
         self._matching = threading.Lock()
+        self._pending: dict[tuple[Any, ...], Future] = {}
 
     def _kept_vectors(self, model: Any) -> Any:
         """The on-disk cache of matched reference vectors of ``model`` (None without stored references)."""
@@ -257,31 +262,59 @@ class RegistryJudge:
         if self.store is None:
             return None
         fingerprint = model.describe().get("fingerprint") or ""
-        if fingerprint not in self._vectors:
-            self._vectors[fingerprint] = MatchedVectors(self.matcher.cache_dir, self.matcher.key, fingerprint)
-        return self._vectors[fingerprint]
+        with self._matching:
+            if fingerprint not in self._vectors:
+                self._vectors[fingerprint] = MatchedVectors(self.matcher.cache_dir, self.matcher.key, fingerprint)
+            return self._vectors[fingerprint]
 
-    def _matched_under(self, channel: Any, noise: Any, model: Any, profiles: list[list[str]]) -> tuple[Registry, list[float]]:
+    def _matched_under(self, channel: Any, noise: Any, model: Any, profiles: list[list[str]],
+                       as_is: Sequence[bool] | None = None) -> tuple[Registry, dict[str, list[float]]]:
         """The registry with its references under ``channel`` and ``noise`` (None, None: the registry
-        itself) vectorised by ``model``, and the references' measured SNRs once matched to a noise;
-        cached (the :data:`MATCHED_REGISTRIES` most recent). Call under ``self._matching``."""
+        itself) vectorised by ``model``, and per profile brought to a noise its references' measured
+        SNRs; ``as_is`` (per profile of ``profiles``, the registry's names in order): True for those
+        compared as they are, whose references are not brought to the noise (left as recorded: the
+        caller puts their plain vectors in). Cached (the :data:`MATCHED_REGISTRIES` most recent).
+
+        Thread-safe; ``self._matching`` is held only to look up and fill the cache, not while matching:
+        one thread matches a missing key, others that need it wait for its result (or its exception)."""
         from devrecd.audio.noise import noise_key
         from devrecd.openset.matching import CLEAN, matched_registry
 
         if channel is None and noise is None:
-            return self.registry, []
+            return self.registry, {}
+        names = self.registry.names
+        only = None if noise is None or not any(as_is or ()) else \
+            frozenset(n for n, plain in zip(names, as_is) if not plain)
         mkey = (channel.key if channel is not None else CLEAN, noise_key(noise) if noise is not None else "",
-                "" if model is self.scorer else model.fingerprint)
-        if mkey not in self._matched:
+                "" if model is self.scorer else model.fingerprint, tuple(sorted(only)) if only is not None else None)
+        with self._matching:
+            hit = self._matched.get(mkey)
+            if hit is not None:
+                self._matched.move_to_end(mkey)
+                return hit
+            pending, mine = self._pending.get(mkey), False
+            if pending is None:
+                pending, mine = Future(), True
+                self._pending[mkey] = pending
+        if not mine:
+            return pending.result()  # matched by another thread meanwhile
+        try:
             matched = matched_registry(self.registry, self.matcher, channel, model.recording_vector, noise,
-                                       self._kept_vectors(model))
-            snrs = ([self.matcher.matched_snr(s, channel, noise) for shas in profiles for s in shas]
-                    if noise is not None else [])
+                                       self._kept_vectors(model), only)
+            snrs = ({n: [self.matcher.matched_snr(s, channel, noise) for s in shas]
+                     for n, shas in zip(names, profiles) if only is None or n in only} if noise is not None else {})
+        except BaseException as exc:
+            with self._matching:
+                del self._pending[mkey]
+            pending.set_exception(exc)
+            raise
+        with self._matching:
             self._matched[mkey] = (matched, snrs)
             while len(self._matched) > MATCHED_REGISTRIES:
                 self._matched.popitem(last=False)
-        self._matched.move_to_end(mkey)
-        return self._matched[mkey]
+            del self._pending[mkey]
+        pending.set_result((matched, snrs))
+        return matched, snrs
 
     def describe_decision(self) -> str:
         """One line for logs: the decision rule and the conditions with a calibration."""
@@ -313,23 +346,14 @@ class RegistryJudge:
         # Matched to a channel: both sides vectorised with the scorer's model of it (its calibrations were
         # fitted with it); otherwise the main model, which the profiles were enrolled with.
         model = scorer_for_channel(self.scorer, channel)
-        with self._matching:  # the matcher and the matched-registry cache: one thread at a time
-            # Noise: only where the references can be brought to the questioned recording's channel (or none is needed).
-            # (a note: the references could not be brought to the questioned channel or storage; it says why)
-            can_match = self.match_conditions and self.store is not None and not note
-            noise_note = ("" if can_match else note or ("condition matching is off (registry.match_conditions)"
-                          if not self.match_conditions else "the registry keeps no reference audio"))
-            noise, noise_fields, as_noisy = resolve_noise_per_profile(
-                condition, self.matcher, profiles, channel, enabled=can_match, note=noise_note,
-                duration=(recording or {}).get("duration"))
-            reg, snrs = self._matched_under(channel, noise, model, profiles)
-            # The references brought to the noise, not those of profiles compared as they are.
-            kept = [not as_is for as_is, shas in zip(as_noisy, profiles) for _ in shas]  # per reference, as snrs
-            snrs = [v for v, keep in zip(snrs, kept) if keep]
-            if snrs:
-                noise_fields["matched_references_snr_db"] = [min(snrs), max(snrs)]
-            # Profiles whose own references are as noisy as the questioned recording: compared as they are.
-            plain = self._matched_under(channel, None, model, profiles)[0] if any(as_noisy) else None
+        # Noise: only where the references can be brought to the questioned recording's channel (or none is needed).
+        # (a note: the references could not be brought to the questioned channel or storage; it says why)
+        can_match = self.match_conditions and self.store is not None and not note
+        noise_note = ("" if can_match else note or ("condition matching is off (registry.match_conditions)"
+                      if not self.match_conditions else "the registry keeps no reference audio"))
+        noise, noise_fields, as_noisy = resolve_noise_per_profile(
+            condition, self.matcher, profiles, channel, enabled=can_match, note=noise_note,
+            duration=(recording or {}).get("duration"))
         duration = (recording or {}).get("duration")
         keys = calibration_keys(under, duration, noise.snr_db if noise is not None else None)
         cal, source, key = calibration_for(self.registry, keys, self.registry_cfg, self.dev_calibrations, condition)
@@ -341,6 +365,23 @@ class RegistryJudge:
         outside = snr_outside(condition, cal.conditions) if cal is not None else None
         if outside and noise is not None:  # noise-matched: outside validation (no LR, nothing named)
             cal, source = None, outside
+        # Profiles whose own references are as noisy as the questioned recording: compared as they are,
+        # under the calibration of the plain comparison. Per candidate needs both calibrations (scores of
+        # two conditions are not comparable): else every profile is noise-matched, as before. Decided
+        # before matching, so that the references of profiles compared as they are are not matched.
+        plain_cal = None
+        if any(as_noisy):
+            plain_cal, plain_source, plain_key = calibration_for(self.registry, calibration_keys(under, duration),
+                                                                 self.registry_cfg, self.dev_calibrations, condition)
+        per_candidate = cal is not None and plain_cal is not None
+        reg, matched_snrs = self._matched_under(channel, noise, model, profiles, as_noisy if per_candidate else None)
+        # The references brought to the noise, not those of profiles whose own are as noisy (either way).
+        snrs = [v for n, as_is in zip(self.registry.names, as_noisy) if not as_is for v in matched_snrs.get(n, ())]
+        if snrs:
+            noise_fields["matched_references_snr_db"] = [min(snrs), max(snrs)]
+        if any(as_noisy) and not per_candidate:
+            noise_fields.pop("profiles_as_noisy", None)
+        plain = self._matched_under(channel, None, model, profiles)[0] if any(as_noisy) and per_candidate else None
         if callable(getattr(features, "result_for", None)):  # streamed into every model's accumulator
             query, windows = features.result_for(channel.name if model is not self.scorer else None)
         elif callable(getattr(features, "result", None)):  # an accumulator (streamed features)
@@ -352,12 +393,6 @@ class RegistryJudge:
             query, windows = model.recording_vector(features), model.window_vectors(features)
         cals: Any = cal
         if plain is not None:  # some profiles compared as they are, under the calibration of the plain comparison
-            plain_cal, plain_source, plain_key = calibration_for(self.registry, calibration_keys(under, duration),
-                                                                 self.registry_cfg, self.dev_calibrations, condition)
-            if cal is None or plain_cal is None:  # per candidate needs both (scores of two conditions are not
-                plain = None                       # comparable): every profile noise-matched, as before
-                noise_fields.pop("profiles_as_noisy", None)
-        if plain is not None:
             from dataclasses import replace
 
             reg = replace(reg, profiles={n: plain.profiles[n] if as_noisy[i] else reg.profiles[n]

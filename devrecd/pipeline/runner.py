@@ -60,7 +60,7 @@ from devrecd.pipeline.jobs import Chunk, Duplicate, Failed, FeaturesDone, Job, J
 from devrecd.pipeline.journal import Entry, Journal, Recorder, VerdictLog
 from devrecd.pipeline.procs import CRASHED, ChildCrashed, ChildFailed, WorkerProcess, prepare_in_child
 from devrecd.pipeline.retry import Liveness, StorageRetry, Stopped
-from devrecd.pipeline.serving import Judge, OpenSetOnly, RegistryJudging, WorkerJudges
+from devrecd.pipeline.serving import Judge, OpenSetOnly, RegistryJudging
 from devrecd.pipeline.threads import inference_streams, one_blas_thread
 from devrecd.pipeline.writer import VerdictWriter
 from devrecd.stages import Failure, failure_of, stream_features
@@ -87,9 +87,9 @@ class Pipeline:
         # scorer's accumulator (features taken chunk by chunk), if it has one.
         self.judge: Judge | None = judge.judge if judge is not None else None
         self.accumulator: Callable[[], Any] | None = judge.accumulator if judge is not None else None
-        # A judge of its own for each file judged in-process at once (WorkerJudges: one shared judge made
-        # the workers take turns at its condition-matching lock); worker processes load their own.
-        self._judges = WorkerJudges(judge, cfg, device, adopt_frontend=isinstance(backend, OpenSetOnly))
+        # One judge shared by the in-process workers (a RegistryJudge matches a new condition outside its
+        # lock, so they do not take turns at it); worker processes load their own.
+        self._judging = judge
         self.backend = backend
         self.labels = tuple(backend.labels)
         self.backend_info = backend.describe()
@@ -313,8 +313,7 @@ class Pipeline:
                 if child is not None and child.usable():
                     prepare_in_child(self, child, job)
                 else:
-                    with self._judges.take() as judging:
-                        self._prepare(job, judging)
+                    self._prepare(job, self._judging)
             except Stopped:  # not finished: stays unfinished in the journal, resumed at the next start
                 self._release(job)
             except ChildFailed as exc:  # the file's failure, in its worker process
@@ -339,7 +338,7 @@ class Pipeline:
         self._results.put(Failed(job, f))
 
     def _prepare(self, job: Job, judging: RegistryJudging | None) -> None:
-        """The per-file stage in this thread, with ``judging`` (the judge lent for this file, or None: no registry)."""
+        """The per-file stage in this thread, with ``judging`` (the registry judge, or None: no registry)."""
         cfg = self.cfg
         t0 = time.perf_counter()
         confine = None if self.roots is None or cfg.watch.follow_external_links else self.roots

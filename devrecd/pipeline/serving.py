@@ -8,9 +8,7 @@ open-set verdict beside a closed-set one; :class:`OpenSetOnly` serves the regist
 from __future__ import annotations
 
 import logging
-import threading
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -54,7 +52,7 @@ class OpenSetOnly:
         self.scorer = {"kind": desc.get("kind"), "fingerprint": desc.get("fingerprint"), "source": desc.get("source"),
                        "frontend_sha256": desc.get("frontend_sha256"), "registry": str(self.registry_judge.registry.path),
                        "onnx_sha256": onnx_sha256}
-        self.judge: Judge = self.registry_judge.judge  # thread-safe (the pipeline's workers have a judge each: WorkerJudges)
+        self.judge: Judge = self.registry_judge.judge  # thread-safe: the pipeline's workers share it
         # A scorer computed on a GPU (the GSV scorer in torch: devrecd.supervector_torch) takes the
         # CUDA frontend's output where it is: the pipeline then keeps the features on that device.
         self.input_device = getattr(self.registry_judge.scorer, "input_device", None)
@@ -114,64 +112,6 @@ def load_served(cfg: Config, metrics: Metrics | None = None, *, device: str = "c
     return served
 
 
-class WorkerJudges:
-    """The judges of the pipeline's worker threads: :meth:`take` lends one for a file. ``judge`` first;
-    where it is a :class:`~devrecd.openset.workflow.RegistryJudge` and every judge is lent, another
-    of the same registry is loaded, so there are at most as many as files judged at once (one file,
-    as ``identify`` of one file: no other is loaded). Any other judge (or None) is shared.
-
-    Why: a RegistryJudge matches conditions under one lock (its matcher and caches are not
-    thread-safe), and bringing the references to a questioned recording's noise, new for each noise
-    condition met, takes ~0.4 s of CPU under it. Sharing one judge, the open-set daemon's two workers
-    took turns: on 300 new CCNU recordings (4 phones enrolled, 31 of them noise-matched) each worker
-    slept 8-9 s of 24 s (per-thread schedstat; py-spy: 28% of its samples at that lock, 29% matching
-    under it), 1.1-1.7 s with a judge each. The matched vectors are still shared, on disk
-    (:mod:`devrecd.openset.matched_cache`). A judge that loaded another content of the registry (it
-    was saved in between) or another scorer is not used: ``judge`` is shared from then on, so every
-    verdict comes from one registry."""
-
-    def __init__(self, judge: RegistryJudging | None, cfg: Config, device: str, *, adopt_frontend: bool) -> None:
-        from devrecd.openset.workflow import RegistryJudge
-
-        self._first = judge
-        self._idle: list[RegistryJudging | None] = [judge]
-        self._lock = threading.Lock()
-        self._make: Callable[[], Any] | None = None
-        if type(judge) is RegistryJudge:
-            self._make = lambda: RegistryJudge(cfg, device=device, adopt_frontend=adopt_frontend)
-        self._registry = cfg.registry.path
-
-    @contextmanager
-    def take(self) -> Iterator[RegistryJudging | None]:
-        with self._lock:
-            judge = self._idle.pop() if self._idle else None
-            make = self._make if judge is None else None
-        if judge is None:
-            judge = self._first if make is None else self._load(make)
-        try:
-            yield judge
-        finally:
-            with self._lock:
-                self._idle.append(judge)
-
-    def _load(self, make: Callable[[], Any]) -> RegistryJudging | None:
-        def identity(j: Any) -> tuple[str, Any]:
-            return j.registry.content_sha256, j.scorer.describe().get("fingerprint")
-
-        try:
-            judge = make()
-            if identity(judge) == identity(self._first):
-                return judge
-            log.warning("the registry changed since the daemon loaded it: one judge shared by the workers",
-                        extra={"registry": self._registry})
-        except Exception as exc:  # noqa: BLE001 - a second judge is an optimisation: never a file's failure
-            log.warning(f"a second judge could not be loaded ({exc}): one judge shared by the workers",
-                        extra={"registry": self._registry})
-        with self._lock:
-            self._make = None
-        return self._first
-
-
 def registry_judge(cfg: Config, device: str) -> RegistryJudging | None:
     """The open-set judge when ``registry.path`` is configured (closed-set labels otherwise): its
     ``judge(features, recording)`` and its scorer's ``accumulator()`` (features chunk by chunk)."""
@@ -182,4 +122,4 @@ def registry_judge(cfg: Config, device: str) -> RegistryJudging | None:
     judge = RegistryJudge(cfg, device=device)
     log.info("open-set verdicts from the device registry",
              extra={"registry": cfg.registry.path, "decision": judge.describe_decision()})
-    return judge  # thread-safe (condition matching under its own lock); the pipeline lends each worker one: WorkerJudges
+    return judge  # thread-safe (a new condition is matched outside its lock): the pipeline's workers share it
