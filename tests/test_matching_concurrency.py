@@ -202,18 +202,20 @@ def test_decoded_references_are_kept_within_their_byte_bound_and_verified_when_f
     monkeypatch.setattr(matching, "SAMPLES_BYTES", int(first.nbytes * 2.5))  # room for two
     for sha in shas:
         matcher._samples(sha, None)
-    # Room for two: the least recently used (the first) is dropped; the others are kept.
-    assert reads == {sha: 1 for sha in shas} and list(matcher._decoded) == shas[1:]
-    assert matcher._samples(shas[2], None) is matcher._decoded[shas[2]] and reads[shas[2]] == 1
+    # Room for two: the first two read are kept, the third is decoded at each use (each new noise
+    # condition reads every reference in turn: least-recently-used would evict each before its reuse).
+    assert reads == {sha: 1 for sha in shas} and list(matcher._decoded) == shas[:2]
+    for sha in shas:  # the next pass: only the one not kept is decoded again
+        matcher._samples(sha, None)
+    assert reads == {shas[0]: 1, shas[1]: 1, shas[2]: 2}
+    assert matcher._samples(shas[0], None) is matcher._decoded[shas[0]]
     assert matcher._decoded_bytes == sum(a.nbytes for a in matcher._decoded.values()) <= matching.SAMPLES_BYTES
-    matcher._samples(shas[0], None)
-    assert reads[shas[0]] == 2 and list(matcher._decoded) == [shas[2], shas[0]]
     # Brought to two noise conditions (its own noise measured too): not decoded again.
     x = np.asarray(first, dtype=np.float32)
     for snr in (12.0, 18.0):
         matcher.noise_matched(shas[0], None, measure_noise(add_noise(x, cfg.frontend.sample_rate, snr, seed=0),
                                                            cfg.frontend.sample_rate))
-    assert reads[shas[0]] == 2
+    assert reads[shas[0]] == 1
     monkeypatch.setattr(matching, "SAMPLES_BYTES", first.nbytes - 1)  # larger than the bound: not kept
     fresh = ConditionMatcher(store, cfg.frontend, cfg.audio)
     fresh._samples(shas[2], None)

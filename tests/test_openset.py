@@ -353,6 +353,10 @@ def test_identify_with_registry_known_unknown_inconclusive_and_ranking(tmp_path:
                                calibration=cal)
 
 
+def by_rank(verdict: dict, name: str) -> dict:
+    return next(t for t in verdict["top_k"] if t["device"] == name)
+
+
 def test_profiles_judged_under_their_own_calibrations_are_ranked_by_lr(tmp_path: Path) -> None:
     """Profiles compared under different conditions (some references brought to the questioned
     recording's noise, others as they are) each have their own calibration: the candidates are ranked
@@ -401,6 +405,16 @@ def test_profiles_judged_under_their_own_calibrations_are_ranked_by_lr(tmp_path:
     i = identify_vectors(query, windows, reg, calibration=[strict, unsure, cal], calibration_source=["a", "b", "c"])
     assert i["device"] == INCONCLUSIVE and i["open_set"]["undecided"] == ["B"] and not i["open_set"]["decidable"]
     assert "passed_over" not in i["open_set"] and "undecided" not in u["open_set"]
+    # A decidable candidate rejected under its own calibration is not passed over for a weaker one
+    # whose calibration's threshold is lower (thresholds differ under the far rule): nothing is named.
+    s_a, s_b = (by_rank(one, n)["score"] for n in ("A", "B"))
+    high_bar = replace(cal, slope=1.0, offset=1.0 - s_a, decision={**cal.decision, "log10_threshold": 1.5})  # A: LR 1.0
+    low_bar = replace(cal, slope=1.0, offset=0.5 - s_b, decision={**cal.decision, "log10_threshold": 0.3})  # B: LR 0.5
+    assert low_bar.decidable and high_bar.decidable
+    h = identify_vectors(query, windows, reg, calibration=[high_bar, low_bar, strict], calibration_source=["a", "b", "c"])
+    assert h["top_k"][0]["device"] == "A" and h["top_k"][0]["log10_lr"] == pytest.approx(1.0, abs=1e-3)
+    assert by_rank(h, "B")["log10_lr"] >= low_bar.log10_threshold  # B would pass its own bar ...
+    assert h["device"] == UNKNOWN and h["candidate"] == "A" and "passed_over" not in h["open_set"]  # ... yet A decides
     with pytest.raises(ValueError, match="2 calibrations"):
         identify_vectors(query, windows, reg, calibration=[cal, cal], calibration_source=["a", "b"])
 

@@ -105,7 +105,7 @@ class ReferenceStore:
 
 
 PROFILES = 4096  # reference noise profiles a matcher keeps in memory (per channel, storage level and excerpt length)
-SAMPLES_BYTES = 32 << 20  # decoded reference samples a matcher keeps in memory (bytes; ~25 references of 10 s at 32 kHz)
+SAMPLES_BYTES = 64 << 20  # decoded reference samples a matcher keeps in memory (bytes; ~50 references of 10 s at 32 kHz)
 
 
 class ConditionMatcher:
@@ -121,8 +121,8 @@ class ConditionMatcher:
     references' own noise profiles (after the channel; whole, or in excerpts of a short questioned
     recording's length) are cached in memory (the :data:`PROFILES` most recent) and on disk.
 
-    The references' decoded samples (before any channel) are kept in memory, the most recently used
-    up to :data:`SAMPLES_BYTES` bytes: each new noise condition needs every reference again, and
+    The references' decoded samples (before any channel) are kept in memory, the first ones read up
+    to :data:`SAMPLES_BYTES` bytes (:meth:`_decoded_samples`): each new noise condition needs every reference again, and
     verifying (SHA-256) and decoding it each time was ~11% of the CPU of a noisy backlog. Each is
     verified when first read; what is kept is what was verified (read-only arrays).
 
@@ -275,13 +275,15 @@ class ConditionMatcher:
 
     def _decoded_samples(self, sha256: str) -> np.ndarray:
         """A stored reference decoded at the frontend's rate, verified when first read, then kept
-        (read-only) while the most recently used fit in :data:`SAMPLES_BYTES`."""
+        (read-only) while the references kept fit in :data:`SAMPLES_BYTES`: the first ones read stay,
+        later ones are decoded at each use. Not least-recently-used: a new noise condition reads every
+        reference of the registry in the same order, and a cache smaller than that pass would evict
+        each one before its next use (a registry of 15 phones with two 11 s references is 34 MiB)."""
         from devrecd.audio.decode import read_evidence
 
         with self._lock:
             samples = self._decoded.get(sha256)
             if samples is not None:
-                self._decoded.move_to_end(sha256)
                 return samples
         path = self.store.path(sha256)
         self.store.read(sha256)  # verify before use
@@ -290,13 +292,11 @@ class ConditionMatcher:
             raise ArtifactError(f"{path}: changed while being read", reason="reference_damaged")
         samples = rec.samples if rec.samples.base is None else rec.samples.copy()  # kept: its own memory only
         samples.flags.writeable = False  # shared by every later use: nothing may change it in place
-        if samples.nbytes <= SAMPLES_BYTES:
-            with self._lock:
-                if sha256 not in self._decoded:  # another thread may have decoded it meanwhile
-                    self._decoded[sha256] = samples
-                    self._decoded_bytes += samples.nbytes
-                while self._decoded_bytes > SAMPLES_BYTES:
-                    self._decoded_bytes -= self._decoded.popitem(last=False)[1].nbytes
+        with self._lock:
+            # Not when another thread decoded it meanwhile, nor past the bound.
+            if sha256 not in self._decoded and self._decoded_bytes + samples.nbytes <= SAMPLES_BYTES:
+                self._decoded[sha256] = samples
+                self._decoded_bytes += samples.nbytes
         return samples
 
     def _features(self, samples: np.ndarray) -> np.ndarray:

@@ -159,11 +159,12 @@ def identify_vectors(query: np.ndarray, window_vectors: np.ndarray | Sequence[np
     Candidates are then ranked by their unbounded LR (scores of different conditions are not
     comparable, LRs are; the bounded ones tie at bounds that differ between calibrations: a
     candidate scoring 0.67 at one calibration's lower bound, -1.8, ranked below one scoring -0.26 at
-    another's, -1.48), and each is decided under its own calibration, on its bounded LR: the
-    named device is the best-ranked candidate that passes its own; candidates ranked above it
-    (whose calibrations cannot decide: threshold beyond their bounds) are listed in
-    ``open_set.passed_over``, every such candidate in ``open_set.undecided``; with none passing,
-    "unknown device" only when every candidate's calibration could decide, else "inconclusive".
+    another's, -1.48), and decided under its own calibration, on its bounded LR. Candidates
+    whose calibration cannot decide (threshold beyond its bounds) are skipped: the best-ranked
+    decidable one is named when its own calibration accepts it (the undecidable ones ranked above
+    it listed in ``open_set.passed_over``); otherwise no device is named, "unknown device" only
+    when every candidate's calibration could decide, else "inconclusive" (``open_set.undecided``
+    lists those that could not).
     With one calibration, LR order is score order (the map is increasing).
     """
     names, means = registry.matrix()
@@ -190,9 +191,11 @@ def identify_vectors(query: np.ndarray, window_vectors: np.ndarray | Sequence[np
         # passed over for the best-ranked one that passes its own; with none passing, every candidate
         # is excluded ("unknown device") only when every one could be.
         undecided = [names[int(i)] for i in order if not cals[int(i)].decidable]  # type: ignore[index]
-        passing = [int(i) for i in order if cals[int(i)].accepts(float(lrs[int(i)]))]  # type: ignore[index]
-        if passing:
-            best = passing[0]
+        decidable = [int(i) for i in order if cals[int(i)].decidable]  # type: ignore[index]
+        # The first decidable candidate decides (named or not: one rejected under its own calibration
+        # is not passed over for a weaker one, whose threshold may differ, as under the far rule).
+        if decidable and cals[decidable[0]].accepts(float(lrs[decidable[0]])):  # type: ignore[index]
+            best = decidable[0]
             passed_over = [names[int(i)] for i in order[: list(order).index(best)]]
     cal = None if cals is None else cals[best]
     accepted = cal is not None and cal.accepts(float(lrs[best]))
@@ -207,7 +210,7 @@ def identify_vectors(query: np.ndarray, window_vectors: np.ndarray | Sequence[np
                                 "embedder": registry.embedder.get("fingerprint"), "scorer": registry.kind}
     if undecided:  # candidates under calibrations that could not decide: neither named nor excluded
         decision["undecided"] = undecided
-    if passed_over:  # ranked above the named candidate, and not accepted under their own calibrations
+    if passed_over:  # ranked above the named candidate, under calibrations that could not decide
         decision["passed_over"] = passed_over
     if cal is not None:
         decision.update({"rule": cal.decision["rule"], "prior": cal.decision["prior"],
