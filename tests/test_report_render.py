@@ -50,7 +50,8 @@ def full_document() -> dict[str, Any]:
              "closed_set": {"device": "phone 3", "score": 0.9, "top_k": [{"device": "phone 3", "score": 0.9}]},
              "windows_agreeing": "9 of 10", "timeline": {"file": "timeline-1.png"}},
             {"n": 2, "path": "/ev/c.wav", "integrity": "missing",
-             "open_set": {"device": "phone 2", "accepted": True, "score": 0.9},
+             "open_set": {"device": "phone 2", "accepted": True, "score": 0.9, "undecided": ["phone 1"],
+                          "passed_over": ["phone 1"]},
              "lr": {"log10_lr": None, "lr_withheld": "evidence file CHANGED since intake"}},
         ],
         "method": {

@@ -311,7 +311,9 @@ def _recording_section(n: int, rec: dict[str, Any], entry: dict[str, Any], lr_ca
                            "accepted": o.get("accepted"), "threshold": o.get("threshold"),
                            "log10_threshold": o.get("log10_threshold"), "rule": o.get("rule"),
                            "condition": o.get("condition"), "calibration_source": o.get("calibration_source"),
-                           "top_k": rec.get("top_k") or []}
+                           "top_k": rec.get("top_k") or [],
+                           # candidates whose calibration could not decide (per-candidate conditions)
+                           **{k: o[k] for k in ("passed_over", "undecided") if o.get(k)}}
         # The LR for the best candidate, from the calibration of the same scorer and condition (never from a raw score).
         ident = {"fingerprint": o.get("embedder")}
         cal = lr_cal.get(o.get("condition")) if isinstance(lr_cal, dict) else lr_cal
