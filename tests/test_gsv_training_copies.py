@@ -93,9 +93,10 @@ def test_training_copies_and_calibration_trials_take_disjoint_babble_talkers():
 
 def test_repeated_partitions_pair_more_devices_and_keep_a_recordings_trials_in_one_fold(monkeypatch):
     """``repeats``: the cross-fitting is done on several partitions of the devices and the trials
-    pooled. Non-target trials then pair devices that one partition keeps in different groups (the
-    hardest pairs, phones of one maker, set the threshold), and every row of a recording, in every
-    partition it is questioned in, is in ONE held-out fold (else its own trials would calibrate it)."""
+    pooled. Non-target trials then pair devices that one partition keeps in different groups (phones
+    of one maker among them), each trial is counted once (not once per partition: the counts set the
+    ELUB bounds), and every row of a recording, in every partition it is questioned in, is in ONE
+    held-out fold (else its own trials would calibrate it)."""
     from devrecd.features import FrontendConfig
     from devrecd.openset import gsvtrain
     from devrecd.openset.gsvtrain import train_gsv
@@ -127,11 +128,37 @@ def test_repeated_partitions_pair_more_devices_and_keep_a_recordings_trials_in_o
         recording = np.array([g.split(":")[1] for g in groups])
         for r in np.unique(recording):
             assert len(set(groups[recording == r])) == 1
-        seen_pairs[repeats] = (int(np.sum(labels == 0)), len(np.unique(recording)), len(np.unique(rows)))
-    (non1, rec1, rows1), (non3, rec3, rows3) = seen_pairs[1], seen_pairs[3]
-    assert rec3 == rec1  # the same questioned recordings ...
-    assert rows3 == 3 * rows1  # ... each scored once per partition (its open-set row is per partition)
-    assert non3 == 3 * non1
+        seen_pairs[repeats] = (int(np.sum(labels == 0)), len(np.unique(recording)), len(np.unique(rows)),
+                               int(np.sum(labels == 1)))
+    (non1, rec1, rows1, tar1), (non3, rec3, rows3, tar3) = seen_pairs[1], seen_pairs[3]
+    assert rec3 == rec1 and rows3 == rows1  # the same questioned recordings and rows ...
+    assert tar3 == tar1  # ... each against its own device once (met again in every partition: one trial)
+    assert non1 < non3 < 3 * non1  # the devices another partition adds, each pair counted once
     assert len(pairs[1]) > len(pairs[0]) and pairs[0] < pairs[1]  # device pairs one partition never compares
     with pytest.raises(Exception, match="repeats must be at least 1"):
         train_gsv(feats, devices, order, FrontendConfig(), mixtures=2, nap_dims=1, inner=3, repeats=0)
+
+
+def test_a_trial_met_again_in_another_partition_is_not_counted_again():
+    """The same blocks twice (a partition met again, the same trials scored again) calibrate exactly
+    as the blocks once: the copies add no trial, so they neither widen the ELUB bounds nor change any rate."""
+    from devrecd.openset.gsvtrain import calibrate_blocks
+    from devrecd.openset.protocol import TrialMatrix
+
+    rng = np.random.default_rng(0)
+    blocks, recordings, rid = [], [], 0
+    for b in range(3):
+        profiles = [f"d{b}{j}" for j in range(4)]
+        devices = [d for d in profiles for _ in range(3) for _cut in range(2)]  # 3 recordings x 2 cuts
+        recs = [rid + i // 2 for i in range(len(devices))]
+        rid += len(devices) // 2
+        scores = rng.normal(0.2, 0.2, (len(devices), 4)) + 0.6 * (np.array(devices)[:, None] == np.array(profiles))
+        blocks.append(TrialMatrix(profiles=profiles, devices=devices, scores=scores))
+        recordings.append(recs)
+    once = calibrate_blocks(blocks, recordings=recordings)
+    again = [TrialMatrix(b.profiles, b.devices, b.scores + rng.normal(0, 1e-3, b.scores.shape)) for b in blocks]
+    twice = calibrate_blocks(blocks + again, recordings=recordings + recordings)
+    assert (twice.slope, twice.offset, twice.lower, twice.upper) == (once.slope, once.offset, once.lower, once.upper)
+    assert twice.metrics["n_target"] == once.metrics["n_target"] == 72  # 3 blocks x 4 devices x 3 recordings x 2 cuts
+    assert twice.metrics["n_nontarget"] == once.metrics["n_nontarget"] == 216
+    assert twice.open_set_log10_lrs == once.open_set_log10_lrs

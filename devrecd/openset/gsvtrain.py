@@ -11,9 +11,10 @@ Recipe (``devrecd train-gsv``, and what ``benchmarks/openset.py`` measures):
 2. Development calibrations, cross-fitted: the devices are split into ``inner`` groups; for each,
    a scorer trained WITHOUT that group scores its devices (enrolled from their first two
    recordings, the rest questioned). This is done for ``repeats`` different partitions and the
-   trials pooled: one partition of 15 devices into 3 groups makes non-target trials of 30 of the
-   105 pairs of devices, three make them of most pairs, so the phones of one maker that a
-   partition keeps apart meet in another (the hardest non-targets, which set the threshold). The pooled trials are what an unseen phone looks like to a
+   trials pooled, each trial (a questioned recording against a device) counted once: one
+   partition of 15 devices into 3 groups compares 30 of the 105 pairs of devices, three
+   partitions (seeds 0-2) 67, so phones of one maker that one partition keeps apart are compared
+   in another (the hardest different-device trials, which the calibration then sees). The pooled trials are what an unseen phone looks like to a
    scorer; calibrating on the phones the UBM/NAP were trained on instead accepts far too many
    unknown phones (measured: 42% vs 90-96% called unknown, docs/openset.md).
 3. One calibration per comparison condition (``conditions``: ``clean`` and the channels of the
@@ -51,7 +52,7 @@ from devrecd.openset.scoring import noise_level, parse_calibration_key
 from devrecd.supervector import RELEVANCE
 
 N_REFERENCES = 2  # recordings of a device enrolled in the calibration trials; the rest are questioned
-REPEATS = 3  # partitions of the development devices cross-fitted (step 2): more different-device pairs
+REPEATS = 3  # partitions of the development devices cross-fitted (step 2): more pairs of devices compared
 SHORT_CUTS = (2.0, 4.0)  # seconds: the questioned recordings of a "/short" calibration are cut to each of these
 
 
@@ -77,20 +78,42 @@ def calibrate_blocks(blocks: Sequence[TrialMatrix], *, decision: Decision | None
     """The calibration of pooled trial blocks (each row one questioned recording, or one cut of it,
     against every profile of its block): bounded log10 LR and the decision. ``recordings[b][r]``
     names the recording row r of block b was cut from (default: every row its own): the held-out
-    folds keep a recording's rows together, in every block it appears in (a recording questioned in
-    several partitions of the cross-fitting)."""
-    scores, labels, groups, rows = [], [], [], []
-    first: dict[Any, int] = {}  # recording -> the first block it appears in: its group's name
+    folds keep a recording's rows together, in every block it appears in.
+
+    A recording questioned in several partitions of the cross-fitting (``repeats``) meets some
+    devices again: the k-th row of recording x against device d is ONE trial, counted where it is
+    first met (the first partition's score) and not again. A copy scored by another partition's
+    UBM is nearly the same trial; counted again, it would inflate the trial counts and with them the
+    ELUB bounds (they grow with the counts) and every rate. What another partition adds is the
+    pairs of devices the first never compared."""
+    scores: list[float] = []
+    labels: list[int] = []
+    groups: list[str] = []
+    rows: list[str] = []
+    group_of: dict[Any, str] = {}  # recording -> its held-out group's name ("<first block>:<recording>")
+    row_of: dict[tuple[Any, int], str] = {}  # (recording, k-th row of it in a block) -> its row's name, where first met
+    seen: set[tuple[Any, int, str]] = set()  # (recording, k, device) trials counted
     for b, block in enumerate(blocks):
-        n_rows, n_profiles = block.scores.shape
-        scores.append(block.scores.ravel())
-        labels.append(block.is_target.ravel().astype(int))
-        rec = recordings[b] if recordings is not None else range(n_rows)
-        groups.append(np.repeat([f"{first.setdefault(x, b) if recordings is not None else b}:{x}" for x in rec],
-                                n_profiles))
-        rows.append(np.repeat([f"{b}:{r}" for r in range(n_rows)], n_profiles))
-    return fit_calibration(np.concatenate(scores), np.concatenate(labels), np.concatenate(groups),
-                           rows=np.concatenate(rows), decision=decision, basis=basis, scorer=scorer,
+        n_rows = block.scores.shape[0]
+        met: dict[Any, int] = {}
+        for r in range(n_rows):
+            if recordings is None:  # every row its own
+                key, group, row = None, f"{b}:{r}", f"{b}:{r}"
+            else:
+                x = recordings[b][r]
+                k = met[x] = met.get(x, -1) + 1
+                key, group, row = (x, k), group_of.setdefault(x, f"{b}:{x}"), row_of.setdefault((x, k), f"{b}:{r}")
+            for j, device in enumerate(block.profiles):
+                if key is not None:
+                    if (*key, device) in seen:
+                        continue
+                    seen.add((*key, device))
+                scores.append(float(block.scores[r, j]))
+                labels.append(int(block.devices[r] == device))
+                groups.append(group)
+                rows.append(row)
+    return fit_calibration(np.asarray(scores), np.asarray(labels), np.asarray(groups),
+                           rows=np.asarray(rows), decision=decision, basis=basis, scorer=scorer,
                            conditions=conditions, n_candidates=max(b.scores.shape[1] for b in blocks))
 
 
