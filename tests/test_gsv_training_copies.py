@@ -67,9 +67,10 @@ def test_each_cross_fitted_scorer_is_trained_on_its_own_devices_and_their_copies
               augment=Augment(channels=("tel",)))
     a = train_gsv(feats, devices, order, FrontendConfig(), **kw)
     *folds, final = seen
-    assert len(folds) == 3 and final == sorted(PHONES)
-    held = [sorted(set(PHONES) - set(f)) for f in folds]
-    assert all(len(h) == 2 for h in held) and sorted(sum(held, [])) == sorted(PHONES)  # each phone held out once
+    assert len(folds) == 3 * gsvtrain.REPEATS and final == sorted(PHONES)
+    for p in range(gsvtrain.REPEATS):  # each partition holds every phone out once
+        held = [sorted(set(PHONES) - set(f)) for f in folds[3 * p : 3 * p + 3]]
+        assert all(len(h) == 2 for h in held) and sorted(sum(held, [])) == sorted(PHONES)
     b = train_gsv(feats, devices, order, FrontendConfig(), **kw)
     assert a.fingerprint == b.fingerprint and a.calibrations.keys() == b.calibrations.keys()
 
@@ -88,3 +89,76 @@ def test_training_copies_and_calibration_trials_take_disjoint_babble_talkers():
     assert a and b and not (a & b) and a | b == set(range(7))
     white = DevAudio(samples=audio.samples, features=audio.features, rate=8000)
     assert split_talkers(white) == (white, white) and split_talkers(None) == (None, None)
+
+
+def test_repeated_partitions_pair_more_devices_and_keep_a_recordings_trials_in_one_fold(monkeypatch):
+    """``repeats``: the cross-fitting is done on several partitions of the devices and the trials
+    pooled. Non-target trials then pair devices that one partition keeps in different groups (phones
+    of one maker among them), each trial is counted once (not once per partition: the counts set the
+    ELUB bounds), and every row of a recording, in every partition it is questioned in, is in ONE
+    held-out fold (else its own trials would calibrate it)."""
+    from devrecd.features import FrontendConfig
+    from devrecd.openset import gsvtrain
+    from devrecd.openset.gsvtrain import train_gsv
+
+    feats, devices, order = synthetic_dev_features()
+    captured = []
+    real = gsvtrain.fit_calibration
+
+    def spy(scores, labels, groups, **kw):
+        captured.append((np.asarray(labels), np.asarray(groups), kw["rows"]))
+        return real(scores, labels, groups, **kw)
+
+    real_blocks = gsvtrain.calibrate_blocks
+    pairs = []
+
+    def spy_blocks(blocks, **kw):
+        pairs.append({frozenset((d, p)) for b in blocks for d in b.devices for p in b.profiles if d != p})
+        return real_blocks(blocks, **kw)
+
+    monkeypatch.setattr(gsvtrain, "fit_calibration", spy)
+    monkeypatch.setattr(gsvtrain, "calibrate_blocks", spy_blocks)
+    seen_pairs = {}
+    for repeats in (1, 3):
+        captured.clear()
+        train_gsv(feats, devices, order, FrontendConfig(), mixtures=2, nap_dims=1, inner=3, seed=0,
+                  conditions=["clean"], repeats=repeats)
+        (labels, groups, rows), = captured
+        # A group name is "<first block>:<recording>": one per recording, whatever block it is in.
+        recording = np.array([g.split(":")[1] for g in groups])
+        for r in np.unique(recording):
+            assert len(set(groups[recording == r])) == 1
+        seen_pairs[repeats] = (int(np.sum(labels == 0)), len(np.unique(recording)), len(np.unique(rows)),
+                               int(np.sum(labels == 1)))
+    (non1, rec1, rows1, tar1), (non3, rec3, rows3, tar3) = seen_pairs[1], seen_pairs[3]
+    assert rec3 == rec1 and rows3 == rows1  # the same questioned recordings and rows ...
+    assert tar3 == tar1  # ... each against its own device once (met again in every partition: one trial)
+    assert non1 < non3 < 3 * non1  # the devices another partition adds, each pair counted once
+    assert len(pairs[1]) > len(pairs[0]) and pairs[0] < pairs[1]  # device pairs one partition never compares
+    with pytest.raises(Exception, match="repeats must be at least 1"):
+        train_gsv(feats, devices, order, FrontendConfig(), mixtures=2, nap_dims=1, inner=3, repeats=0)
+
+
+def test_a_trial_met_again_in_another_partition_is_not_counted_again():
+    """The same blocks twice (a partition met again, the same trials scored again) calibrate exactly
+    as the blocks once: the copies add no trial, so they neither widen the ELUB bounds nor change any rate."""
+    from devrecd.openset.gsvtrain import calibrate_blocks
+    from devrecd.openset.protocol import TrialMatrix
+
+    rng = np.random.default_rng(0)
+    blocks, recordings, rid = [], [], 0
+    for b in range(3):
+        profiles = [f"d{b}{j}" for j in range(4)]
+        devices = [d for d in profiles for _ in range(3) for _cut in range(2)]  # 3 recordings x 2 cuts
+        recs = [rid + i // 2 for i in range(len(devices))]
+        rid += len(devices) // 2
+        scores = rng.normal(0.2, 0.2, (len(devices), 4)) + 0.6 * (np.array(devices)[:, None] == np.array(profiles))
+        blocks.append(TrialMatrix(profiles=profiles, devices=devices, scores=scores))
+        recordings.append(recs)
+    once = calibrate_blocks(blocks, recordings=recordings)
+    again = [TrialMatrix(b.profiles, b.devices, b.scores + rng.normal(0, 1e-3, b.scores.shape)) for b in blocks]
+    twice = calibrate_blocks(blocks + again, recordings=recordings + recordings)
+    assert (twice.slope, twice.offset, twice.lower, twice.upper) == (once.slope, once.offset, once.lower, once.upper)
+    assert twice.metrics["n_target"] == once.metrics["n_target"] == 72  # 3 blocks x 4 devices x 3 recordings x 2 cuts
+    assert twice.metrics["n_nontarget"] == once.metrics["n_nontarget"] == 216
+    assert twice.open_set_log10_lrs == once.open_set_log10_lrs

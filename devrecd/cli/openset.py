@@ -47,6 +47,11 @@ def train_gsv(
                                        "gained, tel named almost every never-enrolled phone (docs/openset.md)."),
     inner: int = typer.Option(3, min=2, help="Cross-fitting groups of devices for the development calibration "
                                              "(each held out in turn; needs 2 devices per group)."),
+    repeats: int = typer.Option(1, min=1, help="Partitions of the devices into --inner groups, each "
+                                "cross-fitted and their trials pooled (each trial once): more pairs of different "
+                                "devices (phones of one maker among them) in the development calibrations. 3 "
+                                "rejected more never-enrolled phones and named fewer enrolled ones on held-out "
+                                "phones (docs/openset.md); off (1) by default."),
     seed: int = typer.Option(0),
     hop_seconds: Optional[float] = HopSecondsOption,
     config: Optional[Path] = ConfigOption,
@@ -70,8 +75,8 @@ def train_gsv(
                          noise_copies=noise_copies if noise else 0)
         typer.echo(f"UBM and NAP also trained on copies through {', '.join(copies.channels) or 'no channel'} and "
                    f"{copies.noise_copies} noisy cop{'y' if copies.noise_copies == 1 else 'ies'} of each recording")
-    scorer = train(feats, devices, order, cfg.frontend, mixtures=mixtures, nap_dims=nap, inner=inner, seed=seed,
-                   source=out.name, decision=Decision.from_config(cfg.registry), conditions=conditions,
+    scorer = train(feats, devices, order, cfg.frontend, mixtures=mixtures, nap_dims=nap, inner=inner, repeats=repeats,
+                   seed=seed, source=out.name, decision=Decision.from_config(cfg.registry), conditions=conditions,
                    features_under=under, audio=audio, augment=copies, channel_models=models, on_step=typer.echo)
     # The SNR range of the development recordings (measured as a verdict measures it, before any
     # channel): a verdict on a noisier recording says it is outside the range its calibration saw.
