@@ -10,13 +10,13 @@ Recipe (``devrecd train-gsv``, and what ``benchmarks/openset.py`` measures):
    room is then within-device variability, which NAP projects out (multi-condition training).
 2. Development calibrations, cross-fitted: the devices are split into ``inner`` groups; for each,
    a scorer trained WITHOUT that group scores its devices (enrolled from their first two
-   recordings, the rest questioned). With ``repeats`` > 1 (an option) this is done for several
-   partitions and the trials pooled, each trial (a questioned recording against a device) counted
-   once: one partition of 15 devices into 3 groups compares 30 of the 105 pairs of devices, three
-   partitions (seeds 0-2) 67, so phones of one maker that one partition keeps apart are compared
-   in another (the hardest different-device trials, which the calibration then sees). The pooled trials are what an unseen phone looks like to a
+   recordings, the rest questioned). The pooled trials are what an unseen phone looks like to a
    scorer; calibrating on the phones the UBM/NAP were trained on instead accepts far too many
-   unknown phones (measured: 42% vs 90-96% called unknown, docs/openset.md).
+   unknown phones (measured: 42% vs 90-96% called unknown, docs/openset.md). With ``repeats`` > 1
+   (an option, measured in docs/openset.md) this is done for several partitions and the trials
+   pooled, each trial (a questioned recording against a device) counted once: one partition of 15
+   devices into 3 groups compares 30 of the 105 pairs of devices, three partitions (seeds 0-2) 67,
+   so phones of one maker that one partition keeps apart are compared in another.
 3. One calibration per comparison condition (``conditions``: ``clean`` and the channels of the
    channel table, each also ``/short``): the questioned recordings pass through the channel (and
    are cut short), the references through the same channel (condition matching, as a verdict

@@ -188,12 +188,11 @@ def identify_vectors(query: np.ndarray, window_vectors: np.ndarray | Sequence[np
     if per_profile:
         # Each candidate is decided under its own calibration. One whose calibration cannot decide (its
         # threshold beyond its bounds: that comparison's LRs can neither reach it nor exclude it) is
-        # passed over for the best-ranked one that passes its own; with none passing, every candidate
-        # is excluded ("unknown device") only when every one could be.
+        # skipped, and the best-ranked decidable one decides, named or not (one rejected under its own
+        # calibration is not passed over for a weaker one, whose threshold may differ, as under the far
+        # rule). No device named, every candidate is excluded ("unknown device") only when each could be.
         undecided = [names[int(i)] for i in order if not cals[int(i)].decidable]  # type: ignore[index]
         decidable = [int(i) for i in order if cals[int(i)].decidable]  # type: ignore[index]
-        # The first decidable candidate decides (named or not: one rejected under its own calibration
-        # is not passed over for a weaker one, whose threshold may differ, as under the far rule).
         if decidable and cals[decidable[0]].accepts(float(lrs[decidable[0]])):  # type: ignore[index]
             best = decidable[0]
             passed_over = [names[int(i)] for i in order[: list(order).index(best)]]
