@@ -75,6 +75,11 @@ class Band:
         return steep and self.high_hz < 0.9 * self.nyquist_hz
 
     @property
+    def limited_on_floor(self) -> bool:
+        """A limit whose edge lies on the file's quantiser floor (found with the quiet-file rule)."""
+        return (self.high_limited and self.high_on_floor) or (self.low_limited and self.low_on_floor)
+
+    @property
     def low_limited(self) -> bool:
         """A sharp lower edge (a telephone band's 300 Hz high-pass)."""
         steep = self.low_drop_db >= (QUIET_CLIFF_DB if self.low_on_floor else LOW_CLIFF_DB)
@@ -307,7 +312,7 @@ def measure_condition(rec: Decoded) -> Condition:
                      band_low_drop_db=band.low_drop_db, band_limited=band_limited, channel=channel.name if channel else "",
                      speech_dbfs=noise["speech_dbfs"], noise_dbfs=noise["noise_dbfs"], snr_db=noise["snr_db"],
                      noise_bands_db=tuple(noise["noise_bands_db"]), measured_seconds=round(len(measured) / rec.sample_rate, 3),
-                     band_on_floor=bool((band.high_limited and band.high_on_floor) or (band.low_limited and band.low_on_floor)))
+                     band_on_floor=band.limited_on_floor)
 
 
 _PCM_BITS = {**dict.fromkeys(PCM16_CODECS, 16), **dict.fromkeys(("PCM_S8", "PCM_U8", "pcm_s8", "pcm_u8"), 8)}

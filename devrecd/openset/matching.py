@@ -122,8 +122,9 @@ class ConditionMatcher:
     recording's length) are cached in memory (the :data:`PROFILES` most recent) and on disk.
 
     The references' decoded samples (before any channel) are kept in memory, the first ones read up
-    to :data:`SAMPLES_BYTES` bytes (:meth:`_decoded_samples`): each new noise condition needs every reference again, and
-    verifying (SHA-256) and decoding it each time was ~11% of the CPU of a noisy backlog. Each is
+    to :data:`SAMPLES_BYTES` bytes (:meth:`_decoded_samples`): each new noise condition needs every
+    reference again, and verifying (SHA-256) and decoding it each time was ~11% of the CPU of a
+    noisy backlog. Each is
     verified when first read; what is kept is what was verified (read-only arrays).
 
     Safe to use from several threads at once (a daemon's workers share one judge): the in-memory
@@ -143,7 +144,7 @@ class ConditionMatcher:
         self._noise_cache = max(0, int(noise_cache))
         self._snrs: OrderedDict[tuple[str, str, str], float] = OrderedDict()
         self._profiles: OrderedDict[tuple[str, str], NoiseProfile] = OrderedDict()  # the PROFILES most recent
-        self._decoded: OrderedDict[str, np.ndarray] = OrderedDict()  # sha256 -> samples, SAMPLES_BYTES at most
+        self._decoded: dict[str, np.ndarray] = {}  # sha256 -> samples, the first read up to SAMPLES_BYTES
         self._decoded_bytes = 0
         self._lock = threading.Lock()  # the caches above: held for lookups and inserts only
         self._key = hashlib.sha256(f"{frontend.fingerprint()}|{self.hop}".encode()).hexdigest()[:12]
