@@ -2,9 +2,9 @@
 
 The per-file work of an open-set verdict (decode, level meter, condition measurement, features, GSV
 statistics, the registry judge with its noise-matched references) is many small numpy calls, part of
-them holding the GIL. Measured on 2 cores (docs/daemon.md), the worker threads already used about 1.8
-of them and two worker processes were no faster, so processes are opt-in (``watch.processes``, default
-``never``), for machines with more cores than that. With worker processes each of the ``watch.workers`` threads of the runner owns one
+them holding the GIL. Measured on 2 idle cores (docs/daemon.md), two worker threads kept 1.4 of them
+busy, and two worker processes judged 1.8x their files/s: processes are the default where a registry
+judges on the CPU (``watch.processes = "auto"``; ``never`` keeps threads). With worker processes each of the ``watch.workers`` threads of the runner owns one
 child process (spawned, its own interpreter) that opens, hashes, decodes and judges the files the
 thread hands it; the thread only talks to its child and does what must stay in the one daemon
 process: the journal (``mark_hashed``, the duplicate checks), the in-flight bookkeeping, the batcher
