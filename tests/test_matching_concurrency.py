@@ -179,6 +179,37 @@ def test_references_of_profiles_compared_as_they_are_are_not_brought_to_the_nois
     assert not np.array_equal(whole.profiles["huawei_TAG_AL00"].embeddings, reg.profiles["huawei_TAG_AL00"].embeddings)
 
 
+def test_with_per_candidate_off_the_matched_references_snr_covers_every_profile(ccnu_dir, tmp_path, monkeypatch):
+    """The first 3 s of huawei_TAG_AL00_4 again, but with no noise-matched calibration to judge under
+    (its SNR made outside it): per candidate is off, so every profile, its own too, is brought to the
+    noise, and ``matched_references_snr_db`` spans all the matched references, not the others' only."""
+    from devrecd.openset import conditions
+    from devrecd.openset.scorers import default_gsv_path, load_gsv
+    from devrecd.openset.workflow import RegistryJudge, recording_features
+
+    cfg = shipped_registry(ccnu_dir, tmp_path, ENROLLED)
+    judge = RegistryJudge(cfg)
+    rec, feats = recording_features(load_gsv(default_gsv_path())[0], _noisy(ccnu_dir, tmp_path, "huawei_TAG_AL00", None, 3.0), cfg)
+    matched: dict[str, float] = {}
+    noise_matched = judge.matcher.noise_matched
+
+    def spy(sha, channel, noise):
+        out = noise_matched(sha, channel, noise)
+        matched[sha] = out[1]
+        return out
+
+    judge.matcher.noise_matched = spy
+    monkeypatch.setattr(conditions, "snr_outside", lambda condition, conditions: "outside (test)")
+    v = judge.judge(feats, rec.describe())
+    comp = v["comparison"]
+    assert "compared_as_is" not in comp and "profiles_as_noisy" not in comp, comp
+    own = {r.sha256 for r in judge.registry.profiles["huawei_TAG_AL00"].references}
+    assert own <= set(matched) and len(matched) == 2 * len(ENROLLED)
+    assert comp["matched_references_snr_db"] == [min(matched.values()), max(matched.values())]
+    others = [v for s, v in matched.items() if s not in own]
+    assert comp["matched_references_snr_db"] != [min(others), max(others)]  # its own lie outside the others' range here
+
+
 def test_decoded_references_are_kept_within_their_byte_bound_and_verified_when_first_read(ccnu_dir, tmp_path, monkeypatch):
     from devrecd.audio import decode
     from devrecd.audio.noise import add_noise, measure_noise
