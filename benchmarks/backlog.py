@@ -137,13 +137,14 @@ def naive_loop(files: list[Path], model: str, repeats: int = 2, threads: int = 1
     fairest baseline)."""
     from devrecd.config import load_config
     from devrecd.pipeline.serving import load_serving_backend
-    from devrecd.pipeline.verdict import aggregate, closed_set_comparison
+    from devrecd.pipeline.verdict import aggregate, closed_set_comparison, model_validation
     from devrecd.stages import features_for_file
 
     # The same ONNX Runtime thread count as the daemon run. Note: with 2 threads ORT's spinning
     # workers compete with torch for the cores (measured ~5x slower features with a tiny model).
     cfg = load_config(None, overrides={"backend.model": model, "backend.threads": threads})
     backend = load_serving_backend(cfg)
+    validation = model_validation(cfg.backend, backend.describe())
     try:
         _, feats = features_for_file(files[0], cfg)  # warm-up (first torch call), as the daemon's
         backend.infer(feats)
@@ -153,7 +154,7 @@ def naive_loop(files: list[Path], model: str, repeats: int = 2, threads: int = 1
             for p in files:
                 rec, feats = features_for_file(p, cfg)
                 aggregate(backend.infer(feats), backend.labels)
-                closed_set_comparison(rec.describe().get("condition"), cfg.backend.validated_conditions)
+                closed_set_comparison(rec.describe().get("condition"), validation)
             if time.perf_counter() - t0 < best:
                 best, NAIVE_CPU[id(files), threads] = time.perf_counter() - t0, time.process_time() - c0
         return best

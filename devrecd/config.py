@@ -45,6 +45,7 @@ from devrecd.validation import (
     coerce,
     constraint_problem,
     field_hints,
+    snr_range_problem,
 )
 
 ENV_PREFIX = "DEVRECD_"
@@ -81,6 +82,10 @@ class BackendConfig(Section):
     # Comparison conditions the served model was validated under ("clean" = broadband recordings as
     # recorded; channel names of devrecd.audio.channel, e.g. "aac64"); other conditions are flagged.
     validated_conditions: tuple[str, ...] = ("clean",)
+    # [low, high] measured SNR (dB) the served model was validated on, for a lab that validated it
+    # itself; empty = the range its contract (or checkpoint) records from training. Below it, a
+    # closed-set verdict names no device (docs/conditions.md, "Honesty outside validation").
+    validated_snr_db: tuple[float, ...] = ()
 
     def relations(self) -> list[str]:
         problems = []
@@ -89,6 +94,8 @@ class BackendConfig(Section):
         if self.validated_conditions != ("clean",):
             problems += _check_channels("backend.validated_conditions", self.validated_conditions, "condition(s)",
                                        also=("clean",))
+        if self.validated_snr_db and (problem := snr_range_problem("backend.validated_snr_db", self.validated_snr_db)):
+            problems.append(problem)
         return problems
 
 

@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 from devrecd.errors import ArtifactError, ConfigError
 from devrecd.features import FEATURE_DIM, N_FRAMES, FrontendConfig
 from devrecd.fsutil import atomic_write, sha256_artifact
+from devrecd.validation import snr_range_problem
 
 SCHEMA = "devrecd.contract/1"  # bump when a field changes meaning
 INPUT_NAME = "features"  # (batch, 128, 73) float32, NOT normalised: normalisation is in the graph
@@ -81,6 +82,10 @@ class Contract:
     versions: dict = field(default_factory=dict)  # software that made the export
     # NAME.ort: {"file", "sha256", "bytes", "onnxruntime", "optimization", "parity_max_abs_diff"}; {} = none
     ort: dict = field(default_factory=dict)
+    # [low, high] SNR (dB, as devrecd.audio.noise measures a verdict's condition) of the recordings
+    # the network was trained on (the low end lowered to the noise augmentation's); a verdict on a
+    # noisier recording names no device. None: not recorded (an export made before it was).
+    validated_snr_db: tuple[float, float] | None = None
     created: str = ""
     schema: str = SCHEMA
 
@@ -97,7 +102,7 @@ class Contract:
         """Validate and build; every problem is an :class:`ArtifactError` naming the field."""
         return _build(cls, data, CLASSIFIER, source, lambda d: dict(
             precision=str(d["precision"]), dataset_sha256=str(d.get("dataset_sha256", "")),
-            ort=dict(d.get("ort") or {})))
+            ort=dict(d.get("ort") or {}), validated_snr_db=_snr_range(d.get("validated_snr_db"), source)))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Contract:
@@ -121,6 +126,8 @@ class Contract:
                 problems.append(f"ort.file {name!r} must be a bare NAME.ort file name")
             if not isinstance(sha, str) or len(sha) != 64 or not isinstance(size, int) or size <= 0:
                 problems.append("ort.sha256/ort.bytes missing")
+        if self.validated_snr_db is not None and (bad := snr_range_problem("validated_snr_db", self.validated_snr_db)):
+            problems.append(bad)
         if problems:
             raise ArtifactError(f"{source}: " + "; ".join(problems), reason="contract_invalid")
 
@@ -227,6 +234,17 @@ def _build(cls: Any, data: Any, kind: str, source: str, specific: Callable[[Mapp
         raise ArtifactError(f"{source}: malformed field: {exc}", reason="contract_invalid") from None
     contract.validate(source=source)
     return contract
+
+
+def _snr_range(value: Any, source: str) -> tuple[float, float] | None:
+    """A contract's ``validated_snr_db`` as read from its JSON: None when absent (or null), else
+    [low, high] (:func:`~devrecd.validation.snr_range_problem`), refused with the reason when not."""
+    if value is None:
+        return None
+    problem = snr_range_problem("validated_snr_db", value)
+    if problem:
+        raise ArtifactError(f"{source}: {problem}", reason="contract_invalid")
+    return float(value[0]), float(value[1])
 
 
 def _to_dict(contract: Any) -> dict[str, Any]:

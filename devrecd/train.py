@@ -18,6 +18,11 @@ Determinism: batches are drawn from a generator seeded by (seed, epoch), augment
 numpy generator seeded by (seed, epoch), dropout from torch's global generator whose state is
 saved each epoch; so a run resumed after epoch k continues exactly as the uninterrupted run would
 have (on the CPU).
+
+SNR range: every checkpoint's ``meta["validated_snr_db"]`` is [lowest, highest] measured SNR of the
+training recordings (the condition a verdict states; the low end lowered to ``noise_augment_snr_db``'s
+when noise augmentation is on). ``devrecd export`` copies it into the contract; a closed-set verdict
+on a noisier recording names no device (docs/conditions.md, "Honesty outside validation").
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ from devrecd.fsutil import sha256_artifact
 from devrecd.model.checkpoint import Checkpoint, load_checkpoint, load_raw, resolve_checkpoint_path, save_checkpoint
 from devrecd.model.training import recalibrate_batchnorm, set_trainable, train_mode, validate
 from devrecd.train_data import (UNUSABLE_FILE, Augmenter, SplitData, check_training_data, check_usable,
-                                normalisation_stats, split_features, split_listing, to_split_data)
+                                normalisation_stats, split_features, split_listing, to_split_data,
+                                training_snr_range)
 
 log = logging.getLogger("devrecd.train")
 
@@ -164,6 +170,7 @@ class _Data:
     std: np.ndarray
     unusable: list[dict[str, str]]
     augmenter: Augmenter | None
+    snr: dict[str, Any]  # the SNR range of the training recordings (train_data.training_snr_range)
 
 
 @dataclass
@@ -276,6 +283,10 @@ def _load_data(run: _Run) -> _Data:
     feats = {split: split_features(ds, split, cache, opts.hop_seconds, run.labels, on_unusable=opts.on_unusable,
                                    unusable=unusable) for split in ("train", "val")}
     check_usable(ds, feats["train"][1], unusable)
+    # The SNR range the network learns (the contract's validated_snr_db once exported): measured on
+    # every training recording as a verdict's condition measures it, lowered to the noise augmentation's.
+    snr = training_snr_range(feats["train"][1], cache, opts.hop_seconds,
+                             opts.noise_augment_snr_db if opts.noise_augment_p > 0 else None)
     for u in unusable:
         log.warning("recording left out of training", extra=u)
     run.out.mkdir(parents=True, exist_ok=True)
@@ -293,7 +304,7 @@ def _load_data(run: _Run) -> _Data:
                            noise_p=opts.noise_augment_p, noise_snr_db=opts.noise_augment_snr_db,
                            talkers=run.talkers)
                  if opts.augment or opts.channel_augment or opts.noise_augment_p > 0 else None)
-    return _Data(train_data, val_data, mean, std, unusable, augmenter)
+    return _Data(train_data, val_data, mean, std, unusable, augmenter, snr)
 
 
 def _babble_talkers(folder: str, cfg: Config) -> list[np.ndarray]:
@@ -410,7 +421,7 @@ def _checkpoint(run: _Run, model: Any, data: _Data, metrics: dict[str, Any], epo
         meta={"epoch": epoch, "metrics": metrics, "selection": "val_loss" if len(data.val) else "train_loss",
               "options": {**asdict(run.opts), "trainable": run.trainable},
               "versions": _versions(), "init": str(run.init) if run.init else "", "init_sha256": run.init_sha,
-              "unusable": data.unusable})
+              "unusable": data.unusable, "validated_snr_db": data.snr["validated_snr_db"], "training_snr_db": data.snr})
 
 
 def _save(run: _Run, ckpt: Checkpoint, improved: bool, states: dict[str, Any], progress: _Progress) -> None:

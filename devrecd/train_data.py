@@ -123,6 +123,25 @@ def split_features(ds: Dataset, split: str, cache: FeatureCache, hop_seconds: fl
     return feats, kept
 
 
+def training_snr_range(items: Sequence[Item], cache: FeatureCache, hop_seconds: float,
+                       noise_snr_db: tuple[float, float] | None = None) -> dict[str, Any]:
+    """The SNR range a network learns from ``items`` (its training recordings): each one's measured SNR
+    (:meth:`FeatureCache.snr_db`: the condition every verdict states, cached beside the features), and
+    with noise augmentation on (``noise_snr_db``: its range) the low end lowered to the augmentation's.
+
+    ``validated_snr_db``: [low, high], what the checkpoint's meta and the export's contract record
+    (a closed-set verdict on a noisier recording names no device); ``measured``: [low, high] of the
+    recordings themselves; ``recordings``: how many; ``noise_augment_snr_db``: the augmentation's range or None.
+    """
+    snrs = [cache.snr_db(it.path, hop_seconds) for it in items]
+    if not snrs:
+        raise DatasetError("no training recordings to measure the SNR range of", reason="dataset_too_small")
+    low, high = min(snrs), max(snrs)
+    lowest = min(low, float(noise_snr_db[0])) if noise_snr_db is not None else low
+    return {"validated_snr_db": [round(lowest, 1), round(high, 1)], "measured": [round(low, 1), round(high, 1)],
+            "recordings": len(snrs), "noise_augment_snr_db": list(noise_snr_db) if noise_snr_db is not None else None}
+
+
 def check_usable(ds: Dataset, train_items: Sequence[Item], unusable: Sequence[dict[str, str]]) -> None:
     """After unusable recordings were left out: every device must keep a training recording."""
     left = {it.device for it in train_items}

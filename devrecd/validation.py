@@ -178,3 +178,19 @@ def _type_name(hint: Any) -> str:
             return f"a list of {_type_name(args[0])}"
         return f"a list of {len(args)} values"
     return getattr(hint, "__name__", str(hint))
+
+
+def snr_range_problem(name: str, value: Any) -> str:
+    """What is wrong with an SNR range ``[low, high]`` (two finite numbers of dB, ``low <= high``), named
+    ``name``; "" if nothing. One check for every place a range is read: the configuration's
+    ``backend.validated_snr_db`` and a model contract's ``validated_snr_db``."""
+    numbers = isinstance(value, (list, tuple)) and len(value) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    if not numbers:
+        return f"{name} must be [low, high]: two SNRs in dB, got {list(value) if isinstance(value, tuple) else value!r}"
+    low, high = (float(v) for v in value)
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return f"{name} must be two finite SNRs in dB, got {list(value)!r}"
+    if low > high:
+        return f"{name} must be [low, high] with low <= high, got {list(value)!r}"
+    return ""

@@ -216,3 +216,5 @@ def test_cli_export_summary_names_the_file_onnxruntime_serves(exported_model) ->
     assert lines[2] == (f"  served by onnxruntime: paper.ort (ORT format, sha256 {c.ort['sha256'][:12]}; "
                         f"max abs diff vs the .onnx {c.ort['parity_max_abs_diff']:.2e})")
     assert lines[3] == f"  contract: {exported_model.contract}"
+    # The session's checkpoint was made by hand, not by `devrecd train`: it records no SNR range.
+    assert c.validated_snr_db is None and lines[4].startswith("  validated SNR range: not recorded")

@@ -208,20 +208,21 @@ def _judge_checks(trained_checkpoint, ccnu_dir, tmp_path):
 
 def test_closed_set_verdict_says_when_the_condition_is_outside_validation():
     from devrecd.errors import ConfigError
-    from devrecd.pipeline.verdict import closed_set_comparison
+    from devrecd.pipeline.verdict import ModelValidation, closed_set_comparison
 
-    clean = closed_set_comparison({"channel": ""}, ["clean"])
+    only_clean, clean_and_amr = ModelValidation(("clean",)), ModelValidation(("clean", "amrnb"))
+    clean = closed_set_comparison({"channel": ""}, only_clean)
     assert clean["condition_status"] == "validated" and clean["comparison"]["compared_under"] == CLEAN
-    amr = closed_set_comparison({"channel": "amrnb"}, ["clean"])
+    amr = closed_set_comparison({"channel": "amrnb"}, only_clean)
     assert amr["condition_status"] == "unvalidated" and "outside validation" in amr["comparison"]["statement"]
-    assert closed_set_comparison({"channel": "amrnb"}, ["clean", "amrnb"])["condition_status"] == "validated"
+    assert closed_set_comparison({"channel": "amrnb"}, clean_and_amr)["condition_status"] == "validated"
     # The closed-set verdict of a condition outside validation names no device; the candidate stays.
     from devrecd.pipeline.verdict import with_comparison
 
     judged = {"outcome": "judged", "device": "IPHONEX", "score": 0.999, "top_k": [{"device": "IPHONEX", "score": 0.999}]}
-    call = with_comparison(judged, {"condition": {"channel": "amrnb"}}, None, ["clean"])
+    call = with_comparison(judged, {"condition": {"channel": "amrnb"}}, None, only_clean)
     assert call["device"] == "inconclusive" and call["candidate"] == "IPHONEX" and call["score"] == 0.999
-    wav = with_comparison(judged, {"condition": {"channel": ""}}, None, ["clean"])
+    wav = with_comparison(judged, {"condition": {"channel": ""}}, None, only_clean)
     assert wav["device"] == "IPHONEX" and "candidate" not in wav
     with pytest.raises(ConfigError, match="backend.validated_conditions: unknown condition"):
         load_config(None).with_overrides({"backend.validated_conditions": ["gsm"]})

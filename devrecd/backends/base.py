@@ -57,6 +57,12 @@ def cuda_index(device: str) -> int:
     return int(device.split(":", 1)[1]) if device.startswith("cuda:") else 0
 
 
+def snr_range_json(snr_range: tuple[float, float] | None) -> list[float] | None:
+    """The model's validated SNR range as ``describe()`` gives it (``validated_snr_db``: [low, high] in
+    dB, None when the model does not record one); the closed-set verdict reads it there."""
+    return None if snr_range is None else [float(snr_range[0]), float(snr_range[1])]
+
+
 def batch_slices(n: int, max_batch: int | None) -> Iterator[slice]:
     """Consecutive slices of at most ``max_batch`` rows covering ``range(n)`` (one slice if unbounded).
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from devrecd.backends.base import InferenceError, as_numpy_features, batch_slices, need_model
+from devrecd.backends.base import InferenceError, as_numpy_features, batch_slices, need_model, snr_range_json
 from devrecd.contract import INPUT_NAME, OUTPUT_NAME, Contract, contract_path_for, load_for_onnx
 from devrecd.errors import ArtifactError
 from devrecd.fsutil import sha256_artifact
@@ -145,7 +145,7 @@ class OnnxRuntimeBackend:
                 "model": str(self.onnx_path), "model_sha256": self.contract.onnx_sha256,
                 "contract_sha256": self.contract_sha256, "precision": self.contract.precision, "engine": "",
                 "served_file": self.served_path.name, "served_sha256": self.served_sha256,
-                "labels": len(self.labels)}
+                "labels": len(self.labels), "validated_snr_db": snr_range_json(self.contract.validated_snr_db)}
 
     def close(self) -> None:
         self.session = None

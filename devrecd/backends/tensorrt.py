@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 
 from devrecd.backends.base import (INSTALL_GPU_HINT, InferenceError, batch_slices, check_features_shape, cuda_index,
-                                   is_checkpoint, need_model)
+                                   is_checkpoint, need_model, snr_range_json)
 from devrecd.contract import INPUT_NAME, OUTPUT_NAME, Contract, contract_path_for, load_for_onnx
 from devrecd.errors import ArtifactError, ConfigError, MissingDependency
 from devrecd.fsutil import atomic_write, sha256_artifact
@@ -362,7 +362,8 @@ class TensorRTBackend:
                 "model": self.meta.onnx_file, "model_sha256": self.meta.onnx_sha256,
                 "contract_sha256": self.meta.contract_sha256, "precision": self.meta.precision,
                 "engine": str(self.engine_path), "engine_sha256": self.meta.engine_sha256,
-                "profile": asdict(self.profile), "labels": len(self.labels)}
+                "profile": asdict(self.profile), "labels": len(self.labels),
+                "validated_snr_db": snr_range_json(self.contract.validated_snr_db)}
 
     def close(self) -> None:
         self._context = None

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from devrecd.backends.base import (InferenceError, as_numpy_features, batch_slices, check_features_shape,
-                                   is_checkpoint, need_model)
+                                   is_checkpoint, need_model, snr_range_json)
 from devrecd.errors import ArtifactError, ConfigError
 from devrecd.fsutil import sha256_artifact
 from devrecd.stages import resolve_device
@@ -103,6 +103,7 @@ class TorchBackend:
         self.graph = graph_for_checkpoint(ckpt, precision=precision).to(self.device)
         self.labels = tuple(ckpt.labels)
         self.frontend = ckpt.frontend
+        self.validated_snr_db = ckpt.validated_snr_db  # the training recordings' SNR range (None: not recorded)
         # Features on this device are used in place (the pipeline keeps CUDA frontend output there).
         self.input_device: str | None = str(self.device) if self.device.type == "cuda" else None
         self.max_batch: int | None = GRAPH_MAX_BATCH if cuda_graphs else None
@@ -222,7 +223,7 @@ class TorchBackend:
         return {"name": self.name, "version": torch.__version__, "device": device,
                 "model": str(self.path), "model_sha256": self.model_sha256, "contract_sha256": "",
                 "precision": self.precision, "autocast": self.autocast, "cuda_graphs": self.cuda_graphs,
-                "engine": "", "labels": len(self.labels)}
+                "engine": "", "labels": len(self.labels), "validated_snr_db": snr_range_json(self.validated_snr_db)}
 
     def close(self) -> None:
         self.graph = None

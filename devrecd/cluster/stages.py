@@ -120,6 +120,7 @@ class Judge:
     def __init__(self, cfg: Config, version: str, model_ref: list | None = None) -> None:
         from devrecd import __version__
         from devrecd.pipeline.serving import OpenSetOnly, load_served, registry_judge
+        from devrecd.pipeline.verdict import model_validation
         from devrecd.stages import resolve_device
 
         if version != __version__:
@@ -140,6 +141,7 @@ class Judge:
         self.open_set_only = isinstance(self.backend, OpenSetOnly)
         self.labels = tuple(self.backend.labels)
         self.info = self.backend.describe()
+        self.validation = model_validation(cfg.backend, self.info)  # what the model was validated on
         if self.open_set_only:
             self.judge = self.backend.judge
             if registry_path != cfg.registry.path:  # a shipped copy: verdicts name the registry as given
@@ -205,7 +207,7 @@ class Judge:
                 record = judged_record(recording, probs[i], self.labels, starts,
                                        k=self.cfg.watch.top_k, backend=self.info, timings=timings[i])
                 open_set = self.judge(feats[i], recording) if self.judge is not None else None
-                record = with_comparison(record, recording, open_set, self.cfg.backend.validated_conditions)
+                record = with_comparison(record, recording, open_set, self.validation)
                 outcome = "judged"
                 self.metrics["verdicts"].inc(tags={"device": str(record["device"])})
             elif status[i] == UNCHANGED:

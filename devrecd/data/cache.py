@@ -2,7 +2,9 @@
 
 Key = sha256 of the file's bytes + the frontend fingerprint + the window hop + the audio settings
 that change the decoded samples (channel mix, resampler quality). Entries live at
-``<root>/<key16>/<sha256[:2]>/<sha256>.npy``. Every write goes to a temporary file in the same
+``<root>/<key16>/<sha256[:2]>/<sha256>.npy``; beside it ``<sha256>.snr.json``, the recording's
+measured SNR (its verdict condition's ``snr_db``, what training records as the network's SNR range),
+measured with the features at no extra decode. Every write goes to a temporary file in the same
 folder and is renamed into place (``os.replace`` is atomic on POSIX), so a concurrent reader sees
 a complete entry or none. The cache holds nothing that cannot be recomputed: delete it any time.
 """
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from devrecd.audio import read_evidence, sha256_file
+from devrecd.audio import Recording, read_evidence, sha256_file
 from devrecd.config import AudioConfig
 from devrecd.features import FEATURE_DIM, FrontendConfig, extract
 from devrecd.fsutil import atomic_write
@@ -53,6 +55,10 @@ class FeatureCache:
         """Where the features of content ``sha256`` live."""
         return self.root / self.key(hop_seconds)[:16] / sha256[:2] / f"{sha256}.npy"
 
+    def snr_entry(self, sha256: str, hop_seconds: float) -> Path:
+        """Where the measured SNR of content ``sha256`` lives (beside its features)."""
+        return self.entry(sha256, hop_seconds).with_suffix(".snr.json")
+
     def _sha256(self, path: Path) -> str:
         """:func:`~devrecd.audio.sha256_file`, remembered while the file's size and mtime stay the same."""
         st = os.stat(path)
@@ -84,7 +90,36 @@ class FeatureCache:
         self.misses += 1
         # The hash of the bytes actually decoded names the entry (the file may have changed since).
         self._store(self.entry(rec.sha256, hop_seconds), feats)
+        self._store_snr(self.snr_entry(rec.sha256, hop_seconds), rec)
         return feats, rec.sha256
+
+    def snr_db(self, path: Path, hop_seconds: float) -> float:
+        """The measured SNR (dB) of the recording at ``path``: its condition's ``snr_db``
+        (:attr:`devrecd.audio.decode.Recording.condition`, the measurement every verdict states),
+        cached beside its features (decoded again only for features cached before SNRs were).
+
+        Raises the :class:`~devrecd.audio.AudioError` of a file that cannot be decoded.
+        """
+        path = Path(path)
+        try:
+            digest = self._sha256(path)
+        except OSError:
+            digest = ""
+        if digest:
+            cached = _load_snr(self.snr_entry(digest, hop_seconds))
+            if cached is not None:
+                return cached
+        rec = read_evidence(path, self.frontend.sample_rate, self.audio)
+        return self._store_snr(self.snr_entry(rec.sha256, hop_seconds), rec)
+
+    def _store_snr(self, entry: Path, rec: Recording) -> float:
+        """Measure a decoded recording's SNR (its condition's) and cache it at ``entry``."""
+        snr = float(rec.condition.snr_db)
+        try:
+            atomic_write(entry, json.dumps({"snr_db": snr}), fsync=False)
+        except OSError as exc:
+            log.warning("feature cache not writable", extra={"entry": str(entry), "error": str(exc)})
+        return snr
 
     def _load(self, entry: Path) -> np.ndarray | None:
         try:
@@ -108,3 +143,15 @@ class FeatureCache:
         except OSError as exc:
             # A cache that cannot be written only costs time: the features are still returned.
             log.warning("feature cache not writable", extra={"entry": str(entry), "error": str(exc)})
+
+
+def _load_snr(entry: Path) -> float | None:
+    """A cached SNR, or None (absent, or unreadable: measured again)."""
+    try:
+        value = json.loads(entry.read_text())["snr_db"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("feature cache SNR entry unreadable; measuring again", extra={"entry": str(entry), "error": str(exc)})
+        return None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None

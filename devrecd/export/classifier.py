@@ -30,10 +30,11 @@ def export_graph(graph: Any, out: str | os.PathLike, *, labels: Sequence[str], f
                  features: np.ndarray, feature_source: str, arch: str, checkpoint_sha256: str,
                  dataset_sha256: str = "", precision: str = "fp32", opset: int = DEFAULT_OPSET,
                  exporter: str = DEFAULT_EXPORTER, tolerance: float | None = None, threads: int = 1,
-                 reference: Any = None) -> ExportResult:
+                 reference: Any = None, validated_snr_db: tuple[float, float] | None = None) -> ExportResult:
     """Export a built inference graph, check parity on ``features``, write the contract.
 
-    ``reference`` is the torch graph the ONNX output is compared with (default: ``graph`` itself).
+    ``reference`` is the torch graph the ONNX output is compared with (default: ``graph`` itself);
+    ``validated_snr_db`` the SNR range the network was trained on (the contract's, None: not recorded).
     """
     out, tmp = onnx_out(out)
     tolerance = TOLERANCE[precision] if tolerance is None else tolerance
@@ -70,6 +71,7 @@ def export_graph(graph: Any, out: str | os.PathLike, *, labels: Sequence[str], f
         ort={"file": ort_out.name, "sha256": sha256_artifact(ort_out), "bytes": ort_out.stat().st_size,
              "onnxruntime": versions["onnxruntime"], "optimization": "basic",
              "parity_max_abs_diff": parity.ort_max_abs_diff},
+        validated_snr_db=validated_snr_db,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     contract_path = contract.save(contract_path_for(out))
@@ -95,7 +97,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
     feats, source, step = parity_input(parity_audio, ckpt.frontend, cfg, max_parity_clips, len(outs), on_progress)
     common = dict(labels=list(ckpt.labels), frontend=ckpt.frontend, features=feats, feature_source=source,
                   arch=ckpt.arch, checkpoint_sha256=sha256_artifact(resolve_checkpoint_path(checkpoint)),
-                  dataset_sha256=ckpt.dataset_sha256,
+                  dataset_sha256=ckpt.dataset_sha256, validated_snr_db=ckpt.validated_snr_db,
                   opset=opset, exporter=exporter, threads=cfg.backend.threads)
     fp32_graph = graph_for_checkpoint(ckpt)
     results = [export_graph(fp32_graph, out, tolerance=tolerance, **common)]

@@ -19,6 +19,7 @@ class Running:
     confidence: float  # renormalised geometric-mean probability of ``device`` over the windows
     agreement: float  # share of those windows whose own best device is ``device``
     windows: int  # how many windows it covers (< N during the first N windows)
+    validated: bool = True  # every one of them was judged inside the model's validation
 
 
 class RunningVerdict:
@@ -29,18 +30,23 @@ class RunningVerdict:
             raise ValueError("live.smoothing must be >= 1")
         self.labels = tuple(labels)
         self._last: deque[np.ndarray] = deque(maxlen=n)
+        self._validated: deque[bool] = deque(maxlen=n)
 
-    def add(self, probs: np.ndarray) -> Running:
-        """Add one window's (N,) probabilities and return the running verdict."""
+    def add(self, probs: np.ndarray, validated: bool = True) -> Running:
+        """Add one window's (N,) probabilities (``validated``: whether the window was judged inside the
+        model's validation, devrecd.pipeline.verdict.with_comparison) and return the running verdict."""
         self._last.append(np.asarray(probs, dtype=np.float64).reshape(-1))
+        self._validated.append(bool(validated))
         score = aggregate(np.stack(self._last), self.labels)  # the file verdict's rule, on N windows
         best = self.labels.index(score.label)
         return Running(device=score.label, confidence=score.score,
-                       agreement=float(np.mean(score.window_labels == best)), windows=len(self._last))
+                       agreement=float(np.mean(score.window_labels == best)), windows=len(self._last),
+                       validated=all(self._validated))
 
     def reset(self) -> None:
         """Forget the history (a different input was opened)."""
         self._last.clear()
+        self._validated.clear()
 
 
 class RunningFeatures:

@@ -22,7 +22,7 @@ from devrecd.audio import cut_windows
 from devrecd.config import Config
 from devrecd.pipeline.batcher import Batcher, Unit
 from devrecd.pipeline.serving import Judge
-from devrecd.pipeline.verdict import aggregate, open_set_record, top_k
+from devrecd.pipeline.verdict import aggregate, model_validation, naming_no_device, open_set_record, top_k, with_comparison
 from devrecd.provenance import utc_timestamp
 from devrecd.errors import ConfigError
 from devrecd.features import extract
@@ -71,6 +71,9 @@ class LiveSource:
         self.running_features = RunningFeatures(cfg.live.smoothing) if judge is not None else None
         self.labels = tuple(labels)
         self.backend_info = backend_info
+        # Closed set: what the model was validated on; each window's verdict is held to it (with_comparison).
+        self.validation = model_validation(cfg.backend, backend_info)
+        self._conditions: dict[int, dict] = {}  # window index -> its measured condition, while it is in flight
         self.metrics = metrics
         self.device = device
         self.clock = clock  # the capture's too: a window's arrival time and its latency read one clock
@@ -198,13 +201,18 @@ class LiveSource:
             self._judge_open_set(w, feats, time.perf_counter() - t0)
             return
         assert self.batcher is not None
+        # The window's condition (codec/band, SNR), measured here rather than on an inference thread:
+        # its verdict is held to what the model was validated on, as a file's is.
+        condition = live_condition(w, self.cfg.live.channels).to_json()
         with self._lock:
             self._in_flight += 1
+            self._conditions[w.index] = condition
         unit = Unit(key=w, features=feats, on_done=self._judged, on_error=self._failed)
         # Blocks while inference is behind: the ring then fills and drops (counted), the callback never waits.
         if not self.batcher.put(unit, self._stop):
             with self._lock:
                 self._in_flight -= 1
+                self._conditions.pop(w.index, None)
             self._emit(self._record(w, None, outcome="failed", reason="stopped"))
 
     def _judge_open_set(self, w: LiveWindow, feats: Any, features_s: float) -> None:
@@ -247,9 +255,14 @@ class LiveSource:
         w: LiveWindow = unit.key
         try:
             assert unit.probs is not None
+            with self._lock:
+                condition = self._conditions.pop(w.index, None)
             score = aggregate(unit.probs, self.labels)
-            running = self.running.add(score.probs)
-            record = self._record(w, score, running=running, infer_s=unit.infer_seconds)
+            record = {**self._record(w, score, infer_s=unit.infer_seconds), "condition": condition}
+            record = with_comparison(record, {"condition": condition}, None, self.validation)
+            # The running verdict names a device only while every window it pools was validated.
+            running = self.running.add(score.probs, validated=record["condition_status"] == "validated")
+            record["running"] = _running_fields(running)
             self.windows_judged += 1
             self.metrics.live_windows.inc()
             if record.get("latency") is not None:
@@ -260,6 +273,8 @@ class LiveSource:
                 self._in_flight -= 1
 
     def _failed(self, unit: Unit, exc: Exception) -> None:
+        with self._lock:
+            self._conditions.pop(unit.key.index, None)
         self.errors += 1
         self.metrics.errors.labels(reason="inference").inc()
         log.error("live window inference failed", extra={"window": unit.key.index, "error": str(exc)})
@@ -285,7 +300,7 @@ class LiveSource:
                 except Exception:  # noqa: BLE001 - a failing sink must not stop capture
                     log.exception("live verdict sink failed")
 
-    def _record(self, w: LiveWindow, score, *, running=None, infer_s: float = 0.0, outcome: str | None = None,
+    def _record(self, w: LiveWindow, score, *, infer_s: float = 0.0, outcome: str | None = None,
                 reason: str | None = None) -> dict[str, Any]:
         info = self.capture.info
         rec: dict[str, Any] = {
@@ -308,8 +323,6 @@ class LiveSource:
             rec.update({
                 "device": score.label, "score": round(score.score, 6),
                 "top_k": top_k(score, self.labels, self.cfg.watch.top_k),
-                "running": {"device": running.device, "confidence": round(running.confidence, 6),
-                            "agreement": round(running.agreement, 6), "windows": running.windows},
                 "backend": self.backend_info.get("name"), "model_sha256": self.backend_info.get("model_sha256"),
                 "contract_sha256": self.backend_info.get("contract_sha256"),
                 "inference_s": round(infer_s, 6),
@@ -366,6 +379,14 @@ class Listener:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+
+
+def _running_fields(running: Any) -> dict[str, Any]:
+    """A closed-set window record's ``running`` verdict (:class:`~devrecd.live.smoothing.Running`): it
+    names no device while a window it pools was outside the model's validation."""
+    out = {"device": running.device, "confidence": round(running.confidence, 6),
+           "agreement": round(running.agreement, 6), "windows": running.windows}
+    return out if running.validated else naming_no_device(out)
 
 
 class _Window:

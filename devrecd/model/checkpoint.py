@@ -16,6 +16,7 @@ import numpy as np
 from devrecd.errors import ArtifactError, ConfigError
 from devrecd.features import FEATURE_DIM, FrontendConfig
 from devrecd.fsutil import atomic_write, sha256_artifact
+from devrecd.validation import snr_range_problem
 
 FORMAT = "devrecd-checkpoint/1"
 
@@ -62,6 +63,18 @@ class Checkpoint:
             raise ArtifactError("checkpoint was trained with another frontend (trained != configured: "
                                 + self.frontend.describe_mismatch(frontend) + "); use the config it was trained with",
                                 reason="checkpoint_frontend")
+
+    @property
+    def validated_snr_db(self) -> tuple[float, float] | None:
+        """[low, high] SNR (dB) of the recordings the network was trained on (``meta``, written by
+        ``devrecd train``), or None for a checkpoint made before it was recorded. Malformed: ArtifactError."""
+        value = self.meta.get("validated_snr_db")
+        if value is None:
+            return None
+        problem = snr_range_problem("meta.validated_snr_db", value)
+        if problem:
+            raise ArtifactError(f"checkpoint {problem}", reason="checkpoint_invalid")
+        return float(value[0]), float(value[1])
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -62,6 +62,7 @@ from devrecd.pipeline.procs import CRASHED, ChildCrashed, ChildFailed, WorkerPro
 from devrecd.pipeline.retry import Liveness, StorageRetry, Stopped
 from devrecd.pipeline.serving import Judge, OpenSetOnly, RegistryJudging
 from devrecd.pipeline.threads import inference_streams, one_blas_thread
+from devrecd.pipeline.verdict import model_validation
 from devrecd.pipeline.writer import VerdictWriter
 from devrecd.stages import Failure, failure_of, stream_features
 
@@ -93,6 +94,8 @@ class Pipeline:
         self.backend = backend
         self.labels = tuple(backend.labels)
         self.backend_info = backend.describe()
+        # What the served model was validated on (conditions, SNR range): every closed-set verdict is held to it.
+        self.validation = model_validation(cfg.backend, self.backend_info)
         self.journal = journal
         self.recorder = Recorder(journal, verdict_log)
         self.metrics = metrics

@@ -96,27 +96,63 @@ def with_open_set(record: dict[str, Any], open_set: dict[str, Any]) -> dict[str,
     return {**record, **open_set, "closed_set": closed}
 
 
+@dataclass(frozen=True)
+class ModelValidation:
+    """What the served closed-set model was validated on: the comparison conditions
+    (``backend.validated_conditions``) and the measured SNR range, ``snr_db`` = [low, high] dB
+    (``backend.validated_snr_db`` when set, else the range the model's contract or checkpoint records
+    from its training recordings; None: not recorded, a model exported before ranges were)."""
+
+    conditions: tuple[str, ...] = ("clean",)
+    snr_db: tuple[float, float] | None = None
+    snr_source: str = ""  # where ``snr_db`` comes from: "backend.validated_snr_db" | "contract" | "checkpoint"
+
+
+def model_validation(backend: Any, served: dict[str, Any]) -> ModelValidation:
+    """The validation of the served model: ``backend`` is the ``[backend]`` section, ``served`` the
+    backend's ``describe()`` (its ``validated_snr_db``: the contract's, or a checkpoint's). Made once
+    when serving starts; every closed-set verdict path passes it to :func:`with_comparison`."""
+    conditions = tuple(backend.validated_conditions)
+    if backend.validated_snr_db:
+        lo, hi = backend.validated_snr_db
+        return ModelValidation(conditions, (float(lo), float(hi)), "backend.validated_snr_db")
+    snr = served.get("validated_snr_db")
+    if snr:
+        source = "contract" if served.get("contract_sha256") else "checkpoint"
+        return ModelValidation(conditions, (float(snr[0]), float(snr[1])), source)
+    return ModelValidation(conditions)
+
+
 def with_comparison(record: dict[str, Any], recording: dict[str, Any], open_set: dict[str, Any] | None,
-                    validated: Sequence[str]) -> dict[str, Any]:
+                    validation: ModelValidation) -> dict[str, Any]:
     """A judged record completed: the registry's open-set verdict (``open_set``, which says which
     condition it compared under) in front, or, closed set, the condition the model judged under and
-    whether it was validated there (``backend.validated_conditions``)."""
+    whether it was validated there (:func:`closed_set_comparison`). The one place a closed-set verdict
+    is held to the model's validation: the daemon's writer, ``batch`` and ``listen`` all come here."""
     if open_set is not None:
         return with_open_set(record, open_set)
-    from devrecd.openset.scoring import INCONCLUSIVE
-
-    out = {**record, **closed_set_comparison(recording.get("condition"), validated)}
+    out = {**record, **closed_set_comparison(recording.get("condition"), validation)}
     if out["condition_status"] != "validated":
         # A condition the model was never validated under names no device (a call recording is
-        # named with probability 0.999 by a network trained on WAV); the candidates stay listed.
-        out["candidate"], out["device"] = out["device"], INCONCLUSIVE
+        # named with probability 0.999 by a network trained on WAV, a recording with white noise at
+        # 20 dB SNR wrongly for 50 of 90 by one trained on the clean recordings); the candidates stay listed.
+        return naming_no_device(out)
     return out
 
 
-def closed_set_comparison(condition: dict[str, Any] | None, validated: Sequence[str]) -> dict[str, Any]:
+def naming_no_device(verdict: dict[str, Any]) -> dict[str, Any]:
+    """``verdict`` (a closed-set record, or a live running verdict) naming no device: its device becomes
+    its ``candidate`` and ``device`` is inconclusive (a verdict outside the model's validation)."""
+    from devrecd.openset.scoring import INCONCLUSIVE
+
+    return {**verdict, "candidate": verdict["device"], "device": INCONCLUSIVE}
+
+
+def closed_set_comparison(condition: dict[str, Any] | None, validation: ModelValidation) -> dict[str, Any]:
     """Verdict fields for a closed-set verdict: the condition it was judged under, and whether the
-    model was validated under it (``backend.validated_conditions``). The training data is not at hand
-    when serving, so nothing is matched: a questioned codec outside validation is said to be so."""
+    model was validated under it: its codec or channel (``validation.conditions``) and its measured
+    SNR (``validation.snr_db``, :func:`closed_set_snr`). The training data is not at hand when
+    serving, so nothing is matched: a questioned codec, or an SNR, outside validation is said to be so."""
     from devrecd.openset.matching import CLEAN, condition_report, questioned_channel
 
     try:
@@ -124,9 +160,47 @@ def closed_set_comparison(condition: dict[str, Any] | None, validated: Sequence[
         under = channel.name if channel is not None else CLEAN
     except ValueError:
         under = "unknown"
-    rep = condition_report(condition, under, "training data (not matched: not at hand when serving)", validated)
+    rep = condition_report(condition, under, "training data (not matched: not at hand when serving)",
+                           validation.conditions)
     rep.pop("questioned")
+    rep.update(closed_set_snr(condition, validation))
+    if rep["snr_status"] == "outside":
+        rep["status"] = "unvalidated"
+        rep.setdefault("statement", rep["snr_statement"])
     return {"comparison": rep, "condition_status": rep["status"]}
+
+
+def closed_set_snr(condition: dict[str, Any] | None, validation: ModelValidation) -> dict[str, Any]:
+    """The comparison's SNR fields: ``validated_snr_db`` (the model's range, None: not recorded),
+    ``snr_range_source``, ``snr_status`` and, but for ``inside``, ``snr_statement``.
+
+    ``snr_status``: ``inside`` (at or above the range's low end, less
+    :data:`~devrecd.openset.conditions.SNR_MARGIN_DB`, the open set's rule: a cleaner recording than
+    any trained on is not outside), ``outside`` (below it: the verdict names no device), ``not_recorded``
+    (the model records no range: served as before, saying so) or ``unmeasured`` (no SNR in the condition)."""
+    from devrecd.openset.conditions import snr_below
+
+    snr = (condition or {}).get("snr_db")
+    if validation.snr_db is None:
+        measured = f" ({float(snr):.1f} dB)" if snr is not None else ""
+        return {"validated_snr_db": None, "snr_status": "not_recorded", "snr_statement": (
+            "the model records no SNR range it was trained on (trained and exported before devrecd recorded one): "
+            f"whether this recording's SNR{measured} lies inside what it was validated on is not known; set "
+            "backend.validated_snr_db to the range it was validated on, or retrain and re-export it")}
+    lo, hi = validation.snr_db
+    where = {"contract": "its contract", "checkpoint": "its checkpoint"}.get(validation.snr_source, validation.snr_source)
+    out: dict[str, Any] = {"validated_snr_db": [lo, hi], "snr_range_source": validation.snr_source}
+    below = snr_below(condition, lo)
+    if snr is None:
+        out.update(snr_status="unmeasured", snr_statement="the recording's SNR was not measured: whether it lies "
+                   f"inside the model's SNR range ({lo:.1f} to {hi:.1f} dB) is not known")
+    elif below is None:
+        out["snr_status"] = "inside"
+    else:
+        out.update(snr_status="outside", snr_statement=(
+            f"SNR {below:.1f} dB below the SNR range the model was trained and validated on ({lo:.1f} to {hi:.1f} dB, "
+            f"{where}): outside validation, no device is named"))
+    return out
 
 
 def failed_record(path: str, reason: str, detail: str, *, timings: dict[str, float],

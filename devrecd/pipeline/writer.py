@@ -168,7 +168,7 @@ class VerdictWriter:
                 record = judged_record(job.recording, msg.probs, p.labels, job.starts, k=p.cfg.watch.top_k,
                                        backend=p.backend_info, timings=job.timings)
                 # open set: the registry's verdict, the closed-set one kept beside it
-                record = with_comparison(record, job.recording, job.open_set, p.cfg.backend.validated_conditions)
+                record = with_comparison(record, job.recording, job.open_set, p.validation)
             else:
                 record = open_set_record(job.recording, msg.fields, serving=p.backend_info, timings=job.timings)
             self._add(Terminal(job.entry_id, "judged", record, sha256=job.recording["sha256"]),
