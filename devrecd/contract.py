@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 from devrecd.errors import ArtifactError, ConfigError
 from devrecd.features import FEATURE_DIM, N_FRAMES, FrontendConfig
 from devrecd.fsutil import atomic_write, sha256_artifact
-from devrecd.validation import snr_range_problem
+from devrecd.validation import read_snr_range, snr_range_problem
 
 SCHEMA = "devrecd.contract/1"  # bump when a field changes meaning
 INPUT_NAME = "features"  # (batch, 128, 73) float32, NOT normalised: normalisation is in the graph
@@ -239,12 +239,10 @@ def _build(cls: Any, data: Any, kind: str, source: str, specific: Callable[[Mapp
 def _snr_range(value: Any, source: str) -> tuple[float, float] | None:
     """A contract's ``validated_snr_db`` as read from its JSON: None when absent (or null), else
     [low, high] (:func:`~devrecd.validation.snr_range_problem`), refused with the reason when not."""
-    if value is None:
-        return None
-    problem = snr_range_problem("validated_snr_db", value)
-    if problem:
-        raise ArtifactError(f"{source}: {problem}", reason="contract_invalid")
-    return float(value[0]), float(value[1])
+    try:
+        return read_snr_range("validated_snr_db", value)
+    except ValueError as exc:
+        raise ArtifactError(f"{source}: {exc}", reason="contract_invalid") from None
 
 
 def _to_dict(contract: Any) -> dict[str, Any]:

@@ -194,3 +194,14 @@ def snr_range_problem(name: str, value: Any) -> str:
     if low > high:
         return f"{name} must be [low, high] with low <= high, got {list(value)!r}"
     return ""
+
+
+def read_snr_range(name: str, value: Any) -> tuple[float, float] | None:
+    """An SNR range as an artifact stores it: None when absent (or null), else ``(low, high)``;
+    ValueError with :func:`snr_range_problem`'s reason when it is not a valid range."""
+    if value is None:
+        return None
+    problem = snr_range_problem(name, value)
+    if problem:
+        raise ValueError(problem)
+    return float(value[0]), float(value[1])

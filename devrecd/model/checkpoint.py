@@ -16,7 +16,7 @@ import numpy as np
 from devrecd.errors import ArtifactError, ConfigError
 from devrecd.features import FEATURE_DIM, FrontendConfig
 from devrecd.fsutil import atomic_write, sha256_artifact
-from devrecd.validation import snr_range_problem
+from devrecd.validation import read_snr_range
 
 FORMAT = "devrecd-checkpoint/1"
 
@@ -68,13 +68,10 @@ class Checkpoint:
     def validated_snr_db(self) -> tuple[float, float] | None:
         """[low, high] SNR (dB) of the recordings the network was trained on (``meta``, written by
         ``devrecd train``), or None for a checkpoint made before it was recorded. Malformed: ArtifactError."""
-        value = self.meta.get("validated_snr_db")
-        if value is None:
-            return None
-        problem = snr_range_problem("meta.validated_snr_db", value)
-        if problem:
-            raise ArtifactError(f"checkpoint {problem}", reason="checkpoint_invalid")
-        return float(value[0]), float(value[1])
+        try:
+            return read_snr_range("meta.validated_snr_db", self.meta.get("validated_snr_db"))
+        except ValueError as exc:
+            raise ArtifactError(f"checkpoint {exc}", reason="checkpoint_invalid") from None
 
     def to_dict(self) -> dict[str, Any]:
         return {
