@@ -37,6 +37,20 @@ def _noisy(ccnu_dir: Path, tmp_path: Path, phone: str, snr_db: float | None, sec
     return out
 
 
+def _spy_on_matching(judge) -> dict[str, float]:
+    """{reference sha256: its measured SNR once brought to the noise}, filled as ``judge`` matches."""
+    matched: dict[str, float] = {}
+    noise_matched = judge.matcher.noise_matched
+
+    def spy(sha, channel, noise):
+        out = noise_matched(sha, channel, noise)
+        matched[sha] = out[1]
+        return out
+
+    judge.matcher.noise_matched = spy
+    return matched
+
+
 def test_two_threads_judging_different_noise_conditions_give_one_threads_verdicts(ccnu_dir, tmp_path):
     """One judge, two threads, each meeting new noise conditions at the same time: the verdicts of one
     thread judging them in turn with a judge of its own (on its own copy of the registry, so that
@@ -152,15 +166,7 @@ def test_references_of_profiles_compared_as_they_are_are_not_brought_to_the_nois
     cfg = shipped_registry(ccnu_dir, tmp_path, ENROLLED)
     judge = RegistryJudge(cfg)
     rec, feats = recording_features(load_gsv(default_gsv_path())[0], _noisy(ccnu_dir, tmp_path, "huawei_TAG_AL00", None, 3.0), cfg)
-    matched: dict[str, float] = {}
-    noise_matched = judge.matcher.noise_matched
-
-    def spy(sha, channel, noise):
-        out = noise_matched(sha, channel, noise)
-        matched[sha] = out[1]
-        return out
-
-    judge.matcher.noise_matched = spy
+    matched = _spy_on_matching(judge)
     v = judge.judge(feats, rec.describe())
     comp = v["comparison"]
     assert comp["compared_as_is"] == ["huawei_TAG_AL00"] and comp["profiles_as_noisy"] == 1, comp
@@ -190,15 +196,7 @@ def test_with_per_candidate_off_the_matched_references_snr_covers_every_profile(
     cfg = shipped_registry(ccnu_dir, tmp_path, ENROLLED)
     judge = RegistryJudge(cfg)
     rec, feats = recording_features(load_gsv(default_gsv_path())[0], _noisy(ccnu_dir, tmp_path, "huawei_TAG_AL00", None, 3.0), cfg)
-    matched: dict[str, float] = {}
-    noise_matched = judge.matcher.noise_matched
-
-    def spy(sha, channel, noise):
-        out = noise_matched(sha, channel, noise)
-        matched[sha] = out[1]
-        return out
-
-    judge.matcher.noise_matched = spy
+    matched = _spy_on_matching(judge)
     monkeypatch.setattr(conditions, "snr_outside", lambda condition, conditions: "outside (test)")
     v = judge.judge(feats, rec.describe())
     comp = v["comparison"]
