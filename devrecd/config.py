@@ -125,7 +125,7 @@ class WatchConfig(Section):
     workers: Count = 2  # decode + feature threads (at most WORKERS_PER_CORE per usable core)
     # Each worker's files judged in its own child process (decode, features, condition, open-set
     # score), pipeline/procs.py: "auto" = where a registry judges, on the CPU; "always"; "never" (threads).
-    # "auto" by default: on 2 idle cores the open-set daemon judged 1.8x the files/s of its worker threads,
+    # "auto" by default: on 2 idle cores the open-set daemon judged 1.41x the files/s of its worker threads,
     # whose numpy calls take turns at the GIL (docs/daemon.md); a crashing decoder takes one file down.
     processes: Literal["auto", "always", "never"] = "auto"
     queue_size: Count = 64  # bounded queues between stages (backpressure)

@@ -66,6 +66,22 @@ def _run(cfg, paths: list[Path], *, processes: bool, during=None) -> dict[str, d
     return {r["path"]: r for r in records}
 
 
+def test_the_default_uses_worker_processes_where_a_registry_judges_on_the_cpu() -> None:
+    """``watch.processes`` defaults to ``auto``: processes where a registry judges on the CPU (the
+    open-set daemon's threads took turns at the GIL, docs/daemon.md), threads for a closed-set model
+    alone and on a GPU; ``always`` adds the model alone, ``never`` keeps threads everywhere."""
+    from devrecd.pipeline.procs import use_processes
+
+    cfg = load_config(None, env={})
+    assert cfg.watch.processes == "auto"
+    assert use_processes(cfg, "cpu", judging=True) and not use_processes(cfg, "cpu", judging=False)
+    assert not use_processes(cfg, "cuda:0", judging=True)
+    always = cfg.with_overrides({"watch.processes": "always"})
+    assert use_processes(always, "cpu", judging=False) and not use_processes(always, "cuda", judging=True)
+    never = cfg.with_overrides({"watch.processes": "never"})
+    assert not use_processes(never, "cpu", judging=True)
+
+
 def test_processes_give_the_records_of_the_threads(registry, ccnu_dir, tmp_path) -> None:
     rows = _rows(ccnu_dir)
     paths = [ccnu_dir / r["path"] for r in rows if int(r["segment"]) in (3, 4)][:10]

@@ -95,6 +95,8 @@ class LiveSource:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # in-flight count
+        # The running verdict's history: windows finish on several inference threads at once.
+        self._running_lock = threading.Lock()
         self._out_lock = threading.Lock()  # record ordering
         self._in_flight = 0
         self._started = 0.0
@@ -203,7 +205,11 @@ class LiveSource:
         assert self.batcher is not None
         # The window's condition (codec/band, SNR), measured here rather than on an inference thread:
         # its verdict is held to what the model was validated on, as a file's is.
-        condition = live_condition(w, self.cfg.live.channels).to_json()
+        try:
+            condition = live_condition(w, self.cfg.live.channels).to_json()
+        except Exception as exc:  # noqa: BLE001 - one window's measurement must not end the capture
+            log.error("live window condition not measured", extra={"window": w.index, "error": str(exc)})
+            condition = None  # judged with its condition unmeasured: the verdict says so (snr_status)
         with self._lock:
             self._in_flight += 1
             self._conditions[w.index] = condition
@@ -261,7 +267,8 @@ class LiveSource:
             record = {**self._record(w, score, infer_s=unit.infer_seconds), "condition": condition}
             record = with_comparison(record, {"condition": condition}, None, self.validation)
             # The running verdict names a device only while every window it pools was validated.
-            running = self.running.add(score.probs, validated=record["condition_status"] == "validated")
+            with self._running_lock:
+                running = self.running.add(score.probs, validated=record["condition_status"] == "validated")
             record["running"] = _running_fields(running)
             self.windows_judged += 1
             self.metrics.live_windows.inc()
