@@ -278,7 +278,7 @@ def _load_data(run: _Run) -> _Data:
     from devrecd.fsutil import atomic_write
 
     opts, ds = run.opts, run.ds
-    cache = FeatureCache(Path(opts.cache_dir), run.cfg.frontend, run.cfg.audio, device=run.device)
+    cache = FeatureCache(Path(opts.cache_dir), run.cfg.frontend, run.cfg.audio, device=run.device, measure_snr=True)
     unusable: list[dict[str, str]] = []
     feats = {split: split_features(ds, split, cache, opts.hop_seconds, run.labels, on_unusable=opts.on_unusable,
                                    unusable=unusable) for split in ("train", "val")}

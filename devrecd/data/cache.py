@@ -4,8 +4,9 @@ Key = sha256 of the file's bytes + the frontend fingerprint + the window hop + t
 that change the decoded samples (channel mix, resampler quality). Entries live at
 ``<root>/<key16>/<sha256[:2]>/<sha256>.npy``; beside it ``<sha256>.snr.json``, the recording's
 measured SNR (its verdict condition's ``snr_db``, what training records as the network's SNR range),
-measured only when asked (:meth:`FeatureCache.snr_db`: training; one more decode the first time),
-so that evaluation and feature extraction do not pay for the condition measurement. Every write goes to a temporary file in the same
+measured only for a cache that measures SNRs (``measure_snr``: training's, from the recording
+decoded for its features) or when asked (:meth:`FeatureCache.snr_db`), so that evaluation and
+feature extraction do not pay for the condition measurement. Every write goes to a temporary file in the same
 folder and is renamed into place (``os.replace`` is atomic on POSIX), so a concurrent reader sees
 a complete entry or none. The cache holds nothing that cannot be recomputed: delete it any time.
 """
@@ -32,8 +33,10 @@ log = logging.getLogger("devrecd.data.cache")
 class FeatureCache:
     """Disk cache of (n_windows, 128, 73) float32 features of whole recordings."""
 
-    def __init__(self, root: Path, frontend: FrontendConfig, audio: AudioConfig, *, device: str = "cpu") -> None:
+    def __init__(self, root: Path, frontend: FrontendConfig, audio: AudioConfig, *, device: str = "cpu",
+                 measure_snr: bool = False) -> None:
         self.root = Path(root).expanduser()
+        self.measure_snr = measure_snr  # a features miss also caches the recording's SNR (training's range)
         self.frontend = frontend
         self.audio = audio
         self.device = device
@@ -91,12 +94,14 @@ class FeatureCache:
         self.misses += 1
         # The hash of the bytes actually decoded names the entry (the file may have changed since).
         self._store(self.entry(rec.sha256, hop_seconds), feats)
+        if self.measure_snr:  # from the samples just decoded: :meth:`snr_db` need not decode them again
+            self._store_snr(self.snr_entry(rec.sha256, hop_seconds), rec)
         return feats, rec.sha256
 
     def snr_db(self, path: Path, hop_seconds: float) -> float:
         """The measured SNR (dB) of the recording at ``path``: its condition's ``snr_db``
         (:attr:`devrecd.audio.decode.Recording.condition`, the measurement every verdict states),
-        cached beside its features (the recording is decoded once more the first time it is asked).
+        cached beside its features (decoded again only where the features were cached without it).
 
         Raises the :class:`~devrecd.audio.AudioError` of a file that cannot be decoded.
         """

@@ -375,10 +375,9 @@ class RegistryJudge:
                                                                  self.registry_cfg, self.dev_calibrations, condition)
         per_candidate = cal is not None and plain_cal is not None
         reg, matched_snrs = self._matched_under(channel, noise, model, profiles, as_noisy if per_candidate else None)
-        # The references brought to the noise: per candidate, not those of profiles compared as they are;
-        # otherwise every profile's (all were matched).
-        snrs = [v for n, as_is in zip(self.registry.names, as_noisy) if not (as_is and per_candidate)
-                for v in matched_snrs.get(n, ())]
+        # The references brought to the noise (per candidate, _matched_under leaves out the profiles
+        # compared as they are; otherwise every profile was matched).
+        snrs = [v for values in matched_snrs.values() for v in values]
         if snrs:
             noise_fields["matched_references_snr_db"] = [min(snrs), max(snrs)]
         if any(as_noisy) and not per_candidate:
