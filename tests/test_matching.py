@@ -439,3 +439,68 @@ def test_a_phone_as_noisy_as_its_own_references_is_compared_with_them_as_they_ar
     scored = Comparer(scorer, cfg).score(tmp_path / "huawei_TAG_AL00-3s.wav", refs)
     assert not scored.comparison["noise_matched"]
     assert scored.score == pytest.approx(v["top_k"][0]["score"], abs=1e-5)
+
+
+def test_a_band_limit_the_phones_own_references_read_is_judged_as_recorded(ccnu_dir, tmp_path):
+    """The first 2 s of ZTE C880A_5 and huwei_honor8(1)_4 are read as band-limited at 7.3 kHz (their
+    own roll-off: devrecd.audio.condition.band_limits_as) and were judged under that band limit, for
+    which no calibration exists: inconclusive (benchmarks/conditions.py, first 2 s). Their references
+    read the same limit in 2 s excerpts, so they are compared as recorded and named, with the LR of
+    the broadband short calibration, through the registry judge fed features whole or streamed alike.
+    Other phones' recordings through a real 7.3 kHz band limit, where ZTE C880A's references read it
+    too, are still judged under the band limit (compared as recorded, ZTE C880A ranked first for
+    them: a band limit shared is not a phone shared), and a report reads the LR of the named ones."""
+    import soundfile as sf
+
+    from devrecd.audio.channel import band_limit
+    from devrecd.audio.transmit import apply_channel
+    from devrecd.openset.conditions import comparison_channel, condition_mismatch
+    from devrecd.openset.scorers import default_gsv_path, load_gsv
+    from devrecd.openset.workflow import RegistryJudge, recording_features
+
+    from tests.helpers import shipped_registry
+
+    enrolled = ["ZTE C880A", "huwei_honor8(1)", "IPHONEX", "vivo_Y11t"]
+    cfg = shipped_registry(ccnu_dir, tmp_path, enrolled)
+    scorer = load_gsv(default_gsv_path())[0]
+    judge = RegistryJudge(cfg)
+
+    def verdict(path: Path, streamed: bool = False) -> tuple[dict, dict]:
+        rec, feats = recording_features(scorer, path, cfg)
+        if streamed:
+            acc = judge.accumulator()
+            for i in range(0, len(feats), 3):
+                acc.add(feats[i: i + 3])
+            feats = acc
+        return judge.judge(feats, rec.describe()), rec.describe()["condition"]
+
+    for phone, seg in (("ZTE C880A", 5), ("huwei_honor8(1)", 4)):
+        x, rate = sf.read(ccnu_dir / f"{phone}_{seg}.wav", dtype="float32")
+        path = tmp_path / f"{phone}_{seg}_2s.wav"
+        sf.write(path, x[: 2 * rate], rate, subtype="PCM_16")
+        for streamed in (False, True):
+            v, condition = verdict(path, streamed)
+            assert condition["channel"].startswith("band0-7"), condition["channel"]
+            c = v["comparison"]
+            assert v["device"] == phone, (phone, streamed, v["device"], v["top_k"][:2], c.get("band_limit_note"))
+            assert phone in c["band_limit_read_on"] and c["compared_under"] == CLEAN
+            assert v["condition_status"] == "validated" and v["open_set"]["condition"] == "clean/short"
+            assert v["log10_lr"] >= v["open_set"]["log10_threshold"]
+            assert c["band_limit_ranking"][0]["device"] == phone  # first under the band limit too
+            assert "compared as recorded" in c["band_limit_note"]
+            # The report and `compare`'s LR rule read the comparison: broadband, inside a clean calibration.
+            record = {"condition": condition, "comparison": c}
+            assert comparison_channel(condition, c) == CLEAN
+            assert condition_mismatch(record, {"channels": [CLEAN]})[0] == []
+            assert condition_mismatch({"condition": condition}, {"channels": [CLEAN]})[0]  # the band limit alone: blocked
+
+    for phone in ("IPHONEX", "vivo_Y11t"):
+        x, rate = sf.read(ccnu_dir / f"{phone}_4.wav", dtype="float32")
+        path = tmp_path / f"{phone}_4_band7300.wav"
+        sf.write(path, apply_channel(band_limit(0, 7300), x, rate), rate, subtype="PCM_16")
+        v, condition = verdict(path)
+        c = v["comparison"]
+        assert "ZTE C880A" in c["band_limit_read_on"], c
+        assert c["compared_under"] == condition["channel"] and v["device"] == "inconclusive", (phone, v["device"])
+        assert v["candidate"] == phone and "judged under the band limit" in c["band_limit_note"]
+        assert comparison_channel(condition, c) == condition["channel"]
