@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import soundfile as sf
+import soxr
 
 from devrecd.audio import read_evidence
 from devrecd.audio.channel import CHANNELS, ChannelError, ChannelUnavailable, get_channel
@@ -62,6 +63,25 @@ def test_transcoded_wav_keeps_its_band_limit(speech, tmp_path):
         else:
             assert cond.channel.startswith("band") and cond.band_low_hz == 0.0
             assert condition_channel(cond).high_hz == pytest.approx(cond.band_high_hz, abs=0.5)
+
+
+def test_a_g711_call_is_read_as_band_limited_not_broadband(ccnu_dir, tmp_path):
+    """G.711 (mu-law, A-law WAV at 8 kHz: call recorders, telephony systems) is neither a codec of
+    the channel table nor lossless. Its band used to be measured only when PyAV decoded it
+    (``pcm_mulaw`` starts with "pcm"): through soundfile (``ULAW``, ``ALAW``) a telephone-band call
+    had ``band_limited`` true yet no channel, and was compared with broadband references as if it
+    were broadband, under the clean calibration. Real phones' segment 4 through the telephone band."""
+    for phone in ("IPHONEX", "vivo_Y11t", "ZTE C880A"):
+        x, rate = sf.read(ccnu_dir / f"{phone}_4.wav", dtype="float32")
+        call = soxr.resample(apply_channel(get_channel("tel"), x, rate), rate, 8000)
+        for subtype in ("ULAW", "ALAW"):
+            path = tmp_path / f"{phone}-{subtype}.wav"
+            sf.write(path, call, 8000, subtype=subtype)
+            cond = read_evidence(path, RATE).condition
+            assert cond.codec == subtype and not cond.lossless, cond
+            assert cond.band_limited and cond.channel, (phone, subtype, cond.channel)
+            channel = condition_channel(cond)
+            assert channel is not None and 3300 <= channel.high_hz <= 4000, (phone, subtype, cond.channel)
 
 
 def _band_power_db(x: np.ndarray, lo: float, hi: float) -> float:
