@@ -504,3 +504,32 @@ def test_a_band_limit_the_phones_own_references_read_is_judged_as_recorded(ccnu_
         assert c["compared_under"] == condition["channel"] and v["device"] == "inconclusive", (phone, v["device"])
         assert v["candidate"] == phone and "judged under the band limit" in c["band_limit_note"]
         assert comparison_channel(condition, c) == condition["channel"]
+
+
+def test_a_g711_call_names_no_device_without_a_calibration_for_its_band(ccnu_dir, tmp_path):
+    """A telephone-band call saved as mu-law WAV (soundfile decodes it as ``ULAW``) is compared under
+    its measured band, for which no calibration exists: inconclusive, its own phone ranked first when
+    enrolled; before G.711 was measured it was compared as broadband under the clean calibration."""
+    import soundfile as sf
+    import soxr
+
+    from devrecd.audio.channel import get_channel
+    from devrecd.audio.transmit import apply_channel
+    from devrecd.openset.scorers import default_gsv_path, load_gsv
+    from devrecd.openset.workflow import RegistryJudge, recording_features
+
+    from tests.helpers import shipped_registry
+
+    enrolled = ["IPHONEX", "vivo_Y11t", "huawei_p20", "xiaomi2s"]
+    cfg = shipped_registry(ccnu_dir, tmp_path, enrolled)
+    scorer, judge = load_gsv(default_gsv_path())[0], RegistryJudge(cfg)
+    for phone in ("IPHONEX", "vivo_Y11t", "Apple_air1"):
+        x, rate = sf.read(ccnu_dir / f"{phone}_4.wav", dtype="float32")
+        path = tmp_path / f"{phone}-ulaw.wav"
+        sf.write(path, soxr.resample(apply_channel(get_channel("tel"), x, rate), rate, 8000), 8000, subtype="ULAW")
+        rec, feats = recording_features(scorer, path, cfg)
+        v = judge.judge(feats, rec.describe())
+        assert v["comparison"]["compared_under"].startswith("band0-"), v["comparison"]
+        assert v["device"] == "inconclusive" and v["log10_lr"] is None and v["condition_status"] == "unvalidated"
+        if phone in enrolled:
+            assert v["candidate"] == phone, (phone, v["top_k"][:2])
