@@ -238,6 +238,58 @@ def test_the_torch_backend_serves_the_checkpoints_range(tiny) -> None:
     assert model_validation(tiny["cfg"].backend, info).snr_source == "checkpoint"
 
 
+def _init(tiny, name: str, validated_snr_db) -> Path:
+    """The tiny network's checkpoint as an init of a fine-tune, recording ``validated_snr_db`` (None: a
+    checkpoint trained before ranges were recorded, no ``validated_snr_db`` nor ``training_snr_db``)."""
+    from dataclasses import replace
+
+    from devrecd.model.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(tiny["run"])
+    meta = {k: v for k, v in ckpt.meta.items() if k not in ("validated_snr_db", "training_snr_db")}
+    if validated_snr_db is not None:
+        meta["validated_snr_db"] = validated_snr_db
+    path = tiny["tmp"] / f"{name}.pt"
+    save_checkpoint(path, replace(ckpt, meta=meta))
+    return path
+
+
+def _finetune(tiny, init: Path, name: str) -> Path:
+    """One epoch of ``devrecd finetune``'s loop from ``init`` on the same 3 phones (new head only)."""
+    from devrecd.train import finetune_options, train
+
+    run = tiny["tmp"] / name
+    train(tiny["ds"], run, tiny["cfg"],
+          finetune_options(tiny["cfg"].train, epochs=1, batch_size=8, hop_seconds=2.0, patience=0), init=init)
+    return run
+
+
+def test_a_finetune_records_the_union_of_its_own_and_its_inits_range(tiny) -> None:
+    """The init records 10.0-30.0 dB, the fine-tune's own recordings measure 22.7-37.0 dB: the network
+    has seen both, so it records 10.0-37.0 dB (not its own recordings' range alone)."""
+    from devrecd.model.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(_finetune(tiny, _init(tiny, "init_10_30", [10.0, 30.0]), "ft_union"))
+    assert ckpt.meta["init"] and ckpt.validated_snr_db == (10.0, 37.0)
+    assert ckpt.meta["validated_snr_db"] == [10.0, 37.0]
+    snr = ckpt.meta["training_snr_db"]
+    assert snr["measured"] == [22.7, 37.0] and snr["init_validated_snr_db"] == [10.0, 30.0] and "note" not in snr
+    # An init whose range lies inside the fine-tune's own: the own range.
+    inner = load_checkpoint(_finetune(tiny, _init(tiny, "init_25_30", [25.0, 30.0]), "ft_inner"))
+    assert inner.validated_snr_db == (22.7, 37.0)
+
+
+def test_a_finetune_of_a_checkpoint_without_a_range_records_its_own_and_says_so(tiny, caplog) -> None:
+    from devrecd.model.checkpoint import load_checkpoint
+
+    with caplog.at_level("WARNING", logger="devrecd.train"):
+        ckpt = load_checkpoint(_finetune(tiny, _init(tiny, "init_legacy", None), "ft_legacy"))
+    assert ckpt.validated_snr_db == (22.7, 37.0)
+    snr = ckpt.meta["training_snr_db"]
+    assert snr["init_validated_snr_db"] is None and snr["note"].startswith("the init checkpoint records no SNR range")
+    assert any(r.getMessage() == "fine-tune SNR range: " + snr["note"] for r in caplog.records)
+
+
 def _noisy(src: Path, out: Path, snr_db: float) -> Path:
     from devrecd.audio.noise import add_noise
 
