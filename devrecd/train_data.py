@@ -161,6 +161,31 @@ def with_init_range(snr: dict[str, Any], init_snr_db: tuple[float, float] | None
     return {**snr, "validated_snr_db": union, "init_validated_snr_db": [float(v) for v in init_snr_db]}
 
 
+def snr_range_origin(validated: tuple[float, float], snr: dict[str, Any] | None) -> str:
+    """Where each end of a checkpoint's ``validated`` SNR range comes from, in words, for ``devrecd
+    export`` to say (``snr``: the meta's ``training_snr_db``, as :func:`training_snr_range` and
+    :func:`with_init_range` made it); "" when the meta does not record it. Each end is named by the
+    value it was taken from: the recordings' measured end first, so a tie names the recordings."""
+    if not snr or "measured" not in snr:
+        return ""
+    measured, (low, high) = snr["measured"], validated
+    init, noise = snr.get("init_validated_snr_db"), snr.get("noise_augment_snr_db")
+    recordings = "the training recordings' measured SNR"
+    lows = [(measured[0], recordings), (init[0] if init else None, "the init checkpoint's recorded range"),
+            (noise[0] if noise else None, "the noise augmentation's low end, train.noise_augment_snr_db")]
+    highs = [(measured[1], recordings), (init[1] if init else None, "the init checkpoint's recorded range")]
+    ends = [next((why for value, why in candidates
+                  if value is not None and round(float(value), 1) == round(end, 1)), "")
+            for end, candidates in ((low, lows), (high, highs))]
+    if not all(ends):
+        return ""
+    said = "; the init checkpoint records no range" if "init_validated_snr_db" in snr and init is None else ""
+    if ends == [recordings, recordings]:
+        return "the training recordings' measured SNR range" + said
+    return (f"low end: {ends[0]}; high end: {ends[1]}; "
+            f"the training recordings measured {measured[0]:.1f} to {measured[1]:.1f} dB")
+
+
 def check_usable(ds: Dataset, train_items: Sequence[Item], unusable: Sequence[dict[str, str]]) -> None:
     """After unusable recordings were left out: every device must keep a training recording."""
     left = {it.device for it in train_items}

@@ -207,7 +207,8 @@ def test_training_records_the_range_and_export_puts_it_in_the_contract(tiny) -> 
     assert ckpt.meta["training_snr_db"]["noise_augment_snr_db"] is None  # noise augmentation off
     contract = Contract.load(tiny["onnx"].with_suffix(".json"))
     assert contract.validated_snr_db == tuple(want)
-    assert "  validated SNR range: 22.7 to 37.0 dB (the training recordings')" in tiny["output"]
+    assert ("  validated SNR range: 22.7 to 37.0 dB (the training recordings' measured SNR range): noisier "
+            "recordings are judged inconclusive") in tiny["output"]
 
 
 def test_the_range_is_cached_beside_the_features_and_lowered_by_noise_augmentation(tiny, feature_cache) -> None:
@@ -288,6 +289,57 @@ def test_a_finetune_of_a_checkpoint_without_a_range_records_its_own_and_says_so(
     snr = ckpt.meta["training_snr_db"]
     assert snr["init_validated_snr_db"] is None and snr["note"].startswith("the init checkpoint records no SNR range")
     assert any(r.getMessage() == "fine-tune SNR range: " + snr["note"] for r in caplog.records)
+
+
+def _export_output(run: Path, out: Path, ccnu_dir: Path) -> str:
+    """What the real ``devrecd export`` prints for ``run``."""
+    from typer.testing import CliRunner
+
+    from devrecd.cli import app
+
+    result = CliRunner().invoke(app, ["export", str(run), "--out", str(out),
+                                      "--parity-audio", str(ccnu_dir / "IPHONEX_4.wav")])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_export_says_where_each_end_of_the_range_comes_from(tiny, ccnu_dir: Path) -> None:
+    """Noise augmentation (5-35 dB) lowers the low end of recordings measured 22.7-37.0 dB: the export
+    says the low end is the augmentation's, not the recordings'. Likewise a fine-tune's init's end."""
+    from devrecd.train import train, train_options
+
+    run = tiny["tmp"] / "run_noise"
+    train(tiny["ds"], run, tiny["cfg"],
+          train_options(tiny["cfg"].train, epochs=1, batch_size=8, lr=1e-3, hop_seconds=2.0, patience=0,
+                        noise_augment_p=1.0, noise_augment_snr_db=(5.0, 35.0)), hparams=TINY_NET)
+    out = _export_output(run, tiny["tmp"] / "export_noise" / "noise.onnx", ccnu_dir)
+    assert ("  validated SNR range: 5.0 to 37.0 dB (low end: the noise augmentation's low end, "
+            "train.noise_augment_snr_db; high end: the training recordings' measured SNR; the training "
+            "recordings measured 22.7 to 37.0 dB): noisier recordings are judged inconclusive") in out
+    assert "the training recordings')" not in out
+
+    finetuned = _finetune(tiny, _init(tiny, "init_10_45", [10.0, 45.0]), "ft_wider")
+    out = _export_output(finetuned, tiny["tmp"] / "export_ft" / "ft.onnx", ccnu_dir)
+    assert ("  validated SNR range: 10.0 to 45.0 dB (low end: the init checkpoint's recorded range; high end: "
+            "the init checkpoint's recorded range; the training recordings measured 22.7 to 37.0 dB)") in out
+
+
+def test_the_range_origin_in_words() -> None:
+    from devrecd.train_data import snr_range_origin
+
+    own = {"validated_snr_db": [22.7, 37.0], "measured": [22.7, 37.0], "noise_augment_snr_db": None}
+    assert snr_range_origin((22.7, 37.0), own) == "the training recordings' measured SNR range"
+    # The augmentation's low end above the recordings' sets nothing: the recordings' end is named.
+    assert snr_range_origin((22.7, 37.0), {**own, "noise_augment_snr_db": [30.0, 35.0]}) == (
+        "the training recordings' measured SNR range")
+    legacy_init = {**own, "init_validated_snr_db": None, "note": "..."}
+    assert snr_range_origin((22.7, 37.0), legacy_init) == (
+        "the training recordings' measured SNR range; the init checkpoint records no range")
+    union = {**own, "validated_snr_db": [10.0, 37.0], "init_validated_snr_db": [10.0, 30.0]}
+    assert snr_range_origin((10.0, 37.0), union).startswith(
+        "low end: the init checkpoint's recorded range; high end: the training recordings' measured SNR;")
+    assert snr_range_origin((22.7, 37.0), None) == "" and snr_range_origin((22.7, 37.0), {}) == ""
+    assert snr_range_origin((3.0, 37.0), own) == ""  # a range the meta does not account for: not guessed
 
 
 def _noisy(src: Path, out: Path, snr_db: float) -> Path:
