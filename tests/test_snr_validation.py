@@ -81,6 +81,27 @@ def test_codec_and_snr_both_outside() -> None:
     assert unmeasured["snr_status"] == "unmeasured" and unmeasured["status"] == "validated"
 
 
+def test_the_closed_set_answer_beside_an_open_set_verdict_is_held_to_the_same_rules() -> None:
+    """A registry served with a model: the registry's verdict in front (its own condition rules), the
+    network's under ``closed_set``, held to the model's codec and SNR rules as a closed-set verdict is:
+    outside, it names no device there either (its class as ``candidate``) and says why."""
+    open_set = {"device": "phone 3", "score": 0.81, "top_k": [{"device": "phone 3", "score": 0.81}],
+                "open_set": {"accepted": True}, "condition_status": "validated", "comparison": {"status": "validated"}}
+    for condition, why in (({"channel": "", "snr_db": 10.4}, "snr_statement"),
+                           ({"channel": "amrnb", "snr_db": 30.0}, "statement")):
+        out = with_comparison(JUDGED, {"condition": condition}, open_set, RANGE)
+        alone = with_comparison(JUDGED, {"condition": condition}, None, RANGE)
+        assert out["device"] == "phone 3" and out["condition_status"] == "validated"  # the registry's, untouched
+        assert out["comparison"] == {"status": "validated"} and "candidate" not in out
+        cs = out["closed_set"]
+        assert cs == {k: alone[k] for k in ("device", "candidate", "score", "top_k", "condition_status", "comparison")}
+        assert cs["device"] == "inconclusive" and cs["candidate"] == "IPHONEX" and cs["score"] == 0.97
+        assert cs["condition_status"] == "unvalidated" and cs["comparison"]["statement"] and why in cs["comparison"]
+    inside = with_comparison(JUDGED, {"condition": {"channel": "", "snr_db": 30.0}}, open_set, RANGE)["closed_set"]
+    assert inside["device"] == "IPHONEX" and "candidate" not in inside and inside["condition_status"] == "validated"
+    assert inside["comparison"]["snr_status"] == "inside"
+
+
 def test_the_configured_range_overrides_the_models() -> None:
     cfg = load_config(None, env={})
     onnx = {"name": "onnxruntime", "contract_sha256": "c" * 64, "validated_snr_db": [22.7, 41.7]}
