@@ -21,8 +21,10 @@ have (on the CPU).
 
 SNR range: every checkpoint's ``meta["validated_snr_db"]`` is [lowest, highest] measured SNR of the
 training recordings (the condition a verdict states; the low end lowered to ``noise_augment_snr_db``'s
-when noise augmentation is on). ``devrecd export`` copies it into the contract; a closed-set verdict
-on a noisier recording names no device (docs/conditions.md, "Honesty outside validation").
+when noise augmentation is on; a fine-tune's widened to the range its init checkpoint records, or
+its own with a note in the meta when the init records none). ``devrecd export`` copies it into the
+contract; a closed-set verdict on a noisier recording names no device (docs/conditions.md, "Honesty
+outside validation").
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from devrecd.model.checkpoint import Checkpoint, load_checkpoint, load_raw, reso
 from devrecd.model.training import recalibrate_batchnorm, set_trainable, train_mode, validate
 from devrecd.train_data import (UNUSABLE_FILE, Augmenter, SplitData, check_training_data, check_usable,
                                 normalisation_stats, split_features, split_listing, to_split_data,
-                                training_snr_range)
+                                training_snr_range, with_init_range)
 
 log = logging.getLogger("devrecd.train")
 
@@ -287,6 +289,10 @@ def _load_data(run: _Run) -> _Data:
     # every training recording as a verdict's condition measures it, lowered to the noise augmentation's.
     snr = training_snr_range(feats["train"][1], cache, opts.hop_seconds,
                              opts.noise_augment_snr_db if opts.noise_augment_p > 0 else None)
+    if run.base is not None:  # a fine-tune: the range its init learned on too
+        snr = with_init_range(snr, run.base.validated_snr_db)
+        if "note" in snr:
+            log.warning("fine-tune SNR range: " + snr["note"], extra={"init": str(run.init)})
     for u in unusable:
         log.warning("recording left out of training", extra=u)
     run.out.mkdir(parents=True, exist_ok=True)

@@ -142,6 +142,50 @@ def training_snr_range(items: Sequence[Item], cache: FeatureCache, hop_seconds: 
             "recordings": len(snrs), "noise_augment_snr_db": list(noise_snr_db) if noise_snr_db is not None else None}
 
 
+def with_init_range(snr: dict[str, Any], init_snr_db: tuple[float, float] | None) -> dict[str, Any]:
+    """A fine-tune's SNR range: ``snr`` (:func:`training_snr_range` of its own recordings) widened to
+    the range its init checkpoint records (``init_snr_db``). The network it starts from learned on
+    those recordings too (the layers a fine-tune freezes learned on nothing else), so its range is
+    the union of both; recording only the fine-tune's own would hold a verdict to a narrower range
+    than the network has seen.
+
+    Adds ``init_validated_snr_db`` (the init's range, None: it records none) and, when None, ``note``:
+    the range is then the run's own recordings' only, and the meta says so.
+    """
+    if init_snr_db is None:
+        return {**snr, "init_validated_snr_db": None,
+                "note": "the init checkpoint records no SNR range (trained before devrecd recorded it): "
+                        "validated_snr_db is this fine-tune's own training recordings' range only"}
+    own = snr["validated_snr_db"]
+    union = [round(min(own[0], float(init_snr_db[0])), 1), round(max(own[1], float(init_snr_db[1])), 1)]
+    return {**snr, "validated_snr_db": union, "init_validated_snr_db": [float(v) for v in init_snr_db]}
+
+
+def snr_range_origin(validated: tuple[float, float], snr: dict[str, Any] | None) -> str:
+    """Where each end of a checkpoint's ``validated`` SNR range comes from, in words, for ``devrecd
+    export`` to say (``snr``: the meta's ``training_snr_db``, as :func:`training_snr_range` and
+    :func:`with_init_range` made it); "" when the meta does not record it. Each end is named by the
+    value it was taken from: the recordings' measured end first, so a tie names the recordings."""
+    if not snr or "measured" not in snr:
+        return ""
+    measured, (low, high) = snr["measured"], validated
+    init, noise = snr.get("init_validated_snr_db"), snr.get("noise_augment_snr_db")
+    recordings = "the training recordings' measured SNR"
+    lows = [(measured[0], recordings), (init[0] if init else None, "the init checkpoint's recorded range"),
+            (noise[0] if noise else None, "the noise augmentation's low end, train.noise_augment_snr_db")]
+    highs = [(measured[1], recordings), (init[1] if init else None, "the init checkpoint's recorded range")]
+    ends = [next((why for value, why in candidates
+                  if value is not None and round(float(value), 1) == round(end, 1)), "")
+            for end, candidates in ((low, lows), (high, highs))]
+    if not all(ends):
+        return ""
+    said = "; the init checkpoint records no range" if "init_validated_snr_db" in snr and init is None else ""
+    if ends == [recordings, recordings]:
+        return "the training recordings' measured SNR range" + said
+    return (f"low end: {ends[0]}; high end: {ends[1]}; "
+            f"the training recordings measured {measured[0]:.1f} to {measured[1]:.1f} dB")
+
+
 def check_usable(ds: Dataset, train_items: Sequence[Item], unusable: Sequence[dict[str, str]]) -> None:
     """After unusable recordings were left out: every device must keep a training recording."""
     left = {it.device for it in train_items}

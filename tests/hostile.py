@@ -135,7 +135,7 @@ def build(root: Path, good_sources: list[Path], outside: Path) -> tuple[dict[str
         x[SR : SR + 100] = bad
         _wav(root / name, x, subtype="FLOAT")
         exp[name] = Expect("failed", "nonfinite")
-    _wav(root / "1e30.wav", _speechlike(4, 6) * 1e30, subtype="FLOAT")  # finite, but no feature survives it
+    _wav(root / "1e30.wav", _speechlike(4, 6) * 1e30, subtype="FLOAT")  # finite, beyond any recording's
     exp["1e30.wav"] = Expect("failed", "nonfinite")
     _wav(root / "silent.wav", np.zeros(4 * SR, np.float32))
     exp["silent.wav"] = Expect("failed", "silent")

@@ -170,9 +170,11 @@ def test_kill_between_journal_commit_and_log_append_is_repaired_on_restart(tmp_p
         j.close()
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")
 def test_every_hostile_class_gets_its_reason_from_the_intake_alone(tmp_path: Path, ccnu_dir: Path) -> None:
     """The same corpus through read_evidence + the feature stage (no daemon): fast, and names the class
-    that regressed when the daemon test fails."""
+    that regressed when the daemon test fails. No entry computes on samples it is then refused for:
+    a RuntimeWarning (an overflow in the frontend) fails the test."""
     from devrecd.audio import AudioError, open_stream
     from devrecd.config import load_config
     from devrecd.stages import stream_features
@@ -194,6 +196,39 @@ def test_every_hostile_class_gets_its_reason_from_the_intake_alone(tmp_path: Pat
                 got[2] if got[0] == "judged" else ()):
             wrong.append((name, want, got))
     assert not wrong, wrong
+
+
+def test_absurd_float_samples_are_refused_before_any_computation(tmp_path: Path) -> None:
+    """The corpus's ``1e30.wav`` (finite float samples 1e30 times a speech level): refused as it is
+    decoded, with the reason and a detail that says why, before any level, condition or feature is
+    computed on it (those overflowed float32: RuntimeWarnings in the frontend's power sum, mel product
+    and level division). Warnings are errors here."""
+    import re
+    import warnings
+
+    import numpy as np
+
+    from devrecd.audio import NonFiniteAudio, open_stream, read_evidence
+    from devrecd.config import load_config
+    from devrecd.stages import stream_features
+    from tests.hostile import SR, _speechlike, _wav
+
+    cfg = load_config(None, env={})
+    path = _wav(tmp_path / "1e30.wav", _speechlike(4, 6) * 1e30, subtype="FLOAT")
+    near = _wav(tmp_path / "1e9.wav", _speechlike(4, 6) * 1e9, subtype="FLOAT")  # below the bound: judged
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(NonFiniteAudio) as exc, open_stream(path, SR, cfg.audio) as s:
+            stream_features(s, cfg)
+        with pytest.raises(NonFiniteAudio, match="out-of-range"):
+            read_evidence(path, SR, cfg.audio)
+        with open_stream(near, SR, cfg.audio) as s:
+            feats, _ = stream_features(s, cfg)
+            assert np.isfinite(feats).all() and "over_full_scale" in s.describe()["levels"]["flags"]
+    assert exc.value.reason == "nonfinite" and exc.value.sha256 is not None  # the bytes read are named
+    assert re.fullmatch(r"\d+ out-of-range sample\(s\) in the block at 0\.00 s: float values up to 2\.11e\+29, "
+                        r"beyond \+-1e\+10 \(full scale is 1\.0\): no recording holds them", exc.value.detail)
+    assert "features" not in exc.value.detail  # not the frontend's overflow, refused before it
 
 
 @pytest.mark.parametrize("watcher_first", [False, True], ids=["failed-then-seen", "seen-while-queued"])

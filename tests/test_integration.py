@@ -47,7 +47,8 @@ def test_enroll_then_identify_gives_open_set_verdicts(tmp_path: Path, ccnu_dir: 
         # A network registry that was never calibrated gives no LR and names no device: the candidates stay.
         assert r["device"] == "inconclusive" and r["candidate"] in devices and r["log10_lr"] is None
         assert "no calibration for condition 'clean'" in r["open_set"]["calibration_source"]
-        assert set(r["closed_set"]) == {"device", "score", "top_k"}  # the model's own verdict kept beside it
+        # the model's own verdict kept beside it, held to the model's validation (condition and SNR)
+        assert {"device", "score", "top_k", "condition_status", "comparison"} <= set(r["closed_set"])
         assert -1.0 <= r["score"] <= 1.0  # a cosine score, not a probability
 
     off = runner.invoke(app, ["identify", "--model", str(exported_model), "--format", "json", str(questioned[0])],

@@ -81,6 +81,27 @@ def test_codec_and_snr_both_outside() -> None:
     assert unmeasured["snr_status"] == "unmeasured" and unmeasured["status"] == "validated"
 
 
+def test_the_closed_set_answer_beside_an_open_set_verdict_is_held_to_the_same_rules() -> None:
+    """A registry served with a model: the registry's verdict in front (its own condition rules), the
+    network's under ``closed_set``, held to the model's codec and SNR rules as a closed-set verdict is:
+    outside, it names no device there either (its class as ``candidate``) and says why."""
+    open_set = {"device": "phone 3", "score": 0.81, "top_k": [{"device": "phone 3", "score": 0.81}],
+                "open_set": {"accepted": True}, "condition_status": "validated", "comparison": {"status": "validated"}}
+    for condition, why in (({"channel": "", "snr_db": 10.4}, "snr_statement"),
+                           ({"channel": "amrnb", "snr_db": 30.0}, "statement")):
+        out = with_comparison(JUDGED, {"condition": condition}, open_set, RANGE)
+        alone = with_comparison(JUDGED, {"condition": condition}, None, RANGE)
+        assert out["device"] == "phone 3" and out["condition_status"] == "validated"  # the registry's, untouched
+        assert out["comparison"] == {"status": "validated"} and "candidate" not in out
+        cs = out["closed_set"]
+        assert cs == {k: alone[k] for k in ("device", "candidate", "score", "top_k", "condition_status", "comparison")}
+        assert cs["device"] == "inconclusive" and cs["candidate"] == "IPHONEX" and cs["score"] == 0.97
+        assert cs["condition_status"] == "unvalidated" and cs["comparison"]["statement"] and why in cs["comparison"]
+    inside = with_comparison(JUDGED, {"condition": {"channel": "", "snr_db": 30.0}}, open_set, RANGE)["closed_set"]
+    assert inside["device"] == "IPHONEX" and "candidate" not in inside and inside["condition_status"] == "validated"
+    assert inside["comparison"]["snr_status"] == "inside"
+
+
 def test_the_configured_range_overrides_the_models() -> None:
     cfg = load_config(None, env={})
     onnx = {"name": "onnxruntime", "contract_sha256": "c" * 64, "validated_snr_db": [22.7, 41.7]}
@@ -207,7 +228,8 @@ def test_training_records_the_range_and_export_puts_it_in_the_contract(tiny) -> 
     assert ckpt.meta["training_snr_db"]["noise_augment_snr_db"] is None  # noise augmentation off
     contract = Contract.load(tiny["onnx"].with_suffix(".json"))
     assert contract.validated_snr_db == tuple(want)
-    assert "  validated SNR range: 22.7 to 37.0 dB (the training recordings')" in tiny["output"]
+    assert ("  validated SNR range: 22.7 to 37.0 dB (the training recordings' measured SNR range): noisier "
+            "recordings are judged inconclusive") in tiny["output"]
 
 
 def test_the_range_is_cached_beside_the_features_and_lowered_by_noise_augmentation(tiny, feature_cache) -> None:
@@ -236,6 +258,109 @@ def test_the_torch_backend_serves_the_checkpoints_range(tiny) -> None:
         backend.close()
     assert info["validated_snr_db"] == [22.7, 37.0]
     assert model_validation(tiny["cfg"].backend, info).snr_source == "checkpoint"
+
+
+def _init(tiny, name: str, validated_snr_db) -> Path:
+    """The tiny network's checkpoint as an init of a fine-tune, recording ``validated_snr_db`` (None: a
+    checkpoint trained before ranges were recorded, no ``validated_snr_db`` nor ``training_snr_db``)."""
+    from dataclasses import replace
+
+    from devrecd.model.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(tiny["run"])
+    meta = {k: v for k, v in ckpt.meta.items() if k not in ("validated_snr_db", "training_snr_db")}
+    if validated_snr_db is not None:
+        meta["validated_snr_db"] = validated_snr_db
+    path = tiny["tmp"] / f"{name}.pt"
+    save_checkpoint(path, replace(ckpt, meta=meta))
+    return path
+
+
+def _finetune(tiny, init: Path, name: str) -> Path:
+    """One epoch of ``devrecd finetune``'s loop from ``init`` on the same 3 phones (new head only)."""
+    from devrecd.train import finetune_options, train
+
+    run = tiny["tmp"] / name
+    train(tiny["ds"], run, tiny["cfg"],
+          finetune_options(tiny["cfg"].train, epochs=1, batch_size=8, hop_seconds=2.0, patience=0), init=init)
+    return run
+
+
+def test_a_finetune_records_the_union_of_its_own_and_its_inits_range(tiny) -> None:
+    """The init records 10.0-30.0 dB, the fine-tune's own recordings measure 22.7-37.0 dB: the network
+    has seen both, so it records 10.0-37.0 dB (not its own recordings' range alone)."""
+    from devrecd.model.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(_finetune(tiny, _init(tiny, "init_10_30", [10.0, 30.0]), "ft_union"))
+    assert ckpt.meta["init"] and ckpt.validated_snr_db == (10.0, 37.0)
+    assert ckpt.meta["validated_snr_db"] == [10.0, 37.0]
+    snr = ckpt.meta["training_snr_db"]
+    assert snr["measured"] == [22.7, 37.0] and snr["init_validated_snr_db"] == [10.0, 30.0] and "note" not in snr
+    # An init whose range lies inside the fine-tune's own: the own range.
+    inner = load_checkpoint(_finetune(tiny, _init(tiny, "init_25_30", [25.0, 30.0]), "ft_inner"))
+    assert inner.validated_snr_db == (22.7, 37.0)
+
+
+def test_a_finetune_of_a_checkpoint_without_a_range_records_its_own_and_says_so(tiny, caplog) -> None:
+    from devrecd.model.checkpoint import load_checkpoint
+
+    with caplog.at_level("WARNING", logger="devrecd.train"):
+        ckpt = load_checkpoint(_finetune(tiny, _init(tiny, "init_legacy", None), "ft_legacy"))
+    assert ckpt.validated_snr_db == (22.7, 37.0)
+    snr = ckpt.meta["training_snr_db"]
+    assert snr["init_validated_snr_db"] is None and snr["note"].startswith("the init checkpoint records no SNR range")
+    assert any(r.getMessage() == "fine-tune SNR range: " + snr["note"] for r in caplog.records)
+
+
+def _export_output(run: Path, out: Path, ccnu_dir: Path) -> str:
+    """What the real ``devrecd export`` prints for ``run``."""
+    from typer.testing import CliRunner
+
+    from devrecd.cli import app
+
+    result = CliRunner().invoke(app, ["export", str(run), "--out", str(out),
+                                      "--parity-audio", str(ccnu_dir / "IPHONEX_4.wav")])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_export_says_where_each_end_of_the_range_comes_from(tiny, ccnu_dir: Path) -> None:
+    """Noise augmentation (5-35 dB) lowers the low end of recordings measured 22.7-37.0 dB: the export
+    says the low end is the augmentation's, not the recordings'. Likewise a fine-tune's init's end."""
+    from devrecd.train import train, train_options
+
+    run = tiny["tmp"] / "run_noise"
+    train(tiny["ds"], run, tiny["cfg"],
+          train_options(tiny["cfg"].train, epochs=1, batch_size=8, lr=1e-3, hop_seconds=2.0, patience=0,
+                        noise_augment_p=1.0, noise_augment_snr_db=(5.0, 35.0)), hparams=TINY_NET)
+    out = _export_output(run, tiny["tmp"] / "export_noise" / "noise.onnx", ccnu_dir)
+    assert ("  validated SNR range: 5.0 to 37.0 dB (low end: the noise augmentation's low end, "
+            "train.noise_augment_snr_db; high end: the training recordings' measured SNR; the training "
+            "recordings measured 22.7 to 37.0 dB): noisier recordings are judged inconclusive") in out
+    assert "the training recordings')" not in out
+
+    finetuned = _finetune(tiny, _init(tiny, "init_10_45", [10.0, 45.0]), "ft_wider")
+    out = _export_output(finetuned, tiny["tmp"] / "export_ft" / "ft.onnx", ccnu_dir)
+    assert ("  validated SNR range: 10.0 to 45.0 dB (low end: the init checkpoint's recorded range; high end: "
+            "the init checkpoint's recorded range; the training recordings measured 22.7 to 37.0 dB)") in out
+
+
+def test_the_range_origin_in_words() -> None:
+    from devrecd.train_data import snr_range_origin
+
+    own = {"validated_snr_db": [22.7, 37.0], "measured": [22.7, 37.0], "noise_augment_snr_db": None}
+    assert snr_range_origin((22.7, 37.0), own) == "the training recordings' measured SNR range"
+    # The augmentation's low end above the recordings' sets nothing: the recordings' end is named.
+    assert snr_range_origin((22.7, 37.0), {**own, "noise_augment_snr_db": [30.0, 35.0]}) == (
+        "the training recordings' measured SNR range")
+    legacy_init = {**own, "init_validated_snr_db": None, "note": "..."}
+    assert snr_range_origin((22.7, 37.0), legacy_init) == (
+        "the training recordings' measured SNR range; the init checkpoint records no range")
+    union = {**own, "validated_snr_db": [10.0, 37.0], "init_validated_snr_db": [10.0, 30.0]}
+    assert snr_range_origin((10.0, 37.0), union).startswith(
+        "low end: the init checkpoint's recorded range; high end: the training recordings' measured SNR;")
+    assert snr_range_origin((22.7, 37.0), None) == "" and snr_range_origin((22.7, 37.0), {}) == ""
+    assert snr_range_origin((3.0, 37.0), own) == ""  # a range the meta does not account for: not guessed
 
 
 def _noisy(src: Path, out: Path, snr_db: float) -> Path:

@@ -9,7 +9,8 @@ Rules (each one a decision a forensic examiner can read back from the verdict):
   verdict is the hash of what was judged.
 * Caps are checked before anything is allocated: bytes (``stat``), then what the header says
   (:mod:`devrecd.audio.decoders`: duration, decoded samples, a plausible sample rate).
-* Decoding is block-wise: each block is checked for non-finite samples, metered per channel
+* Decoding is block-wise: each block is checked for non-finite or absurd samples
+  (:data:`MAX_SAMPLE_MAGNITUDE`: refused before any level, condition or feature), metered per channel
   (:mod:`devrecd.audio.levels`: a clipped channel is flagged even when the mix is not), mixed to
   mono and resampled to the model rate before the next is read, so memory
   is the mono model-rate result (or, streamed, nothing but a block), whatever the channel count.
@@ -210,14 +211,7 @@ class EvidenceStream:
                                                 quality=cfg.resample_quality)
             native = 0
             for raw in self._source.blocks():
-                if not np.isfinite(raw).all():
-                    bad = int(np.count_nonzero(~np.isfinite(raw)))
-                    nan = int(np.count_nonzero(np.isnan(raw)))
-                    at = f"in the block at {native / self.native_rate:.2f} s"
-                    if not nan and str(self.codec).upper() == "DOUBLE":  # finite float64 beyond float32's range
-                        raise NonFiniteAudio(path, f"{bad} out-of-range sample(s) {at}: 64-bit float values beyond "
-                                                   f"+-3.4e38 (full scale is 1.0)")
-                    raise NonFiniteAudio(path, f"{bad} NaN or infinite sample(s) {at}")
+                self._check_samples(raw, native)
                 mono = self._mono(raw)
                 native += len(mono)
                 if native / self.native_rate > cfg.max_seconds:
@@ -240,6 +234,27 @@ class EvidenceStream:
             self._check_end(native)
         except AudioError as exc:
             raise self.tag(exc) from None
+
+    def _check_samples(self, raw: np.ndarray, native: int) -> None:
+        """Refuse a block holding samples that are not numbers, or numbers no recording holds (at or
+        beyond :data:`MAX_SAMPLE_MAGNITUDE`), before anything (levels, mix, condition, features)
+        computes on them. One pass when the block is sane: its peak (NaN when a sample is NaN)."""
+        if not raw.size:
+            return
+        peak = float(np.max(np.abs(raw)))
+        if peak < MAX_SAMPLE_MAGNITUDE:
+            return
+        path, at = self.path, f"in the block at {native / self.native_rate:.2f} s"
+        finite = np.isfinite(raw)
+        if not finite.all():
+            bad = int(np.count_nonzero(~finite))
+            if not np.isnan(raw).any() and str(self.codec).upper() == "DOUBLE":  # finite float64 beyond float32's range
+                raise NonFiniteAudio(path, f"{bad} out-of-range sample(s) {at}: 64-bit float values beyond "
+                                           f"+-3.4e38 (full scale is 1.0)")
+            raise NonFiniteAudio(path, f"{bad} NaN or infinite sample(s) {at}")
+        bad = int(np.count_nonzero(np.abs(raw) >= MAX_SAMPLE_MAGNITUDE))
+        raise NonFiniteAudio(path, f"{bad} out-of-range sample(s) {at}: float values up to {peak:.3g}, beyond "
+                                   f"+-{MAX_SAMPLE_MAGNITUDE:.0e} (full scale is 1.0): no recording holds them")
 
     def _mono(self, raw: np.ndarray) -> np.ndarray:
         """The block mixed to mono (``audio.mix``). A mean of channels that cancel (L = -R: the mix
@@ -393,6 +408,13 @@ class SampleBuffer:
         out = self._buf[: self.n]
         return out.copy() if trim and self.n != len(self._buf) else out
 
+
+# Float samples at or beyond this magnitude are refused (``nonfinite``, "out-of-range sample(s)"): 200 dB
+# above full scale, 4.7x a float file written at int32 scale (2.1e9, judged and flagged over_full_scale).
+# Measured: the frontend's float32 power overflows from about 1e18 (a 1 kHz sine, 2 s windows), and
+# samples of 1e30 reached it as RuntimeWarnings (overflow, invalid mel product and division) before
+# the non-finite features were refused; the level-normalised features are the same up to 1e17.
+MAX_SAMPLE_MAGNITUDE = 1e10
 
 CANCEL_RATIO = 1e-4  # mean mix 40 dB below the loudest channel: the channels cancel (L = -R)
 

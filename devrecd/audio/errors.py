@@ -83,7 +83,8 @@ class ImplausibleRate(AudioError):
 
 
 class NonFiniteAudio(AudioError):
-    """Floating-point samples that are NaN or infinite: no level or feature of them means anything."""
+    """Floating-point samples that are NaN or infinite, or beyond any recording's (at or above
+    ``decode.MAX_SAMPLE_MAGNITUDE``): no level or feature of them means anything."""
 
     reason = "nonfinite"
 

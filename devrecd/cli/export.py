@@ -77,7 +77,8 @@ def export(
                        f"max abs diff vs the .onnx {c.ort['parity_max_abs_diff']:.2e})")
         typer.echo(f"  contract: {result.contract_path}")
         snr = c.validated_snr_db  # what a closed-set verdict is held to (docs/conditions.md)
-        typer.echo(f"  validated SNR range: {snr[0]:.1f} to {snr[1]:.1f} dB (the training recordings'): noisier "
+        origin = f" ({result.snr_origin})" if result.snr_origin else ""
+        typer.echo(f"  validated SNR range: {snr[0]:.1f} to {snr[1]:.1f} dB{origin}: noisier "
                    "recordings are judged inconclusive" if snr else
                    "  validated SNR range: not recorded (a checkpoint trained before devrecd recorded it): verdicts "
                    "say so; retrain, or set backend.validated_snr_db")

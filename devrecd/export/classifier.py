@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -91,6 +92,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
     """
     from devrecd.model.checkpoint import load_checkpoint, resolve_checkpoint_path
     from devrecd.model.serving import graph_for_checkpoint
+    from devrecd.train_data import snr_range_origin
 
     ckpt = load_checkpoint(checkpoint)
     outs = [Path(out)] + ([fp16_path_for(out)] if fp16 else [])
@@ -106,4 +108,6 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
         results.append(export_graph(graph_for_checkpoint(ckpt, precision="fp16"), outs[1],
                                     precision="fp16", tolerance=None, reference=fp32_graph, **common))
         step(f"exported {outs[1].name}")
-    return results
+    snr = ckpt.validated_snr_db
+    origin = snr_range_origin(snr, ckpt.meta.get("training_snr_db")) if snr else ""
+    return [replace(r, snr_origin=origin) for r in results]

@@ -29,6 +29,9 @@ class ExportResult:
     contract_path: Path
     contract: Contract | EmbedderContract
     seconds: float
+    # Where each end of a classifier's validated_snr_db comes from, in words (train_data.snr_range_origin;
+    # "": not recorded, or an embedder's export)
+    snr_origin: str = ""
 
 
 def fp16_path_for(onnx_path: str | os.PathLike) -> Path:

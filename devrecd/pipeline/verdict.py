@@ -90,10 +90,14 @@ def open_set_record(recording: dict, open_set: dict[str, Any], *, serving: dict,
     }
 
 
-def with_open_set(record: dict[str, Any], open_set: dict[str, Any]) -> dict[str, Any]:
-    """A judged record with the registry's open-set verdict in front and the closed-set one beside it."""
-    closed = {k: record[k] for k in ("device", "score", "top_k")}
-    return {**record, **open_set, "closed_set": closed}
+CLOSED_SET_FIELDS = ("device", "candidate", "score", "top_k", "condition_status", "comparison")
+
+
+def with_open_set(record: dict[str, Any], open_set: dict[str, Any], closed: dict[str, Any]) -> dict[str, Any]:
+    """A judged record with the registry's open-set verdict in front and the closed-set one beside it
+    (``closed``: the network's verdict as :func:`with_comparison` holds it to the model's validation,
+    its :data:`CLOSED_SET_FIELDS` kept under ``closed_set``)."""
+    return {**record, **open_set, "closed_set": {k: closed[k] for k in CLOSED_SET_FIELDS if k in closed}}
 
 
 @dataclass(frozen=True)
@@ -125,18 +129,19 @@ def model_validation(backend: Any, served: dict[str, Any]) -> ModelValidation:
 
 def with_comparison(record: dict[str, Any], recording: dict[str, Any], open_set: dict[str, Any] | None,
                     validation: ModelValidation) -> dict[str, Any]:
-    """A judged record completed: the registry's open-set verdict (``open_set``, which says which
-    condition it compared under) in front, or, closed set, the condition the model judged under and
-    whether it was validated there (:func:`closed_set_comparison`). The one place a closed-set verdict
-    is held to the model's validation: the daemon's writer, ``batch`` and ``listen`` all come here."""
-    if open_set is not None:
-        return with_open_set(record, open_set)
+    """A judged record completed: the condition the model judged under and whether it was validated
+    there (:func:`closed_set_comparison`), and with the registry's open-set verdict (``open_set``, which
+    says which condition it compared under) that one in front, the network's under ``closed_set``. The
+    one place a closed-set verdict is held to the model's validation, whether it is the verdict or
+    kept beside the registry's: the daemon's writer, ``batch`` and ``listen`` all come here."""
     out = {**record, **closed_set_comparison(recording.get("condition"), validation)}
     if out["condition_status"] != "validated":
         # A condition the model was never validated under names no device (a call recording is
         # named with probability 0.999 by a network trained on WAV, a recording with white noise at
         # 20 dB SNR wrongly for 50 of 90 by one trained on the clean recordings); the candidates stay listed.
-        return naming_no_device(out)
+        out = naming_no_device(out)
+    if open_set is not None:
+        return with_open_set(record, open_set, out)
     return out
 
 
