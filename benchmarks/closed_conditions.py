@@ -80,6 +80,16 @@ def side(label: str, checkout: Path, work: Path, conditions: list[str], epochs: 
     return results
 
 
+def prepare(rows: list[dict], conditions: list[str], work: Path, librispeech: Path | None) -> None:
+    """The training set (segments 1-3 of ``rows``, a CCNU-style manifest's: conditions.read_ccnu) and
+    the questioned sets (segments 4-5 under each condition) under ``work/data``, as :func:`side` reads them."""
+    index = cond_bench.generate(rows, conditions, work / "questioned", librispeech)
+    cond_bench.write_dataset(work / "data" / "train", [r for r in rows if r["segment"] in TRAIN_SEGMENTS], "train")
+    for cond in conditions:
+        folder = cond_bench.write_dataset(work / "data" / cond, index["files"][cond], "test")
+        (folder / "files.json").write_text(json.dumps(index["files"][cond]))
+
+
 def _settings_hash(env: dict[str, str]) -> str:
     import hashlib
 
@@ -100,25 +110,22 @@ def main() -> int:
                     help="a setting for the new checkout only, e.g. DEVRECD_TRAIN__NOISE_AUGMENT_P=0.5")
     ap.add_argument("--baseline-env", action="append", default=[], metavar="KEY=VALUE",
                     help="a setting for the baseline checkout only")
+    ap.add_argument("--only", choices=("baseline", "new"), default=None, help="train and evaluate one checkout only")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     envs = {"baseline": dict(kv.split("=", 1) for kv in args.baseline_env),
             "new": dict(kv.split("=", 1) for kv in args.new_env)}
     seeds = sorted({int(x) for x in args.seeds.split(",") if x})
-    if not args.ccnu.is_dir():
+    if not args.ccnu.exists():
         raise SystemExit(f"{args.ccnu}: the CCNU sample is needed")
     work = args.work.resolve()
     conditions = [c for c in args.conditions.split(",") if c]
-    rows = cond_bench.read_ccnu(args.ccnu)
-    index = cond_bench.generate(rows, conditions, work / "questioned",
-                                args.librispeech if args.librispeech.is_dir() else None)
-    cond_bench.write_dataset(work / "data" / "train", [r for r in rows if r["segment"] in TRAIN_SEGMENTS], "train")
-    for cond in conditions:
-        folder = cond_bench.write_dataset(work / "data" / cond, index["files"][cond], "test")
-        (folder / "files.json").write_text(json.dumps(index["files"][cond]))
+    prepare(cond_bench.read_ccnu(args.ccnu), conditions, work, args.librispeech if args.librispeech.is_dir() else None)
     from concurrent.futures import ThreadPoolExecutor
 
     sides = {"baseline": args.baseline.resolve(), "new": args.new.resolve()}
+    if args.only:
+        sides = {args.only: sides[args.only]}
     with ThreadPoolExecutor(2) as pool:  # the two checkouts of a seed side by side, seed after seed
         futures = {(label, seed): pool.submit(side, f"{label}-seed{seed}-{_settings_hash(envs[label])}", path, work,
                                               conditions, args.epochs, envs[label], seed)

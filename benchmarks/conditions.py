@@ -296,8 +296,12 @@ def render(name: str, x: np.ndarray, rate: int, key: str, babble: Babble | None)
 
 
 def read_ccnu(root: Path) -> list[dict]:
-    with open(root / "manifest.csv", newline="") as fh:
-        return [{"path": root / r["path"], "device": r["device"], "segment": str(r["segment"])}
+    """The rows of a CCNU-style manifest (path, device, segment): ``root/manifest.csv``, or ``root``
+    itself when it is a manifest file (a simulated corpus's, benchmarks/simulator_fit.py); paths
+    relative to the manifest's folder."""
+    manifest = root if root.is_file() else root / "manifest.csv"
+    with open(manifest, newline="") as fh:
+        return [{"path": manifest.parent / r["path"], "device": r["device"], "segment": str(r["segment"])}
                 for r in csv.DictReader(fh)]
 
 

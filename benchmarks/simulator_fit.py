@@ -20,7 +20,13 @@ session (clip k is the same speech on every phone, as a CCNU segment), renamed t
    trained on the development phones of each fold): named + accepted, never-enrolled rejected, EER,
    with trial counts, real vs simulated, and the gap in points.
 
+3. With ``--closed-set-seeds``: the paper network trained with docs/model.md's recipe on each corpus
+   (benchmarks/closed_conditions.py's ``side``: segments 1-3, 4 s windows, 30 epochs; segments 4-5
+   judged as recorded), one training per corpus and seed, two side by side; recordings right per
+   corpus and the gap to real in points (~13 CPU-minutes per training on this machine).
+
 Run:  nice python benchmarks/simulator_fit.py [--sim-seeds 0 1] [--protocol-seeds 0,1,2] [--json out.json]
+      [--closed-set-seeds 0,1,2 [--skip-shipped]]
 """
 
 from __future__ import annotations
@@ -54,7 +60,12 @@ HOP = 2.0
 
 def _openset_bench() -> Any:
     """benchmarks/openset.py as a module: the protocol's scoring and pooling code, not a copy."""
-    spec = importlib.util.spec_from_file_location("openset_bench", HERE / "openset.py")
+    return _bench_module("openset")
+
+
+def _bench_module(name: str) -> Any:
+    """benchmarks/<name>.py as a module (``<name>_bench``)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", HERE / f"{name}.py")
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # its dataclasses look their module up
@@ -129,6 +140,24 @@ def protocol(bench: Any, ds: Any, cache: FeatureCache, cfg: Any, seeds: list[int
     return rep
 
 
+def closed_set(corpora: list[tuple[str, Path]], work: Path, seeds: list[int], epochs: int, jobs: int) -> dict[str, Any]:
+    """The paper network with docs/model.md's recipe (benchmarks/closed_conditions.py: ``devrecd
+    train`` on segments 1-3, 4 s windows, then ``devrecd evaluate`` on segments 4-5 as recorded), one
+    training per corpus and seed, ``jobs`` side by side: ``{corpus: {seed: figures}}``.
+    ``corpora``: (name, CCNU-style manifest)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cc = _bench_module("closed_conditions")
+    folders = {}
+    for name, manifest in corpora:
+        folders[name] = work / "".join(c if c.isalnum() else "-" for c in name)
+        cc.prepare(cc.cond_bench.read_ccnu(manifest), ["wav"], folders[name], None)
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = {(name, seed): pool.submit(cc.side, f"seed{seed}", REPO, folders[name], ["wav"], epochs, {}, seed)
+                   for seed in seeds for name, _ in corpora}
+        return {name: {seed: futures[name, seed].result()["wav"] for seed in seeds} for name, _ in corpora}
+
+
 def _w1(a: np.ndarray, b: np.ndarray) -> float:
     from scipy.stats import wasserstein_distance
 
@@ -139,6 +168,21 @@ def _ks(a: np.ndarray, b: np.ndarray) -> float:
     from scipy.stats import ks_2samp
 
     return float(ks_2samp(a, b).statistic) if len(a) and len(b) else float("nan")
+
+
+def _print_closed_set(runs: dict[str, dict[int, dict]], epochs: int) -> None:
+    """Part 3's table: recordings (and windows) right per corpus, per seed, and the gap to real."""
+    print(f"\n3. paper network, docs/model.md's recipe ({epochs} epochs, 4 s windows): trained on segments 1-3, "
+          "segments 4-5 judged as recorded")
+    print(f"{'corpus':<22} {'recordings right':>22} {'per seed':>14} {'windows right':>18}   gap to real (points)")
+    rate = {}
+    for name, per in runs.items():
+        right, n = sum(r["recordings_right"] for r in per.values()), sum(r["recordings"] for r in per.values())
+        wr, wn = sum(r["windows_right"] for r in per.values()), sum(r["windows"] for r in per.values())
+        rate[name] = right / n if n else float("nan")
+        gap = f"{100 * (rate[name] - rate['real CCNU sample']):+.1f}" if name != "real CCNU sample" else ""
+        print(f"{name:<22} {right:>6}/{n:<5} {rate[name]:8.1%} {' '.join(str(r['recordings_right']) for r in per.values()):>14} "
+              f"{wr:>8}/{wn:<6} {wr / wn if wn else float('nan'):5.1%}   {gap}")
 
 
 def main() -> int:
@@ -156,6 +200,10 @@ def main() -> int:
     ap.add_argument("--unit-tolerance", type=float, default=SynthSettings(1, 1).unit_tolerance, help="synth.unit_tolerance")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--keep", type=Path, default=None, help="keep the simulated corpora here")
+    ap.add_argument("--closed-set-seeds", default="", help="3. also train the paper network (docs/model.md's recipe) "
+                    "on the real and on each simulated corpus with these training seeds, e.g. 0,1,2")
+    ap.add_argument("--epochs", type=int, default=30, help="3.: training epochs")
+    ap.add_argument("--skip-shipped", action="store_true", help="only part 3 (the closed-set network)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if not (args.ccnu / "manifest.csv").is_file() or not args.speech.is_dir():
@@ -172,20 +220,32 @@ def main() -> int:
         cache = FeatureCache(Path(tmp) / "cache", scorer.frontend, AudioConfig())
         cfg = replace(cfg, frontend=scorer.frontend)  # the protocol's UBMs are trained on the same features
         corpora = [("real CCNU sample", load_dataset(args.ccnu), False)]
+        manifests = [("real CCNU sample", args.ccnu / "manifest.csv")]
         for s in args.sim_seeds:
             manifest = simulated_corpus(args.speech, root / f"sim{s}", devices=args.devices, seed=s,
                                         seconds=args.recording_seconds, same_model=args.same_model_fraction,
                                         jobs=args.jobs, spread=args.spread, unit_tolerance=args.unit_tolerance)
             corpora.append((f"simulated, seed {s}", load_dataset(manifest), True))
+            manifests.append((f"simulated, seed {s}", manifest))
         report: dict[str, Any] = {"corpora": {}, "settings": vars(args) | {"ccnu": str(args.ccnu), "speech": str(args.speech),
                                                                             "keep": str(args.keep), "json": str(args.json)}}
-        for name, ds, sim in corpora:
+        closed_seeds = [int(x) for x in args.closed_set_seeds.split(",") if x.strip()]
+        if closed_seeds:
+            report["closed_set"] = closed_set(manifests, root / "closed", closed_seeds, args.epochs, args.jobs)
+            print(f"closed set: done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+        for name, ds, sim in ([] if args.skip_shipped else corpora):
             classes, shared_share = shipped_classes(ds, cache, scorer, sim)
             figures = protocol(bench, ds, cache, cfg, seeds)
             report["corpora"][name] = {"phones": len(ds.labels), "recordings": len(ds.items),
                                        "classes": classes, "shared_direction_share": shared_share,
                                        "protocol": figures}
             print(f"{name}: done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    if "closed_set" in report:
+        _print_closed_set(report["closed_set"], args.epochs)
+    if args.skip_shipped:
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=1, default=float))
+        return 0
     real = report["corpora"]["real CCNU sample"]
     print(f"\n1. shipped scorer ({default_gsv_path()}), enrol segments 1-2, questioned 3-5: cosine scores by class")
     print(f"{'corpus':<22} {'class':<24} {'n':>5} {'mean':>7} {'std':>6} {'W1 to real':>10} {'KS to real':>10}")
