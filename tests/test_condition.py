@@ -373,30 +373,3 @@ def test_lower_cliff_is_the_bin_by_bin_search():
             assert _lower_cliff(level, f, k) == expected
             edges += expected[0] != 0
     assert 50 < edges < 350  # both outcomes covered
-
-
-def test_only_two_phones_own_responses_read_as_a_band_limit_in_short_excerpts(ccnu_dir):
-    """What devrecd.audio.condition.band_limits_as documents: segments 1-2 of the 15 CCNU phones,
-    in excerpts of 2 s (and whole), are read as band-limited only for ZTE C880A and huwei_honor8(1)
-    (their own ~30 dB fall at 7.2-7.4 kHz), and their first 2 s of segments 5 and 4, the questioned
-    recordings of benchmarks/conditions.py that lost their phone, read the same limit."""
-    import soundfile as sf
-
-    from devrecd.audio.channel import band_limit
-    from devrecd.audio.condition import band_limits_as, reads_band_limit
-
-    owners = {}
-    for path in sorted(ccnu_dir.glob("*_[12].wav")):
-        x, rate = sf.read(path, dtype="float32")
-        assert rate == 32000
-        limits = band_limits_as(x, rate, 2.0) + band_limits_as(x, rate)
-        if limits:
-            owners.setdefault(path.stem.rsplit("_", 1)[0], []).extend(limits)
-    assert sorted(owners) == ["ZTE C880A", "huwei_honor8(1)"], owners
-    assert all(lo == 0.0 and 7200 <= hi <= 7400 for v in owners.values() for lo, hi in v), owners
-    for phone, seg in (("ZTE C880A", 5), ("huwei_honor8(1)", 4)):
-        x, rate = sf.read(ccnu_dir / f"{phone}_{seg}.wav", dtype="float32")
-        (lo, hi), = band_limits_as(x[: 2 * rate], rate)
-        assert reads_band_limit(band_limit(lo, hi), owners[phone])
-        assert not reads_band_limit(band_limit(lo, hi - 600), owners[phone])  # another edge is another limit
-        assert not reads_band_limit(band_limit(300, hi), owners[phone])  # a high-pass too: not the phone's

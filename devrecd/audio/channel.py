@@ -60,11 +60,6 @@ class Channel:
         return not self.encoder and not self.high_hz
 
     @property
-    def is_measured_band(self) -> bool:
-        """A band limit read off a recording's spectrum (:func:`band_limit`), not a named channel."""
-        return not self.encoder and bool(self.high_hz) and self.name not in CHANNELS
-
-    @property
     def key(self) -> str:
         """What copies of a recording through this channel are cached under: the name (what
         calibrations and channel models are keyed by), the storage rate and level where set."""

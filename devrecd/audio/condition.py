@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from devrecd.audio.channel import CHANNELS, PCM16_CODECS, Channel, band_limit, stored_as
-from devrecd.audio.noise import SILENCE_DBFS, NoiseProfile, excerpt_starts, measure_noise
+from devrecd.audio.noise import SILENCE_DBFS, NoiseProfile, measure_noise
 from devrecd.audio.spectra import hann, power_tiles
 
 ANALYSIS_SECONDS = 120.0  # at most this much audio (spread over the recording) enters the spectrum
@@ -354,42 +354,6 @@ def _channel_for(codec: str, bitrate: int, lossless: bool, band: Band) -> Channe
             return tel
         return band_limit(low, high)
     return None
-
-
-def band_limits_as(samples: np.ndarray, rate: int, seconds: float | None = None) -> list[tuple[float, float]]:
-    """The band limits read on a reference measured as a questioned recording of ``seconds`` is
-    (None: whole; else each excerpt of that length, :func:`~devrecd.audio.noise.excerpt_starts`, on
-    its own): ``(low Hz, high Hz)`` of the channel each band-limited excerpt would be compared under
-    (a measured band limit or ``tel``); empty for a broadband reference. No quantiser floor is
-    assumed (references are recorded at a working level, not quietly).
-
-    A phone's own response can fall as steeply as a band limit: the ZTE C880A and huwei_honor8(1)
-    of the 15 CCNU phones fall ~30 dB between 7.0 and 7.6 kHz, and 2 s excerpts of their recordings
-    are read as band-limited at 30.0-31.2 dB (the cliff rule's 30 dB; the project's 7 and 7.5 kHz
-    band limits measure 30-37 dB by the same rule, so no threshold separates them). Measured on
-    segments 1-2 of the 15 phones, in excerpts of 2, 3 and 5 s: only those two phones' excerpts are
-    ever read as band-limited (edges 7250-7344 Hz), and their questioned first 2 s at 7281 and 7359 Hz."""
-    x = np.asarray(samples)
-    n = int(round(float(seconds) * rate)) if seconds else 0
-    parts = [x] if n <= 0 or len(x) <= n else [x[s:s + n] for s in excerpt_starts(len(x), n)]
-    limits = []
-    for part in parts:
-        channel = _channel_for("", 0, True, measure_band(part, rate))
-        if channel is not None:
-            limits.append((channel.low_hz, channel.high_hz))
-    return limits
-
-
-def reads_band_limit(channel: Channel, limits: list[tuple[float, float]]) -> bool:
-    """Whether one of ``limits`` (:func:`band_limits_as`) is the band limit ``channel``: its upper edge
-    within :data:`CLIFF_HZ` and its lower edge within :data:`LOW_CLIFF_HZ` of the channel's."""
-    return any(abs(lo - channel.low_hz) <= LOW_CLIFF_HZ and abs(hi - channel.high_hz) <= CLIFF_HZ for lo, hi in limits)
-
-
-def as_broadband(condition: dict[str, Any]) -> dict[str, Any]:
-    """``condition`` with its measured band limit taken as the device's own (no channel): what a
-    recording is compared as when the references read the same limit (:func:`band_limits_as`)."""
-    return {**condition, "channel": ""}
 
 
 def condition_channel(cond: Condition | dict[str, Any]) -> Channel | None:

@@ -175,16 +175,6 @@ def excerpt_seconds(duration: float | None) -> float | None:
     return max(1.0, EXCERPT_STEP_SECONDS * round(float(duration) / EXCERPT_STEP_SECONDS))
 
 
-def excerpt_starts(length: int, n: int) -> np.ndarray:
-    """Where the excerpts of ``n`` samples of a reference ``length`` samples long (``length > n``)
-    start: back to back from the start, at most :data:`MAX_EXCERPTS` evenly spread; a reference under
-    two excerpts long: its first and its last (overlapping). The excerpts a reference is measured in
-    as a short questioned recording is (its noise here, its band: :func:`devrecd.audio.condition.band_limits_as`)."""
-    k = length // n
-    return (np.array([0, length - n]) if k < 2
-            else np.unique(np.linspace(0, (k - 1) * n, min(k, MAX_EXCERPTS)).astype(int)))
-
-
 def measure_noise_as(samples: np.ndarray, rate: int, seconds: float | None) -> NoiseProfile:
     """The noise profile of a reference measured as a questioned recording of ``seconds`` is
     (None: whole, :func:`measure_noise`): each excerpt of that length (back to back, at most
@@ -201,8 +191,11 @@ def measure_noise_as(samples: np.ndarray, rate: int, seconds: float | None) -> N
     n = int(round(float(seconds) * rate)) if seconds else 0
     if n <= 0 or len(x) <= n:
         return measure_noise(x, rate)
-    parts = [p for p in (measure_noise(x[s:s + n], rate) for s in excerpt_starts(len(x), n))
-             if p.speech_dbfs > SILENCE_DBFS]
+    # Back to back from the start; a recording under two excerpts long: its first and its last (overlapping).
+    k = len(x) // n
+    starts = (np.array([0, len(x) - n]) if k < 2
+              else np.unique(np.linspace(0, (k - 1) * n, min(k, MAX_EXCERPTS)).astype(int)))
+    parts = [p for p in (measure_noise(x[s:s + n], rate) for s in starts) if p.speech_dbfs > SILENCE_DBFS]
     if not parts:  # every excerpt digital silence
         return measure_noise(x, rate)
     return NoiseProfile(rate=rate, speech_dbfs=float(np.median([p.speech_dbfs for p in parts])),

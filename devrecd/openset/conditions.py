@@ -25,21 +25,15 @@ def describe_conditions(recordings: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "snr_db_min": round(min(snrs), 1) if snrs else None,
         "snr_db_max": round(max(snrs), 1) if snrs else None,
         # The comparison condition measured on each recording (codec, band: devrecd.audio.condition).
-        "channels": sorted({comparison_channel(r["condition"], r.get("comparison")) for r in recordings if r.get("condition")}),
+        "channels": sorted({comparison_channel(r["condition"]) for r in recordings if r.get("condition")}),
     }
 
 
-def comparison_channel(condition: dict[str, Any], comparison: dict[str, Any] | None = None) -> str:
+def comparison_channel(condition: dict[str, Any]) -> str:
     """The comparison condition of a recording's measured condition: ``clean`` (broadband, compared
-    as it is), the channel it went through (``amrnb``, ``tel``, ``band300-3400``...), or ``unknown``.
-    ``comparison``: the fields of the comparison it was judged in; where its measured band limit was
-    read on the references too and it was compared as recorded (``band_limit_read_on`` with
-    ``compared_under`` clean: :func:`devrecd.openset.matching.band_owners`), it is broadband."""
-    from devrecd.audio.condition import as_broadband
+    as it is), the channel it went through (``amrnb``, ``tel``, ``band300-3400``...), or ``unknown``."""
     from devrecd.openset.matching import CLEAN, questioned_channel
 
-    if (comparison or {}).get("band_limit_read_on") and (comparison or {}).get("compared_under") == CLEAN:
-        condition = as_broadband(condition)
     try:
         channel = questioned_channel(condition)
     except ValueError:
@@ -71,7 +65,7 @@ def condition_mismatch(recording: dict[str, Any], conditions: dict[str, Any]) ->
     if recording.get("condition") and conditions.get("channels"):
         # A band limit survives re-packaging (an AMR call saved as a 32 kHz WAV): the measured
         # condition, not the header, says whether the calibration covers the recording.
-        channel = comparison_channel(recording["condition"], recording.get("comparison"))
+        channel = comparison_channel(recording["condition"])
         if channel not in conditions["channels"]:
             blocking.append(f"measured condition {channel} not in the calibration's {conditions['channels']}")
     lo, hi = conditions.get("duration_min"), conditions.get("duration_max")

@@ -144,7 +144,6 @@ class ConditionMatcher:
         self._noise_cache = max(0, int(noise_cache))
         self._snrs: OrderedDict[tuple[str, str, str], float] = OrderedDict()
         self._profiles: OrderedDict[tuple[str, str], NoiseProfile] = OrderedDict()  # the PROFILES most recent
-        self._bands: dict[tuple[str, str, str], list[tuple[float, float]]] = {}  # at most PROFILES (the oldest dropped)
         self._decoded: dict[str, np.ndarray] = {}  # sha256 -> samples, the first read up to SAMPLES_BYTES
         self._decoded_bytes = 0
         self._lock = threading.Lock()  # the caches above: held for lookups and inserts only
@@ -270,36 +269,6 @@ class ConditionMatcher:
                 self._profiles.popitem(last=False)
         return prof
 
-    def reference_band_limits(self, sha256: str, seconds: float | None = None) -> list[tuple[float, float]]:
-        """The band limits read on one stored reference as recorded, whole or, for a questioned
-        recording of ``seconds`` (:func:`~devrecd.audio.noise.excerpt_seconds`), in excerpts of that
-        length (:func:`~devrecd.audio.condition.band_limits_as`); cached in memory and on disk."""
-        import json
-
-        from devrecd.audio.condition import band_limits_as
-
-        key = (sha256, CLEAN if seconds is None else f"{CLEAN}/{seconds:g}s", "band")
-        with self._lock:
-            hit = self._bands.get(key)
-        if hit is not None:
-            return hit
-        cached = self.cache_dir / CLEAN / f"{sha256}.band-{self.rate}{'' if seconds is None else f'-{seconds:g}s'}.json"
-        limits = None
-        if cached.is_file():
-            try:
-                limits = [(float(lo), float(hi)) for lo, hi in json.loads(cached.read_text())["limits"]]
-            except (OSError, ValueError, KeyError, TypeError):
-                limits = None  # a torn cache file is measured again
-        if limits is None:
-            limits = band_limits_as(self._samples(sha256, None), self.rate, seconds)
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(cached, json.dumps({"limits": [list(v) for v in limits]}).encode())
-        with self._lock:
-            self._bands[key] = limits
-            while len(self._bands) > PROFILES:
-                self._bands.pop(next(iter(self._bands)))
-        return limits
-
     def _samples(self, sha256: str, channel: Channel | None) -> np.ndarray:
         """A stored reference decoded (verified) at the frontend's rate, through ``channel``."""
         samples = self._decoded_samples(sha256)
@@ -346,49 +315,6 @@ def questioned_channel(condition: dict[str, Any] | None) -> Channel | None:
     if not condition:
         return None
     return condition_channel(condition)
-
-
-def band_owners(condition: dict[str, Any] | None, matcher: ConditionMatcher, store: ReferenceStore | None,
-                profiles: Sequence[Sequence[str]], names: Sequence[str], *, enabled: bool,
-                duration: float | None = None) -> list[str]:
-    """The profiles (of ``names``, their references' sha256 in ``profiles``) whose own references read
-    the questioned recording's measured band limit too (:func:`~devrecd.audio.condition.band_limits_as`,
-    in excerpts of the questioned length where it is short, as its noise is measured): for them the
-    limit is a device's own roll-off, not a channel. Empty when the recording is not limited by a
-    measured band (a codec, ``tel`` or broadband), or when references cannot be read (``enabled``
-    off, no store, references missing: :func:`resolve_comparison` says why).
-
-    The verdict (:meth:`devrecd.openset.workflow.RegistryJudge.judge`) compares the recording under
-    the band limit first (every profile's references brought to it: the comparison that ranks a
-    phone's recording through a channel right); where the first-ranked candidate is one of the owners,
-    it compares it as recorded (:func:`~devrecd.audio.condition.as_broadband`), under the broadband
-    calibration, and names that candidate only when that comparison names it too. Compared as
-    recorded alone, a phone's recording through a 7.3 kHz band limit ranked the owner first (IPHONEX,
-    huawei_p20 and vivo_Y11t segment 4 against ZTE C880A's references: scores 0.48-0.58); compared
-    under the band limit alone, no calibration exists (a measured band is no channel of the channel
-    table) and no device was named: 16 of the 28 first-2-s misses of two seeds of
-    ``benchmarks/conditions.py`` (docs/conditions.md)."""
-    from devrecd.audio.condition import reads_band_limit
-
-    try:
-        channel = questioned_channel(condition)
-    except ValueError:
-        return []
-    if channel is None or not channel.is_measured_band or _cannot_match(channel, store, profiles, enabled):
-        return []
-    seconds = excerpt_seconds((condition or {}).get("measured_seconds") or duration)
-    return [name for name, shas in zip(names, profiles)
-            if any(reads_band_limit(channel, matcher.reference_band_limits(s, seconds)) for s in shas)]
-
-
-def band_note(condition: dict[str, Any] | None, owners: Sequence[str], candidate: str) -> str:
-    """What a verdict says of a measured band limit its ``owners``' references read too (:func:`band_owners`),
-    the first-ranked ``candidate`` compared under it."""
-    limit = str((condition or {}).get("channel") or "")
-    head = (f"the recording's band limit ({limit}) is read on the references of {', '.join(owners)} too (a phone's "
-            f"own roll-off, or a channel); compared under it, {candidate} ranks first")
-    return head + (", whose references read it: compared as recorded, under the broadband calibration"
-                   if candidate in owners else ", whose references do not read it: judged under the band limit")
 
 
 def storage_channel(condition: dict[str, Any] | None) -> Channel | None:
@@ -633,7 +559,7 @@ def resolve_noise_per_profile(condition: dict[str, Any] | None, matcher: Conditi
 
 
 __all__ = [
-    "NOISE_MARGIN_DB", "band_note", "band_owners", "resolve_noise", "resolve_noise_per_profile",
+    "NOISE_MARGIN_DB", "resolve_noise", "resolve_noise_per_profile",
     "CLEAN", "ChannelError", "ConditionMatcher", "ReferenceStore", "ScoreFunction", "condition_report",
     "embedding_scorer", "matched_profile_embeddings", "matched_registry", "matched_scores", "questioned_channel",
     "storage_channel",

@@ -197,17 +197,6 @@ def calibrate_registry(registry: Registry, trials: dict[str, Trials], *, decisio
     return cals
 
 
-class _Vectors:
-    """A recording's (vector, window vectors) from an accumulator, which gives them once: read by both
-    comparisons of :meth:`RegistryJudge.judge` (under a band limit, then as recorded)."""
-
-    def __init__(self, vectors: tuple[np.ndarray, list[np.ndarray]]) -> None:
-        self.vectors = vectors
-
-    def result(self) -> tuple[np.ndarray, list[np.ndarray]]:
-        return self.vectors
-
-
 class RegistryJudge:
     """Open-set verdicts for the daemon and ``identify`` when ``registry.path`` is configured.
 
@@ -346,48 +335,14 @@ class RegistryJudge:
         condition_status) of one recording; ``recording`` (its ``describe()``) carries its condition.
         ``features``: the recording's (n_windows, 128, 73) raw features, or an :meth:`accumulator`
         fed them chunk by chunk (the same verdict, without the features held whole)."""
-        from devrecd.audio.condition import as_broadband
-        from devrecd.openset.matching import band_note, band_owners
-
-        reg = self.registry
-        condition = (recording or {}).get("condition")
-        profiles = [[r.sha256 for r in reg.profiles[n].references] for n in reg.names]
-        owners = band_owners(condition, self.matcher, self.store, profiles, reg.names, enabled=self.match_conditions,
-                             duration=(recording or {}).get("duration"))
-        if not owners:
-            return self._judge(features, recording, condition)
-        # A measured band limit that enrolled references read too (a phone's own roll-off, or a channel):
-        # compared under it first (every reference brought to it), then, where the first-ranked candidate
-        # is one of those that read it, as recorded (band_owners).
-        if callable(getattr(features, "result_for", None)) or callable(getattr(features, "result", None)):
-            features = _Vectors(features.result_for(None) if callable(getattr(features, "result_for", None))
-                                else features.result())  # an accumulator gives its vectors once: kept for both
-        under_band = self._judge(features, recording, condition)
-        note = band_note(condition, owners, under_band["candidate"])
-        if under_band["candidate"] in owners:
-            as_recorded = self._judge(features, recording, as_broadband(condition))
-            if as_recorded["device"] == under_band["candidate"]:
-                as_recorded["comparison"].update(
-                    band_limit_read_on=owners, band_limit_note=note,
-                    band_limit_ranking=[{k: t[k] for k in ("device", "score")} for t in under_band["top_k"]])
-                return as_recorded
-            note += (f"; compared as recorded, {as_recorded['candidate']} ranks first and no device is named "
-                     f"({as_recorded['device']})")
-        under_band["comparison"].update(band_limit_read_on=owners, band_limit_note=note)
-        return under_band
-
-    def _judge(self, features: Any, recording: dict[str, Any] | None, compared_as: dict[str, Any] | None) -> dict[str, Any]:
-        """:meth:`judge` with the recording compared as its condition ``compared_as`` says (its own, or
-        as recorded where its band limit is taken as a device's own)."""
         from devrecd.openset.conditions import snr_outside
         from devrecd.openset.matching import condition_report, resolve_comparison, resolve_noise_per_profile
         from devrecd.openset.scoring import calibration_for, calibration_keys, identify_vectors
 
         reg = self.registry
         condition = (recording or {}).get("condition")
-        duration = (recording or {}).get("duration")
         profiles = [[r.sha256 for r in reg.profiles[n].references] for n in reg.names]
-        channel, under, refs, note = resolve_comparison(compared_as, self.store, profiles, self.match_conditions)
+        channel, under, refs, note = resolve_comparison(condition, self.store, profiles, self.match_conditions)
         # Matched to a channel: both sides vectorised with the scorer's model of it (its calibrations were
         # fitted with it); otherwise the main model, which the profiles were enrolled with.
         model = scorer_for_channel(self.scorer, channel)
@@ -398,7 +353,8 @@ class RegistryJudge:
                       if not self.match_conditions else "the registry keeps no reference audio"))
         noise, noise_fields, as_noisy = resolve_noise_per_profile(
             condition, self.matcher, profiles, channel, enabled=can_match, note=noise_note,
-            duration=duration)
+            duration=(recording or {}).get("duration"))
+        duration = (recording or {}).get("duration")
         keys = calibration_keys(under, duration, noise.snr_db if noise is not None else None)
         cal, source, key = calibration_for(self.registry, keys, self.registry_cfg, self.dev_calibrations, condition)
         # A recording noisier than every recording the calibration was fitted on, compared with

@@ -216,10 +216,9 @@ def build_report(sources: Sequence[str | os.PathLike], cfg: Config, *, case: dic
     if lr_cal is not None:
         plots = {name: figures.add(f"calibration-{name}", png) for name, png in calibration_plots(lr_cal).items()}
         mismatches = []
-        for e, rec in zip(inventory, records):
+        for e in inventory:
             if e["outcome"] in ("judged", "duplicate", "compared"):
-                # The comparison's fields: how it was compared (a band limit the references read too: as recorded).
-                block, warn = condition_mismatch({**e, "comparison": rec.get("comparison")}, lr_cal.conditions)
+                block, warn = condition_mismatch(e, lr_cal.conditions)
                 if block or warn:
                     mismatches.append({"n": e["n"], "path": e["path"], "problems": block + warn, "blocks_lr": bool(block)})
         validation = {"calibration": lr_cal.summary(), "metrics": lr_cal.metrics, "tippett": plots["tippett.png"],
