@@ -65,23 +65,24 @@ def test_transcoded_wav_keeps_its_band_limit(speech, tmp_path):
             assert condition_channel(cond).high_hz == pytest.approx(cond.band_high_hz, abs=0.5)
 
 
-def test_a_g711_call_is_read_as_band_limited_not_broadband(ccnu_dir, tmp_path):
-    """G.711 (mu-law, A-law WAV at 8 kHz: call recorders, telephony systems) is neither a codec of
-    the channel table nor lossless. Its band used to be measured only when PyAV decoded it
-    (``pcm_mulaw`` starts with "pcm"): through soundfile (``ULAW``, ``ALAW``) a telephone-band call
-    had ``band_limited`` true yet no channel, and was compared with broadband references as if it
-    were broadband, under the clean calibration. Real phones' segment 4 through the telephone band."""
+@pytest.mark.parametrize("subtype", ["ULAW", "ALAW", "GSM610", "IMA_ADPCM", "MS_ADPCM"])
+def test_a_call_in_a_codec_without_a_channel_is_read_as_band_limited_not_broadband(subtype, ccnu_dir, tmp_path):
+    """G.711 (mu-law, A-law), GSM 6.10 and ADPCM WAV files at 8 kHz (call recorders, telephony
+    systems) are neither lossless nor a codec of the channel table. Only lossless files used to get
+    their measured band (and G.711 only when PyAV decoded it, as ``pcm_mulaw``): through soundfile a
+    telephone-band call had ``band_limited`` true yet no channel, and was compared with broadband
+    references as if it were broadband, under the clean calibration. Real phones' segment 4 through
+    the telephone band."""
     for phone in ("IPHONEX", "vivo_Y11t", "ZTE C880A"):
         x, rate = sf.read(ccnu_dir / f"{phone}_4.wav", dtype="float32")
         call = soxr.resample(apply_channel(get_channel("tel"), x, rate), rate, 8000)
-        for subtype in ("ULAW", "ALAW"):
-            path = tmp_path / f"{phone}-{subtype}.wav"
-            sf.write(path, call, 8000, subtype=subtype)
-            cond = read_evidence(path, RATE).condition
-            assert cond.codec == subtype and not cond.lossless, cond
-            assert cond.band_limited and cond.channel, (phone, subtype, cond.channel)
-            channel = condition_channel(cond)
-            assert channel is not None and 3300 <= channel.high_hz <= 4000, (phone, subtype, cond.channel)
+        path = tmp_path / f"{phone}-{subtype}.wav"
+        sf.write(path, call, 8000, subtype=subtype)
+        cond = read_evidence(path, RATE).condition
+        assert cond.codec == subtype and not cond.lossless, cond
+        assert cond.band_limited and cond.channel, (phone, subtype, cond.channel)
+        channel = condition_channel(cond)
+        assert channel is not None and 3300 <= channel.high_hz <= 4000, (phone, subtype, cond.channel)
 
 
 def _band_power_db(x: np.ndarray, lo: float, hi: float) -> float:

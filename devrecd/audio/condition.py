@@ -45,9 +45,8 @@ FLOOR_MARGIN_DB = 6.0
 LOW_CLIFF_HZ = 150.0
 LOSSLESS = {"PCM_16", "PCM_24", "PCM_32", "PCM_S8", "PCM_U8", "FLOAT", "DOUBLE", "FLAC", "ALAC", "pcm_s16le",
             "pcm_s24le", "pcm_s32le", "pcm_f32le", "pcm_s16be", "flac", "alac"}
-# G.711 companded PCM (mu-law, A-law: 8-bit, 8 kHz, call recorders and telephony systems): no codec of
-# the channel table, and not lossless; its band is the file's own, measured as for PCM (it was read as
-# broadband when soundfile decoded it, ULAW/ALAW, and as a band limit when PyAV did, pcm_mulaw).
+# G.711 companded PCM (mu-law, A-law: 8-bit, 8 kHz, call recorders and telephony systems): not lossless
+# although PyAV names it pcm_mulaw / pcm_alaw.
 G711 = {"ULAW", "ALAW", "pcm_mulaw", "pcm_alaw"}
 # What the two decoders call a codec -> the channels' codec names.
 CODEC_ALIASES = {"OPUS": "opus", "libopus": "opus", "MPEG_LAYER_III": "mp3", "mp3float": "mp3",
@@ -309,7 +308,7 @@ def measure_condition(rec: Decoded) -> Condition:
     bitrate = int(round(rec.size * 8 / native_seconds)) if native_seconds > 0 else 0
     lossless = rec.codec in LOSSLESS or (rec.codec.upper().startswith("PCM") and rec.codec not in G711)
     band_limited = band.high_limited or band.low_limited
-    channel = _channel_for(rec.codec, bitrate, lossless or rec.codec in G711, band)
+    channel = _channel_for(rec.codec, bitrate, band)
     return Condition(container=rec.container, codec=rec.codec, decoder=rec.decoder, bitrate=bitrate,
                      native_rate=rec.native_rate, channels=rec.channels, lossless=lossless,
                      band_low_hz=band.low_hz, band_high_hz=band.high_hz, band_high_drop_db=band.high_drop_db,
@@ -340,13 +339,17 @@ def noise_profile(condition: Condition | dict[str, Any] | None, rate: int) -> No
     return NoiseProfile.from_json(fields, rate)
 
 
-def _channel_for(codec: str, bitrate: int, lossless: bool, band: Band) -> Channel | None:
+def _channel_for(codec: str, bitrate: int, band: Band) -> Channel | None:
     """The named channel closest to this condition: the file's own codec at the nearest bit rate;
-    for a lossless (or G.711) file, the measured band limit; none for a broadband lossless recording."""
+    for any other file (lossless, or a codec with no channel in the table: G.711, GSM 6.10, ADPCM,
+    Vorbis...), the measured band limit; none for a broadband one. Until 2026-12-08 only lossless
+    files got their measured band: a telephone-band call stored as mu-law, A-law, GSM 6.10 or ADPCM
+    WAV (soundfile's ULAW, ALAW, GSM610, IMA_ADPCM, MS_ADPCM, G721_32) was compared as broadband,
+    under the clean calibration."""
     known = _CODEC_CHANNELS.get(CODEC_ALIASES.get(codec, codec))
     if known:
         return min(known, key=lambda c: abs(math.log(max(bitrate, 1) / c.bitrate)))
-    if lossless and (band.high_limited or band.low_limited):
+    if band.high_limited or band.low_limited:
         low = band.low_hz if band.low_limited else 0.0
         high = band.high_hz if band.high_limited else 0.95 * band.nyquist_hz
         tel = CHANNELS["tel"]

@@ -216,9 +216,11 @@ def build_report(sources: Sequence[str | os.PathLike], cfg: Config, *, case: dic
     if lr_cal is not None:
         plots = {name: figures.add(f"calibration-{name}", png) for name, png in calibration_plots(lr_cal).items()}
         mismatches = []
-        for e in inventory:
+        for e, rec in zip(inventory, records):  # the inventory is built one entry per record
             if e["outcome"] in ("judged", "duplicate", "compared"):
-                block, warn = condition_mismatch(e, lr_cal.conditions)
+                # With the record's comparison: a noise-matched comparison below the calibration's SNRs blocks
+                # (condition_mismatch), as it does for the recording's own LR (_recording_section).
+                block, warn = condition_mismatch({**e, "comparison": rec.get("comparison")}, lr_cal.conditions)
                 if block or warn:
                     mismatches.append({"n": e["n"], "path": e["path"], "problems": block + warn, "blocks_lr": bool(block)})
         validation = {"calibration": lr_cal.summary(), "metrics": lr_cal.metrics, "tippett": plots["tippett.png"],
