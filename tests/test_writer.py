@@ -62,11 +62,16 @@ def test_a_content_shared_in_one_group_is_judged_once_and_then_its_duplicate(tmp
         journal.mark_hashed(e.id, sha, 1)
         job = Job(e.id, f"/ev/{i}.wav", content=sha, recording={"path": f"/ev/{i}.wav", "sha256": sha, "size": 1})
         jobs.append(job)
-        owner._results.put(Scored(job, {"device": "p", "score": 0.9}))
+        owner._results.put(Scored(job, {"device": "inconclusive", "candidate": "p", "score": 0.9, "log10_lr": None,
+                                        "condition_status": "unvalidated",
+                                        "comparison": {"compared_under": "band0-3828", "status": "unvalidated"}}))
     owner._results.put(Stop())
     VerdictWriter(owner).run()
     lines = [json.loads(x) for x in (tmp_path / "v.jsonl").read_text().splitlines()]
     assert [(r["id"], r["outcome"]) for r in lines] == [(jobs[0].entry_id, "judged"), (jobs[1].entry_id, "duplicate")]
-    assert lines[1]["duplicate_of"] == jobs[0].entry_id and lines[1]["device"] == "p"
+    assert lines[1]["duplicate_of"] == jobs[0].entry_id and lines[1]["device"] == "inconclusive"
+    # The duplicate repeats what the verdict rests on, not a device without its status.
+    for key in ("candidate", "log10_lr", "condition_status", "comparison"):
+        assert lines[1][key] == lines[0][key], key
     journal.close()
     log.close()
