@@ -153,7 +153,7 @@ def closed_set(corpora: list[tuple[str, Path]], work: Path, seeds: list[int], ep
         folders[name] = work / "".join(c if c.isalnum() else "-" for c in name)
         cc.prepare(cc.cond_bench.read_ccnu(manifest), ["wav"], folders[name], None)
     with ThreadPoolExecutor(jobs) as pool:
-        futures = {(name, seed): pool.submit(cc.side, f"seed{seed}", REPO, folders[name], ["wav"], epochs, {}, seed)
+        futures = {(name, seed): pool.submit(cc.side, f"seed{seed}-epochs{epochs}", REPO, folders[name], ["wav"], epochs, {}, seed)
                    for seed in seeds for name, _ in corpora}
         return {name: {seed: futures[name, seed].result()["wav"] for seed in seeds} for name, _ in corpora}
 
@@ -206,6 +206,8 @@ def main() -> int:
     ap.add_argument("--skip-shipped", action="store_true", help="only part 3 (the closed-set network)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    if args.skip_shipped and not args.closed_set_seeds:
+        ap.error("--skip-shipped leaves only part 3, which needs --closed-set-seeds")
     if not (args.ccnu / "manifest.csv").is_file() or not args.speech.is_dir():
         print(f"needs the CCNU sample ({args.ccnu}) and LibriSpeech ({args.speech})", file=sys.stderr)
         return 2
