@@ -950,3 +950,41 @@ def test_slow_clients_cannot_starve_the_probes_and_early_resets_log_nothing(capf
     assert "Traceback" not in err and "BrokenPipe" not in err, err
     for line in err.splitlines():
         _json.loads(line)
+
+
+def test_a_stop_signal_never_waits_for_the_stop_events_lock(tmp_path: Path) -> None:
+    """A Python signal handler runs in the main thread between two bytecodes, possibly inside
+    ``Daemon._stop.wait()`` while it holds the event's lock: a handler that called ``Event.set()``
+    then waited for that lock forever (a CI run's daemon ignored SIGTERM for 60 s). The handler that
+    runs there must return without the lock, and the signal must still stop (and SIGHUP reload) the
+    daemon, through the wakeup pipe (devrecd.daemon.signals, which `devrecd listen` uses too); afterwards
+    the handlers are as they were."""
+    import signal
+
+    from devrecd.config import load_config
+    from devrecd.daemon.service import Daemon
+
+    (tmp_path / "ev").mkdir()
+    cfg = load_config(None, env={}, overrides={"watch.state_dir": str(tmp_path / "state")})
+    daemon = Daemon(cfg, [str(tmp_path / "ev")])
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
+    daemon._install_signals()
+    try:
+        handler, returned = signal.getsignal(signal.SIGTERM), threading.Event()
+
+        def as_inside_wait() -> None:
+            with daemon._stop._cond:  # what Event.wait() holds between two bytecodes
+                handler(signal.SIGTERM, None)
+            returned.set()
+
+        threading.Thread(target=as_inside_wait, daemon=True).start()
+        assert returned.wait(5), "the signal handler waited for the stop event's lock"
+        assert not daemon._stop.is_set()  # the handler itself did nothing
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert daemon._reload.wait(5) and not daemon._stop.is_set()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert daemon._stop.wait(5)
+    finally:
+        daemon._restore_signals()
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)) == before
+    assert signal.set_wakeup_fd(-1) == -1  # none left installed

@@ -101,14 +101,17 @@ def _run_listener(listener: Any, be: Any, metrics: Any, show: Callable[[dict], N
                               ready=listener.source.ready)
         server.start()
         typer.echo(f"metrics: {server.url}/metrics", err=True)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
+    from devrecd.daemon.signals import SignalRelay
+
+    relay = SignalRelay({signal.SIGTERM: done, signal.SIGINT: done})  # never done.set() in a handler: see there
+    relay.install()
     try:
         listener.start(show)
         metrics.ready.set(1)
         while not done.wait(0.2):
             pass
     finally:
+        relay.restore()
         listener.stop()
         be.close()
         if server is not None:

@@ -23,6 +23,7 @@ from prometheus_client import disable_created_metrics
 from devrecd.config import Config, load_config
 from devrecd.daemon.http import StatusServer
 from devrecd.daemon.notify import WatchdogPinger, notify, watchdog_interval
+from devrecd.daemon.signals import SignalRelay
 from devrecd.daemon.watcher import Watcher
 from devrecd.errors import ConfigError
 from devrecd.fsutil import atomic_write, private_file
@@ -58,6 +59,7 @@ class Daemon:
                                   "the daemon never writes into evidence")
         self._stop = threading.Event()
         self._reload = threading.Event()
+        self._signals: SignalRelay | None = None
         self.url: str | None = None  # the HTTP endpoints', once they serve (before the daemon is ready)
 
     def request_stop(self) -> None:
@@ -145,6 +147,7 @@ class Daemon:
                 if part is not None:
                     part.close()
             (self.state_dir / STATUS_NAME).unlink(missing_ok=True)
+            self._restore_signals()
 
     def _status_server(self, metrics: Metrics, liveness: Liveness, storage: StorageRetry,
                        state: dict[str, Any]) -> StatusServer | None:
@@ -244,14 +247,18 @@ class Daemon:
                f"STATUS=waiting for the state folder to be writable: {storage.error}")
 
     def _install_signals(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # embedded (tests, another host program): the caller stops us with request_stop()
-        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
-        signal.signal(signal.SIGINT, lambda *_: self._stop.set())
-        signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
+        """SIGTERM and SIGINT stop the daemon, SIGHUP reloads it, relayed from a thread of their own
+        (:mod:`devrecd.daemon.signals`: an ``Event.set()`` in a signal handler can wait forever)."""
         # Lease breaks are signalled with SIGURG (see watcher.open_for_writing); SIGIO stays
         # ignored as well, since its default action would end the daemon.
-        signal.signal(signal.SIGIO, signal.SIG_IGN)
+        self._signals = SignalRelay({signal.SIGTERM: self._stop, signal.SIGINT: self._stop,
+                                     signal.SIGHUP: self._reload}, ignored=(signal.SIGIO,))
+        self._signals.install()  # not from another thread (embedded: the caller stops us with request_stop())
+
+    def _restore_signals(self) -> None:
+        """The handlers and wakeup fd as they were before :meth:`_install_signals`."""
+        if self._signals is not None:
+            self._signals.restore()
 
     def _do_reload(self, pipeline: Pipeline, watcher) -> None:
         from devrecd.logs import setup_logging
