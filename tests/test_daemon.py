@@ -970,6 +970,8 @@ def test_a_stop_signal_never_waits_for_the_stop_events_lock(tmp_path: Path) -> N
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
     daemon._install_signals()
     try:
+        # Installed (from the main thread): else the real signals below would end the test run.
+        assert daemon._signals is not None and daemon._signals.installed
         handler, returned = signal.getsignal(signal.SIGTERM), threading.Event()
 
         def as_inside_wait() -> None:

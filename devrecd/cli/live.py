@@ -111,15 +111,17 @@ def _run_listener(listener: Any, be: Any, metrics: Any, show: Callable[[dict], N
         while not done.wait(0.2):
             pass
     finally:
-        relay.restore()
-        listener.stop()
-        be.close()
-        if server is not None:
-            server.stop()
-        stats = listener.source.stats()
-        typer.echo(f"listened: {stats['windows']} windows, {stats['judged']} judged, {stats['skipped']} silent/clipped, "
-                   f"{stats['input_overflows']} input overflows, {stats['ring_overflows']} ring overflows, "
-                   f"{stats['reopens']} reopens", err=True)
+        try:
+            listener.stop()
+            be.close()
+            if server is not None:
+                server.stop()
+            stats = listener.source.stats()
+            typer.echo(f"listened: {stats['windows']} windows, {stats['judged']} judged, {stats['skipped']} silent/clipped, "
+                       f"{stats['input_overflows']} input overflows, {stats['ring_overflows']} ring overflows, "
+                       f"{stats['reopens']} reopens", err=True)
+        finally:
+            relay.restore()  # last: a second signal meanwhile is relayed (ignored), not a KeyboardInterrupt mid-cleanup
 
 
 def format_window(r: dict) -> str:

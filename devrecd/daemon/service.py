@@ -136,18 +136,20 @@ class Daemon:
             log.info("stopped while waiting for the state folder to be writable")
             return 0
         finally:
-            for part in (pinger, state.get("live"), watcher, state["pipeline"]):
-                if part is not None:
-                    part.stop()
-            if backend is not None:
-                backend.close()
-            if server is not None:
-                server.stop()
-            for part in (verdict_log, state.get("live_log"), journal):
-                if part is not None:
-                    part.close()
-            (self.state_dir / STATUS_NAME).unlink(missing_ok=True)
-            self._restore_signals()
+            try:
+                for part in (pinger, state.get("live"), watcher, state["pipeline"]):
+                    if part is not None:
+                        part.stop()
+                if backend is not None:
+                    backend.close()
+                if server is not None:
+                    server.stop()
+                for part in (verdict_log, state.get("live_log"), journal):
+                    if part is not None:
+                        part.close()
+                (self.state_dir / STATUS_NAME).unlink(missing_ok=True)
+            finally:
+                self._restore_signals()  # last, and whatever the cleanup raised
 
     def _status_server(self, metrics: Metrics, liveness: Liveness, storage: StorageRetry,
                        state: dict[str, Any]) -> StatusServer | None:

@@ -34,9 +34,11 @@ class SignalRelay:
             return False
         read, write = os.pipe()
         os.set_blocking(write, False)
+        # The pipe first: a signal between the two steps still reaches it (the other way round, its byte
+        # went to the previous wakeup fd, normally none, and the signal was lost).
+        wakeup = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
         previous = {sig: signal.signal(sig, _no_op) for sig in self.events}
         previous.update({sig: signal.signal(sig, signal.SIG_IGN) for sig in self.ignored})
-        wakeup = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
         self._installed = (write, previous, wakeup)
         threading.Thread(target=self._relay, args=(read,), name="devrecd-signals", daemon=True).start()
         return True
@@ -58,7 +60,12 @@ class SignalRelay:
             return
         write, previous, wakeup = self._installed
         self._installed = None
-        signal.set_wakeup_fd(wakeup)
-        for sig, handler in previous.items():
+        for sig, handler in previous.items():  # the handlers first, then the pipe (the reverse of install)
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        if signal.set_wakeup_fd(wakeup) != write:  # another relay installed after this one and not restored
+            signal.set_wakeup_fd(-1)
         os.close(write)  # the relay thread reads the end of the pipe, closes its own and returns
+
+    @property
+    def installed(self) -> bool:
+        return self._installed is not None
