@@ -62,8 +62,9 @@ class SignalRelay:
         self._installed = None
         for sig, handler in previous.items():  # the handlers first, then the pipe (the reverse of install)
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        if signal.set_wakeup_fd(wakeup) != write:  # another relay installed after this one and not restored
-            signal.set_wakeup_fd(-1)
+        current = signal.set_wakeup_fd(wakeup)
+        if current != write:  # another's, installed after this one and still in use: left in place
+            signal.set_wakeup_fd(current)
         os.close(write)  # the relay thread reads the end of the pipe, closes its own and returns
 
     @property
