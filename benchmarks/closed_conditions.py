@@ -110,7 +110,6 @@ def main() -> int:
                     help="a setting for the new checkout only, e.g. DEVRECD_TRAIN__NOISE_AUGMENT_P=0.5")
     ap.add_argument("--baseline-env", action="append", default=[], metavar="KEY=VALUE",
                     help="a setting for the baseline checkout only")
-    ap.add_argument("--only", choices=("baseline", "new"), default=None, help="train and evaluate one checkout only")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     envs = {"baseline": dict(kv.split("=", 1) for kv in args.baseline_env),
@@ -124,8 +123,6 @@ def main() -> int:
     from concurrent.futures import ThreadPoolExecutor
 
     sides = {"baseline": args.baseline.resolve(), "new": args.new.resolve()}
-    if args.only:
-        sides = {args.only: sides[args.only]}
     with ThreadPoolExecutor(2) as pool:  # the two checkouts of a seed side by side, seed after seed
         futures = {(label, seed): pool.submit(side, f"{label}-seed{seed}-{_settings_hash(envs[label])}", path, work,
                                               conditions, args.epochs, envs[label], seed)

@@ -220,16 +220,16 @@ def failed_record(path: str, reason: str, detail: str, *, timings: dict[str, flo
     return out
 
 
-# What a duplicate repeats of the earlier verdict: the answer and what it rests on (its LR, its decision,
-# how it was compared and whether that was validated), so that a dashboard, `devrecd report` and an
-# examiner reading the duplicate alone see the same verdict, not a device without its status.
-VERDICT_FIELDS = ("device", "candidate", "score", "log10_lr", "top_k", "open_set", "comparison", "condition_status",
-                  "closed_set")
+# What a duplicate repeats of the earlier verdict besides its device, score and top_k: what the answer
+# rests on (its LR, its decision, how it was compared and whether that was validated), so that a
+# dashboard, `devrecd report` and an examiner reading the duplicate alone see the same verdict, not a
+# device without its status.
+VERDICT_FIELDS = ("candidate", "log10_lr", "open_set", "comparison", "condition_status", "closed_set")
 
 
 def duplicate_record(recording: dict, original: dict, *, timings: dict[str, float]) -> dict[str, Any]:
     """The record of a file whose content was judged before under another name: the earlier verdict
-    (its :data:`VERDICT_FIELDS`)."""
+    (its device, score, top_k and :data:`VERDICT_FIELDS`)."""
     return {"outcome": "duplicate", **recording, "duplicate_of": original.get("id"),
             "duplicate_of_path": original.get("path"), "device": original.get("device"),
             "score": original.get("score"), "top_k": original.get("top_k"),
